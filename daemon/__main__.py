@@ -1,0 +1,5 @@
+import sys
+
+from gpucostd.cli import main
+
+sys.exit(main())

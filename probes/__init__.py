@@ -1,0 +1,1 @@
+"""Probes: read-only sources of readings, one module per source."""

@@ -1,0 +1,1 @@
+"""Tuners: one module per kind of setting (plan, apply, verify, restore)."""
