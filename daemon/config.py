@@ -1,0 +1,569 @@
+"""The configuration: one TOML file, validated at load, immutable once loaded.
+
+Every key is declared in SCHEMA below with its type, default, allowed values and a one-line doc;
+README.md's configuration reference lists the same keys. Unknown keys are errors: a typo must
+never silently disable enforcement.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python < 3.11
+    import tomli as tomllib
+
+DEFAULT_PATH = "/etc/gpucostd/gpucostd.toml"
+DEFAULT_SOCKET = "/run/gpucostd/gpucostd.sock"
+DEFAULT_STATE_DIR = "/var/lib/gpucostd"
+DEFAULT_LISTEN = "0.0.0.0:9477"
+
+
+class ConfigError(Exception):
+    """A config that cannot be used. str() is the full message for the user."""
+
+    def __init__(self, message: str, path: Optional[str] = None, line: Optional[int] = None,
+                 key: Optional[str] = None):
+        self.path, self.line, self.key, self.bare = path, line, key, message
+        where = ""
+        if path:
+            where = f"{path}:{line}: " if line else f"{path}: "
+        super().__init__(where + message)
+
+
+# --------------------------------------------------------------------------- key types
+@dataclass(frozen=True)
+class Key:
+    type: str                 # "int" "float" "bool" "str" "choice" "argv" "ring" "version" "int_list"
+    default: Any
+    doc: str
+    min: Optional[float] = None
+    max: Optional[float] = None
+    choices: Tuple[str, ...] = ()
+    optional: bool = False    # default None means "unset: leave alone"
+
+
+def _k(type_, default, doc, **kw) -> Key:
+    return Key(type_, default, doc, **kw)
+
+
+GPU_TUNING_KEYS: Dict[str, Key] = {
+    "persistence_mode": _k("bool", None, "Set persistence mode on (true) or off (false).",
+                           optional=True),
+    "power_limit_watts": _k("int", None, "Power limit in watts; must lie in the GPU's range.",
+                            optional=True, min=1, max=10000),
+    "power_limit_percent": _k("float", None, "Power limit as a percentage of the GPU's default.",
+                              optional=True, min=1, max=200),
+}
+RING_KEYS = ("rx", "tx", "rx_mini", "rx_jumbo")
+
+SCHEMA: Dict[str, Dict[str, Key]] = {
+    "daemon": {
+        "interval_seconds": _k("float", 1.0, "Seconds between poll cycles.", min=0.05, max=3600),
+        "listen_address": _k("str", DEFAULT_LISTEN,
+                             "host:port of the /metrics and /healthz HTTP server; empty disables."),
+        "socket_path": _k("str", DEFAULT_SOCKET,
+                          "Unix socket of the status API (non-root default: $XDG_RUNTIME_DIR "
+                          "or /tmp)."),
+        "socket_group": _k("str", "gpucostd", "Group that may read the status socket (mode 0660)."),
+        "state_dir": _k("str", DEFAULT_STATE_DIR,
+                        "Events database, saved originals, cost totals (non-root default: "
+                        "$XDG_STATE_HOME or /tmp)."),
+        "nvml_timeout_seconds": _k("float", 2.0, "Deadline of every NVML call.", min=0.01,
+                                   max=600),
+        "nvml_retry_seconds": _k("float", 30.0,
+                                 "Retry NVML initialisation this often while it fails.",
+                                 min=0.1, max=3600),
+        "kernel_log": _k("choice", "auto", "Kernel log source.",
+                         choices=("auto", "kmsg", "journal", "none")),
+        "host_root": _k("str", "/", "Root under which /sys and /proc are read (tests: fixtures)."),
+        "log_level": _k("choice", "info", "Log verbosity.",
+                        choices=("debug", "info", "warning", "error")),
+    },
+    "simulate": {
+        "scenario": _k("str", "builtin:h100x8",
+                       "Scenario for --simulate: builtin:NAME or a path to a TOML file."),
+    },
+    "health": {
+        "slowdown_crit_fraction": _k("float", 0.6,
+                                     "HW slowdown active more than this fraction of the window "
+                                     "is CRIT.", min=0.0, max=1.0),
+        "slowdown_window_seconds": _k("float", 600.0, "Window of slowdown_crit_fraction.",
+                                      min=1, max=86400),
+        "sw_power_cap": _k("choice", "ok", "Health while SW power capping is active.",
+                           choices=("ok", "warn")),
+        "temperature_margin_celsius": _k("float", 5.0,
+                                         "WARN when the GPU is this close to its slowdown "
+                                         "temperature.", min=0, max=100),
+        "corrected_ecc_per_hour": _k("float", 1000.0,
+                                     "WARN when corrected ECC errors exceed this rate per hour.",
+                                     min=0),
+        "pcie_busy_utilization_percent": _k("float", 20.0,
+                                            "PCIe link checks apply above this utilization.",
+                                            min=0, max=100),
+    },
+    "events": {
+        "max_age_days": _k("float", 30.0, "Drop stored events older than this.", min=0.01),
+        "max_count": _k("int", 100000, "Keep at most this many stored events.", min=100),
+    },
+    "hooks": {
+        "on_critical": _k("argv", [], "argv run when a GPU or the node enters CRIT."),
+        "on_recovered": _k("argv", [], "argv run when a GPU or the node leaves CRIT."),
+        "timeout_seconds": _k("float", 30.0, "Kill a hook after this long.", min=0.1, max=3600),
+    },
+    "tuning": {
+        "enforce": _k("bool", True, "Re-apply settings that drift (false: report drift only)."),
+        "verify_interval_seconds": _k("float", 30.0, "Seconds between verifications.",
+                                      min=0.1, max=86400),
+        "restore_on_stop": _k("bool", True, "Restore original values when the daemon stops."),
+    },
+    "checks": {
+        "iommu": _k("choice", "any", "Required IOMMU mode.",
+                    choices=("on", "passthrough", "off", "any")),
+        "min_kernel": _k("version", "5.15", "Minimum kernel version."),
+        "min_driver": _k("version", "535.104", "Minimum NVIDIA driver version."),
+        "min_cuda": _k("version", "12.2", "Minimum CUDA version the driver supports."),
+    },
+    "cost": {
+        "gpu_hour_usd": _k("float", 0.0, "Price of one GPU-hour; 0 shows capacity only.",
+                           min=0, max=1e6),
+        "currency": _k("str", "USD", "Currency label text."),
+        "busy_utilization_percent": _k("float", 5.0, "A GPU at or above this is busy.",
+                                       min=0, max=100),
+    },
+    "inference": {
+        "metrics_url": _k("str", "", "Prometheus endpoint of a local inference server."),
+        "tokens_metric": _k("str", "vllm:generation_tokens_total",
+                            "Counter of generated tokens on that endpoint."),
+        "timeout_seconds": _k("float", 0.5, "Scrape timeout.", min=0.01, max=30),
+    },
+}
+# Tables whose keys are free (names chosen by the user) or that hold lists of tables.
+DYNAMIC = {
+    "tuning.gpu": "GPU settings for all GPUs: " + ", ".join(GPU_TUNING_KEYS),
+    "tuning.gpu.override": "[[tuning.gpu.override]] match = \"index:N\"|\"uuid:GPU-...\"|"
+                           "\"model:GLOB\" plus GPU settings",
+    "tuning.nic": "[tuning.nic.IFNAME] rx/tx/rx_mini/rx_jumbo = N or \"max\"",
+    "cost.model_hour_usd": "model-name glob = price of one GPU-hour",
+}
+
+
+# --------------------------------------------------------------------------- the config
+class _View(Mapping):
+    """Read-only attribute view of one section."""
+
+    def __init__(self, data: Mapping[str, Any]):
+        object.__setattr__(self, "_data", dict(data))
+
+    def __getattr__(self, name):
+        try:
+            return self._data[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name, value):
+        raise AttributeError("config is immutable")
+
+    def __getitem__(self, k):
+        return self._data[k]
+
+    def __iter__(self):
+        return iter(self._data)
+
+    def __len__(self):
+        return len(self._data)
+
+
+@dataclass(frozen=True)
+class GpuOverride:
+    match: str
+    kind: str        # "index" | "uuid" | "model"
+    value: str
+    settings: Mapping[str, Any]
+    line: Optional[int]
+
+    def matches(self, index: int, uuid: Optional[str], model: Optional[str]) -> bool:
+        if self.kind == "index":
+            return str(index) == self.value
+        if self.kind == "uuid":
+            return uuid is not None and uuid.lower() == self.value.lower()
+        return model is not None and fnmatch.fnmatchcase(model, self.value)
+
+
+_SPECIFICITY = {"index": 3, "uuid": 3, "model": 1}
+
+
+class Config:
+    """Validated, immutable configuration. Sections are attributes: ``cfg.daemon.interval_seconds``.
+    """
+
+    def __init__(self, values: Dict[str, Dict[str, Any]], path: Optional[str],
+                 overrides: Tuple[GpuOverride, ...], nics: Mapping[str, Mapping[str, Any]],
+                 model_prices: Tuple[Tuple[str, float], ...], raw_text: str = ""):
+        self.path = path
+        self._values = values
+        for section, data in values.items():
+            object.__setattr__(self, section, _View(data))
+        self.gpu_tuning = _View(values["tuning"]["gpu"])
+        self.gpu_overrides = overrides
+        self.nic_tuning = _View({k: _View(v) for k, v in nics.items()})
+        self.model_prices = model_prices
+        self.raw_text = raw_text
+
+    # -- GPU tuning resolution
+    def gpu_settings_for(self, index: int, uuid: Optional[str], model: Optional[str]
+                         ) -> Tuple[Dict[str, Any], Dict[str, str]]:
+        """Desired GPU settings for one GPU and, per key, where the value came from.
+
+        The most specific matching override wins (index/uuid over model); validation at load
+        guarantees no two overrides of the same specificity can match one GPU with the same
+        keys... except at runtime (model globs vs actual models), where we raise ConfigError.
+        """
+        desired = {k: v for k, v in self._values["tuning"]["gpu"].items() if v is not None}
+        source = {k: "tuning.gpu" for k in desired}
+        matching = [o for o in self.gpu_overrides if o.matches(index, uuid, model)]
+        matching.sort(key=lambda o: _SPECIFICITY[o.kind])
+        for level in sorted({_SPECIFICITY[o.kind] for o in matching}):
+            same = [o for o in matching if _SPECIFICITY[o.kind] == level]
+            if len(same) > 1:
+                raise ConfigError(
+                    f"overrides {', '.join(repr(o.match) for o in same)} all match GPU {index} "
+                    f"({model}); make the matches disjoint", self.path, same[1].line,
+                    "tuning.gpu.override")
+            for k, v in same[0].settings.items():
+                if v is not None:
+                    desired[k] = v
+                    source[k] = f"override {same[0].match}"
+        if "power_limit_watts" in desired and "power_limit_percent" in desired:
+            # the more specific source wins; at equal level watts was refused at load
+            if source["power_limit_watts"] == "tuning.gpu" and source["power_limit_percent"] != "tuning.gpu":
+                del desired["power_limit_watts"], source["power_limit_watts"]
+            else:
+                del desired["power_limit_percent"], source["power_limit_percent"]
+        return desired, source
+
+    def price_for_model(self, model: Optional[str]) -> float:
+        for glob, price in self.model_prices:
+            if model is not None and fnmatch.fnmatchcase(model, glob):
+                return price
+        return self.cost.gpu_hour_usd
+
+    def as_dict(self) -> Dict[str, Any]:
+        out = {s: dict(v) for s, v in self._values.items()}
+        tuning = dict(out["tuning"])
+        gpu = {k: v for k, v in tuning.pop("gpu").items() if v is not None}
+        if self.gpu_overrides:
+            gpu["override"] = [dict({"match": o.match}, **{k: v for k, v in o.settings.items()
+                                                          if v is not None})
+                               for o in self.gpu_overrides]
+        tuning["gpu"] = gpu
+        tuning["nic"] = {n: dict(v) for n, v in self.nic_tuning.items()}
+        out["tuning"] = tuning
+        out["cost"] = dict(out["cost"], model_hour_usd=dict(self.model_prices))
+        return out
+
+    def to_toml(self) -> str:
+        return dump_toml(self.as_dict())
+
+
+# --------------------------------------------------------------------------- loading
+def _is_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def user_runtime_dir() -> str:
+    return os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/gpucostd-{os.getuid()}"
+
+
+def default_socket_path() -> str:
+    if _is_root():
+        return DEFAULT_SOCKET
+    return os.path.join(user_runtime_dir(), "gpucostd", "gpucostd.sock")
+
+
+def default_state_dir() -> str:
+    if _is_root():
+        return DEFAULT_STATE_DIR
+    base = os.environ.get("XDG_STATE_HOME")
+    return os.path.join(base, "gpucostd") if base else f"/tmp/gpucostd-{os.getuid()}/state"
+
+
+class _Locator:
+    """Finds the line of `key` in `[section]` of the raw text (tomllib gives no positions)."""
+
+    HEADER = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+
+    def __init__(self, text: str):
+        self.lines = text.splitlines()
+
+    def find(self, section: str, key: Optional[str] = None, nth: int = 0) -> Optional[int]:
+        """Line of `key` in the nth `[section]` (or of the header itself when key is None)."""
+        current, seen = "", -1
+        for i, line in enumerate(self.lines, 1):
+            m = self.HEADER.match(line)
+            if m:
+                current = m.group(1).replace('"', "").replace(" ", "")
+                if current == section:
+                    seen += 1
+                    if key is None and seen == nth:
+                        return i
+                continue
+            if key is not None and current == section and seen == nth and re.match(
+                    rf'^\s*"?{re.escape(key)}"?\s*=', line):
+                return i
+        return None
+
+
+def _versionish(text: str) -> bool:
+    return bool(re.fullmatch(r"\d+(\.\d+){0,3}", text))
+
+
+def _check_value(key: Key, value: Any, name: str, err: Callable[[str], ConfigError]) -> Any:
+    t = key.type
+    if t == "bool":
+        if not isinstance(value, bool):
+            raise err(f"{name} = {value!r} must be true or false")
+        return value
+    if t in ("int", "float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                t == "int" and not isinstance(value, int)):
+            want = "an integer" if t == "int" else "a number"
+            raise err(f"{name} = {value!r} must be {want}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise err(f"{name} = {value!r} must be a finite number")
+        if (key.min is not None and value < key.min) or (key.max is not None and value > key.max):
+            lo = "" if key.min is None else f"{key.min:g}"
+            hi = "" if key.max is None else f"{key.max:g}"
+            raise err(f"{name} = {value!r} is out of range; allowed {lo}..{hi}")
+        return float(value) if t == "float" else value
+    if t == "str":
+        if not isinstance(value, str):
+            raise err(f"{name} = {value!r} must be a string")
+        return value
+    if t == "choice":
+        if value not in key.choices:
+            raise err(f"{name} = {value!r} is not allowed; choose one of "
+                      + ", ".join(f'"{c}"' for c in key.choices))
+        return value
+    if t == "version":
+        if not isinstance(value, str) or not _versionish(value):
+            raise err(f'{name} = {value!r} must be a version string like "5.15"')
+        return value
+    if t == "argv":
+        if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+            raise err(f'{name} = {value!r} must be a list of strings (argv, no shell), '
+                      f'e.g. ["/usr/local/bin/drain", "--reason"]')
+        if value and not os.path.isabs(value[0]):
+            raise err(f"{name}: the program {value[0]!r} must be an absolute path")
+        return list(value)
+    raise AssertionError(t)
+
+
+def _check_listen(value: str, err) -> None:
+    if value == "":
+        return
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise err(f'daemon.listen_address = {value!r} must be "host:port" with a port 1..65535, '
+                  f'e.g. "{DEFAULT_LISTEN}" (empty string disables the HTTP server)')
+
+
+def parse(text: str, path: Optional[str] = None) -> Config:
+    """Parse and validate config text. Raises ConfigError with file, line, key and the fix."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        m = re.search(r"line (\d+)", str(e))
+        raise ConfigError(f"not valid TOML: {e}", path, int(m.group(1)) if m else None) from None
+    loc = _Locator(text)
+
+    def err_at(section, key=None, nth=0):
+        def make(msg):
+            return ConfigError(msg, path, loc.find(section, key, nth) or loc.find(section),
+                               f"{section}.{key}" if key else section)
+        return make
+
+    values: Dict[str, Dict[str, Any]] = {s: {k: key.default for k, key in keys.items()}
+                                         for s, keys in SCHEMA.items()}
+    values["tuning"]["gpu"] = {k: None for k in GPU_TUNING_KEYS}
+    overrides: List[GpuOverride] = []
+    nics: Dict[str, Dict[str, Any]] = {}
+    prices: List[Tuple[str, float]] = []
+
+    for section, table in raw.items():
+        if section not in SCHEMA:
+            raise err_at(section)(f"unknown section [{section}]; known sections: "
+                                 + ", ".join(f"[{s}]" for s in SCHEMA))
+        if not isinstance(table, dict):
+            raise err_at(section)(f"{section} must be a table [{section}]")
+        for name, value in table.items():
+            full = f"{section}.{name}"
+            err = err_at(section, name)
+            if section == "tuning" and name == "gpu":
+                _parse_gpu_tuning(value, values, overrides, err_at, loc)
+                continue
+            if section == "tuning" and name == "nic":
+                _parse_nics(value, nics, err_at)
+                continue
+            if section == "cost" and name == "model_hour_usd":
+                if not isinstance(value, dict):
+                    raise err("cost.model_hour_usd must be a table of model glob = price")
+                for glob, price in value.items():
+                    _check_value(_k("float", 0, "", min=0, max=1e6), price,
+                                 f"cost.model_hour_usd.{glob!r}", err_at("cost.model_hour_usd",
+                                                                           glob))
+                    prices.append((glob, float(price)))
+                continue
+            if name not in SCHEMA[section]:
+                close = [k for k in SCHEMA[section] if k.split("_")[0] == name.split("_")[0]]
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise err(f"unknown key {full}{hint}; keys of [{section}]: "
+                          + ", ".join(SCHEMA[section]))
+            values[section][name] = _check_value(SCHEMA[section][name], value, full, err)
+    _check_listen(values["daemon"]["listen_address"], err_at("daemon", "listen_address"))
+    if "socket_path" not in raw.get("daemon", {}):
+        values["daemon"]["socket_path"] = default_socket_path()
+    if "state_dir" not in raw.get("daemon", {}):
+        values["daemon"]["state_dir"] = default_state_dir()
+    return Config(values, path, tuple(overrides), nics, tuple(prices), text)
+
+
+def _parse_gpu_settings(table: Mapping[str, Any], prefix: str, err_for, allow_match=False
+                        ) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for name, value in table.items():
+        if allow_match and name == "match":
+            continue
+        if name not in GPU_TUNING_KEYS:
+            raise err_for(name)(f"unknown key {prefix}.{name}; GPU settings are: "
+                                + ", ".join(GPU_TUNING_KEYS))
+        out[name] = _check_value(GPU_TUNING_KEYS[name], value, f"{prefix}.{name}", err_for(name))
+    if "power_limit_watts" in out and "power_limit_percent" in out:
+        raise err_for("power_limit_percent")(
+            f"{prefix}: set power_limit_watts or power_limit_percent, not both")
+    return out
+
+
+def _parse_gpu_tuning(value, values, overrides, err_at, loc):
+    if not isinstance(value, dict):
+        raise err_at("tuning", "gpu")("tuning.gpu must be a table [tuning.gpu]")
+    plain = {k: v for k, v in value.items() if k != "override"}
+    values["tuning"]["gpu"].update(
+        _parse_gpu_settings(plain, "tuning.gpu", lambda k: err_at("tuning.gpu", k)))
+    ovs = value.get("override", [])
+    if not isinstance(ovs, list):
+        raise err_at("tuning.gpu", "override")(
+            "tuning.gpu.override must be an array of tables [[tuning.gpu.override]]")
+    for i, ov in enumerate(ovs):
+        sec = "tuning.gpu.override"
+
+        def e(k=None, i=i):
+            return err_at(sec, k, i)
+        match = ov.get("match")
+        if not isinstance(match, str):
+            raise e("match")(f"[[tuning.gpu.override]] #{i + 1} needs match = \"index:N\", "
+                             f"\"uuid:GPU-...\" or \"model:GLOB\"")
+        kind, sep, val = match.partition(":")
+        if not sep or kind not in _SPECIFICITY or not val or (
+                kind == "index" and not val.isdigit()):
+            raise e("match")(f'tuning.gpu.override.match = {match!r} must be "index:N", '
+                             f'"uuid:GPU-..." or "model:GLOB"')
+        settings = _parse_gpu_settings(ov, sec, lambda k, i=i: err_at(sec, k, i), True)
+        for prev in overrides:
+            if prev.kind == kind and prev.value.lower() == val.lower():
+                raise e("match")(f"two overrides have match = {match!r}; merge them")
+            if prev.kind == "model" and kind == "model" and (
+                    fnmatch.fnmatchcase(val, prev.value) or fnmatch.fnmatchcase(prev.value, val)):
+                raise e("match")(f"overrides {prev.match!r} and {match!r} overlap; make the "
+                                 f"model globs disjoint")
+        overrides.append(GpuOverride(match, kind, val, settings, loc.find(sec, None, i)))
+
+
+def _parse_nics(value, nics, err_at):
+    if not isinstance(value, dict):
+        raise err_at("tuning", "nic")("tuning.nic must hold tables [tuning.nic.IFNAME]")
+    for ifname, rings in value.items():
+        sec = f"tuning.nic.{ifname}"
+        if not isinstance(rings, dict):
+            raise err_at(sec)(f"{sec} must be a table of rx/tx/rx_mini/rx_jumbo")
+        if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,15}", ifname):
+            raise err_at(sec)(f"{ifname!r} is not a valid interface name")
+        out = {}
+        for k, v in rings.items():
+            if k not in RING_KEYS:
+                raise err_at(sec, k)(f"unknown key {sec}.{k}; ring keys are: "
+                                     + ", ".join(RING_KEYS))
+            if v != "max" and (isinstance(v, bool) or not isinstance(v, int) or not
+                               0 < v <= 1 << 20):
+                raise err_at(sec, k)(f'{sec}.{k} = {v!r} must be a positive integer or "max"')
+            out[k] = v
+        nics[ifname] = out
+
+
+def load(path: Optional[str] = None, *, missing_ok: Optional[bool] = None) -> Config:
+    """Load the config file. The default path may be missing (all defaults); an explicit path
+    must exist."""
+    explicit = path is not None
+    path = path or DEFAULT_PATH
+    if missing_ok is None:
+        missing_ok = not explicit
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        if missing_ok:
+            return parse("", None)
+        raise ConfigError("no such file; create it or pass --config FILE", path) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read: {e.strerror}", path) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError("not UTF-8 text", path) from None
+    return parse(text, path)
+
+
+# --------------------------------------------------------------------------- TOML output
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(type(v))
+
+
+def _toml_key(k: str) -> str:
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _toml_value(k)
+
+
+def dump_toml(data: Mapping[str, Any], prefix: str = "") -> str:
+    """Minimal TOML writer for plain tables, arrays of tables and scalar/list values."""
+    lines: List[str] = []
+    scalars = {k: v for k, v in data.items() if not isinstance(v, dict) and not (
+        isinstance(v, list) and v and all(isinstance(x, dict) for x in v))}
+    if prefix and (scalars or not data):
+        lines.append(f"[{prefix}]")
+    for k, v in scalars.items():
+        lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
+    if lines:
+        lines.append("")
+    for k, v in data.items():
+        name = f"{prefix}.{_toml_key(k)}" if prefix else _toml_key(k)
+        if isinstance(v, dict):
+            lines.append(dump_toml(v, name))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            for item in v:
+                lines.append(f"[[{name}]]")
+                lines.extend(f"{_toml_key(a)} = {_toml_value(b)}" for a, b in item.items())
+                lines.append("")
+    return "\n".join(line for line in lines if line is not None).rstrip("\n") + "\n"

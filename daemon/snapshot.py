@@ -1,0 +1,248 @@
+"""The plain data the daemon passes around: readings, snapshots, findings, events, settings.
+
+Pure data, no I/O. Absent readings are ``None`` (never 0): a reading NVML does not support on a
+GPU stays ``None`` all the way to /metrics, where it is left out.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+
+class Severity(enum.IntEnum):
+    """Health levels, ordered so that ``max()`` gives the worst. UNKNOWN sorts above CRIT for
+    exit codes (3) but is reported separately: it means "cannot tell", not "worse than CRIT"."""
+
+    OK = 0
+    WARN = 1
+    CRIT = 2
+    UNKNOWN = 3
+
+    @property
+    def label(self) -> str:
+        return self.name
+
+
+def worst(severities) -> Severity:
+    """Worst of the given severities; CRIT beats UNKNOWN (a known fault is more urgent)."""
+    result = Severity.OK
+    for s in severities:
+        if s == Severity.CRIT or result == Severity.CRIT:
+            result = Severity.CRIT
+        elif s > result:
+            result = s
+    return result
+
+
+# Clock-event (throttle) reasons: NVML bit -> NVML name (nvmlClocksEventReason<Name>).
+CLOCK_EVENT_REASONS: Tuple[Tuple[int, str], ...] = (
+    (0x001, "GpuIdle"),
+    (0x002, "ApplicationsClocksSetting"),
+    (0x004, "SwPowerCap"),
+    (0x008, "HwSlowdown"),
+    (0x010, "SyncBoost"),
+    (0x020, "SwThermalSlowdown"),
+    (0x040, "HwThermalSlowdown"),
+    (0x080, "HwPowerBrakeSlowdown"),
+    (0x100, "DisplayClockSetting"),
+    (0x200, "BoardLimit"),
+    (0x400, "Reliability"),
+)
+REASON_BITS: Dict[str, int] = {name: bit for bit, name in CLOCK_EVENT_REASONS}
+# Reasons that take throughput away from a busy GPU (the cost model's "throttling" reasons).
+THROTTLE_REASONS: Tuple[str, ...] = (
+    "SwPowerCap", "HwSlowdown", "SyncBoost", "SwThermalSlowdown", "HwThermalSlowdown",
+    "HwPowerBrakeSlowdown", "BoardLimit", "Reliability",
+)
+# Reasons that mean the hardware is protecting itself (health WARN while active).
+HW_SLOWDOWN_REASONS: Tuple[str, ...] = ("HwSlowdown", "HwThermalSlowdown", "HwPowerBrakeSlowdown")
+
+
+def reasons_from_mask(mask: int) -> Tuple[str, ...]:
+    return tuple(name for bit, name in CLOCK_EVENT_REASONS if mask & bit)
+
+
+def mask_from_reasons(names) -> int:
+    mask = 0
+    for name in names:
+        mask |= REASON_BITS[name]
+    return mask
+
+
+# Violation-time counters (nvmlDeviceGetViolationStatus), by perf policy.
+# key -> NVML_PERF_POLICY_* value
+VIOLATION_POLICIES: Tuple[Tuple[str, int], ...] = (
+    ("power", 0),
+    ("thermal", 1),
+    ("sync_boost", 2),
+    ("board_limit", 3),
+    ("low_utilization", 4),
+    ("reliability", 5),
+)
+# Which clock-event reasons each violation counter measures (used by the cost model).
+VIOLATION_REASONS: Dict[str, Tuple[str, ...]] = {
+    "power": ("SwPowerCap", "HwPowerBrakeSlowdown"),
+    "thermal": ("SwThermalSlowdown", "HwThermalSlowdown", "HwSlowdown"),
+    "sync_boost": ("SyncBoost",),
+    "board_limit": ("BoardLimit",),
+    "low_utilization": (),
+    "reliability": ("Reliability",),
+}
+
+
+class GpuState(str, enum.Enum):
+    OK = "ok"                      # answered every call in time
+    UNRESPONSIVE = "unresponsive"  # a call overran its deadline (still stuck)
+    LOST = "lost"                  # NVML said GPU_IS_LOST, or it fell off the bus
+    UNKNOWN = "unknown"            # NVML not available (driver not loaded, library missing)
+
+
+@dataclass(frozen=True)
+class GpuReading:
+    """One GPU as read in one cycle. Every measured field is Optional: None = not supported or
+    not read (never 0)."""
+
+    index: int
+    state: GpuState = GpuState.OK
+    error: Optional[str] = None            # why state is not OK, in words
+    uuid: Optional[str] = None
+    name: Optional[str] = None             # "NVIDIA H100 80GB HBM3"
+    pci_bus_id: Optional[str] = None       # "00000000:1B:00.0" as NVML gives it
+    # temperatures
+    temperature_celsius: Optional[float] = None
+    memory_temperature_celsius: Optional[float] = None
+    temp_slowdown_celsius: Optional[float] = None
+    temp_shutdown_celsius: Optional[float] = None
+    # power
+    power_draw_watts: Optional[float] = None
+    power_limit_watts: Optional[float] = None
+    power_limit_min_watts: Optional[float] = None
+    power_limit_max_watts: Optional[float] = None
+    power_limit_default_watts: Optional[float] = None
+    persistence_mode: Optional[bool] = None
+    # clocks and load
+    sm_clock_mhz: Optional[float] = None
+    sm_clock_max_mhz: Optional[float] = None
+    app_sm_clock_mhz: Optional[float] = None   # application clock when one is set
+    utilization_percent: Optional[float] = None
+    clock_event_reasons: Optional[Tuple[str, ...]] = None  # names, see CLOCK_EVENT_REASONS
+    supported_reasons: Optional[Tuple[str, ...]] = None
+    # violation-time counters in seconds, by key of VIOLATION_POLICIES; missing key = unsupported
+    violation_seconds: Optional[Mapping[str, float]] = None
+    # ECC
+    ecc_mode: Optional[bool] = None
+    ecc_volatile_corrected: Optional[int] = None
+    ecc_volatile_uncorrected: Optional[int] = None
+    ecc_aggregate_corrected: Optional[int] = None
+    ecc_aggregate_uncorrected: Optional[int] = None
+    retired_pages_sbe: Optional[int] = None
+    retired_pages_dbe: Optional[int] = None
+    retired_pages_pending: Optional[bool] = None
+    remapped_rows_correctable: Optional[int] = None
+    remapped_rows_uncorrectable: Optional[int] = None
+    remapped_rows_pending: Optional[bool] = None
+    remapped_rows_failure: Optional[bool] = None
+    # PCIe
+    pcie_link_gen: Optional[int] = None
+    pcie_link_gen_max: Optional[int] = None
+    pcie_link_width: Optional[int] = None
+    pcie_link_width_max: Optional[int] = None
+    pcie_replay_count: Optional[int] = None
+
+    def replace(self, **changes) -> "GpuReading":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def model_short(self) -> str:
+        """'NVIDIA H100 80GB HBM3' -> 'H100 80GB HBM3' (for 100-column views)."""
+        name = self.name or "?"
+        return name[len("NVIDIA "):] if name.startswith("NVIDIA ") else name
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One health judgement about a subject ("gpu:3", "node", "setting:...")."""
+
+    subject: str
+    code: str              # stable identifier, e.g. "hw_thermal_slowdown", "xid_79"
+    severity: Severity
+    action: str            # recommended action in words ("none", "reset GPU", "RMA", ...)
+    message: str           # what, in words
+    since: Optional[float] = None   # wall time the condition was first seen
+    gpu: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something that happened at a time. Stored, journaled, counted; never lost."""
+
+    time: float
+    subject: str           # "gpu:3", "node", "setting:power_limit:gpu:0", ...
+    code: str              # event type: "xid", "health_change", "drift", "ack", ...
+    severity: Severity
+    action: str
+    message: str
+    gpu: Optional[int] = None
+    uuid: Optional[str] = None
+    xid: Optional[int] = None
+    fields: Mapping[str, Any] = field(default_factory=dict)   # extra structured fields
+    id: Optional[int] = None   # assigned by the event store
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One tunable setting on one subject, as planned or verified."""
+
+    subject: str           # "gpu:0", "nic:eth0"
+    name: str              # "power_limit_watts", "persistence_mode", "ring_rx", ...
+    desired: Any
+    actual: Any
+    source: str            # where the desired value came from ("tuning.gpu", "override index:3")
+    error: Optional[str] = None   # why it cannot be applied, in words
+
+    @property
+    def in_sync(self) -> bool:
+        return self.error is None and self.desired == self.actual
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One host prerequisite check."""
+
+    name: str              # "kernel", "driver", "cuda", "iommu", ...
+    status: str            # "pass" | "warn" | "fail"
+    message: str
+    fix: str = ""
+
+
+@dataclass(frozen=True)
+class NodeSnapshot:
+    """Everything known about the node after one poll cycle. Immutable; views render from it."""
+
+    time: float                                  # wall clock (epoch seconds)
+    monotonic: float
+    cycle: int
+    hostname: str
+    started_at: float                            # daemon start (wall)
+    nvml_available: bool
+    nvml_error: Optional[str]
+    driver_version: Optional[str]
+    cuda_version: Optional[str]
+    gpus: Tuple[GpuReading, ...]
+    gpu_health: Mapping[int, Severity] = field(default_factory=dict)
+    node_health: Severity = Severity.UNKNOWN
+    findings: Tuple[Finding, ...] = ()
+    recent_events: Tuple[Event, ...] = ()
+    settings: Tuple[Setting, ...] = ()
+    checks: Tuple[CheckResult, ...] = ()
+    cost: Optional[Any] = None                   # gpucostd.cost.CostReport
+    counters: Mapping[str, Any] = field(default_factory=dict)  # monotone totals for /metrics
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def gpu(self, index: int) -> Optional[GpuReading]:
+        for g in self.gpus:
+            if g.index == index:
+                return g
+        return None
