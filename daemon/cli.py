@@ -1,0 +1,374 @@
+"""`gpucostd` command line. Imports are lazy: `gpucostd status` talks to the daemon's socket and
+must not import pynvml, pyroute2 or prometheus_client.
+
+Exit codes: status/check 0 OK, 1 WARN, 2 CRIT, 3 UNKNOWN; plan 0 nothing to change, 1 changes,
+2 error; config errors and usage errors 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from typing import List, Optional
+
+EXIT_CONFIG = 2
+
+
+def _print_err(msg: str) -> None:
+    print(f"gpucostd: {msg}", file=sys.stderr)
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '15m', '1h', '7d', or plain seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text or "")
+    if not m:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration; use e.g. 90s, 15m, 1h or 7d")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+def _load_config(path: Optional[str]):
+    from gpucostd.config import ConfigError, load
+    try:
+        return load(path)
+    except ConfigError as e:
+        _print_err(str(e))
+        sys.exit(EXIT_CONFIG)
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE",
+                   help="config file (default /etc/gpucostd/gpucostd.toml; missing = defaults)")
+
+
+def _add_simulate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--simulate", nargs="?", const="", default=None, metavar="SCENARIO",
+                   help="run on a simulated GPU node (default scenario: [simulate] scenario, "
+                        "builtin:h100x8)")
+
+
+def _scenario(args, cfg) -> Optional[str]:
+    if args.simulate is None:
+        return None
+    return args.simulate or cfg.simulate.scenario
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from gpucostd import __version__
+    p = argparse.ArgumentParser(
+        prog="gpucostd", description="GPU tuning and health daemon that prices throttling.")
+    p.add_argument("--version", action="version", version=f"gpucostd {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run the daemon (foreground; systemd runs this)")
+    _add_config(r)
+    _add_simulate(r)
+
+    s = sub.add_parser("status", help="node and GPU health from the running daemon")
+    _add_config(s)
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--direct", action="store_true",
+                   help="probe the hardware in this process instead of asking the daemon")
+    s.add_argument("--socket", metavar="PATH", help="status socket (default from the config)")
+    s.add_argument("--events", type=int, default=5, metavar="N", help="recent events to show")
+    _add_simulate(s)
+
+    c = sub.add_parser("config", help="check or show the configuration")
+    csub = c.add_subparsers(dest="config_command", metavar="ACTION")
+    cc = csub.add_parser("check", help="validate a config file; prints ok")
+    cc.add_argument("file", nargs="?", help="file to check (default: the default path)")
+    cs = csub.add_parser("show", help="print the effective config with defaults, as TOML")
+    _add_config(cs)
+
+    e = sub.add_parser("events", help="stored events (survive restarts)")
+    _add_config(e)
+    e.add_argument("--since", type=parse_duration, default=None, metavar="DURATION",
+                   help="only events younger than this (e.g. 1h, 7d)")
+    e.add_argument("--limit", type=int, default=200, help="at most this many (newest)")
+    e.add_argument("--json", action="store_true")
+
+    co = sub.add_parser("cost", help="dollars and capacity lost to throttling, by GPU and reason")
+    _add_config(co)
+    co.add_argument("--since", type=parse_duration, default=86400.0, metavar="DURATION",
+                    help="window (default 24h)")
+    co.add_argument("--json", action="store_true")
+
+    a = sub.add_parser("ack", help="clear sticky faults of a GPU (root only)")
+    _add_config(a)
+    a.add_argument("gpu", help="GPU index, or 'node'")
+    a.add_argument("code", nargs="?", help="only this finding code or Xid (default: all)")
+
+    for name, help_ in (("plan", "show what apply would change (dry run)"),
+                        ("apply", "apply the configured settings once (root)"),
+                        ("check", "run the host prerequisite checks"),
+                        ("restore", "restore the saved original settings (root)")):
+        t = sub.add_parser(name, help=help_)
+        _add_config(t)
+        _add_simulate(t)
+        if name == "check":
+            t.add_argument("--json", action="store_true")
+
+    rp = sub.add_parser("replay", help="run a scenario on a virtual clock and print the cost")
+    rp.add_argument("scenario", help="builtin:NAME or a scenario TOML file")
+    _add_config(rp)
+    rp.add_argument("--duration", type=parse_duration, default=None, metavar="SECONDS")
+    rp.add_argument("--step", type=float, default=1.0, metavar="SECONDS")
+    rp.add_argument("--json", action="store_true")
+    return p
+
+
+# ------------------------------------------------------------------ commands
+def cmd_run(args) -> int:
+    from gpucostd.service import run_daemon
+    cfg = _load_config(args.config)
+    return run_daemon(cfg, _scenario(args, cfg))
+
+
+def _socket_path(args) -> str:
+    if getattr(args, "socket", None):
+        return args.socket
+    from gpucostd.config import ConfigError, default_socket_path, load
+    try:
+        return load(args.config).daemon.socket_path
+    except ConfigError as e:
+        _print_err(f"{e} (using the default socket path)")
+        return default_socket_path()
+
+
+def cmd_status(args) -> int:
+    from gpucostd import statusview
+    if args.direct or args.simulate is not None:
+        data = _direct_status(args)
+    else:
+        from gpucostd.statusapi import StatusClientError, request
+        path = _socket_path(args)
+        try:
+            data = request(path, {"cmd": "status"})["status"]
+        except StatusClientError as e:
+            msg = (f"UNKNOWN: cannot reach the gpucostd daemon: {e}. Start it with "
+                   f"`sudo systemctl start gpucostd` (or `gpucostd run`), or use "
+                   f"`gpucostd status --direct`.")
+            if args.json:
+                print(json.dumps({"schema": statusview.SCHEMA_VERSION, "error": msg,
+                                  "socket": path}))
+            else:
+                print(msg)
+            return 3
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        sys.stdout.write(statusview.render_status(data, statusview.use_colour(),
+                                                  events=args.events))
+    return statusview.exit_code(data)
+
+
+def _one_shot(args, cfg):
+    from gpucostd.loop import Daemon
+    return Daemon(cfg, simulate=_scenario(args, cfg), one_shot=True)
+
+
+def _direct_status(args):
+    from gpucostd import statusview
+    cfg = _load_config(args.config)
+    d = _one_shot(args, cfg)
+    try:
+        snap = d.step()
+        return statusview.snapshot_json(snap)
+    finally:
+        d.shutdown()
+
+
+def cmd_config(args) -> int:
+    from gpucostd.config import ConfigError, load
+    if args.config_command == "check":
+        try:
+            load(args.file, missing_ok=args.file is None)
+        except ConfigError as e:
+            _print_err(str(e))
+            return EXIT_CONFIG
+        print("ok")
+        return 0
+    if args.config_command == "show":
+        cfg = _load_config(args.config)
+        sys.stdout.write(cfg.to_toml())
+        return 0
+    _print_err("config needs an action: check or show")
+    return EXIT_CONFIG
+
+
+def _ask_daemon(args, message):
+    from gpucostd.statusapi import StatusClientError, request
+    path = _socket_path(args)
+    try:
+        return request(path, message), None
+    except StatusClientError as e:
+        return None, str(e)
+
+
+def cmd_events(args) -> int:
+    import time
+    from gpucostd import statusview
+    since = time.time() - args.since if args.since else None
+    reply, err = _ask_daemon(args, {"cmd": "events", "since": since, "limit": args.limit})
+    if reply is not None:
+        events = reply["events"]
+    else:
+        # No daemon: read the store directly (history survives the daemon).
+        from gpucostd.events import EventStore
+        cfg = _load_config(args.config)
+        db = os.path.join(cfg.daemon.state_dir, "events.sqlite")
+        if not os.path.exists(db):
+            _print_err(f"cannot reach the daemon ({err}) and no event database at {db}")
+            return 3
+        store = EventStore(cfg.daemon.state_dir, cfg.events.max_age_days,
+                           cfg.events.max_count)
+        try:
+            events = [statusview.event_json(e) for e in store.query(since=since)][-args.limit:]
+        finally:
+            store.close()
+    if args.json:
+        print(json.dumps(events, indent=2))
+        return 0
+    if not events:
+        print("no events" + (" in that window" if since else ""))
+    for e in events:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time"]))
+        xid = f" xid={e['xid']}" if e.get("xid") is not None else ""
+        line = f"{stamp} {e['severity']:<7} {e['subject']:<8} {e['code']:<16}{xid} {e['message']}"
+        print(line[:100])
+    return 0
+
+
+def cmd_cost(args) -> int:
+    reply, err = _ask_daemon(args, {"cmd": "cost", "since_seconds": args.since})
+    if reply is None:
+        from gpucostd.cost import breakdown_from_state
+        cfg = _load_config(args.config)
+        data = breakdown_from_state(cfg, args.since)
+        if data is None:
+            _print_err(f"cannot reach the daemon ({err}) and no saved cost totals in "
+                       f"{cfg.daemon.state_dir}")
+            return 3
+    else:
+        data = reply["cost"]
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        from gpucostd.cost import format_cost
+        sys.stdout.write(format_cost(data, args.since))
+    return 0
+
+
+def cmd_ack(args) -> int:
+    gpu = None if args.gpu == "node" else args.gpu
+    if gpu is not None and not gpu.isdigit():
+        _print_err(f"GPU must be an index like 3 or 'node', not {args.gpu!r}")
+        return EXIT_CONFIG
+    reply, err = _ask_daemon(args, {"cmd": "ack", "gpu": None if gpu is None else int(gpu),
+                                    "code": args.code})
+    if reply is None:
+        _print_err(err)
+        return 3 if "needs root" not in err else 4
+    events = reply.get("events") or []
+    print(f"acknowledged {len(events)} finding(s)" if events else "nothing to acknowledge")
+    for e in events:
+        print(f"  {e['subject']}: {e['message']}"[:100])
+    return 0
+
+
+def _need_root(what: str) -> Optional[int]:
+    if os.geteuid() != 0:
+        _print_err(f"{what} changes hardware settings and needs root: run it with sudo")
+        return EXIT_CONFIG
+    return None
+
+
+def cmd_tuning(args) -> int:
+    cfg = _load_config(args.config)
+    if args.command in ("apply", "restore") and args.simulate is None:
+        rc = _need_root(args.command)
+        if rc is not None:
+            return rc
+    from gpucostd.loop import Daemon
+    from gpucostd.config import ConfigError
+    d = Daemon(cfg, simulate=_scenario(args, cfg), one_shot=True)
+    try:
+        d.gateway.ensure_initialized()
+        gpus = d.gpu_probe.read()
+        if d.gateway.error and not gpus:
+            _print_err(f"NVML unavailable: {d.gateway.error}")
+        from gpucostd.tuners import manager
+        if args.command == "plan":
+            settings = d.tuning.plan(gpus)
+            sys.stdout.write(manager.format_plan(settings))
+            if any(s.error for s in settings):
+                return 2
+            return 1 if any(not s.in_sync for s in settings) else 0
+        if args.command == "apply":
+            changes = d.tuning.apply(gpus)
+            sys.stdout.write(manager.format_changes(changes))
+            return 2 if any(not c.ok for c in changes) else 0
+        if args.command == "restore":
+            changes = d.tuning.restore()
+            sys.stdout.write(manager.format_changes(changes))
+            return 2 if any(not c.ok for c in changes) else 0
+        # check
+        from gpucostd import checks
+        from gpucostd.statusview import EXIT_CODES
+        facts = d.host_probe.facts()
+        settings = d.tuning.plan(gpus)
+        results = checks.run_checks(cfg, facts, gpus, d.gateway.driver_version,
+                                    d.gateway.cuda_version, settings)
+        if getattr(args, "json", False):
+            print(json.dumps([r.__dict__ for r in results], indent=2))
+        else:
+            sys.stdout.write(checks.format_checks(results))
+        statuses = {r.status for r in results}
+        worst = "CRIT" if "fail" in statuses else "WARN" if "warn" in statuses else "OK"
+        return EXIT_CODES[worst]
+    except ConfigError as e:
+        _print_err(str(e))
+        return EXIT_CONFIG
+    finally:
+        d.shutdown()
+
+
+def cmd_replay(args) -> int:
+    from gpucostd.replay import format_replay, run_replay
+    from gpucostd.scenario import ScenarioError
+    cfg = _load_config(args.config)
+    try:
+        result = run_replay(args.scenario, cfg, duration=args.duration, step=args.step)
+    except ScenarioError as e:
+        _print_err(str(e))
+        return EXIT_CONFIG
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        sys.stdout.write(format_replay(result))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "status": cmd_status, "config": cmd_config, "events": cmd_events,
+            "cost": cmd_cost, "ack": cmd_ack, "plan": cmd_tuning, "apply": cmd_tuning,
+            "check": cmd_tuning, "restore": cmd_tuning, "replay": cmd_replay}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return EXIT_CONFIG
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,395 @@
+"""The daemon loop: probe, judge, price, record, publish — one immutable snapshot per cycle.
+
+Nothing but this loop calls a probe or a tuner (the CLI's one-shot commands build a Daemon and call
+step() once). Each part runs behind `_guard`, so one part's unexpected failure is logged and the
+cycle goes on: the daemon never dies of a bad reading, a bad kernel line or a bad endpoint.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from typing import Callable, Dict, List, Optional, Tuple
+
+from gpucostd import __version__
+from gpucostd.clock import RealClock
+from gpucostd.config import Config
+from gpucostd.snapshot import (Event, Finding, GpuState, NodeSnapshot, Severity, THROTTLE_REASONS,
+                               worst)
+
+LOG = logging.getLogger("gpucostd")
+RECENT_EVENTS = 20
+
+
+class Daemon:
+    """One node's daemon. `step()` runs one cycle; `run()` loops until stop()."""
+
+    def __init__(self, config: Config, clock=None, simulate: Optional[str] = None,
+                 kernel_log: Optional[str] = None, notifier=None, one_shot: bool = False):
+        from gpucostd.cost import CostAccountant
+        from gpucostd.events import EventStore
+        from gpucostd.health import HealthJudge
+        from gpucostd.hooks import HookRunner
+        from gpucostd.nvml import NvmlGateway
+        from gpucostd.probes.gpu import GpuProbe
+        from gpucostd.probes.host import HostProbe
+        from gpucostd.tuners.manager import TuningManager
+
+        self.config = config
+        self.clock = clock or RealClock()
+        self.notifier = notifier
+        self.one_shot = one_shot
+        self.simulate = simulate
+        self.hostname = socket.gethostname()
+        self.started_at = self.clock.time()
+        self.started_mono = self.clock.monotonic()
+        self.cycle = 0
+        self._stop = threading.Event()
+        self._reload_requested = threading.Event()
+        self._latest: Optional[NodeSnapshot] = None
+        self._publishers: List[Callable[[NodeSnapshot], None]] = []
+        self._part_errors: Dict[str, str] = {}
+        state_dir = config.daemon.state_dir
+        os.makedirs(state_dir, mode=0o750, exist_ok=True)
+
+        self.sim = None
+        library = None
+        if simulate is not None:
+            from gpucostd.scenario import load_scenario
+            from gpucostd.simnvml import SimulatedNode
+            self.sim = SimulatedNode(load_scenario(simulate), self.clock)
+            library = self.sim.library
+        self.gateway = NvmlGateway(timeout_seconds=config.daemon.nvml_timeout_seconds,
+                                   retry_seconds=config.daemon.nvml_retry_seconds,
+                                   library=library, clock=self.clock)
+        self.gpu_probe = GpuProbe(self.gateway)
+        self.host_probe = HostProbe(config.daemon.host_root)
+        self.store = EventStore(state_dir, config.events.max_age_days, config.events.max_count)
+        self.judge = HealthJudge(config, self.clock, state_dir)
+        self.hooks = HookRunner(config)
+        self.cost = CostAccountant(config, state_dir, self.clock)
+        self.tuning = TuningManager(config, self.gateway, state_dir, self.clock,
+                                    host_root=config.daemon.host_root)
+        self.watcher = None
+        source = kernel_log or config.daemon.kernel_log
+        if self.clock.virtual:
+            source = "none"      # replay: only the scenario's own kernel lines
+        if not one_shot:
+            from gpucostd.probes.kernel_log import KernelLogWatcher
+            self.watcher = KernelLogWatcher(source, state_dir, clock=self.clock)
+        self.inference = None
+        self._configure_inference()
+        self._xid_totals: Dict[Tuple[Optional[int], int], int] = dict(self.store.xid_totals())
+        self._recent: List[Event] = list(self.store.recent(RECENT_EVENTS))
+        self._drift: Dict[Tuple[str, str], int] = {}
+        self._settings: tuple = ()
+        self._checks: tuple = ()
+        self._host_facts = None
+        self._applied = False
+        self._last_checks = None
+
+    # ------------------------------------------------------------------ helpers
+    def _configure_inference(self) -> None:
+        url = self.config.inference.metrics_url
+        if url:
+            from gpucostd.probes.inference import InferenceProbe
+            self.inference = InferenceProbe(url, self.config.inference.tokens_metric,
+                                            self.config.inference.timeout_seconds)
+        else:
+            self.inference = None
+
+    def _guard(self, part: str, fn, default=None):
+        """Run one part of the cycle; an unexpected exception is logged once per distinct
+        message and the cycle goes on with `default`."""
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - the loop must survive any part
+            msg = f"{type(e).__name__}: {e}"
+            if self._part_errors.get(part) != msg:
+                LOG.exception("internal error in %s (the daemon goes on): %s", part, msg)
+            self._part_errors[part] = msg
+            return default
+        self._part_errors.pop(part, None)
+        return result
+
+    def add_publisher(self, fn: Callable[[NodeSnapshot], None]) -> None:
+        self._publishers.append(fn)
+
+    @property
+    def latest(self) -> Optional[NodeSnapshot]:
+        return self._latest
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        if self.watcher is not None:
+            self.watcher.start()
+        self._record([Event(self.clock.time(), "node", "startup", Severity.OK, "none",
+                            f"gpucostd {__version__} started"
+                            + (f" on simulated node {self.simulate}" if self.simulate else ""))])
+
+    def request_reload(self) -> None:
+        self._reload_requested.set()
+        self.clock.wake()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.clock.wake()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self) -> None:
+        """Loop until stop(). The first complete snapshot sends READY=1."""
+        interval = self.config.daemon.interval_seconds
+        next_at = self.clock.monotonic()
+        while not self._stop.is_set():
+            if self._reload_requested.is_set():
+                self._reload_requested.clear()
+                self.reload()
+                interval = self.config.daemon.interval_seconds
+            snap = self.step()
+            if self.notifier is not None:
+                if snap.cycle == 1:
+                    self.notifier.ready(summary_line(snap))
+                else:
+                    self.notifier.status(summary_line(snap))
+                self.notifier.watchdog()
+            next_at += interval
+            now = self.clock.monotonic()
+            if next_at < now:          # a slow cycle: do not try to catch up in a burst
+                next_at = now
+            self.clock.sleep(next_at - now)
+
+    def shutdown(self, system_shutdown: Optional[bool] = None) -> None:
+        """Restore tuned settings (unless the system is shutting down), flush, close."""
+        if self.notifier is not None:
+            self.notifier.stopping()
+        if self.config.tuning.restore_on_stop and not self.one_shot:
+            if system_shutdown is None:
+                from gpucostd.tuners.manager import shutdown_in_progress
+                system_shutdown = self._guard("shutdown check", shutdown_in_progress, False)
+            if system_shutdown:
+                LOG.info("system shutdown in progress: tuned settings are left as they are")
+            else:
+                changes = self._guard("restore", self.tuning.restore, []) or []
+                self._record(_change_events(self.clock.time(), changes, "setting_restored"))
+        if self.watcher is not None:
+            self._guard("kernel log stop", self.watcher.stop)
+        self._guard("cost flush", self.cost.flush)
+        self._guard("hooks stop", getattr(self.hooks, "stop", lambda: None))
+        self._guard("event store close", self.store.close)
+        self._guard("nvml shutdown", self.gateway.shutdown)
+
+    def reload(self, path: Optional[str] = None) -> bool:
+        """SIGHUP: load the config again; an invalid one is refused and the running one stays."""
+        from gpucostd.config import ConfigError, load
+        if self.notifier is not None:
+            self.notifier.reloading()
+        path = path or self.config.path
+        try:
+            new = load(path) if path else self.config
+        except ConfigError as e:
+            LOG.error("reload refused, the running config stays: %s", e)
+            self._record([Event(self.clock.time(), "node", "config_rejected", Severity.WARN,
+                                "fix the config file and reload again", f"reload refused: {e}")])
+            if self.notifier is not None:
+                self.notifier.ready(summary_line(self._latest) if self._latest else "running")
+            return False
+        fixed = ("listen_address", "socket_path", "state_dir")
+        changed = [k for k in fixed if getattr(new.daemon, k) != getattr(self.config.daemon, k)]
+        if changed:
+            LOG.warning("reload: %s take effect only after a restart", ", ".join(
+                f"daemon.{k}" for k in changed))
+        self.config = new
+        from gpucostd import logs
+        logs.set_level(new.daemon.log_level)
+        self._guard("reconfigure cost", lambda: self.cost.reconfigure(new))
+        self._guard("reconfigure health", lambda: getattr(self.judge, "reconfigure",
+                                                           lambda c: None)(new))
+        self._guard("reconfigure hooks", lambda: getattr(self.hooks, "reconfigure",
+                                                          lambda c: None)(new))
+        self._guard("reconfigure tuning", lambda: self.tuning.reconfigure(new))
+        self._configure_inference()
+        self._applied = False          # apply the new desired state at the next cycle
+        self._record([Event(self.clock.time(), "node", "config_reloaded", Severity.OK, "none",
+                            f"config reloaded from {path or 'defaults'}")])
+        LOG.info("config reloaded from %s", path or "defaults")
+        if self.notifier is not None:
+            self.notifier.ready(summary_line(self._latest) if self._latest else "running")
+        return True
+
+    # ------------------------------------------------------------------ one cycle
+    def step(self) -> NodeSnapshot:
+        now = self.clock.time()
+        mono = self.clock.monotonic()
+        self.cycle += 1
+        self._guard("nvml init", self.gateway.ensure_initialized)
+        gpus = self._guard("gpu probe", self.gpu_probe.read, ()) or ()
+        gpus = tuple(gpus)
+
+        faults = []
+        if self.sim is not None:
+            lines = self._guard("simulator", self.sim.drain_kernel_lines, []) or []
+            if lines and self.watcher is not None:
+                self.watcher.feed_lines(lines)
+            elif lines:
+                from gpucostd.probes.kernel_log import NvrmParser
+                if not hasattr(self, "_sim_parser"):
+                    self._sim_parser = NvrmParser()
+                for line in lines:
+                    faults.extend(self._sim_parser.feed(line))
+        if self.watcher is not None:
+            faults.extend(self._guard("kernel log", self.watcher.poll, []) or [])
+
+        events: List[Event] = []
+        # tuning: apply once at start (and after reload), then verify every verify interval
+        if gpus or self.config.nic_tuning:
+            if not self._applied:
+                changes = self._guard("apply", lambda: self.tuning.apply(gpus), None)
+                if changes is not None:
+                    self._applied = True
+                    events.extend(_change_events(now, changes, "setting_applied"))
+            verified = self._guard("verify", lambda: self.tuning.verify(gpus, mono), None)
+            if verified is not None:
+                settings, drift_events = verified
+                self._settings = tuple(settings)
+                for e in drift_events:
+                    key = (e.fields.get("setting", ""), e.subject)
+                    self._drift[key] = self._drift.get(key, 0) + 1
+                events.extend(drift_events)
+        refresh_checks = self._last_checks is None or (
+            mono - self._last_checks >= self.config.tuning.verify_interval_seconds)
+        if refresh_checks:
+            self._last_checks = mono
+            self._host_facts = self._guard("host probe", self.host_probe.facts,
+                                           self._host_facts)
+            from gpucostd.checks import run_checks
+            self._checks = tuple(self._guard("checks", lambda: run_checks(
+                self.config, self._host_facts, gpus, self.gateway.driver_version,
+                self.gateway.cuda_version, self._settings), self._checks) or ())
+
+        report = self._guard("health", lambda: self.judge.judge(gpus, faults, now), None)
+        if report is not None:
+            events.extend(report.events)
+        cost = self._guard("cost", lambda: self.cost.update(gpus, mono), None)
+        findings: List[Finding] = list(report.findings) if report is not None else []
+
+        inference = None
+        if self.inference is not None:
+            inference = self._guard("inference", self.inference.read, None)
+            error = getattr(inference, "error", None)
+            if inference is None or error:
+                findings.append(Finding(
+                    "node", "inference_unreachable", Severity.WARN,
+                    "check [inference] metrics_url and the inference server",
+                    f"inference metrics at {self.config.inference.metrics_url}: "
+                    f"{error or 'no reading'}", since=now))
+            elif cost is not None and hasattr(self.cost, "update_tokens"):
+                self._guard("tokens", lambda: self.cost.update_tokens(inference, mono))
+        for part, msg in self._part_errors.items():
+            findings.append(Finding("node", f"internal_{part.replace(' ', '_')}", Severity.WARN,
+                                    "report a bug with the daemon's log",
+                                    f"{part} failed: {msg}"[:200], since=now))
+
+        self._record(events)
+        if self.watcher is not None:
+            self._guard("kernel log commit", self.watcher.commit)
+
+        gpu_health = dict(report.gpu_health) if report is not None else {
+            g.index: Severity.UNKNOWN for g in gpus}
+        node_health = report.node_health if report is not None else Severity.UNKNOWN
+        if any(f.subject == "node" for f in findings):
+            node_health = worst([node_health] + [f.severity for f in findings
+                                                 if f.subject == "node"])
+        if not gpus and not self.gateway.available:
+            node_health = worst([node_health, Severity.UNKNOWN])
+        snap = NodeSnapshot(
+            time=now, monotonic=mono, cycle=self.cycle, hostname=self.hostname,
+            started_at=self.started_at,
+            nvml_available=bool(self.gateway.available), nvml_error=self.gateway.error,
+            driver_version=self.gateway.driver_version, cuda_version=self.gateway.cuda_version,
+            gpus=gpus, gpu_health=gpu_health, node_health=node_health,
+            findings=tuple(findings), recent_events=tuple(self._recent),
+            settings=self._settings, checks=self._checks, cost=cost,
+            counters={"xid_totals": dict(self._xid_totals), "drift": dict(self._drift)},
+            extra={"host": self._host_facts, "inference": inference,
+                   "nic_rings": getattr(self.tuning, "nic_rings", {}),
+                   "simulated": self.simulate, "config_path": self.config.path,
+                   "kernel_log": getattr(self.watcher, "source_in_use", "none"),
+                   "kernel_log_error": getattr(self.watcher, "error", None),
+                   "version": __version__, "pid": os.getpid()},
+        )
+        self._latest = snap
+        for publish in self._publishers:
+            self._guard("publish", lambda: publish(snap))
+        return snap
+
+    # ------------------------------------------------------------------ events
+    def _record(self, events: List[Event]) -> None:
+        """Store, journal and hand to hooks. The store comes first: nothing reported is lost."""
+        if not events:
+            return
+        from gpucostd.journal import send_event
+        stored = []
+        for e in events:
+            key = e.fields.get("dedupe_key") if e.fields else None
+            saved = self._guard("event store", lambda: self.store.append(e, key), e)
+            if saved is None:          # a duplicate (e.g. a kernel line seen before a restart)
+                continue
+            stored.append(saved)
+            if saved.xid is not None:
+                k = (saved.gpu, saved.xid)
+                self._xid_totals[k] = self._xid_totals.get(k, 0) + 1
+            self._guard("journal", lambda: send_event(saved))
+        recent = self._recent
+        recent.extend(stored)
+        del recent[:-RECENT_EVENTS]
+        self._guard("hooks", lambda: self.hooks.on_events(stored))
+
+    def ack(self, gpu: Optional[int], code: Optional[str]) -> List[Event]:
+        events = self.judge.ack(gpu, code)
+        self._record(list(events))
+        return list(events)
+
+
+def _change_events(now: float, changes, code: str) -> List[Event]:
+    out = []
+    for c in changes or ():
+        ok = getattr(c, "ok", True)
+        verb = {"setting_applied": "set", "setting_restored": "restored"}.get(code, code)
+        if ok:
+            msg = f"{c.subject}: {c.name} {verb} {c.old} -> {c.new}"
+        else:
+            msg = f"{c.subject}: {c.name} not {verb}: {c.error}"
+        out.append(Event(now, c.subject, code if ok else "setting_failed",
+                         Severity.OK if ok else Severity.WARN,
+                         "none" if ok else "see message", msg,
+                         fields={"setting": c.name, "old": c.old, "new": c.new}))
+    return out
+
+
+def summary_line(snap: Optional[NodeSnapshot]) -> str:
+    """One line for systemd's STATUS=: `8 GPUs, 1 WARN, $0.42/h lost to throttling`."""
+    if snap is None:
+        return "starting"
+    if not snap.nvml_available and not snap.gpus:
+        return f"NVML unavailable: {snap.nvml_error or 'unknown reason'}"[:200]
+    counts: Dict[str, int] = {}
+    for sev in snap.gpu_health.values():
+        if sev != Severity.OK:
+            counts[sev.name] = counts.get(sev.name, 0) + 1
+    parts = [f"{len(snap.gpus)} GPUs"]
+    parts += [f"{n} {name}" for name, n in sorted(counts.items())] or ["all OK"]
+    per_hour = getattr(snap.cost, "node_throttle_dollars_per_hour", None)
+    if per_hour is not None and getattr(snap.cost, "priced", True):
+        parts.append(f"${per_hour:.2f}/h lost to throttling")
+    else:
+        lost = getattr(snap.cost, "node_loss_ratio", None)
+        if lost is not None:
+            parts.append(f"{lost * 100:.1f}% capacity lost to throttling")
+    return ", ".join(parts)
+
+
+__all__ = ["Daemon", "summary_line", "THROTTLE_REASONS", "GpuState"]

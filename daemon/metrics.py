@@ -1,0 +1,114 @@
+"""Prometheus exposition of a snapshot, rendered once per snapshot.
+
+Families owned by other parts come from their own `metric_families(snapshot)` (health, cost,
+tuners); this module adds the core per-GPU gauges and the info metrics, then renders the whole
+exposition to bytes that the HTTP server hands out until the next snapshot. A scrape never
+touches NVML and never waits for the loop.
+"""
+from __future__ import annotations
+
+import logging
+import platform
+from typing import Iterable, List
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import CollectorRegistry
+
+from gpucostd import __version__
+from gpucostd.snapshot import CLOCK_EVENT_REASONS, NodeSnapshot, GpuState
+
+LOG = logging.getLogger("gpucostd")
+
+# (metric name, help, GpuReading attribute, scale)
+_GPU_GAUGES = (
+    ("gpucostd_gpu_temperature_celsius", "GPU core temperature.", "temperature_celsius", 1),
+    ("gpucostd_gpu_power_draw_watts", "Power draw.", "power_draw_watts", 1),
+    ("gpucostd_gpu_power_limit_watts", "Enforced power limit.", "power_limit_watts", 1),
+    ("gpucostd_gpu_power_limit_min_watts", "Minimum settable power limit.",
+     "power_limit_min_watts", 1),
+    ("gpucostd_gpu_power_limit_max_watts", "Maximum settable power limit.",
+     "power_limit_max_watts", 1),
+    ("gpucostd_gpu_power_limit_default_watts", "Default power limit.",
+     "power_limit_default_watts", 1),
+    ("gpucostd_gpu_sm_clock_hertz", "Current SM clock.", "sm_clock_mhz", 1e6),
+    ("gpucostd_gpu_sm_clock_max_hertz", "Maximum SM clock.", "sm_clock_max_mhz", 1e6),
+    ("gpucostd_gpu_utilization_ratio", "GPU utilization (0..1).", "utilization_percent", 0.01),
+    ("gpucostd_gpu_persistence_mode", "Persistence mode (1 on, 0 off).", "persistence_mode", 1),
+)
+
+
+def _labels(g):
+    return [str(g.index), g.uuid or ""]
+
+
+def core_families(snap: NodeSnapshot) -> Iterable:
+    build = GaugeMetricFamily("gpucostd_build_info", "gpucostd build information.",
+                              labels=["version", "python"])
+    build.add_metric([__version__, platform.python_version()], 1)
+    yield build
+    up = GaugeMetricFamily("gpucostd_nvml_up", "1 if NVML answers, 0 if not (see status).")
+    up.add_metric([], 1 if snap.nvml_available else 0)
+    yield up
+    yield CounterMetricFamily("gpucostd_cycles", "Poll cycles completed.", value=snap.cycle)
+    age = GaugeMetricFamily("gpucostd_snapshot_timestamp_seconds",
+                            "Wall time of the snapshot these metrics come from.")
+    age.add_metric([], snap.time)
+    yield age
+    info = GaugeMetricFamily("gpucostd_gpu_info", "GPU identity (value 1).",
+                             labels=["gpu", "uuid", "model", "pci_bus_id", "driver"])
+    state = GaugeMetricFamily("gpucostd_gpu_state", "1 for the GPU's current state.",
+                              labels=["gpu", "uuid", "state"])
+    reasons = GaugeMetricFamily("gpucostd_gpu_clock_event_reason_active",
+                                "1 while the clock-event (throttle) reason is active.",
+                                labels=["gpu", "uuid", "reason"])
+    gauges = [(GaugeMetricFamily(n, h, labels=["gpu", "uuid"]), attr, scale)
+              for n, h, attr, scale in _GPU_GAUGES]
+    for g in snap.gpus:
+        lab = _labels(g)
+        info.add_metric(lab + [g.name or "", g.pci_bus_id or "", snap.driver_version or ""], 1)
+        for s in GpuState:
+            state.add_metric(lab + [s.value], 1 if g.state == s else 0)
+        if g.clock_event_reasons is not None:
+            active = set(g.clock_event_reasons)
+            supported = set(g.supported_reasons) if g.supported_reasons is not None else None
+            for _, name in CLOCK_EVENT_REASONS:
+                if supported is None or name in supported or name in active:
+                    reasons.add_metric(lab + [name], 1 if name in active else 0)
+        for fam, attr, scale in gauges:
+            v = getattr(g, attr)
+            if v is not None:
+                fam.add_metric(lab, float(v) * scale)
+    yield info
+    yield state
+    yield reasons
+    for fam, _, _ in gauges:
+        yield fam
+
+
+def _part_families(snap: NodeSnapshot) -> List:
+    from gpucostd import cost, health
+    from gpucostd.tuners import manager
+    out = []
+    for module in (health, cost, manager):
+        try:
+            out.extend(module.metric_families(snap))
+        except Exception:  # noqa: BLE001 - one part's bug must not blank the whole scrape
+            LOG.exception("metric families of %s failed", module.__name__)
+    return out
+
+
+class _SnapshotCollector:
+    def __init__(self, snap: NodeSnapshot):
+        self.snap = snap
+
+    def collect(self):
+        yield from core_families(self.snap)
+        yield from _part_families(self.snap)
+
+
+def render(snap: NodeSnapshot) -> bytes:
+    """The full exposition text for one snapshot."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_SnapshotCollector(snap))
+    return generate_latest(registry)

@@ -1,0 +1,134 @@
+"""`gpucostd run`: the long-running service process around the loop.
+
+Wires the loop to its views (HTTP /metrics and /healthz, the status socket), to systemd
+(sd_notify) and to signals: SIGTERM/SIGINT stop cleanly within 2 s, SIGHUP reloads the config.
+"""
+from __future__ import annotations
+
+
+import logging
+import signal
+import threading
+import time
+from typing import Any, Dict, Optional
+
+from gpucostd import logs
+from gpucostd.config import Config
+
+LOG = logging.getLogger("gpucostd")
+
+
+class _StatusCache:
+    """Status JSON rendered once per snapshot (the socket hands out the cached document)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._doc: Optional[Dict[str, Any]] = None
+
+    def set(self, doc: Dict[str, Any]) -> None:
+        with self._lock:
+            self._doc = doc
+
+    def get(self) -> Dict[str, Any]:
+        with self._lock:
+            if self._doc is None:
+                raise ValueError("the daemon is starting; no snapshot yet, try again in a second")
+            return self._doc
+
+
+def run_daemon(cfg: Config, scenario: Optional[str]) -> int:
+    from gpucostd import metrics, statusview
+    from gpucostd.httpserver import MetricsServer, Published
+    from gpucostd.loop import Daemon
+    from gpucostd.notify import Notifier
+    from gpucostd.statusapi import StatusServer
+
+    logs.setup(cfg.daemon.log_level)
+    notifier = Notifier()
+    try:
+        daemon = Daemon(cfg, simulate=scenario, notifier=notifier)
+    except Exception as e:  # a scenario error, an unwritable state dir, ...
+        from gpucostd.scenario import ScenarioError
+        if isinstance(e, (ScenarioError, OSError)):
+            LOG.error("cannot start: %s", e)
+            return 2 if isinstance(e, ScenarioError) else 1
+        raise
+
+    published = Published(daemon.clock.monotonic)
+    published.interval = cfg.daemon.interval_seconds
+    status_cache = _StatusCache()
+
+    def publish(snap):
+        published.interval = daemon.config.daemon.interval_seconds
+        published.publish(metrics.render(snap), snap.monotonic)
+        status_cache.set(statusview.snapshot_json(snap))
+
+    daemon.add_publisher(publish)
+
+    def h_status(req):
+        return {"status": status_cache.get()}
+
+    def h_events(req):
+        since = req.get("since")
+        limit = int(req.get("limit") or 200)
+        events = daemon.store.query(since=float(since) if since is not None else None)
+        return {"events": [statusview.event_json(e) for e in events][-limit:]}
+
+    def h_cost(req):
+        from gpucostd.cost import breakdown
+        return {"cost": breakdown(daemon.cost, float(req.get("since_seconds") or 86400))}
+
+    def h_ack(req):
+        gpu = req.get("gpu")
+        code = req.get("code")
+        events = daemon.ack(None if gpu is None else int(gpu),
+                            None if code is None else str(code))
+        return {"events": [statusview.event_json(e) for e in events]}
+
+    servers = []
+    try:
+        status_server = StatusServer(cfg.daemon.socket_path,
+                                     {"status": h_status, "events": h_events, "cost": h_cost,
+                                      "ack": h_ack, "ping": lambda req: {}},
+                                     group=cfg.daemon.socket_group)
+        servers.append(status_server)
+        if cfg.daemon.listen_address:
+            servers.append(MetricsServer(cfg.daemon.listen_address, published))
+    except OSError as e:
+        for s in servers:
+            s.stop()
+        what = e.strerror or str(e)
+        LOG.error("cannot start: %s (socket %s, listen %s)", what, cfg.daemon.socket_path,
+                  cfg.daemon.listen_address or "off")
+        daemon.shutdown(system_shutdown=True)
+        return 1
+
+    def on_term(signum, frame):
+        LOG.info("received %s, stopping", signal.Signals(signum).name)
+        daemon.stop()
+
+    def on_hup(signum, frame):
+        daemon.request_reload()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    signal.signal(signal.SIGHUP, on_hup)
+
+    for s in servers:
+        s.start()
+    daemon.start()
+    LOG.info("gpucostd running: metrics on %s, status socket %s%s",
+             cfg.daemon.listen_address or "(off)", cfg.daemon.socket_path,
+             f", simulated node {scenario}" if scenario else "")
+    started = time.monotonic()
+    try:
+        daemon.run()
+    finally:
+        for s in servers:
+            s.stop()
+        daemon.shutdown()
+        LOG.info("gpucostd stopped after %.0f s", time.monotonic() - started)
+    return 0
+
+
+__all__ = ["run_daemon"]
