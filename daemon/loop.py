@@ -46,6 +46,7 @@ class Daemon:
         self.started_mono = self.clock.monotonic()
         self.cycle = 0
         self._stop = threading.Event()
+        self._lock = threading.Lock()      # step() vs ack() from the status API thread
         self._reload_requested = threading.Event()
         self._latest: Optional[NodeSnapshot] = None
         self._publishers: List[Callable[[NodeSnapshot], None]] = []
@@ -222,6 +223,10 @@ class Daemon:
 
     # ------------------------------------------------------------------ one cycle
     def step(self) -> NodeSnapshot:
+        with self._lock:
+            return self._step()
+
+    def _step(self) -> NodeSnapshot:
         now = self.clock.time()
         mono = self.clock.monotonic()
         self.cycle += 1
@@ -245,7 +250,7 @@ class Daemon:
 
         events: List[Event] = []
         # tuning: apply once at start (and after reload), then verify every verify interval
-        if gpus or self.config.nic_tuning:
+        if not self.one_shot and (gpus or self.config.nic_tuning):
             if not self._applied:
                 changes = self._guard("apply", lambda: self.tuning.apply(gpus), None)
                 if changes is not None:
@@ -349,8 +354,9 @@ class Daemon:
         self._guard("hooks", lambda: self.hooks.on_events(stored))
 
     def ack(self, gpu: Optional[int], code: Optional[str]) -> List[Event]:
-        events = self.judge.ack(gpu, code)
-        self._record(list(events))
+        with self._lock:
+            events = self.judge.ack(gpu, code)
+            self._record(list(events))
         return list(events)
 
 
