@@ -1,0 +1,169 @@
+"""Shared test helpers: wait-with-deadline, free ports, a running daemon process."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def wait_for(cond, timeout=10.0, interval=0.05, what="condition"):
+    """Poll cond() until it returns a truthy value or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = cond()
+        except Exception as e:  # noqa: BLE001 - keep polling until the deadline
+            last = e
+        else:
+            if last:
+                return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url, timeout=2.0):
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def gpucostd_cmd():
+    return [sys.executable, "-m", "gpucostd"]
+
+
+class DaemonProcess:
+    """`gpucostd run` as a subprocess with its own config, socket, state dir and port."""
+
+    def __init__(self, tmp: Path, extra_config: str = "", scenario: str = "builtin:h100x8",
+                 state_dir: Path = None, kernel_log: str = "none", interval: float = 0.2):
+        self.tmp = tmp
+        self.port = free_port()
+        self.socket = str(tmp / "gpucostd.sock")
+        self.state_dir = state_dir or (tmp / "state")
+        self.config = tmp / "gpucostd.toml"
+        self.scenario = scenario
+        self.base_config = (
+            f'[daemon]\ninterval_seconds = {interval}\nlisten_address = "127.0.0.1:{self.port}"\n'
+            f'socket_path = "{self.socket}"\nstate_dir = "{self.state_dir}"\n'
+            f'kernel_log = "{kernel_log}"\n')
+        self.write_config(extra_config)
+        self.proc = None
+        self.log = tmp / f"daemon-{self.port}.log"
+
+    def write_config(self, extra: str = "") -> None:
+        self.config.write_text(self.base_config + extra)
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, wait=True):
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.pop("NOTIFY_SOCKET", None)
+        env.pop("JOURNAL_STREAM", None)
+        self._logf = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            gpucostd_cmd() + ["run", "--config", str(self.config), "--simulate", self.scenario],
+            stdout=self._logf, stderr=subprocess.STDOUT, env=env)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout=30.0):
+        def ready():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.output()}")
+            return http_get(self.url + "/healthz", timeout=1)[0] == 200
+        try:
+            wait_for(ready, timeout, what="daemon /healthz 200")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n--- daemon output ---\n{self.output()}") from None
+
+    def output(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def metrics(self) -> str:
+        code, body = http_get(self.url + "/metrics")
+        assert code == 200, body
+        return body
+
+    def cli(self, *args, timeout=30):
+        return subprocess.run(gpucostd_cmd() + list(args) + ["--config", str(self.config)],
+                              capture_output=True, text=True, timeout=timeout)
+
+    def status_json(self):
+        r = self.cli("status", "--json")
+        return r.returncode, json.loads(r.stdout)
+
+    def signal(self, sig):
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout=10.0):
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"daemon did not stop within {timeout} s:\n{self.output()}")
+        finally:
+            self._logf.close()
+
+
+def metric_value(text: str, name: str, **labels):
+    """Value of one sample in exposition text, or None."""
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        if head == name and not labels:
+            return float(value)
+        if head.startswith(name + "{") and all(f'{k}="{v}"' in head for k, v in labels.items()):
+            return float(value)
+    return None
+
+
+@pytest.fixture
+def daemon_factory(tmp_path):
+    started = []
+
+    def make(**kw):
+        d = DaemonProcess(tmp_path, **kw)
+        started.append(d)
+        return d
+    yield make
+    for d in started:
+        try:
+            d.stop()
+        except AssertionError:
+            pass
+
+
+def need_root(reason: str):
+    return pytest.mark.skipif(os.geteuid() != 0, reason=f"needs root: {reason}")
