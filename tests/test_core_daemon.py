@@ -1,0 +1,151 @@
+"""The daemon as a process on the simulated 8 x H100 node: ready, /metrics, status, signals."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import gpucostd_cmd, http_get, metric_value, wait_for
+
+
+@pytest.fixture
+def daemon(daemon_factory):
+    return daemon_factory().start()
+
+
+def test_metrics_match_the_scenario(daemon):
+    text = daemon.metrics()
+    assert metric_value(text, "gpucostd_build_info") == 1
+    for i in range(8):
+        assert metric_value(text, "gpucostd_gpu_info", gpu=str(i)) == 1
+        assert metric_value(text, "gpucostd_gpu_power_limit_watts", gpu=str(i)) == 700
+        assert metric_value(text, "gpucostd_gpu_sm_clock_max_hertz", gpu=str(i)) == 1980e6
+        assert metric_value(text, "gpucostd_gpu_utilization_ratio", gpu=str(i)) == \
+            pytest.approx(0.95)
+    assert 'model="NVIDIA H100 80GB HBM3"' in text
+    # the first 20 s of the builtin cycle: GPU 0 not yet throttled
+    assert metric_value(text, "gpucostd_gpu_sm_clock_hertz", gpu="0") == 1980e6
+    assert metric_value(text, "gpucostd_gpu_clock_event_reason_active", gpu="0",
+                        reason="HwThermalSlowdown") == 0
+    # pci bus ids and uuids are distinct
+    infos = [line for line in text.splitlines() if line.startswith("gpucostd_gpu_info{")]
+    assert len({line.split('pci_bus_id="')[1].split('"')[0] for line in infos}) == 8
+    assert len({line.split('uuid="')[1].split('"')[0] for line in infos}) == 8
+
+
+def test_healthz_and_unknown_paths(daemon):
+    assert http_get(daemon.url + "/healthz")[0] == 200
+    assert http_get(daemon.url + "/nope")[0] == 404
+
+
+def test_status_ok_then_gpu0_warn_while_throttled(daemon):
+    r = daemon.cli("status")
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert all(len(line) <= 100 for line in lines), lines
+    assert "\033[" not in r.stdout          # no colour when not a terminal
+    assert "8 GPUs" in lines[0] and "OK" in lines[0]
+    code, data = daemon.status_json()
+    assert code == 0
+    assert [g["index"] for g in data["gpus"]] == list(range(8))
+    assert all(g["pci_bus_id"] and g["uuid"].startswith("GPU-") for g in data["gpus"])
+
+    # the builtin throttles GPU 0 (HwThermalSlowdown at 1410 MHz) from t = 20 s
+    def throttled():
+        c, d = daemon.status_json()
+        return (c, d) if c == 1 else None
+    code, data = wait_for(throttled, timeout=40, interval=0.5, what="GPU 0 WARN")
+    g0 = data["gpus"][0]
+    assert g0["health"] == "WARN" and "HwThermalSlowdown" in g0["throttle_reasons"]
+    assert g0["sm_clock_mhz"] == 1410
+    assert all(g["health"] == "OK" for g in data["gpus"][1:])
+    text = daemon.cli("status").stdout
+    gpu0 = [line for line in text.splitlines() if line.lstrip().startswith("0 ")][0]
+    assert "WARN" in gpu0 and "HwThermalSlowdown" in gpu0
+    assert metric_value(daemon.metrics(), "gpucostd_gpu_clock_event_reason_active", gpu="0",
+                        reason="HwThermalSlowdown") == 1
+
+
+def test_status_does_not_import_hardware_libraries(daemon):
+    code = ("import sys; from gpucostd import cli; rc = cli.main(['status', '--config', "
+            f"{str(daemon.config)!r}]); "
+            "bad = [m for m in ('pynvml', 'pyroute2', 'prometheus_client') if m in sys.modules]; "
+            "print('IMPORTED', bad); sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert r.returncode in (0, 1), r.stderr
+    assert "IMPORTED []" in r.stdout
+
+
+def test_status_unreachable_is_unknown(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[daemon]\nsocket_path = "{tmp_path}/none.sock"\n')
+    r = subprocess.run(gpucostd_cmd() + ["status", "--config", str(cfg)], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 3
+    assert f"{tmp_path}/none.sock" in r.stdout and "systemctl start gpucostd" in r.stdout
+
+
+def test_sighup_with_broken_config_keeps_running(daemon):
+    daemon.config.write_text(daemon.config.read_text() + "\n[daemon]\nbogus = 1\n")
+    before = metric_value(daemon.metrics(), "gpucostd_cycles_total")
+    daemon.signal(signal.SIGHUP)
+    wait_for(lambda: "reload refused" in daemon.output(), 10, what="reload refused log")
+    assert "bogus" in daemon.output()
+    wait_for(lambda: metric_value(daemon.metrics(), "gpucostd_cycles_total") > before + 2, 10,
+             what="cycles after the refused reload")
+    assert daemon.proc.poll() is None
+    # a good config then reloads
+    daemon.write_config("[cost]\ngpu_hour_usd = 3.0\n")
+    daemon.signal(signal.SIGHUP)
+    wait_for(lambda: "config reloaded" in daemon.output(), 10, what="config reloaded log")
+
+
+def test_sigterm_exits_cleanly_within_2s(daemon):
+    start = time.monotonic()
+    daemon.signal(signal.SIGTERM)
+    rc = daemon.proc.wait(10)
+    assert rc == 0
+    assert time.monotonic() - start < 2.0
+
+
+HANG = """
+[node]
+model = "NVIDIA H100 80GB HBM3"
+gpu_count = 3
+driver_version = "550.90.07"
+cuda_version = "12.4"
+
+[[at]]
+t = 2
+gpu = 1
+hang_seconds = 30
+"""
+
+
+def test_hung_gpu_is_unresponsive_and_metrics_keep_answering(daemon_factory, tmp_path):
+    scenario = tmp_path / "hang.toml"
+    scenario.write_text(HANG)
+    d = daemon_factory(scenario=str(scenario),
+                       extra_config="nvml_timeout_seconds = 0.5\n").start()
+
+    def gpu1_unresponsive():
+        code, data = d.status_json()
+        return data if data["gpus"][1]["state"] == "unresponsive" else None
+    data = wait_for(gpu1_unresponsive, 20, what="GPU 1 unresponsive")
+    assert data["gpus"][1]["health"] == "CRIT"
+    assert data["node"]["health"] == "CRIT"
+    # scrapes answer fast while the GPU hangs, and the other GPUs keep updating
+    cycles = []
+    for _ in range(5):
+        t0 = time.monotonic()
+        text = d.metrics()
+        assert time.monotonic() - t0 < 1.0
+        cycles.append(metric_value(text, "gpucostd_cycles_total"))
+        assert metric_value(text, "gpucostd_gpu_state", gpu="1", state="unresponsive") == 1
+        assert metric_value(text, "gpucostd_gpu_temperature_celsius", gpu="0") is not None
+        time.sleep(0.3)
+    assert cycles[-1] > cycles[0]
