@@ -1,0 +1,450 @@
+"""The tuning manager: plan, apply, verify (drift, enforcement) and restore of every setting.
+
+One manager owns the tuner modules (GPU power limit, GPU persistence mode, NIC rings) and the
+saved originals. The discipline (learned from tuned, plus the periodic verify tuned lacks):
+- before the first write to a setting its original is saved to <state_dir>/originals.json
+  (atomically, fsynced); an original already there is never overwritten;
+- every write is read back; a setting counts as applied only when the read-back matches;
+- verify (at most every tuning.verify_interval_seconds) compares actual with desired; a setting
+  that was in sync and now is not has *drifted*: one "drift" event with old/new values, one
+  count in the drift counter, and (with tuning.enforce) it is written again;
+- restore writes every saved original back and removes it from the file; the loop skips it
+  while the system is shutting down (`shutdown_in_progress()`).
+One failing setting never stops the others; every failure is a message saying what and how.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import textwrap
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from gpucostd.snapshot import Event, Setting, Severity
+from gpucostd.tuners.base import (Change, Planned, TunerError, fmt_value, gpu_label,
+                                  normalise_number)
+from gpucostd.tuners.gpu_persistence import GpuPersistenceTuner
+from gpucostd.tuners.gpu_power import GpuPowerTuner
+from gpucostd.tuners.nic_rings import NicRingsTuner
+from gpucostd.tuners.originals import OriginalsError, OriginalsStore
+
+LOG = logging.getLogger("gpucostd.tuning")
+WIDTH = 100
+DEFAULT_RESTORE_HINT = "run `gpucostd restore` as root once the cause is fixed"
+UNITS = {"power_limit_watts": "W"}
+
+__all__ = ["TuningManager", "Change", "shutdown_in_progress", "format_plan", "format_changes",
+           "plan_exit_code", "metric_families"]
+
+
+class TuningManager:
+    def __init__(self, config, gateway, state_dir: str, clock, netlink=None,
+                 host_root: str = "/", restore_hint: Optional[str] = None, host_probe=None):
+        self.config = config
+        self.gateway = gateway
+        self.state_dir = state_dir
+        self.clock = clock
+        self.restore_hint = restore_hint or DEFAULT_RESTORE_HINT
+        self._netlink = netlink
+        self._own_netlink = netlink is None
+        if host_probe is None:
+            from gpucostd.probes.host import HostProbe
+            host_probe = HostProbe(host_root)
+        self.host_probe = host_probe
+        self.originals = OriginalsStore(state_dir, clock)
+        self.power = GpuPowerTuner(gateway)
+        self.persistence = GpuPersistenceTuner(gateway)
+        self.nic = NicRingsTuner(self._get_netlink, host_probe)
+        self.drift_counts: Dict[Tuple[str, str], int] = {}
+        self._established: Dict[Tuple[str, str], Any] = {}   # desired value seen in sync
+        self._drifted: Dict[Tuple[str, str], Any] = {}       # drift counted, not resolved
+        self._last_verify: Optional[float] = None
+        self._settings: List[Setting] = []
+        self._gpus: Tuple[Any, ...] = ()
+
+    # ------------------------------------------------------------------ plumbing
+    def _get_netlink(self):
+        if self._netlink is None:
+            from gpucostd.netlink import Netlink
+            self._netlink = Netlink()
+        return self._netlink
+
+    @property
+    def nic_rings(self) -> Dict[str, Dict[str, Dict[str, int]]]:
+        """{ifname: {"current": {queue: n}, "max": {queue: n}}} as last read (for
+        snapshot.extra["nic_rings"])."""
+        configured = set(self.config.nic_tuning)
+        return {k: v for k, v in self.nic.rings.items() if k in configured}
+
+    @property
+    def settings(self) -> List[Setting]:
+        return list(self._settings)
+
+    @property
+    def warnings(self) -> List[str]:
+        return list(self.originals.warnings)
+
+    def reconfigure(self, config) -> None:
+        """A reloaded config: the next verify runs at once and applies the new desired state."""
+        self.config = config
+        self._last_verify = None
+
+    def close(self) -> None:
+        if self._own_netlink and self._netlink is not None:
+            try:
+                self._netlink.close()
+            except Exception:
+                pass
+            self._netlink = None
+
+    def _plan_items(self, gpus: Iterable[Any]) -> List[Planned]:
+        from gpucostd.config import ConfigError
+        gpus = tuple(sorted(gpus or (), key=lambda g: g.index))
+        if gpus:
+            self._gpus = gpus
+        items: List[Planned] = []
+        for g in gpus:
+            try:
+                desired, sources = self.config.gpu_settings_for(g.index, g.uuid, g.name)
+            except ConfigError as e:
+                items.append(Planned(None, f"gpu:{g.index}", "gpu_settings", None, None,
+                                     "tuning.gpu.override", gpu_label(g.index, g.name),
+                                     error=str(e)))
+                continue
+            for tuner in (self.power, self.persistence):
+                try:
+                    items.extend(tuner.plan(g, desired, sources))
+                except Exception as e:    # a tuner bug must not take the others down
+                    LOG.exception("planning %s for GPU %s failed", tuner.names[0], g.index)
+                    items.append(Planned(tuner, f"gpu:{g.index}", tuner.names[0], None, None,
+                                         "tuning.gpu", gpu_label(g.index, g.name),
+                                         error=f"GPU {g.index}: internal error: {e}"))
+        for ifname in sorted(self.config.nic_tuning):
+            try:
+                items.extend(self.nic.plan(ifname, self.config.nic_tuning[ifname]))
+            except Exception as e:
+                LOG.exception("planning rings of %s failed", ifname)
+                items.append(Planned(self.nic, f"nic:{ifname}", "ring", None, None,
+                                     f"tuning.nic.{ifname}", ifname,
+                                     error=f"{ifname}: internal error: {e}"))
+        return items
+
+    def _write(self, p: Planned) -> Change:
+        """Save the original (if none is saved yet), write desired, read back."""
+        old = p.actual
+        try:
+            saved = self.originals.save_if_absent(p.name, p.subject, p.actual, **p.identity)
+        except OriginalsError as e:
+            p.error = str(e)
+            return Change(p.subject, p.name, old, p.desired, False, p.error)
+        try:
+            p.actual = p.tuner.apply(p)
+        except TunerError as e:
+            p.error = str(e)
+            try:
+                p.actual = p.tuner.verify(p)
+            except TunerError:
+                p.actual = None
+            if saved and p.actual is not None and p.actual == old:
+                try:     # nothing changed after all: the saved original is not needed
+                    self.originals.remove(p.name, p.subject)
+                except OriginalsError:
+                    pass
+            return Change(p.subject, p.name, old, p.desired, False, p.error)
+        self._established[p.key] = p.desired
+        self._drifted.pop(p.key, None)
+        return Change(p.subject, p.name, old, p.desired, True)
+
+    # ------------------------------------------------------------------ API
+    def plan(self, gpus: Iterable[Any]) -> List[Setting]:
+        """Every configured setting with its actual and desired value (nothing is written)."""
+        return [p.setting() for p in self._plan_items(gpus)]
+
+    def apply(self, gpus: Iterable[Any]) -> List[Change]:
+        """Apply every setting that is out of sync; returns the writes made and the refusals."""
+        items = self._plan_items(gpus)
+        changes: List[Change] = []
+        for p in items:
+            if p.error is not None:
+                changes.append(Change(p.subject, p.name, p.actual, p.desired, False, p.error))
+            elif p.in_sync:
+                self._established[p.key] = p.desired
+            else:
+                changes.append(self._write(p))
+        self._settings = [p.setting() for p in items]
+        return changes
+
+    def verify(self, gpus: Iterable[Any], now: Optional[float] = None
+               ) -> Tuple[List[Setting], List[Event]]:
+        """Read every setting again (at most every verify_interval_seconds; otherwise return the
+        last result); report drift as events and re-apply it when tuning.enforce is on."""
+        now = self.clock.monotonic() if now is None else now
+        interval = self.config.tuning.verify_interval_seconds
+        if self._last_verify is not None and now - self._last_verify < interval:
+            return list(self._settings), []
+        self._last_verify = now
+        enforce = bool(self.config.tuning.enforce)
+        items = self._plan_items(gpus)
+        events: List[Event] = []
+        for p in items:
+            if p.error is not None:
+                continue
+            if p.in_sync:
+                self._established[p.key] = p.desired
+                self._drifted.pop(p.key, None)
+                continue
+            was = self._established.get(p.key, _MISSING)
+            if was is not _MISSING and was == p.desired:
+                events.extend(self._drift(p, enforce))
+            elif enforce:        # never applied (an earlier failure, a new config): apply now
+                change = self._write(p)
+                if change.ok:
+                    LOG.info("%s: %s set %s -> %s", p.subject, p.name, change.old, change.new)
+        self._settings = [p.setting() for p in items]
+        return list(self._settings), events
+
+    def _drift(self, p: Planned, enforce: bool) -> List[Event]:
+        desired, actual = p.desired, p.actual
+        unit = UNITS.get(p.name, "")
+        first = p.key not in self._drifted
+        action = "none"
+        if enforce:
+            change = self._write(p)
+            if change.ok:
+                tail = f"; re-applied {fmt_value(desired, unit)}"
+            else:
+                tail = f"; re-apply failed: {change.error}"
+                action = "find what changes the setting; " + self.restore_hint
+                self._drifted[p.key] = actual
+        else:
+            tail = "; left as is (tuning.enforce = false)"
+            action = "run `gpucostd apply`, or set tuning.enforce = true"
+            self._drifted[p.key] = actual
+        if not first:
+            return []      # the same drift, still unresolved: counted and reported once
+        self.drift_counts[p.key] = self.drift_counts.get(p.key, 0) + 1
+        gpu = int(p.subject[4:]) if p.subject.startswith("gpu:") and \
+            p.subject[4:].isdigit() else None
+        msg = (f"{p.label}: {p.name} changed outside gpucostd from {fmt_value(desired, unit)} "
+               f"to {fmt_value(actual, unit)}{tail}")
+        LOG.warning("%s", msg)
+        return [Event(self.clock.time(), p.subject, "drift", Severity.WARN, action, msg,
+                      gpu=gpu, uuid=p.identity.get("uuid"),
+                      fields={"setting": p.name, "old": desired, "new": actual,
+                              "reapplied": bool(enforce and p.in_sync)})]
+
+    def restore(self, gpus: Optional[Iterable[Any]] = None) -> List[Change]:
+        """Put every saved original back; an entry leaves originals.json once restored."""
+        if gpus:
+            self._gpus = tuple(sorted(gpus, key=lambda g: g.index))
+        self.originals.reload()
+        changes: List[Change] = []
+        for name, subject, entry in self.originals.items():
+            original = entry.get("value")
+            p = self._restore_item(name, subject, entry)
+            if p is None:
+                changes.append(Change(subject, name, None, original, False,
+                                      f"{subject}: unknown setting {name!r} in "
+                                      f"{self.originals.path}; left there"))
+                continue
+            try:
+                current = p.tuner.verify(p)
+            except TunerError:
+                current = None
+            if current is not None and current == normalise_number(original):
+                self._forget(name, subject, changes)
+                continue
+            try:
+                p.tuner.restore(p, original)
+            except TunerError as e:
+                changes.append(Change(subject, name, current, original, False,
+                                      f"{e}; {self.restore_hint}"))
+                continue
+            changes.append(Change(subject, name, current, original, True))
+            self._forget(name, subject, changes)
+        self._established.clear()
+        self._drifted.clear()
+        return changes
+
+    def _forget(self, name: str, subject: str, changes: List[Change]) -> None:
+        try:
+            self.originals.remove(name, subject)
+        except OriginalsError as e:
+            changes.append(Change(subject, name, None, None, False, str(e)))
+
+    def _restore_item(self, name: str, subject: str, entry: Dict[str, Any]
+                      ) -> Optional[Planned]:
+        if subject.startswith("gpu:") and subject[4:].isdigit():
+            tuner = {self.power.names[0]: self.power,
+                     self.persistence.names[0]: self.persistence}.get(name)
+            if tuner is None:
+                return None
+            index, gname = int(subject[4:]), None
+            uuid = entry.get("uuid")
+            for g in self._gpus:
+                if uuid and g.uuid == uuid:
+                    index, gname = g.index, g.name    # GPUs may be renumbered after a reboot
+                    break
+                if g.index == index and not uuid:
+                    gname = g.name
+            return Planned(tuner, subject, name, entry.get("value"), None, "original",
+                           gpu_label(index, gname), target=index,
+                           identity={"uuid": uuid} if uuid else {})
+        return self.nic.restore_item(subject, name)
+
+    def metric_families(self, snapshot) -> list:
+        return metric_families(snapshot)
+
+
+class _Missing:
+    pass
+
+
+_MISSING = _Missing()
+
+
+# ---------------------------------------------------------------------- system shutdown
+SHUTDOWN_TARGETS = ("shutdown.target", "reboot.target", "poweroff.target", "halt.target",
+                    "kexec.target")
+
+
+def shutdown_in_progress(run=None, timeout: float = 5.0) -> bool:
+    """True when systemd is taking the system down (a start job for shutdown/reboot/poweroff/
+    halt/kexec.target is queued, or `systemctl is-system-running` says "stopping"). False when
+    systemctl is absent or does not answer: then a stop is an ordinary stop."""
+    if run is None:
+        if shutil.which("systemctl") is None:
+            return False
+
+        def run(argv):
+            try:
+                r = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                   timeout=timeout, check=False, text=True)
+                return r.stdout or ""
+            except (OSError, subprocess.SubprocessError):
+                return ""
+    out = run(["systemctl", "list-jobs", "--no-legend", "--no-pager", "--full"])
+    for line in out.splitlines():
+        fields = line.split()
+        # JOB UNIT TYPE STATE
+        if len(fields) >= 3 and fields[1] in SHUTDOWN_TARGETS and fields[2] == "start":
+            return True
+    state = run(["systemctl", "is-system-running"]).strip()
+    return state == "stopping"
+
+
+# ---------------------------------------------------------------------- text views
+def _cell(value: Any, name: str) -> str:
+    if isinstance(value, str):
+        return value
+    return fmt_value(value, UNITS.get(name, ""))
+
+
+def _action(s: Setting) -> str:
+    if s.error:
+        return "ERROR"
+    return "keep" if s.desired == s.actual else "change"
+
+
+def plan_exit_code(settings: Sequence[Setting]) -> int:
+    """`gpucostd plan`: 0 nothing would change, 1 something would, 2 an error."""
+    if any(s.error for s in settings):
+        return 2
+    return 1 if any(s.desired != s.actual for s in settings) else 0
+
+
+def format_plan(settings: Sequence[Setting], width: int = WIDTH) -> str:
+    """current -> desired per setting with what would happen; fits `width` columns."""
+    if not settings:
+        return "no settings configured ([tuning.gpu], [[tuning.gpu.override]], [tuning.nic.X])"
+    head = f"{'SUBJECT':<12} {'SETTING':<18} {'CURRENT':>9}    {'DESIRED':<9} {'ACTION':<7} "
+    lines = [(head + "SOURCE")[:width]]
+    for s in settings:
+        row = (f"{s.subject[:12]:<12} {s.name[:18]:<18} {_cell(s.actual, s.name)[:9]:>9} -> "
+               f"{_cell(s.desired, s.name)[:9]:<9} {_action(s):<7} ")
+        lines.append((row + s.source)[:width].rstrip())
+        if s.error:
+            lines.extend("  " + w for w in textwrap.wrap(s.error, width - 2))
+    changes = sum(1 for s in settings if not s.error and s.desired != s.actual)
+    errors = sum(1 for s in settings if s.error)
+    lines.append(f"{len(settings)} settings: {changes} would change, {errors} with errors, "
+                 f"{len(settings) - changes - errors} in sync")
+    return "\n".join(lines)
+
+
+def format_changes(changes: Sequence[Change], width: int = WIDTH) -> str:
+    """What apply/restore did; fits `width` columns."""
+    if not changes:
+        return "nothing to change: every setting is in sync"
+    lines = []
+    for c in changes:
+        status = "ok" if c.ok else "FAILED"
+        row = (f"{status:<6} {c.subject[:12]:<12} {c.name[:18]:<18} "
+               f"{_cell(c.old, c.name)[:12]} -> {_cell(c.new, c.name)[:12]}")
+        lines.append(row[:width])
+        if c.error:
+            lines.extend("       " + w for w in textwrap.wrap(c.error, width - 7))
+    ok = sum(1 for c in changes if c.ok)
+    lines.append(f"{ok} changed, {len(changes) - ok} failed")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- metrics
+def _num(value: Any) -> Optional[float]:
+    if isinstance(value, bool):
+        return 1.0 if value else 0.0
+    if isinstance(value, (int, float)):
+        return float(value)
+    return None
+
+
+def metric_families(snapshot) -> list:
+    """Setting, drift, NIC ring, IOMMU and check metrics from one snapshot."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    desired = GaugeMetricFamily("gpucostd_setting_desired",
+                                "Desired value of a tuned setting (booleans as 0/1).",
+                                labels=["setting", "subject"])
+    actual = GaugeMetricFamily("gpucostd_setting_actual",
+                               "Value of a tuned setting as last read (booleans as 0/1).",
+                               labels=["setting", "subject"])
+    in_sync = GaugeMetricFamily("gpucostd_setting_in_sync",
+                                "1 when the setting has its desired value, else 0.",
+                                labels=["setting", "subject"])
+    for s in snapshot.settings or ():
+        labels = [s.name, s.subject]
+        d, a = _num(s.desired), _num(s.actual)
+        if d is not None:
+            desired.add_metric(labels, d)
+        if a is not None:
+            actual.add_metric(labels, a)
+        in_sync.add_metric(labels, 1.0 if s.in_sync else 0.0)
+    drift = CounterMetricFamily("gpucostd_setting_drift",
+                                "Times a setting was found changed behind gpucostd's back.",
+                                labels=["setting", "subject"])
+    for key, n in sorted(((snapshot.counters or {}).get("drift") or {}).items()):
+        setting, subject = key
+        drift.add_metric([str(setting), str(subject)], float(n))
+    rings = GaugeMetricFamily("gpucostd_nic_ring_entries",
+                              "NIC ring buffer size in descriptors (current and maximum).",
+                              labels=["interface", "queue", "kind"])
+    for ifname, info in sorted(((snapshot.extra or {}).get("nic_rings") or {}).items()):
+        for kind in ("current", "max"):
+            for queue, n in sorted((info.get(kind) or {}).items()):
+                if n is not None:
+                    rings.add_metric([ifname, queue, kind], float(n))
+    fams = [desired, actual, in_sync, drift, rings]
+    host = (snapshot.extra or {}).get("host")
+    enabled = host.get("iommu_enabled") if isinstance(host, dict) else \
+        getattr(host, "iommu_enabled", None)
+    if enabled is not None:
+        fams.append(GaugeMetricFamily("gpucostd_iommu_enabled",
+                                      "1 when the kernel has the IOMMU enabled (including "
+                                      "passthrough), else 0.", value=1.0 if enabled else 0.0))
+    checks = GaugeMetricFamily("gpucostd_check_passed",
+                               "1 when the host check passed, 0 on warn or fail.",
+                               labels=["check"])
+    for c in snapshot.checks or ():
+        checks.add_metric([c.name], 1.0 if c.status == "pass" else 0.0)
+    fams.append(checks)
+    return fams
