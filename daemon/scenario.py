@@ -335,6 +335,7 @@ class Scenario:
         self._cycle_total: List[Dict[str, float]] = []
         self._resets: List[List[float]] = []
         self._hangs: List[List[Tuple[float, float]]] = []
+        self._field_changes: List[Dict[str, List[float]]] = []
         self._kernel: List[Tuple[float, Optional[int], str]] = []
         for e in self.timeline:
             if e.kernel_log is not None:
@@ -345,9 +346,12 @@ class Scenario:
             states = [dict(state)]
             resets: List[float] = []
             hangs: List[Tuple[float, float]] = []
+            changes: Dict[str, List[float]] = {}
             for e in self.timeline:
                 if e.gpu != index:
                     continue
+                for key in e.changes:
+                    changes.setdefault(key, []).append(e.t)
                 if e.hang_seconds:
                     hangs.append((e.t, e.hang_seconds))
                 if e.reset:
@@ -382,6 +386,7 @@ class Scenario:
             self._cycle_total.append(total)
             self._resets.append(sorted(resets))
             self._hangs.append(hangs)
+            self._field_changes.append(changes)
         node_changes = [e for e in self.timeline if e.driver_loaded is not None]
         self._node_starts = [0.0] + [e.t for e in node_changes]
         self._node_loaded = [self.node.driver_loaded] + [bool(e.driver_loaded)
@@ -421,7 +426,23 @@ class Scenario:
 
     def last_reset(self, index: int, t: float) -> Optional[float]:
         """Absolute time of the latest reset at or before t (None if none)."""
-        resets = self._resets[index]
+        return self._last_occurrence(self._resets[index], t)
+
+    def last_change_time(self, index: int, key: str, t: float) -> Optional[float]:
+        """Absolute time of the latest timeline entry at or before t that set `key` on GPU
+        `index` (None if none). A repeating scenario also restores the initial state at
+        every cycle start, which counts as a change."""
+        times = self._field_changes[index].get(key)
+        if not times:
+            return None
+        last = self._last_occurrence(times, t)
+        if self.repeat_every and t >= self.repeat_every:
+            cycle_start = (t // self.repeat_every) * self.repeat_every
+            if last is None or last < cycle_start:
+                last = cycle_start
+        return last
+
+    def _last_occurrence(self, resets: List[float], t: float) -> Optional[float]:
         if not resets:
             return None
         k, te = self._cycle_pos(t)
