@@ -1,0 +1,742 @@
+"""Kernel log watcher: NVRM Xid and "fallen off the bus" lines from /dev/kmsg or the journal.
+
+Pieces:
+- ``normalize_bus_id(text)``: any PCI address form ("PCI:0000:9b:00", "0000:03:00",
+  "0000:29:00.0", NVML's "00000000:9B:00.0") -> "0000:9b:00.0", so kernel lines match NVML.
+- ``NvrmParser``: stateful, line at a time, never raises; returns ``KernelFault``s.
+- ``KernelLogWatcher``: a reader thread on /dev/kmsg (or the journal) feeding the parser; the loop
+  calls ``poll()`` each cycle and ``commit()`` after it has stored what poll returned. The read
+  position (kmsg: boot id + sequence number; journal: cursor) is persisted in the state dir, so a
+  restart neither replays old lines as new nor misses lines written while the daemon was down.
+
+Cost per unrelated kernel line is one substring test ("NVRM" in line); those lines are dropped at
+once, so a flood of other kernel messages cannot hold an NVRM line back.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import select
+import stat
+import tempfile
+import threading
+import time as _time
+from dataclasses import dataclass
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple, Union
+
+log = logging.getLogger("gpucostd.kernel_log")
+
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+STATE_FILE = "kernel_log.json"
+SOURCES = ("auto", "kmsg", "journal", "none")
+MAX_LINE = 16384          # longest line the parser looks at (a kmsg record is at most 8 KiB)
+FALLEN_OFF_XID = 79
+
+# ---------------------------------------------------------------------------------------------
+# PCI bus ids
+
+_BUS_ID_RE = re.compile(
+    r"^\s*(?:PCI:)?(?:(?P<dom>[0-9a-fA-F]{1,8}):)?(?P<bus>[0-9a-fA-F]{1,2}):"
+    r"(?P<dev>[0-9a-fA-F]{1,2})(?:\.(?P<fn>[0-7]))?\s*$")
+
+
+def normalize_bus_id(text: Optional[str]) -> Optional[str]:
+    """"PCI:0000:9B:00" / "0000:03:00" / "0000:29:00.0" / "00000000:9B:00.0" -> "0000:9b:00.0".
+
+    Domain as 4 hex digits (NVML pads it to 8), lower case, function 0 when absent.
+    None when `text` is not a PCI address.
+    """
+    if not text or not isinstance(text, str):
+        return None
+    m = _BUS_ID_RE.match(text)
+    if not m:
+        return None
+    dom = int(m.group("dom") or "0", 16)
+    return "%04x:%02x:%02x.%d" % (dom, int(m.group("bus"), 16), int(m.group("dev"), 16),
+                                  int(m.group("fn") or "0"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults and the parser
+
+
+@dataclass(frozen=True)
+class KernelFault:
+    time: float                    # wall clock, seconds since the epoch
+    pci_bus_id: str                # normalized, "0000:9b:00.0"
+    xid: int                       # 79 for the "fallen off the bus" messages without an Xid
+    message: str                   # text after the Xid (pid=/name= taken out)
+    raw: str                       # the kernel line(s) as read, joined with "\n"
+    process_name: Optional[str] = None
+    dedupe_key: str = ""           # kmsg:<boot_id>:<seq> | journal cursor | fed:<hash>:<n>
+
+
+_BUS = r"(?:PCI:)?[0-9a-fA-F]{1,8}:[0-9a-fA-F]{1,2}:[0-9a-fA-F]{1,2}(?:\.[0-7])?"
+_XID_RE = re.compile(r"NVRM:\s*Xid\s*\(\s*(?P<bus>" + _BUS + r")\s*\)\s*:?\s*(?P<xid>[0-9]{1,6})"
+                     r"(?![0-9])\s*,?\s*(?P<rest>.*)", re.S)
+_FELL_RE = re.compile(r"NVRM:\s*GPU\s+(?:at\s+)?(?P<bus>" + _BUS + r")\s*:?\s*(?:GPU\s+)?"
+                      r"has\s+fallen\s+off\s+the\s+bus", re.I)
+_THE_GPU_RE = re.compile(r"NVRM:\s*The\s+NVIDIA\s+GPU\s+(?P<bus>" + _BUS + r")(?P<rest>.*)", re.S)
+_PID_NAME_RE = re.compile(r"^pid=(?:'[^']*'|[^,\s]*)\s*(?:,\s*name=(?P<name>.*?)(?:,\s*|\s*$))?")
+_KMSG_DICT_RE = re.compile(r"^ [A-Za-z0-9_.-]+=")
+_FALLEN_TEXT = "fallen off the bus"
+
+
+@dataclass
+class _Pending:
+    bus: str
+    time: float
+    mono: float
+    key: str
+    raw: List[str]
+    lines_since: int = 0
+
+
+class NvrmParser:
+    """Turns kernel log lines into KernelFaults; one instance per stream (it keeps the state of
+    the multi-line "fallen off the bus" message). ``feed`` never raises.
+
+    Recognised:
+    - ``NVRM: Xid (PCI:0000:9b:00): 119, pid=..., name=..., text`` with or without ``PCI:``,
+      extra spaces, any prefix before ``NVRM:`` (dmesg ``[ts]``, ``kern  :warn  : <iso>``,
+      syslog/journal prefixes, the raw /dev/kmsg ``4,1227,123,c;`` record header);
+    - ``NVRM: GPU 0000:29:00.0: GPU has fallen off the bus.`` (and ``GPU at ... has fallen``): Xid 79;
+    - ``NVRM: The NVIDIA GPU 0000:b3:00.0`` / ``NVRM: (PCI ID: ...) installed in this system has`` /
+      ``NVRM: fallen off the bus and is not responding to commands.``: Xid 79, emitted once when
+      the third line arrives; if it does not come within `pending_lines` further NVRM lines or
+      `pending_seconds` (see ``flush``), the fault is emitted from the first line alone.
+    The same GPU falling off the bus is usually logged in two or three of these forms within a
+    second; a second form for the same bus within `dup_window` seconds is not reported again.
+    Everything else (NVSwitch SXid, "GPU at PCI:... GPU-<uuid>", driver load messages, kmsg
+    ``KEY=value`` continuation lines, junk) yields nothing.
+    """
+
+    def __init__(self, clock: Any = None, pending_lines: int = 3, pending_seconds: float = 2.0,
+                 dup_window: float = 10.0):
+        self._clock = clock
+        self._pending: Optional[_Pending] = None
+        self._pending_lines = pending_lines
+        self.pending_seconds = pending_seconds
+        self._dup_window = dup_window
+        self._last79: Dict[str, Tuple[float, str]] = {}   # bus -> (time, form)
+        self._seq = 0
+
+    # -- public
+
+    @property
+    def has_pending(self) -> bool:
+        return self._pending is not None
+
+    def feed(self, line: Union[str, bytes], *, time: Optional[float] = None,
+             dedupe_key: Optional[str] = None) -> List[KernelFault]:
+        """Parse one line. `time` (wall) defaults to now; `dedupe_key` defaults to
+        ``fed:<sha1 of the line, 16 hex>:<line number in this parser>``."""
+        try:
+            return self._feed(line, time, dedupe_key)
+        except Exception:  # bad input must never take the watcher down
+            log.debug("unparseable kernel line ignored", exc_info=True)
+            return []
+
+    def flush(self, force: bool = False) -> List[KernelFault]:
+        """Emit a pending multi-line "fallen off the bus" whose follow-up lines never came
+        (older than `pending_seconds`, or any age with `force`)."""
+        p = self._pending
+        if p is None:
+            return []
+        if not force and self._mono() - p.mono < self.pending_seconds:
+            return []
+        self._pending = None
+        return self._emit79(p.bus, p.time, "", "\n".join(p.raw), p.key, "multi")
+
+    # -- internals
+
+    def _now(self) -> float:
+        return self._clock.time() if self._clock is not None else _time.time()
+
+    def _mono(self) -> float:
+        return self._clock.monotonic() if self._clock is not None else _time.monotonic()
+
+    def _feed(self, line: Union[str, bytes], t: Optional[float], key: Optional[str]) -> List[KernelFault]:
+        self._seq += 1
+        if isinstance(line, (bytes, bytearray)):
+            if b"NVRM" not in line:
+                return []
+            line = bytes(line[:MAX_LINE]).decode("utf-8", "replace")
+        elif not isinstance(line, str):
+            return []
+        if "NVRM" not in line:
+            return []
+        if len(line) > MAX_LINE:
+            line = line[:MAX_LINE]
+        line = line.rstrip("\r\n").replace("\x00", "")
+        if _KMSG_DICT_RE.match(line):
+            return []
+        at = line.find("NVRM:")
+        if at < 0:
+            return []
+        body = line[at:]
+        if t is None:
+            t = self._now()
+        if key is None:
+            key = "fed:%s:%d" % (hashlib.sha1(line.encode("utf-8", "replace")).hexdigest()[:16],
+                                 self._seq)
+        out: List[KernelFault] = []
+
+        # the multi-line message in progress
+        p = self._pending
+        if p is not None:
+            if _FALLEN_TEXT in body and not _THE_GPU_RE.search(body):
+                p.raw.append(line)
+                self._pending = None
+                return self._emit79(p.bus, p.time, "", "\n".join(p.raw), p.key, "multi")
+            if "not supported" in body or "requires use of" in body:
+                self._pending = None            # a driver load message, not a fault
+                return []
+            if "(PCI ID:" in body and "installed in this system" in body:
+                p.raw.append(line)              # the expected second line
+                return []
+            p.lines_since += 1
+            if p.lines_since >= self._pending_lines:
+                out.extend(self.flush(force=True))
+
+        m = _XID_RE.search(body)
+        if m:
+            bus = normalize_bus_id(m.group("bus"))
+            if bus is None:
+                return out
+            xid = int(m.group("xid"))
+            rest = m.group("rest").strip()
+            name = None
+            pm = _PID_NAME_RE.match(rest)
+            if pm:
+                name = pm.group("name")
+                if name is not None:
+                    name = name.strip() or None
+                    if name in ("<unknown>", "'<unknown>'"):
+                        name = None
+                rest = rest[pm.end():].strip() or rest
+            if xid == FALLEN_OFF_XID:
+                out.extend(self._emit79(bus, t, rest, line, key, "xid", name))
+            else:
+                out.append(KernelFault(time=t, pci_bus_id=bus, xid=xid, message=rest, raw=line,
+                                       process_name=name, dedupe_key=key))
+            return out
+
+        m = _FELL_RE.search(body)
+        if m:
+            bus = normalize_bus_id(m.group("bus"))
+            if bus is not None:
+                out.extend(self._emit79(bus, t, "GPU has fallen off the bus.", line, key, "single"))
+            return out
+
+        m = _THE_GPU_RE.search(body)
+        if m:
+            bus = normalize_bus_id(m.group("bus"))
+            rest = m.group("rest")
+            if bus is None:
+                return out
+            if _FALLEN_TEXT in rest:            # the whole message on one line (journal, joined)
+                out.extend(self._emit79(bus, t, "", line, key, "multi"))
+            elif not rest.strip():              # "The NVIDIA GPU 0000:b3:00.0" and nothing else
+                if self._pending is not None:
+                    out.extend(self.flush(force=True))
+                self._pending = _Pending(bus=bus, time=t, mono=self._mono(), key=key, raw=[line])
+            # "(PCI ID: ...)" on the first line: a driver load message ("not supported" ...)
+        return out
+
+    def _emit79(self, bus: str, t: float, message: str, raw: str, key: str, form: str,
+                name: Optional[str] = None) -> List[KernelFault]:
+        last = self._last79.get(bus)
+        if last is not None and last[1] != form and abs(t - last[0]) <= self._dup_window:
+            return []   # the same event, logged again in another form
+        if len(self._last79) > 4096:
+            self._last79.clear()
+        self._last79[bus] = (t, form)
+        return [KernelFault(time=t, pci_bus_id=bus, xid=FALLEN_OFF_XID,
+                            message=message or "GPU has fallen off the bus and is not responding "
+                                               "to commands.",
+                            raw=raw, process_name=name, dedupe_key=key)]
+
+
+# ---------------------------------------------------------------------------------------------
+# State persistence
+
+
+def _write_atomic(path: str, data: Dict[str, Any]) -> None:
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".kernel_log.", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def _unescape_kmsg(text: str) -> str:
+    # /dev/kmsg escapes control characters (embedded newlines of multi-line records) as \xNN
+    return re.sub(r"\\x([0-9a-fA-F]{2})", lambda m: chr(int(m.group(1), 16)), text)
+
+
+# ---------------------------------------------------------------------------------------------
+# The watcher
+
+
+class KernelLogWatcher:
+    """Watches the kernel log for NVRM faults in a background thread.
+
+    source: "auto" (kmsg when readable, else the journal, else none), "kmsg", "journal", "none".
+    state_dir: where the read position is kept (None: not persisted).
+    clock: gives .time() for fed lines (the simulator's clock); the real clock otherwise.
+    kmsg_path: /dev/kmsg; for tests also a regular file or FIFO holding records in the same
+      "prio,seq,usec,flags;message" form, one per line.
+    on_fault: called (from the reader thread) after new faults were queued, e.g. clock.wake.
+
+    poll() returns what was read since the last poll; commit() persists the position of all that
+    poll returned (call it after storing the events). stop() does not commit.
+    """
+
+    def __init__(self, source: str = "auto", state_dir: Optional[str] = None, clock: Any = None,
+                 kmsg_path: str = "/dev/kmsg", *, boot_id_path: str = BOOT_ID_PATH,
+                 journal_factory: Optional[Callable[[], Any]] = None,
+                 on_fault: Optional[Callable[[], None]] = None, max_queue: int = 100_000):
+        if source not in SOURCES:
+            raise ValueError(f"kernel log source {source!r}: allowed {', '.join(SOURCES)}")
+        self.source = source
+        self.state_dir = os.fspath(state_dir) if state_dir is not None else None
+        self._clock = clock
+        self.kmsg_path = kmsg_path
+        self.boot_id_path = boot_id_path
+        self._journal_factory = journal_factory
+        self._on_fault = on_fault
+        self._max_queue = max_queue
+        self.source_in_use = "none"
+        self.error: Optional[str] = None
+        self.dropped = 0               # faults dropped because nobody polled (queue full)
+        self.overwritten = 0           # kmsg EPIPE: records lost to ring-buffer wrap
+        self.lines_read = 0
+        self._queue: Deque[KernelFault] = collections.deque()
+        self._available = threading.Event()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._parser = NvrmParser(clock=None)
+        self._fed_parser = NvrmParser(clock=clock)
+        self._fed_lock = threading.Lock()
+        self._fd: Optional[int] = None
+        self._journal: Any = None
+        self._boot_id = "unknown"
+        self._skip_seq = -1
+        self._read_pos: Optional[Dict[str, Any]] = None     # last record read
+        self._safe_pos: Optional[Dict[str, Any]] = None     # read and fully handed to the queue
+        self._polled_pos: Optional[Dict[str, Any]] = None   # returned by poll()
+        self._state: Dict[str, Any] = {}
+        self._started = False
+
+    # -- lifecycle
+
+    def start(self) -> None:
+        """Choose and open the source, start the reader thread. Never raises for an unreadable
+        source: source_in_use becomes "none" and error says why and how to fix it."""
+        if self._started:
+            return
+        self._started = True
+        self._state = self._load_state()
+        reasons: List[str] = []
+        chosen = "none"
+        if self.source in ("auto", "kmsg"):
+            why = self._open_kmsg()
+            if why is None:
+                chosen = "kmsg"
+            else:
+                reasons.append(why)
+        if chosen == "none" and self.source in ("auto", "journal"):
+            why = self._open_journal()
+            if why is None:
+                chosen = "journal"
+            else:
+                reasons.append(why)
+        self.source_in_use = chosen
+        if chosen == "none":
+            if self.source == "none":
+                self.error = None
+            else:
+                self.error = "kernel log not watched: " + "; ".join(reasons)
+                log.warning("%s", self.error)
+            return
+        if reasons:
+            log.info("kernel log: using the journal (%s)", "; ".join(reasons))
+        target = self._run_kmsg if chosen == "kmsg" else self._run_journal
+        self._thread = threading.Thread(target=self._guarded(target), name="gpucostd-kernel-log",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 1.0) -> None:
+        self._stop.set()
+        t = self._thread
+        if t is not None:
+            t.join(timeout)
+        self._thread = None
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
+        if self._journal is not None:
+            try:
+                self._journal.close()
+            except Exception:
+                pass
+            self._journal = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- the loop's side
+
+    def poll(self) -> List[KernelFault]:
+        """Faults read since the last poll (never blocks)."""
+        pos = self._safe_pos           # read before draining: everything up to pos is queued
+        with self._fed_lock:
+            fed = self._fed_parser.flush()
+        for f in fed:
+            self._put(f)
+        out: List[KernelFault] = []
+        q = self._queue
+        while True:
+            try:
+                out.append(q.popleft())
+            except IndexError:
+                break
+        self._available.clear()
+        if q:
+            self._available.set()
+        if pos is not None:
+            self._polled_pos = pos
+        return out
+
+    def wait(self, timeout: float) -> bool:
+        """Block up to `timeout` seconds until a fault is waiting; True if one is."""
+        return self._available.wait(timeout)
+
+    def commit(self) -> None:
+        """Persist the read position of everything poll() has returned so far."""
+        pos = self._polled_pos
+        if pos is None or self.state_dir is None:
+            return
+        src = pos["source"]
+        entry = {k: v for k, v in pos.items() if k != "source"}
+        if self._state.get(src) == entry:
+            return
+        self._state[src] = entry
+        try:
+            _write_atomic(os.path.join(self.state_dir, STATE_FILE), self._state)
+        except OSError as e:
+            self.error = (f"cannot save the kernel log position in {self.state_dir}: "
+                          f"{e.strerror or e}; check the state directory's permissions")
+            log.warning("%s", self.error)
+
+    def feed_lines(self, lines: Iterable[Union[str, bytes]]) -> int:
+        """Inject lines (the simulator's kernel lines) through the same parser; returns the
+        number of faults queued."""
+        n = 0
+        with self._fed_lock:
+            for line in lines:
+                parts = line.splitlines() if isinstance(line, (str, bytes)) else [line]
+                for part in parts:
+                    for f in self._fed_parser.feed(part):
+                        self._put(f)
+                        n += 1
+        if n:
+            self._notify()
+        return n
+
+    # -- internals: queue
+
+    def _put(self, fault: KernelFault) -> None:
+        if len(self._queue) >= self._max_queue:
+            try:
+                self._queue.popleft()
+                self.dropped += 1
+            except IndexError:
+                pass
+        self._queue.append(fault)
+
+    def _notify(self) -> None:
+        self._available.set()
+        cb = self._on_fault
+        if cb is not None:
+            try:
+                cb()
+            except Exception:
+                log.debug("on_fault callback failed", exc_info=True)
+
+    def _guarded(self, fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                fn()
+            except Exception as e:  # the reader must not die silently
+                self.error = f"kernel log reader ({self.source_in_use}) stopped: {e}"
+                log.error("%s", self.error)
+        return run
+
+    # -- internals: state
+
+    def _load_state(self) -> Dict[str, Any]:
+        if self.state_dir is None:
+            return {}
+        path = os.path.join(self.state_dir, STATE_FILE)
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            if isinstance(data, dict):
+                return data
+            raise ValueError("not a JSON object")
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            log.warning("%s: unreadable kernel log position (%s); reading the kernel log from "
+                        "the start of this boot", path, e)
+            return {}
+
+    # -- internals: kmsg
+
+    def _read_boot_id(self) -> str:
+        try:
+            with open(self.boot_id_path) as f:
+                return f.read().strip() or "unknown"
+        except OSError:
+            return "unknown"
+
+    def _open_kmsg(self) -> Optional[str]:
+        try:
+            fd = os.open(self.kmsg_path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except OSError as e:
+            hint = ""
+            if e.errno in (errno.EACCES, errno.EPERM):
+                hint = (" (run gpucostd as root or with CAP_SYSLOG, or set [daemon] kernel_log = "
+                        "\"journal\")")
+            return f"cannot read {self.kmsg_path}: {e.strerror or e}{hint}"
+        self._fd = fd
+        self._records = stat.S_ISCHR(os.fstat(fd).st_mode)
+        self._boot_id = self._read_boot_id()
+        saved = self._state.get("kmsg") or {}
+        if (saved.get("boot_id") == self._boot_id and self._boot_id != "unknown"
+                and isinstance(saved.get("seq"), int)):
+            self._skip_seq = saved["seq"]
+        else:
+            self._skip_seq = -1      # new boot (or first start): the whole buffer is new
+        return None
+
+    def _record_time(self, usec: int) -> float:
+        now = self._clock.time() if self._clock is not None else _time.time()
+        age = _time.monotonic() - usec / 1e6
+        return now - age if age > 0 else now
+
+    def _handle_record(self, rec: bytes) -> bool:
+        """One kmsg record "prio,seq,usec,flags[,...];message\\n[ KEY=value\\n...]".
+        Returns True when faults were queued."""
+        self.lines_read += 1
+        semi = rec.find(b";")
+        if semi < 0:
+            return False
+        head = rec[:semi].split(b",", 4)
+        try:
+            seq = int(head[1])
+            usec = int(head[2])
+        except (IndexError, ValueError):
+            return False
+        if seq <= self._skip_seq:
+            return False
+        queued = False
+        body = rec[semi + 1:]
+        if b"NVRM" in body:
+            nl = body.find(b"\n")
+            msg = body if nl < 0 else body[:nl]
+            if b"NVRM" in msg:
+                text = msg[:MAX_LINE].decode("utf-8", "replace")
+                if "\\x" in text:
+                    text = _unescape_kmsg(text)
+                t = self._record_time(usec)
+                key = f"kmsg:{self._boot_id}:{seq}"
+                used = 0
+                for line in text.split("\n"):
+                    for f in self._parser.feed(line, time=t, dedupe_key=key):
+                        if f.dedupe_key == key:
+                            used += 1
+                            if used > 1:
+                                f = dataclasses.replace(f, dedupe_key=f"{key}:{used}")
+                        self._put(f)
+                        queued = True
+        self._read_pos = {"source": "kmsg", "boot_id": self._boot_id, "seq": seq}
+        if not self._parser.has_pending:
+            self._safe_pos = self._read_pos
+        return queued
+
+    def _idle(self) -> bool:
+        """Nothing to read: emit a multi-line fault whose follow-up never came."""
+        faults = self._parser.flush()
+        for f in faults:
+            self._put(f)
+        if faults and self._read_pos is not None:
+            self._safe_pos = self._read_pos
+        return bool(faults)
+
+    def _run_kmsg(self) -> None:
+        fd = self._fd
+        assert fd is not None
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        buf = b""
+        warned_epipe = False
+        while not self._stop.is_set():
+            queued = False
+            if not poller.poll(200):
+                if self._idle():
+                    self._notify()
+                continue
+            if self._records:
+                for _ in range(10000):          # bounded, so stop() is seen within the second
+                    try:
+                        rec = os.read(fd, 16384)
+                    except BlockingIOError:
+                        break
+                    except BrokenPipeError:
+                        self.overwritten += 1
+                        if not warned_epipe:
+                            log.warning("kernel log: records were overwritten before gpucostd read "
+                                        "them (ring buffer wrapped); some lines were missed")
+                            warned_epipe = True
+                        continue
+                    except InterruptedError:
+                        continue
+                    if not rec:
+                        break
+                    queued |= self._handle_record(rec)
+            else:                               # regular file or FIFO: records one per line
+                try:
+                    data = os.read(fd, 1 << 16)
+                except (BlockingIOError, InterruptedError):
+                    data = None
+                if not data:
+                    if self._idle():
+                        self._notify()
+                    self._stop.wait(0.05)       # EOF: wait for more, like tail -f
+                    continue
+                buf += data
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    if not line or line[:1] == b" ":
+                        continue                # kmsg KEY=value continuation lines
+                    queued |= self._handle_record(line)
+                if len(buf) > MAX_LINE * 4:
+                    buf = b""                   # a "line" this long is junk
+            if queued:
+                self._notify()
+
+    # -- internals: journal
+
+    def _open_journal(self) -> Optional[str]:
+        try:
+            if self._journal_factory is not None:
+                j = self._journal_factory()
+            else:
+                try:
+                    from systemd import journal  # lazy: only the daemon needs it
+                except ImportError:
+                    return ("the journal cannot be read: the Python systemd module is not "
+                            "installed (install python3-systemd or systemd-python)")
+                j = journal.Reader()
+            j.add_match(_TRANSPORT="kernel")
+            cursor = (self._state.get("journal") or {}).get("cursor")
+            skip_cursor = None
+            if cursor:
+                try:
+                    j.seek_cursor(cursor)
+                    skip_cursor = cursor
+                except Exception:
+                    log.warning("kernel log: saved journal cursor is no longer valid; reading "
+                                "this boot's kernel messages from the start")
+                    cursor = None
+            if not cursor:
+                j.this_boot()
+                j.seek_head()
+        except Exception as e:
+            return f"cannot open the journal: {e}"
+        self._journal = j
+        self._skip_cursor = skip_cursor
+        return None
+
+    def _run_journal(self) -> None:
+        j = self._journal
+        skip = self._skip_cursor
+        while not self._stop.is_set():
+            queued = False
+            for _ in range(10000):
+                if self._stop.is_set():
+                    break
+                entry = j.get_next()
+                if not entry:
+                    break
+                cursor = entry.get("__CURSOR")
+                if skip is not None:
+                    s, skip = skip, None
+                    if cursor == s:
+                        continue                # seek_cursor lands on the entry already handled
+                self.lines_read += 1
+                msg = entry.get("MESSAGE")
+                if isinstance(msg, (bytes, bytearray)):
+                    msg = bytes(msg).decode("utf-8", "replace")
+                if isinstance(msg, str) and "NVRM" in msg:
+                    t = _journal_time(entry.get("__REALTIME_TIMESTAMP"))
+                    key = str(cursor) if cursor else None
+                    for line in msg.split("\n"):
+                        for f in self._parser.feed(line, time=t, dedupe_key=key):
+                            self._put(f)
+                            queued = True
+                if cursor:
+                    self._read_pos = {"source": "journal", "cursor": cursor}
+                    if not self._parser.has_pending:
+                        self._safe_pos = self._read_pos
+            if queued:
+                self._notify()
+            else:
+                if self._idle():
+                    self._notify()
+                try:
+                    j.wait(0.2)
+                except Exception:
+                    self._stop.wait(0.2)
+
+
+def _journal_time(value: Any) -> Optional[float]:
+    if value is None:
+        return None
+    try:
+        if hasattr(value, "timestamp"):
+            return float(value.timestamp())
+        return float(value) / 1e6      # raw microseconds
+    except (TypeError, ValueError, OverflowError):
+        return None

@@ -1,0 +1,501 @@
+"""Kernel log parsing and the watcher's restart semantics (no root needed: fake kmsg files, FIFOs
+and a fake journal stand in for the real sources; tests/test_kmsg_root.py uses /dev/kmsg)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from gpucostd.clock import VirtualClock
+from gpucostd.probes.kernel_log import (KernelFault, KernelLogWatcher, NvrmParser,
+                                        normalize_bus_id)
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared/fixtures/nvrm-lines.txt"
+
+# Every fixture line, by a distinctive piece of it -> (xid, bus id) or None (no fault).
+# The multi-line "fallen off the bus" message yields its fault on its last line.
+EXPECTED = {
+    "(PCI:0000:9b:00): 119": (119, "0000:9b:00.0"),
+    "GPU at PCI:0000:9b:00: GPU-": None,
+    "(PCI:0000:05:00): 79": (79, "0000:05:00.0"),
+    "GPU 0000:29:00.0: GPU has fallen off the bus": (79, "0000:29:00.0"),
+    "Xid (0000:03:00): 14": (14, "0000:03:00.0"),
+    "(PCI:0009:01:00): 149": (149, "0009:01:00.0"),
+    "(PCI:0019:01:00): 154": (154, "0019:01:00.0"),
+    "(PCI:0018:01:00): 145": (145, "0018:01:00.0"),
+    "(PCI:0000:38:00): 13": (13, "0000:38:00.0"),
+    "(PCI:0000:2a:00): 79": (79, "0000:2a:00.0"),
+    "The NVIDIA GPU 0000:b3:00.0": None,
+    "(PCI ID: 10de:26b5) installed in this system has": None,
+    "fallen off the bus and is not responding to commands": (79, "0000:b3:00.0"),
+}
+PROCESS_NAMES = {119: "nvidia-smi", 145: "ray::WorkerDict"}
+
+
+def fixture_lines():
+    if not FIXTURES.exists():
+        pytest.skip(f"fixture file {FIXTURES} is absent (it lives in ../shared beside the checkout)")
+    return [line.rstrip("\n") for line in FIXTURES.read_text().splitlines() if line.strip()]
+
+
+def expectation(line):
+    hits = [v for k, v in EXPECTED.items() if k in line]
+    assert len(hits) == 1, f"fixture line without exactly one expectation in this test: {line!r}"
+    return hits[0]
+
+
+def test_every_fixture_line_through_the_parser():
+    lines = fixture_lines()
+    parser = NvrmParser()
+    seen = []
+    for line in lines:
+        faults = parser.feed(line)
+        want = expectation(line)
+        got = [(f.xid, f.pci_bus_id) for f in faults]
+        assert got == ([want] if want else []), line
+        for f in faults:
+            assert isinstance(f, KernelFault)
+            assert f.raw.endswith(line) and f.dedupe_key.startswith("fed:")
+            assert f.process_name == PROCESS_NAMES.get(f.xid)
+            assert f.message and "pid=" not in f.message and "name=" not in f.message
+            seen.append(f)
+    assert parser.flush(force=True) == []
+    assert len({f.dedupe_key for f in seen}) == len(seen)
+    multi = [f for f in seen if f.pci_bus_id == "0000:b3:00.0"][0]
+    assert multi.raw.count("\n") == 2     # the three lines of the message
+
+
+def test_every_fixture_line_through_the_watcher_feed(tmp_path):
+    lines = fixture_lines()
+    clock = VirtualClock()
+    w = KernelLogWatcher("none", tmp_path, clock=clock)
+    w.start()
+    w.feed_lines(lines)
+    got = [(f.xid, f.pci_bus_id) for f in w.poll()]
+    want = [v for v in (expectation(line) for line in lines) if v]
+    assert got == want
+    assert w.source_in_use == "none" and w.error is None
+
+
+def _record(seq, text, usec=None, flags="-"):
+    usec = seq * 1000 if usec is None else usec
+    return f"4,{seq},{usec},{flags};{text}\n"
+
+
+def test_every_fixture_line_through_the_kmsg_reader(tmp_path):
+    lines = fixture_lines()
+    kmsg = tmp_path / "kmsg"
+    boot = tmp_path / "boot_id"
+    boot.write_text("boot-a\n")
+    records = []
+    multi = [line for line in lines if "NVRM: The NVIDIA GPU" in line or "(PCI ID:" in line
+             or "not responding to commands" in line]
+    seq = 0
+    for line in lines:
+        if line in multi:
+            continue
+        seq += 1
+        records.append(_record(seq, line.strip()))
+    # /dev/kmsg carries the multi-line message as one record, newlines escaped as \x0a
+    seq += 1
+    records.append(_record(seq, "\\x0a".join(x.strip() for x in multi)))
+    records.append(" SUBSYSTEM=pci\n DEVICE=+pci:0000:b3:00.0\n")
+    kmsg.write_text("".join(records))
+    w = KernelLogWatcher("kmsg", tmp_path / "state", kmsg_path=str(kmsg), boot_id_path=str(boot))
+    w.start()
+    try:
+        want = sorted(v for v in (expectation(line) for line in lines) if v)
+        faults = _poll_until(w, len(want))
+        assert sorted((f.xid, f.pci_bus_id) for f in faults) == want
+        assert all(f.dedupe_key.startswith("kmsg:boot-a:") for f in faults)
+        assert w.source_in_use == "kmsg" and w.error is None
+    finally:
+        w.stop()
+
+
+NOT_FAULTS = [
+    "nvidia-nvswitch0: SXid (PCI:0000:05:00.0): 12028, Non-fatal, Link 32 egress non-posted PRIV error",
+    "[   12.345678] NVRM: loading NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023",
+    "NVRM: GPU at PCI:0000:9b:00: GPU-509665ad-b600-ac93-3616-d754b23d636d",
+    "NVRM: GPU Board Serial Number: 1654922006253",
+    "nvidia 0000:01:00.0: enabling device (0000 -> 0003)",
+    "NVRM: Xid (PCI:zz:yy): 79, GPU has fallen off the bus.",
+    "NVRM: Xid (PCI:0000:01:00): , nothing",
+    "NVRM: os_pci_init_handle: invalid context!",
+    "Xid (PCI:0000:01:00): 79, GPU has fallen off the bus.",          # no NVRM: not the driver
+    " NVRM=Xid (PCI:0000:01:00): 79",                                  # kmsg KEY=value line
+    "",
+    "\x00\x01\x02NVRM\xff",
+]
+
+
+@pytest.mark.parametrize("line", NOT_FAULTS)
+def test_lines_that_are_not_faults(line):
+    p = NvrmParser()
+    assert p.feed(line) == []
+    assert p.feed(line.encode("utf-8", "surrogateescape")) == []
+    assert p.flush(force=True) == []
+
+
+def test_driver_load_message_about_an_unsupported_gpu_is_not_a_fault():
+    p = NvrmParser()
+    lines = ["NVRM: The NVIDIA GPU 0000:01:00.0 (PCI ID: 10de:1c82)",
+             "NVRM: installed in this system is not supported by the",
+             "NVRM: NVIDIA 470.xx driver release."]
+    assert [f for line in lines for f in p.feed(line)] == []
+    assert p.flush(force=True) == []
+
+
+def test_fallen_off_first_line_alone_is_emitted_when_the_rest_never_comes():
+    clock = VirtualClock()
+    p = NvrmParser(clock=clock)
+    assert p.feed("NVRM: The NVIDIA GPU 0000:b3:00.0") == []
+    assert p.flush() == []                       # not yet: the follow-up may still come
+    clock.advance(p.pending_seconds + 0.1)
+    (f,) = p.flush()
+    assert (f.xid, f.pci_bus_id) == (79, "0000:b3:00.0")
+    # ... or within a few other NVRM lines
+    p.feed("NVRM: The NVIDIA GPU 0000:c3:00.0")
+    out = []
+    for i in range(3):
+        out += p.feed(f"NVRM: Xid (PCI:0000:0{i}:00): 13, pid=1, name=x, boom")
+    assert [(f.xid, f.pci_bus_id) for f in out] == [(13, "0000:00:00.0"), (13, "0000:01:00.0"),
+                                                    (79, "0000:c3:00.0"), (13, "0000:02:00.0")]
+
+
+def test_one_fall_logged_in_two_forms_is_one_fault():
+    p = NvrmParser()
+    a = p.feed("NVRM: Xid (PCI:0000:2b:00): 79, pid='<unknown>', name=<unknown>, GPU has fallen off the bus.")
+    b = p.feed("NVRM: GPU 0000:2b:00.0: GPU has fallen off the bus.")
+    assert len(a) == 1 and b == []
+    # but repeated Xid lines are separate kernel events (the store dedupes by key)
+    assert len(p.feed("NVRM: Xid (PCI:0000:2b:00): 79, GPU has fallen off the bus.")) == 1
+
+
+def test_process_name_with_shell_metacharacters_is_kept_verbatim():
+    p = NvrmParser()
+    (f,) = p.feed("NVRM: Xid (PCI:0000:01:00): 13, pid=42, name=$(rm -rf /);`x`, Graphics Exception")
+    assert f.process_name == "$(rm -rf /);`x`" and f.message == "Graphics Exception"
+
+
+@pytest.mark.parametrize("text,want", [
+    ("PCI:0000:9b:00", "0000:9b:00.0"),
+    ("0000:03:00", "0000:03:00.0"),
+    ("0000:29:00.0", "0000:29:00.0"),
+    ("00000000:9B:00.0", "0000:9b:00.0"),
+    ("00000009:01:00.1", "0009:01:00.1"),
+    ("9b:00.0", "0000:9b:00.0"),
+    ("GPU-123", None), ("", None), (None, None), ("0000:9b:00.9", None),
+])
+def test_normalize_bus_id(text, want):
+    assert normalize_bus_id(text) == want
+
+
+def test_fuzz_random_input_never_raises():
+    rnd = random.Random(1234)
+    p = NvrmParser()
+    pieces = ["NVRM:", " Xid ", "(PCI:", "0000:", "9b:", "00", ")", ": ", "79", ",", " pid=",
+              "name=", "The NVIDIA GPU ", "fallen off the bus", "\\x0a", "\n", "\x00", "é", "💥"]
+    for _ in range(3000):
+        if rnd.random() < 0.5:
+            line = bytes(rnd.getrandbits(8) for _ in range(rnd.randint(0, 300)))
+            if rnd.random() < 0.5:
+                line = b"NVRM: Xid (" + line
+        else:
+            line = "".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 30)))
+        for f in p.feed(line):
+            assert isinstance(f.xid, int) and normalize_bus_id(f.pci_bus_id) == f.pci_bus_id
+    p.flush(force=True)
+
+
+def test_huge_lines():
+    p = NvrmParser()
+    junk = "x" * 5_000_000
+    t0 = time.perf_counter()
+    assert p.feed(junk) == []
+    assert p.feed("NVRM:" + junk) == []
+    assert p.feed("NVRM: Xid (PCI:0000:01:00): 13, " + junk)[0].xid == 13
+    assert p.feed(junk + "NVRM: Xid (PCI:0000:01:00): 13, boom") == []   # beyond what we read
+    assert time.perf_counter() - t0 < 2.0
+
+
+# --------------------------------------------------------------------------------------------
+# the watcher on a fake kmsg file: restart semantics
+
+
+def _poll_until(w, n, timeout=2.0):
+    deadline = time.monotonic() + timeout
+    got = []
+    while len(got) < n and time.monotonic() < deadline:
+        w.wait(max(0.0, deadline - time.monotonic()))
+        got += w.poll()
+    return got
+
+
+class FakeKmsg:
+    def __init__(self, tmp_path):
+        self.path = tmp_path / "kmsg"
+        self.boot = tmp_path / "boot_id"
+        self.state = tmp_path / "state"
+        self.seq = 0
+        self.new_boot("boot-1")
+
+    def new_boot(self, boot_id):
+        self.boot.write_text(boot_id + "\n")
+        self.path.write_text("")
+        self.seq = 0
+
+    def write(self, text):
+        self.seq += 1
+        with open(self.path, "a") as f:
+            f.write(_record(self.seq, text))
+        return self.seq
+
+    def watcher(self, **kw):
+        w = KernelLogWatcher("kmsg", self.state, kmsg_path=str(self.path),
+                             boot_id_path=str(self.boot), **kw)
+        w.start()
+        return w
+
+
+def xid_line(n, xid=13, bus="0000:01:00"):
+    return f"NVRM: Xid (PCI:{bus}): {xid}, pid=1, name=app, fault number {n}"
+
+
+def test_restart_neither_replays_nor_misses(tmp_path):
+    k = FakeKmsg(tmp_path)
+    k.write("unrelated")
+    k.write(xid_line(1))
+    k.write("unrelated")
+    w = k.watcher()
+    (f1,) = _poll_until(w, 1)
+    assert f1.message.endswith("fault number 1") and f1.dedupe_key == "kmsg:boot-1:2"
+    w.commit()
+    w.stop()
+    state = json.loads((k.state / "kernel_log.json").read_text())
+    assert state["kmsg"] == {"boot_id": "boot-1", "seq": 3}
+
+    k.write(xid_line(2))                      # written while the watcher was down
+    w = k.watcher()
+    (f2,) = _poll_until(w, 1)
+    assert f2.message.endswith("fault number 2")
+    k.write(xid_line(3))
+    (f3,) = _poll_until(w, 1)
+    assert f3.message.endswith("fault number 3")
+    assert w.poll() == []
+    w.commit()
+    w.stop()
+
+
+def test_crash_between_poll_and_commit_returns_the_same_fault_with_the_same_key(tmp_path):
+    k = FakeKmsg(tmp_path)
+    k.write(xid_line(1))
+    w = k.watcher()
+    (a,) = _poll_until(w, 1)
+    w.stop()                                   # no commit: as if the daemon was killed
+    w = k.watcher()
+    (b,) = _poll_until(w, 1)
+    assert a.dedupe_key == b.dedupe_key        # the event store drops the second one
+    w.stop()
+
+
+def test_new_boot_reads_the_buffer_from_the_start(tmp_path):
+    k = FakeKmsg(tmp_path)
+    for i in range(5):
+        k.write(xid_line(i))
+    w = k.watcher()
+    assert len(_poll_until(w, 5)) == 5
+    w.commit()
+    w.stop()
+    k.new_boot("boot-2")                       # sequence numbers restart at 1
+    k.write(xid_line(10))
+    w = k.watcher()
+    (f,) = _poll_until(w, 1)
+    assert f.dedupe_key == "kmsg:boot-2:1" and f.message.endswith("fault number 10")
+    w.stop()
+
+
+def test_corrupt_state_file_reads_from_start_without_crashing(tmp_path, caplog):
+    k = FakeKmsg(tmp_path)
+    k.state.mkdir()
+    (k.state / "kernel_log.json").write_text("{not json")
+    k.write(xid_line(1))
+    w = k.watcher()
+    assert len(_poll_until(w, 1)) == 1
+    w.commit()
+    w.stop()
+    assert json.loads((k.state / "kernel_log.json").read_text())["kmsg"]["seq"] == 1
+    assert "unreadable kernel log position" in caplog.text
+
+
+def test_commit_covers_unrelated_lines_read_after_the_last_fault(tmp_path):
+    k = FakeKmsg(tmp_path)
+    k.write(xid_line(1))
+    for _ in range(50):
+        k.write("unrelated")
+    w = k.watcher()
+    assert len(_poll_until(w, 1)) == 1
+    deadline = time.monotonic() + 2
+    while w.lines_read < 51 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    w.poll()
+    w.commit()
+    w.stop()
+    assert json.loads((k.state / "kernel_log.json").read_text())["kmsg"]["seq"] == 51
+
+
+def test_stop_is_prompt(tmp_path):
+    k = FakeKmsg(tmp_path)
+    w = k.watcher()
+    assert w.running
+    t0 = time.monotonic()
+    w.stop()
+    assert time.monotonic() - t0 < 1.0 and not w.running
+
+
+def test_unreadable_sources_fall_back_and_say_why(tmp_path):
+    missing = str(tmp_path / "no-kmsg")
+    w = KernelLogWatcher("kmsg", tmp_path, kmsg_path=missing)
+    w.start()
+    assert w.source_in_use == "none" and missing in w.error
+    w.stop()
+
+    def broken_journal():
+        raise OSError("journal files not found")
+    w = KernelLogWatcher("auto", tmp_path, kmsg_path=missing, journal_factory=broken_journal)
+    w.start()
+    assert w.source_in_use == "none"
+    assert missing in w.error and "journal files not found" in w.error
+    w.feed_lines([xid_line(1)])               # the simulator still works without a source
+    assert len(w.poll()) == 1
+    w.stop()
+
+    w = KernelLogWatcher("none", tmp_path)
+    w.start()
+    assert (w.source_in_use, w.error, w.running) == ("none", None, False)
+
+    with pytest.raises(ValueError):
+        KernelLogWatcher("syslog", tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# the journal source (fake systemd.journal.Reader)
+
+
+class FakeJournal:
+    """Just enough of systemd.journal.Reader: entries with __CURSOR, seek_cursor lands on the
+    entry with that cursor (as sd_journal does)."""
+
+    def __init__(self, entries):
+        self.entries = entries
+        self.pos = 0
+        self.matches = []
+
+    def add_match(self, **kw):
+        self.matches.append(kw)
+
+    def this_boot(self):
+        pass
+
+    def seek_head(self):
+        self.pos = 0
+
+    def seek_cursor(self, cursor):
+        for i, e in enumerate(self.entries):
+            if e["__CURSOR"] == cursor:
+                self.pos = i
+                return
+        raise OSError("no such cursor")
+
+    def get_next(self):
+        if self.pos < len(self.entries):
+            self.pos += 1
+            return dict(self.entries[self.pos - 1])
+        return {}
+
+    def wait(self, timeout):
+        time.sleep(min(timeout, 0.02))
+
+    def close(self):
+        pass
+
+
+def test_journal_source_resumes_by_cursor(tmp_path):
+    entries = [{"__CURSOR": f"s=abc;i={i}", "MESSAGE": xid_line(i) if i % 2 else "other",
+                "__REALTIME_TIMESTAMP": 1_700_000_000_000_000 + i} for i in range(6)]
+    journal = FakeJournal(entries[:4])
+    w = KernelLogWatcher("auto", tmp_path, kmsg_path=str(tmp_path / "none"),
+                         journal_factory=lambda: journal)
+    w.start()
+    assert w.source_in_use == "journal" and {"_TRANSPORT": "kernel"} in journal.matches
+    got = _poll_until(w, 2)
+    assert [f.dedupe_key for f in got] == ["s=abc;i=1", "s=abc;i=3"]
+    assert got[0].time == pytest.approx(1_700_000_000.000001)
+    w.commit()
+    w.stop()
+    journal = FakeJournal(entries)             # two more entries written while down
+    w = KernelLogWatcher("journal", tmp_path, journal_factory=lambda: journal)
+    w.start()
+    got = _poll_until(w, 1)
+    assert [f.dedupe_key for f in got] == ["s=abc;i=5"]
+    w.stop()
+
+
+def test_journal_multi_line_message_is_one_fault(tmp_path):
+    msg = ("NVRM: The NVIDIA GPU 0000:b3:00.0\nNVRM: (PCI ID: 10de:26b5) installed in this system "
+           "has\nNVRM: fallen off the bus and is not responding to commands.")
+    journal = FakeJournal([{"__CURSOR": "c1", "MESSAGE": msg}])
+    w = KernelLogWatcher("journal", tmp_path, journal_factory=lambda: journal)
+    w.start()
+    (f,) = _poll_until(w, 1)
+    assert (f.xid, f.pci_bus_id, f.dedupe_key) == (79, "0000:b3:00.0", "c1")
+    w.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# floods
+
+
+def test_flood_through_feed_lines_does_not_delay_the_nvrm_line(tmp_path):
+    w = KernelLogWatcher("none", tmp_path)
+    w.start()
+    flood = [f"usb 1-1: device descriptor read/64, error -71 ({i})" for i in range(20000)]
+    t0 = time.monotonic()
+    w.feed_lines(flood + [xid_line(1)])
+    (f,) = w.poll()
+    assert time.monotonic() - t0 < 1.0 and f.xid == 13
+
+
+def test_flood_through_a_pipe_does_not_delay_the_nvrm_line(tmp_path):
+    fifo = tmp_path / "kmsg.fifo"
+    os.mkfifo(fifo)
+    boot = tmp_path / "boot_id"
+    boot.write_text("b\n")
+    w = KernelLogWatcher("kmsg", tmp_path / "state", kmsg_path=str(fifo), boot_id_path=str(boot))
+    w.start()
+    written = {}
+    try:
+        fd = os.open(fifo, os.O_WRONLY)
+        try:
+            flood = "".join(_record(i, f"eth0: link flapped, unrelated line {i} " + "y" * 80)
+                            for i in range(1, 20001))
+            data = flood.encode()
+            while data:                        # a blocking write: the reader must keep up
+                n = os.write(fd, data)
+                data = data[n:]
+            written["t"] = time.monotonic()
+            os.write(fd, _record(20001, xid_line(1)).encode())
+            assert w.wait(1.0), "NVRM line not seen within 1 s of being written after a flood"
+            seen_after = time.monotonic() - written["t"]
+            (f,) = w.poll()
+            assert f.dedupe_key == "kmsg:b:20001"
+            assert seen_after < 1.0
+        finally:
+            os.close(fd)
+    finally:
+        w.stop()
