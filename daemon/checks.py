@@ -14,8 +14,19 @@ from typing import Any, Iterable, List, Optional, Sequence, Tuple
 from gpucostd.snapshot import CheckResult, Severity
 
 WIDTH = 100
-GRUB = "GRUB_CMDLINE_LINUX in /etc/default/grub, run update-grub (RHEL: grub2-mkconfig -o " \
-       "/boot/grub2/grub.cfg), reboot"
+GRUB_FILE = "GRUB_CMDLINE_LINUX in /etc/default/grub"
+GRUB_TAIL = ("run update-grub, reboot (RHEL and friends: grub2-mkconfig -o /boot/grub2/grub.cfg "
+             "instead of update-grub)")
+
+
+def grub_fix(add: str = "", remove: str = "") -> str:
+    """`add intel_iommu=on iommu=pt to GRUB_CMDLINE_LINUX in /etc/default/grub, run update-grub,
+    reboot` and friends."""
+    if add and remove:
+        return f"in {GRUB_FILE} remove {remove} and add {add}, {GRUB_TAIL}"
+    if remove:
+        return f"remove {remove} from {GRUB_FILE}, {GRUB_TAIL}"
+    return f"add {add} to {GRUB_FILE}, {GRUB_TAIL}"
 
 
 def version_tuple(text: Optional[str]) -> Optional[Tuple[int, ...]]:
@@ -61,28 +72,29 @@ def _version_check(name: str, what: str, have: Optional[str], need: str, fix: st
 def _iommu_fix(want: str, vendor: Optional[str], facts: Any) -> str:
     mode = _get(facts, "iommu_mode")
     groups = _get(facts, "iommu_groups") or 0
+    src = _get(facts, "iommu_source", "") or ""
     firmware = "VT-d" if vendor == "intel" else "AMD-Vi" if vendor == "amd" else "VT-d/AMD-Vi"
-    on_flag = "intel_iommu=on" if vendor == "intel" else "" if vendor == "amd" else \
-        "intel_iommu=on (Intel) or nothing (AMD)"
-    if want in ("on", "passthrough") and mode == "off" and not groups:
-        src = _get(facts, "iommu_source", "") or ""
-        if "firmware" in src:
-            return f"enable {firmware} in the firmware (BIOS/UEFI) setup, then reboot"
+    if want in ("on", "passthrough") and mode == "off" and not groups and "firmware" in src:
+        return f"enable {firmware} in the firmware (BIOS/UEFI) setup, then reboot"
+    if vendor == "intel":
+        on_flag = "intel_iommu=on"
+    elif vendor == "amd":
+        on_flag = ""          # AMD: on by default
+    else:
+        on_flag = "intel_iommu=on (Intel CPUs)"
     if want == "on":
-        add = on_flag
         if mode == "passthrough":
-            return f"remove iommu=pt from {GRUB}" + (
-                "" if not add else f" (keep {add})")
+            return grub_fix(remove="iommu=pt")
         if vendor == "amd":
-            return f"remove amd_iommu=off and iommu=off from {GRUB}"
-        return f"add {add} to {GRUB}"
+            return grub_fix(remove="amd_iommu=off and iommu=off")
+        return grub_fix(add=on_flag)
     if want == "passthrough":
-        flags = "iommu=pt" if vendor == "amd" else f"{on_flag} iommu=pt"
-        return f"add {flags} to {GRUB}"
+        return grub_fix(add=" ".join(f for f in (on_flag, "iommu=pt") if f))
     if want == "off":
-        flag = "amd_iommu=off" if vendor == "amd" else "intel_iommu=off" \
-            if vendor == "intel" else "iommu=off"
-        return f"add {flag} to {GRUB} (remove any intel_iommu=on / iommu=pt)"
+        off_flag = {"amd": "amd_iommu=off", "intel": "intel_iommu=off"}.get(vendor or "",
+                                                                           "iommu=off")
+        return grub_fix(add=off_flag, remove="intel_iommu=on and iommu=pt" if vendor != "amd"
+                        else "iommu=pt")
     return ""
 
 
@@ -196,11 +208,12 @@ def format_checks(results: Iterable[CheckResult], width: int = WIDTH) -> str:
     lines: List[str] = []
     for r in results:
         head = f"{r.status.upper():<5} {r.name:<12} "
-        body = textwrap.wrap(r.message, width - len(head)) or [""]
+        body = textwrap.wrap(r.message, width - len(head), break_on_hyphens=False) or [""]
         lines.append(head + body[0])
         lines.extend(" " * len(head) + b for b in body[1:])
         if r.fix and r.status != "pass":
-            fix = textwrap.wrap("fix: " + r.fix, width - len(head) - 2)
+            fix = textwrap.wrap("fix: " + r.fix, width - len(head) - 2,
+                                break_on_hyphens=False)
             lines.extend(" " * (len(head) + 2) + f if i else " " * len(head) + f
                          for i, f in enumerate(fix))
     return "\n".join(lines)

@@ -95,7 +95,7 @@ class HostProbe:
 
     def _listdir(self, rel: str) -> Optional[List[str]]:
         try:
-            return sorted(os.listdir(self.path(rel)))
+            return sorted(n for n in os.listdir(self.path(rel)) if not n.startswith("."))
         except OSError:
             return None
 

@@ -364,7 +364,7 @@ def format_plan(settings: Sequence[Setting], width: int = WIDTH) -> str:
                f"{_cell(s.desired, s.name)[:9]:<9} {_action(s):<7} ")
         lines.append((row + s.source)[:width].rstrip())
         if s.error:
-            lines.extend("  " + w for w in textwrap.wrap(s.error, width - 2))
+            lines.extend("  " + w for w in textwrap.wrap(s.error, width - 2, break_on_hyphens=False))
     changes = sum(1 for s in settings if not s.error and s.desired != s.actual)
     errors = sum(1 for s in settings if s.error)
     lines.append(f"{len(settings)} settings: {changes} would change, {errors} with errors, "
@@ -383,7 +383,7 @@ def format_changes(changes: Sequence[Change], width: int = WIDTH) -> str:
                f"{_cell(c.old, c.name)[:12]} -> {_cell(c.new, c.name)[:12]}")
         lines.append(row[:width])
         if c.error:
-            lines.extend("       " + w for w in textwrap.wrap(c.error, width - 7))
+            lines.extend("       " + w for w in textwrap.wrap(c.error, width - 7, break_on_hyphens=False))
     ok = sum(1 for c in changes if c.ok)
     lines.append(f"{ok} changed, {len(changes) - ok} failed")
     return "\n".join(lines)
