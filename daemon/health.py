@@ -1,0 +1,809 @@
+"""Health: readings and kernel faults in, OK/WARN/CRIT per GPU and node (with findings) out.
+
+``HealthJudge.judge(gpus, kernel_faults, now)`` runs once per poll cycle and returns a
+``HealthReport``: the health of each GPU and of the node, the findings behind it (what, since
+when, recommended action) and the events to record (each kernel fault, health changes, new
+uncorrectable ECC errors, remap pending/failure appearing, a GPU lost, a GPU reset).
+
+Rules, thresholds and the lifetime of each finding are documented in docs/health.md; thresholds
+come from ``[health]`` in the config. Sticky faults (Xid 48, 79, 95, 119, 120 — the catalog's
+``sticky`` flag — and a row-remap failure) and the uncorrectable-ECC baseline are kept in
+``<state_dir>/health.json`` together with the host's boot id, so they survive a daemon restart
+and are cleared by a reboot (new boot id), by a GPU reset (volatile ECC counters drop, or the GPU
+comes back from LOST) or by ``ack(gpu, code)``.
+
+Cost: judge() keeps small per-GPU state (slowdown intervals, corrected-ECC samples only when the
+count changes) and writes health.json only when sticky state changes; for 8 GPUs it takes well
+under a millisecond (see docs/health.md for the measurement).
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+from gpucostd.snapshot import (Event, Finding, GpuReading, GpuState, HW_SLOWDOWN_REASONS,
+                               NodeSnapshot, Severity, VIOLATION_POLICIES, worst)
+
+LOG = logging.getLogger("gpucostd")
+
+STATE_FILE = "health.json"
+BOOT_ID_RELPATH = "proc/sys/kernel/random/boot_id"
+XID_FINDING_TTL_SECONDS = 600.0      # a non-sticky Xid finding lasts this long after its last line
+CORRECTED_ECC_WINDOW_SECONDS = 3600.0
+STICKY_XIDS = frozenset({48, 79, 95, 119, 120})   # also sticky if the catalog says so
+LOST_XIDS = frozenset({79})                        # fallen off the bus: always CRIT
+MESSAGE_MAX = 80
+
+ACTION_RESET = "reset GPU"
+ACTION_RMA = "hardware inspection/RMA"
+ACTION_REBOOT = "reset GPU or reboot; hardware inspection if it recurs"
+
+
+# --------------------------------------------------------------------------- helpers
+_BUS_RE = re.compile(r"^(?:(?:pci:)?([0-9a-f]{1,8}):)?([0-9a-f]{1,2}):([0-9a-f]{1,2})(?:\.([0-7]))?$")
+
+
+def normalize_bus_id(text: Optional[str]) -> Optional[str]:
+    """NVML's "00000000:9B:00.0", the kernel's "0000:9b:00" or "PCI:0000:9b:00" -> "0000:9b:00.0".
+    None for anything that is not a PCI address."""
+    if not text:
+        return None
+    m = _BUS_RE.match(str(text).strip().lower())
+    if not m:
+        return None
+    domain, bus, dev, fn = m.groups()
+    return f"{int(domain or '0', 16) & 0xFFFF:04x}:{int(bus, 16):02x}:{int(dev, 16):02x}.{fn or '0'}"
+
+
+def _short(text: str, limit: int = MESSAGE_MAX) -> str:
+    s = " ".join(str(text).split())
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+def _subject(gpu: Optional[int]) -> str:
+    return "node" if gpu is None else f"gpu:{gpu}"
+
+
+def _sev(name: Any, default: Severity = Severity.WARN) -> Severity:
+    try:
+        return Severity[str(name)]
+    except KeyError:
+        return default
+
+
+def _fmt_seconds(s: float) -> str:
+    return f"{s / 60:g} min" if s >= 60 and s % 60 == 0 else f"{s:g} s"
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    gpu_health: Dict[int, Severity]
+    node_health: Severity
+    findings: Tuple[Finding, ...]
+    events: List[Event] = field(default_factory=list)
+
+
+class _Track:
+    """What the judge remembers about one GPU between cycles (in memory only)."""
+
+    __slots__ = ("uuid", "state", "slow_intervals", "slow_last_t", "slow_last_active",
+                 "ecc_samples", "vol_corr", "vol_unc", "remap_pending", "remap_failure",
+                 "retired_pending", "seen")
+
+    def __init__(self) -> None:
+        self.uuid: Optional[str] = None
+        self.state: Optional[GpuState] = None
+        self.slow_intervals: Deque[List[float]] = collections.deque()   # [start, end] active
+        self.slow_last_t: Optional[float] = None
+        self.slow_last_active = False
+        self.ecc_samples: Deque[Tuple[float, int]] = collections.deque()  # (mono, corrected)
+        self.vol_corr: Optional[int] = None
+        self.vol_unc: Optional[int] = None
+        self.remap_pending: Optional[bool] = None
+        self.remap_failure: Optional[bool] = None
+        self.retired_pending: Optional[bool] = None
+        self.seen = False
+
+
+def _default_lookup(xid: int, message: Optional[str] = None):
+    from gpucostd.xid import lookup
+    return lookup(xid, message)
+
+
+# --------------------------------------------------------------------------- the judge
+class HealthJudge:
+    """Turns readings and kernel faults into health. Thread-safe (ack comes from the status API
+    thread); see the module docstring."""
+
+    def __init__(self, config, clock, state_dir: str, boot_id_path: Optional[str] = None,
+                 xid_lookup: Optional[Callable[..., Any]] = None):
+        self.config = config
+        self.clock = clock
+        self.state_dir = str(state_dir)
+        self.state_path = os.path.join(self.state_dir, STATE_FILE)
+        root = getattr(getattr(config, "daemon", None), "host_root", "/") or "/"
+        self.boot_id_path = boot_id_path or os.path.join(root, BOOT_ID_RELPATH)
+        self._lookup = xid_lookup or _default_lookup
+        self._lock = threading.RLock()
+        self._tracks: Dict[int, _Track] = {}
+        self._bus_map: Dict[str, Tuple[int, Optional[str]]] = {}
+        self._since: Dict[Tuple[str, str], float] = {}
+        # latched state (persisted): subject -> code -> record
+        self._latched: Dict[str, Dict[str, Dict[str, Any]]] = {}
+        self._ecc_base: Dict[str, Dict[str, Any]] = {}        # per GPU key
+        self._acked: Dict[str, List[str]] = {}                # subject -> codes acked
+        self._health: Dict[str, List[str]] = {}               # subject -> [severity, last known]
+        self._dirty = False
+        self.boot_id = self._read_boot_id()
+        self._load()
+
+    # ------------------------------------------------------------------ persistence
+    def _read_boot_id(self) -> Optional[str]:
+        try:
+            with open(self.boot_id_path, "r", encoding="ascii", errors="replace") as f:
+                text = f.read().strip()
+            return text or None
+        except OSError:
+            LOG.warning("cannot read the boot id from %s; sticky GPU faults are kept until a GPU "
+                        "reset or ack", self.boot_id_path)
+            return None
+
+    def _load(self) -> None:
+        try:
+            with open(self.state_path, "r", encoding="utf-8") as f:
+                data = json.load(f)
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            LOG.warning("health state %s is unreadable (%s); starting without sticky faults",
+                        self.state_path, e)
+            return
+        health = data.get("health") or {}
+        if isinstance(health, dict):
+            self._health = {str(k): [str(v[0]), str(v[1])] for k, v in health.items()
+                            if isinstance(v, list) and len(v) == 2}
+        old_boot = data.get("boot_id")
+        if old_boot and self.boot_id and old_boot != self.boot_id:
+            n = sum(len(v) for v in (data.get("latched") or {}).values()
+                    if isinstance(v, dict))
+            if n:
+                LOG.info("host rebooted since the last run: cleared %d sticky GPU faults", n)
+            self._dirty = True
+            return
+        latched = data.get("latched") or {}
+        if isinstance(latched, dict):
+            self._latched = {str(s): {str(c): dict(r) for c, r in codes.items()
+                                      if isinstance(r, dict)}
+                             for s, codes in latched.items() if isinstance(codes, dict)}
+        base = data.get("ecc_baseline") or {}
+        if isinstance(base, dict):
+            self._ecc_base = {str(k): dict(v) for k, v in base.items() if isinstance(v, dict)}
+        acked = data.get("acked") or {}
+        if isinstance(acked, dict):
+            self._acked = {str(k): [str(c) for c in v] for k, v in acked.items()
+                           if isinstance(v, list)}
+
+    def _save(self) -> None:
+        if not self._dirty:
+            return
+        data = {"version": 1, "boot_id": self.boot_id, "latched": self._latched,
+                "ecc_baseline": self._ecc_base, "acked": self._acked, "health": self._health}
+        tmp = self.state_path + ".tmp"
+        try:
+            os.makedirs(self.state_dir, mode=0o750, exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(data, f, separators=(",", ":"), sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.state_path)
+            self._dirty = False
+        except (OSError, TypeError, ValueError) as e:
+            LOG.error("cannot write health state %s: %s; sticky faults will not survive a "
+                      "restart (check daemon.state_dir)", self.state_path, e)
+            self._dirty = False   # retried at the next change, not every cycle
+
+    def reconfigure(self, config) -> None:
+        with self._lock:
+            self.config = config
+
+    # ------------------------------------------------------------------ the cycle
+    def judge(self, gpus: Sequence[GpuReading], kernel_faults: Iterable[Any] = (),
+              now: Optional[float] = None, nvml_error: Optional[str] = None) -> HealthReport:
+        with self._lock:
+            return self._judge(tuple(gpus or ()), list(kernel_faults or ()),
+                               self.clock.time() if now is None else float(now), nvml_error)
+
+    def _judge(self, gpus: Tuple[GpuReading, ...], faults: List[Any], now: float,
+               nvml_error: Optional[str]) -> HealthReport:
+        cfg = self.config.health
+        mono = self.clock.monotonic()
+        events: List[Event] = []
+        findings: List[Finding] = []
+
+        for g in gpus:
+            bus = normalize_bus_id(g.pci_bus_id)
+            if bus is not None:
+                self._bus_map[bus] = (g.index, g.uuid)
+
+        for g in gpus:           # resets first: they clear latched faults
+            self._detect_reset(g, now, events)
+
+        for fault in faults:
+            ev = self._fault_event(fault, now)
+            if ev is not None:
+                events.append(ev)
+
+        self._expire_xids(now)
+
+        gpu_health: Dict[int, Severity] = {}
+        for g in gpus:
+            gf = self._gpu_findings(g, cfg, now, mono, events)
+            findings.extend(gf)
+            sev = worst(f.severity for f in gf)
+            if g.state == GpuState.UNKNOWN and sev != Severity.CRIT:
+                sev = Severity.UNKNOWN
+            gpu_health[g.index] = sev
+            self._health_change(_subject(g.index), sev, gf, now, events, g.index, g.uuid)
+
+        node_findings = self._latched_findings("node", None, None)
+        if nvml_error:
+            node_findings.append(Finding("node", "nvml_unavailable", Severity.UNKNOWN,
+                                         "check the NVIDIA driver and libnvidia-ml",
+                                         _short(f"NVML unavailable: {nvml_error}"),
+                                         since=self._since_of("node", "nvml_unavailable", now)))
+        findings.extend(node_findings)
+        node = worst(list(gpu_health.values()) + [f.severity for f in node_findings])
+        node_cause = [f for f in findings if f.severity == node] or node_findings
+        self._health_change("node", node, node_cause, now, events, None, None)
+
+        live = {(f.subject, f.code) for f in findings}
+        for key in [k for k in self._since if k not in live]:
+            del self._since[key]
+        self._save()
+        return HealthReport(gpu_health, node, tuple(findings), events)
+
+    # ------------------------------------------------------------------ kernel faults
+    def _fault_event(self, fault: Any, now: float) -> Optional[Event]:
+        try:
+            xid = int(getattr(fault, "xid"))
+        except (TypeError, ValueError, AttributeError):
+            LOG.warning("ignored a kernel fault without an Xid number: %r", fault)
+            return None
+        message = str(getattr(fault, "message", "") or "")
+        try:
+            info = self._lookup(xid, message)
+        except Exception as e:  # noqa: BLE001 - a broken catalog must not stop health
+            LOG.error("Xid catalog lookup failed for Xid %d: %s", xid, e)
+            info = None
+        name = getattr(info, "name", f"Xid {xid}")
+        severity = getattr(info, "severity", Severity.WARN)
+        action = getattr(info, "action", "look up")
+        sticky = bool(getattr(info, "sticky", False)) or xid in STICKY_XIDS
+        if xid in LOST_XIDS:
+            severity = Severity.CRIT
+        t = getattr(fault, "time", None)
+        try:
+            t = float(t)
+            if t < 1e9:          # not a wall-clock time (e.g. seconds since boot)
+                t = now
+        except (TypeError, ValueError):
+            t = now
+        bus = normalize_bus_id(getattr(fault, "pci_bus_id", None))
+        gpu, uuid = self._bus_map.get(bus, (None, None)) if bus else (None, None)
+        subject = _subject(gpu)
+        where = f"GPU {gpu}" if gpu is not None else f"unknown GPU {bus or '(no PCI id)'}"
+        text = f"Xid {xid} ({name}) on {where}"
+        if message:
+            text += f": {message}"
+        fields: Dict[str, Any] = {"xid_name": name, "sticky": sticky}
+        for k in ("dedupe_key", "process_name"):
+            v = getattr(fault, k, None)
+            if v is not None:
+                fields[k] = str(v)
+        if bus:
+            fields["pci_bus_id"] = bus
+        raw = getattr(fault, "raw", None)
+        if raw:
+            fields["raw"] = str(raw)[:2000]
+        code = f"xid_{xid}"
+        codes = self._latched.setdefault(subject, {})
+        rec = codes.get(code)
+        if rec is None:
+            rec = codes[code] = {"xid": xid, "since": t, "count": 0, "gpu": gpu, "uuid": uuid}
+        rec.update({"last": t, "severity": severity.name,
+                    "action": action, "name": name, "sticky": sticky, "bus": bus})
+        rec["count"] = int(rec.get("count", 0)) + 1
+        if sticky:
+            self._dirty = True
+        return Event(t, subject, "xid", severity, action, _short(text, 300), gpu=gpu, uuid=uuid,
+                     xid=xid, fields=fields)
+
+    def _expire_xids(self, now: float) -> None:
+        for subject, codes in self._latched.items():
+            for code in [c for c, r in codes.items() if code_is_xid(c) and not r.get("sticky")
+                         and now - float(r.get("last", now)) > XID_FINDING_TTL_SECONDS]:
+                del codes[code]
+
+    def _latched_findings(self, subject: str, gpu: Optional[int], uuid: Optional[str]
+                          ) -> List[Finding]:
+        out = []
+        codes = self._latched.get(subject)
+        if not codes:
+            return out
+        for code, r in codes.items():
+            if r.get("uuid") and uuid and r["uuid"] != uuid:
+                continue            # recorded for another GPU at this index (hardware swap)
+            if code_is_xid(code):
+                count = int(r.get("count", 1))
+                msg = f"Xid {r.get('xid')} {r.get('name', '')}"
+                if count > 1:
+                    msg += f" (x{count})"
+                if r.get("sticky"):
+                    msg += ", sticky"
+            else:
+                msg = str(r.get("message", code))
+            out.append(Finding(subject, code, _sev(r.get("severity")), str(r.get("action", "")),
+                               _short(msg), since=r.get("since"), gpu=gpu))
+        return out
+
+    # ------------------------------------------------------------------ GPU resets
+    def _detect_reset(self, g: GpuReading, now: float, events: List[Event]) -> None:
+        tr = self._tracks.get(g.index)
+        if tr is None:
+            tr = self._tracks[g.index] = _Track()
+        why = None
+        if tr.state == GpuState.LOST and g.state == GpuState.OK:
+            why = "it answers again after being lost"
+        elif g.state == GpuState.OK:
+            base = self._ecc_base.get(self._gpu_key(g))
+            vc, vu = g.ecc_volatile_corrected, g.ecc_volatile_uncorrected
+            dropped = (
+                (vc is not None and tr.vol_corr is not None and vc < tr.vol_corr)
+                or (vu is not None and tr.vol_unc is not None and vu < tr.vol_unc)
+                # across a daemon restart: below the persisted uncorrectable baseline
+                or (vu is not None and base is not None and base.get("vu") is not None
+                    and vu < base["vu"]))
+            if dropped:
+                why = "its volatile ECC counters dropped"
+        if g.ecc_volatile_corrected is not None:
+            tr.vol_corr = g.ecc_volatile_corrected
+        if g.ecc_volatile_uncorrected is not None:
+            tr.vol_unc = g.ecc_volatile_uncorrected
+        if why is None:
+            return
+        subject = _subject(g.index)
+        cleared = sorted(self._latched.pop(subject, {}).keys())
+        self._acked.pop(subject, None)
+        self._ecc_base.pop(self._gpu_key(g), None)
+        tr.ecc_samples.clear()
+        tr.remap_failure = None
+        self._dirty = True
+        msg = f"GPU {g.index} was reset ({why})"
+        if cleared:
+            msg += "; cleared " + ", ".join(cleared)
+        LOG.info("%s", msg)
+        events.append(Event(now, subject, "gpu_reset", Severity.OK, "none", msg, gpu=g.index,
+                            uuid=g.uuid, fields={"cleared": ",".join(cleared), "reason": why}))
+
+    @staticmethod
+    def _gpu_key(g: GpuReading) -> str:
+        return g.uuid or f"index:{g.index}"
+
+    # ------------------------------------------------------------------ per-GPU rules
+    def _since_of(self, subject: str, code: str, now: float) -> float:
+        key = (subject, code)
+        t = self._since.get(key)
+        if t is None:
+            t = self._since[key] = now
+        return t
+
+    def _gpu_findings(self, g: GpuReading, cfg, now: float, mono: float,
+                      events: List[Event]) -> List[Finding]:
+        tr = self._tracks[g.index]
+        subject = _subject(g.index)
+        out: List[Finding] = []
+
+        def add(code: str, sev: Severity, action: str, msg: str, since: Optional[float] = None):
+            out.append(Finding(subject, code, sev, action, _short(msg),
+                               since=since if since is not None else
+                               self._since_of(subject, code, now), gpu=g.index))
+
+        if g.uuid:
+            tr.uuid = g.uuid
+        prev_state, tr.state = tr.state, g.state
+        if g.state == GpuState.LOST:
+            add("gpu_lost", Severity.CRIT, ACTION_REBOOT,
+                f"GPU lost (fallen off the bus){': ' + g.error if g.error else ''}")
+            if prev_state != GpuState.LOST:
+                events.append(Event(now, subject, "gpu_lost", Severity.CRIT, ACTION_REBOOT,
+                                    _short(f"GPU {g.index} is lost: "
+                                           f"{g.error or 'NVML reports GPU_IS_LOST'}", 300),
+                                    gpu=g.index, uuid=g.uuid or tr.uuid))
+        elif g.state == GpuState.UNRESPONSIVE:
+            add("gpu_unresponsive", Severity.CRIT, "reset GPU (reboot if the reset fails)",
+                f"GPU not responding: {g.error or 'an NVML call overran its deadline'}")
+        elif g.state == GpuState.UNKNOWN:
+            add("gpu_unknown", Severity.UNKNOWN, "check the NVIDIA driver and libnvidia-ml",
+                f"cannot read the GPU: {g.error or 'NVML unavailable'}")
+
+        out.extend(self._latched_findings(subject, g.index, g.uuid or tr.uuid))
+        if g.state != GpuState.OK:
+            tr.slow_last_t = None        # time we did not observe
+            return out
+
+        self._rule_slowdown(g, tr, cfg, mono, add)
+        reasons = g.clock_event_reasons or ()
+        if "SwPowerCap" in reasons:
+            sev = Severity.WARN if cfg.sw_power_cap == "warn" else Severity.OK
+            add("sw_power_cap", sev, "none" if sev == Severity.OK else
+                "check the power limit and cooling", "SW power cap active: clocks held at the "
+                "power limit")
+        self._rule_temperature(g, cfg, add)
+        self._rule_ecc(g, tr, cfg, now, mono, add, events)
+        self._rule_memory(g, tr, now, add, events)
+        self._rule_pcie(g, cfg, add)
+        return out
+
+    def _rule_slowdown(self, g: GpuReading, tr: _Track, cfg, mono: float, add) -> None:
+        reasons = g.clock_event_reasons
+        if reasons is None:
+            tr.slow_last_t = None
+            return
+        active = [r for r in reasons if r in HW_SLOWDOWN_REASONS]
+        window = float(cfg.slowdown_window_seconds)
+        interval = float(getattr(self.config.daemon, "interval_seconds", 1.0))
+        max_gap = max(3.0 * interval, interval + 2.0 * float(
+            getattr(self.config.daemon, "nvml_timeout_seconds", 2.0)), 5.0)
+        ivs = tr.slow_intervals
+        if tr.slow_last_t is not None:
+            dt = mono - tr.slow_last_t
+            # the interval since the last reading counts as what we saw then (sample and hold),
+            # and only if we actually kept watching (no gap longer than max_gap)
+            if 0 < dt <= max_gap and tr.slow_last_active:
+                if ivs and abs(ivs[-1][1] - tr.slow_last_t) < 1e-9:
+                    ivs[-1][1] = mono
+                else:
+                    ivs.append([tr.slow_last_t, mono])
+        tr.slow_last_t = mono
+        tr.slow_last_active = bool(active)
+        start = mono - window
+        while ivs and ivs[0][1] <= start:
+            ivs.popleft()
+        if not ivs and not active:
+            return
+        busy = 0.0
+        for a, b in ivs:
+            busy += b - (a if a > start else start)
+        fraction = busy / window
+        crit = fraction > float(cfg.slowdown_crit_fraction)
+        names = ", ".join(active) if active else "HW slowdown"
+        span = _fmt_seconds(window)
+        if crit:
+            add("hw_slowdown", Severity.CRIT, "check cooling, power supply and power brake "
+                "signals", f"{names} active {fraction:.0%} of the last {span}")
+        elif active:
+            add("hw_slowdown", Severity.WARN, "check cooling and power delivery",
+                f"{names} active ({fraction:.0%} of the last {span})")
+
+    def _rule_temperature(self, g: GpuReading, cfg, add) -> None:
+        t = g.temperature_celsius
+        if t is None:
+            return
+        margin = float(cfg.temperature_margin_celsius)
+        if g.temp_shutdown_celsius is not None and t >= g.temp_shutdown_celsius - margin:
+            add("temperature_near_shutdown", Severity.CRIT, "check cooling now",
+                f"temperature {t:g} °C within {margin:g} °C of shutdown "
+                f"{g.temp_shutdown_celsius:g} °C")
+        elif g.temp_slowdown_celsius is not None and t >= g.temp_slowdown_celsius - margin:
+            add("temperature_near_slowdown", Severity.WARN, "check cooling and airflow",
+                f"temperature {t:g} °C within {margin:g} °C of slowdown "
+                f"{g.temp_slowdown_celsius:g} °C")
+
+    def _rule_ecc(self, g: GpuReading, tr: _Track, cfg, now: float, mono: float, add,
+                  events: List[Event]) -> None:
+        subject = _subject(g.index)
+        vu, au = g.ecc_volatile_uncorrected, g.ecc_aggregate_uncorrected
+        if vu is not None or au is not None:
+            key = self._gpu_key(g)
+            base = self._ecc_base.get(key)
+            if base is None:
+                base = self._ecc_base[key] = {"vu": vu, "au": au, "reported": 0, "since": None}
+                self._dirty = True
+            if base.get("vu") is None and vu is not None:
+                base["vu"] = vu
+                self._dirty = True
+            if base.get("au") is None and au is not None:
+                base["au"] = au
+                self._dirty = True
+            new = max(vu - base["vu"] if vu is not None and base.get("vu") is not None else 0,
+                      au - base["au"] if au is not None and base.get("au") is not None else 0)
+            if new > 0:
+                if base.get("since") is None:
+                    base["since"] = now
+                    self._dirty = True
+                add("ecc_uncorrected", Severity.CRIT, "drain and reset GPU; RMA if it recurs",
+                    f"{new} new uncorrectable ECC error{'s' if new != 1 else ''}",
+                    since=base["since"])
+                if new > int(base.get("reported", 0)):
+                    delta = new - int(base.get("reported", 0))
+                    base["reported"] = new
+                    self._dirty = True
+                    events.append(Event(
+                        now, subject, "ecc_uncorrected", Severity.CRIT,
+                        "drain and reset GPU; RMA if it recurs",
+                        f"GPU {g.index}: {delta} new uncorrectable ECC error"
+                        f"{'s' if delta != 1 else ''} (volatile {vu}, aggregate {au})",
+                        gpu=g.index, uuid=g.uuid,
+                        fields={"new": delta, "volatile": vu, "aggregate": au}))
+        # corrected errors in the last hour
+        corr = g.ecc_volatile_corrected if g.ecc_volatile_corrected is not None \
+            else g.ecc_aggregate_corrected
+        if corr is None:
+            return
+        samples = tr.ecc_samples
+        if samples and corr < samples[-1][1]:
+            samples.clear()                       # counter reset
+        if not samples or samples[-1][1] != corr:
+            samples.append((mono, corr))
+        start = mono - CORRECTED_ECC_WINDOW_SECONDS
+        while len(samples) >= 2 and samples[1][0] <= start:
+            samples.popleft()                     # keep one sample at or before the window start
+        in_window = corr - samples[0][1]
+        if in_window > float(cfg.corrected_ecc_per_hour):
+            add("ecc_corrected_rate", Severity.WARN, "watch it; run DCGM diagnostics if it stays",
+                f"{in_window} corrected ECC errors in the last hour "
+                f"(limit {float(cfg.corrected_ecc_per_hour):g})")
+
+    def _rule_memory(self, g: GpuReading, tr: _Track, now: float, add,
+                     events: List[Event]) -> None:
+        subject = _subject(g.index)
+        if g.remapped_rows_pending:
+            add("remap_pending", Severity.WARN, ACTION_RESET,
+                "row remapping pending: reset the GPU to apply it")
+            if not tr.remap_pending:
+                events.append(Event(now, subject, "remap_pending", Severity.WARN, ACTION_RESET,
+                                    f"GPU {g.index}: row remapping pending; reset the GPU",
+                                    gpu=g.index, uuid=g.uuid))
+        if g.remapped_rows_pending is not None:
+            tr.remap_pending = g.remapped_rows_pending
+        if g.remapped_rows_failure:
+            codes = self._latched.setdefault(subject, {})
+            if "remap_failure" not in codes and "remap_failure" not in self._acked.get(
+                    subject, ()):
+                codes["remap_failure"] = {"since": now, "severity": "CRIT", "action": ACTION_RMA,
+                                          "message": "row remapping failed: no spare rows left",
+                                          "uuid": g.uuid, "gpu": g.index, "sticky": True}
+                self._dirty = True
+                # the latched finding is reported with the other latched ones next cycle; add
+                # it now too so it shows in the cycle it appears
+                add("remap_failure", Severity.CRIT, ACTION_RMA,
+                    "row remapping failed: no spare rows left", since=now)
+            if not tr.remap_failure:
+                events.append(Event(now, subject, "remap_failure", Severity.CRIT, ACTION_RMA,
+                                    f"GPU {g.index}: row remapping failed; hardware "
+                                    f"inspection/RMA", gpu=g.index, uuid=g.uuid))
+        if g.remapped_rows_failure is not None:
+            tr.remap_failure = g.remapped_rows_failure
+        if g.retired_pages_pending:
+            add("retired_pages_pending", Severity.WARN, ACTION_RESET,
+                "page retirement pending: reset the GPU to retire the pages")
+            if not tr.retired_pending:
+                events.append(Event(now, subject, "retired_pages_pending", Severity.WARN,
+                                    ACTION_RESET, f"GPU {g.index}: retired pages pending; "
+                                    f"reset the GPU", gpu=g.index, uuid=g.uuid))
+        if g.retired_pages_pending is not None:
+            tr.retired_pending = g.retired_pages_pending
+
+    def _rule_pcie(self, g: GpuReading, cfg, add) -> None:
+        util = g.utilization_percent
+        if util is None or util < float(cfg.pcie_busy_utilization_percent):
+            return
+        low_gen = (g.pcie_link_gen is not None and g.pcie_link_gen_max is not None
+                   and g.pcie_link_gen < g.pcie_link_gen_max)
+        low_width = (g.pcie_link_width is not None and g.pcie_link_width_max is not None
+                     and g.pcie_link_width < g.pcie_link_width_max)
+        if low_gen or low_width:
+            add("pcie_degraded", Severity.WARN, "check the slot, riser and BIOS link settings",
+                f"PCIe link Gen{g.pcie_link_gen} x{g.pcie_link_width} below max "
+                f"Gen{g.pcie_link_gen_max} x{g.pcie_link_width_max} at {util:g}% busy")
+
+    # ------------------------------------------------------------------ health changes
+    def _health_change(self, subject: str, sev: Severity, findings: Sequence[Finding],
+                       now: float, events: List[Event], gpu: Optional[int],
+                       uuid: Optional[str]) -> None:
+        prev = self._health.get(subject)
+        prev_sev = _sev(prev[0], Severity.OK) if prev else Severity.OK
+        known = _sev(prev[1], Severity.OK) if prev else Severity.OK
+        if prev is not None and prev_sev == sev:
+            return
+        new_known = known if sev == Severity.UNKNOWN else sev
+        self._health[subject] = [sev.name, new_known.name]
+        self._dirty = True
+        if prev is None and sev == Severity.OK:
+            return                            # first sight of a healthy subject: no event
+        top = sorted((f for f in findings if f.severity == sev),
+                     key=lambda f: f.code) if sev != Severity.OK else []
+        who = "node" if subject == "node" else f"GPU {gpu}"
+        if top:
+            cause = top[0]
+            msg = f"{who} {prev_sev.name} -> {sev.name}: {cause.message}"
+            action = cause.action
+        else:
+            cause = None
+            msg = f"{who} {prev_sev.name} -> {sev.name}"
+            action = "none"
+        fields: Dict[str, Any] = {"from": prev_sev.name, "to": sev.name,
+                                  "from_known": known.name,
+                                  "findings": ",".join(sorted({f.code for f in top}))}
+        if cause is not None:
+            fields["cause"] = cause.code
+            m = re.match(r"xid_(\d+)$", cause.code)
+            if m:
+                fields["xid"] = int(m.group(1))   # not Event.xid: that counts as an Xid
+        if subject == "node" and cause is not None and cause.gpu is not None:
+            fields["cause_gpu"] = cause.gpu
+        events.append(Event(now, subject, "health_change", sev, action, _short(msg, 300),
+                            gpu=gpu, uuid=uuid, fields=fields))
+
+    # ------------------------------------------------------------------ ack
+    def ack(self, gpu: Optional[Any], code: Optional[str] = None) -> List[Event]:
+        """Clear latched faults of one GPU (index) or of the node (None or "node"): all of them,
+        or only `code` ("xid_79", "79", "remap_failure", "ecc_uncorrected"). Returns one "ack"
+        event per cleared fault (empty when nothing matched)."""
+        with self._lock:
+            if gpu is None or str(gpu).lower() == "node":
+                index: Optional[int] = None
+            else:
+                index = int(str(gpu).split(":")[-1])
+            subject = _subject(index)
+            want = _normalize_code(code) if code else None
+            now = self.clock.time()
+            cleared: List[str] = []
+            codes = self._latched.get(subject, {})
+            for c in list(codes):
+                if want is None or c == want:
+                    del codes[c]
+                    cleared.append(c)
+                    if c == "remap_failure":
+                        self._acked.setdefault(subject, []).append(c)
+            if index is not None and want in (None, "ecc_uncorrected"):
+                tr = self._tracks.get(index)
+                key = tr.uuid if tr is not None and tr.uuid else f"index:{index}"
+                base = self._ecc_base.get(key)
+                if base is not None and int(base.get("reported", 0)) > 0:
+                    # the current counts become the new baseline at the next cycle
+                    del self._ecc_base[key]
+                    cleared.append("ecc_uncorrected")
+            if cleared:
+                self._dirty = True
+                self._save()
+            uuid = self._tracks[index].uuid if index is not None and index in self._tracks \
+                else None
+            who = "the node" if index is None else f"GPU {index}"
+            return [Event(now, subject, "ack", Severity.OK, "none",
+                          f"acknowledged {c} on {who}", gpu=index, uuid=uuid,
+                          fields={"cleared": c}) for c in cleared]
+
+    def metric_families(self, snapshot: NodeSnapshot):
+        return metric_families(snapshot)
+
+
+def code_is_xid(code: str) -> bool:
+    return code.startswith("xid_")
+
+
+def _normalize_code(code: str) -> str:
+    c = str(code).strip().lower()
+    m = re.fullmatch(r"(?:xid[_ ]?)?(\d+)", c)
+    return f"xid_{int(m.group(1))}" if m else c
+
+
+# --------------------------------------------------------------------------- metrics
+def metric_families(snapshot: NodeSnapshot):
+    """Health and hardware-fault metrics of one snapshot; readings that are None are left out."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    L = ["gpu", "uuid"]
+    health = GaugeMetricFamily("gpucostd_gpu_health",
+                               "GPU health: 0 OK, 1 WARN, 2 CRIT, 3 UNKNOWN", labels=L)
+    node = GaugeMetricFamily("gpucostd_node_health",
+                             "Node health: 0 OK, 1 WARN, 2 CRIT, 3 UNKNOWN")
+    xids = CounterMetricFamily("gpucostd_gpu_xid_errors",
+                               "NVRM Xid errors recorded (gpu empty: not mapped to a GPU)",
+                               labels=L + ["xid"])
+    ecc = CounterMetricFamily("gpucostd_gpu_ecc_errors", "ECC errors reported by NVML",
+                              labels=L + ["type", "counter"])
+    remapped = GaugeMetricFamily("gpucostd_gpu_remapped_rows", "Remapped memory rows",
+                                 labels=L + ["kind"])
+    pending = GaugeMetricFamily("gpucostd_gpu_remapped_rows_pending",
+                                "1 while a row remapping waits for a GPU reset", labels=L)
+    failure = GaugeMetricFamily("gpucostd_gpu_remapped_rows_failure",
+                                "1 when a row remapping failed", labels=L)
+    retired = GaugeMetricFamily("gpucostd_gpu_retired_pages", "Retired memory pages",
+                                labels=L + ["cause"])
+    retired_pending = GaugeMetricFamily("gpucostd_gpu_retired_pages_pending",
+                                        "1 while page retirement waits for a GPU reset",
+                                        labels=L)
+    lost = GaugeMetricFamily("gpucostd_gpu_lost", "1 when the GPU is lost (fell off the bus)",
+                             labels=L)
+    gen = GaugeMetricFamily("gpucostd_gpu_pcie_link_generation", "PCIe link generation",
+                            labels=L + ["kind"])
+    width = GaugeMetricFamily("gpucostd_gpu_pcie_link_width", "PCIe link width (lanes)",
+                              labels=L + ["kind"])
+    replay = CounterMetricFamily("gpucostd_gpu_pcie_replay_errors", "PCIe replay counter",
+                                 labels=L)
+    thresholds = GaugeMetricFamily("gpucostd_gpu_temperature_threshold_celsius",
+                                   "GPU temperature thresholds", labels=L + ["threshold"])
+    memtemp = GaugeMetricFamily("gpucostd_gpu_memory_temperature_celsius",
+                                "GPU memory (HBM) temperature", labels=L)
+    violation = CounterMetricFamily("gpucostd_gpu_violation_seconds",
+                                    "Time clocks were held below target, per perf policy",
+                                    labels=L + ["policy"])
+
+    uuids: Dict[int, str] = {}
+    for g in snapshot.gpus:
+        gl = [str(g.index), g.uuid or ""]
+        uuids[g.index] = g.uuid or ""
+        lost.add_metric(gl, 1.0 if g.state == GpuState.LOST else 0.0)
+        for typ, counter, v in (("corrected", "volatile", g.ecc_volatile_corrected),
+                                ("uncorrected", "volatile", g.ecc_volatile_uncorrected),
+                                ("corrected", "aggregate", g.ecc_aggregate_corrected),
+                                ("uncorrected", "aggregate", g.ecc_aggregate_uncorrected)):
+            if v is not None:
+                ecc.add_metric(gl + [typ, counter], float(v))
+        if g.remapped_rows_correctable is not None:
+            remapped.add_metric(gl + ["correctable"], float(g.remapped_rows_correctable))
+        if g.remapped_rows_uncorrectable is not None:
+            remapped.add_metric(gl + ["uncorrectable"], float(g.remapped_rows_uncorrectable))
+        if g.remapped_rows_pending is not None:
+            pending.add_metric(gl, 1.0 if g.remapped_rows_pending else 0.0)
+        if g.remapped_rows_failure is not None:
+            failure.add_metric(gl, 1.0 if g.remapped_rows_failure else 0.0)
+        if g.retired_pages_sbe is not None:
+            retired.add_metric(gl + ["sbe"], float(g.retired_pages_sbe))
+        if g.retired_pages_dbe is not None:
+            retired.add_metric(gl + ["dbe"], float(g.retired_pages_dbe))
+        if g.retired_pages_pending is not None:
+            retired_pending.add_metric(gl, 1.0 if g.retired_pages_pending else 0.0)
+        for fam, cur, mx in ((gen, g.pcie_link_gen, g.pcie_link_gen_max),
+                             (width, g.pcie_link_width, g.pcie_link_width_max)):
+            if cur is not None:
+                fam.add_metric(gl + ["current"], float(cur))
+            if mx is not None:
+                fam.add_metric(gl + ["max"], float(mx))
+        if g.pcie_replay_count is not None:
+            replay.add_metric(gl, float(g.pcie_replay_count))
+        if g.temp_slowdown_celsius is not None:
+            thresholds.add_metric(gl + ["slowdown"], float(g.temp_slowdown_celsius))
+        if g.temp_shutdown_celsius is not None:
+            thresholds.add_metric(gl + ["shutdown"], float(g.temp_shutdown_celsius))
+        if g.memory_temperature_celsius is not None:
+            memtemp.add_metric(gl, float(g.memory_temperature_celsius))
+        if g.violation_seconds:
+            for policy, _ in VIOLATION_POLICIES:
+                v = g.violation_seconds.get(policy)
+                if v is not None:
+                    violation.add_metric(gl + [policy], float(v))
+    for index, sev in sorted((snapshot.gpu_health or {}).items()):
+        health.add_metric([str(index), uuids.get(index, "")], float(int(sev)))
+    node.add_metric([], float(int(snapshot.node_health)))
+    totals = (snapshot.counters or {}).get("xid_totals") or {}
+    for (gpu, xid), count in sorted(totals.items(), key=lambda kv: (
+            -1 if kv[0][0] is None else kv[0][0], kv[0][1])):
+        label_gpu = "" if gpu is None else str(gpu)
+        xids.add_metric([label_gpu, uuids.get(gpu, "") if gpu is not None else "", str(xid)],
+                        float(count))
+    return [health, node, xids, ecc, remapped, pending, failure, retired, retired_pending, lost,
+            gen, width, replay, thresholds, memtemp, violation]
+
+
+__all__ = ["HealthJudge", "HealthReport", "metric_families", "normalize_bus_id",
+           "XID_FINDING_TTL_SECONDS", "STICKY_XIDS"]

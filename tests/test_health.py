@@ -1,0 +1,380 @@
+"""Health rules, sticky faults and their persistence, ack, health metrics."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import pytest
+
+from gpucostd import config as config_mod
+from gpucostd.clock import VirtualClock
+from gpucostd.health import HealthJudge, metric_families, normalize_bus_id
+from gpucostd.snapshot import GpuReading, GpuState, NodeSnapshot, Severity
+
+BUS = ["00000000:1B:00.0", "00000000:43:00.0", "00000000:52:00.0", "00000000:61:00.0",
+       "00000000:9D:00.0", "00000000:C3:00.0", "00000000:D1:00.0", "00000000:DF:00.0"]
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Stand-in with the fields of probes.kernel_log.KernelFault."""
+    time: Optional[float]
+    pci_bus_id: Optional[str]
+    xid: int
+    message: str = ""
+    raw: str = ""
+    process_name: Optional[str] = None
+    dedupe_key: Optional[str] = None
+
+
+def gpu(index=0, **kw) -> GpuReading:
+    base = dict(index=index, uuid=f"GPU-0000000{index}-aaaa-bbbb-cccc-dddddddddddd",
+                name="NVIDIA H100 80GB HBM3", pci_bus_id=BUS[index], temperature_celsius=50.0,
+                temp_slowdown_celsius=87.0, temp_shutdown_celsius=92.0,
+                clock_event_reasons=(), utilization_percent=0.0, ecc_mode=True,
+                ecc_volatile_corrected=0, ecc_volatile_uncorrected=0,
+                ecc_aggregate_corrected=10, ecc_aggregate_uncorrected=0,
+                remapped_rows_correctable=0, remapped_rows_uncorrectable=0,
+                remapped_rows_pending=False, remapped_rows_failure=False,
+                pcie_link_gen=5, pcie_link_gen_max=5, pcie_link_width=16,
+                pcie_link_width_max=16, pcie_replay_count=0)
+    base.update(kw)
+    return GpuReading(**base)
+
+
+def cfg(text=""):
+    return config_mod.parse(text)
+
+
+@pytest.fixture
+def clock():
+    return VirtualClock()
+
+
+@pytest.fixture
+def boot(tmp_path):
+    p = tmp_path / "boot_id"
+    p.write_text("11111111-2222-3333-4444-555555555555\n")
+    return p
+
+
+def make(tmp_path, clock, boot, text=""):
+    return HealthJudge(cfg(text), clock, str(tmp_path / "state"), boot_id_path=str(boot))
+
+
+def step(judge, clock, gpus, faults=(), dt=1.0):
+    clock.advance(dt)
+    return judge.judge(gpus, list(faults), clock.time())
+
+
+def codes(report, index=None):
+    return {f.code: f for f in report.findings
+            if index is None or f.subject == f"gpu:{index}"}
+
+
+def test_normalize_bus_id():
+    assert normalize_bus_id("00000000:9B:00.0") == "0000:9b:00.0"
+    assert normalize_bus_id("0000:9b:00") == "0000:9b:00.0"
+    assert normalize_bus_id("PCI:0009:01:00") == "0009:01:00.0"
+    assert normalize_bus_id("not a bus") is None
+    assert normalize_bus_id(None) is None
+
+
+def test_healthy_gpus_are_ok_and_emit_no_events(tmp_path, clock, boot):
+    j = make(tmp_path, clock, boot)
+    r = step(j, clock, [gpu(0), gpu(1)])
+    assert r.gpu_health == {0: Severity.OK, 1: Severity.OK}
+    assert r.node_health == Severity.OK
+    assert [f for f in r.findings if f.severity != Severity.OK] == []
+    assert r.events == []
+
+
+def test_new_uncorrectable_ecc_is_crit_with_event(tmp_path, clock, boot):
+    j = make(tmp_path, clock, boot)
+    step(j, clock, [gpu(0, ecc_volatile_uncorrected=2, ecc_aggregate_uncorrected=5)])
+    r = step(j, clock, [gpu(0, ecc_volatile_uncorrected=2, ecc_aggregate_uncorrected=5)])
+    assert r.gpu_health[0] == Severity.OK            # old errors are the baseline, not new
+    r = step(j, clock, [gpu(0, ecc_volatile_uncorrected=3, ecc_aggregate_uncorrected=6)])
+    assert r.gpu_health[0] == Severity.CRIT and r.node_health == Severity.CRIT
+    f = codes(r)["ecc_uncorrected"]
+    assert "1 new uncorrectable" in f.message and f.since == clock.time()
+    ev = {e.code: e for e in r.events}
+    assert ev["ecc_uncorrected"].severity == Severity.CRIT
+    hc = [e for e in r.events if e.code == "health_change"]
+    assert [(e.subject, e.gpu, e.fields["to"]) for e in hc] == [("gpu:0", 0, "CRIT"),
+                                                                  ("node", None, "CRIT")]
+    assert {e.subject for e in r.events if e.code == "health_change"} == {"gpu:0", "node"}
+    # no repeated event while the count stays
+    r = step(j, clock, [gpu(0, ecc_volatile_uncorrected=3, ecc_aggregate_uncorrected=6)])
+    assert r.gpu_health[0] == Severity.CRIT and r.events == []
+    # the baseline survives a restart of the daemon (same boot)
+    j2 = make(tmp_path, clock, boot)
+    r = step(j2, clock, [gpu(0, ecc_volatile_uncorrected=3, ecc_aggregate_uncorrected=6)])
+    assert r.gpu_health[0] == Severity.CRIT
+    assert not [e for e in r.events if e.code == "health_change"]   # health was persisted too
+    # a GPU reset (volatile counters drop) clears it
+    r = step(j2, clock, [gpu(0, ecc_volatile_uncorrected=0, ecc_aggregate_uncorrected=6)])
+    assert r.gpu_health[0] == Severity.OK
+    assert "gpu_reset" in {e.code for e in r.events}
+
+
+def test_remap_pending_is_warn_reset_gpu(tmp_path, clock, boot):
+    j = make(tmp_path, clock, boot)
+    step(j, clock, [gpu(0)])
+    r = step(j, clock, [gpu(0, remapped_rows_pending=True)])
+    assert r.gpu_health[0] == Severity.WARN
+    f = codes(r)["remap_pending"]
+    assert f.action == "reset GPU" and f.severity == Severity.WARN
+    assert "remap_pending" in {e.code for e in r.events}
+    r = step(j, clock, [gpu(0, remapped_rows_pending=True)])
+    assert "remap_pending" not in {e.code for e in r.events}
+
+
+def test_remap_failure_is_crit_rma_and_sticky(tmp_path, clock, boot):
+    j = make(tmp_path, clock, boot)
+    step(j, clock, [gpu(0)])
+    r = step(j, clock, [gpu(0, remapped_rows_failure=True)])
+    f = codes(r)["remap_failure"]
+    assert f.severity == Severity.CRIT and "RMA" in f.action
+    assert r.gpu_health[0] == Severity.CRIT
+    assert "remap_failure" in {e.code for e in r.events}
+    # the reading goes away (e.g. NVML stops reporting it): still CRIT, also after a restart
+    r = step(j, clock, [gpu(0, remapped_rows_failure=None)])
+    assert r.gpu_health[0] == Severity.CRIT
+    j2 = make(tmp_path, clock, boot)
+    r = step(j2, clock, [gpu(0, remapped_rows_failure=None)])
+    assert codes(r)["remap_failure"].severity == Severity.CRIT
+    acks = j2.ack(0, "remap_failure")
+    assert [e.code for e in acks] == ["ack"] and acks[0].fields["cleared"] == "remap_failure"
+    r = step(j2, clock, [gpu(0, remapped_rows_failure=True)])   # acked: not raised again
+    assert r.gpu_health[0] == Severity.OK
+
+
+def test_lost_gpu_is_crit_with_event_and_recovers_when_back(tmp_path, clock, boot):
+    j = make(tmp_path, clock, boot)
+    step(j, clock, [gpu(0), gpu(1)])
+    lost = GpuReading(index=1, state=GpuState.LOST, error="GPU is lost", uuid=gpu(1).uuid,
+                      pci_bus_id=BUS[1])
+    r = step(j, clock, [gpu(0), lost])
+    assert r.gpu_health == {0: Severity.OK, 1: Severity.CRIT}
+    assert r.node_health == Severity.CRIT
+    assert codes(r, 1)["gpu_lost"].severity == Severity.CRIT
+    assert "gpu_lost" in {e.code for e in r.events}
+    r = step(j, clock, [gpu(0), lost])
+    assert "gpu_lost" not in {e.code for e in r.events}
+    r = step(j, clock, [gpu(0), gpu(1)])
+    assert r.gpu_health[1] == Severity.OK
+    assert {"gpu_reset", "health_change"} <= {e.code for e in r.events}
+
+
+def test_unresponsive_is_crit_and_unknown_is_unknown(tmp_path, clock, boot):
+    j = make(tmp_path, clock, boot)
+    r = step(j, clock, [GpuReading(index=0, state=GpuState.UNRESPONSIVE,
+                                   error="nvmlDeviceGetPowerUsage overran its 2 s deadline"),
+                        GpuReading(index=1, state=GpuState.UNKNOWN,
+                                   error="NVML unavailable: driver not loaded")])
+    assert r.gpu_health == {0: Severity.CRIT, 1: Severity.UNKNOWN}
+    assert r.node_health == Severity.CRIT
+    assert "deadline" in codes(r, 0)["gpu_unresponsive"].message
+    assert "driver not loaded" in codes(r, 1)["gpu_unknown"].message
+    r = step(j, clock, [GpuReading(index=1, state=GpuState.UNKNOWN, error="no driver")])
+    assert r.node_health == Severity.UNKNOWN
+
+
+def test_slowdown_warn_then_crit_after_fraction_of_window(tmp_path, clock, boot):
+    j = make(tmp_path, clock, boot, "[health]\nslowdown_window_seconds = 100.0\n")
+    for _ in range(10):
+        r = step(j, clock, [gpu(0)])
+    slow = gpu(0, clock_event_reasons=("HwThermalSlowdown",))
+    r = step(j, clock, [slow])
+    assert r.gpu_health[0] == Severity.WARN
+    assert "HwThermalSlowdown" in codes(r)["hw_slowdown"].message
+    seen = []
+    for _ in range(70):
+        r = step(j, clock, [slow])
+        seen.append(r.gpu_health[0])
+    # active from t=11 on, sampled every second: more than 60 of the last 100 s after 61 s
+    assert seen[:59] == [Severity.WARN] * 59
+    assert seen[-1] == Severity.CRIT
+    first_crit = seen.index(Severity.CRIT)
+    assert 59 <= first_crit <= 61
+    # slowdown ends: still CRIT while the window holds > 60 % active time, then OK
+    results = [step(j, clock, [gpu(0)]).gpu_health[0] for _ in range(60)]
+    assert results[0] == Severity.CRIT and results[-1] == Severity.OK
+
+
+def test_slowdown_counts_only_observed_time(tmp_path, clock, boot):
+    j = make(tmp_path, clock, boot, "[health]\nslowdown_window_seconds = 100.0\n")
+    slow = gpu(0, clock_event_reasons=("HwSlowdown",))
+    step(j, clock, [slow])
+    r = step(j, clock, [slow], dt=90.0)    # a 90 s gap we did not watch does not count
+    assert r.gpu_health[0] == Severity.WARN
+    assert "0%" in codes(r)["hw_slowdown"].message
+
+
+def test_sw_power_cap_ok_by_default_warn_when_configured(tmp_path, clock, boot):
+    capped = gpu(0, clock_event_reasons=("SwPowerCap",))
+    j = make(tmp_path, clock, boot)
+    r = step(j, clock, [capped])
+    assert codes(r)["sw_power_cap"].severity == Severity.OK
+    assert r.gpu_health[0] == Severity.OK
+    j2 = make(tmp_path / "b", clock, boot, '[health]\nsw_power_cap = "warn"\n')
+    r = step(j2, clock, [capped])
+    assert codes(r)["sw_power_cap"].severity == Severity.WARN
+    assert r.gpu_health[0] == Severity.WARN
+
+
+def test_temperature_margin(tmp_path, clock, boot):
+    j = make(tmp_path, clock, boot, "[health]\ntemperature_margin_celsius = 5.0\n")
+    assert step(j, clock, [gpu(0, temperature_celsius=81.0)]).gpu_health[0] == Severity.OK
+    r = step(j, clock, [gpu(0, temperature_celsius=82.0)])
+    assert r.gpu_health[0] == Severity.WARN
+    assert "within 5 °C of slowdown 87 °C" in codes(r)["temperature_near_slowdown"].message
+    assert step(j, clock, [gpu(0, temperature_celsius=None)]).gpu_health[0] == Severity.OK
+
+
+def test_corrected_ecc_rate(tmp_path, clock, boot):
+    j = make(tmp_path, clock, boot, "[health]\ncorrected_ecc_per_hour = 100.0\n")
+    step(j, clock, [gpu(0, ecc_volatile_corrected=1000)])
+    r = step(j, clock, [gpu(0, ecc_volatile_corrected=1100)], dt=60)
+    assert r.gpu_health[0] == Severity.OK                         # 100 is not above 100
+    r = step(j, clock, [gpu(0, ecc_volatile_corrected=1101)], dt=60)
+    assert codes(r)["ecc_corrected_rate"].severity == Severity.WARN
+    r = step(j, clock, [gpu(0, ecc_volatile_corrected=1101)], dt=3600)
+    assert r.gpu_health[0] == Severity.OK                         # an hour later
+
+
+def test_retired_pages_pending_is_warn(tmp_path, clock, boot):
+    j = make(tmp_path, clock, boot)
+    r = step(j, clock, [gpu(0, retired_pages_pending=True)])
+    assert codes(r)["retired_pages_pending"].severity == Severity.WARN
+
+
+def test_pcie_degraded_only_while_busy(tmp_path, clock, boot):
+    j = make(tmp_path, clock, boot)
+    narrow = dict(pcie_link_gen=4, pcie_link_width=8)
+    assert step(j, clock, [gpu(0, utilization_percent=5.0, **narrow)]).gpu_health[0] \
+        == Severity.OK
+    r = step(j, clock, [gpu(0, utilization_percent=90.0, **narrow)])
+    assert r.gpu_health[0] == Severity.WARN
+    assert "Gen4 x8" in codes(r)["pcie_degraded"].message
+    assert step(j, clock, [gpu(0, utilization_percent=90.0)]).gpu_health[0] == Severity.OK
+
+
+def test_xid_maps_bus_id_to_gpu_with_catalog_severity(tmp_path, clock, boot):
+    j = make(tmp_path, clock, boot)
+    step(j, clock, [gpu(0), gpu(4)])
+    f = Fault(clock.time(), "0000:9d:00.0", 13, "pid=1, name=python, Graphics SM exception",
+              dedupe_key="k1", process_name="python")
+    r = step(j, clock, [gpu(0), gpu(4)], [f])
+    xe = [e for e in r.events if e.code == "xid"]
+    assert len(xe) == 1 and xe[0].gpu == 4 and xe[0].xid == 13
+    assert xe[0].uuid == gpu(4).uuid and xe[0].subject == "gpu:4"
+    assert xe[0].severity == Severity.WARN and xe[0].fields["dedupe_key"] == "k1"
+    assert r.gpu_health[4] == Severity.WARN and codes(r, 4)["xid_13"].since == f.time
+    # a non-sticky Xid ages out
+    r = step(j, clock, [gpu(0), gpu(4)], dt=601)
+    assert r.gpu_health[4] == Severity.OK
+
+
+def test_xid_on_unknown_bus_is_a_node_finding(tmp_path, clock, boot):
+    j = make(tmp_path, clock, boot)
+    r = step(j, clock, [gpu(0)], [Fault(clock.time(), "0000:ee:00.0", 79, "fallen off")])
+    e = [e for e in r.events if e.code == "xid"][0]
+    assert e.subject == "node" and e.gpu is None and e.severity == Severity.CRIT
+    assert r.gpu_health[0] == Severity.OK
+    assert r.node_health == Severity.CRIT
+    assert codes(r)["xid_79"].subject == "node"
+
+
+def test_sticky_xid_persists_across_restart_and_clears_on_new_boot(tmp_path, clock, boot):
+    j = make(tmp_path, clock, boot)
+    step(j, clock, [gpu(0), gpu(1)])
+    r = step(j, clock, [gpu(0), gpu(1)], [Fault(clock.time(), "0000:43:00.0", 48, "DBE")])
+    assert r.gpu_health[1] == Severity.CRIT
+    r = step(j, clock, [gpu(0), gpu(1)], dt=3600)        # sticky: does not age out
+    assert r.gpu_health[1] == Severity.CRIT
+    j2 = make(tmp_path, clock, boot)                     # daemon restart, same boot
+    r = step(j2, clock, [gpu(0), gpu(1)])
+    assert r.gpu_health[1] == Severity.CRIT and "xid_48" in codes(r, 1)
+    boot.write_text("99999999-2222-3333-4444-555555555555\n")   # host rebooted
+    j3 = make(tmp_path, clock, boot)
+    r = step(j3, clock, [gpu(0), gpu(1)])
+    assert r.gpu_health[1] == Severity.OK
+    hc = [e for e in r.events if e.code == "health_change" and e.subject == "gpu:1"]
+    assert hc and hc[0].fields["from"] == "CRIT" and hc[0].fields["to"] == "OK"
+
+
+def test_sticky_xid_clears_on_ack(tmp_path, clock, boot):
+    j = make(tmp_path, clock, boot)
+    step(j, clock, [gpu(0)])
+    step(j, clock, [gpu(0)], [Fault(clock.time(), "0000:1b:00.0", 79, "fallen off the bus"),
+                              Fault(clock.time(), "0000:1b:00.0", 119, "GSP timeout")])
+    assert j.ack(0, "7") == []                            # nothing of that code
+    acks = j.ack(0, "79")
+    assert [(e.code, e.fields["cleared"], e.subject) for e in acks] == [
+        ("ack", "xid_79", "gpu:0")]
+    r = step(j, clock, [gpu(0)])
+    assert r.gpu_health[0] == Severity.CRIT               # 119 still there
+    assert {e.fields["cleared"] for e in j.ack(0)} == {"xid_119"}
+    r = step(j, clock, [gpu(0)])
+    assert r.gpu_health[0] == Severity.OK
+    j2 = make(tmp_path, clock, boot)                      # the ack is persisted
+    assert step(j2, clock, [gpu(0)]).gpu_health[0] == Severity.OK
+
+
+def test_corrupt_state_file_is_survived(tmp_path, clock, boot):
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "health.json").write_text("{not json")
+    j = make(tmp_path, clock, boot)
+    assert step(j, clock, [gpu(0)]).gpu_health[0] == Severity.OK
+
+
+def test_metric_families(tmp_path, clock, boot):
+    from prometheus_client import generate_latest
+    from prometheus_client.registry import CollectorRegistry
+
+    gpus = (gpu(0, violation_seconds={"power": 1.5, "thermal": 0.0}, retired_pages_sbe=None,
+                memory_temperature_celsius=None),
+            GpuReading(index=1, state=GpuState.LOST, uuid="GPU-x"))
+    snap = NodeSnapshot(time=0.0, monotonic=0.0, cycle=1, hostname="h", started_at=0.0,
+                        nvml_available=True, nvml_error=None, driver_version=None,
+                        cuda_version=None, gpus=gpus,
+                        gpu_health={0: Severity.OK, 1: Severity.CRIT},
+                        node_health=Severity.CRIT,
+                        counters={"xid_totals": {(1, 79): 2, (None, 13): 1}})
+
+    class C:
+        def collect(self):
+            return metric_families(snap)
+    reg = CollectorRegistry()
+    reg.register(C())
+    text = generate_latest(reg).decode()
+    assert 'gpucostd_gpu_health{gpu="1",uuid="GPU-x"} 2.0' in text
+    assert "gpucostd_node_health 2.0" in text
+    assert 'gpucostd_gpu_xid_errors_total{gpu="1",uuid="GPU-x",xid="79"} 2.0' in text
+    assert 'gpucostd_gpu_xid_errors_total{gpu="",uuid="",xid="13"} 1.0' in text
+    assert ('gpucostd_gpu_ecc_errors_total{counter="aggregate",gpu="0",type="corrected",'
+            in text or 'type="corrected"' in text)
+    assert 'gpucostd_gpu_lost{gpu="1",uuid="GPU-x"} 1.0' in text
+    assert 'gpucostd_gpu_violation_seconds_total{gpu="0",' in text and 'policy="power"' in text
+    assert 'kind="max"' in text and "gpucostd_gpu_pcie_replay_errors_total" in text
+    # absent readings are left out, never 0
+    assert 'cause="sbe"' not in text
+    assert 'gpucostd_gpu_memory_temperature_celsius{' not in text
+    assert 'gpucostd_gpu_ecc_errors_total{counter="volatile",gpu="1"' not in text
+
+
+def test_judge_is_cheap_for_8_gpus(tmp_path, clock, boot):
+    j = make(tmp_path, clock, boot)
+    gpus = [gpu(i, clock_event_reasons=("SwPowerCap",), utilization_percent=80.0)
+            for i in range(8)]
+    for _ in range(20):
+        step(j, clock, gpus)
+    n = 500
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step(j, clock, gpus)
+    per_cycle = (time.perf_counter() - t0) / n
+    assert per_cycle < 0.005, f"judge() took {per_cycle * 1e3:.2f} ms for 8 GPUs"
