@@ -493,6 +493,12 @@ class KernelLogWatcher:
             except Exception:
                 log.debug("on_fault callback failed", exc_info=True)
 
+    def _read_failed(self, what: str) -> None:
+        if self.error != what:
+            self.error = what
+            log.warning("kernel log: %s", what)
+        self._stop.wait(1.0)
+
     def _guarded(self, fn: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
             try:
@@ -632,6 +638,9 @@ class KernelLogWatcher:
                         continue
                     except InterruptedError:
                         continue
+                    except OSError as e:        # unexpected: say so, keep trying
+                        self._read_failed(f"reading {self.kmsg_path}: {e.strerror or e}")
+                        break
                     if not rec:
                         break
                     queued |= self._handle_record(rec)
@@ -639,6 +648,9 @@ class KernelLogWatcher:
                 try:
                     data = os.read(fd, 1 << 16)
                 except (BlockingIOError, InterruptedError):
+                    data = None
+                except OSError as e:
+                    self._read_failed(f"reading {self.kmsg_path}: {e.strerror or e}")
                     data = None
                 if not data:
                     if self._idle():
@@ -697,7 +709,11 @@ class KernelLogWatcher:
             for _ in range(10000):
                 if self._stop.is_set():
                     break
-                entry = j.get_next()
+                try:
+                    entry = j.get_next()
+                except Exception as e:          # a corrupt journal file: say so, keep going
+                    self._read_failed(f"reading the journal: {e}")
+                    entry = None
                 if not entry:
                     break
                 cursor = entry.get("__CURSOR")

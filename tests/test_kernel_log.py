@@ -499,3 +499,26 @@ def test_flood_through_a_pipe_does_not_delay_the_nvrm_line(tmp_path):
             os.close(fd)
     finally:
         w.stop()
+
+
+def test_on_fault_callback_and_poll_before_start(tmp_path):
+    calls = []
+    w = KernelLogWatcher("none", tmp_path, on_fault=lambda: calls.append(1))
+    assert w.poll() == []                      # safe before start()
+    w.commit()
+    w.feed_lines(["unrelated", xid_line(1)])
+    assert calls == [1] and w.wait(0) and len(w.poll()) == 1 and not w.wait(0)
+
+
+def test_multi_line_fed_message_and_late_flush_in_poll(tmp_path):
+    clock = VirtualClock()
+    w = KernelLogWatcher("none", tmp_path, clock=clock)
+    w.start()
+    w.feed_lines(["NVRM: The NVIDIA GPU 0000:b3:00.0\nNVRM: (PCI ID: 10de:26b5) installed in "
+                  "this system has\nNVRM: fallen off the bus and is not responding to commands."])
+    (f,) = w.poll()
+    assert (f.xid, f.pci_bus_id, f.time) == (79, "0000:b3:00.0", clock.time())
+    w.feed_lines(["NVRM: The NVIDIA GPU 0000:b4:00.0"])   # the rest never comes
+    assert w.poll() == []
+    clock.advance(5)
+    assert [(f.xid, f.pci_bus_id) for f in w.poll()] == [(79, "0000:b4:00.0")]
