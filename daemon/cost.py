@@ -418,6 +418,7 @@ class CostAccountant:
         self.clock = clock
         self.save_every_seconds = save_every_seconds
         self._tracks: Dict[str, _GpuTrack] = {}
+        self._by_index: Dict[int, str] = {}
         self._history: Dict[int, Dict[str, Dict[str, List[float]]]] = {}
         self._rate: Deque[Tuple[float, float, float]] = deque()   # (mono, dollars, capacity)
         self._price_change: Optional[Tuple[float, Dict[str, float]]] = None
@@ -465,7 +466,10 @@ class CostAccountant:
         hist = self._history.get(bucket)
         present = []
         for g in gpus:
-            key = _gpu_key(g)
+            # a GPU that lost its identity (LOST/UNKNOWN readings carry no uuid) stays the
+            # GPU last seen at its index
+            key = g.uuid or self._by_index.get(g.index) or _gpu_key(g)
+            self._by_index[g.index] = key
             tr = self._tracks.get(key)
             if tr is None:
                 tr = self._tracks[key] = _GpuTrack(key, g.index, g.uuid, g.name)
@@ -613,7 +617,8 @@ class CostAccountant:
             _add_reasons(node_hour.by_reason, hour.by_reason)
             _add_reasons(node_day.by_reason, day.by_reason)
             gpus_out.append(GpuCost(
-                index=g.index, uuid=g.uuid, name=g.name or tr.name, price_per_hour=price,
+                index=g.index, uuid=g.uuid or tr.uuid, name=g.name or tr.name,
+                price_per_hour=price,
                 busy=busy, loss_ratio=loss, effective_cost_multiplier=cost_multiplier(loss),
                 active_reasons=active_throttle_reasons(g) if g.state == GpuState.OK else (),
                 source=tr.source,
