@@ -252,19 +252,24 @@ class SimulatedLibrary:
         for name, (restype, argtypes) in SYMBOLS.items():
             impl = getattr(node, "_c_" + name)
             proto = CFUNCTYPE(restype, *argtypes)
-            fptr = proto(_guard(name, impl))
+            fptr = proto(_guard(name, impl, node.calls))
             self._callbacks[name] = fptr
             setattr(self, name, fptr)
+
+    def release(self) -> None:
+        """Release calls blocked in a simulated hang (NvmlGateway.shutdown calls this)."""
+        self._node.close()
 
     def __repr__(self) -> str:
         return f"<SimulatedLibrary of {self._node.scenario!r}>"
 
 
-def _guard(name: str, impl: Callable[..., int]) -> Callable[..., int]:
+def _guard(name: str, impl: Callable[..., int], counts: Dict[str, int]) -> Callable[..., int]:
     """Never let a Python exception escape a ctypes callback (ctypes would return 0 =
-    SUCCESS)."""
+    SUCCESS). Counts calls per symbol (SimulatedNode.calls)."""
 
     def call(*args):
+        counts[name] = counts.get(name, 0) + 1
         try:
             return impl(*args)
         except _DeviceFault as fault:
@@ -296,7 +301,7 @@ class SimulatedNode:
         self._kernel_t = -1.0
         self._error_strings = {code: ctypes.create_string_buffer(text.encode())
                                for code, text in ERROR_STRINGS.items()}
-        self._call_counts: Dict[str, int] = {}
+        self.calls: Dict[str, int] = {}     # C symbol -> number of calls (for tests)
         self.library = SimulatedLibrary(self)
 
     # ------------------------------------------------------------------ python API

@@ -1,0 +1,782 @@
+"""The NVML gateway: the only module that imports pynvml.
+
+Every NVML call runs on a worker thread under a deadline (default 2 s). There is one worker per
+GPU (plus one for node-wide calls such as nvmlInit), so a GPU whose calls hang -- a GPU that fell
+off the bus can block NVML for tens of seconds -- delays nobody else:
+
+- a call that overruns its deadline marks that GPU *unresponsive*; the caller gets
+  ``NvmlError(kind="timeout")`` at once;
+- while the stuck call has not returned, every further call for that GPU fails with
+  kind "timeout" immediately (the GPU is never called twice at the same time);
+- when the stuck call returns, the GPU recovers by itself.
+
+A device read (``read_devices``) is one job per GPU: all of that GPU's NVML calls for one cycle
+run back to back on its worker, under one deadline, and the GPUs are read in parallel.
+
+NVML errors are mapped to meaning (``NvmlError.kind``): NOT_SUPPORTED -> "not_supported" (the
+reading is absent: None, never 0); GPU_IS_LOST -> "lost"; NO_PERMISSION -> "no_permission" (the
+message names the privilege); library missing / driver not loaded / uninitialised ->
+"unavailable" (the gateway reports ``available = False`` with the reason and retries
+``nvmlInit`` every ``retry_seconds``).
+
+Works with both the old (``nvmlDeviceGetCurrentClocksThrottleReasons``) and the new
+(``nvmlDeviceGetCurrentClocksEventReasons``) names of nvidia-ml-py, whichever exists.
+
+pynvml is process-global: ``NvmlGateway(library=X)`` installs X as ``pynvml.nvmlLib`` when it
+initialises, so one process talks to one NVML library (real or simulated) at a time.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+from .clock import RealClock
+from .snapshot import VIOLATION_POLICIES, reasons_from_mask
+
+try:  # pragma: no cover - the import itself is exercised everywhere
+    import pynvml as _pynvml
+    _PYNVML_ERROR: Optional[str] = None
+except Exception as _exc:  # noqa: BLE001 - any import failure means "not available"
+    _pynvml = None  # type: ignore[assignment]
+    _PYNVML_ERROR = (f"the Python package nvidia-ml-py (module pynvml) cannot be imported "
+                     f"({_exc}); install it: pip install nvidia-ml-py")
+
+log = logging.getLogger("gpucostd.nvml")
+
+KINDS = ("not_supported", "lost", "no_permission", "timeout", "unavailable",
+         "invalid_argument", "other")
+
+# NVML return codes (nvml.h)
+_NOT_SUPPORTED = 3
+_NO_PERMISSION = 4
+_INVALID_ARGUMENT = 2
+_UNINITIALIZED = 1
+_DRIVER_NOT_LOADED = 9
+_TIMEOUT = 10
+_LIBRARY_NOT_FOUND = 12
+_FUNCTION_NOT_FOUND = 13
+_GPU_IS_LOST = 15
+_RESET_REQUIRED = 16
+_LIB_RM_VERSION_MISMATCH = 18
+
+_KIND_BY_CODE = {
+    _NOT_SUPPORTED: "not_supported",
+    _FUNCTION_NOT_FOUND: "not_supported",   # an older driver lacks the symbol: reading absent
+    _GPU_IS_LOST: "lost",
+    _NO_PERMISSION: "no_permission",
+    _INVALID_ARGUMENT: "invalid_argument",
+    _TIMEOUT: "timeout",
+    _UNINITIALIZED: "unavailable",
+    _DRIVER_NOT_LOADED: "unavailable",
+    _LIBRARY_NOT_FOUND: "unavailable",
+    _LIB_RM_VERSION_MISMATCH: "unavailable",
+}
+# Kinds that end a whole device read (the other kinds only blank the one reading).
+_FATAL = ("lost", "timeout", "unavailable")
+
+NVML_CLOCK_SM = 1
+NVML_TEMPERATURE_GPU = 0
+NVML_TEMPERATURE_THRESHOLD_SHUTDOWN = 0
+NVML_TEMPERATURE_THRESHOLD_SLOWDOWN = 1
+NVML_FI_DEV_MEMORY_TEMP = 82
+_CURRENT_REASON_FNS = ("nvmlDeviceGetCurrentClocksEventReasons",
+                       "nvmlDeviceGetCurrentClocksThrottleReasons")
+_SUPPORTED_REASON_FNS = ("nvmlDeviceGetSupportedClocksEventReasons",
+                         "nvmlDeviceGetSupportedClocksThrottleReasons")
+
+
+class NvmlError(Exception):
+    """An NVML failure with its meaning. ``kind`` is one of KINDS; ``str()`` is the message
+    for the user (what, where, how to fix)."""
+
+    def __init__(self, kind: str, message: str, code: Optional[int] = None,
+                 gpu: Optional[int] = None, function: Optional[str] = None):
+        if kind not in KINDS:
+            raise ValueError(f"unknown NvmlError kind {kind!r}")
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.code = code
+        self.gpu = gpu
+        self.function = function
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __repr__(self) -> str:
+        return f"NvmlError({self.kind!r}, {self.message!r})"
+
+
+def _where(gpu: Optional[int]) -> str:
+    return "NVML" if gpu is None else f"GPU {gpu}"
+
+
+def _describe(code: int, kind: str, gpu: Optional[int], what: str, text: str) -> str:
+    """The user message for an NVML return code."""
+    w = _where(gpu)
+    if kind == "lost":
+        return (f"{w}: GPU is lost (NVML_ERROR_GPU_IS_LOST in {what}): it fell off the bus or "
+                "is otherwise inaccessible; drain the node, check `dmesg` for Xid 79, reset "
+                "the GPU (nvidia-smi -r) or reboot")
+    if kind == "no_permission":
+        return (f"{w}: {what} was refused (NVML_ERROR_NO_PERMISSION): it needs root (or "
+                "CAP_SYS_ADMIN) and read/write access to /dev/nvidiactl and /dev/nvidia*; run "
+                "gpucostd as root (the packaged systemd unit does)")
+    if kind == "not_supported":
+        return f"{w}: {what} is not supported on this GPU/driver"
+    if kind == "timeout":
+        return f"{w}: {what} timed out inside NVML (NVML_ERROR_TIMEOUT)"
+    if code == _LIBRARY_NOT_FOUND:
+        return ("NVML library libnvidia-ml.so.1 not found: the NVIDIA driver is not installed "
+                "(install the driver package, e.g. nvidia-driver or cuda-drivers)")
+    if code == _DRIVER_NOT_LOADED:
+        return ("NVIDIA kernel driver not loaded (NVML_ERROR_DRIVER_NOT_LOADED): load it with "
+                "`modprobe nvidia` and check `dmesg | grep NVRM`")
+    if code == _LIB_RM_VERSION_MISMATCH:
+        return ("NVML library and NVIDIA kernel driver versions differ (driver upgraded "
+                "without reboot?): reboot, or unload and reload the nvidia kernel modules")
+    if code == _UNINITIALIZED:
+        return f"{w}: NVML is not initialised ({what})"
+    if code == _RESET_REQUIRED:
+        return f"{w}: {what} failed: the GPU requires a reset (nvidia-smi -r) or a reboot"
+    return f"{w}: {what} failed: {text} (NVML error {code})"
+
+
+def _from_nvml(exc: Exception, gpu: Optional[int], what: str) -> NvmlError:
+    code = getattr(exc, "value", None)
+    if code is None:   # NVMLLibraryMismatchError and friends: the function is missing
+        return NvmlError("not_supported", f"{_where(gpu)}: {what} is not available in this "
+                         f"NVML library ({exc})", None, gpu, what)
+    kind = _KIND_BY_CODE.get(code, "other")
+    try:
+        text = str(exc)
+    except Exception:  # noqa: BLE001
+        text = f"NVML error {code}"
+    return NvmlError(kind, _describe(code, kind, gpu, what, text), code, gpu, what)
+
+
+# --------------------------------------------------------------------------- worker lanes
+class _Job:
+    __slots__ = ("fn", "done", "result", "exc", "abandoned")
+
+    def __init__(self, fn: Callable[[], Any]):
+        self.fn = fn
+        self.done = threading.Event()
+        self.result: Any = None
+        self.exc: Optional[BaseException] = None
+        self.abandoned = False
+
+
+class _Lane:
+    """One worker thread that runs the NVML calls of one GPU (or of the node), one at a
+    time."""
+
+    def __init__(self, name: str, clock: Any):
+        self.name = name
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.queue: "queue.SimpleQueue[Optional[_Job]]" = queue.SimpleQueue()
+        self.pending = 0
+        self.current: Optional[str] = None      # NVML function running now (for messages)
+        self.stuck_since: Optional[float] = None
+        self.stuck_call: Optional[str] = None
+        self.thread = threading.Thread(target=self._run, name=f"gpucostd-nvml-{name}",
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self.queue.get()
+            if job is None:
+                return
+            with self.lock:
+                skip = job.abandoned
+            if not skip:
+                try:
+                    job.result = job.fn()
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    job.exc = exc
+            with self.lock:
+                self.pending -= 1
+                job.done.set()
+                self.current = None
+                if self.pending == 0 and self.stuck_since is not None:
+                    log.info("%s: the stuck NVML call %s returned; calling it again",
+                             self.name, self.stuck_call)
+                    self.stuck_since = None
+                    self.stuck_call = None
+
+    def submit(self, fn: Callable[[], Any]) -> Optional[_Job]:
+        """Queue fn; None when the lane is stuck (the caller reports a timeout)."""
+        with self.lock:
+            if self.stuck_since is not None:
+                return None
+            job = _Job(fn)
+            self.pending += 1
+        self.queue.put(job)
+        return job
+
+    def give_up(self, job: _Job) -> bool:
+        """The caller's deadline passed: mark the lane stuck unless the job finished in the
+        meantime. Returns True if the job is abandoned."""
+        with self.lock:
+            if job.done.is_set():
+                return False
+            job.abandoned = True
+            if self.stuck_since is None:
+                self.stuck_since = self.clock.monotonic()
+                self.stuck_call = self.current or "an NVML call"
+            return True
+
+    def stop(self) -> None:
+        self.queue.put(None)
+
+
+@dataclass
+class DeviceRead:
+    """One GPU's readings: ``values`` holds GpuReading field names (None = not supported);
+    ``errors`` holds the non-fatal errors (e.g. no_permission) of single readings."""
+
+    index: int
+    values: Dict[str, Any] = field(default_factory=dict)
+    errors: Dict[str, NvmlError] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- the gateway
+class NvmlGateway:
+    def __init__(self, timeout_seconds: float = 2.0, retry_seconds: float = 30.0,
+                 library: Any = None, clock: Any = None):
+        self.timeout_seconds = float(timeout_seconds)
+        self.retry_seconds = float(retry_seconds)
+        self.library = library
+        self.clock = clock if clock is not None else RealClock()
+        self.available = False
+        self.error: Optional[str] = "NVML not initialised yet"
+        self.driver_version: Optional[str] = None
+        self.cuda_version: Optional[str] = None
+        self.nvml_version: Optional[str] = None
+        self.device_count: Optional[int] = None
+        self._lock = threading.RLock()
+        self._lanes: Dict[Any, _Lane] = {}
+        self._handles: Dict[int, Any] = {}
+        self._identity: Dict[int, Dict[str, Any]] = {}
+        self._last_attempt: Optional[float] = None
+        self._generation = 0
+        self._closed = False
+
+    # ---------------------------------------------------------------- plumbing
+    def _lane(self, key: Any) -> _Lane:
+        with self._lock:
+            lane = self._lanes.get(key)
+            if lane is None:
+                name = "node" if key == "node" else f"gpu{key}"
+                lane = self._lanes[key] = _Lane(name, self.clock)
+            return lane
+
+    def _stuck_error(self, key: Any, lane: _Lane) -> NvmlError:
+        gpu = None if key == "node" else key
+        since = lane.stuck_since
+        age = 0.0 if since is None else max(0.0, self.clock.monotonic() - since)
+        call = lane.stuck_call or "an NVML call"
+        return NvmlError("timeout", f"{_where(gpu)} is unresponsive: {call} has not returned "
+                         f"for {age:.0f} s (deadline "
+                         f"{self.timeout_seconds:g} s); not calling it again until it returns",
+                         None, gpu, lane.stuck_call)
+
+    def _submit(self, key: Any, fn: Callable[[], Any]) -> Tuple[_Lane, Optional[_Job]]:
+        lane = self._lane(key)
+        return lane, lane.submit(fn)
+
+    def _wait(self, key: Any, lane: _Lane, job: Optional[_Job], deadline: float) -> Any:
+        if job is None:
+            raise self._stuck_error(key, lane)
+        remaining = deadline - _now()
+        if not job.done.wait(max(0.0, remaining)):
+            if lane.give_up(job):
+                gpu = None if key == "node" else key
+                log.warning("%s: %s did not return within %g s; marked unresponsive",
+                            _where(gpu), lane.stuck_call, self.timeout_seconds)
+                raise NvmlError("timeout", f"{_where(gpu)} is unresponsive: "
+                                f"{lane.stuck_call} did not return within "
+                                f"{self.timeout_seconds:g} s; not calling it again until it "
+                                "returns", None, gpu, lane.stuck_call)
+        if job.exc is not None:
+            raise job.exc
+        return job.result
+
+    def _call(self, key: Any, fn: Callable[[], Any], timeout: Optional[float] = None) -> Any:
+        lane, job = self._submit(key, fn)
+        deadline = _now() + (self.timeout_seconds if timeout is None else timeout)
+        try:
+            return self._wait(key, lane, job, deadline)
+        except NvmlError as err:
+            if err.kind == "unavailable":
+                self._mark_unavailable(str(err))
+            raise
+
+    def _nv(self, lane_name: Any, what: str, fn: Callable[..., Any], *args: Any,
+            gpu: Optional[int] = None) -> Any:
+        """Run one pynvml function on the current worker, mapping its errors."""
+        lane = self._lanes.get(lane_name)
+        if lane is not None:
+            lane.current = what
+        try:
+            return fn(*args)
+        except _pynvml.NVMLError as exc:
+            raise _from_nvml(exc, gpu, what) from None
+        except _pynvml.NVMLLibraryMismatchError as exc:
+            raise _from_nvml(exc, gpu, what) from None
+
+    def _mark_unavailable(self, message: str) -> None:
+        with self._lock:
+            if self.available:
+                log.warning("NVML became unavailable: %s", message)
+            self.available = False
+            self.error = message + self._retry_note()
+            self._handles.clear()
+            self._last_attempt = self.clock.monotonic()
+
+    def _retry_note(self) -> str:
+        return f"; retrying every {self.retry_seconds:g} s"
+
+    # ---------------------------------------------------------------- init
+    def _install_library(self) -> None:
+        nv = _pynvml
+        with nv.libLoadLock:
+            if self.library is not None:
+                if nv.nvmlLib is not self.library:
+                    nv.nvmlLib = self.library
+                    nv._nvmlGetFunctionPointer_cache.clear()
+            elif getattr(nv.nvmlLib, "_gpucostd_simulated", False):
+                nv.nvmlLib = None
+                nv._nvmlGetFunctionPointer_cache.clear()
+
+    def _do_init(self) -> Dict[str, Any]:
+        nv = _pynvml
+        self._install_library()
+        self._nv("node", "nvmlInit", nv.nvmlInit)
+        count = self._nv("node", "nvmlDeviceGetCount", nv.nvmlDeviceGetCount)
+        driver = self._nv("node", "nvmlSystemGetDriverVersion", nv.nvmlSystemGetDriverVersion)
+        info: Dict[str, Any] = {"count": int(count), "driver": _text(driver)}
+        try:
+            cuda = self._nv("node", "nvmlSystemGetCudaDriverVersion",
+                            nv.nvmlSystemGetCudaDriverVersion)
+            info["cuda"] = f"{int(cuda) // 1000}.{(int(cuda) % 1000) // 10}"
+        except NvmlError:
+            info["cuda"] = None
+        try:
+            info["nvml"] = _text(self._nv("node", "nvmlSystemGetNVMLVersion",
+                                          nv.nvmlSystemGetNVMLVersion))
+        except NvmlError:
+            info["nvml"] = None
+        return info
+
+    def ensure_initialized(self) -> bool:
+        """Initialise NVML if it is not; tries at most every retry_seconds. Never raises."""
+        with self._lock:
+            if self.available:
+                return True
+            if self._closed:
+                return False
+            now = self.clock.monotonic()
+            if self._last_attempt is not None and now - self._last_attempt < self.retry_seconds:
+                return False
+            self._last_attempt = now
+        if _pynvml is None:
+            with self._lock:
+                self.error = _PYNVML_ERROR
+            return False
+        try:
+            info = self._call("node", self._do_init)
+        except NvmlError as err:
+            message = str(err)
+            if err.kind == "timeout":
+                message = (f"nvmlInit did not return within {self.timeout_seconds:g} s (a GPU "
+                           "may have fallen off the bus; check `dmesg` for Xid 79)")
+            with self._lock:
+                self.available = False
+                self.error = message + self._retry_note()
+            log.warning("NVML not available: %s", self.error)
+            return False
+        except Exception as exc:  # noqa: BLE001 - never raise from here
+            with self._lock:
+                self.available = False
+                self.error = f"nvmlInit failed: {exc}" + self._retry_note()
+            log.warning("NVML not available: %s", self.error)
+            return False
+        with self._lock:
+            self.available = True
+            self.error = None
+            self.device_count = info["count"]
+            self.driver_version = info["driver"]
+            self.cuda_version = info["cuda"]
+            self.nvml_version = info["nvml"]
+            self._handles.clear()
+            self._identity.clear()
+            self._generation += 1
+        log.info("NVML initialised: %d GPU(s), driver %s, CUDA %s", info["count"],
+                 info["driver"], info["cuda"])
+        return True
+
+    def shutdown(self) -> None:
+        """nvmlShutdown (under the deadline) and stop the workers."""
+        with self._lock:
+            was = self.available
+            self.available = False
+            self._closed = True
+            self.error = "NVML shut down"
+            self._handles.clear()
+        if was and _pynvml is not None:
+            try:
+                self._call("node", lambda: self._nv("node", "nvmlShutdown",
+                                                    _pynvml.nvmlShutdown))
+            except NvmlError as err:
+                log.info("nvmlShutdown: %s", err)
+        release = getattr(self.library, "release", None)
+        if callable(release):      # the simulator: let calls stuck in a simulated hang go
+            release()
+        with self._lock:
+            lanes, self._lanes = list(self._lanes.values()), {}
+        for lane in lanes:
+            lane.stop()
+
+    # ---------------------------------------------------------------- per GPU
+    def unresponsive(self, index: int) -> Optional[str]:
+        """Why GPU `index` is unresponsive (a call of it is stuck), or None."""
+        lane = self._lanes.get(index)
+        if lane is None or lane.stuck_since is None:
+            return None
+        return str(self._stuck_error(index, lane))
+
+    def _require(self, index: int) -> None:
+        if not self.available:
+            raise NvmlError("unavailable", self.error or "NVML not available", None, index)
+        count = self.device_count or 0
+        if not 0 <= index < count:
+            raise NvmlError("invalid_argument",
+                            f"GPU {index} does not exist; this node has {count} GPU(s) "
+                            f"(indexes 0..{count - 1})", None, index)
+
+    def _handle(self, index: int) -> Any:
+        """Device handle (on the GPU's worker; cached until re-init)."""
+        h = self._handles.get(index)
+        if h is None:
+            h = self._nv(index, "nvmlDeviceGetHandleByIndex",
+                         _pynvml.nvmlDeviceGetHandleByIndex, index, gpu=index)
+            self._handles[index] = h
+        return h
+
+    def call(self, index: int, what: str, fn: Callable[[Any], Any],
+             timeout: Optional[float] = None) -> Any:
+        """Run ``fn(handle)`` (pynvml calls) on GPU `index`'s worker under the deadline."""
+        self._require(index)
+
+        def job():
+            h = self._handle(index)
+            lane = self._lanes.get(index)
+            if lane is not None:
+                lane.current = what
+            try:
+                return fn(h)
+            except _pynvml.NVMLError as exc:
+                raise _from_nvml(exc, index, what) from None
+            except _pynvml.NVMLLibraryMismatchError as exc:
+                raise _from_nvml(exc, index, what) from None
+
+        return self._call(index, job, timeout)
+
+    def get_power_limit(self, index: int) -> float:
+        """Current enforced power limit, watts."""
+        nv = _pynvml
+
+        def fn(h):
+            try:
+                return nv.nvmlDeviceGetEnforcedPowerLimit(h) / 1000.0
+            except nv.NVMLError_NotSupported:
+                return nv.nvmlDeviceGetPowerManagementLimit(h) / 1000.0
+
+        return self.call(index, "nvmlDeviceGetEnforcedPowerLimit", fn)
+
+    def get_power_limit_constraints(self, index: int) -> Tuple[float, float]:
+        """(min, max) settable power limit, watts."""
+        lo, hi = self.call(index, "nvmlDeviceGetPowerManagementLimitConstraints",
+                           _pynvml.nvmlDeviceGetPowerManagementLimitConstraints)
+        return lo / 1000.0, hi / 1000.0
+
+    def get_default_power_limit(self, index: int) -> float:
+        return self.call(index, "nvmlDeviceGetPowerManagementDefaultLimit",
+                         _pynvml.nvmlDeviceGetPowerManagementDefaultLimit) / 1000.0
+
+    def get_persistence_mode(self, index: int) -> bool:
+        return self.call(index, "nvmlDeviceGetPersistenceMode",
+                         _pynvml.nvmlDeviceGetPersistenceMode) == 1
+
+    def set_power_limit(self, index: int, watts: float) -> None:
+        """Set the power management limit (watts). Raises NvmlError."""
+        milliwatts = int(round(float(watts) * 1000))
+        try:
+            self.call(index, "nvmlDeviceSetPowerManagementLimit",
+                      lambda h: _pynvml.nvmlDeviceSetPowerManagementLimit(h, milliwatts))
+        except NvmlError as err:
+            if err.kind == "no_permission":
+                raise NvmlError("no_permission", f"GPU {index}: setting the power limit to "
+                                f"{watts:g} W was refused (NVML_ERROR_NO_PERMISSION): it needs "
+                                "root (or CAP_SYS_ADMIN); run gpucostd as root (the packaged "
+                                "systemd unit does)", err.code, index, err.function) from None
+            if err.kind == "invalid_argument":
+                allowed = ""
+                try:
+                    lo, hi = self.get_power_limit_constraints(index)
+                    allowed = f"; allowed {lo:g}..{hi:g} W"
+                except NvmlError:
+                    pass
+                raise NvmlError("invalid_argument", f"GPU {index}: power limit {watts:g} W is "
+                                f"out of range{allowed}", err.code, index,
+                                err.function) from None
+            if err.kind == "not_supported":
+                raise NvmlError("not_supported", f"GPU {index} does not support setting the "
+                                "power limit", err.code, index, err.function) from None
+            raise
+
+    def set_persistence_mode(self, index: int, enabled: bool) -> None:
+        """Enable or disable persistence mode. Raises NvmlError."""
+        mode = 1 if enabled else 0
+        try:
+            self.call(index, "nvmlDeviceSetPersistenceMode",
+                      lambda h: _pynvml.nvmlDeviceSetPersistenceMode(h, mode))
+        except NvmlError as err:
+            if err.kind == "no_permission":
+                raise NvmlError("no_permission", f"GPU {index}: setting persistence mode "
+                                f"{'on' if enabled else 'off'} was refused "
+                                "(NVML_ERROR_NO_PERMISSION): it needs root (or CAP_SYS_ADMIN); "
+                                "run gpucostd as root (the packaged systemd unit does)",
+                                err.code, index, err.function) from None
+            if err.kind == "not_supported":
+                raise NvmlError("not_supported", f"GPU {index} does not support persistence "
+                                "mode (Windows/WDDM or an unsupported product)", err.code,
+                                index, err.function) from None
+            raise
+
+    # ---------------------------------------------------------------- device reads
+    def read_devices(self, indices: Optional[Iterable[int]] = None,
+                     timeout: Optional[float] = None) -> Dict[int, Any]:
+        """Read every field of the given GPUs (default all) in parallel, one job per GPU under
+        one deadline. Returns {index: DeviceRead or NvmlError} (lost/timeout/unavailable and
+        other whole-device failures are NvmlError values, never raised)."""
+        with self._lock:
+            available, count = self.available, self.device_count or 0
+            error = self.error
+        if indices is None:
+            indices = range(count)
+        indices = list(indices)
+        if not available:
+            return {i: NvmlError("unavailable", error or "NVML not available", None, i)
+                    for i in indices}
+        deadline = _now() + (self.timeout_seconds if timeout is None else timeout)
+        jobs = {}
+        for i in indices:
+            if not 0 <= i < count:
+                jobs[i] = (None, None)
+                continue
+            jobs[i] = self._submit(i, lambda i=i: self._read_device(i))
+        out: Dict[int, Any] = {}
+        unavailable = None
+        for i, (lane, job) in jobs.items():
+            if lane is None:
+                out[i] = NvmlError("invalid_argument", f"GPU {i} does not exist", None, i)
+                continue
+            try:
+                out[i] = self._wait(i, lane, job, deadline)
+            except NvmlError as err:
+                out[i] = err
+                if err.kind == "unavailable":
+                    unavailable = err
+            except Exception as exc:  # noqa: BLE001 - a bug must not kill the loop
+                log.exception("GPU %d: reading failed", i)
+                out[i] = NvmlError("other", f"GPU {i}: reading failed: {exc}", None, i)
+        if unavailable is not None:
+            self._mark_unavailable(str(unavailable))
+        return out
+
+    def read_device(self, index: int, timeout: Optional[float] = None) -> DeviceRead:
+        """One GPU's readings; raises NvmlError for lost/timeout/unavailable."""
+        got = self.read_devices([index], timeout)[index]
+        if isinstance(got, NvmlError):
+            raise got
+        return got
+
+    def _read_device(self, index: int) -> DeviceRead:
+        """Runs on GPU `index`'s worker: every NVML reading of one GPU."""
+        nv = _pynvml
+        lane = self._lanes.get(index)
+        NVMLError = nv.NVMLError
+        Mismatch = nv.NVMLLibraryMismatchError
+        res = DeviceRead(index)
+        values, errors = res.values, res.errors
+
+        def get(name: str, fn: Callable[..., Any], *args: Any) -> Any:
+            if lane is not None:
+                lane.current = fn.__name__
+            try:
+                return fn(*args)
+            except (NVMLError, Mismatch) as exc:
+                err = _from_nvml(exc, index, getattr(fn, "__name__", name))
+                if err.kind in _FATAL:
+                    raise err from None
+                if err.kind != "not_supported":
+                    errors[name] = err
+                return None
+
+        h = self._handle(index)
+        ident = self._identity.get(index)
+        if ident is None:
+            ident = {}
+            ident["uuid"] = _text(get("uuid", nv.nvmlDeviceGetUUID, h))
+            ident["name"] = _text(get("name", nv.nvmlDeviceGetName, h))
+            pci = get("pci_bus_id", nv.nvmlDeviceGetPciInfo, h)
+            ident["pci_bus_id"] = _text(pci.busId) if pci is not None else None
+            if None not in ident.values():
+                self._identity[index] = ident
+        values.update(ident)
+
+        values["temperature_celsius"] = _f(get("temperature_celsius",
+                                               nv.nvmlDeviceGetTemperature, h,
+                                               NVML_TEMPERATURE_GPU))
+        fvs = get("memory_temperature_celsius", nv.nvmlDeviceGetFieldValues, h,
+                  [NVML_FI_DEV_MEMORY_TEMP])
+        mem_t = None
+        if fvs is not None and len(fvs) and fvs[0].nvmlReturn == 0:
+            mem_t = _field_value(fvs[0])
+        values["memory_temperature_celsius"] = mem_t
+        values["temp_slowdown_celsius"] = _f(get(
+            "temp_slowdown_celsius", nv.nvmlDeviceGetTemperatureThreshold, h,
+            NVML_TEMPERATURE_THRESHOLD_SLOWDOWN))
+        values["temp_shutdown_celsius"] = _f(get(
+            "temp_shutdown_celsius", nv.nvmlDeviceGetTemperatureThreshold, h,
+            NVML_TEMPERATURE_THRESHOLD_SHUTDOWN))
+
+        values["power_draw_watts"] = _mw(get("power_draw_watts", nv.nvmlDeviceGetPowerUsage, h))
+        limit = get("power_limit_watts", nv.nvmlDeviceGetEnforcedPowerLimit, h)
+        if limit is None:
+            limit = get("power_limit_watts", nv.nvmlDeviceGetPowerManagementLimit, h)
+        values["power_limit_watts"] = _mw(limit)
+        cons = get("power_limit_min_watts", nv.nvmlDeviceGetPowerManagementLimitConstraints, h)
+        values["power_limit_min_watts"] = _mw(cons[0]) if cons else None
+        values["power_limit_max_watts"] = _mw(cons[1]) if cons else None
+        values["power_limit_default_watts"] = _mw(get(
+            "power_limit_default_watts", nv.nvmlDeviceGetPowerManagementDefaultLimit, h))
+        pm = get("persistence_mode", nv.nvmlDeviceGetPersistenceMode, h)
+        values["persistence_mode"] = None if pm is None else pm == 1
+
+        values["sm_clock_mhz"] = _f(get("sm_clock_mhz", nv.nvmlDeviceGetClockInfo, h,
+                                        NVML_CLOCK_SM))
+        values["sm_clock_max_mhz"] = _f(get("sm_clock_max_mhz", nv.nvmlDeviceGetMaxClockInfo,
+                                            h, NVML_CLOCK_SM))
+        values["app_sm_clock_mhz"] = _f(get("app_sm_clock_mhz",
+                                            nv.nvmlDeviceGetApplicationsClock, h,
+                                            NVML_CLOCK_SM))
+        util = get("utilization_percent", nv.nvmlDeviceGetUtilizationRates, h)
+        values["utilization_percent"] = None if util is None else float(util.gpu)
+
+        cur = self._reasons(get, "clock_event_reasons", _CURRENT_REASON_FNS, h)
+        values["clock_event_reasons"] = None if cur is None else reasons_from_mask(cur)
+        sup = self._reasons(get, "supported_reasons", _SUPPORTED_REASON_FNS, h)
+        values["supported_reasons"] = None if sup is None else reasons_from_mask(sup)
+
+        viol: Dict[str, float] = {}
+        for key, policy in VIOLATION_POLICIES:
+            v = get("violation_seconds", nv.nvmlDeviceGetViolationStatus, h, policy)
+            if v is not None:
+                viol[key] = v.violationTime / 1e9
+        values["violation_seconds"] = viol or None
+
+        mode = get("ecc_mode", nv.nvmlDeviceGetEccMode, h)
+        values["ecc_mode"] = None if mode is None else mode[0] == 1
+        for key, etype, ctype in (("ecc_volatile_corrected", 0, 0),
+                                  ("ecc_volatile_uncorrected", 1, 0),
+                                  ("ecc_aggregate_corrected", 0, 1),
+                                  ("ecc_aggregate_uncorrected", 1, 1)):
+            n = get(key, nv.nvmlDeviceGetTotalEccErrors, h, etype, ctype)
+            values[key] = None if n is None else int(n)
+        for key, cause in (("retired_pages_sbe", 0), ("retired_pages_dbe", 1)):
+            pages = get(key, nv.nvmlDeviceGetRetiredPages, h, cause)
+            values[key] = None if pages is None else len(pages)
+        pend = get("retired_pages_pending", nv.nvmlDeviceGetRetiredPagesPendingStatus, h)
+        values["retired_pages_pending"] = None if pend is None else pend == 1
+        rows = get("remapped_rows", nv.nvmlDeviceGetRemappedRows, h)
+        if rows is None:
+            for key in ("remapped_rows_correctable", "remapped_rows_uncorrectable",
+                        "remapped_rows_pending", "remapped_rows_failure"):
+                values[key] = None
+        else:
+            values["remapped_rows_correctable"] = int(rows[0])
+            values["remapped_rows_uncorrectable"] = int(rows[1])
+            values["remapped_rows_pending"] = bool(rows[2])
+            values["remapped_rows_failure"] = bool(rows[3])
+
+        for key, fn in (("pcie_link_gen", nv.nvmlDeviceGetCurrPcieLinkGeneration),
+                        ("pcie_link_gen_max", nv.nvmlDeviceGetMaxPcieLinkGeneration),
+                        ("pcie_link_width", nv.nvmlDeviceGetCurrPcieLinkWidth),
+                        ("pcie_link_width_max", nv.nvmlDeviceGetMaxPcieLinkWidth),
+                        ("pcie_replay_count", nv.nvmlDeviceGetPcieReplayCounter)):
+            n = get(key, fn, h)
+            values[key] = None if n is None else int(n)
+        return res
+
+    @staticmethod
+    def _reasons(get: Callable[..., Any], name: str, fn_names: Tuple[str, ...],
+                 h: Any) -> Optional[int]:
+        """Clock-event reason mask through whichever pynvml name exists (new name first);
+        falls back to the other name when the library lacks the symbol."""
+        for fn_name in fn_names:
+            fn = getattr(_pynvml, fn_name, None)
+            if fn is None:
+                continue
+            try:
+                return fn(h)
+            except _pynvml.NVMLError as exc:
+                if getattr(exc, "value", None) == _FUNCTION_NOT_FOUND:
+                    continue
+                return get(name, _reraiser(exc, fn_name))
+            except _pynvml.NVMLLibraryMismatchError:
+                continue
+        return None
+
+
+def _reraiser(exc: Exception, name: str) -> Callable[[], Any]:
+    def again():
+        raise exc
+    again.__name__ = name
+    return again
+
+
+def _now() -> float:
+    # deadlines are real time whatever the clock: a stuck call blocks a real thread
+    return time.monotonic()
+
+
+def _text(value: Any) -> Optional[str]:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return str(value)
+
+
+def _f(value: Any) -> Optional[float]:
+    return None if value is None else float(value)
+
+
+def _mw(value: Any) -> Optional[float]:
+    return None if value is None else value / 1000.0
+
+
+def _field_value(fv: Any) -> Optional[float]:
+    vt = fv.valueType
+    v = fv.value
+    return float({0: v.dVal, 1: v.uiVal, 2: v.ulVal, 3: v.ullVal, 4: v.sllVal, 5: v.siVal,
+                  6: v.usVal}.get(vt, v.uiVal))
