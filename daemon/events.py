@@ -260,12 +260,13 @@ class EventStore:
     # ------------------------------------------------------------------ writing
     def append(self, event: Event, dedupe_key: Optional[str] = None) -> Optional[Event]:
         """Store one event. Returns the stored copy (with id), or None when `dedupe_key` (default:
-        ``event.fields["dedupe_key"]``) was recorded before. When the database cannot be written
+        ``event.fields["dedupe_key"]``; empty means none) was recorded before. When the database cannot be written
         the event is kept in memory (returned with a negative id) and written later."""
         key = dedupe_key
-        if key is None and event.fields:
+        if not key and event.fields:
             k = event.fields.get("dedupe_key")
-            key = str(k) if k is not None else None
+            key = str(k) if k else None
+        key = key or None              # "" means no key (KernelFault's default)
         with self._lock:
             if key is not None and key in self._pending_keys:
                 return None

@@ -306,7 +306,7 @@ class HealthJudge:
         fields: Dict[str, Any] = {"xid_name": name, "sticky": sticky}
         for k in ("dedupe_key", "process_name"):
             v = getattr(fault, k, None)
-            if v is not None:
+            if v:
                 fields[k] = str(v)
         if bus:
             fields["pci_bus_id"] = bus
@@ -318,8 +318,9 @@ class HealthJudge:
         rec = codes.get(code)
         if rec is None:
             rec = codes[code] = {"xid": xid, "since": t, "count": 0, "gpu": gpu, "uuid": uuid}
-        rec.update({"last": t, "severity": severity.name,
-                    "action": action, "name": name, "sticky": sticky, "bus": bus})
+        rec.update({"last": t, "severity": severity.name, "action": action, "name": name,
+                    "sticky": sticky, "bus": bus, "detail": message[:300],
+                    "process": fields.get("process_name")})
         rec["count"] = int(rec.get("count", 0)) + 1
         if sticky:
             self._dirty = True
@@ -650,6 +651,12 @@ class HealthJudge:
                 fields["xid"] = int(m.group(1))   # not Event.xid: that counts as an Xid
         if subject == "node" and cause is not None and cause.gpu is not None:
             fields["cause_gpu"] = cause.gpu
+        if cause is not None:
+            rec = self._latched.get(cause.subject, {}).get(cause.code)
+            if rec is not None:                     # the kernel line's text, for hooks
+                for k in ("detail", "process"):
+                    if rec.get(k):
+                        fields[k] = rec[k]
         events.append(Event(now, subject, "health_change", sev, action, _short(msg, 300),
                             gpu=gpu, uuid=uuid, fields=fields))
 

@@ -1,0 +1,322 @@
+"""Action hooks: run `[hooks] on_critical` / `on_recovered` when a GPU or the node enters or leaves
+CRIT.
+
+- The command is the configured argv list, run as is: never through a shell, and nothing from
+  an event is ever put into argv. The event reaches the program only through environment
+  variables (GPUCOSTD_SUBJECT, GPUCOSTD_GPU, GPUCOSTD_UUID, GPUCOSTD_CODE, GPUCOSTD_SEVERITY,
+  GPUCOSTD_ACTION, GPUCOSTD_MESSAGE, GPUCOSTD_XID, GPUCOSTD_TIME, GPUCOSTD_HOSTNAME and a few
+  more, see docs/health.md), so text from a kernel line (a process name such as
+  ``$(touch /tmp/x); rm -rf /``) is data, not code — unless the hook script itself evals it.
+- Hooks run one at a time, in order, in a background thread: the poll loop never waits.
+- Each run is killed after ``[hooks] timeout_seconds`` (SIGTERM to its process group, SIGKILL
+  two seconds later). Its stdout and stderr are logged line by line to the ``gpucostd`` logger
+  (the journal under systemd). A failing, hanging or missing program is a logged error and a
+  ``hook_failed`` journal event, never a crash.
+
+Trigger: a ``health_change`` event whose ``to`` is CRIT and whose ``from_known`` (the last
+severity before any UNKNOWN) is not CRIT runs on_critical; one whose ``to`` is OK or WARN and
+whose ``from_known`` is CRIT runs on_recovered. CRIT -> UNKNOWN -> CRIT runs nothing.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from gpucostd.snapshot import Event, Severity
+
+LOG = logging.getLogger("gpucostd")
+
+MAX_QUEUED = 256
+MAX_OUTPUT_LINES = 200          # lines of a hook's output logged per run
+MAX_LINE_CHARS = 1000
+MAX_ENV_CHARS = 4096
+KILL_GRACE_SECONDS = 2.0
+# variables a hook must not inherit from the daemon (it would talk to systemd as the daemon)
+_DROP_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
+             "LISTEN_FDNAMES")
+
+
+@dataclass
+class HookResult:
+    hook: str                      # "on_critical" | "on_recovered"
+    subject: str
+    argv: Tuple[str, ...]
+    returncode: Optional[int] = None
+    timed_out: bool = False
+    error: Optional[str] = None    # could not start, or why it failed
+    output: List[str] = field(default_factory=list)
+    started: float = 0.0
+    duration: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not self.timed_out and self.returncode == 0
+
+
+def _clean(value: Any) -> str:
+    s = "" if value is None else str(value)
+    s = s.replace("\x00", "")
+    return s if len(s) <= MAX_ENV_CHARS else s[:MAX_ENV_CHARS]
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def hook_for(event: Event) -> Optional[str]:
+    """Which hook an event triggers: "on_critical", "on_recovered" or None."""
+    if event.code != "health_change":
+        return None
+    fields: Mapping[str, Any] = event.fields or {}
+    to = str(fields.get("to", event.severity.name if isinstance(event.severity, Severity)
+                        else ""))
+    before = str(fields.get("from_known", fields.get("from", "")))
+    if to == "CRIT" and before != "CRIT":
+        return "on_critical"
+    if to in ("OK", "WARN") and before == "CRIT":
+        return "on_recovered"
+    return None
+
+
+def hook_environment(event: Event, hook: str, hostname: str,
+                     base: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    """The environment a hook runs with: the daemon's (minus systemd's notify/socket variables)
+    plus the event as GPUCOSTD_* variables."""
+    env = {k: v for k, v in (os.environ if base is None else base).items()
+           if k not in _DROP_ENV and not k.startswith("GPUCOSTD_")}
+    fields: Mapping[str, Any] = event.fields or {}
+    xid = event.xid if event.xid is not None else fields.get("xid")
+    sev = event.severity.name if isinstance(event.severity, Severity) else str(event.severity)
+    env.update({
+        "GPUCOSTD_HOOK": hook,
+        "GPUCOSTD_SUBJECT": _clean(event.subject),
+        "GPUCOSTD_GPU": _clean(event.gpu),
+        "GPUCOSTD_UUID": _clean(event.uuid),
+        "GPUCOSTD_CODE": _clean(event.code),
+        "GPUCOSTD_CAUSE": _clean(fields.get("cause")),
+        "GPUCOSTD_SEVERITY": sev,
+        "GPUCOSTD_FROM": _clean(fields.get("from")),
+        "GPUCOSTD_TO": _clean(fields.get("to", sev)),
+        "GPUCOSTD_ACTION": _clean(event.action),
+        "GPUCOSTD_MESSAGE": _clean(event.message),
+        "GPUCOSTD_DETAIL": _clean(fields.get("detail")),
+        "GPUCOSTD_PROCESS": _clean(fields.get("process") or fields.get("process_name")),
+        "GPUCOSTD_XID": _clean(xid),
+        "GPUCOSTD_TIME": _iso(float(event.time)),
+        "GPUCOSTD_TIME_EPOCH": f"{float(event.time):.3f}",
+        "GPUCOSTD_EVENT_ID": _clean(event.id),
+        "GPUCOSTD_HOSTNAME": _clean(hostname),
+    })
+    return env
+
+
+class HookRunner:
+    """Runs the configured hooks for health_change events, in a background thread."""
+
+    def __init__(self, config, hostname: Optional[str] = None,
+                 on_failure: Optional[Callable[[Event], None]] = None,
+                 clock: Any = None):
+        self.config = config
+        self.hostname = hostname or socket.gethostname()
+        self.on_failure = on_failure
+        self._time = clock.time if clock is not None else time.time
+        self._queue: "queue.Queue[Optional[Tuple[str, Tuple[str, ...], Event, float]]]" = \
+            queue.Queue(MAX_QUEUED)
+        self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._busy = 0
+        self._stopping = False
+        self.results: List[HookResult] = []     # the last 50 runs (status, tests)
+
+    def reconfigure(self, config) -> None:
+        self.config = config
+
+    # ------------------------------------------------------------------ the loop's side
+    def on_events(self, events: Sequence[Event]) -> None:
+        """Queue the hooks these events trigger; returns at once."""
+        for event in events or ():
+            try:
+                hook = hook_for(event)
+            except Exception:  # noqa: BLE001 - an odd event must not break the loop
+                LOG.exception("hooks: cannot read event %r", event)
+                continue
+            if hook is None:
+                continue
+            argv = tuple(getattr(self.config.hooks, hook, ()) or ())
+            if not argv:
+                continue
+            timeout = float(self.config.hooks.timeout_seconds)
+            self._submit(hook, argv, event, timeout)
+
+    def _submit(self, hook: str, argv: Tuple[str, ...], event: Event, timeout: float) -> None:
+        with self._lock:
+            if self._stopping:
+                LOG.error("hooks: %s for %s not run: the daemon is stopping", hook, event.subject)
+                return
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._worker, name="gpucostd-hooks",
+                                                daemon=True)
+                self._thread.start()
+            try:
+                self._queue.put_nowait((hook, argv, event, timeout))
+                self._busy += 1
+            except queue.Full:
+                LOG.error("hooks: %d hooks already waiting; %s for %s dropped (are the hooks "
+                          "hanging? see [hooks] timeout_seconds)", MAX_QUEUED, hook,
+                          event.subject)
+
+    def _worker(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            hook, argv, event, timeout = item
+            try:
+                result = self.run(hook, argv, event, timeout)
+                self.results.append(result)
+                del self.results[:-50]
+            except Exception:  # noqa: BLE001 - the hook thread must survive anything
+                LOG.exception("hooks: internal error running %s", hook)
+            finally:
+                with self._lock:
+                    self._busy -= 1
+                    self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until every queued hook has finished (tests, shutdown). True if idle."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._busy > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
+
+    def stop(self, timeout: Optional[float] = None) -> None:
+        """Let queued hooks finish (up to `timeout`, default min(timeout_seconds, 10) s), then
+        stop the thread. Hooks still running are left to finish on their own."""
+        if timeout is None:
+            timeout = min(float(self.config.hooks.timeout_seconds) + KILL_GRACE_SECONDS, 10.0)
+        if not self.wait_idle(timeout):
+            LOG.warning("hooks: still running at shutdown; not waiting for them")
+        with self._lock:
+            self._stopping = True
+            thread = self._thread
+        if thread is not None and thread.is_alive():
+            try:
+                self._queue.put_nowait(None)
+            except queue.Full:
+                pass
+
+    # ------------------------------------------------------------------ one run
+    def run(self, hook: str, argv: Sequence[str], event: Event, timeout: float) -> HookResult:
+        """Run one hook now (in the calling thread) and log what happened."""
+        argv = tuple(str(a) for a in argv)
+        res = HookResult(hook, event.subject, argv, started=self._time())
+        env = hook_environment(event, hook, self.hostname)
+        t0 = time.monotonic()
+        label = f"hook {hook} ({event.subject})"
+        try:
+            proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                    close_fds=True, start_new_session=True, cwd="/",
+                                    shell=False)
+        except OSError as e:
+            res.error = (f"cannot run {argv[0]}: {e.strerror or e}; fix [hooks] {hook} in the "
+                         f"config (an absolute path to an executable file)")
+            return self._finish(res, label, t0, event)
+        reader = threading.Thread(target=self._read_output, args=(proc, label, res),
+                                  name="gpucostd-hook-output", daemon=True)
+        reader.start()
+        try:
+            res.returncode = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            res.timed_out = True
+            self._kill(proc, signal.SIGTERM)
+            try:
+                proc.wait(timeout=KILL_GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                self._kill(proc, signal.SIGKILL)
+                try:
+                    proc.wait(timeout=5.0)
+                except subprocess.TimeoutExpired:
+                    pass
+            res.returncode = proc.returncode
+            res.error = f"killed after {timeout:g} s ([hooks] timeout_seconds)"
+        else:
+            # the hook is done; anything it left behind in its group goes too
+            self._kill(proc, signal.SIGKILL, quiet=True)
+        reader.join(timeout=2.0)
+        if reader.is_alive() and proc.stdout is not None:
+            try:
+                proc.stdout.close()
+            except OSError:
+                pass
+        if not res.timed_out and res.returncode not in (0, None):
+            res.error = f"exited with status {res.returncode}"
+        return self._finish(res, label, t0, event)
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen, sig: int, quiet: bool = False) -> None:
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        except OSError as e:
+            if not quiet:
+                LOG.warning("hooks: cannot signal process group %d: %s", proc.pid, e)
+
+    @staticmethod
+    def _read_output(proc: subprocess.Popen, label: str, res: HookResult) -> None:
+        stream = proc.stdout
+        if stream is None:
+            return
+        n = 0
+        try:
+            for raw in stream:
+                n += 1
+                if n <= MAX_OUTPUT_LINES:
+                    line = raw.decode("utf-8", "replace").rstrip("\r\n")[:MAX_LINE_CHARS]
+                    res.output.append(line)
+                    LOG.info("%s: %s", label, line)
+                elif n == MAX_OUTPUT_LINES + 1:
+                    LOG.info("%s: (more output not logged)", label)
+        except (OSError, ValueError):
+            pass
+
+    def _finish(self, res: HookResult, label: str, t0: float, event: Event) -> HookResult:
+        res.duration = time.monotonic() - t0
+        if res.ok:
+            LOG.info("%s: %s finished in %.1f s", label, res.argv[0], res.duration)
+            return res
+        failed = Event(self._time(), event.subject, "hook_failed", Severity.WARN,
+                       f"fix the {res.hook} hook", f"{label} failed: {res.error}",
+                       gpu=event.gpu, uuid=event.uuid,
+                       fields={"hook": res.hook, "program": res.argv[0] if res.argv else "",
+                               "returncode": res.returncode, "timed_out": res.timed_out})
+        try:   # one error line, with the hook_failed MESSAGE_ID when it goes to the journal
+            from gpucostd.journal import journal_fields
+            jf = {k: v for k, v in journal_fields(failed).items()
+                  if k not in ("PRIORITY", "SYSLOG_IDENTIFIER")}
+        except Exception:  # noqa: BLE001
+            jf = {}
+        LOG.error("%s failed: %s", label, res.error, extra={"journal_fields": jf})
+        if self.on_failure is not None:
+            try:
+                self.on_failure(failed)
+            except Exception:  # noqa: BLE001
+                LOG.exception("hooks: on_failure callback failed")
+        return res
+
+
+__all__ = ["HookRunner", "HookResult", "hook_for", "hook_environment"]
