@@ -452,3 +452,16 @@ def test_sim_drift_at_10s_is_reapplied_within_one_interval(tmp_path):
     assert drift_at is not None and 10 <= drift_at <= 15   # within one verify interval
     assert node.state(0)["power_limit"] == 600
     assert m.drift_counts == {("power_limit_watts", "gpu:0"): 1}
+
+
+def test_setting_already_in_sync_keeps_its_value_as_the_original(tmp_path):
+    gw = FakeGateway()
+    gw.limits = {i: 600.0 for i in range(4)}        # an admin set 600 W before gpucostd
+    m, clock = manager(tmp_path, gw, "[tuning.gpu]\npower_limit_watts = 600\n")
+    assert m.apply(readings(gw)) == [] and gw.writes == []
+    gw.limits[0] = 450.0                             # drift, re-applied
+    clock.advance(5)
+    _, events = m.verify(readings(gw), clock.monotonic())
+    assert len(events) == 1 and gw.limits[0] == 600.0
+    assert m.restore() == []                         # 600 was the original: nothing to write
+    assert gw.limits[0] == 600.0

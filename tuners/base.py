@@ -70,8 +70,9 @@ def nvml_error_text(label: str, what: str, exc: BaseException) -> TunerError:
     kind = getattr(exc, "kind", "other")
     detail = str(exc)
     if kind == "no_permission":
-        msg = (f"{label}: {what}: permission denied; changing GPU settings needs root "
-               f"(run gpucostd as root, e.g. via gpucostd.service)")
+        msg = (f"{label}: {what}: permission denied; changing GPU settings needs root (or "
+               f"CAP_SYS_ADMIN with access to /dev/nvidiactl); run gpucostd as root, e.g. via "
+               f"gpucostd.service")
     elif kind == "not_supported":
         msg = f"{label}: {what}: not supported on this GPU"
     elif kind == "lost":

@@ -169,10 +169,19 @@ class TuningManager:
                 changes.append(Change(p.subject, p.name, p.actual, p.desired, False, p.error))
             elif p.in_sync:
                 self._established[p.key] = p.desired
+                self._save_in_sync(p)
             else:
                 changes.append(self._write(p))
         self._settings = [p.setting() for p in items]
         return changes
+
+    def _save_in_sync(self, p: Planned) -> None:
+        """A setting already at its desired value when gpucostd takes it over: its current
+        value is the original (so a later drift that gets re-applied is not mistaken for it)."""
+        try:
+            self.originals.save_if_absent(p.name, p.subject, p.actual, **p.identity)
+        except OriginalsError as e:
+            LOG.warning("%s", e)
 
     def verify(self, gpus: Iterable[Any], now: Optional[float] = None
                ) -> Tuple[List[Setting], List[Event]]:
