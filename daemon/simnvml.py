@@ -256,6 +256,13 @@ class SimulatedLibrary:
             self._callbacks[name] = fptr
             setattr(self, name, fptr)
 
+    def __getattr__(self, name: str) -> Any:
+        # pynvml looks symbols up with getattr(); a missing one becomes FUNCTION_NOT_FOUND.
+        # Record it so tests can tell the simulator lacks a symbol the gateway uses.
+        if name.startswith("nvml"):
+            self.__dict__["_node"].missing.add(name)
+        raise AttributeError(name)
+
     def release(self) -> None:
         """Release calls blocked in a simulated hang (NvmlGateway.shutdown calls this)."""
         self._node.close()
@@ -302,6 +309,7 @@ class SimulatedNode:
         self._error_strings = {code: ctypes.create_string_buffer(text.encode())
                                for code, text in ERROR_STRINGS.items()}
         self.calls: Dict[str, int] = {}     # C symbol -> number of calls (for tests)
+        self.missing: set = set()           # symbols pynvml asked for that we lack
         self.library = SimulatedLibrary(self)
 
     # ------------------------------------------------------------------ python API

@@ -1,0 +1,152 @@
+"""The simulator cannot drift from the real library: every simulated function is checked
+against the real NVML header ``nvml.h`` from the PyPI package ``nvidia-nvml-dev`` (the wheel
+ships it as nvidia/<cuXX>/include/nvml.h): the symbol exists and takes the same number of
+arguments. The constants and struct layouts the simulator writes are checked too, and a full
+gateway read on the simulator asks for no symbol the simulator lacks.
+
+Skipped, with the reason, when nvidia-nvml-dev is not installed
+(`pip install nvidia-nvml-dev`; the README's test command installs it)."""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import re
+import sys
+from typing import Dict, List, Optional
+
+import pytest
+
+from gpucostd.simnvml import (SYMBOLS, FieldValue, HEADER_CONSTANTS, PciInfo, SimulatedNode,
+                              Utilization, ViolationTime)
+
+
+def find_header() -> Optional[str]:
+    roots: List[str] = []
+    spec = importlib.util.find_spec("nvidia")
+    if spec is not None and spec.submodule_search_locations:
+        roots.extend(spec.submodule_search_locations)
+    for p in sys.path:
+        roots.append(os.path.join(p, "nvidia"))
+    for root in roots:
+        hits = sorted(glob.glob(os.path.join(root, "*", "include", "nvml.h")))
+        if hits:
+            return hits[-1]
+    return None
+
+
+HEADER = find_header()
+pytestmark = pytest.mark.skipif(
+    HEADER is None,
+    reason="nvml.h not found: install the PyPI package nvidia-nvml-dev "
+           "(pip install nvidia-nvml-dev) to check the simulator against the real header")
+
+
+def _strip_comments(text: str) -> str:
+    text = re.sub(r"/\*.*?\*/", " ", text, flags=re.S)
+    return re.sub(r"//[^\n]*", " ", text)
+
+
+def parse_declarations(text: str) -> Dict[str, List[int]]:
+    """nvml function name -> argument counts of its declarations (`... DECLDIR nvmlX(...);`)."""
+    decls: Dict[str, List[int]] = {}
+    pat = re.compile(r"\bDECLDIR\s+(?:char\s*\*\s*)?(nvml\w+)\s*\(([^;{]*?)\)\s*;", re.S)
+    for m in pat.finditer(_strip_comments(text)):
+        args = m.group(2).strip()
+        if args in ("", "void"):
+            n = 0
+        else:
+            depth, n = 0, 1
+            for ch in args:
+                if ch == "(":
+                    depth += 1
+                elif ch == ")":
+                    depth -= 1
+                elif ch == "," and depth == 0:
+                    n += 1
+        decls.setdefault(m.group(1), []).append(n)
+    return decls
+
+
+def parse_constants(text: str) -> Dict[str, int]:
+    consts: Dict[str, int] = {}
+    body = _strip_comments(text)
+    for m in re.finditer(r"^\s*#define\s+(NVML_\w+)\s+\(?(0x[0-9A-Fa-f]+|\d+)[uUlL]*\)?\s*$",
+                         body, re.M):
+        consts.setdefault(m.group(1), int(m.group(2), 0))
+    for m in re.finditer(r"^\s*(NVML_\w+)\s*=\s*(0x[0-9A-Fa-f]+|\d+)\s*,?\s*$", body, re.M):
+        consts.setdefault(m.group(1), int(m.group(2), 0))
+    return consts
+
+
+def parse_struct_fields(text: str, typedef: str) -> List[str]:
+    body = _strip_comments(text)
+    m = re.search(r"\{([^{}]*)\}\s*" + re.escape(typedef) + r"\s*;", body)
+    assert m, f"{typedef} not found in nvml.h"
+    names = []
+    for decl in m.group(1).split(";"):
+        decl = decl.strip()
+        if not decl:
+            continue
+        fm = re.search(r"(\w+)\s*(\[[^\]]*\])?\s*$", decl)
+        names.append(fm.group(1))
+    return names
+
+
+@pytest.fixture(scope="module")
+def header_text() -> str:
+    with open(HEADER, encoding="utf-8", errors="replace") as fh:
+        return fh.read()
+
+
+def test_header_parses(header_text):
+    decls = parse_declarations(header_text)
+    assert len(decls) > 300, f"only {len(decls)} declarations parsed from {HEADER}"
+    assert decls["nvmlDeviceGetTemperatureThreshold"] == [3]
+
+
+def test_every_simulated_symbol_is_declared_with_the_same_argument_count(header_text):
+    decls = parse_declarations(header_text)
+    problems = []
+    for name, (_restype, argtypes) in sorted(SYMBOLS.items()):
+        if name not in decls:
+            problems.append(f"{name}: not declared in {HEADER}")
+        elif len(argtypes) not in decls[name]:
+            problems.append(f"{name}: simulator takes {len(argtypes)} argument(s), nvml.h "
+                            f"declares {decls[name]}")
+    assert not problems, "\n".join(problems)
+
+
+def test_constants_match_the_header(header_text):
+    consts = parse_constants(header_text)
+    problems = [f"{name}: simulator {value}, nvml.h {consts.get(name)}"
+                for name, value in HEADER_CONSTANTS.items() if consts.get(name) != value]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("cls,typedef", [
+    (PciInfo, "nvmlPciInfo_t"), (Utilization, "nvmlUtilization_t"),
+    (ViolationTime, "nvmlViolationTime_t"), (FieldValue, "nvmlFieldValue_t")])
+def test_struct_layouts_match_the_header(header_text, cls, typedef):
+    assert [f[0] for f in cls._fields_] == parse_struct_fields(header_text, typedef)
+
+
+def test_a_full_gateway_read_uses_only_simulated_symbols():
+    from gpucostd.clock import VirtualClock
+    from gpucostd.nvml import NvmlGateway
+    from gpucostd.probes.gpu import GpuProbe
+    node = SimulatedNode("builtin:h100x8", VirtualClock())
+    gw = NvmlGateway(library=node.library, clock=node.clock)
+    try:
+        assert gw.ensure_initialized(), gw.error
+        GpuProbe(gw).read()
+        gw.set_power_limit(0, 600)
+        gw.set_persistence_mode(0, True)
+        gw.get_power_limit(0)
+        gw.get_persistence_mode(0)
+        gw.get_power_limit_constraints(0)
+        gw.get_default_power_limit(0)
+    finally:
+        gw.shutdown()
+    assert node.missing == set(), f"the gateway asked for unsimulated symbols: {node.missing}"
+    assert set(node.calls) <= set(SYMBOLS)
