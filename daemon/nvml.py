@@ -518,6 +518,7 @@ class NvmlGateway:
     def set_power_limit(self, index: int, watts: float) -> None:
         """Set the power management limit (watts). Raises NvmlError."""
         milliwatts = int(round(float(watts) * 1000))
+        self._require(index)
         try:
             self.call(index, "nvmlDeviceSetPowerManagementLimit",
                       lambda h: _pynvml.nvmlDeviceSetPowerManagementLimit(h, milliwatts))
@@ -545,6 +546,7 @@ class NvmlGateway:
     def set_persistence_mode(self, index: int, enabled: bool) -> None:
         """Enable or disable persistence mode. Raises NvmlError."""
         mode = 1 if enabled else 0
+        self._require(index)
         try:
             self.call(index, "nvmlDeviceSetPersistenceMode",
                       lambda h: _pynvml.nvmlDeviceSetPersistenceMode(h, mode))
