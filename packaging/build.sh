@@ -1,0 +1,160 @@
+#!/bin/sh
+# Build the gpucostd packages from the source tree:
+#
+#     packaging/build.sh            # run as root on Debian 12 (bookworm), from any directory
+#
+# Produces dist/gpucostd_<version>_<arch>.deb and dist/gpucostd-<version>.<arch>.rpm, then runs
+# lintian and rpmlint on them (failing on errors). Installs its own build tools with apt-get
+# when they are missing. Work files go to build/pkg (removed and recreated on every run).
+#
+# Environment:
+#   GPUCOSTD_SKIP_LINT=1   skip lintian/rpmlint (tests run them separately)
+#   PIP_* variables        passed to pip (e.g. PIP_INDEX_URL for a local mirror)
+set -eu
+
+say() { printf 'build.sh: %s\n' "$*" >&2; }
+die() { say "error: $*"; exit 1; }
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+[ -f pyproject.toml ] && [ -d daemon ] || die "$ROOT does not look like the gpucostd source tree"
+
+# --------------------------------------------------------------------------- build tools
+# The private Python tree is built with the distribution's own interpreter, which is what the
+# package runs on: Debian 12's /usr/bin/python3 (3.11).
+PY=/usr/bin/python3
+NEEDED="debhelper dpkg-dev fakeroot rpm lintian rpmlint python3 python3-venv python3-dev \
+libsystemd-dev pkg-config gcc"
+missing=""
+for p in $NEEDED; do
+    dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+    [ "$(id -u)" = 0 ] || die "missing build tools:$missing; run as root or: sudo apt-get install$missing"
+    say "installing build tools:$missing"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
+fi
+[ -x "$PY" ] || die "$PY not found"
+PYVER=$($PY -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+[ "$PYVER" = 3.11 ] || say "warning: $PY is $PYVER; debian/control pins python3 to 3.11"
+
+VERSION=$($PY -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
+DEB_ARCH=$(dpkg --print-architecture)
+RPM_ARCH=$(rpm --eval '%{_arch}')
+SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}
+export SOURCE_DATE_EPOCH
+say "gpucostd $VERSION for $DEB_ARCH / $RPM_ARCH with $PY ($PYVER)"
+
+B="$ROOT/build/pkg"
+rm -rf "$B"
+mkdir -p "$B" "$ROOT/dist"
+
+# --------------------------------------------------------------------------- private Python tree
+# A throwaway venv of the system interpreter gives a pip that may install; everything lands in
+# --target (the package's /usr/lib/gpucostd), never in the venv or the system.
+$PY -m venv "$B/venv"
+# --no-cache-dir: never reuse a wheel some other python 3.11 (pyenv, a venv) built and cached.
+PIP="env -u CFLAGS -u LDFLAGS -u CPPFLAGS $B/venv/bin/python -m pip --disable-pip-version-check --no-input --no-cache-dir"
+LIB="$B/common/usr/lib/gpucostd"
+mkdir -p "$LIB"
+say "installing pinned dependencies (packaging/requirements.lock) into /usr/lib/gpucostd"
+$PIP install --quiet --no-compile --no-deps --use-pep517 --target "$LIB" -r packaging/requirements.lock
+
+# The package itself, from a clean copy of the source tree (keeps build litter out of the tree).
+mkdir -p "$B/src"
+cp -a pyproject.toml daemon probes tuners "$B/src/"
+if [ -f README.md ]; then cp README.md "$B/src/"; else echo "gpucostd" > "$B/src/README.md"; fi
+find "$B/src" -name __pycache__ -prune -exec rm -rf {} +
+say "installing gpucostd $VERSION into /usr/lib/gpucostd"
+$PIP install --quiet --no-compile --no-deps --upgrade --target "$LIB" "$B/src"
+
+# Console scripts that pip wrote (with the venv's shebang) are replaced by our launcher.
+rm -rf "$LIB/bin"
+find "$LIB" -name __pycache__ -prune -exec rm -rf {} +
+find "$LIB" -name '*.so' -exec chmod 0644 {} + -exec strip --strip-unneeded {} +
+find "$LIB" -name RECORD -path '*.dist-info/*' -delete   # pip RECORDs list build paths
+# Library modules are imported, never run: drop their "#!/usr/bin/python" lines (lintian:
+# unusual-interpreter) so nothing in the tree points at an interpreter the package doesn't use.
+find "$LIB" -name '*.py' ! -perm -u+x -exec sed -i '1{/^#!/d}' {} +
+for mod in gpucostd pynvml psutil pyroute2 systemd prometheus_client; do
+    [ -e "$LIB/$mod" ] || [ -e "$LIB/$mod.py" ] || die "$mod missing from the private tree"
+done
+$PY -I -B -c "import sys; sys.path.insert(0, '$LIB'); import gpucostd, pynvml, psutil, pyroute2, \
+systemd.journal, prometheus_client" || die "the private tree does not import with $PY"
+
+# Shared payload: the default config (monitoring only) and the man page.
+install -D -m 0644 packaging/gpucostd.toml "$B/common/etc/gpucostd/gpucostd.toml"
+DOCREADME=README.md; [ -f "$DOCREADME" ] || DOCREADME=packaging/README.md
+
+launcher() {  # launcher PYTHON DEST
+    install -d "$(dirname "$2")"
+    sed "s|@PYTHON@|$1|" packaging/gpucostd.launcher > "$2"
+    chmod 0755 "$2"
+}
+
+# --------------------------------------------------------------------------- .deb
+D="$B/deb/gpucostd-$VERSION"
+mkdir -p "$D"
+cp -a packaging/debian "$D/debian"
+cp systemd/gpucostd.service "$D/debian/gpucostd.service"
+cp systemd/gpucostd.sysusers "$D/debian/gpucostd.sysusers"
+mkdir -p "$D/stage" "$D/stage-doc"
+cp -a "$B/common/." "$D/stage/"
+launcher /usr/bin/python3 "$D/stage/usr/bin/gpucostd"
+cp packaging/gpucostd.8 "$D/stage-doc/gpucostd.8"
+cp "$DOCREADME" "$D/stage-doc/README.md"
+echo "stage-doc/README.md" > "$D/debian/gpucostd.docs"
+CHDATE=$(date -u -R -d "@$SOURCE_DATE_EPOCH")
+cat > "$D/debian/changelog" <<EOF
+gpucostd ($VERSION) unstable; urgency=medium
+
+  * Built from the source tree by packaging/build.sh.
+
+ -- gpucostd maintainers <gpucostd@example.org>  $CHDATE
+EOF
+say "building the .deb (dpkg-buildpackage)"
+(cd "$D" && dpkg-buildpackage -b -us -uc --no-check-builddeps >"$B/deb/build.log" 2>&1) \
+    || { tail -40 "$B/deb/build.log" >&2; die "dpkg-buildpackage failed (log: $B/deb/build.log)"; }
+DEB="gpucostd_${VERSION}_${DEB_ARCH}.deb"
+cp "$B/deb/$DEB" "$ROOT/dist/$DEB"
+
+# --------------------------------------------------------------------------- .rpm
+R="$B/rpm"
+S="$R/stage"
+mkdir -p "$S/_docs" "$R/SOURCES" "$R/SPECS"
+cp -a "$B/common/." "$S/"
+# RHEL/Fedora: python3.11 is a parallel-installable interpreter there (/usr/bin/python3.11).
+launcher /usr/bin/python3.11 "$S/usr/bin/gpucostd"
+install -D -m 0644 systemd/gpucostd.service "$S/usr/lib/systemd/system/gpucostd.service"
+install -D -m 0644 systemd/gpucostd.sysusers "$S/usr/lib/sysusers.d/gpucostd.conf"
+install -D -m 0644 packaging/gpucostd.8 "$S/usr/share/man/man8/gpucostd.8"
+gzip -9n "$S/usr/share/man/man8/gpucostd.8"
+cp "$DOCREADME" "$S/_docs/README.md"
+cp packaging/debian/copyright "$S/_docs/COPYRIGHT"
+tar --sort=name --mtime="@$SOURCE_DATE_EPOCH" --owner=0 --group=0 --numeric-owner \
+    -C "$S" -czf "$R/SOURCES/gpucostd-$VERSION-stage.tar.gz" .
+cp packaging/rpm/gpucostd.spec "$R/SPECS/"
+set -- --define "_topdir $R" --define "pkg_version $VERSION" \
+    --define "_build_name_fmt %%{NAME}-%%{VERSION}.%%{ARCH}.rpm" \
+    --define "packager gpucostd maintainers <gpucostd@example.org>"
+if [ -z "$(rpm --eval '%{?systemd_post:yes}')" ]; then
+    # This rpm has no systemd macros (Debian's doesn't): use our copy of their behaviour.
+    set -- "$@" --load "$ROOT/packaging/rpm/macros.systemd-fallback"
+fi
+say "building the .rpm (rpmbuild)"
+rpmbuild -bb --nodeps "$@" "$R/SPECS/gpucostd.spec" >"$R/build.log" 2>&1 \
+    || { tail -40 "$R/build.log" >&2; die "rpmbuild failed (log: $R/build.log)"; }
+RPM="gpucostd-$VERSION.$RPM_ARCH.rpm"
+cp "$R/RPMS/$RPM" "$ROOT/dist/$RPM"
+
+# --------------------------------------------------------------------------- lint
+if [ "${GPUCOSTD_SKIP_LINT:-0}" != 1 ]; then
+    say "lintian dist/$DEB"
+    lintian --fail-on error "dist/$DEB" || die "lintian reports errors"
+    say "rpmlint dist/$RPM"
+    # packaging/rpm/rpmlintrc filters exactly one error, no-signature: packages are signed by
+    # the release key at publication (rpmsign --addsign), never by this build.
+    rpmlint -r packaging/rpm/rpmlintrc "dist/$RPM" || die "rpmlint reports errors"
+fi
+say "built dist/$DEB and dist/$RPM"
