@@ -396,19 +396,25 @@ class KernelLogWatcher:
         t = self._thread
         if t is not None:
             t.join(timeout)
+        if t is not None and t.is_alive():
+            log.warning("kernel log reader did not stop within %.1f s", timeout)
+            return                      # it closes its source itself when it ends
         self._thread = None
-        if self._fd is not None:
+        self._close_source()
+
+    def _close_source(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
             try:
-                os.close(self._fd)
+                os.close(fd)
             except OSError:
                 pass
-            self._fd = None
-        if self._journal is not None:
+        j, self._journal = self._journal, None
+        if j is not None:
             try:
-                self._journal.close()
+                j.close()
             except Exception:
                 pass
-            self._journal = None
 
     @property
     def running(self) -> bool:
@@ -480,6 +486,8 @@ class KernelLogWatcher:
             try:
                 self._queue.popleft()
                 self.dropped += 1
+                self.error = (f"{self.dropped} kernel faults dropped: more than {self._max_queue} "
+                              f"were waiting and nobody called poll()")
             except IndexError:
                 pass
         self._queue.append(fault)
@@ -506,6 +514,9 @@ class KernelLogWatcher:
             except Exception as e:  # the reader must not die silently
                 self.error = f"kernel log reader ({self.source_in_use}) stopped: {e}"
                 log.error("%s", self.error)
+            finally:
+                if self._stop.is_set():
+                    self._close_source()
         return run
 
     # -- internals: state
@@ -625,6 +636,8 @@ class KernelLogWatcher:
                 continue
             if self._records:
                 for _ in range(10000):          # bounded, so stop() is seen within the second
+                    if self._stop.is_set():
+                        break
                     try:
                         rec = os.read(fd, 16384)
                     except BlockingIOError:

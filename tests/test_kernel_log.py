@@ -522,3 +522,11 @@ def test_multi_line_fed_message_and_late_flush_in_poll(tmp_path):
     assert w.poll() == []
     clock.advance(5)
     assert [(f.xid, f.pci_bus_id) for f in w.poll()] == [(79, "0000:b4:00.0")]
+
+
+def test_queue_is_bounded_and_says_so(tmp_path):
+    w = KernelLogWatcher("none", tmp_path, max_queue=10)
+    w.feed_lines([xid_line(i) for i in range(15)])
+    got = w.poll()
+    assert len(got) == 10 and got[-1].message.endswith("fault number 14")
+    assert w.dropped == 5 and "dropped" in w.error
