@@ -491,19 +491,16 @@ class HealthJudge:
             add("hw_slowdown", Severity.CRIT, "check cooling, power supply and power brake "
                 "signals", f"{names} active {fraction:.0%} of the last {span}")
         elif active:
+            share = f" ({fraction:.0%} of the last {span})" if fraction >= 0.01 else ""
             add("hw_slowdown", Severity.WARN, "check cooling and power delivery",
-                f"{names} active ({fraction:.0%} of the last {span})")
+                f"{names} active{share}")
 
     def _rule_temperature(self, g: GpuReading, cfg, add) -> None:
         t = g.temperature_celsius
         if t is None:
             return
         margin = float(cfg.temperature_margin_celsius)
-        if g.temp_shutdown_celsius is not None and t >= g.temp_shutdown_celsius - margin:
-            add("temperature_near_shutdown", Severity.CRIT, "check cooling now",
-                f"temperature {t:g} °C within {margin:g} °C of shutdown "
-                f"{g.temp_shutdown_celsius:g} °C")
-        elif g.temp_slowdown_celsius is not None and t >= g.temp_slowdown_celsius - margin:
+        if g.temp_slowdown_celsius is not None and t >= g.temp_slowdown_celsius - margin:
             add("temperature_near_slowdown", Severity.WARN, "check cooling and airflow",
                 f"temperature {t:g} °C within {margin:g} °C of slowdown "
                 f"{g.temp_slowdown_celsius:g} °C")
@@ -635,7 +632,10 @@ class HealthJudge:
         who = "node" if subject == "node" else f"GPU {gpu}"
         if top:
             cause = top[0]
-            msg = f"{who} {prev_sev.name} -> {sev.name}: {cause.message}"
+            what = cause.message
+            if subject == "node" and cause.gpu is not None:
+                what = f"GPU {cause.gpu}: {what}"
+            msg = f"{who} {prev_sev.name} -> {sev.name}: {what}"
             action = cause.action
         else:
             cause = None
