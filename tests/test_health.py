@@ -378,3 +378,96 @@ def test_judge_is_cheap_for_8_gpus(tmp_path, clock, boot):
         step(j, clock, gpus)
     per_cycle = (time.perf_counter() - t0) / n
     assert per_cycle < 0.005, f"judge() took {per_cycle * 1e3:.2f} ms for 8 GPUs"
+
+
+FAULT_SCENARIO = """
+[node]
+model = "NVIDIA H100 80GB HBM3"
+gpu_count = 4
+
+[gpu_defaults]
+temperature = 60
+utilization = 90
+ecc_mode = true
+unsupported = ["retired_pages"]
+
+[[gpu]]
+index = 1
+pci_bus_id = "00000000:2A:00.0"
+
+[[gpu]]
+index = 2
+pci_bus_id = "00000000:3A:00.0"
+
+[[at]]
+t = 5
+gpu = 1
+ecc_volatile_uncorrected = 1
+ecc_aggregate_uncorrected = 1
+remapped_rows_pending = true
+kernel_log = "NVRM: Xid (PCI:0000:2a:00): 48, pid=77, name=train.py, An uncorrectable double bit error (DBE) has been detected on GPU in the framebuffer at partition 6, subpartition 0."
+
+[[at]]
+t = 10
+gpu = 2
+lost = true
+kernel_log = "NVRM: GPU 0000:3a:00.0: GPU has fallen off the bus."
+
+[[at]]
+t = 20
+gpu = 1
+reset = true
+remapped_rows_pending = false
+"""
+
+
+def test_scenario_ecc_remap_and_lost_gpu_through_the_daemon(tmp_path):
+    """The real simulator, NVML gateway, GPU probe, kernel line parser and loop, on virtual
+    time: uncorrectable ECC + Xid 48 + remap pending on GPU 1, GPU 2 falls off the bus."""
+    from gpucostd.loop import Daemon
+    from prometheus_client import generate_latest
+    from prometheus_client.registry import CollectorRegistry
+
+    scenario = tmp_path / "faults.toml"
+    scenario.write_text(FAULT_SCENARIO)
+    state = tmp_path / "state"
+    conf = cfg(f'[daemon]\nstate_dir = "{state}"\nlisten_address = ""\nkernel_log = "none"\n'
+               f'interval_seconds = 1.0\n')
+    clock = VirtualClock()
+    daemon = Daemon(conf, clock=clock, simulate=str(scenario))
+    snaps = {}
+    for t in range(26):
+        snaps[t] = daemon.step()
+        clock.advance(1.0)
+    before, ecc, lost, reset = snaps[3], snaps[7], snaps[12], snaps[23]
+    assert before.node_health == Severity.OK
+    f = {(x.subject, x.code): x for x in ecc.findings}
+    assert ecc.gpu_health[1] == Severity.CRIT and ecc.node_health == Severity.CRIT
+    assert f[("gpu:1", "ecc_uncorrected")].severity == Severity.CRIT
+    assert f[("gpu:1", "remap_pending")].action == "reset GPU"
+    assert f[("gpu:1", "xid_48")].severity == Severity.CRIT
+    f = {(x.subject, x.code): x for x in lost.findings}
+    assert lost.gpu_health[2] == Severity.CRIT
+    assert ("gpu:2", "gpu_lost") in f and ("gpu:2", "xid_79") in f
+    assert lost.gpu_health[0] == Severity.OK and lost.gpu_health[3] == Severity.OK
+    # the reset of GPU 1 clears its sticky Xid 48 and the ECC finding; GPU 2 stays lost
+    assert reset.gpu_health[1] == Severity.OK, reset.findings
+    assert reset.gpu_health[2] == Severity.CRIT and reset.node_health == Severity.CRIT
+    codes_seen = [e.code for e in daemon.store.query()]
+    for code in ("xid", "ecc_uncorrected", "remap_pending", "gpu_lost", "health_change",
+                 "gpu_reset"):
+        assert code in codes_seen, codes_seen
+    xids = {(e.gpu, e.xid) for e in daemon.store.query() if e.code == "xid"}
+    assert xids == {(1, 48), (2, 79)}
+
+    class C:
+        def collect(self):
+            return metric_families(lost)
+    reg = CollectorRegistry()
+    reg.register(C())
+    text = generate_latest(reg).decode()
+    assert 'gpucostd_gpu_health{gpu="2",uuid=' in text
+    assert 'gpucostd_gpu_lost{gpu="2"' in text and "gpucostd_node_health 2.0" in text
+    assert 'xid="48"} 1.0' in text and 'xid="79"} 1.0' in text
+    assert 'gpucostd_gpu_remapped_rows_pending{gpu="1"' in text
+    daemon.shutdown(system_shutdown=True)
