@@ -78,7 +78,8 @@ class Daemon:
             source = "none"      # replay: only the scenario's own kernel lines
         if not one_shot:
             from gpucostd.probes.kernel_log import KernelLogWatcher
-            self.watcher = KernelLogWatcher(source, state_dir, clock=self.clock)
+            self.watcher = KernelLogWatcher(source, state_dir, clock=self.clock,
+                                            on_fault=self.clock.wake)
         self.inference = None
         self._configure_inference()
         self._xid_totals: Dict[Tuple[Optional[int], int], int] = dict(self.store.xid_totals())

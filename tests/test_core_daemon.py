@@ -90,7 +90,7 @@ def test_status_unreachable_is_unknown(tmp_path):
 
 
 def test_sighup_with_broken_config_keeps_running(daemon):
-    daemon.config.write_text(daemon.config.read_text() + "\n[daemon]\nbogus = 1\n")
+    daemon.write_config("[cost]\nbogus = 1\n")
     before = metric_value(daemon.metrics(), "gpucostd_cycles_total")
     daemon.signal(signal.SIGHUP)
     wait_for(lambda: "reload refused" in daemon.output(), 10, what="reload refused log")
