@@ -154,8 +154,11 @@ def _nic_check(config: Any, settings: Sequence[Any]) -> CheckResult:
         msg = "; ".join(str(s.error) for s in errors[:3])
         if len(errors) > 3:
             msg += f"; and {len(errors) - 3} more"
+        tables = ", ".join(sorted({f"[tuning.{s.subject.replace(':', '.', 1)}]"
+                                   for s in errors}))
         return CheckResult("nic", "fail", msg,
-                           "fix the NIC or its [tuning.nic.IFNAME] table in the config")
+                           f"correct {tables} in the config (interface name, ring sizes) or "
+                           f"the NIC it names")
     if drift:
         parts = ", ".join(f"{s.subject[4:]} {s.name} {s.actual} (want {s.desired})"
                           for s in drift[:4])
@@ -216,4 +219,4 @@ def format_checks(results: Iterable[CheckResult], width: int = WIDTH) -> str:
                                 break_on_hyphens=False)
             lines.extend(" " * (len(head) + 2) + f if i else " " * len(head) + f
                          for i, f in enumerate(fix))
-    return "\n".join(lines)
+    return "\n".join(lines) + ("\n" if lines else "")

@@ -365,7 +365,7 @@ def plan_exit_code(settings: Sequence[Setting]) -> int:
 def format_plan(settings: Sequence[Setting], width: int = WIDTH) -> str:
     """current -> desired per setting with what would happen; fits `width` columns."""
     if not settings:
-        return "no settings configured ([tuning.gpu], [[tuning.gpu.override]], [tuning.nic.X])"
+        return "no settings configured ([tuning.gpu], [[tuning.gpu.override]], [tuning.nic.X])\n"
     head = f"{'SUBJECT':<12} {'SETTING':<18} {'CURRENT':>9}    {'DESIRED':<9} {'ACTION':<7} "
     lines = [(head + "SOURCE")[:width]]
     for s in settings:
@@ -378,13 +378,13 @@ def format_plan(settings: Sequence[Setting], width: int = WIDTH) -> str:
     errors = sum(1 for s in settings if s.error)
     lines.append(f"{len(settings)} settings: {changes} would change, {errors} with errors, "
                  f"{len(settings) - changes - errors} in sync")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
 
 
 def format_changes(changes: Sequence[Change], width: int = WIDTH) -> str:
     """What apply/restore did; fits `width` columns."""
     if not changes:
-        return "nothing to change: every setting is in sync"
+        return "nothing to change: every setting is in sync\n"
     lines = []
     for c in changes:
         status = "ok" if c.ok else "FAILED"
@@ -395,7 +395,7 @@ def format_changes(changes: Sequence[Change], width: int = WIDTH) -> str:
             lines.extend("       " + w for w in textwrap.wrap(c.error, width - 7, break_on_hyphens=False))
     ok = sum(1 for c in changes if c.ok)
     lines.append(f"{ok} changed, {len(changes) - ok} failed")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------- metrics
