@@ -303,7 +303,7 @@ def integrate(dt: float, s0: _Sample, s1: _Sample, carry: Dict[str, float],
     while throttled) comes from the samples that show a throttle reason; when none does
     (a blip between samples seen only by a counter) the last throttled depth is used.
     """
-    units: List[Tuple[float, Dict[str, float]]] = []
+    units: List[Tuple[float, Dict[str, float], frozenset]] = []   # (time, weights, members)
     covered = set()
     used_counters = False
     c0, c1 = s0.counters, s1.counters
@@ -316,11 +316,11 @@ def integrate(dt: float, s0: _Sample, s1: _Sample, carry: Dict[str, float],
             covered.update(group)
             delta = v1 - v0
             if delta < 0:
-                # the counter restarted (GPU reset) inside the interval: it counts from zero
-                # since the reset; the samples estimate the whole interval. Take the larger,
-                # never more than the interval: no negative and no doubled time.
-                est = dt * max((r in s0.reasons) + (r in s1.reasons) for r in group) / 2.0
-                delta = max(0.0, min(max(v1, est), dt))
+                # the counter restarted (GPU reset) inside the interval: rebase on zero. Its
+                # value is the throttled time since the reset; the part of the interval before
+                # the reset is unknown and not counted (the GPU may have been lost meanwhile).
+                # Never negative, never counted twice.
+                delta = max(0.0, min(v1, dt))
                 carry.pop(key, None)
             delta += carry.pop(key, 0.0)
             if delta > dt:                 # counter read jitter: keep the excess for later
@@ -335,7 +335,7 @@ def integrate(dt: float, s0: _Sample, s1: _Sample, carry: Dict[str, float],
                     weights[r] = float(w)
             if not weights:
                 weights = {last_group_reason.get(key, group[0]): 1.0}
-            units.append((delta, weights))
+            units.append((delta, weights, frozenset(group)))
     sampled = dt <= MAX_SAMPLE_GAP_SECONDS
     any_sampled = False
     for r in THROTTLE_REASONS:
@@ -345,7 +345,7 @@ def integrate(dt: float, s0: _Sample, s1: _Sample, carry: Dict[str, float],
         if a:
             any_sampled = True
             if sampled:
-                units.append((dt * a / 2.0, {r: 1.0}))
+                units.append((dt * a / 2.0, {r: 1.0}, frozenset((r,))))
     source = ("mixed" if any_sampled else "counters") if used_counters else "sampled"
     if not units:
         return {}, last_depth, source
@@ -361,21 +361,30 @@ def integrate(dt: float, s0: _Sample, s1: _Sample, carry: Dict[str, float],
         depth = last_depth if (s0.busy or s1.busy) else 0.0
 
     out: Dict[str, List[float]] = {}
-    for t_u, weights in units:
+    for t_u, weights, _members in units:
         wmax = max(weights.values())
         for r, w in weights.items():
             out.setdefault(r, [0.0, 0.0])[0] += t_u * w / wmax
-    if depth > 0.0:
+    if depth > 0.0 or s0.loss > 0.0 or s1.loss > 0.0:
         units.sort(key=lambda u: -u[0])
-        ns = [sum(w.values()) / max(w.values()) for _, w in units]
+        ns = [sum(w.values()) / max(w.values()) for _, w, _m in units]
+        # which units each sample shows: a nested segment whose set of active units matches
+        # a sample takes that sample's depth (the clock while exactly those reasons were on)
+        shown = [frozenset(i for i, u in enumerate(units) if u[2] & s.reasons)
+                 for s in (s0, s1)]
         k = len(units)
         for j in range(k):
             seg = units[j][0] - (units[j + 1][0] if j + 1 < k else 0.0)
             if seg <= 0:
                 continue
+            active = frozenset(range(j + 1))
+            match = [s.loss for s, sh in zip((s0, s1), shown) if sh == active]
+            d = sum(match) / len(match) if match else depth
+            if d <= 0.0:
+                continue
             n_total = sum(ns[: j + 1])
             for u in range(j + 1):
-                share = depth * seg * ns[u] / n_total
+                share = d * seg * ns[u] / n_total
                 weights = units[u][1]
                 wsum = sum(weights.values())
                 for r, w in weights.items():
