@@ -465,3 +465,100 @@ def test_setting_already_in_sync_keeps_its_value_as_the_original(tmp_path):
     assert len(events) == 1 and gw.limits[0] == 600.0
     assert m.restore() == []                         # 600 was the original: nothing to write
     assert gw.limits[0] == 600.0
+
+
+# ------------------------------------------------------------------ a real SIGKILL mid-apply
+class FileGateway:
+    """A gateway whose "hardware" is a JSON file, so it outlives the process that writes it.
+    With pause_after=N it announces itself and hangs after N writes (to be SIGKILLed)."""
+
+    def __init__(self, path, pause_after=None):
+        self.path, self.pause_after, self.count = str(path), pause_after, 0
+
+    def _load(self):
+        with open(self.path) as f:
+            return json.load(f)
+
+    def _store(self, data):
+        with open(self.path, "w") as f:
+            json.dump(data, f)
+
+    def _set(self, key, index, value):
+        if self.pause_after is not None and self.count >= self.pause_after:
+            open(self.path + ".paused", "w").close()
+            import time
+            while True:
+                time.sleep(1)
+        data = self._load()
+        data[key][str(index)] = value
+        self._store(data)
+        self.count += 1
+
+    def get_power_limit(self, index):
+        return self._load()["limits"][str(index)]
+
+    def set_power_limit(self, index, watts):
+        self._set("limits", index, float(watts))
+
+    def get_persistence_mode(self, index):
+        return self._load()["persistence"][str(index)]
+
+    def set_persistence_mode(self, index, enabled):
+        self._set("persistence", index, bool(enabled))
+
+
+CHILD = r'''
+import sys
+sys.path.insert(0, sys.argv[1])
+from gpucostd.clock import RealClock
+from gpucostd.config import parse
+from gpucostd.tuners.manager import TuningManager
+from test_tuners_gpu import FileGateway, GPU_CFG, GpuReading, MODEL
+device, state, mode = sys.argv[2], sys.argv[3], sys.argv[4]
+gw = FileGateway(device, int(sys.argv[5]) if len(sys.argv) > 5 else None)
+gpus = [GpuReading(i, uuid=f"GPU-{i:04d}", name=MODEL, power_limit_min_watts=200.0,
+                   power_limit_max_watts=700.0) for i in range(4)]
+m = TuningManager(parse(GPU_CFG), gw, state, RealClock(), host_root=state)
+changes = m.apply(gpus) if mode == "apply" else m.restore(gpus)
+assert all(c.ok for c in changes), changes
+print(len(changes))
+'''
+
+
+def test_sigkill_during_apply_then_restart_then_stop_restores_first_originals(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from conftest import wait_for
+
+    device = tmp_path / "device.json"
+    device.write_text(json.dumps({"limits": {str(i): 700.0 for i in range(4)},
+                                  "persistence": {str(i): False for i in range(4)}}))
+    state = tmp_path / "state"
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+
+    def child(*args):
+        return [sys.executable, str(script), tests_dir, str(device), str(state), *args]
+
+    proc = subprocess.Popen(child("apply", "3"))
+    try:
+        wait_for(lambda: os.path.exists(str(device) + ".paused"), timeout=30,
+                 what="the first apply to pause after three writes")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    half = json.loads(device.read_text())
+    assert half["limits"]["0"] == 600.0 and half["limits"]["2"] == 700.0   # half applied
+    os.unlink(str(device) + ".paused")
+    r = subprocess.run(child("apply"), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(device.read_text())["limits"] == {str(i): 600.0 for i in range(4)}
+    r = subprocess.run(child("restore"), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(device.read_text()) == {"limits": {str(i): 700.0 for i in range(4)},
+                                              "persistence": {str(i): False for i in range(4)}}
+    assert json.loads((state / "originals.json").read_text())["originals"] == {}
