@@ -255,14 +255,15 @@ def active_throttle_reasons(g: GpuReading) -> Tuple[str, ...]:
     return tuple(r for r in THROTTLE_REASONS if r in reasons)
 
 
-def loss_ratio(g: GpuReading, busy_percent: float) -> Optional[float]:
+def loss_ratio(g: GpuReading, busy_percent: float, reference: Optional[float] = None
+               ) -> Optional[float]:
     """Throughput-loss ratio now: 1 - sm/reference while busy and throttled, else 0.
     None when the GPU gave no usable reading."""
     if g.state != GpuState.OK:
         return None
     if not is_busy(g, busy_percent) or not active_throttle_reasons(g):
         return 0.0
-    ref = reference_clock(g)
+    ref = reference if reference is not None else reference_clock(g)
     if ref is None or g.sm_clock_mhz is None:
         return None
     return min(1.0, max(0.0, 1.0 - float(g.sm_clock_mhz) / ref))
@@ -394,7 +395,8 @@ def integrate(dt: float, s0: _Sample, s1: _Sample, carry: Dict[str, float],
 
 class _GpuTrack:
     __slots__ = ("key", "index", "uuid", "name", "prev", "totals", "carry", "last_depth",
-                 "last_group_reason", "source", "price", "last_capacity", "last_depth_interval")
+                 "last_group_reason", "source", "price", "last_capacity", "last_depth_interval",
+                 "loss_now", "app_exceeded")
 
     def __init__(self, key: str, index: int, uuid: Optional[str], name: Optional[str]):
         self.key = key
@@ -410,6 +412,8 @@ class _GpuTrack:
         self.price = 0.0
         self.last_capacity = 0.0             # capacity lost in the latest interval
         self.last_depth_interval = 0.0
+        self.loss_now: Optional[float] = None
+        self.app_exceeded: Optional[float] = None   # an app clock this GPU ran above
 
 
 def _gpu_key(g: GpuReading) -> str:
@@ -464,6 +468,19 @@ class CostAccountant:
         return str(getattr(self.config.cost, "currency", "USD"))
 
     # ------------------------------------------------------------------ the cycle
+    @staticmethod
+    def _reference(g: GpuReading, tr: "_GpuTrack") -> Optional[float]:
+        """The application clock is the reference only while it caps the GPU: NVML reports
+        the (default) application clock even when none was set, and a GPU seen running above
+        it is not capped by it, so its max clock stays the reference."""
+        app, mx, sm = g.app_sm_clock_mhz, g.sm_clock_max_mhz, g.sm_clock_mhz
+        if app and mx and app < mx:
+            if sm is not None and sm > app + 1.0:
+                tr.app_exceeded = app
+            if tr.app_exceeded == app:
+                return float(mx)
+        return reference_clock(g)
+
     def update(self, gpus: Sequence[GpuReading], now_mono: float, inference=None) -> CostReport:
         now_wall = self.clock.time() if self.clock is not None else _time.time()
         busy_pct = float(self.config.cost.busy_utilization_percent)
@@ -488,12 +505,14 @@ class CostAccountant:
             price = self._price(g.name or tr.name)
             present.append((g, tr, price))
             tr.last_capacity = 0.0
+            tr.loss_now = None
             if g.state != GpuState.OK:
                 tr.price = price
                 continue
             reasons = active_throttle_reasons(g)
             busy = bool(is_busy(g, busy_pct))
-            loss = loss_ratio(g, busy_pct)
+            loss = loss_ratio(g, busy_pct, self._reference(g, tr))
+            tr.loss_now = loss
             counters = g.violation_seconds or None
             s1 = _Sample(now_mono, loss or 0.0, busy, frozenset(reasons), counters)
             s0 = tr.prev
@@ -619,7 +638,7 @@ class CostAccountant:
         node_day = WindowCost(float(HISTORY_SECONDS))
         for g, tr, price in sorted(present, key=lambda x: x[0].index):
             node_price += price
-            loss = loss_ratio(g, busy_pct)
+            loss = tr.loss_now if g.state == GpuState.OK else None
             busy = is_busy(g, busy_pct) if g.state == GpuState.OK else None
             hour = self._window_for(tr.key, windows["hour"], current, 3600.0)
             day = self._window_for(tr.key, windows["day"], current, float(HISTORY_SECONDS))
@@ -852,7 +871,8 @@ def _history_json(history: Mapping[int, Any]) -> Dict[str, Any]:
 
 
 def cost_breakdown(data: Union[CostReport, Mapping[str, Any]],
-                   since_seconds: Optional[float] = None) -> Dict[str, Any]:
+                   since_seconds: Optional[float] = None, now: Optional[float] = None
+                   ) -> Dict[str, Any]:
     """Breakdown by GPU and reason for `gpucostd cost [--since S]`.
 
     `data` is a CostReport, its to_json(history=True) output, or a persisted cost.json.
@@ -863,7 +883,8 @@ def cost_breakdown(data: Union[CostReport, Mapping[str, Any]],
     data = dict(data)
     currency = data.get("currency", "USD")
     names: Dict[str, Dict[str, Any]] = {}
-    now = data.get("time") or data.get("saved_at")
+    if now is None:
+        now = data.get("time") or data.get("saved_at")
     gpus_src = data.get("gpus")
     if isinstance(gpus_src, list):      # a report's JSON
         for g in gpus_src:
@@ -920,6 +941,31 @@ def cost_breakdown(data: Union[CostReport, Mapping[str, Any]],
                      "dollars": _r(sum(c.dollars for c in node.values())),
                      "top_reason": _top_reason(node),
                      "reasons": {r: c.to_json() for r, c in _sorted_reasons(node)}}}
+
+
+def breakdown(accountant: "CostAccountant", since_seconds: Optional[float] = None
+              ) -> Dict[str, Any]:
+    """cost_breakdown of a running accountant (the status socket's "cost" request)."""
+    report = accountant._last_report
+    if report is not None:
+        return cost_breakdown(report, since_seconds)
+    now = accountant.clock.time() if accountant.clock is not None else _time.time()
+    return cost_breakdown(accountant.state(), since_seconds, now=now)
+
+
+def breakdown_from_state(config, since_seconds: Optional[float] = None,
+                         now: Optional[float] = None) -> Optional[Dict[str, Any]]:
+    """cost_breakdown from the saved state file (`gpucostd cost` without a running daemon).
+    None when there is no readable state file."""
+    path = os.path.join(config.daemon.state_dir, STATE_FILE)
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            data = json.load(f)
+        if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+            return None
+        return cost_breakdown(data, since_seconds, now=_time.time() if now is None else now)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
 
 
 def parse_since(text: str) -> float:
@@ -1166,5 +1212,6 @@ def metric_families(snapshot) -> Iterable[Any]:
 
 __all__ = ["CostAccountant", "CostReport", "GpuCost", "ReasonCost", "WindowCost", "TokenCost",
            "status_lines", "status_lines_from_json", "cost_breakdown", "format_cost",
+           "breakdown", "breakdown_from_state",
            "parse_since", "metric_families", "loss_ratio", "reference_clock", "is_busy",
            "cost_multiplier", "integrate", "fit_tokens_vs_clock", "LATENCY_NOTE"]

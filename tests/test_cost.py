@@ -583,3 +583,40 @@ def test_update_is_cheap_for_eight_gpus():
         acc.update(rs, float(t))
         times.append(time.perf_counter() - t0)
     assert statistics.median(times) < 0.002, f"median {statistics.median(times) * 1e3:.2f} ms"
+
+
+def test_breakdown_for_the_daemon_and_from_the_state_file(tmp_path):
+    from gpucostd.cost import breakdown, breakdown_from_state
+    clock = VirtualClock()
+    cfg = make_config(f'[daemon]\nstate_dir = "{tmp_path}"\n[cost]\ngpu_hour_usd = 3.6\n')
+    acc = CostAccountant(cfg, str(tmp_path), clock)
+    assert breakdown(acc, 3600)["gpus"] == []
+    assert breakdown_from_state(cfg) is None
+    for t in range(0, 101):
+        clock._t = float(t)
+        acc.update([reading(sm_clock_mhz=990.0, clock_event_reasons=("SwPowerCap",),
+                            violation_seconds={"power": float(t)})], float(t))
+    live = breakdown(acc, 86400)
+    assert live["node"]["dollars"] == pytest.approx(0.05)
+    acc.flush()
+    saved = breakdown_from_state(cfg, 86400, now=clock.time())
+    assert saved["node"] == live["node"]
+    # a day later nothing falls in the last 24 h; the all-time totals remain
+    assert breakdown_from_state(cfg, 86400, now=clock.time() + 2 * 86400)["node"]["dollars"] == 0
+    assert breakdown_from_state(cfg, None)["node"]["dollars"] == pytest.approx(0.05)
+    assert "SwPowerCap" in format_cost(saved)
+
+
+def test_default_application_clock_below_boost_is_not_the_reference():
+    """NVML reports the default application clock (1755 on an H100) even when none was set;
+    a GPU seen boosting above it is not capped by it, so the max clock is the reference."""
+    acc = CostAccountant(make_config(), None, VirtualClock())
+    acc.update([reading(app_sm_clock_mhz=1755.0, sm_clock_mhz=1980.0)], 0.0)
+    rep = acc.update([reading(app_sm_clock_mhz=1755.0, sm_clock_mhz=1485.0,
+                              clock_event_reasons=("SwPowerCap",))], 1.0)
+    assert rep.gpus[0].loss_ratio == pytest.approx(0.25)
+    # a GPU that never ran above its application clock: that clock is the reference
+    acc2 = CostAccountant(make_config(), None, VirtualClock())
+    rep = acc2.update([reading(app_sm_clock_mhz=1650.0, sm_clock_mhz=1320.0,
+                               clock_event_reasons=("SwPowerCap",))], 0.0)
+    assert rep.gpus[0].loss_ratio == pytest.approx(0.2)
