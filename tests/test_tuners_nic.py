@@ -249,3 +249,38 @@ def test_host_nic_rings_can_be_read(tmp_path):
         assert nl.driver(nic.name) == nic.driver
     finally:
         nl.close()
+
+
+@pytest.mark.root
+def test_without_cap_net_admin_the_error_names_the_capability(veth_netns):
+    """The real kernel's EPERM, from a child that dropped CAP_NET_ADMIN (setpriv), on the
+    namespace's veth (never a host NIC)."""
+    import sys
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv (util-linux) to drop CAP_NET_ADMIN")
+    code = ("import sys\nfrom gpucostd.netlink import Netlink, NetlinkError\n"
+            "n = Netlink(netns=sys.argv[1])\n"
+            "try:\n    n.set_rings('gct0', {'rx': 256})\n"
+            "except NetlinkError as e:\n    print(e.kind); print(e)\n")
+    r = subprocess.run(["setpriv", "--inh-caps=-net_admin", "--bounding-set=-net_admin",
+                        sys.executable, "-c", code, veth_netns],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    kind, message = r.stdout.splitlines()[:2]
+    assert kind == "no_permission"
+    assert message == ("gct0: changing ring buffers needs CAP_NET_ADMIN (run gpucostd as root "
+                       "or give the service AmbientCapabilities=CAP_NET_ADMIN)")
+
+
+def test_errno_mapping_without_root():
+    import errno
+    from gpucostd.netlink import Netlink
+    nl = Netlink()
+    nl.driver = lambda ifname: None          # no ioctl here
+    assert nl._map("eth9", errno.ENODEV, "x").kind == "no_device"
+    assert nl._map("eth9", errno.EPERM, "x").kind == "no_permission"
+    e = nl._map("eth9", errno.EOPNOTSUPP, "x")
+    assert (e.kind, str(e)) == ("not_supported",
+                                "eth9: its driver does not support ring buffer changes")
+    assert nl._map("eth9", errno.EINVAL, "Invalid argument").kind == "invalid"
+    assert nl._map("eth9", errno.EBUSY, "busy").kind == "other"
