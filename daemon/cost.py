@@ -1030,7 +1030,7 @@ def format_cost(data: Mapping[str, Any], since: Optional[float] = None) -> str:
     for g in data["gpus"]:
         idx = "?" if g.get("index") is None else str(g["index"])
         if not g["reasons"]:
-            lines.append(f"{idx:>3}  {'(no throttling)':<22}")
+            lines.append(f"{idx:>3}  (no throttling)")
             continue
         for r, c in g["reasons"].items():
             line = (f"{idx:>3}  {r:<22}{c['throttled_seconds']:>11.0f}s"
