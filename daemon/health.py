@@ -19,6 +19,7 @@ under a millisecond (see docs/health.md for the measurement).
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import logging
 import os
@@ -49,6 +50,7 @@ ACTION_REBOOT = "reset GPU or reboot; hardware inspection if it recurs"
 _BUS_RE = re.compile(r"^(?:(?:pci:)?([0-9a-f]{1,8}):)?([0-9a-f]{1,2}):([0-9a-f]{1,2})(?:\.([0-7]))?$")
 
 
+@functools.lru_cache(maxsize=512)
 def normalize_bus_id(text: Optional[str]) -> Optional[str]:
     """NVML's "00000000:9B:00.0", the kernel's "0000:9b:00" or "PCI:0000:9b:00" -> "0000:9b:00.0".
     None for anything that is not a PCI address."""
