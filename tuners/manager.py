@@ -47,6 +47,8 @@ class TuningManager:
         self.restore_hint = restore_hint or DEFAULT_RESTORE_HINT
         self._netlink = netlink
         self._own_netlink = netlink is None
+        if host_probe is None and hasattr(host_root, "nic_driver"):
+            host_probe, host_root = host_root, "/"      # the contract's positional host_probe
         if host_probe is None:
             from gpucostd.probes.host import HostProbe
             host_probe = HostProbe(host_root)
