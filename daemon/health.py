@@ -761,7 +761,8 @@ def metric_families(snapshot: NodeSnapshot):
     for g in snapshot.gpus:
         gl = [str(g.index), g.uuid or ""]
         uuids[g.index] = g.uuid or ""
-        lost.add_metric(gl, 1.0 if g.state == GpuState.LOST else 0.0)
+        if g.state != GpuState.UNKNOWN:          # NVML unavailable: we cannot tell
+            lost.add_metric(gl, 1.0 if g.state == GpuState.LOST else 0.0)
         for typ, counter, v in (("corrected", "volatile", g.ecc_volatile_corrected),
                                 ("uncorrected", "volatile", g.ecc_volatile_uncorrected),
                                 ("corrected", "aggregate", g.ecc_aggregate_corrected),
