@@ -165,8 +165,16 @@ def cmd_status(args) -> int:
 
 
 def _one_shot(args, cfg):
+    """A Daemon for one command. On a simulated node its state (saved originals, events) goes
+    to a throw-away directory: simulated GPUs must never mix with the host's saved state."""
+    import tempfile
     from gpucostd.loop import Daemon
-    return Daemon(cfg, simulate=_scenario(args, cfg), one_shot=True)
+    scenario = _scenario(args, cfg)
+    state_dir = None
+    if scenario is not None:
+        args._tmp_state = tempfile.TemporaryDirectory(prefix="gpucostd-sim-")
+        state_dir = args._tmp_state.name
+    return Daemon(cfg, simulate=scenario, one_shot=True, state_dir=state_dir)
 
 
 def _direct_status(args):
@@ -291,9 +299,8 @@ def cmd_tuning(args) -> int:
         rc = _need_root(args.command)
         if rc is not None:
             return rc
-    from gpucostd.loop import Daemon
     from gpucostd.config import ConfigError
-    d = Daemon(cfg, simulate=_scenario(args, cfg), one_shot=True)
+    d = _one_shot(args, cfg)
     try:
         d.gateway.ensure_initialized()
         gpus = d.gpu_probe.read()

@@ -26,7 +26,8 @@ class Daemon:
     """One node's daemon. `step()` runs one cycle; `run()` loops until stop()."""
 
     def __init__(self, config: Config, clock=None, simulate: Optional[str] = None,
-                 kernel_log: Optional[str] = None, notifier=None, one_shot: bool = False):
+                 kernel_log: Optional[str] = None, notifier=None, one_shot: bool = False,
+                 state_dir: Optional[str] = None):
         from gpucostd.cost import CostAccountant
         from gpucostd.events import EventStore
         from gpucostd.health import HealthJudge
@@ -51,7 +52,8 @@ class Daemon:
         self._latest: Optional[NodeSnapshot] = None
         self._publishers: List[Callable[[NodeSnapshot], None]] = []
         self._part_errors: Dict[str, str] = {}
-        state_dir = config.daemon.state_dir
+        state_dir = state_dir or config.daemon.state_dir
+        self.state_dir = state_dir
         os.makedirs(state_dir, mode=0o750, exist_ok=True)
 
         self.sim = None
@@ -175,7 +177,8 @@ class Daemon:
             if system_shutdown:
                 LOG.info("system shutdown in progress: tuned settings are left as they are")
             else:
-                changes = self._guard("restore", self.tuning.restore, []) or []
+                gpus = self._latest.gpus if self._latest is not None else None
+                changes = self._guard("restore", lambda: self.tuning.restore(gpus), []) or []
                 self._record(_change_events(self.clock.time(), changes, "setting_restored"))
         if self.watcher is not None:
             self._guard("kernel log stop", self.watcher.stop)
