@@ -83,6 +83,7 @@ NVML_TEMPERATURE_GPU = 0
 NVML_TEMPERATURE_THRESHOLD_SHUTDOWN = 0
 NVML_TEMPERATURE_THRESHOLD_SLOWDOWN = 1
 NVML_FI_DEV_MEMORY_TEMP = 82
+VIRTUAL_CLOCK_DEADLINE = 60.0
 _CURRENT_REASON_FNS = ("nvmlDeviceGetCurrentClocksEventReasons",
                        "nvmlDeviceGetCurrentClocksThrottleReasons")
 _SUPPORTED_REASON_FNS = ("nvmlDeviceGetSupportedClocksEventReasons",
@@ -267,6 +268,16 @@ class NvmlGateway:
         self._last_attempt: Optional[float] = None
         self._generation = 0
         self._closed = False
+        # On a virtual clock (replay, tests) only the simulator answers, and it never blocks
+        # (a simulated hang returns NVML_ERROR_TIMEOUT at once). A real-time deadline would
+        # then only make results depend on how busy the machine is, so it is stretched.
+        self._virtual = bool(getattr(self.clock, "virtual", False))
+
+    def _deadline(self, timeout: Optional[float]) -> float:
+        seconds = self.timeout_seconds if timeout is None else timeout
+        if self._virtual:
+            seconds = max(seconds, VIRTUAL_CLOCK_DEADLINE)
+        return _now() + seconds
 
     # ---------------------------------------------------------------- plumbing
     def _lane(self, key: Any) -> _Lane:
@@ -310,7 +321,7 @@ class NvmlGateway:
 
     def _call(self, key: Any, fn: Callable[[], Any], timeout: Optional[float] = None) -> Any:
         lane, job = self._submit(key, fn)
-        deadline = _now() + (self.timeout_seconds if timeout is None else timeout)
+        deadline = self._deadline(timeout)
         try:
             return self._wait(key, lane, job, deadline)
         except NvmlError as err:
@@ -578,7 +589,7 @@ class NvmlGateway:
         if not available:
             return {i: NvmlError("unavailable", error or "NVML not available", None, i)
                     for i in indices}
-        deadline = _now() + (self.timeout_seconds if timeout is None else timeout)
+        deadline = self._deadline(timeout)
         jobs = {}
         for i in indices:
             if not 0 <= i < count:
