@@ -164,3 +164,43 @@ def test_cli_replay_json(tmp_path):
                            "--config", str(cfg), "--duration", "130"],
                           capture_output=True, text=True, timeout=120)
     assert text.returncode == 0 and "HwThermalSlowdown" in text.stdout
+
+
+def _accuracy_table() -> None:   # pragma: no cover - a report, not a test
+    """`python tests/test_replay.py`: replay vs ground truth per scenario, GPU and reason."""
+    cases = [
+        ("builtin:h100x8", "[cost]\ngpu_hour_usd = 2.5\n", 3600.0, None),
+        ("h100x8, counters NOT_SUPPORTED", "[cost]\ngpu_hour_usd = 2.5\n", 3600.0, "nocounters"),
+        ("builtin:cost_overlap", "[cost]\ngpu_hour_usd = 3\n", 3600.0, None),
+        ("builtin:cost_reset", "[cost]\ngpu_hour_usd = 2\n", 600.0, None),
+    ]
+    import tempfile
+    price = {}
+    for name, cfg_text, duration, variant in cases:
+        spec = name
+        if variant == "nocounters":
+            tmp = Path(tempfile.mkdtemp()) / "h100x8_nocounters.toml"
+            tmp.write_text((BUILTIN_DIR / "h100x8.toml").read_text().replace(
+                "[gpu_defaults]\n", "[gpu_defaults]\nviolation_counters = false\n", 1))
+            spec = str(tmp)
+        cfg = parse(cfg_text)
+        p = cfg.cost.gpu_hour_usd
+        result = run_replay(spec, cfg, duration=duration, step=1.0)
+        truth = ground_truth(load_scenario(spec), duration, price_at=lambda i, t, p=p: p)
+        got = replay_totals(result)
+        print(f"{name}: {duration:g} s, step 1 s")
+        print(f"  {'GPU':>3} {'reason':<20} {'src':<8} {'cap. lost s':>12} {'truth':>12} "
+              f"{'err':>8} {'dollars':>10} {'truth':>10} {'err':>8}")
+        srcs = {g['index']: g['source'] for g in result['gpus']}
+        for index in sorted(truth):
+            for r in sorted(set(truth[index]) | set(got.get(index, {}))):
+                g = got.get(index, {}).get(r, [0, 0, 0])
+                t = truth[index].get(r, [0, 0, 0])
+                e1 = abs(g[1] - t[1]) / t[1] * 100 if t[1] else 0.0
+                e2 = abs(g[2] - t[2]) / t[2] * 100 if t[2] else 0.0
+                print(f"  {index:>3} {r:<20} {srcs[index]:<8} {g[1]:>12.3f} {t[1]:>12.3f} "
+                      f"{e1:>7.3f}% {g[2]:>10.5f} {t[2]:>10.5f} {e2:>7.3f}%")
+
+
+if __name__ == "__main__":   # pragma: no cover
+    _accuracy_table()
