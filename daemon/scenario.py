@@ -263,8 +263,10 @@ class _Validator:
 
     def value(self, where: str, table: str, key: str, field: Field, value: Any,
               array: bool = False, occurrence: int = 0) -> Any:
+        raw = value
+
         def bad(why: str):
-            self.fail(f"{where}.{key} = {_fmt(value)}: {why}", table, key, array, occurrence)
+            self.fail(f"{where}.{key} = {_fmt(raw)}: {why}", table, key, array, occurrence)
 
         if not _type_ok(field, value):
             bad(f"wrong type; expected {_TYPE_WORDS[field.type]}")
