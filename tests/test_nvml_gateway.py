@@ -339,3 +339,26 @@ def test_nvml_error_kinds_are_checked():
         NvmlError("bogus", "x")
     e = NvmlError("lost", "GPU 1: gone", gpu=1)
     assert str(e) == "GPU 1: gone" and e.kind == "lost" and e.gpu == 1
+
+
+@pytest.mark.hardware
+def test_real_nvml_when_a_gpu_is_present():
+    """On a machine with an NVIDIA driver: the gateway reads the real GPUs. Skipped otherwise."""
+    saved = pynvml.nvmlLib
+    gw = NvmlGateway(timeout_seconds=5.0)
+    try:
+        if not gw.ensure_initialized():
+            pytest.skip(f"no usable NVIDIA driver here: {gw.error}")
+        gpus = GpuProbe(gw).read()
+        assert len(gpus) == gw.device_count >= 1
+        for g in gpus:
+            assert g.state == GpuState.OK, g.error
+            assert g.uuid.startswith("GPU-") and g.name and g.pci_bus_id
+            assert g.temperature_celsius is not None and 0 < g.temperature_celsius < 120
+            assert g.power_limit_watts and g.sm_clock_max_mhz
+            assert g.clock_event_reasons is not None
+    finally:
+        gw.shutdown()
+        with pynvml.libLoadLock:
+            pynvml.nvmlLib = saved
+            pynvml._nvmlGetFunctionPointer_cache.clear()
