@@ -229,7 +229,7 @@ class _Lane:
                 return False
             job.abandoned = True
             if self.stuck_since is None:
-                self.stuck_since = self.clock.monotonic()
+                self.stuck_since = _now()
                 self.stuck_call = self.current or "an NVML call"
             return True
 
@@ -291,7 +291,7 @@ class NvmlGateway:
     def _stuck_error(self, key: Any, lane: _Lane) -> NvmlError:
         gpu = None if key == "node" else key
         since = lane.stuck_since
-        age = 0.0 if since is None else max(0.0, self.clock.monotonic() - since)
+        age = 0.0 if since is None else max(0.0, _now() - since)
         call = lane.stuck_call or "an NVML call"
         return NvmlError("timeout", f"{_where(gpu)} is unresponsive: {call} has not returned "
                          f"for {age:.0f} s (deadline "
