@@ -128,9 +128,9 @@ class Daemon:
     def start(self) -> None:
         if self.watcher is not None:
             self.watcher.start()
-        self._record([Event(self.clock.time(), "node", "startup", Severity.OK, "none",
-                            f"gpucostd {__version__} started"
-                            + (f" on simulated node {self.simulate}" if self.simulate else ""))])
+        from gpucostd.journal import startup_event
+        self._record([startup_event(__version__, self.clock.time(), config_path=self.config.path,
+                                    simulate=self.simulate)])
 
     def request_reload(self) -> None:
         self._reload_requested.set()

@@ -137,6 +137,13 @@ def _clip(line: str) -> str:
     return line if len(line) <= WIDTH else line[:WIDTH - 1] + "…"
 
 
+def _wrap(text: str, indent: str, more: str = "") -> List[str]:
+    """Wrap a message to 100 columns (findings and fixes are never cut off)."""
+    import textwrap
+    return textwrap.wrap(text, WIDTH, initial_indent=indent,
+                         subsequent_indent=more or indent + "  ", break_long_words=True) or [indent]
+
+
 def render_status(data: Dict[str, Any], colour: bool = False, events: int = 5) -> str:
     """Human view of status JSON; every line fits 100 columns."""
     st = _Style(colour)
@@ -148,9 +155,11 @@ def render_status(data: Dict[str, Any], colour: bool = False, events: int = 5) -
         f"driver {node.get('driver_version') or '?'}  CUDA {node.get('cuda_version') or '?'}  "
         f"up {_duration(daemon.get('uptime_seconds') or 0)}{sim}")]
     if not node.get("nvml_available"):
-        lines.append(_clip(f"  NVML unavailable: {node.get('nvml_error') or 'unknown reason'}"))
-    lines.append(f"{'GPU':>3} {'MODEL':<15} {'HEALTH':<7} {'TEMP':>5} {'POWER/LIMIT':>11} "
-                 f"{'SM MHz/MAX':>11}  {'UTIL':>4}  THROTTLE / REASON")
+        lines.extend(_wrap(f"NVML unavailable: {node.get('nvml_error') or 'unknown reason'}",
+                           "  "))
+    if data["gpus"]:
+        lines.append(f"{'GPU':>3} {'MODEL':<15} {'HEALTH':<7} {'TEMP':>5} {'POWER/LIMIT':>11} "
+                     f"{'SM MHz/MAX':>11}  {'UTIL':>4}  THROTTLE / REASON")
     for g in data["gpus"]:
         power = f"{_fmt(g['power_draw_watts'])}/{_fmt(g['power_limit_watts'], unit='W')}"
         clock = f"{_fmt(g['sm_clock_mhz'])}/{_fmt(g['sm_clock_max_mhz'])}"
@@ -165,25 +174,25 @@ def render_status(data: Dict[str, Any], colour: bool = False, events: int = 5) -
             f"{_fmt(g['utilization_percent'], unit='%'):>4}  {reasons}"))
         for f in g.get("findings") or []:
             if f["severity"] != "OK":
-                lines.append(_clip(f"      {f['severity']}: {f['message']} (since "
-                                   f"{_ago(f.get('since'), now)}) -> {f['action']}"))
+                lines.extend(_wrap(f"{f['severity']}: {f['message']} (since "
+                                   f"{_ago(f.get('since'), now)}) -> {f['action']}", "      "))
     node_findings = [f for f in node.get("findings") or [] if f["severity"] != "OK"]
     if node_findings:
         lines.append("Node:")
         for f in node_findings:
-            lines.append(_clip(f"  {f['severity']}: {f['message']} -> {f['action']}"))
+            lines.extend(_wrap(f"{f['severity']}: {f['message']} -> {f['action']}", "  "))
     out_of_sync = [s for s in data.get("settings") or [] if not s["in_sync"]]
     if out_of_sync:
         lines.append("Settings out of sync:")
         for s in out_of_sync:
             why = s.get("error") or f"actual {s['actual']}, desired {s['desired']}"
-            lines.append(_clip(f"  {s['subject']} {s['name']}: {why}"))
+            lines.extend(_wrap(f"{s['subject']} {s['name']}: {why}", "  "))
     failed = [c for c in data.get("checks") or [] if c["status"] != "pass"]
     if failed:
         lines.append("Host checks:")
         for c in failed:
             fix = f" -> {c['fix']}" if c.get("fix") else ""
-            lines.append(_clip(f"  {c['status'].upper()} {c['name']}: {c['message']}{fix}"))
+            lines.extend(_wrap(f"{c['status'].upper()} {c['name']}: {c['message']}{fix}", "  "))
     lines.extend(_clip(line) for line in cost_lines(data.get("cost")))
     evs = (data.get("events") or [])[:events]
     if evs:

@@ -83,8 +83,9 @@ class DaemonProcess:
         env.pop("NOTIFY_SOCKET", None)
         env.pop("JOURNAL_STREAM", None)
         self._logf = open(self.log, "ab")
+        simulate = ["--simulate", self.scenario] if self.scenario else []
         self.proc = subprocess.Popen(
-            gpucostd_cmd() + ["run", "--config", str(self.config), "--simulate", self.scenario],
+            gpucostd_cmd() + ["run", "--config", str(self.config)] + simulate,
             stdout=self._logf, stderr=subprocess.STDOUT, env=env)
         if wait:
             self.wait_ready()

@@ -149,3 +149,25 @@ def test_hung_gpu_is_unresponsive_and_metrics_keep_answering(daemon_factory, tmp
         assert metric_value(text, "gpucostd_gpu_temperature_celsius", gpu="0") is not None
         time.sleep(0.3)
     assert cycles[-1] > cycles[0]
+
+
+def _nvml_loadable() -> bool:
+    import ctypes
+    try:
+        ctypes.CDLL("libnvidia-ml.so.1")
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(_nvml_loadable(), reason="this host has the NVIDIA driver; the test needs "
+                                             "a host without it")
+def test_without_driver_the_daemon_runs_and_reports_unknown(daemon_factory):
+    d = daemon_factory(scenario=None).start()
+    r = d.cli("status")
+    assert r.returncode == 3, r.stdout
+    assert "NVML unavailable" in r.stdout and "libnvidia-ml.so.1" in r.stdout
+    assert all(len(line) <= 100 for line in r.stdout.splitlines())
+    assert metric_value(d.metrics(), "gpucostd_nvml_up") == 0
+    assert "retrying every 30 s" in d.output()
+    assert "Traceback" not in d.output()
