@@ -38,6 +38,7 @@ HISTORY_SECONDS = 86400        # history kept (24 h)
 RATE_WINDOW_SECONDS = 300.0    # window of the node's throttle $/h and loss fraction
 TOKEN_WINDOW_SECONDS = 300.0   # window of tokens per second
 SAVE_EVERY_SECONDS = 5.0       # real seconds between state-file writes
+HISTORY_SAVE_EVERY_SECONDS = 60.0   # real seconds between re-serializations of the history
 MAX_SAMPLE_GAP_SECONDS = 120.0  # sampled (counter-less) integration skips longer gaps
 MAX_LOSS_FOR_MULTIPLIER = 0.99
 LATENCY_NOTE = ("an under-loaded GPU pays for throttling in latency rather than throughput; "
@@ -420,6 +421,56 @@ def _gpu_key(g: GpuReading) -> str:
     return g.uuid if g.uuid else f"index:{g.index}"
 
 
+def _acc_bucket(into: Dict[str, Dict[str, List[float]]],
+                per_gpu: Mapping[str, Mapping[str, List[float]]], sign: float) -> None:
+    for key, per_reason in per_gpu.items():
+        d = into.get(key)
+        if d is None:
+            d = into[key] = {}
+        for r, v in per_reason.items():
+            a = d.get(r)
+            if a is None:
+                a = d[r] = [0.0, 0.0, 0.0]
+            for i in (0, 1, 2):
+                x = a[i] + sign * v[i]
+                a[i] = x if x > 1e-9 else 0.0     # no float dust below zero
+
+
+def _compact_history(history: Mapping[int, Mapping[str, Mapping[str, List[float]]]]
+                     ) -> Dict[str, Any]:
+    """{bucket: {gpu: {reason: [thr, cap, usd]}}} -> compact rows for the state file."""
+    keys: Dict[str, int] = {}
+    reasons: Dict[str, int] = {}
+    rows = []
+    for b in sorted(history):
+        for key, per_reason in history[b].items():
+            ki = keys.setdefault(key, len(keys))
+            for r, v in per_reason.items():
+                ri = reasons.setdefault(r, len(reasons))
+                rows.append([b, ki, ri, round(v[0], 6), round(v[1], 6), round(v[2], 9)])
+    return {"bucket_seconds": BUCKET_SECONDS, "keys": list(keys), "reasons": list(reasons),
+            "rows": rows}
+
+
+def _expand_history(data: Any) -> Dict[int, Dict[str, Dict[str, List[float]]]]:
+    """Either history form (compact rows, or {"buckets": nested}, or nested) -> nested."""
+    out: Dict[int, Dict[str, Dict[str, List[float]]]] = {}
+    if not data:
+        return out
+    if isinstance(data, dict) and "rows" in data:
+        keys, reasons = data["keys"], data["reasons"]
+        for b, ki, ri, thr, cap, usd in data["rows"]:
+            out.setdefault(int(b), {}).setdefault(str(keys[ki]), {})[str(reasons[ri])] = [
+                float(thr), float(cap), float(usd)]
+        return out
+    if isinstance(data, dict) and "buckets" in data:
+        data = data["buckets"]
+    for b, per_gpu in data.items():
+        out[int(b)] = {str(k): {str(r): [float(x) for x in v][:3] for r, v in pr.items()}
+                       for k, pr in per_gpu.items()}
+    return out
+
+
 # =========================================================================== accountant
 class CostAccountant:
     """Accumulates throttle cost cycle by cycle. Not thread-safe: the loop owns it."""
@@ -443,6 +494,8 @@ class CostAccountant:
         self._notes: List[str] = []
         self._dirty = False
         self._last_save = -1e18
+        self._history_json: Optional[str] = None
+        self._history_saved_at = -1e18
         self._window_cache: Optional[Tuple[int, Dict[str, Any]]] = None
         self._totals_since: Optional[float] = None
         self._load()
@@ -577,32 +630,43 @@ class CostAccountant:
     # ------------------------------------------------------------------ report
     def _windows(self, bucket: int) -> Dict[str, Any]:
         """Sums of the completed buckets inside the last hour / 24 h, per GPU and reason.
-        Recomputed once per bucket; the current bucket is added at report time."""
-        if self._window_cache is not None and self._window_cache[0] == bucket:
-            return self._window_cache[1]
-        self._prune(bucket)
-        hour_from = bucket - (3600 // BUCKET_SECONDS) + 1
-        day_from = bucket - (HISTORY_SECONDS // BUCKET_SECONDS) + 1
-        hour: Dict[str, Dict[str, List[float]]] = {}
-        day: Dict[str, Dict[str, List[float]]] = {}
-        for b, per_gpu in self._history.items():
-            if b >= bucket or b < day_from:
-                continue
-            targets = (day, hour) if b >= hour_from else (day,)
-            for key, per_reason in per_gpu.items():
-                for tgt in targets:
-                    d = tgt.setdefault(key, {})
-                    for r, v in per_reason.items():
-                        a = d.get(r)
-                        if a is None:
-                            d[r] = list(v)
-                        else:
-                            a[0] += v[0]
-                            a[1] += v[1]
-                            a[2] += v[2]
-        cache = {"hour": hour, "day": day}
-        self._window_cache = (bucket, cache)
-        return cache
+        Kept incrementally: when the minute changes, the buckets that completed are added and
+        the ones that left a window subtracted (a full recount only after a long gap). The
+        current bucket is added at report time."""
+        cache = self._window_cache
+        if cache is not None and cache[0] == bucket:
+            return cache[1]
+        hour_n = 3600 // BUCKET_SECONDS
+        day_n = HISTORY_SECONDS // BUCKET_SECONDS
+        if cache is None or bucket < cache[0] or bucket - cache[0] > hour_n:
+            self._prune(bucket)
+            sums = {"hour": {}, "day": {}}
+            for b, per_gpu in self._history.items():
+                if b < bucket:
+                    if b > bucket - hour_n:
+                        _acc_bucket(sums["hour"], per_gpu, 1.0)
+                    if b > bucket - day_n:
+                        _acc_bucket(sums["day"], per_gpu, 1.0)
+        else:
+            prev, sums = cache
+            for b in range(prev, bucket):            # buckets that completed
+                per_gpu = self._history.get(b)
+                if per_gpu:
+                    if b > bucket - hour_n:
+                        _acc_bucket(sums["hour"], per_gpu, 1.0)
+                    if b > bucket - day_n:
+                        _acc_bucket(sums["day"], per_gpu, 1.0)
+            for b in range(prev - hour_n + 1, min(prev, bucket - hour_n + 1)):   # left 1 h
+                per_gpu = self._history.get(b)
+                if per_gpu:
+                    _acc_bucket(sums["hour"], per_gpu, -1.0)
+            for b in range(prev - day_n + 1, min(prev, bucket - day_n + 1)):     # left 24 h
+                per_gpu = self._history.get(b)
+                if per_gpu:
+                    _acc_bucket(sums["day"], per_gpu, -1.0)
+            self._prune(bucket)
+        self._window_cache = (bucket, sums)
+        return sums
 
     def _prune(self, bucket: int) -> None:
         oldest = bucket - (HISTORY_SECONDS // BUCKET_SECONDS)
@@ -753,13 +817,10 @@ class CostAccountant:
                 for r, v in (g.get("reasons") or {}).items():
                     tr.totals[str(r)] = [max(0.0, float(x)) for x in v][:3]
                 self._tracks[key] = tr
-            for b, per_gpu in (data.get("history") or {}).items():
-                self._history[int(b)] = {
-                    k: {r: [float(x) for x in v][:3] for r, v in per_reason.items()}
-                    for k, per_reason in per_gpu.items()}
+            self._history.update(_expand_history(data.get("history")))
             self._tokens.tokens_lost_total = float(data.get("tokens_lost_total") or 0.0)
             self._totals_since = data.get("totals_since")
-        except (OSError, ValueError, TypeError, AttributeError) as e:
+        except (OSError, ValueError, TypeError, AttributeError, KeyError, IndexError) as e:
             bad = path + ".bad"
             try:
                 os.replace(path, bad)
@@ -772,8 +833,8 @@ class CostAccountant:
             LOG.warning(msg)
             self._notes.append(msg)
 
-    def state(self) -> Dict[str, Any]:
-        return {
+    def state(self, history: bool = True) -> Dict[str, Any]:
+        out = {
             "version": STATE_VERSION,
             "saved_at": self.clock.time() if self.clock is not None else _time.time(),
             "totals_since": self._totals_since,
@@ -781,9 +842,11 @@ class CostAccountant:
             "gpus": {k: {"index": t.index, "uuid": t.uuid, "name": t.name,
                          "reasons": {r: v for r, v in _sorted_reasons(t.totals)}}
                      for k, t in sorted(self._tracks.items())},
-            "history": {str(b): v for b, v in sorted(self._history.items())},
             "tokens_lost_total": self._tokens.tokens_lost_total,
         }
+        if history:
+            out["history"] = _compact_history(self._history)
+        return out
 
     def _maybe_save(self) -> None:
         if not self._dirty:
@@ -792,9 +855,20 @@ class CostAccountant:
         if now - self._last_save < self.save_every_seconds:
             return
         self._last_save = now
-        self.flush()
+        self.flush(history=now - self._history_saved_at >= HISTORY_SAVE_EVERY_SECONDS)
 
-    def flush(self) -> None:
+    def _serialize(self, history: bool) -> str:
+        """The state as JSON. The history (the big part) is re-serialized only when asked;
+        otherwise the last serialized history is written again with fresh totals."""
+        if history or self._history_json is None:
+            self._history_json = json.dumps(_compact_history(self._history),
+                                            separators=(",", ":"))
+            self._history_saved_at = _time.monotonic()
+        rest = self.state(history=False)
+        body = json.dumps(rest, separators=(",", ":"), sort_keys=True)
+        return '{"history":' + self._history_json + "," + body[1:]
+
+    def flush(self, history: bool = True) -> None:
         """Write the state file now (atomically, fsynced). Errors are logged, not raised."""
         path = self._state_path()
         if not path:
@@ -802,7 +876,7 @@ class CostAccountant:
         self._prune(int((self.clock.time() if self.clock else _time.time()) // BUCKET_SECONDS))
         try:
             os.makedirs(self.state_dir, exist_ok=True)
-            data = json.dumps(self.state(), separators=(",", ":"), sort_keys=True)
+            data = self._serialize(history)
             fd, tmp = tempfile.mkstemp(prefix=".cost.", suffix=".tmp", dir=self.state_dir)
             try:
                 with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -892,12 +966,12 @@ def cost_breakdown(data: Union[CostReport, Mapping[str, Any]],
             names[key] = {"index": g["index"], "uuid": g.get("uuid"), "name": g.get("name"),
                           "reasons": {r: [v["throttled_seconds"], v["capacity_lost_seconds"],
                                           v["dollars"]] for r, v in g["reasons"].items()}}
-        history = (data.get("history") or {}).get("buckets") or {}
+        history = _expand_history(data.get("history"))
     else:                               # the state file
         for key, g in (gpus_src or {}).items():
             names[key] = {"index": g.get("index"), "uuid": g.get("uuid"), "name": g.get("name"),
                           "reasons": g.get("reasons") or {}}
-        history = data.get("history") or {}
+        history = _expand_history(data.get("history"))
     truncated = False
     if since_seconds is None:
         per_gpu = {k: v["reasons"] for k, v in names.items()}

@@ -620,3 +620,53 @@ def test_default_application_clock_below_boost_is_not_the_reference():
     rep = acc2.update([reading(app_sm_clock_mhz=1650.0, sm_clock_mhz=1320.0,
                                clock_event_reasons=("SwPowerCap",))], 0.0)
     assert rep.gpus[0].loss_ratio == pytest.approx(0.2)
+
+
+def test_incremental_windows_equal_a_full_recount():
+    clock = VirtualClock()
+    acc = CostAccountant(make_config("[cost]\ngpu_hour_usd = 2\n"), None, clock)
+    counters = {0: 0.0, 1: 0.0}
+    checked = 0
+    for step, t in enumerate(range(0, 4 * 3600, 7)):
+        clock._t = float(t)
+        rs = []
+        for i in (0, 1):
+            on = (t // (300 + 170 * i)) % 3 == 0
+            if on:
+                counters[i] += 7.0
+            rs.append(reading(index=i, uuid=f"GPU-{i}", sm_clock_mhz=1500.0 if on else 1980.0,
+                              clock_event_reasons=("SwPowerCap",) if on else (),
+                              violation_seconds={"power": counters[i]}))
+        acc.update(rs, float(t))
+        if step % 97 == 0:
+            bucket, inc = acc._window_cache
+            acc._window_cache = None
+            full = acc._windows(bucket)
+            for w in ("hour", "day"):
+                for key in set(inc[w]) | set(full[w]):
+                    for r in set(inc[w].get(key, {})) | set(full[w].get(key, {})):
+                        a = inc[w].get(key, {}).get(r, [0.0] * 3)
+                        b = full[w].get(key, {}).get(r, [0.0] * 3)
+                        assert a == pytest.approx(b, abs=1e-6), (w, key, r, t)
+            checked += 1
+    assert checked > 10
+
+
+def test_periodic_save_refreshes_totals_and_keeps_history(tmp_path):
+    clock = VirtualClock()
+    cfg = make_config("[cost]\ngpu_hour_usd = 3.6\n")
+    acc = CostAccountant(cfg, str(tmp_path), clock)
+    for t in range(0, 61):
+        clock._t = float(t)
+        acc.update([reading(sm_clock_mhz=990.0, clock_event_reasons=("SwPowerCap",),
+                            violation_seconds={"power": float(t)})], float(t))
+    acc.flush()
+    for t in range(61, 121):
+        clock._t = float(t)
+        acc.update([reading(sm_clock_mhz=990.0, clock_event_reasons=("SwPowerCap",),
+                            violation_seconds={"power": float(t)})], float(t))
+    acc.flush(history=False)          # what the 5-second save does between history saves
+    again = CostAccountant(cfg, str(tmp_path), clock)
+    assert again._tracks["GPU-0"].totals["SwPowerCap"][1] == pytest.approx(60.0)
+    assert sum(v["GPU-0"]["SwPowerCap"][1] for v in again._history.values()) == \
+        pytest.approx(30.0)
