@@ -41,6 +41,7 @@ SAVE_EVERY_SECONDS = 5.0       # real seconds between state-file writes
 HISTORY_SAVE_EVERY_SECONDS = 60.0   # real seconds between re-serializations of the history
 MAX_SAMPLE_GAP_SECONDS = 120.0  # sampled (counter-less) integration skips longer gaps
 MAX_LOSS_FOR_MULTIPLIER = 0.99
+FIT_EVERY_SECONDS = 15.0       # the tokens-vs-clock fit is recomputed this often
 LATENCY_NOTE = ("an under-loaded GPU pays for throttling in latency rather than throughput; "
                 "only busy time counts here.")
 
@@ -123,13 +124,15 @@ class TokenCost:
     tokens_lost_total: float = 0.0          # modelled: tokens/s x loss/(1-loss), integrated
     tokens_total: Optional[float] = None    # the server's counter, last value
     measured: Optional[Dict[str, Any]] = None  # clock-fit result (see fit_tokens_vs_clock)
+    measured_tokens_lost_total: float = 0.0  # by the fit, while it is usable (not persisted)
 
     def to_json(self) -> Dict[str, Any]:
         return {"tokens_per_second": _r(self.tokens_per_second),
                 "tokens_per_dollar": _r(self.tokens_per_dollar),
                 "cost_per_million_tokens": _r(self.cost_per_million_tokens),
                 "tokens_lost_total": _r(self.tokens_lost_total),
-                "tokens_total": self.tokens_total, "measured": self.measured}
+                "tokens_total": self.tokens_total, "measured": self.measured,
+                "measured_tokens_lost_total": _r(self.measured_tokens_lost_total)}
 
 
 class CostReport:
@@ -490,6 +493,7 @@ class CostAccountant:
         self._token_samples: Deque[Tuple[float, float]] = deque()   # (mono, tokens_total)
         self._token_clock: Deque[Tuple[float, float, float]] = deque()  # (mono, tok/s, clock)
         self._last_token_mono: Optional[float] = None
+        self._fit_at = -1e18
         self._last_report: Optional[CostReport] = None
         self._notes: List[str] = []
         self._dirty = False
@@ -794,7 +798,14 @@ class CostAccountant:
                 self._token_clock.append((now_mono, inst, 1.0 - mean_loss))
                 while self._token_clock and self._token_clock[0][0] < now_mono - 3600.0:
                     self._token_clock.popleft()
-                tk.measured = fit_tokens_vs_clock(list(self._token_clock), mean_loss)
+                if now_mono - self._fit_at >= FIT_EVERY_SECONDS or tk.measured is None:
+                    self._fit_at = now_mono
+                    tk.measured = fit_tokens_vs_clock(list(self._token_clock), mean_loss)
+                m = tk.measured
+                if m and m.get("usable") and m.get("slope_tokens_per_second"):
+                    # measured tokens lost over the latest interval, by the fit's slope
+                    tk.measured_tokens_lost_total += max(
+                        0.0, m["slope_tokens_per_second"] * mean_loss * (t1 - t0))
         if report is not None:
             report.tokens = tk
         return report

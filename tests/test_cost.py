@@ -566,6 +566,12 @@ def test_measured_tokens_fit_against_clock():
     m = rep.tokens.measured
     assert m["usable"] and m["r2"] > 0.9
     assert m["points"] >= 30
+    # the truth: 2000 tokens/s at full clock, 1500 at 1485 MHz; throttled half the time
+    # after the fit became usable, so measured lost ~= 500/s x throttled seconds since then
+    assert m["slope_tokens_per_second"] == pytest.approx(2000.0, rel=0.02)
+    assert rep.tokens.measured_tokens_lost_total > 0
+    modelled = rep.tokens.tokens_lost_total
+    assert rep.tokens.measured_tokens_lost_total <= modelled * 1.05
 
 
 def test_update_is_cheap_for_eight_gpus():
