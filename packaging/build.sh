@@ -47,6 +47,10 @@ export SOURCE_DATE_EPOCH
 say "gpucostd $VERSION for $DEB_ARCH / $RPM_ARCH with $PY ($PYVER)"
 
 B="$ROOT/build/pkg"
+# One build at a time per tree (test runs may start it concurrently): wait for the other one.
+mkdir -p "$ROOT/build"
+exec 9>"$ROOT/build/.pkg.lock"
+flock 9
 rm -rf "$B"
 mkdir -p "$B" "$ROOT/dist"
 
