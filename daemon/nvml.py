@@ -265,6 +265,7 @@ class NvmlGateway:
         self._lanes: Dict[Any, _Lane] = {}
         self._handles: Dict[int, Any] = {}
         self._identity: Dict[int, Dict[str, Any]] = {}
+        self._unsupported: Dict[int, set] = {}     # index -> calls that said NOT_SUPPORTED
         self._last_attempt: Optional[float] = None
         self._generation = 0
         self._closed = False
@@ -300,6 +301,16 @@ class NvmlGateway:
 
     def _submit(self, key: Any, fn: Callable[[], Any]) -> Tuple[_Lane, Optional[_Job]]:
         lane = self._lane(key)
+        if self._virtual:
+            # Replay: the simulator never blocks, so run inline; hand-offs to worker threads
+            # cost more than the calls themselves.
+            job = _Job(fn)
+            try:
+                job.result = fn()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                job.exc = exc
+            job.done.set()
+            return lane, job
         return lane, lane.submit(fn)
 
     def _wait(self, key: Any, lane: _Lane, job: Optional[_Job], deadline: float) -> Any:
@@ -428,6 +439,7 @@ class NvmlGateway:
             self.nvml_version = info["nvml"]
             self._handles.clear()
             self._identity.clear()
+            self._unsupported.clear()
             self._generation += 1
         log.info("NVML initialised: %d GPU(s), driver %s, CUDA %s", info["count"],
                  info["driver"], info["cuda"])
@@ -631,7 +643,12 @@ class NvmlGateway:
         res = DeviceRead(index)
         values, errors = res.values, res.errors
 
+        unsupported = self._unsupported.setdefault(index, set())
+
         def get(name: str, fn: Callable[..., Any], *args: Any) -> Any:
+            key = (name, repr(args[1:]))
+            if key in unsupported:      # NOT_SUPPORTED once = until NVML is initialised again
+                return None
             if lane is not None:
                 lane.current = fn.__name__
             try:
@@ -642,6 +659,8 @@ class NvmlGateway:
                     raise err from None
                 if err.kind != "not_supported":
                     errors[name] = err
+                else:
+                    unsupported.add(key)
                 return None
 
         h = self._handle(index)
