@@ -22,12 +22,6 @@ COST_CFG = f"[cost]\ngpu_hour_usd = {PRICE}\n"
 WIDTH = 100
 
 
-def events_since_ready(d):
-    r = d.cli("events", "--json")
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
-
-
 # ------------------------------------------------------------------ replay
 def ground_truth(scenario: str, duration: float, gpu: int, price: float):
     """Throttled seconds, capacity-lost seconds and dollars of one GPU from the scenario's own

@@ -17,8 +17,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
 from conftest import gpucostd_cmd, metric_value, wait_for
 
 HERE = Path(__file__).resolve().parent
@@ -346,3 +344,19 @@ def d_settings_in_sync(daemon, n):
     _, status = daemon.status_json()
     settings = [s for s in status["settings"] if s["name"] == "power_limit_watts"]
     return len(settings) == n and all(s["in_sync"] for s in settings)
+
+
+def test_setting_events_carry_their_gpu_index_and_uuid(daemon_factory):
+    """setting_applied / setting_restored events are about one GPU: like drift events they
+    carry its index and UUID (the `gpu`/`uuid` of `events --json`, GPU= and UUID= in the
+    journal), so filtering events by GPU finds them."""
+    d = daemon_factory(scenario=DRIFT, extra_config=tuning_config(500, 30)).start()
+    wait_for(lambda: scrape_powers(d, 4) == [500.0] * 4, 10, what="apply at start: 500 W")
+    _, status = d.status_json()
+    uuids = {g["index"]: g["uuid"] for g in status["gpus"]}
+    assert d.stop() == 0
+    events = [e for e in events_json(d) if e["code"] in ("setting_applied", "setting_restored")]
+    assert len(events) == 8, events
+    wrong = [(e["code"], e["subject"], e["gpu"], e["uuid"]) for e in events
+             if (e["gpu"], e["uuid"]) != (int(e["subject"][4:]), uuids[int(e["subject"][4:])])]
+    assert not wrong, f"setting events without their GPU (code, subject, gpu, uuid): {wrong}"
