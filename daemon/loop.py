@@ -282,12 +282,13 @@ class Daemon:
         report = self._guard("health", lambda: self.judge.judge(gpus, faults, now), None)
         if report is not None:
             events.extend(report.events)
-        cost = self._guard("cost", lambda: self.cost.update(gpus, mono), None)
-        findings: List[Finding] = list(report.findings) if report is not None else []
-
         inference = None
         if self.inference is not None:
             inference = self._guard("inference", self.inference.read, None)
+        cost = self._guard("cost", lambda: self.cost.update(gpus, mono, inference=inference),
+                           None)
+        findings: List[Finding] = list(report.findings) if report is not None else []
+        if self.inference is not None:
             error = getattr(inference, "error", None)
             if inference is None or error:
                 findings.append(Finding(
@@ -295,8 +296,6 @@ class Daemon:
                     "check [inference] metrics_url and the inference server",
                     f"inference metrics at {self.config.inference.metrics_url}: "
                     f"{error or 'no reading'}", since=now))
-            elif cost is not None and hasattr(self.cost, "update_tokens"):
-                self._guard("tokens", lambda: self.cost.update_tokens(inference, mono))
         for part, msg in self._part_errors.items():
             findings.append(Finding("node", f"internal_{part.replace(' ', '_')}", Severity.WARN,
                                     "report a bug with the daemon's log",
