@@ -241,6 +241,10 @@ def test_01_install_enables_and_starts_the_service(box):
     assert r.returncode == 0, r.stdout + r.stderr
     assert box.sh("stat -c '%a %U %G' /run/gpucostd/gpucostd.sock").stdout.strip() == \
         "660 root gpucostd"
+    # it really runs under the hardened unit (the simulator's ctypes callbacks included)
+    assert box.prop("MemoryDenyWriteExecute") == "yes"
+    assert box.prop("ProtectSystem") == "strict"
+    assert box.prop("Type") == "notify"
 
 
 def test_02_admin_config_tunes_power_limit(box):
@@ -336,7 +340,7 @@ def test_09_sigstop_makes_the_watchdog_restart_it(box):
     new = wait_for(restarted, timeout=60, interval=0.5, what="watchdog restart (new MainPID)")
     _log(f"watchdog restarted gpucostd: MainPID {pid} -> {new}")
     assert int(box.prop("NRestarts")) == restarts + 1
-    assert "watchdog" in box.sh("journalctl -u gpucostd --no-pager -o cat").stdout.lower()
+    assert "Watchdog timeout" in box.sh("journalctl -u gpucostd --no-pager -o cat").stdout
     # and it comes back up fully: ready, tuned again
     wait_for(lambda: "GPUs" in box.prop("StatusText"), timeout=30, what="status after restart")
 
@@ -360,8 +364,26 @@ def test_10_stop_restores_tuned_settings(box):
     box.sh("systemctl start gpucostd", timeout=90)
 
 
-def test_11_purge_removes_service_state_group_and_files(box):
+def test_11_reinstall_restarts_the_service(box):
+    """What an upgrade does: postinst `configure <old-version>` restarts the service."""
+    pid = box.prop("MainPID")
+    box.sh(f"dpkg -i /root/{box.deb}", timeout=180)
+    assert box.prop("ActiveState") == "active"
+    new = box.prop("MainPID")
+    assert new not in ("0", pid), "the service was not restarted by the upgrade"
+    # the admin's modified conffile is kept as is
+    assert box.sh("cat /etc/gpucostd/gpucostd.toml").stdout == box.config
+
+
+def test_12_purge_removes_service_state_group_and_files(box):
+    ids = gpucostd_journal_ids()
+    wait_for(lambda: "GPUs" in box.prop("StatusText"), timeout=30, what="service ready")
+    cursor = box.cursor()
     box.sh("apt-get purge -y gpucostd", timeout=180)
+    # remove stopped it, and the stop restored the tuned settings
+    restored = [e for e in box.journal(after=cursor)
+                if e.get("MESSAGE_ID") == ids["setting_restored"]]
+    assert len(restored) == 8, box.journal_tail()
     r = box.sh("systemctl list-unit-files gpucostd.service --no-legend", check=False)
     assert "gpucostd" not in r.stdout
     assert box.sh("getent group gpucostd", check=False).returncode == 2
@@ -381,7 +403,7 @@ def test_11_purge_removes_service_state_group_and_files(box):
     assert set(left) <= {"/etc/gpucostd", "/etc/gpucostd/gpucostd.toml"}, left
 
 
-def test_12_whole_proof_within_budget(box):
+def test_13_whole_proof_within_budget(box):
     elapsed = time.monotonic() - _T0
     _log(f"whole proof (build + rootfs + boot + checks): {elapsed:.0f} s on {os.cpu_count()} CPUs")
     assert elapsed < BUDGET_SECONDS
