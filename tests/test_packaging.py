@@ -139,6 +139,8 @@ def test_prometheus_rules_pass_promtool():
     r = run(promtool, "check", "rules", str(rules))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "SUCCESS" in r.stdout
+    r = run(promtool, "test", "rules", "gpucostd-rules.test.yml", cwd=str(rules.parent))
+    assert r.returncode == 0, "alert rule unit tests failed:\n" + r.stdout + r.stderr
     text = rules.read_text()
     for name in ("gpucostd_gpu_health == 2", "gpucostd_node_health == 1", "for: 10m",
                  "gpucostd_node_throttle_cost_dollars_per_hour", 'up{job="gpucostd"} == 0'):
