@@ -99,7 +99,8 @@ class Daemon:
         if url:
             from gpucostd.probes.inference import InferenceProbe
             self.inference = InferenceProbe(url, self.config.inference.tokens_metric,
-                                            self.config.inference.timeout_seconds)
+                                            self.config.inference.timeout_seconds,
+                                            clock=self.clock.monotonic)
         else:
             self.inference = None
 
@@ -179,7 +180,8 @@ class Daemon:
             else:
                 gpus = self._latest.gpus if self._latest is not None else None
                 changes = self._guard("restore", lambda: self.tuning.restore(gpus), []) or []
-                self._record(_change_events(self.clock.time(), changes, "setting_restored"))
+                self._record(_change_events(self.clock.time(), changes, "setting_restored",
+                                            gpus))
         if self.watcher is not None:
             self._guard("kernel log stop", self.watcher.stop)
         self._guard("cost flush", self.cost.flush)
@@ -259,7 +261,7 @@ class Daemon:
                 changes = self._guard("apply", lambda: self.tuning.apply(gpus), None)
                 if changes is not None:
                     self._applied = True
-                    events.extend(_change_events(now, changes, "setting_applied"))
+                    events.extend(_change_events(now, changes, "setting_applied", gpus))
             verified = self._guard("verify", lambda: self.tuning.verify(gpus, mono), None)
             if verified is not None:
                 settings, drift_events = verified
@@ -285,8 +287,12 @@ class Daemon:
         inference = None
         if self.inference is not None:
             inference = self._guard("inference", self.inference.read, None)
-        cost = self._guard("cost", lambda: self.cost.update(gpus, mono, inference=inference),
-                           None)
+        cost = self._guard("cost", lambda: self.cost.update(gpus, mono), None)
+        if getattr(inference, "ok", False):
+            # stamped with the time of the scrape, not of the cycle start: a slow cycle
+            # must not skew tokens per second
+            cost = self._guard("tokens", lambda: self.cost.update_tokens(
+                inference, inference.time), cost) or cost
         findings: List[Finding] = list(report.findings) if report is not None else []
         if self.inference is not None:
             error = getattr(inference, "error", None)
@@ -363,9 +369,12 @@ class Daemon:
         return list(events)
 
 
-def _change_events(now: float, changes, code: str) -> List[Event]:
+def _change_events(now: float, changes, code: str, gpus=()) -> List[Event]:
+    uuids = {g.index: g.uuid for g in gpus or ()}
     out = []
     for c in changes or ():
+        gpu = int(c.subject[4:]) if c.subject.startswith("gpu:") and c.subject[4:].isdigit() \
+            else None
         ok = getattr(c, "ok", True)
         verb = {"setting_applied": "set", "setting_restored": "restored"}.get(code, code)
         if ok:
@@ -374,7 +383,7 @@ def _change_events(now: float, changes, code: str) -> List[Event]:
             msg = f"{c.subject}: {c.name} not {verb}: {c.error}"
         out.append(Event(now, c.subject, code if ok else "setting_failed",
                          Severity.OK if ok else Severity.WARN,
-                         "none" if ok else "see message", msg,
+                         "none" if ok else "see message", msg, gpu=gpu, uuid=uuids.get(gpu),
                          fields={"setting": c.name, "old": c.old, "new": c.new}))
     return out
 

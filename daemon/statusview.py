@@ -27,7 +27,8 @@ def _finding_json(f: Finding) -> Dict[str, Any]:
 def event_json(e: Event) -> Dict[str, Any]:
     return {"id": e.id, "time": e.time, "subject": e.subject, "code": e.code,
             "severity": e.severity.name, "action": e.action, "message": e.message,
-            "gpu": e.gpu, "uuid": e.uuid, "xid": e.xid}
+            "gpu": e.gpu, "uuid": e.uuid, "xid": e.xid,
+            "fields": {k: v for k, v in (e.fields or {}).items() if k != "dedupe_key"}}
 
 
 def _gpu_json(g: GpuReading, health: Severity, findings: List[Finding]) -> Dict[str, Any]:
