@@ -24,11 +24,12 @@ import os
 import re
 import select
 import stat
-import tempfile
 import threading
 import time as _time
 from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple, Union
+
+from gpucostd.statefile import write_atomic
 
 log = logging.getLogger("gpucostd.kernel_log")
 
@@ -269,29 +270,7 @@ class NvrmParser:
 
 
 def _write_atomic(path: str, data: Dict[str, Any]) -> None:
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".kernel_log.", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    write_atomic(path, json.dumps(data, sort_keys=True))
 
 
 def _unescape_kmsg(text: str) -> str:

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from typing import Any, Dict, List, Optional, Tuple
+
+from gpucostd.statefile import write_atomic
 
 FILENAME = "originals.json"
 VERSION = 1
@@ -133,25 +134,7 @@ class OriginalsStore:
     def _write(self, data: Dict[str, Dict[str, Dict[str, Any]]]) -> None:
         text = json.dumps({"version": VERSION, "originals": data}, indent=2, sort_keys=True)
         try:
-            os.makedirs(self.state_dir, mode=0o750, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".originals.", suffix=".tmp", dir=self.state_dir)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    f.write(text + "\n")
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-                raise
-            dfd = os.open(self.state_dir, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            write_atomic(self.path, text + "\n")
         except OSError as e:
             raise OriginalsError(
                 f"cannot save originals to {self.path}: {e.strerror or e}; make the state "
