@@ -32,7 +32,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 from .clock import RealClock
 from .snapshot import VIOLATION_POLICIES, reasons_from_mask

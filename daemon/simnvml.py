@@ -26,7 +26,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
-from ctypes import (CFUNCTYPE, POINTER, Structure, Union, c_char, c_double, c_int, c_int64,
+from ctypes import (CFUNCTYPE, Structure, Union, c_char, c_double, c_int, c_int64,
                     c_longlong, c_uint, c_uint32, c_ulong, c_ulonglong, c_ushort, c_void_p)
 from typing import Any, Callable, Dict, List, Optional, Tuple
 

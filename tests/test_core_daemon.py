@@ -1,7 +1,6 @@
 """The daemon as a process on the simulated 8 x H100 node: ready, /metrics, status, signals."""
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys

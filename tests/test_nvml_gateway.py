@@ -14,7 +14,7 @@ pynvml = pytest.importorskip("pynvml", reason="nvidia-ml-py (pynvml) is not inst
 from gpucostd.clock import RealClock, VirtualClock  # noqa: E402
 from gpucostd.nvml import NvmlError, NvmlGateway  # noqa: E402
 from gpucostd.probes.gpu import GpuProbe  # noqa: E402
-from gpucostd.scenario import load_scenario, parse_scenario  # noqa: E402
+from gpucostd.scenario import parse_scenario  # noqa: E402
 from gpucostd.simnvml import SimulatedNode  # noqa: E402
 from gpucostd.snapshot import GpuReading, GpuState  # noqa: E402
 
