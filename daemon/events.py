@@ -287,6 +287,29 @@ class EventStore:
                 return stored
             return self._keep(event, key)
 
+    def seen(self, dedupe_key: Optional[str]) -> bool:
+        """True when an event with this dedupe key was stored before (in the database, or held
+        in memory while it cannot be written), so ``append(..., dedupe_key)`` would return None.
+        One primary-key lookup. An empty key is never seen; when the database cannot be read the
+        answer is False (the caller then handles the fault again rather than dropping it), and
+        a key older than ``max_age_days`` may have been pruned."""
+        if not dedupe_key:
+            return False
+        key = str(dedupe_key)
+        with self._lock:
+            if key in self._pending_keys:
+                return True
+            if not self._usable():
+                return False
+            db = self._db
+            assert db is not None
+            try:
+                return db.execute("SELECT 1 FROM dedupe WHERE key = ?", (key,)).fetchone() \
+                    is not None
+            except sqlite3.Error as e:
+                self._runtime_error(e, "looking up a dedupe key")
+                return False
+
     def append_many(self, events: Sequence[Event]) -> List[Optional[Event]]:
         return [self.append(e) for e in events]
 

@@ -10,10 +10,13 @@ come from ``[health]`` in the config. Sticky faults (Xid 48, 79, 95, 119, 120 â€
 ``sticky`` flag â€” and a row-remap failure) and the uncorrectable-ECC baseline are kept in
 ``<state_dir>/health.json`` together with the host's boot id, so they survive a daemon restart
 and are cleared by a reboot (new boot id), by a GPU reset (volatile ECC counters drop, or the GPU
-comes back from LOST) or by ``ack(gpu, code)``.
+comes back from LOST) or by ``ack(gpu, code)``. The same file keeps, per GPU UUID, which standing
+faults were already reported (lost, remap pending, remap failure, retired pages pending), so a
+daemon restart does not report them again as new events; a reset or a new boot id clears them.
 
 Cost: judge() keeps small per-GPU state (slowdown intervals, corrected-ECC samples only when the
-count changes) and writes health.json only when sticky state changes; for 8 GPUs it takes well
+count changes) and writes health.json only when sticky state, the ECC baseline, a health level or
+a reported flag changes; for 8 GPUs it takes well
 under a millisecond (see docs/health.md for the measurement).
 """
 from __future__ import annotations
@@ -79,6 +82,17 @@ def _sev(name: Any, default: Severity = Severity.WARN) -> Severity:
         return default
 
 
+def _reading_error(g: GpuReading) -> Optional[str]:
+    """The reading's error without its own "GPU <n>: " prefix (the message names the GPU)."""
+    err = g.error
+    if not err:
+        return err
+    prefix = f"GPU {g.index}:"
+    if err.startswith(prefix):
+        err = err[len(prefix):].lstrip()
+    return err or None
+
+
 def _fmt_seconds(s: float) -> str:
     return f"{s / 60:g} min" if s >= 60 and s % 60 == 0 else f"{s:g} s"
 
@@ -91,12 +105,17 @@ class HealthReport:
     events: List[Event] = field(default_factory=list)
 
 
+FLAG_NAMES = ("lost", "remap_pending", "remap_failure", "retired_pending")
+
+
 class _Track:
-    """What the judge remembers about one GPU between cycles (in memory only)."""
+    """What the judge remembers about one GPU between cycles. The flags that decide whether a
+    standing fault was already reported (state LOST, remap pending/failure, retired pages
+    pending) are also saved in health.json (``flags``), see HealthJudge._sync_flags."""
 
     __slots__ = ("uuid", "state", "slow_intervals", "slow_last_t", "slow_last_active",
                  "ecc_samples", "vol_corr", "vol_unc", "remap_pending", "remap_failure",
-                 "retired_pending", "seen")
+                 "retired_pending", "seen", "flag_key", "flag_values")
 
     def __init__(self) -> None:
         self.uuid: Optional[str] = None
@@ -111,6 +130,13 @@ class _Track:
         self.remap_failure: Optional[bool] = None
         self.retired_pending: Optional[bool] = None
         self.seen = False
+        self.flag_key: Optional[str] = None          # key of its entry in HealthJudge._flags
+        self.flag_values: Tuple[bool, ...] = (False, False, False, False)   # as saved
+
+    def flags(self) -> Tuple[bool, ...]:
+        """(lost, remap_pending, remap_failure, retired_pending) as last reported."""
+        return (self.state == GpuState.LOST, bool(self.remap_pending),
+                bool(self.remap_failure), bool(self.retired_pending))
 
 
 def _default_lookup(xid: int, message: Optional[str] = None):
@@ -141,6 +167,10 @@ class HealthJudge:
         self._ecc_base: Dict[str, Dict[str, Any]] = {}        # per GPU key
         self._acked: Dict[str, List[str]] = {}                # subject -> codes acked
         self._health: Dict[str, List[str]] = {}               # subject -> [severity, last known]
+        # standing faults already reported (persisted): GPU key (uuid, or "index:N" when the
+        # uuid was never read) -> {"lost", "remap_pending", "remap_failure",
+        # "retired_pending": bool, "index": int}; only GPUs with at least one flag set
+        self._flags: Dict[str, Dict[str, Any]] = {}
         self._dirty = False
         self.boot_id = self._read_boot_id()
         self._load()
@@ -192,12 +222,25 @@ class HealthJudge:
         if isinstance(acked, dict):
             self._acked = {str(k): [str(c) for c in v] for k, v in acked.items()
                            if isinstance(v, list)}
+        flags = data.get("flags") or {}
+        if isinstance(flags, dict):
+            for k, v in flags.items():
+                if not isinstance(v, dict):
+                    continue
+                rec: Dict[str, Any] = {n: bool(v.get(n)) for n in FLAG_NAMES}
+                if not any(rec.values()):
+                    continue
+                index = v.get("index")
+                rec["index"] = index if isinstance(index, int) and not isinstance(
+                    index, bool) else None
+                self._flags[str(k)] = rec
 
     def _save(self) -> None:
         if not self._dirty:
             return
         data = {"version": 1, "boot_id": self.boot_id, "latched": self._latched,
-                "ecc_baseline": self._ecc_base, "acked": self._acked, "health": self._health}
+                "ecc_baseline": self._ecc_base, "acked": self._acked, "health": self._health,
+                "flags": self._flags}
         tmp = self.state_path + ".tmp"
         try:
             os.makedirs(self.state_dir, mode=0o750, exist_ok=True)
@@ -361,7 +404,7 @@ class HealthJudge:
     def _detect_reset(self, g: GpuReading, now: float, events: List[Event]) -> None:
         tr = self._tracks.get(g.index)
         if tr is None:
-            tr = self._tracks[g.index] = _Track()
+            tr = self._tracks[g.index] = self._new_track(g)
         why = None
         if tr.state == GpuState.LOST and g.state == GpuState.OK:
             why = "it answers again after being lost"
@@ -387,7 +430,10 @@ class HealthJudge:
         self._acked.pop(subject, None)
         self._ecc_base.pop(self._gpu_key(g), None)
         tr.ecc_samples.clear()
+        # a reset clears the reported flags: a fault still standing after it is reported again
         tr.remap_failure = None
+        tr.remap_pending = None
+        tr.retired_pending = None
         self._dirty = True
         msg = f"GPU {g.index} was reset ({why})"
         if cleared:
@@ -400,6 +446,60 @@ class HealthJudge:
     def _gpu_key(g: GpuReading) -> str:
         return g.uuid or f"index:{g.index}"
 
+    # ------------------------------------------------------------------ reported flags
+    def _new_track(self, g: GpuReading) -> _Track:
+        """A track for a GPU seen for the first time by this process, seeded with the flags
+        saved by the previous run on this boot, so a restart does not report a standing fault
+        (lost GPU, remap pending/failure, retired pages pending) again as new, and a GPU lost
+        before the restart that answers now is recognised as reset."""
+        tr = _Track()
+        key, rec = self._find_flags(g)
+        if rec is None:
+            return tr
+        tr.flag_key = key
+        tr.flag_values = tuple(bool(rec.get(n)) for n in FLAG_NAMES)
+        lost, pending, failure, retired = tr.flag_values
+        tr.state = GpuState.LOST if lost else None
+        tr.remap_pending = True if pending else None
+        tr.remap_failure = True if failure else None
+        tr.retired_pending = True if retired else None
+        if not key.startswith("index:"):
+            tr.uuid = key           # a lost GPU's reading may not carry its uuid
+        return tr
+
+    def _find_flags(self, g: GpuReading) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
+        if g.uuid:
+            rec = self._flags.get(g.uuid)
+            if rec is not None:
+                return g.uuid, rec
+        key = f"index:{g.index}"         # recorded while the GPU's uuid was unknown
+        rec = self._flags.get(key)
+        if rec is not None:
+            return key, rec
+        if not g.uuid:                   # a reading without uuid (lost): match by index
+            for k, r in self._flags.items():
+                if r.get("index") == g.index:
+                    return k, r
+        return None, None
+
+    def _sync_flags(self, g: GpuReading, tr: _Track) -> None:
+        """Save the reported flags when they changed (not every cycle)."""
+        values = tr.flags()
+        key = tr.uuid or f"index:{g.index}"
+        if values == tr.flag_values and (key == tr.flag_key or not any(values)):
+            return
+        if tr.flag_key is not None:
+            self._flags.pop(tr.flag_key, None)
+        if any(values):
+            rec: Dict[str, Any] = dict(zip(FLAG_NAMES, values))
+            rec["index"] = g.index
+            self._flags[key] = rec
+            tr.flag_key = key
+        else:
+            tr.flag_key = None
+        tr.flag_values = values
+        self._dirty = True
+
     # ------------------------------------------------------------------ per-GPU rules
     def _since_of(self, subject: str, code: str, now: float) -> float:
         key = (subject, code)
@@ -411,6 +511,12 @@ class HealthJudge:
     def _gpu_findings(self, g: GpuReading, cfg, now: float, mono: float,
                       events: List[Event]) -> List[Finding]:
         tr = self._tracks[g.index]
+        out = self._gpu_rules(g, tr, cfg, now, mono, events)
+        self._sync_flags(g, tr)
+        return out
+
+    def _gpu_rules(self, g: GpuReading, tr: _Track, cfg, now: float, mono: float,
+                   events: List[Event]) -> List[Finding]:
         subject = _subject(g.index)
         out: List[Finding] = []
 
@@ -422,20 +528,21 @@ class HealthJudge:
         if g.uuid:
             tr.uuid = g.uuid
         prev_state, tr.state = tr.state, g.state
+        error = _reading_error(g)
         if g.state == GpuState.LOST:
             add("gpu_lost", Severity.CRIT, ACTION_REBOOT,
-                f"GPU lost (fallen off the bus){': ' + g.error if g.error else ''}")
+                f"GPU lost (fallen off the bus){': ' + error if error else ''}")
             if prev_state != GpuState.LOST:
                 events.append(Event(now, subject, "gpu_lost", Severity.CRIT, ACTION_REBOOT,
                                     _short(f"GPU {g.index} is lost: "
-                                           f"{g.error or 'NVML reports GPU_IS_LOST'}", 300),
+                                           f"{error or 'NVML reports GPU_IS_LOST'}", 300),
                                     gpu=g.index, uuid=g.uuid or tr.uuid))
         elif g.state == GpuState.UNRESPONSIVE:
             add("gpu_unresponsive", Severity.CRIT, "reset GPU (reboot if the reset fails)",
-                f"GPU not responding: {g.error or 'an NVML call overran its deadline'}")
+                f"GPU not responding: {error or 'an NVML call overran its deadline'}")
         elif g.state == GpuState.UNKNOWN:
             add("gpu_unknown", Severity.UNKNOWN, "check the NVIDIA driver and libnvidia-ml",
-                f"cannot read the GPU: {g.error or 'NVML unavailable'}")
+                f"cannot read the GPU: {error or 'NVML unavailable'}")
 
         out.extend(self._latched_findings(subject, g.index, g.uuid or tr.uuid))
         if g.state != GpuState.OK:

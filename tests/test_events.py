@@ -80,6 +80,49 @@ def test_dedupe(tmp_path):
     assert EventStore(str(tmp_path)).append(ev(6), dedupe_key="kmsg:boot:17") is None
 
 
+def test_seen_reports_stored_dedupe_keys(tmp_path):
+    s = EventStore(str(tmp_path))
+    assert not s.seen("kmsg:boot:17") and not s.seen("") and not s.seen(None)
+    s.append(ev(0), dedupe_key="kmsg:boot:17")
+    s.append(ev(1, dedupe_key="kmsg:boot:18"))                        # key from fields
+    s.append(ev(2), dedupe_key="")
+    assert s.seen("kmsg:boot:17") and s.seen("kmsg:boot:18")
+    assert not s.seen("kmsg:boot:19") and not s.seen("")
+    s.close()
+    s = EventStore(str(tmp_path))                                     # survives a restart
+    assert s.seen("kmsg:boot:17") and not s.seen("kmsg:boot:19")
+    s.close()
+
+
+def test_seen_counts_events_held_in_memory(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    s = EventStore(str(blocker / "state"))                            # database unusable
+    assert not s.seen("journal:cursor-1")
+    assert s.append(ev(0), dedupe_key="journal:cursor-1").id < 0      # kept in memory
+    assert s.seen("journal:cursor-1") and not s.seen("journal:cursor-2")
+
+
+def test_seen_is_safe_beside_a_writer(tmp_path):
+    s = EventStore(str(tmp_path))
+    errors = []
+
+    def writer():
+        try:
+            for i in range(200):
+                s.append(ev(i), dedupe_key=f"k{i}")
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        while t.is_alive():
+            s.seen("k0")
+    finally:
+        t.join(10)
+    assert errors == [] and all(s.seen(f"k{i}") for i in range(200))
+
+
 def test_query_filters_and_recent(tmp_path):
     s = EventStore(str(tmp_path))
     for i in range(10):

@@ -168,6 +168,73 @@ def test_lost_gpu_is_crit_with_event_and_recovers_when_back(tmp_path, clock, boo
     assert {"gpu_reset", "health_change"} <= {e.code for e in r.events}
 
 
+def _lost(index, uuid=None, error=None):
+    return GpuReading(index=index, state=GpuState.LOST, uuid=uuid, pci_bus_id=BUS[index],
+                      error=error or f"GPU {index}: GPU is lost (NVML_ERROR_GPU_IS_LOST)")
+
+
+def _standing_codes(report):
+    return sorted(e.code for e in report.events
+                  if e.code in ("gpu_lost", "remap_pending", "remap_failure",
+                                "retired_pages_pending"))
+
+
+def test_restart_does_not_report_standing_faults_again(tmp_path, clock, boot):
+    faulty = dict(remapped_rows_pending=True, remapped_rows_failure=True,
+                  retired_pages_pending=True)
+    j = make(tmp_path, clock, boot)
+    # GPU 1 is lost from the first reading: the probe never learnt its uuid
+    r = step(j, clock, [gpu(0, **faulty), _lost(1), gpu(2), _lost(3, uuid=gpu(3).uuid)])
+    assert _standing_codes(r) == ["gpu_lost", "gpu_lost", "remap_failure", "remap_pending",
+                                  "retired_pages_pending"]
+    lost = [e for e in r.events if e.code == "gpu_lost"]
+    assert lost[0].message == "GPU 1 is lost: GPU is lost (NVML_ERROR_GPU_IS_LOST)"
+    assert codes(r, 1)["gpu_lost"].message.count("GPU 1") == 0
+    state = (tmp_path / "state" / "health.json").stat().st_mtime_ns
+    for _ in range(3):                                   # nothing changes: no writes
+        r = step(j, clock, [gpu(0, **faulty), _lost(1), gpu(2), _lost(3, uuid=gpu(3).uuid)])
+        assert _standing_codes(r) == []
+    assert (tmp_path / "state" / "health.json").stat().st_mtime_ns == state
+
+    j2 = make(tmp_path, clock, boot)                     # daemon restart, same boot
+    # GPU 3's reading lost its uuid across the restart (the probe starts without identity)
+    r = step(j2, clock, [gpu(0, **faulty), _lost(1), gpu(2), _lost(3)])
+    assert _standing_codes(r) == [], r.events
+    assert r.gpu_health == {0: Severity.CRIT, 1: Severity.CRIT, 2: Severity.OK,
+                            3: Severity.CRIT}
+    assert [e for e in r.events if e.code == "health_change"] == []
+    # GPU 3 answers again: reset detected (lost before the restart, OK after)
+    r = step(j2, clock, [gpu(0, **faulty), _lost(1), gpu(2), gpu(3)])
+    resets = [e for e in r.events if e.code == "gpu_reset"]
+    assert [e.gpu for e in resets] == [3] and _standing_codes(r) == []
+
+    j3 = make(tmp_path, clock, boot)                     # a second restart: GPU 3 is OK
+    r = step(j3, clock, [gpu(0, **faulty), _lost(1), gpu(2), gpu(3)])
+    assert _standing_codes(r) == [] and not [e for e in r.events if e.code == "gpu_reset"]
+    r = step(j3, clock, [gpu(0, **faulty), _lost(1), gpu(2), _lost(3, uuid=gpu(3).uuid)])
+    assert _standing_codes(r) == ["gpu_lost"]            # lost anew: reported
+
+    boot.write_text("99999999-2222-3333-4444-555555555555\n")   # host rebooted
+    j4 = make(tmp_path, clock, boot)
+    r = step(j4, clock, [gpu(0, **faulty), _lost(1), gpu(2), _lost(3)])
+    assert _standing_codes(r) == ["gpu_lost", "gpu_lost", "remap_failure", "remap_pending",
+                                  "retired_pages_pending"]
+
+
+def test_reset_clears_the_reported_flags(tmp_path, clock, boot):
+    j = make(tmp_path, clock, boot)
+    r = step(j, clock, [gpu(0, remapped_rows_pending=True, ecc_volatile_corrected=5)])
+    assert _standing_codes(r) == ["remap_pending"]
+    # volatile ECC counters drop: the GPU was reset; a remap still pending is reported again
+    r = step(j, clock, [gpu(0, remapped_rows_pending=True, ecc_volatile_corrected=0)])
+    assert "gpu_reset" in {e.code for e in r.events}
+    assert _standing_codes(r) == ["remap_pending"]
+    r = step(j, clock, [gpu(0, remapped_rows_pending=False)])
+    j2 = make(tmp_path, clock, boot)                     # cleared flag is saved too
+    r = step(j2, clock, [gpu(0, remapped_rows_pending=True)])
+    assert _standing_codes(r) == ["remap_pending"]
+
+
 def test_unresponsive_is_crit_and_unknown_is_unknown(tmp_path, clock, boot):
     j = make(tmp_path, clock, boot)
     r = step(j, clock, [GpuReading(index=0, state=GpuState.UNRESPONSIVE,

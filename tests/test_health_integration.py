@@ -472,10 +472,6 @@ def test_restart_does_not_run_the_hook_again(daemon_factory, tmp_path):
     assert list(out.iterdir()) == [], "the hook ran again after a restart for the same CRIT"
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: gpu_lost / remap_pending / remap_failure "
-                   "events are emitted again by every daemon restart while the condition "
-                   "stands (health.py keeps the 'previous state' only in memory); see the "
-                   "report of the health integration tests")
 def test_restart_does_not_repeat_standing_fault_events(daemon_factory, tmp_path):
     scen = lost_from_start_scenario(tmp_path)
     d = daemon_factory(scenario=str(scen)).start()
