@@ -187,10 +187,26 @@ TimeoutAbortSec=5
 """
 
 
+def _mirror_unreachable():
+    import urllib.request
+    url = f"{MIRROR}/dists/bookworm/InRelease"
+    try:
+        with urllib.request.urlopen(url, timeout=15) as r:
+            r.read(64)
+        return None
+    except OSError as e:
+        return (f"Debian mirror unreachable ({url}: {e}); the proof resolves the package's "
+                f"dependencies from Debian's archive (set GPUCOSTD_DEBIAN_MIRROR to a reachable "
+                f"mirror)")
+
+
 @pytest.fixture(scope="module")
 def box():
     global _T0
     _T0 = time.monotonic()
+    reason = _mirror_unreachable()
+    if reason:
+        pytest.skip(reason)
     deb = built_packages()["deb"]
     _log(f"built {deb.name}")
     cache = ensure_rootfs()
