@@ -26,12 +26,16 @@ MAX_CYCLES = 50_000_000
 
 
 def _replay_config(config, state_dir: str):
-    """The user's config with a private state dir, no hooks and no kernel log."""
+    """The user's config with a private state dir, no hooks, no kernel log, no event
+    pruning."""
     from gpucostd.config import Config
     values = {s: dict(v) for s, v in config._values.items()}
     values["daemon"] = dict(values["daemon"], state_dir=state_dir, kernel_log="none",
                             listen_address="")
     values["hooks"] = dict(values["hooks"], on_critical=[], on_recovered=[])
+    # keep every event of the replay: its virtual time may lie far from today's date
+    values["events"] = dict(values["events"], max_age_days=365000.0,
+                            max_count=max(int(values["events"]["max_count"]), 10_000_000))
     nics = {name: dict(rings) for name, rings in config.nic_tuning.items()}
     return Config(values, config.path, tuple(config.gpu_overrides), nics,
                   tuple(config.model_prices), getattr(config, "raw_text", ""))

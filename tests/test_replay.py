@@ -56,7 +56,10 @@ def test_builtin_h100x8_with_counters_within_1_percent():
     assert g0["reasons"]["HwThermalSlowdown"]["capacity_lost_seconds"] == pytest.approx(
         300 * (1 - 1410 / 1980), rel=0.01)
     assert result["node"]["top_reason"] == "HwThermalSlowdown"
-    assert result["events"]["by_code"].get("health_change", 0) >= 5
+    # GPU 0 goes WARN/CRIT and back in each of the five cycles: every change is kept
+    changes = [e for e in result["events"]["list"]
+               if e["code"] == "health_change" and e["subject"] == "gpu:0"]
+    assert len(changes) >= 10 and changes[0]["t"] == 20.0
 
 
 def test_builtin_h100x8_sampling_only_within_5_percent(tmp_path):
@@ -200,6 +203,19 @@ def _accuracy_table() -> None:   # pragma: no cover - a report, not a test
                 e2 = abs(g[2] - t[2]) / t[2] * 100 if t[2] else 0.0
                 print(f"  {index:>3} {r:<20} {srcs[index]:<8} {g[1]:>12.3f} {t[1]:>12.3f} "
                       f"{e1:>7.3f}% {g[2]:>10.5f} {t[2]:>10.5f} {e2:>7.3f}%")
+
+
+
+def test_replay_config_is_private_and_keeps_every_event(tmp_path):
+    from gpucostd.replay import _replay_config
+    cfg = parse('[hooks]\non_critical = ["/usr/local/bin/drain"]\n[cost]\ngpu_hour_usd = 2\n'
+                '[cost.model_hour_usd]\n"NVIDIA A100*" = 1\n')
+    r = _replay_config(cfg, str(tmp_path))
+    assert r.daemon.state_dir == str(tmp_path) and r.hooks.on_critical == []
+    assert r.daemon.kernel_log == "none"
+    # events of a replay carry virtual dates; the store must not prune them as old
+    assert r.events.max_age_days >= 36500
+    assert r.cost.gpu_hour_usd == 2 and r.price_for_model("NVIDIA A100-SXM4-80GB") == 1
 
 
 if __name__ == "__main__":   # pragma: no cover
