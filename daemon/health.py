@@ -29,8 +29,9 @@ import os
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from gpucostd.statefile import write_atomic
 from gpucostd.snapshot import (Event, Finding, GpuReading, GpuState, HW_SLOWDOWN_REASONS,
                                NodeSnapshot, Severity, VIOLATION_POLICIES, worst)
 
@@ -241,14 +242,9 @@ class HealthJudge:
         data = {"version": 1, "boot_id": self.boot_id, "latched": self._latched,
                 "ecc_baseline": self._ecc_base, "acked": self._acked, "health": self._health,
                 "flags": self._flags}
-        tmp = self.state_path + ".tmp"
         try:
-            os.makedirs(self.state_dir, mode=0o750, exist_ok=True)
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(data, f, separators=(",", ":"), sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.state_path)
+            write_atomic(self.state_path, json.dumps(data, separators=(",", ":"),
+                                                     sort_keys=True))
             self._dirty = False
         except (OSError, TypeError, ValueError) as e:
             LOG.error("cannot write health state %s: %s; sticky faults will not survive a "

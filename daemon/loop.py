@@ -253,6 +253,11 @@ class Daemon:
                     faults.extend(self._sim_parser.feed(line))
         if self.watcher is not None:
             faults.extend(self._guard("kernel log", self.watcher.poll, []) or [])
+        if faults:
+            # a fault re-read after a crash between storing it and saving the kernel-log
+            # position is already recorded: do not judge it twice
+            faults = [f for f in faults if not (f.dedupe_key and self._guard(
+                "event store", lambda: self.store.seen(f.dedupe_key), False))]
 
         events: List[Event] = []
         # tuning: apply once at start (and after reload), then verify every verify interval
