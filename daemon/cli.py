@@ -110,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "check":
             t.add_argument("--json", action="store_true")
 
+    cp = sub.add_parser("capture", help="write this node's GPUs as a scenario for --simulate")
+    _add_config(cp)
+    _add_simulate(cp)
+    cp.add_argument("--out", metavar="FILE", help="write here instead of stdout")
+
     rp = sub.add_parser("replay", help="run a scenario on a virtual clock and print the cost")
     rp.add_argument("scenario", help="builtin:NAME or a scenario TOML file")
     _add_config(rp)
@@ -358,9 +363,33 @@ def cmd_replay(args) -> int:
     return 0
 
 
+def cmd_capture(args) -> int:
+    import socket
+    from gpucostd.capture import scenario_text
+    cfg = _load_config(args.config)
+    d = _one_shot(args, cfg)
+    try:
+        d.gateway.ensure_initialized()
+        gpus = d.gpu_probe.read()
+        if not gpus:
+            _print_err(f"no GPUs to capture: {d.gateway.error or 'NVML reports none'}")
+            return 3
+        text = scenario_text(gpus, d.gateway.driver_version, d.gateway.cuda_version,
+                             socket.gethostname())
+    finally:
+        d.shutdown()
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "status": cmd_status, "config": cmd_config, "events": cmd_events,
             "cost": cmd_cost, "ack": cmd_ack, "plan": cmd_tuning, "apply": cmd_tuning,
-            "check": cmd_tuning, "restore": cmd_tuning, "replay": cmd_replay}
+            "check": cmd_tuning, "restore": cmd_tuning, "replay": cmd_replay,
+            "capture": cmd_capture}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

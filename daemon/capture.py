@@ -1,0 +1,104 @@
+"""`gpucostd capture`: write the node as it is now as a scenario file for the simulator.
+
+Run on a real GPU host, it turns one set of readings into a scenario (initial state only, no
+timeline) so the simulator's fixtures come from real hardware: readings NVML does not support
+become `unsupported`, a GPU without violation counters gets `violation_counters = false`.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+from gpucostd.config import dump_toml
+from gpucostd.snapshot import GpuReading, GpuState
+
+# GpuReading attribute -> scenario field (docs/scenarios.md)
+FIELD_MAP = (
+    ("temperature_celsius", "temperature"),
+    ("memory_temperature_celsius", "memory_temperature"),
+    ("temp_slowdown_celsius", "slowdown_temperature"),
+    ("temp_shutdown_celsius", "shutdown_temperature"),
+    ("power_draw_watts", "power_draw"),
+    ("power_limit_watts", "power_limit"),
+    ("power_limit_min_watts", "power_limit_min"),
+    ("power_limit_max_watts", "power_limit_max"),
+    ("power_limit_default_watts", "power_limit_default"),
+    ("persistence_mode", "persistence_mode"),
+    ("sm_clock_mhz", "sm_clock"),
+    ("sm_clock_max_mhz", "max_sm_clock"),
+    ("app_sm_clock_mhz", "app_sm_clock"),
+    ("utilization_percent", "utilization"),
+    ("clock_event_reasons", "clock_event_reasons"),
+    ("supported_reasons", "supported_clock_event_reasons"),
+    ("ecc_mode", "ecc_mode"),
+    ("ecc_volatile_corrected", "ecc_volatile_corrected"),
+    ("ecc_volatile_uncorrected", "ecc_volatile_uncorrected"),
+    ("ecc_aggregate_corrected", "ecc_aggregate_corrected"),
+    ("ecc_aggregate_uncorrected", "ecc_aggregate_uncorrected"),
+    ("retired_pages_sbe", "retired_pages_sbe"),
+    ("retired_pages_dbe", "retired_pages_dbe"),
+    ("retired_pages_pending", "retired_pages_pending"),
+    ("remapped_rows_correctable", "remapped_rows_correctable"),
+    ("remapped_rows_uncorrectable", "remapped_rows_uncorrectable"),
+    ("remapped_rows_pending", "remapped_rows_pending"),
+    ("remapped_rows_failure", "remapped_rows_failure"),
+    ("pcie_link_gen", "pcie_link_gen"),
+    ("pcie_link_gen_max", "pcie_link_gen_max"),
+    ("pcie_link_width", "pcie_link_width"),
+    ("pcie_link_width_max", "pcie_link_width_max"),
+    ("pcie_replay_count", "pcie_replay_count"),
+)
+_INTS = {"sm_clock", "max_sm_clock", "app_sm_clock", "pcie_link_gen", "pcie_link_gen_max",
+         "pcie_link_width", "pcie_link_width_max", "pcie_replay_count", "ecc_volatile_corrected",
+         "ecc_volatile_uncorrected", "ecc_aggregate_corrected", "ecc_aggregate_uncorrected",
+         "retired_pages_sbe", "retired_pages_dbe", "remapped_rows_correctable",
+         "remapped_rows_uncorrectable"}
+
+
+def gpu_table(g: GpuReading) -> Dict[str, Any]:
+    out: Dict[str, Any] = {"index": g.index}
+    for attr, key in (("pci_bus_id", "pci_bus_id"), ("uuid", "uuid"), ("name", "name")):
+        if getattr(g, attr):
+            out[key] = getattr(g, attr)
+    unsupported: List[str] = []
+    for attr, key in FIELD_MAP:
+        value = getattr(g, attr)
+        if value is None:
+            unsupported.append(key)
+        elif isinstance(value, tuple):
+            out[key] = list(value)
+        elif key in _INTS:
+            out[key] = int(value)
+        else:
+            out[key] = value
+    if g.violation_seconds is None:
+        out["violation_counters"] = False
+    if unsupported:
+        out["unsupported"] = unsupported
+    return out
+
+
+def scenario_text(gpus: Sequence[GpuReading], driver: Optional[str], cuda: Optional[str],
+                  hostname: str = "") -> str:
+    ok = [g for g in gpus if g.state == GpuState.OK]
+    node: Dict[str, Any] = {"gpu_count": len(gpus)}
+    if ok and ok[0].name:
+        node["model"] = ok[0].name
+    if driver:
+        node["driver_version"] = driver
+    if cuda:
+        node["cuda_version"] = cuda
+    skipped = [g.index for g in gpus if g.state != GpuState.OK]
+    head = (f"# Captured by `gpucostd capture` on {hostname or 'a GPU host'} at "
+            f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}.\n"
+            "# Initial state only; add [[at]] entries for a timeline (docs/scenarios.md).\n")
+    if skipped:
+        head += (f"# GPUs {', '.join(map(str, skipped))} did not answer; their entries carry "
+                 "only identity and are marked lost.\n")
+    tables = []
+    for g in gpus:
+        t = gpu_table(g) if g.state == GpuState.OK else {
+            k: v for k, v in (("index", g.index), ("pci_bus_id", g.pci_bus_id),
+                              ("uuid", g.uuid), ("name", g.name), ("lost", True)) if v}
+        tables.append(t)
+    return head + "\n" + dump_toml({"node": node, "gpu": tables})
