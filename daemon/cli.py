@@ -134,12 +134,17 @@ def cmd_run(args) -> int:
 def _socket_path(args) -> str:
     if getattr(args, "socket", None):
         return args.socket
-    from gpucostd.config import ConfigError, default_socket_path, load
+    from gpucostd.config import DEFAULT_SOCKET, ConfigError, default_socket_path, load
     try:
-        return load(args.config).daemon.socket_path
+        path = load(args.config).daemon.socket_path
     except ConfigError as e:
         _print_err(f"{e} (using the default socket path)")
-        return default_socket_path()
+        path = default_socket_path()
+    # A non-root user (a member of the gpucostd group) asks the system daemon when one runs
+    # and the config names no socket of its own.
+    if path == default_socket_path() != DEFAULT_SOCKET and os.path.exists(DEFAULT_SOCKET):
+        return DEFAULT_SOCKET
+    return path
 
 
 def cmd_status(args) -> int:
