@@ -101,7 +101,7 @@ class StatusServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self.path = path
         self.handlers = handlers
         self.root_only = set(root_only)
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        os.makedirs(os.path.dirname(path) or ".", mode=0o750, exist_ok=True)
         _remove_stale(path)
         old = os.umask(0o117)       # created 0660
         try:
