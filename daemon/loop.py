@@ -75,6 +75,7 @@ class Daemon:
         self.tuning = TuningManager(config, self.gateway, state_dir, self.clock,
                                     host_root=config.daemon.host_root)
         self.watcher = None
+        self._sim_parser = None      # one-shot commands parse the scenario's kernel lines here
         source = kernel_log or config.daemon.kernel_log
         if self.clock.virtual:
             source = "none"      # replay: only the scenario's own kernel lines
@@ -82,7 +83,11 @@ class Daemon:
             from gpucostd.probes.kernel_log import KernelLogWatcher
             self.watcher = KernelLogWatcher(source, state_dir, clock=self.clock,
                                             on_fault=self.clock.wake)
+        elif self.sim is not None:
+            from gpucostd.probes.kernel_log import NvrmParser
+            self._sim_parser = NvrmParser()
         self.inference = None
+        self._inference_down_since: Optional[float] = None
         self._configure_inference()
         self._xid_totals: Dict[Tuple[Optional[int], int], int] = dict(self.store.xid_totals())
         self._recent: List[Event] = list(self.store.recent(RECENT_EVENTS))
@@ -246,9 +251,6 @@ class Daemon:
             if lines and self.watcher is not None:
                 self.watcher.feed_lines(lines)
             elif lines:
-                from gpucostd.probes.kernel_log import NvrmParser
-                if not hasattr(self, "_sim_parser"):
-                    self._sim_parser = NvrmParser()
                 for line in lines:
                     faults.extend(self._sim_parser.feed(line))
         if self.watcher is not None:
@@ -302,11 +304,15 @@ class Daemon:
         if self.inference is not None:
             error = getattr(inference, "error", None)
             if inference is None or error:
+                if self._inference_down_since is None:
+                    self._inference_down_since = now
                 findings.append(Finding(
                     "node", "inference_unreachable", Severity.WARN,
                     "check [inference] metrics_url and the inference server",
                     f"inference metrics at {self.config.inference.metrics_url}: "
-                    f"{error or 'no reading'}", since=now))
+                    f"{error or 'no reading'}", since=self._inference_down_since))
+            else:
+                self._inference_down_since = None
         for part, msg in self._part_errors.items():
             findings.append(Finding("node", f"internal_{part.replace(' ', '_')}", Severity.WARN,
                                     "report a bug with the daemon's log",
