@@ -254,6 +254,16 @@ class Config:
                 return price
         return self.cost.gpu_hour_usd
 
+    def updated(self, **sections: Mapping[str, Any]) -> "Config":
+        """A copy with some keys of some sections replaced (for replay's private settings;
+        callers pass values that are valid)."""
+        values = {s: dict(v) for s, v in self._values.items()}
+        for section, changes in sections.items():
+            values[section].update(changes)
+        return Config(values, self.path, self.gpu_overrides,
+                      {n: dict(v) for n, v in self.nic_tuning.items()}, self.model_prices,
+                      self.raw_text)
+
     def as_dict(self) -> Dict[str, Any]:
         out = {s: dict(v) for s, v in self._values.items()}
         tuning = dict(out["tuning"])

@@ -27,7 +27,7 @@ class Daemon:
 
     def __init__(self, config: Config, clock=None, simulate: Optional[str] = None,
                  kernel_log: Optional[str] = None, notifier=None, one_shot: bool = False,
-                 state_dir: Optional[str] = None):
+                 state_dir: Optional[str] = None, journal: bool = True):
         from gpucostd.cost import CostAccountant
         from gpucostd.events import EventStore
         from gpucostd.health import HealthJudge
@@ -68,7 +68,9 @@ class Daemon:
                                    library=library, clock=self.clock)
         self.gpu_probe = GpuProbe(self.gateway)
         self.host_probe = HostProbe(config.daemon.host_root)
-        self.store = EventStore(state_dir, config.events.max_age_days, config.events.max_count)
+        self.journal = journal      # False in replay: simulated events stay out of the journal
+        self.store = EventStore(state_dir, config.events.max_age_days, config.events.max_count,
+                                clock=self.clock)
         self.judge = HealthJudge(config, self.clock, state_dir)
         self.hooks = HookRunner(config)
         self.cost = CostAccountant(config, state_dir, self.clock)
@@ -367,7 +369,8 @@ class Daemon:
             if saved.xid is not None:
                 k = (saved.gpu, saved.xid)
                 self._xid_totals[k] = self._xid_totals.get(k, 0) + 1
-            self._guard("journal", lambda: send_event(saved))
+            if self.journal:
+                self._guard("journal", lambda: send_event(saved))
         recent = self._recent
         recent.extend(stored)
         del recent[:-RECENT_EVENTS]

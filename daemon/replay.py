@@ -11,12 +11,11 @@ never runs the configured hooks, and never sends its simulated events to the sys
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import shutil
 import tempfile
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, List, Optional
 
 from gpucostd.snapshot import THROTTLE_REASONS
 
@@ -26,31 +25,11 @@ MAX_CYCLES = 50_000_000
 
 
 def _replay_config(config, state_dir: str):
-    """The user's config with a private state dir, no hooks, no kernel log, no event
-    pruning."""
-    from gpucostd.config import Config
-    values = {s: dict(v) for s, v in config._values.items()}
-    values["daemon"] = dict(values["daemon"], state_dir=state_dir, kernel_log="none",
-                            listen_address="")
-    values["hooks"] = dict(values["hooks"], on_critical=[], on_recovered=[])
-    # keep every event of the replay: its virtual time may lie far from today's date
-    values["events"] = dict(values["events"], max_age_days=365000.0,
-                            max_count=max(int(values["events"]["max_count"]), 10_000_000))
-    nics = {name: dict(rings) for name, rings in config.nic_tuning.items()}
-    return Config(values, config.path, tuple(config.gpu_overrides), nics,
-                  tuple(config.model_prices), getattr(config, "raw_text", ""))
-
-
-@contextlib.contextmanager
-def _no_journal() -> Iterator[None]:
-    """Simulated events stay out of the system journal and the log while replaying."""
-    from gpucostd import journal
-    saved = journal.send_event
-    journal.send_event = lambda event, sender=None: None
-    try:
-        yield
-    finally:
-        journal.send_event = saved
+    """The user's config with a private state dir, no hooks, no kernel log, no HTTP."""
+    return config.updated(
+        daemon={"state_dir": state_dir, "kernel_log": "none", "listen_address": ""},
+        hooks={"on_critical": [], "on_recovered": []},
+        events={"max_count": max(int(config.events.max_count), 10_000_000)})
 
 
 def _rounded(x: Optional[float], nd: int = 6) -> Optional[float]:
@@ -93,29 +72,28 @@ def run_replay(scenario_spec: str, config=None, duration: Optional[float] = None
     daemon = None
     try:
         rconfig = _replay_config(config, tmp)
-        with _no_journal():
-            daemon = Daemon(rconfig, clock=clock, simulate=scenario_spec)
-            daemon.start()
-            snap = None
-            for i in range(cycles):
-                target = i * step
-                now = clock.monotonic()
-                if target > now:
-                    clock.advance(target - now)
-                snap = daemon.step()
-                if on_cycle is not None:
-                    on_cycle(daemon, snap)
-            events = list(daemon.store.query())
-            report = snap.cost if snap is not None else None
-            result = _result(scenario_spec, scenario, rconfig, daemon, report, events,
-                             duration, step, cycles, start_wall)
+        # simulated events stay out of the system journal
+        daemon = Daemon(rconfig, clock=clock, simulate=scenario_spec, journal=False)
+        daemon.start()
+        snap = None
+        for i in range(cycles):
+            target = i * step
+            now = clock.monotonic()
+            if target > now:
+                clock.advance(target - now)
+            snap = daemon.step()
+            if on_cycle is not None:
+                on_cycle(daemon, snap)
+        events = list(daemon.store.query())
+        report = snap.cost if snap is not None else None
+        result = _result(scenario_spec, scenario, rconfig, daemon, report, events,
+                         duration, step, cycles, start_wall)
     finally:
         if daemon is not None:
-            with _no_journal():
-                try:
-                    daemon.shutdown(system_shutdown=True)   # nothing real to restore
-                except Exception as e:  # noqa: BLE001 - cleanup must not hide the result
-                    LOG.debug("replay shutdown: %s", e)
+            try:
+                daemon.shutdown(system_shutdown=True)   # nothing real to restore
+            except Exception as e:  # noqa: BLE001 - cleanup must not hide the result
+                LOG.debug("replay shutdown: %s", e)
         shutil.rmtree(tmp, ignore_errors=True)
     return result
 

@@ -284,3 +284,19 @@ def test_broken_journal_falls_back_to_the_log(caplog):
     with caplog.at_level(logging.INFO, logger="gpucostd"):
         journal.send_event(ev(0), sender=boom)
     assert "journal unavailable" in caplog.text and "event 0" in caplog.text
+
+
+def test_pruning_follows_the_store_clock(tmp_path):
+    """Replay stores events at virtual dates; the store prunes by its own clock, not today's."""
+    from gpucostd.clock import VirtualClock
+    from gpucostd.events import EventStore
+    from gpucostd.snapshot import Event, Severity
+    clock = VirtualClock(start_wall=1_000_000_000.0)      # 2001
+    store = EventStore(str(tmp_path), max_age_days=1, max_count=1000, clock=clock)
+    store.append(Event(clock.time(), "node", "startup", Severity.OK, "none", "virtual"))
+    store.prune()
+    assert [e.message for e in store.query()] == ["virtual"]
+    clock.advance(2 * 86400)
+    store.prune()
+    assert store.query() == []
+    store.close()
