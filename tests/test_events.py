@@ -10,7 +10,6 @@ import textwrap
 import threading
 import time
 
-import pytest
 
 from gpucostd import journal
 from gpucostd.events import EventStore

@@ -178,7 +178,6 @@ def _accuracy_table() -> None:   # pragma: no cover - a report, not a test
         ("builtin:cost_reset", "[cost]\ngpu_hour_usd = 2\n", 600.0, None),
     ]
     import tempfile
-    price = {}
     for name, cfg_text, duration, variant in cases:
         spec = name
         if variant == "nocounters":
