@@ -35,6 +35,7 @@ _GPU_GAUGES = (
     ("gpucostd_gpu_sm_clock_max_hertz", "Maximum SM clock.", "sm_clock_max_mhz", 1e6),
     ("gpucostd_gpu_utilization_ratio", "GPU utilization (0..1).", "utilization_percent", 0.01),
     ("gpucostd_gpu_persistence_mode", "Persistence mode (1 on, 0 off).", "persistence_mode", 1),
+    ("gpucostd_gpu_ecc_mode", "ECC mode (1 enabled, 0 disabled).", "ecc_mode", 1),
 )
 
 
@@ -84,6 +85,13 @@ def core_families(snap: NodeSnapshot) -> Iterable:
     yield reasons
     for fam, _, _ in gauges:
         yield fam
+    margin = GaugeMetricFamily("gpucostd_gpu_temperature_margin_celsius",
+                               "Degrees below the GPU's slowdown threshold (negative: above).",
+                               labels=["gpu", "uuid"])
+    for g in snap.gpus:
+        if g.temperature_celsius is not None and g.temp_slowdown_celsius is not None:
+            margin.add_metric(_labels(g), g.temp_slowdown_celsius - g.temperature_celsius)
+    yield margin
 
 
 def _part_families(snap: NodeSnapshot) -> List:

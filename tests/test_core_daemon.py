@@ -170,3 +170,44 @@ def test_without_driver_the_daemon_runs_and_reports_unknown(daemon_factory):
     assert metric_value(d.metrics(), "gpucostd_nvml_up") == 0
     assert "retrying every 30 s" in d.output()
     assert "Traceback" not in d.output()
+
+
+def test_temperature_margin_and_ecc_mode(daemon):
+    text = daemon.metrics()
+    # builtin: 64 C against a slowdown threshold of 89 C
+    assert metric_value(text, "gpucostd_gpu_temperature_margin_celsius", gpu="3") == 25
+    assert metric_value(text, "gpucostd_gpu_ecc_mode", gpu="3") == 1
+
+
+def test_healthz_reports_a_stalled_loop():
+    from gpucostd.httpserver import Published
+    now = [100.0]
+    p = Published(lambda: now[0])
+    p.interval = 1.0
+    assert p.alive()[0] is False                    # no cycle yet
+    p.publish(b"x", at=100.0)
+    now[0] = 102.9
+    assert p.alive()[0] is True
+    now[0] = 103.5                                  # older than 3 intervals
+    ok, why = p.alive()
+    assert ok is False and "3.5 s ago" in why
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_stop_signals_exit_cleanly(daemon_factory, sig):
+    d = daemon_factory().start()
+    d.signal(sig)
+    assert d.proc.wait(10) == 0
+    assert "stopped" in d.output() and "Traceback" not in d.output()
+
+
+def test_status_direct_on_the_simulated_node(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[daemon]\nstate_dir = "{tmp_path}/state"\n')
+    r = subprocess.run(gpucostd_cmd() + ["status", "--direct", "--simulate", "--json",
+                                         "--config", str(cfg)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    import json
+    data = json.loads(r.stdout)
+    assert len(data["gpus"]) == 8 and data["node"]["health"] == "OK"
