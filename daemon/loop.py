@@ -15,8 +15,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 from gpucostd import __version__
 from gpucostd.clock import RealClock
 from gpucostd.config import Config
-from gpucostd.snapshot import (Event, Finding, GpuState, NodeSnapshot, Severity, THROTTLE_REASONS,
-                               worst)
+from gpucostd.snapshot import Event, Finding, NodeSnapshot, Severity, worst
 
 LOG = logging.getLogger("gpucostd")
 RECENT_EVENTS = 20
@@ -44,7 +43,6 @@ class Daemon:
         self.simulate = simulate
         self.hostname = socket.gethostname()
         self.started_at = self.clock.time()
-        self.started_mono = self.clock.monotonic()
         self.cycle = 0
         self._stop = threading.Event()
         self._lock = threading.Lock()      # step() vs ack() from the status API thread
@@ -93,7 +91,6 @@ class Daemon:
         self._configure_inference()
         self._xid_totals: Dict[Tuple[Optional[int], int], int] = dict(self.store.xid_totals())
         self._recent: List[Event] = list(self.store.recent(RECENT_EVENTS))
-        self._drift: Dict[Tuple[str, str], int] = {}
         self._settings: tuple = ()
         self._checks: tuple = ()
         self._host_facts = None
@@ -275,9 +272,6 @@ class Daemon:
             if verified is not None:
                 settings, drift_events = verified
                 self._settings = tuple(settings)
-                for e in drift_events:
-                    key = (e.fields.get("setting", ""), e.subject)
-                    self._drift[key] = self._drift.get(key, 0) + 1
                 events.extend(drift_events)
         refresh_checks = self._last_checks is None or (
             mono - self._last_checks >= self.config.tuning.verify_interval_seconds)
@@ -340,7 +334,8 @@ class Daemon:
             gpus=gpus, gpu_health=gpu_health, node_health=node_health,
             findings=tuple(findings), recent_events=tuple(self._recent),
             settings=self._settings, checks=self._checks, cost=cost,
-            counters={"xid_totals": dict(self._xid_totals), "drift": dict(self._drift)},
+            counters={"xid_totals": dict(self._xid_totals),
+                      "drift": dict(self.tuning.drift_counts)},
             extra={"host": self._host_facts, "inference": inference,
                    "nic_rings": getattr(self.tuning, "nic_rings", {}),
                    "simulated": self.simulate, "config_path": self.config.path,
@@ -424,4 +419,4 @@ def summary_line(snap: Optional[NodeSnapshot]) -> str:
     return ", ".join(parts)
 
 
-__all__ = ["Daemon", "summary_line", "THROTTLE_REASONS", "GpuState"]
+__all__ = ["Daemon", "summary_line"]
