@@ -189,7 +189,7 @@ class Daemon:
         if self.watcher is not None:
             self._guard("kernel log stop", self.watcher.stop)
         self._guard("cost flush", self.cost.flush)
-        self._guard("hooks stop", getattr(self.hooks, "stop", lambda: None))
+        self._guard("hooks stop", self.hooks.stop)
         self._guard("event store close", self.store.close)
         self._guard("nvml shutdown", self.gateway.shutdown)
 
@@ -198,11 +198,10 @@ class Daemon:
         from gpucostd.config import ConfigError, load
         if self.notifier is not None:
             self.notifier.reloading()
-        path = path or self.config.path
+        path = path or self.config.path      # None: the default path (missing = defaults)
         try:
-            new = load(path) if path else self.config
+            new = load(path)
         except ConfigError as e:
-            LOG.error("reload refused, the running config stays: %s", e)
             self._record([Event(self.clock.time(), "node", "config_rejected", Severity.WARN,
                                 "fix the config file and reload again", f"reload refused: {e}")])
             if self.notifier is not None:
@@ -217,16 +216,13 @@ class Daemon:
         from gpucostd import logs
         logs.set_level(new.daemon.log_level)
         self._guard("reconfigure cost", lambda: self.cost.reconfigure(new))
-        self._guard("reconfigure health", lambda: getattr(self.judge, "reconfigure",
-                                                           lambda c: None)(new))
-        self._guard("reconfigure hooks", lambda: getattr(self.hooks, "reconfigure",
-                                                          lambda c: None)(new))
+        self._guard("reconfigure health", lambda: self.judge.reconfigure(new))
+        self._guard("reconfigure hooks", lambda: self.hooks.reconfigure(new))
         self._guard("reconfigure tuning", lambda: self.tuning.reconfigure(new))
         self._configure_inference()
         self._applied = False          # apply the new desired state at the next cycle
         self._record([Event(self.clock.time(), "node", "config_reloaded", Severity.OK, "none",
-                            f"config reloaded from {path or 'defaults'}")])
-        LOG.info("config reloaded from %s", path or "defaults")
+                            f"config reloaded from {new.path or 'defaults'}")])
         if self.notifier is not None:
             self.notifier.ready(summary_line(self._latest) if self._latest else "running")
         return True
