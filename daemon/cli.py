@@ -243,7 +243,8 @@ def cmd_events(args) -> int:
         store = EventStore(cfg.daemon.state_dir, cfg.events.max_age_days,
                            cfg.events.max_count)
         try:
-            events = [statusview.event_json(e) for e in store.query(since=since)][-args.limit:]
+            events = [statusview.event_json(e) for e in store.query(since=since,
+                                                                      limit=args.limit)]
         finally:
             store.close()
     if args.json:

@@ -14,6 +14,7 @@ from typing import Any, Dict, Optional
 
 from gpucostd import logs
 from gpucostd.config import Config
+from gpucostd.statusapi import NotReady
 
 LOG = logging.getLogger("gpucostd")
 
@@ -32,7 +33,7 @@ class _StatusCache:
     def get(self) -> Dict[str, Any]:
         with self._lock:
             if self._doc is None:
-                raise ValueError("the daemon is starting; no snapshot yet, try again in a second")
+                raise NotReady("the daemon is starting; no snapshot yet, try again in a second")
             return self._doc
 
 
@@ -70,9 +71,10 @@ def run_daemon(cfg: Config, scenario: Optional[str]) -> int:
 
     def h_events(req):
         since = req.get("since")
-        limit = int(req.get("limit") or 200)
-        events = daemon.store.query(since=float(since) if since is not None else None)
-        return {"events": [statusview.event_json(e) for e in events][-limit:]}
+        limit = max(1, min(int(req.get("limit") or 200), 100_000))
+        events = daemon.store.query(since=float(since) if since is not None else None,
+                                    limit=limit)
+        return {"events": [statusview.event_json(e) for e in events]}
 
     def h_cost(req):
         from gpucostd.cost import breakdown

@@ -27,6 +27,10 @@ class StatusClientError(Exception):
     pass
 
 
+class NotReady(Exception):
+    """Raised by a handler that has nothing to answer yet (the daemon is starting)."""
+
+
 # ------------------------------------------------------------------ client
 def request(path: str, message: Dict[str, Any], timeout: float = TIMEOUT) -> Dict[str, Any]:
     """Send one request to the daemon; raise StatusClientError with the reason in words."""
@@ -143,6 +147,8 @@ class StatusServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             return {"ok": False, "error": f"{cmd} needs root: run it with sudo"}
         try:
             return dict({"ok": True}, **handler(req))
+        except NotReady as e:
+            return {"ok": False, "error": str(e)}
         except (ValueError, KeyError, TypeError) as e:
             return {"ok": False, "error": f"bad {cmd} request: {e}"}
         except Exception as e:  # noqa: BLE001 - a request never takes the daemon down
