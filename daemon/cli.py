@@ -2,7 +2,7 @@
 must not import pynvml, pyroute2 or prometheus_client.
 
 Exit codes: status/check 0 OK, 1 WARN, 2 CRIT, 3 UNKNOWN; plan 0 nothing to change, 1 changes,
-2 error; config errors and usage errors 2.
+2 error; ack 3 daemon unreachable, 4 not root; config errors and usage errors 2.
 """
 from __future__ import annotations
 
