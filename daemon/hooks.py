@@ -10,7 +10,8 @@ CRIT.
 - Hooks run one at a time, in order, in a background thread: the poll loop never waits.
 - Each run is killed after ``[hooks] timeout_seconds`` (SIGTERM to its process group, SIGKILL
   two seconds later). Its stdout and stderr are logged line by line to the ``gpucostd`` logger
-  (the journal under systemd). A failing, hanging or missing program is a logged error and a
+  (the journal under systemd): the first 200 lines, each cut to 1000 characters; the rest is
+  read and dropped. A failing, hanging or missing program is a logged error and a
   ``hook_failed`` journal event, never a crash.
 
 Trigger: a ``health_change`` event whose ``to`` is CRIT and whose ``from_known`` (the last
@@ -37,6 +38,7 @@ LOG = logging.getLogger("gpucostd")
 MAX_QUEUED = 256
 MAX_OUTPUT_LINES = 200          # lines of a hook's output logged per run
 MAX_LINE_CHARS = 1000
+MAX_LINE_BYTES = 4 * MAX_LINE_CHARS   # read at most this much of one output line (UTF-8)
 MAX_ENV_CHARS = 4096
 KILL_GRACE_SECONDS = 2.0
 # variables a hook must not inherit from the daemon (it would talk to systemd as the daemon)
@@ -256,12 +258,11 @@ class HookRunner:
         else:
             # the hook is done; anything it left behind in its group goes too
             self._kill(proc, signal.SIGKILL, quiet=True)
+        # A process that left the hook's group (setsid, a double fork) may still hold the pipe
+        # open: then the reader stays blocked in read. It is a daemon thread and ends when that
+        # process closes the pipe; we do not wait for it (closing the stream from here would
+        # block on the reader's buffer lock until then, and every later hook with it).
         reader.join(timeout=2.0)
-        if reader.is_alive() and proc.stdout is not None:
-            try:
-                proc.stdout.close()
-            except OSError:
-                pass
         if not res.timed_out and res.returncode not in (0, None):
             res.error = f"exited with status {res.returncode}"
         return self._finish(res, label, t0, event)
@@ -278,15 +279,27 @@ class HookRunner:
 
     @staticmethod
     def _read_output(proc: subprocess.Popen, label: str, res: HookResult) -> None:
+        """Log the first MAX_OUTPUT_LINES lines (each cut to MAX_LINE_CHARS) and drain the rest.
+        Reads at most MAX_LINE_BYTES at a time: a hook that writes gigabytes without a newline
+        costs no memory."""
         stream = proc.stdout
         if stream is None:
             return
         n = 0
+        skipping = False        # in the rest of a line longer than MAX_LINE_BYTES
         try:
-            for raw in stream:
+            while True:
+                chunk = stream.readline(MAX_LINE_BYTES)
+                if not chunk:
+                    break
+                ended = chunk.endswith(b"\n")
+                if skipping:
+                    skipping = not ended
+                    continue
+                skipping = not ended
                 n += 1
                 if n <= MAX_OUTPUT_LINES:
-                    line = raw.decode("utf-8", "replace").rstrip("\r\n")[:MAX_LINE_CHARS]
+                    line = chunk.decode("utf-8", "replace").rstrip("\r\n")[:MAX_LINE_CHARS]
                     res.output.append(line)
                     LOG.info("%s: %s", label, line)
                 elif n == MAX_OUTPUT_LINES + 1:

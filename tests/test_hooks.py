@@ -209,3 +209,58 @@ def test_no_hooks_configured_runs_nothing():
     runner.on_events([health_event(), health_event(to="OK", frm="CRIT")])
     assert runner.wait_idle(1) and runner.results == []
     runner.stop()
+
+
+def test_output_flood_without_newlines_is_read_in_bounded_pieces(tmp_path):
+    import tracemalloc
+    script = tmp_path / "flood.py"
+    script.write_text(textwrap.dedent("""\
+        import sys
+        out = sys.stdout.buffer
+        for _ in range(64):
+            out.write(b"x" * (1 << 20))     # 64 MiB on one line
+        out.write(b"\\nsecond line\\n")
+        for i in range(500):
+            out.write(b"line %d\\n" % i)
+        """))
+    runner = HookRunner(hook_config(on_critical=[sys.executable, str(script)], timeout=60))
+    tracemalloc.start()
+    try:
+        runner.on_events([health_event()])
+        assert runner.wait_idle(60)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    res = runner.results[-1]
+    assert res.ok, res.error
+    assert res.output[0] == "x" * 1000                  # the long line, cut, counted once
+    assert res.output[1] == "second line"
+    assert len(res.output) == 200
+    assert peak < 16 << 20, f"reading the hook's output peaked at {peak >> 20} MiB"
+
+
+def test_a_process_escaping_the_hook_group_does_not_block_later_hooks(tmp_path):
+    pidfile = tmp_path / "escaped.pid"
+    script = tmp_path / "escape.py"
+    script.write_text(textwrap.dedent(f"""\
+        import subprocess, sys
+        # a child in its own session keeps our stdout pipe open after we exit
+        p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                             start_new_session=True)
+        open({str(pidfile)!r}, "w").write(str(p.pid))
+        print("started", p.pid, flush=True)
+        """))
+    runner = HookRunner(hook_config(on_critical=[sys.executable, str(script)],
+                                    on_recovered=[sys.executable, "-c", "print('recovered')"]))
+    try:
+        runner.on_events([health_event(), health_event(to="OK", frm="CRIT")])
+        assert runner.wait_idle(20), "the hook thread is stuck on the escaped process's pipe"
+        first, second = runner.results
+        assert first.ok and first.output[0].startswith("started")
+        assert second.ok and second.output == ["recovered"]
+    finally:
+        if pidfile.exists():
+            try:
+                os.kill(int(pidfile.read_text()), 9)
+            except ProcessLookupError:
+                pass
