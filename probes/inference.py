@@ -7,6 +7,7 @@ finding. The metric names of common servers are listed in docs/cost.md.
 """
 from __future__ import annotations
 
+import http.client
 import math
 import re
 import socket
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 MAX_BYTES = 8 * 1024 * 1024      # a /metrics page larger than this is refused
+_CHUNK = 64 * 1024
 
 # name{labels} value [timestamp]; names may contain colons (vllm:..., sglang:...)
 _NAME = r"[A-Za-z_:][A-Za-z0-9_:]*"
@@ -130,12 +132,17 @@ class InferenceProbe:
             raise _ProbeError(f"{self.url!r} is not an http:// or https:// URL; set "
                               f"[inference] metrics_url like http://127.0.0.1:8000/metrics")
         req = urllib.request.Request(self.url, headers={"Accept": "text/plain"})
+        # the socket timeout bounds each wait; this deadline bounds the whole answer, so a
+        # server that trickles its body cannot hold up the daemon's cycle
+        deadline = _time.monotonic() + self.timeout
         try:
             with self._opener.open(req, timeout=self.timeout) as resp:
                 status = getattr(resp, "status", 200)
                 if status != 200:
                     raise _ProbeError(f"{self.url} answered HTTP {status}; expected 200")
-                body = resp.read(MAX_BYTES + 1)
+                body = self._read_body(resp, deadline)
+        except _ProbeError:
+            raise
         except urllib.error.HTTPError as e:
             raise _ProbeError(f"{self.url} answered HTTP {e.code} {e.reason}; check the URL "
                               f"path (usually /metrics)") from None
@@ -151,16 +158,43 @@ class InferenceProbe:
         except (socket.timeout, TimeoutError):
             raise _ProbeError(f"{self.url} did not answer within {self.timeout:g} s "
                               f"([inference] timeout_seconds)") from None
+        except http.client.HTTPException as e:
+            # not an HTTP answer (BadStatusLine), a header line too long, a broken chunk ...
+            raise _ProbeError(f"{self.url} did not answer with valid HTTP "
+                              f"({type(e).__name__}: {' '.join(str(e).split())[:80]}); is this the inference "
+                              f"server's /metrics endpoint?") from None
         except (OSError, ValueError) as e:
             raise _ProbeError(f"{self.url} is unreachable: {e}") from None
-        if len(body) > MAX_BYTES:
-            raise _ProbeError(f"{self.url} returned more than {MAX_BYTES // (1024 * 1024)} MiB;"
-                              f" is this a Prometheus /metrics endpoint?")
         try:
             return body.decode("utf-8")
         except UnicodeDecodeError:
             raise _ProbeError(f"{self.url} returned text that is not UTF-8; is this a "
                               f"Prometheus /metrics endpoint?") from None
+
+    def _read_body(self, resp, deadline: float) -> bytes:
+        """The body, at most MAX_BYTES, complete (a body shorter than its Content-Length is
+        an error, not a smaller count) and finished before the deadline."""
+        read1 = getattr(resp, "read1", None) or resp.read
+        chunks = []
+        size = 0
+        while True:
+            if _time.monotonic() > deadline:
+                raise _ProbeError(f"{self.url} did not finish its answer within "
+                                  f"{self.timeout:g} s ([inference] timeout_seconds)")
+            chunk = read1(_CHUNK)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > MAX_BYTES:
+                raise _ProbeError(f"{self.url} returned more than "
+                                  f"{MAX_BYTES // (1024 * 1024)} MiB; is this a Prometheus "
+                                  f"/metrics endpoint?")
+            chunks.append(chunk)
+        missing = getattr(resp, "length", None)
+        if isinstance(missing, int) and missing > 0:
+            raise _ProbeError(f"{self.url} closed the connection {missing} bytes before the end "
+                              f"of its answer (Content-Length); is the server restarting?")
+        return b"".join(chunks)
 
 
 class _ProbeError(Exception):

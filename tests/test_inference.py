@@ -155,3 +155,77 @@ def test_timeout_is_short_and_reported(server):
 def test_bad_url_is_an_error():
     r = InferenceProbe("localhost:8000/metrics", "vllm:generation_tokens_total", 0.2).read()
     assert "not an http://" in r.error
+
+
+class _RawServer:
+    """A TCP server that answers every connection with `payload` (raw bytes, not necessarily
+    HTTP), or trickles a body a line at a time when `trickle` is set."""
+
+    def __init__(self, payload: bytes = b"", trickle: bool = False):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/metrics"
+        self.payload, self.trickle = payload, trickle
+        self.stop = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                conn.recv(65536)
+                if self.trickle:
+                    conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n")
+                    while not self.stop.is_set():
+                        conn.sendall(b"# still here\n")
+                        self.stop.wait(0.05)
+                else:
+                    conn.sendall(self.payload)
+            except OSError:
+                pass
+            finally:
+                conn.close()
+
+    def close(self):
+        self.stop.set()
+        self.sock.close()
+
+
+@pytest.mark.parametrize("payload, words", [
+    (b"garbage\r\n\r\n", "did not answer with valid HTTP"),
+    (b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70000 + b"\r\n\r\n", "did not answer with valid HTTP"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nvllm:generation_tokens_total 5\n",
+     "before the end of its answer"),
+])
+def test_non_http_or_truncated_answer_is_an_error_not_an_exception(payload, words):
+    s = _RawServer(payload)
+    try:
+        r = InferenceProbe(s.url, "vllm:generation_tokens_total", 1.0).read()
+    finally:
+        s.close()
+    assert r.tokens_total is None and words in r.error and s.url in r.error
+    assert "\n" not in r.error and "\r" not in r.error
+
+
+def test_trickling_body_is_cut_at_the_timeout():
+    s = _RawServer(trickle=True)
+    try:
+        t0 = time.monotonic()
+        r = InferenceProbe(s.url, "vllm:generation_tokens_total", 0.3).read()
+        elapsed = time.monotonic() - t0
+    finally:
+        s.close()
+    assert elapsed < 1.5
+    assert "did not finish its answer within 0.3 s" in r.error
+
+
+def test_body_over_the_cap_is_refused(server, monkeypatch):
+    import gpucostd.probes.inference as inf
+    monkeypatch.setattr(inf, "MAX_BYTES", 1024)
+    s = server(body=VLLM + "# pad\n" * 1000)
+    r = InferenceProbe(s.url, "vllm:generation_tokens_total", 1.0).read()
+    assert r.tokens_total is None and "returned more than" in r.error
