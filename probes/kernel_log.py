@@ -37,6 +37,7 @@ BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 STATE_FILE = "kernel_log.json"
 SOURCES = ("auto", "kmsg", "journal", "none")
 MAX_LINE = 16384          # longest line the parser looks at (a kmsg record is at most 8 KiB)
+KMSG_READ_SIZE = 16384    # one read(2) of /dev/kmsg returns one record, EINVAL if it is longer
 FALLEN_OFF_XID = 79
 
 # ---------------------------------------------------------------------------------------------
@@ -313,7 +314,7 @@ class KernelLogWatcher:
         self.source_in_use = "none"
         self.error: Optional[str] = None
         self.dropped = 0               # faults dropped because nobody polled (queue full)
-        self.overwritten = 0           # kmsg EPIPE: records lost to ring-buffer wrap
+        self.overwritten = 0           # kmsg EPIPE/EINVAL: records lost (ring wrapped, too long)
         self.lines_read = 0
         self._queue: Deque[KernelFault] = collections.deque()
         self._available = threading.Event()
@@ -606,36 +607,11 @@ class KernelLogWatcher:
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         buf = b""
-        warned_epipe = False
         while not self._stop.is_set():
-            queued = False
             if not poller.poll(200):
-                if self._idle():
-                    self._notify()
-                continue
-            if self._records:
-                for _ in range(10000):          # bounded, so stop() is seen within the second
-                    if self._stop.is_set():
-                        break
-                    try:
-                        rec = os.read(fd, 16384)
-                    except BlockingIOError:
-                        break
-                    except BrokenPipeError:
-                        self.overwritten += 1
-                        if not warned_epipe:
-                            log.warning("kernel log: records were overwritten before gpucostd read "
-                                        "them (ring buffer wrapped); some lines were missed")
-                            warned_epipe = True
-                        continue
-                    except InterruptedError:
-                        continue
-                    except OSError as e:        # unexpected: say so, keep trying
-                        self._read_failed(f"reading {self.kmsg_path}: {e.strerror or e}")
-                        break
-                    if not rec:
-                        break
-                    queued |= self._handle_record(rec)
+                queued = False
+            elif self._records:
+                queued = self._read_records(fd)
             else:                               # regular file or FIFO: records one per line
                 try:
                     data = os.read(fd, 1 << 16)
@@ -645,20 +621,57 @@ class KernelLogWatcher:
                     self._read_failed(f"reading {self.kmsg_path}: {e.strerror or e}")
                     data = None
                 if not data:
-                    if self._idle():
-                        self._notify()
                     self._stop.wait(0.05)       # EOF: wait for more, like tail -f
-                    continue
-                buf += data
-                *lines, buf = buf.split(b"\n")
-                for line in lines:
-                    if not line or line[:1] == b" ":
-                        continue                # kmsg KEY=value continuation lines
-                    queued |= self._handle_record(line)
-                if len(buf) > MAX_LINE * 4:
-                    buf = b""                   # a "line" this long is junk
+                    queued = False
+                else:
+                    buf += data
+                    *lines, buf = buf.split(b"\n")
+                    queued = False
+                    for line in lines:
+                        if line and line[:1] != b" ":   # not a kmsg KEY=value continuation
+                            queued |= self._handle_record(line)
+                    if len(buf) > MAX_LINE * 4:
+                        buf = b""               # a "line" this long is junk
+            # a multi-line fault whose follow-up never came, also while other lines flood in
+            queued |= self._idle()
             if queued:
                 self._notify()
+
+    def _read_records(self, fd: int, read: Callable[[int, int], bytes] = os.read) -> bool:
+        """Read the /dev/kmsg records waiting (one per read); True when faults were queued.
+        Bounded, so stop() is seen within the second."""
+        queued = False
+        for _ in range(10000):
+            if self._stop.is_set():
+                break
+            try:
+                rec = read(fd, KMSG_READ_SIZE)
+            except BlockingIOError:
+                break
+            except InterruptedError:
+                continue
+            except OSError as e:
+                if e.errno == errno.EPIPE:
+                    # the ring buffer wrapped past our position; the next read continues at
+                    # the oldest record still there
+                    self._skipped("records were overwritten before gpucostd read them (ring "
+                                  "buffer wrapped); some lines were missed")
+                    continue
+                if e.errno == errno.EINVAL:
+                    # a record longer than our buffer: the kernel has already moved past it
+                    self._skipped(f"a record longer than {KMSG_READ_SIZE} bytes was skipped")
+                    continue
+                self._read_failed(f"reading {self.kmsg_path}: {e.strerror or e}")
+                break
+            if not rec:
+                break
+            queued |= self._handle_record(rec)
+        return queued
+
+    def _skipped(self, why: str) -> None:
+        self.overwritten += 1
+        if self.overwritten == 1:
+            log.warning("kernel log: %s", why)
 
     # -- internals: journal
 
@@ -698,7 +711,9 @@ class KernelLogWatcher:
         skip = self._skip_cursor
         while not self._stop.is_set():
             queued = False
+            drained = True
             for _ in range(10000):
+                drained = False
                 if self._stop.is_set():
                     break
                 try:
@@ -707,6 +722,7 @@ class KernelLogWatcher:
                     self._read_failed(f"reading the journal: {e}")
                     entry = None
                 if not entry:
+                    drained = True
                     break
                 cursor = entry.get("__CURSOR")
                 if skip is not None:
@@ -728,11 +744,10 @@ class KernelLogWatcher:
                     self._read_pos = {"source": "journal", "cursor": cursor}
                     if not self._parser.has_pending:
                         self._safe_pos = self._read_pos
+            queued |= self._idle()
             if queued:
                 self._notify()
-            else:
-                if self._idle():
-                    self._notify()
+            if drained:                         # more entries waiting: read on at once
                 try:
                     j.wait(0.2)
                 except Exception:

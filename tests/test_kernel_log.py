@@ -529,3 +529,80 @@ def test_queue_is_bounded_and_says_so(tmp_path):
     got = w.poll()
     assert len(got) == 10 and got[-1].message.endswith("fault number 14")
     assert w.dropped == 5 and "dropped" in w.error
+
+
+def test_first_line_alone_is_emitted_while_other_lines_keep_coming(tmp_path):
+    # "The NVIDIA GPU <bus>" whose follow-up lines never come, then a steady trickle of other
+    # kernel lines: the reader never goes idle, yet the fault must not wait for the trickle to stop
+    import threading
+    fifo = tmp_path / "kmsg.fifo"
+    os.mkfifo(fifo)
+    boot = tmp_path / "boot_id"
+    boot.write_text("b\n")
+    w = KernelLogWatcher("kmsg", tmp_path / "state", kmsg_path=str(fifo), boot_id_path=str(boot))
+    w._parser.pending_seconds = 0.3
+    w.start()
+    stop = threading.Event()
+
+    def trickle(fd):
+        seq = 2
+        while not stop.is_set():
+            os.write(fd, _record(seq, f"eth0: link flapped ({seq})").encode())
+            seq += 1
+            stop.wait(0.05)
+
+    fd = os.open(fifo, os.O_WRONLY)
+    writer = threading.Thread(target=trickle, args=(fd,), daemon=True)
+    try:
+        os.write(fd, _record(1, "NVRM: The NVIDIA GPU 0000:b3:00.0").encode())
+        t0 = time.monotonic()
+        writer.start()
+        got = _poll_until(w, 1, timeout=1.5)
+        assert [(f.xid, f.pci_bus_id, f.dedupe_key) for f in got] == [(79, "0000:b3:00.0",
+                                                                       "kmsg:b:1")]
+        assert time.monotonic() - t0 < 1.5
+    finally:
+        stop.set()
+        writer.join(2)
+        os.close(fd)
+        w.stop()
+
+
+def test_kmsg_read_errors_epipe_and_einval_skip_a_record_without_stalling(tmp_path):
+    import errno
+    w = KernelLogWatcher("kmsg", tmp_path / "state", kmsg_path=str(tmp_path / "none"))
+    w._boot_id = "b"
+    script = [_record(1, xid_line(1)).encode(), OSError(errno.EINVAL, "Invalid argument"),
+              _record(3, xid_line(3)).encode(), BrokenPipeError(errno.EPIPE, "Broken pipe"),
+              _record(9, xid_line(9)).encode(), BlockingIOError()]
+
+    def read(fd, size):
+        step = script.pop(0)
+        if isinstance(step, BaseException):
+            raise step
+        return step
+
+    t0 = time.monotonic()
+    assert w._read_records(-1, read=read) is True
+    assert time.monotonic() - t0 < 0.5                  # no back-off on these
+    assert [f.dedupe_key for f in w.poll()] == ["kmsg:b:1", "kmsg:b:3", "kmsg:b:9"]
+    assert w.overwritten == 2 and w.error is None
+
+
+def test_journal_flood_is_read_without_pausing_between_batches(tmp_path):
+    class SlowWaitJournal(FakeJournal):
+        def wait(self, timeout):
+            time.sleep(timeout)                 # like sd_journal_wait with nothing new
+
+    entries = [{"__CURSOR": f"s=f;i={i}", "MESSAGE": f"eth0: unrelated {i}"}
+               for i in range(40000)]
+    entries.append({"__CURSOR": "s=f;i=nvrm", "MESSAGE": xid_line(1)})
+    w = KernelLogWatcher("journal", tmp_path, journal_factory=lambda: SlowWaitJournal(entries))
+    t0 = time.monotonic()
+    w.start()
+    try:
+        got = _poll_until(w, 1, timeout=2.0)
+        assert [f.dedupe_key for f in got] == ["s=f;i=nvrm"]
+        assert time.monotonic() - t0 < 0.5, "the reader paused between batches of a flood"
+    finally:
+        w.stop()
