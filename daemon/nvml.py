@@ -267,7 +267,7 @@ class NvmlGateway:
         self._identity: Dict[int, Dict[str, Any]] = {}
         self._unsupported: Dict[int, set] = {}     # index -> calls that said NOT_SUPPORTED
         self._last_attempt: Optional[float] = None
-        self._generation = 0
+        self._session = False        # our nvmlInit succeeded and no nvmlShutdown followed
         self._closed = False
         # On a virtual clock (replay, tests) only the simulator answers, and it never blocks
         # (a simulated hang returns NVML_ERROR_TIMEOUT at once). A real-time deadline would
@@ -380,7 +380,17 @@ class NvmlGateway:
     def _do_init(self) -> Dict[str, Any]:
         nv = _pynvml
         self._install_library()
+        if self._session:
+            # NVML counts nvmlInit calls: while our earlier session is open, nvmlInit only
+            # bumps the count and the library keeps its stale state. Close it first (the
+            # driver went away and came back, so this may fail; that is fine).
+            self._session = False
+            try:
+                self._nv("node", "nvmlShutdown", nv.nvmlShutdown)
+            except NvmlError as err:
+                log.debug("nvmlShutdown before re-initialising: %s", err)
         self._nv("node", "nvmlInit", nv.nvmlInit)
+        self._session = True
         count = self._nv("node", "nvmlDeviceGetCount", nv.nvmlDeviceGetCount)
         driver = self._nv("node", "nvmlSystemGetDriverVersion", nv.nvmlSystemGetDriverVersion)
         info: Dict[str, Any] = {"count": int(count), "driver": _text(driver)}
@@ -440,7 +450,6 @@ class NvmlGateway:
             self._handles.clear()
             self._identity.clear()
             self._unsupported.clear()
-            self._generation += 1
         log.info("NVML initialised: %d GPU(s), driver %s, CUDA %s", info["count"],
                  info["driver"], info["cuda"])
         return True
@@ -448,12 +457,12 @@ class NvmlGateway:
     def shutdown(self) -> None:
         """nvmlShutdown (under the deadline) and stop the workers."""
         with self._lock:
-            was = self.available
+            session, self._session = self._session, False
             self.available = False
             self._closed = True
             self.error = "NVML shut down"
             self._handles.clear()
-        if was and _pynvml is not None:
+        if session and _pynvml is not None:
             try:
                 self._call("node", lambda: self._nv("node", "nvmlShutdown",
                                                     _pynvml.nvmlShutdown))
@@ -533,6 +542,10 @@ class NvmlGateway:
     def get_default_power_limit(self, index: int) -> float:
         return self.call(index, "nvmlDeviceGetPowerManagementDefaultLimit",
                          _pynvml.nvmlDeviceGetPowerManagementDefaultLimit) / 1000.0
+
+    def get_uuid(self, index: int) -> Optional[str]:
+        """The GPU's UUID ("GPU-..."): which GPU an index means now."""
+        return _text(self.call(index, "nvmlDeviceGetUUID", _pynvml.nvmlDeviceGetUUID))
 
     def get_persistence_mode(self, index: int) -> bool:
         return self.call(index, "nvmlDeviceGetPersistenceMode",
@@ -646,15 +659,17 @@ class NvmlGateway:
         unsupported = self._unsupported.setdefault(index, set())
 
         def get(name: str, fn: Callable[..., Any], *args: Any) -> Any:
-            key = (name, repr(args[1:]))
+            # keyed by the NVML function and its arguments (not by the reading: two functions
+            # may serve one reading, e.g. the enforced limit and its fallback)
+            key = (fn.__name__, args[1:])
             if key in unsupported:      # NOT_SUPPORTED once = until NVML is initialised again
                 return None
             if lane is not None:
-                lane.current = fn.__name__
+                lane.current = key[0]
             try:
                 return fn(*args)
             except (NVMLError, Mismatch) as exc:
-                err = _from_nvml(exc, index, getattr(fn, "__name__", name))
+                err = _from_nvml(exc, index, key[0])
                 if err.kind in _FATAL:
                     raise err from None
                 if err.kind != "not_supported":
@@ -679,7 +694,7 @@ class NvmlGateway:
                                                nv.nvmlDeviceGetTemperature, h,
                                                NVML_TEMPERATURE_GPU))
         fvs = get("memory_temperature_celsius", nv.nvmlDeviceGetFieldValues, h,
-                  [NVML_FI_DEV_MEMORY_TEMP])
+                  (NVML_FI_DEV_MEMORY_TEMP,))
         mem_t = None
         if fvs is not None and len(fvs) and fvs[0].nvmlReturn == 0:
             mem_t = _field_value(fvs[0])
@@ -714,9 +729,9 @@ class NvmlGateway:
         util = get("utilization_percent", nv.nvmlDeviceGetUtilizationRates, h)
         values["utilization_percent"] = None if util is None else float(util.gpu)
 
-        cur = self._reasons(get, "clock_event_reasons", _CURRENT_REASON_FNS, h)
+        cur = _reasons(get, unsupported, "clock_event_reasons", _CURRENT_REASON_FNS, h)
         values["clock_event_reasons"] = None if cur is None else reasons_from_mask(cur)
-        sup = self._reasons(get, "supported_reasons", _SUPPORTED_REASON_FNS, h)
+        sup = _reasons(get, unsupported, "supported_reasons", _SUPPORTED_REASON_FNS, h)
         values["supported_reasons"] = None if sup is None else reasons_from_mask(sup)
 
         viol: Dict[str, float] = {}
@@ -759,31 +774,20 @@ class NvmlGateway:
             values[key] = None if n is None else int(n)
         return res
 
-    @staticmethod
-    def _reasons(get: Callable[..., Any], name: str, fn_names: Tuple[str, ...],
-                 h: Any) -> Optional[int]:
-        """Clock-event reason mask through whichever pynvml name exists (new name first);
-        falls back to the other name when the library lacks the symbol."""
-        for fn_name in fn_names:
-            fn = getattr(_pynvml, fn_name, None)
-            if fn is None:
-                continue
-            try:
-                return fn(h)
-            except _pynvml.NVMLError as exc:
-                if getattr(exc, "value", None) == _FUNCTION_NOT_FOUND:
-                    continue
-                return get(name, _reraiser(exc, fn_name))
-            except _pynvml.NVMLLibraryMismatchError:
-                continue
-        return None
 
-
-def _reraiser(exc: Exception, name: str) -> Callable[[], Any]:
-    def again():
-        raise exc
-    again.__name__ = name
-    return again
+def _reasons(get: Callable[..., Any], unsupported: set, name: str,
+             fn_names: Tuple[str, ...], h: Any) -> Optional[int]:
+    """Clock-event reason mask through whichever pynvml name exists (new name first). A name
+    the library or driver lacks (FUNCTION_NOT_FOUND, NOT_SUPPORTED) is remembered as
+    unsupported by ``get`` and the other name is tried, so each costs one call at most."""
+    for fn_name in fn_names:
+        fn = getattr(_pynvml, fn_name, None)
+        if fn is None or (fn_name, ()) in unsupported:
+            continue
+        value = get(name, fn, h)
+        if value is not None or (fn_name, ()) not in unsupported:
+            return value
+    return None
 
 
 def _now() -> float:
@@ -807,8 +811,12 @@ def _mw(value: Any) -> Optional[float]:
     return None if value is None else value / 1000.0
 
 
+# nvmlValueType_t -> member of the nvmlValue_t union (usVal is missing in older nvidia-ml-py)
+_VALUE_MEMBERS = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")
+
+
 def _field_value(fv: Any) -> Optional[float]:
     vt = fv.valueType
-    v = fv.value
-    return float({0: v.dVal, 1: v.uiVal, 2: v.ulVal, 3: v.ullVal, 4: v.sllVal, 5: v.siVal,
-                  6: v.usVal}.get(vt, v.uiVal))
+    member = _VALUE_MEMBERS[vt] if 0 <= vt < len(_VALUE_MEMBERS) else None
+    value = getattr(fv.value, member, None) if member else None
+    return None if value is None else float(value)

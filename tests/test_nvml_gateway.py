@@ -349,3 +349,61 @@ def test_real_nvml_when_a_gpu_is_present():
         with pynvml.libLoadLock:
             pynvml.nvmlLib = saved
             pynvml._nvmlGetFunctionPointer_cache.clear()
+
+
+def test_enforced_limit_not_supported_falls_back_to_the_management_limit(sim):
+    """Both functions serve one reading: NOT_SUPPORTED from the first must not blank the
+    fallback (it did when the unsupported cache was keyed by reading, not by function)."""
+    import ctypes
+    node, gw, clock = sim(BASE)
+    proto = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+    not_supported = proto(lambda h, out: 3)
+    node.library.nvmlDeviceGetEnforcedPowerLimit = not_supported
+    probe = GpuProbe(gw)
+    for _ in range(3):
+        assert [g.power_limit_watts for g in probe.read()] == [700.0] * 3
+    assert gw.get_power_limit(0) == 700.0
+
+
+def test_unsupported_reason_functions_cost_one_call_each(sim):
+    node, gw, clock = sim(BASE + '\n[gpu_defaults]\nunsupported = ["clock_event_reasons"]\n')
+    probe = GpuProbe(gw)
+    for _ in range(4):
+        g = probe.read()[0]
+        assert g.clock_event_reasons is None and g.supported_reasons is None
+        clock.advance(1)
+    for name in ("nvmlDeviceGetCurrentClocksEventReasons",
+                 "nvmlDeviceGetCurrentClocksThrottleReasons",
+                 "nvmlDeviceGetSupportedClocksEventReasons",
+                 "nvmlDeviceGetSupportedClocksThrottleReasons"):
+        assert node.calls.get(name, 0) == 3, name      # once per GPU, not once per cycle
+
+
+def test_reinit_after_the_driver_came_back_closes_the_old_session(sim):
+    node, gw, clock = sim(BASE + """repeat_every = 100
+[[at]]
+t = 10
+driver_loaded = false
+[[at]]
+t = 50
+driver_loaded = true
+""", retry_seconds=5)
+    probe = GpuProbe(gw)
+    assert probe.read()[0].state == GpuState.OK
+    clock.advance(11)
+    assert probe.read()[0].state == GpuState.UNKNOWN
+    clock.advance(40)
+    wait_for(lambda: probe.read()[0].state == GpuState.OK, 5, what="recovery")
+    assert node._init_count == 1        # nvmlInit not stacked on the stale session
+    gw.shutdown()
+    assert node._init_count == 0
+
+
+@pytest.mark.parametrize("vtype,member,expect", [
+    (0, "dVal", 1.5), (1, "uiVal", 7.0), (6, "usVal", 9.0), (42, None, None)])
+def test_field_values_by_value_type(vtype, member, expect):
+    from types import SimpleNamespace
+
+    from gpucostd.nvml import _field_value
+    value = SimpleNamespace(**({member: expect} if member else {}))   # no other members
+    assert _field_value(SimpleNamespace(valueType=vtype, value=value)) == expect
