@@ -562,3 +562,39 @@ def test_sigkill_during_apply_then_restart_then_stop_restores_first_originals(tm
     assert json.loads(device.read_text()) == {"limits": {str(i): 700.0 for i in range(4)},
                                               "persistence": {str(i): False for i in range(4)}}
     assert json.loads((state / "originals.json").read_text())["originals"] == {}
+
+
+def test_restore_after_renumbering_follows_the_uuid_and_skips_a_missing_gpu(tmp_path):
+    gw = FakeGateway(persistence=True)
+    gw.limits = {0: 650.0, 1: 500.0, 2: 400.0, 3: 300.0}
+    m, _ = manager(tmp_path, gw, "[tuning.gpu]\npower_limit_watts = 600\n")
+    assert all(c.ok for c in m.apply(readings(gw)))
+    # reboot: GPU-0002 is gone, GPU-0001 is now index 0, GPU-0000 index 1, GPU-0003 index 2
+    gw.limits = {0: 600.0, 1: 600.0, 2: 600.0}
+    now = (GpuReading(0, uuid="GPU-0001", name=MODEL), GpuReading(1, uuid="GPU-0000", name=MODEL),
+           GpuReading(2, uuid="GPU-0003", name=MODEL))
+    m2, _ = manager(tmp_path, gw, "[tuning.gpu]\npower_limit_watts = 600\n")
+    changes = {c.subject: c for c in m2.restore(now)}
+    assert gw.limits == {0: 500.0, 1: 650.0, 2: 300.0}    # each GPU got its own original
+    assert changes["gpu:0"].ok and changes["gpu:1"].ok and changes["gpu:3"].ok
+    missing = changes["gpu:2"]
+    assert not missing.ok and "GPU-0002" in missing.error and "not on this node" in missing.error
+    assert "gpucostd restore" in missing.error
+    assert OriginalsStore(str(tmp_path / "state")).get("power_limit_watts", "gpu:2") == \
+        (True, 400.0)                                      # kept for when it comes back
+
+
+def test_sim_restore_without_readings_asks_nvml_which_gpu_is_which(tmp_path):
+    """`gpucostd restore` runs with no GPU readings: the saved UUID still decides."""
+    node, gw, clock = _sim(tmp_path)
+    state = tmp_path / "state"
+    uuid1 = node.scenario.initial[1]["uuid"]
+    store = OriginalsStore(str(state))
+    store.save_if_absent("power_limit_watts", "gpu:0", 450, uuid=uuid1)   # saved as index 0
+    store.save_if_absent("power_limit_watts", "gpu:5", 300, uuid="GPU-not-here")
+    m = TuningManager(config(""), gw, str(state), clock, host_root=str(tmp_path))
+    changes = {c.subject: c for c in m.restore()}
+    assert changes["gpu:0"].ok, changes["gpu:0"].error
+    assert node.state(1)["power_limit"] == 450 and node.state(0)["power_limit"] == 700
+    assert not changes["gpu:5"].ok and "GPU-not-here" in changes["gpu:5"].error
+    assert all(node.state(i)["power_limit"] == 700 for i in (0, 2, 3, 4, 5, 6, 7))

@@ -18,7 +18,7 @@ import logging
 import shutil
 import subprocess
 import textwrap
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 from gpucostd.snapshot import Event, Setting, Severity
 from gpucostd.tuners.base import (Change, Planned, TunerError, fmt_value, gpu_label,
@@ -258,6 +258,9 @@ class TuningManager:
                                       f"{subject}: unknown setting {name!r} in "
                                       f"{self.originals.path}; left there"))
                 continue
+            if p.error:
+                changes.append(Change(subject, name, None, original, False, p.error))
+                continue
             try:
                 current = p.tuner.verify(p)
             except TunerError:
@@ -292,16 +295,42 @@ class TuningManager:
                 return None
             index, gname = int(subject[4:]), None
             uuid = entry.get("uuid")
-            for g in self._gpus:
-                if uuid and g.uuid == uuid:
-                    index, gname = g.index, g.name    # GPUs may be renumbered after a reboot
-                    break
-                if g.index == index and not uuid:
-                    gname = g.name
-            return Planned(tuner, subject, name, entry.get("value"), None, "original",
-                           gpu_label(index, gname), target=index,
-                           identity={"uuid": uuid} if uuid else {})
+            p = Planned(tuner, subject, name, entry.get("value"), None, "original",
+                        gpu_label(index, None), target=index,
+                        identity={"uuid": uuid} if uuid else {})
+            gpus = self._known_gpus()
+            if uuid and gpus:
+                # GPUs may be renumbered after a reboot: the UUID decides, never the index
+                match = [g for g in gpus if g.uuid == uuid]
+                if not match:
+                    p.error = (f"{subject}: {name}: the GPU it was saved for ({uuid}) is not "
+                               f"on this node now; its original {fmt_value(p.desired)} stays "
+                               f"in {self.originals.path}; run `gpucostd restore` once that "
+                               f"GPU is back")
+                    return p
+                index, gname = match[0].index, match[0].name
+            else:
+                gname = next((g.name for g in gpus if g.index == index), None)
+            p.target, p.label = index, gpu_label(index, gname)
+            return p
         return self.nic.restore_item(subject, name)
+
+    def _known_gpus(self) -> Tuple[Any, ...]:
+        """The GPUs of the last reading; without one (`gpucostd restore`), their UUIDs as the
+        gateway reports them. Empty when neither can tell."""
+        if self._gpus:
+            return self._gpus
+        get_uuid = getattr(self.gateway, "get_uuid", None)
+        if get_uuid is None:
+            return ()
+        found = []
+        for index in range(getattr(self.gateway, "device_count", None) or 0):
+            try:
+                found.append(_GpuId(index, get_uuid(index), None))
+            except Exception as e:     # NvmlError: that GPU cannot say who it is
+                LOG.warning("GPU %d: cannot read its UUID for restore: %s", index, e)
+        self._gpus = tuple(found)
+        return self._gpus
 
     def metric_families(self, snapshot) -> list:
         return metric_families(snapshot)
@@ -309,6 +338,12 @@ class TuningManager:
 
 class _Missing:
     pass
+
+
+class _GpuId(NamedTuple):
+    index: int
+    uuid: Optional[str]
+    name: Optional[str]
 
 
 _MISSING = _Missing()
