@@ -94,6 +94,35 @@ def _reading_error(g: GpuReading) -> Optional[str]:
     return err or None
 
 
+def _xid_title(xid: Any, name: str, parens: bool = False) -> str:
+    """"Xid 13 Graphics Engine Exception" (or "Xid 13 (...)"); a name that already starts
+    with "Xid 13" (an Xid missing from the catalog) is not prefixed twice."""
+    prefix = f"Xid {xid}"
+    if not name or name == prefix:
+        return prefix
+    if name.startswith(prefix + " "):
+        return name
+    return f"{prefix} ({name})" if parens else f"{prefix} {name}"
+
+
+_NUMBER = (int, float)
+_LATCHED_TYPES = {"since": _NUMBER, "last": _NUMBER, "count": int, "xid": int}
+_BASELINE_TYPES = {"vu": int, "au": int, "reported": int, "since": _NUMBER}
+
+
+def _valid_record(rec: Any, types: Dict[str, Any]) -> bool:
+    """A record from health.json whose numeric fields are numbers (or absent/null): a file
+    edited by hand or written by another version must not break judge() every cycle."""
+    if not isinstance(rec, dict):
+        return False
+    for key, typ in types.items():
+        v = rec.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, typ)):
+            LOG.warning("health state: ignored a record with %s = %r (not a number)", key, v)
+            return False
+    return True
+
+
 def _fmt_seconds(s: float) -> str:
     return f"{s / 60:g} min" if s >= 60 and s % 60 == 0 else f"{s:g} s"
 
@@ -214,11 +243,12 @@ class HealthJudge:
         latched = data.get("latched") or {}
         if isinstance(latched, dict):
             self._latched = {str(s): {str(c): dict(r) for c, r in codes.items()
-                                      if isinstance(r, dict)}
+                                      if _valid_record(r, _LATCHED_TYPES)}
                              for s, codes in latched.items() if isinstance(codes, dict)}
         base = data.get("ecc_baseline") or {}
         if isinstance(base, dict):
-            self._ecc_base = {str(k): dict(v) for k, v in base.items() if isinstance(v, dict)}
+            self._ecc_base = {str(k): dict(v) for k, v in base.items()
+                              if _valid_record(v, _BASELINE_TYPES)}
         acked = data.get("acked") or {}
         if isinstance(acked, dict):
             self._acked = {str(k): [str(c) for c in v] for k, v in acked.items()
@@ -341,7 +371,7 @@ class HealthJudge:
         gpu, uuid = self._bus_map.get(bus, (None, None)) if bus else (None, None)
         subject = _subject(gpu)
         where = f"GPU {gpu}" if gpu is not None else f"unknown GPU {bus or '(no PCI id)'}"
-        text = f"Xid {xid} ({name}) on {where}"
+        text = f"{_xid_title(xid, name, parens=True)} on {where}"
         if message:
             text += f": {message}"
         fields: Dict[str, Any] = {"xid_name": name, "sticky": sticky}
@@ -385,7 +415,7 @@ class HealthJudge:
                 continue            # recorded for another GPU at this index (hardware swap)
             if code_is_xid(code):
                 count = int(r.get("count", 1))
-                msg = f"Xid {r.get('xid')} {r.get('name', '')}"
+                msg = _xid_title(r.get("xid"), str(r.get("name", "")))
                 if count > 1:
                     msg += f" (x{count})"
                 if r.get("sticky"):
@@ -523,7 +553,9 @@ class HealthJudge:
 
         if g.uuid:
             tr.uuid = g.uuid
-        prev_state, tr.state = tr.state, g.state
+        prev_state = tr.state
+        if not (g.state == GpuState.UNKNOWN and prev_state == GpuState.LOST):
+            tr.state = g.state      # UNKNOWN is "cannot tell": a lost GPU stays lost until seen
         error = _reading_error(g)
         if g.state == GpuState.LOST:
             add("gpu_lost", Severity.CRIT, ACTION_REBOOT,

@@ -523,3 +523,55 @@ def test_scenario_ecc_remap_and_lost_gpu_through_the_daemon(tmp_path):
     assert 'xid="48"} 1.0' in text and 'xid="79"} 1.0' in text
     assert 'gpucostd_gpu_remapped_rows_pending{gpu="1"' in text
     daemon.shutdown(system_shutdown=True)
+
+
+def test_state_file_with_wrong_types_is_survived(tmp_path, clock, boot):
+    import json
+    (tmp_path / "state").mkdir()
+    good = {"xid": 48, "since": 1.0, "last": 1.0, "count": 1, "severity": "CRIT",
+            "action": "reset GPU", "name": "DBE", "sticky": True, "uuid": gpu(1).uuid}
+    (tmp_path / "state" / "health.json").write_text(json.dumps({
+        "version": 1, "boot_id": boot.read_text().strip(),
+        "latched": {"gpu:0": {"xid_13": {"xid": 13, "last": "yesterday", "count": "many"},
+                              "xid_31": "not a record"},
+                    "gpu:1": {"xid_48": good}},
+        "ecc_baseline": {gpu(0).uuid: {"vu": "0", "au": None, "reported": 0}},
+        "acked": {}, "health": {}, "flags": {}}))
+    j = make(tmp_path, clock, boot)
+    r = step(j, clock, [gpu(0), gpu(1)])
+    assert r.gpu_health == {0: Severity.OK, 1: Severity.CRIT}     # the valid record is kept
+    r = step(j, clock, [gpu(0, ecc_volatile_uncorrected=2), gpu(1)])
+    assert codes(r, 0)["ecc_uncorrected"].message == "2 new uncorrectable ECC errors"
+
+
+def test_lost_gpu_seen_unknown_in_between_is_still_lost_then_reset(tmp_path, clock, boot):
+    # NVML can be unavailable for a while (driver reloaded, re-init) around a lost GPU
+    j = make(tmp_path, clock, boot)
+    step(j, clock, [gpu(0)])
+    unknown = GpuReading(index=0, state=GpuState.UNKNOWN, error="NVML unavailable")
+    r = step(j, clock, [_lost(0, gpu(0).uuid)],
+             [Fault(clock.time(), "0000:1b:00.0", 79, "fallen off the bus")])
+    assert _standing_codes(r) == ["gpu_lost"]
+    step(j, clock, [unknown])
+    r = step(j, clock, [_lost(0, gpu(0).uuid)])
+    assert _standing_codes(r) == []                 # the same loss, not reported again
+    step(j, clock, [unknown])
+    j2 = make(tmp_path, clock, boot)                # and across a restart while unknown
+    step(j2, clock, [unknown])
+    r = step(j2, clock, [gpu(0)])                   # it answers again: it was reset
+    assert [e.fields["cleared"] for e in r.events if e.code == "gpu_reset"] == ["xid_79"]
+    assert r.gpu_health[0] == Severity.OK
+
+
+def test_xid_missing_from_the_catalog_is_named_once(tmp_path, clock, boot):
+    j = make(tmp_path, clock, boot)
+    step(j, clock, [gpu(0)])
+    r = step(j, clock, [gpu(0)], [Fault(clock.time(), "0000:1b:00.0", 9999, "something new")])
+    (e,) = [e for e in r.events if e.code == "xid"]
+    assert e.message == "Xid 9999 (not in gpucostd's catalog) on GPU 0: something new"
+    f = codes(r, 0)["xid_9999"]
+    assert (f.severity, f.action) == (Severity.WARN, "look up")
+    assert f.message == "Xid 9999 (not in gpucostd's catalog)"
+    r = step(j, clock, [gpu(0)], [Fault(clock.time(), "0000:1b:00.0", 13, "SM exception")])
+    (e,) = [e for e in r.events if e.code == "xid"]
+    assert e.message.startswith("Xid 13 (") and ") on GPU 0: SM exception" in e.message
