@@ -595,6 +595,7 @@ def parse_scenario(text: str, path: str = "<scenario>", name: Optional[str] = No
     fields_with_index = dict(GPU_FIELDS)
     fields_with_index["index"] = _f("int", None, "GPU index (required).", min=0)
     seen_index = set()
+    gpu_occ: Dict[int, int] = {}           # GPU index -> its [[gpu]] entry
     for occ, entry in enumerate(gpu_list):
         d = v.table(f"gpu[{occ}]", "gpu", entry, fields_with_index, True, occ)
         if "index" not in d:
@@ -607,6 +608,7 @@ def parse_scenario(text: str, path: str = "<scenario>", name: Optional[str] = No
             v.fail(f"gpu[{occ}].index = {idx}: duplicate [[gpu]] for this index", "gpu",
                    "index", True, occ)
         seen_index.add(idx)
+        gpu_occ[idx] = occ
         gpus[idx].update(d)
     for i, g in enumerate(gpus):
         if not g.get("uuid"):
@@ -614,15 +616,29 @@ def parse_scenario(text: str, path: str = "<scenario>", name: Optional[str] = No
         if not g.get("pci_bus_id"):
             g["pci_bus_id"] = _default_bus_id(i)
         g["pci_bus_id"] = g["pci_bus_id"].upper()
+    def gpu_line(index: int, keys: Sequence[str]) -> Optional[int]:
+        """Where GPU `index`'s initial value of the first of `keys` that a file sets comes
+        from: its [[gpu]] entry or [gpu_defaults]."""
+        occ = gpu_occ.get(index)
+        for key in keys:
+            if occ is not None and key in gpu_list[occ]:
+                return v.loc.line("gpu", key, True, occ)
+            if key in (data.get("gpu_defaults") or {}):
+                return v.loc.line("gpu_defaults", key)
+        return None if occ is None else v.loc.line("gpu", None, True, occ)
+
     for key in ("uuid", "pci_bus_id"):
         seen: Dict[str, int] = {}
         for i, g in enumerate(gpus):
             if g[key] in seen:
                 raise ScenarioError(f"GPU {i} has the same {key} {g[key]!r} as GPU "
-                                    f"{seen[g[key]]}; every GPU needs its own", path, None, key)
+                                    f"{seen[g[key]]}; every GPU needs its own", path,
+                                    gpu_line(i, (key,)), key)
             seen[g[key]] = i
     for i, g in enumerate(gpus):
-        _check_consistency(path, f"GPU {i} initial state", g)
+        bad = _inconsistency(f"GPU {i} initial state", g)
+        if bad:
+            raise ScenarioError(bad[0], path, gpu_line(i, bad[1]), bad[1][0])
 
     at_list = data.get("at", [])
     if not isinstance(at_list, list):
@@ -665,25 +681,48 @@ def parse_scenario(text: str, path: str = "<scenario>", name: Optional[str] = No
     sc = Scenario(scen_name, path, node, gpus, timeline)
     for i in range(count):
         for st, start in zip(sc._seg_states[i], sc._seg_starts[i]):
-            _check_consistency(path, f"GPU {i} at t={_num(start)}", st)
+            bad = _inconsistency(f"GPU {i} at t={_num(start)}", st)
+            if bad:
+                # the [[at]] entry that made this state (the last one at that time)
+                line = None
+                for e in timeline:
+                    if e.gpu == i and e.t == start:
+                        line = e.line
+                        for key in bad[1]:
+                            if key in e.changes:
+                                line = _key_line(v.loc, e.line, key)
+                                break
+                raise ScenarioError(bad[0], path, line, bad[1][0])
     return sc
 
 
-def _check_consistency(path: str, where: str, g: Mapping[str, Any]) -> None:
+def _key_line(loc: _Locator, start: Optional[int], key: str) -> Optional[int]:
+    """The line of `key` in the [[at]] entry whose header is at line `start`."""
+    for occ, (first, _end) in enumerate(loc.tables.get(("at", True), [])):
+        if first == start:
+            return loc.line("at", key, True, occ)
+    return start
+
+
+def _inconsistency(where: str, g: Mapping[str, Any]
+                   ) -> Optional[Tuple[str, Tuple[str, ...]]]:
+    """(message, keys) when one GPU state contradicts itself, else None. keys: the key at
+    fault first, then the keys it clashes with (for pointing at a line)."""
     lo, hi = g["power_limit_min"], g["power_limit_max"]
     if lo > hi:
-        raise ScenarioError(f"{where}: power_limit_min {_num(lo)} W is above power_limit_max "
-                            f"{_num(hi)} W", path, None, "power_limit_min")
+        return (f"{where}: power_limit_min {_num(lo)} W is above power_limit_max {_num(hi)} W",
+                ("power_limit_min", "power_limit_max"))
     for key in ("power_limit", "power_limit_default"):
         if not lo <= g[key] <= hi:
-            raise ScenarioError(f"{where}: {key} = {_num(g[key])} W is outside "
-                                f"power_limit_min..power_limit_max; allowed {_num(lo)}.."
-                                f"{_num(hi)}", path, None, key)
+            bound = "power_limit_max" if g[key] > hi else "power_limit_min"
+            return (f"{where}: {key} = {_num(g[key])} W is outside power_limit_min.."
+                    f"power_limit_max; allowed {_num(lo)}..{_num(hi)}", (key, bound))
     for name in g["clock_event_reasons"]:
         if name not in g["supported_clock_event_reasons"]:
-            raise ScenarioError(f"{where}: clock_event_reasons has {name!r}, which is not in "
-                                "supported_clock_event_reasons", path, None,
-                                "clock_event_reasons")
+            return (f"{where}: clock_event_reasons has {name!r}, which is not in "
+                    "supported_clock_event_reasons",
+                    ("clock_event_reasons", "supported_clock_event_reasons"))
+    return None
 
 
 def builtin_names() -> List[str]:

@@ -191,3 +191,22 @@ def test_builtin_h100x8():
     assert sc.gpu_state_at(0, 170)["violation_seconds"]["thermal"] == pytest.approx(90.0)
     assert sc.gpu_state_at(0, 250)["violation_seconds"]["thermal"] == pytest.approx(120.0)
     assert sc.gpu_state_at(1, 250)["violation_seconds"]["thermal"] == 0.0
+
+
+def test_inconsistent_states_name_the_line_that_made_them():
+    e = err(BASE + "\n[gpu_defaults]\npower_limit = 500\npower_limit_max = 600\n"
+                   '\n[[gpu]]\nindex = 1\nuuid = "GPU-a"\npower_limit = 650\n')
+    # GPU 0 first: its default power_limit_default 700 clashes with power_limit_max on line 9
+    assert str(e).startswith("/tmp/s.toml:9: GPU 0 initial state: power_limit_default = 700 W")
+    assert e.key == "power_limit_default"
+    e = err(BASE + "\n[gpu_defaults]\npower_limit = 500\npower_limit_max = 600\n"
+                   "power_limit_default = 600\n"
+                   '\n[[gpu]]\nindex = 1\nuuid = "GPU-a"\npower_limit = 650\n')
+    assert str(e).startswith("/tmp/s.toml:15: GPU 1 initial state: power_limit = 650 W")
+    assert e.key == "power_limit"
+    e = err(BASE + "\n[[at]]\nt = 5\ngpu = 0\nlost = false\npower_limit_min = 800\n")
+    assert str(e).startswith("/tmp/s.toml:11: GPU 0 at t=5: power_limit_min 800 W")
+    assert e.key == "power_limit_min"
+    e = err(BASE + '\n[[gpu]]\nindex = 0\nuuid = "GPU-1"\n[[gpu]]\nindex = 1\n'
+                   'uuid = "GPU-1"\n')
+    assert e.line == 12 and e.key == "uuid" and "same uuid" in str(e)
