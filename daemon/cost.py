@@ -203,6 +203,20 @@ class CostReport:
 
 
 # =========================================================================== small helpers
+def _finite(x: Any) -> bool:
+    """A usable non-negative reading (NaN, infinities and negative values are not)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) \
+        and x >= 0
+
+
+def _counters(v: Optional[Mapping[str, Any]]) -> Optional[Dict[str, float]]:
+    """Violation counters with unusable values dropped (that counter falls back to sampling
+    for the interval instead of poisoning the totals)."""
+    if not v:
+        return None
+    return {k: float(x) for k, x in v.items() if _finite(x)} or None
+
+
 def _r(x: Optional[float], nd: int = 6) -> Optional[float]:
     if x is None:
         return None
@@ -399,8 +413,8 @@ def integrate(dt: float, s0: _Sample, s1: _Sample, carry: Dict[str, float],
 
 class _GpuTrack:
     __slots__ = ("key", "index", "uuid", "name", "prev", "totals", "carry", "last_depth",
-                 "last_group_reason", "source", "price", "last_capacity", "last_depth_interval",
-                 "loss_now", "app_exceeded")
+                 "last_group_reason", "source", "price_changes", "last_capacity",
+                 "last_depth_interval", "loss_now", "app_exceeded")
 
     def __init__(self, key: str, index: int, uuid: Optional[str], name: Optional[str]):
         self.key = key
@@ -413,11 +427,24 @@ class _GpuTrack:
         self.last_depth = 0.0
         self.last_group_reason: Dict[str, str] = {}
         self.source = "none"
-        self.price = 0.0
+        # reloads since the last sample: (monotonic time, price per hour in force before it)
+        self.price_changes: List[Tuple[float, float]] = []
         self.last_capacity = 0.0             # capacity lost in the latest interval
         self.last_depth_interval = 0.0
         self.loss_now: Optional[float] = None
         self.app_exceeded: Optional[float] = None   # an app clock this GPU ran above
+
+
+def _interval_price(t0: float, t1: float, changes: Sequence[Tuple[float, float]],
+                    price: float) -> float:
+    """The mean price per hour over [t0, t1] when the price changed at reloads inside it
+    (`changes`: (time, price before it), in time order; `price`: the price now)."""
+    acc, start = 0.0, t0
+    for t_c, before in changes:
+        t_c = min(max(t_c, start), t1)
+        acc += before * (t_c - start)
+        start = t_c
+    return (acc + price * (t1 - start)) / (t1 - t0)
 
 
 def _gpu_key(g: GpuReading) -> str:
@@ -455,21 +482,33 @@ def _compact_history(history: Mapping[int, Mapping[str, Mapping[str, List[float]
             "rows": rows}
 
 
+def _triple(v: Any, where: str) -> List[float]:
+    """[throttled_s, capacity_s, dollars] from a state file; ValueError unless it is three
+    finite non-negative numbers."""
+    if not isinstance(v, (list, tuple)) or len(v) != 3 or not all(_finite(x) for x in v):
+        raise ValueError(f"{where}: {str(v)[:60]} is not three non-negative numbers")
+    return [float(x) for x in v]
+
+
 def _expand_history(data: Any) -> Dict[int, Dict[str, Dict[str, List[float]]]]:
-    """Either history form (compact rows, or {"buckets": nested}, or nested) -> nested."""
+    """Either history form (compact rows, or {"buckets": nested}, or nested) -> nested.
+    ValueError (or TypeError, KeyError, IndexError) when it is malformed."""
     out: Dict[int, Dict[str, Dict[str, List[float]]]] = {}
     if not data:
         return out
     if isinstance(data, dict) and "rows" in data:
         keys, reasons = data["keys"], data["reasons"]
-        for b, ki, ri, thr, cap, usd in data["rows"]:
-            out.setdefault(int(b), {}).setdefault(str(keys[ki]), {})[str(reasons[ri])] = [
-                float(thr), float(cap), float(usd)]
+        for b, ki, ri, *v in data["rows"]:
+            if not (0 <= ki < len(keys) and 0 <= ri < len(reasons)):
+                raise ValueError(f"history row {[b, ki, ri]}: no such GPU or reason")
+            out.setdefault(int(b), {}).setdefault(str(keys[ki]), {})[str(reasons[ri])] = \
+                _triple(v, f"history minute {b}")
         return out
     if isinstance(data, dict) and "buckets" in data:
         data = data["buckets"]
     for b, per_gpu in data.items():
-        out[int(b)] = {str(k): {str(r): [float(x) for x in v][:3] for r, v in pr.items()}
+        out[int(b)] = {str(k): {str(r): _triple(v, f"history minute {b} {k} {r}")
+                                for r, v in pr.items()}
                        for k, pr in per_gpu.items()}
     return out
 
@@ -486,9 +525,9 @@ class CostAccountant:
         self.save_every_seconds = save_every_seconds
         self._tracks: Dict[str, _GpuTrack] = {}
         self._by_index: Dict[int, str] = {}
+        self._cycle_ok: List[_GpuTrack] = []   # tracks with an OK reading in the latest cycle
         self._history: Dict[int, Dict[str, Dict[str, List[float]]]] = {}
         self._rate: Deque[Tuple[float, float, float]] = deque()   # (mono, dollars, capacity)
-        self._price_change: Optional[Tuple[float, Dict[str, float]]] = None
         self._tokens = TokenCost()
         self._token_samples: Deque[Tuple[float, float]] = deque()   # (mono, tokens_total)
         self._token_clock: Deque[Tuple[float, float, float]] = deque()  # (mono, tok/s, clock)
@@ -508,17 +547,19 @@ class CostAccountant:
     def reconfigure(self, config) -> None:
         """A reloaded config. Cost already accumulated keeps its price; intervals after the
         reload use the new one (an interval spanning the reload is split at the reload)."""
-        old = {k: t.price for k, t in self._tracks.items()}
-        now = self.clock.monotonic() if self.clock is not None else None
+        if self.clock is not None:
+            now = self.clock.monotonic()
+            for tr in self._tracks.values():
+                if tr.prev is not None:      # an interval from prev will span the reload
+                    tr.price_changes.append((now, self._price(tr.name)))
         self.config = config
-        if now is not None and old:
-            self._price_change = (now, old)
 
     def _price(self, name: Optional[str]) -> float:
         try:
-            return float(self.config.price_for_model(name))
+            price = float(self.config.price_for_model(name))
         except Exception:   # noqa: BLE001 - a bad price never breaks accounting
             return 0.0
+        return price if _finite(price) else 0.0
 
     @property
     def currency(self) -> str:
@@ -541,13 +582,12 @@ class CostAccountant:
     def update(self, gpus: Sequence[GpuReading], now_mono: float, inference=None) -> CostReport:
         now_wall = self.clock.time() if self.clock is not None else _time.time()
         busy_pct = float(self.config.cost.busy_utilization_percent)
-        change = self._price_change
-        self._price_change = None
         node_dollars = 0.0
         node_capacity = 0.0
         bucket = int(now_wall // BUCKET_SECONDS)
         hist = self._history.get(bucket)
         present = []
+        cycle_ok = self._cycle_ok = []
         for g in gpus:
             # a GPU that lost its identity (LOST/UNKNOWN readings carry no uuid) stays the
             # GPU last seen at its index
@@ -564,13 +604,13 @@ class CostAccountant:
             tr.last_capacity = 0.0
             tr.loss_now = None
             if g.state != GpuState.OK:
-                tr.price = price
                 continue
+            cycle_ok.append(tr)
             reasons = active_throttle_reasons(g)
             busy = bool(is_busy(g, busy_pct))
             loss = loss_ratio(g, busy_pct, self._reference(g, tr))
             tr.loss_now = loss
-            counters = g.violation_seconds or None
+            counters = _counters(g.violation_seconds)
             s1 = _Sample(now_mono, loss or 0.0, busy, frozenset(reasons), counters)
             s0 = tr.prev
             tr.prev = s1
@@ -578,13 +618,11 @@ class CostAccountant:
                 dt = now_mono - s0.t
                 per, depth, tr.source = integrate(dt, s0, s1, tr.carry, tr.last_depth,
                                                   tr.last_group_reason)
+                # the price in force: split the interval at reloads inside it
+                p = price
+                if tr.price_changes:
+                    p = _interval_price(s0.t, now_mono, tr.price_changes, price)
                 if per:
-                    # the price in force: split the interval at a reload inside it
-                    p = price
-                    if change is not None and tr.key in change[1]:
-                        t_r, olds = change
-                        frac_old = min(1.0, max(0.0, (t_r - s0.t) / dt))
-                        p = olds[tr.key] * frac_old + price * (1.0 - frac_old)
                     if hist is None:
                         hist = self._history[bucket] = {}
                     hg = hist.get(key)
@@ -618,7 +656,7 @@ class CostAccountant:
                     if r in s1.reasons:
                         tr.last_group_reason[key_g] = r
                         break
-            tr.price = price
+            tr.price_changes.clear()
         if self._totals_since is None and present:
             self._totals_since = now_wall
         self._rate.append((now_mono, node_dollars, node_capacity))
@@ -747,9 +785,14 @@ class CostAccountant:
         total = getattr(reading, "tokens_total", None)
         if total is None:
             return self._last_report
+        try:
+            total = float(total)
+        except (TypeError, ValueError):
+            return self._last_report
+        if not _finite(total):
+            return self._last_report
         if now_mono is None:
             now_mono = self.clock.monotonic() if self.clock is not None else _time.monotonic()
-        total = float(total)
         samples = self._token_samples
         if samples and total < samples[-1][1]:      # the server restarted: start over
             samples.clear()
@@ -770,13 +813,14 @@ class CostAccountant:
         else:
             tk.tokens_per_dollar = None
             tk.cost_per_million_tokens = None
+        # only GPUs read in the latest cycle: a GPU lost or gone makes no tokens and loses none
+        busy = [t for t in self._cycle_ok if t.prev is not None and t.prev.busy]
         # modelled tokens lost over the latest interval: each busy GPU makes rate/N tokens/s;
         # at loss L it would have made rate/N x 1/(1-L), so it lost rate/N x L/(1-L).
         if rate is not None and rate > 0 and self._last_token_mono != now_mono:
-            busy = [t for t in self._tracks.values() if t.prev is not None and t.prev.busy]
             n = max(1, len(busy))
             lost = 0.0
-            for t in self._tracks.values():
+            for t in self._cycle_ok:
                 if t.last_capacity > 0:
                     d = min(t.last_depth_interval, MAX_LOSS_FOR_MULTIPLIER)
                     lost += rate / n * t.last_capacity / (1.0 - d)
@@ -785,17 +829,11 @@ class CostAccountant:
                 self._dirty = True
         self._last_token_mono = now_mono
         # beyond the model: how tokens/s responds to the SM clock (mean over busy GPUs)
-        clocks = [t.prev for t in self._tracks.values() if t.prev is not None and t.prev.busy]
-        if rate is not None and clocks and len(samples) >= 2:
-            tr_any = [t for t in self._tracks.values() if t.prev is not None and t.prev.busy]
-            mean_loss = sum(t.prev.loss for t in tr_any) / len(tr_any)
-            inst = None
-            if len(samples) >= 2:
-                (t0, v0), (t1, v1) = samples[-2], samples[-1]
-                if t1 > t0:
-                    inst = (v1 - v0) / (t1 - t0)
-            if inst is not None:
-                self._token_clock.append((now_mono, inst, 1.0 - mean_loss))
+        if rate is not None and busy:
+            mean_loss = sum(t.prev.loss for t in busy) / len(busy)
+            (t0, v0), (t1, v1) = samples[-2], samples[-1]
+            if t1 > t0:
+                self._token_clock.append((now_mono, (v1 - v0) / (t1 - t0), 1.0 - mean_loss))
                 while self._token_clock and self._token_clock[0][0] < now_mono - 3600.0:
                     self._token_clock.popleft()
                 if now_mono - self._fit_at >= FIT_EVERY_SECONDS or tk.measured is None:
@@ -826,11 +864,20 @@ class CostAccountant:
             for key, g in (data.get("gpus") or {}).items():
                 tr = _GpuTrack(key, int(g.get("index", 0)), g.get("uuid"), g.get("name"))
                 for r, v in (g.get("reasons") or {}).items():
-                    tr.totals[str(r)] = [max(0.0, float(x)) for x in v][:3]
+                    tr.totals[str(r)] = _triple(v, f"GPU {key} {r}")
                 self._tracks[key] = tr
             self._history.update(_expand_history(data.get("history")))
-            self._tokens.tokens_lost_total = float(data.get("tokens_lost_total") or 0.0)
-            self._totals_since = data.get("totals_since")
+            tokens_lost = data.get("tokens_lost_total") or 0.0
+            since = data.get("totals_since")
+            if not _finite(tokens_lost) or not (since is None or _finite(since)):
+                raise ValueError("tokens_lost_total or totals_since is not a number")
+            self._tokens.tokens_lost_total = float(tokens_lost)
+            self._totals_since = since
+            # a GPU that comes back without its identity (LOST readings carry no uuid) is the
+            # one last seen at its index
+            for key, tr in sorted(self._tracks.items()):
+                if tr.uuid:
+                    self._by_index.setdefault(tr.index, key)
         except (OSError, ValueError, TypeError, AttributeError, KeyError, IndexError) as e:
             bad = path + ".bad"
             try:
@@ -839,6 +886,7 @@ class CostAccountant:
                 pass
             self._tracks.clear()
             self._history.clear()
+            self._by_index.clear()
             msg = (f"{path}: unreadable cost state ({e}); totals start from zero, the old file "
                    f"is kept as {bad}")
             LOG.warning(msg)
@@ -1181,9 +1229,10 @@ def status_lines_from_json(data: Mapping[str, Any], currency: Optional[str] = No
         if not day["capacity_lost_seconds"] and not loss:
             quiet.append(str(g["index"]))
             continue
+        mult = g.get("effective_cost_multiplier")
         now = "loss now  -  " if loss is None else (
-            f"loss now {loss * 100:4.1f}% (x{g['effective_cost_multiplier']:.2f} per unit of work)"
-            if loss else "loss now  0%")
+            f"loss now {loss * 100:4.1f}% (x{mult:.2f} per unit of work)"
+            if loss and mult is not None else "loss now  0%")
         if priced:
             won = (f"lost {_money(hour['dollars'], currency)} 1h, "
                    f"{_money(day['dollars'], currency)} 24h")
@@ -1191,7 +1240,10 @@ def status_lines_from_json(data: Mapping[str, Any], currency: Optional[str] = No
             won = (f"lost {_gpu_seconds(hour['capacity_lost_seconds'])} 1h, "
                    f"{_gpu_seconds(day['capacity_lost_seconds'])} 24h")
         top = day.get("top_reason")
-        lines.append(_clip(f"  GPU {g['index']}: {now}; {won}" + (f"; top {top}" if top else "")))
+        line = f"  GPU {g['index']}: {now}; {won}" + (f"; top {top}" if top else "")
+        if len(line) > 100:     # long money, GPU-hours or reason: keep the reason, drop words
+            line = line.replace(" per unit of work)", ")", 1)
+        lines.append(_clip(line))
     if quiet and len(quiet) < len(data.get("gpus") or []):
         lines.append(_clip(f"  GPUs {','.join(quiet)}: no throttling cost in 24h"))
     tk = node.get("tokens")
@@ -1201,9 +1253,12 @@ def status_lines_from_json(data: Mapping[str, Any], currency: Optional[str] = No
             t += f", {_money(tk['cost_per_million_tokens'], currency)} per million"
         t += f", {tk['tokens_lost_total']:.0f} lost to throttling (modelled)"
         m = tk.get("measured") or {}
-        if m.get("usable"):
-            t += f"; measured {m['tokens_lost_per_second']:.0f}/s now (R2 {m['r2']:.2f})"
-        lines.append(_clip(t))
+        measured = (f"measured {m['tokens_lost_per_second']:.0f}/s now (R2 {m['r2']:.2f})"
+                    if m.get("usable") else "")
+        if measured and len(t) + 2 + len(measured) > 100:
+            lines += [_clip(t), _clip("    " + measured)]
+        else:
+            lines.append(_clip(t + ("; " + measured if measured else "")))
     lines.append(_clip("  Note: an under-loaded GPU pays for throttling in latency rather than "
                        "throughput."))
     return lines

@@ -657,3 +657,159 @@ def test_periodic_save_refreshes_totals_and_keeps_history(tmp_path):
     assert again._tracks["GPU-0"].totals["SwPowerCap"][1] == pytest.approx(60.0)
     assert sum(v["GPU-0"]["SwPowerCap"][1] for v in again._history.values()) == \
         pytest.approx(30.0)
+
+
+# =========================================================================== edge cases
+def _throttled(t: float, **kw) -> GpuReading:
+    base = dict(sm_clock_mhz=990.0, clock_event_reasons=("SwPowerCap",),
+                violation_seconds={"power": float(t)})
+    base.update(kw)
+    return reading(**base)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -5.0])
+def test_non_finite_or_negative_counter_is_ignored_not_poisoning(bad):
+    clock = VirtualClock()
+    acc = CostAccountant(make_config("[cost]\ngpu_hour_usd = 3.6\n"), None, clock)
+    for t in range(0, 11):
+        clock._t = float(t)
+        counters = {"power": bad if t in (4, 5) else float(t)}
+        rep = acc.update([_throttled(t, violation_seconds=counters)], float(t))
+    c = rep.gpus[0].reasons["SwPowerCap"]
+    import math
+    assert math.isfinite(c.capacity_lost_seconds) and math.isfinite(c.dollars)
+    # 10 s throttled at 50%: the odd samples fall back to sampling, nothing is lost
+    assert c.throttled_seconds == pytest.approx(10.0)
+    assert c.capacity_lost_seconds == pytest.approx(5.0)
+    assert all(len(line) <= 100 for line in status_lines(rep))
+
+
+def test_vanished_gpu_stops_counting_modelled_tokens_lost():
+    from gpucostd.probes.inference import InferenceReading
+    clock = VirtualClock()
+    acc = CostAccountant(make_config("[cost]\ngpu_hour_usd = 2\n"), None, clock)
+    for t in range(0, 11):
+        clock._t = float(t)
+        gpus = [reading(index=0, uuid="GPU-0"), _throttled(t, index=1, uuid="GPU-1")]
+        acc.update(gpus, float(t))
+        acc.update_tokens(InferenceReading(1000.0 * t, float(t)), float(t))
+    lost = acc._last_report.tokens.tokens_lost_total
+    assert lost > 0
+    for t in range(11, 21):          # GPU 1 fell off the bus: no more readings for it
+        clock._t = float(t)
+        acc.update([reading(index=0, uuid="GPU-0")], float(t))
+        rep = acc.update_tokens(InferenceReading(1000.0 * t, float(t)), float(t))
+    assert rep.tokens.tokens_lost_total == pytest.approx(lost)
+
+
+def test_non_finite_token_counter_is_ignored():
+    from gpucostd.probes.inference import InferenceReading
+    clock = VirtualClock()
+    acc = CostAccountant(make_config("[cost]\ngpu_hour_usd = 2\n"), None, clock)
+    for t in range(0, 5):
+        clock._t = float(t)
+        acc.update([_throttled(t)], float(t))
+        total = float("nan") if t == 3 else 1000.0 * t
+        rep = acc.update_tokens(InferenceReading(total, float(t)), float(t))
+        if t == 3:
+            assert rep.tokens.tokens_total == 2000.0
+            assert rep.tokens.tokens_per_second == pytest.approx(1000.0)
+    tk = rep.tokens
+    assert tk.tokens_per_second == pytest.approx(1000.0) and tk.tokens_total == 4000.0
+    assert all(len(line) <= 100 for line in status_lines(rep))
+
+
+@pytest.mark.parametrize("reasons", [
+    {"SwPowerCap": [1.0, 2.0]},                     # too short
+    {"SwPowerCap": [1.0, 2.0, "x"]},                # not a number
+    {"SwPowerCap": [1.0, 2.0, float("inf")]},       # not finite (json writes Infinity)
+])
+def test_malformed_totals_in_state_are_corrupt_not_a_crash_later(tmp_path, reasons):
+    state = {"version": 1, "gpus": {"GPU-0": {"index": 0, "uuid": "GPU-0", "reasons": reasons}}}
+    (tmp_path / "cost.json").write_text(json.dumps(state))
+    clock = VirtualClock()
+    acc = CostAccountant(make_config("[cost]\ngpu_hour_usd = 3.6\n"), str(tmp_path), clock)
+    for t in range(0, 3):
+        clock._t = float(t)
+        rep = acc.update([_throttled(t)], float(t))
+    assert rep.gpus[0].reasons["SwPowerCap"].capacity_lost_seconds == pytest.approx(1.0)
+    assert (tmp_path / "cost.json.bad").exists()
+    assert any("unreadable cost state" in n and "cost.json.bad" in n for n in rep.notes)
+
+
+def test_malformed_history_in_state_is_corrupt_not_a_crash_later(tmp_path):
+    state = {"version": 1, "gpus": {},
+             "history": {"buckets": {"0": {"GPU-0": {"SwPowerCap": [1.0]}}}}}
+    (tmp_path / "cost.json").write_text(json.dumps(state))
+    clock = VirtualClock()
+    acc = CostAccountant(make_config("[cost]\ngpu_hour_usd = 3.6\n"), str(tmp_path), clock)
+    for t in (0.0, 61.0, 122.0):      # the windows add completed buckets
+        clock._t = t
+        rep = acc.update([_throttled(t)], t)
+    assert (tmp_path / "cost.json.bad").exists() and rep.gpus[0].last_hour.dollars > 0
+
+
+def test_lost_gpu_after_restart_stays_the_gpu_last_seen_at_its_index(tmp_path):
+    clock = VirtualClock()
+    cfg = make_config("[cost]\ngpu_hour_usd = 3.6\n")
+    acc = CostAccountant(cfg, str(tmp_path), clock)
+    for t in range(0, 11):
+        clock._t = float(t)
+        acc.update([_throttled(t)], float(t))
+    acc.flush()
+    acc2 = CostAccountant(cfg, str(tmp_path), clock)
+    clock._t = 20.0
+    rep = acc2.update([GpuReading(index=0, state=GpuState.LOST, error="lost")], 20.0)
+    assert rep.gpus[0].uuid == "GPU-0"
+    assert rep.gpus[0].reasons["SwPowerCap"].capacity_lost_seconds == pytest.approx(5.0)
+    acc2.flush()
+    assert list(json.loads((tmp_path / "cost.json").read_text())["gpus"]) == ["GPU-0"]
+
+
+def test_price_change_while_gpu_unreadable_is_split_at_the_reload():
+    clock = VirtualClock()
+    acc = CostAccountant(make_config("[cost]\ngpu_hour_usd = 3.6\n"), None, clock)
+    clock._t = 0.0
+    acc.update([_throttled(0)], 0.0)
+    clock._t = 1.0
+    acc.update([GpuReading(index=0, uuid="GPU-0", state=GpuState.UNRESPONSIVE,
+                           error="timeout")], 1.0)
+    clock._t = 1.5                        # reload while the GPU gives no reading
+    acc.reconfigure(make_config("[cost]\ngpu_hour_usd = 36\n"))
+    clock._t = 2.0
+    acc.update([GpuReading(index=0, uuid="GPU-0", state=GpuState.UNRESPONSIVE,
+                           error="timeout")], 2.0)
+    clock._t = 2.5                        # and a second reload before the next sample
+    acc.reconfigure(make_config("[cost]\ngpu_hour_usd = 72\n"))
+    clock._t = 3.0
+    rep = acc.update([_throttled(3)], 3.0)
+    # 3 s at 50% loss = 1.5 GPU-s: 1.5 s at 3.6, 1 s at 36, 0.5 s at 72 per hour
+    assert rep.gpus[0].capacity_lost_seconds == pytest.approx(1.5)
+    assert rep.gpus[0].dollars == pytest.approx(0.5 * (1.5 * 3.6 + 1.0 * 36 + 0.5 * 72) / 3600)
+
+
+def test_gpu_line_keeps_its_top_reason_within_100_columns():
+    data = {"currency": "EUR", "priced": False, "node": {
+        "loss_ratio": 0.2, "last_hour": {"capacity_lost_seconds": 900.0},
+        "last_24h": {"capacity_lost_seconds": 9000.0, "top_reason": "HwPowerBrakeSlowdown"}},
+        "gpus": [{"index": 15, "loss_ratio": 0.288, "effective_cost_multiplier": 1.4045,
+                  "last_hour": {"capacity_lost_seconds": 740.0, "dollars": 0.0},
+                  "last_24h": {"capacity_lost_seconds": 4440.0, "dollars": 0.0,
+                               "top_reason": "HwPowerBrakeSlowdown"}}]}
+    lines = status_lines_from_json(data)
+    gpu = [line for line in lines if "GPU 15" in line][0]
+    assert len(gpu) <= 100 and gpu.endswith("top HwPowerBrakeSlowdown") and "x1.40" in gpu
+
+
+def test_tokens_line_with_large_numbers_keeps_the_measured_figure():
+    data = {"currency": "EUR", "priced": True, "node": {
+        "cost_dollars_per_hour": 20.0, "throttle_dollars_per_hour": 0.3,
+        "last_hour": {"dollars": 0.3}, "last_24h": {"dollars": 7.0, "top_reason": None},
+        "tokens": {"tokens_per_second": 123456.0, "cost_per_million_tokens": 12.34,
+                   "tokens_lost_total": 123456789012.0,
+                   "measured": {"usable": True, "tokens_lost_per_second": 12345.0,
+                                "r2": 0.95}}}, "gpus": []}
+    lines = status_lines_from_json(data)
+    assert all(len(line) <= 100 for line in lines), lines
+    text = "\n".join(lines)
+    assert "123456789012 lost" in text and "measured 12345/s now (R2 0.95)" in text
