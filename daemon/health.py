@@ -31,6 +31,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from gpucostd.probes.kernel_log import normalize_bus_id as _kernel_bus_id
 from gpucostd.statefile import write_atomic
 from gpucostd.snapshot import (Event, Finding, GpuReading, GpuState, HW_SLOWDOWN_REASONS,
                                NodeSnapshot, Severity, VIOLATION_POLICIES, worst)
@@ -51,20 +52,16 @@ ACTION_REBOOT = "reset GPU or reboot; hardware inspection if it recurs"
 
 
 # --------------------------------------------------------------------------- helpers
-_BUS_RE = re.compile(r"^(?:(?:pci:)?([0-9a-f]{1,8}):)?([0-9a-f]{1,2}):([0-9a-f]{1,2})(?:\.([0-7]))?$")
-
-
 @functools.lru_cache(maxsize=512)
-def normalize_bus_id(text: Optional[str]) -> Optional[str]:
-    """NVML's "00000000:9B:00.0", the kernel's "0000:9b:00" or "PCI:0000:9b:00" -> "0000:9b:00.0".
-    None for anything that is not a PCI address."""
-    if not text:
-        return None
-    m = _BUS_RE.match(str(text).strip().lower())
-    if not m:
-        return None
-    domain, bus, dev, fn = m.groups()
-    return f"{int(domain or '0', 16) & 0xFFFF:04x}:{int(bus, 16):02x}:{int(dev, 16):02x}.{fn or '0'}"
+def _bus_id(text: str) -> Optional[str]:
+    return _kernel_bus_id(text.strip())
+
+
+def normalize_bus_id(text: Any) -> Optional[str]:
+    """NVML's "00000000:9B:00.0", the kernel's "0000:9b:00" or "PCI:0000:9b:00" -> "0000:9b:00.0"
+    (the kernel log watcher's normalization, cached). None for anything that is not a PCI
+    address."""
+    return _bus_id(text) if isinstance(text, str) and text else None
 
 
 def _short(text: str, limit: int = MESSAGE_MAX) -> str:

@@ -45,7 +45,7 @@ FALLEN_OFF_XID = 79
 
 _BUS_ID_RE = re.compile(
     r"^\s*(?:PCI:)?(?:(?P<dom>[0-9a-fA-F]{1,8}):)?(?P<bus>[0-9a-fA-F]{1,2}):"
-    r"(?P<dev>[0-9a-fA-F]{1,2})(?:\.(?P<fn>[0-7]))?\s*$")
+    r"(?P<dev>[0-9a-fA-F]{1,2})(?:\.(?P<fn>[0-7]))?\s*$", re.I)
 
 
 def normalize_bus_id(text: Optional[str]) -> Optional[str]:

@@ -78,6 +78,11 @@ def test_normalize_bus_id():
     assert normalize_bus_id("PCI:0009:01:00") == "0009:01:00.0"
     assert normalize_bus_id("not a bus") is None
     assert normalize_bus_id(None) is None
+    assert normalize_bus_id("pci:0000:9b:00") == "0000:9b:00.0"
+    assert normalize_bus_id(["not", "hashable"]) is None
+    # VMD puts GPUs in PCI domains above ffff: they must not fold onto domain 0
+    assert normalize_bus_id("00010000:01:00.0") == "10000:01:00.0"
+    assert normalize_bus_id("PCI:10000:01:00") == "10000:01:00.0"
 
 
 def test_healthy_gpus_are_ok_and_emit_no_events(tmp_path, clock, boot):
@@ -575,3 +580,14 @@ def test_xid_missing_from_the_catalog_is_named_once(tmp_path, clock, boot):
     r = step(j, clock, [gpu(0)], [Fault(clock.time(), "0000:1b:00.0", 13, "SM exception")])
     (e,) = [e for e in r.events if e.code == "xid"]
     assert e.message.startswith("Xid 13 (") and ") on GPU 0: SM exception" in e.message
+
+
+def test_xid_in_a_vmd_domain_maps_to_that_gpu_not_to_domain_0(tmp_path, clock, boot):
+    j = make(tmp_path, clock, boot)
+    gpus = [gpu(0, pci_bus_id="00010000:01:00.0"), gpu(1, pci_bus_id="00000000:01:00.0")]
+    step(j, clock, gpus)
+    r = step(j, clock, gpus, [Fault(clock.time(), "10000:01:00.0", 13, "SM exception")])
+    assert [e.gpu for e in r.events if e.code == "xid"] == [0]
+    assert r.gpu_health == {0: Severity.WARN, 1: Severity.OK}
+    r = step(j, clock, gpus, [Fault(clock.time(), "0000:01:00.0", 31, "MMU fault")])
+    assert [e.gpu for e in r.events if e.code == "xid"] == [1]
