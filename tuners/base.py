@@ -8,7 +8,7 @@ The manager (tuners/manager.py) does the rest: originals, drift, enforcement, re
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from gpucostd.snapshot import Setting
 
@@ -114,3 +114,79 @@ def normalise_number(value: Any) -> Any:
         return value
     value = round(float(value), 3)
     return int(value) if value.is_integer() else value
+
+
+class GpuSettingTuner:
+    """One NVML setting per GPU (power limit, persistence mode): read, write with read-back,
+    restore. Subclasses give the NVML read/write, the value's form and its words."""
+
+    kind = "gpu"
+    name = ""                   # the setting's name in config, originals and metrics
+    what = ""                   # "the power limit": for "cannot read <what>"
+
+    def __init__(self, gateway):
+        self.gateway = gateway
+
+    @property
+    def names(self):
+        return (self.name,)
+
+    # ---- what a subclass provides
+    def coerce(self, value: Any) -> Any:
+        """The value in the form verify() returns and the config compares with."""
+        return value
+
+    def text(self, value: Any) -> str:
+        return fmt_value(value)
+
+    def set_words(self, value: Any) -> str:
+        """"set the power limit to 600 W", "turn persistence mode on"."""
+        raise NotImplementedError
+
+    def read(self, index: int) -> Any:
+        raise NotImplementedError
+
+    def write(self, index: int, value: Any) -> None:
+        raise NotImplementedError
+
+    # ---- shared
+    def planned(self, gpu: Any, desired: Any, source: str) -> Planned:
+        return Planned(self, f"gpu:{gpu.index}", self.name, desired, None, source,
+                       gpu_label(gpu.index, gpu.name), target=gpu.index,
+                       identity={"uuid": gpu.uuid} if gpu.uuid else {})
+
+    def read_actual(self, p: Planned, gpu: Any) -> List[Planned]:
+        """plan's last step: the actual value, unless the GPU cannot be tuned now."""
+        unusable = gpu_unusable(gpu, p.label)
+        if unusable:
+            p.error = p.error or unusable
+            return [p]
+        try:
+            p.actual = self.verify(p)
+        except TunerError as e:
+            p.error = p.error or str(e)
+        return [p]
+
+    def verify(self, p: Planned) -> Any:
+        try:
+            return self.coerce(self.read(p.target))
+        except Exception as e:   # NvmlError (duck-typed: the gateway owns the type)
+            raise nvml_error_text(p.label, f"cannot read {self.what}", e) from None
+
+    def _write(self, p: Planned, value: Any) -> Any:
+        value = self.coerce(value)
+        try:
+            self.write(p.target, value)
+        except Exception as e:
+            raise nvml_error_text(p.label, f"cannot {self.set_words(value)}", e) from None
+        got = self.verify(p)
+        if got != value:
+            raise TunerError(f"{p.label}: asked to {self.set_words(value)} but the GPU "
+                             f"reports {self.text(got)}", "not_applied")
+        return got
+
+    def apply(self, p: Planned) -> Any:
+        return self._write(p, p.desired)
+
+    def restore(self, p: Planned, original: Any) -> Any:
+        return self._write(p, original)

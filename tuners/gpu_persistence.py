@@ -3,55 +3,29 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
-from gpucostd.tuners.base import Planned, TunerError, gpu_label, gpu_unusable, nvml_error_text
+from gpucostd.tuners.base import GpuSettingTuner, Planned
 
 NAME = "persistence_mode"
 
 
-class GpuPersistenceTuner:
-    names = (NAME,)
-    kind = "gpu"
-
-    def __init__(self, gateway):
-        self.gateway = gateway
+class GpuPersistenceTuner(GpuSettingTuner):
+    name = NAME
+    what = "persistence mode"
 
     def plan(self, gpu: Any, desired: Dict[str, Any], sources: Dict[str, str]) -> List[Planned]:
         if NAME not in desired:
             return []
-        label = gpu_label(gpu.index, gpu.name)
-        p = Planned(self, f"gpu:{gpu.index}", NAME, bool(desired[NAME]), None,
-                    sources.get(NAME, "tuning.gpu"), label, target=gpu.index,
-                    identity={"uuid": gpu.uuid} if gpu.uuid else {})
-        unusable = gpu_unusable(gpu, label)
-        if unusable:
-            p.error = unusable
-            return [p]
-        try:
-            p.actual = self.verify(p)
-        except TunerError as e:
-            p.error = str(e)
-        return [p]
+        p = self.planned(gpu, bool(desired[NAME]), sources.get(NAME, "tuning.gpu"))
+        return self.read_actual(p, gpu)
 
-    def verify(self, p: Planned) -> Any:
-        try:
-            return bool(self.gateway.get_persistence_mode(p.target))
-        except Exception as e:
-            raise nvml_error_text(p.label, "cannot read persistence mode", e) from None
+    def coerce(self, value: Any) -> Any:
+        return bool(value)
 
-    def _write(self, p: Planned, value: Any) -> Any:
-        word = "on" if value else "off"
-        try:
-            self.gateway.set_persistence_mode(p.target, bool(value))
-        except Exception as e:
-            raise nvml_error_text(p.label, f"cannot turn persistence mode {word}", e) from None
-        got = self.verify(p)
-        if got != bool(value):
-            raise TunerError(f"{p.label}: persistence mode set {word} but the GPU reports "
-                             f"{'on' if got else 'off'}", "not_applied")
-        return got
+    def set_words(self, value: Any) -> str:
+        return f"turn persistence mode {self.text(value)}"
 
-    def apply(self, p: Planned) -> Any:
-        return self._write(p, p.desired)
+    def read(self, index: int) -> Any:
+        return self.gateway.get_persistence_mode(index)
 
-    def restore(self, p: Planned, original: Any) -> Any:
-        return self._write(p, bool(original))
+    def write(self, index: int, value: Any) -> None:
+        self.gateway.set_persistence_mode(index, value)

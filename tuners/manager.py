@@ -289,8 +289,7 @@ class TuningManager:
     def _restore_item(self, name: str, subject: str, entry: Dict[str, Any]
                       ) -> Optional[Planned]:
         if subject.startswith("gpu:") and subject[4:].isdigit():
-            tuner = {self.power.names[0]: self.power,
-                     self.persistence.names[0]: self.persistence}.get(name)
+            tuner = {t.name: t for t in (self.power, self.persistence)}.get(name)
             if tuner is None:
                 return None
             index, gname = int(subject[4:]), None
