@@ -140,7 +140,7 @@ class _Track:
     standing fault was already reported (state LOST, remap pending/failure, retired pages
     pending) are also saved in health.json (``flags``), see HealthJudge._sync_flags."""
 
-    __slots__ = ("uuid", "state", "slow_intervals", "slow_last_t", "slow_last_active",
+    __slots__ = ("uuid", "state", "slow_intervals", "slow_total", "slow_last_t", "slow_last_active",
                  "ecc_samples", "vol_corr", "vol_unc", "remap_pending", "remap_failure",
                  "retired_pending", "seen", "flag_key", "flag_values")
 
@@ -148,6 +148,7 @@ class _Track:
         self.uuid: Optional[str] = None
         self.state: Optional[GpuState] = None
         self.slow_intervals: Deque[List[float]] = collections.deque()   # [start, end] active
+        self.slow_total = 0.0                     # sum of the intervals' lengths
         self.slow_last_t: Optional[float] = None
         self.slow_last_active = False
         self.ecc_samples: Deque[Tuple[float, int]] = collections.deque()  # (mono, corrected)
@@ -607,16 +608,19 @@ class HealthJudge:
                     ivs[-1][1] = mono
                 else:
                     ivs.append([tr.slow_last_t, mono])
+                tr.slow_total += dt
         tr.slow_last_t = mono
         tr.slow_last_active = bool(active)
         start = mono - window
         while ivs and ivs[0][1] <= start:
-            ivs.popleft()
-        if not ivs and not active:
-            return
-        busy = 0.0
-        for a, b in ivs:
-            busy += b - (a if a > start else start)
+            a, b = ivs.popleft()
+            tr.slow_total -= b - a
+        if not ivs:
+            tr.slow_total = 0.0
+            if not active:
+                return
+        # the intervals are disjoint and in order: only the first can begin before the window
+        busy = tr.slow_total - max(0.0, start - ivs[0][0]) if ivs else 0.0
         fraction = busy / window
         crit = fraction > float(cfg.slowdown_crit_fraction)
         names = ", ".join(active) if active else "HW slowdown"

@@ -591,3 +591,32 @@ def test_xid_in_a_vmd_domain_maps_to_that_gpu_not_to_domain_0(tmp_path, clock, b
     assert r.gpu_health == {0: Severity.WARN, 1: Severity.OK}
     r = step(j, clock, gpus, [Fault(clock.time(), "0000:01:00.0", 31, "MMU fault")])
     assert [e.gpu for e in r.events if e.code == "xid"] == [1]
+
+
+def test_slowdown_share_matches_a_recount_of_every_sample(tmp_path, clock, boot):
+    import random
+    import re
+    rnd = random.Random(7)
+    window = 100.0
+    j = make(tmp_path, clock, boot, f"[health]\nslowdown_window_seconds = {window}\n")
+    samples = []                      # (monotonic, active) as judged
+    max_gap = 5.0                     # max(3 x 1 s, 1 s + 2 x 2 s, 5 s) with the defaults
+    for _ in range(600):
+        dt = rnd.choice([1.0, 1.0, 1.0, 0.5, 2.0, 7.0])
+        active = rnd.random() < 0.7
+        r = step(j, clock, [gpu(0, clock_event_reasons=("HwSlowdown",) if active else ())], dt=dt)
+        now = clock.monotonic()
+        samples.append((now, active))
+        busy = 0.0
+        for (t0, a0), (t1, _) in zip(samples, samples[1:]):
+            if a0 and 0 < t1 - t0 <= max_gap:
+                busy += max(0.0, t1 - max(t0, now - window))
+        want = busy / window
+        f = codes(r, 0).get("hw_slowdown")
+        m = re.search(r"(\d+)% of the last", f.message) if f else None
+        if m:
+            assert abs(int(m.group(1)) / 100 - want) <= 0.006, (now, f.message, want)
+        else:
+            assert want < 0.01 or (f is None and not active and want <= 0.6)
+        if abs(want - 0.6) > 0.01:
+            assert (f is not None and f.severity == Severity.CRIT) == (want > 0.6)
