@@ -284,3 +284,17 @@ def test_errno_mapping_without_root():
                                 "eth9: its driver does not support ring buffer changes")
     assert nl._map("eth9", errno.EINVAL, "Invalid argument").kind == "invalid"
     assert nl._map("eth9", errno.EBUSY, "busy").kind == "other"
+
+
+def test_ring_without_a_current_value_is_not_written(tmp_path):
+    """No current value = no original to save: writing would leave a setting that can never
+    be restored (the saved original would be null)."""
+    nl = FakeNetlink({"eth0": ({"tx": 1024}, {"rx": 8192, "tx": 4096})})
+    m, _ = make(tmp_path, "[tuning.nic.eth0]\nrx = 4096\ntx = 2048\n", nl)
+    changes = {c.name: c for c in m.apply(())}
+    assert not changes["ring_rx"].ok and "cannot be read" in changes["ring_rx"].error
+    assert changes["ring_tx"].ok
+    assert nl.writes == [("eth0", {"tx": 2048})]
+    store = OriginalsStore(str(tmp_path / "state"))
+    assert store.get("ring_rx", "nic:eth0") == (False, None)
+    assert all(c.ok for c in m.restore()) and nl.nics["eth0"][0] == {"tx": 1024}

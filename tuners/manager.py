@@ -134,6 +134,10 @@ class TuningManager:
     def _write(self, p: Planned) -> Change:
         """Save the original (if none is saved yet), write desired, read back."""
         old = p.actual
+        if old is None:      # no original to save means nothing to restore: do not write
+            p.error = (f"{p.label}: {p.name}: the current value cannot be read, so it could "
+                       f"not be restored later; not changed")
+            return Change(p.subject, p.name, old, p.desired, False, p.error)
         try:
             saved = self.originals.save_if_absent(p.name, p.subject, p.actual, **p.identity)
         except OriginalsError as e:

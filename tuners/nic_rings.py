@@ -54,7 +54,7 @@ class NicRingsTuner:
         except Exception as e:
             self.rings.pop(ifname, None)
             raise self._error(e, ifname) from None
-        self.rings[ifname] = {"current": dict(rings.current), "max": dict(rings.maximum)}
+        self.rings[ifname] = rings.as_dict()
         return rings
 
     # ------------------------------------------------------------------ plan
@@ -107,7 +107,7 @@ class NicRingsTuner:
             rings = self._netlink().set_rings(ifname, {q: int(value)})
         except Exception as e:
             raise self._error(e, ifname) from None
-        self.rings[ifname] = {"current": dict(rings.current), "max": dict(rings.maximum)}
+        self.rings[ifname] = rings.as_dict()
         got = rings.current.get(q)
         if got != int(value):      # set_rings reads back already; belt and braces
             raise TunerError(f"{ifname}: {q} ring set to {value} but the NIC reports {got}",
