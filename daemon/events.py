@@ -22,7 +22,8 @@ caller.
 Bounds. Events older than ``max_age_days`` and all but the newest ``max_count`` are deleted at
 open and then every ``PRUNE_EVERY`` appends. Xid totals (for the
 ``gpucostd_gpu_xid_errors_total`` counter) live in their own table, so pruning never makes the
-counter go backwards. Dedupe keys (kernel lines already recorded) are kept for ``max_age_days``.
+counter go backwards. Dedupe keys (kernel lines already recorded) are kept for ``max_age_days``,
+the newest ``max_count`` of them.
 
 Thread safety: one connection, used under one lock (the status API thread reads while the loop
 writes).
@@ -410,6 +411,12 @@ class EventStore:
             if row is not None:
                 n += db.execute("DELETE FROM events WHERE id <= ?", (row[0],)).rowcount
             db.execute("DELETE FROM dedupe WHERE time < ?", (cutoff,))
+            # and by count too: an Xid flood must not grow the key table for max_age_days
+            # (only recent keys matter: lines read again after a crash or restart)
+            row = db.execute("SELECT rowid FROM dedupe ORDER BY rowid DESC LIMIT 1 OFFSET ?",
+                             (self.max_count,)).fetchone()
+            if row is not None:
+                db.execute("DELETE FROM dedupe WHERE rowid <= ?", (row[0],))
             db.execute("COMMIT")
         except BaseException:
             try:

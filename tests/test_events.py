@@ -299,3 +299,16 @@ def test_pruning_follows_the_store_clock(tmp_path):
     store.prune()
     assert store.query() == []
     store.close()
+
+
+def test_dedupe_keys_are_bounded_by_count_too(tmp_path):
+    import sqlite3
+    s = EventStore(str(tmp_path), max_age_days=30, max_count=50, prune_every=10)
+    for i in range(500):                       # an Xid flood, all within the age bound
+        s.append(ev(i, gpu=None, xid=13), dedupe_key=f"kmsg:b:{i}")
+    s.prune()
+    assert s.seen("kmsg:b:499") and s.append(ev(999), dedupe_key="kmsg:b:499") is None
+    s.close()
+    with sqlite3.connect(str(tmp_path / "events.sqlite")) as db:
+        assert db.execute("SELECT COUNT(*) FROM dedupe").fetchone()[0] <= 50
+    assert EventStore(str(tmp_path)).xid_totals()[(None, 13)] == 500
