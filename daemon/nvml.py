@@ -176,9 +176,8 @@ class _Lane:
     """One worker thread that runs the NVML calls of one GPU (or of the node), one at a
     time."""
 
-    def __init__(self, name: str, clock: Any):
+    def __init__(self, name: str):
         self.name = name
-        self.clock = clock
         self.lock = threading.Lock()
         self.queue: "queue.SimpleQueue[Optional[_Job]]" = queue.SimpleQueue()
         self.pending = 0
@@ -286,7 +285,7 @@ class NvmlGateway:
             lane = self._lanes.get(key)
             if lane is None:
                 name = "node" if key == "node" else f"gpu{key}"
-                lane = self._lanes[key] = _Lane(name, self.clock)
+                lane = self._lanes[key] = _Lane(name)
             return lane
 
     def _stuck_error(self, key: Any, lane: _Lane) -> NvmlError:

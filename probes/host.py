@@ -44,11 +44,7 @@ class HostFacts:
 
     def param(self, name: str) -> Optional[str]:
         """Last value of a kernel command line parameter ("" for a bare flag), or None."""
-        value = None
-        for k, v in self.cmdline_params:
-            if k == name:
-                value = v
-        return value
+        return last_param(self.cmdline_params, name)
 
     def as_dict(self) -> Dict[str, object]:
         return {
@@ -71,6 +67,15 @@ def parse_cmdline(text: str) -> Tuple[Tuple[str, str], ...]:
         k, _, v = word.partition("=")
         out.append((k, v.strip('"')))
     return tuple(out)
+
+
+def last_param(params: Tuple[Tuple[str, str], ...], name: str) -> Optional[str]:
+    """The value of the last `name` on the command line (the kernel's rule), or None."""
+    value = None
+    for k, v in params:
+        if k == name:
+            value = v
+    return value
 
 
 _ON = ("on", "1", "y", "yes", "force", "force_enable")
@@ -110,7 +115,9 @@ class HostProbe:
         vendor = self.cpu_vendor(errors)
         units = tuple(self._listdir("sys/class/iommu") or ())
         group_names = self._listdir("sys/kernel/iommu_groups")
-        groups = None if group_names is None else len([g for g in group_names if g.isdigit()])
+        if group_names is not None:
+            group_names = [g for g in group_names if g.isdigit()]
+        groups = None if group_names is None else len(group_names)
         types = []
         for g in group_names or ():
             t = self._read(f"sys/kernel/iommu_groups/{g}/type", [])
@@ -163,17 +170,10 @@ def judge_iommu(params: Tuple[Tuple[str, str], ...], vendor: Optional[str],
                 groups: Optional[int], units: Tuple[str, ...], types: List[str]
                 ) -> Tuple[Optional[bool], Optional[str], str]:
     """(enabled, mode, source) from the command line and what sysfs shows."""
-    def last(name):
-        v = None
-        for k, val in params:
-            if k == name:
-                v = val
-        return v
-
-    intel = last("intel_iommu")
-    amd = last("amd_iommu")
-    generic = last("iommu")
-    passthrough_param = last("iommu.passthrough")
+    intel = last_param(params, "intel_iommu")
+    amd = last_param(params, "amd_iommu")
+    generic = last_param(params, "iommu")
+    passthrough_param = last_param(params, "iommu.passthrough")
     intel_opts = set((intel or "").split(","))
     amd_opts = set((amd or "").split(","))
     pt = generic == "pt" or (passthrough_param or "").lower() in ("1", "y", "on")

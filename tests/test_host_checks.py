@@ -185,3 +185,25 @@ def test_all_checks_and_view_fit_100_columns():
     assert all(len(line) <= 100 for line in text.splitlines()), text
     assert "FAIL  iommu" in text and "fix: add intel_iommu=on iommu=pt" in text
     assert checks_severity([r for r in results if r.status != "fail"]) == Severity.WARN
+
+
+def test_odd_sysfs_content_never_crashes_and_stray_entries_are_not_groups(tmp_path):
+    root = tmp_path / "root"
+    for d in ("proc/sys/kernel", "sys/class/iommu/dmar0", "sys/class/net/eth9",
+              "sys/kernel/iommu_groups/0", "sys/kernel/iommu_groups/1",
+              "sys/kernel/iommu_groups/stale"):
+        (root / d).mkdir(parents=True)
+    (root / "proc/cmdline").write_bytes(b'ro quiet = "x\x00y iommu=pt\xff --\n')
+    (root / "proc/sys/kernel/osrelease").write_text("")
+    (root / "proc/cpuinfo").write_bytes(b"\x00\xfe garbage without a vendor line\n")
+    (root / "sys/kernel/iommu_groups/0/type").write_text("identity\n")
+    (root / "sys/kernel/iommu_groups/1/type").write_text("identity")
+    (root / "sys/kernel/iommu_groups/stale/type").write_text("DMA\n")   # not a group
+    (root / "sys/class/net/eth9/device").write_text("a file, not a link")
+    f = HostProbe(str(root)).facts()
+    assert f.kernel_release is None and f.cpu_vendor == "other"
+    assert f.iommu_groups == 2 and f.iommu_mode == "passthrough"
+    assert [n.name for n in f.nics] == ["eth9"] and f.nics[0].driver is None
+    results = run_checks(parse(""), f, [], None, None, [])
+    assert [r.status for r in results][:3] == ["warn", "warn", "warn"]
+    assert all(len(line) <= 100 for line in format_checks(results).splitlines())

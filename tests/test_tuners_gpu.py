@@ -353,6 +353,8 @@ def test_shutdown_detection_from_systemd_jobs():
     assert shutdown_in_progress(run=lambda argv: jobs if "list-jobs" in argv else "running")
     assert not shutdown_in_progress(run=lambda argv: "" if "list-jobs" in argv else "running")
     assert shutdown_in_progress(run=lambda argv: "" if "list-jobs" in argv else "stopping\n")
+    assert shutdown_in_progress(run=lambda argv: "7 soft-reboot.target start waiting\n"
+                                if "list-jobs" in argv else "running")
     assert not shutdown_in_progress(
         run=lambda argv: "5 shutdown.target stop waiting\n" if "list-jobs" in argv else "")
     assert shutdown_in_progress() in (True, False)    # the real systemctl (or none) answers

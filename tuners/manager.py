@@ -354,12 +354,12 @@ _MISSING = _Missing()
 
 # ---------------------------------------------------------------------- system shutdown
 SHUTDOWN_TARGETS = ("shutdown.target", "reboot.target", "poweroff.target", "halt.target",
-                    "kexec.target")
+                    "kexec.target", "soft-reboot.target")
 
 
 def shutdown_in_progress(run=None, timeout: float = 5.0) -> bool:
     """True when systemd is taking the system down (a start job for shutdown/reboot/poweroff/
-    halt/kexec.target is queued, or `systemctl is-system-running` says "stopping"). False when
+    halt/kexec/soft-reboot.target is queued, or `systemctl is-system-running` says "stopping"). False when
     systemctl is absent or does not answer: then a stop is an ordinary stop."""
     if run is None:
         if shutil.which("systemctl") is None:
