@@ -44,7 +44,7 @@ XID_FINDING_TTL_SECONDS = 600.0      # a non-sticky Xid finding lasts this long 
 CORRECTED_ECC_WINDOW_SECONDS = 3600.0
 STICKY_XIDS = frozenset({48, 79, 95, 119, 120})   # also sticky if the catalog says so
 LOST_XIDS = frozenset({79})                        # fallen off the bus: always CRIT
-MESSAGE_MAX = 80
+MESSAGE_MAX = 300         # findings are wrapped, never cut, by the status view: keep the fix
 
 ACTION_RESET = "reset GPU"
 ACTION_RMA = "hardware inspection/RMA"
@@ -81,13 +81,15 @@ def _sev(name: Any, default: Severity = Severity.WARN) -> Severity:
 
 
 def _reading_error(g: GpuReading) -> Optional[str]:
-    """The reading's error without its own "GPU <n>: " prefix (the message names the GPU)."""
+    """The reading's error without its own "GPU <n>: " / "GPU <n> is unresponsive: " prefix
+    (the finding names the GPU)."""
     err = g.error
     if not err:
         return err
-    prefix = f"GPU {g.index}:"
-    if err.startswith(prefix):
-        err = err[len(prefix):].lstrip()
+    for prefix in (f"GPU {g.index}:", f"GPU {g.index} is unresponsive:"):
+        if err.startswith(prefix):
+            err = err[len(prefix):].lstrip()
+            break
     return err or None
 
 

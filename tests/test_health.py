@@ -620,3 +620,21 @@ def test_slowdown_share_matches_a_recount_of_every_sample(tmp_path, clock, boot)
             assert want < 0.01 or (f is None and not active and want <= 0.6)
         if abs(want - 0.6) > 0.01:
             assert (f is not None and f.severity == Severity.CRIT) == (want > 0.6)
+
+
+def test_long_reading_errors_keep_their_fix_and_name_the_gpu_once(tmp_path, clock, boot):
+    j = make(tmp_path, clock, boot)
+    pynvml = ("the Python package nvidia-ml-py (module pynvml) cannot be imported (No module "
+              "named 'pynvml'); install it: pip install nvidia-ml-py; retrying every 30 s")
+    stuck = ("GPU 0 is unresponsive: nvmlDeviceGetPowerUsage has not returned for 12 s "
+             "(deadline 2 s); not calling it again until it returns")
+    r = step(j, clock, [GpuReading(index=0, state=GpuState.UNRESPONSIVE, error=stuck),
+                        GpuReading(index=1, state=GpuState.UNKNOWN, error=pynvml)],
+             )
+    assert codes(r, 0)["gpu_unresponsive"].message == (
+        "GPU not responding: nvmlDeviceGetPowerUsage has not returned for 12 s (deadline 2 s); "
+        "not calling it again until it returns")
+    assert codes(r, 1)["gpu_unknown"].message.endswith("pip install nvidia-ml-py; retrying "
+                                                        "every 30 s")
+    r = j.judge([], [], clock.time(), nvml_error=pynvml)
+    assert "pip install nvidia-ml-py" in codes(r)["nvml_unavailable"].message
