@@ -67,7 +67,8 @@ def _f(type_, default, doc, **kw) -> Field:
 # keys in [[at]], see TIMELINE_FORBIDDEN).
 GPU_FIELDS: Dict[str, Field] = {
     "name": _f("str", None, "Product name as NVML reports it (default: [node] model)."),
-    "uuid": _f("str", None, "GPU UUID, 'GPU-...' (default: derived from model and index)."),
+    "uuid": _f("str", None, "GPU UUID, 'GPU-...' (default: derived from model, index and "
+               "scenario name)."),
     "pci_bus_id": _f("pci", None, "PCI bus id 'DDDDDDDD:BB:DD.F' (default: derived from index)."),
     "temperature": _f("number", 45.0, "GPU temperature, °C.", min=0, max=200),
     "memory_temperature": _f("number", 50.0, "Memory (HBM) temperature, °C.", min=0, max=200),
@@ -277,7 +278,8 @@ class _Validator:
         if field.type in ("int", "number", "percent"):
             lo, hi = field.min, field.max
             if (lo is not None and value < lo) or (hi is not None and value > hi):
-                rng = f"{_num(lo) if lo is not None else '-inf'}..{_num(hi) if hi is not None else 'inf'}"
+                rng = (f"{_num(lo) if lo is not None else '-inf'}.."
+                       f"{_num(hi) if hi is not None else 'inf'}")
                 bad(f"out of range; allowed {rng}")
         if field.type == "pci" and not PCI_BUS_ID_RE.match(value):
             bad('not a PCI bus id; expected "DDDDDDDD:BB:DD.F", e.g. "00000000:18:00.0"')
