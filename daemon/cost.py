@@ -204,9 +204,8 @@ class CostReport:
 
 # =========================================================================== small helpers
 def _finite(x: Any) -> bool:
-    """A usable non-negative reading (NaN, infinities and negative values are not)."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) \
-        and x >= 0
+    """A usable non-negative number (not NaN, an infinity, a negative value or a string)."""
+    return isinstance(x, (int, float)) and 0.0 <= x < math.inf
 
 
 def _counters(v: Optional[Mapping[str, Any]]) -> Optional[Dict[str, float]]:
@@ -214,7 +213,8 @@ def _counters(v: Optional[Mapping[str, Any]]) -> Optional[Dict[str, float]]:
     for the interval instead of poisoning the totals)."""
     if not v:
         return None
-    return {k: float(x) for k, x in v.items() if _finite(x)} or None
+    return {k: float(x) for k, x in v.items()
+            if isinstance(x, (int, float)) and 0.0 <= x < math.inf} or None
 
 
 def _r(x: Optional[float], nd: int = 6) -> Optional[float]:
@@ -239,6 +239,14 @@ def _add_reasons(into: Dict[str, ReasonCost], src: Mapping[str, ReasonCost]) -> 
         t.dollars += c.dollars
 
 
+def _finish_window(w: WindowCost) -> WindowCost:
+    """Fill a window's totals and top reason from its per-reason costs."""
+    w.capacity_lost_seconds = sum(c.capacity_lost_seconds for c in w.by_reason.values())
+    w.dollars = sum(c.dollars for c in w.by_reason.values())
+    w.top_reason = _top_reason(w.by_reason)
+    return w
+
+
 def _top_reason(by_reason: Mapping[str, ReasonCost]) -> Optional[str]:
     best, key = None, (0.0, 0.0)
     for r, c in _sorted_reasons(by_reason):
@@ -257,7 +265,7 @@ def reference_clock(g: GpuReading) -> Optional[float]:
     return None
 
 
-def is_busy(g: GpuReading, busy_percent: float) -> Optional[bool]:
+def is_busy(g: GpuReading, busy_percent: float) -> bool:
     """Busy = utilization at or above the threshold and GpuIdle not active. Unknown
     utilization counts as not busy (we do not claim a loss we cannot show)."""
     reasons = g.clock_event_reasons or ()
@@ -607,7 +615,7 @@ class CostAccountant:
                 continue
             cycle_ok.append(tr)
             reasons = active_throttle_reasons(g)
-            busy = bool(is_busy(g, busy_pct))
+            busy = is_busy(g, busy_pct)
             loss = loss_ratio(g, busy_pct, self._reference(g, tr))
             tr.loss_now = loss
             counters = _counters(g.violation_seconds)
@@ -729,10 +737,7 @@ class CostAccountant:
                 c.throttled_seconds += v[0]
                 c.capacity_lost_seconds += v[1]
                 c.dollars += v[2]
-        w.capacity_lost_seconds = sum(c.capacity_lost_seconds for c in w.by_reason.values())
-        w.dollars = sum(c.dollars for c in w.by_reason.values())
-        w.top_reason = _top_reason(w.by_reason)
-        return w
+        return _finish_window(w)
 
     def _report(self, present, now_wall: float, now_mono: float, bucket: int) -> CostReport:
         busy_pct = float(self.config.cost.busy_utilization_percent)
@@ -758,10 +763,8 @@ class CostAccountant:
                 source=tr.source,
                 reasons={r: ReasonCost(*v) for r, v in _sorted_reasons(tr.totals)},
                 last_hour=hour, last_24h=day))
-        for w in (node_hour, node_day):
-            w.capacity_lost_seconds = sum(c.capacity_lost_seconds for c in w.by_reason.values())
-            w.dollars = sum(c.dollars for c in w.by_reason.values())
-            w.top_reason = _top_reason(w.by_reason)
+        _finish_window(node_hour)
+        _finish_window(node_day)
         # node rates over the last 5 minutes (or since start when younger)
         span = RATE_WINDOW_SECONDS
         if self._rate:
@@ -1025,17 +1028,19 @@ def cost_breakdown(data: Union[CostReport, Mapping[str, Any]],
             names[key] = {"index": g["index"], "uuid": g.get("uuid"), "name": g.get("name"),
                           "reasons": {r: [v["throttled_seconds"], v["capacity_lost_seconds"],
                                           v["dollars"]] for r, v in g["reasons"].items()}}
-        history = _expand_history(data.get("history"))
     else:                               # the state file
         for key, g in (gpus_src or {}).items():
             names[key] = {"index": g.get("index"), "uuid": g.get("uuid"), "name": g.get("name"),
                           "reasons": g.get("reasons") or {}}
-        history = _expand_history(data.get("history"))
     truncated = False
     if since_seconds is None:
         per_gpu = {k: v["reasons"] for k, v in names.items()}
     else:
+        history = _expand_history(data.get("history"))
         since_seconds = float(since_seconds)
+        if not (since_seconds > 0 and math.isfinite(since_seconds)):
+            raise ValueError(f"since_seconds {since_seconds!r} must be a positive number of "
+                             f"seconds, e.g. 86400 for the last 24 hours")
         if since_seconds > HISTORY_SECONDS:
             truncated = True
         first = int(((now or 0) - min(since_seconds, HISTORY_SECONDS)) // BUCKET_SECONDS)

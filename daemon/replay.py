@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from typing import Any, Dict, List, Optional
 
-from gpucostd.snapshot import THROTTLE_REASONS
+from gpucostd.cost import _r as _rounded, _sorted_reasons
 
 LOG = logging.getLogger("gpucostd")
 DEFAULT_DURATION = 3600.0
@@ -30,12 +30,6 @@ def _replay_config(config, state_dir: str):
         daemon={"state_dir": state_dir, "kernel_log": "none", "listen_address": ""},
         hooks={"on_critical": [], "on_recovered": []},
         events={"max_count": max(int(config.events.max_count), 10_000_000)})
-
-
-def _rounded(x: Optional[float], nd: int = 6) -> Optional[float]:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return None
-    return round(float(x), nd)
 
 
 def run_replay(scenario_spec: str, config=None, duration: Optional[float] = None,
@@ -105,9 +99,7 @@ def _result(spec, scenario, config, daemon, report, events, duration, step, cycl
     if report is not None:
         for g in report.gpus:
             reasons = {}
-            for r in sorted(g.reasons, key=lambda x: (THROTTLE_REASONS.index(x)
-                                                      if x in THROTTLE_REASONS else 99, x)):
-                c = g.reasons[r]
+            for r, c in _sorted_reasons(g.reasons):
                 reasons[r] = {"throttled_seconds": _rounded(c.throttled_seconds),
                               "capacity_lost_seconds": _rounded(c.capacity_lost_seconds),
                               "dollars": _rounded(c.dollars)}

@@ -813,3 +813,10 @@ def test_tokens_line_with_large_numbers_keeps_the_measured_figure():
     assert all(len(line) <= 100 for line in lines), lines
     text = "\n".join(lines)
     assert "123456789012 lost" in text and "measured 12345/s now (R2 0.95)" in text
+
+
+@pytest.mark.parametrize("since", [float("nan"), float("inf"), -60.0, 0.0])
+def test_breakdown_refuses_a_window_that_is_not_a_positive_number(since):
+    _acc, rep = _hour_of_throttling()
+    with pytest.raises(ValueError, match="must be a positive number of seconds"):
+        cost_breakdown(rep, since)
