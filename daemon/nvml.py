@@ -267,6 +267,7 @@ class NvmlGateway:
         self._unsupported: Dict[int, set] = {}     # index -> calls that said NOT_SUPPORTED
         self._last_attempt: Optional[float] = None
         self._session = False        # our nvmlInit succeeded and no nvmlShutdown followed
+        self._late_init: Optional[_Job] = None   # an initialisation that overran its deadline
         self._closed = False
         # On a virtual clock (replay, tests) only the simulator answers, and it never blocks
         # (a simulated hang returns NVML_ERROR_TIMEOUT at once). A real-time deadline would
@@ -407,38 +408,48 @@ class NvmlGateway:
         return info
 
     def ensure_initialized(self) -> bool:
-        """Initialise NVML if it is not; tries at most every retry_seconds. Never raises."""
+        """Initialise NVML if it is not; tries at most every retry_seconds. Never raises.
+
+        An initialisation that overran the deadline (nvmlInit without persistence mode can
+        take seconds on a large node) is not thrown away: once it returns, the next call
+        takes its result instead of starting another one that would overrun again."""
         with self._lock:
             if self.available:
                 return True
             if self._closed:
                 return False
-            now = self.clock.monotonic()
-            if self._last_attempt is not None and now - self._last_attempt < self.retry_seconds:
-                return False
-            self._last_attempt = now
+            late, self._late_init = self._late_init, None
+            if late is None or not late.done.is_set():
+                self._late_init = late
+                late = None
+                now = self.clock.monotonic()
+                if self._last_attempt is not None and \
+                        now - self._last_attempt < self.retry_seconds:
+                    return False
+                self._last_attempt = now
         if _pynvml is None:
             with self._lock:
                 self.error = _PYNVML_ERROR
             return False
+        lane, job = (None, late) if late is not None else self._submit("node", self._do_init)
         try:
-            info = self._call("node", self._do_init)
+            if late is not None:
+                if late.exc is not None:
+                    raise late.exc
+                info = late.result
+            else:
+                info = self._wait("node", lane, job, self._deadline(None))
         except NvmlError as err:
             message = str(err)
             if err.kind == "timeout":
+                if job is not None and not job.done.is_set():
+                    with self._lock:
+                        self._late_init = job       # its result counts once it returns
                 message = (f"nvmlInit did not return within {self.timeout_seconds:g} s (a GPU "
                            "may have fallen off the bus; check `dmesg` for Xid 79)")
-            with self._lock:
-                self.available = False
-                self.error = message + self._retry_note()
-            log.warning("NVML not available: %s", self.error)
-            return False
+            return self._init_failed(message)
         except Exception as exc:  # noqa: BLE001 - never raise from here
-            with self._lock:
-                self.available = False
-                self.error = f"nvmlInit failed: {exc}" + self._retry_note()
-            log.warning("NVML not available: %s", self.error)
-            return False
+            return self._init_failed(f"nvmlInit failed: {exc}")
         with self._lock:
             self.available = True
             self.error = None
@@ -452,6 +463,13 @@ class NvmlGateway:
         log.info("NVML initialised: %d GPU(s), driver %s, CUDA %s", info["count"],
                  info["driver"], info["cuda"])
         return True
+
+    def _init_failed(self, message: str) -> bool:
+        with self._lock:
+            self.available = False
+            self.error = message + self._retry_note()
+        log.warning("NVML not available: %s", self.error)
+        return False
 
     def shutdown(self) -> None:
         """nvmlShutdown (under the deadline) and stop the workers."""

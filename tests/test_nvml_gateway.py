@@ -407,3 +407,23 @@ def test_field_values_by_value_type(vtype, member, expect):
     from gpucostd.nvml import _field_value
     value = SimpleNamespace(**({member: expect} if member else {}))   # no other members
     assert _field_value(SimpleNamespace(valueType=vtype, value=value)) == expect
+
+
+def test_slow_nvml_init_is_taken_once_it_returns(sim):
+    """nvmlInit that overruns the deadline (seconds without persistence mode on a big node)
+    must not be thrown away and started again: every new attempt would overrun too."""
+    import ctypes
+    node, gw, clock = sim(BASE, clock=RealClock(), timeout_seconds=0.2, retry_seconds=0.0)
+    real = node.library.nvmlInitWithFlags
+
+    def slow(flags):
+        time.sleep(0.6)
+        return real(flags)
+
+    node.library.nvmlInitWithFlags = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint)(slow)
+    started = time.monotonic()
+    assert gw.ensure_initialized() is False
+    assert time.monotonic() - started < 0.5 and "did not return within 0.2 s" in gw.error
+    wait_for(gw.ensure_initialized, 5, what="the late nvmlInit taken")
+    assert node.calls["nvmlInitWithFlags"] == 1 and node._init_count == 1
+    assert [g.state for g in GpuProbe(gw).read()] == [GpuState.OK] * 3
