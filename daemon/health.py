@@ -384,6 +384,12 @@ class HealthJudge:
         raw = getattr(fault, "raw", None)
         if raw:
             fields["raw"] = str(raw)[:2000]
+        if getattr(fault, "previous_boot", False) is True:
+            # read from the journal of an earlier boot: history, cleared by that reboot
+            fields["previous_boot"] = True
+            return Event(t, subject, "xid", severity, action,
+                         _short(text + " (before the last reboot)", 300), gpu=gpu, uuid=uuid,
+                         xid=xid, fields=fields)
         code = f"xid_{xid}"
         codes = self._latched.setdefault(subject, {})
         rec = codes.get(code)

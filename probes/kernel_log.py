@@ -77,6 +77,7 @@ class KernelFault:
     raw: str                       # the kernel line(s) as read, joined with "\n"
     process_name: Optional[str] = None
     dedupe_key: str = ""           # kmsg:<boot_id>:<seq> | journal cursor | fed:<hash>:<n>
+    previous_boot: bool = False    # read from the journal of an earlier boot of this host
 
 
 _BUS = r"(?:PCI:)?[0-9a-fA-F]{1,8}:[0-9a-fA-F]{1,2}:[0-9a-fA-F]{1,2}(?:\.[0-7])?"
@@ -675,6 +676,13 @@ class KernelLogWatcher:
 
     # -- internals: journal
 
+    def _earlier_boot(self, entry_boot: Any) -> bool:
+        """True for a journal entry of an earlier boot (read after a restart that spanned a
+        reboot: the fault is history, the reboot has cleared it)."""
+        now = _boot_key(self._boot_id if self._boot_id != "unknown" else "")
+        then = _boot_key(entry_boot)
+        return bool(now and then and now != then)
+
     def _open_journal(self) -> Optional[str]:
         try:
             if self._journal_factory is not None:
@@ -704,6 +712,7 @@ class KernelLogWatcher:
             return f"cannot open the journal: {e}"
         self._journal = j
         self._skip_cursor = skip_cursor
+        self._boot_id = self._read_boot_id()
         return None
 
     def _run_journal(self) -> None:
@@ -736,8 +745,11 @@ class KernelLogWatcher:
                 if isinstance(msg, str) and "NVRM" in msg:
                     t = _journal_time(entry.get("__REALTIME_TIMESTAMP"))
                     key = str(cursor) if cursor else None
+                    earlier = self._earlier_boot(entry.get("_BOOT_ID"))
                     for line in msg.split("\n"):
                         for f in self._parser.feed(line, time=t, dedupe_key=key):
+                            if earlier:
+                                f = dataclasses.replace(f, previous_boot=True)
                             self._put(f)
                             queued = True
                 if cursor:
@@ -752,6 +764,16 @@ class KernelLogWatcher:
                     j.wait(0.2)
                 except Exception:
                     self._stop.wait(0.2)
+
+
+def _boot_key(value: Any) -> str:
+    """A boot id as 32 lower-case hex digits (the journal gives a UUID or its hex, the kernel
+    a dashed string); "" when there is none."""
+    if isinstance(getattr(value, "hex", None), str):       # uuid.UUID
+        value = value.hex
+    elif isinstance(value, (bytes, bytearray)):
+        value = bytes(value).decode("ascii", "replace")
+    return str(value or "").replace("-", "").strip().lower()
 
 
 def _journal_time(value: Any) -> Optional[float]:

@@ -638,3 +638,17 @@ def test_long_reading_errors_keep_their_fix_and_name_the_gpu_once(tmp_path, cloc
                                                         "every 30 s")
     r = j.judge([], [], clock.time(), nvml_error=pynvml)
     assert "pip install nvidia-ml-py" in codes(r)["nvml_unavailable"].message
+
+
+def test_fault_from_an_earlier_boot_is_recorded_but_not_latched(tmp_path, clock, boot):
+    from gpucostd.probes.kernel_log import KernelFault
+    j = make(tmp_path, clock, boot)
+    step(j, clock, [gpu(0)])
+    old = KernelFault(time=clock.time() - 60, pci_bus_id="0000:1b:00.0", xid=79,
+                      message="GPU has fallen off the bus.", raw="", dedupe_key="c1",
+                      previous_boot=True)
+    r = step(j, clock, [gpu(0)], [old])
+    (e,) = [e for e in r.events if e.code == "xid"]
+    assert e.xid == 79 and e.gpu == 0 and e.fields["previous_boot"] is True
+    assert e.message.endswith("(before the last reboot)")
+    assert r.gpu_health[0] == Severity.OK and "xid_79" not in codes(r, 0)

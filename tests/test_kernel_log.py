@@ -606,3 +606,25 @@ def test_journal_flood_is_read_without_pausing_between_batches(tmp_path):
         assert time.monotonic() - t0 < 0.5, "the reader paused between batches of a flood"
     finally:
         w.stop()
+
+
+def test_journal_faults_of_an_earlier_boot_are_marked(tmp_path):
+    import uuid
+    boot = tmp_path / "boot_id"
+    boot.write_text("11111111-2222-3333-4444-555555555555\n")
+    entries = [{"__CURSOR": "c1", "MESSAGE": xid_line(1, xid=79),
+                "_BOOT_ID": uuid.UUID("99999999-2222-3333-4444-555555555555")},
+               {"__CURSOR": "c2", "MESSAGE": xid_line(2, xid=79),
+                "_BOOT_ID": uuid.UUID("11111111-2222-3333-4444-555555555555")},
+               {"__CURSOR": "c3", "MESSAGE": xid_line(3, xid=13),
+                "_BOOT_ID": "111111112222333344445555555555555"[:32]},
+               {"__CURSOR": "c4", "MESSAGE": xid_line(4, xid=13)}]
+    w = KernelLogWatcher("journal", tmp_path, boot_id_path=str(boot),
+                         journal_factory=lambda: FakeJournal(entries))
+    w.start()
+    try:
+        got = _poll_until(w, 4)
+    finally:
+        w.stop()
+    assert [(f.dedupe_key, f.previous_boot) for f in got] == [
+        ("c1", True), ("c2", False), ("c3", False), ("c4", False)]
