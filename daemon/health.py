@@ -325,6 +325,14 @@ class HealthJudge:
             self._health_change(_subject(g.index), sev, gf, now, events, g.index, g.uuid)
 
         node_findings = self._latched_findings("node", None, None)
+        read = {_subject(g.index) for g in gpus}
+        for subject in [s for s in self._latched if s != "node" and s not in read]:
+            # a GPU with latched faults that NVML no longer lists (or cannot list): its faults
+            # still count, for the node
+            who = f"GPU {subject[4:]}, not read this cycle"
+            node_findings.extend(
+                Finding("node", f.code, f.severity, f.action, _short(f"{who}: {f.message}"),
+                        since=f.since) for f in self._latched_findings(subject, None, None))
         if nvml_error:
             node_findings.append(Finding("node", "nvml_unavailable", Severity.UNKNOWN,
                                          "check the NVIDIA driver and libnvidia-ml",

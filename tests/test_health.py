@@ -652,3 +652,20 @@ def test_fault_from_an_earlier_boot_is_recorded_but_not_latched(tmp_path, clock,
     assert e.xid == 79 and e.gpu == 0 and e.fields["previous_boot"] is True
     assert e.message.endswith("(before the last reboot)")
     assert r.gpu_health[0] == Severity.OK and "xid_79" not in codes(r, 0)
+
+
+def test_sticky_fault_of_a_gpu_that_vanished_from_nvml_keeps_the_node_crit(tmp_path, clock, boot):
+    j = make(tmp_path, clock, boot)
+    step(j, clock, [gpu(0), gpu(1)])
+    r = step(j, clock, [gpu(0), gpu(1)], [Fault(clock.time(), "0000:43:00.0", 79, "fell off")])
+    assert r.node_health == Severity.CRIT
+    r = step(j, clock, [gpu(0)])                   # NVML re-initialized without GPU 1
+    assert r.node_health == Severity.CRIT
+    assert not [e for e in r.events if e.code == "health_change" and e.subject == "node"]
+    (f,) = [f for f in r.findings if f.subject == "node"]
+    assert f.code == "xid_79" and f.gpu is None and f.severity == Severity.CRIT
+    assert f.message.startswith("GPU 1, not read this cycle: Xid 79")
+    r = step(j, clock, [])                         # nothing readable at all
+    assert r.node_health == Severity.CRIT
+    assert [e.fields["cleared"] for e in j.ack(1)] == ["xid_79"]
+    assert step(j, clock, [gpu(0)]).node_health == Severity.OK
