@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import math
+import os
 import re
 import socket
 import time as _time
@@ -66,6 +67,7 @@ def parse_metric(text: str, metric: str) -> Tuple[float, str, int]:
         wanted.append(metric[: -len("_total")])
     else:
         wanted.append(metric + "_total")
+    prefix = os.path.commonprefix(wanted)
     sums: Dict[str, float] = {}
     counts: Dict[str, int] = {}
     bad_lines = good_lines = 0
@@ -74,6 +76,8 @@ def parse_metric(text: str, metric: str) -> Tuple[float, str, int]:
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
+        if good_lines and not line.startswith(prefix):
+            continue        # the text is known to be an exposition: parse only candidates
         m = _SAMPLE.match(line)
         if not m:
             bad_lines += 1
