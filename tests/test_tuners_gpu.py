@@ -12,7 +12,7 @@ import pytest
 
 from gpucostd.clock import VirtualClock
 from gpucostd.config import parse
-from gpucostd.snapshot import CheckResult, GpuReading, NodeSnapshot, Setting
+from gpucostd.snapshot import CheckResult, GpuReading, GpuState, NodeSnapshot, Setting
 from gpucostd.tuners.manager import (Change, TuningManager, format_changes, format_plan,
                                      metric_families, plan_exit_code, shutdown_in_progress)
 from gpucostd.tuners.originals import OriginalsStore
@@ -600,3 +600,29 @@ def test_sim_restore_without_readings_asks_nvml_which_gpu_is_which(tmp_path):
     assert node.state(1)["power_limit"] == 450 and node.state(0)["power_limit"] == 700
     assert not changes["gpu:5"].ok and "GPU-not-here" in changes["gpu:5"].error
     assert all(node.state(i)["power_limit"] == 700 for i in (0, 2, 3, 4, 5, 6, 7))
+
+
+def test_restore_when_no_gpu_can_be_identified_goes_by_index(tmp_path):
+    """NVML down at stop: readings without UUIDs cannot tell GPUs apart, so the restore is
+    tried by index (and fails or succeeds on its own terms), not refused as 'not on this node'."""
+    gw = FakeGateway(n=2)
+    m, _ = manager(tmp_path, gw, "[tuning.gpu]\npower_limit_watts = 600\n")
+    assert all(c.ok for c in m.apply(readings(gw)))
+    blind = (GpuReading(0, state=GpuState.UNKNOWN, error="NVML not available"),
+             GpuReading(1, state=GpuState.UNKNOWN, error="NVML not available"))
+    m2, _ = manager(tmp_path, gw, "[tuning.gpu]\npower_limit_watts = 600\n")
+    changes = m2.restore(blind)
+    assert [c.ok for c in changes] == [True, True] and gw.limits == {0: 700.0, 1: 700.0}
+
+
+def test_restore_names_gpus_that_could_not_be_identified(tmp_path):
+    gw = FakeGateway(n=2)
+    m, _ = manager(tmp_path, gw, "[tuning.gpu]\npower_limit_watts = 600\n")
+    assert all(c.ok for c in m.apply(readings(gw)))
+    now = (GpuReading(0, uuid="GPU-0000", name=MODEL),
+           GpuReading(1, state=GpuState.LOST, error="GPU is lost"))
+    m2, _ = manager(tmp_path, gw, "[tuning.gpu]\npower_limit_watts = 600\n")
+    changes = {c.subject: c for c in m2.restore(now)}
+    assert changes["gpu:0"].ok
+    assert "GPU-0001" in changes["gpu:1"].error and "GPU 1 could not be identified" in \
+        changes["gpu:1"].error and gw.limits[1] == 600.0

@@ -306,10 +306,14 @@ class TuningManager:
                 # GPUs may be renumbered after a reboot: the UUID decides, never the index
                 match = [g for g in gpus if g.uuid == uuid]
                 if not match:
-                    p.error = (f"{subject}: {name}: the GPU it was saved for ({uuid}) is not "
-                               f"on this node now; its original {fmt_value(p.desired)} stays "
-                               f"in {self.originals.path}; run `gpucostd restore` once that "
-                               f"GPU is back")
+                    unknown = [str(g.index) for g in gpus if not g.uuid]
+                    where = (f"is not among the GPUs that answer now (GPU {', '.join(unknown)} "
+                             f"could not be identified)" if unknown else
+                             "is not on this node now")
+                    p.error = (f"{subject}: {name}: the GPU it was saved for ({uuid}) {where}; "
+                               f"its original {fmt_value(p.desired)} stays in "
+                               f"{self.originals.path}; run `gpucostd restore` once that GPU "
+                               f"is back")
                     return p
                 index, gname = match[0].index, match[0].name
             else:
@@ -321,19 +325,21 @@ class TuningManager:
     def _known_gpus(self) -> Tuple[Any, ...]:
         """The GPUs of the last reading; without one (`gpucostd restore`), their UUIDs as the
         gateway reports them. Empty when neither can tell."""
-        if self._gpus:
+        if any(g.uuid for g in self._gpus):
             return self._gpus
         get_uuid = getattr(self.gateway, "get_uuid", None)
-        if get_uuid is None:
-            return ()
         found = []
-        for index in range(getattr(self.gateway, "device_count", None) or 0):
+        for index in range(getattr(self.gateway, "device_count", None) or 0
+                           if get_uuid else 0):
             try:
                 found.append(_GpuId(index, get_uuid(index), None))
             except Exception as e:     # NvmlError: that GPU cannot say who it is
                 LOG.warning("GPU %d: cannot read its UUID for restore: %s", index, e)
-        self._gpus = tuple(found)
-        return self._gpus
+                found.append(_GpuId(index, None, None))
+        if any(g.uuid for g in found):
+            self._gpus = tuple(found)
+            return self._gpus
+        return ()
 
     def metric_families(self, snapshot) -> list:
         return metric_families(snapshot)
