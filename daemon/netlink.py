@@ -130,6 +130,10 @@ class Netlink:
                                 code)
         if code == _errno.ENODEV:
             return NetlinkError("no_device", ifname, error_message("no_device", ifname), code)
+        if code == _errno.ENOENT:    # the generic netlink family "ethtool" is not there
+            return NetlinkError("unavailable", ifname, error_message(
+                "unavailable", ifname, detail="the kernel has no ethtool netlink interface "
+                "(Linux 5.6 or newer is needed to read and change ring buffers)"), code)
         if code in (_errno.EINVAL, _errno.ERANGE):
             return NetlinkError("invalid", ifname,
                                 f"{ifname}: the kernel refused the ring sizes as invalid "

@@ -298,3 +298,14 @@ def test_ring_without_a_current_value_is_not_written(tmp_path):
     store = OriginalsStore(str(tmp_path / "state"))
     assert store.get("ring_rx", "nic:eth0") == (False, None)
     assert all(c.ok for c in m.restore()) and nl.nics["eth0"][0] == {"tx": 1024}
+
+
+def test_kernel_without_ethtool_netlink_says_what_is_needed():
+    import errno
+
+    from gpucostd.netlink import Netlink
+    err = Netlink()._map("eth0", errno.ENOENT, "No such file or directory")
+    assert err.kind == "unavailable"
+    assert str(err) == ("eth0: cannot use ethtool netlink: the kernel has no ethtool netlink "
+                        "interface (Linux 5.6 or newer is needed to read and change ring "
+                        "buffers)")
