@@ -144,7 +144,7 @@ class _Track:
 
     __slots__ = ("uuid", "state", "slow_intervals", "slow_total", "slow_last_t", "slow_last_active",
                  "ecc_samples", "vol_corr", "vol_unc", "remap_pending", "remap_failure",
-                 "retired_pending", "seen", "flag_key", "flag_values")
+                 "retired_pending", "flag_key", "flag_values")
 
     def __init__(self) -> None:
         self.uuid: Optional[str] = None
@@ -159,7 +159,6 @@ class _Track:
         self.remap_pending: Optional[bool] = None
         self.remap_failure: Optional[bool] = None
         self.retired_pending: Optional[bool] = None
-        self.seen = False
         self.flag_key: Optional[str] = None          # key of its entry in HealthJudge._flags
         self.flag_values: Tuple[bool, ...] = (False, False, False, False)   # as saved
 
@@ -717,15 +716,9 @@ class HealthJudge:
     def _rule_memory(self, g: GpuReading, tr: _Track, now: float, add,
                      events: List[Event]) -> None:
         subject = _subject(g.index)
-        if g.remapped_rows_pending:
-            add("remap_pending", Severity.WARN, ACTION_RESET,
-                "row remapping pending: reset the GPU to apply it")
-            if not tr.remap_pending:
-                events.append(Event(now, subject, "remap_pending", Severity.WARN, ACTION_RESET,
-                                    f"GPU {g.index}: row remapping pending; reset the GPU",
-                                    gpu=g.index, uuid=g.uuid))
-        if g.remapped_rows_pending is not None:
-            tr.remap_pending = g.remapped_rows_pending
+        self._pending_flag(g, tr, "remap_pending", g.remapped_rows_pending, "remap_pending",
+                           "row remapping pending: reset the GPU to apply it",
+                           "row remapping pending; reset the GPU", now, add, events)
         if g.remapped_rows_failure:
             codes = self._latched.setdefault(subject, {})
             if "remap_failure" not in codes and "remap_failure" not in self._acked.get(
@@ -744,15 +737,24 @@ class HealthJudge:
                                     f"inspection/RMA", gpu=g.index, uuid=g.uuid))
         if g.remapped_rows_failure is not None:
             tr.remap_failure = g.remapped_rows_failure
-        if g.retired_pages_pending:
-            add("retired_pages_pending", Severity.WARN, ACTION_RESET,
-                "page retirement pending: reset the GPU to retire the pages")
-            if not tr.retired_pending:
-                events.append(Event(now, subject, "retired_pages_pending", Severity.WARN,
-                                    ACTION_RESET, f"GPU {g.index}: retired pages pending; "
-                                    f"reset the GPU", gpu=g.index, uuid=g.uuid))
-        if g.retired_pages_pending is not None:
-            tr.retired_pending = g.retired_pages_pending
+        self._pending_flag(g, tr, "retired_pending", g.retired_pages_pending,
+                           "retired_pages_pending",
+                           "page retirement pending: reset the GPU to retire the pages",
+                           "retired pages pending; reset the GPU", now, add, events)
+
+    @staticmethod
+    def _pending_flag(g: GpuReading, tr: _Track, attr: str, value: Optional[bool], code: str,
+                      finding: str, event_text: str, now: float, add,
+                      events: List[Event]) -> None:
+        """A WARN "reset GPU" finding while `value` is set, with an event when it appears
+        (`tr.<attr>`: as last reported; an absent reading leaves it as it was)."""
+        if value:
+            add(code, Severity.WARN, ACTION_RESET, finding)
+            if not getattr(tr, attr):
+                events.append(Event(now, _subject(g.index), code, Severity.WARN, ACTION_RESET,
+                                    f"GPU {g.index}: {event_text}", gpu=g.index, uuid=g.uuid))
+        if value is not None:
+            setattr(tr, attr, value)
 
     def _rule_pcie(self, g: GpuReading, cfg, add) -> None:
         util = g.utilization_percent
