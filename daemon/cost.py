@@ -596,10 +596,17 @@ class CostAccountant:
         hist = self._history.get(bucket)
         present = []
         cycle_ok = self._cycle_ok = []
+        used = {g.uuid for g in gpus if g.uuid}
         for g in gpus:
             # a GPU that lost its identity (LOST/UNKNOWN readings carry no uuid) stays the
-            # GPU last seen at its index
-            key = g.uuid or self._by_index.get(g.index) or _gpu_key(g)
+            # GPU last seen at its index, unless that GPU is read elsewhere in this cycle
+            # (re-enumerated): then it is only "the GPU at this index"
+            key = g.uuid
+            if not key:
+                key = self._by_index.get(g.index)
+                if key is None or key in used:
+                    key = _gpu_key(g)
+                used.add(key)
             self._by_index[g.index] = key
             tr = self._tracks.get(key)
             if tr is None:

@@ -820,3 +820,21 @@ def test_breakdown_refuses_a_window_that_is_not_a_positive_number(since):
     _acc, rep = _hour_of_throttling()
     with pytest.raises(ValueError, match="must be a positive number of seconds"):
         cost_breakdown(rep, since)
+
+
+def test_renumbered_gpus_with_a_lost_one_are_not_counted_twice():
+    clock = VirtualClock()
+    acc = CostAccountant(make_config("[cost]\ngpu_hour_usd = 3.6\n"), None, clock)
+    for t in range(0, 11):
+        clock._t = float(t)
+        rep = acc.update([_throttled(t, index=0, uuid="GPU-A"),
+                          reading(index=1, uuid="GPU-B")], float(t))
+    dollars = rep.dollars
+    # after a re-enumeration GPU-A is index 1 and whatever is at index 0 gives no identity
+    clock._t = 11.0
+    rep = acc.update([GpuReading(index=0, state=GpuState.LOST, error="lost"),
+                      _throttled(11, index=1, uuid="GPU-A")], 11.0)
+    uuids = [g.uuid for g in rep.gpus]
+    assert uuids.count("GPU-A") == 1, uuids
+    assert rep.dollars == pytest.approx(dollars + 0.5 / 3600 * 3.6)
+    assert rep.to_json()["node"]["dollars"] == pytest.approx(rep.dollars, abs=1e-6)
