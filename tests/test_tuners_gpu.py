@@ -626,3 +626,22 @@ def test_restore_names_gpus_that_could_not_be_identified(tmp_path):
     assert changes["gpu:0"].ok
     assert "GPU-0001" in changes["gpu:1"].error and "GPU 1 could not be identified" in \
         changes["gpu:1"].error and gw.limits[1] == 600.0
+
+
+@pytest.mark.parametrize("kind,words", [
+    ("timeout", ("did not answer in time", "dmesg", "next verify")),
+    ("not_supported", ("not supported on this GPU", "[[tuning.gpu.override]]")),
+    ("lost", ("lost", "reset the GPU or reboot")),
+    ("no_permission", ("permission denied", "root")),
+])
+def test_gpu_error_texts_say_what_and_how_to_fix(tmp_path, kind, words):
+    class Failing(FakeGateway):
+        def set_power_limit(self, index, watts):
+            raise FakeNvmlError(kind, "raw NVML text")
+
+    gw = Failing(n=1)
+    m, _ = manager(tmp_path, gw, "[tuning.gpu]\npower_limit_watts = 600\n")
+    (change,) = m.apply(readings(gw))
+    assert not change.ok and change.error.startswith(
+        f"GPU 0 ({MODEL}): cannot set the power limit to 600 W: ")
+    assert all(w in change.error for w in words), change.error

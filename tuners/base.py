@@ -74,11 +74,13 @@ def nvml_error_text(label: str, what: str, exc: BaseException) -> TunerError:
                f"CAP_SYS_ADMIN with access to /dev/nvidiactl); run gpucostd as root, e.g. via "
                f"gpucostd.service")
     elif kind == "not_supported":
-        msg = f"{label}: {what}: not supported on this GPU"
+        msg = (f"{label}: {what}: not supported on this GPU; leave the setting out for it "
+               f"(a [[tuning.gpu.override]] matching it)")
     elif kind == "lost":
         msg = f"{label}: {what}: the GPU is lost (fell off the bus); reset the GPU or reboot"
     elif kind == "timeout":
-        msg = f"{label}: {what}: NVML did not answer in time; the GPU may be hung"
+        msg = (f"{label}: {what}: NVML did not answer in time; the GPU may be hung (check "
+               f"`dmesg` for Xid errors); it is tried again at the next verify")
     elif kind == "invalid_argument":
         msg = f"{label}: {what}: refused by the driver as invalid ({detail})"
     elif kind == "unavailable":
