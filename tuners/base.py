@@ -74,8 +74,8 @@ def nvml_error_text(label: str, what: str, exc: BaseException) -> TunerError:
                f"CAP_SYS_ADMIN with access to /dev/nvidiactl); run gpucostd as root, e.g. via "
                f"gpucostd.service")
     elif kind == "not_supported":
-        msg = (f"{label}: {what}: not supported on this GPU; leave the setting out for it "
-               f"(a [[tuning.gpu.override]] matching it)")
+        msg = (f"{label}: {what}: not supported on this GPU; set it only for the GPUs that "
+               f"support it ([[tuning.gpu.override]] instead of [tuning.gpu])")
     elif kind == "lost":
         msg = f"{label}: {what}: the GPU is lost (fell off the bus); reset the GPU or reboot"
     elif kind == "timeout":
