@@ -324,14 +324,19 @@ class HealthJudge:
             self._health_change(_subject(g.index), sev, gf, now, events, g.index, g.uuid)
 
         node_findings = self._latched_findings("node", None, None)
-        read = {_subject(g.index) for g in gpus}
-        for subject in [s for s in self._latched if s != "node" and s not in read]:
-            # a GPU with latched faults that NVML no longer lists (or cannot list): its faults
-            # still count, for the node
-            who = f"GPU {subject[4:]}, not read this cycle"
+        # latched faults of a GPU that NVML no longer lists (or cannot list), or lists under
+        # another index (the GPUs after it renumbered): they still count, for the node
+        uuid_at = {_subject(g.index): g.uuid or self._tracks[g.index].uuid for g in gpus}
+        for subject in [s for s in self._latched if s != "node"]:
+            if subject in uuid_at:
+                gone = self._latched_findings(subject, None, uuid_at[subject], foreign=True)
+                who = f"the GPU formerly at index {subject[4:]}, not read this cycle"
+            else:
+                gone = self._latched_findings(subject, None, None)
+                who = f"GPU {subject[4:]}, not read this cycle"
             node_findings.extend(
                 Finding("node", f.code, f.severity, f.action, _short(f"{who}: {f.message}"),
-                        since=f.since) for f in self._latched_findings(subject, None, None))
+                        since=f.since) for f in gone)
         if nvml_error:
             node_findings.append(Finding("node", "nvml_unavailable", Severity.UNKNOWN,
                                          "check the NVIDIA driver and libnvidia-ml",
@@ -417,15 +422,17 @@ class HealthJudge:
                          and now - float(r.get("last", now)) > XID_FINDING_TTL_SECONDS]:
                 del codes[code]
 
-    def _latched_findings(self, subject: str, gpu: Optional[int], uuid: Optional[str]
-                          ) -> List[Finding]:
-        out = []
+    def _latched_findings(self, subject: str, gpu: Optional[int], uuid: Optional[str],
+                          foreign: bool = False) -> List[Finding]:
+        """The latched faults of `subject` recorded for the GPU `uuid` (or for any GPU when
+        `uuid` is None); with `foreign`, only those recorded for another GPU at this index."""
+        out: List[Finding] = []
         codes = self._latched.get(subject)
         if not codes:
             return out
         for code, r in codes.items():
-            if r.get("uuid") and uuid and r["uuid"] != uuid:
-                continue            # recorded for another GPU at this index (hardware swap)
+            if bool(r.get("uuid") and uuid and r["uuid"] != uuid) != foreign:
+                continue
             if code_is_xid(code):
                 count = int(r.get("count", 1))
                 msg = _xid_title(r.get("xid"), str(r.get("name", "")))
@@ -442,7 +449,9 @@ class HealthJudge:
     # ------------------------------------------------------------------ GPU resets
     def _detect_reset(self, g: GpuReading, now: float, events: List[Event]) -> None:
         tr = self._tracks.get(g.index)
-        if tr is None:
+        if tr is None or (tr.uuid and g.uuid and tr.uuid != g.uuid):
+            # first sight, or another GPU at this index (renumbered after one vanished): what
+            # we knew of the old one says nothing about a reset of this one
             tr = self._tracks[g.index] = self._new_track(g)
         why = None
         if tr.state == GpuState.LOST and g.state == GpuState.OK:

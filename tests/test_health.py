@@ -669,3 +669,19 @@ def test_sticky_fault_of_a_gpu_that_vanished_from_nvml_keeps_the_node_crit(tmp_p
     assert r.node_health == Severity.CRIT
     assert [e.fields["cleared"] for e in j.ack(1)] == ["xid_79"]
     assert step(j, clock, [gpu(0)]).node_health == Severity.OK
+
+
+def test_gpus_renumbered_after_one_vanished_is_not_a_reset(tmp_path, clock, boot):
+    j = make(tmp_path, clock, boot)
+    step(j, clock, [gpu(0), gpu(1), gpu(2)])
+    r = step(j, clock, [gpu(0), _lost(1, gpu(1).uuid), gpu(2)],
+             [Fault(clock.time(), "0000:43:00.0", 79, "fell off")])
+    assert r.gpu_health[1] == Severity.CRIT
+    # NVML re-initialized without the lost GPU: the GPU that was 2 is now 1
+    shifted = gpu(1, uuid=gpu(2).uuid, pci_bus_id=BUS[2])
+    r = step(j, clock, [gpu(0), shifted])
+    assert "gpu_reset" not in {e.code for e in r.events}
+    assert r.gpu_health == {0: Severity.OK, 1: Severity.OK}
+    assert r.node_health == Severity.CRIT
+    (f,) = [f for f in r.findings if f.subject == "node"]
+    assert f.code == "xid_79" and "formerly at index 1" in f.message
