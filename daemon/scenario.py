@@ -311,6 +311,10 @@ class _Validator:
         return out
 
 
+def _indexes(count: int) -> str:
+    return f"allowed 0..{count - 1}" if count else "node.gpu_count = 0 means no GPUs"
+
+
 def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
@@ -605,7 +609,7 @@ def parse_scenario(text: str, path: str = "<scenario>", name: Optional[str] = No
         idx = d.pop("index")
         if idx >= count:
             v.fail(f"gpu[{occ}].index = {idx}: out of range; node.gpu_count is {count}, "
-                   f"allowed 0..{count - 1}", "gpu", "index", True, occ)
+                   f"{_indexes(count)}", "gpu", "index", True, occ)
         if idx in seen_index:
             v.fail(f"gpu[{occ}].index = {idx}: duplicate [[gpu]] for this index", "gpu",
                    "index", True, occ)
@@ -672,7 +676,7 @@ def parse_scenario(text: str, path: str = "<scenario>", name: Optional[str] = No
         reset = bool(d.pop("reset", False))
         loaded = d.pop("driver_loaded", None)
         if gpu is not None and gpu >= count:
-            v.fail(f"{where}.gpu = {gpu}: out of range; allowed 0..{count - 1}", "at", "gpu",
+            v.fail(f"{where}.gpu = {gpu}: out of range; {_indexes(count)}", "at", "gpu",
                    True, occ)
         if gpu is None and (d or hang or reset):
             v.fail(f"{where}: GPU fields, hang_seconds and reset need `gpu = INDEX`", "at",

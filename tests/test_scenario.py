@@ -210,3 +210,11 @@ def test_inconsistent_states_name_the_line_that_made_them():
     e = err(BASE + '\n[[gpu]]\nindex = 0\nuuid = "GPU-1"\n[[gpu]]\nindex = 1\n'
                    'uuid = "GPU-1"\n')
     assert e.line == 12 and e.key == "uuid" and "same uuid" in str(e)
+
+
+def test_gpu_index_on_a_node_without_gpus():
+    text = BASE.replace("gpu_count = 2", "gpu_count = 0")
+    msg = str(err(text + "\n[[gpu]]\nindex = 0\n"))
+    assert "no GPUs" in msg and "0..-1" not in msg
+    msg = str(err(text + "\n[[at]]\nt = 1\ngpu = 0\nlost = true\n"))
+    assert "at[0].gpu = 0" in msg and "no GPUs" in msg and "0..-1" not in msg
