@@ -510,7 +510,8 @@ class KernelLogWatcher:
             with open(path) as f:
                 data = json.load(f)
             if isinstance(data, dict):
-                return data
+                # one entry per source, each an object; anything else is dropped (read from start)
+                return {k: v for k, v in data.items() if isinstance(v, dict)}
             raise ValueError("not a JSON object")
         except FileNotFoundError:
             return {}

@@ -628,3 +628,25 @@ def test_journal_faults_of_an_earlier_boot_are_marked(tmp_path):
         w.stop()
     assert [(f.dedupe_key, f.previous_boot) for f in got] == [
         ("c1", True), ("c2", False), ("c3", False), ("c4", False)]
+
+
+def test_state_file_with_wrong_shapes_reads_from_start_without_crashing(tmp_path):
+    k = FakeKmsg(tmp_path)
+    k.state.mkdir()
+    (k.state / "kernel_log.json").write_text('{"kmsg": [1, 2], "journal": "cursor"}')
+    k.write(xid_line(1))
+    w = k.watcher()
+    try:
+        assert w.source_in_use == "kmsg" and len(_poll_until(w, 1)) == 1
+        w.commit()
+    finally:
+        w.stop()
+    assert json.loads((k.state / "kernel_log.json").read_text())["kmsg"]["seq"] == 1
+    entries = [{"__CURSOR": "c1", "MESSAGE": xid_line(1)}]
+    j = KernelLogWatcher("journal", k.state, journal_factory=lambda: FakeJournal(entries))
+    (k.state / "kernel_log.json").write_text('{"journal": ["not", "a", "cursor"]}')
+    j.start()
+    try:
+        assert j.source_in_use == "journal" and len(_poll_until(j, 1)) == 1
+    finally:
+        j.stop()
