@@ -549,6 +549,7 @@ class CostAccountant:
         self._history_saved_at = -1e18
         self._window_cache: Optional[Tuple[int, Dict[str, Any]]] = None
         self._totals_since: Optional[float] = None
+        self._no_save = False         # set when a bad state file could not be moved aside
         self._load()
 
     # ------------------------------------------------------------------ config
@@ -889,16 +890,23 @@ class CostAccountant:
                 if tr.uuid:
                     self._by_index.setdefault(tr.index, key)
         except (OSError, ValueError, TypeError, AttributeError, KeyError, IndexError) as e:
-            bad = path + ".bad"
+            # keep every bad file: an earlier one may hold totals someone still wants
+            bad, n = path + ".bad", 0
+            while os.path.lexists(bad):
+                n += 1
+                bad = f"{path}.bad.{n}"
             try:
                 os.replace(path, bad)
-            except OSError:
-                pass
+                kept = f"the old file is kept as {bad}"
+            except OSError as e2:
+                # never overwrite what could not be moved aside: totals stay in memory only
+                self._no_save = True
+                kept = (f"it could not be moved aside ({e2.strerror or e2}), so the totals are "
+                        f"not saved until it is moved away and the daemon restarted")
             self._tracks.clear()
             self._history.clear()
             self._by_index.clear()
-            msg = (f"{path}: unreadable cost state ({e}); totals start from zero, the old file "
-                   f"is kept as {bad}")
+            msg = f"{path}: unreadable cost state ({e}); totals start from zero; {kept}"
             LOG.warning(msg)
             self._notes.append(msg)
 
@@ -940,7 +948,7 @@ class CostAccountant:
     def flush(self, history: bool = True) -> None:
         """Write the state file now (atomically, fsynced). Errors are logged, not raised."""
         path = self._state_path()
-        if not path:
+        if not path or self._no_save:
             return
         self._prune(int((self.clock.time() if self.clock else _time.time()) // BUCKET_SECONDS))
         try:

@@ -838,3 +838,32 @@ def test_renumbered_gpus_with_a_lost_one_are_not_counted_twice():
     assert uuids.count("GPU-A") == 1, uuids
     assert rep.dollars == pytest.approx(dollars + 0.5 / 3600 * 3.6)
     assert rep.to_json()["node"]["dollars"] == pytest.approx(rep.dollars, abs=1e-6)
+
+
+def test_a_second_corrupt_state_file_does_not_replace_the_first_bad_one(tmp_path):
+    (tmp_path / "cost.json.bad").write_text("first")
+    (tmp_path / "cost.json").write_text("second")
+    rep = CostAccountant(make_config(), str(tmp_path), VirtualClock()).update([reading()], 0.0)
+    assert (tmp_path / "cost.json.bad").read_text() == "first"
+    assert (tmp_path / "cost.json.bad.1").read_text() == "second"
+    assert any("kept as" in n and "cost.json.bad.1" in n for n in rep.notes)
+
+
+def test_corrupt_state_that_cannot_be_moved_aside_is_never_overwritten(tmp_path, monkeypatch):
+    (tmp_path / "cost.json").write_text("{not json")
+    real_replace = os.replace
+
+    def no_move(src, dst):
+        if str(src).endswith("cost.json"):
+            raise PermissionError(13, "Permission denied")
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", no_move)
+    clock = VirtualClock()
+    acc = CostAccountant(make_config("[cost]\ngpu_hour_usd = 3.6\n"), str(tmp_path), clock)
+    for t in range(0, 3):
+        clock._t = float(t)
+        rep = acc.update([_throttled(t)], float(t))
+    acc.flush()
+    assert (tmp_path / "cost.json").read_text() == "{not json"
+    assert any("could not be moved aside" in n for n in rep.notes)
+    assert rep.gpus[0].capacity_lost_seconds == pytest.approx(1.0)
