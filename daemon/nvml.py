@@ -657,13 +657,6 @@ class NvmlGateway:
             self._mark_unavailable(str(unavailable))
         return out
 
-    def read_device(self, index: int, timeout: Optional[float] = None) -> DeviceRead:
-        """One GPU's readings; raises NvmlError for lost/timeout/unavailable."""
-        got = self.read_devices([index], timeout)[index]
-        if isinstance(got, NvmlError):
-            raise got
-        return got
-
     def _read_device(self, index: int) -> DeviceRead:
         """Runs on GPU `index`'s worker: every NVML reading of one GPU."""
         nv = _pynvml
