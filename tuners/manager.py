@@ -328,9 +328,9 @@ class TuningManager:
         if any(g.uuid for g in self._gpus):
             return self._gpus
         get_uuid = getattr(self.gateway, "get_uuid", None)
+        count = (getattr(self.gateway, "device_count", None) or 0) if get_uuid else 0
         found = []
-        for index in range(getattr(self.gateway, "device_count", None) or 0
-                           if get_uuid else 0):
+        for index in range(count):
             try:
                 found.append(_GpuId(index, get_uuid(index), None))
             except Exception as e:     # NvmlError: that GPU cannot say who it is
@@ -349,13 +349,14 @@ class _Missing:
     pass
 
 
+_MISSING = _Missing()
+
+
 class _GpuId(NamedTuple):
+    """A GPU as NVML names it when there is no reading (restore by hand)."""
     index: int
     uuid: Optional[str]
     name: Optional[str]
-
-
-_MISSING = _Missing()
 
 
 # ---------------------------------------------------------------------- system shutdown
@@ -365,8 +366,9 @@ SHUTDOWN_TARGETS = ("shutdown.target", "reboot.target", "poweroff.target", "halt
 
 def shutdown_in_progress(run=None, timeout: float = 5.0) -> bool:
     """True when systemd is taking the system down (a start job for shutdown/reboot/poweroff/
-    halt/kexec/soft-reboot.target is queued, or `systemctl is-system-running` says "stopping"). False when
-    systemctl is absent or does not answer: then a stop is an ordinary stop."""
+    halt/kexec/soft-reboot.target is queued, or `systemctl is-system-running` says
+    "stopping"). False when systemctl is absent or does not answer: then a stop is an ordinary
+    stop."""
     if run is None:
         if shutil.which("systemctl") is None:
             return False
@@ -419,7 +421,8 @@ def format_plan(settings: Sequence[Setting], width: int = WIDTH) -> str:
                f"{_cell(s.desired, s.name)[:9]:<9} {_action(s):<7} ")
         lines.append((row + s.source)[:width].rstrip())
         if s.error:
-            lines.extend("  " + w for w in textwrap.wrap(s.error, width - 2, break_on_hyphens=False))
+            lines.extend("  " + w for w in textwrap.wrap(s.error, width - 2,
+                                                         break_on_hyphens=False))
     changes = sum(1 for s in settings if not s.error and s.desired != s.actual)
     errors = sum(1 for s in settings if s.error)
     lines.append(f"{len(settings)} settings: {changes} would change, {errors} with errors, "
@@ -438,7 +441,8 @@ def format_changes(changes: Sequence[Change], width: int = WIDTH) -> str:
                f"{_cell(c.old, c.name)[:12]} -> {_cell(c.new, c.name)[:12]}")
         lines.append(row[:width])
         if c.error:
-            lines.extend("       " + w for w in textwrap.wrap(c.error, width - 7, break_on_hyphens=False))
+            lines.extend("       " + w for w in textwrap.wrap(c.error, width - 7,
+                                                              break_on_hyphens=False))
     ok = sum(1 for c in changes if c.ok)
     lines.append(f"{ok} changed, {len(changes) - ok} failed")
     return "\n".join(lines) + "\n"
