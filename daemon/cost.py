@@ -1017,8 +1017,12 @@ def fit_tokens_vs_clock(points: Sequence[Tuple[float, float, float]], loss_now: 
 
 # =========================================================================== history views
 def _history_json(history: Mapping[int, Any]) -> Dict[str, Any]:
+    """A copy of the live history: the status socket's thread renders it while the loop adds
+    to it (each list(...items()) is one C call, so no "changed size during iteration")."""
     return {"bucket_seconds": BUCKET_SECONDS,
-            "buckets": {str(b): v for b, v in sorted(history.items())}}
+            "buckets": {str(b): {k: {r: list(v) for r, v in list(per_reason.items())}
+                                 for k, per_reason in list(per_gpu.items())}
+                        for b, per_gpu in sorted(list(history.items()))}}
 
 
 def cost_breakdown(data: Union[CostReport, Mapping[str, Any]],
@@ -1346,22 +1350,19 @@ def metric_families(snapshot) -> Iterable[Any]:
         out.append(g3)
     tk = report.tokens
     if tk is not None:
-        if tk.tokens_per_second is not None:
-            m = GaugeMetricFamily("gpucostd_node_tokens_per_second",
-                                  "Tokens generated per second by the inference server "
-                                  "(5-minute window)")
-            m.add_metric([], tk.tokens_per_second)
-            out.append(m)
-        if tk.tokens_per_dollar is not None:
-            m = GaugeMetricFamily("gpucostd_node_tokens_per_dollar",
-                                  "Tokens generated per unit of money at the node's price")
-            m.add_metric([], tk.tokens_per_dollar)
-            out.append(m)
-        if tk.cost_per_million_tokens is not None:
-            m = GaugeMetricFamily("gpucostd_node_cost_per_million_tokens_dollars",
-                                  "Cost of one million generated tokens at the node's price")
-            m.add_metric([], tk.cost_per_million_tokens)
-            out.append(m)
+        for name, doc, value in (
+                ("gpucostd_node_tokens_per_second",
+                 "Tokens generated per second by the inference server (5-minute window)",
+                 tk.tokens_per_second),
+                ("gpucostd_node_tokens_per_dollar",
+                 "Tokens generated per unit of money at the node's price", tk.tokens_per_dollar),
+                ("gpucostd_node_cost_per_million_tokens_dollars",
+                 "Cost of one million generated tokens at the node's price",
+                 tk.cost_per_million_tokens)):
+            if value is not None:
+                m = GaugeMetricFamily(name, doc)
+                m.add_metric([], value)
+                out.append(m)
         m = CounterMetricFamily("gpucostd_node_tokens_lost",
                                 "Tokens not generated because of throttling (modelled: "
                                 "tokens/s x loss/(1-loss))")

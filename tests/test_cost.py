@@ -867,3 +867,16 @@ def test_corrupt_state_that_cannot_be_moved_aside_is_never_overwritten(tmp_path,
     assert (tmp_path / "cost.json").read_text() == "{not json"
     assert any("could not be moved aside" in n for n in rep.notes)
     assert rep.gpus[0].capacity_lost_seconds == pytest.approx(1.0)
+
+
+def test_history_in_a_report_json_is_a_copy_not_the_live_history():
+    # the status socket renders `gpucostd cost` in its own thread while the loop adds cost
+    acc, rep = _hour_of_throttling()
+    data = rep.to_json(history=True)
+    before = json.dumps(data, sort_keys=True)
+    acc._history.setdefault(max(acc._history) + 1, {})["GPU-3"] = {"SwPowerCap": [1.0] * 3}
+    for per_gpu in acc._history.values():
+        for per_reason in per_gpu.values():
+            for v in per_reason.values():
+                v[1] += 100.0
+    assert json.dumps(data, sort_keys=True) == before
