@@ -76,7 +76,7 @@ class KernelFault:
     message: str                   # text after the Xid (pid=/name= taken out)
     raw: str                       # the kernel line(s) as read, joined with "\n"
     process_name: Optional[str] = None
-    dedupe_key: str = ""           # kmsg:<boot_id>:<seq> | journal cursor | fed:<hash>:<n>
+    dedupe_key: str = ""           # kmsg:<boot_id>:<seq> | journal cursor | fed:<run>:<hash>:<n>
     previous_boot: bool = False    # read from the journal of an earlier boot of this host
 
 
@@ -129,6 +129,9 @@ class NvrmParser:
         self._dup_window = dup_window
         self._last79: Dict[str, Tuple[float, str]] = {}   # bus -> (time, form)
         self._seq = 0
+        # fed lines are not read again after a restart: a key of one parser must never match
+        # one of an earlier run (the simulator replays the same lines from its start)
+        self._run = os.urandom(4).hex()
 
     # -- public
 
@@ -139,7 +142,7 @@ class NvrmParser:
     def feed(self, line: Union[str, bytes], *, time: Optional[float] = None,
              dedupe_key: Optional[str] = None) -> List[KernelFault]:
         """Parse one line. `time` (wall) defaults to now; `dedupe_key` defaults to
-        ``fed:<sha1 of the line, 16 hex>:<line number in this parser>``."""
+        ``fed:<random id of this parser>:<sha1 of the line, 16 hex>:<line number in it>``."""
         try:
             return self._feed(line, time, dedupe_key)
         except Exception:  # bad input must never take the watcher down
@@ -187,8 +190,8 @@ class NvrmParser:
         if t is None:
             t = self._now()
         if key is None:
-            key = "fed:%s:%d" % (hashlib.sha1(line.encode("utf-8", "replace")).hexdigest()[:16],
-                                 self._seq)
+            key = "fed:%s:%s:%d" % (self._run, hashlib.sha1(line.encode("utf-8", "replace"))
+                                    .hexdigest()[:16], self._seq)
         out: List[KernelFault] = []
 
         # the multi-line message in progress

@@ -650,3 +650,25 @@ def test_state_file_with_wrong_shapes_reads_from_start_without_crashing(tmp_path
         assert j.source_in_use == "journal" and len(_poll_until(j, 1)) == 1
     finally:
         j.stop()
+
+
+def test_fed_lines_of_a_new_run_are_not_duplicates_of_the_last_run(tmp_path):
+    # the simulator replays its timeline from the start after a daemon restart: the same lines
+    # are new faults, and the event store must not drop them as already recorded
+    from gpucostd.events import EventStore
+    store = EventStore(str(tmp_path))
+    stored = []
+    for _ in range(2):                         # two daemon runs
+        w = KernelLogWatcher("none", tmp_path)
+        w.start()
+        w.feed_lines([xid_line(1), xid_line(1)])
+        for f in w.poll():
+            assert not store.seen(f.dedupe_key)
+            stored.append(store.append(_xid_event(f), f.dedupe_key))
+        w.stop()
+    assert len(stored) == 4 and all(e is not None for e in stored)
+
+
+def _xid_event(f):
+    from gpucostd.snapshot import Event, Severity
+    return Event(f.time, "node", "xid", Severity.WARN, "look up", f.message, xid=f.xid)
