@@ -258,6 +258,8 @@ class HookRunner:
         else:
             # the hook is done; anything it left behind in its group goes too
             self._kill(proc, signal.SIGKILL, quiet=True)
+        if proc.returncode is not None:
+            self._reap_group(proc.pid)
         # A process that left the hook's group (setsid, a double fork) may still hold the pipe
         # open: then the reader stays blocked in read. It is a daemon thread and ends when that
         # process closes the pipe; we do not wait for it (closing the stream from here would
@@ -276,6 +278,22 @@ class HookRunner:
         except OSError as e:
             if not quiet:
                 LOG.warning("hooks: cannot signal process group %d: %s", proc.pid, e)
+
+    @staticmethod
+    def _reap_group(pgid: int, timeout: float = 1.0) -> None:
+        """Reap the processes of the hook's (killed) group that became our children: when the
+        daemon is PID 1 of a container or a child subreaper, orphans are reparented to it, and
+        nobody else would collect them (zombies would pile up with every hook run)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                pid, _ = os.waitpid(-pgid, os.WNOHANG)
+            except OSError:             # ChildProcessError: none of them is our child
+                return
+            if pid == 0:                # ours, not dead yet (SIGKILL is on its way)
+                if time.monotonic() >= deadline:
+                    return
+                time.sleep(0.01)
 
     @staticmethod
     def _read_output(proc: subprocess.Popen, label: str, res: HookResult) -> None:

@@ -264,3 +264,40 @@ def test_a_process_escaping_the_hook_group_does_not_block_later_hooks(tmp_path):
                 os.kill(int(pidfile.read_text()), 9)
             except ProcessLookupError:
                 pass
+
+
+def test_leftovers_of_a_hook_are_reaped_when_the_daemon_is_their_reaper(tmp_path):
+    # PID 1 of a container (or a child subreaper) inherits what a hook leaves behind: it must
+    # not collect zombies. Run in a child process made a subreaper, to keep this one clean.
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_CHILD_SUBREAPER is Linux only")
+    leftover = tmp_path / "leftover.pid"
+    hook = tmp_path / "bg.sh"
+    hook.write_text(f"#!/bin/sh\nsleep 60 &\necho $! > {leftover}\nexit 0\n")
+    hook.chmod(0o755)
+    driver = tmp_path / "driver.py"
+    driver.write_text(textwrap.dedent(f"""\
+        import ctypes, json, sys
+        sys.path[:0] = {sys.path!r}
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.prctl(36, 1, 0, 0, 0) == 0          # PR_SET_CHILD_SUBREAPER
+        from gpucostd import config
+        from gpucostd.hooks import HookRunner
+        from gpucostd.snapshot import Event, Severity
+        cfg = config.parse('[hooks]\\non_critical = ["{hook}"]\\n')
+        ev = Event(1.7e9, "node", "health_change", Severity.CRIT, "reset GPU", "x",
+                   fields={{"from": "OK", "to": "CRIT", "from_known": "OK"}})
+        res = HookRunner(cfg).run("on_critical", ["{hook}"], ev, 10)
+        pid = int(open("{leftover}").read())
+        try:
+            state = open(f"/proc/{{pid}}/stat").read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            state = "gone"
+        print(json.dumps({{"ok": res.ok, "state": state}}))
+        """))
+    import subprocess
+    out = subprocess.run([sys.executable, str(driver)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {"ok": True, "state": "gone"}, got
