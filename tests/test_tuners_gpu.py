@@ -645,3 +645,21 @@ def test_gpu_error_texts_say_what_and_how_to_fix(tmp_path, kind, words):
     assert not change.ok and change.error.startswith(
         f"GPU 0 ({MODEL}): cannot set the power limit to 600 W: ")
     assert all(w in change.error for w in words), change.error
+
+
+def test_unusable_saved_original_is_reported_and_the_others_restored(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "originals.json").write_text(json.dumps({"version": 1, "originals": {
+        "gpu:0": {"power_limit_watts": {"value": "lots", "uuid": "GPU-0000"}},
+        "gpu:1": {"power_limit_watts": {"value": None, "uuid": "GPU-0001"},
+                  "persistence_mode": {"value": [1], "uuid": "GPU-0001"}},
+        "gpu:2": {"power_limit_watts": {"value": 650, "uuid": "GPU-0002"}}}}))
+    gw = FakeGateway(n=3, limit=600.0)
+    m, _ = manager(tmp_path, gw)
+    changes = {(c.subject, c.name): c for c in m.restore(readings(gw))}
+    assert changes[("gpu:2", "power_limit_watts")].ok and gw.limits[2] == 650.0
+    for key in (("gpu:0", "power_limit_watts"), ("gpu:1", "power_limit_watts"),
+                ("gpu:1", "persistence_mode")):
+        assert not changes[key].ok and "correct or remove that entry" in changes[key].error
+    assert gw.limits[0] == gw.limits[1] == 600.0

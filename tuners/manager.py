@@ -266,10 +266,20 @@ class TuningManager:
                 changes.append(Change(subject, name, None, original, False, p.error))
                 continue
             try:
+                original = normalise_number(original)
+                if original is None:
+                    raise ValueError
+            except (TypeError, ValueError):     # a hand-edited file: never crash the restore
+                changes.append(Change(subject, name, None, entry.get("value"), False,
+                                      f"{subject}: {name}: the saved original "
+                                      f"{entry.get('value')!r} in {self.originals.path} is not "
+                                      f"a value; correct or remove that entry"))
+                continue
+            try:
                 current = p.tuner.verify(p)
             except TunerError:
                 current = None
-            if current is not None and current == normalise_number(original):
+            if current is not None and current == original:
                 self._forget(name, subject, changes)
                 continue
             try:
