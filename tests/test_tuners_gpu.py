@@ -663,3 +663,15 @@ def test_unusable_saved_original_is_reported_and_the_others_restored(tmp_path):
                 ("gpu:1", "persistence_mode")):
         assert not changes[key].ok and "correct or remove that entry" in changes[key].error
     assert gw.limits[0] == gw.limits[1] == 600.0
+
+
+def test_shutdown_check_does_not_hold_up_a_stop_when_systemctl_hangs(tmp_path, monkeypatch):
+    import time
+    fake = tmp_path / "bin" / "systemctl"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexec sleep 30\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ.get('PATH', '')}")
+    started = time.monotonic()
+    assert shutdown_in_progress() is False
+    assert time.monotonic() - started < 2.0       # the daemon must exit within 2 s

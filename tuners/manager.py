@@ -374,11 +374,12 @@ SHUTDOWN_TARGETS = ("shutdown.target", "reboot.target", "poweroff.target", "halt
                     "kexec.target", "soft-reboot.target")
 
 
-def shutdown_in_progress(run=None, timeout: float = 5.0) -> bool:
+def shutdown_in_progress(run=None, timeout: float = 0.8) -> bool:
     """True when systemd is taking the system down (a start job for shutdown/reboot/poweroff/
     halt/kexec/soft-reboot.target is queued, or `systemctl is-system-running` says
-    "stopping"). False when systemctl is absent or does not answer: then a stop is an ordinary
-    stop."""
+    "stopping"). False when systemctl is absent or does not answer within `timeout` (each of
+    the two calls): then a stop is an ordinary stop. The timeout is short because a stop must
+    finish within about 2 s."""
     if run is None:
         if shutil.which("systemctl") is None:
             return False
