@@ -76,7 +76,7 @@ class KernelFault:
     message: str                   # text after the Xid (pid=/name= taken out)
     raw: str                       # the kernel line(s) as read, joined with "\n"
     process_name: Optional[str] = None
-    dedupe_key: str = ""           # kmsg:<boot_id>:<seq> | journal cursor | fed:<run>:<hash>:<n>
+    dedupe_key: str = ""           # kmsg:<boot_id>:<seq>[:<usec>] | journal cursor | fed:...
     previous_boot: bool = False    # read from the journal of an earlier boot of this host
 
 
@@ -583,6 +583,10 @@ class KernelLogWatcher:
                     text = _unescape_kmsg(text)
                 t = self._record_time(usec)
                 key = f"kmsg:{self._boot_id}:{seq}"
+                if self._boot_id == "unknown":
+                    # sequence numbers restart at every boot: the record's time since boot
+                    # keeps the key of a new boot's record apart from an old one's
+                    key += f":{usec}"
                 used = 0
                 for line in text.split("\n"):
                     for f in self._parser.feed(line, time=t, dedupe_key=key):

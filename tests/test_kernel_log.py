@@ -672,3 +672,20 @@ def test_fed_lines_of_a_new_run_are_not_duplicates_of_the_last_run(tmp_path):
 def _xid_event(f):
     from gpucostd.snapshot import Event, Severity
     return Event(f.time, "node", "xid", Severity.WARN, "look up", f.message, xid=f.xid)
+
+
+def test_without_a_boot_id_kmsg_keys_still_differ_between_boots(tmp_path):
+    kmsg = tmp_path / "kmsg"
+    keys = []
+    for usec in (5_000_000, 7_000_000, 7_000_000):     # boot A, boot B, B read again
+        kmsg.write_text(_record(1, xid_line(1), usec=usec))
+        w = KernelLogWatcher("kmsg", None, kmsg_path=str(kmsg),
+                             boot_id_path=str(tmp_path / "no-boot-id"))
+        w.start()
+        try:
+            (f,) = _poll_until(w, 1)
+        finally:
+            w.stop()
+        keys.append(f.dedupe_key)
+    assert keys[0] != keys[1] and keys[1] == keys[2]
+    assert keys[1].startswith("kmsg:unknown:1")
