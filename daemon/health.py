@@ -179,9 +179,13 @@ class HealthJudge:
     thread); see the module docstring."""
 
     def __init__(self, config, clock, state_dir: str, boot_id_path: Optional[str] = None,
-                 xid_lookup: Optional[Callable[..., Any]] = None):
+                 xid_lookup: Optional[Callable[..., Any]] = None, save_on_judge: bool = True):
         self.config = config
         self.clock = clock
+        # The daemon passes False and calls commit() after it has stored the cycle's events:
+        # a crash in between must not leave health.json saying "reported" for events that
+        # were never stored.
+        self.save_on_judge = save_on_judge
         self.state_dir = str(state_dir)
         self.state_path = os.path.join(self.state_dir, STATE_FILE)
         root = getattr(getattr(config, "daemon", None), "host_root", "/") or "/"
@@ -350,8 +354,14 @@ class HealthJudge:
         live = {(f.subject, f.code) for f in findings}
         for key in [k for k in self._since if k not in live]:
             del self._since[key]
-        self._save()
+        if self.save_on_judge:
+            self._save()
         return HealthReport(gpu_health, node, tuple(findings), events)
+
+    def commit(self) -> None:
+        """Save what judge()/ack() changed (when save_on_judge is False)."""
+        with self._lock:
+            self._save()
 
     # ------------------------------------------------------------------ kernel faults
     def _fault_event(self, fault: Any, now: float) -> Optional[Event]:
@@ -856,7 +866,8 @@ class HealthJudge:
                     cleared.append("ecc_uncorrected")
             if cleared:
                 self._dirty = True
-                self._save()
+                if self.save_on_judge:
+                    self._save()
             uuid = self._tracks[index].uuid if index is not None and index in self._tracks \
                 else None
             who = "the node" if index is None else f"GPU {index}"

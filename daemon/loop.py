@@ -69,7 +69,7 @@ class Daemon:
         self.journal = journal      # False in replay: simulated events stay out of the journal
         self.store = EventStore(state_dir, config.events.max_age_days, config.events.max_count,
                                 clock=self.clock)
-        self.judge = HealthJudge(config, self.clock, state_dir)
+        self.judge = HealthJudge(config, self.clock, state_dir, save_on_judge=False)
         self.hooks = HookRunner(config)
         self.cost = CostAccountant(config, state_dir, self.clock)
         self.tuning = TuningManager(config, self.gateway, state_dir, self.clock,
@@ -311,6 +311,9 @@ class Daemon:
                                     f"{part} failed: {msg}"[:200], since=now))
 
         self._record(events)
+        # only now that the events are stored: the judge's "already reported" state and the
+        # kernel-log position
+        self._guard("health commit", self.judge.commit)
         if self.watcher is not None:
             self._guard("kernel log commit", self.watcher.commit)
 
@@ -371,6 +374,7 @@ class Daemon:
         with self._lock:
             events = self.judge.ack(gpu, code)
             self._record(list(events))
+            self._guard("health commit", self.judge.commit)
         return list(events)
 
 

@@ -685,3 +685,19 @@ def test_gpus_renumbered_after_one_vanished_is_not_a_reset(tmp_path, clock, boot
     assert r.node_health == Severity.CRIT
     (f,) = [f for f in r.findings if f.subject == "node"]
     assert f.code == "xid_79" and "formerly at index 1" in f.message
+
+
+def test_deferred_save_keeps_health_state_until_commit(tmp_path, clock, boot):
+    """The daemon stores a cycle's events before the judge saves that it reported them: a crash
+    in between re-reports the fault instead of losing its event."""
+    j = make(tmp_path, clock, boot)
+    j.save_on_judge = False
+    lost = gpu(0, state=GpuState.LOST, error="GPU 0: GPU is lost")
+    report = step(j, clock, [lost])
+    assert any(e.code == "gpu_lost" for e in report.events)
+    # "crash" before commit: a new judge on the same state dir reports the loss again
+    j2 = make(tmp_path, clock, boot)
+    assert any(e.code == "gpu_lost" for e in step(j2, clock, [lost]).events)
+    j.commit()
+    j3 = make(tmp_path, clock, boot)
+    assert not any(e.code == "gpu_lost" for e in step(j3, clock, [lost]).events)
