@@ -329,7 +329,7 @@ def cmd_tuning(args) -> int:
             sys.stdout.write(manager.format_changes(changes))
             return 2 if any(not c.ok for c in changes) else 0
         if args.command == "restore":
-            changes = d.tuning.restore()
+            changes = d.tuning.restore(gpus)
             sys.stdout.write(manager.format_changes(changes))
             return 2 if any(not c.ok for c in changes) else 0
         # check

@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 from gpucostd import __version__
 from gpucostd.clock import RealClock
 from gpucostd.config import Config
-from gpucostd.snapshot import Event, Finding, NodeSnapshot, Severity, worst
+from gpucostd.snapshot import Event, Finding, GpuState, NodeSnapshot, Severity, worst
 
 LOG = logging.getLogger("gpucostd")
 RECENT_EVENTS = 20
@@ -259,7 +259,8 @@ class Daemon:
         events: List[Event] = []
         # tuning: apply once at start (and after reload), then verify every verify interval
         if not self.one_shot and (gpus or self.config.nic_tuning):
-            if not self._applied:
+            # the first apply waits for readable GPUs (all UNKNOWN or lost at start: later)
+            if not self._applied and (not gpus or any(g.state == GpuState.OK for g in gpus)):
                 changes = self._guard("apply", lambda: self.tuning.apply(gpus), None)
                 if changes is not None:
                     self._applied = True
