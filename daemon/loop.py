@@ -259,8 +259,12 @@ class Daemon:
         events: List[Event] = []
         # tuning: apply once at start (and after reload), then verify every verify interval
         if not self.one_shot and (gpus or self.config.nic_tuning):
-            # the first apply waits for readable GPUs (all UNKNOWN or lost at start: later)
-            if not self._applied and (not gpus or any(g.state == GpuState.OK for g in gpus)):
+            # with GPU settings configured, the first apply waits for a readable GPU (NVML not
+            # up yet, or every GPU lost at start: apply later, not never)
+            gpu_tuning = any(v is not None for v in self.config.gpu_tuning.values()) or bool(
+                self.config.gpu_overrides)
+            if not self._applied and (not gpu_tuning or any(g.state == GpuState.OK
+                                                            for g in gpus)):
                 changes = self._guard("apply", lambda: self.tuning.apply(gpus), None)
                 if changes is not None:
                     self._applied = True
