@@ -25,8 +25,8 @@ DEFAULT_STATE_DIR = "/var/lib/gpucostd"
 DEFAULT_LISTEN = "0.0.0.0:9477"
 
 
-class ConfigError(Exception):
-    """A config that cannot be used. str() is the full message for the user."""
+class FileError(Exception):
+    """A file the user wrote that cannot be used: str() is `path:line: message`."""
 
     def __init__(self, message: str, path: Optional[str] = None, line: Optional[int] = None,
                  key: Optional[str] = None):
@@ -35,6 +35,10 @@ class ConfigError(Exception):
         if path:
             where = f"{path}:{line}: " if line else f"{path}: "
         super().__init__(where + message)
+
+
+class ConfigError(FileError):
+    """A config that cannot be used. str() is the full message for the user."""
 
 
 # --------------------------------------------------------------------------- key types

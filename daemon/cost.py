@@ -21,13 +21,13 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time as _time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from gpucostd.snapshot import GpuReading, GpuState, THROTTLE_REASONS, VIOLATION_REASONS
+from gpucostd.statefile import write_atomic
 
 LOG = logging.getLogger("gpucostd.cost")
 
@@ -952,29 +952,7 @@ class CostAccountant:
             return
         self._prune(int((self.clock.time() if self.clock else _time.time()) // BUCKET_SECONDS))
         try:
-            os.makedirs(self.state_dir, exist_ok=True)
-            data = self._serialize(history)
-            fd, tmp = tempfile.mkstemp(prefix=".cost.", suffix=".tmp", dir=self.state_dir)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-                raise
-            try:
-                dfd = os.open(self.state_dir, os.O_RDONLY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
-            except OSError:
-                pass
+            write_atomic(path, self._serialize(history))
             self._dirty = False
         except OSError as e:
             LOG.warning("cannot save cost totals to %s: %s (check that the directory is "

@@ -29,6 +29,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python < 3.11
     import tomli as tomllib
 
+from .config import FileError
 from .snapshot import CLOCK_EVENT_REASONS, REASON_BITS, VIOLATION_POLICIES, VIOLATION_REASONS
 
 BUILTIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scenarios")
@@ -36,17 +37,9 @@ REASON_NAMES = tuple(name for _bit, name in CLOCK_EVENT_REASONS)
 PCI_BUS_ID_RE = re.compile(r"^[0-9A-Fa-f]{8}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}\.[0-7]$")
 
 
-class ScenarioError(Exception):
+class ScenarioError(FileError):
     """A scenario that cannot be used. str() names the file, line (when known), key, value and
     what is allowed."""
-
-    def __init__(self, message: str, path: Optional[str] = None, line: Optional[int] = None,
-                 key: Optional[str] = None):
-        self.path, self.line, self.key, self.bare = path, line, key, message
-        where = ""
-        if path:
-            where = f"{path}:{line}: " if line else f"{path}: "
-        super().__init__(where + message)
 
 
 # --------------------------------------------------------------------------- field schema
