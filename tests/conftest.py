@@ -168,3 +168,37 @@ def daemon_factory(tmp_path):
 
 def need_root(reason: str):
     return pytest.mark.skipif(os.geteuid() != 0, reason=f"needs root: {reason}")
+
+
+KMSG = "/dev/kmsg"
+DEVKMSG = Path("/proc/sys/kernel/printk_devkmsg")
+
+
+@pytest.fixture
+def writable_kmsg():
+    """/dev/kmsg writable without rate limit (printk_devkmsg=on), restored afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: writes test lines to /dev/kmsg and sets "
+                    "/proc/sys/kernel/printk_devkmsg (run the suite as root, e.g. in CI)")
+    if not os.access(KMSG, os.R_OK | os.W_OK):
+        pytest.skip(f"{KMSG} is not readable and writable here (container without kmsg?)")
+    old = None
+    try:
+        if DEVKMSG.exists():
+            old = DEVKMSG.read_text().strip()
+            try:
+                DEVKMSG.write_text("on\n")     # no rate limit on our writes
+            except OSError as e:
+                pytest.skip(f"cannot set {DEVKMSG} to on: {e}")
+        yield
+    finally:
+        if old is not None:
+            DEVKMSG.write_text(old + "\n")
+
+
+def write_kmsg(text):
+    fd = os.open(KMSG, os.O_WRONLY)
+    try:
+        os.write(fd, f"<4>{text}\n".encode())
+    finally:
+        os.close(fd)

@@ -37,12 +37,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DaemonProcess, gpucostd_cmd, metric_value, need_root, wait_for
+from conftest import (KMSG, DaemonProcess, gpucostd_cmd, metric_value, need_root, wait_for,
+                      write_kmsg)
 
 HERE = Path(__file__).resolve().parent
 SCENARIOS = HERE / "scenarios"
-KMSG = "/dev/kmsg"
-DEVKMSG = Path("/proc/sys/kernel/printk_devkmsg")
 EXIT = {"OK": 0, "WARN": 1, "CRIT": 2, "UNKNOWN": 3}
 
 
@@ -111,33 +110,6 @@ def explain(d):
 
 
 # ------------------------------------------------------------------ 1. /dev/kmsg, as root
-@pytest.fixture
-def writable_kmsg():
-    if os.geteuid() != 0:
-        pytest.skip("needs root: writes an NVRM line to /dev/kmsg and sets "
-                    "/proc/sys/kernel/printk_devkmsg (run the suite as root, e.g. in CI)")
-    if not os.access(KMSG, os.R_OK | os.W_OK):
-        pytest.skip(f"{KMSG} is not readable and writable here (container without kmsg?)")
-    old = None
-    try:
-        if DEVKMSG.exists():
-            old = DEVKMSG.read_text().strip()
-            try:
-                DEVKMSG.write_text("on\n")       # no rate limit on our writes
-            except OSError as e:
-                pytest.skip(f"cannot set {DEVKMSG} to on: {e}")
-        yield
-    finally:
-        if old is not None:
-            DEVKMSG.write_text(old + "\n")
-
-
-def write_kmsg(text):
-    fd = os.open(KMSG, os.O_WRONLY)
-    try:
-        os.write(fd, f"<4>{text}\n".encode())
-    finally:
-        os.close(fd)
 
 
 def kmsg_text():

@@ -6,48 +6,19 @@ with an empty state dir) will read them: they use Xid 45 and 43, which the catal
 on a bus id (0000:fe:1f.0) no GPU has, so they change no health state."""
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
+from conftest import write_kmsg
 from gpucostd.probes.kernel_log import KernelLogWatcher
 
 pytestmark = pytest.mark.root
 
-KMSG = "/dev/kmsg"
-DEVKMSG = Path("/proc/sys/kernel/printk_devkmsg")
 
 
-@pytest.fixture
-def writable_kmsg():
-    if os.geteuid() != 0:
-        pytest.skip("needs root: writes test lines to /dev/kmsg and sets "
-                    "/proc/sys/kernel/printk_devkmsg (run the suite as root, e.g. in CI)")
-    if not os.access(KMSG, os.R_OK | os.W_OK):
-        pytest.skip(f"{KMSG} is not readable and writable here (container without kmsg?)")
-    old = None
-    try:
-        if DEVKMSG.exists():
-            old = DEVKMSG.read_text().strip()
-            try:
-                DEVKMSG.write_text("on\n")     # no rate limit on our writes
-            except OSError as e:
-                pytest.skip(f"cannot set {DEVKMSG} to on: {e}")
-        yield
-    finally:
-        if old is not None:
-            DEVKMSG.write_text(old + "\n")
-
-
-def write_kmsg(text):
-    fd = os.open(KMSG, os.O_WRONLY)
-    try:
-        os.write(fd, f"<4>{text}\n".encode())
-    finally:
-        os.close(fd)
 
 
 def wait_for(watcher, token, timeout):
