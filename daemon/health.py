@@ -37,6 +37,7 @@ from gpucostd.snapshot import (Event, Finding, GpuReading, GpuState, HW_SLOWDOWN
                                NodeSnapshot, Severity, VIOLATION_POLICIES, worst)
 
 LOG = logging.getLogger("gpucostd")
+SLOWDOWN_HOLD_SECONDS = 30.0   # a HW slowdown WARN outlives the slowdown this long
 
 STATE_FILE = "health.json"
 BOOT_ID_RELPATH = "proc/sys/kernel/random/boot_id"
@@ -143,7 +144,7 @@ class _Track:
     pending) are also saved in health.json (``flags``), see HealthJudge._sync_flags."""
 
     __slots__ = ("uuid", "state", "slow_intervals", "slow_total", "slow_last_t", "slow_last_active",
-                 "ecc_samples", "vol_corr", "vol_unc", "remap_pending", "remap_failure",
+                 "slow_seen_at", "slow_seen_names", "ecc_samples", "vol_corr", "vol_unc", "remap_pending", "remap_failure",
                  "retired_pending", "flag_key", "flag_values")
 
     def __init__(self) -> None:
@@ -153,6 +154,8 @@ class _Track:
         self.slow_total = 0.0                     # sum of the intervals' lengths
         self.slow_last_t: Optional[float] = None
         self.slow_last_active = False
+        self.slow_seen_at: Optional[float] = None  # last time a HW slowdown reason was active
+        self.slow_seen_names = ""
         self.ecc_samples: Deque[Tuple[float, int]] = collections.deque()  # (mono, corrected)
         self.vol_corr: Optional[int] = None
         self.vol_unc: Optional[int] = None
@@ -651,21 +654,30 @@ class HealthJudge:
             tr.slow_total -= b - a
         if not ivs:
             tr.slow_total = 0.0
-            if not active:
+            if not active and (tr.slow_seen_at is None
+                               or mono - tr.slow_seen_at >= SLOWDOWN_HOLD_SECONDS):
                 return
         # the intervals are disjoint and in order: only the first can begin before the window
         busy = tr.slow_total - max(0.0, start - ivs[0][0]) if ivs else 0.0
         fraction = busy / window
         crit = fraction > float(cfg.slowdown_crit_fraction)
-        names = ", ".join(active) if active else "HW slowdown"
+        if active:
+            tr.slow_seen_at, tr.slow_seen_names = mono, ", ".join(active)
+        names = tr.slow_seen_names or "HW slowdown"
         span = _fmt_seconds(window)
+        # A slowdown that flaps (a power brake toggling every few seconds) holds the WARN for
+        # SLOWDOWN_HOLD_SECONDS after it was last seen, instead of an OK<->WARN event pair per
+        # toggle that would flood the event history.
+        held = not active and tr.slow_seen_at is not None and (
+            mono - tr.slow_seen_at < SLOWDOWN_HOLD_SECONDS)
         if crit:
             add("hw_slowdown", Severity.CRIT, "check cooling, power supply and power brake "
                 "signals", f"{names} active {fraction:.0%} of the last {span}")
-        elif active:
+        elif active or held:
             share = f" ({fraction:.0%} of the last {span})" if fraction >= 0.01 else ""
+            when = "active" if active else f"seen {mono - tr.slow_seen_at:.0f}s ago"
             add("hw_slowdown", Severity.WARN, "check cooling and power delivery",
-                f"{names} active{share}")
+                f"{names} {when}{share}")
 
     def _rule_temperature(self, g: GpuReading, cfg, add) -> None:
         t = g.temperature_celsius

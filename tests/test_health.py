@@ -701,3 +701,21 @@ def test_deferred_save_keeps_health_state_until_commit(tmp_path, clock, boot):
     j.commit()
     j3 = make(tmp_path, clock, boot)
     assert not any(e.code == "gpu_lost" for e in step(j3, clock, [lost]).events)
+
+
+def test_flapping_slowdown_holds_one_warn_instead_of_an_event_per_toggle(tmp_path, clock, boot):
+    from gpucostd.health import SLOWDOWN_HOLD_SECONDS
+    j = make(tmp_path, clock, boot)
+    on = gpu(0, clock_event_reasons=("HwPowerBrakeSlowdown",), utilization_percent=90.0)
+    off = gpu(0, utilization_percent=90.0)
+    changes = []
+    for i in range(40):                      # a power brake toggling every second
+        report = step(j, clock, [on if i % 2 == 0 else off])
+        changes += [e for e in report.events if e.code == "health_change" and e.gpu == 0]
+        assert report.gpu_health[0] == Severity.WARN
+    assert len(changes) == 1, [e.message for e in changes]
+    f = codes(report, 0)["hw_slowdown"]
+    assert "HwPowerBrakeSlowdown" in f.message and "seen" in f.message
+    # it clears once the slowdown has stayed away for the hold time
+    report = step(j, clock, [off], dt=SLOWDOWN_HOLD_SECONDS + 1)
+    assert report.gpu_health[0] == Severity.OK
