@@ -202,3 +202,18 @@ def write_kmsg(text):
         os.write(fd, f"<4>{text}\n".encode())
     finally:
         os.close(fd)
+
+
+def exposition(families) -> str:
+    """Render metric families (an iterable, e.g. module.metric_families(snapshot)) as a scrape."""
+    from prometheus_client.exposition import generate_latest
+    from prometheus_client.registry import CollectorRegistry
+
+    fams = list(families)
+
+    class _Collector:
+        def collect(self):
+            return fams
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector())
+    return generate_latest(registry).decode()

@@ -12,6 +12,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import pytest
 
+from conftest import exposition
+
 from gpucostd import config as cfgmod
 from gpucostd.clock import VirtualClock
 from gpucostd.cost import (CostAccountant, CostReport, cost_breakdown, cost_multiplier,
@@ -436,15 +438,8 @@ def test_metric_families_names_labels_and_price_gating():
     assert "gpucostd_gpu_throttle_cost_dollars" not in names
     assert "gpucostd_gpu_throttle_capacity_lost_seconds" in names
     # exposition renders (and does not need a currency label on every series)
-    from prometheus_client import generate_latest
-    from prometheus_client.core import CollectorRegistry
 
-    class C:
-        def collect(self):
-            return metric_families(_Snap(rep))
-    reg = CollectorRegistry()
-    reg.register(C())
-    text = generate_latest(reg).decode()
+    text = exposition(metric_families(_Snap(rep)))
     assert 'gpucostd_gpu_throttle_cost_dollars_total{gpu="3",reason="HwThermalSlowdown"' in text
 
 

@@ -6,6 +6,8 @@ from typing import Optional
 
 import pytest
 
+from conftest import exposition
+
 from gpucostd import config as config_mod
 from gpucostd.clock import VirtualClock
 from gpucostd.health import HealthJudge, metric_families, normalize_bus_id
@@ -403,8 +405,6 @@ def test_corrupt_state_file_is_survived(tmp_path, clock, boot):
 
 
 def test_metric_families(tmp_path, clock, boot):
-    from prometheus_client import generate_latest
-    from prometheus_client.registry import CollectorRegistry
 
     gpus = (gpu(0, violation_seconds={"power": 1.5, "thermal": 0.0}, retired_pages_sbe=None,
                 memory_temperature_celsius=None),
@@ -416,12 +416,7 @@ def test_metric_families(tmp_path, clock, boot):
                         node_health=Severity.CRIT,
                         counters={"xid_totals": {(1, 79): 2, (None, 13): 1}})
 
-    class C:
-        def collect(self):
-            return metric_families(snap)
-    reg = CollectorRegistry()
-    reg.register(C())
-    text = generate_latest(reg).decode()
+    text = exposition(metric_families(snap))
     assert 'gpucostd_gpu_health{gpu="1",uuid="GPU-x"} 2.0' in text
     assert "gpucostd_node_health 2.0" in text
     assert 'gpucostd_gpu_xid_errors_total{gpu="1",uuid="GPU-x",xid="79"} 2.0' in text
@@ -482,8 +477,6 @@ def test_scenario_ecc_remap_and_lost_gpu_through_the_daemon(tmp_path):
     """The real simulator, NVML gateway, GPU probe, kernel line parser and loop, on virtual
     time: uncorrectable ECC + Xid 48 + remap pending on GPU 1, GPU 2 falls off the bus."""
     from gpucostd.loop import Daemon
-    from prometheus_client import generate_latest
-    from prometheus_client.registry import CollectorRegistry
 
     scenario = tmp_path / "faults.toml"
     scenario.write_text(FAULT_SCENARIO)
@@ -517,12 +510,7 @@ def test_scenario_ecc_remap_and_lost_gpu_through_the_daemon(tmp_path):
     xids = {(e.gpu, e.xid) for e in daemon.store.query() if e.code == "xid"}
     assert xids == {(1, 48), (2, 79)}
 
-    class C:
-        def collect(self):
-            return metric_families(lost)
-    reg = CollectorRegistry()
-    reg.register(C())
-    text = generate_latest(reg).decode()
+    text = exposition(metric_families(lost))
     assert 'gpucostd_gpu_health{gpu="2",uuid=' in text
     assert 'gpucostd_gpu_lost{gpu="2"' in text and "gpucostd_node_health 2.0" in text
     assert 'xid="48"} 1.0' in text and 'xid="79"} 1.0' in text

@@ -10,6 +10,8 @@ import os
 
 import pytest
 
+from conftest import exposition
+
 from gpucostd.clock import VirtualClock
 from gpucostd.config import parse
 from gpucostd.snapshot import CheckResult, GpuReading, GpuState, NodeSnapshot, Setting
@@ -315,7 +317,6 @@ def test_text_views_fit_100_columns(tmp_path):
 
 
 def test_metric_families(tmp_path):
-    from prometheus_client import CollectorRegistry, generate_latest
 
     settings = (Setting("gpu:0", "power_limit_watts", 600, 450, "tuning.gpu"),
                 Setting("gpu:0", "persistence_mode", True, True, "tuning.gpu"),
@@ -330,12 +331,7 @@ def test_metric_families(tmp_path):
                                                       "max": {"rx": 4096, "tx": 4096}}},
                                "host": {"iommu_enabled": True}})
 
-    class C:
-        def collect(self):
-            return metric_families(snap)
-    reg = CollectorRegistry()
-    reg.register(C())
-    text = generate_latest(reg).decode()
+    text = exposition(metric_families(snap))
     assert 'gpucostd_setting_desired{setting="power_limit_watts",subject="gpu:0"} 600.0' in text
     assert 'gpucostd_setting_actual{setting="power_limit_watts",subject="gpu:0"} 450.0' in text
     assert 'gpucostd_setting_in_sync{setting="persistence_mode",subject="gpu:0"} 1.0' in text
