@@ -30,6 +30,7 @@ writes).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -39,6 +40,21 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from gpucostd.snapshot import Event, Severity
+
+
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection):
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        try:
+            db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+        raise
+    db.execute("COMMIT")
 
 LOG = logging.getLogger("gpucostd")
 
@@ -319,12 +335,10 @@ class EventStore:
         assert db is not None
         fields = json.dumps(dict(event.fields or {}), default=_json_default,
                             separators=(",", ":"), sort_keys=True)
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            if key is not None:
-                if db.execute("SELECT 1 FROM dedupe WHERE key = ?", (key,)).fetchone():
-                    db.execute("ROLLBACK")
-                    return None
+        with _transaction(db):
+            if key is not None and db.execute("SELECT 1 FROM dedupe WHERE key = ?",
+                                              (key,)).fetchone():
+                return None
             cur = db.execute(
                 "INSERT INTO events(time, subject, code, severity, action, message, gpu, uuid, "
                 "xid, fields) VALUES (?,?,?,?,?,?,?,?,?,?)",
@@ -339,13 +353,6 @@ class EventStore:
                 db.execute("INSERT INTO xid_totals(gpu, xid, count) VALUES (?,?,1) "
                            "ON CONFLICT(gpu, xid) DO UPDATE SET count = count + 1",
                            (-1 if event.gpu is None else int(event.gpu), int(event.xid)))
-            db.execute("COMMIT")
-        except BaseException:
-            try:
-                db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            raise
         self.error = None
         self._last_error = None
         return _replace_id(event, new_id)
@@ -403,8 +410,7 @@ class EventStore:
         assert db is not None
         self._since_prune = 0
         cutoff = self._time() - self.max_age_days * 86400.0
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(db):
             n = db.execute("DELETE FROM events WHERE time < ?", (cutoff,)).rowcount
             row = db.execute("SELECT id FROM events ORDER BY id DESC LIMIT 1 OFFSET ?",
                              (self.max_count,)).fetchone()
@@ -417,13 +423,6 @@ class EventStore:
                              (self.max_count,)).fetchone()
             if row is not None:
                 db.execute("DELETE FROM dedupe WHERE rowid <= ?", (row[0],))
-            db.execute("COMMIT")
-        except BaseException:
-            try:
-                db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            raise
         return max(0, n)
 
     # ------------------------------------------------------------------ reading

@@ -577,10 +577,7 @@ class NvmlGateway:
                       lambda h: _pynvml.nvmlDeviceSetPowerManagementLimit(h, milliwatts))
         except NvmlError as err:
             if err.kind == "no_permission":
-                raise NvmlError("no_permission", f"GPU {index}: setting the power limit to "
-                                f"{watts:g} W was refused (NVML_ERROR_NO_PERMISSION): it needs "
-                                "root (or CAP_SYS_ADMIN); run gpucostd as root (the packaged "
-                                "systemd unit does)", err.code, index, err.function) from None
+                raise _refused(err, index, f"setting the power limit to {watts:g} W") from None
             if err.kind == "invalid_argument":
                 allowed = ""
                 try:
@@ -605,11 +602,8 @@ class NvmlGateway:
                       lambda h: _pynvml.nvmlDeviceSetPersistenceMode(h, mode))
         except NvmlError as err:
             if err.kind == "no_permission":
-                raise NvmlError("no_permission", f"GPU {index}: setting persistence mode "
-                                f"{'on' if enabled else 'off'} was refused "
-                                "(NVML_ERROR_NO_PERMISSION): it needs root (or CAP_SYS_ADMIN); "
-                                "run gpucostd as root (the packaged systemd unit does)",
-                                err.code, index, err.function) from None
+                raise _refused(err, index, "setting persistence mode "
+                               f"{'on' if enabled else 'off'}") from None
             if err.kind == "not_supported":
                 raise NvmlError("not_supported", f"GPU {index} does not support persistence "
                                 "mode (Windows/WDDM or an unsupported product)", err.code,
@@ -798,6 +792,13 @@ def _reasons(get: Callable[..., Any], unsupported: set, name: str,
         if value is not None or (fn_name, ()) not in unsupported:
             return value
     return None
+
+
+def _refused(err: NvmlError, index: int, doing: str) -> NvmlError:
+    """The NO_PERMISSION error of a setter, with the privilege it needs."""
+    return NvmlError("no_permission", f"GPU {index}: {doing} was refused "
+                     "(NVML_ERROR_NO_PERMISSION): it needs root (or CAP_SYS_ADMIN); run gpucostd "
+                     "as root (the packaged systemd unit does)", err.code, index, err.function)
 
 
 def _now() -> float:
