@@ -148,11 +148,11 @@ def _socket_path(args) -> str:
 
 
 def cmd_status(args) -> int:
-    from gpucostd import statusview
+    from gpucostd.views import statusview
     if args.direct or args.simulate is not None:
         data = _direct_status(args)
     else:
-        from gpucostd.statusapi import StatusClientError, request
+        from gpucostd.views.statusapi import StatusClientError, request
         path = _socket_path(args)
         try:
             data = request(path, {"cmd": "status"})["status"]
@@ -188,7 +188,7 @@ def _one_shot(args, cfg):
 
 
 def _direct_status(args):
-    from gpucostd import statusview
+    from gpucostd.views import statusview
     cfg = _load_config(args.config)
     d = _one_shot(args, cfg)
     try:
@@ -217,7 +217,7 @@ def cmd_config(args) -> int:
 
 
 def _ask_daemon(args, message):
-    from gpucostd.statusapi import StatusClientError, request
+    from gpucostd.views.statusapi import StatusClientError, request
     path = _socket_path(args)
     try:
         return request(path, message), None
@@ -227,14 +227,14 @@ def _ask_daemon(args, message):
 
 def cmd_events(args) -> int:
     import time
-    from gpucostd import statusview
+    from gpucostd.views import statusview
     since = time.time() - args.since if args.since else None
     reply, err = _ask_daemon(args, {"cmd": "events", "since": since, "limit": args.limit})
     if reply is not None:
         events = reply["events"]
     else:
         # No daemon: read the store directly (history survives the daemon).
-        from gpucostd.events import EventStore
+        from gpucostd.record.events import EventStore
         cfg = _load_config(args.config)
         db = os.path.join(cfg.daemon.state_dir, "events.sqlite")
         if not os.path.exists(db):
@@ -263,7 +263,7 @@ def cmd_events(args) -> int:
 def cmd_cost(args) -> int:
     reply, err = _ask_daemon(args, {"cmd": "cost", "since_seconds": args.since})
     if reply is None:
-        from gpucostd.cost import breakdown_from_state
+        from gpucostd.cost.accountant import breakdown_from_state
         cfg = _load_config(args.config)
         data = breakdown_from_state(cfg, args.since)
         if data is None:
@@ -275,7 +275,7 @@ def cmd_cost(args) -> int:
     if args.json:
         print(json.dumps(data, indent=2, sort_keys=True))
     else:
-        from gpucostd.cost import format_cost
+        from gpucostd.cost.report import format_cost
         sys.stdout.write(format_cost(data, args.since))
     return 0
 
@@ -333,8 +333,8 @@ def cmd_tuning(args) -> int:
             sys.stdout.write(manager.format_changes(changes))
             return 2 if any(not c.ok for c in changes) else 0
         # check
-        from gpucostd import checks
-        from gpucostd.statusview import EXIT_CODES
+        from gpucostd.health import checks
+        from gpucostd.views.statusview import EXIT_CODES
         facts = d.host_probe.facts()
         settings = d.tuning.plan(gpus)
         results = checks.run_checks(cfg, facts, gpus, d.gateway.driver_version,
@@ -355,7 +355,7 @@ def cmd_tuning(args) -> int:
 
 def cmd_replay(args) -> int:
     from gpucostd.replay import format_replay, run_replay
-    from gpucostd.scenario import ScenarioError
+    from gpucostd.sim.scenario import ScenarioError
     cfg = _load_config(args.config)
     try:
         result = run_replay(args.scenario, cfg, duration=args.duration, step=args.step)

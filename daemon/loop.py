@@ -27,11 +27,11 @@ class Daemon:
     def __init__(self, config: Config, clock=None, simulate: Optional[str] = None,
                  kernel_log: Optional[str] = None, notifier=None, one_shot: bool = False,
                  state_dir: Optional[str] = None, journal: bool = True):
-        from gpucostd.cost import CostAccountant
-        from gpucostd.events import EventStore
-        from gpucostd.health import HealthJudge
-        from gpucostd.hooks import HookRunner
-        from gpucostd.nvml import NvmlGateway
+        from gpucostd.cost.accountant import CostAccountant
+        from gpucostd.record.events import EventStore
+        from gpucostd.health.judge import HealthJudge
+        from gpucostd.record.hooks import HookRunner
+        from gpucostd.hw.nvml import NvmlGateway
         from gpucostd.probes.gpu import GpuProbe
         from gpucostd.probes.host import HostProbe
         from gpucostd.tuners.manager import TuningManager
@@ -57,8 +57,8 @@ class Daemon:
         self.sim = None
         library = None
         if simulate is not None:
-            from gpucostd.scenario import load_scenario
-            from gpucostd.simnvml import SimulatedNode
+            from gpucostd.sim.scenario import load_scenario
+            from gpucostd.sim.nvml import SimulatedNode
             self.sim = SimulatedNode(load_scenario(simulate), self.clock)
             library = self.sim.library
         self.gateway = NvmlGateway(timeout_seconds=config.daemon.nvml_timeout_seconds,
@@ -133,7 +133,7 @@ class Daemon:
     def start(self) -> None:
         if self.watcher is not None:
             self.watcher.start()
-        from gpucostd.journal import startup_event
+        from gpucostd.record.journal import startup_event
         self._record([startup_event(__version__, self.clock.time(), config_path=self.config.path,
                                     simulate=self.simulate)])
 
@@ -213,7 +213,7 @@ class Daemon:
             LOG.warning("reload: %s take effect only after a restart", ", ".join(
                 f"daemon.{k}" for k in changed))
         self.config = new
-        from gpucostd import logs
+        from gpucostd.record import logs
         logs.set_level(new.daemon.log_level)
         self._guard("reconfigure cost", lambda: self.cost.reconfigure(new))
         self._guard("reconfigure health", lambda: self.judge.reconfigure(new))
@@ -280,7 +280,7 @@ class Daemon:
             self._last_checks = mono
             self._host_facts = self._guard("host probe", self.host_probe.facts,
                                            self._host_facts)
-            from gpucostd.checks import run_checks
+            from gpucostd.health.checks import run_checks
             self._checks = tuple(self._guard("checks", lambda: run_checks(
                 self.config, self._host_facts, gpus, self.gateway.driver_version,
                 self.gateway.cuda_version, self._settings), self._checks) or ())
@@ -357,7 +357,7 @@ class Daemon:
         """Store, journal and hand to hooks. The store comes first: nothing reported is lost."""
         if not events:
             return
-        from gpucostd.journal import send_event
+        from gpucostd.record.journal import send_event
         stored = []
         for e in events:
             key = e.fields.get("dedupe_key") if e.fields else None

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from typing import Any, Dict, List, Optional
 
-from gpucostd.cost import _r as _rounded, _sorted_reasons
+from gpucostd.cost.model import _r as _rounded, _sorted_reasons
 
 LOG = logging.getLogger("gpucostd")
 DEFAULT_DURATION = 3600.0
@@ -44,7 +44,7 @@ def run_replay(scenario_spec: str, config=None, duration: Optional[float] = None
     from gpucostd.clock import VirtualClock
     from gpucostd.config import parse
     from gpucostd.loop import Daemon
-    from gpucostd.scenario import load_scenario
+    from gpucostd.sim.scenario import load_scenario
 
     scenario = load_scenario(scenario_spec)       # ScenarioError with file/line/key
     if config is None:

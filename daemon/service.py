@@ -12,9 +12,9 @@ import threading
 import time
 from typing import Any, Dict, Optional
 
-from gpucostd import logs
+from gpucostd.record import logs
 from gpucostd.config import Config
-from gpucostd.statusapi import NotReady
+from gpucostd.views.statusapi import NotReady
 
 LOG = logging.getLogger("gpucostd")
 
@@ -38,18 +38,19 @@ class _StatusCache:
 
 
 def run_daemon(cfg: Config, scenario: Optional[str]) -> int:
-    from gpucostd import metrics, statusview
-    from gpucostd.httpserver import MetricsServer, Published
+    from gpucostd.views import metrics
+    from gpucostd.views import statusview
+    from gpucostd.views.httpserver import MetricsServer, Published
     from gpucostd.loop import Daemon
     from gpucostd.notify import Notifier
-    from gpucostd.statusapi import StatusServer
+    from gpucostd.views.statusapi import StatusServer
 
     logs.setup(cfg.daemon.log_level)
     notifier = Notifier()
     try:
         daemon = Daemon(cfg, simulate=scenario, notifier=notifier)
     except Exception as e:  # a scenario error, an unwritable state dir, ...
-        from gpucostd.scenario import ScenarioError
+        from gpucostd.sim.scenario import ScenarioError
         if isinstance(e, (ScenarioError, OSError)):
             LOG.error("cannot start: %s", e)
             return 2 if isinstance(e, ScenarioError) else 1
@@ -77,7 +78,7 @@ def run_daemon(cfg: Config, scenario: Optional[str]) -> int:
         return {"events": [statusview.event_json(e) for e in events]}
 
     def h_cost(req):
-        from gpucostd.cost import breakdown
+        from gpucostd.cost.accountant import breakdown
         return {"cost": breakdown(daemon.cost, float(req.get("since_seconds") or 86400))}
 
     def h_ack(req):

@@ -237,7 +237,7 @@ class NodeSnapshot:
     recent_events: Tuple[Event, ...] = ()
     settings: Tuple[Setting, ...] = ()
     checks: Tuple[CheckResult, ...] = ()
-    cost: Optional[Any] = None                   # gpucostd.cost.CostReport
+    cost: Optional[Any] = None                   # gpucostd.cost.report.CostReport
     counters: Mapping[str, Any] = field(default_factory=dict)  # monotone totals for /metrics
     extra: Mapping[str, Any] = field(default_factory=dict)
 

@@ -37,7 +37,9 @@ def rss_mib() -> float:
 
 
 def bench_cycle(cycles: int, tmp: str) -> dict:
-    from gpucostd import config, metrics, statusview
+    from gpucostd import config
+    from gpucostd.views import metrics
+    from gpucostd.views import statusview
     from gpucostd.loop import Daemon
     cfg = config.parse(f'[daemon]\nstate_dir = "{tmp}/state"\nkernel_log = "none"\n'
                        f'socket_path = "{tmp}/s.sock"\n[cost]\ngpu_hour_usd = 4.0\n'

@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 from gpucostd.clock import VirtualClock
-from gpucostd.nvml import NvmlGateway
+from gpucostd.hw.nvml import NvmlGateway
 from gpucostd.probes.gpu import GpuProbe
-from gpucostd.scenario import load_scenario
-from gpucostd.simnvml import SimulatedNode
+from gpucostd.sim.scenario import load_scenario
+from gpucostd.sim.nvml import SimulatedNode
 
 FAULTY = """
 [node]

@@ -180,7 +180,7 @@ def test_temperature_margin_and_ecc_mode(daemon):
 
 
 def test_healthz_reports_a_stalled_loop():
-    from gpucostd.httpserver import Published
+    from gpucostd.views.httpserver import Published
     now = [100.0]
     p = Published(lambda: now[0])
     p.interval = 1.0

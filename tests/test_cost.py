@@ -16,9 +16,11 @@ from conftest import exposition
 
 from gpucostd import config as cfgmod
 from gpucostd.clock import VirtualClock
-from gpucostd.cost import (CostAccountant, CostReport, cost_breakdown, cost_multiplier,
-                           format_cost, loss_ratio, metric_families, parse_since, status_lines,
-                           status_lines_from_json)
+from gpucostd.cost.accountant import CostAccountant
+from gpucostd.cost.model import cost_multiplier, loss_ratio
+from gpucostd.cost.report import (CostReport, cost_breakdown, format_cost, parse_since,
+                                  status_lines, status_lines_from_json)
+from gpucostd.views.metrics_cost import metric_families
 from gpucostd.snapshot import GpuReading, GpuState, THROTTLE_REASONS
 
 H100 = "NVIDIA H100 80GB HBM3"
@@ -129,7 +131,7 @@ def drive(scenario, acc: CostAccountant, clock: VirtualClock, duration: float, s
 
 
 def scenario_from_text(tmp_path: Path, text: str):
-    from gpucostd.scenario import load_scenario
+    from gpucostd.sim.scenario import load_scenario
     p = tmp_path / "cost_test.toml"
     p.write_text(text)
     return load_scenario(str(p))
@@ -166,7 +168,7 @@ def test_loss_ratio_follows_the_model():
 
 
 def test_builtin_h100x8_with_counters_matches_ground_truth(tmp_path):
-    from gpucostd.scenario import load_scenario
+    from gpucostd.sim.scenario import load_scenario
     sc = load_scenario("builtin:h100x8")
     clock = VirtualClock()
     acc = CostAccountant(make_config("[cost]\ngpu_hour_usd = 2.5\n"), str(tmp_path), clock)
@@ -339,7 +341,7 @@ def test_gpu_reset_counters_drop_no_negative_no_double(tmp_path):
 
 
 def test_price_change_on_reload_keeps_old_price_for_earlier_cost(tmp_path):
-    from gpucostd.scenario import load_scenario
+    from gpucostd.sim.scenario import load_scenario
     sc = load_scenario("builtin:h100x8")
     clock = VirtualClock()
     acc = CostAccountant(make_config("[cost]\ngpu_hour_usd = 2\n"), str(tmp_path), clock)
@@ -568,7 +570,7 @@ def test_measured_tokens_fit_against_clock():
 
 
 def test_breakdown_for_the_daemon_and_from_the_state_file(tmp_path):
-    from gpucostd.cost import breakdown, breakdown_from_state
+    from gpucostd.cost.accountant import breakdown, breakdown_from_state
     clock = VirtualClock()
     cfg = make_config(f'[daemon]\nstate_dir = "{tmp_path}"\n[cost]\ngpu_hour_usd = 3.6\n')
     acc = CostAccountant(cfg, str(tmp_path), clock)

@@ -26,7 +26,7 @@ WIDTH = 100
 def ground_truth(scenario: str, duration: float, gpu: int, price: float):
     """Throttled seconds, capacity-lost seconds and dollars of one GPU from the scenario's own
     timeline (piecewise constant, changes at whole seconds: sample mid-second)."""
-    from gpucostd.scenario import load_scenario
+    from gpucostd.sim.scenario import load_scenario
     from gpucostd.snapshot import THROTTLE_REASONS
     sc = load_scenario(scenario)
     throttled = lost = 0.0

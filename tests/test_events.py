@@ -11,8 +11,8 @@ import threading
 import time
 
 
-from gpucostd import journal
-from gpucostd.events import EventStore
+from gpucostd.record import journal
+from gpucostd.record.events import EventStore
 from gpucostd.snapshot import Event, Severity
 
 NOW = time.time()
@@ -41,7 +41,7 @@ def test_append_assigns_ids_and_survives_reopen(tmp_path):
 def test_sigkilled_writer_loses_nothing_it_reported(tmp_path):
     code = textwrap.dedent(f"""\
         import sys, time
-        from gpucostd.events import EventStore
+        from gpucostd.record.events import EventStore
         from gpucostd.snapshot import Event, Severity
         s = EventStore({str(tmp_path)!r})
         for i in range(5):
@@ -288,7 +288,7 @@ def test_broken_journal_falls_back_to_the_log(caplog):
 def test_pruning_follows_the_store_clock(tmp_path):
     """Replay stores events at virtual dates; the store prunes by its own clock, not today's."""
     from gpucostd.clock import VirtualClock
-    from gpucostd.events import EventStore
+    from gpucostd.record.events import EventStore
     from gpucostd.snapshot import Event, Severity
     clock = VirtualClock(start_wall=1_000_000_000.0)      # 2001
     store = EventStore(str(tmp_path), max_age_days=1, max_count=1000, clock=clock)

@@ -10,7 +10,8 @@ from conftest import exposition
 
 from gpucostd import config as config_mod
 from gpucostd.clock import VirtualClock
-from gpucostd.health import HealthJudge, metric_families, normalize_bus_id
+from gpucostd.health.judge import HealthJudge, normalize_bus_id
+from gpucostd.views.metrics_health import metric_families
 from gpucostd.snapshot import GpuReading, GpuState, NodeSnapshot, Severity
 
 BUS = ["00000000:1B:00.0", "00000000:43:00.0", "00000000:52:00.0", "00000000:61:00.0",
@@ -692,7 +693,7 @@ def test_deferred_save_keeps_health_state_until_commit(tmp_path, clock, boot):
 
 
 def test_flapping_slowdown_holds_one_warn_instead_of_an_event_per_toggle(tmp_path, clock, boot):
-    from gpucostd.health import SLOWDOWN_HOLD_SECONDS
+    from gpucostd.health.judge import SLOWDOWN_HOLD_SECONDS
     j = make(tmp_path, clock, boot)
     on = gpu(0, clock_event_reasons=("HwPowerBrakeSlowdown",), utilization_percent=90.0)
     off = gpu(0, utilization_percent=90.0)

@@ -47,7 +47,7 @@ EXIT = {"OK": 0, "WARN": 1, "CRIT": 2, "UNKNOWN": 3}
 
 # ------------------------------------------------------------------ helpers
 def catalog(xid):
-    from gpucostd.xid import lookup
+    from gpucostd.health.xid import lookup
     return lookup(xid)
 
 
@@ -78,7 +78,7 @@ def status(d):
 
 def socket_status(d):
     """The same document `status --json` prints, straight from the socket (no CLI start-up)."""
-    from gpucostd.statusapi import request
+    from gpucostd.views.statusapi import request
     return request(d.socket, {"cmd": "status"}, timeout=2.0)["status"]
 
 
@@ -147,7 +147,7 @@ def unused_buses(n):
 @pytest.mark.root
 def test_kmsg_line_reaches_status_and_events_within_a_second_and_once_after_restart(
         writable_kmsg, daemon_factory, tmp_path):
-    from gpucostd.statusapi import StatusClientError, request
+    from gpucostd.views.statusapi import StatusClientError, request
     xid = 62
     info = catalog(xid)
     assert info.severity.name == "CRIT" and not info.sticky, \
@@ -489,7 +489,7 @@ def test_events_history_survives_the_daemon(daemon_factory, tmp_path):
 
 
 def _uuids_of(scen):
-    from gpucostd.scenario import load_scenario
+    from gpucostd.sim.scenario import load_scenario
     return {i: g["uuid"] for i, g in enumerate(load_scenario(str(scen)).initial)}
 
 

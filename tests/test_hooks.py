@@ -15,8 +15,8 @@ import pytest
 from conftest import wait_for
 from gpucostd import config as config_mod
 from gpucostd.clock import VirtualClock
-from gpucostd.health import HealthJudge
-from gpucostd.hooks import HookRunner, hook_for
+from gpucostd.health.judge import HealthJudge
+from gpucostd.record.hooks import HookRunner, hook_for
 from gpucostd.snapshot import Event, GpuReading, Severity
 
 EVIL = "$(touch {marker}); rm -rf {victim} `touch {marker}` ; touch {marker} | sh"
@@ -282,7 +282,7 @@ def test_leftovers_of_a_hook_are_reaped_when_the_daemon_is_their_reaper(tmp_path
         libc = ctypes.CDLL(None, use_errno=True)
         assert libc.prctl(36, 1, 0, 0, 0) == 0          # PR_SET_CHILD_SUBREAPER
         from gpucostd import config
-        from gpucostd.hooks import HookRunner
+        from gpucostd.record.hooks import HookRunner
         from gpucostd.snapshot import Event, Severity
         cfg = config.parse('[hooks]\\non_critical = ["{hook}"]\\n')
         ev = Event(1.7e9, "node", "health_change", Severity.CRIT, "reset GPU", "x",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gpucostd.checks import (checks_severity, format_checks, run_checks, version_at_least,
+from gpucostd.health.checks import (checks_severity, format_checks, run_checks, version_at_least,
                              version_tuple)
 from gpucostd.config import parse
 from gpucostd.probes.host import HostProbe, parse_cmdline

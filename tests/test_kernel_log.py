@@ -655,7 +655,7 @@ def test_state_file_with_wrong_shapes_reads_from_start_without_crashing(tmp_path
 def test_fed_lines_of_a_new_run_are_not_duplicates_of_the_last_run(tmp_path):
     # the simulator replays its timeline from the start after a daemon restart: the same lines
     # are new faults, and the event store must not drop them as already recorded
-    from gpucostd.events import EventStore
+    from gpucostd.record.events import EventStore
     store = EventStore(str(tmp_path))
     stored = []
     for _ in range(2):                         # two daemon runs

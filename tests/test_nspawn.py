@@ -239,7 +239,7 @@ def box():
 
 
 def gpucostd_journal_ids():
-    from gpucostd.journal import MESSAGE_IDS
+    from gpucostd.record.journal import MESSAGE_IDS
     return MESSAGE_IDS
 
 

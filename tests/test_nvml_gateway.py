@@ -12,10 +12,10 @@ import pytest
 pynvml = pytest.importorskip("pynvml", reason="nvidia-ml-py (pynvml) is not installed")
 
 from gpucostd.clock import RealClock, VirtualClock  # noqa: E402
-from gpucostd.nvml import NvmlError, NvmlGateway  # noqa: E402
+from gpucostd.hw.nvml import NvmlError, NvmlGateway  # noqa: E402
 from gpucostd.probes.gpu import GpuProbe  # noqa: E402
-from gpucostd.scenario import parse_scenario  # noqa: E402
-from gpucostd.simnvml import SimulatedNode  # noqa: E402
+from gpucostd.sim.scenario import parse_scenario  # noqa: E402
+from gpucostd.sim.nvml import SimulatedNode  # noqa: E402
 from gpucostd.snapshot import GpuReading, GpuState  # noqa: E402
 
 from conftest import wait_for  # noqa: E402
@@ -404,7 +404,7 @@ driver_loaded = true
 def test_field_values_by_value_type(vtype, member, expect):
     from types import SimpleNamespace
 
-    from gpucostd.nvml import _field_value
+    from gpucostd.hw.nvml import _field_value
     value = SimpleNamespace(**({member: expect} if member else {}))   # no other members
     assert _field_value(SimpleNamespace(valueType=vtype, value=value)) == expect
 

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from gpucostd.simnvml import (SYMBOLS, FieldValue, HEADER_CONSTANTS, PciInfo, SimulatedNode,
+from gpucostd.sim.nvml import (SYMBOLS, FieldValue, HEADER_CONSTANTS, PciInfo, SimulatedNode,
                               Utilization, ViolationTime)
 
 
@@ -133,7 +133,7 @@ def test_struct_layouts_match_the_header(header_text, cls, typedef):
 
 def test_a_full_gateway_read_uses_only_simulated_symbols():
     from gpucostd.clock import VirtualClock
-    from gpucostd.nvml import NvmlGateway
+    from gpucostd.hw.nvml import NvmlGateway
     from gpucostd.probes.gpu import GpuProbe
     node = SimulatedNode("builtin:h100x8", VirtualClock())
     gw = NvmlGateway(library=node.library, clock=node.clock)

@@ -16,7 +16,7 @@ import pytest
 
 from gpucostd.config import parse
 from gpucostd.replay import format_replay, run_replay
-from gpucostd.scenario import load_scenario
+from gpucostd.sim.scenario import load_scenario
 
 _spec = importlib.util.spec_from_file_location(
     "_cost_ground_truth", Path(__file__).resolve().parent / "test_cost.py")
@@ -24,7 +24,7 @@ _gt = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_gt)
 ground_truth, compare = _gt.ground_truth, _gt.compare
 
-BUILTIN_DIR = Path(__file__).resolve().parents[1] / "daemon" / "scenarios"
+BUILTIN_DIR = Path(__file__).resolve().parents[1] / "daemon" / "sim" / "scenarios"
 
 pytestmark = pytest.mark.slow
 
@@ -144,7 +144,7 @@ def test_replay_is_deterministic_and_fits_100_columns():
 
 
 def test_bad_arguments_are_errors_in_words():
-    from gpucostd.scenario import ScenarioError
+    from gpucostd.sim.scenario import ScenarioError
     with pytest.raises(ScenarioError):
         run_replay("builtin:no_such_scenario", duration=10)
     with pytest.raises(ValueError, match="step"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpucostd.scenario import ScenarioError, load_scenario, parse_scenario
+from gpucostd.sim.scenario import ScenarioError, load_scenario, parse_scenario
 
 BASE = """\
 [node]

@@ -13,8 +13,8 @@ import pytest
 pynvml = pytest.importorskip("pynvml", reason="nvidia-ml-py (pynvml) is not installed")
 
 from gpucostd.clock import RealClock, VirtualClock  # noqa: E402
-from gpucostd.scenario import load_scenario, parse_scenario  # noqa: E402
-from gpucostd.simnvml import SYMBOLS, SimulatedNode  # noqa: E402
+from gpucostd.sim.scenario import load_scenario, parse_scenario  # noqa: E402
+from gpucostd.sim.nvml import SYMBOLS, SimulatedNode  # noqa: E402
 from gpucostd.snapshot import VIOLATION_POLICIES, reasons_from_mask  # noqa: E402
 
 BASE = """\

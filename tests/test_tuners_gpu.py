@@ -16,7 +16,8 @@ from gpucostd.clock import VirtualClock
 from gpucostd.config import parse
 from gpucostd.snapshot import CheckResult, GpuReading, GpuState, NodeSnapshot, Setting
 from gpucostd.tuners.manager import (Change, TuningManager, format_changes, format_plan,
-                                     metric_families, plan_exit_code, shutdown_in_progress)
+                                     plan_exit_code, shutdown_in_progress)
+from gpucostd.views.metrics_tuning import metric_families
 from gpucostd.tuners.originals import OriginalsStore
 
 MODEL = "NVIDIA H100 80GB HBM3"
@@ -358,10 +359,10 @@ def test_shutdown_detection_from_systemd_jobs():
 
 # ------------------------------------------------------------------ on the simulated node
 def _sim(tmp_path, scenario_text=None):
-    nvml = pytest.importorskip("gpucostd.nvml", reason="daemon/nvml.py (NvmlGateway) not "
+    nvml = pytest.importorskip("gpucostd.hw.nvml", reason="daemon/hw/nvml.py (NvmlGateway) not "
                                                        "in the tree yet")
-    from gpucostd.scenario import load_scenario, parse_scenario
-    from gpucostd.simnvml import SimulatedNode
+    from gpucostd.sim.scenario import load_scenario, parse_scenario
+    from gpucostd.sim.nvml import SimulatedNode
     clock = VirtualClock()
     scenario = load_scenario("builtin:h100x8") if scenario_text is None else \
         parse_scenario(scenario_text, str(tmp_path / "s.toml"))
@@ -389,7 +390,7 @@ def _sim_readings(gw, node):
 
 
 def _builtin_text(**gpu_defaults):
-    from gpucostd.scenario import BUILTIN_DIR
+    from gpucostd.sim.scenario import BUILTIN_DIR
     text = open(os.path.join(BUILTIN_DIR, "h100x8.toml"), encoding="utf-8").read()
     for k, v in gpu_defaults.items():
         text = text.replace(f"\n{k} = ", f"\n{k} = {v}\n# was: ", 1)

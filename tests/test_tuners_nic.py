@@ -12,7 +12,7 @@ import pytest
 
 from gpucostd.clock import VirtualClock
 from gpucostd.config import parse
-from gpucostd.netlink import NetlinkError, Rings
+from gpucostd.hw.netlink import NetlinkError, Rings
 from gpucostd.probes.host import HostProbe
 from gpucostd.tuners.manager import TuningManager, format_plan
 from gpucostd.tuners.originals import OriginalsStore
@@ -179,7 +179,7 @@ def veth_netns():
 
 @pytest.mark.root
 def test_veth_in_netns_gives_the_clear_not_supported_error(tmp_path, veth_netns):
-    from gpucostd.netlink import Netlink
+    from gpucostd.hw.netlink import Netlink
     from test_tuners_gpu import FakeGateway, readings
 
     gw = FakeGateway(n=2)
@@ -222,7 +222,7 @@ class ReadOnlyNetlink:
 def test_host_nic_rings_can_be_read(tmp_path):
     """Reading rings needs no privilege; the test never writes (ReadOnlyNetlink)."""
     pytest.importorskip("pyroute2", reason="pyroute2 is not installed")
-    from gpucostd.netlink import Netlink
+    from gpucostd.hw.netlink import Netlink
     nl = Netlink()
     try:
         found = None
@@ -258,7 +258,7 @@ def test_without_cap_net_admin_the_error_names_the_capability(veth_netns):
     import sys
     if shutil.which("setpriv") is None:
         pytest.skip("needs setpriv (util-linux) to drop CAP_NET_ADMIN")
-    code = ("import sys\nfrom gpucostd.netlink import Netlink, NetlinkError\n"
+    code = ("import sys\nfrom gpucostd.hw.netlink import Netlink, NetlinkError\n"
             "n = Netlink(netns=sys.argv[1])\n"
             "try:\n    n.set_rings('gct0', {'rx': 256})\n"
             "except NetlinkError as e:\n    print(e.kind); print(e)\n")
@@ -274,7 +274,7 @@ def test_without_cap_net_admin_the_error_names_the_capability(veth_netns):
 
 def test_errno_mapping_without_root():
     import errno
-    from gpucostd.netlink import Netlink
+    from gpucostd.hw.netlink import Netlink
     nl = Netlink()
     nl.driver = lambda ifname: None          # no ioctl here
     assert nl._map("eth9", errno.ENODEV, "x").kind == "no_device"
@@ -303,7 +303,7 @@ def test_ring_without_a_current_value_is_not_written(tmp_path):
 def test_kernel_without_ethtool_netlink_says_what_is_needed():
     import errno
 
-    from gpucostd.netlink import Netlink
+    from gpucostd.hw.netlink import Netlink
     err = Netlink()._map("eth0", errno.ENOENT, "No such file or directory")
     assert err.kind == "unavailable"
     assert str(err) == ("eth0: cannot use ethtool netlink: the kernel has no ethtool netlink "

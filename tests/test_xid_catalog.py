@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpucostd import xid
+from gpucostd.health import xid
 from gpucostd.snapshot import Severity
 
 REQUIRED = (13, 31, 32, 38, 43, 44, 45, 48, 61, 62, 63, 64, 68, 69, 74, 79, 92, 94, 95, 109,

@@ -1,6 +1,6 @@
 """NIC ring buffer sizes: `[tuning.nic.IFNAME]` rx / tx / rx_mini / rx_jumbo = N or "max".
 
-Read and written through daemon/netlink.py (ethtool netlink). Validation before any write: a
+Read and written through daemon/hw/netlink.py (ethtool netlink). Validation before any write: a
 size above the NIC's maximum is refused, "max" takes the maximum, a queue the NIC does not have
 is refused. A missing interface, or a driver that cannot change rings, is an error for that
 interface's settings alone, in words: `eth3: driver veth does not support ring buffer changes`.
@@ -39,7 +39,7 @@ class NicRingsTuner:
             except Exception:
                 pass
             if driver:
-                from gpucostd.netlink import error_message
+                from gpucostd.hw.netlink import error_message
                 return TunerError(error_message("not_supported", ifname, driver), kind)
         text = str(exc) or type(exc).__name__
         if not text.startswith(ifname + ":"):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import json
 import logging
 import os
 import re
@@ -31,15 +30,15 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from gpucostd.health import state
+from gpucostd.health.state import FILE_NAME as STATE_FILE, FLAG_NAMES
 from gpucostd.probes.kernel_log import normalize_bus_id as _kernel_bus_id
-from gpucostd.statefile import write_atomic
 from gpucostd.snapshot import (Event, Finding, GpuReading, GpuState, HW_SLOWDOWN_REASONS,
-                               NodeSnapshot, Severity, VIOLATION_POLICIES, worst)
+                               Severity, worst)
 
 LOG = logging.getLogger("gpucostd")
 SLOWDOWN_HOLD_SECONDS = 30.0   # a HW slowdown WARN outlives the slowdown this long
 
-STATE_FILE = "health.json"
 BOOT_ID_RELPATH = "proc/sys/kernel/random/boot_id"
 XID_FINDING_TTL_SECONDS = 600.0      # a non-sticky Xid finding lasts this long after its last line
 CORRECTED_ECC_WINDOW_SECONDS = 3600.0
@@ -105,24 +104,6 @@ def _xid_title(xid: Any, name: str, parens: bool = False) -> str:
     return f"{prefix} ({name})" if parens else f"{prefix} {name}"
 
 
-_NUMBER = (int, float)
-_LATCHED_TYPES = {"since": _NUMBER, "last": _NUMBER, "count": int, "xid": int}
-_BASELINE_TYPES = {"vu": int, "au": int, "reported": int, "since": _NUMBER}
-
-
-def _valid_record(rec: Any, types: Dict[str, Any]) -> bool:
-    """A record from health.json whose numeric fields are numbers (or absent/null): a file
-    edited by hand or written by another version must not break judge() every cycle."""
-    if not isinstance(rec, dict):
-        return False
-    for key, typ in types.items():
-        v = rec.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, typ)):
-            LOG.warning("health state: ignored a record with %s = %r (not a number)", key, v)
-            return False
-    return True
-
-
 def _fmt_seconds(s: float) -> str:
     return f"{s / 60:g} min" if s >= 60 and s % 60 == 0 else f"{s:g} s"
 
@@ -135,7 +116,6 @@ class HealthReport:
     events: List[Event] = field(default_factory=list)
 
 
-FLAG_NAMES = ("lost", "remap_pending", "remap_failure", "retired_pending")
 
 
 class _Track:
@@ -172,7 +152,7 @@ class _Track:
 
 
 def _default_lookup(xid: int, message: Optional[str] = None):
-    from gpucostd.xid import lookup
+    from gpucostd.health.xid import lookup
     return lookup(xid, message)
 
 
@@ -213,79 +193,23 @@ class HealthJudge:
 
     # ------------------------------------------------------------------ persistence
     def _read_boot_id(self) -> Optional[str]:
-        try:
-            with open(self.boot_id_path, "r", encoding="ascii", errors="replace") as f:
-                text = f.read().strip()
-            return text or None
-        except OSError:
-            LOG.warning("cannot read the boot id from %s; sticky GPU faults are kept until a GPU "
-                        "reset or ack", self.boot_id_path)
-            return None
+        return state.read_boot_id(self.boot_id_path)
 
     def _load(self) -> None:
-        try:
-            with open(self.state_path, "r", encoding="utf-8") as f:
-                data = json.load(f)
-            if not isinstance(data, dict):
-                raise ValueError("not a JSON object")
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError) as e:
-            LOG.warning("health state %s is unreadable (%s); starting without sticky faults",
-                        self.state_path, e)
-            return
-        health = data.get("health") or {}
-        if isinstance(health, dict):
-            self._health = {str(k): [str(v[0]), str(v[1])] for k, v in health.items()
-                            if isinstance(v, list) and len(v) == 2}
-        old_boot = data.get("boot_id")
-        if old_boot and self.boot_id and old_boot != self.boot_id:
-            n = sum(len(v) for v in (data.get("latched") or {}).values()
-                    if isinstance(v, dict))
-            if n:
-                LOG.info("host rebooted since the last run: cleared %d sticky GPU faults", n)
+        saved = state.load(self.state_path, self.boot_id)
+        self._health = saved.health
+        self._latched, self._ecc_base = saved.latched, saved.ecc_base
+        self._acked, self._flags = saved.acked, saved.flags
+        if saved.rebooted:
             self._dirty = True
-            return
-        latched = data.get("latched") or {}
-        if isinstance(latched, dict):
-            self._latched = {str(s): {str(c): dict(r) for c, r in codes.items()
-                                      if _valid_record(r, _LATCHED_TYPES)}
-                             for s, codes in latched.items() if isinstance(codes, dict)}
-        base = data.get("ecc_baseline") or {}
-        if isinstance(base, dict):
-            self._ecc_base = {str(k): dict(v) for k, v in base.items()
-                              if _valid_record(v, _BASELINE_TYPES)}
-        acked = data.get("acked") or {}
-        if isinstance(acked, dict):
-            self._acked = {str(k): [str(c) for c in v] for k, v in acked.items()
-                           if isinstance(v, list)}
-        flags = data.get("flags") or {}
-        if isinstance(flags, dict):
-            for k, v in flags.items():
-                if not isinstance(v, dict):
-                    continue
-                rec: Dict[str, Any] = {n: bool(v.get(n)) for n in FLAG_NAMES}
-                if not any(rec.values()):
-                    continue
-                index = v.get("index")
-                rec["index"] = index if isinstance(index, int) and not isinstance(
-                    index, bool) else None
-                self._flags[str(k)] = rec
 
     def _save(self) -> None:
         if not self._dirty:
             return
-        data = {"version": 1, "boot_id": self.boot_id, "latched": self._latched,
-                "ecc_baseline": self._ecc_base, "acked": self._acked, "health": self._health,
-                "flags": self._flags}
-        try:
-            write_atomic(self.state_path, json.dumps(data, separators=(",", ":"),
-                                                     sort_keys=True))
-            self._dirty = False
-        except (OSError, TypeError, ValueError) as e:
-            LOG.error("cannot write health state %s: %s; sticky faults will not survive a "
-                      "restart (check daemon.state_dir)", self.state_path, e)
-            self._dirty = False   # retried at the next change, not every cycle
+        state.save(self.state_path, self.boot_id, latched=self._latched,
+                   ecc_base=self._ecc_base, acked=self._acked, health=self._health,
+                   flags=self._flags)
+        self._dirty = False   # on a write error: retried at the next change, not every cycle
 
     def reconfigure(self, config) -> None:
         with self._lock:
@@ -887,10 +811,6 @@ class HealthJudge:
                           f"acknowledged {c} on {who}", gpu=index, uuid=uuid,
                           fields={"cleared": c}) for c in cleared]
 
-    def metric_families(self, snapshot: NodeSnapshot):
-        return metric_families(snapshot)
-
-
 def code_is_xid(code: str) -> bool:
     return code.startswith("xid_")
 
@@ -901,105 +821,5 @@ def _normalize_code(code: str) -> str:
     return f"xid_{int(m.group(1))}" if m else c
 
 
-# --------------------------------------------------------------------------- metrics
-def metric_families(snapshot: NodeSnapshot):
-    """Health and hardware-fault metrics of one snapshot; readings that are None are left out."""
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-    L = ["gpu", "uuid"]
-    health = GaugeMetricFamily("gpucostd_gpu_health",
-                               "GPU health: 0 OK, 1 WARN, 2 CRIT, 3 UNKNOWN", labels=L)
-    node = GaugeMetricFamily("gpucostd_node_health",
-                             "Node health: 0 OK, 1 WARN, 2 CRIT, 3 UNKNOWN")
-    xids = CounterMetricFamily("gpucostd_gpu_xid_errors",
-                               "NVRM Xid errors recorded (gpu empty: not mapped to a GPU)",
-                               labels=L + ["xid"])
-    ecc = CounterMetricFamily("gpucostd_gpu_ecc_errors", "ECC errors reported by NVML",
-                              labels=L + ["type", "counter"])
-    remapped = GaugeMetricFamily("gpucostd_gpu_remapped_rows", "Remapped memory rows",
-                                 labels=L + ["kind"])
-    pending = GaugeMetricFamily("gpucostd_gpu_remapped_rows_pending",
-                                "1 while a row remapping waits for a GPU reset", labels=L)
-    failure = GaugeMetricFamily("gpucostd_gpu_remapped_rows_failure",
-                                "1 when a row remapping failed", labels=L)
-    retired = GaugeMetricFamily("gpucostd_gpu_retired_pages", "Retired memory pages",
-                                labels=L + ["cause"])
-    retired_pending = GaugeMetricFamily("gpucostd_gpu_retired_pages_pending",
-                                        "1 while page retirement waits for a GPU reset",
-                                        labels=L)
-    lost = GaugeMetricFamily("gpucostd_gpu_lost", "1 when the GPU is lost (fell off the bus)",
-                             labels=L)
-    gen = GaugeMetricFamily("gpucostd_gpu_pcie_link_generation", "PCIe link generation",
-                            labels=L + ["kind"])
-    width = GaugeMetricFamily("gpucostd_gpu_pcie_link_width", "PCIe link width (lanes)",
-                              labels=L + ["kind"])
-    replay = CounterMetricFamily("gpucostd_gpu_pcie_replay_errors", "PCIe replay counter",
-                                 labels=L)
-    thresholds = GaugeMetricFamily("gpucostd_gpu_temperature_threshold_celsius",
-                                   "GPU temperature thresholds", labels=L + ["threshold"])
-    memtemp = GaugeMetricFamily("gpucostd_gpu_memory_temperature_celsius",
-                                "GPU memory (HBM) temperature", labels=L)
-    violation = CounterMetricFamily("gpucostd_gpu_violation_seconds",
-                                    "Time clocks were held below target, per perf policy",
-                                    labels=L + ["policy"])
-
-    uuids: Dict[int, str] = {}
-    for g in snapshot.gpus:
-        gl = [str(g.index), g.uuid or ""]
-        uuids[g.index] = g.uuid or ""
-        if g.state != GpuState.UNKNOWN:          # NVML unavailable: we cannot tell
-            lost.add_metric(gl, 1.0 if g.state == GpuState.LOST else 0.0)
-        for typ, counter, v in (("corrected", "volatile", g.ecc_volatile_corrected),
-                                ("uncorrected", "volatile", g.ecc_volatile_uncorrected),
-                                ("corrected", "aggregate", g.ecc_aggregate_corrected),
-                                ("uncorrected", "aggregate", g.ecc_aggregate_uncorrected)):
-            if v is not None:
-                ecc.add_metric(gl + [typ, counter], float(v))
-        if g.remapped_rows_correctable is not None:
-            remapped.add_metric(gl + ["correctable"], float(g.remapped_rows_correctable))
-        if g.remapped_rows_uncorrectable is not None:
-            remapped.add_metric(gl + ["uncorrectable"], float(g.remapped_rows_uncorrectable))
-        if g.remapped_rows_pending is not None:
-            pending.add_metric(gl, 1.0 if g.remapped_rows_pending else 0.0)
-        if g.remapped_rows_failure is not None:
-            failure.add_metric(gl, 1.0 if g.remapped_rows_failure else 0.0)
-        if g.retired_pages_sbe is not None:
-            retired.add_metric(gl + ["sbe"], float(g.retired_pages_sbe))
-        if g.retired_pages_dbe is not None:
-            retired.add_metric(gl + ["dbe"], float(g.retired_pages_dbe))
-        if g.retired_pages_pending is not None:
-            retired_pending.add_metric(gl, 1.0 if g.retired_pages_pending else 0.0)
-        for fam, cur, mx in ((gen, g.pcie_link_gen, g.pcie_link_gen_max),
-                             (width, g.pcie_link_width, g.pcie_link_width_max)):
-            if cur is not None:
-                fam.add_metric(gl + ["current"], float(cur))
-            if mx is not None:
-                fam.add_metric(gl + ["max"], float(mx))
-        if g.pcie_replay_count is not None:
-            replay.add_metric(gl, float(g.pcie_replay_count))
-        if g.temp_slowdown_celsius is not None:
-            thresholds.add_metric(gl + ["slowdown"], float(g.temp_slowdown_celsius))
-        if g.temp_shutdown_celsius is not None:
-            thresholds.add_metric(gl + ["shutdown"], float(g.temp_shutdown_celsius))
-        if g.memory_temperature_celsius is not None:
-            memtemp.add_metric(gl, float(g.memory_temperature_celsius))
-        if g.violation_seconds:
-            for policy, _ in VIOLATION_POLICIES:
-                v = g.violation_seconds.get(policy)
-                if v is not None:
-                    violation.add_metric(gl + [policy], float(v))
-    for index, sev in sorted((snapshot.gpu_health or {}).items()):
-        health.add_metric([str(index), uuids.get(index, "")], float(int(sev)))
-    node.add_metric([], float(int(snapshot.node_health)))
-    totals = (snapshot.counters or {}).get("xid_totals") or {}
-    for (gpu, xid), count in sorted(totals.items(), key=lambda kv: (
-            -1 if kv[0][0] is None else kv[0][0], kv[0][1])):
-        label_gpu = "" if gpu is None else str(gpu)
-        xids.add_metric([label_gpu, uuids.get(gpu, "") if gpu is not None else "", str(xid)],
-                        float(count))
-    return [health, node, xids, ecc, remapped, pending, failure, retired, retired_pending, lost,
-            gen, width, replay, thresholds, memtemp, violation]
-
-
-__all__ = ["HealthJudge", "HealthReport", "metric_families", "normalize_bus_id",
+__all__ = ["HealthJudge", "HealthReport", "normalize_bus_id",
            "XID_FINDING_TTL_SECONDS", "STICKY_XIDS"]

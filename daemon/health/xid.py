@@ -17,7 +17,7 @@ try:
 except ImportError:  # Python < 3.11
     import tomli as tomllib
 
-from .snapshot import Severity
+from gpucostd.snapshot import Severity
 
 CATALOG_PATH = Path(__file__).resolve().with_name("xid_catalog.toml")
 XID_CATALOG_URL = "https://docs.nvidia.com/deploy/xid-errors/"

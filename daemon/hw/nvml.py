@@ -34,8 +34,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
-from .clock import RealClock
-from .snapshot import VIOLATION_POLICIES, reasons_from_mask
+from gpucostd.clock import RealClock
+from gpucostd.snapshot import VIOLATION_POLICIES, reasons_from_mask
 
 try:  # pragma: no cover - the import itself is exercised everywhere
     import pynvml as _pynvml

@@ -336,7 +336,7 @@ class HookRunner:
                        fields={"hook": res.hook, "program": res.argv[0] if res.argv else "",
                                "returncode": res.returncode, "timed_out": res.timed_out})
         try:   # one error line, with the hook_failed MESSAGE_ID when it goes to the journal
-            from gpucostd.journal import journal_fields
+            from gpucostd.record.journal import journal_fields
             jf = {k: v for k, v in journal_fields(failed).items()
                   if k not in ("PRIORITY", "SYSLOG_IDENTIFIER")}
         except Exception:  # noqa: BLE001

@@ -87,7 +87,7 @@ def _journal() -> Optional[Callable[..., Any]]:
 
 def _stderr_is_journal() -> bool:
     try:
-        from gpucostd.logs import under_systemd
+        from gpucostd.record.logs import under_systemd
         return under_systemd()
     except Exception:  # noqa: BLE001 - logging helpers must never break event delivery
         return False

@@ -7,7 +7,7 @@ argument lists of nvml.h (tests/test_nvml_header.py checks every one against the
 pynvml's own code -- argument marshalling, structs, ``byref`` out-parameters, return codes,
 ``NVMLError`` classes, ``nvmlErrorString`` -- therefore runs unchanged on top of it.
 
-This module does not import pynvml (only daemon/nvml.py does): the struct layouts and constants
+This module does not import pynvml (only daemon/hw/nvml.py does): the struct layouts and constants
 below are those of nvml.h.
 
 Behaviour (see docs/scenarios.md):
@@ -30,8 +30,8 @@ from ctypes import (CFUNCTYPE, Structure, Union, c_char, c_double, c_int, c_int6
                     c_longlong, c_uint, c_uint32, c_ulong, c_ulonglong, c_ushort, c_void_p)
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from .scenario import UNSUPPORTED_GROUPS, Scenario, load_scenario
-from .snapshot import VIOLATION_POLICIES, mask_from_reasons
+from gpucostd.sim.scenario import UNSUPPORTED_GROUPS, Scenario, load_scenario
+from gpucostd.snapshot import VIOLATION_POLICIES, mask_from_reasons
 
 log = logging.getLogger("gpucostd.simnvml")
 

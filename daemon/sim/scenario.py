@@ -29,8 +29,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python < 3.11
     import tomli as tomllib
 
-from .config import FileError
-from .snapshot import CLOCK_EVENT_REASONS, REASON_BITS, VIOLATION_POLICIES, VIOLATION_REASONS
+from gpucostd.config import FileError
+from gpucostd.snapshot import CLOCK_EVENT_REASONS, REASON_BITS, VIOLATION_POLICIES, VIOLATION_REASONS
 
 BUILTIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scenarios")
 REASON_NAMES = tuple(name for _bit, name in CLOCK_EVENT_REASONS)
@@ -733,7 +733,7 @@ def builtin_names() -> List[str]:
 
 
 def load_scenario(spec: str) -> Scenario:
-    """`spec` is "builtin:NAME" (a file shipped in gpucostd/scenarios/) or a path to a TOML
+    """`spec` is "builtin:NAME" (a file shipped in gpucostd/sim/scenarios/) or a path to a TOML
     file. Raises ScenarioError (file, line, key, value, what is allowed)."""
     if spec.startswith("builtin:"):
         name = spec[len("builtin:"):]

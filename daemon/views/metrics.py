@@ -1,9 +1,9 @@
 """Prometheus exposition of a snapshot, rendered once per snapshot.
 
-Families owned by other parts come from their own `metric_families(snapshot)` (health, cost,
-tuners); this module adds the core per-GPU gauges and the info metrics, then renders the whole
-exposition to bytes that the HTTP server hands out until the next snapshot. A scrape never
-touches NVML and never waits for the loop.
+The families of each part come from its own module's `metric_families(snapshot)`
+(metrics_health, metrics_cost, metrics_tuning); this module adds the core per-GPU gauges and
+the info metrics, then renders the whole exposition to bytes that the HTTP server hands out
+until the next snapshot. A scrape never touches NVML and never waits for the loop.
 """
 from __future__ import annotations
 
@@ -95,10 +95,9 @@ def core_families(snap: NodeSnapshot) -> Iterable:
 
 
 def _part_families(snap: NodeSnapshot) -> List:
-    from gpucostd import cost, health
-    from gpucostd.tuners import manager
+    from gpucostd.views import metrics_cost, metrics_health, metrics_tuning
     out = []
-    for module in (health, cost, manager):
+    for module in (metrics_health, metrics_cost, metrics_tuning):
         try:
             out.extend(module.metric_families(snap))
         except Exception:  # noqa: BLE001 - one part's bug must not blank the whole scrape

@@ -208,7 +208,7 @@ def cost_lines(cost: Optional[Dict[str, Any]]) -> List[str]:
     """Cost section of the status view from CostReport.to_json()."""
     if not cost:
         return []
-    from gpucostd.cost import status_lines_from_json
+    from gpucostd.cost.report import status_lines_from_json
     return status_lines_from_json(cost)
 
 

@@ -1,0 +1,149 @@
+"""The package's folders are its architecture: no import runs up the table of roles.
+
+Reads every module's imports (module level and inside functions) with ast, maps each module of
+gpucostd to its role by folder, and fails on an import the table does not allow, and on a
+hardware library imported anywhere but its one seam. The table is the one in README.md
+("Layout") and docs: keep the three in step.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from typing import Dict, Iterator, List, Tuple
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE_DIRS = {"gpucostd": REPO / "daemon", "gpucostd.probes": REPO / "probes",
+                "gpucostd.tuners": REPO / "tuners"}
+
+FOUNDATIONS = {"gpucostd", "gpucostd.config", "gpucostd.snapshot", "gpucostd.clock",
+               "gpucostd.statefile"}
+# role -> roles it may import (besides its own and the foundations)
+ALLOWED: Dict[str, set] = {
+    "foundations": set(),
+    "hw": set(),
+    "sim": set(),
+    "probes": {"hw"},
+    "health": {"probes"},       # the kernel-log watcher's data types and bus-id form
+    "cost": set(),
+    "record": set(),
+    "tuners": {"hw", "probes"},
+    "views": {"health", "cost", "record"},
+    "process": {"foundations", "hw", "sim", "probes", "tuners", "health", "cost", "record",
+                "views"},
+}
+# third-party modules with exactly one home
+ONLY_IN = {
+    "pynvml": {"gpucostd.hw.nvml"},
+    "pyroute2": {"gpucostd.hw.netlink"},
+    "sqlite3": {"gpucostd.record.events"},
+}
+# a library whose home is a role (every module of it may import the library)
+ONLY_IN_ROLE = {"prometheus_client": "views"}
+
+
+def role_of(module: str) -> str:
+    if module in FOUNDATIONS:
+        return "foundations"
+    parts = module.split(".")
+    if len(parts) >= 2 and parts[1] in ("hw", "sim", "probes", "tuners", "health", "cost",
+                                        "record", "views"):
+        return parts[1]
+    return "process"          # cli, service, loop, replay, capture, notify, __main__
+
+
+def modules() -> Iterator[Tuple[str, Path]]:
+    for pkg, root in PACKAGE_DIRS.items():
+        for path in sorted(root.rglob("*.py")):
+            rel = path.relative_to(root).with_suffix("")
+            parts = [p for p in rel.parts if p != "__init__"]
+            name = ".".join([pkg] + parts)
+            if pkg == "gpucostd" and parts and parts[0] in ("probes", "tuners"):
+                continue
+            yield name, path
+
+
+def imports_of(name: str, source: str, is_package: bool) -> List[Tuple[int, str]]:
+    """(line, absolute module name) of every import in the source."""
+    out: List[Tuple[int, str]] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                pkg = name.split(".") if is_package else name.split(".")[:-1]
+                pkg = pkg[: len(pkg) - node.level + 1]
+                base = ".".join(pkg + ([base] if base else []))
+            if node.module is None or base in FOUNDATIONS | {"gpucostd"} or \
+                    base.split(".")[-1] in ("hw", "sim", "health", "cost", "record", "views",
+                                            "probes", "tuners"):
+                # "from gpucostd.health import judge": the submodules are the imports
+                out += [(node.lineno, f"{base}.{a.name}") for a in node.names]
+            out.append((node.lineno, base))
+    return out
+
+
+def violations(sources: Dict[str, Tuple[str, bool]]) -> List[str]:
+    """Every import that runs up the table, for {module: (source, is_package)}."""
+    known = set(sources)
+    bad: List[str] = []
+    for name, (source, is_package) in sorted(sources.items()):
+        mine = role_of(name)
+        for line, target in imports_of(name, source, is_package):
+            top = target.split(".")[0]
+            if top in ONLY_IN and name not in ONLY_IN[top]:
+                bad.append(f"{name}:{line} imports {target}: only "
+                           f"{', '.join(sorted(ONLY_IN[top]))} may")
+            if top in ONLY_IN_ROLE and mine != ONLY_IN_ROLE[top]:
+                bad.append(f"{name}:{line} imports {target}: only {ONLY_IN_ROLE[top]}/ may")
+            if top != "gpucostd":
+                continue
+            # the module itself (not an attribute imported from it)
+            while target not in known and "." in target:
+                target = target.rsplit(".", 1)[0]
+            theirs = role_of(target)
+            if theirs in (mine, "foundations") or theirs in ALLOWED[mine]:
+                continue
+            bad.append(f"{name}:{line} ({mine}) imports {target} ({theirs})")
+    return bad
+
+
+def _tree() -> Dict[str, Tuple[str, bool]]:
+    return {name: (path.read_text(encoding="utf-8"), path.name == "__init__.py")
+            for name, path in modules()}
+
+
+def test_no_import_runs_up_the_table():
+    tree = _tree()
+    assert len(tree) > 30, sorted(tree)
+    assert violations(tree) == []
+
+
+def test_every_module_has_a_role_folder():
+    """Nothing new lands loose at the top of daemon/ unless it is the process or a
+    foundation: a reader knows a file's job from its folder."""
+    process = {"gpucostd.cli", "gpucostd.service", "gpucostd.loop", "gpucostd.replay",
+               "gpucostd.capture", "gpucostd.notify", "gpucostd.__main__"}
+    loose = [n for n in _tree() if role_of(n) == "process" and n not in process]
+    assert loose == [], f"place these in a role folder (README 'Layout'): {loose}"
+
+
+@pytest.mark.parametrize("module,source,expect", [
+    ("gpucostd.views.metrics", "from gpucostd.hw import nvml\n", "(views) imports gpucostd.hw"),
+    ("gpucostd.views.statusview", "import gpucostd.probes.gpu\n", "imports gpucostd.probes.gpu"),
+    ("gpucostd.cost.model", "def f():\n    from gpucostd.health.judge import HealthJudge\n",
+     "(cost) imports gpucostd.health.judge (health)"),
+    ("gpucostd.probes.gpu", "import pynvml\n", "only gpucostd.hw.nvml may"),
+    ("gpucostd.tuners.nic_rings", "from pyroute2 import IPRoute\n",
+     "only gpucostd.hw.netlink may"),
+    ("gpucostd.health.judge", "from prometheus_client import Gauge\n", "only views/ may"),
+    ("gpucostd.config", "from gpucostd.loop import Daemon\n", "(foundations) imports"),
+    ("gpucostd.hw.nvml", "from ..sim import nvml\n", "(hw) imports gpucostd.sim.nvml (sim)"),
+])
+def test_the_check_catches_an_import_that_runs_up(module, source, expect):
+    tree = _tree()
+    tree[module] = (source, False)
+    found = violations(tree)
+    assert any(expect in v for v in found), found
