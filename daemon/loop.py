@@ -77,8 +77,10 @@ class Daemon:
         self.watcher = None
         self._sim_parser = None      # one-shot commands parse the scenario's kernel lines here
         source = kernel_log or config.daemon.kernel_log
-        if self.clock.virtual:
-            source = "none"      # replay: only the scenario's own kernel lines
+        if self.clock.virtual or (self.sim is not None and source == "auto"):
+            # replay, and a simulated node unless the config names a real log: only the
+            # scenario's own kernel lines (the host's Xids are not the simulated GPUs')
+            source = "none"
         if not one_shot:
             from gpucostd.probes.kernel_log import KernelLogWatcher
             self.watcher = KernelLogWatcher(source, state_dir, clock=self.clock,

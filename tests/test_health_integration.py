@@ -589,3 +589,24 @@ def test_ack_clears_sticky_xid_79_as_root_and_is_refused_otherwise(open_tmp):
     assert d.stop() == 0
     after = json.loads(d.cli("events", "--json").stdout)
     assert [e["id"] for e in after if e["code"] == "ack"] == [acks[0]["id"]]
+
+
+@pytest.mark.root
+def test_simulated_node_ignores_the_hosts_kernel_log_unless_the_config_names_it(
+        writable_kmsg, daemon_factory, tmp_path):
+    """`run --simulate` with kernel_log = "auto" (the default) judges only its scenario's
+    lines: an Xid already in (or written to) the host's /dev/kmsg for a bus id the scenario's
+    GPUs carry is not the simulated GPU's fault."""
+    buses = unused_buses(4)
+    bus_ids = [f"00000000:{b:02X}:00.0" for b in buses]
+    scen = tmp_path / "auto.toml"
+    scen.write_text(scenario_text(bus_ids))
+    write_kmsg(f"NVRM: Xid (PCI:0000:{buses[2]:02x}:00): 62, pid=1, name=x, before start")
+    d = daemon_factory(scenario=str(scen), kernel_log="auto").start()
+    doc = wait_for(lambda: socket_status(d), 10, what="a first status snapshot")
+    assert doc["daemon"]["kernel_log"] == "none", doc["daemon"]
+    write_kmsg(f"NVRM: Xid (PCI:0000:{buses[2]:02x}:00): 62, pid=1, name=x, after start")
+    cycle = doc["daemon"]["cycle"]
+    doc = wait_for(lambda: (lambda s: s if s["daemon"]["cycle"] >= cycle + 10 else None)(
+        socket_status(d)), 15, what="ten more cycles")
+    assert gpu(doc, 2)["health"] == "OK", gpu(doc, 2)
