@@ -92,6 +92,10 @@ class Daemon:
         self._inference_down_since: Optional[float] = None
         self._configure_inference()
         self._xid_totals: Dict[Tuple[Optional[int], int], int] = dict(self.store.xid_totals())
+        # NVSwitch SXids per (switch bus id, SXid): the node's stored sxid events
+        self._sxid_totals: Dict[Tuple[str, int], int] = {}
+        for e in self.store.query(subject="node"):
+            self._count_sxid(e)
         self._recent: List[Event] = list(self.store.recent(RECENT_EVENTS))
         self._settings: tuple = ()
         self._checks: tuple = ()
@@ -341,6 +345,7 @@ class Daemon:
             findings=tuple(findings), recent_events=tuple(self._recent),
             settings=self._settings, checks=self._checks, cost=cost,
             counters={"xid_totals": dict(self._xid_totals),
+                      "sxid_totals": dict(self._sxid_totals),
                       "drift": dict(self.tuning.drift_counts)},
             extra={"host": self._host_facts, "inference": inference,
                    "nic_rings": getattr(self.tuning, "nic_rings", {}),
@@ -370,12 +375,18 @@ class Daemon:
             if saved.xid is not None:
                 k = (saved.gpu, saved.xid)
                 self._xid_totals[k] = self._xid_totals.get(k, 0) + 1
+            self._count_sxid(saved)
             if self.journal:
                 self._guard("journal", lambda: send_event(saved))
         recent = self._recent
         recent.extend(stored)
         del recent[:-RECENT_EVENTS]
         self._guard("hooks", lambda: self.hooks.on_events(stored))
+
+    def _count_sxid(self, e: Event) -> None:
+        if e.code == "sxid" and e.fields and isinstance(e.fields.get("sxid"), int):
+            k = (str(e.fields.get("pci_bus_id", "")), e.fields["sxid"])
+            self._sxid_totals[k] = self._sxid_totals.get(k, 0) + 1
 
     def ack(self, gpu: Optional[int], code: Optional[str]) -> List[Event]:
         with self._lock:

@@ -30,7 +30,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from gpucostd.health import state
+from gpucostd.health import state, switches
 from gpucostd.health.state import FILE_NAME as STATE_FILE, FLAG_NAMES
 from gpucostd.probes.kernel_log import normalize_bus_id as _kernel_bus_id
 from gpucostd.snapshot import (Event, Finding, GpuReading, GpuState, HW_SLOWDOWN_REASONS,
@@ -292,6 +292,11 @@ class HealthJudge:
 
     # ------------------------------------------------------------------ kernel faults
     def _fault_event(self, fault: Any, now: float) -> Optional[Event]:
+        if getattr(fault, "sxid", None) is not None:     # an NVSwitch SXid: the node's
+            ev = switches.sxid_event(fault, _fault_time(fault, now),
+                                     self._latched.setdefault("node", {}))
+            self._dirty = self._dirty or bool(ev.fields.get("sticky"))
+            return ev
         try:
             xid = int(getattr(fault, "xid"))
         except (TypeError, ValueError, AttributeError):
@@ -309,17 +314,14 @@ class HealthJudge:
         sticky = bool(getattr(info, "sticky", False)) or xid in STICKY_XIDS
         if xid in LOST_XIDS:
             severity = Severity.CRIT
-        t = getattr(fault, "time", None)
-        try:
-            t = float(t)
-            if t < 1e9:          # not a wall-clock time (e.g. seconds since boot)
-                t = now
-        except (TypeError, ValueError):
-            t = now
+        t = _fault_time(fault, now)
         bus = normalize_bus_id(getattr(fault, "pci_bus_id", None))
         gpu, uuid = self._bus_map.get(bus, (None, None)) if bus else (None, None)
         subject = _subject(gpu)
         where = f"GPU {gpu}" if gpu is not None else f"unknown GPU {bus or '(no PCI id)'}"
+        mig = _mig(fault)
+        if mig:
+            where += f" ({mig})"
         text = f"{_xid_title(xid, name, parens=True)} on {where}"
         if message:
             text += f": {message}"
@@ -330,6 +332,9 @@ class HealthJudge:
                 fields[k] = str(v)
         if bus:
             fields["pci_bus_id"] = bus
+        for k in ("gpu_instance", "compute_instance"):
+            if isinstance(getattr(fault, k, None), int):
+                fields[k] = getattr(fault, k)
         raw = getattr(fault, "raw", None)
         if raw:
             fields["raw"] = str(raw)[:2000]
@@ -346,7 +351,7 @@ class HealthJudge:
             rec = codes[code] = {"xid": xid, "since": t, "count": 0, "gpu": gpu, "uuid": uuid}
         rec.update({"last": t, "severity": severity.name, "action": action, "name": name,
                     "sticky": sticky, "bus": bus, "detail": message[:300],
-                    "process": fields.get("process_name")})
+                    "process": fields.get("process_name"), "mig": mig or None})
         rec["count"] = int(rec.get("count", 0)) + 1
         if sticky:
             self._dirty = True
@@ -355,7 +360,8 @@ class HealthJudge:
 
     def _expire_xids(self, now: float) -> None:
         for subject, codes in self._latched.items():
-            for code in [c for c, r in codes.items() if code_is_xid(c) and not r.get("sticky")
+            for code in [c for c, r in codes.items() if (code_is_xid(c) or switches.code_is_sxid(c))
+                         and not r.get("sticky")
                          and now - float(r.get("last", now)) > XID_FINDING_TTL_SECONDS]:
                 del codes[code]
 
@@ -373,6 +379,8 @@ class HealthJudge:
             if code_is_xid(code):
                 count = int(r.get("count", 1))
                 msg = _xid_title(r.get("xid"), str(r.get("name", "")))
+                if r.get("mig"):
+                    msg += f" on {r['mig']}"
                 if count > 1:
                     msg += f" (x{count})"
                 if r.get("sticky"):
@@ -810,6 +818,22 @@ class HealthJudge:
             return [Event(now, subject, "ack", Severity.OK, "none",
                           f"acknowledged {c} on {who}", gpu=index, uuid=uuid,
                           fields={"cleared": c}) for c in cleared]
+
+def _fault_time(fault: Any, now: float) -> float:
+    try:
+        t = float(getattr(fault, "time", None))
+        return now if t < 1e9 else t     # not a wall-clock time (e.g. seconds since boot)
+    except (TypeError, ValueError):
+        return now
+
+
+def _mig(fault: Any) -> str:
+    """"MIG GPU instance 5, compute instance 1" for a line that names them, else ""."""
+    gi, ci = getattr(fault, "gpu_instance", None), getattr(fault, "compute_instance", None)
+    parts = [f"MIG GPU instance {gi}" if isinstance(gi, int) else "",
+             f"compute instance {ci}" if isinstance(ci, int) else ""]
+    return ", ".join(p for p in parts if p)
+
 
 def code_is_xid(code: str) -> bool:
     return code.startswith("xid_")

@@ -44,6 +44,9 @@ def metric_families(snapshot: NodeSnapshot):
                                    "GPU temperature thresholds", labels=L + ["threshold"])
     memtemp = GaugeMetricFamily("gpucostd_gpu_memory_temperature_celsius",
                                 "GPU memory (HBM) temperature", labels=L)
+    sxids = CounterMetricFamily("gpucostd_node_sxid_errors",
+                                "NVSwitch SXid errors recorded, by switch (PCI bus id) and SXid",
+                                labels=["switch", "sxid"])
     violation = CounterMetricFamily("gpucostd_gpu_violation_seconds",
                                     "Time clocks were held below target, per perf policy",
                                     labels=L + ["policy"])
@@ -102,5 +105,8 @@ def metric_families(snapshot: NodeSnapshot):
         label_gpu = "" if gpu is None else str(gpu)
         xids.add_metric([label_gpu, uuids.get(gpu, "") if gpu is not None else "", str(xid)],
                         float(count))
-    return [health, node, xids, ecc, remapped, pending, failure, retired, retired_pending, lost,
+    for (switch, sxid), count in sorted(((snapshot.counters or {}).get("sxid_totals")
+                                         or {}).items()):
+        sxids.add_metric([str(switch), str(sxid)], float(count))
+    return [health, node, xids, sxids, ecc, remapped, pending, failure, retired, retired_pending, lost,
             gen, width, replay, thresholds, memtemp, violation]
