@@ -352,6 +352,8 @@ class Daemon:
                    "simulated": self.simulate, "config_path": self.config.path,
                    "kernel_log": getattr(self.watcher, "source_in_use", "none"),
                    "kernel_log_error": getattr(self.watcher, "error", None),
+                   "gpu_inventory": (report.extra or {}).get("gpu_inventory")
+                   if report is not None else None,
                    "version": __version__, "pid": os.getpid()},
         )
         self._latest = snap

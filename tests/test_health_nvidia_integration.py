@@ -97,3 +97,55 @@ def test_mig_and_sxid_lines_through_the_daemon(daemon_factory, tmp_path):
              what="the SXid counter after a restart")
     assert metric_value(d.metrics(), "gpucostd_node_sxid_errors_total", switch="0000:05:00.0",
                         sxid="20034") >= 1.0
+
+
+def test_a_gpu_leaving_the_count_without_an_xid_through_the_daemon(daemon_factory, tmp_path):
+    # the driver goes away at t=2 and comes back at t=3 without GPU 2 (no kernel line at all):
+    # NVML is initialised again and lists 3 GPUs, the one after GPU 2 now at index 2
+    timeline = ('[[at]]\nt = 2\ndriver_loaded = false\n\n[[at]]\nt = 2\ngpu = 2\n'
+                'present = false\n\n[[at]]\nt = 3\ndriver_loaded = true\n\n')
+    scen = tmp_path / "leaves.toml"
+    scen.write_text(node(timeline))
+    d = daemon_factory(scenario=str(scen), extra_config="nvml_retry_seconds = 0.2\n").start()
+    wait_for(lambda: status(d)[1]["node"]["expected_gpu_count"] == 4, 10,
+             what="the inventory of 4 GPUs")
+
+    def gone():
+        rc, doc = status(d)
+        return (rc, doc) if "gpu_missing" in findings(doc) else None
+    rc, doc = wait_for(gone, 20, what="CRIT gpu_missing after the driver came back with 3 GPUs")
+    assert rc == 2 and doc["node"]["health"] == "CRIT" and doc["node"]["gpu_count"] == 3
+    f = findings(doc)["gpu_missing"]
+    assert UUID[2] in f["message"] and "0000:3a:00.0" in f["message"]
+    assert doc["node"]["missing_gpus"] == [{"uuid": UUID[2], "pci_bus_id": "0000:3a:00.0",
+                                            "index": 2, "name": "NVIDIA H100 80GB HBM3"}]
+    assert [g["uuid"] for g in doc["gpus"]] == [UUID[0], UUID[1], UUID[3]]
+    assert all(g["health"] == "OK" for g in doc["gpus"])
+    text = d.metrics()
+    assert metric_value(text, "gpucostd_gpu_missing", uuid=UUID[2],
+                        pci_bus_id="0000:3a:00.0") == 1.0
+    assert metric_value(text, "gpucostd_node_gpus_expected") == 4.0
+    r = d.cli("status")
+    assert r.returncode == 2 and "GPU missing: 3 of 4 GPUs visible" in r.stdout, r.stdout
+
+    evs = json.loads(d.cli("events", "--json").stdout)
+    (ev,) = [e for e in evs if e["code"] == "gpu_missing"]
+    assert ev["uuid"] == UUID[2] and ev["severity"] == "CRIT"
+
+    # a restart keeps knowing the node had 4 (the inventory is in the state dir)
+    assert d.stop() == 0
+    scen.write_text(node(gpu_extra={2: "present = false\n"}))
+    d.start()
+    rc, doc = wait_for(gone, 15, what="gpu_missing after a restart")
+    assert doc["node"]["missing_gpus"][0]["uuid"] == UUID[2]
+    evs = json.loads(d.cli("events", "--json").stdout)
+    assert len([e for e in evs if e["code"] == "gpu_missing"]) == 1      # not reported again
+
+    # the operator accepts the new count (ack needs root)
+    import os
+    if os.geteuid() == 0:
+        r = d.cli("ack", "node", "gpu_missing")
+        assert r.returncode == 0, r.stdout + r.stderr
+        rc, doc = wait_for(lambda: (lambda s: s if s[0] == 0 else None)(status(d)), 10,
+                           what="node OK after the operator accepted 3 GPUs")
+        assert doc["node"]["expected_gpu_count"] == 3 and doc["node"]["missing_gpus"] == []

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from gpucostd.health import state, switches
+from gpucostd.health.inventory import Inventory
 from gpucostd.health.state import FILE_NAME as STATE_FILE, FLAG_NAMES
 from gpucostd.probes.kernel_log import normalize_bus_id as _kernel_bus_id
 from gpucostd.snapshot import (Event, Finding, GpuReading, GpuState, HW_SLOWDOWN_REASONS,
@@ -114,6 +115,7 @@ class HealthReport:
     node_health: Severity
     findings: Tuple[Finding, ...]
     events: List[Event] = field(default_factory=list)
+    extra: Dict[str, Any] = field(default_factory=dict)    # status details (GPU inventory)
 
 
 
@@ -190,6 +192,9 @@ class HealthJudge:
         self._dirty = False
         self.boot_id = self._read_boot_id()
         self._load()
+        # the node's GPUs, kept across reboots in their own file (inventory.py)
+        self.inventory = Inventory(self.state_dir, _expected(config))
+        self._last_gpus: Tuple[GpuReading, ...] = ()
 
     # ------------------------------------------------------------------ persistence
     def _read_boot_id(self) -> Optional[str]:
@@ -204,6 +209,7 @@ class HealthJudge:
             self._dirty = True
 
     def _save(self) -> None:
+        self.inventory.save()
         if not self._dirty:
             return
         state.save(self.state_path, self.boot_id, latched=self._latched,
@@ -214,6 +220,7 @@ class HealthJudge:
     def reconfigure(self, config) -> None:
         with self._lock:
             self.config = config
+            self.inventory.expected_count = _expected(config)
 
     # ------------------------------------------------------------------ the cycle
     def judge(self, gpus: Sequence[GpuReading], kernel_faults: Iterable[Any] = (),
@@ -268,6 +275,8 @@ class HealthJudge:
             node_findings.extend(
                 Finding("node", f.code, f.severity, f.action, _short(f"{who}: {f.message}"),
                         since=f.since) for f in gone)
+        self._last_gpus = gpus
+        node_findings.extend(self.inventory.judge(gpus, now, events))
         if nvml_error:
             node_findings.append(Finding("node", "nvml_unavailable", Severity.UNKNOWN,
                                          "check the NVIDIA driver and libnvidia-ml",
@@ -283,7 +292,8 @@ class HealthJudge:
             del self._since[key]
         if self.save_on_judge:
             self._save()
-        return HealthReport(gpu_health, node, tuple(findings), events)
+        return HealthReport(gpu_health, node, tuple(findings), events,
+                            {"gpu_inventory": self.inventory.to_json()})
 
     def commit(self) -> None:
         """Save what judge()/ack() changed (when save_on_judge is False)."""
@@ -793,6 +803,16 @@ class HealthJudge:
             want = _normalize_code(code) if code else None
             now = self.clock.time()
             cleared: List[str] = []
+            if index is None and want == "gpu_missing":
+                # the operator accepts the GPUs visible now as the node's
+                dropped = self.inventory.accept(self._last_gpus, now)
+                if self.save_on_judge:
+                    self.inventory.save()
+                return [Event(now, "node", "ack", Severity.OK, "none",
+                              f"accepted {len(self._last_gpus)} GPUs as the node's"
+                              + (f"; no longer expected: {', '.join(dropped)}" if dropped
+                                 else ""), fields={"cleared": "gpu_missing",
+                                                   "dropped": ",".join(dropped)})]
             codes = self._latched.get(subject, {})
             for c in list(codes):
                 if want is None or c == want:
@@ -818,6 +838,10 @@ class HealthJudge:
             return [Event(now, subject, "ack", Severity.OK, "none",
                           f"acknowledged {c} on {who}", gpu=index, uuid=uuid,
                           fields={"cleared": c}) for c in cleared]
+
+def _expected(config: Any) -> int:
+    return int(getattr(getattr(config, "health", None), "expected_gpu_count", 0) or 0)
+
 
 def _fault_time(fault: Any, now: float) -> float:
     try:

@@ -106,6 +106,8 @@ GPU_FIELDS: Dict[str, Field] = {
     "setters_permitted": _f("bool", True, "Setters succeed (false: NO_PERMISSION)."),
     "unsupported": _f("names", (), "Fields whose NVML calls return NOT_SUPPORTED."),
     "lost": _f("bool", False, "Every call on this GPU returns GPU_IS_LOST."),
+    "present": _f("bool", True, "Listed by NVML; false: left out of nvmlDeviceGetCount (the "
+                  "GPUs after it move up an index) from the next nvmlInit on, with no Xid."),
 }
 IDENTITY_FIELDS = ("name", "uuid", "pci_bus_id")
 TIMELINE_FORBIDDEN = IDENTITY_FIELDS
@@ -122,7 +124,7 @@ UNSUPPORTED_GROUPS: Dict[str, Tuple[str, ...]] = {
              "pcie_replay_count"),
     "utilization": ("utilization", "memory_utilization"),
 }
-_NOT_UNSUPPORTABLE = set(IDENTITY_FIELDS) | {"setters_permitted", "unsupported", "lost",
+_NOT_UNSUPPORTABLE = set(IDENTITY_FIELDS) | {"setters_permitted", "unsupported", "lost", "present",
                                             "violation_counters"}
 UNSUPPORTABLE = tuple(sorted((set(GPU_FIELDS) - _NOT_UNSUPPORTABLE) | set(UNSUPPORTED_GROUPS)))
 

@@ -47,6 +47,12 @@ def metric_families(snapshot: NodeSnapshot):
     sxids = CounterMetricFamily("gpucostd_node_sxid_errors",
                                 "NVSwitch SXid errors recorded, by switch (PCI bus id) and SXid",
                                 labels=["switch", "sxid"])
+    expected = GaugeMetricFamily("gpucostd_node_gpus_expected",
+                                 "GPUs the node should show (learned at first start or "
+                                 "[health] expected_gpu_count)")
+    missing = GaugeMetricFamily("gpucostd_gpu_missing",
+                                "1 for a known GPU that NVML no longer lists (gpu: its last "
+                                "index)", labels=L + ["pci_bus_id"])
     violation = CounterMetricFamily("gpucostd_gpu_violation_seconds",
                                     "Time clocks were held below target, per perf policy",
                                     labels=L + ["policy"])
@@ -108,5 +114,11 @@ def metric_families(snapshot: NodeSnapshot):
     for (switch, sxid), count in sorted(((snapshot.counters or {}).get("sxid_totals")
                                          or {}).items()):
         sxids.add_metric([str(switch), str(sxid)], float(count))
-    return [health, node, xids, sxids, ecc, remapped, pending, failure, retired, retired_pending, lost,
+    inv = (snapshot.extra or {}).get("gpu_inventory") or {}
+    if inv.get("expected"):
+        expected.add_metric([], float(inv["expected"]))
+    for m in inv.get("missing") or ():
+        missing.add_metric(["" if m.get("index") is None else str(m["index"]), m["uuid"],
+                            m.get("pci_bus_id") or ""], 1.0)
+    return [health, node, xids, sxids, expected, missing, ecc, remapped, pending, failure, retired, retired_pending, lost,
             gen, width, replay, thresholds, memtemp, violation]

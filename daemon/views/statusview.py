@@ -48,6 +48,17 @@ def _gpu_json(g: GpuReading, health: Severity, findings: List[Finding]) -> Dict[
     }
 
 
+def _node_extra(snap: NodeSnapshot) -> Dict[str, Any]:
+    """expected_gpu_count, missing_gpus[] (uuid, pci_bus_id, index, name) and nvswitch_sxids[]
+    (switch, sxid, count)."""
+    inv = (snap.extra or {}).get("gpu_inventory") or {}
+    sxids = (snap.counters or {}).get("sxid_totals") or {}
+    return {"expected_gpu_count": inv.get("expected") or None,
+            "missing_gpus": list(inv.get("missing") or ()),
+            "nvswitch_sxids": [{"switch": sw, "sxid": code, "count": n}
+                               for (sw, code), n in sorted(sxids.items())]}
+
+
 def snapshot_json(snap: NodeSnapshot) -> Dict[str, Any]:
     by_gpu: Dict[int, List[Finding]] = {}
     node_findings = []
@@ -78,6 +89,7 @@ def snapshot_json(snap: NodeSnapshot) -> Dict[str, Any]:
             "driver_version": snap.driver_version, "cuda_version": snap.cuda_version,
             "nvml_available": snap.nvml_available, "nvml_error": snap.nvml_error,
             "findings": [_finding_json(f) for f in node_findings],
+            **_node_extra(snap),
         },
         "gpus": [_gpu_json(g, snap.gpu_health.get(g.index, Severity.UNKNOWN),
                            by_gpu.get(g.index, [])) for g in snap.gpus],
