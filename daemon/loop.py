@@ -66,6 +66,9 @@ class Daemon:
                                    library=library, clock=self.clock)
         self.gpu_probe = GpuProbe(self.gateway)
         self.host_probe = HostProbe(config.daemon.host_root)
+        from gpucostd.probes.deploy import DeployProbe
+        self.deploy_probe = DeployProbe(config.daemon.host_root)
+        self._deploy = None
         self.journal = journal      # False in replay: simulated events stay out of the journal
         self.store = EventStore(state_dir, config.events.max_age_days, config.events.max_count,
                                 clock=self.clock)
@@ -286,10 +289,13 @@ class Daemon:
             self._last_checks = mono
             self._host_facts = self._guard("host probe", self.host_probe.facts,
                                            self._host_facts)
+            self._deploy = self._guard("deploy probe", lambda: self.deploy_probe.read(
+                self.config.checks.model_dirs), self._deploy)
             from gpucostd.health.checks import run_checks
             self._checks = tuple(self._guard("checks", lambda: run_checks(
                 self.config, self._host_facts, gpus, self.gateway.driver_version,
-                self.gateway.cuda_version, self._settings), self._checks) or ())
+                self.gateway.cuda_version, self._settings, self._deploy,
+                self.gateway.error), self._checks) or ())
 
         report = self._guard("health", lambda: self.judge.judge(gpus, faults, now), None)
         if report is not None:
@@ -348,6 +354,7 @@ class Daemon:
                       "sxid_totals": dict(self._sxid_totals),
                       "drift": dict(self.tuning.drift_counts)},
             extra={"host": self._host_facts, "inference": inference,
+                   "persistenced": getattr(self._deploy, "persistenced", None),
                    "nic_rings": getattr(self.tuning, "nic_rings", {}),
                    "simulated": self.simulate, "config_path": self.config.path,
                    "kernel_log": getattr(self.watcher, "source_in_use", "none"),

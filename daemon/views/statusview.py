@@ -49,11 +49,12 @@ def _gpu_json(g: GpuReading, health: Severity, findings: List[Finding]) -> Dict[
 
 
 def _node_extra(snap: NodeSnapshot) -> Dict[str, Any]:
-    """expected_gpu_count, missing_gpus[] (uuid, pci_bus_id, index, name) and nvswitch_sxids[]
-    (switch, sxid, count)."""
+    """persistenced (running: true/false, null unknown), expected_gpu_count, missing_gpus[]
+    (uuid, pci_bus_id, index, name) and nvswitch_sxids[] (switch, sxid, count)."""
     inv = (snap.extra or {}).get("gpu_inventory") or {}
     sxids = (snap.counters or {}).get("sxid_totals") or {}
-    return {"expected_gpu_count": inv.get("expected") or None,
+    return {"persistenced": (snap.extra or {}).get("persistenced"),
+            "expected_gpu_count": inv.get("expected") or None,
             "missing_gpus": list(inv.get("missing") or ()),
             "nvswitch_sxids": [{"switch": sw, "sxid": code, "count": n}
                                for (sw, code), n in sorted(sxids.items())]}
