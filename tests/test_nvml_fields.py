@@ -279,3 +279,20 @@ driver_loaded = true
     gw.forget_static(2)
     forgot = calls_of(node, probe.read)
     assert forgot.get("nvmlDeviceGetUUID") == 1
+
+
+def test_the_fast_field_values_path_agrees_with_pynvmls_own(sim, monkeypatch):
+    """The gateway calls the C function with a prepared array and decodes the structs itself;
+    a pynvml without the private pieces gets its public function: both give the same."""
+    from gpucostd.hw import nvml_fields
+    node, gw, clock, probe = sim(BASE + 'unsupported = ["memory_temperature"]\n')
+    clock.advance(12)
+    h = pynvml.nvmlDeviceGetHandleByIndex(0)
+    ids = tuple(f.field_id for f in FIELDS) + (0, 5000)
+    fast = nvml_fields.get_field_values(pynvml, h, ids)
+    monkeypatch.setattr(nvml_fields, "_layout", lambda cls: None)     # the slow path
+    slow = nvml_fields.get_field_values(pynvml, h, ids)
+    assert fast == slow
+    codes = dict(zip(ids, (c for c, _v in fast)))
+    assert codes[82] == 3 and codes[0] == 2 and codes[5000] == 2 and codes[74] == 0
+    assert dict(zip(ids, (v for _c, v in fast)))[308] == 45.0

@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 from gpucostd.clock import RealClock
 from gpucostd.hw.nvml_fields import (CONVERT, FIELDS, IDENTITY, LEGACY, LEGACY_CONVERT, READINGS,
                                      SKIP_IF_PRESENT, STATIC_READINGS, VIOLATION_PREFIX, Field,
-                                     field_value)
+                                     get_field_values)
 from gpucostd.hw.nvml_fields import field_value as _field_value  # noqa: F401 (tests)
 from gpucostd.snapshot import VIOLATION_POLICIES
 
@@ -708,7 +708,7 @@ class NvmlGateway:
         if lane is not None:
             lane.current = what
         try:
-            fvs = nv.nvmlDeviceGetFieldValues(h, [f.field_id for f in plan])
+            fvs = get_field_values(nv, h, st.plan_ids(plan))
         except (nv.NVMLError, nv.NVMLLibraryMismatchError) as exc:
             err = _from_nvml(exc, index, what)
             if err.kind in _FATAL:
@@ -716,10 +716,8 @@ class NvmlGateway:
             if err.kind in ("not_supported", "invalid_argument"):
                 st.fields_ok = False          # the old calls serve everything this session
             return
-        for f, fv in zip(plan, fvs):
-            code = fv.nvmlReturn
+        for f, (code, value) in zip(plan, fvs):
             if code == 0:
-                value = field_value(fv)
                 if value is not None:
                     got[f.reading] = CONVERT[f.convert](value)
                     continue
@@ -792,7 +790,7 @@ class _GpuSession:
     """What one GPU's reads learned in this NVML session: which field ids and functions are
     not supported, whether nvmlDeviceGetFieldValues works, the static readings."""
 
-    __slots__ = ("fields_ok", "bad_fields", "unsupported", "static", "plans", "counters")
+    __slots__ = ("fields_ok", "bad_fields", "unsupported", "static", "plans", "counters", "ids")
 
     def __init__(self) -> None:
         self.fields_ok = True
@@ -801,6 +799,13 @@ class _GpuSession:
         self.static: Optional[Dict[str, Any]] = None
         self.plans: Dict[bool, Tuple[Field, ...]] = {}
         self.counters: Dict[str, float] = {}
+        self.ids: Dict[Tuple[Field, ...], Tuple[int, ...]] = {}
+
+    def plan_ids(self, plan: Tuple[Field, ...]) -> Tuple[int, ...]:
+        ids = self.ids.get(plan)
+        if ids is None:
+            ids = self.ids[plan] = tuple(f.field_id for f in plan)
+        return ids
 
     def field_plan(self, with_static: bool) -> Tuple[Field, ...]:
         """The fields to ask for: per reading the best alternative not known unsupported."""

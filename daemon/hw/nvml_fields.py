@@ -19,7 +19,9 @@ named by string and looked up on the pynvml module by the gateway.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
+import ctypes
+import struct
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from gpucostd.snapshot import VIOLATION_POLICIES, VIOLATION_REPLACED_BY, reasons_from_mask
 
@@ -216,3 +218,91 @@ def field_value(fv: Any) -> Optional[float]:
     member = VALUE_MEMBERS[vt] if 0 <= vt < len(VALUE_MEMBERS) else None
     value = getattr(fv.value, member, None) if member else None
     return None if value is None else value
+
+
+# ------------------------------------------------------------------ the call itself
+# nvmlValueType_t -> struct format of that member of nvmlValue_t (native sizes: "L" is the C
+# unsigned long)
+_VALUE_FORMATS = (struct.Struct("@d"), struct.Struct("@I"), struct.Struct("@L"),
+                  struct.Struct("@Q"), struct.Struct("@q"), struct.Struct("@i"),
+                  struct.Struct("@H"))
+_layouts: Dict[Any, Optional[Tuple[int, int, int, int]]] = {}
+
+
+def _layout(cls: Any) -> Optional[Tuple[int, int, int, int]]:
+    """(size, offset of valueType, of nvmlReturn, of value) of pynvml's nvmlFieldValue_t,
+    or None when it does not look like nvml.h's (then the slow, attribute path is used)."""
+    if cls not in _layouts:
+        got = None
+        try:
+            names = [f[0] for f in cls._fields_]
+            if names == ["fieldId", "scopeId", "timestamp", "latencyUsec", "valueType",
+                         "nvmlReturn", "value"] and \
+                    cls.valueType.size == 4 and cls.nvmlReturn.size == 4 and \
+                    cls.value.size == 8 and cls.fieldId.offset == 0:
+                got = (ctypes.sizeof(cls), cls.valueType.offset, cls.nvmlReturn.offset,
+                       cls.value.offset)
+        except Exception:  # noqa: BLE001 - any surprise: the slow path
+            got = None
+        _layouts[cls] = got
+    return _layouts[cls]
+
+
+class _Request:
+    """A prepared nvmlDeviceGetFieldValues request: the array with the field ids filled in,
+    copied fresh for every call (NVML writes into it)."""
+
+    __slots__ = ("ids", "array_type", "template", "count")
+
+    def __init__(self, cls: Any, ids: Tuple[int, ...]):
+        self.ids = ids
+        self.count = ctypes.c_int(len(ids))
+        self.array_type = cls * len(ids)
+        arr = self.array_type()
+        for i, fid in enumerate(ids):
+            arr[i].fieldId = fid
+        self.template = bytes(memoryview(arr).cast("B"))
+
+
+_requests: Dict[Tuple[Any, Tuple[int, ...]], _Request] = {}
+
+
+def get_field_values(nv: Any, handle: Any, ids: Tuple[int, ...]) -> List[Tuple[int, Any]]:
+    """One nvmlDeviceGetFieldValues call: [(nvmlReturn, value or None)] in the order of ids.
+    Raises pynvml's NVMLError when the call itself fails.
+
+    The fast path calls the C function with a prepared array and decodes the returned
+    structs with ``struct`` (pynvml's per-attribute structure access and its per-field
+    try/except cost more than the call); any pynvml without the pieces it needs gets the
+    public ``nvmlDeviceGetFieldValues``."""
+    cls = getattr(nv, "c_nvmlFieldValue_t", None)
+    lookup = getattr(nv, "_nvmlGetFunctionPointer", None)
+    layout = _layout(cls) if cls is not None and lookup is not None else None
+    if layout is None:
+        return [(fv.nvmlReturn, field_value(fv) if fv.nvmlReturn == 0 else None)
+                for fv in nv.nvmlDeviceGetFieldValues(handle, list(ids))]
+    req = _requests.get((cls, ids))
+    if req is None:
+        req = _requests[(cls, ids)] = _Request(cls, ids)
+    arr = req.array_type.from_buffer_copy(req.template)
+    ret = lookup("nvmlDeviceGetFieldValues")(handle, req.count, ctypes.byref(arr))
+    if ret != 0:
+        raise nv.NVMLError(ret)
+    size, o_type, o_ret, o_val = layout
+    data = memoryview(arr).cast("B")
+    unpack_ii = _II.unpack_from
+    out = []
+    base = 0
+    for _ in ids:
+        vtype, code = unpack_ii(data, base + o_type) if o_ret == o_type + 4 else \
+            (_I.unpack_from(data, base + o_type)[0], _I.unpack_from(data, base + o_ret)[0])
+        value = None
+        if code == 0 and 0 <= vtype < len(_VALUE_FORMATS):
+            value = _VALUE_FORMATS[vtype].unpack_from(data, base + o_val)[0]
+        out.append((code, value))
+        base += size
+    return out
+
+
+_II = struct.Struct("@II")
+_I = struct.Struct("@I")
