@@ -149,3 +149,46 @@ def test_a_gpu_leaving_the_count_without_an_xid_through_the_daemon(daemon_factor
         rc, doc = wait_for(lambda: (lambda s: s if s[0] == 0 else None)(status(d)), 10,
                            what="node OK after the operator accepted 3 GPUs")
         assert doc["node"]["expected_gpu_count"] == 3 and doc["node"]["missing_gpus"] == []
+
+
+def test_nvml_recovery_action_through_the_daemon(daemon_factory, tmp_path):
+    # GPU 1's driver asks for a reset at t=1 (with the Xid 154 line it prints), a reset at t=3
+    # brings the action back to none; GPU 3's older driver has no such field
+    x154 = ("NVRM: Xid (PCI:0000:2a:00): 154, GPU recovery action changed from 0x0 (None) to "
+            "0x1 (GPU Reset Required)")
+    timeline = (f'[[at]]\nt = 1\ngpu = 1\nrecovery_action = 1\nkernel_log = {json.dumps(x154)}\n\n'
+                '[[at]]\nt = 3\ngpu = 1\nrecovery_action = 0\n\n')
+    scen = tmp_path / "recovery.toml"
+    scen.write_text(node(timeline, gpu_extra={3: 'unsupported = ["retired_pages", '
+                                                 '"recovery_action"]\n'}))
+    d = daemon_factory(scenario=str(scen)).start()
+
+    def asks():
+        rc, doc = status(d)
+        return (rc, doc) if gpu(doc, 1)["recovery_action"] == "gpu_reset" else None
+    rc, doc = wait_for(asks, 10, what="GPU 1 recovery action gpu_reset in status")
+    g1 = gpu(doc, 1)
+    assert g1["recovery_action_value"] == 1 and g1["health"] == "CRIT" and rc == 2
+    f = findings(doc, 1)["recovery_action"]
+    assert (f["severity"], f["action"]) == ("CRIT", "reset GPU")
+    assert "xid_154" in findings(doc, 1)
+    assert gpu(doc, 0)["recovery_action"] == "none"
+    assert gpu(doc, 3)["recovery_action"] is None          # the driver does not give it
+    text = d.metrics()
+    assert metric_value(text, "gpucostd_gpu_recovery_action", gpu="1") == 1.0
+    assert metric_value(text, "gpucostd_gpu_recovery_action", gpu="0") == 0.0
+    assert metric_value(text, "gpucostd_gpu_recovery_action", gpu="3") is None
+
+    # back to none: the finding goes, and the reset is recognised
+    def done():
+        rc, doc = status(d)
+        return (rc, doc) if gpu(doc, 1)["recovery_action"] == "none" else None
+    rc, doc = wait_for(done, 10, what="GPU 1 recovery action back to none")
+    wait_for(lambda: "recovery_action" not in findings(status(d)[1], 1), 5,
+             what="the recovery_action finding to go")
+    evs = json.loads(d.cli("events", "--json").stdout)
+    changes = [(e["fields"]["from"], e["fields"]["to"]) for e in evs
+               if e["code"] == "recovery_action" and e["gpu"] == 1]
+    assert changes == [(0, 1), (1, 0)], changes
+    (reset,) = [e for e in evs if e["code"] == "gpu_reset" and e["gpu"] == 1]
+    assert "recovery action" in reset["fields"]["reason"]

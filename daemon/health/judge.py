@@ -30,8 +30,10 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from gpucostd.health import state, switches
+from gpucostd.health import recovery, state, switches
 from gpucostd.health.inventory import Inventory
+from gpucostd.health.texts import (MESSAGE_MAX, _expected, _fault_time, _fmt_seconds,  # noqa: F401
+                                   _mig, _short, _xid_title)
 from gpucostd.health.state import FILE_NAME as STATE_FILE, FLAG_NAMES
 from gpucostd.probes.kernel_log import normalize_bus_id as _kernel_bus_id
 from gpucostd.snapshot import (Event, Finding, GpuReading, GpuState, HW_SLOWDOWN_REASONS,
@@ -45,7 +47,6 @@ XID_FINDING_TTL_SECONDS = 600.0      # a non-sticky Xid finding lasts this long 
 CORRECTED_ECC_WINDOW_SECONDS = 3600.0
 STICKY_XIDS = frozenset({48, 79, 95, 119, 120})   # also sticky if the catalog says so
 LOST_XIDS = frozenset({79})                        # fallen off the bus: always CRIT
-MESSAGE_MAX = 300         # findings are wrapped, never cut, by the status view: keep the fix
 
 ACTION_RESET = "reset GPU"
 ACTION_RMA = "hardware inspection/RMA"
@@ -63,11 +64,6 @@ def normalize_bus_id(text: Any) -> Optional[str]:
     (the kernel log watcher's normalization, cached). None for anything that is not a PCI
     address."""
     return _bus_id(text) if isinstance(text, str) and text else None
-
-
-def _short(text: str, limit: int = MESSAGE_MAX) -> str:
-    s = " ".join(str(text).split())
-    return s if len(s) <= limit else s[: limit - 1] + "…"
 
 
 def _subject(gpu: Optional[int]) -> str:
@@ -94,21 +90,6 @@ def _reading_error(g: GpuReading) -> Optional[str]:
     return err or None
 
 
-def _xid_title(xid: Any, name: str, parens: bool = False) -> str:
-    """"Xid 13 Graphics Engine Exception" (or "Xid 13 (...)"); a name that already starts
-    with "Xid 13" (an Xid missing from the catalog) is not prefixed twice."""
-    prefix = f"Xid {xid}"
-    if not name or name == prefix:
-        return prefix
-    if name.startswith(prefix + " "):
-        return name
-    return f"{prefix} ({name})" if parens else f"{prefix} {name}"
-
-
-def _fmt_seconds(s: float) -> str:
-    return f"{s / 60:g} min" if s >= 60 and s % 60 == 0 else f"{s:g} s"
-
-
 @dataclass(frozen=True)
 class HealthReport:
     gpu_health: Dict[int, Severity]
@@ -127,7 +108,7 @@ class _Track:
 
     __slots__ = ("uuid", "state", "slow_intervals", "slow_total", "slow_last_t", "slow_last_active",
                  "slow_seen_at", "slow_seen_names", "ecc_samples", "vol_corr", "vol_unc", "remap_pending", "remap_failure",
-                 "retired_pending", "flag_key", "flag_values")
+                 "retired_pending", "flag_key", "flag_values", "recovery")
 
     def __init__(self) -> None:
         self.uuid: Optional[str] = None
@@ -146,6 +127,7 @@ class _Track:
         self.retired_pending: Optional[bool] = None
         self.flag_key: Optional[str] = None          # key of its entry in HealthJudge._flags
         self.flag_values: Tuple[bool, ...] = (False, False, False, False)   # as saved
+        self.recovery: Optional[int] = None          # NVML recovery action, last read
 
     def flags(self) -> Tuple[bool, ...]:
         """(lost, remap_pending, remap_failure, retired_pending) as last reported."""
@@ -422,6 +404,8 @@ class HealthJudge:
                     and vu < base["vu"]))
             if dropped:
                 why = "its volatile ECC counters dropped"
+            elif tr.recovery in recovery.RESET_VALUES and g.gpu_recovery_action == 0:
+                why = "NVML's recovery action went from reset to none"
         if g.ecc_volatile_corrected is not None:
             tr.vol_corr = g.ecc_volatile_corrected
         if g.ecc_volatile_uncorrected is not None:
@@ -550,6 +534,14 @@ class HealthJudge:
                 f"cannot read the GPU: {error or 'NVML unavailable'}")
 
         out.extend(self._latched_findings(subject, g.index, g.uuid or tr.uuid))
+        found, ev = recovery.judge_recovery(g.index, g.uuid, g.gpu_recovery_action,
+                                            tr.recovery, now)
+        if found:
+            add(*found)
+        if ev:
+            events.append(ev)
+        if g.gpu_recovery_action is not None:
+            tr.recovery = g.gpu_recovery_action
         if g.state != GpuState.OK:
             tr.slow_last_t = None        # time we did not observe
             return out
@@ -838,26 +830,6 @@ class HealthJudge:
             return [Event(now, subject, "ack", Severity.OK, "none",
                           f"acknowledged {c} on {who}", gpu=index, uuid=uuid,
                           fields={"cleared": c}) for c in cleared]
-
-def _expected(config: Any) -> int:
-    return int(getattr(getattr(config, "health", None), "expected_gpu_count", 0) or 0)
-
-
-def _fault_time(fault: Any, now: float) -> float:
-    try:
-        t = float(getattr(fault, "time", None))
-        return now if t < 1e9 else t     # not a wall-clock time (e.g. seconds since boot)
-    except (TypeError, ValueError):
-        return now
-
-
-def _mig(fault: Any) -> str:
-    """"MIG GPU instance 5, compute instance 1" for a line that names them, else ""."""
-    gi, ci = getattr(fault, "gpu_instance", None), getattr(fault, "compute_instance", None)
-    parts = [f"MIG GPU instance {gi}" if isinstance(gi, int) else "",
-             f"compute instance {ci}" if isinstance(ci, int) else ""]
-    return ", ".join(p for p in parts if p)
-
 
 def code_is_xid(code: str) -> bool:
     return code.startswith("xid_")

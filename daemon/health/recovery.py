@@ -8,9 +8,9 @@ later (nvml.h of NVML 13). Pure data and lookups, no I/O.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
-from gpucostd.snapshot import Severity
+from gpucostd.snapshot import Event, Severity
 
 NVML_FI_DEV_GET_GPU_RECOVERY_ACTION = 230
 
@@ -49,3 +49,30 @@ def recovery_action(value: Optional[int]) -> Optional[RecoveryAction]:
         return known
     return RecoveryAction(value, f"unknown_{value}", Severity.CRIT,
                           f"look up recovery action {value} in NVIDIA's nvml.h")
+
+
+RESET_VALUES = frozenset({1, 4, 6})     # actions a GPU (or bus) reset completes
+
+
+def judge_recovery(gpu: int, uuid: Optional[str], value: Optional[int], previous: Optional[int],
+                   now: float) -> Tuple[Optional[Tuple[str, Severity, str, str]], Optional[Event]]:
+    """(finding as (code, severity, action, message) or None, event or None) for one GPU's
+    recovery action read this cycle (`value`), given the one read before (`previous`)."""
+    ra = recovery_action(value)
+    finding = None
+    if ra is not None and ra.value != 0:
+        finding = ("recovery_action", ra.severity, ra.action,
+                   f"NVML recovery action {ra.value} ({ra.name}): the driver asks to "
+                   f"{ra.action}")
+    event = None
+    if ra is not None and previous is not None and value != previous:
+        before = recovery_action(previous)
+        was = before.name if before is not None else str(previous)
+        event = Event(now, f"gpu:{gpu}", "recovery_action", ra.severity, ra.action,
+                      f"GPU {gpu}: NVML recovery action {was} -> {ra.name}", gpu=gpu,
+                      uuid=uuid, fields={"from": previous, "to": ra.value, "name": ra.name})
+    elif ra is not None and previous is None and ra.value != 0:
+        event = Event(now, f"gpu:{gpu}", "recovery_action", ra.severity, ra.action,
+                      f"GPU {gpu}: NVML recovery action {ra.name}", gpu=gpu, uuid=uuid,
+                      fields={"from": None, "to": ra.value, "name": ra.name})
+    return finding, event

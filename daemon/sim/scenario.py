@@ -106,6 +106,9 @@ GPU_FIELDS: Dict[str, Field] = {
     "setters_permitted": _f("bool", True, "Setters succeed (false: NO_PERMISSION)."),
     "unsupported": _f("names", (), "Fields whose NVML calls return NOT_SUPPORTED."),
     "lost": _f("bool", False, "Every call on this GPU returns GPU_IS_LOST."),
+    "recovery_action": _f("int", 0, "NVML's GPU recovery action (field 230): 0 none, 1 GPU "
+                          "reset, 2 node reboot, 3 drain P2P, 4 drain and reset, 5-7 newer.",
+                          min=0, max=255),
     "present": _f("bool", True, "Listed by NVML; false: left out of nvmlDeviceGetCount (the "
                   "GPUs after it move up an index) from the next nvmlInit on, with no Xid."),
 }

@@ -47,6 +47,10 @@ def metric_families(snapshot: NodeSnapshot):
     sxids = CounterMetricFamily("gpucostd_node_sxid_errors",
                                 "NVSwitch SXid errors recorded, by switch (PCI bus id) and SXid",
                                 labels=["switch", "sxid"])
+    recovery = GaugeMetricFamily("gpucostd_gpu_recovery_action",
+                                 "NVML's GPU recovery action: 0 none, 1 GPU reset, 2 node reboot, "
+                                 "3 drain P2P, 4 drain and reset (nvmlDeviceGpuRecoveryAction_t)",
+                                 labels=L)
     expected = GaugeMetricFamily("gpucostd_node_gpus_expected",
                                  "GPUs the node should show (learned at first start or "
                                  "[health] expected_gpu_count)")
@@ -91,6 +95,8 @@ def metric_families(snapshot: NodeSnapshot):
                 fam.add_metric(gl + ["max"], float(mx))
         if g.pcie_replay_count is not None:
             replay.add_metric(gl, float(g.pcie_replay_count))
+        if g.gpu_recovery_action is not None:
+            recovery.add_metric(gl, float(g.gpu_recovery_action))
         if g.temp_slowdown_celsius is not None:
             thresholds.add_metric(gl + ["slowdown"], float(g.temp_slowdown_celsius))
         if g.temp_shutdown_celsius is not None:
@@ -120,5 +126,5 @@ def metric_families(snapshot: NodeSnapshot):
     for m in inv.get("missing") or ():
         missing.add_metric(["" if m.get("index") is None else str(m["index"]), m["uuid"],
                             m.get("pci_bus_id") or ""], 1.0)
-    return [health, node, xids, sxids, expected, missing, ecc, remapped, pending, failure, retired, retired_pending, lost,
+    return [health, node, xids, sxids, recovery, expected, missing, ecc, remapped, pending, failure, retired, retired_pending, lost,
             gen, width, replay, thresholds, memtemp, violation]

@@ -31,6 +31,12 @@ def event_json(e: Event) -> Dict[str, Any]:
             "fields": {k: v for k, v in (e.fields or {}).items() if k != "dedupe_key"}}
 
 
+def _recovery_name(value: Any) -> Any:
+    from gpucostd.health.recovery import recovery_action
+    ra = recovery_action(value)
+    return ra.name if ra is not None else None
+
+
 def _gpu_json(g: GpuReading, health: Severity, findings: List[Finding]) -> Dict[str, Any]:
     reasons = list(g.clock_event_reasons or ())
     return {
@@ -42,6 +48,8 @@ def _gpu_json(g: GpuReading, health: Severity, findings: List[Finding]) -> Dict[
         "sm_clock_mhz": g.sm_clock_mhz, "sm_clock_max_mhz": g.sm_clock_max_mhz,
         "utilization_percent": g.utilization_percent,
         "persistence_mode": g.persistence_mode,
+        "recovery_action": _recovery_name(g.gpu_recovery_action),
+        "recovery_action_value": g.gpu_recovery_action,
         "clock_event_reasons": reasons,
         "throttle_reasons": [r for r in reasons if r in THROTTLE_REASONS],
         "findings": [_finding_json(f) for f in findings],
