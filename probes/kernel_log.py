@@ -33,8 +33,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple, Union
 
 from gpucostd.statefile import write_atomic
-from gpucostd.probes.kernel_parser import (FALLEN_OFF_XID, MAX_LINE, KernelFault,  # noqa: F401
-                                           NvrmParser, SwitchFault, normalize_bus_id, wanted)
+from gpucostd.probes.kernel_parser import (FALLEN_OFF_XID, MAX_LINE, DriverMismatch,  # noqa: F401
+                                           KernelFault, NvrmParser, SwitchFault,
+                                           normalize_bus_id, wanted)
 
 log = logging.getLogger("gpucostd.kernel_log")
 

@@ -78,6 +78,20 @@ class SwitchFault:
     previous_boot: bool = False
 
 
+@dataclass(frozen=True)
+class DriverMismatch:
+    """The kernel's "NVRM: API mismatch: the client has the version 535.171.04, but / NVRM: this
+    kernel module has the version 535.161.07." (two lines): the user-space driver libraries and
+    the loaded kernel module differ (a driver upgrade without a reboot). A node-level fault."""
+    time: float
+    client_version: str
+    module_version: str
+    raw: str
+    dedupe_key: str = ""
+    previous_boot: bool = False
+    process_name: Optional[str] = None   # newer drivers name the client
+
+
 def wanted(text: Union[str, bytes]) -> bool:
     """Whether a kernel line may hold a fault the parser reads (cheap pre-filter)."""
     if isinstance(text, (bytes, bytearray)):
@@ -102,6 +116,15 @@ _SXID_RE = re.compile(r"(?:nvidia-nvswitch(?P<sw>[0-9]{1,3})\s*:\s*)?SXid\s*\(\s
                       + r")\s*\)\s*:?\s*(?P<code>[0-9]{1,6})\s*,\s*(?P<word>Fatal|Non-?fatal)\b"
                       r"\s*,?\s*(?P<rest>.*)", re.S | re.I)
 _LINK_RE = re.compile(r"\bLink\s+(-?[0-9]{1,4})\b")
+# "NVRM: API mismatch: the client has the version X, but / NVRM: this kernel module has the
+# version Y." (older drivers), or "NVRM: API mismatch: the client 'name' (pid N) / NVRM: has the
+# version X, but this kernel module has / NVRM: the version Y." (newer); syslog may join the lines
+# with "#012". Up to MISMATCH_LINES lines are joined until both versions are there.
+_MISMATCH_RE = re.compile(
+    r"API mismatch:\s*the client(?:\s+'(?P<name>[^']*)'\s*\(pid\s+(?P<pid>\d+)\))?.*?has the "
+    r"version\s+(?P<client>[0-9][0-9.\-]*[0-9]),?\s+but.*?this kernel module has.*?the version\s+"
+    r"(?P<module>[0-9][0-9.\-]*[0-9])", re.S)
+MISMATCH_LINES = 5
 _FALLEN_TEXT = "fallen off the bus"
 
 
@@ -147,6 +170,7 @@ class NvrmParser:
         self.pending_seconds = pending_seconds
         self._dup_window = dup_window
         self._last79: Dict[str, Tuple[float, str]] = {}   # bus -> (time, form)
+        self._mismatch: Optional[List[str]] = None   # lines of an "API mismatch" message
         self._seq = 0
         # fed lines are not read again after a restart: a key of one parser must never match
         # one of an earlier run (the simulator replays the same lines from its start)
@@ -229,6 +253,21 @@ class NvrmParser:
             p.lines_since += 1
             if p.lines_since >= self._pending_lines:
                 out.extend(self.flush(force=True))
+
+        if "API mismatch" in body:
+            self._mismatch = []
+        if self._mismatch is not None:
+            self._mismatch.append(line)
+            text = " ".join(x[x.find("NVRM:") + 5:] for x in self._mismatch).replace("#012", " ")
+            m = _MISMATCH_RE.search(text)
+            if m:
+                raw, self._mismatch = "\n".join(self._mismatch), None
+                out.append(DriverMismatch(time=t, client_version=m.group("client"),
+                                          module_version=m.group("module"), raw=raw,
+                                          dedupe_key=key, process_name=m.group("name")))
+            elif len(self._mismatch) >= MISMATCH_LINES:
+                self._mismatch = None
+            return out
 
         m = _XID_RE.search(body)
         if m:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gpucostd.probes.kernel_log import KernelFault, NvrmParser, SwitchFault
+from gpucostd.probes.kernel_log import DriverMismatch, KernelFault, NvrmParser, SwitchFault
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "kernel" / "nvrm-real.txt"
 
@@ -28,6 +28,17 @@ EXPECTED = {
     "20034, Fatal": ("sxid", 20034, "0000:00:00.0", 0, True),
     "20034, Severity 1": None,
     "12028, Data {": None,
+    # API mismatch: the fault comes with the line that completes both versions
+    "client has the version 367.44, but": None,
+    "module has the version 367.35": ("mismatch", "367.44", "367.35", None),
+    "   NVRM: make sure that this kernel module": None,
+    "   NVRM: components have the same version.": None,
+    "535.54.03, but#012": ("mismatch", "535.54.03", "530.30.02", None),
+    "client 'nvidia-powerd' (pid 849)": None,
+    "has the version 570.133.07, but": None,
+    "the version 575.51.02.": ("mismatch", "570.133.07", "575.51.02", "nvidia-powerd"),
+    "   NVRM: kernel module and all NVIDIA driver components": None,
+    "   NVRM: have the same version.": None,
 }
 
 
@@ -40,6 +51,8 @@ def fixture_lines():
 
 
 def describe(f):
+    if isinstance(f, DriverMismatch):
+        return ("mismatch", f.client_version, f.module_version, f.process_name)
     if isinstance(f, SwitchFault):
         return ("sxid", f.sxid, f.pci_bus_id, f.switch, f.fatal)
     assert isinstance(f, KernelFault)

@@ -289,6 +289,10 @@ class HealthJudge:
                                      self._latched.setdefault("node", {}))
             self._dirty = self._dirty or bool(ev.fields.get("sticky"))
             return ev
+        if getattr(fault, "client_version", None) is not None:   # NVRM: API mismatch
+            self._dirty = True
+            return switches.mismatch_event(fault, _fault_time(fault, now),
+                                           self._latched.setdefault("node", {}))
         try:
             xid = int(getattr(fault, "xid"))
         except (TypeError, ValueError, AttributeError):

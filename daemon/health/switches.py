@@ -1,4 +1,4 @@
-"""NVSwitch SXid faults: node-level findings and events.
+"""Node-level kernel faults: NVSwitch SXids, and the driver's API mismatch (end of the file).
 
 An SXid line (``nvidia-nvswitch3: SXid (PCI:0000:05:00.0): 12028, Non-fatal, Link 32 ...``)
 concerns a switch of the NVLink fabric, not one GPU, so it is judged for the node. The driver's
@@ -78,3 +78,35 @@ def sxid_event(fault: Any, t: float, latched: Dict[str, Dict[str, Any]]) -> Even
 
 def code_is_sxid(code: str) -> bool:
     return code.startswith("sxid_")
+
+
+# ------------------------------------------------------------------ driver / module mismatch
+MISMATCH_ACTION = ("reboot, or unload and reload the nvidia kernel modules, so the module "
+                   "matches the installed driver libraries")
+
+
+def mismatch_event(fault: Any, t: float, latched: Dict[str, Dict[str, Any]]) -> Optional[Event]:
+    """The kernel's "NVRM: API mismatch" (two lines, probes.kernel_parser.DriverMismatch): a
+    node CRIT `driver_mismatch`, sticky until reboot or `gpucostd ack node driver_mismatch`.
+    Repeats (every NVML client that starts prints it again) count, but are one event."""
+    client, module = str(fault.client_version), str(fault.module_version)
+    text = (f"NVIDIA driver mismatch: user-space libraries {client}, loaded kernel module "
+            f"{module}")
+    fields = {"client_version": client, "module_version": module,
+              "raw": str(getattr(fault, "raw", ""))[:2000]}
+    if getattr(fault, "dedupe_key", ""):
+        fields["dedupe_key"] = fault.dedupe_key
+    if getattr(fault, "previous_boot", False) is True:
+        fields["previous_boot"] = True
+        return Event(t, "node", "driver_mismatch", Severity.CRIT, MISMATCH_ACTION,
+                     text + " (before the last reboot)", fields=fields)
+    rec = latched.get("driver_mismatch")
+    if rec is not None and rec.get("detail") == f"{client}/{module}":
+        rec["count"] = int(rec.get("count", 1)) + 1
+        rec["last"] = t
+        return None
+    latched["driver_mismatch"] = {"since": t, "last": t, "count": 1, "severity": "CRIT",
+                                  "action": MISMATCH_ACTION, "sticky": True,
+                                  "detail": f"{client}/{module}", "message": text}
+    return Event(t, "node", "driver_mismatch", Severity.CRIT, MISMATCH_ACTION, text,
+                 fields=fields)
