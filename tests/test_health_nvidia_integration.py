@@ -192,3 +192,35 @@ def test_nvml_recovery_action_through_the_daemon(daemon_factory, tmp_path):
     assert changes == [(0, 1), (1, 0)], changes
     (reset,) = [e for e in evs if e["code"] == "gpu_reset" and e["gpu"] == 1]
     assert "recovery action" in reset["fields"]["reason"]
+
+
+def test_xid_154_makes_the_recovery_action_be_read_at_once(writable_kmsg, daemon_factory,
+                                                            tmp_path):
+    """With a 30 s poll interval, an Xid 154 line in /dev/kmsg wakes the loop: the recovery
+    action the driver set is in status well before the next regular cycle (root)."""
+    import time
+    import uuid as uuidlib
+    from test_health_integration import unused_buses
+    from conftest import write_kmsg
+    (bus,) = unused_buses(1)
+    bus_ids = [f"00000000:{bus:02X}:00.0"]
+    scen = tmp_path / "x154.toml"
+    scen.write_text('[node]\nmodel = "NVIDIA H100 80GB HBM3"\ngpu_count = 1\n\n[[gpu]]\nindex = 0\n'
+                    f'pci_bus_id = "{bus_ids[0]}"\nuuid = "GPU-{uuidlib.uuid4()}"\n\n'
+                    '[[at]]\nt = 1\ngpu = 0\nrecovery_action = 2\n')
+    d = daemon_factory(scenario=str(scen), kernel_log="kmsg", interval=30.0).start()
+    t0 = time.monotonic()
+    assert gpu(status(d)[1], 0)["recovery_action"] == "none"
+    # the simulated driver sets the action at scenario t=1; the next regular cycle is ~30 s away
+    wait_for(lambda: time.monotonic() - t0 > 2.0, 5, what="scenario time past t=1")
+    assert gpu(status(d)[1], 0)["recovery_action"] == "none"
+    token = uuidlib.uuid4().hex[:12]
+    write_kmsg(f"NVRM: Xid (PCI:0000:{bus:02x}:00): 154, GPU recovery action changed from 0x0 "
+               f"(None) to 0x2 (Node Reboot Required) gpucostd-test-{token}")
+    t1 = time.monotonic()
+    doc = wait_for(lambda: (lambda s: s if gpu(s, 0)["recovery_action"] == "node_reboot"
+                            else None)(status(d)[1]), 10,
+                   what="the recovery action read again after the Xid 154 line")
+    assert time.monotonic() - t1 < 10 < 30
+    f = findings(doc, 0)
+    assert f["recovery_action"]["action"] == "reboot" and f["xid_154"]["action"] == "reboot"
