@@ -122,8 +122,7 @@ def test_a_gpu_leaving_the_count_without_an_xid_through_the_daemon(daemon_factor
     assert [g["uuid"] for g in doc["gpus"]] == [UUID[0], UUID[1], UUID[3]]
     assert all(g["health"] == "OK" for g in doc["gpus"])
     text = d.metrics()
-    assert metric_value(text, "gpucostd_gpu_missing", uuid=UUID[2],
-                        pci_bus_id="0000:3a:00.0") == 1.0
+    assert metric_value(text, "gpucostd_gpu_missing", gpu="2", uuid=UUID[2]) == 1.0
     assert metric_value(text, "gpucostd_node_gpus_expected") == 4.0
     r = d.cli("status")
     assert r.returncode == 2 and "GPU missing: 3 of 4 GPUs visible" in r.stdout, r.stdout

@@ -56,7 +56,7 @@ def metric_families(snapshot: NodeSnapshot):
                                  "[health] expected_gpu_count)")
     missing = GaugeMetricFamily("gpucostd_gpu_missing",
                                 "1 for a known GPU that NVML no longer lists (gpu: its last "
-                                "index)", labels=L + ["pci_bus_id"])
+                                "index; its last bus id is in status)", labels=L)
     violation = CounterMetricFamily("gpucostd_gpu_violation_seconds",
                                     "Time clocks were held below target, per perf policy",
                                     labels=L + ["policy"])
@@ -124,7 +124,6 @@ def metric_families(snapshot: NodeSnapshot):
     if inv.get("expected"):
         expected.add_metric([], float(inv["expected"]))
     for m in inv.get("missing") or ():
-        missing.add_metric(["" if m.get("index") is None else str(m["index"]), m["uuid"],
-                            m.get("pci_bus_id") or ""], 1.0)
+        missing.add_metric(["" if m.get("index") is None else str(m["index"]), m["uuid"]], 1.0)
     return [health, node, xids, sxids, recovery, expected, missing, ecc, remapped, pending, failure, retired, retired_pending, lost,
             gen, width, replay, thresholds, memtemp, violation]
