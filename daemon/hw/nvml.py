@@ -720,6 +720,7 @@ class NvmlGateway:
         values["power_limit_max_watts"] = _mw(cons[1]) if cons else None
         values["power_limit_default_watts"] = _mw(get(
             "power_limit_default_watts", nv.nvmlDeviceGetPowerManagementDefaultLimit, h))
+        values["energy_joules"] = _read_energy(get, h)
         pm = get("persistence_mode", nv.nvmlDeviceGetPersistenceMode, h)
         values["persistence_mode"] = None if pm is None else pm == 1
 
@@ -792,6 +793,16 @@ def _reasons(get: Callable[..., Any], unsupported: set, name: str,
         if value is not None or (fn_name, ()) not in unsupported:
             return value
     return None
+
+
+def _read_energy(get: Callable[..., Any], h: Any) -> Optional[float]:
+    """Total energy since the driver loaded, joules (nvmlDeviceGetTotalEnergyConsumption, mJ;
+    Volta and later). None where unsupported: the cost model integrates the power draw."""
+    fn = getattr(_pynvml, "nvmlDeviceGetTotalEnergyConsumption", None)
+    if fn is None:
+        return None
+    mj = get("energy_joules", fn, h)
+    return None if mj is None else mj / 1000.0
 
 
 def _refused(err: NvmlError, index: int, doing: str) -> NvmlError:
