@@ -246,3 +246,32 @@ def test_the_floor_drains_through_the_real_daemon(daemon_factory, tmp_path):
     metrics = d.metrics()
     assert "gpucostd_node_below_floor 1.0" in metrics
     assert not (tmp_path / "drain.on_efficient.env").exists()
+
+
+def test_gpucostd_cost_shows_energy_and_idle_live_from_state_and_over_a_window(tmp_path):
+    from gpucostd.cost.accountant import breakdown, breakdown_from_state
+    from gpucostd.cost.report import format_cost
+    c = cfg(f'[daemon]\nstate_dir = "{tmp_path}"\n[cost]\ngpu_hour_usd = 3.6\n'
+            "energy_usd_per_kwh = 0.2\n")
+    clock = VirtualClock()
+    acc = CostAccountant(c, str(tmp_path), clock)
+    # idle for 300 s, then busy at 50% (under the 80% target) for 300 s, 300 W throughout
+    run(acc, clock, 600, lambda t: [gpu(0, utilization_percent=0.0 if t < 300 else 50.0,
+                                        power_draw_watts=300.0)])
+    live = breakdown(acc, None)
+    g = live["gpus"][0]
+    assert g["index"] == 0
+    assert g["idle_seconds"] == pytest.approx(300.0, abs=1) and g["idle_dollars"] == \
+        pytest.approx(0.3, rel=0.01)
+    assert g["underused_seconds"] == pytest.approx(150.0, abs=1)
+    assert g["energy_joules"] == pytest.approx(300 * 600)
+    assert live["node"]["energy_dollars"] == pytest.approx(0.05 * 0.2)
+    acc.flush()
+    saved = breakdown_from_state(c, None, now=clock.time())
+    assert saved["gpus"][0]["idle_dollars"] == pytest.approx(g["idle_dollars"])
+    recent = breakdown_from_state(c, 120, now=clock.time())      # the minute history
+    assert recent["gpus"][0]["idle_seconds"] == 0
+    assert 0 < recent["gpus"][0]["underused_seconds"] < 150
+    text = format_cost(live)
+    assert "Energy and idle capacity since accounting began" in text
+    assert all(len(line) <= 100 for line in text.splitlines())
