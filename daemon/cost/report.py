@@ -321,9 +321,10 @@ def cost_breakdown(data: Union[CostReport, Mapping[str, Any]],
                     a = d.setdefault(r, [0.0, 0.0, 0.0])
                     for i in range(3):
                         a[i] += v[i]
+    eff_rows = _efficiency_rows(data, gpus_src, since_seconds, now)
     rows = []
     node: Dict[str, ReasonCost] = {}
-    for key in sorted(set(names) | set(per_gpu),
+    for key in sorted(set(names) | set(per_gpu) | set(eff_rows),
                       key=lambda k: (names.get(k, {}).get("index") is None,
                                      names.get(k, {}).get("index") or 0, k)):
         info = names.get(key, {"index": None, "uuid": None if key.startswith("index:") else key,
@@ -337,7 +338,12 @@ def cost_breakdown(data: Union[CostReport, Mapping[str, Any]],
                                                      for c in reasons.values())),
                      "dollars": _r(sum(c.dollars for c in reasons.values())),
                      "top_reason": _top_reason(reasons),
-                     "reasons": {r: c.to_json() for r, c in reasons.items()}})
+                     "reasons": {r: c.to_json() for r, c in reasons.items()},
+                     **{k: _r(v) for k, v in eff_rows.get(key, {}).items() if k != "index"}})
+        if info.get("index") is None and key in eff_rows and rows[-1]["index"] is None:
+            rows[-1]["index"] = eff_rows[key].get("index")
+    eff_node = {k: _r(sum((eff_rows.get(key) or {}).get(k) or 0.0 for key in eff_rows))
+                for k in EFF_KEYS} if eff_rows else {}
     return {"since_seconds": since_seconds, "truncated_to_seconds":
             HISTORY_SECONDS if truncated else None, "currency": currency,
             "time": now, "gpus": rows,
@@ -345,7 +351,42 @@ def cost_breakdown(data: Union[CostReport, Mapping[str, Any]],
                                                      for c in node.values())),
                      "dollars": _r(sum(c.dollars for c in node.values())),
                      "top_reason": _top_reason(node),
-                     "reasons": {r: c.to_json() for r, c in _sorted_reasons(node)}}}
+                     "reasons": {r: c.to_json() for r, c in _sorted_reasons(node)},
+                     **eff_node}}
+
+
+EFF_KEYS = ("energy_joules", "energy_dollars", "idle_seconds", "idle_dollars",
+            "underused_seconds", "underused_dollars")
+
+
+def _efficiency_rows(data: Mapping[str, Any], gpus_src: Any, since: Optional[float],
+                     now: Optional[float]) -> Dict[str, Dict[str, float]]:
+    """GPU key -> energy and idle figures: all-time totals, or the minute history's sums over
+    the last `since` seconds. From a report's JSON or from the state file."""
+    from gpucostd.cost.efficiency import history_totals
+    state = data.get("efficiency") if isinstance(data.get("efficiency"), dict) else None
+    index: Dict[str, Any] = {}
+    totals: Dict[str, Dict[str, float]] = {}
+    if isinstance(gpus_src, list):
+        for g in gpus_src:
+            key = g.get("uuid") or f"index:{g['index']}"
+            index[key] = g.get("index")
+            if g.get("paid_seconds") is not None:
+                totals[key] = {k: float(g.get(k) or 0.0) for k in EFF_KEYS}
+        history = data.get("efficiency_history")
+    elif state is not None:
+        for key, g in (state.get("gpus") or {}).items():
+            index[key] = g.get("index")
+            totals[key] = {k: float(g.get(k) or 0.0) for k in EFF_KEYS}
+        history = state.get("history")
+    else:
+        return {}
+    if since is not None:
+        first = int(((now or 0) - min(since, HISTORY_SECONDS)) // BUCKET_SECONDS)
+        totals = history_totals(history or {}, first)
+    for key, row in totals.items():
+        row["index"] = index.get(key)
+    return totals
 
 
 def parse_since(text: str) -> float:
@@ -426,10 +467,29 @@ def format_cost(data: Mapping[str, Any], since: Optional[float] = None) -> str:
     if node.get("top_reason"):
         total += f"; top reason {node['top_reason']}"
     lines.append(total)
+    lines.extend(_format_efficiency(data, currency))
     lines.append("Note: an under-loaded GPU pays for throttling in latency rather than "
                  "throughput;")
     lines.append("      only busy time is counted here.")
     return "\n".join(_clip(line) for line in lines) + "\n"
+
+
+def _format_efficiency(data: Mapping[str, Any], currency: str) -> List[str]:
+    rows = [g for g in data["gpus"] if g.get("energy_joules") is not None]
+    if not rows:
+        return []
+    lines = ["", f"Energy and idle capacity {_since_words(data.get('since_seconds'))}",
+             f"{'GPU':>3}  {'energy':>11}{'energy cost':>13}{'idle':>14}{'idle cost':>12}"
+             f"{'underused':>14}{'underused cost':>16}"]
+    for g in rows + [dict(data["node"], index="all")]:
+        idx = "?" if g.get("index") is None else str(g["index"])
+        lines.append(f"{idx:>3}  {(g.get('energy_joules') or 0) / 3.6e6:>8.2f} kWh"
+                     f"{_money(g.get('energy_dollars') or 0, currency):>13}"
+                     f"{_gpu_seconds(g.get('idle_seconds') or 0):>14}"
+                     f"{_money(g.get('idle_dollars') or 0, currency):>12}"
+                     f"{_gpu_seconds(g.get('underused_seconds') or 0):>14}"
+                     f"{_money(g.get('underused_dollars') or 0, currency):>16}")
+    return lines
 
 
 def _clip(line: str, width: int = 100) -> str:
@@ -535,7 +595,7 @@ def efficiency_lines(node: Mapping[str, Any], currency: str = "USD",
             if down:
                 t += f"; {len(down)} endpoint(s) down"
         lines.append(_clip(t))
-        lost = f"    {tk.get('tokens_lost_total') or 0:.0f} tokens lost to throttling (modelled)"
+        lost = f"    {tk.get('tokens_lost_total') or 0:.0f} lost to throttling (modelled tokens)"
         m = tk.get("measured") or {}
         if m.get("usable"):
             lost += f"; measured {m['tokens_lost_per_second']:.0f}/s now (R2 {m['r2']:.2f})"
