@@ -74,6 +74,8 @@ FIELDS: Tuple[Field, ...] = (
     # the driver's verdict: nvmlDeviceGpuRecoveryAction_t (0 none, 1 GPU reset, 2 node reboot,
     # 3 drain P2P, 4 drain and reset; newer drivers 5-7); older drivers: NOT_SUPPORTED/absent
     Field("gpu_recovery_action", "NVML_FI_DEV_GET_GPU_RECOVERY_ACTION", 230, "int"),
+    # energy since the driver loaded, millijoules (Volta and later)
+    Field("energy_joules", "NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION", 83, "milli"),
     # throttle-duration counters, nanoseconds (replace nvmlDeviceGetViolationStatus)
     Field("violation_seconds.power", "NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_POWER_CAP", 74,
           "nano"),
@@ -191,6 +193,7 @@ LEGACY: Tuple[Legacy, ...] = (
     Legacy("pcie_link_gen", "nvmlDeviceGetCurrPcieLinkGeneration", (), "int"),
     Legacy("pcie_link_width", "nvmlDeviceGetCurrPcieLinkWidth", (), "int"),
     Legacy("pcie_replay_count", "nvmlDeviceGetPcieReplayCounter", (), "int"),
+    Legacy("energy_joules", "nvmlDeviceGetTotalEnergyConsumption", (), "milli"),
 ) + tuple(
     # deprecated in NVML 13.0, removed in CUDA 14: only where the field value is missing
     Legacy(VIOLATION_PREFIX + key, "nvmlDeviceGetViolationStatus", (policy,), "violation")
