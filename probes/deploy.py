@@ -3,7 +3,9 @@
 Read-only, like ``host.py``; every fact that cannot be read is None with the reason in
 ``errors``. Under ``root`` (``[daemon] host_root``; tests point it at fixture trees):
 
-- ``persistenced``: a process named ``nvidia-persistenced`` in ``proc/*/comm``;
+- ``persistenced``: a process named ``nvidia-persistenced`` in ``proc/*/comm``, or its socket
+  ``run/nvidia-persistenced/socket`` (the daemon runs as its own user; under the unit's
+  ProtectProc=invisible other users' processes are hidden from /proc, the socket is not);
 - ``kernel_module_version``: ``sys/module/nvidia/version``, else the version in
   ``proc/driver/nvidia/version`` ("NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.90.07 ...");
 - ``container_runtimes`` / ``container_toolkit``: which of docker, containerd, podman, crio
@@ -30,6 +32,7 @@ TOOLKIT = ("nvidia-ctk", "nvidia-container-cli", "nvidia-container-runtime",
            "nvidia-container-runtime-hook")
 FIREWALL_COMMANDS = (("nft", "list", "ruleset"), ("iptables-save",), ("ip6tables-save",))
 MAX_FILES = 20000
+PERSISTENCED_DIRS = ("run/nvidia-persistenced", "var/run/nvidia-persistenced")
 Runner = Callable[[Sequence[str]], Tuple[int, str]]
 
 
@@ -128,6 +131,10 @@ class DeployProbe:
             comm = self._text(f"proc/{p}/comm")
             if comm is not None and comm.strip() == "nvidia-persistenced":
                 return True, int(p)
+        for d in PERSISTENCED_DIRS:
+            if os.path.exists(self.path(f"{d}/socket")):
+                pid = (self._text(f"{d}/nvidia-persistenced.pid") or "").strip()
+                return True, int(pid) if pid.isdigit() else None
         return False, None
 
     def _module_version(self) -> Optional[str]:

@@ -157,3 +157,16 @@ def test_proc_net_tcp_parsing():
     text6 = (HOSTS / "inference_open" / "proc" / "net" / "tcp6").read_text()
     assert parse_proc_net_tcp(text6, True) == [("::", 8080)]
     assert parse_proc_net_tcp("header\n garbage line\n 0: zz:zz 0:0 0A\n", False) == []
+
+
+def test_persistenced_seen_by_its_socket_when_proc_hides_it(tmp_path):
+    # the unit's ProtectProc=invisible hides the nvidia-persistenced user's processes
+    (tmp_path / "proc" / "1").mkdir(parents=True)
+    (tmp_path / "proc" / "1" / "comm").write_text("systemd\n")
+    run_dir = tmp_path / "run" / "nvidia-persistenced"
+    run_dir.mkdir(parents=True)
+    assert DeployProbe(str(tmp_path), run=lambda a: (1, "")).read().persistenced is False
+    (run_dir / "socket").write_text("")          # a socket on a real host
+    (run_dir / "nvidia-persistenced.pid").write_text("1234\n")
+    f = DeployProbe(str(tmp_path), run=lambda a: (1, "")).read()
+    assert (f.persistenced, f.persistenced_pid) == (True, 1234)

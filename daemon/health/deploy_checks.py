@@ -96,8 +96,9 @@ def persistenced_check(deploy: Any, gpus: Sequence[Any]) -> CheckResult:
         return CheckResult("persistenced", "warn", "cannot tell whether nvidia-persistenced runs "
                            "(process list not readable)", "check daemon.host_root and /proc")
     if deploy.persistenced:
-        return CheckResult("persistenced", "pass",
-                           f"nvidia-persistenced is running (pid {deploy.persistenced_pid})")
+        pid = deploy.persistenced_pid
+        return CheckResult("persistenced", "pass", "nvidia-persistenced is running"
+                           + (f" (pid {pid})" if pid else " (its socket is there)"))
     on = [g.index for g in gpus if getattr(g, "persistence_mode", None)]
     how = (f"; legacy persistence mode is on for GPU {', '.join(map(str, on))}" if on else "")
     return CheckResult("persistenced", "warn", f"nvidia-persistenced is not running{how}",
