@@ -592,7 +592,10 @@ def test_20_upgrade_from_0_1_0_keeps_config_events_originals_and_restarts(upbox)
     started = box.prop("ActiveEnterTimestampMonotonic")
     _log(f"0.1.0 running (MainPID {pid}) with {len(before)} events and 8 saved originals")
 
-    box.sh(f"apt-get install -y /root/{box.new}", timeout=300)
+    # the shipped default changed since 0.1.0 and the admin's copy is modified: dpkg would ask;
+    # unattended upgrades answer "keep mine" (confdef, else confold), as here
+    box.sh("apt-get install -y -o Dpkg::Options::=--force-confdef "
+           f"-o Dpkg::Options::=--force-confold /root/{box.new}", timeout=300)
     assert box.sh("dpkg-query -W -f='${Version} ${Architecture}' gpucostd").stdout == "0.2.0 all"
     # restarted by the upgrade, on the new code
     wait_for(lambda: box.prop("ActiveState") == "active", timeout=60, what="active after upgrade")
@@ -601,8 +604,11 @@ def test_20_upgrade_from_0_1_0_keeps_config_events_originals_and_restarts(upbox)
     wait_for(lambda: "GPUs" in box.prop("StatusText"), timeout=30, what="0.2.0 ready")
     status = json.loads(box.sh("gpucostd status --json", check=False).stdout)
     assert status["daemon"]["version"] == "0.2.0"
-    # the modified conffile is kept as is (no prompt: the shipped default did not change)
+    # the modified conffile is kept as is; the new default lies beside it
     assert box.sh("cat /etc/gpucostd/gpucostd.toml").stdout == box.config
+    new_default = (REPO / "packaging" / "gpucostd.toml").read_text()
+    if new_default != shipped:
+        assert box.sh("cat /etc/gpucostd/gpucostd.toml.dpkg-dist").stdout == new_default
     # every stored event is still there, unchanged; the new daemon added its own
     after = _events(box)
     assert {k: after.get(k) for k in before} == before
