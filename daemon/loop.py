@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import threading
+import time as _time
 from typing import Callable, Dict, List, Optional, Tuple
 
 from gpucostd import __version__
@@ -141,8 +142,9 @@ class Daemon:
                                     name="gpucostd-inference") for i in range(len(probes))]
         for t in threads:
             t.start()
+        end = _time.monotonic() + max(p.timeout for p in probes) + 0.5
         for t in threads:
-            t.join(probes[0].timeout + 1.0)
+            t.join(max(0.0, end - _time.monotonic()))
         return out
 
     def _guard(self, part: str, fn, default=None):
