@@ -19,8 +19,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python < 3.11
     import tomli as tomllib
 
-DEFAULT_PATH = "/etc/gpucostd/gpucostd.toml"
-DEFAULT_SOCKET = "/run/gpucostd/gpucostd.sock"
+from gpucostd import (DEFAULT_PATH, DEFAULT_SOCKET, _is_root,  # noqa: E402,F401 (re-exported)
+                      default_socket_path, user_runtime_dir)
+
 DEFAULT_STATE_DIR = "/var/lib/gpucostd"
 DEFAULT_LISTEN = "0.0.0.0:9477"
 
@@ -367,20 +368,6 @@ class Config:
 
 
 # --------------------------------------------------------------------------- loading
-def _is_root() -> bool:
-    return hasattr(os, "geteuid") and os.geteuid() == 0
-
-
-def user_runtime_dir() -> str:
-    return os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/gpucostd-{os.getuid()}"
-
-
-def default_socket_path() -> str:
-    if _is_root():
-        return DEFAULT_SOCKET
-    return os.path.join(user_runtime_dir(), "gpucostd", "gpucostd.sock")
-
-
 def default_state_dir() -> str:
     if _is_root():
         return DEFAULT_STATE_DIR

@@ -76,8 +76,10 @@ NVML_VOLATILE_ECC = 0
 NVML_AGGREGATE_ECC = 1
 NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS = 0
 NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR = 1
-NVML_FI_DEV_MEMORY_TEMP = 82
+NVML_VALUE_TYPE_DOUBLE = 0
 NVML_VALUE_TYPE_UNSIGNED_INT = 1
+NVML_VALUE_TYPE_UNSIGNED_LONG_LONG = 3
+NVML_FI_MAX = 310
 NVML_DEVICE_PCI_BUS_ID_BUFFER_SIZE = 32
 NVML_DEVICE_PCI_BUS_ID_BUFFER_V2_SIZE = 16
 
@@ -111,8 +113,10 @@ HEADER_CONSTANTS: Dict[str, int] = {
         NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS,
     "NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR":
         NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR,
-    "NVML_FI_DEV_MEMORY_TEMP": NVML_FI_DEV_MEMORY_TEMP,
+    "NVML_VALUE_TYPE_DOUBLE": NVML_VALUE_TYPE_DOUBLE,
     "NVML_VALUE_TYPE_UNSIGNED_INT": NVML_VALUE_TYPE_UNSIGNED_INT,
+    "NVML_VALUE_TYPE_UNSIGNED_LONG_LONG": NVML_VALUE_TYPE_UNSIGNED_LONG_LONG,
+    "NVML_FI_MAX": NVML_FI_MAX,
     "NVML_DEVICE_PCI_BUS_ID_BUFFER_SIZE": NVML_DEVICE_PCI_BUS_ID_BUFFER_SIZE,
     "NVML_DEVICE_PCI_BUS_ID_BUFFER_V2_SIZE": NVML_DEVICE_PCI_BUS_ID_BUFFER_V2_SIZE,
     "NVML_PERF_POLICY_POWER": 0,
@@ -121,6 +125,7 @@ HEADER_CONSTANTS: Dict[str, int] = {
     "NVML_PERF_POLICY_BOARD_LIMIT": 3,
     "NVML_PERF_POLICY_LOW_UTILIZATION": 4,
     "NVML_PERF_POLICY_RELIABILITY": 5,
+    "NVML_PERF_POLICY_TOTAL_BASE_CLOCKS": 11,
 }
 
 H100_PCI_DEVICE_ID = 0x233010DE      # device 0x2330 (H100 SXM5 80GB), vendor 0x10DE
@@ -149,15 +154,97 @@ class ViolationTime(Structure):     # nvmlViolationTime_t
 
 
 class Value(Union):                 # nvmlValue_t
-    _fields_ = [("dVal", c_double), ("uiVal", c_uint), ("ulVal", c_ulong),
-                ("ullVal", c_ulonglong), ("sllVal", c_longlong), ("siVal", c_int),
-                ("usVal", c_ushort)]
+    _fields_ = [("dVal", c_double), ("siVal", c_int), ("uiVal", c_uint), ("ulVal", c_ulong),
+                ("ullVal", c_ulonglong), ("sllVal", c_longlong), ("usVal", c_ushort)]
 
 
 class FieldValue(Structure):        # nvmlFieldValue_t
     _fields_ = [("fieldId", c_uint32), ("scopeId", c_uint32), ("timestamp", c_int64),
                 ("latencyUsec", c_int64), ("valueType", c_uint), ("nvmlReturn", c_uint),
                 ("value", Value)]
+
+
+# ----------------------------------------------------------------------- field values
+# What nvmlDeviceGetFieldValues answers, per field id (nvml.h NVML_FI_*): the nvml.h name, the
+# scenario key that `unsupported` names to make it NOT_SUPPORTED, the value type, and the value
+# in NVML's unit from the GPU state (temperatures in C, power in mW, counters in ns).
+# Violation-time fields take their counter from VIOLATION_FIELDS instead. An id below
+# NVML_FI_MAX that is not listed answers NOT_SUPPORTED, an id outside it INVALID_ARGUMENT.
+_D, _U, _ULL = NVML_VALUE_TYPE_DOUBLE, NVML_VALUE_TYPE_UNSIGNED_INT, \
+    NVML_VALUE_TYPE_UNSIGNED_LONG_LONG
+
+
+def _mw(key: str) -> Callable[[Dict[str, Any]], int]:
+    return lambda st: int(round(st[key] * 1000))
+
+
+def _n(key: str) -> Callable[[Dict[str, Any]], int]:
+    return lambda st: int(st[key])
+
+
+def _b(key: str) -> Callable[[Dict[str, Any]], int]:
+    return lambda st: 1 if st[key] else 0
+
+
+FIELD_VALUES: Dict[int, Tuple[str, str, int, Callable[[Dict[str, Any]], Any]]] = {
+    308: ("NVML_FI_DEV_GPU_TEMP", "temperature", _D, lambda st: float(st["temperature"])),
+    82: ("NVML_FI_DEV_MEMORY_TEMP", "memory_temperature", _U,
+         lambda st: int(round(st["memory_temperature"]))),
+    185: ("NVML_FI_DEV_POWER_AVERAGE", "power_draw", _U,
+          lambda st: int(round(min(st["power_draw"], st["power_limit"]) * 1000))),
+    186: ("NVML_FI_DEV_POWER_INSTANT", "power_draw", _U,
+          lambda st: int(round(min(st["power_draw"], st["power_limit"]) * 1000))),
+    187: ("NVML_FI_DEV_POWER_MIN_LIMIT", "power_limit_min", _U, _mw("power_limit_min")),
+    188: ("NVML_FI_DEV_POWER_MAX_LIMIT", "power_limit_max", _U, _mw("power_limit_max")),
+    189: ("NVML_FI_DEV_POWER_DEFAULT_LIMIT", "power_limit_default", _U,
+          _mw("power_limit_default")),
+    190: ("NVML_FI_DEV_POWER_CURRENT_LIMIT", "power_limit", _U, _mw("power_limit")),
+    1: ("NVML_FI_DEV_ECC_CURRENT", "ecc_mode", _U, _b("ecc_mode")),
+    3: ("NVML_FI_DEV_ECC_SBE_VOL_TOTAL", "ecc_volatile_corrected", _ULL,
+        _n("ecc_volatile_corrected")),
+    4: ("NVML_FI_DEV_ECC_DBE_VOL_TOTAL", "ecc_volatile_uncorrected", _ULL,
+        _n("ecc_volatile_uncorrected")),
+    5: ("NVML_FI_DEV_ECC_SBE_AGG_TOTAL", "ecc_aggregate_corrected", _ULL,
+        _n("ecc_aggregate_corrected")),
+    6: ("NVML_FI_DEV_ECC_DBE_AGG_TOTAL", "ecc_aggregate_uncorrected", _ULL,
+        _n("ecc_aggregate_uncorrected")),
+    29: ("NVML_FI_DEV_RETIRED_SBE", "retired_pages_sbe", _U, _n("retired_pages_sbe")),
+    30: ("NVML_FI_DEV_RETIRED_DBE", "retired_pages_dbe", _U, _n("retired_pages_dbe")),
+    31: ("NVML_FI_DEV_RETIRED_PENDING", "retired_pages_pending", _U,
+         _b("retired_pages_pending")),
+    142: ("NVML_FI_DEV_REMAPPED_COR", "remapped_rows_correctable", _U,
+          _n("remapped_rows_correctable")),
+    143: ("NVML_FI_DEV_REMAPPED_UNC", "remapped_rows_uncorrectable", _U,
+          _n("remapped_rows_uncorrectable")),
+    144: ("NVML_FI_DEV_REMAPPED_PENDING", "remapped_rows_pending", _U,
+          _b("remapped_rows_pending")),
+    145: ("NVML_FI_DEV_REMAPPED_FAILURE", "remapped_rows_failure", _U,
+          _b("remapped_rows_failure")),
+    94: ("NVML_FI_DEV_PCIE_REPLAY_COUNTER", "pcie_replay_count", _U, _n("pcie_replay_count")),
+}
+# The energy counter (mJ) is an exact integral with the setters' changes, read like the
+# throttle counters: field id -> (nvml.h name, scenario key that `unsupported` names).
+ENERGY_FIELDS: Dict[int, Tuple[str, str]] = {
+    83: ("NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION", "total_energy"),
+}
+# Throttle-duration fields (ns): field id -> (nvml.h name, counter key of VIOLATION_POLICIES).
+# All need violation_counters; the three clock-event ones (newer drivers) also answer
+# NOT_SUPPORTED where `unsupported` names "clock_event_durations".
+VIOLATION_FIELDS: Dict[int, Tuple[str, str]] = {
+    74: ("NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_POWER_CAP", "power"),
+    76: ("NVML_FI_DEV_CLOCKS_EVENT_REASON_SYNC_BOOST", "sync_boost"),
+    77: ("NVML_FI_DEV_PERF_POLICY_BOARD_LIMIT", "board_limit"),
+    78: ("NVML_FI_DEV_PERF_POLICY_LOW_UTILIZATION", "low_utilization"),
+    79: ("NVML_FI_DEV_PERF_POLICY_RELIABILITY", "reliability"),
+    81: ("NVML_FI_DEV_PERF_POLICY_TOTAL_BASE_CLOCKS", "total_base_clocks"),
+    269: ("NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_THERM_SLOWDOWN", "sw_thermal"),
+    270: ("NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_THERM_SLOWDOWN", "hw_thermal"),
+    271: ("NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_POWER_BRAKE_SLOWDOWN", "hw_power_brake"),
+}
+CLOCK_EVENT_DURATION_FIELDS = (269, 270, 271)
+HEADER_CONSTANTS.update({name: fid for fid, (name, *_rest) in FIELD_VALUES.items()})
+HEADER_CONSTANTS.update({name: fid for fid, (name, _key) in ENERGY_FIELDS.items()})
+HEADER_CONSTANTS.update({name: fid for fid, (name, _key) in VIOLATION_FIELDS.items()})
 
 
 # Argument kinds for the symbol table: C types as the ctypes callback sees them.
@@ -606,21 +693,46 @@ class SimulatedNode:
         return NVML_SUCCESS
 
     def _c_nvmlDeviceGetFieldValues(self, h, count, values) -> int:
-        _i, t, st = self._dev(h)
+        index, t, st = self._dev(h, "field_values")
         if count < 0 or (count and not values):
             return NVML_ERROR_INVALID_ARGUMENT
         unsup = self._unsupported(st) if st["unsupported"] else frozenset()
         stamp = int(self.clock.time() * 1e6)
+        counters: Optional[Dict[str, float]] = None
         arr = (FieldValue * count).from_address(values) if count else ()
         for fv in arr:
             fv.timestamp = stamp
             fv.latencyUsec = 0
-            if fv.fieldId == NVML_FI_DEV_MEMORY_TEMP and "memory_temperature" not in unsup:
-                fv.valueType = NVML_VALUE_TYPE_UNSIGNED_INT
-                fv.value.uiVal = int(round(st["memory_temperature"]))
+            fid = fv.fieldId
+            spec = FIELD_VALUES.get(fid)
+            viol = VIOLATION_FIELDS.get(fid)
+            if spec is not None and spec[1] not in unsup and \
+                    (fid not in (3, 4, 5, 6) or st["ecc_mode"]):
+                fv.valueType = spec[2]
+                value = spec[3](st)
+                if spec[2] == NVML_VALUE_TYPE_DOUBLE:
+                    fv.value.dVal = value
+                elif spec[2] == NVML_VALUE_TYPE_UNSIGNED_LONG_LONG:
+                    fv.value.ullVal = value
+                else:
+                    fv.value.uiVal = value
                 fv.nvmlReturn = NVML_SUCCESS
-            else:
+            elif viol is not None and st["violation_counters"] and not (
+                    fid in CLOCK_EVENT_DURATION_FIELDS and "clock_event_durations" in unsup):
+                if counters is None:      # the scenario's integrals, setter changes included
+                    counters = dict(self.scenario.violation_seconds_at(index, t))
+                    counters["power"] = self.violation_seconds(index, "power", t)
+                fv.valueType = NVML_VALUE_TYPE_UNSIGNED_LONG_LONG
+                fv.value.ullVal = int(round(counters[viol[1]] * 1e9))
+                fv.nvmlReturn = NVML_SUCCESS
+            elif fid in ENERGY_FIELDS and ENERGY_FIELDS[fid][1] not in unsup:
+                fv.valueType = NVML_VALUE_TYPE_UNSIGNED_LONG_LONG
+                fv.value.ullVal = int(round(self.energy_joules(index, t) * 1000.0))
+                fv.nvmlReturn = NVML_SUCCESS
+            elif 0 < fid < NVML_FI_MAX:
                 fv.nvmlReturn = NVML_ERROR_NOT_SUPPORTED
+            else:
+                fv.nvmlReturn = NVML_ERROR_INVALID_ARGUMENT
         return NVML_SUCCESS
 
     def _c_nvmlDeviceGetPowerUsage(self, h, out) -> int:
@@ -720,7 +832,7 @@ class SimulatedNode:
 
     _c_nvmlDeviceGetSupportedClocksThrottleReasons = _c_nvmlDeviceGetSupportedClocksEventReasons
 
-    _POLICY_KEYS = {value: key for key, value in VIOLATION_POLICIES}
+    _POLICY_KEYS = {value: key for key, value in VIOLATION_POLICIES if value is not None}
 
     def _c_nvmlDeviceGetViolationStatus(self, h, policy, out) -> int:
         index, t, st = self._dev(h)

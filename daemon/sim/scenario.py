@@ -124,6 +124,10 @@ UNSUPPORTED_GROUPS: Dict[str, Tuple[str, ...]] = {
     "pcie": ("pcie_link_gen", "pcie_link_gen_max", "pcie_link_width", "pcie_link_width_max",
              "pcie_replay_count"),
     "utilization": ("utilization", "memory_utilization"),
+    # nvmlDeviceGetFieldValues itself answers NOT_SUPPORTED (the old calls must serve)
+    "field_values": (),
+    # the clock-event duration fields (SW/HW thermal, HW power brake) of newer drivers
+    "clock_event_durations": (),
 }
 _NOT_UNSUPPORTABLE = set(IDENTITY_FIELDS) | {"setters_permitted", "unsupported", "lost",
                                             "violation_counters"}
