@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import struct
 import threading
 from ctypes import (CFUNCTYPE, Structure, Union, c_char, c_double, c_int, c_int64,
                     c_longlong, c_uint, c_uint32, c_ulong, c_ulonglong, c_ushort, c_void_p)
@@ -239,6 +240,20 @@ HEADER_CONSTANTS.update({name: fid for fid, (name, *_rest) in FIELD_VALUES.items
 HEADER_CONSTANTS.update({name: fid for fid, (name, _key) in VIOLATION_FIELDS.items()})
 
 
+# The nvmlFieldValue_t layout (written with struct: ctypes attribute access per field costs
+# more than the rest of the call)
+_FV_SIZE = ctypes.sizeof(FieldValue)
+_FV_OFF_TS = FieldValue.timestamp.offset
+_FV_OFF_VALUE = FieldValue.value.offset
+assert FieldValue.latencyUsec.offset == _FV_OFF_TS + 8 and \
+    FieldValue.valueType.offset == _FV_OFF_TS + 16 and FieldValue.nvmlReturn.offset == _FV_OFF_TS + 20
+_FV_ID = struct.Struct("@I")
+_FV_HEAD = struct.Struct("@qqII")
+_FV_VALUE = {NVML_VALUE_TYPE_DOUBLE: struct.Struct("@d"),
+             NVML_VALUE_TYPE_UNSIGNED_INT: struct.Struct("@I"),
+             NVML_VALUE_TYPE_UNSIGNED_LONG_LONG: struct.Struct("@Q")}
+
+
 # Argument kinds for the symbol table: C types as the ctypes callback sees them.
 P = c_void_p      # any pointer (device handle, out-parameter, buffer)
 U = c_uint        # unsigned int and every enum (pynvml passes enums as c_uint)
@@ -386,7 +401,7 @@ class SimulatedNode:
         self._overrides: List[Dict[str, Tuple[Any, float]]] = [
             {} for _ in range(scenario.node.gpu_count)]
         self._unsup_cache: Dict[Tuple[str, ...], frozenset] = {}
-        self._dev_cache: Dict[int, Tuple[float, float, Dict[str, Any]]] = {}
+        self._spans: Dict[int, Tuple[float, float, Dict[str, Any]]] = {}
         self._kernel_t = -1.0
         self._error_strings = {code: ctypes.create_string_buffer(text.encode())
                                for code, text in ERROR_STRINGS.items()}
@@ -467,17 +482,19 @@ class SimulatedNode:
             raise _DeviceFault(NVML_ERROR_INVALID_ARGUMENT)
         index = handle - 1
         now = self.now()
-        cached = self._dev_cache.get(index) if self._virtual else None
-        if cached is not None and cached[0] == now:
-            # replay: time stands still between cycles, so one lookup serves all ~35 calls
-            t, st = cached[1], cached[2]
+        span = self._spans.get(index)
+        if span is not None and span[0] <= now < span[1]:
+            # the state stays the same over this span (no hang, no driver change in it), so
+            # one lookup serves every call of every cycle inside it
+            t, st = now, span[2]
         else:
             t = self._wait_hang(index, now)
             if not self.scenario.driver_loaded_at(t):
                 raise _DeviceFault(NVML_ERROR_DRIVER_NOT_LOADED)
             st = self.scenario.state_ref(index, t)
-            if self._virtual:
-                self._dev_cache[index] = (now, t, st)
+            span = self.scenario.state_span(index, t)
+            if span is not None:
+                self._spans[index] = span
         if st["lost"]:
             raise _DeviceFault(NVML_ERROR_GPU_IS_LOST)
         if needs and st["unsupported"]:
@@ -651,35 +668,32 @@ class SimulatedNode:
         unsup = self._unsupported(st) if st["unsupported"] else frozenset()
         stamp = int(self.clock.time() * 1e6)
         counters: Optional[Dict[str, float]] = None
-        arr = (FieldValue * count).from_address(values) if count else ()
-        for fv in arr:
-            fv.timestamp = stamp
-            fv.latencyUsec = 0
-            fid = fv.fieldId
+        buf = (ctypes.c_char * (_FV_SIZE * count)).from_address(values) if count else b""
+        view = memoryview(buf).cast("B") if count else None
+        for k in range(count):
+            base = k * _FV_SIZE
+            fid = _FV_ID.unpack_from(view, base)[0]
             spec = FIELD_VALUES.get(fid)
             viol = VIOLATION_FIELDS.get(fid)
+            vtype, code, fmt, value = 0, NVML_SUCCESS, None, 0
             if spec is not None and spec[1] not in unsup and \
                     (fid not in (3, 4, 5, 6) or st["ecc_mode"]):
-                fv.valueType = spec[2]
-                value = spec[3](st)
-                if spec[2] == NVML_VALUE_TYPE_DOUBLE:
-                    fv.value.dVal = value
-                elif spec[2] == NVML_VALUE_TYPE_UNSIGNED_LONG_LONG:
-                    fv.value.ullVal = value
-                else:
-                    fv.value.uiVal = value
-                fv.nvmlReturn = NVML_SUCCESS
+                vtype, value = spec[2], spec[3](st)
+                fmt = _FV_VALUE[vtype]
             elif viol is not None and st["violation_counters"] and not (
                     fid in CLOCK_EVENT_DURATION_FIELDS and "clock_event_durations" in unsup):
                 if counters is None:
                     counters = self.scenario.violation_seconds_at(index, t)
-                fv.valueType = NVML_VALUE_TYPE_UNSIGNED_LONG_LONG
-                fv.value.ullVal = int(round(counters[viol[1]] * 1e9))
-                fv.nvmlReturn = NVML_SUCCESS
+                vtype, fmt = NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, _FV_VALUE[3]
+                value = int(round(counters[viol[1]] * 1e9))
             elif 0 < fid < NVML_FI_MAX:
-                fv.nvmlReturn = NVML_ERROR_NOT_SUPPORTED
+                code = NVML_ERROR_NOT_SUPPORTED
             else:
-                fv.nvmlReturn = NVML_ERROR_INVALID_ARGUMENT
+                code = NVML_ERROR_INVALID_ARGUMENT
+            # timestamp, latencyUsec, valueType, nvmlReturn; then the value (undefined on error)
+            _FV_HEAD.pack_into(view, base + _FV_OFF_TS, stamp, 0, vtype, code)
+            if fmt is not None:
+                fmt.pack_into(view, base + _FV_OFF_VALUE, value)
         return NVML_SUCCESS
 
     def _c_nvmlDeviceGetPowerUsage(self, h, out) -> int:
