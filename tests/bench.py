@@ -292,6 +292,51 @@ def bench_nvml_calls() -> None:
     row("nvml_calls_per_gpu_cycle", n, "calls", note="simulated H100; 32 before field values")
 
 
+def bench_profile(tmp: Path) -> dict:
+    """Where a daemon cycle's CPU goes: 300 cycles of the daemon's own step (8 simulated GPUs,
+    gateway inline so the profiler sees the GPU reads) under cProfile, by layer."""
+    import cProfile
+    import pstats
+    from gpucostd import config
+    from gpucostd.loop import Daemon
+    from gpucostd.views import metrics, statusview
+    cfg = config.parse(f'[daemon]\nstate_dir = "{tmp}/state"\nkernel_log = "none"\n'
+                       f'socket_path = "{tmp}/s.sock"\n[cost]\ngpu_hour_usd = 4.0\n')
+    d = Daemon(cfg, simulate="builtin:h100x8", journal=False)
+    d.start()
+    d.gateway._virtual = True          # GPU reads on this thread, where cProfile sees them
+    try:
+        for _ in range(30):
+            statusview.snapshot_json(d.step())
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(300):
+            statusview.snapshot_json(d.step())
+        snap = d.step()
+        for _ in range(30):
+            metrics.render(snap)
+        pr.disable()
+    finally:
+        d.shutdown()
+    layers = {"sim/": "simulated NVML library (Python in libnvidia-ml's place)",
+              "hw/": "NVML gateway", "pynvml": "pynvml", "probes/": "probes",
+              "cost/": "cost", "health/": "health", "views/metrics": "metrics render",
+              "views/": "status JSON and other views", "record/": "events",
+              "prometheus_client": "prometheus_client (metric families)"}
+    out = {}
+    stats = pstats.Stats(pr).stats
+    total = sum(v[2] for v in stats.values())
+    for (path, _line, _fn), v in stats.items():
+        name = next((label for key, label in layers.items() if key in path), "loop, stdlib, rest")
+        out[name] = out.get(name, 0.0) + v[2]
+    share = {k: round(100 * v / total, 1) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+    print("  profile of a cycle (cProfile, % of CPU; the render is 30 of 330 cycles, as if "
+          "scraped every 11 s):", file=sys.stderr)
+    for k, v in share.items():
+        print(f"    {v:5.1f}%  {k}", file=sys.stderr)
+    return share
+
+
 # --------------------------------------------------------------------------- output
 def table() -> str:
     head = ("figure", "value", "target", "peer", "ratio", "result")
@@ -312,7 +357,8 @@ def main() -> int:
                          "660 = the 10 minutes of the target)")
     ap.add_argument("--json", default="bench-results.json", metavar="FILE",
                     help="where the table goes as JSON (default: bench-results.json)")
-    ap.add_argument("--only", default="", help="comma-separated: daemon,parser,replay,nvml")
+    ap.add_argument("--only", default="",
+                    help="comma-separated subset of: daemon,parser,replay,nvml,profile")
     args = ap.parse_args()
     only = set(filter(None, args.only.split(",")))
     started = time.time()
@@ -323,6 +369,10 @@ def main() -> int:
         bench_parser()
     if not only or "replay" in only:
         bench_replay()
+    profile = None
+    if not only or "profile" in only:
+        with tempfile.TemporaryDirectory() as tmp:
+            profile = bench_profile(Path(tmp))
     if not only or "daemon" in only:
         with tempfile.TemporaryDirectory() as tmp:
             bench_daemon(Path(tmp), args.soak, [bench_status, bench_scrape, bench_xid])
@@ -330,7 +380,7 @@ def main() -> int:
     doc = {"started": started, "seconds": round(time.time() - started, 1),
            "host": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "loadavg_start": load0, "loadavg_end": os.getloadavg()},
-           "rows": ROWS}
+           "rows": ROWS, "cycle_profile_percent": profile}
     with open(args.json, "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=2)
     print(f"(JSON: {args.json}; load average {load0[0]:.1f} at start, "
