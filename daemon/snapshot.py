@@ -137,6 +137,7 @@ class GpuReading:
     power_limit_min_watts: Optional[float] = None
     power_limit_max_watts: Optional[float] = None
     power_limit_default_watts: Optional[float] = None
+    energy_joules: Optional[float] = None      # energy counter since the driver loaded
     persistence_mode: Optional[bool] = None
     # clocks and load
     sm_clock_mhz: Optional[float] = None

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from gpucostd.sim.nvml import (FIELD_VALUES, SYMBOLS, VIOLATION_FIELDS, FieldValue,
+from gpucostd.sim.nvml import (ENERGY_FIELDS, FIELD_VALUES, SYMBOLS, VIOLATION_FIELDS, FieldValue,
                               HEADER_CONSTANTS, PciInfo, SimulatedNode, Utilization, Value,
                               ViolationTime)
 
@@ -179,6 +179,7 @@ def test_every_gateway_field_is_simulated_with_the_same_name():
     from gpucostd.hw.nvml_fields import FIELDS
     simulated = {fid: spec[0] for fid, spec in FIELD_VALUES.items()}
     simulated.update({fid: spec[0] for fid, spec in VIOLATION_FIELDS.items()})
+    simulated.update({fid: spec[0] for fid, spec in ENERGY_FIELDS.items()})
     assert {f.field_id: f.nvml_name for f in FIELDS} == \
         {fid: name for fid, name in simulated.items() if fid in {f.field_id for f in FIELDS}}
     missing = [f.nvml_name for f in FIELDS if f.field_id not in simulated]

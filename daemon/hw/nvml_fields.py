@@ -71,6 +71,8 @@ FIELDS: Tuple[Field, ...] = (
     Field("remapped_rows_pending", "NVML_FI_DEV_REMAPPED_PENDING", 144, "bool"),
     Field("remapped_rows_failure", "NVML_FI_DEV_REMAPPED_FAILURE", 145, "bool"),
     Field("pcie_replay_count", "NVML_FI_DEV_PCIE_REPLAY_COUNTER", 94, "int"),
+    # energy since the driver loaded, millijoules (Volta and later)
+    Field("energy_joules", "NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION", 83, "milli"),
     # throttle-duration counters, nanoseconds (replace nvmlDeviceGetViolationStatus)
     Field("violation_seconds.power", "NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_POWER_CAP", 74,
           "nano"),
@@ -188,6 +190,7 @@ LEGACY: Tuple[Legacy, ...] = (
     Legacy("pcie_link_gen", "nvmlDeviceGetCurrPcieLinkGeneration", (), "int"),
     Legacy("pcie_link_width", "nvmlDeviceGetCurrPcieLinkWidth", (), "int"),
     Legacy("pcie_replay_count", "nvmlDeviceGetPcieReplayCounter", (), "int"),
+    Legacy("energy_joules", "nvmlDeviceGetTotalEnergyConsumption", (), "milli"),
 ) + tuple(
     # deprecated in NVML 13.0, removed in CUDA 14: only where the field value is missing
     Legacy(VIOLATION_PREFIX + key, "nvmlDeviceGetViolationStatus", (policy,), "violation")

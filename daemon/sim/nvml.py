@@ -31,6 +31,8 @@ from ctypes import (CFUNCTYPE, Structure, Union, c_char, c_double, c_int, c_int6
                     c_longlong, c_uint, c_uint32, c_ulong, c_ulonglong, c_ushort, c_void_p)
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from gpucostd.sim.corrections import SetterCorrections
+from gpucostd.sim.physics import apply_power
 from gpucostd.sim.scenario import UNSUPPORTED_GROUPS, Scenario, load_scenario
 from gpucostd.snapshot import VIOLATION_POLICIES, mask_from_reasons
 
@@ -221,6 +223,11 @@ FIELD_VALUES: Dict[int, Tuple[str, str, int, Callable[[Dict[str, Any]], Any]]] =
           _b("remapped_rows_failure")),
     94: ("NVML_FI_DEV_PCIE_REPLAY_COUNTER", "pcie_replay_count", _U, _n("pcie_replay_count")),
 }
+# The energy counter (mJ) is an exact integral with the setters' changes, read like the
+# throttle counters: field id -> (nvml.h name, scenario key that `unsupported` names).
+ENERGY_FIELDS: Dict[int, Tuple[str, str]] = {
+    83: ("NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION", "total_energy"),
+}
 # Throttle-duration fields (ns): field id -> (nvml.h name, counter key of VIOLATION_POLICIES).
 # All need violation_counters; the three clock-event ones (newer drivers) also answer
 # NOT_SUPPORTED where `unsupported` names "clock_event_durations".
@@ -237,6 +244,7 @@ VIOLATION_FIELDS: Dict[int, Tuple[str, str]] = {
 }
 CLOCK_EVENT_DURATION_FIELDS = (269, 270, 271)
 HEADER_CONSTANTS.update({name: fid for fid, (name, *_rest) in FIELD_VALUES.items()})
+HEADER_CONSTANTS.update({name: fid for fid, (name, _key) in ENERGY_FIELDS.items()})
 HEADER_CONSTANTS.update({name: fid for fid, (name, _key) in VIOLATION_FIELDS.items()})
 
 
@@ -307,6 +315,7 @@ SYMBOLS: Dict[str, Tuple[Any, Tuple[Any, ...]]] = {
     "nvmlDeviceGetCurrPcieLinkWidth": (c_int, (P, P)),
     "nvmlDeviceGetMaxPcieLinkWidth": (c_int, (P, P)),
     "nvmlDeviceGetPcieReplayCounter": (c_int, (P, P)),
+    "nvmlDeviceGetTotalEnergyConsumption": (c_int, (P, P)),
 }
 
 
@@ -403,6 +412,9 @@ class SimulatedNode:
         self._unsup_cache: Dict[Tuple[str, ...], frozenset] = {}
         self._spans: Dict[int, Tuple[float, float, Dict[str, Any]]] = {}
         self._kernel_t = -1.0
+        # what setters changed beyond the scenario's exact integrals
+        self._corr = SetterCorrections(scenario, lambda i: bool(self._overrides[i]),
+                                       self._effective)
         self._error_strings = {code: ctypes.create_string_buffer(text.encode())
                                for code, text in ERROR_STRINGS.items()}
         self.calls: Dict[str, int] = {}     # C symbol -> number of calls (for tests)
@@ -429,8 +441,42 @@ class SimulatedNode:
         """The simulated state of GPU `index` now, setter changes included."""
         t = self.now()
         st = self.scenario.gpu_state_at(index, t)
-        st.update(self._effective(index, t, self.scenario.state_ref(index, t)))
+        st.update(self._corr.physics_state(index, t))
+        if st["violation_seconds"] is not None:
+            st["violation_seconds"]["power"] = self.violation_seconds(index, "power", t)
+        st["total_energy"] = self.energy_joules(index, t)
         return st
+
+    # ---- counters: the scenario's exact integrals plus what setters changed
+    def energy_joules(self, index: int, t: Optional[float] = None) -> float:
+        """GPU `index`'s energy counter (J) at t (default now)."""
+        t = self.now() if t is None else t
+        with self._lock:
+            corr = self._corr.advance(index, t).energy
+        return self.scenario.energy_joules_at(index, t) + corr
+
+    def violation_seconds(self, index: int, policy: str, t: Optional[float] = None) -> float:
+        t = self.now() if t is None else t
+        value = self.scenario.violation_seconds_at(index, t)[policy]
+        if policy == "power":
+            with self._lock:
+                value = max(0.0, value + self._corr.advance(index, t).power)
+        return value
+
+    def endpoint_tokens(self, endpoint: int, t: Optional[float] = None) -> float:
+        """Generated tokens of simulated endpoint `endpoint` at t (default now)."""
+        t = self.now() if t is None else t
+        with self._lock:
+            corr = self._corr.advance_endpoint(endpoint, t)
+        return max(0.0, self.scenario.endpoint_tokens_at(endpoint, t) + corr)
+
+    def endpoint_rate(self, endpoint: int, t: Optional[float] = None) -> float:
+        """Generated tokens/s of simulated endpoint `endpoint` at t, setter changes included."""
+        t = self.now() if t is None else t
+        sv = self.scenario.serving
+        ep = sv.endpoints[endpoint]
+        return sv.endpoint_rate(ep, [sv.state_rate(self._corr.physics_state(i, t))
+                                     for i in ep.gpus])
 
     # ------------------------------------------------------------------ internals
     def _effective(self, index: int, t: float, st: Dict[str, Any]) -> Dict[str, Any]:
@@ -507,6 +553,8 @@ class SimulatedNode:
             if eff:
                 st = dict(st)
                 st.update(eff)
+                if "power_limit" in eff and self.scenario.physics is not None:
+                    apply_power(st, self.scenario.physics)
         return index, t, st
 
     def _index_checked(self, index: int) -> int:
@@ -682,10 +730,14 @@ class SimulatedNode:
                 fmt = _FV_VALUE[vtype]
             elif viol is not None and st["violation_counters"] and not (
                     fid in CLOCK_EVENT_DURATION_FIELDS and "clock_event_durations" in unsup):
-                if counters is None:
-                    counters = self.scenario.violation_seconds_at(index, t)
+                if counters is None:      # the scenario's integrals, setter changes included
+                    counters = dict(self.scenario.violation_seconds_at(index, t))
+                    counters["power"] = self.violation_seconds(index, "power", t)
                 vtype, fmt = NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, _FV_VALUE[3]
                 value = int(round(counters[viol[1]] * 1e9))
+            elif fid in ENERGY_FIELDS and ENERGY_FIELDS[fid][1] not in unsup:
+                vtype, fmt = NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, _FV_VALUE[3]
+                value = int(round(self.energy_joules(index, t) * 1000.0))
             elif 0 < fid < NVML_FI_MAX:
                 code = NVML_ERROR_NOT_SUPPORTED
             else:
@@ -721,7 +773,10 @@ class SimulatedNode:
 
     def _set(self, index: int, t: float, key: str, value: Any) -> None:
         with self._lock:
+            # integrate the old state up to the set before the new value applies
+            self._corr.advance_all(index, t)
             self._overrides[index][key] = (value, t)
+            self._spans.pop(index, None)
 
     def _c_nvmlDeviceSetPowerManagementLimit(self, h, milliwatts) -> int:
         index, t, st = self._dev(h, "power_limit")
@@ -799,7 +854,7 @@ class SimulatedNode:
             return NVML_ERROR_NOT_SUPPORTED
         if not out:
             return NVML_ERROR_INVALID_ARGUMENT
-        seconds = self.scenario.violation_seconds_at(index, t)[key]
+        seconds = self.violation_seconds(index, key, t)
         v = ViolationTime.from_address(out)
         v.referenceTime = int(self.clock.time() * 1e6)
         v.violationTime = int(round(seconds * 1e9))
@@ -874,3 +929,9 @@ class SimulatedNode:
 
     def _c_nvmlDeviceGetPcieReplayCounter(self, h, out) -> int:
         return self._uint_field(h, out, "pcie_replay_count")
+
+    def _c_nvmlDeviceGetTotalEnergyConsumption(self, h, out) -> int:
+        index, t, _st = self._dev(h, "total_energy")
+        _put_ull(out, round(self.energy_joules(index, t) * 1000.0))     # mJ, as NVML
+        return NVML_SUCCESS
+
