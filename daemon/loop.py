@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import threading
+import time as _time
 from typing import Callable, Dict, List, Optional, Tuple
 
 from gpucostd import __version__
@@ -120,8 +121,8 @@ class Daemon:
             from gpucostd.sim.serving import SimulatedServing
             if self.sim_serving is None:
                 self.sim_serving = SimulatedServing(self.sim)
-                if not self.clock.virtual:
-                    self.sim_serving.start()
+                if not self.clock.virtual and not self.one_shot:
+                    self.sim_serving.start()     # one-shot commands read it in-process
             srv = self.sim_serving
             for k, ep in enumerate(srv.endpoints):
                 url = srv.urls[k] if srv.urls else f"sim://endpoint/{k}/metrics"
@@ -148,8 +149,9 @@ class Daemon:
                                     name="gpucostd-inference") for i in range(len(probes))]
         for t in threads:
             t.start()
+        end = _time.monotonic() + max(p.timeout for p in probes) + 0.5
         for t in threads:
-            t.join(probes[0].timeout + 1.0)
+            t.join(max(0.0, end - _time.monotonic()))
         return out
 
     def _guard(self, part: str, fn, default=None):
@@ -495,6 +497,12 @@ def summary_line(snap: Optional[NodeSnapshot]) -> str:
         lost = getattr(snap.cost, "node_loss_ratio", None)
         if lost is not None:
             parts.append(f"{lost * 100:.1f}% capacity lost to throttling")
+    tk = getattr(snap.cost, "tokens", None)
+    if getattr(tk, "tokens_per_second", None) is not None:
+        t = f"{tk.tokens_per_second:.0f} tokens/s"
+        if tk.tokens_per_dollar is not None:
+            t += f" ({tk.tokens_per_dollar:,.0f} per $)"
+        parts.append(t)
     return ", ".join(parts)
 
 
