@@ -206,6 +206,10 @@ def cmd_config(args) -> int:
         except ConfigError as e:
             _print_err(str(e))
             return EXIT_CONFIG
+        except Exception as e:  # noqa: BLE001 - a bad file is exit 2 with one line, always
+            _print_err(f"{args.file or 'config'}: cannot be used ({type(e).__name__}: "
+                       f"{str(e)[:120]})")
+            return EXIT_CONFIG
         print("ok")
         return 0
     if args.config_command == "show":

@@ -10,6 +10,7 @@ import fnmatch
 import math
 import os
 import re
+import stat
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
@@ -23,6 +24,9 @@ DEFAULT_PATH = "/etc/gpucostd/gpucostd.toml"
 DEFAULT_SOCKET = "/run/gpucostd/gpucostd.sock"
 DEFAULT_STATE_DIR = "/var/lib/gpucostd"
 DEFAULT_LISTEN = "0.0.0.0:9477"
+# A config is a few kilobytes; anything far larger is a mistake (or an attack on memory) and is
+# refused before it is read.
+MAX_CONFIG_BYTES = 1 << 20
 
 
 class FileError(Exception):
@@ -389,7 +393,23 @@ def _check_listen(value: str, err) -> None:
 
 
 def parse(text: str, path: Optional[str] = None) -> Config:
-    """Parse and validate config text. Raises ConfigError with file, line, key and the fix."""
+    """Parse and validate config text. Raises ConfigError with file, line, key and the fix, and
+    nothing else: whatever the text holds, a reload is refused, never a crash."""
+    try:
+        return _parse(text, path)
+    except ConfigError:
+        raise
+    except RecursionError:
+        raise ConfigError("values are nested too deeply (arrays or tables inside each other "
+                          "hundreds of levels deep); no gpucostd key takes such a value",
+                          path) from None
+    except Exception as e:  # noqa: BLE001 - any parser failure is a bad file
+        raise ConfigError(f"cannot be used ({type(e).__name__}: {str(e)[:120]}); check the "
+                          f"file against the configuration reference in README.md",
+                          path) from None
+
+
+def _parse(text: str, path: Optional[str]) -> Config:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -528,19 +548,50 @@ def load(path: Optional[str] = None, *, missing_ok: Optional[bool] = None) -> Co
     if missing_ok is None:
         missing_ok = not explicit
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_config_bytes(path)
     except FileNotFoundError:
         if missing_ok:
             return parse("", None)
         raise ConfigError("no such file; create it or pass --config FILE", path) from None
     except OSError as e:
-        raise ConfigError(f"cannot read: {e.strerror}", path) from None
+        raise ConfigError(f"cannot read: {e.strerror or e}", path) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError("not UTF-8 text", path) from None
     return parse(text, path)
+
+
+def read_config_bytes(path: str, limit: int = MAX_CONFIG_BYTES) -> bytes:
+    """The bytes of a config file, refusing before reading anything that is not a regular file
+    (a FIFO would block the loop, a device never ends) or is larger than `limit`."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | \
+        getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)       # O_NONBLOCK: opening a FIFO does not wait for a writer
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = ("a directory" if stat.S_ISDIR(st.st_mode) else
+                    "a FIFO" if stat.S_ISFIFO(st.st_mode) else
+                    "a socket" if stat.S_ISSOCK(st.st_mode) else "a device")
+            raise ConfigError(f"is {kind}, not a regular file; point --config at a TOML file",
+                              path)
+        if st.st_size > limit:
+            raise ConfigError(f"is {st.st_size} bytes; a config may be at most {limit} bytes "
+                              f"(is this the right file?)", path)
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 16, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:    # it grew while being read
+            raise ConfigError(f"is larger than {limit} bytes; a config may be at most {limit} "
+                              f"bytes", path)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------- TOML output

@@ -203,7 +203,11 @@ class Daemon:
         path = path or self.config.path      # None: the default path (missing = defaults)
         try:
             new = load(path)
-        except ConfigError as e:
+        except Exception as e:  # noqa: BLE001 - ConfigError, or a bug: never a crash loop
+            if not isinstance(e, ConfigError):
+                LOG.exception("reload: unexpected error loading %s", path)
+                e = ConfigError(f"cannot be used ({type(e).__name__}: {str(e)[:120]})", path)
+            LOG.error("reload refused, the running config stays: %s", e)
             self._record([Event(self.clock.time(), "node", "config_rejected", Severity.WARN,
                                 "fix the config file and reload again", f"reload refused: {e}")])
             if self.notifier is not None:

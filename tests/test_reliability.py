@@ -1,0 +1,91 @@
+"""Reliability faults through the real daemon process: a reload with any bad file, corrupt saved
+originals, lost kernel-log records, a broken state dir, and the smaller hostile inputs.
+
+The README's "Reliability" section lists each fault with the test here that holds it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+
+import pytest
+
+from conftest import gpucostd_cmd, wait_for
+
+
+def ask(daemon, **message):
+    """One request on the daemon's socket (not through the CLI: the CLI reads the config, which
+    some tests here break on purpose)."""
+    from gpucostd.views.statusapi import request
+    return request(daemon.socket, message)
+
+
+def events_of(daemon, code):
+    return [e for e in ask(daemon, cmd="events", limit=1000)["events"] if e["code"] == code]
+
+
+def status(daemon):
+    return ask(daemon, cmd="status")["status"]
+
+
+def cycles(daemon):
+    return status(daemon)["daemon"]["cycle"]
+
+
+def config_check(path):
+    return subprocess.run(gpucostd_cmd() + ["config", "check", str(path)], capture_output=True,
+                          text=True, timeout=30)
+
+
+# ------------------------------------------------------------------ 1. reload with a bad file
+def deep_nesting(levels=600):
+    return "[hooks]\non_critical = " + "[" * levels + "]" * levels + "\n"
+
+
+BAD_FILES = {
+    "deep": lambda p: p.write_text(deep_nesting()),
+    "fifo": lambda p: (p.unlink(), os.mkfifo(p)),
+    "huge": lambda p: os.truncate(p, 200 * 1024 * 1024),     # sparse: refused unread
+    "directory": lambda p: (p.unlink(), p.mkdir()),
+    "binary": lambda p: p.write_bytes(b"\xff\xfe\x00\x01"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_FILES))
+def test_config_check_refuses_bad_file_with_one_line(tmp_path, kind):
+    path = tmp_path / "bad.toml"
+    path.write_text("")
+    BAD_FILES[kind](path)
+    r = subprocess.run(gpucostd_cmd() + ["config", "check", str(path)], capture_output=True,
+                       text=True, timeout=20)      # a FIFO must not block: the timeout fails it
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert str(path) in r.stderr
+    if kind == "huge":      # refused by its size, before reading 200 MB into memory
+        assert "at most" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("kind", ["deep", "fifo", "huge"])
+def test_reload_with_bad_file_is_refused_and_the_daemon_goes_on(daemon_factory, kind):
+    d = daemon_factory().start()
+    good = d.config.read_text()
+    BAD_FILES[kind](d.config)
+    d.signal(signal.SIGHUP)
+    rejected = wait_for(lambda: events_of(d, "config_rejected"), 15,
+                        what="config_rejected event")
+    assert d.proc.poll() is None, d.output()
+    if kind == "huge":
+        assert "at most" in rejected[0]["message"], rejected
+    before = cycles(d)
+    wait_for(lambda: cycles(d) > before + 2, 10, what="cycles after the refused reload")
+    assert "Traceback" not in d.output()
+    # the running config stayed: a good file reloads again
+    if d.config.is_dir():
+        d.config.rmdir()
+    else:
+        d.config.unlink()
+    d.config.write_text(good)
+    d.signal(signal.SIGHUP)
+    wait_for(lambda: events_of(d, "config_reloaded"), 15, what="config_reloaded event")
