@@ -19,6 +19,8 @@ from gpucostd.snapshot import Event, Finding, GpuState, NodeSnapshot, Severity, 
 
 LOG = logging.getLogger("gpucostd")
 RECENT_EVENTS = 20
+ORIGINALS_ACTION = ("fix or move aside originals.json, then `systemctl reload gpucostd` "
+                    "(docs/tuning.md, saved originals unreadable)")
 
 
 class Daemon:
@@ -98,6 +100,8 @@ class Daemon:
         self._host_facts = None
         self._applied = False
         self._last_checks = None
+        self._originals_reported: Optional[str] = None
+        self._originals_since: Optional[float] = None
 
     # ------------------------------------------------------------------ helpers
     def _configure_inference(self) -> None:
@@ -263,14 +267,19 @@ class Daemon:
                 "event store", lambda: self.store.seen(f.dedupe_key), False))]
 
         events: List[Event] = []
-        # tuning: apply once at start (and after reload), then verify every verify interval
+        originals_problem = None
+        if not self.one_shot:
+            originals_problem = self._guard("originals", lambda: self.tuning.originals_problem)
+            events.extend(self._originals_events(now, originals_problem))
+        # tuning: apply once at start (and after reload), then verify every verify interval;
+        # never while the saved originals are unreadable (tuning would lose them for good)
         if not self.one_shot and (gpus or self.config.nic_tuning):
             # with GPU settings configured, the first apply waits for a readable GPU (NVML not
             # up yet, or every GPU lost at start: apply later, not never)
             gpu_tuning = any(v is not None for v in self.config.gpu_tuning.values()) or bool(
                 self.config.gpu_overrides)
-            if not self._applied and (not gpu_tuning or any(g.state == GpuState.OK
-                                                            for g in gpus)):
+            if not self._applied and originals_problem is None and (
+                    not gpu_tuning or any(g.state == GpuState.OK for g in gpus)):
                 changes = self._guard("apply", lambda: self.tuning.apply(gpus), None)
                 if changes is not None:
                     self._applied = True
@@ -316,6 +325,10 @@ class Daemon:
                     f"{error or 'no reading'}", since=self._inference_down_since))
             else:
                 self._inference_down_since = None
+        if originals_problem is not None:
+            findings.append(Finding("node", "originals_unreadable", Severity.WARN,
+                                    ORIGINALS_ACTION, originals_problem,
+                                    since=self._originals_since))
         for part, msg in self._part_errors.items():
             findings.append(Finding("node", f"internal_{part.replace(' ', '_')}", Severity.WARN,
                                     "report a bug with the daemon's log",
@@ -357,6 +370,22 @@ class Daemon:
         for publish in self._publishers:
             self._guard("publish", lambda: publish(snap))
         return snap
+
+    def _originals_events(self, now: float, problem: Optional[str]) -> List[Event]:
+        """One event (and one log line) when the saved originals become unreadable, one when
+        they are usable again."""
+        if problem == self._originals_reported:
+            return []
+        was, self._originals_reported = self._originals_reported, problem
+        if problem is not None:
+            self._originals_since = now
+            LOG.error("%s", problem)
+            return [Event(now, "node", "originals_unreadable", Severity.WARN, ORIGINALS_ACTION,
+                          problem)]
+        self._originals_since = None
+        msg = "saved originals readable again; tuning resumes"
+        LOG.warning("%s (was: %s)", msg, was)
+        return [Event(now, "node", "originals_recovered", Severity.OK, "none", msg)]
 
     # ------------------------------------------------------------------ events
     def _record(self, events: List[Event]) -> None:

@@ -89,3 +89,59 @@ def test_reload_with_bad_file_is_refused_and_the_daemon_goes_on(daemon_factory, 
     d.config.write_text(good)
     d.signal(signal.SIGHUP)
     wait_for(lambda: events_of(d, "config_reloaded"), 15, what="config_reloaded event")
+
+
+# ------------------------------------------------------------------ 3. corrupt saved originals
+SCENARIOS = os.path.join(os.path.dirname(__file__), "scenarios")
+PREAPPLIED = os.path.join(SCENARIOS, "tuning_preapplied.toml")   # 4 GPUs left at 500 W
+TORN = b'{\n  "originals": {\n    "gpu:0": {\n      "power_limit_watts": {\n        "value": 7'
+
+
+def power_limits(daemon):
+    return [g["power_limit_watts"] for g in status(daemon)["gpus"]]
+
+
+def test_truncated_originals_refuse_tuning_until_an_operator_decides(daemon_factory, tmp_path):
+    """A crash mid-tuning left the GPUs at 500 W and a torn originals.json: the tuned values must
+    not become the new originals. Nothing is tuned, the file is kept, it is said everywhere;
+    once the operator removes the file and reloads, tuning resumes."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o750)
+    (state / "originals.json").write_bytes(TORN)
+    cfg = "[tuning]\nverify_interval_seconds = 0.5\n[tuning.gpu]\npower_limit_watts = 450\n"
+    d = daemon_factory(scenario=PREAPPLIED, extra_config=cfg, state_dir=state).start()
+    found = wait_for(lambda: [f for f in status(d)["node"]["findings"]
+                              if f["code"] == "originals_unreadable"], 10,
+                     what="originals_unreadable finding")
+    assert "originals.json" in found[0]["message"] and found[0]["action"]
+    assert events_of(d, "originals_unreadable")
+    before = cycles(d)
+    wait_for(lambda: cycles(d) > before + 3, 10, what="a few more cycles")
+    assert power_limits(d) == [500.0] * 4, "tuned while the originals were unreadable"
+    assert (state / "originals.json").read_bytes() == TORN
+    assert sorted(os.listdir(state)).count("originals.json") == 1
+    assert not [n for n in os.listdir(state) if n.startswith("originals.json.")]
+    assert "saved originals unreadable" in d.output()
+
+    # the operator decided (set the GPUs by hand, moved the file away) and reloads
+    os.replace(state / "originals.json", state / "originals.json.bad")
+    d.signal(signal.SIGHUP)
+    wait_for(lambda: power_limits(d) == [450.0] * 4, 15, what="tuning resumed at 450 W")
+    assert events_of(d, "originals_recovered")
+    saved = json.loads((state / "originals.json").read_text())["originals"]
+    assert {s: v["power_limit_watts"]["value"] for s, v in saved.items()} == {
+        f"gpu:{i}": 500 for i in range(4)}
+    assert (state / "originals.json.bad").read_bytes() == TORN
+
+
+def test_stop_with_corrupt_originals_restores_nothing_and_keeps_the_file(daemon_factory,
+                                                                          tmp_path):
+    state = tmp_path / "state"
+    state.mkdir(mode=0o750)
+    (state / "originals.json").write_bytes(TORN)
+    d = daemon_factory(scenario=PREAPPLIED, state_dir=state,
+                       extra_config="[tuning.gpu]\npower_limit_watts = 450\n").start()
+    wait_for(lambda: events_of(d, "originals_unreadable"), 10, what="originals_unreadable")
+    assert d.stop() == 0
+    assert (state / "originals.json").read_bytes() == TORN
+    assert "nothing was restored" in d.output()

@@ -86,10 +86,16 @@ class TuningManager:
     def warnings(self) -> List[str]:
         return list(self.originals.warnings)
 
+    @property
+    def originals_problem(self) -> Optional[str]:
+        """Why the saved originals cannot be used (then nothing is tuned), or None."""
+        return self.originals.check()
+
     def reconfigure(self, config) -> None:
         """A reloaded config: the next verify runs at once and applies the new desired state."""
         self.config = config
         self._last_verify = None
+        self.originals.reload()       # an operator may have fixed or removed a damaged file
 
     def close(self) -> None:
         if self._own_netlink and self._netlink is not None:
@@ -198,6 +204,8 @@ class TuningManager:
         if self._last_verify is not None and now - self._last_verify < interval:
             return list(self._settings), []
         self._last_verify = now
+        if self.originals.problem is not None:
+            self.originals.reload()   # fixed or removed by an operator since: tune again
         enforce = bool(self.config.tuning.enforce)
         items = self._plan_items(gpus)
         events: List[Event] = []
@@ -254,6 +262,10 @@ class TuningManager:
             self._gpus = tuple(sorted(gpus, key=lambda g: g.index))
         self.originals.reload()
         changes: List[Change] = []
+        problem = self.originals.check()
+        if problem is not None:
+            return [Change("node", "originals", None, None, False,
+                           f"{problem}; nothing was restored")]
         for name, subject, entry in self.originals.items():
             original = entry.get("value")
             p = self._restore_item(name, subject, entry)
