@@ -202,7 +202,7 @@ def cmd_config(args) -> int:
     from gpucostd.config import ConfigError, load
     if args.config_command == "check":
         try:
-            load(args.file, missing_ok=args.file is None)
+            cfg = load(args.file, missing_ok=args.file is None)
         except ConfigError as e:
             _print_err(str(e))
             return EXIT_CONFIG
@@ -210,6 +210,8 @@ def cmd_config(args) -> int:
             _print_err(f"{args.file or 'config'}: cannot be used ({type(e).__name__}: "
                        f"{str(e)[:120]})")
             return EXIT_CONFIG
+        for warning in cfg.warnings:
+            _print_err(f"warning: {warning}")
         print("ok")
         return 0
     if args.config_command == "show":

@@ -223,6 +223,8 @@ class Config:
         self.nic_tuning = _View({k: _View(v) for k, v in nics.items()})
         self.model_prices = model_prices
         self.raw_text = raw_text
+        # trust problems a root daemon reports as findings (see load()); () when none
+        self.warnings: Tuple[str, ...] = ()
 
     # -- GPU tuning resolution
     def gpu_settings_for(self, index: int, uuid: Optional[str], model: Optional[str]
@@ -268,9 +270,11 @@ class Config:
         values = {s: dict(v) for s, v in self._values.items()}
         for section, changes in sections.items():
             values[section].update(changes)
-        return Config(values, self.path, self.gpu_overrides,
-                      {n: dict(v) for n, v in self.nic_tuning.items()}, self.model_prices,
-                      self.raw_text)
+        cfg = Config(values, self.path, self.gpu_overrides,
+                     {n: dict(v) for n, v in self.nic_tuning.items()}, self.model_prices,
+                     self.raw_text)
+        cfg.warnings = self.warnings
+        return cfg
 
     def as_dict(self) -> Dict[str, Any]:
         out = {s: dict(v) for s, v in self._values.items()}
@@ -548,23 +552,68 @@ def load(path: Optional[str] = None, *, missing_ok: Optional[bool] = None) -> Co
     if missing_ok is None:
         missing_ok = not explicit
     try:
-        data = read_config_bytes(path)
+        data, st = _read_config(path)
     except FileNotFoundError:
         if missing_ok:
             return parse("", None)
         raise ConfigError("no such file; create it or pass --config FILE", path) from None
     except OSError as e:
         raise ConfigError(f"cannot read: {e.strerror or e}", path) from None
+    warnings: List[str] = []
+    if _is_root():
+        warnings.extend(_root_trust(path, st))
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError("not UTF-8 text", path) from None
-    return parse(text, path)
+    cfg = parse(text, path)
+    if _is_root():
+        warnings.extend(_hook_trust(cfg))
+    cfg.warnings = tuple(warnings)
+    return cfg
+
+
+def _root_trust(path: str, st) -> List[str]:
+    """A root daemon runs hooks and changes hardware as the config says: a config another user
+    can change is refused. One that only a non-root group may write is a warning (a finding),
+    not a refusal: sites let an admin group edit /etc, and refusing would stop their daemon at
+    an upgrade; those members can usually become root anyway."""
+    from gpucostd.statefile import writable_by_others
+    problem = writable_by_others(path, st)
+    if problem is None:
+        return []
+    kind, why = problem
+    if kind == "group":
+        return [f"config {why}; its members can make the root daemon run any hook program"]
+    raise ConfigError(f"refused: a user other than root can change this file, and a root "
+                      f"daemon would run its hooks and settings ({why})", path)
+
+
+def _hook_trust(cfg: "Config") -> List[str]:
+    """Hook programs a non-root user can change: said at load; the runner refuses to run them."""
+    from gpucostd.statefile import writable_by_others
+    out = []
+    for hook in ("on_critical", "on_recovered"):
+        argv = cfg.hooks[hook]
+        if not argv:
+            continue
+        try:
+            problem = writable_by_others(argv[0])
+        except OSError as e:
+            out.append(f"hooks.{hook}: cannot check {argv[0]}: {e.strerror or e}")
+            continue
+        if problem is not None:
+            out.append(f"hooks.{hook}: {problem[1]}; a root daemon will not run it")
+    return out
 
 
 def read_config_bytes(path: str, limit: int = MAX_CONFIG_BYTES) -> bytes:
     """The bytes of a config file, refusing before reading anything that is not a regular file
     (a FIFO would block the loop, a device never ends) or is larger than `limit`."""
+    return _read_config(path, limit)[0]
+
+
+def _read_config(path: str, limit: int = MAX_CONFIG_BYTES) -> Tuple[bytes, os.stat_result]:
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | \
         getattr(os, "O_CLOEXEC", 0)
     fd = os.open(path, flags)       # O_NONBLOCK: opening a FIFO does not wait for a writer
@@ -589,7 +638,7 @@ def read_config_bytes(path: str, limit: int = MAX_CONFIG_BYTES) -> bytes:
         if size > limit:    # it grew while being read
             raise ConfigError(f"is larger than {limit} bytes; a config may be at most {limit} "
                               f"bytes", path)
-        return b"".join(chunks)
+        return b"".join(chunks), st
     finally:
         os.close(fd)
 

@@ -54,7 +54,10 @@ class Daemon:
         self._part_errors: Dict[str, str] = {}
         state_dir = state_dir or config.daemon.state_dir
         self.state_dir = state_dir
-        os.makedirs(state_dir, mode=0o750, exist_ok=True)
+        # refused (UnsafePathError, an OSError) when another user could read or replace the
+        # events and the saved originals
+        from gpucostd.statefile import ensure_private_dir
+        ensure_private_dir(state_dir, 0o750, "state directory")
 
         self.sim = None
         library = None
@@ -137,6 +140,8 @@ class Daemon:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
+        for warning in getattr(self.config, "warnings", ()):
+            LOG.warning("%s", warning)
         if self.watcher is not None:
             self.watcher.start()
         from gpucostd.record.journal import startup_event
@@ -325,6 +330,10 @@ class Daemon:
                     f"{error or 'no reading'}", since=self._inference_down_since))
             else:
                 self._inference_down_since = None
+        for warning in getattr(self.config, "warnings", ()):
+            findings.append(Finding("node", "config_insecure", Severity.WARN,
+                                    "make the file writable by root only (see the message)",
+                                    warning[:300], since=self.started_at))
         if originals_problem is not None:
             findings.append(Finding("node", "originals_unreadable", Severity.WARN,
                                     ORIGINALS_ACTION, originals_problem,

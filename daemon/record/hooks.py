@@ -120,6 +120,19 @@ def hook_environment(event: Event, hook: str, hostname: str,
     return env
 
 
+def _untrusted_program(program: str) -> Optional[str]:
+    """For a root daemon: why a hook program must not run (a non-root user could change it,
+    its group included), or None. A missing program is left to Popen's clear error."""
+    if os.geteuid() != 0:
+        return None
+    from gpucostd.statefile import writable_by_others
+    try:
+        problem = writable_by_others(program)
+    except OSError:
+        return None
+    return problem[1] if problem else None
+
+
 class HookRunner:
     """Runs the configured hooks for health_change events, in a background thread."""
 
@@ -228,6 +241,11 @@ class HookRunner:
         env = hook_environment(event, hook, self.hostname)
         t0 = time.monotonic()
         label = f"hook {hook} ({event.subject})"
+        refused = _untrusted_program(argv[0]) if argv else None
+        if refused:
+            res.error = (f"refused to run {argv[0]}: a user other than root can change it "
+                         f"({refused})")
+            return self._finish(res, label, t0, event)
         try:
             proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,

@@ -38,6 +38,7 @@ def request(path: str, message: Dict[str, Any], timeout: float = TIMEOUT) -> Dic
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
             s.connect(path)
+            _check_server(s, path)      # before a byte is sent: `ack` must reach only gpucostd
             s.sendall(json.dumps(message).encode() + b"\n")
             chunks = []
             while True:
@@ -69,6 +70,30 @@ def request(path: str, message: Dict[str, Any], timeout: float = TIMEOUT) -> Dic
     return reply
 
 
+class UntrustedServer(StatusClientError):
+    """The socket is served by a process of another user: nothing was sent to it."""
+
+
+def peer_uid(sock: socket.socket) -> Optional[int]:
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return struct.unpack("3i", creds)[1]
+    except (OSError, AttributeError):   # AttributeError: no SO_PEERCRED on this platform
+        return None
+
+
+def _check_server(sock: socket.socket, path: str) -> None:
+    """The daemon runs as root (the system service) or as this user (the demo): a socket that
+    any other user serves may be a fake one put there to read an `ack` or to show a false OK."""
+    uid = peer_uid(sock)
+    if uid is None or uid in (0, os.getuid()):
+        return
+    raise UntrustedServer(
+        f"{path} is served by a process of uid {uid}, neither root nor you: not gpucostd's "
+        f"socket (another user may have put it there); nothing was sent. Check who owns "
+        f"{os.path.dirname(path) or '.'} and restart the daemon")
+
+
 # ------------------------------------------------------------------ server
 class _Handler(socketserver.StreamRequestHandler):
     timeout = TIMEOUT
@@ -88,12 +113,7 @@ class _Handler(socketserver.StreamRequestHandler):
             pass
 
     def _peer_uid(self) -> Optional[int]:
-        try:
-            creds = self.request.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                            struct.calcsize("3i"))
-            return struct.unpack("3i", creds)[1]
-        except OSError:
-            return None
+        return peer_uid(self.request)
 
 
 class StatusServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -105,7 +125,10 @@ class StatusServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self.path = path
         self.handlers = handlers
         self.root_only = set(root_only)
-        os.makedirs(os.path.dirname(path) or ".", mode=0o750, exist_ok=True)
+        # refused (UnsafePathError) when another user could replace the socket
+        from gpucostd.statefile import ensure_private_dir
+        ensure_private_dir(os.path.dirname(os.path.abspath(path)), 0o755, "socket directory",
+                           shared_ok=True)
         _remove_stale(path)
         old = os.umask(0o117)       # created 0660
         try:
