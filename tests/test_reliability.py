@@ -145,3 +145,156 @@ def test_stop_with_corrupt_originals_restores_nothing_and_keeps_the_file(daemon_
     assert d.stop() == 0
     assert (state / "originals.json").read_bytes() == TORN
     assert "nothing was restored" in d.output()
+
+
+# ------------------------------------------------------------------ 4. the status socket
+def open_fds(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def cpu_seconds(pid):
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_forty_concurrent_status_requests_all_succeed(daemon_factory):
+    import threading
+    from gpucostd.views.statusapi import StatusClientError, request
+    d = daemon_factory().start()
+    barrier = threading.Barrier(40)
+    errors, done = [], []
+
+    def one():
+        barrier.wait()
+        try:
+            done.append(request(d.socket, {"cmd": "status"}, timeout=20)["ok"])
+        except StatusClientError as e:
+            errors.append(str(e))
+    threads = [threading.Thread(target=one) for _ in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and len(done) == 40, errors[:3]
+
+
+def test_a_client_trickling_its_request_is_cut_off_at_the_deadline(daemon_factory):
+    import socket
+    import time
+    d = daemon_factory().start()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(d.socket)
+    s.settimeout(0.5)
+    t0 = time.monotonic()
+    reply = b""
+    try:
+        while time.monotonic() - t0 < 15:
+            try:
+                s.sendall(b" ")            # a byte every half second, never a newline
+            except OSError:
+                break
+            try:
+                chunk = s.recv(4096)
+            except socket.timeout:
+                continue
+            if not chunk:
+                break
+            reply += chunk
+    finally:
+        s.close()
+    assert time.monotonic() - t0 < 8, "a trickling client held its connection past 8 s"
+    assert b"not complete within" in reply or reply == b"", reply
+
+
+def test_many_silent_clients_are_bounded_and_the_socket_still_answers(daemon_factory):
+    import socket
+    from gpucostd.views.statusapi import request
+    d = daemon_factory().start()
+    base = open_fds(d.proc.pid)
+    silent = []
+    try:
+        for _ in range(150):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            try:
+                s.connect(d.socket)
+            except BlockingIOError:
+                pass
+            silent.append(s)
+        wait_for(lambda: open_fds(d.proc.pid) >= base + 60, 10, what="slots taken")
+        assert open_fds(d.proc.pid) <= base + 64 + 8, (base, open_fds(d.proc.pid))
+        assert request(d.socket, {"cmd": "status"}, timeout=20)["ok"]
+    finally:
+        for s in silent:
+            s.close()
+
+
+def test_out_of_file_descriptors_the_accept_loop_does_not_spin(daemon_factory):
+    import resource
+    import socket
+    import time
+    from gpucostd.views.statusapi import request
+    d = daemon_factory()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (48, hard))     # inherited by the daemon
+    try:
+        d.start(wait=False)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    d.wait_ready()
+    pid = d.proc.pid
+    assert open_fds(pid) < 30, open_fds(pid)     # so 64 connection slots exceed the limit
+    held = []
+    try:
+        def connect_one():
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            held.append(s)
+            try:
+                s.connect(d.socket)
+                return True
+            except BlockingIOError:     # the listen queue is full for now
+                return False
+        # more connections than the descriptors left: accept() gets EMFILE
+        for _ in range(80):
+            wait_for(connect_one, 5, interval=0.01, what="a connection queued")
+        wait_for(lambda: "cannot accept connections" in d.output() or
+                 open_fds(pid) >= 47, 10, what="the daemon out of descriptors")
+        c0, t0 = cpu_seconds(pid), time.monotonic()
+        wait_for(lambda: time.monotonic() - t0 >= 3, 5, what="3 s of measuring")
+        share = (cpu_seconds(pid) - c0) / (time.monotonic() - t0)
+        assert share < 0.5, f"the daemon used {share:.0%} of a core while out of descriptors"
+        assert "cannot accept connections" in d.output()
+    finally:
+        for s in held:
+            s.close()
+    assert request(d.socket, {"cmd": "status"}, timeout=20)["ok"]
+    assert d.proc.poll() is None
+
+
+@pytest.mark.parametrize("payload,needle", [
+    (b'{"cmd": "events", "limit": Infinity}\n', "malformed request"),
+    (b'{"cmd": "events", "limit": NaN}\n', "malformed request"),
+    (b'{"cmd": "events", "since": 1e999}\n', "malformed request"),
+    (b'{"cmd": "events", "limit": ' + b"9" * 400 + b'}\n', "malformed request"),
+    (b'{"cmd": "cost", "since_seconds": ' + b"9" * 400 + b'.0}\n', "malformed request"),
+    (b'{"cmd": "status", "x": ' + b"[" * 30000 + b"]" * 30000 + b'}\n', "nested too deeply"),
+])
+def test_socket_requests_with_odd_numbers_or_deep_nesting_get_a_clear_error(daemon_factory,
+                                                                           payload, needle):
+    import socket
+    d = daemon_factory().start()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(d.socket)
+        s.sendall(payload)
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    reply = json.loads(data)
+    assert reply["ok"] is False and needle in reply["error"], reply
+    assert "Traceback" not in d.output()
+    assert ask(d, cmd="status")["ok"]
