@@ -19,6 +19,7 @@ from gpucostd.snapshot import Event, Finding, GpuState, NodeSnapshot, Severity, 
 
 LOG = logging.getLogger("gpucostd")
 RECENT_EVENTS = 20
+LOSS_FINDING_SECONDS = 600.0
 ORIGINALS_ACTION = ("fix or move aside originals.json, then `systemctl reload gpucostd` "
                     "(docs/tuning.md, saved originals unreadable)")
 
@@ -104,6 +105,7 @@ class Daemon:
         self._applied = False
         self._last_checks = None
         self._originals_reported: Optional[str] = None
+        self._lines_lost_logged = 0
         self._originals_since: Optional[float] = None
 
     # ------------------------------------------------------------------ helpers
@@ -330,6 +332,7 @@ class Daemon:
                     f"{error or 'no reading'}", since=self._inference_down_since))
             else:
                 self._inference_down_since = None
+        findings.extend(self._loss_findings(now))
         for warning in getattr(self.config, "warnings", ()):
             findings.append(Finding("node", "config_insecure", Severity.WARN,
                                     "make the file writable by root only (see the message)",
@@ -373,12 +376,31 @@ class Daemon:
                    "simulated": self.simulate, "config_path": self.config.path,
                    "kernel_log": getattr(self.watcher, "source_in_use", "none"),
                    "kernel_log_error": getattr(self.watcher, "error", None),
+                   "kernel_log_lines_lost": int(getattr(self.watcher, "lines_lost", 0) or 0),
                    "version": __version__, "pid": os.getpid()},
         )
         self._latest = snap
         for publish in self._publishers:
             self._guard("publish", lambda: publish(snap))
         return snap
+
+    def _loss_findings(self, now: float) -> List[Finding]:
+        """Kernel-log records the kernel overwrote before they were read: a WARN finding for
+        LOSS_FINDING_SECONDS after the last loss (Xid lines may have been among them)."""
+        lost = int(getattr(self.watcher, "lines_lost", 0) or 0)
+        if lost > self._lines_lost_logged:
+            LOG.warning("kernel log: %d records overwritten before gpucostd read them (%d in "
+                        "all); Xid faults among them are missed", lost - self._lines_lost_logged,
+                        lost)
+            self._lines_lost_logged = lost
+        last = getattr(self.watcher, "last_loss_time", None)
+        if not lost or last is None or now - last > LOSS_FINDING_SECONDS:
+            return []
+        return [Finding("node", "kernel_log_lines_lost", Severity.WARN,
+                        "check `dmesg` / `journalctl -k` for NVRM Xid lines; find what floods "
+                        "the kernel log (or raise log_buf_len)",
+                        f"{lost} kernel log records were overwritten before gpucostd read them "
+                        f"(a flood); Xid faults among them are missed", since=last)]
 
     def _originals_events(self, now: float, problem: Optional[str]) -> List[Event]:
         """One event (and one log line) when the saved originals become unreadable, one when

@@ -298,3 +298,49 @@ def test_socket_requests_with_odd_numbers_or_deep_nesting_get_a_clear_error(daem
     assert reply["ok"] is False and needle in reply["error"], reply
     assert "Traceback" not in d.output()
     assert ask(d, cmd="status")["ok"]
+
+
+# ------------------------------------------------------------------ 6. losses are not silent
+def test_kmsg_sequence_gaps_are_counted_as_lost_lines(tmp_path):
+    from gpucostd.probes.kernel_log import KernelLogWatcher
+    records = tmp_path / "kmsg"
+    lines = [f"6,{seq},{seq * 1000},-;line {seq}" for seq in (1, 2, 3, 10, 11, 40)]
+    records.write_text("\n".join(lines) + "\n")
+    w = KernelLogWatcher("kmsg", None, kmsg_path=str(records))
+    w.start()
+    try:
+        wait_for(lambda: w.lines_read >= 6, 10, what="records read")
+        assert w.lines_lost == 6 + 28 and w.last_loss_time is not None
+    finally:
+        w.stop()
+
+
+def test_kernel_log_flood_loss_is_a_metric_a_status_field_and_a_finding(daemon_factory,
+                                                                       writable_kmsg):
+    import ctypes
+    import uuid
+    from conftest import metric_value
+    ring = ctypes.CDLL(None).klogctl(10, None, 0)       # SYSLOG_ACTION_SIZE_BUFFER
+    if ring <= 0 or ring > 8 << 20:
+        pytest.skip(f"kernel log buffer size {ring}: cannot flood it quickly")
+    d = daemon_factory(kernel_log="kmsg").start()
+    assert status(d)["daemon"]["kernel_log"] == "kmsg", status(d)["daemon"]
+    token = uuid.uuid4().hex
+    line = f"<6>gpucostd-test flood {token} " + "x" * 80 + "\n"
+    d.signal(signal.SIGSTOP)            # the reader falls behind: the ring wraps past it
+    try:
+        fd = os.open("/dev/kmsg", os.O_WRONLY)
+        try:
+            for _ in range(3 * ring // len(line)):
+                os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+    finally:
+        d.signal(signal.SIGCONT)
+    lost = wait_for(lambda: metric_value(d.metrics(), "gpucostd_kernel_log_lines_lost_total"),
+                    15, what="lost lines counted")
+    assert lost > 0
+    doc = status(d)
+    assert doc["daemon"]["kernel_log_lines_lost"] > 0
+    assert [f for f in doc["node"]["findings"] if f["code"] == "kernel_log_lines_lost"]
+    assert "overwritten before gpucostd read them" in d.output()

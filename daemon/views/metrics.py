@@ -52,6 +52,10 @@ def core_families(snap: NodeSnapshot) -> Iterable:
     up.add_metric([], 1 if snap.nvml_available else 0)
     yield up
     yield CounterMetricFamily("gpucostd_cycles", "Poll cycles completed.", value=snap.cycle)
+    extra = snap.extra or {}
+    yield CounterMetricFamily("gpucostd_kernel_log_lines_lost",
+                              "Kernel log records overwritten before they were read (a flood).",
+                              value=int(extra.get("kernel_log_lines_lost") or 0))
     age = GaugeMetricFamily("gpucostd_snapshot_timestamp_seconds",
                             "Wall time of the snapshot these metrics come from.")
     age.add_metric([], snap.time)

@@ -71,6 +71,7 @@ def snapshot_json(snap: NodeSnapshot) -> Dict[str, Any]:
             "simulated_scenario": extra.get("simulated"),
             "kernel_log": extra.get("kernel_log"),
             "kernel_log_error": extra.get("kernel_log_error"),
+            "kernel_log_lines_lost": extra.get("kernel_log_lines_lost", 0),
         },
         "node": {
             "health": snap.node_health.name,
