@@ -106,6 +106,11 @@ class Daemon:
         self._last_checks = None
         self._originals_reported: Optional[str] = None
         self._lines_lost_logged = 0
+        from gpucostd.statefile import dir_identity
+        self._state_identity = dir_identity(state_dir)
+        self._state_reported: Optional[str] = None
+        self._state_dir_was_bad = False
+        self._state_since: Optional[float] = None
         self._originals_since: Optional[float] = None
 
     # ------------------------------------------------------------------ helpers
@@ -274,6 +279,9 @@ class Daemon:
                 "event store", lambda: self.store.seen(f.dedupe_key), False))]
 
         events: List[Event] = []
+        state_problem = None
+        if not self.one_shot:
+            state_problem = self._guard("state dir", lambda: self._check_state_dir(now, events))
         originals_problem = None
         if not self.one_shot:
             originals_problem = self._guard("originals", lambda: self.tuning.originals_problem)
@@ -333,6 +341,11 @@ class Daemon:
             else:
                 self._inference_down_since = None
         findings.extend(self._loss_findings(now))
+        if state_problem is not None:
+            findings.append(Finding("node", "state_dir_unusable", Severity.WARN,
+                                    "free space on / make writable daemon.state_dir; events "
+                                    "are kept in memory meanwhile", state_problem,
+                                    since=self._state_since))
         for warning in getattr(self.config, "warnings", ()):
             findings.append(Finding("node", "config_insecure", Severity.WARN,
                                     "make the file writable by root only (see the message)",
@@ -377,12 +390,59 @@ class Daemon:
                    "kernel_log": getattr(self.watcher, "source_in_use", "none"),
                    "kernel_log_error": getattr(self.watcher, "error", None),
                    "kernel_log_lines_lost": int(getattr(self.watcher, "lines_lost", 0) or 0),
+                   "state_dir_usable": state_problem is None,
+                   "events_pending": self._guard("event store", self.store.pending, 0) or 0,
                    "version": __version__, "pid": os.getpid()},
         )
         self._latest = snap
         for publish in self._publishers:
             self._guard("publish", lambda: publish(snap))
         return snap
+
+    def _check_state_dir(self, now: float, events: List[Event]) -> Optional[str]:
+        """Is the state directory usable (there, ours, writable, not full)? Recreates one that
+        vanished, points the event store at it again, writes kept events once it works and
+        cuts the WAL back when the disk is full. Returns the problem, or None."""
+        from gpucostd.statefile import dir_identity, ensure_private_dir, state_dir_problem
+        problem = state_dir_problem(self.state_dir, self._state_identity)
+        if problem is not None and problem[0] in ("vanished", "replaced"):
+            try:
+                if problem[0] == "vanished":
+                    ensure_private_dir(self.state_dir, 0o750, "state directory")
+                else:
+                    from gpucostd.statefile import check_private_dir
+                    check_private_dir(self.state_dir, what="state directory")
+            except OSError as e:
+                LOG.debug("state dir: %s", e)
+            else:
+                self._state_identity = dir_identity(self.state_dir)
+                self.store.reopen()
+                self.tuning.originals.reload()
+                LOG.warning("%s; made it again (events, saved originals and cost totals "
+                            "are written there from now on)", problem[1])
+                events.append(Event(now, "node", "state_dir_recreated", Severity.WARN,
+                                    "find what removed daemon.state_dir", problem[1]))
+                problem = state_dir_problem(self.state_dir, self._state_identity)
+        if problem is not None and problem[0] == "full" and self._state_reported is None:
+            self.store.checkpoint()
+        pending = self.store.retry(reopen_now=problem is None and self._state_dir_was_bad)
+        self._state_dir_was_bad = problem is not None
+        message = problem[1] if problem is not None else None
+        if message is None and pending:
+            why = self.store.error or "the event database cannot be written"
+            message = f"{pending} events held in memory: {why}"
+        if (message is None) != (self._state_reported is None):
+            if message is not None:
+                self._state_since = now
+                LOG.error("%s", message)
+                events.append(Event(now, "node", "state_dir_unusable", Severity.WARN,
+                                    "free space on / make writable daemon.state_dir", message))
+            else:
+                LOG.warning("state directory %s usable again", self.state_dir)
+                events.append(Event(now, "node", "state_dir_recovered", Severity.OK, "none",
+                                    f"state directory {self.state_dir} usable again"))
+        self._state_reported = message
+        return message
 
     def _loss_findings(self, now: float) -> List[Finding]:
         """Kernel-log records the kernel overwrote before they were read: a WARN finding for

@@ -167,3 +167,41 @@ def writable_by_others(path: str, st: Optional[os.stat_result] = None
         return "group", (f"{path} is writable by group {_group(st.st_gid)}; fix: "
                          f"chmod g-w {path}")
     return None
+
+
+# --------------------------------------------------------------------------- is it usable
+MIN_FREE_BYTES = 1 << 20      # below this the state directory counts as full
+
+
+def dir_identity(path: str) -> Optional[Tuple[int, int]]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def state_dir_problem(path: str, identity: Optional[Tuple[int, int]] = None,
+                      min_free: int = MIN_FREE_BYTES) -> Optional[Tuple[str, str]]:
+    """Why the state directory cannot take writes now, or None: (kind, message) with kind one
+    of "vanished", "replaced", "read-only", "full", "unwritable". A few cheap system calls."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "vanished", f"state directory {path} vanished (removed while running)"
+    except OSError as e:
+        return "unwritable", f"state directory {path}: {e.strerror or e}"
+    if identity is not None and (st.st_dev, st.st_ino) != identity:
+        return "replaced", f"state directory {path} was replaced by another directory"
+    try:
+        vfs = os.statvfs(path)
+    except OSError as e:
+        return "unwritable", f"state directory {path}: {e.strerror or e}"
+    if vfs.f_flag & getattr(os, "ST_RDONLY", 1):
+        return "read-only", f"state directory {path} is on a read-only filesystem"
+    free = vfs.f_bavail * vfs.f_frsize
+    if free < min_free:
+        return "full", f"state directory {path} is full ({free} bytes free)"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return "unwritable", f"state directory {path} is not writable by the daemon"
+    return None

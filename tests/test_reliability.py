@@ -344,3 +344,129 @@ def test_kernel_log_flood_loss_is_a_metric_a_status_field_and_a_finding(daemon_f
     assert doc["daemon"]["kernel_log_lines_lost"] > 0
     assert [f for f in doc["node"]["findings"] if f["code"] == "kernel_log_lines_lost"]
     assert "overwritten before gpucostd read them" in d.output()
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 4 MiB tmpfs as the state directory (root: mount)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: mounts a small tmpfs as the state directory")
+    path = tmp_path / "state"
+    path.mkdir(mode=0o750)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0750", "tmpfs", str(path)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def state_metric(d):
+    from conftest import metric_value
+    text = d.metrics()
+    return (metric_value(text, "gpucostd_state_dir_usable"),
+            metric_value(text, "gpucostd_events_pending"))
+
+
+def finding(d, code):
+    return [f for f in status(d)["node"]["findings"] if f["code"] == code]
+
+
+def fill(path):
+    filler = path / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_full_then_read_only_state_dir_is_a_finding_and_a_metric_and_recovers(daemon_factory,
+                                                                            small_fs):
+    d = daemon_factory(state_dir=small_fs).start()
+    assert state_metric(d) == (1.0, 0.0)
+    filler = fill(small_fs)
+    wait_for(lambda: finding(d, "state_dir_unusable"), 10, what="state_dir_unusable finding")
+    assert "full" in finding(d, "state_dir_unusable")[0]["message"]
+    assert state_metric(d)[0] == 0.0
+    d.signal(signal.SIGHUP)          # an event while the disk is full: kept, not lost
+    wait_for(lambda: events_of(d, "config_reloaded"), 10, what="reload event (in memory)")
+    filler.unlink()                  # space returns
+    wait_for(lambda: not finding(d, "state_dir_unusable"), 10, what="recovery")
+    wait_for(lambda: state_metric(d) == (1.0, 0.0), 10, what="metric back to usable")
+    assert events_of(d, "state_dir_recovered")
+
+    assert d.stop() == 0
+    from gpucostd.record.events import EventStore
+    with EventStore(str(small_fs)) as store:
+        codes = [e.code for e in store.query()]
+    assert "config_reloaded" in codes and "state_dir_unusable" in codes, codes
+
+
+def test_read_only_state_dir_is_a_finding_and_recovers_when_writable(daemon_factory, small_fs):
+    subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
+    try:
+        d = daemon_factory(state_dir=small_fs).start()
+        wait_for(lambda: finding(d, "state_dir_unusable"), 10, what="read-only finding")
+        assert "read-only" in finding(d, "state_dir_unusable")[0]["message"]
+        assert state_metric(d)[0] == 0.0
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_fs)], check=True)
+    wait_for(lambda: not finding(d, "state_dir_unusable"), 10, what="recovery from read-only")
+    wait_for(lambda: state_metric(d) == (1.0, 0.0), 10, what="kept events written")
+    assert d.stop() == 0
+    from gpucostd.record.events import EventStore
+    with EventStore(str(small_fs)) as store:
+        codes = [e.code for e in store.query()]
+    assert "startup" in codes and "state_dir_unusable" in codes, codes
+
+
+def test_vanished_state_dir_is_recreated_and_events_reach_the_new_one(daemon_factory, tmp_path):
+    import shutil
+    state = tmp_path / "state"
+    d = daemon_factory(state_dir=state).start()
+    shutil.rmtree(state)
+    wait_for(lambda: events_of(d, "state_dir_recreated"), 10, what="state_dir_recreated")
+    assert state.is_dir() and os.stat(state).st_mode & 0o777 == 0o750
+    d.signal(signal.SIGHUP)
+    wait_for(lambda: events_of(d, "config_reloaded"), 10, what="reload event")
+    assert d.stop() == 0
+    from gpucostd.record.events import EventStore
+    with EventStore(str(state)) as store:
+        codes = [e.code for e in store.query()]
+    assert "state_dir_recreated" in codes and "config_reloaded" in codes, codes
+
+
+def test_wal_is_checkpointed_and_bounded(tmp_path):
+    from gpucostd.record.events import WAL_LIMIT_BYTES, EventStore
+    from gpucostd.snapshot import Event, Severity
+    store = EventStore(str(tmp_path), max_count=100, prune_every=50)
+    try:
+        for i in range(3000):
+            store.append(Event(1.7e9 + i, "node", "test", Severity.OK, "none", "x" * 2000))
+        wal = tmp_path / "events.sqlite-wal"
+        assert not wal.exists() or wal.stat().st_size <= WAL_LIMIT_BYTES, wal.stat().st_size
+        store.prune()
+        assert not wal.exists() or wal.stat().st_size == 0
+    finally:
+        store.close()
+
+
+def test_stop_on_a_full_state_dir_gives_one_restored_event_per_setting(daemon_factory,
+                                                                      small_fs):
+    drift = os.path.join(SCENARIOS, "tuning_drift.toml")        # 4 GPUs at 700 W
+    d = daemon_factory(scenario=drift, state_dir=small_fs,
+                       extra_config="[tuning.gpu]\npower_limit_watts = 450\n").start()
+    wait_for(lambda: power_limits(d) == [450.0] * 4, 10, what="tuned to 450 W")
+    fill(small_fs)
+    wait_for(lambda: finding(d, "state_dir_unusable"), 10, what="full")
+    assert d.stop() == 0
+    out = d.output()
+    restored = [line for line in out.splitlines() if "restored 450 -> 700" in line]
+    failed = [line for line in out.splitlines() if "not restored" in line]
+    assert len(restored) == 4 and not failed, out[-3000:]

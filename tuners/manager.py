@@ -292,7 +292,7 @@ class TuningManager:
             except TunerError:
                 current = None
             if current is not None and current == original:
-                self._forget(name, subject, changes)
+                self._forget(name, subject, changes, in_place=True)
                 continue
             try:
                 p.tuner.restore(p, original)
@@ -301,15 +301,24 @@ class TuningManager:
                                       f"{e}; {self.restore_hint}"))
                 continue
             changes.append(Change(subject, name, current, original, True))
-            self._forget(name, subject, changes)
+            self._forget(name, subject, changes, in_place=True)
         self._established.clear()
         self._drifted.clear()
         return changes
 
-    def _forget(self, name: str, subject: str, changes: List[Change]) -> None:
+    def _forget(self, name: str, subject: str, changes: List[Change],
+                in_place: bool = False) -> None:
+        """Remove a restored entry. When the original is back on the hardware (`in_place`) and
+        only the file cannot be written (a full or read-only state dir), that is no failed
+        restore: a warning, not a second, contradictory change next to the restored one. The
+        entry stays, and the next restore finds the value in place and removes it."""
         try:
             self.originals.remove(name, subject)
         except OriginalsError as e:
+            if in_place:
+                LOG.warning("%s: %s is back at its original, but its entry stays in %s: %s",
+                            subject, name, self.originals.path, e)
+                return
             changes.append(Change(subject, name, None, None, False, str(e)))
 
     def _restore_item(self, name: str, subject: str, entry: Dict[str, Any]
