@@ -391,7 +391,7 @@ class Daemon:
                    "kernel_log_error": getattr(self.watcher, "error", None),
                    "kernel_log_lines_lost": int(getattr(self.watcher, "lines_lost", 0) or 0),
                    "state_dir_usable": state_problem is None,
-                   "events_pending": self._guard("event store", self.store.pending, 0) or 0,
+                   "events_pending": self._guard("event store", lambda: self.store.pending, 0) or 0,
                    "version": __version__, "pid": os.getpid()},
         )
         self._latest = snap
@@ -484,8 +484,10 @@ class Daemon:
         if not events:
             return
         from gpucostd.record.journal import send_event
+        from gpucostd.snapshot import printable_event
         stored = []
         for e in events:
+            e = printable_event(e)      # kernel text may carry terminal escapes
             key = e.fields.get("dedupe_key") if e.fields else None
             saved = self._guard("event store", lambda: self.store.append(e, key), e)
             if saved is None:          # a duplicate (e.g. a kernel line seen before a restart)

@@ -396,6 +396,7 @@ def test_full_then_read_only_state_dir_is_a_finding_and_a_metric_and_recovers(da
     assert state_metric(d)[0] == 0.0
     d.signal(signal.SIGHUP)          # an event while the disk is full: kept, not lost
     wait_for(lambda: events_of(d, "config_reloaded"), 10, what="reload event (in memory)")
+    wait_for(lambda: state_metric(d)[1] > 0, 10, what="events held in memory")
     filler.unlink()                  # space returns
     wait_for(lambda: not finding(d, "state_dir_unusable"), 10, what="recovery")
     wait_for(lambda: state_metric(d) == (1.0, 0.0), 10, what="metric back to usable")
@@ -470,3 +471,95 @@ def test_stop_on_a_full_state_dir_gives_one_restored_event_per_setting(daemon_fa
     restored = [line for line in out.splitlines() if "restored 450 -> 700" in line]
     failed = [line for line in out.splitlines() if "not restored" in line]
     assert len(restored) == 4 and not failed, out[-3000:]
+
+
+# ------------------------------------------------------------------ 7. smaller hostile inputs
+ESCAPE_SCENARIO = r'''
+[node]
+model = "NVIDIA H100 80GB HBM3"
+gpu_count = 1
+driver_version = "550.90.07"
+cuda_version = "12.4"
+
+[[gpu]]
+index = 0
+pci_bus_id = "00000000:18:00.0"
+
+[[at]]
+t = 0.3
+kernel_log = "NVRM: Xid (PCI:0000:18:00): 13, pid=4242, name=\u001b]0;owned\u0007\u001b[2J\u001b[31mevil\u009b1m, Graphics SM Warp Exception"
+'''
+
+
+def test_terminal_escapes_from_kernel_text_never_reach_status_or_the_log(daemon_factory,
+                                                                         tmp_path):
+    scenario = tmp_path / "escape.toml"
+    scenario.write_text(ESCAPE_SCENARIO)
+    d = daemon_factory(scenario=str(scenario)).start()
+    ev = wait_for(lambda: [e for e in ask(d, cmd="events")["events"] if e.get("xid") == 13],
+                  10, what="the Xid 13 event")
+    assert "evil" in json.dumps(ev)
+    raw = json.dumps(status(d), ensure_ascii=False) + json.dumps(ev, ensure_ascii=False)
+    assert "\x1b" not in raw and "\x07" not in raw and "\x9b" not in raw
+    r = subprocess.run(gpucostd_cmd() + ["status", "--socket", d.socket, "--events", "20"],
+                       capture_output=True, text=True, timeout=30)
+    assert "Xid 13" in r.stdout and "\x1b" not in r.stdout and "\x07" not in r.stdout, r.stdout
+    r = subprocess.run(gpucostd_cmd() + ["status", "--socket", d.socket, "--json"],
+                       capture_output=True, text=True, timeout=30)
+    assert "evil" in r.stdout and "\x1b" not in r.stdout and "\\u001b" not in r.stdout
+    d.stop()
+    assert "Xid" in d.output() and "\x1b" not in d.output()
+
+
+MALFORMED_DOCS = [
+    {}, [], "text", None, 42, {"node": None}, {"node": {"health": "OK"}},
+    {"host": "h", "node": {"health": "OK", "gpu_count": 1, "findings": "x"}, "daemon": {},
+     "gpus": [{"index": "zero"}]},
+    {"host": "h", "node": {"health": "CRIT", "gpu_count": 1}, "daemon": {"uptime_seconds": "x"},
+     "gpus": None, "events": [{"time": "yesterday"}]},
+    {"host": "h", "node": {"health": "OK", "gpu_count": 0}, "daemon": {}, "gpus": [],
+     "cost": {"weird": True}},
+]
+
+
+@pytest.mark.parametrize("doc", MALFORMED_DOCS, ids=range(len(MALFORMED_DOCS)))
+def test_status_renderer_never_crashes_on_a_malformed_document(doc):
+    from gpucostd.views import statusview
+    text = statusview.render_status(doc, colour=True)
+    assert text.endswith("\n") and all(len(line) <= 100 for line in text.splitlines())
+    assert statusview.exit_code(doc) in (0, 1, 2, 3)
+
+
+def test_status_cli_with_a_malformed_document_from_the_socket_exits_3_not_a_traceback(
+        tmp_path):
+    import socket
+    import threading
+    path = str(tmp_path / "s.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(4)
+
+    def serve():
+        c, _ = srv.accept()
+        c.recv(65536)
+        c.sendall(b'{"ok": true, "status": {"node": {"health": 7}, "gpus": "many"}}\n')
+        c.close()
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    r = subprocess.run(gpucostd_cmd() + ["status", "--socket", path], capture_output=True,
+                       text=True, timeout=30)
+    srv.close()
+    assert r.returncode == 3 and "Traceback" not in r.stderr, r
+    assert "--json" in r.stdout
+
+
+def test_scenario_with_a_huge_number_is_a_clear_error_exit_2(tmp_path):
+    from gpucostd.sim.scenario import ScenarioError, parse_scenario
+    path = tmp_path / "huge.toml"
+    path.write_text("[node]\ngpu_count = 1\n[gpu_defaults]\npower_limit = 1e308\n"
+                    "[[at]]\nt = 1e308\ngpu = 0\ntemperature = 1e308\n")
+    r = subprocess.run(gpucostd_cmd() + ["replay", str(path), "--duration", "5"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    with pytest.raises(ScenarioError):
+        parse_scenario("[node]\ngpu_count = 1\n[[at]]\nt = " + "9" * 400 + "\n", "x.toml")

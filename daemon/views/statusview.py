@@ -11,7 +11,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 from gpucostd.snapshot import (Event, Finding, GpuReading, NodeSnapshot, Severity,
-                               THROTTLE_REASONS)
+                               THROTTLE_REASONS, printable, printable_tree)
 
 SCHEMA_VERSION = 1
 WIDTH = 100
@@ -59,7 +59,7 @@ def snapshot_json(snap: NodeSnapshot) -> Dict[str, Any]:
     extra = snap.extra or {}
     cost = snap.cost.to_json() if snap.cost is not None and hasattr(snap.cost, "to_json") \
         else None
-    return {
+    return printable_tree({
         "schema": SCHEMA_VERSION,
         "host": snap.hostname,
         "time": snap.time,
@@ -89,7 +89,7 @@ def snapshot_json(snap: NodeSnapshot) -> Dict[str, Any]:
                    for c in snap.checks],
         "cost": cost,
         "events": [event_json(e) for e in reversed(snap.recent_events)],
-    }
+    })
 
 
 # ------------------------------------------------------------------ CLI side
@@ -146,8 +146,25 @@ def _wrap(text: str, indent: str, more: str = "") -> List[str]:
                          subsequent_indent=more or indent + "  ", break_long_words=True) or [indent]
 
 
-def render_status(data: Dict[str, Any], colour: bool = False, events: int = 5) -> str:
-    """Human view of status JSON; every line fits 100 columns."""
+def render_status(data: Any, colour: bool = False, events: int = 5) -> str:
+    """Human view of status JSON; every line fits 100 columns. Never raises: a document it
+    cannot show (another version, damaged) gives a short note pointing at --json. Control
+    characters in it never reach the terminal."""
+    try:
+        return _render_status(printable_tree(data), colour, events)
+    except Exception as e:  # noqa: BLE001 - a view of someone else's document must not crash
+        health = "UNKNOWN"
+        try:
+            health = str(data["node"]["health"]) if str(data["node"]["health"]) in \
+                EXIT_CODES else "UNKNOWN"
+        except Exception:  # noqa: BLE001
+            pass
+        return "\n".join(_wrap(f"node {health}: the status document from the daemon cannot be "
+                               f"shown ({type(e).__name__}: {printable(str(e))[:80]}); see "
+                               f"`gpucostd status --json`", "")) + "\n"
+
+
+def _render_status(data: Dict[str, Any], colour: bool = False, events: int = 5) -> str:
     st = _Style(colour)
     node, daemon = data["node"], data["daemon"]
     now = data.get("time") or time.time()
@@ -213,7 +230,8 @@ def cost_lines(cost: Optional[Dict[str, Any]]) -> List[str]:
     return status_lines_from_json(cost)
 
 
-def exit_code(data: Optional[Dict[str, Any]]) -> int:
-    if not data:
+def exit_code(data: Any) -> int:
+    try:
+        return EXIT_CODES.get(data["node"]["health"], 3)
+    except (KeyError, TypeError, IndexError):
         return 3
-    return EXIT_CODES.get(data["node"]["health"], 3)
