@@ -563,3 +563,20 @@ def test_scenario_with_a_huge_number_is_a_clear_error_exit_2(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     with pytest.raises(ScenarioError):
         parse_scenario("[node]\ngpu_count = 1\n[[at]]\nt = " + "9" * 400 + "\n", "x.toml")
+
+
+@pytest.mark.parametrize("value", ["a\nb", "tab\there", "del\x7f", "quote\"back\\slash",
+                                   "\x1b[31m", "ünïcode"])
+def test_config_show_prints_toml_that_config_check_accepts(tmp_path, value):
+    path = tmp_path / "c.toml"      # JSON string escapes are TOML basic-string escapes
+    path.write_text(f"[cost]\ncurrency = {json.dumps(value)}\n"
+                    f"[cost.model_hour_usd]\n{json.dumps('H100 ' + value)} = 3.5\n")
+    shown = subprocess.run(gpucostd_cmd() + ["config", "show", "--config", str(path)],
+                           capture_output=True, text=True, timeout=30)
+    assert shown.returncode == 0, shown.stderr
+    again = tmp_path / "shown.toml"
+    again.write_text(shown.stdout)
+    r = config_check(again)
+    assert r.returncode == 0 and r.stdout == "ok\n", (r.stderr, shown.stdout)
+    from gpucostd.config import load
+    assert load(str(again)).cost.currency == value
