@@ -93,7 +93,10 @@ CONFIG_TABLES = [(s, k) for s, k in config_mod.SCHEMA.items()] + [
     ("tuning.gpu", config_mod.GPU_TUNING_KEYS), ("tuning.gpu.override",
                                                  ["match"] + list(config_mod.GPU_TUNING_KEYS)),
     ("tuning.nic.eth0", config_mod.RING_KEYS), ("cost.model_hour_usd", ["H100*", "*"])]
-CONFIG_TEXT = st.one_of(tables(CONFIG_TABLES), st.text(max_size=300),
+DEEP = st.builds(lambda table, n, open_, close: f"[{table}]\nx = " + open_ * n + close * n,
+                 st.sampled_from(["hooks", "node", "tuning"]), st.integers(1, 3000),
+                 st.sampled_from(["[", "{a = "]), st.sampled_from(["]", "}"]))
+CONFIG_TEXT = st.one_of(tables(CONFIG_TABLES), st.text(max_size=300), DEEP,
                         st.binary(max_size=300).map(lambda b: b.decode("latin-1")))
 
 
@@ -123,7 +126,7 @@ SCENARIO_TABLES = [("node", scenario_mod.NODE_FIELDS), ("gpu_defaults", scenario
 
 
 @FUZZ
-@given(st.one_of(tables(SCENARIO_TABLES), st.text(max_size=300)))
+@given(st.one_of(tables(SCENARIO_TABLES), st.text(max_size=300), DEEP))
 def test_fuzz_scenario_loader_gives_a_scenario_or_a_scenario_error(text):
     try:
         sc = scenario_mod.parse_scenario(text, "fuzz.toml")
