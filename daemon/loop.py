@@ -72,6 +72,9 @@ class Daemon:
                                    library=library, clock=self.clock)
         self.gpu_probe = GpuProbe(self.gateway)
         self.host_probe = HostProbe(config.daemon.host_root)
+        from gpucostd.probes.deploy import DeployProbe
+        self.deploy_probe = DeployProbe(config.daemon.host_root)
+        self._deploy = None
         self.journal = journal      # False in replay: simulated events stay out of the journal
         self.store = EventStore(state_dir, config.events.max_age_days, config.events.max_count,
                                 clock=self.clock)
@@ -94,10 +97,15 @@ class Daemon:
         elif self.sim is not None:
             from gpucostd.probes.kernel_log import NvrmParser
             self._sim_parser = NvrmParser()
-        self.inference = None
-        self._inference_down_since: Optional[float] = None
+        self.inference: List = []             # one InferenceProbe per endpoint
+        self.sim_serving = None               # the scenario's simulated inference servers
+        self._inference_down_since: Dict[str, float] = {}
         self._configure_inference()
         self._xid_totals: Dict[Tuple[Optional[int], int], int] = dict(self.store.xid_totals())
+        # NVSwitch SXids per (switch bus id, SXid): the node's stored sxid events
+        self._sxid_totals: Dict[Tuple[str, int], int] = {}
+        for e in self.store.query(subject="node"):
+            self._count_sxid(e)
         self._recent: List[Event] = list(self.store.recent(RECENT_EVENTS))
         self._settings: tuple = ()
         self._checks: tuple = ()
@@ -115,14 +123,48 @@ class Daemon:
 
     # ------------------------------------------------------------------ helpers
     def _configure_inference(self) -> None:
-        url = self.config.inference.metrics_url
-        if url:
-            from gpucostd.probes.inference import InferenceProbe
-            self.inference = InferenceProbe(url, self.config.inference.tokens_metric,
-                                            self.config.inference.timeout_seconds,
-                                            clock=self.clock.monotonic)
-        else:
-            self.inference = None
+        """One probe per configured endpoint; with --simulate and no endpoint configured, the
+        scenario's simulated servers ([serving]): HTTP on loopback on a real clock, read
+        in-process on a virtual one (replay)."""
+        from gpucostd.probes.inference import InferenceProbe
+        endpoints = list(self.config.inference_endpoints)
+        fetchers: Dict[str, Callable[[], str]] = {}
+        if not endpoints and self.sim is not None and self.sim.scenario.serving is not None:
+            from gpucostd.config import InferenceEndpoint
+            from gpucostd.sim.serving import SimulatedServing
+            if self.sim_serving is None:
+                self.sim_serving = SimulatedServing(self.sim)
+                if not self.clock.virtual:
+                    self.sim_serving.start()
+            srv = self.sim_serving
+            for k, ep in enumerate(srv.endpoints):
+                url = srv.urls[k] if srv.urls else f"sim://endpoint/{k}/metrics"
+                if not srv.urls:
+                    fetchers[url] = (lambda k=k: srv.fetch(k))
+                endpoints.append(InferenceEndpoint(url, tuple(ep.gpus), "auto", ep.parallel))
+        # one deadline per scrape, at most half the interval (the watchdog and the cycle wait)
+        timeout = min(float(self.config.inference.timeout_seconds),
+                      0.5 * float(self.config.daemon.interval_seconds))
+        self.inference = [InferenceProbe(e.url, e.tokens_metric, timeout,
+                                         clock=self.clock.monotonic, fetch=fetchers.get(e.url),
+                                         gpus=e.gpus, parallel=e.parallel) for e in endpoints]
+
+    def _read_inference(self) -> list:
+        """Every endpoint's reading; on a real clock in parallel (each under its deadline)."""
+        probes = self.inference
+        if len(probes) <= 1 or self.clock.virtual:
+            return [p.read() for p in probes]
+        out: list = [None] * len(probes)
+
+        def one(i):
+            out[i] = probes[i].read()
+        threads = [threading.Thread(target=one, args=(i,), daemon=True,
+                                    name="gpucostd-inference") for i in range(len(probes))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(probes[0].timeout + 1.0)
+        return out
 
     def _guard(self, part: str, fn, default=None):
         """Run one part of the cycle; an unexpected exception is logged once per distinct
@@ -206,6 +248,8 @@ class Daemon:
                                             gpus))
         if self.watcher is not None:
             self._guard("kernel log stop", self.watcher.stop)
+        if self.sim_serving is not None:
+            self._guard("simulated serving stop", self.sim_serving.stop)
         self._guard("cost flush", self.cost.flush)
         self._guard("hooks stop", self.hooks.stop)
         self._guard("event store close", self.store.close)
@@ -310,36 +354,42 @@ class Daemon:
             self._last_checks = mono
             self._host_facts = self._guard("host probe", self.host_probe.facts,
                                            self._host_facts)
+            self._deploy = self._guard("deploy probe", lambda: self.deploy_probe.read(
+                self.config.checks.model_dirs), self._deploy)
             from gpucostd.health.checks import run_checks
             self._checks = tuple(self._guard("checks", lambda: run_checks(
                 self.config, self._host_facts, gpus, self.gateway.driver_version,
-                self.gateway.cuda_version, self._settings), self._checks) or ())
+                self.gateway.cuda_version, self._settings, self._deploy,
+                self.gateway.error), self._checks) or ())
 
         report = self._guard("health", lambda: self.judge.judge(gpus, faults, now), None)
         if report is not None:
             events.extend(report.events)
-        inference = None
-        if self.inference is not None:
-            inference = self._guard("inference", self.inference.read, None)
+        readings = []
+        if self.inference:
+            readings = self._guard("inference", self._read_inference, []) or []
         cost = self._guard("cost", lambda: self.cost.update(gpus, mono), None)
-        if getattr(inference, "ok", False):
+        if self.inference:
             # stamped with the time of the scrape, not of the cycle start: a slow cycle
             # must not skew tokens per second
+            stamp = max((r.time for r in readings if r is not None), default=mono)
             cost = self._guard("tokens", lambda: self.cost.update_tokens(
-                inference, inference.time), cost) or cost
+                readings, stamp), cost) or cost
         findings: List[Finding] = list(report.findings) if report is not None else []
-        if self.inference is not None:
-            error = getattr(inference, "error", None)
-            if inference is None or error:
-                if self._inference_down_since is None:
-                    self._inference_down_since = now
+        down = {}
+        for probe, r in zip(self.inference, readings or [None] * len(self.inference)):
+            error = getattr(r, "error", None)
+            if r is None or error:
+                since = down[probe.url] = self._inference_down_since.get(probe.url, now)
+                where = ("[inference] metrics_url" if self.config.inference.metrics_url
+                         else "the [[inference.endpoint]] url")
                 findings.append(Finding(
                     "node", "inference_unreachable", Severity.WARN,
-                    "check [inference] metrics_url and the inference server",
-                    f"inference metrics at {self.config.inference.metrics_url}: "
-                    f"{error or 'no reading'}", since=self._inference_down_since))
-            else:
-                self._inference_down_since = None
+                    f"check {where} and the inference server",
+                    f"inference metrics at {probe.url}: {error or 'no reading'}", since=since))
+        self._inference_down_since = down
+        findings.extend(self._guard("efficiency", lambda: self._efficiency(
+            gpus, cost, readings, now, events), []) or [])
         findings.extend(self._loss_findings(now))
         if state_problem is not None:
             findings.append(Finding("node", "state_dir_unusable", Severity.WARN,
@@ -383,8 +433,10 @@ class Daemon:
             findings=tuple(findings), recent_events=tuple(self._recent),
             settings=self._settings, checks=self._checks, cost=cost,
             counters={"xid_totals": dict(self._xid_totals),
+                      "sxid_totals": dict(self._sxid_totals),
                       "drift": dict(self.tuning.drift_counts)},
-            extra={"host": self._host_facts, "inference": inference,
+            extra={"host": self._host_facts, "inference": readings,
+                   "persistenced": getattr(self._deploy, "persistenced", None),
                    "nic_rings": getattr(self.tuning, "nic_rings", {}),
                    "simulated": self.simulate, "config_path": self.config.path,
                    "kernel_log": getattr(self.watcher, "source_in_use", "none"),
@@ -392,6 +444,8 @@ class Daemon:
                    "kernel_log_lines_lost": int(getattr(self.watcher, "lines_lost", 0) or 0),
                    "state_dir_usable": state_problem is None,
                    "events_pending": self._guard("event store", lambda: self.store.pending, 0) or 0,
+                   "gpu_inventory": (report.extra or {}).get("gpu_inventory")
+                   if report is not None else None,
                    "version": __version__, "pid": os.getpid()},
         )
         self._latest = snap
@@ -478,6 +532,18 @@ class Daemon:
         LOG.warning("%s (was: %s)", msg, was)
         return [Event(now, "node", "originals_recovered", Severity.OK, "none", msg)]
 
+    def _efficiency(self, gpus, cost, readings, now: float, events: List[Event]
+                    ) -> List[Finding]:
+        """The floor's events (which run the on_inefficient / on_efficient hooks) and the
+        serving diagnosis (gpucostd.health.efficiency)."""
+        from gpucostd.health.efficiency import EfficiencyJudge, floor_event
+        transition = getattr(self.cost, "floor_transition", None)
+        if transition is not None and cost is not None:
+            events.append(floor_event(transition, cost, self.config, now))
+        if not hasattr(self, "_eff_judge"):
+            self._eff_judge = EfficiencyJudge()
+        return self._eff_judge.judge(gpus, cost, readings, self.config, now)
+
     # ------------------------------------------------------------------ events
     def _record(self, events: List[Event]) -> None:
         """Store, journal and hand to hooks. The store comes first: nothing reported is lost."""
@@ -496,12 +562,18 @@ class Daemon:
             if saved.xid is not None:
                 k = (saved.gpu, saved.xid)
                 self._xid_totals[k] = self._xid_totals.get(k, 0) + 1
+            self._count_sxid(saved)
             if self.journal:
                 self._guard("journal", lambda: send_event(saved))
         recent = self._recent
         recent.extend(stored)
         del recent[:-RECENT_EVENTS]
         self._guard("hooks", lambda: self.hooks.on_events(stored))
+
+    def _count_sxid(self, e: Event) -> None:
+        if e.code == "sxid" and e.fields and isinstance(e.fields.get("sxid"), int):
+            k = (str(e.fields.get("pci_bus_id", "")), e.fields["sxid"])
+            self._sxid_totals[k] = self._sxid_totals.get(k, 0) + 1
 
     def ack(self, gpu: Optional[int], code: Optional[str]) -> List[Event]:
         with self._lock:

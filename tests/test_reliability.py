@@ -348,12 +348,12 @@ def test_kernel_log_flood_loss_is_a_metric_a_status_field_and_a_finding(daemon_f
 
 @pytest.fixture
 def small_fs(tmp_path):
-    """A 4 MiB tmpfs as the state directory (root: mount)."""
+    """A 16 MiB tmpfs as the state directory (root: mount)."""
     if os.geteuid() != 0:
         pytest.skip("needs root: mounts a small tmpfs as the state directory")
     path = tmp_path / "state"
     path.mkdir(mode=0o750)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0750", "tmpfs", str(path)],
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0750", "tmpfs", str(path)],
                        capture_output=True, text=True)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
@@ -376,13 +376,14 @@ def finding(d, code):
 
 def fill(path):
     filler = path / "filler"
-    with open(filler, "wb") as f:
-        try:
+    try:
+        with open(filler, "wb") as f:
             while True:
                 f.write(b"\0" * 65536)
                 f.flush()
-        except OSError:
-            pass
+    except OSError:
+        pass
+    assert filler.exists(), sorted((p.name, p.stat().st_size) for p in path.iterdir())
     return filler
 
 

@@ -3,7 +3,8 @@
 Requests: {"cmd": "status"} | {"cmd": "events", "since": EPOCH, "limit": N} |
 {"cmd": "cost", "since_seconds": S} | {"cmd": "ack", "gpu": N|null, "code": STR|null} (root only,
 checked with SO_PEERCRED). Responses: {"ok": true, ...} or {"ok": false, "error": "..."}.
-The client half (`request`) imports only the standard library: `gpucostd status` stays light.
+The client half (`request`, in statusclient.py) imports only json and socket: `gpucostd status`
+stays light.
 """
 from __future__ import annotations
 
@@ -21,82 +22,17 @@ import threading
 import time
 from typing import Any, Callable, Dict, Optional
 
+from gpucostd.views.statusclient import (TIMEOUT, StatusClientError,  # noqa: F401
+                                          UntrustedServer, peer_uid, request)
+
 LOG = logging.getLogger("gpucostd")
 MAX_REQUEST = 64 * 1024
 MAX_INT_DIGITS = 18         # larger numbers in a request are refused (no handler takes them)
-TIMEOUT = 5.0               # the client's wait for an answer
 REQUEST_DEADLINE = 2.0      # the server's limit for one whole exchange (a request is one line)
-
-
-class StatusClientError(Exception):
-    pass
 
 
 class NotReady(Exception):
     """Raised by a handler that has nothing to answer yet (the daemon is starting)."""
-
-
-# ------------------------------------------------------------------ client
-def request(path: str, message: Dict[str, Any], timeout: float = TIMEOUT) -> Dict[str, Any]:
-    """Send one request to the daemon; raise StatusClientError with the reason in words."""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(path)
-            _check_server(s, path)      # before a byte is sent: `ack` must reach only gpucostd
-            s.sendall(json.dumps(message).encode() + b"\n")
-            chunks = []
-            while True:
-                chunk = s.recv(1 << 16)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                if chunk.endswith(b"\n"):
-                    break
-    except FileNotFoundError:
-        raise StatusClientError(f"no daemon socket at {path}") from None
-    except PermissionError:
-        raise StatusClientError(
-            f"permission denied on {path}: join the gpucostd group "
-            f"(sudo usermod -aG gpucostd $USER, then log in again) or use sudo") from None
-    except ConnectionRefusedError:
-        raise StatusClientError(f"nothing listens on {path} (stale socket)") from None
-    except socket.timeout:
-        raise StatusClientError(f"the daemon at {path} did not answer in {timeout:.0f} s") \
-            from None
-    except OSError as e:
-        raise StatusClientError(f"cannot talk to {path}: {e.strerror or e}") from None
-    try:
-        reply = json.loads(b"".join(chunks))
-    except ValueError:
-        raise StatusClientError(f"the daemon at {path} sent a malformed answer") from None
-    if not reply.get("ok"):
-        raise StatusClientError(reply.get("error") or "the daemon refused the request")
-    return reply
-
-
-class UntrustedServer(StatusClientError):
-    """The socket is served by a process of another user: nothing was sent to it."""
-
-
-def peer_uid(sock: socket.socket) -> Optional[int]:
-    try:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        return struct.unpack("3i", creds)[1]
-    except (OSError, AttributeError):   # AttributeError: no SO_PEERCRED on this platform
-        return None
-
-
-def _check_server(sock: socket.socket, path: str) -> None:
-    """The daemon runs as root (the system service) or as this user (the demo): a socket that
-    any other user serves may be a fake one put there to read an `ack` or to show a false OK."""
-    uid = peer_uid(sock)
-    if uid is None or uid in (0, os.getuid()):
-        return
-    raise UntrustedServer(
-        f"{path} is served by a process of uid {uid}, neither root nor you: not gpucostd's "
-        f"socket (another user may have put it there); nothing was sent. Check who owns "
-        f"{os.path.dirname(path) or '.'} and restart the daemon")
 
 
 # ------------------------------------------------------------------ server
