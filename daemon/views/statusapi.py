@@ -121,8 +121,9 @@ class _Handler(socketserver.BaseRequestHandler):
 class StatusServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     allow_reuse_address = True
-    # 40 `gpucostd status` at once must all get in: the kernel queues what is not accepted yet
-    request_queue_size = 128
+    # hundreds of `gpucostd status` at once must all get in: the kernel queues what is not
+    # accepted yet (at most net.core.somaxconn)
+    request_queue_size = 512
     # at most this many connections are open at once; the others wait in the listen queue
     # (they cost the daemon no file descriptor there)
     max_connections = 64
