@@ -622,6 +622,23 @@ def _default_bus_id(index: int) -> str:
 
 
 def parse_scenario(text: str, path: str = "<scenario>", name: Optional[str] = None) -> Scenario:
+    """Parse and validate a scenario. Raises ScenarioError and nothing else, whatever the text
+    holds (a huge number, values nested hundreds deep): a bad file is exit 2, never a
+    traceback."""
+    try:
+        return _parse_scenario(text, path, name)
+    except ScenarioError:
+        raise
+    except RecursionError:
+        raise ScenarioError("values are nested too deeply; no scenario key takes such a value",
+                            path) from None
+    except (OverflowError, ValueError, TypeError, KeyError, AttributeError, IndexError,
+            ZeroDivisionError, MemoryError) as exc:
+        raise ScenarioError(f"cannot be used ({type(exc).__name__}: {str(exc)[:120]}); "
+                            f"check the values against docs/scenarios.md", path) from None
+
+
+def _parse_scenario(text: str, path: str, name: Optional[str]) -> Scenario:
     v = _Validator(path, text)
     try:
         data = tomllib.loads(text)
