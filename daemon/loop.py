@@ -99,6 +99,9 @@ class Daemon:
         self._host_facts = None
         self._applied = False
         self._last_checks = None
+        self.calibration = None               # gpucostd.calibrate.Calibration, while one runs
+        self._calibration_recover = os.path.exists(os.path.join(state_dir,
+                                                                "calibration-progress.json"))
 
     # ------------------------------------------------------------------ helpers
     def _configure_inference(self) -> None:
@@ -212,6 +215,10 @@ class Daemon:
         """Restore tuned settings (unless the system is shutting down), flush, close."""
         if self.notifier is not None:
             self.notifier.stopping()
+        if self.calibration is not None:      # a calibration's limits back, whatever comes
+            from gpucostd.calibrate import stop
+            with self._lock:
+                self._record(self._guard("calibration stop", lambda: stop(self), []) or [])
         if self.config.tuning.restore_on_stop and not self.one_shot:
             if system_shutdown is None:
                 from gpucostd.tuners.manager import shutdown_in_progress
@@ -296,6 +303,12 @@ class Daemon:
                 "event store", lambda: self.store.seen(f.dedupe_key), False))]
 
         events: List[Event] = []
+        if self._calibration_recover and gpus and not self.one_shot:
+            # a calibration the daemon did not end (killed): its limits back first
+            from gpucostd.calibrate import recover_interrupted
+            self._calibration_recover = False
+            events.extend(self._guard("calibration recovery",
+                                      lambda: recover_interrupted(self, gpus), []) or [])
         # tuning: apply once at start (and after reload), then verify every verify interval
         if not self.one_shot and (gpus or self.config.nic_tuning):
             # with GPU settings configured, the first apply waits for a readable GPU (NVML not
@@ -387,9 +400,13 @@ class Daemon:
                    "simulated": self.simulate, "config_path": self.config.path,
                    "kernel_log": getattr(self.watcher, "source_in_use", "none"),
                    "kernel_log_error": getattr(self.watcher, "error", None),
-                   "version": __version__, "pid": os.getpid()},
+                   "version": __version__, "pid": os.getpid(),
+                   "calibration": self._guard("calibration info", self._calibration_info)},
         )
         self._latest = snap
+        if self.calibration is not None:
+            from gpucostd.calibrate import cycle
+            self._record(self._guard("calibration", lambda: cycle(self, snap), []) or [])
         for publish in self._publishers:
             self._guard("publish", lambda: publish(snap))
         return snap
@@ -405,6 +422,16 @@ class Daemon:
         if not hasattr(self, "_eff_judge"):
             self._eff_judge = EfficiencyJudge()
         return self._eff_judge.judge(gpus, cost, readings, self.config, now)
+
+    def _calibration_info(self):
+        if self.calibration is None and not hasattr(self, "_calibration_last_seen"):
+            from gpucostd.calibrate import snapshot_info
+            self._calibration_last_seen = snapshot_info(self)    # the last report, once
+            return self._calibration_last_seen
+        if self.calibration is None:
+            return self._calibration_last_seen
+        from gpucostd.calibrate import snapshot_info
+        return snapshot_info(self)
 
     # ------------------------------------------------------------------ events
     def _record(self, events: List[Event]) -> None:

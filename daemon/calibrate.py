@@ -1,0 +1,1033 @@
+"""`gpucostd calibrate`: find the power limit that gives the most tokens per dollar, safely.
+
+A ``Calibration`` is a state machine the daemon's loop drives, one call per cycle
+(``on_cycle(snapshot)``): it steps the power limit of each GPU group (the GPUs of one
+inference endpoint) from the top of the range down, measures every step after its warm-up
+(gpucostd.cost.calibration has the maths) and puts every limit back at the end. It runs inside
+the daemon (the status socket's ``calibrate`` request; the loop, health and enforcement know
+it runs: the tuners hold the power limits it steps) or one-shot on a simulated node on a
+virtual clock (``run_simulated``).
+
+Safety:
+- limits are only ever within the group's [min, max] (the narrowest of its GPUs);
+- before the first write the limit each GPU had is saved in the tuners' originals store (if
+  none is saved yet) and in ``<state_dir>/calibration-progress.json``; a daemon that died in the
+  middle (SIGKILL, power cut) puts those limits back at its next start
+  (``recover_interrupted``);
+- it aborts, restoring at once, when a GPU's health leaves OK, a throttle reason other than
+  SwPowerCap appears, the throughput falls below ``abort_below`` of the best step, the
+  endpoint stops answering, a limit changes behind its back, a write fails, the command is
+  interrupted (SIGINT/SIGTERM, or it stops asking for progress) or the daemon stops;
+- it refuses to start, saying why, while a GPU is idle, unhealthy or throttled for another
+  reason, or when no token source maps to the GPUs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from gpucostd.cost import calibration as maths
+from gpucostd.snapshot import Event, GpuState, Severity, THROTTLE_REASONS
+from gpucostd.statefile import write_atomic
+
+LOG = logging.getLogger("gpucostd.calibrate")
+
+PROGRESS_FILE = "calibration-progress.json"
+LAST_FILE = "calibration-last.json"
+DROPIN_NAME = "calibrated.toml"
+SETTING = "power_limit_watts"
+DEFAULT_SIM_SCENARIO = "builtin:calibrate"
+# prices of --simulate when the config sets none (said so in the report)
+ILLUSTRATIVE_PRICES = {"gpu_hour_usd": 1.0, "energy_usd_per_kwh": 0.30, "pue": 1.4}
+CLIENT_TIMEOUT = 30.0        # no progress request for this long: the command went away
+FOREIGN_REASONS = tuple(r for r in THROTTLE_REASONS if r != maths.OWN_REASON)
+
+EXIT_DONE, EXIT_REFUSED, EXIT_ABORTED = 0, 5, 6
+
+
+class CalibrationRefused(Exception):
+    """The calibration cannot start; str() says why and what to do."""
+
+
+# ---------------------------------------------------------------------- parameters
+@dataclass(frozen=True)
+class Params:
+    gpus: Optional[Tuple[int, ...]] = None   # None: all
+    from_watts: Optional[float] = None
+    to_watts: Optional[float] = None
+    steps: int = 6
+    dwell_seconds: float = 60.0
+    warmup_seconds: Optional[float] = None
+    min_throughput: float = 0.95
+    abort_below: float = 0.5
+    apply: bool = False
+
+    @property
+    def warmup(self) -> float:
+        return maths.default_warmup(self.dwell_seconds) if self.warmup_seconds is None \
+            else self.warmup_seconds
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"gpus": list(self.gpus) if self.gpus is not None else "all",
+                "from_watts": self.from_watts, "to_watts": self.to_watts, "steps": self.steps,
+                "dwell_seconds": self.dwell_seconds, "warmup_seconds": self.warmup,
+                "min_throughput": self.min_throughput, "abort_below": self.abort_below,
+                "apply": self.apply}
+
+
+def params_from(d: Dict[str, Any]) -> Params:
+    """Params from a request / the command line; ValueError says which value is wrong."""
+    def num(key, lo, hi, default, integer=False):
+        v = d.get(key, default)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{key} = {v!r} must be a number")
+        if integer and int(v) != v:
+            raise ValueError(f"{key} = {v!r} must be a whole number")
+        if not lo <= v <= hi:
+            raise ValueError(f"{key} = {v!r} is out of range; allowed {lo:g}..{hi:g}")
+        return int(v) if integer else float(v)
+
+    gpus = d.get("gpus", "all")
+    if gpus in (None, "all"):
+        gtuple = None
+    elif isinstance(gpus, str):
+        try:
+            gtuple = tuple(sorted({int(x) for x in gpus.split(",") if x.strip()}))
+        except ValueError:
+            raise ValueError(f"--gpus {gpus!r} must be 'all' or indexes like 0,1") from None
+        if not gtuple:
+            raise ValueError("--gpus is empty; give indexes like 0,1 or 'all'")
+    elif isinstance(gpus, list) and all(isinstance(x, int) and not isinstance(x, bool)
+                                        for x in gpus) and gpus:
+        gtuple = tuple(sorted(set(gpus)))
+    else:
+        raise ValueError(f"gpus = {gpus!r} must be 'all' or a list of indexes")
+    dwell = num("dwell_seconds", 2, 3600, 60.0)
+    warm = num("warmup_seconds", 0, 3600, None)
+    if warm is not None and warm >= dwell:
+        raise ValueError(f"--warmup {warm:g} must be shorter than --dwell {dwell:g}")
+    p = Params(gtuple, num("from_watts", 1, 100000, None), num("to_watts", 1, 100000, None),
+               num("steps", 1, 100, 6, integer=True), dwell, warm,
+               num("min_throughput", 0, 1, 0.95), num("abort_below", 0, 1, 0.5),
+               bool(d.get("apply", False)))
+    if p.from_watts is not None and p.to_watts is not None and p.to_watts > p.from_watts:
+        raise ValueError(f"--to {p.to_watts:g} must not be above --from {p.from_watts:g}")
+    return p
+
+
+# ---------------------------------------------------------------------- groups
+@dataclass
+class Group:
+    gpus: Tuple[int, ...]
+    url: Optional[str]                       # the endpoint whose tokens are the group's
+    uuids: Dict[int, Optional[str]] = field(default_factory=dict)
+    names: Dict[int, Optional[str]] = field(default_factory=dict)
+    steps: List[int] = field(default_factory=list)
+    lo: float = 0.0
+    hi: float = 0.0
+    start: Dict[int, float] = field(default_factory=dict)      # the limit before the first step
+    saved: Dict[int, bool] = field(default_factory=dict)       # originals saved by us
+    rows: List[Dict[str, Any]] = field(default_factory=list)
+    window: maths.Window = field(default_factory=maths.Window)
+    skipped: Optional[str] = None
+    price_sum: float = 0.0
+    recommendation: Dict[str, Any] = field(default_factory=dict)
+
+    def label(self) -> str:
+        return "GPU" + ("s " if len(self.gpus) > 1 else " ") + ", ".join(map(str, self.gpus))
+
+
+def _endpoint_groups(snap, readings) -> List[Tuple[Tuple[int, ...], Optional[str]]]:
+    """(gpus, url) per endpoint reading, then one GPU alone where no endpoint maps."""
+    indexes = [g.index for g in snap.gpus]
+    out: List[Tuple[Tuple[int, ...], Optional[str]]] = []
+    taken: set = set()
+    for r in readings:
+        if r is None:
+            continue
+        gpus = tuple(i for i in (r.gpus if r.gpus is not None else indexes) if i in indexes)
+        gpus = tuple(i for i in gpus if i not in taken)
+        if gpus:
+            out.append((gpus, r.url))
+            taken.update(gpus)
+    for i in indexes:
+        if i not in taken:
+            out.append(((i,), None))
+    return out
+
+
+def _foreign(reasons) -> List[str]:
+    return [r for r in (reasons or ()) if r in FOREIGN_REASONS]
+
+
+def _gpu_trouble(snap, index: int) -> Optional[str]:
+    """Why GPU `index` is not fit to calibrate now (None: fit). The calibration's own
+    SwPowerCap finding does not count."""
+    g = snap.gpu(index)
+    if g is None:
+        return f"GPU {index} is not on this node"
+    if g.state != GpuState.OK:
+        return f"GPU {index} is {g.state.value}" + (f": {g.error}" if g.error else "")
+    bad = [f for f in snap.findings if (f.gpu == index or f.subject == f"gpu:{index}")
+           and f.severity not in (Severity.OK,) and f.code != "sw_power_cap"]
+    if bad:
+        f = max(bad, key=lambda f: int(f.severity))
+        return f"GPU {index} health is {f.severity.name}: {f.message}"
+    foreign = _foreign(g.clock_event_reasons)
+    if foreign:
+        return f"GPU {index} is throttled by {', '.join(foreign)} (not by its power limit)"
+    return None
+
+
+def plan(snap, params: Params, config) -> Tuple[List[Group], List[str]]:
+    """The groups to calibrate and notes on the GPUs left out. Raises CalibrationRefused."""
+    if snap is None:
+        raise CalibrationRefused("the daemon has no reading yet; try again in a second")
+    if not snap.gpus:
+        raise CalibrationRefused("no GPUs to calibrate (NVML: "
+                                 f"{snap.nvml_error or 'reports none'})")
+    readings = list((snap.extra or {}).get("inference") or ())
+    wanted = set(params.gpus) if params.gpus is not None else None
+    if wanted is not None:
+        missing = sorted(wanted - {g.index for g in snap.gpus})
+        if missing:
+            raise CalibrationRefused(f"GPU {', '.join(map(str, missing))} not on this node "
+                                     f"(GPUs: {', '.join(str(g.index) for g in snap.gpus)})")
+    busy = float(config.cost.busy_utilization_percent)
+    groups: List[Group] = []
+    notes: List[str] = []
+    for gpus, url in _endpoint_groups(snap, readings):
+        if wanted is not None and not wanted & set(gpus):
+            continue
+        if wanted is not None and not set(gpus) <= wanted:
+            raise CalibrationRefused(
+                f"GPUs {', '.join(map(str, gpus))} serve one endpoint ({url}); calibrate them "
+                f"together: --gpus {','.join(map(str, gpus))}")
+        label = ", ".join(map(str, gpus))
+        why = None
+        reading = next((r for r in readings if r is not None and r.url == url), None)
+        if url is None:
+            why = (f"no token source maps to GPU {label}: configure its inference server "
+                   f"([[inference.endpoint]] url and gpus)")
+        elif reading is None or not reading.ok:
+            why = (f"the inference endpoint of GPUs {label} does not answer "
+                   f"({getattr(reading, 'error', None) or 'no reading'})")
+        for i in gpus:
+            if why:
+                break
+            why = _gpu_trouble(snap, i)
+            g = snap.gpu(i)
+            if why is None and (g.utilization_percent is None or g.utilization_percent < busy
+                                or "GpuIdle" in (g.clock_event_reasons or ())):
+                why = (f"GPU {i} is idle ({_pct(g.utilization_percent)} utilization): a "
+                       f"calibration needs steady traffic; run it under normal load")
+            if why is None and (g.power_limit_min_watts is None or
+                                g.power_limit_max_watts is None or g.power_limit_watts is None):
+                why = f"GPU {i} does not report its power limit and range"
+        if why:
+            if wanted is not None:
+                raise CalibrationRefused(why)
+            notes.append(f"skipped GPU {label}: {why}")
+            continue
+        grp = Group(tuple(gpus), url)
+        readings_g = [snap.gpu(i) for i in gpus]
+        grp.lo = max(g.power_limit_min_watts for g in readings_g)
+        grp.hi = min(g.power_limit_max_watts for g in readings_g)
+        hi = grp.hi if params.from_watts is None else params.from_watts
+        lo = grp.lo if params.to_watts is None else params.to_watts
+        for name, v in (("--from", hi), ("--to", lo)):
+            if not grp.lo <= v <= grp.hi:
+                raise CalibrationRefused(
+                    f"{name} {v:g} W is outside the power limit range of GPUs {label}; "
+                    f"allowed {grp.lo:g}..{grp.hi:g} W")
+        try:
+            grp.steps = maths.step_plan(hi, lo, params.steps)
+        except ValueError as e:
+            raise CalibrationRefused(str(e)) from None
+        for g in readings_g:
+            grp.uuids[g.index] = g.uuid
+            grp.names[g.index] = g.name
+            grp.start[g.index] = float(g.power_limit_watts)
+            grp.price_sum += float(config.price_for_model(g.name))
+        groups.append(grp)
+    if not groups:
+        raise CalibrationRefused("nothing to calibrate: " + "; ".join(
+            n[len("skipped GPU "):] for n in notes) if notes else "nothing to calibrate")
+    return groups, notes
+
+
+def _pct(x) -> str:
+    return "unknown" if x is None else f"{x:.0f}%"
+
+
+# ---------------------------------------------------------------------- the state machine
+class Calibration:
+    """One calibration. The loop calls on_cycle(snapshot) after every cycle; abort() may be
+    called from any thread (it only asks: the loop restores at its next cycle, or
+    restore_now() when the loop is stopping)."""
+
+    def __init__(self, daemon, params: Params, groups: List[Group], notes: List[str],
+                 ident: str = "", client_timeout: Optional[float] = CLIENT_TIMEOUT):
+        self.daemon = daemon
+        self.params = params
+        self.groups = groups
+        self.notes = list(notes)
+        self.id = ident or f"{int(daemon.clock.time())}"
+        self.state = "pending"         # pending running done aborted failed
+        self.reason: Optional[str] = None
+        self.step = -1
+        self.step_started: Optional[float] = None
+        self.started_at = daemon.clock.time()
+        self.finished_at: Optional[float] = None
+        self.best_tps: Dict[int, float] = {}
+        self.client_timeout = client_timeout
+        self.last_poll = daemon.clock.monotonic()
+        self._abort_request: Optional[str] = None
+        self.dropin: Optional[str] = None
+        self.applied = False
+        self.restore_errors: List[str] = []
+        self.prices = {"gpu_hour_usd": None, "energy_usd_per_kwh":
+                       float(daemon.config.cost.energy_usd_per_kwh),
+                       "pue": float(daemon.config.cost.pue)}
+        self.events: List[Event] = []
+        self.scenario = daemon.simulate
+        self.dropin_path: Optional[str] = None
+
+    # -- public
+    @property
+    def active(self) -> bool:
+        return self.state in ("pending", "running")
+
+    @property
+    def gpus(self) -> List[int]:
+        return [i for g in self.groups for i in g.gpus]
+
+    def poll(self) -> None:
+        self.last_poll = self.daemon.clock.monotonic()
+
+    def abort(self, reason: str) -> None:
+        if self.active and self._abort_request is None:
+            self._abort_request = reason
+            self.daemon.clock.wake()
+
+    # -- the loop's part
+    def on_cycle(self, snap) -> None:
+        if not self.active:
+            return
+        if self.state == "pending":
+            self._begin(snap)
+            return
+        now = snap.monotonic
+        if self._abort_request:
+            return self._abort(self._abort_request)
+        if self.client_timeout is not None and now - self.last_poll > self.client_timeout:
+            return self._abort(f"the calibrate command stopped asking for progress for "
+                               f"{self.client_timeout:g} s (interrupted or disconnected)")
+        readings = {r.url: r for r in (snap.extra or {}).get("inference") or () if r}
+        limit_of = {}
+        for grp in self.groups:
+            limit = grp.steps[self.step]
+            for i in grp.gpus:
+                why = _gpu_trouble(snap, i)
+                if why:
+                    return self._abort(why)
+                g = snap.gpu(i)
+                limit_of[i] = limit
+                if g.power_limit_watts is not None and abs(g.power_limit_watts - limit) > 0.5:
+                    return self._abort(f"GPU {i}: the power limit changed to "
+                                       f"{g.power_limit_watts:g} W outside the calibration "
+                                       f"(it set {limit} W)")
+            r = readings.get(grp.url)
+            if r is None or not r.ok:
+                return self._abort(f"the inference endpoint {grp.url} stopped answering ("
+                                   f"{getattr(r, 'error', None) or 'no reading'})")
+            if now < self.step_started + self.params.warmup:
+                continue
+            grp.window.add(_sample(snap, grp, r))
+            best = self.best_tps.get(id(grp))
+            w = grp.window
+            if best and w.seconds >= min(5.0, self.params.dwell_seconds - self.params.warmup):
+                tps = w.tokens_per_second()
+                if tps is not None and tps < self.params.abort_below * best:
+                    return self._abort(
+                        f"{grp.label()}: throughput {tps:,.0f} tokens/s at {limit} W is below "
+                        f"the hard floor {self.params.abort_below * 100:g}% of the best step "
+                        f"({best:,.0f} tokens/s)")
+        if now >= self.step_started + self.params.dwell_seconds:
+            for grp in self.groups:
+                row = maths.step_row(grp.steps[self.step], grp.window, grp.price_sum,
+                                     self._energy_price(), self._pue())
+                grp.rows.append(row)
+                tps = row.get("tokens_per_second")
+                if tps is not None:
+                    self.best_tps[id(grp)] = max(self.best_tps.get(id(grp), 0.0), tps)
+                grp.window = maths.Window()
+            if self.step + 1 < len(self.groups[0].steps):
+                self._set_step(self.step + 1)
+            else:
+                self._finish()
+
+    # -- internals
+    def _energy_price(self) -> float:
+        return float(self.prices["energy_usd_per_kwh"] or 0.0)
+
+    def _pue(self) -> float:
+        return float(self.prices["pue"] or 1.0)
+
+    def _begin(self, snap) -> None:
+        d = self.daemon
+        try:
+            # the groups were planned on the snapshot the request saw: check again now
+            fresh, _ = plan(snap, Params(tuple(self.gpus), self.params.from_watts,
+                                         self.params.to_watts, self.params.steps,
+                                         self.params.dwell_seconds, self.params.warmup_seconds,
+                                         self.params.min_throughput, self.params.abort_below,
+                                         self.params.apply), d.config)
+        except CalibrationRefused as e:
+            self.state, self.reason = "refused", str(e)
+            self.finished_at = d.clock.time()
+            self._save_last()
+            return
+        for grp, new in zip(self.groups, fresh):
+            grp.start = dict(new.start)
+        d.tuning.held.update((SETTING, f"gpu:{i}") for i in self.gpus)
+        try:
+            self._write_progress()                   # before anything is saved or written
+            for grp in self.groups:
+                for i in grp.gpus:
+                    grp.saved[i] = d.tuning.originals.save_if_absent(
+                        SETTING, f"gpu:{i}", _whole(grp.start[i]), uuid=grp.uuids.get(i))
+            self._write_progress()
+        except Exception as e:  # noqa: BLE001 - OriginalsError, OSError: nothing written yet
+            self.state, self.reason = "failed", f"cannot save the original limits: {e}"
+            self._release()
+            self.finished_at = d.clock.time()
+            self._save_last()
+            return
+        self.state = "running"
+        gpus = ", ".join(map(str, self.gpus))
+        self._event("calibration_started", Severity.OK, "none",
+                    f"power-limit calibration started on GPU {gpus}: "
+                    f"{len(self.groups[0].steps)} steps of {self.params.dwell_seconds:g} s",
+                    {"gpus": self.gpus, "params": self.params.to_json()})
+        self._set_step(0)
+
+    def _set_step(self, k: int) -> None:
+        from gpucostd.tuners.base import TunerError
+        self.step = k
+        for grp in self.groups:
+            limit = grp.steps[k]
+            for i in grp.gpus:
+                try:
+                    self._write(i, limit, grp)
+                except TunerError as e:
+                    return self._abort(f"cannot set the power limit: {e}")
+        self.step_started = self.daemon.clock.monotonic()
+        LOG.info("calibration step %d/%d: %s", k + 1, len(self.groups[0].steps),
+                 ", ".join(f"{g.label()} {g.steps[k]} W" for g in self.groups))
+
+    def _write(self, index: int, watts: float, grp: Group) -> None:
+        tuner = self.daemon.tuning.power
+        if not grp.lo - 1e-6 <= watts <= grp.hi + 1e-6:      # never outside [min, max]
+            raise AssertionError(f"{watts} W outside {grp.lo}..{grp.hi}")
+        p = _planned(tuner, index, grp, watts)
+        tuner.apply(p)
+
+    def _restore_all(self) -> List[str]:
+        """Every GPU back at its start limit; the originals we saved forgotten. Errors as
+        text (the progress file stays, so the next start tries again)."""
+        from gpucostd.tuners.base import TunerError
+        errors: List[str] = []
+        tuner = self.daemon.tuning.power
+        for grp in self.groups:
+            for i in grp.gpus:
+                if i not in grp.start:
+                    continue
+                try:
+                    tuner.restore(_planned(tuner, i, grp, grp.start[i]), _whole(grp.start[i]))
+                except TunerError as e:
+                    errors.append(str(e))
+                    continue
+                if grp.saved.get(i):
+                    try:
+                        self.daemon.tuning.originals.remove(SETTING, f"gpu:{i}")
+                    except Exception as e:  # noqa: BLE001
+                        errors.append(str(e))
+        if not errors:
+            _remove(os.path.join(self.daemon.state_dir, PROGRESS_FILE))
+        self._release()
+        return errors
+
+    def _release(self) -> None:
+        for i in self.gpus:
+            self.daemon.tuning.held.discard((SETTING, f"gpu:{i}"))
+
+    def _abort(self, reason: str) -> None:
+        was_running = self.state == "running"
+        self.state, self.reason = "aborted", reason
+        self.finished_at = self.daemon.clock.time()
+        errors = self._restore_all() if was_running else []
+        self.restore_errors = errors
+        LOG.warning("calibration aborted: %s; limits %s", reason,
+                    "restored" if not errors else "NOT restored: " + "; ".join(errors))
+        for grp in self.groups:
+            maths.finish_rows(grp.rows)
+        self._event("calibration_aborted", Severity.WARN,
+                    "none" if not errors else "run `gpucostd restore` as root",
+                    f"power-limit calibration aborted: {reason}; limits "
+                    + ("restored" if not errors else "NOT restored: " + "; ".join(errors)),
+                    {"gpus": self.gpus, "reason": reason})
+        self._save_last()
+
+    def _finish(self) -> None:
+        d = self.daemon
+        errors = self._restore_all()
+        self.restore_errors = errors
+        self.finished_at = d.clock.time()
+        for grp in self.groups:
+            grp.recommendation = maths.recommend(grp.rows, self.params.min_throughput)
+        self.state = "done" if not errors else "failed"
+        if errors:
+            self.reason = "limits not restored: " + "; ".join(errors)
+        recs = {i: (g.recommendation.get("tokens_per_dollar") or {}).get("power_limit_watts")
+                for g in self.groups for i in g.gpus}
+        if self.params.apply and not errors:
+            if any(v is None for v in recs.values()):
+                self.notes.append("not applied: a group has no tokens-per-dollar "
+                                  "recommendation (set [cost] gpu_hour_usd)")
+            else:
+                try:
+                    self.dropin = self._apply(recs)
+                    self.applied = True
+                except OSError as e:
+                    self.notes.append(f"not applied: cannot write the drop-in: "
+                                      f"{e.strerror or e}")
+        text = ", ".join(f"GPU {i} {w} W" for i, w in recs.items() if w is not None)
+        self._event("calibration_finished", Severity.OK if not errors else Severity.WARN,
+                    "none" if not errors else "run `gpucostd restore` as root",
+                    f"power-limit calibration finished: recommended {text or 'nothing'}"
+                    + (f"; applied ({self.dropin})" if self.applied else "; limits restored"),
+                    {"gpus": self.gpus, "recommended": {str(k): v for k, v in recs.items()},
+                     "applied": self.applied})
+        self._save_last()
+
+    def _apply(self, recs: Dict[int, int]) -> str:
+        path = self.dropin_path or dropin_path(self.daemon.config.path)
+        text = dropin_text(self.groups, recs, self.daemon.config, self.daemon.clock.time())
+        write_atomic(path, text, mode=0o644)
+        LOG.info("calibration: recommended limits written to %s; reloading", path)
+        self.daemon.request_reload()
+        return path
+
+    def _event(self, code: str, sev: Severity, action: str, msg: str,
+               fields: Dict[str, Any]) -> None:
+        self.events.append(Event(self.daemon.clock.time(), "node", code, sev, action, msg,
+                                 fields=fields))
+
+    def take_events(self) -> List[Event]:
+        out, self.events = self.events, []
+        return out
+
+    def _write_progress(self) -> None:
+        data = {"version": 1, "id": self.id, "started_at": self.started_at, "pid": os.getpid(),
+                "gpus": [{"index": i, "uuid": g.uuids.get(i), "start_watts": g.start[i],
+                          "saved_original": bool(g.saved.get(i))}
+                         for g in self.groups for i in g.gpus]}
+        write_atomic(os.path.join(self.daemon.state_dir, PROGRESS_FILE),
+                     json.dumps(data, indent=2) + "\n")
+
+    def _save_last(self) -> None:
+        try:
+            write_atomic(os.path.join(self.daemon.state_dir, LAST_FILE),
+                         json.dumps(self.report(), indent=2, sort_keys=True) + "\n")
+        except OSError as e:
+            LOG.warning("cannot keep the calibration report: %s", e)
+
+    # -- views
+    def progress(self) -> Dict[str, Any]:
+        out = {"id": self.id, "state": self.state, "reason": self.reason,
+               "gpus": self.gpus, "steps": len(self.groups[0].steps) if self.groups else 0,
+               "step": self.step + 1}
+        if self.state == "running" and self.step >= 0:
+            elapsed = self.daemon.clock.monotonic() - (self.step_started or 0)
+            out["step_elapsed_seconds"] = round(max(0.0, elapsed), 1)
+            out["limits"] = {str(i): g.steps[self.step] for g in self.groups for i in g.gpus}
+            n = len(self.groups[0].steps)
+            out["remaining_seconds"] = round(max(0.0, (n - self.step) *
+                                                 self.params.dwell_seconds - elapsed), 1)
+        return out
+
+    def report(self) -> Dict[str, Any]:
+        cfg = self.daemon.config
+        groups = []
+        for g in self.groups:
+            rec = g.recommendation
+            groups.append({
+                "gpus": list(g.gpus), "endpoint": g.url,
+                "uuids": {str(i): g.uuids.get(i) for i in g.gpus},
+                "range_watts": [g.lo, g.hi], "steps_watts": list(g.steps),
+                "start_limits_watts": [g.start.get(i) for i in g.gpus],
+                "gpu_hour_usd": round(g.price_sum, 6), "rows": g.rows,
+                "recommendation": {k: rec.get(k) for k in ("tokens_per_dollar",
+                                                           "tokens_per_joule", "why")},
+            })
+        return {"schema": 1, "id": self.id, "state": self.state, "reason": self.reason,
+                "host": getattr(self.daemon, "hostname", None), "scenario": self.scenario,
+                "started_at": self.started_at, "finished_at": self.finished_at,
+                "params": self.params.to_json(), "currency": cfg.cost.currency,
+                "prices": {"gpu_hour_usd": [g.price_sum for g in self.groups],
+                           "energy_usd_per_kwh": self._energy_price(), "pue": self._pue()},
+                "groups": groups, "applied": self.applied, "dropin": self.dropin,
+                "restore_errors": self.restore_errors, "notes": self.notes}
+
+
+def _whole(w: float):
+    w = round(float(w), 3)
+    return int(w) if w.is_integer() else w
+
+
+def _planned(tuner, index: int, grp: Group, watts: float):
+    from gpucostd.tuners.base import Planned, gpu_label
+    uuid = grp.uuids.get(index)
+    return Planned(tuner, f"gpu:{index}", SETTING, _whole(watts), None, "calibrate",
+                   gpu_label(index, grp.names.get(index)), target=index,
+                   identity={"uuid": uuid} if uuid else {})
+
+
+def _sample(snap, grp: Group, reading) -> maths.Sample:
+    gs = [snap.gpu(i) for i in grp.gpus]
+    energy = None
+    if all(g.energy_joules is not None for g in gs):
+        energy = sum(g.energy_joules for g in gs)
+    power = sum(g.power_draw_watts for g in gs) if all(
+        g.power_draw_watts is not None for g in gs) else None
+    clocks = [g.sm_clock_mhz for g in gs if g.sm_clock_mhz is not None]
+    reasons: List[str] = []
+    for g in gs:
+        for r in g.clock_event_reasons or ():
+            if r not in reasons:
+                reasons.append(r)
+    return maths.Sample(snap.monotonic, reading.time, reading.tokens_total, energy, power,
+                        sum(clocks) / len(clocks) if clocks else None, tuple(reasons))
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+# ---------------------------------------------------------------------- drop-in
+def dropin_path(config_path: Optional[str]) -> str:
+    from gpucostd.config import dropin_dir
+    return os.path.join(dropin_dir(config_path), DROPIN_NAME)
+
+
+def dropin_text(groups: Sequence[Group], recs: Dict[int, int], config, now: float) -> str:
+    """[[tuning.gpu.override]] per GPU with its recommended limit. The match is the one an
+    override in the config already uses for that GPU (so the two merge), else its UUID."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now))
+    lines = [f"# Written by `gpucostd calibrate --apply` at {stamp}: the power limits with the",
+             "# most tokens per dollar (docs/tuning.md, \"Calibration\"). Read after",
+             "# gpucostd.toml; delete this file and reload (systemctl reload gpucostd) to undo.",
+             ""]
+    for grp in groups:
+        for i in grp.gpus:
+            uuid = grp.uuids.get(i)
+            match = f"uuid:{uuid}" if uuid else f"index:{i}"
+            for o in config.gpu_overrides:
+                if o.kind in ("index", "uuid") and o.matches(i, uuid, grp.names.get(i)):
+                    match = o.match
+            lines += ["[[tuning.gpu.override]]", f'match = "{match}"   # GPU {i}'
+                      + (f" ({grp.url})" if grp.url else ""),
+                      f"power_limit_watts = {int(recs[i])}", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- in the daemon
+def start(daemon, request: Dict[str, Any]) -> "Calibration":
+    """The status socket's calibrate start: validate against the latest snapshot, then hand
+    the calibration to the loop (its next cycle saves the originals and sets the first step).
+    Raises CalibrationRefused / ValueError."""
+    params = params_from(request.get("params") or {})
+    current = getattr(daemon, "calibration", None)
+    if current is not None and current.active:
+        raise CalibrationRefused(f"a calibration is already running on GPU "
+                                 f"{', '.join(map(str, current.gpus))} (id {current.id})")
+    groups, notes = plan(daemon.latest, params, daemon.config)
+    cal = Calibration(daemon, params, groups, notes,
+                      ident=f"{int(daemon.clock.time())}-{os.getpid()}")
+    daemon.calibration = cal
+    daemon.clock.wake()
+    return cal
+
+
+def cycle(daemon, snap) -> List[Event]:
+    """The loop's call after each cycle: drive the calibration, return its events."""
+    cal = getattr(daemon, "calibration", None)
+    if cal is None:
+        return []
+    cal.on_cycle(snap)
+    return cal.take_events()
+
+
+def stop(daemon, reason: str = "the daemon is stopping") -> List[Event]:
+    """Daemon shutdown: abort a running calibration and restore at once."""
+    cal = getattr(daemon, "calibration", None)
+    if cal is None or not cal.active:
+        return []
+    if cal.state == "running":
+        cal._abort(reason)
+    else:
+        cal.state, cal.reason = "aborted", reason
+    return cal.take_events()
+
+
+def snapshot_info(daemon) -> Optional[Dict[str, Any]]:
+    """snapshot.extra["calibration"]: the running one's progress, and the last report's
+    recommended and applied limits per GPU (for /metrics)."""
+    cal = getattr(daemon, "calibration", None)
+    if cal is not None and cal.active:
+        info: Dict[str, Any] = {"running": True, "progress": cal.progress()}
+    else:
+        info = {"running": False}
+    last = last_report(daemon.state_dir) if cal is None or not cal.active else None
+    if cal is not None and not cal.active:
+        last = cal.report()
+    if last:
+        info["last"] = {"id": last.get("id"), "state": last.get("state"),
+                        "finished_at": last.get("finished_at"),
+                        "recommended": _recommended(last), "applied": bool(last.get("applied"))}
+    return info
+
+
+def _recommended(report: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    out = {}
+    for g in report.get("groups") or ():
+        rec = ((g.get("recommendation") or {}).get("tokens_per_dollar") or {})
+        w = rec.get("power_limit_watts")
+        if w is None:
+            continue
+        for i in g.get("gpus") or ():
+            out[str(i)] = {"watts": w, "uuid": (g.get("uuids") or {}).get(str(i))}
+    return out
+
+
+def last_report(state_dir: str) -> Optional[Dict[str, Any]]:
+    try:
+        with open(os.path.join(state_dir, LAST_FILE), encoding="utf-8") as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def recover_interrupted(daemon, gpus) -> List[Event]:
+    """At start: a calibration that did not end (the daemon was killed) left
+    calibration-progress.json; put each GPU's limit back (matched by UUID) and forget the
+    originals it saved. Returns the events to record."""
+    from gpucostd.tuners.base import Planned, TunerError, gpu_label
+    path = os.path.join(daemon.state_dir, PROGRESS_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        entries = list(data["gpus"])
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [Event(daemon.clock.time(), "node", "calibration_restore_failed", Severity.WARN,
+                      "check the power limits and run `gpucostd restore` as root",
+                      f"{path}: unreadable ({e}); an interrupted calibration's limits may not "
+                      f"be restored")]
+    by_uuid = {g.uuid: g for g in gpus if g.uuid}
+    tuner = daemon.tuning.power
+    done, errors = [], []
+    for e in entries:
+        try:
+            index, uuid, watts = int(e["index"]), e.get("uuid"), float(e["start_watts"])
+        except (KeyError, TypeError, ValueError):
+            errors.append(f"bad entry {e!r}")
+            continue
+        g = by_uuid.get(uuid) if uuid else next((x for x in gpus if x.index == index), None)
+        if g is None:
+            errors.append(f"GPU {uuid or index} is not on this node now")
+            continue
+        p = Planned(tuner, f"gpu:{g.index}", SETTING, _whole(watts), None, "calibrate",
+                    gpu_label(g.index, g.name), target=g.index,
+                    identity={"uuid": g.uuid} if g.uuid else {})
+        try:
+            tuner.restore(p, _whole(watts))
+        except TunerError as ex:
+            errors.append(str(ex))
+            continue
+        if e.get("saved_original"):
+            try:
+                daemon.tuning.originals.remove(SETTING, f"gpu:{g.index}")
+            except Exception as ex:  # noqa: BLE001
+                errors.append(str(ex))
+        done.append(f"GPU {g.index} {_whole(watts)} W")
+    if not errors:
+        _remove(path)
+    now = daemon.clock.time()
+    if errors:
+        return [Event(now, "node", "calibration_restore_failed", Severity.WARN,
+                      "check the power limits and run `gpucostd restore` as root",
+                      "an interrupted calibration's limits were not all restored: "
+                      + "; ".join(errors) + (f" (restored {', '.join(done)})" if done else ""))]
+    return [Event(now, "node", "calibration_restored", Severity.WARN, "none",
+                  "a calibration was interrupted (the daemon stopped without ending it); "
+                  f"power limits restored: {', '.join(done) or 'none'}")]
+
+
+# ---------------------------------------------------------------------- one-shot, simulated
+def run_simulated(scenario: str, config, params: Params, dropin: Optional[str] = None,
+                  progress=None, illustrative_prices: bool = True) -> Dict[str, Any]:
+    """The whole calibration on a simulated node on a virtual clock (seconds): the daemon's
+    own loop, with a private state directory. Raises CalibrationRefused / ScenarioError.
+    With params.apply the drop-in is written to `dropin` (default: a temporary directory)
+    and the simulated daemon reloads it; the report says what it then enforces."""
+    import shutil
+    import tempfile
+    from gpucostd.clock import VirtualClock
+    from gpucostd.loop import Daemon
+    from gpucostd.replay import _replay_config
+    from gpucostd.sim.scenario import load_scenario
+
+    load_scenario(scenario)                    # ScenarioError before anything else
+    tmp = tempfile.mkdtemp(prefix="gpucostd-calibrate-")
+    notes: List[str] = []
+    cfg = config
+    if illustrative_prices and not cfg.cost.gpu_hour_usd and not cfg.model_prices and \
+            not cfg.cost.energy_usd_per_kwh:
+        cfg = cfg.updated(cost=dict(ILLUSTRATIVE_PRICES))
+        notes.append("Prices: illustrative ($%.2f per GPU-hour, $%.2f per kWh, PUE %.1f); set "
+                     "[cost] gpu_hour_usd, energy_usd_per_kwh and pue for yours."
+                     % (ILLUSTRATIVE_PRICES["gpu_hour_usd"],
+                        ILLUSTRATIVE_PRICES["energy_usd_per_kwh"], ILLUSTRATIVE_PRICES["pue"]))
+    clock = VirtualClock()
+    daemon = None
+    try:
+        rconfig = _replay_config(cfg, os.path.join(tmp, "state"))
+        daemon = Daemon(rconfig, clock=clock, simulate=scenario, journal=False)
+        daemon.start()
+        # the simulated node is in steady state between steps: a dozen samples per step
+        # measure it as well as one per second does, in a fraction of the time
+        interval = max(float(rconfig.daemon.interval_seconds), params.dwell_seconds / 12.0)
+        daemon.step()
+        clock.advance(interval)
+        daemon.step()
+        groups, gnotes = plan(daemon.latest, params, daemon.config)
+        cal = Calibration(daemon, params, groups, gnotes + notes, ident="simulated",
+                          client_timeout=None)
+        cal.dropin_path = dropin or os.path.join(tmp, "etc", "gpucostd.d", DROPIN_NAME)
+        daemon.calibration = cal
+        last_step = -2
+        try:
+            while cal.active:
+                clock.advance(interval)
+                daemon.step()
+                if progress is not None and cal.step != last_step and cal.active:
+                    last_step = cal.step
+                    progress(cal.progress())
+        except BaseException:
+            # SIGINT / SIGTERM (KeyboardInterrupt, SystemExit): restore before leaving
+            stop(daemon, "interrupted")
+            raise
+        report = cal.report()
+        if cal.applied:
+            report["enforced_after_apply"] = _sim_apply(daemon, cal, interval)
+        return report
+    finally:
+        if daemon is not None:
+            try:
+                daemon.shutdown(system_shutdown=True)
+            except Exception as e:  # noqa: BLE001
+                LOG.debug("calibrate shutdown: %s", e)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _sim_apply(daemon, cal: Calibration, interval: float) -> Dict[str, Any]:
+    """Load the config with the drop-in (as a reload would) and let the simulated daemon
+    enforce it for one cycle; returns {gpu: limit} it then reads."""
+    from gpucostd.config import load_files
+    from gpucostd.replay import _replay_config
+    base = daemon.config
+    new = load_files(base.path, [cal.dropin])
+    new = _replay_config(new, daemon.state_dir)
+    daemon.config = new
+    daemon.tuning.reconfigure(new)
+    daemon._applied = False
+    daemon._reload_requested.clear()
+    clock = daemon.clock
+    for _ in range(2):                # the cycle applies after its reading; the next reads it
+        clock.advance(interval)
+        snap = daemon.step()
+    return {str(i): (snap.gpu(i).power_limit_watts if snap.gpu(i) else None) for i in cal.gpus}
+
+
+# ---------------------------------------------------------------------- the command
+def _out(report: Dict[str, Any], as_json: bool) -> None:
+    import sys
+    if as_json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        sys.stdout.write(maths.format_report(report))
+
+
+def _exit_for(report: Dict[str, Any]) -> int:
+    state = report.get("state")
+    if state == "done":
+        return EXIT_DONE
+    if state == "refused":
+        return EXIT_REFUSED
+    return EXIT_ABORTED
+
+
+def _progress_printer(stream):
+    """Progress on a terminal (one line, rewritten); nothing in a pipe or under systemd."""
+    if not (hasattr(stream, "isatty") and stream.isatty()):
+        return None
+
+    def show(p: Dict[str, Any]) -> None:
+        limits = p.get("limits") or {}
+        where = ", ".join(f"GPU {k} {v} W" for k, v in sorted(limits.items()))
+        left = p.get("remaining_seconds")
+        text = (f"calibrating: step {p.get('step')}/{p.get('steps')} {where}"
+                + (f", {left:.0f} s left" if left is not None else ""))
+        stream.write("\r" + text[:99].ljust(99))
+        stream.flush()
+    return show
+
+
+def run_cli(args, load_config, socket_path) -> int:
+    """`gpucostd calibrate`: exit 0 done, 2 bad arguments or config, 3 daemon unreachable,
+    4 not root, 5 refused, 6 aborted."""
+    import sys
+    if args.last:
+        return _cli_last(args, load_config, socket_path)
+    try:
+        params = params_from({"gpus": args.gpus, "from_watts": args.from_watts,
+                              "to_watts": args.to_watts, "steps": args.steps,
+                              "dwell_seconds": args.dwell, "warmup_seconds": args.warmup,
+                              "min_throughput": args.min_throughput,
+                              "abort_below": args.abort_below, "apply": args.apply})
+    except ValueError as e:
+        print(f"gpucostd: calibrate: {e}", file=sys.stderr)
+        return 2
+    cfg = load_config(args.config)
+    if args.simulate is not None:
+        from gpucostd.sim.scenario import ScenarioError
+        show = _progress_printer(sys.stderr)
+        try:
+            report = run_simulated(args.simulate or DEFAULT_SIM_SCENARIO, cfg, params,
+                                   dropin=args.dropin, progress=show)
+        except CalibrationRefused as e:
+            if show:
+                sys.stderr.write("\n")
+            print(f"gpucostd: calibrate refused: {e}", file=sys.stderr)
+            return EXIT_REFUSED
+        except ScenarioError as e:
+            print(f"gpucostd: {e}", file=sys.stderr)
+            return 2
+        if show:
+            sys.stderr.write("\r" + " " * 99 + "\r")
+        _out(report, args.json)
+        return _exit_for(report)
+    if os.geteuid() != 0:
+        print("gpucostd: calibrate changes GPU power limits and needs root: run it with sudo "
+              "(or try it on a simulated node: gpucostd calibrate --simulate)", file=sys.stderr)
+        return 4
+    if args.dropin:
+        print("gpucostd: calibrate: --dropin is for --simulate; the daemon writes "
+              "gpucostd.d/calibrated.toml beside its config", file=sys.stderr)
+        return 2
+    return _cli_daemon(args, params, socket_path)
+
+
+def _cli_daemon(args, params: Params, socket_path) -> int:
+    import signal
+    import sys
+    from gpucostd.views.statusclient import StatusClientError, request
+    path = socket_path(args)
+    try:
+        reply = request(path, {"cmd": "calibrate", "action": "start",
+                               "params": params.to_json()})
+    except StatusClientError as e:
+        msg = str(e)
+        print(f"gpucostd: calibrate: {msg}", file=sys.stderr)
+        return 4 if "needs root" in msg else 3
+    if reply.get("refused"):
+        print(f"gpucostd: calibrate refused: {reply['refused']}", file=sys.stderr)
+        return EXIT_REFUSED
+    ident = reply["calibration"]["id"]
+    show = _progress_printer(sys.stderr)
+    interrupted: List[str] = []
+
+    def on_signal(signum, frame):
+        interrupted.append(signal.Signals(signum).name)
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    report = None
+    failures = 0
+    sent_abort = False
+    try:
+        while True:
+            msg = {"cmd": "calibrate", "id": ident, "action": "status"}
+            if interrupted and not sent_abort:
+                msg = {"cmd": "calibrate", "id": ident, "action": "abort",
+                       "reason": f"interrupted ({interrupted[0]} to the calibrate command)"}
+            try:
+                reply = request(path, msg)
+                failures = 0
+                sent_abort = sent_abort or msg["action"] == "abort"
+            except StatusClientError as e:
+                failures += 1
+                if failures >= 5:
+                    print(f"\ngpucostd: calibrate: lost the daemon: {e}; it aborts and "
+                          f"restores by itself when nobody asks for {CLIENT_TIMEOUT:g} s",
+                          file=sys.stderr)
+                    return 3
+                time.sleep(1.0)
+                continue
+            if "report" in reply:
+                report = reply["report"]
+                break
+            if show:
+                show(reply["calibration"])
+            time.sleep(0.2 if interrupted else 1.0)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if show:
+        sys.stderr.write("\r" + " " * 99 + "\r")
+    _out(report, args.json)
+    return _exit_for(report)
+
+
+def _cli_last(args, load_config, socket_path) -> int:
+    import sys
+    from gpucostd.views.statusclient import StatusClientError, request
+    report = None
+    try:
+        report = request(socket_path(args), {"cmd": "calibrate_last"}).get("report")
+    except StatusClientError:
+        cfg = load_config(args.config)          # no daemon: the state directory keeps it
+        report = last_report(cfg.daemon.state_dir)
+    if not report:
+        print("gpucostd: no calibration has run yet (gpucostd calibrate)", file=sys.stderr)
+        return 3
+    _out(report, args.json)
+    return 0
+
+
+__all__ = ["run_cli", "Calibration", "CalibrationRefused", "Params", "params_from", "plan", "start",
+           "cycle", "stop", "snapshot_info", "recover_interrupted", "run_simulated",
+           "last_report", "dropin_path", "dropin_text", "EXIT_DONE", "EXIT_REFUSED",
+           "EXIT_ABORTED"]
