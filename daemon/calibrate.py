@@ -692,21 +692,37 @@ def stop(daemon, reason: str = "the daemon is stopping") -> List[Event]:
 
 
 def snapshot_info(daemon) -> Optional[Dict[str, Any]]:
-    """snapshot.extra["calibration"]: the running one's progress, and the last report's
-    recommended and applied limits per GPU (for /metrics)."""
+    """snapshot.extra["calibration"]: the running one's progress (with its uuids), and the
+    last report's recommended limits per GPU and those --apply wrote while its drop-in is
+    still there (for /metrics)."""
     cal = getattr(daemon, "calibration", None)
-    if cal is not None and cal.active:
-        info: Dict[str, Any] = {"running": True, "progress": cal.progress()}
+    info: Dict[str, Any] = {"running": bool(cal is not None and cal.active)}
+    if info["running"]:
+        info["progress"] = cal.progress()
+        info["uuids"] = {str(i): g.uuids.get(i) for g in cal.groups for i in g.gpus}
+        return info
+    if cal is not None:
+        if getattr(cal, "_summary", None) is None:
+            cal._summary = _summary(cal.report())
+        last = cal._summary
     else:
-        info = {"running": False}
-    last = last_report(daemon.state_dir) if cal is None or not cal.active else None
-    if cal is not None and not cal.active:
-        last = cal.report()
+        if not hasattr(daemon, "_calibration_summary"):
+            rep = last_report(daemon.state_dir)
+            daemon._calibration_summary = _summary(rep) if rep else None
+        last = daemon._calibration_summary
     if last:
-        info["last"] = {"id": last.get("id"), "state": last.get("state"),
-                        "finished_at": last.get("finished_at"),
-                        "recommended": _recommended(last), "applied": bool(last.get("applied"))}
+        last = dict(last)
+        if last["applied"] and not (last.get("dropin") and os.path.exists(last["dropin"])):
+            last["applied"] = {}
+        info["last"] = last
     return info
+
+
+def _summary(report: Dict[str, Any]) -> Dict[str, Any]:
+    rec = _recommended(report)
+    return {"id": report.get("id"), "state": report.get("state"),
+            "finished_at": report.get("finished_at"), "recommended": rec,
+            "applied": rec if report.get("applied") else {}, "dropin": report.get("dropin")}
 
 
 def _recommended(report: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
@@ -789,11 +805,13 @@ def recover_interrupted(daemon, gpus) -> List[Event]:
 
 # ---------------------------------------------------------------------- one-shot, simulated
 def run_simulated(scenario: str, config, params: Params, dropin: Optional[str] = None,
-                  progress=None, illustrative_prices: bool = True) -> Dict[str, Any]:
+                  progress=None, illustrative_prices: bool = True, on_cycle=None,
+                  client_timeout: Optional[float] = None) -> Dict[str, Any]:
     """The whole calibration on a simulated node on a virtual clock (seconds): the daemon's
     own loop, with a private state directory. Raises CalibrationRefused / ScenarioError.
     With params.apply the drop-in is written to `dropin` (default: a temporary directory)
-    and the simulated daemon reloads it; the report says what it then enforces."""
+    and the simulated daemon reloads it; the report says what it then enforces.
+    `on_cycle(daemon, calibration)` runs before every cycle (tests inject faults with it)."""
     import shutil
     import tempfile
     from gpucostd.clock import VirtualClock
@@ -826,24 +844,27 @@ def run_simulated(scenario: str, config, params: Params, dropin: Optional[str] =
         daemon.step()
         groups, gnotes = plan(daemon.latest, params, daemon.config)
         cal = Calibration(daemon, params, groups, gnotes + notes, ident="simulated",
-                          client_timeout=None)
+                          client_timeout=client_timeout)
         cal.dropin_path = dropin or os.path.join(tmp, "etc", "gpucostd.d", DROPIN_NAME)
         daemon.calibration = cal
         last_step = -2
         try:
             while cal.active:
                 clock.advance(interval)
+                if on_cycle is not None:
+                    on_cycle(daemon, cal)
                 daemon.step()
                 if progress is not None and cal.step != last_step and cal.active:
                     last_step = cal.step
                     progress(cal.progress())
         except BaseException:
             # SIGINT / SIGTERM (KeyboardInterrupt, SystemExit): restore before leaving
-            stop(daemon, "interrupted")
+            daemon._record(stop(daemon, "interrupted"))
             raise
         report = cal.report()
         if cal.applied:
             report["enforced_after_apply"] = _sim_apply(daemon, cal, interval)
+        report["events"] = _calibration_events(daemon)
         return report
     finally:
         if daemon is not None:
@@ -852,6 +873,12 @@ def run_simulated(scenario: str, config, params: Params, dropin: Optional[str] =
             except Exception as e:  # noqa: BLE001
                 LOG.debug("calibrate shutdown: %s", e)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _calibration_events(daemon) -> List[Dict[str, Any]]:
+    return [{"code": e.code, "severity": e.severity.name, "message": e.message}
+            for e in sorted(daemon.store.query(), key=lambda e: (e.time, e.id or 0))
+            if e.code.startswith("calibration")]
 
 
 def _sim_apply(daemon, cal: Calibration, interval: float) -> Dict[str, Any]:

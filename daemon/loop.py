@@ -424,12 +424,6 @@ class Daemon:
         return self._eff_judge.judge(gpus, cost, readings, self.config, now)
 
     def _calibration_info(self):
-        if self.calibration is None and not hasattr(self, "_calibration_last_seen"):
-            from gpucostd.calibrate import snapshot_info
-            self._calibration_last_seen = snapshot_info(self)    # the last report, once
-            return self._calibration_last_seen
-        if self.calibration is None:
-            return self._calibration_last_seen
         from gpucostd.calibrate import snapshot_info
         return snapshot_info(self)
 
