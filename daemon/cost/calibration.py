@@ -21,11 +21,15 @@ steps, the one with the most tokens per joule.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from gpucostd.snapshot import GpuState, Severity, THROTTLE_REASONS
+
 # Throttle reasons a calibration may cause; any other throttle reason aborts it.
 OWN_REASON = "SwPowerCap"
+FOREIGN_REASONS = tuple(r for r in THROTTLE_REASONS if r != OWN_REASON)
 
 
 def step_plan(hi: float, lo: float, steps: int) -> List[int]:
@@ -200,6 +204,266 @@ def _r(x: Optional[float], nd: int) -> Optional[float]:
     return round(float(x), nd)
 
 
+# ---------------------------------------------------------------------- plan
+class CalibrationRefused(Exception):
+    """The calibration cannot start; str() says why and what to do."""
+
+
+# ---------------------------------------------------------------------- parameters
+@dataclass(frozen=True)
+class Params:
+    gpus: Optional[Tuple[int, ...]] = None   # None: all
+    from_watts: Optional[float] = None
+    to_watts: Optional[float] = None
+    steps: int = 6
+    dwell_seconds: float = 60.0
+    warmup_seconds: Optional[float] = None
+    min_throughput: float = 0.95
+    abort_below: float = 0.5
+    apply: bool = False
+
+    @property
+    def warmup(self) -> float:
+        return default_warmup(self.dwell_seconds) if self.warmup_seconds is None \
+            else self.warmup_seconds
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"gpus": list(self.gpus) if self.gpus is not None else "all",
+                "from_watts": self.from_watts, "to_watts": self.to_watts, "steps": self.steps,
+                "dwell_seconds": self.dwell_seconds, "warmup_seconds": self.warmup,
+                "min_throughput": self.min_throughput, "abort_below": self.abort_below,
+                "apply": self.apply}
+
+
+def params_from(d: Dict[str, Any]) -> Params:
+    """Params from a request / the command line; ValueError says which value is wrong."""
+    def num(key, lo, hi, default, integer=False):
+        v = d.get(key, default)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{key} = {v!r} must be a number")
+        if integer and int(v) != v:
+            raise ValueError(f"{key} = {v!r} must be a whole number")
+        if not lo <= v <= hi:
+            raise ValueError(f"{key} = {v!r} is out of range; allowed {lo:g}..{hi:g}")
+        return int(v) if integer else float(v)
+
+    gpus = d.get("gpus", "all")
+    if gpus in (None, "all"):
+        gtuple = None
+    elif isinstance(gpus, str):
+        try:
+            gtuple = tuple(sorted({int(x) for x in gpus.split(",") if x.strip()}))
+        except ValueError:
+            raise ValueError(f"--gpus {gpus!r} must be 'all' or indexes like 0,1") from None
+        if not gtuple:
+            raise ValueError("--gpus is empty; give indexes like 0,1 or 'all'")
+    elif isinstance(gpus, list) and all(isinstance(x, int) and not isinstance(x, bool)
+                                        for x in gpus) and gpus:
+        gtuple = tuple(sorted(set(gpus)))
+    else:
+        raise ValueError(f"gpus = {gpus!r} must be 'all' or a list of indexes")
+    dwell = num("dwell_seconds", 2, 3600, 60.0)
+    warm = num("warmup_seconds", 0, 3600, None)
+    if warm is not None and warm >= dwell:
+        raise ValueError(f"--warmup {warm:g} must be shorter than --dwell {dwell:g}")
+    p = Params(gtuple, num("from_watts", 1, 100000, None), num("to_watts", 1, 100000, None),
+               num("steps", 1, 100, 6, integer=True), dwell, warm,
+               num("min_throughput", 0, 1, 0.95), num("abort_below", 0, 1, 0.5),
+               bool(d.get("apply", False)))
+    if p.from_watts is not None and p.to_watts is not None and p.to_watts > p.from_watts:
+        raise ValueError(f"--to {p.to_watts:g} must not be above --from {p.from_watts:g}")
+    return p
+
+
+# ---------------------------------------------------------------------- groups
+@dataclass
+class Group:
+    gpus: Tuple[int, ...]
+    url: Optional[str]                       # the endpoint whose tokens are the group's
+    uuids: Dict[int, Optional[str]] = field(default_factory=dict)
+    names: Dict[int, Optional[str]] = field(default_factory=dict)
+    steps: List[int] = field(default_factory=list)
+    lo: float = 0.0
+    hi: float = 0.0
+    start: Dict[int, float] = field(default_factory=dict)      # the limit before the first step
+    saved: Dict[int, bool] = field(default_factory=dict)       # originals saved by us
+    rows: List[Dict[str, Any]] = field(default_factory=list)
+    window: Window = field(default_factory=Window)
+    skipped: Optional[str] = None
+    price_sum: float = 0.0
+    recommendation: Dict[str, Any] = field(default_factory=dict)
+
+    def label(self) -> str:
+        return "GPU" + ("s " if len(self.gpus) > 1 else " ") + ", ".join(map(str, self.gpus))
+
+
+def _endpoint_groups(snap, readings) -> List[Tuple[Tuple[int, ...], Optional[str]]]:
+    """(gpus, url) per endpoint reading, then one GPU alone where no endpoint maps."""
+    indexes = [g.index for g in snap.gpus]
+    out: List[Tuple[Tuple[int, ...], Optional[str]]] = []
+    taken: set = set()
+    for r in readings:
+        if r is None:
+            continue
+        gpus = tuple(i for i in (r.gpus if r.gpus is not None else indexes) if i in indexes)
+        gpus = tuple(i for i in gpus if i not in taken)
+        if gpus:
+            out.append((gpus, r.url))
+            taken.update(gpus)
+    for i in indexes:
+        if i not in taken:
+            out.append(((i,), None))
+    return out
+
+
+def _foreign(reasons) -> List[str]:
+    return [r for r in (reasons or ()) if r in FOREIGN_REASONS]
+
+
+def gpu_trouble(snap, index: int) -> Optional[str]:
+    """Why GPU `index` is not fit to calibrate now (None: fit). The calibration's own
+    SwPowerCap finding does not count."""
+    g = snap.gpu(index)
+    if g is None:
+        return f"GPU {index} is not on this node"
+    if g.state != GpuState.OK:
+        return f"GPU {index} is {g.state.value}" + (f": {g.error}" if g.error else "")
+    bad = [f for f in snap.findings if (f.gpu == index or f.subject == f"gpu:{index}")
+           and f.severity not in (Severity.OK,) and f.code != "sw_power_cap"]
+    if bad:
+        f = max(bad, key=lambda f: int(f.severity))
+        return f"GPU {index} health is {f.severity.name}: {f.message}"
+    foreign = _foreign(g.clock_event_reasons)
+    if foreign:
+        return f"GPU {index} is throttled by {', '.join(foreign)} (not by its power limit)"
+    return None
+
+
+def plan(snap, params: Params, config) -> Tuple[List[Group], List[str]]:
+    """The groups to calibrate and notes on the GPUs left out. Raises CalibrationRefused."""
+    if snap is None:
+        raise CalibrationRefused("the daemon has no reading yet; try again in a second")
+    if not snap.gpus:
+        raise CalibrationRefused("no GPUs to calibrate (NVML: "
+                                 f"{snap.nvml_error or 'reports none'})")
+    readings = list((snap.extra or {}).get("inference") or ())
+    wanted = set(params.gpus) if params.gpus is not None else None
+    if wanted is not None:
+        missing = sorted(wanted - {g.index for g in snap.gpus})
+        if missing:
+            raise CalibrationRefused(f"GPU {', '.join(map(str, missing))} not on this node "
+                                     f"(GPUs: {', '.join(str(g.index) for g in snap.gpus)})")
+    busy = float(config.cost.busy_utilization_percent)
+    groups: List[Group] = []
+    notes: List[str] = []
+    for gpus, url in _endpoint_groups(snap, readings):
+        if wanted is not None and not wanted & set(gpus):
+            continue
+        if wanted is not None and not set(gpus) <= wanted:
+            raise CalibrationRefused(
+                f"GPUs {', '.join(map(str, gpus))} serve one endpoint ({url}); calibrate them "
+                f"together: --gpus {','.join(map(str, gpus))}")
+        label = ", ".join(map(str, gpus))
+        why = None
+        reading = next((r for r in readings if r is not None and r.url == url), None)
+        if url is None:
+            why = (f"no token source maps to GPU {label}: configure its inference server "
+                   f"([[inference.endpoint]] url and gpus)")
+        elif reading is None or not reading.ok:
+            why = (f"the inference endpoint of GPUs {label} does not answer "
+                   f"({getattr(reading, 'error', None) or 'no reading'})")
+        for i in gpus:
+            if why:
+                break
+            why = gpu_trouble(snap, i)
+            g = snap.gpu(i)
+            if why is None and (g.utilization_percent is None or g.utilization_percent < busy
+                                or "GpuIdle" in (g.clock_event_reasons or ())):
+                why = (f"GPU {i} is idle ({_pct(g.utilization_percent)} utilization): a "
+                       f"calibration needs steady traffic; run it under normal load")
+            if why is None and (g.power_limit_min_watts is None or
+                                g.power_limit_max_watts is None or g.power_limit_watts is None):
+                why = f"GPU {i} does not report its power limit and range"
+        if why:
+            if wanted is not None:
+                raise CalibrationRefused(why)
+            notes.append(f"skipped GPU {label}: {why}")
+            continue
+        grp = Group(tuple(gpus), url)
+        readings_g = [snap.gpu(i) for i in gpus]
+        grp.lo = max(g.power_limit_min_watts for g in readings_g)
+        grp.hi = min(g.power_limit_max_watts for g in readings_g)
+        hi = grp.hi if params.from_watts is None else params.from_watts
+        lo = grp.lo if params.to_watts is None else params.to_watts
+        for name, v in (("--from", hi), ("--to", lo)):
+            if not grp.lo <= v <= grp.hi:
+                raise CalibrationRefused(
+                    f"{name} {v:g} W is outside the power limit range of GPUs {label}; "
+                    f"allowed {grp.lo:g}..{grp.hi:g} W")
+        try:
+            grp.steps = step_plan(hi, lo, params.steps)
+        except ValueError as e:
+            raise CalibrationRefused(str(e)) from None
+        for g in readings_g:
+            grp.uuids[g.index] = g.uuid
+            grp.names[g.index] = g.name
+            grp.start[g.index] = float(g.power_limit_watts)
+            grp.price_sum += float(config.price_for_model(g.name))
+        groups.append(grp)
+    if not groups:
+        raise CalibrationRefused("nothing to calibrate: " + "; ".join(
+            n[len("skipped GPU "):] for n in notes) if notes else "nothing to calibrate")
+    return groups, notes
+
+
+def _pct(x) -> str:
+    return "unknown" if x is None else f"{x:.0f}%"
+
+
+
+
+def dropin_text(groups: Sequence[Group], recs: Dict[int, int], config, now: float) -> str:
+    """[[tuning.gpu.override]] per GPU with its recommended limit. The match is the one an
+    override in the config already uses for that GPU (so the two merge), else its UUID."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now))
+    lines = [f"# Written by `gpucostd calibrate --apply` at {stamp}: the power limits with the",
+             "# most tokens per dollar (docs/tuning.md, \"Calibration\"). Read after",
+             "# gpucostd.toml; delete this file and reload (systemctl reload gpucostd) to undo.",
+             ""]
+    for grp in groups:
+        for i in grp.gpus:
+            uuid = grp.uuids.get(i)
+            match = f"uuid:{uuid}" if uuid else f"index:{i}"
+            for o in config.gpu_overrides:
+                if o.kind in ("index", "uuid") and o.matches(i, uuid, grp.names.get(i)):
+                    match = o.match
+            lines += ["[[tuning.gpu.override]]", f'match = "{match}"   # GPU {i}'
+                      + (f" ({grp.url})" if grp.url else ""),
+                      f"power_limit_watts = {int(recs[i])}", ""]
+    return "\n".join(lines)
+
+
+def summary(report: Dict[str, Any]) -> Dict[str, Any]:
+    rec = recommended(report)
+    return {"id": report.get("id"), "state": report.get("state"),
+            "finished_at": report.get("finished_at"), "recommended": rec,
+            "applied": rec if report.get("applied") else {}, "dropin": report.get("dropin")}
+
+
+def recommended(report: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    out = {}
+    for g in report.get("groups") or ():
+        rec = ((g.get("recommendation") or {}).get("tokens_per_dollar") or {})
+        w = rec.get("power_limit_watts")
+        if w is None:
+            continue
+        for i in g.get("gpus") or ():
+            out[str(i)] = {"watts": w, "uuid": (g.get("uuids") or {}).get(str(i))}
+    return out
+
+
 # ---------------------------------------------------------------------- text
 def _f(x: Any, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
@@ -286,5 +550,6 @@ def format_report(report: Dict[str, Any], width: int = 100) -> str:
                      for line in lines) + "\n"
 
 
-__all__ = ["step_plan", "default_warmup", "Sample", "Window", "step_row", "finish_rows",
+__all__ = ["CalibrationRefused", "Params", "params_from", "Group", "plan", "gpu_trouble",
+           "dropin_text", "summary", "recommended", "step_plan", "default_warmup", "Sample", "Window", "step_row", "finish_rows",
            "recommend", "format_report", "price_per_hour", "OWN_REASON"]
