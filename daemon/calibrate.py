@@ -605,7 +605,14 @@ def run_simulated(scenario: str, config, params: Params, dropin: Optional[str] =
             raise
         report = cal.report()
         if cal.applied:
+            with open(cal.dropin, encoding="utf-8") as f:
+                report["dropin_text"] = f.read()
             report["enforced_after_apply"] = _sim_apply(daemon, cal, interval)
+            if dropin is None:
+                report["dropin"] = None
+                report["notes"].insert(0, "Simulated --apply: the drop-in was loaded by the "
+                                          "simulated daemon and not kept (--dropin FILE keeps "
+                                          "it).")
         report["events"] = _calibration_events(daemon)
         return report
     finally:

@@ -310,3 +310,38 @@ def test_refusal_exit_code(capsys):
     from gpucostd import cli
     assert cli.main(["calibrate", "--simulate", "builtin:serving", "--gpus", "2,3"]) == 5
     assert "idle" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- crash recovery
+def _daemon(tmp_path, progress):
+    from gpucostd.clock import VirtualClock
+    from gpucostd.loop import Daemon
+    state = tmp_path / "state"
+    state.mkdir(exist_ok=True)
+    (state / cal_mod.PROGRESS_FILE).write_text(json.dumps(progress))
+    cfg = parse(f'[daemon]\nstate_dir = "{state}"\nkernel_log = "none"\nlisten_address = ""\n')
+    return Daemon(cfg, clock=VirtualClock(), simulate="builtin:calibrate", journal=False), state
+
+
+def test_recovery_at_start_puts_back_the_saved_limits_of_the_same_gpus_only(tmp_path):
+    d, state = _daemon(tmp_path, {"version": 1, "gpus": [
+        {"index": 0, "uuid": "GPU-not-this-node", "start_watts": 650, "saved_original": True}]})
+    try:
+        d.gateway.ensure_initialized()
+        d.gateway.set_power_limit(0, 300.0)
+        snap = d.step()
+        assert snap.gpu(0).power_limit_watts == 300          # another node's GPU: left alone
+        assert (state / cal_mod.PROGRESS_FILE).exists()       # tried again at the next start
+        assert [e.code for e in d.store.query()][-1] == "calibration_restore_failed"
+        uuid = snap.gpu(1).uuid
+    finally:
+        d.shutdown(system_shutdown=True)
+    d, state = _daemon(tmp_path, {"version": 1, "gpus": [
+        {"index": 1, "uuid": uuid, "start_watts": 650, "saved_original": False}]})
+    try:
+        d.step()
+        assert d.step().gpu(1).power_limit_watts == 650
+        assert not (state / cal_mod.PROGRESS_FILE).exists()
+        assert "calibration_restored" in [e.code for e in d.store.query()]
+    finally:
+        d.shutdown(system_shutdown=True)

@@ -532,10 +532,11 @@ def format_report(report: Dict[str, Any], width: int = 100) -> str:
                          f"({_f(j.get('tokens_per_joule'), '.3f')} tokens/J, "
                          f"{_f((j.get('throughput_ratio') or 0) * 100, '.1f')}% of the best "
                          f"throughput)")
-    if report.get("dropin"):
+    if report.get("dropin") or report.get("dropin_text"):
         lines.append("")
-        lines.extend(_wrap(f"Applied: {report['dropin']} (the daemon enforces it; remove the "
-                           f"file and reload to undo)", width))
+        if report.get("dropin"):
+            lines.extend(_wrap(f"Applied: {report['dropin']} (the daemon enforces it; remove "
+                               f"the file and reload to undo)", width))
         enforced = report.get("enforced_after_apply")
         if enforced:
             lines.append("  the simulated daemon then enforces: " + ", ".join(
