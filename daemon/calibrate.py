@@ -104,6 +104,11 @@ class Calibration:
         if not self.active:
             return
         if self.state == "pending":
+            if self._abort_request:          # asked to stop before anything was written
+                self.state, self.reason = "aborted", self._abort_request
+                self.finished_at = self.daemon.clock.time()
+                self._save_last()
+                return
             self._begin(snap)
             return
         now = snap.monotonic
@@ -564,7 +569,8 @@ def run_simulated(scenario: str, config, params: Params, dropin: Optional[str] =
     load_scenario(scenario)                    # ScenarioError before anything else
     tmp = tempfile.mkdtemp(prefix="gpucostd-calibrate-")
     notes: List[str] = []
-    cfg = config
+    # the scenario's simulated servers, never the configured (real) ones
+    cfg = config.updated(inference={"metrics_url": ""}).with_endpoints(())
     if illustrative_prices and not cfg.cost.gpu_hour_usd and not cfg.model_prices and \
             not cfg.cost.energy_usd_per_kwh:
         cfg = cfg.updated(cost=dict(ILLUSTRATIVE_PRICES))
@@ -701,7 +707,12 @@ def run_cli(args, load_config, socket_path) -> int:
     cfg = load_config(args.config)
     if args.simulate is not None:
         from gpucostd.sim.scenario import ScenarioError
+        import signal
         show = _progress_printer(sys.stderr)
+
+        def on_term(signum, frame):
+            raise KeyboardInterrupt       # run_simulated restores on the way out
+        signal.signal(signal.SIGTERM, on_term)
         try:
             report = run_simulated(args.simulate or DEFAULT_SIM_SCENARIO, cfg, params,
                                    dropin=args.dropin, progress=show)
