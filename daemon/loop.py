@@ -121,6 +121,9 @@ class Daemon:
         self._state_dir_was_bad = False
         self._state_since: Optional[float] = None
         self._originals_since: Optional[float] = None
+        self.calibration = None               # gpucostd.calibrate.Calibration, while one runs
+        self._calibration_recover = os.path.exists(os.path.join(state_dir,
+                                                                "calibration-progress.json"))
 
     # ------------------------------------------------------------------ helpers
     def _configure_inference(self) -> None:
@@ -237,6 +240,10 @@ class Daemon:
         """Restore tuned settings (unless the system is shutting down), flush, close."""
         if self.notifier is not None:
             self.notifier.stopping()
+        if self.calibration is not None:      # a calibration's limits back, whatever comes
+            from gpucostd.calibrate import stop
+            with self._lock:
+                self._record(self._guard("calibration stop", lambda: stop(self), []) or [])
         if self.config.tuning.restore_on_stop and not self.one_shot:
             if system_shutdown is None:
                 from gpucostd.tuners.manager import shutdown_in_progress
@@ -332,6 +339,12 @@ class Daemon:
         if not self.one_shot:
             originals_problem = self._guard("originals", lambda: self.tuning.originals_problem)
             events.extend(self._originals_events(now, originals_problem))
+        if self._calibration_recover and gpus and not self.one_shot and not originals_problem:
+            # a calibration the daemon did not end (killed): its limits back first
+            from gpucostd.calibrate import recover_interrupted
+            self._calibration_recover = False
+            events.extend(self._guard("calibration recovery",
+                                      lambda: recover_interrupted(self, gpus), []) or [])
         # tuning: apply once at start (and after reload), then verify every verify interval;
         # never while the saved originals are unreadable (tuning would lose them for good)
         if not self.one_shot and (gpus or self.config.nic_tuning):
@@ -448,9 +461,13 @@ class Daemon:
                    "events_pending": self._guard("event store", lambda: self.store.pending, 0) or 0,
                    "gpu_inventory": (report.extra or {}).get("gpu_inventory")
                    if report is not None else None,
-                   "version": __version__, "pid": os.getpid()},
+                   "version": __version__, "pid": os.getpid(),
+                   "calibration": self._guard("calibration info", self._calibration_info)},
         )
         self._latest = snap
+        if self.calibration is not None:
+            from gpucostd.calibrate import cycle
+            self._record(self._guard("calibration", lambda: cycle(self, snap), []) or [])
         for publish in self._publishers:
             self._guard("publish", lambda: publish(snap))
         return snap
@@ -545,6 +562,10 @@ class Daemon:
         if not hasattr(self, "_eff_judge"):
             self._eff_judge = EfficiencyJudge()
         return self._eff_judge.judge(gpus, cost, readings, self.config, now)
+
+    def _calibration_info(self):
+        from gpucostd.calibrate import snapshot_info
+        return snapshot_info(self)
 
     # ------------------------------------------------------------------ events
     def _record(self, events: List[Event]) -> None:
