@@ -640,6 +640,15 @@ class Py313Suite:
         self.work = None
         self.t0 = 0.0
 
+    @staticmethod
+    def test_extra():
+        """The [test] extra of pyproject.toml, less systemd-python (Debian's python3-systemd
+        is the one under test)."""
+        from test_packaging import tomllib
+        with open(REPO / "pyproject.toml", "rb") as f:
+            extra = tomllib.load(f)["project"]["optional-dependencies"]["test"]
+        return [d for d in extra if not d.lower().startswith("systemd-python")]
+
     def start(self):
         if self.proc is not None or self.skip is not None:
             return
@@ -654,7 +663,7 @@ class Py313Suite:
                             "--disable-pip-version-check", "--only-binary=:all:",
                             "--python-version", "3.13", "-d", str(wheels),
                             "-r", str(REPO / "packaging" / "requirements.lock"),
-                            "pytest", "nvidia-nvml-dev", "setuptools>=77"],
+                            *self.test_extra(), "setuptools>=77"],
                            capture_output=True, text=True, timeout=600)
         if r.returncode != 0 and not any(wheels.glob("pytest-*.whl")):
             self.skip = ("cannot download the wheels for python3.13 from PyPI: "
@@ -679,7 +688,8 @@ class Py313Suite:
             f"python3 -m venv --system-site-packages {venv}\n"
             f"{venv}/bin/python -c 'import sys, psutil, systemd.journal as j; "
             f"print(\"PYINFO\", sys.version.split()[0], psutil.__version__, j.__file__)'\n"
-            f"{pip} -r packaging/requirements.lock pytest nvidia-nvml-dev\n{pip} -e .\n"
+            f"{pip} -r packaging/requirements.lock {' '.join(repr(x) for x in self.test_extra())}"
+            f"\n{pip} -e .\n"
             f"exec {venv}/bin/python -m pytest -q -ra -p no:cacheprovider tests "
             f"--ignore=tests/test_nspawn.py --ignore=tests/test_packaging.py\n")
         for path in [home, *home.rglob("*")]:
