@@ -216,7 +216,7 @@ def test_diagnosis_waits_its_hold_so_one_odd_scrape_says_nothing():
 
 
 HOOK = """#!/bin/sh
-env | grep '^GPUCOSTD_' | sort > "$0.$GPUCOSTD_HOOK.env"
+env | grep '^GPUCOSTD_' | sort > "$0.$GPUCOSTD_HOOK.tmp" && mv "$0.$GPUCOSTD_HOOK.tmp" "$0.$GPUCOSTD_HOOK.env"
 """
 
 
