@@ -13,7 +13,7 @@ import re
 import stat
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -296,6 +296,7 @@ class Config:
         self.raw_text = raw_text
         # trust problems a root daemon reports as findings (see load()); () when none
         self.warnings: Tuple[str, ...] = ()
+        self.files: Tuple[Tuple[str, str], ...] = ()    # (path, text) read, in order (load)
 
     # -- GPU tuning resolution
     def gpu_settings_for(self, index: int, uuid: Optional[str], model: Optional[str]
@@ -360,6 +361,7 @@ class Config:
                      {n: dict(v) for n, v in self.nic_tuning.items()}, self.model_prices,
                      self.raw_text, self._endpoints)
         cfg.warnings = self.warnings
+        cfg.files = self.files
         return cfg
 
     def as_dict(self) -> Dict[str, Any]:
@@ -381,8 +383,15 @@ class Config:
                 for e in self._endpoints])
         return out
 
-    def to_toml(self) -> str:
-        return dump_toml(self.as_dict())
+    def to_toml(self, sources: bool = False) -> str:
+        """The effective config as TOML; with `sources`, each value says where it came from
+        (`# FILE:LINE`, or `# default`)."""
+        if not sources:
+            return dump_toml(self.as_dict())
+        where = source_map(self.files)
+        head = "# files read, in order: " + (", ".join(p for p, _t in self.files) or
+                                             "none (all defaults)") + "\n"
+        return head + dump_toml(self.as_dict(), comment=lambda k: where.get(k, "default"))
 
 
 # --------------------------------------------------------------------------- loading
@@ -709,32 +718,47 @@ def _parse_nics(value, nics, err_at):
 
 
 def load(path: Optional[str] = None, *, missing_ok: Optional[bool] = None) -> Config:
-    """Load the config file. The default path may be missing (all defaults); an explicit path
-    must exist."""
+    """Load the config file, then its drop-ins (gpucostd.d/*.toml beside it, in name order).
+    The default path may be missing (all defaults); an explicit path must exist."""
     explicit = path is not None
     path = path or DEFAULT_PATH
     if missing_ok is None:
         missing_ok = not explicit
-    try:
-        data, st = _read_config(path)
-    except FileNotFoundError:
-        if missing_ok:
-            return parse("", None)
-        raise ConfigError("no such file; create it or pass --config FILE", path) from None
-    except OSError as e:
-        raise ConfigError(f"cannot read: {e.strerror or e}", path) from None
     warnings: List[str] = []
-    if _is_root():
-        warnings.extend(_root_trust(path, st))
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError("not UTF-8 text", path) from None
-    cfg = parse(text, path)
+    text = _read_text(path, missing_ok, warnings)
+    dropins = dropin_files(path)
+    if not dropins:
+        cfg = parse(text or "", path if text is not None else None)
+        cfg.files = ((path, text),) if text is not None else ()
+    else:
+        cfg = _parse_files([(path, text)] +
+                           [(p, _read_text(p, False, warnings)) for p in dropins])
     if _is_root():
         warnings.extend(_hook_trust(cfg))
     cfg.warnings = tuple(warnings)
     return cfg
+
+
+def _read_text(path: str, missing_ok: bool, warnings: Optional[List[str]] = None
+               ) -> Optional[str]:
+    """The text of one config file (None: missing and allowed to be). A root daemon refuses a
+    file another user can change; a group-writable one adds a line to `warnings`."""
+    try:
+        data, st = _read_config(path)
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise ConfigError("no such file; create it or pass --config FILE", path) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read: {e.strerror or e}", path) from None
+    if _is_root():
+        found = _root_trust(path, st)
+        if warnings is not None:
+            warnings.extend(found)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError("not UTF-8 text", path) from None
 
 
 def _root_trust(path: str, st) -> List[str]:
@@ -807,6 +831,114 @@ def _read_config(path: str, limit: int = MAX_CONFIG_BYTES) -> Tuple[bytes, os.st
         os.close(fd)
 
 
+# --------------------------------------------------------------------------- drop-ins
+# /etc/gpucostd/gpucostd.toml first, then /etc/gpucostd/gpucostd.d/*.toml in name order (C
+# locale byte order); a later file wins key by key. [[tuning.gpu.override]] entries with the
+# same match merge (a later power_limit_watts replaces an earlier power_limit_percent and vice
+# versa); a later [[inference.endpoint]] list replaces the earlier one.
+DROPIN_DIR = "gpucostd.d"
+_ALTERNATIVES = {"power_limit_watts": "power_limit_percent",
+                 "power_limit_percent": "power_limit_watts"}
+
+
+def dropin_dir(path: Optional[str]) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(path or DEFAULT_PATH)), DROPIN_DIR)
+
+
+def dropin_files(path: Optional[str]) -> List[str]:
+    d = dropin_dir(path)
+    try:
+        names = sorted(os.listdir(d))
+    except OSError:
+        return []
+    return [os.path.join(d, n) for n in names if n.endswith(".toml") and not n.startswith(".")
+            and os.path.isfile(os.path.join(d, n))]
+
+
+def load_files(path: Optional[str], extra: List[str]) -> Config:
+    """The config at `path` with its drop-ins and then the files `extra` (a what-if: the
+    simulated --apply of `gpucostd calibrate`)."""
+    main = path or DEFAULT_PATH
+    files = [(main, _read_text(main, path is None))]
+    files += [(p, _read_text(p, False)) for p in dropin_files(path) + list(extra)]
+    return _parse_files(files)
+
+
+def _merge(base: Dict[str, Any], over: Mapping[str, Any]) -> None:
+    for k, v in over.items():
+        if k == "override" and isinstance(v, list) and isinstance(base.get(k), list):
+            for item in v:
+                same = next((b for b in base[k] if isinstance(b, dict) and isinstance(item, dict)
+                             and b.get("match") == item.get("match")), None)
+                if same is None:
+                    base[k].append(dict(item))
+                else:
+                    _merge(same, item)
+        elif isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            if k in _ALTERNATIVES:
+                base.pop(_ALTERNATIVES[k], None)
+            base[k] = v
+
+
+def _sources(raw: Mapping[str, Any], path: str, loc: "_Locator",
+             out: Dict[str, str]) -> None:
+    """Where each key of one file is: dotted key -> "path:line"."""
+    def where(section, key, nth=0):
+        line = loc.find(section, key, nth)
+        return f"{path}:{line}" if line else path
+
+    def walk(table, prefix):
+        for k, v in table.items():
+            name = f"{prefix}.{k}" if prefix else k
+            if isinstance(v, dict):
+                walk(v, name)
+            elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+                for i, item in enumerate(v):
+                    ident = item.get("match", i)
+                    for a in item:
+                        out[f"{name}[{ident}].{a}"] = where(name, a, i)
+            else:
+                if k in _ALTERNATIVES:
+                    out.pop(f"{prefix}.{_ALTERNATIVES[k]}", None)
+                out[name] = where(prefix, k)
+    walk(raw, "")
+
+
+def source_map(files: Sequence[Tuple[str, str]]) -> Dict[str, str]:
+    """dotted key ("cost.gpu_hour_usd", "tuning.gpu.override[index:0].power_limit_watts") ->
+    "path:line" of the file that set it last (what `config show` prints beside each value)."""
+    sources: Dict[str, str] = {}
+    for p, text in files:
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError:
+            continue
+        if "endpoint" in raw.get("inference", {}):
+            for k in [k for k in sources if k.startswith("inference.endpoint[")]:
+                del sources[k]
+        _sources(raw, p, _Locator(text), sources)
+    return sources
+
+
+def _parse_files(files: List[Tuple[str, Optional[str]]]) -> Config:
+    merged: Dict[str, Any] = {}
+    read = [(p, t) for p, t in files if t is not None]
+    for p, text in read:
+        parse(text, p)                        # each file alone first: errors name its line
+        _merge(merged, tomllib.loads(text))
+    names = [p for p, _t in read]
+    try:
+        cfg = parse(dump_toml(merged) if merged else "",
+                    files[0][0] if files[0][1] is not None else None)
+    except ConfigError as e:
+        raise ConfigError(f"{e.bare} (in the merged config of {', '.join(names)})",
+                          names[-1] if names else None) from None
+    cfg.files = tuple(read)
+    return cfg
+
+
 # --------------------------------------------------------------------------- TOML output
 _TOML_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n",
                  "\f": "\\f", "\r": "\\r"}
@@ -829,24 +961,35 @@ def _toml_key(k: str) -> str:
     return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _toml_value(k)
 
 
-def dump_toml(data: Mapping[str, Any], prefix: str = "") -> str:
-    """Minimal TOML writer for plain tables, arrays of tables and scalar/list values."""
+def dump_toml(data: Mapping[str, Any], prefix: str = "",
+              comment: Optional[Callable[[str], Optional[str]]] = None, _raw: str = "") -> str:
+    """Minimal TOML writer for plain tables, arrays of tables and scalar/list values.
+    `comment(dotted_key)`, when given, returns the comment to print after a value (dotted keys
+    as in source_map)."""
+    def note(raw_key: str) -> str:
+        c = comment(raw_key) if comment is not None else None
+        return f"  # {c}" if c else ""
+
     lines: List[str] = []
     scalars = {k: v for k, v in data.items() if not isinstance(v, dict) and not (
         isinstance(v, list) and v and all(isinstance(x, dict) for x in v))}
     if prefix and (scalars or not data):
         lines.append(f"[{prefix}]")
     for k, v in scalars.items():
-        lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
+        raw = f"{_raw}.{k}" if _raw else k
+        lines.append(f"{_toml_key(k)} = {_toml_value(v)}{note(raw)}")
     if lines:
         lines.append("")
     for k, v in data.items():
         name = f"{prefix}.{_toml_key(k)}" if prefix else _toml_key(k)
+        raw = f"{_raw}.{k}" if _raw else k
         if isinstance(v, dict):
-            lines.append(dump_toml(v, name))
+            lines.append(dump_toml(v, name, comment, raw))
         elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
-            for item in v:
+            for i, item in enumerate(v):
+                ident = item.get("match", i)
                 lines.append(f"[[{name}]]")
-                lines.extend(f"{_toml_key(a)} = {_toml_value(b)}" for a, b in item.items())
+                lines.extend(f"{_toml_key(a)} = {_toml_value(b)}{note(f'{raw}[{ident}].{a}')}"
+                             for a, b in item.items())
                 lines.append("")
     return "\n".join(line for line in lines if line is not None).rstrip("\n") + "\n"

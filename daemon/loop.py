@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import threading
+import time as _time
 from typing import Callable, Dict, List, Optional, Tuple
 
 from gpucostd import __version__
@@ -120,6 +121,9 @@ class Daemon:
         self._state_dir_was_bad = False
         self._state_since: Optional[float] = None
         self._originals_since: Optional[float] = None
+        self.calibration = None               # gpucostd.calibrate.Calibration, while one runs
+        self._calibration_recover = os.path.exists(os.path.join(state_dir,
+                                                                "calibration-progress.json"))
 
     # ------------------------------------------------------------------ helpers
     def _configure_inference(self) -> None:
@@ -134,8 +138,8 @@ class Daemon:
             from gpucostd.sim.serving import SimulatedServing
             if self.sim_serving is None:
                 self.sim_serving = SimulatedServing(self.sim)
-                if not self.clock.virtual:
-                    self.sim_serving.start()
+                if not self.clock.virtual and not self.one_shot:
+                    self.sim_serving.start()     # one-shot commands read it in-process
             srv = self.sim_serving
             for k, ep in enumerate(srv.endpoints):
                 url = srv.urls[k] if srv.urls else f"sim://endpoint/{k}/metrics"
@@ -162,8 +166,9 @@ class Daemon:
                                     name="gpucostd-inference") for i in range(len(probes))]
         for t in threads:
             t.start()
+        end = _time.monotonic() + max(p.timeout for p in probes) + 0.5
         for t in threads:
-            t.join(probes[0].timeout + 1.0)
+            t.join(max(0.0, end - _time.monotonic()))
         return out
 
     def _guard(self, part: str, fn, default=None):
@@ -235,6 +240,10 @@ class Daemon:
         """Restore tuned settings (unless the system is shutting down), flush, close."""
         if self.notifier is not None:
             self.notifier.stopping()
+        if self.calibration is not None:      # a calibration's limits back, whatever comes
+            from gpucostd.calibrate import stop
+            with self._lock:
+                self._record(self._guard("calibration stop", lambda: stop(self), []) or [])
         if self.config.tuning.restore_on_stop and not self.one_shot:
             if system_shutdown is None:
                 from gpucostd.tuners.manager import shutdown_in_progress
@@ -330,6 +339,12 @@ class Daemon:
         if not self.one_shot:
             originals_problem = self._guard("originals", lambda: self.tuning.originals_problem)
             events.extend(self._originals_events(now, originals_problem))
+        if self._calibration_recover and gpus and not self.one_shot and not originals_problem:
+            # a calibration the daemon did not end (killed): its limits back first
+            from gpucostd.calibrate import recover_interrupted
+            self._calibration_recover = False
+            events.extend(self._guard("calibration recovery",
+                                      lambda: recover_interrupted(self, gpus), []) or [])
         # tuning: apply once at start (and after reload), then verify every verify interval;
         # never while the saved originals are unreadable (tuning would lose them for good)
         if not self.one_shot and (gpus or self.config.nic_tuning):
@@ -446,9 +461,13 @@ class Daemon:
                    "events_pending": self._guard("event store", lambda: self.store.pending, 0) or 0,
                    "gpu_inventory": (report.extra or {}).get("gpu_inventory")
                    if report is not None else None,
-                   "version": __version__, "pid": os.getpid()},
+                   "version": __version__, "pid": os.getpid(),
+                   "calibration": self._guard("calibration info", self._calibration_info)},
         )
         self._latest = snap
+        if self.calibration is not None:
+            from gpucostd.calibrate import cycle
+            self._record(self._guard("calibration", lambda: cycle(self, snap), []) or [])
         for publish in self._publishers:
             self._guard("publish", lambda: publish(snap))
         return snap
@@ -544,6 +563,10 @@ class Daemon:
             self._eff_judge = EfficiencyJudge()
         return self._eff_judge.judge(gpus, cost, readings, self.config, now)
 
+    def _calibration_info(self):
+        from gpucostd.calibrate import snapshot_info
+        return snapshot_info(self)
+
     # ------------------------------------------------------------------ events
     def _record(self, events: List[Event]) -> None:
         """Store, journal and hand to hooks. The store comes first: nothing reported is lost."""
@@ -621,6 +644,12 @@ def summary_line(snap: Optional[NodeSnapshot]) -> str:
         lost = getattr(snap.cost, "node_loss_ratio", None)
         if lost is not None:
             parts.append(f"{lost * 100:.1f}% capacity lost to throttling")
+    tk = getattr(snap.cost, "tokens", None)
+    if getattr(tk, "tokens_per_second", None) is not None:
+        t = f"{tk.tokens_per_second:.0f} tokens/s"
+        if tk.tokens_per_dollar is not None:
+            t += f" ({tk.tokens_per_dollar:,.0f} per $)"
+        parts.append(t)
     return ", ".join(parts)
 
 

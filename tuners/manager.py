@@ -63,6 +63,9 @@ class TuningManager:
         self._last_verify: Optional[float] = None
         self._settings: List[Setting] = []
         self._gpus: Tuple[Any, ...] = ()
+        # (name, subject) of settings another part holds for now (`gpucostd calibrate` steps
+        # the power limit): apply and verify neither write nor count drift on them
+        self.held: set = set()
 
     # ------------------------------------------------------------------ plumbing
     def _get_netlink(self):
@@ -177,6 +180,8 @@ class TuningManager:
         items = self._plan_items(gpus)
         changes: List[Change] = []
         for p in items:
+            if p.key in self.held:
+                continue
             if p.error is not None:
                 changes.append(Change(p.subject, p.name, p.actual, p.desired, False, p.error))
             elif p.in_sync:
@@ -210,7 +215,7 @@ class TuningManager:
         items = self._plan_items(gpus)
         events: List[Event] = []
         for p in items:
-            if p.error is not None:
+            if p.error is not None or p.key in self.held:
                 continue
             if p.in_sync:
                 self._established[p.key] = p.desired

@@ -197,7 +197,26 @@ class EventStore:
                 return False
         return False
 
+    def _private_file(self) -> None:
+        """events.sqlite is 0640 like every other state file: created so before SQLite opens
+        it (SQLite gives its -wal and -shm files the database file's mode), and narrowed when
+        an older version left it 0644."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+            os.close(fd)
+            return
+        except FileExistsError:
+            pass
+        for path in (self.path, self.path + "-wal", self.path + "-shm"):
+            try:
+                st = os.stat(path)
+                if st.st_mode & 0o137:
+                    os.chmod(path, st.st_mode & 0o640)
+            except OSError:
+                pass        # absent, or not ours to change: SQLite reports what matters
+
     def _connect(self) -> sqlite3.Connection:
+        self._private_file()
         db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None,
                              check_same_thread=False)
         try:
