@@ -56,13 +56,13 @@ def run_daemon(cfg: Config, scenario: Optional[str]) -> int:
             return 2 if isinstance(e, ScenarioError) else 1
         raise
 
-    published = Published(daemon.clock.monotonic)
+    published = Published(daemon.clock.monotonic, renderer=metrics.render)
     published.interval = cfg.daemon.interval_seconds
     status_cache = _StatusCache()
 
     def publish(snap):
         published.interval = daemon.config.daemon.interval_seconds
-        published.publish(metrics.render(snap), snap.monotonic)
+        published.publish_snapshot(snap, snap.monotonic)      # rendered when scraped
         status_cache.set(statusview.snapshot_json(snap))
 
     daemon.add_publisher(publish)
