@@ -41,6 +41,7 @@ def run_daemon(cfg: Config, scenario: Optional[str]) -> int:
     from gpucostd.views import metrics
     from gpucostd.views import statusview
     from gpucostd.views.httpserver import MetricsServer, Published
+    from gpucostd.views.textfile import TextfileWriter
     from gpucostd.loop import Daemon
     from gpucostd.notify import Notifier
     from gpucostd.views.statusapi import StatusServer
@@ -59,10 +60,12 @@ def run_daemon(cfg: Config, scenario: Optional[str]) -> int:
     published = Published(daemon.clock.monotonic, renderer=metrics.render)
     published.interval = cfg.daemon.interval_seconds
     status_cache = _StatusCache()
+    textfile = TextfileWriter(published.exposition)
 
     def publish(snap):
         published.interval = daemon.config.daemon.interval_seconds
         published.publish_snapshot(snap, snap.monotonic)      # rendered when scraped
+        textfile.update(daemon.config.export.textfile_path, snap.monotonic)
         status_cache.set(statusview.snapshot_json(snap))
 
     daemon.add_publisher(publish)
@@ -129,6 +132,7 @@ def run_daemon(cfg: Config, scenario: Optional[str]) -> int:
     finally:
         for s in servers:
             s.stop()
+        textfile.remove()
         daemon.shutdown()
         LOG.info("gpucostd stopped after %.0f s", time.monotonic() - started)
     return 0
