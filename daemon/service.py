@@ -47,6 +47,14 @@ def run_daemon(cfg: Config, scenario: Optional[str]) -> int:
     from gpucostd.views.statusapi import StatusServer
 
     logs.setup(cfg.daemon.log_level)
+    web = None            # before anything starts: a bad web config stops the start (exit 2)
+    if cfg.daemon.web_config_file:
+        from gpucostd.views.webconfig import WebConfigError, WebConfigWatcher
+        try:
+            web = WebConfigWatcher(cfg.daemon.web_config_file)
+        except WebConfigError as e:
+            LOG.error("cannot start: %s", e)
+            return 2
     notifier = Notifier()
     try:
         daemon = Daemon(cfg, simulate=scenario, notifier=notifier)
@@ -99,7 +107,7 @@ def run_daemon(cfg: Config, scenario: Optional[str]) -> int:
                                      group=cfg.daemon.socket_group)
         servers.append(status_server)
         if cfg.daemon.listen_address:
-            servers.append(MetricsServer(cfg.daemon.listen_address, published))
+            servers.append(MetricsServer(cfg.daemon.listen_address, published, web=web))
     except OSError as e:
         for s in servers:
             s.stop()
@@ -123,8 +131,11 @@ def run_daemon(cfg: Config, scenario: Optional[str]) -> int:
     for s in servers:
         s.start()
     daemon.start()
-    LOG.info("gpucostd running: metrics on %s, status socket %s%s",
-             cfg.daemon.listen_address or "(off)", cfg.daemon.socket_path,
+    LOG.info("gpucostd running: metrics on %s%s, status socket %s%s",
+             cfg.daemon.listen_address or "(off)",
+             "" if web is None else (" (TLS)" if web.current().ssl_context else "")
+             + ("" if web is None or not web.current().users else " (basic auth)"),
+             cfg.daemon.socket_path,
              f", simulated node {scenario}" if scenario else "")
     started = time.monotonic()
     try:

@@ -19,7 +19,8 @@ if [ "$want_tests" = 1 ]; then
     # iproute2: netns/veth tests; prometheus: promtool; debootstrap + systemd-container: the
     # package proof in a booted Debian 12; lintian, rpm, rpmlint, debhelper, fakeroot: packaging.
     pkgs+=(iproute2 prometheus debootstrap systemd-container lintian rpm rpmlint debhelper
-           fakeroot dpkg-dev python3-pip systemd)
+           fakeroot dpkg-dev python3-pip systemd
+           prometheus-node-exporter)   # the textfile collector test
 fi
 missing=()
 for p in "${pkgs[@]}"; do
@@ -39,7 +40,7 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 if [ "$want_tests" = 1 ]; then
     # nvidia-nvml-dev: the real nvml.h, to check the simulator against.
-    .venv/bin/python -m pip install -q -e '.[test]' nvidia-nvml-dev
+    .venv/bin/python -m pip install -q -e '.[test,auth]' nvidia-nvml-dev
 else
     .venv/bin/python -m pip install -q -e .
 fi

@@ -487,11 +487,16 @@ class MetricsServer:
             return conn
         conn.settimeout(self.deadline)
         try:
-            return ctx.wrap_socket(conn, server_side=True)
+            tls = ctx.wrap_socket(conn, server_side=True)
         except (OSError, ssl.SSLError) as e:
             LOG.debug("http: TLS handshake failed: %s", e)
             conn.close()
             return None
+        if not web.san_allowed(tls.getpeercert()):
+            LOG.debug("http: client certificate SAN not in client_allowed_sans")
+            tls.close()
+            return None
+        return tls
 
 
 def _refuse(conn: socket.socket) -> None:
