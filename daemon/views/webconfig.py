@@ -136,6 +136,21 @@ def _split_flow(text: str) -> List[str]:
     return parts
 
 
+def parse_yaml_documents(text: str, path: str) -> List[Any]:
+    """Several `---`-separated documents (Kubernetes manifests), each as parse_yaml."""
+    docs, cur, first = [], [], 1
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.rstrip() == "---":
+            if any(ln.strip() and not ln.lstrip().startswith("#") for ln in cur):
+                docs.append(parse_yaml("\n" * (first - 1) + "\n".join(cur), path))
+            cur, first = [], n + 1
+        else:
+            cur.append(line)
+    if any(ln.strip() and not ln.lstrip().startswith("#") for ln in cur):
+        docs.append(parse_yaml("\n" * (first - 1) + "\n".join(cur), path))
+    return docs
+
+
 def parse_yaml(text: str, path: str) -> Any:
     """The YAML subset described in the module doc. Raises WebConfigError with the line."""
     raw = text.splitlines()
@@ -186,8 +201,12 @@ def parse_yaml(text: str, path: str) -> Any:
                     (lines[pos][2].startswith("- ") or lines[pos][2] == "-"):
                 n, _, content = lines[pos]
                 item = content[1:].strip()
-                if re.match(r"^[^'\"\[{][^:]*:(\s|$)", item):
-                    raise WebConfigError("lists of mappings are not supported here", path, n)
+                if re.match(r"^('[^']*'|\"[^\"]*\"|[^'\"\[{][^:]*):(\s|$)", item):
+                    # a mapping in a list: its first key sits on the dash line
+                    col = indent + len(content) - len(content[1:].lstrip())
+                    lines[pos] = (n, col, item)
+                    out.append(parse_block(col))
+                    continue
                 out.append(_scalar(item, err_at(n)))
                 pos += 1
             return out
