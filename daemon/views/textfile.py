@@ -5,7 +5,9 @@
 same per-snapshot cache: nothing is rendered twice) at most every MIN_PERIOD seconds: a
 temporary file in the same directory, fsync, then rename over the old one, so node_exporter
 never reads half a file. The temporary name starts with a dot and does not end in .prom, so the
-collector ignores it. At a clean stop the file is removed: a stopped daemon must not leave
+collector ignores it. The write runs in the loop's thread: with the textfile on, a cycle every
+5 s renders (or, when a scrape is rendering the same snapshot at that moment, waits for that
+render, a few milliseconds). At a clean stop the file is removed: a stopped daemon must not leave
 node_exporter serving its last values as current (after a crash, gpucostd_snapshot_timestamp_seconds
 and node_textfile_mtime_seconds show the age).
 """
