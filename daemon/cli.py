@@ -6,12 +6,15 @@ Exit codes: status/check 0 OK, 1 WARN, 2 CRIT, 3 UNKNOWN; plan 0 nothing to chan
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import sys
-from typing import List, Optional
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # annotations only: `gpucostd status` pays for neither typing nor argparse
+    import argparse
+    from typing import List, Optional
 
 EXIT_CONFIG = 2
 
@@ -24,6 +27,7 @@ def parse_duration(text: str) -> float:
     """'90s', '15m', '1h', '7d', or plain seconds."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text or "")
     if not m:
+        import argparse
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a duration; use e.g. 90s, 15m, 1h or 7d")
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
@@ -56,6 +60,7 @@ def _scenario(args, cfg) -> Optional[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
     from gpucostd import __version__
     p = argparse.ArgumentParser(
         prog="gpucostd", description="GPU tuning and health daemon that prices throttling.")
@@ -132,14 +137,24 @@ def cmd_run(args) -> int:
 
 
 def _socket_path(args) -> str:
+    """The daemon's socket: --socket, else the config's [daemon] socket_path, else the default.
+    The config is parsed (tomllib and the whole schema) only when its text names socket_path:
+    `gpucostd status` must start in about the time of the interpreter."""
     if getattr(args, "socket", None):
         return args.socket
-    from gpucostd.config import DEFAULT_SOCKET, ConfigError, default_socket_path, load
+    from gpucostd import DEFAULT_PATH, DEFAULT_SOCKET, default_socket_path
     try:
-        path = load(args.config).daemon.socket_path
-    except ConfigError as e:
-        _print_err(f"{e} (using the default socket path)")
-        path = default_socket_path()
+        with open(args.config or DEFAULT_PATH, "rb") as f:
+            names_socket = b"socket_path" in f.read()
+    except OSError:
+        names_socket = args.config is not None     # let load() say what is wrong with it
+    path = default_socket_path()
+    if names_socket:
+        from gpucostd.config import ConfigError, load
+        try:
+            path = load(args.config).daemon.socket_path
+        except ConfigError as e:
+            _print_err(f"{e} (using the default socket path)")
     # A non-root user (a member of the gpucostd group) asks the system daemon when one runs
     # and the config names no socket of its own.
     if path == default_socket_path() != DEFAULT_SOCKET and os.path.exists(DEFAULT_SOCKET):
@@ -148,11 +163,11 @@ def _socket_path(args) -> str:
 
 
 def cmd_status(args) -> int:
-    from gpucostd.views import statusview
+    from gpucostd.views import statustext as statusview
     if args.direct or args.simulate is not None:
         data = _direct_status(args)
     else:
-        from gpucostd.views.statusapi import StatusClientError, request
+        from gpucostd.views.statusclient import StatusClientError, request
         path = _socket_path(args)
         try:
             data = request(path, {"cmd": "status"})["status"]
@@ -398,7 +413,64 @@ COMMANDS = {"run": cmd_run, "status": cmd_status, "config": cmd_config, "events"
             "capture": cmd_capture}
 
 
+class _StatusArgs:
+    """What argparse would give `status` for the common forms (see _quick_status_args)."""
+
+    command = "status"
+    direct = False
+    simulate = None
+
+    def __init__(self) -> None:
+        self.json = False
+        self.socket: Optional[str] = None
+        self.config: Optional[str] = None
+        self.events = 5
+
+
+def _quick_status_args(argv: List[str]) -> Optional[_StatusArgs]:
+    """`gpucostd status [--json] [--socket P] [--config F] [--events N]` without argparse
+    (whose import and parser build cost more than the rest of the command). Anything else,
+    including every error, goes to argparse, which says what is wrong."""
+    if not argv or argv[0] != "status":
+        return None
+    args = _StatusArgs()
+    rest = argv[1:]
+    i = 0
+    while i < len(rest):
+        opt = rest[i]
+        value = None
+        if "=" in opt and opt.startswith("--"):
+            opt, value = opt.split("=", 1)
+        if opt == "--json" and value is None:
+            args.json = True
+            i += 1
+            continue
+        if opt not in ("--socket", "--config", "--events"):
+            return None
+        if value is None:
+            if i + 1 >= len(rest) or rest[i + 1].startswith("-"):
+                return None
+            value = rest[i + 1]
+            i += 1
+        i += 1
+        if opt == "--events":
+            if not value.isdigit():
+                return None
+            args.events = int(value)
+        else:
+            setattr(args, opt[2:], value)
+    return args
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    quick = _quick_status_args(sys.argv[1:] if argv is None else list(argv))
+    if quick is not None:
+        try:
+            return cmd_status(quick)
+        except KeyboardInterrupt:
+            return 130
+        except BrokenPipeError:
+            return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:

@@ -19,8 +19,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python < 3.11
     import tomli as tomllib
 
-DEFAULT_PATH = "/etc/gpucostd/gpucostd.toml"
-DEFAULT_SOCKET = "/run/gpucostd/gpucostd.sock"
+from gpucostd import (DEFAULT_PATH, DEFAULT_SOCKET, _is_root,  # noqa: E402,F401 (re-exported)
+                      default_socket_path, user_runtime_dir)
+
 DEFAULT_STATE_DIR = "/var/lib/gpucostd"
 DEFAULT_LISTEN = "0.0.0.0:9477"
 
@@ -122,6 +123,10 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
     "hooks": {
         "on_critical": _k("argv", [], "argv run when a GPU or the node enters CRIT."),
         "on_recovered": _k("argv", [], "argv run when a GPU or the node leaves CRIT."),
+        "on_inefficient": _k("argv", [], "argv run when tokens per dollar stays below "
+                             "[efficiency] min_tokens_per_dollar for window_seconds (drain)."),
+        "on_efficient": _k("argv", [], "argv run when the node is back at or above the floor "
+                           "for window_seconds after on_inefficient ran (undrain)."),
         "timeout_seconds": _k("float", 30.0, "Kill a hook after this long.", min=0.1, max=3600),
     },
     "tuning": {
@@ -143,6 +148,19 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
         "currency": _k("str", "USD", "Currency label text."),
         "busy_utilization_percent": _k("float", 5.0, "A GPU at or above this is busy.",
                                        min=0, max=100),
+        "energy_usd_per_kwh": _k("float", 0.0, "Price of one kWh of energy; 0 leaves energy "
+                                 "out of the cost.", min=0, max=1000),
+        "pue": _k("float", 1.0, "Power usage effectiveness: facility energy per GPU energy.",
+                  min=1.0, max=5.0),
+    },
+    "efficiency": {
+        "target_utilization_percent": _k("float", 80.0, "Busy GPUs below this utilization "
+                                         "count their unused share as idle capacity.",
+                                         min=0, max=100),
+        "min_tokens_per_dollar": _k("float", 0.0, "Floor of node tokens per dollar; 0 is off.",
+                                    min=0),
+        "window_seconds": _k("float", 600.0, "Below the floor this long: WARN and "
+                             "on_inefficient.", min=1, max=86400),
     },
     "export": {
         "textfile_path": _k("str", "",
@@ -150,12 +168,51 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
                             "node_exporter's textfile directory); empty: off."),
     },
     "inference": {
-        "metrics_url": _k("str", "", "Prometheus endpoint of a local inference server."),
-        "tokens_metric": _k("str", "vllm:generation_tokens_total",
-                            "Counter of generated tokens on that endpoint."),
-        "timeout_seconds": _k("float", 0.5, "Scrape timeout.", min=0.01, max=30),
+        "metrics_url": _k("str", "", "Prometheus endpoint of a local inference server "
+                          "(all GPUs; [[inference.endpoint]] for several)."),
+        "tokens_metric": _k("str", "auto", "Generated-tokens series: \"auto\" detects the "
+                            "server, or name{label=\"value\"}."),
+        "timeout_seconds": _k("float", 0.5, "Deadline of one whole scrape (connect, headers, "
+                              "body); at most half the interval.", min=0.01, max=5),
     },
 }
+ENDPOINT_KEYS = ("url", "gpus", "tokens_metric", "parallel")
+PARALLEL = ("tensor", "data")
+_SEL_NAME = r"[A-Za-z_:][A-Za-z0-9_:]*"
+_SEL_RE = re.compile(r"^\s*(" + _SEL_NAME + r")\s*(?:\{(.*)\})?\s*$")
+_SEL_LABEL = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_]*)\s*(=|!=)\s*"((?:[^"\\]|\\.)*)"\s*(,|$)')
+
+
+def parse_selector(text: str) -> Tuple[str, Tuple[Tuple[str, str, str], ...]]:
+    """'name{label="value",other!="x"}' -> (name, ((label, op, value), ...)). "auto" ->
+    ("auto", ()). ValueError with the accepted form."""
+    m = _SEL_RE.match(text or "")
+    form = ('use a metric name, optionally with label matchers: '
+            'name{label="value",other!="x"}, or "auto"')
+    if not m:
+        raise ValueError(f"{text!r} is not a metric selector; {form}")
+    name, body = m.group(1), m.group(2)
+    labels: List[Tuple[str, str, str]] = []
+    pos = 0
+    body = (body or "").strip()
+    while pos < len(body):
+        lm = _SEL_LABEL.match(body, pos)
+        if not lm or lm.end() == pos:
+            raise ValueError(f"{text!r}: bad label matcher at {body[pos:pos + 20]!r}; {form}")
+        value = re.sub(r"\\(.)", r"\1", lm.group(3))
+        labels.append((lm.group(1), lm.group(2), value))
+        pos = lm.end()
+    return name, tuple(labels)
+
+
+@dataclass(frozen=True)
+class InferenceEndpoint:
+    """One inference server's /metrics: its tokens go to `gpus` (None: all GPUs)."""
+    url: str
+    gpus: Optional[Tuple[int, ...]]
+    tokens_metric: str
+    parallel: str = "tensor"
+    line: Optional[int] = None
 # Tables whose keys are free (names chosen by the user) or that hold lists of tables.
 DYNAMIC = {
     "tuning.gpu": "GPU settings for all GPUs: " + ", ".join(GPU_TUNING_KEYS),
@@ -163,6 +220,8 @@ DYNAMIC = {
                            "\"model:GLOB\" plus GPU settings",
     "tuning.nic": "[tuning.nic.IFNAME] rx/tx/rx_mini/rx_jumbo = N or \"max\"",
     "cost.model_hour_usd": "model-name glob = price of one GPU-hour",
+    "inference.endpoint": "[[inference.endpoint]] url = \"http://...\", gpus = [0, 1], "
+                          "tokens_metric, parallel = \"tensor\"|\"data\"",
 }
 
 
@@ -217,8 +276,10 @@ class Config:
 
     def __init__(self, values: Dict[str, Dict[str, Any]], path: Optional[str],
                  overrides: Tuple[GpuOverride, ...], nics: Mapping[str, Mapping[str, Any]],
-                 model_prices: Tuple[Tuple[str, float], ...], raw_text: str = ""):
+                 model_prices: Tuple[Tuple[str, float], ...], raw_text: str = "",
+                 endpoints: Tuple[InferenceEndpoint, ...] = ()):
         self.path = path
+        self._endpoints = tuple(endpoints)
         self._values = values
         for section, data in values.items():
             object.__setattr__(self, section, _View(data))
@@ -260,6 +321,21 @@ class Config:
                 del desired["power_limit_percent"], source["power_limit_percent"]
         return desired, source
 
+    @property
+    def inference_endpoints(self) -> Tuple[InferenceEndpoint, ...]:
+        """Every configured inference endpoint: [inference] metrics_url (all GPUs) or the
+        [[inference.endpoint]] entries."""
+        if self.inference.metrics_url:
+            return (InferenceEndpoint(self.inference.metrics_url, None,
+                                      self.inference.tokens_metric),)
+        return self._endpoints
+
+    def with_endpoints(self, endpoints) -> "Config":
+        """A copy whose inference endpoints are `endpoints` (the simulated servers)."""
+        c = self.updated()
+        c._endpoints = tuple(endpoints)
+        return c
+
     def price_for_model(self, model: Optional[str]) -> float:
         for glob, price in self.model_prices:
             if model is not None and fnmatch.fnmatchcase(model, glob):
@@ -274,7 +350,7 @@ class Config:
             values[section].update(changes)
         return Config(values, self.path, self.gpu_overrides,
                       {n: dict(v) for n, v in self.nic_tuning.items()}, self.model_prices,
-                      self.raw_text)
+                      self.raw_text, self._endpoints)
 
     def as_dict(self) -> Dict[str, Any]:
         out = {s: dict(v) for s, v in self._values.items()}
@@ -288,6 +364,11 @@ class Config:
         tuning["nic"] = {n: dict(v) for n, v in self.nic_tuning.items()}
         out["tuning"] = tuning
         out["cost"] = dict(out["cost"], model_hour_usd=dict(self.model_prices))
+        if self._endpoints:
+            out["inference"] = dict(out["inference"], endpoint=[
+                dict({"url": e.url}, **({"gpus": list(e.gpus)} if e.gpus is not None else {}),
+                     tokens_metric=e.tokens_metric, parallel=e.parallel)
+                for e in self._endpoints])
         return out
 
     def to_toml(self) -> str:
@@ -295,20 +376,6 @@ class Config:
 
 
 # --------------------------------------------------------------------------- loading
-def _is_root() -> bool:
-    return hasattr(os, "geteuid") and os.geteuid() == 0
-
-
-def user_runtime_dir() -> str:
-    return os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/gpucostd-{os.getuid()}"
-
-
-def default_socket_path() -> str:
-    if _is_root():
-        return DEFAULT_SOCKET
-    return os.path.join(user_runtime_dir(), "gpucostd", "gpucostd.sock")
-
-
 def default_state_dir() -> str:
     if _is_root():
         return DEFAULT_STATE_DIR
@@ -424,6 +491,7 @@ def parse(text: str, path: Optional[str] = None) -> Config:
     overrides: List[GpuOverride] = []
     nics: Dict[str, Dict[str, Any]] = {}
     prices: List[Tuple[str, float]] = []
+    endpoints: List[InferenceEndpoint] = []
 
     for section, table in raw.items():
         if section not in SCHEMA:
@@ -439,6 +507,9 @@ def parse(text: str, path: Optional[str] = None) -> Config:
                 continue
             if section == "tuning" and name == "nic":
                 _parse_nics(value, nics, err_at)
+                continue
+            if section == "inference" and name == "endpoint":
+                _parse_endpoints(value, endpoints, err_at, loc)
                 continue
             if section == "cost" and name == "model_hour_usd":
                 if not isinstance(value, dict):
@@ -457,11 +528,82 @@ def parse(text: str, path: Optional[str] = None) -> Config:
             values[section][name] = _check_value(SCHEMA[section][name], value, full, err)
     _check_listen(values["daemon"]["listen_address"], err_at("daemon", "listen_address"))
     _check_textfile(values["export"]["textfile_path"], err_at("export", "textfile_path"))
+    _check_inference(values["inference"], endpoints, err_at)
     if "socket_path" not in raw.get("daemon", {}):
         values["daemon"]["socket_path"] = default_socket_path()
     if "state_dir" not in raw.get("daemon", {}):
         values["daemon"]["state_dir"] = default_state_dir()
-    return Config(values, path, tuple(overrides), nics, tuple(prices), text)
+    return Config(values, path, tuple(overrides), nics, tuple(prices), text, tuple(endpoints))
+
+
+def _check_url(url: Any, name: str, err) -> None:
+    if not isinstance(url, str) or not re.match(r"^https?://[^/\s]+", url):
+        raise err(f"{name} = {url!r} must be an http:// or https:// URL, e.g. "
+                  f'"http://127.0.0.1:8000/metrics"')
+
+
+def _check_metric(text: Any, name: str, err) -> str:
+    if not isinstance(text, str):
+        raise err(f"{name} = {text!r} must be a string")
+    try:
+        parse_selector(text)
+    except ValueError as e:
+        raise err(f"{name}: {e}") from None
+    return text
+
+
+def _check_inference(inf: Dict[str, Any], endpoints: List[InferenceEndpoint], err_at) -> None:
+    _check_metric(inf["tokens_metric"], "inference.tokens_metric",
+                  err_at("inference", "tokens_metric"))
+    if inf["metrics_url"]:
+        _check_url(inf["metrics_url"], "inference.metrics_url", err_at("inference", "metrics_url"))
+        if endpoints:
+            raise err_at("inference", "metrics_url")(
+                "set [inference] metrics_url (one server for all GPUs) or [[inference.endpoint]] "
+                "entries, not both")
+    # the inherited default metric
+    for i, e in enumerate(endpoints):
+        if e.tokens_metric == "":
+            endpoints[i] = InferenceEndpoint(e.url, e.gpus, inf["tokens_metric"], e.parallel,
+                                             e.line)
+
+
+def _parse_endpoints(value, endpoints: List[InferenceEndpoint], err_at, loc) -> None:
+    sec = "inference.endpoint"
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise err_at("inference", "endpoint")(
+            "inference.endpoint must be an array of tables [[inference.endpoint]]")
+    owner: Dict[int, int] = {}
+    for i, ep in enumerate(value):
+        def e(k=None, i=i):
+            return err_at(sec, k, i)
+        for k in ep:
+            if k not in ENDPOINT_KEYS:
+                raise e(k)(f"unknown key {sec}.{k}; keys of [[{sec}]]: " + ", ".join(ENDPOINT_KEYS))
+        if "url" not in ep:
+            raise e()(f"[[{sec}]] #{i + 1} needs url = \"http://HOST:PORT/metrics\"")
+        _check_url(ep["url"], f"{sec}.url", e("url"))
+        gpus = ep.get("gpus")
+        if gpus is not None:
+            if not isinstance(gpus, list) or not gpus or not all(
+                    isinstance(g, int) and not isinstance(g, bool) and 0 <= g < 1024
+                    for g in gpus):
+                raise e("gpus")(f"{sec}.gpus = {gpus!r} must be a non-empty list of GPU "
+                                f"indexes, e.g. [0, 1]")
+            for g in gpus:
+                if g in owner:
+                    raise e("gpus")(f"{sec}.gpus: GPU {g} is already in [[{sec}]] #{owner[g] + 1}"
+                                    f"; each GPU's tokens come from one endpoint")
+                owner[g] = i
+            gpus = tuple(gpus)
+        metric = _check_metric(ep.get("tokens_metric", ""), f"{sec}.tokens_metric",
+                               e("tokens_metric")) if "tokens_metric" in ep else ""
+        parallel = ep.get("parallel", "tensor")
+        if parallel not in PARALLEL:
+            raise e("parallel")(f'{sec}.parallel = {parallel!r}: choose "tensor" (one group: '
+                                f'the slowest GPU sets its pace) or "data"')
+        endpoints.append(InferenceEndpoint(ep["url"], gpus, metric, parallel,
+                                           loc.find(sec, None, i)))
 
 
 def _parse_gpu_settings(table: Mapping[str, Any], prefix: str, err_for, allow_match=False

@@ -88,8 +88,9 @@ class Daemon:
         elif self.sim is not None:
             from gpucostd.probes.kernel_log import NvrmParser
             self._sim_parser = NvrmParser()
-        self.inference = None
-        self._inference_down_since: Optional[float] = None
+        self.inference: List = []             # one InferenceProbe per endpoint
+        self.sim_serving = None               # the scenario's simulated inference servers
+        self._inference_down_since: Dict[str, float] = {}
         self._configure_inference()
         self._xid_totals: Dict[Tuple[Optional[int], int], int] = dict(self.store.xid_totals())
         self._recent: List[Event] = list(self.store.recent(RECENT_EVENTS))
@@ -101,14 +102,48 @@ class Daemon:
 
     # ------------------------------------------------------------------ helpers
     def _configure_inference(self) -> None:
-        url = self.config.inference.metrics_url
-        if url:
-            from gpucostd.probes.inference import InferenceProbe
-            self.inference = InferenceProbe(url, self.config.inference.tokens_metric,
-                                            self.config.inference.timeout_seconds,
-                                            clock=self.clock.monotonic)
-        else:
-            self.inference = None
+        """One probe per configured endpoint; with --simulate and no endpoint configured, the
+        scenario's simulated servers ([serving]): HTTP on loopback on a real clock, read
+        in-process on a virtual one (replay)."""
+        from gpucostd.probes.inference import InferenceProbe
+        endpoints = list(self.config.inference_endpoints)
+        fetchers: Dict[str, Callable[[], str]] = {}
+        if not endpoints and self.sim is not None and self.sim.scenario.serving is not None:
+            from gpucostd.config import InferenceEndpoint
+            from gpucostd.sim.serving import SimulatedServing
+            if self.sim_serving is None:
+                self.sim_serving = SimulatedServing(self.sim)
+                if not self.clock.virtual:
+                    self.sim_serving.start()
+            srv = self.sim_serving
+            for k, ep in enumerate(srv.endpoints):
+                url = srv.urls[k] if srv.urls else f"sim://endpoint/{k}/metrics"
+                if not srv.urls:
+                    fetchers[url] = (lambda k=k: srv.fetch(k))
+                endpoints.append(InferenceEndpoint(url, tuple(ep.gpus), "auto", ep.parallel))
+        # one deadline per scrape, at most half the interval (the watchdog and the cycle wait)
+        timeout = min(float(self.config.inference.timeout_seconds),
+                      0.5 * float(self.config.daemon.interval_seconds))
+        self.inference = [InferenceProbe(e.url, e.tokens_metric, timeout,
+                                         clock=self.clock.monotonic, fetch=fetchers.get(e.url),
+                                         gpus=e.gpus, parallel=e.parallel) for e in endpoints]
+
+    def _read_inference(self) -> list:
+        """Every endpoint's reading; on a real clock in parallel (each under its deadline)."""
+        probes = self.inference
+        if len(probes) <= 1 or self.clock.virtual:
+            return [p.read() for p in probes]
+        out: list = [None] * len(probes)
+
+        def one(i):
+            out[i] = probes[i].read()
+        threads = [threading.Thread(target=one, args=(i,), daemon=True,
+                                    name="gpucostd-inference") for i in range(len(probes))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(probes[0].timeout + 1.0)
+        return out
 
     def _guard(self, part: str, fn, default=None):
         """Run one part of the cycle; an unexpected exception is logged once per distinct
@@ -190,6 +225,8 @@ class Daemon:
                                             gpus))
         if self.watcher is not None:
             self._guard("kernel log stop", self.watcher.stop)
+        if self.sim_serving is not None:
+            self._guard("simulated serving stop", self.sim_serving.stop)
         self._guard("cost flush", self.cost.flush)
         self._guard("hooks stop", self.hooks.stop)
         self._guard("event store close", self.store.close)
@@ -290,28 +327,31 @@ class Daemon:
         report = self._guard("health", lambda: self.judge.judge(gpus, faults, now), None)
         if report is not None:
             events.extend(report.events)
-        inference = None
-        if self.inference is not None:
-            inference = self._guard("inference", self.inference.read, None)
+        readings = []
+        if self.inference:
+            readings = self._guard("inference", self._read_inference, []) or []
         cost = self._guard("cost", lambda: self.cost.update(gpus, mono), None)
-        if getattr(inference, "ok", False):
+        if self.inference:
             # stamped with the time of the scrape, not of the cycle start: a slow cycle
             # must not skew tokens per second
+            stamp = max((r.time for r in readings if r is not None), default=mono)
             cost = self._guard("tokens", lambda: self.cost.update_tokens(
-                inference, inference.time), cost) or cost
+                readings, stamp), cost) or cost
         findings: List[Finding] = list(report.findings) if report is not None else []
-        if self.inference is not None:
-            error = getattr(inference, "error", None)
-            if inference is None or error:
-                if self._inference_down_since is None:
-                    self._inference_down_since = now
+        down = {}
+        for probe, r in zip(self.inference, readings or [None] * len(self.inference)):
+            error = getattr(r, "error", None)
+            if r is None or error:
+                since = down[probe.url] = self._inference_down_since.get(probe.url, now)
+                where = ("[inference] metrics_url" if self.config.inference.metrics_url
+                         else "the [[inference.endpoint]] url")
                 findings.append(Finding(
                     "node", "inference_unreachable", Severity.WARN,
-                    "check [inference] metrics_url and the inference server",
-                    f"inference metrics at {self.config.inference.metrics_url}: "
-                    f"{error or 'no reading'}", since=self._inference_down_since))
-            else:
-                self._inference_down_since = None
+                    f"check {where} and the inference server",
+                    f"inference metrics at {probe.url}: {error or 'no reading'}", since=since))
+        self._inference_down_since = down
+        findings.extend(self._guard("efficiency", lambda: self._efficiency(
+            gpus, cost, readings, now, events), []) or [])
         for part, msg in self._part_errors.items():
             findings.append(Finding("node", f"internal_{part.replace(' ', '_')}", Severity.WARN,
                                     "report a bug with the daemon's log",
@@ -342,7 +382,7 @@ class Daemon:
             settings=self._settings, checks=self._checks, cost=cost,
             counters={"xid_totals": dict(self._xid_totals),
                       "drift": dict(self.tuning.drift_counts)},
-            extra={"host": self._host_facts, "inference": inference,
+            extra={"host": self._host_facts, "inference": readings,
                    "nic_rings": getattr(self.tuning, "nic_rings", {}),
                    "simulated": self.simulate, "config_path": self.config.path,
                    "kernel_log": getattr(self.watcher, "source_in_use", "none"),
@@ -353,6 +393,18 @@ class Daemon:
         for publish in self._publishers:
             self._guard("publish", lambda: publish(snap))
         return snap
+
+    def _efficiency(self, gpus, cost, readings, now: float, events: List[Event]
+                    ) -> List[Finding]:
+        """The floor's events (which run the on_inefficient / on_efficient hooks) and the
+        serving diagnosis (gpucostd.health.efficiency)."""
+        from gpucostd.health.efficiency import EfficiencyJudge, floor_event
+        transition = getattr(self.cost, "floor_transition", None)
+        if transition is not None and cost is not None:
+            events.append(floor_event(transition, cost, self.config, now))
+        if not hasattr(self, "_eff_judge"):
+            self._eff_judge = EfficiencyJudge()
+        return self._eff_judge.judge(gpus, cost, readings, self.config, now)
 
     # ------------------------------------------------------------------ events
     def _record(self, events: List[Event]) -> None:

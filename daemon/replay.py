@@ -28,7 +28,7 @@ def _replay_config(config, state_dir: str):
     """The user's config with a private state dir, no hooks, no kernel log, no HTTP."""
     return config.updated(
         daemon={"state_dir": state_dir, "kernel_log": "none", "listen_address": ""},
-        hooks={"on_critical": [], "on_recovered": []},
+        hooks={"on_critical": [], "on_recovered": [], "on_inefficient": [], "on_efficient": []},
         events={"max_count": max(int(config.events.max_count), 10_000_000)})
 
 
@@ -108,8 +108,10 @@ def _result(spec, scenario, config, daemon, report, events, duration, step, cycl
                 n["throttled_seconds"] += c.throttled_seconds
                 n["capacity_lost_seconds"] += c.capacity_lost_seconds
                 n["dollars"] += c.dollars
+            x = g.extra or {}
             gpus.append({"index": g.index, "uuid": g.uuid, "name": g.name,
                          "price_per_hour": g.price_per_hour, "source": g.source,
+                         **{k: x.get(k) for k in _EFF_KEYS},
                          "throttled_seconds": _rounded(sum(c.throttled_seconds
                                                            for c in g.reasons.values())),
                          "capacity_lost_seconds": _rounded(g.capacity_lost_seconds),
@@ -123,6 +125,7 @@ def _result(spec, scenario, config, daemon, report, events, duration, step, cycl
         if node_reasons[top]["capacity_lost_seconds"] <= 0:
             top = None
     per_day = (usd * 86400.0 / duration) if duration > 0 else None
+    eff = _efficiency(report, gpus, duration)
     by_code: Dict[str, int] = {}
     ev_list = []
     for e in events:
@@ -153,10 +156,39 @@ def _result(spec, scenario, config, daemon, report, events, duration, step, cycl
             "top_reason": top,
             "reasons": {r: {k: _rounded(v) for k, v in d.items()}
                         for r, d in sorted(node_reasons.items())},
+            "efficiency": eff,
         },
         "events": {"count": len(events), "by_code": dict(sorted(by_code.items())),
                    "list": ev_list},
     }
+
+
+_EFF_KEYS = ("energy_joules", "energy_dollars", "paid_seconds", "idle_seconds", "idle_dollars",
+             "underused_seconds", "underused_dollars")
+
+
+def _efficiency(report, gpus: List[Dict[str, Any]], duration: float) -> Dict[str, Any]:
+    """Tokens, energy and idle capacity over the whole replay: totals, and tokens per dollar
+    as tokens made / money paid (GPU-hours of the paid time plus energy)."""
+    tot = {k: sum(g.get(k) or 0.0 for g in gpus) for k in _EFF_KEYS}
+    paid_gpu = sum((g.get("paid_seconds") or 0.0) * g["price_per_hour"] / 3600.0 for g in gpus)
+    spent = paid_gpu + tot["energy_dollars"]
+    tk = getattr(report, "tokens", None)
+    made = getattr(tk, "tokens_total", None)
+    out = {k: _rounded(v) for k, v in tot.items()}
+    out.update({
+        "tokens": _rounded(made),
+        "tokens_per_second": _rounded(made / duration) if made is not None and duration > 0
+        else None,
+        "dollars_paid": _rounded(spent),
+        "tokens_per_dollar": _rounded(made / spent) if made and spent > 0 else None,
+        "cost_per_million_tokens": _rounded(spent / made * 1e6) if made and spent > 0 else None,
+        "tokens_per_joule": _rounded(made / tot["energy_joules"])
+        if made and tot["energy_joules"] > 0 else None,
+        "idle_ratio": _rounded((tot["idle_seconds"] + tot["underused_seconds"])
+                               / tot["paid_seconds"]) if tot["paid_seconds"] > 0 else None,
+    })
+    return out
 
 
 def _money(x: Optional[float], currency: str) -> str:
@@ -211,6 +243,25 @@ def format_replay(result: Dict[str, Any], max_events: int = 10) -> str:
     lines.append(total)
     if node.get("top_reason"):
         lines.append(f"Top reason: {node['top_reason']}")
+    eff = node.get("efficiency") or {}
+    if eff.get("tokens"):
+        t = f"Tokens: {eff['tokens']:,.0f} ({eff['tokens_per_second']:,.0f}/s)"
+        if eff.get("tokens_per_dollar"):
+            t += (f", {eff['tokens_per_dollar']:,.0f} per {'$' if cur == 'USD' else cur}, "
+                  f"{_money(eff['cost_per_million_tokens'], cur)} per million")
+        if eff.get("tokens_per_joule"):
+            t += f", {eff['tokens_per_joule']:.2f} per J"
+        lines.append(t)
+    if eff.get("paid_seconds"):
+        e = f"Energy: {(eff.get('energy_joules') or 0) / 3.6e6:,.2f} kWh"
+        if eff.get("energy_dollars"):
+            e += f" ({_money(eff['energy_dollars'], cur)})"
+        unused = (eff.get("idle_seconds") or 0) + (eff.get("underused_seconds") or 0)
+        e += f"; unused {unused / 3600:,.2f} GPU-h ({(eff.get('idle_ratio') or 0) * 100:.1f}%)"
+        if priced:
+            e += (f" = idle {_money(eff.get('idle_dollars'), cur)} + underused "
+                  f"{_money(eff.get('underused_dollars'), cur)}")
+        lines.append(e)
     if not priced:
         lines.append("No price set ([cost] gpu_hour_usd): capacity only.")
     ev = result["events"]

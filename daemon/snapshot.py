@@ -71,25 +71,41 @@ def mask_from_reasons(names) -> int:
     return mask
 
 
-# Violation-time counters (nvmlDeviceGetViolationStatus), by perf policy.
-# key -> NVML_PERF_POLICY_* value
-VIOLATION_POLICIES: Tuple[Tuple[str, int], ...] = (
-    ("power", 0),
-    ("thermal", 1),
+# Throttle-duration (violation-time) counters, seconds since the driver loaded or the GPU was
+# reset. NVML 13 reads them as field values (NVML_FI_DEV_CLOCKS_EVENT_REASON_* and
+# NVML_FI_DEV_PERF_POLICY_*, see gpucostd/hw/nvml_fields.py) and deprecates the old
+# nvmlDeviceGetViolationStatus(policy). key -> the NVML_PERF_POLICY_* of that old call for the
+# same counter, or None where only field values have it. "thermal" exists only through the old
+# call: it is reported only when neither sw_thermal nor hw_thermal is (never beside them).
+VIOLATION_POLICIES: Tuple[Tuple[str, Optional[int]], ...] = (
+    ("power", 0),               # SW power cap (the same counter as field 74)
+    ("thermal", 1),             # old call only: SW and HW thermal together
     ("sync_boost", 2),
     ("board_limit", 3),
     ("low_utilization", 4),
     ("reliability", 5),
+    ("total_base_clocks", 11),  # held below base clocks by any limiter
+    ("sw_thermal", None),
+    ("hw_thermal", None),
+    ("hw_power_brake", None),
 )
-# Which clock-event reasons each violation counter measures (used by the cost model).
+# Which clock-event reasons each counter measures (the cost model; the simulator runs a counter
+# while any of its reasons is active). HwSlowdown (the generic HW slowdown bit, set with the
+# thermal and power-brake ones) counts as thermal, as it did before the finer counters.
 VIOLATION_REASONS: Dict[str, Tuple[str, ...]] = {
-    "power": ("SwPowerCap", "HwPowerBrakeSlowdown"),
+    "power": ("SwPowerCap",),
     "thermal": ("SwThermalSlowdown", "HwThermalSlowdown", "HwSlowdown"),
     "sync_boost": ("SyncBoost",),
     "board_limit": ("BoardLimit",),
     "low_utilization": (),
     "reliability": ("Reliability",),
+    "total_base_clocks": (),
+    "sw_thermal": ("SwThermalSlowdown",),
+    "hw_thermal": ("HwThermalSlowdown", "HwSlowdown"),
+    "hw_power_brake": ("HwPowerBrakeSlowdown",),
 }
+# A counter that only the old call has, and the finer counters that replace it.
+VIOLATION_REPLACED_BY: Dict[str, Tuple[str, ...]] = {"thermal": ("sw_thermal", "hw_thermal")}
 
 
 class GpuState(str, enum.Enum):
@@ -121,6 +137,7 @@ class GpuReading:
     power_limit_min_watts: Optional[float] = None
     power_limit_max_watts: Optional[float] = None
     power_limit_default_watts: Optional[float] = None
+    energy_joules: Optional[float] = None      # energy counter since the driver loaded
     persistence_mode: Optional[bool] = None
     # clocks and load
     sm_clock_mhz: Optional[float] = None

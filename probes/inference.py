@@ -1,42 +1,96 @@
 """Reads a local inference server's generated-tokens counter from its Prometheus endpoint.
 
-One short HTTP GET per cycle (urllib, no extra dependencies). Never raises for an expected
-fault: an unreachable endpoint, an HTTP error, a missing metric or malformed text come back as
-an InferenceReading whose `error` says what, where and how to fix; the loop turns that into a
-finding. The metric names of common servers are listed in docs/cost.md.
+One short HTTP GET per cycle and endpoint, under ONE deadline for the whole exchange (connect,
+request, status line, headers, redirects, body): every socket wait gets only the time left, so
+a server that trickles its headers or body a byte at a time, or redirects, cannot hold up the
+daemon's cycle. Never raises for an expected fault: an unreachable endpoint, an HTTP error, a
+missing metric or malformed text come back as an InferenceReading whose `error` says what,
+where and how to fix; the loop turns that into a finding.
+
+Which series counts generated tokens depends on the server; with ``tokens_metric = "auto"``
+the exposition says which server it is (``SERVERS``, real expositions in
+tests/fixtures/expositions/, names in docs/cost.md). ``tokens_metric`` may also be a selector
+``name{label="value",other!="x"}``: only matching series are summed.
 """
 from __future__ import annotations
 
 import http.client
 import math
-import os
 import re
 import socket
+import ssl
 import time as _time
-import urllib.error
-import urllib.request
+import urllib.parse
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from gpucostd.config import parse_selector
 
 MAX_BYTES = 8 * 1024 * 1024      # a /metrics page larger than this is refused
+MAX_REDIRECTS = 3
 _CHUNK = 64 * 1024
 
 # name{labels} value [timestamp]; names may contain colons (vllm:..., sglang:...)
 _NAME = r"[A-Za-z_:][A-Za-z0-9_:]*"
 _SAMPLE = re.compile(r"^(" + _NAME + r")(\{.*\})?\s+(\S+)(\s+-?\d+)?\s*$")
+_LABEL = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*,?')
+_TYPE = re.compile(r"^#\s*(?:TYPE|HELP)\s+(" + _NAME + r")(?:\s+(\S+))?")
+
+# (server, generated-token series, {what: series}) in detection order. Each series is a
+# selector; the first token series with samples names the server.
+SERVERS: Tuple[Tuple[str, str, Dict[str, Tuple[str, ...]]], ...] = (
+    ("vllm", "vllm:generation_tokens_total", {
+        "running": ("vllm:num_requests_running",), "waiting": ("vllm:num_requests_waiting",),
+        "kv": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
+        "preemptions": ("vllm:num_preemptions_total",)}),
+    ("sglang", "sglang:generation_tokens_total", {
+        "running": ("sglang:num_running_reqs",), "waiting": ("sglang:num_queue_reqs",),
+        "kv": ("sglang:token_usage",)}),
+    ("llama.cpp", "llamacpp:tokens_predicted_total", {
+        "running": ("llamacpp:requests_processing",), "waiting": ("llamacpp:requests_deferred",)}),
+    ("dynamo", "dynamo_frontend_output_tokens_total", {
+        "running": ("dynamo_frontend_inflight_requests",),
+        "waiting": ("dynamo_frontend_queued_requests",)}),
+    ("tgi", "tgi_request_generated_tokens_sum", {
+        "running": ("tgi_batch_current_size",), "waiting": ("tgi_queue_size",)}),
+    ("tensorrt-llm", 'nv_llm_output_token_len_sum{response_metric_type="total_output_tokens"}', {
+        "running": ('nv_trt_llm_request_metrics{request_type="active"}',),
+        "waiting": ('nv_trt_llm_request_metrics{request_type="waiting"}',),
+        "kv": ('nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type="fraction"}',)}),
+)
+TRTLLM_NO_COUNTER = (
+    "TensorRT-LLM exposes no generated-token counter here (nv_trt_llm_v1_metrics "
+    "total_generation_tokens and the inflight-batcher token figures are per-iteration gauges; "
+    "trtllm-serve has none): point [inference] at the Dynamo frontend "
+    "(dynamo_frontend_output_tokens_total) or a Triton backend with the nv_llm_output_token_len "
+    "histogram, or set tokens_metric")
 
 
 @dataclass(frozen=True)
 class InferenceReading:
-    tokens_total: Optional[float]      # the counter summed over its label sets
+    tokens_total: Optional[float]      # the counter summed over its (selected) label sets
     time: float                        # monotonic time of the reading
     metric: str = ""                   # the series actually used (e.g. name + "_sum")
     series: int = 0                    # number of label sets summed
     error: Optional[str] = None        # why there is no value, in words
+    url: str = ""
+    server: Optional[str] = None       # detected server ("vllm", "sglang", ...), if known
+    requests_running: Optional[float] = None
+    requests_waiting: Optional[float] = None
+    kv_cache_usage: Optional[float] = None      # 0..1
+    preemptions_total: Optional[float] = None
+    gpus: Optional[Tuple[int, ...]] = None      # the GPUs its tokens go to (None: all)
+    parallel: str = "tensor"
 
     @property
     def ok(self) -> bool:
         return self.error is None and self.tokens_total is not None
+
+    @property
+    def counter_id(self) -> str:
+        """Which counter the value comes from: a change (another URL or series) starts the
+        token rate over instead of counting the new counter's value as tokens."""
+        return f"{self.url} {self.metric}"
 
 
 class ParseError(ValueError):
@@ -54,119 +108,325 @@ def _parse_value(text: str) -> float:
     return float(text)
 
 
-def parse_metric(text: str, metric: str) -> Tuple[float, str, int]:
-    """Sum of `metric` over all its label sets in Prometheus text exposition.
+class Exposition:
+    """Prometheus text exposition, parsed once: samples by name, and the names declared by
+    HELP/TYPE lines (a declared family without samples is absent, not 0)."""
 
-    Falls back to `metric`_sum (a histogram or summary of generated tokens, e.g. TGI's
-    tgi_request_generated_tokens) and to the name with/without `_total`. Raises ParseError
-    (missing, malformed) with the reason in words."""
-    wanted = [metric]
-    if not metric.endswith("_sum"):
-        wanted.append(metric + "_sum")
-    if metric.endswith("_total"):
-        wanted.append(metric[: -len("_total")])
-    else:
-        wanted.append(metric + "_total")
-    prefix = os.path.commonprefix(wanted)
-    sums: Dict[str, float] = {}
-    counts: Dict[str, int] = {}
-    bad_lines = good_lines = 0
-    first_bad = None
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if good_lines and not line.startswith(prefix):
-            continue        # the text is known to be an exposition: parse only candidates
-        m = _SAMPLE.match(line)
-        if not m:
-            bad_lines += 1
-            if first_bad is None:
-                first_bad = (lineno, line[:80])
-            continue
-        good_lines += 1
-        name = m.group(1)
-        if name not in wanted:
-            continue
-        try:
-            v = _parse_value(m.group(3))
-        except ValueError:
-            raise ParseError(f"line {lineno}: {name} has a value that is not a number: "
-                             f"{m.group(3)[:40]!r}") from None
-        if not math.isfinite(v) or v < 0:
-            raise ParseError(f"line {lineno}: {name} = {m.group(3)} is not a token count")
-        sums[name] = sums.get(name, 0.0) + v
-        counts[name] = counts.get(name, 0) + 1
-    for name in wanted:
-        if name in sums:
-            return sums[name], name, counts[name]
-    if bad_lines and not good_lines:
-        lineno, line = first_bad
+    def __init__(self, text: str):
+        self.samples: Dict[str, List[Tuple[int, str, str]]] = {}   # name -> (line, labels, v)
+        self.declared: Dict[str, str] = {}
+        bad = good = 0
+        self.first_bad: Optional[Tuple[int, str]] = None
+        for lineno, raw in enumerate(text.splitlines(), 1):
+            line = raw.strip()
+            if not line:
+                continue
+            if line.startswith("#"):
+                m = _TYPE.match(line)
+                if m:
+                    self.declared.setdefault(m.group(1), m.group(2) or "")
+                continue
+            m = _SAMPLE.match(line)
+            if not m:
+                bad += 1
+                if self.first_bad is None:
+                    self.first_bad = (lineno, line[:80])
+                continue
+            good += 1
+            self.samples.setdefault(m.group(1), []).append((lineno, m.group(2) or "",
+                                                            m.group(3)))
+        self.garbage = bool(bad and not good and not self.declared)
+
+    def has(self, name: str) -> bool:
+        return name in self.samples
+
+    def names_with_prefix(self, prefix: str) -> bool:
+        return any(n.startswith(prefix) for n in self.samples) or any(
+            n.startswith(prefix) for n in self.declared)
+
+    def select(self, selector: str, counter: bool = True) -> Optional[Tuple[float, int]]:
+        """(sum, series) of the samples matching `selector`, or None when none match.
+        Raises ParseError for a value that is not a (token) count."""
+        name, matchers = parse_selector(selector)
+        rows = self.samples.get(name)
+        if not rows:
+            return None
+        total, n = 0.0, 0
+        for lineno, labels, value in rows:
+            if matchers and not _matches(_labels(labels), matchers):
+                continue
+            try:
+                v = _parse_value(value)
+            except ValueError:
+                raise ParseError(f"line {lineno}: {name} has a value that is not a number: "
+                                 f"{value[:40]!r}") from None
+            if counter and (not math.isfinite(v) or v < 0):
+                raise ParseError(f"line {lineno}: {name} = {value} is not a token count")
+            if not math.isfinite(v):
+                continue
+            total += v
+            n += 1
+        return (total, n) if n else None
+
+
+def _labels(text: str) -> Dict[str, str]:
+    out: Dict[str, str] = {}
+    body = text[1:-1] if text.startswith("{") else text
+    for m in _LABEL.finditer(body):
+        out[m.group(1)] = re.sub(r"\\(.)", lambda x: {"n": "\n"}.get(x.group(1), x.group(1)),
+                                 m.group(2))
+    return out
+
+
+def _matches(labels: Dict[str, str], matchers: Sequence[Tuple[str, str, str]]) -> bool:
+    for key, op, value in matchers:
+        have = labels.get(key, "")
+        if (op == "=" and have != value) or (op == "!=" and have == value):
+            return False
+    return True
+
+
+def _candidates(metric: str) -> List[str]:
+    """A configured name and its usual variants: the histogram/summary _sum, with and
+    without _total (the labels, if any, stay on each)."""
+    name, _ = parse_selector(metric)
+    rest = metric.strip()[len(name):].strip()
+    names = [name]
+    if not name.endswith("_sum"):
+        names.append(name + "_sum")
+    names.append(name[: -len("_total")] if name.endswith("_total") else name + "_total")
+    return [n + rest for n in names]
+
+
+def read_tokens(text, metric: str = "auto") -> Tuple[float, str, int, Optional[str]]:
+    """(tokens, series used, label sets summed, server) from exposition text (or an
+    Exposition). Raises ParseError (missing, declared but empty, malformed, TensorRT-LLM
+    without a counter) in words."""
+    exp = text if isinstance(text, Exposition) else Exposition(text)
+    if exp.garbage:
+        lineno, line = exp.first_bad
         raise ParseError(f"not Prometheus text exposition (line {lineno}: {line!r})")
-    raise ParseError(f"metric {metric} not found (looked for {', '.join(wanted)}); set "
-                     f"[inference] tokens_metric to the server's generated-tokens counter")
+    if metric == "auto":
+        for server, series, _extra in SERVERS:
+            got = exp.select(series)
+            if got is not None:
+                return got[0], series, got[1], server
+        if exp.names_with_prefix("nv_trt_llm_") or exp.names_with_prefix("trtllm_"):
+            raise ParseError(TRTLLM_NO_COUNTER)
+        declared = [s for _srv, s, _e in SERVERS if parse_selector(s)[0] in exp.declared]
+        if declared:
+            raise ParseError(f"{declared[0]} is declared but has no samples yet (the server "
+                             "has not served a request since it started?)")
+        raise ParseError("no known generated-token counter found (looked for "
+                         + ", ".join(s for _srv, s, _e in SERVERS) + "); set [inference] "
+                         "tokens_metric to the server's generated-tokens series")
+    wanted = _candidates(metric)
+    for series in wanted:
+        got = exp.select(series)
+        if got is not None:
+            return got[0], series, got[1], _server_of(series)
+    name = parse_selector(metric)[0]
+    if parse_selector(metric)[1] and exp.has(name):
+        raise ParseError(f"no series of {name} matches {metric}; check the label values in "
+                         f"[inference] tokens_metric")
+    if name in exp.declared and not exp.has(name):
+        raise ParseError(f"{name} is declared but has no samples yet (the server has not "
+                         "served a request since it started?)")
+    raise ParseError(f"metric {name} not found (looked for "
+                     f"{', '.join(parse_selector(w)[0] for w in wanted)}); set [inference] "
+                     f"tokens_metric to the server's generated-tokens counter")
+
+
+def _server_of(series: str) -> Optional[str]:
+    name = parse_selector(series)[0]
+    for server, token_series, _extra in SERVERS:
+        if parse_selector(token_series)[0] == name:
+            return server
+    return None
+
+
+def serving_figures(text, server: Optional[str]) -> Dict[str, Optional[float]]:
+    """Requests running/waiting, KV-cache usage (0..1) and preemptions of a known server
+    (None where the server does not say)."""
+    out: Dict[str, Optional[float]] = {"running": None, "waiting": None, "kv": None,
+                                       "preemptions": None}
+    extra = next((e for s, _t, e in SERVERS if s == server), None)
+    if not extra:
+        return out
+    exp = text if isinstance(text, Exposition) else Exposition(text)
+    for what, selectors in extra.items():
+        for sel in selectors:
+            try:
+                got = exp.select(sel, counter=False)
+            except ParseError:
+                got = None
+            if got is not None:
+                out[what] = got[0] if what != "kv" else got[0] / max(1, got[1])
+                break
+    return out
+
+
+def parse_metric(text: str, metric: str) -> Tuple[float, str, int]:
+    """Sum of `metric` (a name or selector, or "auto") over its label sets: (sum, series used,
+    label sets). Falls back to `metric`_sum and the name with/without `_total`."""
+    total, name, n, _server = read_tokens(text, metric)
+    return total, name, n
+
+
+# --------------------------------------------------------------------------- HTTP
+class _ProbeError(Exception):
+    pass
+
+
+class _DeadlineMixin:
+    """Every socket wait gets only the time left before `_gpucostd_end` (monotonic)."""
+    _gpucostd_end = 0.0
+
+    def _arm(self) -> None:
+        left = self._gpucostd_end - _time.monotonic()
+        if left <= 0:
+            raise socket.timeout("deadline passed")
+        self.settimeout(left)
+
+    def recv_into(self, *a, **k):
+        self._arm()
+        return super().recv_into(*a, **k)
+
+    def recv(self, *a, **k):
+        self._arm()
+        return super().recv(*a, **k)
+
+    def sendall(self, *a, **k):
+        self._arm()
+        return super().sendall(*a, **k)
+
+
+class _DeadlineSocket(_DeadlineMixin, socket.socket):
+    pass
+
+
+class _DeadlineSSLSocket(_DeadlineMixin, ssl.SSLSocket):
+    pass
+
+
+class _Connection(http.client.HTTPConnection):
+    def __init__(self, host: str, port: int, end: float, tls: bool):
+        super().__init__(host, port, timeout=max(0.001, end - _time.monotonic()))
+        self._end = end
+        self._tls = tls
+
+    def connect(self) -> None:
+        err: Optional[OSError] = None
+        for af, kind, proto, _name, addr in socket.getaddrinfo(self.host, self.port, 0,
+                                                               socket.SOCK_STREAM):
+            s = _DeadlineSocket(af, kind, proto)
+            s._gpucostd_end = self._end
+            try:
+                s._arm()
+                s.connect(addr)
+            except OSError as e:
+                s.close()
+                err = e
+                continue
+            if self._tls:
+                ctx = ssl.create_default_context()
+                ctx.sslsocket_class = type("_S", (_DeadlineSSLSocket,),
+                                           {"_gpucostd_end": self._end})
+                s.settimeout(max(0.001, self._end - _time.monotonic()))
+                s = ctx.wrap_socket(s, server_hostname=self.host)
+            self.sock = s
+            return
+        raise err or OSError(f"cannot resolve {self.host}")
 
 
 class InferenceProbe:
-    """InferenceProbe(url, metric, timeout).read() -> InferenceReading (never raises)."""
+    """InferenceProbe(url, metric, timeout).read() -> InferenceReading (never raises).
 
-    def __init__(self, url: str, metric: str = "vllm:generation_tokens_total",
-                 timeout: float = 0.5, clock: Optional[Callable[[], float]] = None,
-                 opener=None):
+    `fetch`: a callable returning the exposition text instead of an HTTP GET (the simulated
+    servers in replay); `gpus`/`parallel` are carried into the reading for the accountant."""
+
+    def __init__(self, url: str, metric: str = "auto", timeout: float = 0.5,
+                 clock: Optional[Callable[[], float]] = None, opener=None,
+                 fetch: Optional[Callable[[], str]] = None,
+                 gpus: Optional[Sequence[int]] = None, parallel: str = "tensor"):
         self.url = url
-        self.metric = metric
+        self.metric = metric or "auto"
         self.timeout = float(timeout)
         self._now = clock or _time.monotonic
-        # no proxies: the endpoint is local, and an environment proxy must not capture it
-        self._opener = opener or urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        self._fetch_fn = fetch
+        self.gpus = tuple(gpus) if gpus is not None else None
+        self.parallel = parallel
 
     def read(self) -> InferenceReading:
         now = self._now()
+        base = dict(url=self.url, gpus=self.gpus, parallel=self.parallel)
         try:
-            text = self._fetch()
-            total, name, n = parse_metric(text, self.metric)
+            text = self._fetch_fn() if self._fetch_fn is not None else self._fetch()
+            exp = Exposition(text)
+            total, name, n, server = read_tokens(exp, self.metric)
+            figures = serving_figures(exp, server)
         except _ProbeError as e:
-            return InferenceReading(None, now, self.metric, 0, str(e))
+            return InferenceReading(None, now, self.metric, 0, str(e), **base)
         except ParseError as e:
-            return InferenceReading(None, now, self.metric, 0, f"{self.url}: {e}")
-        return InferenceReading(total, now, name, n, None)
+            return InferenceReading(None, now, self.metric, 0, f"{self.url}: {e}", **base)
+        return InferenceReading(total, now, name, n, None, server=server,
+                                requests_running=figures["running"],
+                                requests_waiting=figures["waiting"],
+                                kv_cache_usage=figures["kv"],
+                                preemptions_total=figures["preemptions"], **base)
 
     def _fetch(self) -> str:
         if not re.match(r"^https?://", self.url):
             raise _ProbeError(f"{self.url!r} is not an http:// or https:// URL; set "
                               f"[inference] metrics_url like http://127.0.0.1:8000/metrics")
-        req = urllib.request.Request(self.url, headers={"Accept": "text/plain"})
-        # the socket timeout bounds each wait; this deadline bounds the whole answer, so a
-        # server that trickles its body cannot hold up the daemon's cycle
-        deadline = _time.monotonic() + self.timeout
+        end = _time.monotonic() + self.timeout
+        url = self.url
+        phase = "answer"
         try:
-            with self._opener.open(req, timeout=self.timeout) as resp:
-                status = getattr(resp, "status", 200)
-                if status != 200:
-                    raise _ProbeError(f"{self.url} answered HTTP {status}; expected 200")
-                body = self._read_body(resp, deadline)
+            for _hop in range(MAX_REDIRECTS + 1):
+                parts = urllib.parse.urlsplit(url)
+                tls = parts.scheme == "https"
+                conn = _Connection(parts.hostname or "", parts.port or (443 if tls else 80),
+                                   end, tls)
+                try:
+                    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+                    conn.request("GET", path, headers={"Accept": "text/plain",
+                                                       "Accept-Encoding": "identity",
+                                                       "User-Agent": "gpucostd"})
+                    resp = conn.getresponse()
+                    if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
+                        url = urllib.parse.urljoin(url, resp.getheader("Location"))
+                        if not re.match(r"^https?://", url):
+                            raise _ProbeError(f"{self.url} redirects to {url!r}, which is not "
+                                              f"http(s); set [inference] metrics_url to the "
+                                              f"final URL")
+                        continue          # same deadline: a redirect does not reset it
+                    if resp.status != 200:
+                        raise _ProbeError(f"{self.url} answered HTTP {resp.status} "
+                                          f"{resp.reason}; check the URL path (usually "
+                                          f"/metrics)")
+                    phase = "finish"
+                    body = self._read_body(resp, end)
+                finally:
+                    conn.close()
+                break
+            else:
+                raise _ProbeError(f"{self.url} redirected more than {MAX_REDIRECTS} times; set "
+                                  f"[inference] metrics_url to the final URL")
         except _ProbeError:
             raise
-        except urllib.error.HTTPError as e:
-            raise _ProbeError(f"{self.url} answered HTTP {e.code} {e.reason}; check the URL "
-                              f"path (usually /metrics)") from None
-        except urllib.error.URLError as e:
-            reason = e.reason
-            if isinstance(reason, (socket.timeout, TimeoutError)):
-                raise _ProbeError(f"{self.url} did not answer within {self.timeout:g} s "
-                                  f"([inference] timeout_seconds)") from None
-            if isinstance(reason, ConnectionRefusedError):
-                raise _ProbeError(f"{self.url} is unreachable (connection refused): is the "
-                                  f"inference server running with metrics enabled?") from None
-            raise _ProbeError(f"{self.url} is unreachable: {reason}") from None
         except (socket.timeout, TimeoutError):
-            raise _ProbeError(f"{self.url} did not answer within {self.timeout:g} s "
+            verb = "finish its answer" if phase == "finish" else "answer"
+            raise _ProbeError(f"{self.url} did not {verb} within {self.timeout:g} s "
                               f"([inference] timeout_seconds)") from None
+        except ConnectionRefusedError:
+            raise _ProbeError(f"{self.url} is unreachable (connection refused): is the "
+                              f"inference server running with metrics enabled?") from None
         except http.client.HTTPException as e:
             # not an HTTP answer (BadStatusLine), a header line too long, a broken chunk ...
             raise _ProbeError(f"{self.url} did not answer with valid HTTP "
-                              f"({type(e).__name__}: {' '.join(str(e).split())[:80]}); is this the inference "
-                              f"server's /metrics endpoint?") from None
+                              f"({type(e).__name__}: {' '.join(str(e).split())[:80]}); is "
+                              f"this the inference server's /metrics endpoint?") from None
         except (OSError, ValueError) as e:
             raise _ProbeError(f"{self.url} is unreachable: {e}") from None
         try:
@@ -175,16 +435,15 @@ class InferenceProbe:
             raise _ProbeError(f"{self.url} returned text that is not UTF-8; is this a "
                               f"Prometheus /metrics endpoint?") from None
 
-    def _read_body(self, resp, deadline: float) -> bytes:
+    def _read_body(self, resp, end: float) -> bytes:
         """The body, at most MAX_BYTES, complete (a body shorter than its Content-Length is
         an error, not a smaller count) and finished before the deadline."""
-        read1 = getattr(resp, "read1", None) or resp.read
         chunks = []
         size = 0
+        read1 = getattr(resp, "read1", None) or resp.read
         while True:
-            if _time.monotonic() > deadline:
-                raise _ProbeError(f"{self.url} did not finish its answer within "
-                                  f"{self.timeout:g} s ([inference] timeout_seconds)")
+            if _time.monotonic() > end:
+                raise socket.timeout("deadline passed")
             chunk = read1(_CHUNK)
             if not chunk:
                 break
@@ -201,8 +460,5 @@ class InferenceProbe:
         return b"".join(chunks)
 
 
-class _ProbeError(Exception):
-    pass
-
-
-__all__ = ["InferenceProbe", "InferenceReading", "parse_metric", "ParseError"]
+__all__ = ["InferenceProbe", "InferenceReading", "parse_metric", "read_tokens", "ParseError",
+           "SERVERS", "Exposition", "serving_figures"]

@@ -466,11 +466,17 @@ def test_to_json_has_stable_keys():
                          "notes"}
     assert set(data["node"]) == {"cost_dollars_per_hour", "throttle_dollars_per_hour",
                                  "loss_ratio", "capacity_lost_seconds", "dollars", "reasons",
-                                 "last_hour", "last_24h", "tokens"}
+                                 "last_hour", "last_24h", "tokens", "efficiency"}
+    assert set(data["node"]["efficiency"]) >= {
+        "cost_dollars_per_hour", "energy_dollars_per_hour", "tokens_per_dollar",
+        "tokens_per_joule", "idle_ratio", "energy_joules", "idle_dollars", "underused_dollars"}
     g = data["gpus"][3]
     assert set(g) == {"index", "uuid", "name", "price_per_hour", "busy", "loss_ratio",
                       "effective_cost_multiplier", "active_reasons", "source",
-                      "capacity_lost_seconds", "dollars", "reasons", "last_hour", "last_24h"}
+                      "capacity_lost_seconds", "dollars", "reasons", "last_hour", "last_24h",
+                      "energy_joules", "energy_dollars", "energy_source", "paid_seconds",
+                      "idle_seconds", "idle_dollars", "underused_seconds", "underused_dollars",
+                      "idle_ratio"}
     assert g["reasons"]["HwThermalSlowdown"]["dollars"] == pytest.approx(0.30)
     assert data["node"]["last_hour"]["top_reason"] == "HwThermalSlowdown"
     json.dumps(rep.to_json(history=True))
@@ -709,8 +715,10 @@ def test_non_finite_token_counter_is_ignored():
         total = float("nan") if t == 3 else 1000.0 * t
         rep = acc.update_tokens(InferenceReading(total, float(t)), float(t))
         if t == 3:
+            # a reading that is not a count is no reading: no tokens/s now (the last one is
+            # not current), nothing counted
             assert rep.tokens.tokens_total == 2000.0
-            assert rep.tokens.tokens_per_second == pytest.approx(1000.0)
+            assert rep.tokens.tokens_per_second is None
     tk = rep.tokens
     assert tk.tokens_per_second == pytest.approx(1000.0) and tk.tokens_total == 4000.0
     assert all(len(line) <= 100 for line in status_lines(rep))

@@ -79,7 +79,9 @@ def test_probe_reads_every_field_as_the_scenario_says(sim):
             assert g.utilization_percent == 95
             assert g.clock_event_reasons == st["clock_event_reasons"]
             assert "HwThermalSlowdown" in g.supported_reasons
-            assert g.violation_seconds == pytest.approx(st["violation_seconds"])
+            # field values: the finer thermal counters, never the old combined one beside them
+            expect = {k: v for k, v in st["violation_seconds"].items() if k != "thermal"}
+            assert g.violation_seconds == pytest.approx(expect)
             assert g.ecc_mode is True
             assert (g.ecc_volatile_corrected, g.ecc_volatile_uncorrected,
                     g.ecc_aggregate_corrected, g.ecc_aggregate_uncorrected) == (0, 0, 0, 0)
@@ -93,7 +95,8 @@ def test_probe_reads_every_field_as_the_scenario_says(sim):
     clock.advance(30 - clock.monotonic() + 120)      # t = 150: second cycle, throttled again
     g0 = probe.read()[0]
     assert g0.clock_event_reasons == ("HwThermalSlowdown",) and g0.sm_clock_mhz == 1410
-    assert g0.violation_seconds["thermal"] == pytest.approx(60 + 10)
+    assert g0.violation_seconds["hw_thermal"] == pytest.approx(60 + 10)
+    assert g0.violation_seconds["sw_thermal"] == 0.0 and "thermal" not in g0.violation_seconds
 
 
 def test_unsupported_readings_are_none_not_zero(sim):

@@ -17,8 +17,9 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from gpucostd.sim.nvml import (SYMBOLS, FieldValue, HEADER_CONSTANTS, PciInfo, SimulatedNode,
-                              Utilization, ViolationTime)
+from gpucostd.sim.nvml import (ENERGY_FIELDS, FIELD_VALUES, SYMBOLS, VIOLATION_FIELDS, FieldValue,
+                              HEADER_CONSTANTS, PciInfo, SimulatedNode, Utilization, Value,
+                              ViolationTime)
 
 
 def find_header() -> Optional[str]:
@@ -76,6 +77,10 @@ def parse_constants(text: str) -> Dict[str, int]:
         consts.setdefault(m.group(1), int(m.group(2), 0))
     for m in re.finditer(r"^\s*(NVML_\w+)\s*=\s*(0x[0-9A-Fa-f]+|\d+)\s*,?\s*$", body, re.M):
         consts.setdefault(m.group(1), int(m.group(2), 0))
+    # aliases: #define NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_POWER_CAP NVML_FI_DEV_PERF_POLICY_POWER
+    for m in re.finditer(r"^\s*#define\s+(NVML_\w+)\s+\(?(NVML_\w+)\)?\s*$", body, re.M):
+        if m.group(2) in consts:
+            consts.setdefault(m.group(1), consts[m.group(2)])
     return consts
 
 
@@ -126,7 +131,8 @@ def test_constants_match_the_header(header_text):
 
 @pytest.mark.parametrize("cls,typedef", [
     (PciInfo, "nvmlPciInfo_t"), (Utilization, "nvmlUtilization_t"),
-    (ViolationTime, "nvmlViolationTime_t"), (FieldValue, "nvmlFieldValue_t")])
+    (ViolationTime, "nvmlViolationTime_t"), (FieldValue, "nvmlFieldValue_t"),
+    (Value, "nvmlValue_t")])
 def test_struct_layouts_match_the_header(header_text, cls, typedef):
     assert [f[0] for f in cls._fields_] == parse_struct_fields(header_text, typedef)
 
@@ -150,3 +156,50 @@ def test_a_full_gateway_read_uses_only_simulated_symbols():
         gw.shutdown()
     assert node.missing == set(), f"the gateway asked for unsimulated symbols: {node.missing}"
     assert set(node.calls) <= set(SYMBOLS)
+
+
+def test_the_alias_form_of_a_define_is_parsed():
+    consts = parse_constants("#define NVML_A 74\n#define NVML_B NVML_A //!< same counter\n")
+    assert consts == {"NVML_A": 74, "NVML_B": 74}
+
+
+def test_gateway_field_ids_match_the_header(header_text):
+    """Every field id the gateway asks nvmlDeviceGetFieldValues for is the value of the
+    NVML_FI_* macro it names, and below NVML_FI_MAX of this header."""
+    from gpucostd.hw.nvml_fields import FIELDS
+    consts = parse_constants(header_text)
+    problems = [f"{f.reading}: {f.nvml_name} = {f.field_id} in the gateway, "
+                f"{consts.get(f.nvml_name)} in nvml.h"
+                for f in FIELDS if consts.get(f.nvml_name) != f.field_id]
+    assert not problems, "\n".join(problems)
+    assert all(0 < f.field_id < consts["NVML_FI_MAX"] for f in FIELDS)
+
+
+def test_every_gateway_field_is_simulated_with_the_same_name():
+    from gpucostd.hw.nvml_fields import FIELDS
+    simulated = {fid: spec[0] for fid, spec in FIELD_VALUES.items()}
+    simulated.update({fid: spec[0] for fid, spec in VIOLATION_FIELDS.items()})
+    simulated.update({fid: spec[0] for fid, spec in ENERGY_FIELDS.items()})
+    assert {f.field_id: f.nvml_name for f in FIELDS} == \
+        {fid: name for fid, name in simulated.items() if fid in {f.field_id for f in FIELDS}}
+    missing = [f.nvml_name for f in FIELDS if f.field_id not in simulated]
+    assert not missing, f"the simulator does not answer {missing}"
+
+
+def test_the_deprecated_violation_call_is_marked_so_in_the_header(header_text):
+    """The reason for the field values: nvml.h deprecates nvmlDeviceGetViolationStatus and
+    names the replacement field of every policy the gateway still reads the old way."""
+    from gpucostd.hw.nvml_fields import FIELDS, VIOLATION_PREFIX
+    from gpucostd.snapshot import VIOLATION_POLICIES
+    m = re.search(r"@deprecated(.*?)\*/\s*DEPRECATED\([\d.]+\)\s*nvmlReturn_t\s+DECLDIR\s+"
+                  r"nvmlDeviceGetViolationStatus", header_text, re.S)
+    assert m, "nvmlDeviceGetViolationStatus is no longer marked deprecated: re-check the table"
+    translations = dict(re.findall(r"(NVML_PERF_POLICY_\w+)\s*->\s*(NVML_FI_\w+)", m.group(1)))
+    consts = parse_constants(header_text)
+    policy_names = {v: k for k, v in consts.items() if k.startswith("NVML_PERF_POLICY_")}
+    by_reading = {f.reading: f.nvml_name for f in FIELDS}
+    for key, policy in VIOLATION_POLICIES:
+        if policy is None or key == "thermal":   # thermal: split into SW and HW fields
+            continue
+        replacement = translations[policy_names[policy]]
+        assert consts[by_reading[VIOLATION_PREFIX + key]] == consts[replacement], key

@@ -16,6 +16,7 @@ import time as _time
 from collections import deque
 from typing import Any, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from gpucostd.cost.efficiency import EfficiencyBook, floor_step
 from gpucostd.cost.model import (MAX_LOSS_FOR_MULTIPLIER, _COUNTER_GROUPS, _Sample, _counters,
                                  _finite, _sorted_reasons, active_throttle_reasons,
                                  cost_multiplier, fit_tokens_vs_clock, integrate, is_busy,
@@ -128,6 +129,9 @@ class CostAccountant:
         self._token_samples: Deque[Tuple[float, float]] = deque()   # (mono, tokens_total)
         self._token_clock: Deque[Tuple[float, float, float]] = deque()  # (mono, tok/s, clock)
         self._last_token_mono: Optional[float] = None
+        self.eff = EfficiencyBook()          # energy, idle capacity, endpoint tokens
+        self.floor: Dict[str, Any] = {}      # the tokens-per-dollar floor's state
+        self.floor_transition: Optional[str] = None   # "inefficient" | "efficient" this cycle
         self._fit_at = -1e18
         self._last_report: Optional[CostReport] = None
         self._notes: List[str] = []
@@ -261,6 +265,8 @@ class CostAccountant:
                         tr.last_group_reason[key_g] = r
                         break
             tr.price_changes.clear()
+        self.eff.update([(g, tr.key, price) for g, tr, price in present], now_mono,
+                        self.config, now_wall)
         if self._totals_since is None and present:
             self._totals_since = now_wall
         self._rate.append((now_mono, node_dollars, node_capacity))
@@ -345,6 +351,7 @@ class CostAccountant:
         node_day = WindowCost(float(HISTORY_SECONDS))
         for g, tr, price in sorted(present, key=lambda x: x[0].index):
             node_price += price
+            extra = self.eff.gpu_json(tr.key) or {}
             loss = tr.loss_now if g.state == GpuState.OK else None
             busy = is_busy(g, busy_pct) if g.state == GpuState.OK else None
             hour = self._window_for(tr.key, windows["hour"], current, 3600.0)
@@ -358,7 +365,7 @@ class CostAccountant:
                 active_reasons=active_throttle_reasons(g) if g.state == GpuState.OK else (),
                 source=tr.source,
                 reasons={r: ReasonCost(*v) for r, v in _sorted_reasons(tr.totals)},
-                last_hour=hour, last_24h=day))
+                last_hour=hour, last_24h=day, extra=extra))
         _finish_window(node_hour)
         _finish_window(node_day)
         # node rates over the last 5 minutes (or since start when younger)
@@ -369,82 +376,82 @@ class CostAccountant:
         cap = sum(x[2] for x in self._rate)
         per_hour = usd * 3600.0 / span if span > 0 else 0.0
         node_loss = (cap / (span * len(present))) if span > 0 and present else None
-        tokens = self._tokens if self._token_samples or self._tokens.tokens_lost_total else None
-        return CostReport(now_wall, now_mono, self.currency, tuple(gpus_out), node_price,
-                          per_hour, node_loss, node_hour, node_day, tokens,
-                          tuple(self._notes), self._history, self._totals_since)
+        tokens = self._tokens if self.eff.endpoints or self._tokens.tokens_lost_total else None
+        figures = self.eff.node_figures(node_price, self.config)
+        figures["gpu_dollars_per_hour"] = node_price
+        figures["floor"] = dict(self.floor)
+        report = CostReport(now_wall, now_mono, self.currency, tuple(gpus_out),
+                            figures["cost_dollars_per_hour"], per_hour, node_loss, node_hour,
+                            node_day, tokens, tuple(self._notes), self._history,
+                            self._totals_since)
+        report.efficiency = figures
+        report.efficiency_history = self.eff.history
+        return report
 
     # ------------------------------------------------------------------ tokens
-    def update_tokens(self, reading, now_mono: Optional[float] = None) -> Optional[CostReport]:
-        """Fold one inference-server reading (probes.inference.InferenceReading) into the
-        latest report: tokens/s over the window, tokens per dollar, cost per million tokens,
-        tokens lost (modelled: tokens/s x loss/(1-loss) integrated over the interval)."""
-        if reading is None or getattr(reading, "error", None):
-            return self._last_report
-        total = getattr(reading, "tokens_total", None)
-        if total is None:
-            return self._last_report
-        try:
-            total = float(total)
-        except (TypeError, ValueError):
-            return self._last_report
-        if not _finite(total):
-            return self._last_report
+    def update_tokens(self, readings, now_mono: Optional[float] = None) -> Optional[CostReport]:
+        """Fold this cycle's inference-endpoint readings (probes.inference.InferenceReading, one
+        or a list) into the latest report: tokens/s over the window, tokens per dollar, cost
+        per million tokens, tokens per joule, tokens lost (modelled: tokens/s x loss/(1-loss)
+        over the interval; a tensor-parallel group loses what its slowest GPU loses), and the
+        floor."""
+        if readings is None:
+            readings = []
+        elif not isinstance(readings, (list, tuple)):
+            readings = [readings]
         if now_mono is None:
             now_mono = self.clock.monotonic() if self.clock is not None else _time.monotonic()
-        samples = self._token_samples
-        if samples and total < samples[-1][1]:      # the server restarted: start over
-            samples.clear()
-        samples.append((now_mono, total))
-        while len(samples) > 2 and samples[0][0] < now_mono - TOKEN_WINDOW_SECONDS:
-            samples.popleft()
+        self.eff.update_tokens(readings, now_mono)
         tk = self._tokens
-        tk.tokens_total = total
-        rate = None
-        if len(samples) >= 2 and samples[-1][0] > samples[0][0]:
-            rate = (samples[-1][1] - samples[0][1]) / (samples[-1][0] - samples[0][0])
-        tk.tokens_per_second = rate
         report = self._last_report
-        node_price = report.node_dollars_per_hour if report is not None else 0.0
-        if rate is not None and rate > 0 and node_price > 0:
-            tk.tokens_per_dollar = rate * 3600.0 / node_price
-            tk.cost_per_million_tokens = node_price / (rate * 3600.0) * 1e6
-        else:
-            tk.tokens_per_dollar = None
-            tk.cost_per_million_tokens = None
-        # only GPUs read in the latest cycle: a GPU lost or gone makes no tokens and loses none
-        busy = [t for t in self._cycle_ok if t.prev is not None and t.prev.busy]
-        # modelled tokens lost over the latest interval: each busy GPU makes rate/N tokens/s;
-        # at loss L it would have made rate/N x 1/(1-L), so it lost rate/N x L/(1-L).
-        if rate is not None and rate > 0 and self._last_token_mono != now_mono:
-            n = max(1, len(busy))
-            lost = 0.0
-            for t in self._cycle_ok:
-                if t.last_capacity > 0:
-                    d = min(t.last_depth_interval, MAX_LOSS_FOR_MULTIPLIER)
-                    lost += rate / n * t.last_capacity / (1.0 - d)
+        gpu_price = sum(g.price_per_hour for g in report.gpus) if report is not None else 0.0
+        fig = self.eff.node_figures(gpu_price, self.config)
+        rate = fig["tokens_per_second"]
+        tk.tokens_per_second = rate
+        tk.tokens_per_dollar = fig["tokens_per_dollar"]
+        tk.cost_per_million_tokens = fig["cost_per_million_tokens"]
+        tk.tokens_per_joule = fig["tokens_per_joule"]
+        tk.tokens_total = self.eff.tokens_total
+        tk.endpoints = self.eff.endpoints_json()
+        # modelled tokens lost over the latest interval (only GPUs read in the latest cycle)
+        indexes = [t.index for t in self._cycle_ok]
+        if rate and self._last_token_mono is not None and self._last_token_mono != now_mono:
+            lost_map = {t.index: (t.last_capacity, t.last_depth_interval)
+                        for t in self._cycle_ok}
+            lost = self.eff.tokens_lost(indexes, lost_map, now_mono - self._last_token_mono)
             if lost:
                 tk.tokens_lost_total += lost
                 self._dirty = True
         self._last_token_mono = now_mono
         # beyond the model: how tokens/s responds to the SM clock (mean over busy GPUs)
-        if rate is not None and busy:
+        busy = [t for t in self._cycle_ok if t.prev is not None and t.prev.busy]
+        instant = self.eff.node_instant_rate()
+        if instant is not None and busy:
             mean_loss = sum(t.prev.loss for t in busy) / len(busy)
-            (t0, v0), (t1, v1) = samples[-2], samples[-1]
-            if t1 > t0:
-                self._token_clock.append((now_mono, (v1 - v0) / (t1 - t0), 1.0 - mean_loss))
-                while self._token_clock and self._token_clock[0][0] < now_mono - 3600.0:
-                    self._token_clock.popleft()
-                if now_mono - self._fit_at >= FIT_EVERY_SECONDS or tk.measured is None:
-                    self._fit_at = now_mono
-                    tk.measured = fit_tokens_vs_clock(list(self._token_clock), mean_loss)
-                m = tk.measured
-                if m and m.get("usable") and m.get("slope_tokens_per_second"):
-                    # measured tokens lost over the latest interval, by the fit's slope
-                    tk.measured_tokens_lost_total += max(
-                        0.0, m["slope_tokens_per_second"] * mean_loss * (t1 - t0))
+            self._token_clock.append((now_mono, instant, 1.0 - mean_loss))
+            while self._token_clock and self._token_clock[0][0] < now_mono - 3600.0:
+                self._token_clock.popleft()
+            if now_mono - self._fit_at >= FIT_EVERY_SECONDS or tk.measured is None:
+                self._fit_at = now_mono
+                tk.measured = fit_tokens_vs_clock(list(self._token_clock), mean_loss)
+            m = tk.measured
+            if m and m.get("usable") and m.get("slope_tokens_per_second") and \
+                    len(self._token_clock) >= 2:
+                dt = self._token_clock[-1][0] - self._token_clock[-2][0]
+                tk.measured_tokens_lost_total += max(
+                    0.0, m["slope_tokens_per_second"] * mean_loss * dt)
+        # the floor
+        self.floor_transition = floor_step(
+            self.floor, fig["tokens_per_dollar"],
+            float(self.config.efficiency.min_tokens_per_dollar),
+            float(self.config.efficiency.window_seconds), now_mono)
         if report is not None:
             report.tokens = tk
+            if getattr(report, "efficiency", None) is not None:
+                report.efficiency.update({k: fig[k] for k in (
+                    "tokens_per_second", "tokens_per_dollar", "cost_per_million_tokens",
+                    "tokens_per_joule")})
+                report.efficiency["floor"] = dict(self.floor)
         return report
 
     # ------------------------------------------------------------------ persistence
@@ -471,6 +478,7 @@ class CostAccountant:
             if not _finite(tokens_lost) or not (since is None or _finite(since)):
                 raise ValueError("tokens_lost_total or totals_since is not a number")
             self._tokens.tokens_lost_total = float(tokens_lost)
+            self.eff.load(data.get("efficiency"))
             self._totals_since = since
             # a GPU that comes back without its identity (LOST readings carry no uuid) is the
             # one last seen at its index
@@ -508,6 +516,7 @@ class CostAccountant:
                          "reasons": {r: v for r, v in _sorted_reasons(t.totals)}}
                      for k, t in sorted(self._tracks.items())},
             "tokens_lost_total": self._tokens.tokens_lost_total,
+            "efficiency": self.eff.state(),
         }
         if history:
             out["history"] = _compact_history(self._history)

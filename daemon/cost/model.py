@@ -18,7 +18,8 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from gpucostd.snapshot import GpuReading, GpuState, THROTTLE_REASONS, VIOLATION_REASONS
+from gpucostd.snapshot import (GpuReading, GpuState, THROTTLE_REASONS, VIOLATION_REASONS,
+                               VIOLATION_REPLACED_BY)
 
 MAX_SAMPLE_GAP_SECONDS = 120.0  # sampled (counter-less) integration skips longer gaps
 MAX_LOSS_FOR_MULTIPLIER = 0.99
@@ -40,8 +41,13 @@ def _counters(v: Optional[Mapping[str, Any]]) -> Optional[Dict[str, float]]:
     for the interval instead of poisoning the totals)."""
     if not v:
         return None
-    return {k: float(x) for k, x in v.items()
-            if isinstance(x, (int, float)) and 0.0 <= x < math.inf} or None
+    out = {k: float(x) for k, x in v.items()
+           if isinstance(x, (int, float)) and 0.0 <= x < math.inf}
+    # an old coarse counter beside the finer ones that replace it would count twice
+    for old, finer in VIOLATION_REPLACED_BY.items():
+        if old in out and any(k in out for k in finer):
+            del out[old]
+    return out or None
 
 
 def _r(x: Optional[float], nd: int = 6) -> Optional[float]:

@@ -58,6 +58,7 @@ class GpuCost:
     reasons: Dict[str, ReasonCost]        # totals since accounting began (persisted)
     last_hour: WindowCost
     last_24h: WindowCost
+    extra: Dict[str, Any] = field(default_factory=dict)   # energy and idle totals (efficiency)
 
     @property
     def capacity_lost_seconds(self) -> float:
@@ -78,6 +79,7 @@ class GpuCost:
             "dollars": _r(self.dollars),
             "reasons": {r: c.to_json() for r, c in _sorted_reasons(self.reasons)},
             "last_hour": self.last_hour.to_json(), "last_24h": self.last_24h.to_json(),
+            **self.extra,
         }
 
 
@@ -90,9 +92,13 @@ class TokenCost:
     tokens_total: Optional[float] = None    # the server's counter, last value
     measured: Optional[Dict[str, Any]] = None  # clock-fit result (see fit_tokens_vs_clock)
     measured_tokens_lost_total: float = 0.0  # by the fit, while it is usable (not persisted)
+    tokens_per_joule: Optional[float] = None
+    endpoints: List[Dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> Dict[str, Any]:
         return {"tokens_per_second": _r(self.tokens_per_second),
+                "tokens_per_joule": _r(self.tokens_per_joule),
+                "endpoints": [dict(e) for e in self.endpoints],
                 "tokens_per_dollar": _r(self.tokens_per_dollar),
                 "cost_per_million_tokens": _r(self.cost_per_million_tokens),
                 "tokens_lost_total": _r(self.tokens_lost_total),
@@ -123,6 +129,8 @@ class CostReport:
         self.notes = notes
         self._history = history
         self.totals_since = totals_since
+        self.efficiency: Optional[Dict[str, Any]] = None   # EfficiencyBook.node_figures
+        self.efficiency_history: Optional[Mapping[int, Any]] = None
 
     @property
     def priced(self) -> bool:
@@ -158,13 +166,43 @@ class CostReport:
                 "last_hour": self.last_hour.to_json(),
                 "last_24h": self.last_24h.to_json(),
                 "tokens": self.tokens.to_json() if self.tokens is not None else None,
+                "efficiency": _eff_json(self.efficiency, self.gpus),
             },
             "gpus": [g.to_json() for g in self.gpus],
             "notes": list(self.notes) + [LATENCY_NOTE[0].upper() + LATENCY_NOTE[1:]],
         }
         if history and self._history is not None:
             out["history"] = _history_json(self._history)
+        if history and self.efficiency_history is not None:
+            out["efficiency_history"] = {str(b): {k: list(v) for k, v in list(per.items())}
+                                         for b, per in list(self.efficiency_history.items())}
         return out
+
+
+def _eff_json(fig: Optional[Mapping[str, Any]], gpus) -> Optional[Dict[str, Any]]:
+    """The node's energy and idle figures (docs/cost.md)."""
+    if fig is None:
+        return None
+    totals = {k: 0.0 for k in ("energy_joules", "energy_dollars", "idle_seconds",
+                               "idle_dollars", "underused_seconds", "underused_dollars",
+                               "paid_seconds")}
+    for g in gpus:
+        for k in totals:
+            totals[k] += g.extra.get(k) or 0.0
+    floor = dict(fig.get("floor") or {})
+    return {"cost_dollars_per_hour": _r(fig.get("cost_dollars_per_hour")),
+            "gpu_dollars_per_hour": _r(fig.get("gpu_dollars_per_hour")),
+            "energy_dollars_per_hour": _r(fig.get("energy_dollars_per_hour")),
+            "power_watts": _r(fig.get("power_watts"), 3),
+            "tokens_per_second": _r(fig.get("tokens_per_second")),
+            "tokens_per_dollar": _r(fig.get("tokens_per_dollar")),
+            "cost_per_million_tokens": _r(fig.get("cost_per_million_tokens")),
+            "tokens_per_joule": _r(fig.get("tokens_per_joule")),
+            "idle_ratio": _r(fig.get("idle_ratio")),
+            "min_tokens_per_dollar": fig.get("min_tokens_per_dollar"),
+            "below_floor_since": floor.get("below_since"),
+            "inefficient": bool(floor.get("inefficient")),
+            **{k: _r(v) for k, v in totals.items()}}
 
 
 def _add_reasons(into: Dict[str, ReasonCost], src: Mapping[str, ReasonCost]) -> None:
@@ -283,9 +321,10 @@ def cost_breakdown(data: Union[CostReport, Mapping[str, Any]],
                     a = d.setdefault(r, [0.0, 0.0, 0.0])
                     for i in range(3):
                         a[i] += v[i]
+    eff_rows = _efficiency_rows(data, gpus_src, since_seconds, now)
     rows = []
     node: Dict[str, ReasonCost] = {}
-    for key in sorted(set(names) | set(per_gpu),
+    for key in sorted(set(names) | set(per_gpu) | set(eff_rows),
                       key=lambda k: (names.get(k, {}).get("index") is None,
                                      names.get(k, {}).get("index") or 0, k)):
         info = names.get(key, {"index": None, "uuid": None if key.startswith("index:") else key,
@@ -299,7 +338,12 @@ def cost_breakdown(data: Union[CostReport, Mapping[str, Any]],
                                                      for c in reasons.values())),
                      "dollars": _r(sum(c.dollars for c in reasons.values())),
                      "top_reason": _top_reason(reasons),
-                     "reasons": {r: c.to_json() for r, c in reasons.items()}})
+                     "reasons": {r: c.to_json() for r, c in reasons.items()},
+                     **{k: _r(v) for k, v in eff_rows.get(key, {}).items() if k != "index"}})
+        if info.get("index") is None and key in eff_rows and rows[-1]["index"] is None:
+            rows[-1]["index"] = eff_rows[key].get("index")
+    eff_node = {k: _r(sum((eff_rows.get(key) or {}).get(k) or 0.0 for key in eff_rows))
+                for k in EFF_KEYS} if eff_rows else {}
     return {"since_seconds": since_seconds, "truncated_to_seconds":
             HISTORY_SECONDS if truncated else None, "currency": currency,
             "time": now, "gpus": rows,
@@ -307,7 +351,42 @@ def cost_breakdown(data: Union[CostReport, Mapping[str, Any]],
                                                      for c in node.values())),
                      "dollars": _r(sum(c.dollars for c in node.values())),
                      "top_reason": _top_reason(node),
-                     "reasons": {r: c.to_json() for r, c in _sorted_reasons(node)}}}
+                     "reasons": {r: c.to_json() for r, c in _sorted_reasons(node)},
+                     **eff_node}}
+
+
+EFF_KEYS = ("energy_joules", "energy_dollars", "idle_seconds", "idle_dollars",
+            "underused_seconds", "underused_dollars")
+
+
+def _efficiency_rows(data: Mapping[str, Any], gpus_src: Any, since: Optional[float],
+                     now: Optional[float]) -> Dict[str, Dict[str, float]]:
+    """GPU key -> energy and idle figures: all-time totals, or the minute history's sums over
+    the last `since` seconds. From a report's JSON or from the state file."""
+    from gpucostd.cost.efficiency import history_totals
+    state = data.get("efficiency") if isinstance(data.get("efficiency"), dict) else None
+    index: Dict[str, Any] = {}
+    totals: Dict[str, Dict[str, float]] = {}
+    if isinstance(gpus_src, list):
+        for g in gpus_src:
+            key = g.get("uuid") or f"index:{g['index']}"
+            index[key] = g.get("index")
+            if g.get("paid_seconds") is not None:
+                totals[key] = {k: float(g.get(k) or 0.0) for k in EFF_KEYS}
+        history = data.get("efficiency_history")
+    elif state is not None:
+        for key, g in (state.get("gpus") or {}).items():
+            index[key] = g.get("index")
+            totals[key] = {k: float(g.get(k) or 0.0) for k in EFF_KEYS}
+        history = state.get("history")
+    else:
+        return {}
+    if since is not None:
+        first = int(((now or 0) - min(since, HISTORY_SECONDS)) // BUCKET_SECONDS)
+        totals = history_totals(history or {}, first)
+    for key, row in totals.items():
+        row["index"] = index.get(key)
+    return totals
 
 
 def parse_since(text: str) -> float:
@@ -388,10 +467,29 @@ def format_cost(data: Mapping[str, Any], since: Optional[float] = None) -> str:
     if node.get("top_reason"):
         total += f"; top reason {node['top_reason']}"
     lines.append(total)
+    lines.extend(_format_efficiency(data, currency))
     lines.append("Note: an under-loaded GPU pays for throttling in latency rather than "
                  "throughput;")
     lines.append("      only busy time is counted here.")
     return "\n".join(_clip(line) for line in lines) + "\n"
+
+
+def _format_efficiency(data: Mapping[str, Any], currency: str) -> List[str]:
+    rows = [g for g in data["gpus"] if g.get("energy_joules") is not None]
+    if not rows:
+        return []
+    lines = ["", f"Energy and idle capacity {_since_words(data.get('since_seconds'))}",
+             f"{'GPU':>3}  {'energy':>11}{'energy cost':>13}{'idle':>14}{'idle cost':>12}"
+             f"{'underused':>14}{'underused cost':>16}"]
+    for g in rows + [dict(data["node"], index="all")]:
+        idx = "?" if g.get("index") is None else str(g["index"])
+        lines.append(f"{idx:>3}  {(g.get('energy_joules') or 0) / 3.6e6:>8.2f} kWh"
+                     f"{_money(g.get('energy_dollars') or 0, currency):>13}"
+                     f"{_gpu_seconds(g.get('idle_seconds') or 0):>14}"
+                     f"{_money(g.get('idle_dollars') or 0, currency):>12}"
+                     f"{_gpu_seconds(g.get('underused_seconds') or 0):>14}"
+                     f"{_money(g.get('underused_dollars') or 0, currency):>16}")
+    return lines
 
 
 def _clip(line: str, width: int = 100) -> str:
@@ -455,19 +553,68 @@ def status_lines_from_json(data: Mapping[str, Any], currency: Optional[str] = No
         lines.append(_clip(line))
     if quiet and len(quiet) < len(data.get("gpus") or []):
         lines.append(_clip(f"  GPUs {','.join(quiet)}: no throttling cost in 24h"))
-    tk = node.get("tokens")
-    if tk and tk.get("tokens_per_second") is not None:
-        t = f"  Tokens: {tk['tokens_per_second']:.0f}/s"
-        if tk.get("cost_per_million_tokens") is not None:
-            t += f", {_money(tk['cost_per_million_tokens'], currency)} per million"
-        t += f", {tk['tokens_lost_total']:.0f} lost to throttling (modelled)"
-        m = tk.get("measured") or {}
-        measured = (f"measured {m['tokens_lost_per_second']:.0f}/s now (R2 {m['r2']:.2f})"
-                    if m.get("usable") else "")
-        if measured and len(t) + 2 + len(measured) > 100:
-            lines += [_clip(t), _clip("    " + measured)]
-        else:
-            lines.append(_clip(t + ("; " + measured if measured else "")))
+    lines.extend(efficiency_lines(node, currency, priced))
     lines.append(_clip("  Note: an under-loaded GPU pays for throttling in latency rather than "
                        "throughput."))
+    return lines
+
+
+def _big(x: Optional[float]) -> str:
+    if x is None:
+        return "-"
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.2f}{unit}" if abs(x) < 10 * div else f"{x / div:.1f}{unit}"
+    return f"{x:.0f}"
+
+
+def efficiency_lines(node: Mapping[str, Any], currency: str = "USD",
+                     priced: bool = True) -> List[str]:
+    """Tokens per dollar (one line: tokens/s, tokens per dollar, $ per million tokens, idle %,
+    against the floor), then energy and idle capacity."""
+    lines: List[str] = []
+    tk = node.get("tokens") or {}
+    eff = node.get("efficiency") or {}
+    idle = eff.get("idle_ratio")
+    idle_txt = f"idle {idle * 100:.0f}%" if idle is not None else "idle -"
+    if tk:
+        down = [e for e in tk.get("endpoints") or () if not e.get("up")]
+        if tk.get("tokens_per_second") is None:
+            t = "  Tokens: no reading" + (f" ({len(down)} endpoint(s) down)" if down else "")
+        else:
+            t = f"  Tokens: {_big(tk['tokens_per_second'])}/s"
+            if tk.get("tokens_per_dollar") is not None:
+                t += (f", {_big(tk['tokens_per_dollar'])} per {'$' if currency == 'USD' else currency}"
+                      f", {_money(tk.get('cost_per_million_tokens'), currency)} per million")
+            t += f", {idle_txt}"
+            floor = eff.get("min_tokens_per_dollar")
+            if floor:
+                state = "BELOW" if eff.get("inefficient") else (
+                    "below" if eff.get("below_floor_since") is not None else "ok")
+                t += f"; floor {_big(floor)} {state}"
+            if down:
+                t += f"; {len(down)} endpoint(s) down"
+        lines.append(_clip(t))
+        lost = f"    {tk.get('tokens_lost_total') or 0:.0f} lost to throttling (modelled tokens)"
+        m = tk.get("measured") or {}
+        if m.get("usable"):
+            lost += f"; measured {m['tokens_lost_per_second']:.0f}/s now (R2 {m['r2']:.2f})"
+        if tk.get("tokens_per_joule") is not None:
+            lost += f"; {tk['tokens_per_joule']:.2f} tokens/J"
+        lines.append(_clip(lost))
+    if eff and eff.get("paid_seconds"):
+        e = "  Energy:"
+        if eff.get("power_watts") is not None:
+            e += f" {eff['power_watts'] / 1000:.2f} kW now"
+        e += f", {(eff.get('energy_joules') or 0) / 3.6e6:.2f} kWh counted"
+        if eff.get("energy_dollars"):
+            e += (f" ({_money(eff['energy_dollars'], currency)}, "
+                  f"{_money(eff.get('energy_dollars_per_hour'), currency)}/h now)")
+        unused = (eff.get("idle_seconds") or 0) + (eff.get("underused_seconds") or 0)
+        if priced:
+            e += (f"; idle capacity {_money((eff.get('idle_dollars') or 0) + (eff.get('underused_dollars') or 0), currency)}"
+                  f" ({_gpu_seconds(unused)})")
+        else:
+            e += f"; idle capacity {_gpu_seconds(unused)}"
+        lines.append(_clip(e))
     return lines

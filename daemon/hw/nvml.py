@@ -11,7 +11,13 @@ off the bus can block NVML for tens of seconds -- delays nobody else:
 - when the stuck call returns, the GPU recovers by itself.
 
 A device read (``read_devices``) is one job per GPU: all of that GPU's NVML calls for one cycle
-run back to back on its worker, under one deadline, and the GPUs are read in parallel.
+run back to back on its worker, under one deadline, and the GPUs are read in parallel. What a
+read asks is two data tables in ``nvml_fields.py``: one ``nvmlDeviceGetFieldValues`` per GPU for
+every value NVML has a field id for (each value's own return code honoured: NOT_SUPPORTED ->
+absent, never 0), then the old one-value calls for the rest and for every field the driver does
+not support. Static values (identity, thresholds, limits range, max clocks) are read once per
+NVML session and again after a re-init, a lost or hung GPU, or a counter that went backwards
+(a GPU reset).
 
 NVML errors are mapped to meaning (``NvmlError.kind``): NOT_SUPPORTED -> "not_supported" (the
 reading is absent: None, never 0); GPU_IS_LOST -> "lost"; NO_PERMISSION -> "no_permission" (the
@@ -35,7 +41,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 from gpucostd.clock import RealClock
-from gpucostd.snapshot import VIOLATION_POLICIES, reasons_from_mask
+from gpucostd.hw.nvml_fields import (CONVERT, FIELDS, IDENTITY, LEGACY, LEGACY_CONVERT, READINGS,
+                                     SKIP_IF_PRESENT, STATIC_READINGS, VIOLATION_PREFIX, Field,
+                                     get_field_values)
+from gpucostd.hw.nvml_fields import field_value as _field_value  # noqa: F401 (tests)
+from gpucostd.snapshot import VIOLATION_POLICIES
 
 try:  # pragma: no cover - the import itself is exercised everywhere
     import pynvml as _pynvml
@@ -78,16 +88,12 @@ _KIND_BY_CODE = {
 # Kinds that end a whole device read (the other kinds only blank the one reading).
 _FATAL = ("lost", "timeout", "unavailable")
 
-NVML_CLOCK_SM = 1
-NVML_TEMPERATURE_GPU = 0
-NVML_TEMPERATURE_THRESHOLD_SHUTDOWN = 0
-NVML_TEMPERATURE_THRESHOLD_SLOWDOWN = 1
-NVML_FI_DEV_MEMORY_TEMP = 82
+# Per-field return codes that mean "this driver has no such value": NOT_SUPPORTED, and
+# INVALID_ARGUMENT / FUNCTION_NOT_FOUND for a field id newer than the driver.
+_FIELD_ABSENT = (_NOT_SUPPORTED, _INVALID_ARGUMENT, _FUNCTION_NOT_FOUND)
+_ERROR_TEXT = {_NO_PERMISSION: "Insufficient Permissions", _TIMEOUT: "Timeout",
+               _RESET_REQUIRED: "GPU requires restart", 999: "Unknown Error"}
 VIRTUAL_CLOCK_DEADLINE = 60.0
-_CURRENT_REASON_FNS = ("nvmlDeviceGetCurrentClocksEventReasons",
-                       "nvmlDeviceGetCurrentClocksThrottleReasons")
-_SUPPORTED_REASON_FNS = ("nvmlDeviceGetSupportedClocksEventReasons",
-                         "nvmlDeviceGetSupportedClocksThrottleReasons")
 
 
 class NvmlError(Exception):
@@ -263,8 +269,7 @@ class NvmlGateway:
         self._lock = threading.RLock()
         self._lanes: Dict[Any, _Lane] = {}
         self._handles: Dict[int, Any] = {}
-        self._identity: Dict[int, Dict[str, Any]] = {}
-        self._unsupported: Dict[int, set] = {}     # index -> calls that said NOT_SUPPORTED
+        self._gpu_session: Dict[int, _GpuSession] = {}   # index -> what reads learned
         self._last_attempt: Optional[float] = None
         self._session = False        # our nvmlInit succeeded and no nvmlShutdown followed
         self._late_init: Optional[_Job] = None   # an initialisation that overran its deadline
@@ -458,8 +463,7 @@ class NvmlGateway:
             self.cuda_version = info["cuda"]
             self.nvml_version = info["nvml"]
             self._handles.clear()
-            self._identity.clear()
-            self._unsupported.clear()
+            self._gpu_session.clear()
         log.info("NVML initialised: %d GPU(s), driver %s, CUDA %s", info["count"],
                  info["driver"], info["cuda"])
         return True
@@ -644,6 +648,8 @@ class NvmlGateway:
                 out[i] = err
                 if err.kind == "unavailable":
                     unavailable = err
+                elif err.kind in _FATAL:      # lost or hung: it may come back reset
+                    self.forget_static(i)
             except Exception as exc:  # noqa: BLE001 - a bug must not kill the loop
                 log.exception("GPU %d: reading failed", i)
                 out[i] = NvmlError("other", f"GPU {i}: reading failed: {exc}", None, i)
@@ -652,146 +658,168 @@ class NvmlGateway:
         return out
 
     def _read_device(self, index: int) -> DeviceRead:
-        """Runs on GPU `index`'s worker: every NVML reading of one GPU."""
+        """Runs on GPU `index`'s worker: every reading of one GPU for one cycle. One
+        nvmlDeviceGetFieldValues call serves the readings of FIELDS; the old calls (LEGACY)
+        serve the rest and every reading a field did not give. Static readings are read on
+        the first read of an NVML session (and after a reset) and kept."""
         nv = _pynvml
         lane = self._lanes.get(index)
-        NVMLError = nv.NVMLError
-        Mismatch = nv.NVMLLibraryMismatchError
         res = DeviceRead(index)
-        values, errors = res.values, res.errors
-
-        unsupported = self._unsupported.setdefault(index, set())
-
-        def get(name: str, fn: Callable[..., Any], *args: Any) -> Any:
-            # keyed by the NVML function and its arguments (not by the reading: two functions
-            # may serve one reading, e.g. the enforced limit and its fallback)
-            key = (fn.__name__, args[1:])
-            if key in unsupported:      # NOT_SUPPORTED once = until NVML is initialised again
-                return None
-            if lane is not None:
-                lane.current = key[0]
-            try:
-                return fn(*args)
-            except (NVMLError, Mismatch) as exc:
-                err = _from_nvml(exc, index, key[0])
-                if err.kind in _FATAL:
-                    raise err from None
-                if err.kind != "not_supported":
-                    errors[name] = err
-                else:
-                    unsupported.add(key)
-                return None
-
+        errors = res.errors
+        st = self._gpu_session.get(index)
+        if st is None:
+            st = self._gpu_session[index] = _GpuSession()
         h = self._handle(index)
-        ident = self._identity.get(index)
-        if ident is None:
-            ident = {}
-            ident["uuid"] = _text(get("uuid", nv.nvmlDeviceGetUUID, h))
-            ident["name"] = _text(get("name", nv.nvmlDeviceGetName, h))
-            pci = get("pci_bus_id", nv.nvmlDeviceGetPciInfo, h)
-            ident["pci_bus_id"] = _text(pci.busId) if pci is not None else None
-            if None not in ident.values():
-                self._identity[index] = ident
-        values.update(ident)
-
-        values["temperature_celsius"] = _f(get("temperature_celsius",
-                                               nv.nvmlDeviceGetTemperature, h,
-                                               NVML_TEMPERATURE_GPU))
-        fvs = get("memory_temperature_celsius", nv.nvmlDeviceGetFieldValues, h,
-                  (NVML_FI_DEV_MEMORY_TEMP,))
-        mem_t = None
-        if fvs is not None and len(fvs) and fvs[0].nvmlReturn == 0:
-            mem_t = _field_value(fvs[0])
-        values["memory_temperature_celsius"] = mem_t
-        values["temp_slowdown_celsius"] = _f(get(
-            "temp_slowdown_celsius", nv.nvmlDeviceGetTemperatureThreshold, h,
-            NVML_TEMPERATURE_THRESHOLD_SLOWDOWN))
-        values["temp_shutdown_celsius"] = _f(get(
-            "temp_shutdown_celsius", nv.nvmlDeviceGetTemperatureThreshold, h,
-            NVML_TEMPERATURE_THRESHOLD_SHUTDOWN))
-
-        values["power_draw_watts"] = _mw(get("power_draw_watts", nv.nvmlDeviceGetPowerUsage, h))
-        limit = get("power_limit_watts", nv.nvmlDeviceGetEnforcedPowerLimit, h)
-        if limit is None:
-            limit = get("power_limit_watts", nv.nvmlDeviceGetPowerManagementLimit, h)
-        values["power_limit_watts"] = _mw(limit)
-        cons = get("power_limit_min_watts", nv.nvmlDeviceGetPowerManagementLimitConstraints, h)
-        values["power_limit_min_watts"] = _mw(cons[0]) if cons else None
-        values["power_limit_max_watts"] = _mw(cons[1]) if cons else None
-        values["power_limit_default_watts"] = _mw(get(
-            "power_limit_default_watts", nv.nvmlDeviceGetPowerManagementDefaultLimit, h))
-        pm = get("persistence_mode", nv.nvmlDeviceGetPersistenceMode, h)
-        values["persistence_mode"] = None if pm is None else pm == 1
-
-        values["sm_clock_mhz"] = _f(get("sm_clock_mhz", nv.nvmlDeviceGetClockInfo, h,
-                                        NVML_CLOCK_SM))
-        values["sm_clock_max_mhz"] = _f(get("sm_clock_max_mhz", nv.nvmlDeviceGetMaxClockInfo,
-                                            h, NVML_CLOCK_SM))
-        values["app_sm_clock_mhz"] = _f(get("app_sm_clock_mhz",
-                                            nv.nvmlDeviceGetApplicationsClock, h,
-                                            NVML_CLOCK_SM))
-        util = get("utilization_percent", nv.nvmlDeviceGetUtilizationRates, h)
-        values["utilization_percent"] = None if util is None else float(util.gpu)
-
-        cur = _reasons(get, unsupported, "clock_event_reasons", _CURRENT_REASON_FNS, h)
-        values["clock_event_reasons"] = None if cur is None else reasons_from_mask(cur)
-        sup = _reasons(get, unsupported, "supported_reasons", _SUPPORTED_REASON_FNS, h)
-        values["supported_reasons"] = None if sup is None else reasons_from_mask(sup)
-
-        viol: Dict[str, float] = {}
-        for key, policy in VIOLATION_POLICIES:
-            v = get("violation_seconds", nv.nvmlDeviceGetViolationStatus, h, policy)
-            if v is not None:
-                viol[key] = v.violationTime / 1e9
+        static = st.static
+        first = static is None
+        got: Dict[str, Any] = {} if first else dict(static)
+        field_errors: Dict[str, NvmlError] = {}
+        if st.fields_ok:
+            plan = st.field_plan(first)
+            if plan:
+                self._read_fields(nv, h, index, lane, st, plan, got, field_errors)
+        self._read_legacy(nv, h, index, lane, st, first, got, errors)
+        for reading, err in field_errors.items():
+            if reading not in got and reading not in errors:
+                errors[reading] = err
+        values = res.values
+        for reading in READINGS:
+            values[reading] = got.get(reading)
+        viol = {key: got[VIOLATION_PREFIX + key] for key, _p in VIOLATION_POLICIES
+                if got.get(VIOLATION_PREFIX + key) is not None}
         values["violation_seconds"] = viol or None
-
-        mode = get("ecc_mode", nv.nvmlDeviceGetEccMode, h)
-        values["ecc_mode"] = None if mode is None else mode[0] == 1
-        for key, etype, ctype in (("ecc_volatile_corrected", 0, 0),
-                                  ("ecc_volatile_uncorrected", 1, 0),
-                                  ("ecc_aggregate_corrected", 0, 1),
-                                  ("ecc_aggregate_uncorrected", 1, 1)):
-            n = get(key, nv.nvmlDeviceGetTotalEccErrors, h, etype, ctype)
-            values[key] = None if n is None else int(n)
-        for key, cause in (("retired_pages_sbe", 0), ("retired_pages_dbe", 1)):
-            pages = get(key, nv.nvmlDeviceGetRetiredPages, h, cause)
-            values[key] = None if pages is None else len(pages)
-        pend = get("retired_pages_pending", nv.nvmlDeviceGetRetiredPagesPendingStatus, h)
-        values["retired_pages_pending"] = None if pend is None else pend == 1
-        rows = get("remapped_rows", nv.nvmlDeviceGetRemappedRows, h)
-        if rows is None:
-            for key in ("remapped_rows_correctable", "remapped_rows_uncorrectable",
-                        "remapped_rows_pending", "remapped_rows_failure"):
-                values[key] = None
-        else:
-            values["remapped_rows_correctable"] = int(rows[0])
-            values["remapped_rows_uncorrectable"] = int(rows[1])
-            values["remapped_rows_pending"] = bool(rows[2])
-            values["remapped_rows_failure"] = bool(rows[3])
-
-        for key, fn in (("pcie_link_gen", nv.nvmlDeviceGetCurrPcieLinkGeneration),
-                        ("pcie_link_gen_max", nv.nvmlDeviceGetMaxPcieLinkGeneration),
-                        ("pcie_link_width", nv.nvmlDeviceGetCurrPcieLinkWidth),
-                        ("pcie_link_width_max", nv.nvmlDeviceGetMaxPcieLinkWidth),
-                        ("pcie_replay_count", nv.nvmlDeviceGetPcieReplayCounter)):
-            n = get(key, fn, h)
-            values[key] = None if n is None else int(n)
+        # a counter that went backwards: the GPU was reset; read its static values again
+        if st.counters and any(viol.get(k, v) < v for k, v in st.counters.items()):
+            st.static = None
+        st.counters = viol
+        if first and not (STATIC_READINGS & set(errors)) and \
+                all(got.get(k) is not None for k in IDENTITY):
+            st.static = {k: got.get(k) for k in STATIC_READINGS}
         return res
 
+    def _read_fields(self, nv: Any, h: Any, index: int, lane: Optional[_Lane],
+                     st: "_GpuSession", plan: Tuple[Field, ...], got: Dict[str, Any],
+                     field_errors: Dict[str, NvmlError]) -> None:
+        """One nvmlDeviceGetFieldValues for the planned fields; each value's own return code
+        decides: SUCCESS -> the reading; NOT_SUPPORTED (or an id this driver does not know)
+        -> not asked again this session, the old call serves it; GPU_IS_LOST -> the GPU is
+        lost; any other code -> the old call serves it this cycle."""
+        what = "nvmlDeviceGetFieldValues"
+        if lane is not None:
+            lane.current = what
+        try:
+            fvs = get_field_values(nv, h, st.plan_ids(plan))
+        except (nv.NVMLError, nv.NVMLLibraryMismatchError) as exc:
+            err = _from_nvml(exc, index, what)
+            if err.kind in _FATAL:
+                raise err from None
+            if err.kind in ("not_supported", "invalid_argument"):
+                st.fields_ok = False          # the old calls serve everything this session
+            return
+        for f, (code, value) in zip(plan, fvs):
+            if code == 0:
+                if value is not None:
+                    got[f.reading] = CONVERT[f.convert](value)
+                    continue
+                code = _NOT_SUPPORTED          # a value type we cannot read
+            if code in _FIELD_ABSENT:
+                st.bad_fields.add(f.field_id)
+                st.plans.clear()
+            elif code == _GPU_IS_LOST:
+                raise NvmlError("lost", _describe(code, "lost", index, f"{what} ({f.nvml_name})",
+                                                  ""), code, index, what)
+            else:
+                kind = _KIND_BY_CODE.get(code, "other")
+                field_errors[f.reading] = NvmlError(
+                    kind, _describe(code, kind, index, f"{what} ({f.nvml_name})",
+                                    _ERROR_TEXT.get(code, "error")), code, index, what)
 
-def _reasons(get: Callable[..., Any], unsupported: set, name: str,
-             fn_names: Tuple[str, ...], h: Any) -> Optional[int]:
-    """Clock-event reason mask through whichever pynvml name exists (new name first). A name
-    the library or driver lacks (FUNCTION_NOT_FOUND, NOT_SUPPORTED) is remembered as
-    unsupported by ``get`` and the other name is tried, so each costs one call at most."""
-    for fn_name in fn_names:
-        fn = getattr(_pynvml, fn_name, None)
-        if fn is None or (fn_name, ()) in unsupported:
-            continue
-        value = get(name, fn, h)
-        if value is not None or (fn_name, ()) not in unsupported:
-            return value
-    return None
+    def _read_legacy(self, nv: Any, h: Any, index: int, lane: Optional[_Lane],
+                     st: "_GpuSession", first: bool, got: Dict[str, Any],
+                     errors: Dict[str, NvmlError]) -> None:
+        """The old calls, for every reading not yet served (alternatives best first; a
+        function that said NOT_SUPPORTED is not called again this session)."""
+        unsupported = st.unsupported
+        done = set(got)
+        memo: Dict[Tuple[str, Tuple[int, ...]], Any] = {}
+        for row in LEGACY:
+            reading = row.reading
+            if reading in done or (row.static and not first):
+                continue
+            skip = SKIP_IF_PRESENT.get(reading)
+            if skip and any(got.get(k) is not None for k in skip):
+                continue
+            key = (row.function, row.args)
+            if key in unsupported:
+                continue
+            if key in memo:
+                result = memo[key]
+            else:
+                fn = getattr(nv, row.function, None)
+                if fn is None:                # this nvidia-ml-py lacks the name
+                    unsupported.add(key)
+                    continue
+                if lane is not None:
+                    lane.current = row.function
+                try:
+                    result = fn(h, *row.args)
+                except (nv.NVMLError, nv.NVMLLibraryMismatchError) as exc:
+                    result = _from_nvml(exc, index, row.function)
+                    if result.kind in _FATAL:
+                        raise result from None
+                    if result.kind == "not_supported":
+                        unsupported.add(key)
+                        continue              # the next alternative, if any
+                memo[key] = result
+            done.add(reading)
+            if isinstance(result, NvmlError):
+                errors[reading] = result
+            else:
+                got[reading] = LEGACY_CONVERT[row.convert](result)
+
+    def forget_static(self, index: Optional[int] = None) -> None:
+        """Read the static values (identity, thresholds, limits, max clocks) of GPU `index`
+        (default: all) again on its next read, e.g. after a GPU reset."""
+        with self._lock:
+            for i, st in list(self._gpu_session.items()):
+                if index is None or i == index:
+                    st.static = None
+
+
+class _GpuSession:
+    """What one GPU's reads learned in this NVML session: which field ids and functions are
+    not supported, whether nvmlDeviceGetFieldValues works, the static readings."""
+
+    __slots__ = ("fields_ok", "bad_fields", "unsupported", "static", "plans", "counters", "ids")
+
+    def __init__(self) -> None:
+        self.fields_ok = True
+        self.bad_fields: set = set()
+        self.unsupported: set = set()
+        self.static: Optional[Dict[str, Any]] = None
+        self.plans: Dict[bool, Tuple[Field, ...]] = {}
+        self.counters: Dict[str, float] = {}
+        self.ids: Dict[Tuple[Field, ...], Tuple[int, ...]] = {}
+
+    def plan_ids(self, plan: Tuple[Field, ...]) -> Tuple[int, ...]:
+        ids = self.ids.get(plan)
+        if ids is None:
+            ids = self.ids[plan] = tuple(f.field_id for f in plan)
+        return ids
+
+    def field_plan(self, with_static: bool) -> Tuple[Field, ...]:
+        """The fields to ask for: per reading the best alternative not known unsupported."""
+        plan = self.plans.get(with_static)
+        if plan is None:
+            chosen: Dict[str, Field] = {}
+            for f in FIELDS:
+                if f.field_id in self.bad_fields or f.reading in chosen:
+                    continue
+                if f.static and not with_static:
+                    continue
+                chosen[f.reading] = f
+            plan = self.plans[with_static] = tuple(chosen.values())
+        return plan
 
 
 def _refused(err: NvmlError, index: int, doing: str) -> NvmlError:
@@ -820,14 +848,3 @@ def _f(value: Any) -> Optional[float]:
 
 def _mw(value: Any) -> Optional[float]:
     return None if value is None else value / 1000.0
-
-
-# nvmlValueType_t -> member of the nvmlValue_t union (usVal is missing in older nvidia-ml-py)
-_VALUE_MEMBERS = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")
-
-
-def _field_value(fv: Any) -> Optional[float]:
-    vt = fv.valueType
-    member = _VALUE_MEMBERS[vt] if 0 <= vt < len(_VALUE_MEMBERS) else None
-    value = getattr(fv.value, member, None) if member else None
-    return None if value is None else float(value)

@@ -16,7 +16,10 @@ CRIT.
 
 Trigger: a ``health_change`` event whose ``to`` is CRIT and whose ``from_known`` (the last
 severity before any UNKNOWN) is not CRIT runs on_critical; one whose ``to`` is OK or WARN and
-whose ``from_known`` is CRIT runs on_recovered. CRIT -> UNKNOWN -> CRIT runs nothing.
+whose ``from_known`` is CRIT runs on_recovered. CRIT -> UNKNOWN -> CRIT runs nothing. A
+``node_inefficient`` event (tokens per dollar below the floor for the whole window) runs
+on_inefficient, a ``node_efficient`` event (back above it) on_efficient; their figures come as
+GPUCOSTD_TOKENS_PER_DOLLAR, GPUCOSTD_MIN_TOKENS_PER_DOLLAR, ... (FIGURES).
 """
 from __future__ import annotations
 
@@ -73,8 +76,17 @@ def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
+# event fields passed to hooks as GPUCOSTD_<NAME> (the floor's figures)
+FIGURES = ("tokens_per_dollar", "min_tokens_per_dollar", "window_seconds", "tokens_per_second",
+           "cost_dollars_per_hour", "cost_per_million_tokens", "idle_ratio")
+_FLOOR_HOOKS = {"node_inefficient": "on_inefficient", "node_efficient": "on_efficient"}
+
+
 def hook_for(event: Event) -> Optional[str]:
-    """Which hook an event triggers: "on_critical", "on_recovered" or None."""
+    """Which hook an event triggers: "on_critical", "on_recovered", "on_inefficient",
+    "on_efficient" or None."""
+    if event.code in _FLOOR_HOOKS:
+        return _FLOOR_HOOKS[event.code]
     if event.code != "health_change":
         return None
     fields: Mapping[str, Any] = event.fields or {}
@@ -117,6 +129,9 @@ def hook_environment(event: Event, hook: str, hostname: str,
         "GPUCOSTD_EVENT_ID": _clean(event.id),
         "GPUCOSTD_HOSTNAME": _clean(hostname),
     })
+    for name in FIGURES:
+        if fields.get(name) is not None:
+            env["GPUCOSTD_" + name.upper()] = _clean(fields[name])
     return env
 
 

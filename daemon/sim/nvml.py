@@ -30,6 +30,8 @@ from ctypes import (CFUNCTYPE, Structure, Union, c_char, c_double, c_int, c_int6
                     c_longlong, c_uint, c_uint32, c_ulong, c_ulonglong, c_ushort, c_void_p)
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from gpucostd.sim.corrections import SetterCorrections
+from gpucostd.sim.physics import apply_power
 from gpucostd.sim.scenario import UNSUPPORTED_GROUPS, Scenario, load_scenario
 from gpucostd.snapshot import VIOLATION_POLICIES, mask_from_reasons
 
@@ -74,8 +76,10 @@ NVML_VOLATILE_ECC = 0
 NVML_AGGREGATE_ECC = 1
 NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS = 0
 NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR = 1
-NVML_FI_DEV_MEMORY_TEMP = 82
+NVML_VALUE_TYPE_DOUBLE = 0
 NVML_VALUE_TYPE_UNSIGNED_INT = 1
+NVML_VALUE_TYPE_UNSIGNED_LONG_LONG = 3
+NVML_FI_MAX = 310
 NVML_DEVICE_PCI_BUS_ID_BUFFER_SIZE = 32
 NVML_DEVICE_PCI_BUS_ID_BUFFER_V2_SIZE = 16
 
@@ -109,8 +113,10 @@ HEADER_CONSTANTS: Dict[str, int] = {
         NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS,
     "NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR":
         NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR,
-    "NVML_FI_DEV_MEMORY_TEMP": NVML_FI_DEV_MEMORY_TEMP,
+    "NVML_VALUE_TYPE_DOUBLE": NVML_VALUE_TYPE_DOUBLE,
     "NVML_VALUE_TYPE_UNSIGNED_INT": NVML_VALUE_TYPE_UNSIGNED_INT,
+    "NVML_VALUE_TYPE_UNSIGNED_LONG_LONG": NVML_VALUE_TYPE_UNSIGNED_LONG_LONG,
+    "NVML_FI_MAX": NVML_FI_MAX,
     "NVML_DEVICE_PCI_BUS_ID_BUFFER_SIZE": NVML_DEVICE_PCI_BUS_ID_BUFFER_SIZE,
     "NVML_DEVICE_PCI_BUS_ID_BUFFER_V2_SIZE": NVML_DEVICE_PCI_BUS_ID_BUFFER_V2_SIZE,
     "NVML_PERF_POLICY_POWER": 0,
@@ -119,6 +125,7 @@ HEADER_CONSTANTS: Dict[str, int] = {
     "NVML_PERF_POLICY_BOARD_LIMIT": 3,
     "NVML_PERF_POLICY_LOW_UTILIZATION": 4,
     "NVML_PERF_POLICY_RELIABILITY": 5,
+    "NVML_PERF_POLICY_TOTAL_BASE_CLOCKS": 11,
 }
 
 H100_PCI_DEVICE_ID = 0x233010DE      # device 0x2330 (H100 SXM5 80GB), vendor 0x10DE
@@ -147,15 +154,97 @@ class ViolationTime(Structure):     # nvmlViolationTime_t
 
 
 class Value(Union):                 # nvmlValue_t
-    _fields_ = [("dVal", c_double), ("uiVal", c_uint), ("ulVal", c_ulong),
-                ("ullVal", c_ulonglong), ("sllVal", c_longlong), ("siVal", c_int),
-                ("usVal", c_ushort)]
+    _fields_ = [("dVal", c_double), ("siVal", c_int), ("uiVal", c_uint), ("ulVal", c_ulong),
+                ("ullVal", c_ulonglong), ("sllVal", c_longlong), ("usVal", c_ushort)]
 
 
 class FieldValue(Structure):        # nvmlFieldValue_t
     _fields_ = [("fieldId", c_uint32), ("scopeId", c_uint32), ("timestamp", c_int64),
                 ("latencyUsec", c_int64), ("valueType", c_uint), ("nvmlReturn", c_uint),
                 ("value", Value)]
+
+
+# ----------------------------------------------------------------------- field values
+# What nvmlDeviceGetFieldValues answers, per field id (nvml.h NVML_FI_*): the nvml.h name, the
+# scenario key that `unsupported` names to make it NOT_SUPPORTED, the value type, and the value
+# in NVML's unit from the GPU state (temperatures in C, power in mW, counters in ns).
+# Violation-time fields take their counter from VIOLATION_FIELDS instead. An id below
+# NVML_FI_MAX that is not listed answers NOT_SUPPORTED, an id outside it INVALID_ARGUMENT.
+_D, _U, _ULL = NVML_VALUE_TYPE_DOUBLE, NVML_VALUE_TYPE_UNSIGNED_INT, \
+    NVML_VALUE_TYPE_UNSIGNED_LONG_LONG
+
+
+def _mw(key: str) -> Callable[[Dict[str, Any]], int]:
+    return lambda st: int(round(st[key] * 1000))
+
+
+def _n(key: str) -> Callable[[Dict[str, Any]], int]:
+    return lambda st: int(st[key])
+
+
+def _b(key: str) -> Callable[[Dict[str, Any]], int]:
+    return lambda st: 1 if st[key] else 0
+
+
+FIELD_VALUES: Dict[int, Tuple[str, str, int, Callable[[Dict[str, Any]], Any]]] = {
+    308: ("NVML_FI_DEV_GPU_TEMP", "temperature", _D, lambda st: float(st["temperature"])),
+    82: ("NVML_FI_DEV_MEMORY_TEMP", "memory_temperature", _U,
+         lambda st: int(round(st["memory_temperature"]))),
+    185: ("NVML_FI_DEV_POWER_AVERAGE", "power_draw", _U,
+          lambda st: int(round(min(st["power_draw"], st["power_limit"]) * 1000))),
+    186: ("NVML_FI_DEV_POWER_INSTANT", "power_draw", _U,
+          lambda st: int(round(min(st["power_draw"], st["power_limit"]) * 1000))),
+    187: ("NVML_FI_DEV_POWER_MIN_LIMIT", "power_limit_min", _U, _mw("power_limit_min")),
+    188: ("NVML_FI_DEV_POWER_MAX_LIMIT", "power_limit_max", _U, _mw("power_limit_max")),
+    189: ("NVML_FI_DEV_POWER_DEFAULT_LIMIT", "power_limit_default", _U,
+          _mw("power_limit_default")),
+    190: ("NVML_FI_DEV_POWER_CURRENT_LIMIT", "power_limit", _U, _mw("power_limit")),
+    1: ("NVML_FI_DEV_ECC_CURRENT", "ecc_mode", _U, _b("ecc_mode")),
+    3: ("NVML_FI_DEV_ECC_SBE_VOL_TOTAL", "ecc_volatile_corrected", _ULL,
+        _n("ecc_volatile_corrected")),
+    4: ("NVML_FI_DEV_ECC_DBE_VOL_TOTAL", "ecc_volatile_uncorrected", _ULL,
+        _n("ecc_volatile_uncorrected")),
+    5: ("NVML_FI_DEV_ECC_SBE_AGG_TOTAL", "ecc_aggregate_corrected", _ULL,
+        _n("ecc_aggregate_corrected")),
+    6: ("NVML_FI_DEV_ECC_DBE_AGG_TOTAL", "ecc_aggregate_uncorrected", _ULL,
+        _n("ecc_aggregate_uncorrected")),
+    29: ("NVML_FI_DEV_RETIRED_SBE", "retired_pages_sbe", _U, _n("retired_pages_sbe")),
+    30: ("NVML_FI_DEV_RETIRED_DBE", "retired_pages_dbe", _U, _n("retired_pages_dbe")),
+    31: ("NVML_FI_DEV_RETIRED_PENDING", "retired_pages_pending", _U,
+         _b("retired_pages_pending")),
+    142: ("NVML_FI_DEV_REMAPPED_COR", "remapped_rows_correctable", _U,
+          _n("remapped_rows_correctable")),
+    143: ("NVML_FI_DEV_REMAPPED_UNC", "remapped_rows_uncorrectable", _U,
+          _n("remapped_rows_uncorrectable")),
+    144: ("NVML_FI_DEV_REMAPPED_PENDING", "remapped_rows_pending", _U,
+          _b("remapped_rows_pending")),
+    145: ("NVML_FI_DEV_REMAPPED_FAILURE", "remapped_rows_failure", _U,
+          _b("remapped_rows_failure")),
+    94: ("NVML_FI_DEV_PCIE_REPLAY_COUNTER", "pcie_replay_count", _U, _n("pcie_replay_count")),
+}
+# The energy counter (mJ) is an exact integral with the setters' changes, read like the
+# throttle counters: field id -> (nvml.h name, scenario key that `unsupported` names).
+ENERGY_FIELDS: Dict[int, Tuple[str, str]] = {
+    83: ("NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION", "total_energy"),
+}
+# Throttle-duration fields (ns): field id -> (nvml.h name, counter key of VIOLATION_POLICIES).
+# All need violation_counters; the three clock-event ones (newer drivers) also answer
+# NOT_SUPPORTED where `unsupported` names "clock_event_durations".
+VIOLATION_FIELDS: Dict[int, Tuple[str, str]] = {
+    74: ("NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_POWER_CAP", "power"),
+    76: ("NVML_FI_DEV_CLOCKS_EVENT_REASON_SYNC_BOOST", "sync_boost"),
+    77: ("NVML_FI_DEV_PERF_POLICY_BOARD_LIMIT", "board_limit"),
+    78: ("NVML_FI_DEV_PERF_POLICY_LOW_UTILIZATION", "low_utilization"),
+    79: ("NVML_FI_DEV_PERF_POLICY_RELIABILITY", "reliability"),
+    81: ("NVML_FI_DEV_PERF_POLICY_TOTAL_BASE_CLOCKS", "total_base_clocks"),
+    269: ("NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_THERM_SLOWDOWN", "sw_thermal"),
+    270: ("NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_THERM_SLOWDOWN", "hw_thermal"),
+    271: ("NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_POWER_BRAKE_SLOWDOWN", "hw_power_brake"),
+}
+CLOCK_EVENT_DURATION_FIELDS = (269, 270, 271)
+HEADER_CONSTANTS.update({name: fid for fid, (name, *_rest) in FIELD_VALUES.items()})
+HEADER_CONSTANTS.update({name: fid for fid, (name, _key) in ENERGY_FIELDS.items()})
+HEADER_CONSTANTS.update({name: fid for fid, (name, _key) in VIOLATION_FIELDS.items()})
 
 
 # Argument kinds for the symbol table: C types as the ctypes callback sees them.
@@ -211,6 +300,7 @@ SYMBOLS: Dict[str, Tuple[Any, Tuple[Any, ...]]] = {
     "nvmlDeviceGetCurrPcieLinkWidth": (c_int, (P, P)),
     "nvmlDeviceGetMaxPcieLinkWidth": (c_int, (P, P)),
     "nvmlDeviceGetPcieReplayCounter": (c_int, (P, P)),
+    "nvmlDeviceGetTotalEnergyConsumption": (c_int, (P, P)),
 }
 
 
@@ -307,6 +397,9 @@ class SimulatedNode:
         self._unsup_cache: Dict[Tuple[str, ...], frozenset] = {}
         self._dev_cache: Dict[int, Tuple[float, float, Dict[str, Any]]] = {}
         self._kernel_t = -1.0
+        # what setters changed beyond the scenario's exact integrals
+        self._corr = SetterCorrections(scenario, lambda i: bool(self._overrides[i]),
+                                       self._effective)
         self._error_strings = {code: ctypes.create_string_buffer(text.encode())
                                for code, text in ERROR_STRINGS.items()}
         self.calls: Dict[str, int] = {}     # C symbol -> number of calls (for tests)
@@ -333,8 +426,42 @@ class SimulatedNode:
         """The simulated state of GPU `index` now, setter changes included."""
         t = self.now()
         st = self.scenario.gpu_state_at(index, t)
-        st.update(self._effective(index, t, self.scenario.state_ref(index, t)))
+        st.update(self._corr.physics_state(index, t))
+        if st["violation_seconds"] is not None:
+            st["violation_seconds"]["power"] = self.violation_seconds(index, "power", t)
+        st["total_energy"] = self.energy_joules(index, t)
         return st
+
+    # ---- counters: the scenario's exact integrals plus what setters changed
+    def energy_joules(self, index: int, t: Optional[float] = None) -> float:
+        """GPU `index`'s energy counter (J) at t (default now)."""
+        t = self.now() if t is None else t
+        with self._lock:
+            corr = self._corr.advance(index, t).energy
+        return self.scenario.energy_joules_at(index, t) + corr
+
+    def violation_seconds(self, index: int, policy: str, t: Optional[float] = None) -> float:
+        t = self.now() if t is None else t
+        value = self.scenario.violation_seconds_at(index, t)[policy]
+        if policy == "power":
+            with self._lock:
+                value = max(0.0, value + self._corr.advance(index, t).power)
+        return value
+
+    def endpoint_tokens(self, endpoint: int, t: Optional[float] = None) -> float:
+        """Generated tokens of simulated endpoint `endpoint` at t (default now)."""
+        t = self.now() if t is None else t
+        with self._lock:
+            corr = self._corr.advance_endpoint(endpoint, t)
+        return max(0.0, self.scenario.endpoint_tokens_at(endpoint, t) + corr)
+
+    def endpoint_rate(self, endpoint: int, t: Optional[float] = None) -> float:
+        """Generated tokens/s of simulated endpoint `endpoint` at t, setter changes included."""
+        t = self.now() if t is None else t
+        sv = self.scenario.serving
+        ep = sv.endpoints[endpoint]
+        return sv.endpoint_rate(ep, [sv.state_rate(self._corr.physics_state(i, t))
+                                     for i in ep.gpus])
 
     # ------------------------------------------------------------------ internals
     def _effective(self, index: int, t: float, st: Dict[str, Any]) -> Dict[str, Any]:
@@ -409,6 +536,8 @@ class SimulatedNode:
             if eff:
                 st = dict(st)
                 st.update(eff)
+                if "power_limit" in eff and self.scenario.physics is not None:
+                    apply_power(st, self.scenario.physics)
         return index, t, st
 
     def _index_checked(self, index: int) -> int:
@@ -564,21 +693,46 @@ class SimulatedNode:
         return NVML_SUCCESS
 
     def _c_nvmlDeviceGetFieldValues(self, h, count, values) -> int:
-        _i, t, st = self._dev(h)
+        index, t, st = self._dev(h, "field_values")
         if count < 0 or (count and not values):
             return NVML_ERROR_INVALID_ARGUMENT
         unsup = self._unsupported(st) if st["unsupported"] else frozenset()
         stamp = int(self.clock.time() * 1e6)
+        counters: Optional[Dict[str, float]] = None
         arr = (FieldValue * count).from_address(values) if count else ()
         for fv in arr:
             fv.timestamp = stamp
             fv.latencyUsec = 0
-            if fv.fieldId == NVML_FI_DEV_MEMORY_TEMP and "memory_temperature" not in unsup:
-                fv.valueType = NVML_VALUE_TYPE_UNSIGNED_INT
-                fv.value.uiVal = int(round(st["memory_temperature"]))
+            fid = fv.fieldId
+            spec = FIELD_VALUES.get(fid)
+            viol = VIOLATION_FIELDS.get(fid)
+            if spec is not None and spec[1] not in unsup and \
+                    (fid not in (3, 4, 5, 6) or st["ecc_mode"]):
+                fv.valueType = spec[2]
+                value = spec[3](st)
+                if spec[2] == NVML_VALUE_TYPE_DOUBLE:
+                    fv.value.dVal = value
+                elif spec[2] == NVML_VALUE_TYPE_UNSIGNED_LONG_LONG:
+                    fv.value.ullVal = value
+                else:
+                    fv.value.uiVal = value
                 fv.nvmlReturn = NVML_SUCCESS
-            else:
+            elif viol is not None and st["violation_counters"] and not (
+                    fid in CLOCK_EVENT_DURATION_FIELDS and "clock_event_durations" in unsup):
+                if counters is None:      # the scenario's integrals, setter changes included
+                    counters = dict(self.scenario.violation_seconds_at(index, t))
+                    counters["power"] = self.violation_seconds(index, "power", t)
+                fv.valueType = NVML_VALUE_TYPE_UNSIGNED_LONG_LONG
+                fv.value.ullVal = int(round(counters[viol[1]] * 1e9))
+                fv.nvmlReturn = NVML_SUCCESS
+            elif fid in ENERGY_FIELDS and ENERGY_FIELDS[fid][1] not in unsup:
+                fv.valueType = NVML_VALUE_TYPE_UNSIGNED_LONG_LONG
+                fv.value.ullVal = int(round(self.energy_joules(index, t) * 1000.0))
+                fv.nvmlReturn = NVML_SUCCESS
+            elif 0 < fid < NVML_FI_MAX:
                 fv.nvmlReturn = NVML_ERROR_NOT_SUPPORTED
+            else:
+                fv.nvmlReturn = NVML_ERROR_INVALID_ARGUMENT
         return NVML_SUCCESS
 
     def _c_nvmlDeviceGetPowerUsage(self, h, out) -> int:
@@ -606,7 +760,10 @@ class SimulatedNode:
 
     def _set(self, index: int, t: float, key: str, value: Any) -> None:
         with self._lock:
+            # integrate the old state up to the set before the new value applies
+            self._corr.advance_all(index, t)
             self._overrides[index][key] = (value, t)
+            self._dev_cache.pop(index, None)
 
     def _c_nvmlDeviceSetPowerManagementLimit(self, h, milliwatts) -> int:
         index, t, st = self._dev(h, "power_limit")
@@ -675,7 +832,7 @@ class SimulatedNode:
 
     _c_nvmlDeviceGetSupportedClocksThrottleReasons = _c_nvmlDeviceGetSupportedClocksEventReasons
 
-    _POLICY_KEYS = {value: key for key, value in VIOLATION_POLICIES}
+    _POLICY_KEYS = {value: key for key, value in VIOLATION_POLICIES if value is not None}
 
     def _c_nvmlDeviceGetViolationStatus(self, h, policy, out) -> int:
         index, t, st = self._dev(h)
@@ -684,7 +841,7 @@ class SimulatedNode:
             return NVML_ERROR_NOT_SUPPORTED
         if not out:
             return NVML_ERROR_INVALID_ARGUMENT
-        seconds = self.scenario.violation_seconds_at(index, t)[key]
+        seconds = self.violation_seconds(index, key, t)
         v = ViolationTime.from_address(out)
         v.referenceTime = int(self.clock.time() * 1e6)
         v.violationTime = int(round(seconds * 1e9))
@@ -759,3 +916,9 @@ class SimulatedNode:
 
     def _c_nvmlDeviceGetPcieReplayCounter(self, h, out) -> int:
         return self._uint_field(h, out, "pcie_replay_count")
+
+    def _c_nvmlDeviceGetTotalEnergyConsumption(self, h, out) -> int:
+        index, t, _st = self._dev(h, "total_energy")
+        _put_ull(out, round(self.energy_joules(index, t) * 1000.0))     # mJ, as NVML
+        return NVML_SUCCESS
+

@@ -30,6 +30,7 @@ else:  # pragma: no cover - exercised on Python < 3.11
     import tomli as tomllib
 
 from gpucostd.config import FileError
+from gpucostd.sim import physics as phys
 from gpucostd.snapshot import CLOCK_EVENT_REASONS, REASON_BITS, VIOLATION_POLICIES, VIOLATION_REASONS
 
 BUILTIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scenarios")
@@ -106,6 +107,8 @@ GPU_FIELDS: Dict[str, Field] = {
     "setters_permitted": _f("bool", True, "Setters succeed (false: NO_PERMISSION)."),
     "unsupported": _f("names", (), "Fields whose NVML calls return NOT_SUPPORTED."),
     "lost": _f("bool", False, "Every call on this GPU returns GPU_IS_LOST."),
+    "total_energy": _f("number", 0.0, "Energy counter at t = 0, J "
+                       "(nvmlDeviceGetTotalEnergyConsumption counts up from here).", min=0),
 }
 IDENTITY_FIELDS = ("name", "uuid", "pci_bus_id")
 TIMELINE_FORBIDDEN = IDENTITY_FIELDS
@@ -121,6 +124,10 @@ UNSUPPORTED_GROUPS: Dict[str, Tuple[str, ...]] = {
     "pcie": ("pcie_link_gen", "pcie_link_gen_max", "pcie_link_width", "pcie_link_width_max",
              "pcie_replay_count"),
     "utilization": ("utilization", "memory_utilization"),
+    # nvmlDeviceGetFieldValues itself answers NOT_SUPPORTED (the old calls must serve)
+    "field_values": (),
+    # the clock-event duration fields (SW/HW thermal, HW power brake) of newer drivers
+    "clock_event_durations": (),
 }
 _NOT_UNSUPPORTABLE = set(IDENTITY_FIELDS) | {"setters_permitted", "unsupported", "lost",
                                             "violation_counters"}
@@ -317,8 +324,11 @@ class Scenario:
     """A validated scenario. Build with load_scenario() or parse_scenario()."""
 
     def __init__(self, name: str, path: str, node: NodeInfo, gpus: Sequence[Dict[str, Any]],
-                 timeline: Sequence[TimelineEntry]):
+                 timeline: Sequence[TimelineEntry], physics: Optional[phys.PowerModel] = None,
+                 serving: Optional[phys.ServingModel] = None):
         self.name = name
+        self.physics = physics          # None: power_draw and sm_clock are as written
+        self.serving = serving          # None: no simulated inference server
         self.path = path
         self.node = node
         self.duration = node.duration
@@ -369,6 +379,8 @@ class Scenario:
                     states.append(dict(state))
             for st in states:
                 st["clock_event_reasons"] = tuple(st["clock_event_reasons"])
+                if self.physics is not None:
+                    phys.apply_power(st, self.physics)
             rates = [{p: (1.0 if set(st["clock_event_reasons"]) & set(VIOLATION_REASONS[p])
                           else 0.0) for p, _ in VIOLATION_POLICIES} for st in states]
             cum = [{p: 0.0 for p, _ in VIOLATION_POLICIES}]
@@ -388,6 +400,16 @@ class Scenario:
             self._resets.append(sorted(resets))
             self._hangs.append(hangs)
             self._field_changes.append(changes)
+        self._energy = [phys.Piecewise(starts, [min(st["power_draw"], st["power_limit"])
+                                                for st in states], self.repeat_every)
+                        for starts, states in zip(self._seg_starts, self._seg_states)]
+        self._tokens: List[phys.Piecewise] = []
+        for ep in (self.serving.endpoints if self.serving else ()):
+            starts = phys.merged_starts([self._seg_starts[i] for i in ep.gpus])
+            rates = [self.serving.endpoint_rate(ep, [self.serving.state_rate(
+                self._seg_states[i][bisect.bisect_right(self._seg_starts[i], t) - 1])
+                for i in ep.gpus]) for t in starts]
+            self._tokens.append(phys.Piecewise(starts, rates, self.repeat_every))
         node_changes = [e for e in self.timeline if e.driver_loaded is not None]
         self._node_starts = [0.0] + [e.t for e in node_changes]
         self._node_loaded = [self.node.driver_loaded] + [bool(e.driver_loaded)
@@ -465,6 +487,34 @@ class Scenario:
             if base_t is not None:
                 v -= self._integral(index, base_t, policy)
             out[policy] = max(0.0, v)
+        return out
+
+    def energy_joules_at(self, index: int, t: float) -> float:
+        """The energy counter of GPU `index` at time t (J): its `total_energy` plus the exact
+        integral of the power it reports (power_draw, at most power_limit)."""
+        self._check_index(index)
+        return self.initial[index]["total_energy"] + self._energy[index].integral(t)
+
+    def endpoint_tokens_at(self, endpoint: int, t: float) -> float:
+        """Generated tokens of simulated endpoint `endpoint` from 0 to t (exact integral)."""
+        return self._tokens[endpoint].integral(t)
+
+    def endpoint_rate_at(self, endpoint: int, t: float) -> float:
+        """Generated tokens/s of simulated endpoint `endpoint` at time t."""
+        return self._tokens[endpoint].rate_at(t)
+
+    def boundaries(self, index: int, t0: float, t1: float) -> List[float]:
+        """Absolute times in (t0, t1) where GPU `index`'s state may change (segment starts,
+        cycle starts): between two of them the state is constant."""
+        starts = self._seg_starts[index]
+        if not self.repeat_every:
+            return [s for s in starts if t0 < s < t1]
+        r = self.repeat_every
+        out: List[float] = []
+        k = max(0, int(t0 // r))
+        while k * r < t1:
+            out.extend(k * r + s for s in starts if t0 < k * r + s < t1)
+            k += 1
         return out
 
     def hang_until(self, index: int, t: float) -> Optional[float]:
@@ -556,11 +606,11 @@ def parse_scenario(text: str, path: str = "<scenario>", name: Optional[str] = No
     except tomllib.TOMLDecodeError as exc:
         m = re.search(r"line (\d+)", str(exc))
         raise ScenarioError(f"not valid TOML: {exc}", path, int(m.group(1)) if m else None)
-    allowed_top = ("node", "gpu_defaults", "gpu", "at")
+    allowed_top = ("node", "gpu_defaults", "gpu", "at", "physics", "serving")
     for key in data:
         if key not in allowed_top:
             v.fail(f"{key}: unknown top-level key; allowed: [node], [gpu_defaults], [[gpu]], "
-                   "[[at]]", key, None)
+                   "[[at]], [physics], [serving]", key, None)
     if "node" not in data:
         raise ScenarioError("missing [node] table (needs at least gpu_count)", path)
     node_d = v.table("node", "node", data["node"], NODE_FIELDS)
@@ -654,6 +704,9 @@ def parse_scenario(text: str, path: str = "<scenario>", name: Optional[str] = No
                 if k in entry:
                     v.fail(f"{where}.{k}: identity fields cannot change in the timeline",
                            "at", k, True, occ)
+        if isinstance(entry, dict) and "total_energy" in entry:
+            v.fail(f"{where}.total_energy: the energy counter only counts up; set its start in "
+                   "[gpu_defaults] or [[gpu]]", "at", "total_energy", True, occ)
         d = v.table(where, "at", entry, at_fields, True, occ)
         line = v.loc.line("at", None, True, occ)
         if "t" not in d:
@@ -677,7 +730,9 @@ def parse_scenario(text: str, path: str = "<scenario>", name: Optional[str] = No
         timeline.append(TimelineEntry(t=t, gpu=gpu, changes=d, kernel_log=kernel,
                                       hang_seconds=hang, reset=reset, driver_loaded=loaded,
                                       line=line))
-    sc = Scenario(scen_name, path, node, gpus, timeline)
+    physics = _parse_physics(v, data, gpu_list, at_list)
+    serving = _parse_serving(v, data, count)
+    sc = Scenario(scen_name, path, node, gpus, timeline, physics, serving)
     for i in range(count):
         for st, start in zip(sc._seg_states[i], sc._seg_starts[i]):
             bad = _inconsistency(f"GPU {i} at t={_num(start)}", st)
@@ -693,6 +748,75 @@ def parse_scenario(text: str, path: str = "<scenario>", name: Optional[str] = No
                                 break
                 raise ScenarioError(bad[0], path, line, bad[1][0])
     return sc
+
+
+def _section(v: _Validator, where: str, data: Any, keys: Mapping[str, tuple],
+             array: bool = False, occ: int = 0, sub: Tuple[str, ...] = ()) -> Dict[str, Any]:
+    """A [physics] / [serving] / [[serving.endpoint]] table checked against `keys`
+    (physics.PHYSICS_KEYS and friends): unknown keys, types and ranges."""
+    table = where.split("[")[0]
+    if not isinstance(data, dict):
+        v.fail(f"{where} must be a table", table, None, array, occ)
+    out: Dict[str, Any] = {}
+    for key, value in data.items():
+        if key in sub:
+            continue            # a sub-table, handled by the caller
+        if key not in keys:
+            v.fail(f"{where}.{key}: unknown key; allowed keys: " + ", ".join(sorted(keys)),
+                   table, key, array, occ)
+        kind, _default, _doc, lo, hi = keys[key]
+        got, why = phys.check_value(kind, value, lo, hi)
+        if why:
+            v.fail(f"{where}.{key} = {_fmt(value)}: {why}", table, key, array, occ)
+        out[key] = got
+    return out
+
+
+def _parse_physics(v: _Validator, data: Mapping[str, Any], gpu_list: Sequence[Any],
+                   at_list: Sequence[Any]) -> Optional[phys.PowerModel]:
+    if "physics" not in data:
+        return None
+    d = _section(v, "physics", data["physics"], phys.PHYSICS_KEYS)
+    model = phys.PowerModel(**d)
+    if model.full_load_watts <= model.idle_watts:
+        v.fail(f"physics.full_load_watts = {_num(model.full_load_watts)} must be above "
+               f"idle_watts {_num(model.idle_watts)}", "physics", "full_load_watts")
+    why = ("is computed by [physics] from sm_clock, utilization and power_limit; remove it "
+           "(or remove [physics])")
+    if "power_draw" in (data.get("gpu_defaults") or {}):
+        v.fail(f"gpu_defaults.power_draw {why}", "gpu_defaults", "power_draw")
+    for table, entries in (("gpu", gpu_list), ("at", at_list)):
+        for occ, entry in enumerate(entries):
+            if isinstance(entry, dict) and "power_draw" in entry:
+                v.fail(f"{table}[{occ}].power_draw {why}", table, "power_draw", True, occ)
+    return model
+
+
+def _parse_serving(v: _Validator, data: Mapping[str, Any], count: int
+                   ) -> Optional[phys.ServingModel]:
+    if "serving" not in data:
+        return None
+    raw = data["serving"]
+    d = _section(v, "serving", raw, phys.SERVING_KEYS, sub=("endpoint",))
+    eps = raw.get("endpoint", []) if isinstance(raw, dict) else []
+    if not isinstance(eps, list):
+        v.fail("serving.endpoint must be an array of tables: [[serving.endpoint]]", "serving")
+    endpoints = []
+    owner: Dict[int, int] = {}
+    for occ, entry in enumerate(eps or [{}]):
+        e = _section(v, f"serving.endpoint[{occ}]", entry, phys.ENDPOINT_KEYS, bool(eps), occ)
+        gpus = e.pop("gpus", tuple(range(count)))
+        for g in gpus:
+            if g >= count:
+                v.fail(f"serving.endpoint[{occ}].gpus: GPU {g} out of range; "
+                       f"{_indexes(count)}", "serving.endpoint", "gpus", True, occ)
+            if g in owner:
+                v.fail(f"serving.endpoint[{occ}].gpus: GPU {g} is already served by "
+                       f"serving.endpoint[{owner[g]}]", "serving.endpoint", "gpus", True, occ)
+            owner[g] = occ
+        if gpus:
+            endpoints.append(phys.EndpointModel(index=len(endpoints), gpus=tuple(gpus), **e))
+    return phys.ServingModel(endpoints=tuple(endpoints), **d)
 
 
 def _key_line(loc: _Locator, start: Optional[int], key: str) -> Optional[int]:

@@ -8,12 +8,15 @@ until the next snapshot. A scrape never touches NVML and never waits for the loo
 from __future__ import annotations
 
 import logging
+import math
 import platform
-from typing import Iterable, List
+import re
+from typing import Dict, Iterable, List, Optional
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import CollectorRegistry
+from prometheus_client.utils import floatToGoString
 
 from gpucostd import __version__
 from gpucostd.snapshot import CLOCK_EVENT_REASONS, NodeSnapshot, GpuState
@@ -105,17 +108,76 @@ def _part_families(snap: NodeSnapshot) -> List:
     return out
 
 
-class _SnapshotCollector:
-    def __init__(self, snap: NodeSnapshot):
-        self.snap = snap
-
-    def collect(self):
-        yield from core_families(self.snap)
-        yield from _part_families(self.snap)
-
-
 def render(snap: NodeSnapshot) -> bytes:
-    """The full exposition text for one snapshot."""
+    """The full exposition text for one snapshot (Prometheus text format 0.0.4)."""
+    families = list(core_families(snap))
+    families.extend(_part_families(snap))
+    return exposition(families)
+
+
+_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
+_SUFFIX = {"counter": "_total", "gauge": ""}
+_NEEDS_ESCAPE = re.compile(r'[\\\n"]')
+
+
+def exposition(families: List) -> bytes:
+    """The text format of prometheus_client's generate_latest, byte for byte, written directly:
+    generate_latest re-validates and re-escapes every metric and label name of every sample
+    (most of a render's CPU). Families outside the plain case (other types, timestamps,
+    _created samples, names that need escaping) go to generate_latest unchanged."""
+    out: List[str] = []
+    append = out.append
+    orders: Dict[tuple, Optional[List[str]]] = {}   # label names as given -> sorted, or None
+    numbers: Dict[float, str] = {}
+    needs_escape = _NEEDS_ESCAPE.search
+    for fam in families:
+        mtype = fam.type
+        suffix = _SUFFIX.get(mtype)
+        name = fam.name
+        if suffix is None or not _METRIC_NAME.match(name):
+            return _slow(families)
+        hname = name + suffix
+        doc = fam.documentation.replace("\\", r"\\").replace("\n", r"\n")
+        append(f"# HELP {hname} {doc}\n# TYPE {hname} {mtype}\n")
+        for s in fam.samples:
+            sname = s.name
+            if s.timestamp is not None or (sname != hname and sname != name) or \
+                    not _METRIC_NAME.match(sname):
+                return _slow(families)
+            value = s.value
+            if value == 0:          # 0.0 and -0.0 are one dict key but two texts
+                text = "-0.0" if math.copysign(1.0, value) < 0 else "0.0"
+            else:
+                text = numbers.get(value)
+                if text is None:
+                    text = numbers[value] = floatToGoString(value)
+            labels = s.labels
+            if labels:
+                given = tuple(labels)
+                keys = orders.get(given, 0)
+                if keys == 0:
+                    keys = orders[given] = (sorted(given) if all(_LABEL_NAME.match(k)
+                                                                for k in given) else None)
+                if keys is None:
+                    return _slow(families)
+                parts = []
+                for k in keys:
+                    v = labels[k]
+                    if needs_escape(v):
+                        v = v.replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
+                    parts.append(f'{k}="{v}"')
+                append(f"{sname}{{{','.join(parts)}}} {text}\n")
+            else:
+                append(f"{sname} {text}\n")
+    return "".join(out).encode("utf-8")
+
+
+def _slow(families: List) -> bytes:
+    class _Families:
+        def collect(self):
+            return iter(families)
+
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_SnapshotCollector(snap))
+    registry.register(_Families())
     return generate_latest(registry)

@@ -87,4 +87,89 @@ def metric_families(snapshot) -> Iterable[Any]:
                                 "tokens/s x loss/(1-loss))")
         m.add_metric([], tk.tokens_lost_total)
         out.append(m)
+    out.extend(_efficiency_families(report))
+    return out
+
+
+def _efficiency_families(report: CostReport) -> Iterable[Any]:
+    """Energy, idle capacity, endpoints and the floor (docs/cost.md)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    out = []
+    energy = CounterMetricFamily("gpucostd_gpu_energy_joules",
+                                 "Energy drawn by the GPU since accounting began (its energy "
+                                 "counter, else the integral of the power draw)",
+                                 labels=["gpu", "uuid"])
+    energy_usd = CounterMetricFamily("gpucostd_gpu_energy_cost_dollars",
+                                     "Money paid for the GPU's energy (x PUE)",
+                                     labels=["gpu", "uuid"])
+    idle = CounterMetricFamily("gpucostd_gpu_idle_seconds",
+                               "Paid GPU-seconds unused: kind=idle while not busy, "
+                               "kind=underused the unused share while busy below the target "
+                               "utilization", labels=["gpu", "uuid", "kind"])
+    idle_usd = CounterMetricFamily("gpucostd_gpu_idle_cost_dollars",
+                                   "Money paid for unused GPU capacity, by kind",
+                                   labels=["gpu", "uuid", "kind"])
+    energy_priced = idle_priced = False
+    for g in report.gpus:
+        x = g.extra or {}
+        if x.get("paid_seconds") is None:
+            continue
+        lab = [str(g.index), g.uuid or ""]
+        energy.add_metric(lab, x.get("energy_joules") or 0.0)
+        idle.add_metric(lab + ["idle"], x.get("idle_seconds") or 0.0)
+        idle.add_metric(lab + ["underused"], x.get("underused_seconds") or 0.0)
+        if x.get("energy_dollars"):
+            energy_priced = True
+        energy_usd.add_metric(lab, x.get("energy_dollars") or 0.0)
+        if g.price_per_hour > 0 or x.get("idle_dollars") or x.get("underused_dollars"):
+            idle_priced = True
+        idle_usd.add_metric(lab + ["idle"], x.get("idle_dollars") or 0.0)
+        idle_usd.add_metric(lab + ["underused"], x.get("underused_dollars") or 0.0)
+    out += [energy, idle]
+    if energy_priced:
+        out.append(energy_usd)
+    if idle_priced:
+        out.append(idle_usd)
+    eff = report.efficiency or {}
+
+    def gauge(name: str, doc: str, value: Any) -> None:
+        if value is not None:
+            m = GaugeMetricFamily(name, doc)
+            m.add_metric([], float(value))
+            out.append(m)
+    gauge("gpucostd_node_idle_ratio", "Share of paid GPU-time unused (idle + underused) over "
+          "the last 5 minutes", eff.get("idle_ratio"))
+    if eff.get("energy_dollars_per_hour"):
+        gauge("gpucostd_node_energy_cost_dollars_per_hour", "Energy price of the node per hour "
+              "now (power x PUE x energy price)", eff.get("energy_dollars_per_hour"))
+    gauge("gpucostd_node_tokens_per_joule", "Tokens generated per joule the GPUs draw",
+          eff.get("tokens_per_joule"))
+    floor = eff.get("min_tokens_per_dollar")
+    if floor:
+        gauge("gpucostd_node_min_tokens_per_dollar", "The tokens-per-dollar floor "
+              "([efficiency] min_tokens_per_dollar)", floor)
+        gauge("gpucostd_node_below_floor", "1 while tokens per dollar has been below the floor "
+              "for the whole window (on_inefficient ran)",
+              1.0 if (eff.get("floor") or {}).get("inefficient") else 0.0)
+    tk = report.tokens
+    if tk is not None:
+        m = CounterMetricFamily("gpucostd_node_tokens", "Tokens generated on the node, counted "
+                                "from the inference servers' counters")
+        m.add_metric([], tk.tokens_total or 0.0)
+        out.append(m)
+        info = GaugeMetricFamily("gpucostd_inference_endpoint_info", "Inference endpoints "
+                                 "(value 1): index, url, the server detected",
+                                 labels=["endpoint", "url", "server"])
+        up = GaugeMetricFamily("gpucostd_inference_endpoint_up", "1 if the endpoint answered "
+                               "with its token counter this cycle", labels=["endpoint"])
+        rate = GaugeMetricFamily("gpucostd_inference_endpoint_tokens_per_second",
+                                 "Tokens per second of one endpoint (5-minute window)",
+                                 labels=["endpoint"])
+        for i, ep in enumerate(tk.endpoints or ()):
+            info.add_metric([str(i), str(ep.get("url")), str(ep.get("server") or "")], 1)
+            up.add_metric([str(i)], 1.0 if ep.get("up") else 0.0)
+            if ep.get("tokens_per_second") is not None:
+                rate.add_metric([str(i)], ep["tokens_per_second"])
+        out += [info, up, rate]
     return out

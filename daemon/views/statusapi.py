@@ -3,7 +3,8 @@
 Requests: {"cmd": "status"} | {"cmd": "events", "since": EPOCH, "limit": N} |
 {"cmd": "cost", "since_seconds": S} | {"cmd": "ack", "gpu": N|null, "code": STR|null} (root only,
 checked with SO_PEERCRED). Responses: {"ok": true, ...} or {"ok": false, "error": "..."}.
-The client half (`request`) imports only the standard library: `gpucostd status` stays light.
+The client half (`request`, in statusclient.py) imports only json and socket: `gpucostd status`
+stays light.
 """
 from __future__ import annotations
 
@@ -18,55 +19,14 @@ import struct
 import threading
 from typing import Any, Callable, Dict, Optional
 
+from gpucostd.views.statusclient import TIMEOUT, StatusClientError, request  # noqa: F401
+
 LOG = logging.getLogger("gpucostd")
 MAX_REQUEST = 64 * 1024
-TIMEOUT = 5.0
-
-
-class StatusClientError(Exception):
-    pass
 
 
 class NotReady(Exception):
     """Raised by a handler that has nothing to answer yet (the daemon is starting)."""
-
-
-# ------------------------------------------------------------------ client
-def request(path: str, message: Dict[str, Any], timeout: float = TIMEOUT) -> Dict[str, Any]:
-    """Send one request to the daemon; raise StatusClientError with the reason in words."""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(path)
-            s.sendall(json.dumps(message).encode() + b"\n")
-            chunks = []
-            while True:
-                chunk = s.recv(1 << 16)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                if chunk.endswith(b"\n"):
-                    break
-    except FileNotFoundError:
-        raise StatusClientError(f"no daemon socket at {path}") from None
-    except PermissionError:
-        raise StatusClientError(
-            f"permission denied on {path}: join the gpucostd group "
-            f"(sudo usermod -aG gpucostd $USER, then log in again) or use sudo") from None
-    except ConnectionRefusedError:
-        raise StatusClientError(f"nothing listens on {path} (stale socket)") from None
-    except socket.timeout:
-        raise StatusClientError(f"the daemon at {path} did not answer in {timeout:.0f} s") \
-            from None
-    except OSError as e:
-        raise StatusClientError(f"cannot talk to {path}: {e.strerror or e}") from None
-    try:
-        reply = json.loads(b"".join(chunks))
-    except ValueError:
-        raise StatusClientError(f"the daemon at {path} sent a malformed answer") from None
-    if not reply.get("ok"):
-        raise StatusClientError(reply.get("error") or "the daemon refused the request")
-    return reply
 
 
 # ------------------------------------------------------------------ server

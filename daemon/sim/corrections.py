@@ -1,0 +1,112 @@
+"""What setters change beyond a scenario's exact integrals.
+
+A scenario knows its violation counters, energy counter and endpoint token counters exactly
+(piecewise-constant states, integrated analytically). A setter (a power limit set through NVML)
+changes the state from the moment of the call until the timeline next sets the field; with
+[physics] that moves the clock, the draw, SwPowerCap and the token rate. ``SetterCorrections``
+integrates the difference (state with the setter's value minus the scenario's state) over the
+same boundaries, so the simulated counters stay exact: the state is constant between the
+scenario's boundaries and setter calls, and every setter call advances the integral first.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List
+
+from gpucostd.sim.physics import apply_power
+
+
+class _Correction:
+    __slots__ = ("t", "power", "energy", "tokens")
+
+    def __init__(self):
+        self.t = 0.0
+        self.power = 0.0       # SwPowerCap / HwPowerBrakeSlowdown seconds (power counter)
+        self.energy = 0.0      # joules
+        self.tokens = 0.0      # generated tokens (endpoints)
+
+
+def _power_capped(st: Dict[str, Any]) -> float:
+    reasons = st["clock_event_reasons"]
+    return 1.0 if ("SwPowerCap" in reasons or "HwPowerBrakeSlowdown" in reasons) else 0.0
+
+
+def _draw(st: Dict[str, Any]) -> float:
+    return min(st["power_draw"], st["power_limit"])
+
+
+class SetterCorrections:
+    """``has_overrides(index)`` says whether any setter value is stored for a GPU;
+    ``effective(index, t, base_state)`` returns the setter values still in force at t. The
+    caller holds its lock around advance* (they mutate running totals)."""
+
+    def __init__(self, scenario: Any, has_overrides: Callable[[int], bool],
+                 effective: Callable[[int, float, Dict[str, Any]], Dict[str, Any]]):
+        self.scenario = scenario
+        self._has = has_overrides
+        self._effective = effective
+        self._gpu = [_Correction() for _ in range(scenario.node.gpu_count)]
+        self._ep = [_Correction() for _ in (scenario.serving.endpoints
+                                            if scenario.serving else ())]
+
+    def physics_state(self, index: int, t: float) -> Dict[str, Any]:
+        """GPU `index`'s state at t with setter values and the physics they imply (the
+        scenario's own shared dict when no setter value applies: do not modify it)."""
+        base = self.scenario.state_ref(index, t)
+        eff = self._effective(index, t, base)
+        if not eff:
+            return base
+        st = dict(base)
+        st.update(eff)
+        if "power_limit" in eff and self.scenario.physics is not None:
+            apply_power(st, self.scenario.physics)
+        return st
+
+    def advance(self, index: int, t: float) -> _Correction:
+        c = self._gpu[index]
+        if t <= c.t:
+            return c
+        if not self._has(index):
+            c.t = t
+            return c
+        sc = self.scenario
+        points = [c.t] + sc.boundaries(index, c.t, t) + [t]
+        for a, b in zip(points, points[1:]):
+            if a > c.t and sc.last_reset(index, a) == a:
+                c.power = 0.0           # the violation counter restarts at a GPU reset
+            mid = (a + b) / 2.0
+            base = sc.state_ref(index, mid)
+            st = self.physics_state(index, mid)
+            if st is base:
+                continue
+            c.power += (b - a) * (_power_capped(st) - _power_capped(base))
+            c.energy += (b - a) * (_draw(st) - _draw(base))
+        c.t = t
+        return c
+
+    def advance_endpoint(self, endpoint: int, t: float) -> float:
+        c = self._ep[endpoint]
+        if t <= c.t:
+            return c.tokens
+        sv = self.scenario.serving
+        ep = sv.endpoints[endpoint]
+        if not any(self._has(i) for i in ep.gpus):
+            c.t = t
+            return c.tokens
+        cuts = set()
+        for i in ep.gpus:
+            cuts.update(self.scenario.boundaries(i, c.t, t))
+        points: List[float] = [c.t] + sorted(cuts) + [t]
+        for a, b in zip(points, points[1:]):
+            mid = (a + b) / 2.0
+            rate = sv.endpoint_rate(ep, [sv.state_rate(self.physics_state(i, mid))
+                                         for i in ep.gpus])
+            c.tokens += (b - a) * (rate - self.scenario.endpoint_rate_at(endpoint, mid))
+        c.t = t
+        return c.tokens
+
+    def advance_all(self, index: int, t: float) -> None:
+        """Before a setter on GPU `index` at t: integrate the old value up to t."""
+        self.advance(index, t)
+        for k, ep in enumerate(self.scenario.serving.endpoints if self.scenario.serving else ()):
+            if index in ep.gpus:
+                self.advance_endpoint(k, t)

@@ -1,0 +1,146 @@
+"""The on-call view, CLI side: status JSON -> the text `gpucostd status` prints (every line fits
+100 columns), and its exit code. Standard library only (os, sys, time; textwrap when a line
+wraps): `gpucostd status` must start in about the time of the interpreter itself.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # annotations only: importing typing costs the client start-up time
+    from typing import Any, Dict, List, Optional
+
+SCHEMA_VERSION = 1
+WIDTH = 100
+EXIT_CODES = {"OK": 0, "WARN": 1, "CRIT": 2, "UNKNOWN": 3}
+
+
+class _Style:
+    def __init__(self, colour: bool):
+        self.colour = colour
+
+    def sev(self, name: str) -> str:
+        if not self.colour:
+            return name
+        code = {"OK": "32", "WARN": "33", "CRIT": "31;1", "UNKNOWN": "35"}.get(name, "0")
+        return f"\033[{code}m{name}\033[0m"
+
+
+def use_colour(stream=None) -> bool:
+    stream = stream or sys.stdout
+    return (hasattr(stream, "isatty") and stream.isatty() and not os.environ.get("NO_COLOR")
+            and os.environ.get("TERM", "") != "dumb")
+
+
+def _fmt(v: Any, spec: str = "{:.0f}", unit: str = "") -> str:
+    return "-" if v is None else spec.format(v) + unit
+
+
+def _ago(t: Optional[float], now: float) -> str:
+    if t is None:
+        return "?"
+    d = max(0, now - t)
+    if d < 120:
+        return f"{d:.0f}s"
+    if d < 7200:
+        return f"{d / 60:.0f}m"
+    if d < 172800:
+        return f"{d / 3600:.0f}h"
+    return f"{d / 86400:.0f}d"
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    return (f"{d}d{h}h" if d else f"{h}h{m}m" if h else f"{m}m{s}s")
+
+
+def _clip(line: str) -> str:
+    return line if len(line) <= WIDTH else line[:WIDTH - 1] + "…"
+
+
+def _wrap(text: str, indent: str, more: str = "") -> List[str]:
+    """Wrap a message to 100 columns (findings and fixes are never cut off)."""
+    import textwrap
+    return textwrap.wrap(text, WIDTH, initial_indent=indent,
+                         subsequent_indent=more or indent + "  ", break_long_words=True) or [indent]
+
+
+def render_status(data: Dict[str, Any], colour: bool = False, events: int = 5) -> str:
+    """Human view of status JSON; every line fits 100 columns."""
+    st = _Style(colour)
+    node, daemon = data["node"], data["daemon"]
+    now = data.get("time") or time.time()
+    sim = f" sim:{daemon['simulated_scenario']}" if daemon.get("simulated_scenario") else ""
+    lines = [_clip(
+        f"{data['host']}  node {st.sev(node['health'])}  {node['gpu_count']} GPUs  "
+        f"driver {node.get('driver_version') or '?'}  CUDA {node.get('cuda_version') or '?'}  "
+        f"up {_duration(daemon.get('uptime_seconds') or 0)}{sim}")]
+    if not node.get("nvml_available"):
+        lines.extend(_wrap(f"NVML unavailable: {node.get('nvml_error') or 'unknown reason'}",
+                           "  "))
+    if data["gpus"]:
+        lines.append(f"{'GPU':>3} {'MODEL':<15} {'HEALTH':<7} {'TEMP':>5} {'POWER/LIMIT':>11} "
+                     f"{'SM MHz/MAX':>11}  {'UTIL':>4}  THROTTLE / REASON")
+    for g in data["gpus"]:
+        power = f"{_fmt(g['power_draw_watts'])}/{_fmt(g['power_limit_watts'], unit='W')}"
+        clock = f"{_fmt(g['sm_clock_mhz'])}/{_fmt(g['sm_clock_max_mhz'])}"
+        reasons = ",".join(g.get("throttle_reasons") or []) or "-"
+        if g["state"] != "ok":
+            reasons = f"{g['state']}: {g.get('error') or ''}".strip()
+        health = g["health"]
+        pad = " " * max(0, 7 - len(health))
+        lines.append(_clip(
+            f"{g['index']:>3} {(g.get('model') or '?')[:15]:<15} {st.sev(health)}{pad} "
+            f"{_fmt(g['temperature_celsius'], unit='C'):>5} {power:>11} {clock:>11}  "
+            f"{_fmt(g['utilization_percent'], unit='%'):>4}  {reasons}"))
+        for f in g.get("findings") or []:
+            if f["severity"] != "OK":
+                lines.extend(_wrap(f"{f['severity']}: {f['message']} (since "
+                                   f"{_ago(f.get('since'), now)}) -> {f['action']}", "      "))
+    node_findings = [f for f in node.get("findings") or [] if f["severity"] != "OK"]
+    if node_findings:
+        lines.append("Node:")
+        for f in node_findings:
+            lines.extend(_wrap(f"{f['severity']}: {f['message']} -> {f['action']}", "  "))
+    out_of_sync = [s for s in data.get("settings") or [] if not s["in_sync"]]
+    if out_of_sync:
+        lines.append("Settings out of sync:")
+        for s in out_of_sync:
+            why = s.get("error") or f"actual {s['actual']}, desired {s['desired']}"
+            lines.extend(_wrap(f"{s['subject']} {s['name']}: {why}", "  "))
+    failed = [c for c in data.get("checks") or [] if c["status"] != "pass"]
+    if failed:
+        lines.append("Host checks:")
+        for c in failed:
+            fix = f" -> {c['fix']}" if c.get("fix") else ""
+            lines.extend(_wrap(f"{c['status'].upper()} {c['name']}: {c['message']}{fix}", "  "))
+    lines.extend(_clip(line) for line in cost_lines(data.get("cost"), data.get("cost_text")))
+    evs = (data.get("events") or [])[:events]
+    if evs:
+        lines.append("Recent events:")
+        for e in evs:
+            stamp = time.strftime("%m-%d %H:%M:%S", time.localtime(e["time"]))
+            lines.append(_clip(f"  {stamp} {e['severity']:<4} {e['subject']:<7} {e['message']}"))
+    return "\n".join(lines) + "\n"
+
+
+def cost_lines(cost: Optional[Dict[str, Any]], text: Optional[List[str]] = None) -> List[str]:
+    """Cost section of the status view: the lines the daemon rendered (status JSON
+    "cost_text"), else rendered here from CostReport.to_json() (an older daemon)."""
+    if text is not None:
+        return list(text)
+    if not cost:
+        return []
+    from gpucostd.cost.report import status_lines_from_json
+    return status_lines_from_json(cost)
+
+
+def exit_code(data: Optional[Dict[str, Any]]) -> int:
+    if not data:
+        return 3
+    return EXIT_CODES.get(data["node"]["health"], 3)

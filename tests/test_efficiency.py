@@ -1,0 +1,277 @@
+"""Tokens per dollar in full: energy, idle capacity, endpoints (several, tensor parallel), the
+floor, and the serving diagnosis -- at the accountant, the judge, and through the real daemon."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+
+from conftest import wait_for
+from gpucostd import config as cfgmod
+from gpucostd.clock import VirtualClock
+from gpucostd.cost.accountant import CostAccountant
+from gpucostd.cost.efficiency import floor_step
+from gpucostd.cost.report import status_lines
+from gpucostd.health.efficiency import EfficiencyJudge
+from gpucostd.probes.inference import InferenceReading
+from gpucostd.snapshot import GpuReading
+
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def cfg(text=""):
+    return cfgmod.parse(text, None)
+
+
+def gpu(index=0, **kw):
+    base = dict(index=index, uuid=f"GPU-{index}", name=H100, sm_clock_mhz=1980.0,
+                sm_clock_max_mhz=1980.0, utilization_percent=95.0, clock_event_reasons=(),
+                power_draw_watts=600.0)
+    base.update(kw)
+    return GpuReading(**base)
+
+
+def tokens(total, t, url="http://127.0.0.1:8000/metrics", metric="vllm:generation_tokens_total",
+           gpus=None, parallel="tensor", error=None, **kw):
+    return InferenceReading(None if error else total, t, metric, 1, error, url=url, gpus=gpus,
+                            parallel=parallel, server="vllm", **kw)
+
+
+def run(acc, clock, seconds, make_gpus, make_tokens=None, step=1.0):
+    rep = None
+    n = int(round(seconds / step))
+    t0 = clock.monotonic()
+    for i in range(n + 1):
+        t = t0 + i * step
+        clock._t = t
+        rep = acc.update(make_gpus(t), t)
+        if make_tokens is not None:
+            rep = acc.update_tokens(make_tokens(t), t)
+    return rep
+
+
+def test_energy_from_the_counter_else_the_power_integral_priced_with_pue():
+    clock = VirtualClock()
+    acc = CostAccountant(cfg("[cost]\nenergy_usd_per_kwh = 0.2\npue = 1.5\n"), None, clock)
+    # GPU 0 has a counter that says 500 W (while its power reading says 600: the counter wins);
+    # GPU 1 has no counter: 600 W integrated
+    rep = run(acc, clock, 3600, lambda t: [gpu(0, energy_joules=1e9 + 500.0 * t), gpu(1)])
+    g0, g1 = [g.to_json() for g in rep.gpus]
+    assert g0["energy_source"] == "counter" and g1["energy_source"] == "power"
+    assert g0["energy_joules"] == pytest.approx(500 * 3600)
+    assert g1["energy_joules"] == pytest.approx(600 * 3600)
+    assert g0["energy_dollars"] == pytest.approx(0.5 * 1.5 * 0.2)      # 0.5 kWh x PUE x price
+    eff = rep.to_json()["node"]["efficiency"]
+    assert eff["energy_dollars_per_hour"] == pytest.approx(1.2 * 1.5 * 0.2)
+    assert eff["cost_dollars_per_hour"] == pytest.approx(0.36)          # no GPU-hour price
+
+
+def test_an_energy_counter_that_goes_back_is_not_negative_energy():
+    clock = VirtualClock()
+    acc = CostAccountant(cfg(), None, clock)
+    rep = run(acc, clock, 10, lambda t: [gpu(0, energy_joules=(5000.0 if t < 5 else 0.0)
+                                                + 600.0 * t)])
+    # [4, 5] has the counter restart (driver reload): that interval uses the power draw
+    assert rep.gpus[0].to_json()["energy_joules"] == pytest.approx(6000.0)
+
+
+def test_idle_and_underused_capacity_priced_at_the_gpu_hour():
+    clock = VirtualClock()
+    acc = CostAccountant(cfg("[cost]\ngpu_hour_usd = 3.6\n"), None, clock)
+    # GPU 0 idle (0%), GPU 1 busy at 40% (below the 80% target: 60% unused), GPU 2 at 95%
+    rep = run(acc, clock, 1000, lambda t: [gpu(0, utilization_percent=0.0),
+                                           gpu(1, utilization_percent=40.0), gpu(2)])
+    g = [x.to_json() for x in rep.gpus]
+    assert g[0]["idle_seconds"] == pytest.approx(1000) and g[0]["idle_dollars"] == pytest.approx(1.0)
+    assert g[1]["idle_seconds"] == 0 and g[1]["underused_seconds"] == pytest.approx(600)
+    assert g[1]["underused_dollars"] == pytest.approx(0.6)
+    assert g[2]["idle_seconds"] == 0 and g[2]["underused_seconds"] == 0
+    eff = rep.to_json()["node"]["efficiency"]
+    assert eff["idle_ratio"] == pytest.approx((1.0 + 0.6) / 3)
+    assert eff["idle_dollars"] == pytest.approx(1.0)
+
+
+def test_tokens_per_dollar_includes_energy_and_tokens_per_joule():
+    clock = VirtualClock()
+    acc = CostAccountant(cfg("[cost]\ngpu_hour_usd = 2.0\nenergy_usd_per_kwh = 0.1\n"), None,
+                         clock)
+    rep = run(acc, clock, 120, lambda t: [gpu(0), gpu(1)], lambda t: [tokens(3000.0 * t, t)])
+    tk = rep.tokens
+    per_hour = 2 * 2.0 + 1.2 * 0.1
+    assert tk.tokens_per_second == pytest.approx(3000)
+    assert tk.tokens_per_dollar == pytest.approx(3000 * 3600 / per_hour)
+    assert tk.cost_per_million_tokens == pytest.approx(per_hour / (3000 * 3600) * 1e6)
+    assert tk.tokens_per_joule == pytest.approx(3000 / 1200)
+    assert tk.tokens_total == pytest.approx(3000 * 120)
+    lines = status_lines(rep)
+    assert any(line.startswith("  Tokens: 3.00k/s, ") and "per million" in line and "idle 0%"
+               in line for line in lines), lines
+    assert all(len(line) <= 100 for line in lines)
+
+
+def test_a_failing_endpoint_does_not_leave_its_last_tokens_per_second_as_current():
+    clock = VirtualClock()
+    acc = CostAccountant(cfg("[cost]\ngpu_hour_usd = 2.0\n"), None, clock)
+    run(acc, clock, 30, lambda t: [gpu(0)], lambda t: [tokens(1000.0 * t, t)])
+    assert acc._last_report.tokens.tokens_per_second == pytest.approx(1000)
+    rep = run(acc, clock, 5, lambda t: [gpu(0)],
+              lambda t: [tokens(None, t, error="connection refused")])
+    assert rep.tokens.tokens_per_second is None and rep.tokens.tokens_per_dollar is None
+    assert rep.tokens.endpoints[0]["up"] is False
+    assert "no reading" in " ".join(status_lines(rep))
+
+
+def test_switching_endpoints_does_not_count_the_new_counters_value_as_tokens():
+    clock = VirtualClock()
+    acc = CostAccountant(cfg("[cost]\ngpu_hour_usd = 2.0\n"), None, clock)
+    run(acc, clock, 30, lambda t: [gpu(0)], lambda t: [tokens(1000.0 * t, t)])
+    counted = acc._last_report.tokens.tokens_total
+    # after a reload the same URL serves another counter (another metric), at 5e9 already
+    rep = run(acc, clock, 10, lambda t: [gpu(0)],
+              lambda t: [tokens(5e9 + 1000.0 * t, t, metric="sglang:generation_tokens_total")])
+    assert rep.tokens.tokens_per_second == pytest.approx(1000)
+    assert rep.tokens.tokens_total == pytest.approx(counted + 1000 * 10)
+    # another URL likewise
+    rep = run(acc, clock, 10, lambda t: [gpu(0)],
+              lambda t: [tokens(7e9 + 1000.0 * t, t, url="http://10.0.0.2:8000/metrics")])
+    assert rep.tokens.tokens_per_second == pytest.approx(1000)
+    assert rep.tokens.tokens_total == pytest.approx(counted + 1000 * 20)
+
+
+def test_several_endpoints_and_the_tensor_parallel_slowest_gpu_rule():
+    throttled = dict(sm_clock_mhz=1584.0, clock_event_reasons=("SwPowerCap",))   # 20% loss
+
+    def gpus(t):
+        return [gpu(0, **throttled), gpu(1), gpu(2, **throttled), gpu(3)]
+
+    def eps(t):
+        return [tokens(4000.0 * t, t, url="http://a/metrics", gpus=(0, 1), parallel="tensor"),
+                tokens(4000.0 * t, t, url="http://b/metrics", gpus=(2, 3), parallel="data")]
+    clock = VirtualClock()
+    acc = CostAccountant(cfg("[cost]\ngpu_hour_usd = 2.0\n"), None, clock)
+    rep = run(acc, clock, 100, gpus, eps)
+    assert rep.tokens.tokens_per_second == pytest.approx(8000)
+    assert [e["tokens_per_second"] for e in rep.tokens.endpoints] == pytest.approx([4000, 4000])
+    # over 100 s: the tensor group runs at its slowest GPU: 4000/s x 0.2/0.8 lost;
+    # the data-parallel pair loses only GPU 2's half: 2000/s x 0.2/0.8
+    assert rep.tokens.tokens_lost_total == pytest.approx(100 * (4000 + 2000) * 0.25, rel=0.02)
+    assert acc.eff.gpu_rates([0, 1, 2, 3]) == pytest.approx({0: 2000, 1: 2000, 2: 2000,
+                                                             3: 2000})
+
+
+def test_floor_state_machine_needs_the_whole_window_both_ways():
+    st = {}
+    seq = [(0, 50), (5, 50), (9, None), (10, 50), (20, 50), (25, 50), (26, 200), (30, 200),
+           (36, 200)]
+    got = [(t, floor_step(st, v, 100.0, 10.0, t)) for t, v in seq]
+    # unknown at 9 breaks the streak: below again from 10, for the window at 20
+    assert [t for t, x in got if x == "inefficient"] == [20]
+    assert [t for t, x in got if x == "efficient"] == [36]
+    assert floor_step({}, 50, 0.0, 10.0, 0) is None        # 0 = off
+
+
+def test_serving_diagnosis_rules():
+    judge = EfficiencyJudge(hold_seconds=0)
+    c = cfg()
+    low = [gpu(0, utilization_percent=30.0), gpu(1, utilization_percent=35.0)]
+
+    def codes(gpus, readings, t=0.0, cost=None):
+        return {f.code: f for f in judge.judge(gpus, cost, readings, c, t)}
+    f = codes(low, [tokens(1, 0, gpus=(0, 1), requests_waiting=12.0)])
+    assert "serving_bottleneck_before_gpu" in f and "tokenization" in \
+        f["serving_bottleneck_before_gpu"].action
+    f = codes(low, [tokens(1, 0, gpus=(0, 1), requests_waiting=0.0)])
+    assert set(f) == {"serving_over_provisioned"} and f["serving_over_provisioned"].severity == 0
+    f = codes([gpu(0)], [tokens(1, 0, kv_cache_usage=0.97)])
+    assert "serving_memory_bound" in f and "quantize" in f["serving_memory_bound"].action
+    codes([gpu(0)], [tokens(1, 1, preemptions_total=5.0)], 1)
+    f = codes([gpu(0)], [tokens(1, 2, preemptions_total=9.0)], 2)
+    assert "preempted" in f["serving_memory_bound"].message
+
+    class Cost:
+        def __init__(self, rate):
+            self.tokens = type("T", (), {"tokens_per_second": rate})()
+            self.efficiency = {}
+    judge2 = EfficiencyJudge(hold_seconds=0)
+    for t, rate in ((0, 10000), (60, 10000), (120, 7000)):
+        out = {x.code for x in judge2.judge([gpu(0)], Cost(rate), [], c, t)}
+    assert "tokens_falling_not_hardware" in out
+    # the same fall with the clock down is a hardware matter: not this finding
+    judge3 = EfficiencyJudge(hold_seconds=0)
+    judge3.judge([gpu(0)], Cost(10000), [], c, 0)
+    out = {x.code for x in judge3.judge([gpu(0, sm_clock_mhz=1400.0)], Cost(7000), [], c, 60)}
+    assert "tokens_falling_not_hardware" not in out
+
+
+def test_diagnosis_waits_its_hold_so_one_odd_scrape_says_nothing():
+    judge = EfficiencyJudge(hold_seconds=30)
+    c = cfg()
+    r = [tokens(1, 0, gpus=(0,), requests_waiting=5.0)]
+    low = [gpu(0, utilization_percent=20.0)]
+    assert judge.judge(low, None, r, c, 0.0) == []
+    assert judge.judge(low, None, r, c, 29.0) == []
+    assert [f.code for f in judge.judge(low, None, r, c, 30.0)] == [
+        "serving_bottleneck_before_gpu"]
+
+
+HOOK = """#!/bin/sh
+env | grep '^GPUCOSTD_' | sort > "$0.$GPUCOSTD_HOOK.env"
+"""
+
+
+def test_the_floor_drains_through_the_real_daemon(daemon_factory, tmp_path):
+    hook = tmp_path / "drain"
+    hook.write_text(HOOK)
+    hook.chmod(hook.stat().st_mode | stat.S_IEXEC)
+    d = daemon_factory(extra_config=(
+        f'[hooks]\non_inefficient = ["{hook}"]\non_efficient = ["{hook}"]\n'
+        "[cost]\ngpu_hour_usd = 2.5\nenergy_usd_per_kwh = 0.15\npue = 1.3\n"
+        "[efficiency]\nmin_tokens_per_dollar = 1e12\nwindow_seconds = 1\n")).start()
+    env_file = tmp_path / "drain.on_inefficient.env"
+    wait_for(env_file.exists, 30, what="the on_inefficient hook")
+    env = dict(line.split("=", 1) for line in env_file.read_text().splitlines())
+    assert env["GPUCOSTD_CODE"] == "node_inefficient"
+    assert float(env["GPUCOSTD_MIN_TOKENS_PER_DOLLAR"]) == 1e12
+    assert 1e6 < float(env["GPUCOSTD_TOKENS_PER_DOLLAR"]) < 1e12
+    rc, st = d.status_json()
+    codes = {f["code"]: f for f in st["node"]["findings"]}
+    assert codes["tokens_per_dollar_below_floor"]["severity"] == "WARN" and rc >= 1
+    eff = st["cost"]["node"]["efficiency"]
+    assert eff["inefficient"] is True and eff["tokens_per_dollar"] > 0
+    assert any(e["code"] == "node_inefficient" for e in st["events"])
+    text = d.cli("status").stdout
+    assert "floor 1000G BELOW" in text or "floor" in text and "BELOW" in text, text
+    metrics = d.metrics()
+    assert "gpucostd_node_below_floor 1.0" in metrics
+    assert not (tmp_path / "drain.on_efficient.env").exists()
+
+
+def test_gpucostd_cost_shows_energy_and_idle_live_from_state_and_over_a_window(tmp_path):
+    from gpucostd.cost.accountant import breakdown, breakdown_from_state
+    from gpucostd.cost.report import format_cost
+    c = cfg(f'[daemon]\nstate_dir = "{tmp_path}"\n[cost]\ngpu_hour_usd = 3.6\n'
+            "energy_usd_per_kwh = 0.2\n")
+    clock = VirtualClock()
+    acc = CostAccountant(c, str(tmp_path), clock)
+    # idle for 300 s, then busy at 50% (under the 80% target) for 300 s, 300 W throughout
+    run(acc, clock, 600, lambda t: [gpu(0, utilization_percent=0.0 if t < 300 else 50.0,
+                                        power_draw_watts=300.0)])
+    live = breakdown(acc, None)
+    g = live["gpus"][0]
+    assert g["index"] == 0
+    assert g["idle_seconds"] == pytest.approx(300.0, abs=1) and g["idle_dollars"] == \
+        pytest.approx(0.3, rel=0.01)
+    assert g["underused_seconds"] == pytest.approx(150.0, abs=1)
+    assert g["energy_joules"] == pytest.approx(300 * 600)
+    assert live["node"]["energy_dollars"] == pytest.approx(0.05 * 0.2)
+    acc.flush()
+    saved = breakdown_from_state(c, None, now=clock.time())
+    assert saved["gpus"][0]["idle_dollars"] == pytest.approx(g["idle_dollars"])
+    recent = breakdown_from_state(c, 120, now=clock.time())      # the minute history
+    assert recent["gpus"][0]["idle_seconds"] == 0
+    assert 0 < recent["gpus"][0]["underused_seconds"] < 150
+    text = format_cost(live)
+    assert "Energy and idle capacity since accounting began" in text
+    assert all(len(line) <= 100 for line in text.splitlines())

@@ -1,0 +1,194 @@
+"""Every major inference server's generated-token series, recognised on real expositions from
+those projects (tests/fixtures/expositions/, each with its `# source:` line), plus label
+selectors and the probe's one deadline for the whole HTTP exchange."""
+from __future__ import annotations
+
+import http.server
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from gpucostd.config import ConfigError, parse
+from gpucostd.probes.inference import (TRTLLM_NO_COUNTER, Exposition, InferenceProbe,
+                                       ParseError, read_tokens, serving_figures)
+
+FIX = Path(__file__).resolve().parent / "fixtures" / "expositions"
+
+
+def fixture(name):
+    text = (FIX / name).read_text()
+    assert text.startswith("# source:"), name     # provenance stays with the data
+    return text
+
+
+@pytest.mark.parametrize("name, server, series, tokens", [
+    ("vllm_v1.prom", "vllm", "vllm:generation_tokens_total", 600),       # not the _created gauge
+    ("vllm_v0.prom", "vllm", "vllm:generation_tokens_total", 218152),
+    ("triton_vllm_backend.prom", "vllm", "vllm:generation_tokens_total", 16),
+    ("sglang.prom", "sglang", "sglang:generation_tokens_total", 7557572),
+    ("llamacpp.prom", "llama.cpp", "llamacpp:tokens_predicted_total", 3469),
+    ("dynamo.prom", "dynamo", "dynamo_frontend_output_tokens_total", 300),
+    ("tgi_constructed.prom", "tgi", "tgi_request_generated_tokens_sum", 9000),
+    ("trtllm_triton_token_histogram.prom", "tensorrt-llm",
+     'nv_llm_output_token_len_sum{response_metric_type="total_output_tokens"}', 1234),
+])
+def test_auto_detects_each_server_and_uses_its_counter(name, server, series, tokens):
+    total, used, _n, found = read_tokens(fixture(name), "auto")
+    assert (found, used) == (server, series)
+    assert total == pytest.approx(tokens)
+
+
+def test_vllm_v1_histogram_named_total_and_created_gauges_are_not_tokens():
+    text = fixture("vllm_v1.prom")
+    assert "vllm:iteration_tokens_total_bucket" in text and "vllm:generation_tokens_created" in text
+    total, _used, n, _s = read_tokens(text, "vllm:generation_tokens_total")
+    assert (total, n) == (600, 1)
+
+
+@pytest.mark.parametrize("name", ["trtllm_triton.prom", "trtllm_serve_dynamo.prom"])
+def test_tensorrt_llm_without_a_token_counter_says_so(name):
+    with pytest.raises(ParseError) as e:
+        read_tokens(fixture(name), "auto")
+    assert str(e.value) == TRTLLM_NO_COUNTER
+    assert "dynamo_frontend_output_tokens_total" in str(e.value)
+
+
+def test_label_selector_picks_one_series_of_a_mixed_family():
+    # today's trap: the TensorRT-LLM v1 family mixes total generation tokens, context tokens
+    # and empty slots; summing the name gives 25, the selector the 20 generation tokens
+    text = fixture("trtllm_triton.prom")
+    assert read_tokens(text, "nv_trt_llm_v1_metrics")[0] == 25
+    sel = 'nv_trt_llm_v1_metrics{v1_specific_metric="total_generation_tokens"}'
+    assert read_tokens(text, sel)[0] == 20
+    with pytest.raises(ParseError) as e:
+        read_tokens(text, 'nv_trt_llm_v1_metrics{v1_specific_metric="nope"}')
+    assert "no series" in str(e.value) and "label values" in str(e.value)
+    assert read_tokens(text, 'nv_trt_llm_v1_metrics{v1_specific_metric!="empty_generation_slots"}'
+                       )[0] == 25
+
+
+def test_declared_but_empty_family_is_absent_not_zero():
+    with pytest.raises(ParseError) as e:
+        read_tokens(fixture("vllm_v0_help_only.prom") + "# HELP vllm:generation_tokens_total x\n"
+                    "# TYPE vllm:generation_tokens_total counter\n", "auto")
+    assert "declared but has no samples" in str(e.value)
+
+
+@pytest.mark.parametrize("name, server, want", [
+    ("vllm_v1.prom", "vllm", {"running": 0.0, "waiting": 0.0, "kv": 0.0, "preemptions": 0.0}),
+    ("sglang.prom", "sglang", {"running": 162.0, "waiting": 2826.0, "kv": 0.28,
+                               "preemptions": None}),
+    ("trtllm_triton_token_histogram.prom", "tensorrt-llm", {"running": 9, "waiting": 4,
+                                                            "kv": None, "preemptions": None}),
+    ("vllm_v1_early.prom", "vllm", {"running": 0.0, "waiting": 0.0, "kv": 0.0,
+                                    "preemptions": None}),    # old KV gauge name
+])
+def test_serving_figures_of_each_server(name, server, want):
+    assert serving_figures(Exposition(fixture(name)), server) == want
+
+
+@pytest.mark.parametrize("metric, words", [
+    ('vllm:x{model_name="a"', "not a metric selector"),
+    ('vllm:x{model_name=a}', "bad label matcher"),
+])
+def test_bad_selector_in_config_names_line_and_form(metric, words):
+    with pytest.raises(ConfigError) as e:
+        parse(f"[inference]\ntokens_metric = '{metric}'\n", "/etc/g.toml")
+    assert str(e.value).startswith("/etc/g.toml:2:") and words in str(e.value)
+    assert 'name{label="value"' in str(e.value)
+
+
+def test_config_endpoint_errors():
+    with pytest.raises(ConfigError) as e:
+        parse('[inference]\nmetrics_url = "http://a:1/metrics"\n[[inference.endpoint]]\n'
+              'url = "http://a:2/metrics"\n', "g.toml")
+    assert "not both" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        parse('[[inference.endpoint]]\nurl = "a:2/metrics"\n', "g.toml")
+    assert "g.toml:2:" in str(e.value) and "http://" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        parse('[inference]\ntimeout_seconds = 20\n', "g.toml")
+    assert "out of range" in str(e.value)
+
+
+# ------------------------------------------------------------------ one deadline per scrape
+class _Trickle:
+    """Answers the status line, then trickles header bytes (or redirects after a delay)."""
+
+    def __init__(self, mode="headers", location="", delay=0.0, run_for=4.0):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/metrics"
+        self.mode, self.location, self.delay, self.run_for = mode, location, delay, run_for
+        self.stop = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        try:
+            conn.recv(65536)
+            if self.mode == "headers":
+                conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                end = time.monotonic() + self.run_for
+                while time.monotonic() < end and not self.stop.is_set():
+                    conn.sendall(b"X")          # one byte of a header line, forever
+                    self.stop.wait(0.05)
+            else:
+                self.stop.wait(self.delay)
+                if self.mode == "redirect":
+                    conn.sendall(b"HTTP/1.1 302 Found\r\nLocation: " + self.location.encode()
+                                 + b"\r\nContent-Length: 0\r\n\r\n")
+                else:
+                    body = b"vllm:generation_tokens_total 5\n"
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
+                                 + body)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self):
+        self.stop.set()
+        self.sock.close()
+
+
+def test_headers_trickled_byte_by_byte_do_not_stall_the_loop():
+    s = _Trickle("headers")
+    try:
+        t0 = time.monotonic()
+        r = InferenceProbe(s.url, "auto", 0.3).read()
+        elapsed = time.monotonic() - t0
+    finally:
+        s.close()
+    assert elapsed < 1.0, elapsed
+    assert r.tokens_total is None and "within 0.3 s" in r.error
+
+
+def test_a_redirect_does_not_reset_the_deadline():
+    # three hops that each answer within the timeout: one deadline for all of them
+    target = _Trickle("body", delay=0.25)
+    hops = [target]
+    for _ in range(3):
+        hops.append(_Trickle("redirect", location=hops[-1].url, delay=0.25))
+    try:
+        ok = InferenceProbe(hops[1].url, "auto", 2.0).read()     # a redirect is followed
+        assert ok.tokens_total == 5, ok.error
+        t0 = time.monotonic()
+        r = InferenceProbe(hops[-1].url, "auto", 0.3).read()     # 4 x 0.25 s > 0.3 s
+        elapsed = time.monotonic() - t0
+    finally:
+        for h in hops:
+            h.close()
+    assert r.tokens_total is None and "within 0.3 s" in r.error, r
+    assert elapsed < 0.7, elapsed
