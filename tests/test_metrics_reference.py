@@ -24,9 +24,12 @@ def declared_families():
     out = {}
     for path in sorted(VIEWS.glob("metrics*.py")):
         src = path.read_text()
-        for kind, name in re.findall(r'(Counter|Gauge)MetricFamily\(\s*"(gpucostd_[a-z0-9_]+)"',
-                                     src):
-            out[name + "_total" if kind == "Counter" else name] = kind.lower()
+        # MetricFamily constructors and helpers called with the family name first
+        for func, name in re.findall(r'(\w+)\(\s*"(gpucostd_[a-z0-9_]+)"', src):
+            if func == "CounterMetricFamily":
+                out[name + "_total"] = "counter"
+            else:
+                out.setdefault(name, "gauge")
         # tables of (name, help, ...) tuples rendered as gauges in a loop
         for name in re.findall(r'^\s*\(\s*"(gpucostd_[a-z0-9_]+)",', src, re.M):
             out.setdefault(name, "gauge")

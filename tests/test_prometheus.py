@@ -100,7 +100,8 @@ def fleet(tmp_path_factory):
                           scenario=str(REPO / "tests" / "scenarios" / "fleet.toml"),
                           kernel_log="auto", interval=0.5,
                           extra_config="[tuning.gpu]\npower_limit_watts = 650\n[cost]\n"
-                                       "gpu_hour_usd = 2.0\n[inference]\nmetrics_url = "
+                                       "gpu_hour_usd = 2.0\n[efficiency]\n"
+                                       "min_tokens_per_dollar = 1.0\n[inference]\nmetrics_url = "
                                        f'"http://127.0.0.1:{vllm.server_address[1]}/metrics"\n')
     (tmp / "tls").mkdir()
     tls = DaemonProcess(tmp / "tls", interval=0.5,
