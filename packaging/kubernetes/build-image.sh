@@ -47,12 +47,12 @@ if [ -f "$W/SOURCE" ] && [ "$(cat "$W/SOURCE")" = "$SOURCE" ] && [ -f "$W/gpucos
 fi
 rm -rf "$W/rootfs" "$W/SOURCE"
 cp -a "$BASE" "$W/rootfs"
-cp "$DEB" "$W/rootfs/tmp/gpucostd.deb"
+cp "$DEB" "$W/rootfs/var/tmp/gpucostd.deb"
 printf '#!/bin/sh\nexit 101\n' > "$W/rootfs/usr/sbin/policy-rc.d"   # start no service
 chmod 755 "$W/rootfs/usr/sbin/policy-rc.d"
-systemd-nspawn --quiet --register=no --pipe -D "$W/rootfs" \
-    dpkg -i /tmp/gpucostd.deb >&2 || die "dpkg -i failed in the image"
-rm -f "$W/rootfs/tmp/gpucostd.deb" "$W/rootfs/usr/sbin/policy-rc.d"
+systemd-nspawn --quiet --register=no --keep-unit --pipe -D "$W/rootfs" \
+    dpkg -i /var/tmp/gpucostd.deb >&2 || die "dpkg -i failed in the image"
+rm -f "$W/rootfs/var/tmp/gpucostd.deb" "$W/rootfs/usr/sbin/policy-rc.d"
 rm -rf "$W/rootfs/var/cache/apt/"*.bin "$W/rootfs/var/lib/apt/lists/"* "$W/rootfs/var/log/"*.log
 # the image's own writable paths are mounts (the DaemonSet's volumes); create the mount points
 mkdir -p "$W/rootfs/var/lib/gpucostd" "$W/rootfs/run/gpucostd" "$W/rootfs/etc/gpucostd"
