@@ -130,6 +130,24 @@ def test_keep_alive_serves_several_requests_on_one_connection():
         srv.stop()
 
 
+def test_a_client_reusing_its_connection_is_told_when_the_server_closes_it():
+    import http.client
+    srv = _server()
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=5)
+        closes = 0
+        for _ in range(250):        # past the per-connection request limit, twice
+            c.request("GET", "/metrics", headers={"Accept-Encoding": "gzip"})
+            r = c.getresponse()
+            assert r.status == 200 and gzip.decompress(r.read()) == b"m 1\n"
+            if r.getheader("Connection") == "close":
+                closes += 1
+                c.close()
+        assert closes == 2
+    finally:
+        srv.stop()
+
+
 # ---------------------------------------------------------------- slow and many clients
 def test_a_client_trickling_its_header_is_cut_off_at_the_request_deadline():
     srv = _server(request_deadline=1.0)
@@ -139,7 +157,7 @@ def test_a_client_trickling_its_header_is_cut_off_at_the_request_deadline():
         start = time.monotonic()
         closed = None
         # one header byte every 0.2 s: each read is quick, only the overall deadline stops it
-        while time.monotonic() - start < 6:
+        while time.monotonic() - start < 8:
             try:
                 s.sendall(b"X")
             except OSError:
@@ -153,7 +171,8 @@ def test_a_client_trickling_its_header_is_cut_off_at_the_request_deadline():
             except socket.timeout:
                 pass
         s.close()
-        assert closed is not None and closed < 3.0, closed
+        # deadline 1 s; the slack is for a loaded machine (without a deadline: never)
+        assert closed is not None and closed < 6.0, closed
     finally:
         srv.stop()
 

@@ -213,6 +213,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.rfile.deadline = time.monotonic() + self.deadline_seconds
             self.rfile.budget = MAX_HEAD_BYTES
             self.wfile.reader = self.rfile
+            self.last_allowed = n + 1 >= KEEPALIVE_REQUESTS   # its response says Connection: close
             self.server.waiting(self.request, time.monotonic())
             try:
                 self.handle_one_request()
@@ -223,7 +224,6 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             if self.close_connection:
                 return
-            self.close_connection = n + 1 >= KEEPALIVE_REQUESTS
 
     def finish(self):
         pass
@@ -304,6 +304,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         for name, value in (extra or {}).items():
             self.send_header(name, value)
+        if getattr(self, "last_allowed", False):
+            self.close_connection = True
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
