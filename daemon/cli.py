@@ -353,7 +353,9 @@ def cmd_tuning(args) -> int:
         facts = d.host_probe.facts()
         settings = d.tuning.plan(gpus)
         results = checks.run_checks(cfg, facts, gpus, d.gateway.driver_version,
-                                    d.gateway.cuda_version, settings)
+                                    d.gateway.cuda_version, settings,
+                                    d.deploy_probe.read(cfg.checks.model_dirs),
+                                    d.gateway.error)
         if getattr(args, "json", False):
             print(json.dumps([r.__dict__ for r in results], indent=2))
         else:

@@ -45,7 +45,7 @@ class ConfigError(FileError):
 # --------------------------------------------------------------------------- key types
 @dataclass(frozen=True)
 class Key:
-    type: str                 # "int" "float" "bool" "str" "choice" "argv" "ring" "version" "int_list"
+    type: str                 # "int" "float" "bool" "str" "choice" "argv" "ring" "version" "ports" "paths"
     default: Any
     doc: str
     min: Optional[float] = None
@@ -115,6 +115,9 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
         "pcie_busy_utilization_percent": _k("float", 20.0,
                                             "PCIe link checks apply above this utilization.",
                                             min=0, max=100),
+        "expected_gpu_count": _k("int", 0, "GPUs this node must show; fewer is CRIT "
+                                 "\"GPU missing\" (0: the GPUs seen at first start).",
+                                 min=0, max=64),
     },
     "events": {
         "max_age_days": _k("float", 30.0, "Drop stored events older than this.", min=0.01),
@@ -141,6 +144,13 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
         "min_kernel": _k("version", "5.15", "Minimum kernel version."),
         "min_driver": _k("version", "535.104", "Minimum NVIDIA driver version."),
         "min_cuda": _k("version", "12.2", "Minimum CUDA version the driver supports."),
+        "serving_ports": _k("ports", [8000, 8080], "Inference serving ports that must not be "
+                            "open to the network without a firewall rule; [] skips."),
+        "model_dirs": _k("paths", [], "Directories of model weights that must not be "
+                         "writable by others (mode 0400 asked)."),
+        "container_toolkit": _k("choice", "auto", "NVIDIA Container Toolkit check: auto (when "
+                                "a container runtime is installed), required, off.",
+                                choices=("auto", "required", "off")),
     },
     "cost": {
         "gpu_hour_usd": _k("float", 0.0, "Price of one GPU-hour; 0 shows capacity only.",
@@ -444,6 +454,18 @@ def _check_value(key: Key, value: Any, name: str, err: Callable[[str], ConfigErr
         if not isinstance(value, str) or not _versionish(value):
             raise err(f'{name} = {value!r} must be a version string like "5.15"')
         return value
+    if t == "ports":
+        if not isinstance(value, list) or not all(
+                isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536 for p in value):
+            raise err(f"{name} = {value!r} must be a list of TCP ports 1..65535, e.g. "
+                      f"[8000, 8080]")
+        return list(value)
+    if t == "paths":
+        if not isinstance(value, list) or not all(isinstance(p, str) and os.path.isabs(p)
+                                                  for p in value):
+            raise err(f"{name} = {value!r} must be a list of absolute paths, e.g. "
+                      f'["/models"]')
+        return list(value)
     if t == "argv":
         if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
             raise err(f'{name} = {value!r} must be a list of strings (argv, no shell), '

@@ -66,6 +66,9 @@ class Daemon:
                                    library=library, clock=self.clock)
         self.gpu_probe = GpuProbe(self.gateway)
         self.host_probe = HostProbe(config.daemon.host_root)
+        from gpucostd.probes.deploy import DeployProbe
+        self.deploy_probe = DeployProbe(config.daemon.host_root)
+        self._deploy = None
         self.journal = journal      # False in replay: simulated events stay out of the journal
         self.store = EventStore(state_dir, config.events.max_age_days, config.events.max_count,
                                 clock=self.clock)
@@ -93,6 +96,10 @@ class Daemon:
         self._inference_down_since: Dict[str, float] = {}
         self._configure_inference()
         self._xid_totals: Dict[Tuple[Optional[int], int], int] = dict(self.store.xid_totals())
+        # NVSwitch SXids per (switch bus id, SXid): the node's stored sxid events
+        self._sxid_totals: Dict[Tuple[str, int], int] = {}
+        for e in self.store.query(subject="node"):
+            self._count_sxid(e)
         self._recent: List[Event] = list(self.store.recent(RECENT_EVENTS))
         self._settings: tuple = ()
         self._checks: tuple = ()
@@ -319,10 +326,13 @@ class Daemon:
             self._last_checks = mono
             self._host_facts = self._guard("host probe", self.host_probe.facts,
                                            self._host_facts)
+            self._deploy = self._guard("deploy probe", lambda: self.deploy_probe.read(
+                self.config.checks.model_dirs), self._deploy)
             from gpucostd.health.checks import run_checks
             self._checks = tuple(self._guard("checks", lambda: run_checks(
                 self.config, self._host_facts, gpus, self.gateway.driver_version,
-                self.gateway.cuda_version, self._settings), self._checks) or ())
+                self.gateway.cuda_version, self._settings, self._deploy,
+                self.gateway.error), self._checks) or ())
 
         report = self._guard("health", lambda: self.judge.judge(gpus, faults, now), None)
         if report is not None:
@@ -381,12 +391,16 @@ class Daemon:
             findings=tuple(findings), recent_events=tuple(self._recent),
             settings=self._settings, checks=self._checks, cost=cost,
             counters={"xid_totals": dict(self._xid_totals),
+                      "sxid_totals": dict(self._sxid_totals),
                       "drift": dict(self.tuning.drift_counts)},
             extra={"host": self._host_facts, "inference": readings,
+                   "persistenced": getattr(self._deploy, "persistenced", None),
                    "nic_rings": getattr(self.tuning, "nic_rings", {}),
                    "simulated": self.simulate, "config_path": self.config.path,
                    "kernel_log": getattr(self.watcher, "source_in_use", "none"),
                    "kernel_log_error": getattr(self.watcher, "error", None),
+                   "gpu_inventory": (report.extra or {}).get("gpu_inventory")
+                   if report is not None else None,
                    "version": __version__, "pid": os.getpid()},
         )
         self._latest = snap
@@ -422,12 +436,18 @@ class Daemon:
             if saved.xid is not None:
                 k = (saved.gpu, saved.xid)
                 self._xid_totals[k] = self._xid_totals.get(k, 0) + 1
+            self._count_sxid(saved)
             if self.journal:
                 self._guard("journal", lambda: send_event(saved))
         recent = self._recent
         recent.extend(stored)
         del recent[:-RECENT_EVENTS]
         self._guard("hooks", lambda: self.hooks.on_events(stored))
+
+    def _count_sxid(self, e: Event) -> None:
+        if e.code == "sxid" and e.fields and isinstance(e.fields.get("sxid"), int):
+            k = (str(e.fields.get("pci_bus_id", "")), e.fields["sxid"])
+            self._sxid_totals[k] = self._sxid_totals.get(k, 0) + 1
 
     def ack(self, gpu: Optional[int], code: Optional[str]) -> List[Event]:
         with self._lock:

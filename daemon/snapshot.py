@@ -167,6 +167,9 @@ class GpuReading:
     pcie_link_width: Optional[int] = None
     pcie_link_width_max: Optional[int] = None
     pcie_replay_count: Optional[int] = None
+    # NVML_FI_DEV_GET_GPU_RECOVERY_ACTION: what the driver says the GPU needs (0 none, 1 GPU
+    # reset, 2 node reboot, 3 drain P2P, 4 drain and reset; gpucostd.health.recovery)
+    gpu_recovery_action: Optional[int] = None
 
     def replace(self, **changes) -> "GpuReading":
         return dataclasses.replace(self, **changes)

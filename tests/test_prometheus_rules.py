@@ -30,7 +30,8 @@ def test_every_cause_an_operator_acts_on_has_an_alert():
     names = set(alert_blocks())
     for needed in ("GpucostdGpuLost", "GpucostdGpuFellOffTheBus", "GpucostdEccUncorrectable",
                    "GpucostdRowRemapPending", "GpucostdRowRemapFailure",
-                   "GpucostdRecoveryActionRequired", "GpucostdGpuMissing",
+                   "GpucostdGpuRecoveryAction", "GpucostdGpuMissing", "GpucostdNodeCritical",
+                   "GpucostdNvswitchSxid",
                    "GpucostdHwSlowdownSustained", "GpucostdThrottleCostHigh",
                    "GpucostdTokensPerDollarLow", "GpucostdIdleCostHigh", "GpucostdSettingDrift",
                    "GpucostdHostCheckFailing", "GpucostdNvmlDown", "GpucostdDown",

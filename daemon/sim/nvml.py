@@ -221,6 +221,7 @@ FIELD_VALUES: Dict[int, Tuple[str, str, int, Callable[[Dict[str, Any]], Any]]] =
     145: ("NVML_FI_DEV_REMAPPED_FAILURE", "remapped_rows_failure", _U,
           _b("remapped_rows_failure")),
     94: ("NVML_FI_DEV_PCIE_REPLAY_COUNTER", "pcie_replay_count", _U, _n("pcie_replay_count")),
+    230: ("NVML_FI_DEV_GET_GPU_RECOVERY_ACTION", "recovery_action", _U, _n("recovery_action")),
 }
 # The energy counter (mJ) is an exact integral with the setters' changes, read like the
 # throttle counters: field id -> (nvml.h name, scenario key that `unsupported` names).
@@ -397,6 +398,9 @@ class SimulatedNode:
         self._unsup_cache: Dict[Tuple[str, ...], frozenset] = {}
         self._dev_cache: Dict[int, Tuple[float, float, Dict[str, Any]]] = {}
         self._kernel_t = -1.0
+        # scenario indexes NVML lists, fixed at each nvmlInit (a GPU that stops being
+        # `present` leaves the count only when NVML is initialised again, as on a real node)
+        self._visible: List[int] = list(range(scenario.node.gpu_count))
         # what setters changed beyond the scenario's exact integrals
         self._corr = SetterCorrections(scenario, lambda i: bool(self._overrides[i]),
                                        self._effective)
@@ -509,7 +513,7 @@ class SimulatedNode:
         (index, t, state)."""
         self._check_init()
         count = self.scenario.node.gpu_count
-        if not handle or not 1 <= handle <= count:
+        if not handle or not 1 <= handle <= count or handle - 1 not in self._visible:
             raise _DeviceFault(NVML_ERROR_INVALID_ARGUMENT)
         index = handle - 1
         now = self.now()
@@ -541,10 +545,12 @@ class SimulatedNode:
         return index, t, st
 
     def _index_checked(self, index: int) -> int:
-        """For calls that take an index (not a handle): hang and lost apply too."""
+        """For calls that take an NVML index (not a handle): the scenario index of the GPU
+        listed there; hang and lost apply too."""
         self._check_init()
-        if not 0 <= index < self.scenario.node.gpu_count:
+        if not 0 <= index < len(self._visible):
             raise _DeviceFault(NVML_ERROR_INVALID_ARGUMENT)
+        index = self._visible[index]
         t = self._wait_hang(index, self.now())
         if self.scenario.state_ref(index, t)["lost"]:
             raise _DeviceFault(NVML_ERROR_GPU_IS_LOST)
@@ -556,8 +562,11 @@ class SimulatedNode:
     def _init(self) -> int:
         if not self.scenario.driver_loaded_at(self.now()):
             return NVML_ERROR_DRIVER_NOT_LOADED
+        t = self.now()
         with self._lock:
             self._init_count += 1
+            self._visible = [i for i in range(self.scenario.node.gpu_count)
+                             if self.scenario.state_ref(i, t).get("present", True)]
         return NVML_SUCCESS
 
     def _c_nvmlInit_v2(self) -> int:
@@ -604,7 +613,7 @@ class SimulatedNode:
 
     def _c_nvmlDeviceGetCount_v2(self, out) -> int:
         self._check_init()
-        _put_uint(out, self.scenario.node.gpu_count)
+        _put_uint(out, len(self._visible))
         return NVML_SUCCESS
 
     def _put_handle(self, out, index: int) -> int:
@@ -621,11 +630,11 @@ class SimulatedNode:
         if not text:
             return NVML_ERROR_INVALID_ARGUMENT
         wanted = ctypes.string_at(text).decode(errors="replace").upper()
-        for i, g in enumerate(self.scenario.initial):
-            have = g[key].upper()
+        for pos, i in enumerate(self._visible):
+            have = self.scenario.initial[i][key].upper()
             if have == wanted or (key == "pci_bus_id" and have.endswith(wanted)
                                   and len(wanted) >= 12):
-                return self._index_checked(i)
+                return self._index_checked(pos)
         raise _DeviceFault(NVML_ERROR_NOT_FOUND)
 
     def _c_nvmlDeviceGetHandleByUUID(self, uuid, out) -> int:
@@ -636,7 +645,7 @@ class SimulatedNode:
 
     def _c_nvmlDeviceGetIndex(self, h, out) -> int:
         index, _t, _st = self._dev(h)
-        _put_uint(out, index)
+        _put_uint(out, self._visible.index(index))
         return NVML_SUCCESS
 
     def _c_nvmlDeviceGetName(self, h, buf, length) -> int:

@@ -107,6 +107,11 @@ GPU_FIELDS: Dict[str, Field] = {
     "setters_permitted": _f("bool", True, "Setters succeed (false: NO_PERMISSION)."),
     "unsupported": _f("names", (), "Fields whose NVML calls return NOT_SUPPORTED."),
     "lost": _f("bool", False, "Every call on this GPU returns GPU_IS_LOST."),
+    "recovery_action": _f("int", 0, "NVML's GPU recovery action (field 230): 0 none, 1 GPU "
+                          "reset, 2 node reboot, 3 drain P2P, 4 drain and reset, 5-7 newer.",
+                          min=0, max=255),
+    "present": _f("bool", True, "Listed by NVML; false: left out of nvmlDeviceGetCount (the "
+                  "GPUs after it move up an index) from the next nvmlInit on, with no Xid."),
     "total_energy": _f("number", 0.0, "Energy counter at t = 0, J "
                        "(nvmlDeviceGetTotalEnergyConsumption counts up from here).", min=0),
 }
@@ -129,7 +134,7 @@ UNSUPPORTED_GROUPS: Dict[str, Tuple[str, ...]] = {
     # the clock-event duration fields (SW/HW thermal, HW power brake) of newer drivers
     "clock_event_durations": (),
 }
-_NOT_UNSUPPORTABLE = set(IDENTITY_FIELDS) | {"setters_permitted", "unsupported", "lost",
+_NOT_UNSUPPORTABLE = set(IDENTITY_FIELDS) | {"setters_permitted", "unsupported", "lost", "present",
                                             "violation_counters"}
 UNSUPPORTABLE = tuple(sorted((set(GPU_FIELDS) - _NOT_UNSUPPORTABLE) | set(UNSUPPORTED_GROUPS)))
 
