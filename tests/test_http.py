@@ -198,20 +198,44 @@ def test_connections_are_capped_and_a_slow_client_makes_room_for_a_scrape():
         srv.stop()
 
 
-def test_the_daemon_holds_a_bounded_number_of_threads_under_200_idle_clients(daemon_factory):
+def test_200_slow_clients_hold_a_bounded_number_of_threads_and_descriptors(daemon_factory):
+    """Issue 16's attack through the real daemon: 200 clients each trickle one header byte
+    every second. Per-read timeouts never fire; the cap and the deadline keep threads and
+    descriptors bounded, and a scrape still gets through."""
     d = daemon_factory().start()
-    tasks = f"/proc/{d.proc.pid}/task"
-    before = len(os.listdir(tasks))
-    idle = []
+    pid = d.proc.pid
+    before = len(os.listdir(f"/proc/{pid}/task"))
+    slow = []
+    peak_threads = peak_fds = 0
+
+    def trickle():
+        nonlocal peak_threads, peak_fds
+        for s in slow:
+            try:
+                s.send(b"X")
+            except OSError:
+                pass
+        peak_threads = max(peak_threads, len(os.listdir(f"/proc/{pid}/task")))
+        peak_fds = max(peak_fds, len(os.listdir(f"/proc/{pid}/fd")))
     try:
-        for _ in range(200):
-            idle.append(socket.create_connection(("127.0.0.1", d.port), timeout=5))
-        code, _ = http_get(d.url + "/healthz", timeout=5)
-        assert code == 200
-        assert len(os.listdir(tasks)) <= before + 64 + 2
-        assert len(os.listdir(f"/proc/{d.proc.pid}/fd")) < 200
+        for i in range(200):
+            s = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+            s.setblocking(False)
+            try:
+                s.send(b"GET /metrics HTTP/1.1\r\n")
+            except OSError:
+                pass
+            slow.append(s)
+            if i % 10 == 9:
+                trickle()                           # every client sends a byte now and then
+        for _ in range(6):                          # then 6 s of trickling
+            trickle()
+            threading.Event().wait(1.0)
+        assert peak_threads <= before + 64 + 2, peak_threads
+        assert peak_fds < 150, peak_fds
+        assert http_get(d.url + "/healthz", timeout=5)[0] == 200
     finally:
-        for s in idle:
+        for s in slow:
             s.close()
     assert d.proc.poll() is None
 
