@@ -235,3 +235,39 @@ def test_a_bad_web_config_stops_the_start_with_exit_2(daemon_factory, tmp_path):
     assert d.proc.wait(30) == 2
     assert f"{web}:2: tls_server_config.cert_file: /nonexistent.crt does not exist" in d.output()
     assert "Traceback" not in d.output()
+
+
+def test_a_client_trickling_its_tls_handshake_is_cut_off_at_the_deadline(tmp_path, pki):
+    import time
+    from gpucostd.views.httpserver import MetricsServer, Published
+    from gpucostd.views.webconfig import WebConfigWatcher
+    web = tmp_path / "web.yml"
+    web.write_text(f"tls_server_config:\n  cert_file: {pki}/server.crt\n"
+                   f"  key_file: {pki}/server.key\n")
+    p = Published(time.monotonic, renderer=lambda s: b"m 1\n")
+    p.publish_snapshot(1, time.monotonic())
+    srv = MetricsServer("127.0.0.1:0", p, web=WebConfigWatcher(str(web)), request_deadline=1.0)
+    srv.start()
+    try:
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+        s.sendall(b"\x16\x03\x01\x40\x00")         # a TLS record header: 16 KiB follow...
+        start = time.monotonic()
+        closed = None
+        while time.monotonic() - start < 8:
+            s.settimeout(0.2)
+            try:
+                if s.recv(100) == b"":
+                    closed = time.monotonic() - start
+                    break
+            except socket.timeout:
+                s.sendall(b"\x00")                 # ...one byte now and then
+            except OSError:
+                closed = time.monotonic() - start
+                break
+        s.close()
+        assert closed is not None and closed < 6.0, closed
+        # and a real client still gets through
+        ctx = _client_ctx(pki)
+        assert _get(f"https://127.0.0.1:{srv.port}/metrics", ctx)[0] == 200
+    finally:
+        srv.stop()

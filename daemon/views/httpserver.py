@@ -487,11 +487,10 @@ class MetricsServer:
         ctx = web.ssl_context if web is not None else None
         if ctx is None:
             return conn
-        conn.settimeout(self.deadline)
         try:
-            tls = ctx.wrap_socket(conn, server_side=True)
-        except (OSError, ssl.SSLError) as e:
-            LOG.debug("http: TLS handshake failed: %s", e)
+            tls = _handshake(ctx, conn, time.monotonic() + self.deadline)
+        except (OSError, ssl.SSLError, _Expired) as e:
+            LOG.debug("http: TLS handshake failed: %s", e or "deadline passed")
             conn.close()
             return None
         if not web.san_allowed(tls.getpeercert()):
@@ -499,6 +498,32 @@ class MetricsServer:
             tls.close()
             return None
         return tls
+
+
+def _handshake(ctx: ssl.SSLContext, conn: socket.socket, deadline: float) -> ssl.SSLSocket:
+    """The server side of a TLS handshake under one overall deadline (a client that trickles
+    its ClientHello is cut off like one that trickles its request head)."""
+    conn.setblocking(False)
+    tls = ctx.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+    poller = select.poll()
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            events = select.POLLIN
+        except ssl.SSLWantWriteError:
+            events = select.POLLOUT
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _Expired()
+        poller.register(tls, events)
+        ready = poller.poll(left * 1000)
+        poller.unregister(tls)
+        if not ready:
+            raise _Expired()
+    tls.setblocking(True)
+    return tls
 
 
 def _refuse(conn: socket.socket) -> None:
