@@ -271,3 +271,23 @@ def test_a_client_trickling_its_tls_handshake_is_cut_off_at_the_deadline(tmp_pat
         assert _get(f"https://127.0.0.1:{srv.port}/metrics", ctx)[0] == 200
     finally:
         srv.stop()
+
+
+def test_without_the_bcrypt_module_crypt3_checks_the_hash(tmp_path, monkeypatch):
+    """RHEL 9 without EPEL: no python3-bcrypt, Python's crypt module over libxcrypt."""
+    import sys
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        crypt = pytest.importorskip("crypt", reason="Python 3.13+ has no crypt module")
+    h = crypt.crypt("s3cret", crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=16))
+    if not h or not h.startswith("$2"):
+        pytest.skip("this C library's crypt(3) has no bcrypt")
+    monkeypatch.setitem(sys.modules, "bcrypt", None)          # import bcrypt -> ImportError
+    check, name = webconfig._bcrypt_backend()
+    assert name == "crypt(3)"
+    p = tmp_path / "web.yml"
+    p.write_text(f"basic_auth_users:\n  prometheus: '{h}'\n")
+    cfg = load(str(p))
+    assert cfg.check_password("prometheus", "s3cret") is True
+    assert cfg.check_password("prometheus", "S3cret") is False
