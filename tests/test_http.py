@@ -231,7 +231,9 @@ def test_200_slow_clients_hold_a_bounded_number_of_threads_and_descriptors(daemo
         for _ in range(6):                          # then 6 s of trickling
             trickle()
             threading.Event().wait(1.0)
-        assert peak_threads <= before + 64 + 2, peak_threads
+        # 64 connection threads at most; the slack covers threads the daemon starts meanwhile
+        # (inference scrapes, hooks); the old server reached 214 here
+        assert peak_threads <= before + 64 + 16, peak_threads
         assert peak_fds < 150, peak_fds
         assert http_get(d.url + "/healthz", timeout=5)[0] == 200
     finally:
