@@ -345,3 +345,16 @@ def test_recovery_at_start_puts_back_the_saved_limits_of_the_same_gpus_only(tmp_
         assert "calibration_restored" in [e.code for e in d.store.query()]
     finally:
         d.shutdown(system_shutdown=True)
+
+
+def test_an_abort_before_the_first_step_writes_nothing(tmp_path):
+    writes = []
+
+    def early(daemon, cal):
+        if cal.state == "pending":
+            real = daemon.gateway.set_power_limit
+            daemon.gateway.set_power_limit = lambda i, w: (writes.append((i, w)), real(i, w))
+            cal.abort("interrupted (SIGINT to the calibrate command)")
+    rep = run_simulated(scenario_file(tmp_path), priced(), params_from({}), on_cycle=early)
+    assert rep["state"] == "aborted" and "SIGINT" in rep["reason"]
+    assert writes == [] and rep["events"] == []
