@@ -255,10 +255,16 @@ def cmd_config(args) -> int:
     from gpucostd.config import ConfigError, load
     if args.config_command == "check":
         try:
-            load(args.file, missing_ok=args.file is None)
+            cfg = load(args.file, missing_ok=args.file is None)
         except ConfigError as e:
             _print_err(str(e))
             return EXIT_CONFIG
+        except Exception as e:  # noqa: BLE001 - a bad file is exit 2 with one line, always
+            _print_err(f"{args.file or 'config'}: cannot be used ({type(e).__name__}: "
+                       f"{str(e)[:120]})")
+            return EXIT_CONFIG
+        for warning in cfg.warnings:
+            _print_err(f"warning: {warning}")
         print("ok")
         return 0
     if args.config_command == "show":

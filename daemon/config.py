@@ -10,6 +10,7 @@ import fnmatch
 import math
 import os
 import re
+import stat
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -24,6 +25,9 @@ from gpucostd import (DEFAULT_PATH, DEFAULT_SOCKET, _is_root,  # noqa: E402,F401
 
 DEFAULT_STATE_DIR = "/var/lib/gpucostd"
 DEFAULT_LISTEN = "0.0.0.0:9477"
+# A config is a few kilobytes; anything far larger is a mistake (or an attack on memory) and is
+# refused before it is read.
+MAX_CONFIG_BYTES = 1 << 20
 
 
 class FileError(Exception):
@@ -290,6 +294,8 @@ class Config:
         self.nic_tuning = _View({k: _View(v) for k, v in nics.items()})
         self.model_prices = model_prices
         self.raw_text = raw_text
+        # trust problems a root daemon reports as findings (see load()); () when none
+        self.warnings: Tuple[str, ...] = ()
         self.files: Tuple[Tuple[str, str], ...] = ()    # (path, text) read, in order (load)
 
     # -- GPU tuning resolution
@@ -351,11 +357,12 @@ class Config:
         values = {s: dict(v) for s, v in self._values.items()}
         for section, changes in sections.items():
             values[section].update(changes)
-        c = Config(values, self.path, self.gpu_overrides,
-                   {n: dict(v) for n, v in self.nic_tuning.items()}, self.model_prices,
-                   self.raw_text, self._endpoints)
-        c.files = self.files
-        return c
+        cfg = Config(values, self.path, self.gpu_overrides,
+                     {n: dict(v) for n, v in self.nic_tuning.items()}, self.model_prices,
+                     self.raw_text, self._endpoints)
+        cfg.warnings = self.warnings
+        cfg.files = self.files
+        return cfg
 
     def as_dict(self) -> Dict[str, Any]:
         out = {s: dict(v) for s, v in self._values.items()}
@@ -488,7 +495,23 @@ def _check_listen(value: str, err) -> None:
 
 
 def parse(text: str, path: Optional[str] = None) -> Config:
-    """Parse and validate config text. Raises ConfigError with file, line, key and the fix."""
+    """Parse and validate config text. Raises ConfigError with file, line, key and the fix, and
+    nothing else: whatever the text holds, a reload is refused, never a crash."""
+    try:
+        return _parse(text, path)
+    except ConfigError:
+        raise
+    except RecursionError:
+        raise ConfigError("values are nested too deeply (arrays or tables inside each other "
+                          "hundreds of levels deep); no gpucostd key takes such a value",
+                          path) from None
+    except Exception as e:  # noqa: BLE001 - any parser failure is a bad file
+        raise ConfigError(f"cannot be used ({type(e).__name__}: {str(e)[:120]}); check the "
+                          f"file against the configuration reference in README.md",
+                          path) from None
+
+
+def _parse(text: str, path: Optional[str]) -> Config:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -701,29 +724,111 @@ def load(path: Optional[str] = None, *, missing_ok: Optional[bool] = None) -> Co
     path = path or DEFAULT_PATH
     if missing_ok is None:
         missing_ok = not explicit
-    text = _read_text(path, missing_ok)
+    warnings: List[str] = []
+    text = _read_text(path, missing_ok, warnings)
     dropins = dropin_files(path)
     if not dropins:
         cfg = parse(text or "", path if text is not None else None)
         cfg.files = ((path, text),) if text is not None else ()
-        return cfg
-    return _parse_files([(path, text)] + [(p, _read_text(p, False)) for p in dropins])
+    else:
+        cfg = _parse_files([(path, text)] +
+                           [(p, _read_text(p, False, warnings)) for p in dropins])
+    if _is_root():
+        warnings.extend(_hook_trust(cfg))
+    cfg.warnings = tuple(warnings)
+    return cfg
 
 
-def _read_text(path: str, missing_ok: bool) -> Optional[str]:
+def _read_text(path: str, missing_ok: bool, warnings: Optional[List[str]] = None
+               ) -> Optional[str]:
+    """The text of one config file (None: missing and allowed to be). A root daemon refuses a
+    file another user can change; a group-writable one adds a line to `warnings`."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data, st = _read_config(path)
     except FileNotFoundError:
         if missing_ok:
             return None
         raise ConfigError("no such file; create it or pass --config FILE", path) from None
     except OSError as e:
-        raise ConfigError(f"cannot read: {e.strerror}", path) from None
+        raise ConfigError(f"cannot read: {e.strerror or e}", path) from None
+    if _is_root():
+        found = _root_trust(path, st)
+        if warnings is not None:
+            warnings.extend(found)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError("not UTF-8 text", path) from None
+
+
+def _root_trust(path: str, st) -> List[str]:
+    """A root daemon runs hooks and changes hardware as the config says: a config another user
+    can change is refused. One that only a non-root group may write is a warning (a finding),
+    not a refusal: sites let an admin group edit /etc, and refusing would stop their daemon at
+    an upgrade; those members can usually become root anyway."""
+    from gpucostd.statefile import writable_by_others
+    problem = writable_by_others(path, st)
+    if problem is None:
+        return []
+    kind, why = problem
+    if kind == "group":
+        return [f"config {why}; its members can make the root daemon run any hook program"]
+    raise ConfigError(f"refused: a user other than root can change this file, and a root "
+                      f"daemon would run its hooks and settings ({why})", path)
+
+
+def _hook_trust(cfg: "Config") -> List[str]:
+    """Hook programs a non-root user can change: said at load; the runner refuses to run them."""
+    from gpucostd.statefile import writable_by_others
+    out = []
+    for hook in ("on_critical", "on_recovered"):
+        argv = cfg.hooks[hook]
+        if not argv:
+            continue
+        try:
+            problem = writable_by_others(argv[0])
+        except OSError as e:
+            out.append(f"hooks.{hook}: cannot check {argv[0]}: {e.strerror or e}")
+            continue
+        if problem is not None:
+            out.append(f"hooks.{hook}: {problem[1]}; a root daemon will not run it")
+    return out
+
+
+def read_config_bytes(path: str, limit: int = MAX_CONFIG_BYTES) -> bytes:
+    """The bytes of a config file, refusing before reading anything that is not a regular file
+    (a FIFO would block the loop, a device never ends) or is larger than `limit`."""
+    return _read_config(path, limit)[0]
+
+
+def _read_config(path: str, limit: int = MAX_CONFIG_BYTES) -> Tuple[bytes, os.stat_result]:
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | \
+        getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)       # O_NONBLOCK: opening a FIFO does not wait for a writer
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = ("a directory" if stat.S_ISDIR(st.st_mode) else
+                    "a FIFO" if stat.S_ISFIFO(st.st_mode) else
+                    "a socket" if stat.S_ISSOCK(st.st_mode) else "a device")
+            raise ConfigError(f"is {kind}, not a regular file; point --config at a TOML file",
+                              path)
+        if st.st_size > limit:
+            raise ConfigError(f"is {st.st_size} bytes; a config may be at most {limit} bytes "
+                              f"(is this the right file?)", path)
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 16, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:    # it grew while being read
+            raise ConfigError(f"is larger than {limit} bytes; a config may be at most {limit} "
+                              f"bytes", path)
+        return b"".join(chunks), st
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------- drop-ins
@@ -835,13 +940,18 @@ def _parse_files(files: List[Tuple[str, Optional[str]]]) -> Config:
 
 
 # --------------------------------------------------------------------------- TOML output
+_TOML_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n",
+                 "\f": "\\f", "\r": "\\r"}
+
+
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return '"' + "".join(_TOML_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if ord(c) < 0x20 or
+                                                      ord(c) == 0x7f else c) for c in v) + '"'
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(type(v))

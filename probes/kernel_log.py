@@ -93,6 +93,9 @@ class KernelLogWatcher:
         self.error: Optional[str] = None
         self.dropped = 0               # faults dropped because nobody polled (queue full)
         self.overwritten = 0           # kmsg EPIPE/EINVAL: records lost (ring wrapped, too long)
+        self.lines_lost = 0            # records never read: gaps in the kmsg sequence numbers
+        self.last_loss_time: Optional[float] = None     # wall time of the last gap seen
+        self._last_seq: Optional[int] = None
         self.lines_read = 0
         self._queue: Deque[KernelFault] = collections.deque()
         self._available = threading.Event()
@@ -346,6 +349,12 @@ class KernelLogWatcher:
             return False
         if seq <= self._skip_seq:
             return False
+        if self._last_seq is not None and seq > self._last_seq + 1:
+            # the kernel overwrote (or skipped, when too long) the records in between before
+            # we read them: Xid lines may be among them
+            self.lines_lost += seq - self._last_seq - 1
+            self.last_loss_time = self._clock.time() if self._clock is not None else _time.time()
+        self._last_seq = seq
         queued = False
         body = rec[semi + 1:]
         if wanted(body):

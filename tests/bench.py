@@ -1,170 +1,391 @@
 #!/usr/bin/env python3
-"""The benchmark command: speed and memory targets, measured on the simulated 8 x H100 node.
+"""The benchmark command: every speed and memory figure of issue 15, measured on the simulated
+8 x H100 node, with the peers measured in the same run.
 
-    .venv/bin/python tests/bench.py [--cycles 600] [--json]
+    .venv/bin/python tests/bench.py [--soak 660] [--json bench-results.json] [--only NAMES]
 
-Prints one line per figure with its target and exits 1 if a target is missed. Targets (2-core
-machine): one full daemon cycle (probe, health, cost, events, metrics render, status JSON) under
-50 ms CPU; a /metrics scrape under 50 ms at the 99th percentile while wrk hammers it; RSS growth
-under 8 MiB over the measured cycles; replay (1 s steps, the real pynvml over the simulated
-library) at least 150 simulated seconds per wall second, so a day replays in under 10 minutes;
-kernel-log parser at least 100 000 unrelated lines per second.
+Installs what it needs when it can (as root: `apt-get install wrk prometheus-node-exporter`),
+prints one table -- figure, value, target, peer, ratio, pass/miss -- and writes it as JSON.
+It measures; it does not gate: the exit status is 0 whether or not a target is met (2 only
+when the command itself is used wrongly). A figure that cannot be measured here (no wrk, not
+root for /dev/kmsg) is listed as "skip" with the reason.
+
+Figures (README "Performance" has the latest table):
+- daemon_cpu_percent: `gpucostd run --simulate` (8 GPUs, interval_seconds = 1, nobody
+  scraping), CPU of the whole process over 60 s after a 10 s warm-up, % of one core;
+  cpu_us_per_gpu_cycle is the same per GPU and cycle;
+- rss_mib_60s, rss_growth_mib: resident memory at 60 s, and its growth from 60 s to the end
+  of the soak (--soak seconds; 660 = the 10 minutes of the target);
+- status_ms: `gpucostd status` wall time, installed as the packages install it (the package
+  tree under one directory, compiled, the /usr/bin/gpucostd launcher run by python3 -I),
+  against the same `python3 -I -c pass`; runs interleaved, medians;
+- metrics_rps, metrics_p99_ms: wrk with 16 connections for 10 s on /metrics, with
+  Accept-Encoding: gzip as Prometheus sends it, against Debian's prometheus-node-exporter on
+  this machine in the same run;
+- xid_to_status_p99_ms: 100 Xid lines written to /dev/kmsg (Xid 43, "info", on bus id
+  0000:fe:1f.0 that no GPU has, as tests/test_kmsg_root.py does: they change no health state)
+  until each is in the status socket's events, 99th percentile (root only);
+- parser_lines_per_second: kernel-log parser on 200,000 unrelated lines;
+- replay_gpu_seconds_per_second: `replay builtin:h100x8 --step 1` for 30 simulated minutes.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import re
-import resource
+import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-
-def rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+ROWS = []   # dicts: figure, value, unit, target, peer, ratio, status, note
 
 
-def bench_cycle(cycles: int, tmp: str) -> dict:
-    from gpucostd import config
-    from gpucostd.views import metrics
-    from gpucostd.views import statusview
-    from gpucostd.loop import Daemon
-    cfg = config.parse(f'[daemon]\nstate_dir = "{tmp}/state"\nkernel_log = "none"\n'
-                       f'socket_path = "{tmp}/s.sock"\n[cost]\ngpu_hour_usd = 4.0\n'
-                       '[tuning.gpu]\npower_limit_watts = 600\n[tuning]\n'
-                       'verify_interval_seconds = 0.1\n')
-    d = Daemon(cfg, simulate="builtin:h100x8", journal=False)
-    d.start()
-    parts = {"probe": 0.0, "step": 0.0, "render": 0.0}
-    for _ in range(50):          # warm up: imports, first apply, caches
-        snap = d.step()
-        metrics.render(snap)
-        statusview.snapshot_json(snap)
-    rss0 = rss_mib()
-    t_cpu = time.process_time()
-    for _ in range(cycles):
-        t0 = time.process_time()
-        d.gpu_probe.read()
-        t1 = time.process_time()
-        snap = d.step()
-        t2 = time.process_time()
-        metrics.render(snap)
-        statusview.snapshot_json(snap)
-        t3 = time.process_time()
-        parts["probe"] += t1 - t0
-        parts["step"] += t2 - t1
-        parts["render"] += t3 - t2
-    total = time.process_time() - t_cpu
-    rss1 = rss_mib()
-    d.shutdown()
-    per = {k: v / cycles * 1000 for k, v in parts.items()}
-    return {"cycle_cpu_ms": (parts["step"] + parts["render"]) / cycles * 1000,
-            "probe_cpu_ms": per["probe"], "render_cpu_ms": per["render"],
-            "rss_mib": rss1, "rss_growth_mib": rss1 - rss0, "cycles": cycles,
-            "total_cpu_s": total}
+def row(figure, value, unit, target=None, peer=None, ratio=None, ok=None, note=""):
+    status = "skip" if value is None else ("info" if ok is None else ("pass" if ok else "miss"))
+    ROWS.append({"figure": figure, "value": value, "unit": unit, "target": target,
+                 "peer": peer, "ratio": ratio, "status": status, "note": note})
+    print(f"  measured {figure}: {value if value is not None else note}", file=sys.stderr,
+          flush=True)
 
 
-def bench_scrape(tmp: str) -> dict:
-    from conftest import DaemonProcess, http_get
-    d = DaemonProcess(Path(tmp), extra_config="[cost]\ngpu_hour_usd = 4.0\n", interval=1.0)
+def need(binary: str, package: str):
+    """The path of `binary`, installing its Debian package first when root and missing."""
+    path = shutil.which(binary)
+    if path or os.geteuid() != 0 or not shutil.which("apt-get"):
+        return path
+    print(f"  installing {package} (apt-get)", file=sys.stderr, flush=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "install", "-y", "-q", package], env=env,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    return shutil.which(binary)
+
+
+# --------------------------------------------------------------------------- the daemon
+def proc_cpu(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_rss_mib(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def cycles_of(d) -> int:
+    from conftest import metric_value
+    return int(metric_value(d.metrics(), "gpucostd_cycles_total"))
+
+
+def bench_daemon(tmp: Path, soak: float, others) -> None:
+    """CPU and memory of the idle daemon, then (on the same daemon) the figures that need it."""
+    from conftest import DaemonProcess
+    kmsg = os.geteuid() == 0 and os.access("/dev/kmsg", os.R_OK | os.W_OK)
+    d = DaemonProcess(tmp, extra_config="[cost]\ngpu_hour_usd = 4.0\n", interval=1.0,
+                      kernel_log="kmsg" if kmsg else "none")
     d.start()
     try:
-        lat = []
-        for _ in range(200):
-            t0 = time.perf_counter()
-            code, _ = http_get(d.url + "/metrics")
-            lat.append(time.perf_counter() - t0)
-            assert code == 200
-        out = {"scrape_p50_ms": sorted(lat)[100] * 1000, "scrape_p99_ms": sorted(lat)[197] * 1000}
-        if shutil.which("wrk"):
-            r = subprocess.run(["wrk", "-t1", "-c2", "-d5s", "--latency", d.url + "/metrics"],
-                               capture_output=True, text=True, timeout=60)
-            m = re.search(r"Requests/sec:\s+([\d.]+)", r.stdout)
-            p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", r.stdout)
-            if m:
-                out["wrk_requests_per_second"] = float(m.group(1))
-            if p99:
-                scale = {"us": 0.001, "ms": 1, "s": 1000}[p99.group(2)]
-                out["wrk_p99_ms"] = float(p99.group(1)) * scale
-            # the loop kept cycling under load
-            code, body = http_get(d.url + "/healthz")
-            out["healthz_under_load"] = code
-        return out
+        pid = d.proc.pid
+        time.sleep(10)
+        n0, c0, t0 = cycles_of(d), proc_cpu(pid), time.monotonic()
+        time.sleep(60)
+        c1, t1, n1 = proc_cpu(pid), time.monotonic(), cycles_of(d)
+        cpu = 100 * (c1 - c0) / (t1 - t0)
+        row("daemon_cpu_percent", round(cpu, 3), "% of a core", "<= 0.5", ok=cpu <= 0.5,
+            note=f"{n1 - n0} cycles in {t1 - t0:.0f} s, 8 GPUs, interval 1 s, no scrapes")
+        per = (c1 - c0) / max(1, n1 - n0) / 8 * 1e6
+        row("cpu_us_per_gpu_cycle", round(per, 1), "us", note="CPU per GPU per cycle")
+        rss60 = proc_rss_mib(pid)
+        row("rss_mib_60s", round(rss60, 1), "MiB", "<= 35", ok=rss60 <= 35)
+        for fn in others:                 # figures that need a daemon but not an idle one
+            fn(d)
+        left = soak - (time.monotonic() - t0 + 10)
+        if left > 0:
+            time.sleep(left)
+        rss_end = proc_rss_mib(pid)
+        span = time.monotonic() - t0 + 10 - 60
+        grow = rss_end - rss60
+        row("rss_growth_mib", round(grow, 2), "MiB", "<= 1 over 10 min",
+            ok=grow <= 1.0 if span >= 590 else None,
+            note=f"from 60 s to {span + 60:.0f} s" + ("" if span >= 590 else
+                                                     " (shorter than the target's 10 min)"))
     finally:
         d.stop()
 
 
-def bench_replay() -> dict:
-    from gpucostd import config
-    from gpucostd.replay import run_replay
-    cfg = config.parse("[cost]\ngpu_hour_usd = 4.0\n")
-    t0 = time.perf_counter()
-    run_replay("builtin:h100x8", cfg, duration=6 * 3600, step=1.0)
-    wall = time.perf_counter() - t0
-    return {"replay_sim_seconds_per_wall_second": 6 * 3600 / wall}
+def bench_status(d) -> None:
+    """`gpucostd status` as the package installs it, against the bare interpreter."""
+    py = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+    inst = Path(tempfile.mkdtemp(prefix="gpucostd-inst-"))
+    lib = inst / "lib"
+    shutil.copytree(REPO / "daemon", lib / "gpucostd")
+    shutil.copytree(REPO / "probes", lib / "gpucostd" / "probes")
+    shutil.copytree(REPO / "tuners", lib / "gpucostd" / "tuners")
+    subprocess.run([py, "-m", "compileall", "-q", str(lib)], check=True)
+    launcher = (REPO / "packaging" / "gpucostd.launcher").read_text()
+    launcher = launcher.replace("@PYTHON@", py).replace("/usr/lib/gpucostd", str(lib))
+    (inst / "gpucostd").write_text(launcher)
+    (inst / "gpucostd").chmod(0o755)
+    status_cmd = [str(inst / "gpucostd"), "status", "--socket", d.socket]
+    base_cmd = [py, "-I", "-c", "pass"]
+    r = subprocess.run(status_cmd, capture_output=True, text=True, timeout=30)
+    if r.returncode not in (0, 1, 2):
+        row("status_ms", None, "ms", note=f"status failed: {r.stdout}{r.stderr}"[:200])
+        return
+    base, stat = [], []
+    for _ in range(40):                 # interleaved: load changes hit both alike
+        for cmd, out in ((base_cmd, base), (status_cmd, stat)):
+            t0 = time.perf_counter()
+            subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            out.append((time.perf_counter() - t0) * 1000)
+    b, s = statistics.median(base), statistics.median(stat)
+    row("status_ms", round(s, 1), "ms", "<= 3 x peer", peer=f"python3 -I -c pass {b:.1f} ms",
+        ratio=round(s / b, 2), ok=s <= 3 * b, note=f"{py}, medians of 40 interleaved runs")
+    shutil.rmtree(inst, ignore_errors=True)
 
 
-def bench_parser() -> dict:
+def wrk(url: str, seconds: int = 10, connections: int = 16):
+    """(requests/s, p99 ms) from wrk, with Prometheus' Accept-Encoding."""
+    import re
+    r = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency",
+                        "-H", "Accept-Encoding: gzip", url],
+                       capture_output=True, text=True, timeout=seconds + 60)
+    m = re.search(r"Requests/sec:\s+([\d.]+)", r.stdout)
+    p = re.search(r"^\s*99%\s+([\d.]+)(us|ms|s)\s*$", r.stdout, re.M)
+    if not m:
+        return None, None, (r.stdout + r.stderr)[-300:]
+    p99 = float(p.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[p.group(2)] if p else None
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", r.stdout)
+    return float(m.group(1)), p99, f"non-2xx {errors.group(1)}" if errors else ""
+
+
+def bench_scrape(d) -> None:
+    from conftest import free_port, http_get
+    if not need("wrk", "wrk"):
+        row("metrics_rps", None, "req/s", note="wrk not installed (apt-get install wrk)")
+        return
+    exporter = need("prometheus-node-exporter", "prometheus-node-exporter")
+    peer_rps = peer_p99 = None
+    if exporter:
+        port = free_port()
+        ne = subprocess.Popen([exporter, f"--web.listen-address=127.0.0.1:{port}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                try:
+                    if http_get(f"http://127.0.0.1:{port}/metrics")[0] == 200:
+                        break
+                except OSError:
+                    time.sleep(0.2)
+            peer_rps, peer_p99, _ = wrk(f"http://127.0.0.1:{port}/metrics")
+        finally:
+            ne.terminate()
+            ne.wait(10)
+    rps, p99, note = wrk(d.url + "/metrics")
+    code = http_get(d.url + "/healthz")[0]
+    peer = f"node_exporter {peer_rps:.0f} req/s" if peer_rps else "node_exporter not run"
+    row("metrics_rps", rps and round(rps), "req/s", ">= 50 x peer", peer=peer,
+        ratio=round(rps / peer_rps, 1) if rps and peer_rps else None,
+        ok=(rps >= 50 * peer_rps) if rps and peer_rps else None,
+        note=f"wrk -t2 -c16 -d10s, Accept-Encoding: gzip; /healthz after: {code} {note}")
+    row("metrics_p99_ms", p99 and round(p99, 2), "ms", "<= 10",
+        peer=f"node_exporter {peer_p99:.1f} ms" if peer_p99 else None,
+        ok=p99 <= 10 if p99 is not None else None)
+
+
+def bench_xid(d) -> None:
+    from conftest import write_kmsg
+    if not (os.geteuid() == 0 and os.access("/dev/kmsg", os.R_OK | os.W_OK)):
+        row("xid_to_status_p99_ms", None, "ms", note="needs root and a writable /dev/kmsg")
+        return
+    from gpucostd.views.statusclient import request
+    devkmsg = Path("/proc/sys/kernel/printk_devkmsg")
+    old = devkmsg.read_text().strip() if devkmsg.exists() else None
+    lat = []
+    try:
+        if old is not None:
+            devkmsg.write_text("on\n")       # no rate limit on our 100 lines
+        for _ in range(100):
+            token = f"gpucostd-bench-{uuid.uuid4()}"
+            t0 = time.perf_counter()
+            write_kmsg(f"NVRM: Xid (PCI:0000:fe:1f): 43, pid=1, name=bench, {token}")
+            deadline = t0 + 5
+            while time.perf_counter() < deadline:
+                data = request(d.socket, {"cmd": "status"})["status"]
+                if any(token in (e.get("message") or "") + json.dumps(e.get("fields") or {})
+                       for e in data.get("events") or []):
+                    lat.append((time.perf_counter() - t0) * 1000)
+                    break
+                time.sleep(0.001)
+            else:
+                lat.append(float("inf"))
+    finally:
+        if old is not None:
+            devkmsg.write_text(old + "\n")
+    lat.sort()
+    p99 = lat[98]
+    seen = sum(1 for x in lat if x != float("inf"))
+    row("xid_to_status_p99_ms", round(p99, 1) if p99 != float("inf") else None, "ms", "<= 50",
+        ok=p99 <= 50 if p99 != float("inf") else None,
+        note=f"{seen}/100 seen; median {statistics.median(lat):.1f} ms; polled every 1 ms")
+
+
+# --------------------------------------------------------------------------- in process
+def bench_parser() -> None:
     from gpucostd.probes.kernel_log import NvrmParser
     p = NvrmParser()
     lines = [f"[{i}.000] usb 1-1: new high-speed USB device number {i} using xhci_hcd"
              for i in range(200_000)]
+    best = 0.0
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for line in lines:
+            p.feed(line)
+        best = max(best, len(lines) / (time.perf_counter() - t0))
+    row("parser_lines_per_second", round(best), "lines/s", ">= 300000", ok=best >= 300_000,
+        note="200,000 unrelated lines, best of 3")
+
+
+def bench_replay() -> None:
+    from gpucostd import config
+    from gpucostd.replay import run_replay
+    cfg = config.parse("[cost]\ngpu_hour_usd = 4.0\n")
+    duration = 1800.0
     t0 = time.perf_counter()
-    for line in lines:
-        p.feed(line)
-    return {"parser_unrelated_lines_per_second": len(lines) / (time.perf_counter() - t0)}
+    run_replay("builtin:h100x8", cfg, duration=duration, step=1.0)
+    wall = time.perf_counter() - t0
+    v = 8 * duration / wall
+    row("replay_gpu_seconds_per_second", round(v), "GPU-s/s", ">= 10000", ok=v >= 10_000,
+        note=f"builtin:h100x8, --step 1, {duration:.0f} s: {duration / wall:.0f} simulated "
+             "s per wall s")
 
 
-TARGETS = {  # figure: (comparison, bound)
-    "cycle_cpu_ms": ("<", 50.0),
-    "scrape_p99_ms": ("<", 50.0),
-    "wrk_p99_ms": ("<", 50.0),
-    "rss_growth_mib": ("<", 8.0),
-    "replay_sim_seconds_per_wall_second": (">", 150.0),
-    "parser_unrelated_lines_per_second": (">", 100_000.0),
-    "healthz_under_load": ("==", 200),
-}
+def bench_nvml_calls() -> None:
+    from gpucostd.clock import VirtualClock
+    from gpucostd.hw.nvml import NvmlGateway
+    from gpucostd.probes.gpu import GpuProbe
+    from gpucostd.sim.nvml import SimulatedNode
+    node = SimulatedNode("builtin:h100x8", VirtualClock())
+    gw = NvmlGateway(library=node.library, clock=node.clock)
+    try:
+        gw.ensure_initialized()
+        probe = GpuProbe(gw)
+        probe.read()
+        node.clock.advance(1)
+        before = sum(node.calls.values())
+        probe.read()
+        n = (sum(node.calls.values()) - before) / 8
+    finally:
+        gw.shutdown()
+    row("nvml_calls_per_gpu_cycle", n, "calls", note="simulated H100; 32 before field values")
+
+
+def bench_profile(tmp: Path) -> dict:
+    """Where a daemon cycle's CPU goes: 300 cycles of the daemon's own step (8 simulated GPUs,
+    gateway inline so the profiler sees the GPU reads) under cProfile, by layer."""
+    import cProfile
+    import pstats
+    from gpucostd import config
+    from gpucostd.loop import Daemon
+    from gpucostd.views import metrics, statusview
+    cfg = config.parse(f'[daemon]\nstate_dir = "{tmp}/state"\nkernel_log = "none"\n'
+                       f'socket_path = "{tmp}/s.sock"\n[cost]\ngpu_hour_usd = 4.0\n')
+    d = Daemon(cfg, simulate="builtin:h100x8", journal=False)
+    d.start()
+    d.gateway._virtual = True          # GPU reads on this thread, where cProfile sees them
+    try:
+        for _ in range(30):
+            statusview.snapshot_json(d.step())
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(300):
+            statusview.snapshot_json(d.step())
+        snap = d.step()
+        for _ in range(30):
+            metrics.render(snap)
+        pr.disable()
+    finally:
+        d.shutdown()
+    layers = {"sim/": "simulated NVML library (Python in libnvidia-ml's place)",
+              "hw/": "NVML gateway", "pynvml": "pynvml", "probes/": "probes",
+              "cost/": "cost", "health/": "health", "views/metrics": "metrics render",
+              "views/": "status JSON and other views", "record/": "events",
+              "prometheus_client": "prometheus_client (metric families)"}
+    out = {}
+    stats = pstats.Stats(pr).stats
+    total = sum(v[2] for v in stats.values())
+    for (path, _line, _fn), v in stats.items():
+        name = next((label for key, label in layers.items() if key in path), "loop, stdlib, rest")
+        out[name] = out.get(name, 0.0) + v[2]
+    share = {k: round(100 * v / total, 1) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+    print("  profile of a cycle (cProfile, % of CPU; the render is 30 of 330 cycles, as if "
+          "scraped every 11 s):", file=sys.stderr)
+    for k, v in share.items():
+        print(f"    {v:5.1f}%  {k}", file=sys.stderr)
+    return share
+
+
+# --------------------------------------------------------------------------- output
+def table() -> str:
+    head = ("figure", "value", "target", "peer", "ratio", "result")
+    lines = [[r["figure"], "-" if r["value"] is None else f"{r['value']:g} {r['unit']}"
+              if isinstance(r["value"], (int, float)) else str(r["value"]),
+              r["target"] or "-", r["peer"] or "-",
+              "-" if r["ratio"] is None else f"{r['ratio']:g}x", r["status"]] for r in ROWS]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
+    out = ["  ".join(str(x).ljust(w) for x, w in zip(head, widths)).rstrip()]
+    out += ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in lines]
+    return "\n".join(out)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cycles", type=int, default=600)
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--soak", type=float, default=660.0,
+                    help="seconds the idle daemon runs (RSS growth from 60 s to the end; "
+                         "660 = the 10 minutes of the target)")
+    ap.add_argument("--json", default="bench-results.json", metavar="FILE",
+                    help="where the table goes as JSON (default: bench-results.json)")
+    ap.add_argument("--only", default="",
+                    help="comma-separated subset of: daemon,parser,replay,nvml,profile")
     args = ap.parse_args()
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        results.update(bench_cycle(args.cycles, tmp))
-    with tempfile.TemporaryDirectory() as tmp:
-        results.update(bench_scrape(tmp))
-    results.update(bench_replay())
-    results.update(bench_parser())
-    failed = []
-    for name, value in results.items():
-        target = TARGETS.get(name)
-        ok = True
-        if target:
-            op, bound = target
-            ok = {"<": value < bound, ">": value > bound, "==": value == bound}[op]
-            if not ok:
-                failed.append(name)
-        if not args.json:
-            t = f"  (target {target[0]} {target[1]:g})" if target else ""
-            print(f"{'FAIL' if not ok else 'ok  '} {name:<38} {value:>12.2f}{t}")
-    if args.json:
-        print(json.dumps({"results": results, "failed": failed}, indent=2))
-    return 1 if failed else 0
+    only = set(filter(None, args.only.split(",")))
+    started = time.time()
+    load0 = os.getloadavg()
+    if not only or "nvml" in only:
+        bench_nvml_calls()
+    if not only or "parser" in only:
+        bench_parser()
+    if not only or "replay" in only:
+        bench_replay()
+    profile = None
+    if not only or "profile" in only:
+        with tempfile.TemporaryDirectory() as tmp:
+            profile = bench_profile(Path(tmp))
+    if not only or "daemon" in only:
+        with tempfile.TemporaryDirectory() as tmp:
+            bench_daemon(Path(tmp), args.soak, [bench_status, bench_scrape, bench_xid])
+    print(table())
+    doc = {"started": started, "seconds": round(time.time() - started, 1),
+           "host": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "loadavg_start": load0, "loadavg_end": os.getloadavg()},
+           "rows": ROWS, "cycle_profile_percent": profile}
+    with open(args.json, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=2)
+    print(f"(JSON: {args.json}; load average {load0[0]:.1f} at start, "
+          f"{os.getloadavg()[0]:.1f} at end, {os.cpu_count()} CPUs)")
+    return 0
 
 
 if __name__ == "__main__":

@@ -447,6 +447,11 @@ class CostAccountant:
             float(self.config.efficiency.window_seconds), now_mono)
         if report is not None:
             report.tokens = tk
+            # each endpoint's tokens go to its GPUs
+            shares = self.eff.gpu_rates([g.index for g in report.gpus])
+            for g in report.gpus:
+                g.extra["tokens_per_second"] = shares.get(g.index) if self.eff.endpoints \
+                    else None
             if getattr(report, "efficiency", None) is not None:
                 report.efficiency.update({k: fig[k] for k in (
                     "tokens_per_second", "tokens_per_dollar", "cost_per_million_tokens",

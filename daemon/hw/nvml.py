@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 from gpucostd.clock import RealClock
 from gpucostd.hw.nvml_fields import (CONVERT, FIELDS, IDENTITY, LEGACY, LEGACY_CONVERT, READINGS,
                                      SKIP_IF_PRESENT, STATIC_READINGS, VIOLATION_PREFIX, Field,
-                                     get_field_values)
+                                     Legacy, get_field_values)
 from gpucostd.hw.nvml_fields import field_value as _field_value  # noqa: F401 (tests)
 from gpucostd.snapshot import VIOLATION_POLICIES
 
@@ -674,11 +674,17 @@ class NvmlGateway:
         first = static is None
         got: Dict[str, Any] = {} if first else dict(static)
         field_errors: Dict[str, NvmlError] = {}
+        plan: Tuple[Field, ...] = ()
         if st.fields_ok:
             plan = st.field_plan(first)
             if plan:
                 self._read_fields(nv, h, index, lane, st, plan, got, field_errors)
-        self._read_legacy(nv, h, index, lane, st, first, got, errors)
+        rows = st.legacy_rows(first, plan if st.fields_ok else ())
+        missing = [f.reading for f in plan if f.reading not in got]
+        if missing:          # fields that did not answer this cycle: their old calls too
+            rows = rows + tuple(r for r in LEGACY if r.reading in missing
+                                and (first or not r.static))
+        self._read_legacy(nv, h, index, lane, st, rows, got, errors)
         for reading, err in field_errors.items():
             if reading not in got and reading not in errors:
                 errors[reading] = err
@@ -735,16 +741,16 @@ class NvmlGateway:
                                     _ERROR_TEXT.get(code, "error")), code, index, what)
 
     def _read_legacy(self, nv: Any, h: Any, index: int, lane: Optional[_Lane],
-                     st: "_GpuSession", first: bool, got: Dict[str, Any],
+                     st: "_GpuSession", rows: Tuple[Legacy, ...], got: Dict[str, Any],
                      errors: Dict[str, NvmlError]) -> None:
         """The old calls, for every reading not yet served (alternatives best first; a
         function that said NOT_SUPPORTED is not called again this session)."""
         unsupported = st.unsupported
         done = set(got)
         memo: Dict[Tuple[str, Tuple[int, ...]], Any] = {}
-        for row in LEGACY:
+        for row in rows:
             reading = row.reading
-            if reading in done or (row.static and not first):
+            if reading in done:
                 continue
             skip = SKIP_IF_PRESENT.get(reading)
             if skip and any(got.get(k) is not None for k in skip):
@@ -790,7 +796,8 @@ class _GpuSession:
     """What one GPU's reads learned in this NVML session: which field ids and functions are
     not supported, whether nvmlDeviceGetFieldValues works, the static readings."""
 
-    __slots__ = ("fields_ok", "bad_fields", "unsupported", "static", "plans", "counters", "ids")
+    __slots__ = ("fields_ok", "bad_fields", "unsupported", "static", "plans", "counters", "ids",
+                 "rows")
 
     def __init__(self) -> None:
         self.fields_ok = True
@@ -800,6 +807,18 @@ class _GpuSession:
         self.plans: Dict[bool, Tuple[Field, ...]] = {}
         self.counters: Dict[str, float] = {}
         self.ids: Dict[Tuple[Field, ...], Tuple[int, ...]] = {}
+        self.rows: Dict[Tuple[bool, Tuple[Field, ...]], Tuple[Legacy, ...]] = {}
+
+    def legacy_rows(self, with_static: bool, plan: Tuple[Field, ...]) -> Tuple[Legacy, ...]:
+        """The old calls that may be needed beside this field plan: those of readings no
+        planned field serves (static ones only on a first read)."""
+        key = (with_static, plan)
+        rows = self.rows.get(key)
+        if rows is None:
+            served = {f.reading for f in plan}
+            rows = self.rows[key] = tuple(r for r in LEGACY if r.reading not in served
+                                          and (with_static or not r.static))
+        return rows
 
     def plan_ids(self, plan: Tuple[Field, ...]) -> Tuple[int, ...]:
         ids = self.ids.get(plan)

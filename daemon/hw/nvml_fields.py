@@ -14,7 +14,7 @@ error) is read by its first legacy row whose function exists; again several rows
 reading are alternatives, best first.
 
 To read something new: add a row (and the reading to GpuReading, the simulator's field table
-in gpucostd/sim/nvml.py, the metric and its docs). This module imports no pynvml: functions are
+in gpucostd/sim/fieldvalues.py, the metric and its docs). This module imports no pynvml: functions are
 named by string and looked up on the pynvml module by the gateway.
 """
 from __future__ import annotations

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List
 
 from gpucostd.sim.physics import apply_power
+from gpucostd.snapshot import VIOLATION_REASONS
 
 
 class _Correction:
@@ -20,14 +21,16 @@ class _Correction:
 
     def __init__(self):
         self.t = 0.0
-        self.power = 0.0       # SwPowerCap / HwPowerBrakeSlowdown seconds (power counter)
+        self.power = 0.0       # seconds of the "power" violation counter (SwPowerCap)
         self.energy = 0.0      # joules
         self.tokens = 0.0      # generated tokens (endpoints)
 
 
 def _power_capped(st: Dict[str, Any]) -> float:
-    reasons = st["clock_event_reasons"]
-    return 1.0 if ("SwPowerCap" in reasons or "HwPowerBrakeSlowdown" in reasons) else 0.0
+    """1 while the "power" counter runs (VIOLATION_REASONS: SwPowerCap, the only reason the
+    physics changes; HwPowerBrakeSlowdown has a counter of its own)."""
+    return 1.0 if any(r in st["clock_event_reasons"] for r in VIOLATION_REASONS["power"]) \
+        else 0.0
 
 
 def _draw(st: Dict[str, Any]) -> float:

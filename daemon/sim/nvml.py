@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import struct
 import threading
 from ctypes import (CFUNCTYPE, Structure, Union, c_char, c_double, c_int, c_int64,
                     c_longlong, c_uint, c_uint32, c_ulong, c_ulonglong, c_ushort, c_void_p)
@@ -76,10 +77,9 @@ NVML_VOLATILE_ECC = 0
 NVML_AGGREGATE_ECC = 1
 NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS = 0
 NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR = 1
-NVML_VALUE_TYPE_DOUBLE = 0
-NVML_VALUE_TYPE_UNSIGNED_INT = 1
-NVML_VALUE_TYPE_UNSIGNED_LONG_LONG = 3
-NVML_FI_MAX = 310
+from gpucostd.sim.fieldvalues import (NVML_FI_MAX, NVML_VALUE_TYPE_DOUBLE,  # noqa: E402,F401
+                                      NVML_VALUE_TYPE_UNSIGNED_INT,
+                                      NVML_VALUE_TYPE_UNSIGNED_LONG_LONG)
 NVML_DEVICE_PCI_BUS_ID_BUFFER_SIZE = 32
 NVML_DEVICE_PCI_BUS_ID_BUFFER_V2_SIZE = 16
 
@@ -165,87 +165,27 @@ class FieldValue(Structure):        # nvmlFieldValue_t
 
 
 # ----------------------------------------------------------------------- field values
-# What nvmlDeviceGetFieldValues answers, per field id (nvml.h NVML_FI_*): the nvml.h name, the
-# scenario key that `unsupported` names to make it NOT_SUPPORTED, the value type, and the value
-# in NVML's unit from the GPU state (temperatures in C, power in mW, counters in ns).
-# Violation-time fields take their counter from VIOLATION_FIELDS instead. An id below
-# NVML_FI_MAX that is not listed answers NOT_SUPPORTED, an id outside it INVALID_ARGUMENT.
-_D, _U, _ULL = NVML_VALUE_TYPE_DOUBLE, NVML_VALUE_TYPE_UNSIGNED_INT, \
-    NVML_VALUE_TYPE_UNSIGNED_LONG_LONG
+# The tables of what nvmlDeviceGetFieldValues answers live in fieldvalues.py.
+from gpucostd.sim.fieldvalues import (CLOCK_EVENT_DURATION_FIELDS, ENERGY_FIELDS,  # noqa: E402
+                                      FIELD_VALUES, VIOLATION_FIELDS)
 
-
-def _mw(key: str) -> Callable[[Dict[str, Any]], int]:
-    return lambda st: int(round(st[key] * 1000))
-
-
-def _n(key: str) -> Callable[[Dict[str, Any]], int]:
-    return lambda st: int(st[key])
-
-
-def _b(key: str) -> Callable[[Dict[str, Any]], int]:
-    return lambda st: 1 if st[key] else 0
-
-
-FIELD_VALUES: Dict[int, Tuple[str, str, int, Callable[[Dict[str, Any]], Any]]] = {
-    308: ("NVML_FI_DEV_GPU_TEMP", "temperature", _D, lambda st: float(st["temperature"])),
-    82: ("NVML_FI_DEV_MEMORY_TEMP", "memory_temperature", _U,
-         lambda st: int(round(st["memory_temperature"]))),
-    185: ("NVML_FI_DEV_POWER_AVERAGE", "power_draw", _U,
-          lambda st: int(round(min(st["power_draw"], st["power_limit"]) * 1000))),
-    186: ("NVML_FI_DEV_POWER_INSTANT", "power_draw", _U,
-          lambda st: int(round(min(st["power_draw"], st["power_limit"]) * 1000))),
-    187: ("NVML_FI_DEV_POWER_MIN_LIMIT", "power_limit_min", _U, _mw("power_limit_min")),
-    188: ("NVML_FI_DEV_POWER_MAX_LIMIT", "power_limit_max", _U, _mw("power_limit_max")),
-    189: ("NVML_FI_DEV_POWER_DEFAULT_LIMIT", "power_limit_default", _U,
-          _mw("power_limit_default")),
-    190: ("NVML_FI_DEV_POWER_CURRENT_LIMIT", "power_limit", _U, _mw("power_limit")),
-    1: ("NVML_FI_DEV_ECC_CURRENT", "ecc_mode", _U, _b("ecc_mode")),
-    3: ("NVML_FI_DEV_ECC_SBE_VOL_TOTAL", "ecc_volatile_corrected", _ULL,
-        _n("ecc_volatile_corrected")),
-    4: ("NVML_FI_DEV_ECC_DBE_VOL_TOTAL", "ecc_volatile_uncorrected", _ULL,
-        _n("ecc_volatile_uncorrected")),
-    5: ("NVML_FI_DEV_ECC_SBE_AGG_TOTAL", "ecc_aggregate_corrected", _ULL,
-        _n("ecc_aggregate_corrected")),
-    6: ("NVML_FI_DEV_ECC_DBE_AGG_TOTAL", "ecc_aggregate_uncorrected", _ULL,
-        _n("ecc_aggregate_uncorrected")),
-    29: ("NVML_FI_DEV_RETIRED_SBE", "retired_pages_sbe", _U, _n("retired_pages_sbe")),
-    30: ("NVML_FI_DEV_RETIRED_DBE", "retired_pages_dbe", _U, _n("retired_pages_dbe")),
-    31: ("NVML_FI_DEV_RETIRED_PENDING", "retired_pages_pending", _U,
-         _b("retired_pages_pending")),
-    142: ("NVML_FI_DEV_REMAPPED_COR", "remapped_rows_correctable", _U,
-          _n("remapped_rows_correctable")),
-    143: ("NVML_FI_DEV_REMAPPED_UNC", "remapped_rows_uncorrectable", _U,
-          _n("remapped_rows_uncorrectable")),
-    144: ("NVML_FI_DEV_REMAPPED_PENDING", "remapped_rows_pending", _U,
-          _b("remapped_rows_pending")),
-    145: ("NVML_FI_DEV_REMAPPED_FAILURE", "remapped_rows_failure", _U,
-          _b("remapped_rows_failure")),
-    94: ("NVML_FI_DEV_PCIE_REPLAY_COUNTER", "pcie_replay_count", _U, _n("pcie_replay_count")),
-    230: ("NVML_FI_DEV_GET_GPU_RECOVERY_ACTION", "recovery_action", _U, _n("recovery_action")),
-}
-# The energy counter (mJ) is an exact integral with the setters' changes, read like the
-# throttle counters: field id -> (nvml.h name, scenario key that `unsupported` names).
-ENERGY_FIELDS: Dict[int, Tuple[str, str]] = {
-    83: ("NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION", "total_energy"),
-}
-# Throttle-duration fields (ns): field id -> (nvml.h name, counter key of VIOLATION_POLICIES).
-# All need violation_counters; the three clock-event ones (newer drivers) also answer
-# NOT_SUPPORTED where `unsupported` names "clock_event_durations".
-VIOLATION_FIELDS: Dict[int, Tuple[str, str]] = {
-    74: ("NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_POWER_CAP", "power"),
-    76: ("NVML_FI_DEV_CLOCKS_EVENT_REASON_SYNC_BOOST", "sync_boost"),
-    77: ("NVML_FI_DEV_PERF_POLICY_BOARD_LIMIT", "board_limit"),
-    78: ("NVML_FI_DEV_PERF_POLICY_LOW_UTILIZATION", "low_utilization"),
-    79: ("NVML_FI_DEV_PERF_POLICY_RELIABILITY", "reliability"),
-    81: ("NVML_FI_DEV_PERF_POLICY_TOTAL_BASE_CLOCKS", "total_base_clocks"),
-    269: ("NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_THERM_SLOWDOWN", "sw_thermal"),
-    270: ("NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_THERM_SLOWDOWN", "hw_thermal"),
-    271: ("NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_POWER_BRAKE_SLOWDOWN", "hw_power_brake"),
-}
-CLOCK_EVENT_DURATION_FIELDS = (269, 270, 271)
 HEADER_CONSTANTS.update({name: fid for fid, (name, *_rest) in FIELD_VALUES.items()})
 HEADER_CONSTANTS.update({name: fid for fid, (name, _key) in ENERGY_FIELDS.items()})
 HEADER_CONSTANTS.update({name: fid for fid, (name, _key) in VIOLATION_FIELDS.items()})
+
+
+# The nvmlFieldValue_t layout (written with struct: ctypes attribute access per field costs
+# more than the rest of the call)
+_FV_SIZE = ctypes.sizeof(FieldValue)
+_FV_OFF_TS = FieldValue.timestamp.offset
+_FV_OFF_VALUE = FieldValue.value.offset
+assert FieldValue.latencyUsec.offset == _FV_OFF_TS + 8 and \
+    FieldValue.valueType.offset == _FV_OFF_TS + 16 and FieldValue.nvmlReturn.offset == _FV_OFF_TS + 20
+_FV_ID = struct.Struct("@I")
+_FV_HEAD = struct.Struct("@qqII")
+_FV_VALUE = {NVML_VALUE_TYPE_DOUBLE: struct.Struct("@d"),
+             NVML_VALUE_TYPE_UNSIGNED_INT: struct.Struct("@I"),
+             NVML_VALUE_TYPE_UNSIGNED_LONG_LONG: struct.Struct("@Q")}
 
 
 # Argument kinds for the symbol table: C types as the ctypes callback sees them.
@@ -396,7 +336,7 @@ class SimulatedNode:
         self._overrides: List[Dict[str, Tuple[Any, float]]] = [
             {} for _ in range(scenario.node.gpu_count)]
         self._unsup_cache: Dict[Tuple[str, ...], frozenset] = {}
-        self._dev_cache: Dict[int, Tuple[float, float, Dict[str, Any]]] = {}
+        self._spans: Dict[int, Tuple[float, float, Dict[str, Any]]] = {}
         self._kernel_t = -1.0
         # scenario indexes NVML lists, fixed at each nvmlInit (a GPU that stops being
         # `present` leaves the count only when NVML is initialised again, as on a real node)
@@ -517,17 +457,19 @@ class SimulatedNode:
             raise _DeviceFault(NVML_ERROR_INVALID_ARGUMENT)
         index = handle - 1
         now = self.now()
-        cached = self._dev_cache.get(index) if self._virtual else None
-        if cached is not None and cached[0] == now:
-            # replay: time stands still between cycles, so one lookup serves all ~35 calls
-            t, st = cached[1], cached[2]
+        span = self._spans.get(index)
+        if span is not None and span[0] <= now < span[1]:
+            # the state stays the same over this span (no hang, no driver change in it), so
+            # one lookup serves every call of every cycle inside it
+            t, st = now, span[2]
         else:
             t = self._wait_hang(index, now)
             if not self.scenario.driver_loaded_at(t):
                 raise _DeviceFault(NVML_ERROR_DRIVER_NOT_LOADED)
             st = self.scenario.state_ref(index, t)
-            if self._virtual:
-                self._dev_cache[index] = (now, t, st)
+            span = self.scenario.state_span(index, t)
+            if span is not None:
+                self._spans[index] = span
         if st["lost"]:
             raise _DeviceFault(NVML_ERROR_GPU_IS_LOST)
         if needs and st["unsupported"]:
@@ -708,40 +650,36 @@ class SimulatedNode:
         unsup = self._unsupported(st) if st["unsupported"] else frozenset()
         stamp = int(self.clock.time() * 1e6)
         counters: Optional[Dict[str, float]] = None
-        arr = (FieldValue * count).from_address(values) if count else ()
-        for fv in arr:
-            fv.timestamp = stamp
-            fv.latencyUsec = 0
-            fid = fv.fieldId
+        buf = (ctypes.c_char * (_FV_SIZE * count)).from_address(values) if count else b""
+        view = memoryview(buf).cast("B") if count else None
+        for k in range(count):
+            base = k * _FV_SIZE
+            fid = _FV_ID.unpack_from(view, base)[0]
             spec = FIELD_VALUES.get(fid)
             viol = VIOLATION_FIELDS.get(fid)
+            vtype, code, fmt, value = 0, NVML_SUCCESS, None, 0
             if spec is not None and spec[1] not in unsup and \
                     (fid not in (3, 4, 5, 6) or st["ecc_mode"]):
-                fv.valueType = spec[2]
-                value = spec[3](st)
-                if spec[2] == NVML_VALUE_TYPE_DOUBLE:
-                    fv.value.dVal = value
-                elif spec[2] == NVML_VALUE_TYPE_UNSIGNED_LONG_LONG:
-                    fv.value.ullVal = value
-                else:
-                    fv.value.uiVal = value
-                fv.nvmlReturn = NVML_SUCCESS
+                vtype, value = spec[2], spec[3](st)
+                fmt = _FV_VALUE[vtype]
             elif viol is not None and st["violation_counters"] and not (
                     fid in CLOCK_EVENT_DURATION_FIELDS and "clock_event_durations" in unsup):
                 if counters is None:      # the scenario's integrals, setter changes included
                     counters = dict(self.scenario.violation_seconds_at(index, t))
                     counters["power"] = self.violation_seconds(index, "power", t)
-                fv.valueType = NVML_VALUE_TYPE_UNSIGNED_LONG_LONG
-                fv.value.ullVal = int(round(counters[viol[1]] * 1e9))
-                fv.nvmlReturn = NVML_SUCCESS
+                vtype, fmt = NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, _FV_VALUE[3]
+                value = int(round(counters[viol[1]] * 1e9))
             elif fid in ENERGY_FIELDS and ENERGY_FIELDS[fid][1] not in unsup:
-                fv.valueType = NVML_VALUE_TYPE_UNSIGNED_LONG_LONG
-                fv.value.ullVal = int(round(self.energy_joules(index, t) * 1000.0))
-                fv.nvmlReturn = NVML_SUCCESS
+                vtype, fmt = NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, _FV_VALUE[3]
+                value = int(round(self.energy_joules(index, t) * 1000.0))
             elif 0 < fid < NVML_FI_MAX:
-                fv.nvmlReturn = NVML_ERROR_NOT_SUPPORTED
+                code = NVML_ERROR_NOT_SUPPORTED
             else:
-                fv.nvmlReturn = NVML_ERROR_INVALID_ARGUMENT
+                code = NVML_ERROR_INVALID_ARGUMENT
+            # timestamp, latencyUsec, valueType, nvmlReturn; then the value (undefined on error)
+            _FV_HEAD.pack_into(view, base + _FV_OFF_TS, stamp, 0, vtype, code)
+            if fmt is not None:
+                fmt.pack_into(view, base + _FV_OFF_VALUE, value)
         return NVML_SUCCESS
 
     def _c_nvmlDeviceGetPowerUsage(self, h, out) -> int:
@@ -772,7 +710,7 @@ class SimulatedNode:
             # integrate the old state up to the set before the new value applies
             self._corr.advance_all(index, t)
             self._overrides[index][key] = (value, t)
-            self._dev_cache.pop(index, None)
+            self._spans.pop(index, None)
 
     def _c_nvmlDeviceSetPowerManagementLimit(self, h, milliwatts) -> int:
         index, t, st = self._dev(h, "power_limit")

@@ -439,6 +439,23 @@ class Scenario:
         violation counters. For the simulator's hot path."""
         return self._seg_states[index][self._segment(index, max(0.0, t))]
 
+    def state_span(self, index: int, t: float) -> Optional[Tuple[float, float, Dict[str, Any]]]:
+        """(from, until, state_ref) : the absolute interval around t in which GPU `index`'s
+        state dict stays the same and no hang or driver change happens, for the simulator's
+        cache; None where the GPU has hangs or the node driver changes (no caching)."""
+        if self._hangs[index] or len(self._node_starts) > 1:
+            return None
+        t = max(0.0, t)
+        k, te = self._cycle_pos(t)
+        starts = self._seg_starts[index]
+        i = bisect.bisect_right(starts, te) - 1
+        base = k * (self.repeat_every or 0.0)
+        if i + 1 < len(starts):
+            end = starts[i + 1]
+        else:
+            end = self.repeat_every if self.repeat_every else math.inf
+        return base + starts[i], base + end, self._seg_states[index][i]
+
     def _integral(self, index: int, t: float, policy: str) -> float:
         """Seconds in [0, t) during which `policy`'s reasons were active (no resets)."""
         if t <= 0:
@@ -605,6 +622,23 @@ def _default_bus_id(index: int) -> str:
 
 
 def parse_scenario(text: str, path: str = "<scenario>", name: Optional[str] = None) -> Scenario:
+    """Parse and validate a scenario. Raises ScenarioError and nothing else, whatever the text
+    holds (a huge number, values nested hundreds deep): a bad file is exit 2, never a
+    traceback."""
+    try:
+        return _parse_scenario(text, path, name)
+    except ScenarioError:
+        raise
+    except RecursionError:
+        raise ScenarioError("values are nested too deeply; no scenario key takes such a value",
+                            path) from None
+    except (OverflowError, ValueError, TypeError, KeyError, AttributeError, IndexError,
+            ZeroDivisionError, MemoryError) as exc:
+        raise ScenarioError(f"cannot be used ({type(exc).__name__}: {str(exc)[:120]}); "
+                            f"check the values against docs/scenarios.md", path) from None
+
+
+def _parse_scenario(text: str, path: str, name: Optional[str]) -> Scenario:
     v = _Validator(path, text)
     try:
         data = tomllib.loads(text)

@@ -12,7 +12,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 from gpucostd.snapshot import (Event, Finding, GpuReading, NodeSnapshot, Severity,
-                               THROTTLE_REASONS)
+                               THROTTLE_REASONS, printable, printable_tree)
 
 # the CLI side lives in statustext.py (light: `gpucostd status` imports only that)
 from gpucostd.views.statustext import (EXIT_CODES, SCHEMA_VERSION, WIDTH,  # noqa: F401,E402
@@ -84,7 +84,7 @@ def snapshot_json(snap: NodeSnapshot) -> Dict[str, Any]:
     if cost:
         from gpucostd.cost.report import status_lines_from_json
         cost_text = status_lines_from_json(cost)
-    return {
+    return printable_tree({
         "schema": SCHEMA_VERSION,
         "host": snap.hostname,
         "time": snap.time,
@@ -96,6 +96,7 @@ def snapshot_json(snap: NodeSnapshot) -> Dict[str, Any]:
             "simulated_scenario": extra.get("simulated"),
             "kernel_log": extra.get("kernel_log"),
             "kernel_log_error": extra.get("kernel_log_error"),
+            "kernel_log_lines_lost": extra.get("kernel_log_lines_lost", 0),
         },
         "node": {
             "health": snap.node_health.name,
@@ -115,6 +116,6 @@ def snapshot_json(snap: NodeSnapshot) -> Dict[str, Any]:
         "cost": cost,
         "cost_text": cost_text,
         "events": [event_json(e) for e in reversed(snap.recent_events)],
-    }
+    })
 
 
