@@ -547,7 +547,7 @@ def format_report(report: Dict[str, Any], width: int = 100) -> str:
         lines.extend(_wrap(note, width))
     for err in report.get("restore_errors") or ():
         lines.extend(_wrap("NOT RESTORED: " + err, width))
-    return "\n".join(line if len(line) <= width else line[:width - 1] + "…"
+    return "\n".join((line if len(line) <= width else line[:width - 1] + "…").rstrip()
                      for line in lines) + "\n"
 
 
