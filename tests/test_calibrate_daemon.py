@@ -110,6 +110,10 @@ def test_refused_while_idle_and_running_shows_in_metrics(daemon_factory, tmp_pat
         assert metric_value(m, "gpucostd_calibration_running") == 1
         assert metric_value(m, "gpucostd_calibration_step_power_limit_watts", gpu="1") in (
             700, 450, 200)
+        rc, st = d.status_json()
+        assert st["calibration"]["gpus"] == [0, 1] and st["calibration"]["steps"] == 3
+        text = d.cli("status").stdout
+        assert "power-limit calibration running: step" in text
         again = d.cli("calibrate", "--gpus", "0,1")
         assert again.returncode == 5 and "already running" in again.stderr
         # SIGINT to the command: it asks the daemon to abort, which restores at once
