@@ -31,7 +31,7 @@ from ctypes import (CFUNCTYPE, Structure, Union, c_char, c_double, c_int, c_int6
                     c_longlong, c_uint, c_uint32, c_ulong, c_ulonglong, c_ushort, c_void_p)
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from gpucostd.sim.corrections import SetterCorrections
+from gpucostd.sim.corrections import SetterCorrections, SimulatedCounters
 from gpucostd.sim.physics import apply_power
 from gpucostd.sim.scenario import UNSUPPORTED_GROUPS, Scenario, load_scenario
 from gpucostd.snapshot import VIOLATION_POLICIES, mask_from_reasons
@@ -319,7 +319,7 @@ def _guard(name: str, impl: Callable[..., int], counts: Dict[str, int]) -> Calla
     return call
 
 
-class SimulatedNode:
+class SimulatedNode(SimulatedCounters):
     """A simulated GPU node. ``.library`` goes to NvmlGateway(library=...)."""
 
     def __init__(self, scenario: Any, clock: Any):
@@ -365,47 +365,6 @@ class SimulatedNode:
     def close(self) -> None:
         """Release calls blocked in a hang window (they return NVML_ERROR_TIMEOUT)."""
         self._closed.set()
-
-    def state(self, index: int) -> Dict[str, Any]:
-        """The simulated state of GPU `index` now, setter changes included."""
-        t = self.now()
-        st = self.scenario.gpu_state_at(index, t)
-        st.update(self._corr.physics_state(index, t))
-        if st["violation_seconds"] is not None:
-            st["violation_seconds"]["power"] = self.violation_seconds(index, "power", t)
-        st["total_energy"] = self.energy_joules(index, t)
-        return st
-
-    # ---- counters: the scenario's exact integrals plus what setters changed
-    def energy_joules(self, index: int, t: Optional[float] = None) -> float:
-        """GPU `index`'s energy counter (J) at t (default now)."""
-        t = self.now() if t is None else t
-        with self._lock:
-            corr = self._corr.advance(index, t).energy
-        return self.scenario.energy_joules_at(index, t) + corr
-
-    def violation_seconds(self, index: int, policy: str, t: Optional[float] = None) -> float:
-        t = self.now() if t is None else t
-        value = self.scenario.violation_seconds_at(index, t)[policy]
-        if policy == "power":
-            with self._lock:
-                value = max(0.0, value + self._corr.advance(index, t).power)
-        return value
-
-    def endpoint_tokens(self, endpoint: int, t: Optional[float] = None) -> float:
-        """Generated tokens of simulated endpoint `endpoint` at t (default now)."""
-        t = self.now() if t is None else t
-        with self._lock:
-            corr = self._corr.advance_endpoint(endpoint, t)
-        return max(0.0, self.scenario.endpoint_tokens_at(endpoint, t) + corr)
-
-    def endpoint_rate(self, endpoint: int, t: Optional[float] = None) -> float:
-        """Generated tokens/s of simulated endpoint `endpoint` at t, setter changes included."""
-        t = self.now() if t is None else t
-        sv = self.scenario.serving
-        ep = sv.endpoints[endpoint]
-        return sv.endpoint_rate(ep, [sv.state_rate(self._corr.physics_state(i, t))
-                                     for i in ep.gpus])
 
     # ------------------------------------------------------------------ internals
     def _effective(self, index: int, t: float, st: Dict[str, Any]) -> Dict[str, Any]:
