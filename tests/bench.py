@@ -143,7 +143,7 @@ def bench_daemon(tmp: Path, soak: float, others) -> None:
         per = (c1 - c0) / max(1, n1 - n0) / 8 * 1e6
         row("cpu_us_per_gpu_cycle", round(per, 1), "us", note="CPU per GPU per cycle")
         rss60 = proc_rss_mib(pid)
-        row("rss_mib_60s", round(rss60, 1), "MiB", "<= 35", ok=rss60 <= 35)
+        row("rss_mib_60s", round(rss60, 2), "MiB", "<= 35", ok=rss60 <= 35)
         for fn in others:                 # figures that need a daemon but not an idle one
             fn(d)
         left = soak - (time.monotonic() - t0 + 10)
@@ -382,7 +382,9 @@ def bench_profile(tmp: Path) -> dict:
 def table() -> str:
     head = ("figure", "value", "target", "peer", "ratio", "result")
     def num(v):
-        return f"{v:,.0f}" if abs(v) >= 10_000 else f"{v:g}"
+        if abs(v) >= 10_000:
+            return f"{v:,.0f}"
+        return f"{v:.2f}".rstrip("0").rstrip(".") if isinstance(v, float) else str(v)
 
     lines = [[r["figure"], "-" if r["value"] is None else f"{num(r['value'])} {r['unit']}"
               if isinstance(r["value"], (int, float)) else str(r["value"]),
