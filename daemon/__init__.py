@@ -3,7 +3,7 @@ it holds only what they all agree on and imports nothing but os: the version and
 paths (gpucostd.config re-exports them)."""
 import os
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 DEFAULT_PATH = "/etc/gpucostd/gpucostd.toml"
 DEFAULT_SOCKET = "/run/gpucostd/gpucostd.sock"

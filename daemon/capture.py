@@ -47,12 +47,13 @@ FIELD_MAP = (
     ("pcie_link_width", "pcie_link_width"),
     ("pcie_link_width_max", "pcie_link_width_max"),
     ("pcie_replay_count", "pcie_replay_count"),
+    ("gpu_recovery_action", "recovery_action"),
 )
 _INTS = {"sm_clock", "max_sm_clock", "app_sm_clock", "pcie_link_gen", "pcie_link_gen_max",
          "pcie_link_width", "pcie_link_width_max", "pcie_replay_count", "ecc_volatile_corrected",
          "ecc_volatile_uncorrected", "ecc_aggregate_corrected", "ecc_aggregate_uncorrected",
          "retired_pages_sbe", "retired_pages_dbe", "remapped_rows_correctable",
-         "remapped_rows_uncorrectable"}
+         "remapped_rows_uncorrectable", "recovery_action"}
 
 
 def gpu_table(g: GpuReading) -> Dict[str, Any]:

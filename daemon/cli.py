@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_simulate(cp)
     cp.add_argument("--out", metavar="FILE", help="write here instead of stdout")
 
+    _add_calibrate(sub)
+
     rp = sub.add_parser("replay", help="run a scenario on a virtual clock and print the cost")
     rp.add_argument("scenario", help="builtin:NAME or a scenario TOML file")
     _add_config(rp)
@@ -127,6 +129,42 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--step", type=float, default=1.0, metavar="SECONDS")
     rp.add_argument("--json", action="store_true")
     return p
+
+
+def _add_calibrate(sub) -> None:
+    k = sub.add_parser("calibrate", help="find the power limit with the most tokens per dollar "
+                       "(root; --simulate: a simulated node on a virtual clock)")
+    _add_config(k)
+    k.add_argument("--simulate", nargs="?", const="", default=None, metavar="SCENARIO",
+                   help="calibrate a simulated node, one-shot, on a virtual clock (default "
+                        "scenario builtin:calibrate); touches no hardware")
+    k.add_argument("--gpus", default="all", metavar="LIST",
+                   help="GPU indexes (e.g. 0,1; whole endpoint groups) or all (default)")
+    k.add_argument("--from", dest="from_watts", type=float, metavar="W",
+                   help="first (highest) limit (default: the GPUs' maximum)")
+    k.add_argument("--to", dest="to_watts", type=float, metavar="W",
+                   help="last (lowest) limit (default: the GPUs' minimum)")
+    k.add_argument("--steps", type=int, default=6, help="limits from --from to --to (default 6)")
+    k.add_argument("--dwell", type=parse_duration, default=60.0, metavar="S",
+                   help="hold each step this long (default 60s)")
+    k.add_argument("--warmup", type=parse_duration, default=None, metavar="S",
+                   help="not measured at the start of a step (default: a quarter of the "
+                        "dwell, at most 15s)")
+    k.add_argument("--min-throughput", type=float, default=0.95, metavar="R",
+                   help="recommend only steps with at least this share of the best step's "
+                        "tokens/s (default 0.95)")
+    k.add_argument("--abort-below", type=float, default=0.5, metavar="R",
+                   help="abort and restore when tokens/s fall below this share of the best "
+                        "step's (default 0.5)")
+    k.add_argument("--apply", action="store_true",
+                   help="write the recommended limits to gpucostd.d/calibrated.toml beside "
+                        "the config and reload: the daemon enforces them")
+    k.add_argument("--dropin", metavar="FILE",
+                   help="with --simulate --apply: write the drop-in here (default: a "
+                        "temporary file)")
+    k.add_argument("--last", action="store_true", help="show the last calibration's report")
+    k.add_argument("--socket", metavar="PATH", help="status socket (default from the config)")
+    k.add_argument("--json", action="store_true", help="machine-readable report")
 
 
 # ------------------------------------------------------------------ commands
@@ -217,15 +255,21 @@ def cmd_config(args) -> int:
     from gpucostd.config import ConfigError, load
     if args.config_command == "check":
         try:
-            load(args.file, missing_ok=args.file is None)
+            cfg = load(args.file, missing_ok=args.file is None)
         except ConfigError as e:
             _print_err(str(e))
             return EXIT_CONFIG
+        except Exception as e:  # noqa: BLE001 - a bad file is exit 2 with one line, always
+            _print_err(f"{args.file or 'config'}: cannot be used ({type(e).__name__}: "
+                       f"{str(e)[:120]})")
+            return EXIT_CONFIG
+        for warning in cfg.warnings:
+            _print_err(f"warning: {warning}")
         print("ok")
         return 0
     if args.config_command == "show":
         cfg = _load_config(args.config)
-        sys.stdout.write(cfg.to_toml())
+        sys.stdout.write(cfg.to_toml(sources=True))
         return 0
     _print_err("config needs an action: check or show")
     return EXIT_CONFIG
@@ -353,7 +397,9 @@ def cmd_tuning(args) -> int:
         facts = d.host_probe.facts()
         settings = d.tuning.plan(gpus)
         results = checks.run_checks(cfg, facts, gpus, d.gateway.driver_version,
-                                    d.gateway.cuda_version, settings)
+                                    d.gateway.cuda_version, settings,
+                                    d.deploy_probe.read(cfg.checks.model_dirs),
+                                    d.gateway.error)
         if getattr(args, "json", False):
             print(json.dumps([r.__dict__ for r in results], indent=2))
         else:
@@ -384,6 +430,11 @@ def cmd_replay(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from gpucostd.calibrate import run_cli
+    return run_cli(args, _load_config, _socket_path)
+
+
 def cmd_capture(args) -> int:
     import socket
     from gpucostd.capture import scenario_text
@@ -410,7 +461,7 @@ def cmd_capture(args) -> int:
 COMMANDS = {"run": cmd_run, "status": cmd_status, "config": cmd_config, "events": cmd_events,
             "cost": cmd_cost, "ack": cmd_ack, "plan": cmd_tuning, "apply": cmd_tuning,
             "check": cmd_tuning, "restore": cmd_tuning, "replay": cmd_replay,
-            "capture": cmd_capture}
+            "capture": cmd_capture, "calibrate": cmd_calibrate}
 
 
 class _StatusArgs:

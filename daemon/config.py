@@ -10,9 +10,10 @@ import fnmatch
 import math
 import os
 import re
+import stat
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -24,6 +25,9 @@ from gpucostd import (DEFAULT_PATH, DEFAULT_SOCKET, _is_root,  # noqa: E402,F401
 
 DEFAULT_STATE_DIR = "/var/lib/gpucostd"
 DEFAULT_LISTEN = "0.0.0.0:9477"
+# A config is a few kilobytes; anything far larger is a mistake (or an attack on memory) and is
+# refused before it is read.
+MAX_CONFIG_BYTES = 1 << 20
 
 
 class FileError(Exception):
@@ -45,7 +49,7 @@ class ConfigError(FileError):
 # --------------------------------------------------------------------------- key types
 @dataclass(frozen=True)
 class Key:
-    type: str                 # "int" "float" "bool" "str" "choice" "argv" "ring" "version" "int_list"
+    type: str                 # "int" "float" "bool" "str" "choice" "argv" "ring" "version" "ports" "paths"
     default: Any
     doc: str
     min: Optional[float] = None
@@ -112,6 +116,9 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
         "pcie_busy_utilization_percent": _k("float", 20.0,
                                             "PCIe link checks apply above this utilization.",
                                             min=0, max=100),
+        "expected_gpu_count": _k("int", 0, "GPUs this node must show; fewer is CRIT "
+                                 "\"GPU missing\" (0: the GPUs seen at first start).",
+                                 min=0, max=64),
     },
     "events": {
         "max_age_days": _k("float", 30.0, "Drop stored events older than this.", min=0.01),
@@ -138,6 +145,13 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
         "min_kernel": _k("version", "5.15", "Minimum kernel version."),
         "min_driver": _k("version", "535.104", "Minimum NVIDIA driver version."),
         "min_cuda": _k("version", "12.2", "Minimum CUDA version the driver supports."),
+        "serving_ports": _k("ports", [8000, 8080], "Inference serving ports that must not be "
+                            "open to the network without a firewall rule; [] skips."),
+        "model_dirs": _k("paths", [], "Directories of model weights that must not be "
+                         "writable by others (mode 0400 asked)."),
+        "container_toolkit": _k("choice", "auto", "NVIDIA Container Toolkit check: auto (when "
+                                "a container runtime is installed), required, off.",
+                                choices=("auto", "required", "off")),
     },
     "cost": {
         "gpu_hour_usd": _k("float", 0.0, "Price of one GPU-hour; 0 shows capacity only.",
@@ -280,6 +294,9 @@ class Config:
         self.nic_tuning = _View({k: _View(v) for k, v in nics.items()})
         self.model_prices = model_prices
         self.raw_text = raw_text
+        # trust problems a root daemon reports as findings (see load()); () when none
+        self.warnings: Tuple[str, ...] = ()
+        self.files: Tuple[Tuple[str, str], ...] = ()    # (path, text) read, in order (load)
 
     # -- GPU tuning resolution
     def gpu_settings_for(self, index: int, uuid: Optional[str], model: Optional[str]
@@ -340,9 +357,12 @@ class Config:
         values = {s: dict(v) for s, v in self._values.items()}
         for section, changes in sections.items():
             values[section].update(changes)
-        return Config(values, self.path, self.gpu_overrides,
-                      {n: dict(v) for n, v in self.nic_tuning.items()}, self.model_prices,
-                      self.raw_text, self._endpoints)
+        cfg = Config(values, self.path, self.gpu_overrides,
+                     {n: dict(v) for n, v in self.nic_tuning.items()}, self.model_prices,
+                     self.raw_text, self._endpoints)
+        cfg.warnings = self.warnings
+        cfg.files = self.files
+        return cfg
 
     def as_dict(self) -> Dict[str, Any]:
         out = {s: dict(v) for s, v in self._values.items()}
@@ -363,8 +383,15 @@ class Config:
                 for e in self._endpoints])
         return out
 
-    def to_toml(self) -> str:
-        return dump_toml(self.as_dict())
+    def to_toml(self, sources: bool = False) -> str:
+        """The effective config as TOML; with `sources`, each value says where it came from
+        (`# FILE:LINE`, or `# default`)."""
+        if not sources:
+            return dump_toml(self.as_dict())
+        where = source_map(self.files)
+        head = "# files read, in order: " + (", ".join(p for p, _t in self.files) or
+                                             "none (all defaults)") + "\n"
+        return head + dump_toml(self.as_dict(), comment=lambda k: where.get(k, "default"))
 
 
 # --------------------------------------------------------------------------- loading
@@ -436,6 +463,18 @@ def _check_value(key: Key, value: Any, name: str, err: Callable[[str], ConfigErr
         if not isinstance(value, str) or not _versionish(value):
             raise err(f'{name} = {value!r} must be a version string like "5.15"')
         return value
+    if t == "ports":
+        if not isinstance(value, list) or not all(
+                isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536 for p in value):
+            raise err(f"{name} = {value!r} must be a list of TCP ports 1..65535, e.g. "
+                      f"[8000, 8080]")
+        return list(value)
+    if t == "paths":
+        if not isinstance(value, list) or not all(isinstance(p, str) and os.path.isabs(p)
+                                                  for p in value):
+            raise err(f"{name} = {value!r} must be a list of absolute paths, e.g. "
+                      f'["/models"]')
+        return list(value)
     if t == "argv":
         if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
             raise err(f'{name} = {value!r} must be a list of strings (argv, no shell), '
@@ -456,7 +495,23 @@ def _check_listen(value: str, err) -> None:
 
 
 def parse(text: str, path: Optional[str] = None) -> Config:
-    """Parse and validate config text. Raises ConfigError with file, line, key and the fix."""
+    """Parse and validate config text. Raises ConfigError with file, line, key and the fix, and
+    nothing else: whatever the text holds, a reload is refused, never a crash."""
+    try:
+        return _parse(text, path)
+    except ConfigError:
+        raise
+    except RecursionError:
+        raise ConfigError("values are nested too deeply (arrays or tables inside each other "
+                          "hundreds of levels deep); no gpucostd key takes such a value",
+                          path) from None
+    except Exception as e:  # noqa: BLE001 - any parser failure is a bad file
+        raise ConfigError(f"cannot be used ({type(e).__name__}: {str(e)[:120]}); check the "
+                          f"file against the configuration reference in README.md",
+                          path) from None
+
+
+def _parse(text: str, path: Optional[str]) -> Config:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -663,36 +718,240 @@ def _parse_nics(value, nics, err_at):
 
 
 def load(path: Optional[str] = None, *, missing_ok: Optional[bool] = None) -> Config:
-    """Load the config file. The default path may be missing (all defaults); an explicit path
-    must exist."""
+    """Load the config file, then its drop-ins (gpucostd.d/*.toml beside it, in name order).
+    The default path may be missing (all defaults); an explicit path must exist."""
     explicit = path is not None
     path = path or DEFAULT_PATH
     if missing_ok is None:
         missing_ok = not explicit
+    warnings: List[str] = []
+    text = _read_text(path, missing_ok, warnings)
+    dropins = dropin_files(path)
+    if not dropins:
+        cfg = parse(text or "", path if text is not None else None)
+        cfg.files = ((path, text),) if text is not None else ()
+    else:
+        cfg = _parse_files([(path, text)] +
+                           [(p, _read_text(p, False, warnings)) for p in dropins])
+    if _is_root():
+        warnings.extend(_hook_trust(cfg))
+    cfg.warnings = tuple(warnings)
+    return cfg
+
+
+def _read_text(path: str, missing_ok: bool, warnings: Optional[List[str]] = None
+               ) -> Optional[str]:
+    """The text of one config file (None: missing and allowed to be). A root daemon refuses a
+    file another user can change; a group-writable one adds a line to `warnings`."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data, st = _read_config(path)
     except FileNotFoundError:
         if missing_ok:
-            return parse("", None)
+            return None
         raise ConfigError("no such file; create it or pass --config FILE", path) from None
     except OSError as e:
-        raise ConfigError(f"cannot read: {e.strerror}", path) from None
+        raise ConfigError(f"cannot read: {e.strerror or e}", path) from None
+    if _is_root():
+        found = _root_trust(path, st)
+        if warnings is not None:
+            warnings.extend(found)
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError("not UTF-8 text", path) from None
-    return parse(text, path)
+
+
+def _root_trust(path: str, st) -> List[str]:
+    """A root daemon runs hooks and changes hardware as the config says: a config another user
+    can change is refused. One that only a non-root group may write is a warning (a finding),
+    not a refusal: sites let an admin group edit /etc, and refusing would stop their daemon at
+    an upgrade; those members can usually become root anyway."""
+    from gpucostd.statefile import writable_by_others
+    problem = writable_by_others(path, st)
+    if problem is None:
+        return []
+    kind, why = problem
+    if kind == "group":
+        return [f"config {why}; its members can make the root daemon run any hook program"]
+    raise ConfigError(f"refused: a user other than root can change this file, and a root "
+                      f"daemon would run its hooks and settings ({why})", path)
+
+
+def _hook_trust(cfg: "Config") -> List[str]:
+    """Hook programs a non-root user can change: said at load; the runner refuses to run them."""
+    from gpucostd.statefile import writable_by_others
+    out = []
+    for hook in ("on_critical", "on_recovered"):
+        argv = cfg.hooks[hook]
+        if not argv:
+            continue
+        try:
+            problem = writable_by_others(argv[0])
+        except OSError as e:
+            out.append(f"hooks.{hook}: cannot check {argv[0]}: {e.strerror or e}")
+            continue
+        if problem is not None:
+            out.append(f"hooks.{hook}: {problem[1]}; a root daemon will not run it")
+    return out
+
+
+def read_config_bytes(path: str, limit: int = MAX_CONFIG_BYTES) -> bytes:
+    """The bytes of a config file, refusing before reading anything that is not a regular file
+    (a FIFO would block the loop, a device never ends) or is larger than `limit`."""
+    return _read_config(path, limit)[0]
+
+
+def _read_config(path: str, limit: int = MAX_CONFIG_BYTES) -> Tuple[bytes, os.stat_result]:
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | \
+        getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)       # O_NONBLOCK: opening a FIFO does not wait for a writer
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = ("a directory" if stat.S_ISDIR(st.st_mode) else
+                    "a FIFO" if stat.S_ISFIFO(st.st_mode) else
+                    "a socket" if stat.S_ISSOCK(st.st_mode) else "a device")
+            raise ConfigError(f"is {kind}, not a regular file; point --config at a TOML file",
+                              path)
+        if st.st_size > limit:
+            raise ConfigError(f"is {st.st_size} bytes; a config may be at most {limit} bytes "
+                              f"(is this the right file?)", path)
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 16, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:    # it grew while being read
+            raise ConfigError(f"is larger than {limit} bytes; a config may be at most {limit} "
+                              f"bytes", path)
+        return b"".join(chunks), st
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- drop-ins
+# /etc/gpucostd/gpucostd.toml first, then /etc/gpucostd/gpucostd.d/*.toml in name order (C
+# locale byte order); a later file wins key by key. [[tuning.gpu.override]] entries with the
+# same match merge (a later power_limit_watts replaces an earlier power_limit_percent and vice
+# versa); a later [[inference.endpoint]] list replaces the earlier one.
+DROPIN_DIR = "gpucostd.d"
+_ALTERNATIVES = {"power_limit_watts": "power_limit_percent",
+                 "power_limit_percent": "power_limit_watts"}
+
+
+def dropin_dir(path: Optional[str]) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(path or DEFAULT_PATH)), DROPIN_DIR)
+
+
+def dropin_files(path: Optional[str]) -> List[str]:
+    d = dropin_dir(path)
+    try:
+        names = sorted(os.listdir(d))
+    except OSError:
+        return []
+    return [os.path.join(d, n) for n in names if n.endswith(".toml") and not n.startswith(".")
+            and os.path.isfile(os.path.join(d, n))]
+
+
+def load_files(path: Optional[str], extra: List[str]) -> Config:
+    """The config at `path` with its drop-ins and then the files `extra` (a what-if: the
+    simulated --apply of `gpucostd calibrate`)."""
+    main = path or DEFAULT_PATH
+    files = [(main, _read_text(main, path is None))]
+    files += [(p, _read_text(p, False)) for p in dropin_files(path) + list(extra)]
+    return _parse_files(files)
+
+
+def _merge(base: Dict[str, Any], over: Mapping[str, Any]) -> None:
+    for k, v in over.items():
+        if k == "override" and isinstance(v, list) and isinstance(base.get(k), list):
+            for item in v:
+                same = next((b for b in base[k] if isinstance(b, dict) and isinstance(item, dict)
+                             and b.get("match") == item.get("match")), None)
+                if same is None:
+                    base[k].append(dict(item))
+                else:
+                    _merge(same, item)
+        elif isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            if k in _ALTERNATIVES:
+                base.pop(_ALTERNATIVES[k], None)
+            base[k] = v
+
+
+def _sources(raw: Mapping[str, Any], path: str, loc: "_Locator",
+             out: Dict[str, str]) -> None:
+    """Where each key of one file is: dotted key -> "path:line"."""
+    def where(section, key, nth=0):
+        line = loc.find(section, key, nth)
+        return f"{path}:{line}" if line else path
+
+    def walk(table, prefix):
+        for k, v in table.items():
+            name = f"{prefix}.{k}" if prefix else k
+            if isinstance(v, dict):
+                walk(v, name)
+            elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+                for i, item in enumerate(v):
+                    ident = item.get("match", i)
+                    for a in item:
+                        out[f"{name}[{ident}].{a}"] = where(name, a, i)
+            else:
+                if k in _ALTERNATIVES:
+                    out.pop(f"{prefix}.{_ALTERNATIVES[k]}", None)
+                out[name] = where(prefix, k)
+    walk(raw, "")
+
+
+def source_map(files: Sequence[Tuple[str, str]]) -> Dict[str, str]:
+    """dotted key ("cost.gpu_hour_usd", "tuning.gpu.override[index:0].power_limit_watts") ->
+    "path:line" of the file that set it last (what `config show` prints beside each value)."""
+    sources: Dict[str, str] = {}
+    for p, text in files:
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError:
+            continue
+        if "endpoint" in raw.get("inference", {}):
+            for k in [k for k in sources if k.startswith("inference.endpoint[")]:
+                del sources[k]
+        _sources(raw, p, _Locator(text), sources)
+    return sources
+
+
+def _parse_files(files: List[Tuple[str, Optional[str]]]) -> Config:
+    merged: Dict[str, Any] = {}
+    read = [(p, t) for p, t in files if t is not None]
+    for p, text in read:
+        parse(text, p)                        # each file alone first: errors name its line
+        _merge(merged, tomllib.loads(text))
+    names = [p for p, _t in read]
+    try:
+        cfg = parse(dump_toml(merged) if merged else "",
+                    files[0][0] if files[0][1] is not None else None)
+    except ConfigError as e:
+        raise ConfigError(f"{e.bare} (in the merged config of {', '.join(names)})",
+                          names[-1] if names else None) from None
+    cfg.files = tuple(read)
+    return cfg
 
 
 # --------------------------------------------------------------------------- TOML output
+_TOML_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n",
+                 "\f": "\\f", "\r": "\\r"}
+
+
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return '"' + "".join(_TOML_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if ord(c) < 0x20 or
+                                                      ord(c) == 0x7f else c) for c in v) + '"'
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(type(v))
@@ -702,24 +961,35 @@ def _toml_key(k: str) -> str:
     return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _toml_value(k)
 
 
-def dump_toml(data: Mapping[str, Any], prefix: str = "") -> str:
-    """Minimal TOML writer for plain tables, arrays of tables and scalar/list values."""
+def dump_toml(data: Mapping[str, Any], prefix: str = "",
+              comment: Optional[Callable[[str], Optional[str]]] = None, _raw: str = "") -> str:
+    """Minimal TOML writer for plain tables, arrays of tables and scalar/list values.
+    `comment(dotted_key)`, when given, returns the comment to print after a value (dotted keys
+    as in source_map)."""
+    def note(raw_key: str) -> str:
+        c = comment(raw_key) if comment is not None else None
+        return f"  # {c}" if c else ""
+
     lines: List[str] = []
     scalars = {k: v for k, v in data.items() if not isinstance(v, dict) and not (
         isinstance(v, list) and v and all(isinstance(x, dict) for x in v))}
     if prefix and (scalars or not data):
         lines.append(f"[{prefix}]")
     for k, v in scalars.items():
-        lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
+        raw = f"{_raw}.{k}" if _raw else k
+        lines.append(f"{_toml_key(k)} = {_toml_value(v)}{note(raw)}")
     if lines:
         lines.append("")
     for k, v in data.items():
         name = f"{prefix}.{_toml_key(k)}" if prefix else _toml_key(k)
+        raw = f"{_raw}.{k}" if _raw else k
         if isinstance(v, dict):
-            lines.append(dump_toml(v, name))
+            lines.append(dump_toml(v, name, comment, raw))
         elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
-            for item in v:
+            for i, item in enumerate(v):
+                ident = item.get("match", i)
                 lines.append(f"[[{name}]]")
-                lines.extend(f"{_toml_key(a)} = {_toml_value(b)}" for a, b in item.items())
+                lines.extend(f"{_toml_key(a)} = {_toml_value(b)}{note(f'{raw}[{ident}].{a}')}"
+                             for a, b in item.items())
                 lines.append("")
     return "\n".join(line for line in lines if line is not None).rstrip("\n") + "\n"

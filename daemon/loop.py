@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import threading
+import time as _time
 from typing import Callable, Dict, List, Optional, Tuple
 
 from gpucostd import __version__
@@ -19,6 +20,9 @@ from gpucostd.snapshot import Event, Finding, GpuState, NodeSnapshot, Severity, 
 
 LOG = logging.getLogger("gpucostd")
 RECENT_EVENTS = 20
+LOSS_FINDING_SECONDS = 600.0
+ORIGINALS_ACTION = ("fix or move aside originals.json, then `systemctl reload gpucostd` "
+                    "(docs/tuning.md, saved originals unreadable)")
 
 
 class Daemon:
@@ -52,7 +56,10 @@ class Daemon:
         self._part_errors: Dict[str, str] = {}
         state_dir = state_dir or config.daemon.state_dir
         self.state_dir = state_dir
-        os.makedirs(state_dir, mode=0o750, exist_ok=True)
+        # refused (UnsafePathError, an OSError) when another user could read or replace the
+        # events and the saved originals
+        from gpucostd.statefile import ensure_private_dir
+        ensure_private_dir(state_dir, 0o750, "state directory")
 
         self.sim = None
         library = None
@@ -66,6 +73,9 @@ class Daemon:
                                    library=library, clock=self.clock)
         self.gpu_probe = GpuProbe(self.gateway)
         self.host_probe = HostProbe(config.daemon.host_root)
+        from gpucostd.probes.deploy import DeployProbe
+        self.deploy_probe = DeployProbe(config.daemon.host_root)
+        self._deploy = None
         self.journal = journal      # False in replay: simulated events stay out of the journal
         self.store = EventStore(state_dir, config.events.max_age_days, config.events.max_count,
                                 clock=self.clock)
@@ -93,12 +103,27 @@ class Daemon:
         self._inference_down_since: Dict[str, float] = {}
         self._configure_inference()
         self._xid_totals: Dict[Tuple[Optional[int], int], int] = dict(self.store.xid_totals())
+        # NVSwitch SXids per (switch bus id, SXid): the node's stored sxid events
+        self._sxid_totals: Dict[Tuple[str, int], int] = {}
+        for e in self.store.query(subject="node"):
+            self._count_sxid(e)
         self._recent: List[Event] = list(self.store.recent(RECENT_EVENTS))
         self._settings: tuple = ()
         self._checks: tuple = ()
         self._host_facts = None
         self._applied = False
         self._last_checks = None
+        self._originals_reported: Optional[str] = None
+        self._lines_lost_logged = 0
+        from gpucostd.statefile import dir_identity
+        self._state_identity = dir_identity(state_dir)
+        self._state_reported: Optional[str] = None
+        self._state_dir_was_bad = False
+        self._state_since: Optional[float] = None
+        self._originals_since: Optional[float] = None
+        self.calibration = None               # gpucostd.calibrate.Calibration, while one runs
+        self._calibration_recover = os.path.exists(os.path.join(state_dir,
+                                                                "calibration-progress.json"))
 
     # ------------------------------------------------------------------ helpers
     def _configure_inference(self) -> None:
@@ -113,8 +138,8 @@ class Daemon:
             from gpucostd.sim.serving import SimulatedServing
             if self.sim_serving is None:
                 self.sim_serving = SimulatedServing(self.sim)
-                if not self.clock.virtual:
-                    self.sim_serving.start()
+                if not self.clock.virtual and not self.one_shot:
+                    self.sim_serving.start()     # one-shot commands read it in-process
             srv = self.sim_serving
             for k, ep in enumerate(srv.endpoints):
                 url = srv.urls[k] if srv.urls else f"sim://endpoint/{k}/metrics"
@@ -141,8 +166,9 @@ class Daemon:
                                     name="gpucostd-inference") for i in range(len(probes))]
         for t in threads:
             t.start()
+        end = _time.monotonic() + max(p.timeout for p in probes) + 0.5
         for t in threads:
-            t.join(probes[0].timeout + 1.0)
+            t.join(max(0.0, end - _time.monotonic()))
         return out
 
     def _guard(self, part: str, fn, default=None):
@@ -168,6 +194,8 @@ class Daemon:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
+        for warning in getattr(self.config, "warnings", ()):
+            LOG.warning("%s", warning)
         if self.watcher is not None:
             self.watcher.start()
         from gpucostd.record.journal import startup_event
@@ -212,6 +240,10 @@ class Daemon:
         """Restore tuned settings (unless the system is shutting down), flush, close."""
         if self.notifier is not None:
             self.notifier.stopping()
+        if self.calibration is not None:      # a calibration's limits back, whatever comes
+            from gpucostd.calibrate import stop
+            with self._lock:
+                self._record(self._guard("calibration stop", lambda: stop(self), []) or [])
         if self.config.tuning.restore_on_stop and not self.one_shot:
             if system_shutdown is None:
                 from gpucostd.tuners.manager import shutdown_in_progress
@@ -240,7 +272,11 @@ class Daemon:
         path = path or self.config.path      # None: the default path (missing = defaults)
         try:
             new = load(path)
-        except ConfigError as e:
+        except Exception as e:  # noqa: BLE001 - ConfigError, or a bug: never a crash loop
+            if not isinstance(e, ConfigError):
+                LOG.exception("reload: unexpected error loading %s", path)
+                e = ConfigError(f"cannot be used ({type(e).__name__}: {str(e)[:120]})", path)
+            LOG.error("reload refused, the running config stays: %s", e)
             self._record([Event(self.clock.time(), "node", "config_rejected", Severity.WARN,
                                 "fix the config file and reload again", f"reload refused: {e}")])
             if self.notifier is not None:
@@ -296,14 +332,28 @@ class Daemon:
                 "event store", lambda: self.store.seen(f.dedupe_key), False))]
 
         events: List[Event] = []
-        # tuning: apply once at start (and after reload), then verify every verify interval
+        state_problem = None
+        if not self.one_shot:
+            state_problem = self._guard("state dir", lambda: self._check_state_dir(now, events))
+        originals_problem = None
+        if not self.one_shot:
+            originals_problem = self._guard("originals", lambda: self.tuning.originals_problem)
+            events.extend(self._originals_events(now, originals_problem))
+        if self._calibration_recover and gpus and not self.one_shot and not originals_problem:
+            # a calibration the daemon did not end (killed): its limits back first
+            from gpucostd.calibrate import recover_interrupted
+            self._calibration_recover = False
+            events.extend(self._guard("calibration recovery",
+                                      lambda: recover_interrupted(self, gpus), []) or [])
+        # tuning: apply once at start (and after reload), then verify every verify interval;
+        # never while the saved originals are unreadable (tuning would lose them for good)
         if not self.one_shot and (gpus or self.config.nic_tuning):
             # with GPU settings configured, the first apply waits for a readable GPU (NVML not
             # up yet, or every GPU lost at start: apply later, not never)
             gpu_tuning = any(v is not None for v in self.config.gpu_tuning.values()) or bool(
                 self.config.gpu_overrides)
-            if not self._applied and (not gpu_tuning or any(g.state == GpuState.OK
-                                                            for g in gpus)):
+            if not self._applied and originals_problem is None and (
+                    not gpu_tuning or any(g.state == GpuState.OK for g in gpus)):
                 changes = self._guard("apply", lambda: self.tuning.apply(gpus), None)
                 if changes is not None:
                     self._applied = True
@@ -319,10 +369,13 @@ class Daemon:
             self._last_checks = mono
             self._host_facts = self._guard("host probe", self.host_probe.facts,
                                            self._host_facts)
+            self._deploy = self._guard("deploy probe", lambda: self.deploy_probe.read(
+                self.config.checks.model_dirs), self._deploy)
             from gpucostd.health.checks import run_checks
             self._checks = tuple(self._guard("checks", lambda: run_checks(
                 self.config, self._host_facts, gpus, self.gateway.driver_version,
-                self.gateway.cuda_version, self._settings), self._checks) or ())
+                self.gateway.cuda_version, self._settings, self._deploy,
+                self.gateway.error), self._checks) or ())
 
         report = self._guard("health", lambda: self.judge.judge(gpus, faults, now), None)
         if report is not None:
@@ -352,6 +405,20 @@ class Daemon:
         self._inference_down_since = down
         findings.extend(self._guard("efficiency", lambda: self._efficiency(
             gpus, cost, readings, now, events), []) or [])
+        findings.extend(self._loss_findings(now))
+        if state_problem is not None:
+            findings.append(Finding("node", "state_dir_unusable", Severity.WARN,
+                                    "free space on / make writable daemon.state_dir; events "
+                                    "are kept in memory meanwhile", state_problem,
+                                    since=self._state_since))
+        for warning in getattr(self.config, "warnings", ()):
+            findings.append(Finding("node", "config_insecure", Severity.WARN,
+                                    "make the file writable by root only (see the message)",
+                                    warning[:300], since=self.started_at))
+        if originals_problem is not None:
+            findings.append(Finding("node", "originals_unreadable", Severity.WARN,
+                                    ORIGINALS_ACTION, originals_problem,
+                                    since=self._originals_since))
         for part, msg in self._part_errors.items():
             findings.append(Finding("node", f"internal_{part.replace(' ', '_')}", Severity.WARN,
                                     "report a bug with the daemon's log",
@@ -381,18 +448,108 @@ class Daemon:
             findings=tuple(findings), recent_events=tuple(self._recent),
             settings=self._settings, checks=self._checks, cost=cost,
             counters={"xid_totals": dict(self._xid_totals),
+                      "sxid_totals": dict(self._sxid_totals),
                       "drift": dict(self.tuning.drift_counts)},
             extra={"host": self._host_facts, "inference": readings,
+                   "persistenced": getattr(self._deploy, "persistenced", None),
                    "nic_rings": getattr(self.tuning, "nic_rings", {}),
                    "simulated": self.simulate, "config_path": self.config.path,
                    "kernel_log": getattr(self.watcher, "source_in_use", "none"),
                    "kernel_log_error": getattr(self.watcher, "error", None),
-                   "version": __version__, "pid": os.getpid()},
+                   "kernel_log_lines_lost": int(getattr(self.watcher, "lines_lost", 0) or 0),
+                   "state_dir_usable": state_problem is None,
+                   "events_pending": self._guard("event store", lambda: self.store.pending, 0) or 0,
+                   "gpu_inventory": (report.extra or {}).get("gpu_inventory")
+                   if report is not None else None,
+                   "version": __version__, "pid": os.getpid(),
+                   "calibration": self._guard("calibration info", self._calibration_info)},
         )
         self._latest = snap
+        if self.calibration is not None:
+            from gpucostd.calibrate import cycle
+            self._record(self._guard("calibration", lambda: cycle(self, snap), []) or [])
         for publish in self._publishers:
             self._guard("publish", lambda: publish(snap))
         return snap
+
+    def _check_state_dir(self, now: float, events: List[Event]) -> Optional[str]:
+        """Is the state directory usable (there, ours, writable, not full)? Recreates one that
+        vanished, points the event store at it again, writes kept events once it works and
+        cuts the WAL back when the disk is full. Returns the problem, or None."""
+        from gpucostd.statefile import dir_identity, ensure_private_dir, state_dir_problem
+        problem = state_dir_problem(self.state_dir, self._state_identity)
+        if problem is not None and problem[0] in ("vanished", "replaced"):
+            try:
+                if problem[0] == "vanished":
+                    ensure_private_dir(self.state_dir, 0o750, "state directory")
+                else:
+                    from gpucostd.statefile import check_private_dir
+                    check_private_dir(self.state_dir, what="state directory")
+            except OSError as e:
+                LOG.debug("state dir: %s", e)
+            else:
+                self._state_identity = dir_identity(self.state_dir)
+                self.store.reopen()
+                self.tuning.originals.reload()
+                LOG.warning("%s; made it again (events, saved originals and cost totals "
+                            "are written there from now on)", problem[1])
+                events.append(Event(now, "node", "state_dir_recreated", Severity.WARN,
+                                    "find what removed daemon.state_dir", problem[1]))
+                problem = state_dir_problem(self.state_dir, self._state_identity)
+        if problem is not None and problem[0] == "full" and self._state_reported is None:
+            self.store.checkpoint()
+        pending = self.store.retry(reopen_now=problem is None and self._state_dir_was_bad)
+        self._state_dir_was_bad = problem is not None
+        message = problem[1] if problem is not None else None
+        if message is None and pending:
+            why = self.store.error or "the event database cannot be written"
+            message = f"{pending} events held in memory: {why}"
+        if (message is None) != (self._state_reported is None):
+            if message is not None:
+                self._state_since = now
+                LOG.error("%s", message)
+                events.append(Event(now, "node", "state_dir_unusable", Severity.WARN,
+                                    "free space on / make writable daemon.state_dir", message))
+            else:
+                LOG.warning("state directory %s usable again", self.state_dir)
+                events.append(Event(now, "node", "state_dir_recovered", Severity.OK, "none",
+                                    f"state directory {self.state_dir} usable again"))
+        self._state_reported = message
+        return message
+
+    def _loss_findings(self, now: float) -> List[Finding]:
+        """Kernel-log records the kernel overwrote before they were read: a WARN finding for
+        LOSS_FINDING_SECONDS after the last loss (Xid lines may have been among them)."""
+        lost = int(getattr(self.watcher, "lines_lost", 0) or 0)
+        if lost > self._lines_lost_logged:
+            LOG.warning("kernel log: %d records overwritten before gpucostd read them (%d in "
+                        "all); Xid faults among them are missed", lost - self._lines_lost_logged,
+                        lost)
+            self._lines_lost_logged = lost
+        last = getattr(self.watcher, "last_loss_time", None)
+        if not lost or last is None or now - last > LOSS_FINDING_SECONDS:
+            return []
+        return [Finding("node", "kernel_log_lines_lost", Severity.WARN,
+                        "check `dmesg` / `journalctl -k` for NVRM Xid lines; find what floods "
+                        "the kernel log (or raise log_buf_len)",
+                        f"{lost} kernel log records were overwritten before gpucostd read them "
+                        f"(a flood); Xid faults among them are missed", since=last)]
+
+    def _originals_events(self, now: float, problem: Optional[str]) -> List[Event]:
+        """One event (and one log line) when the saved originals become unreadable, one when
+        they are usable again."""
+        if problem == self._originals_reported:
+            return []
+        was, self._originals_reported = self._originals_reported, problem
+        if problem is not None:
+            self._originals_since = now
+            LOG.error("%s", problem)
+            return [Event(now, "node", "originals_unreadable", Severity.WARN, ORIGINALS_ACTION,
+                          problem)]
+        self._originals_since = None
+        msg = "saved originals readable again; tuning resumes"
+        LOG.warning("%s (was: %s)", msg, was)
+        return [Event(now, "node", "originals_recovered", Severity.OK, "none", msg)]
 
     def _efficiency(self, gpus, cost, readings, now: float, events: List[Event]
                     ) -> List[Finding]:
@@ -406,14 +563,20 @@ class Daemon:
             self._eff_judge = EfficiencyJudge()
         return self._eff_judge.judge(gpus, cost, readings, self.config, now)
 
+    def _calibration_info(self):
+        from gpucostd.calibrate import snapshot_info
+        return snapshot_info(self)
+
     # ------------------------------------------------------------------ events
     def _record(self, events: List[Event]) -> None:
         """Store, journal and hand to hooks. The store comes first: nothing reported is lost."""
         if not events:
             return
         from gpucostd.record.journal import send_event
+        from gpucostd.snapshot import printable_event
         stored = []
         for e in events:
+            e = printable_event(e)      # kernel text may carry terminal escapes
             key = e.fields.get("dedupe_key") if e.fields else None
             saved = self._guard("event store", lambda: self.store.append(e, key), e)
             if saved is None:          # a duplicate (e.g. a kernel line seen before a restart)
@@ -422,12 +585,18 @@ class Daemon:
             if saved.xid is not None:
                 k = (saved.gpu, saved.xid)
                 self._xid_totals[k] = self._xid_totals.get(k, 0) + 1
+            self._count_sxid(saved)
             if self.journal:
                 self._guard("journal", lambda: send_event(saved))
         recent = self._recent
         recent.extend(stored)
         del recent[:-RECENT_EVENTS]
         self._guard("hooks", lambda: self.hooks.on_events(stored))
+
+    def _count_sxid(self, e: Event) -> None:
+        if e.code == "sxid" and e.fields and isinstance(e.fields.get("sxid"), int):
+            k = (str(e.fields.get("pci_bus_id", "")), e.fields["sxid"])
+            self._sxid_totals[k] = self._sxid_totals.get(k, 0) + 1
 
     def ack(self, gpu: Optional[int], code: Optional[str]) -> List[Event]:
         with self._lock:
@@ -475,6 +644,12 @@ def summary_line(snap: Optional[NodeSnapshot]) -> str:
         lost = getattr(snap.cost, "node_loss_ratio", None)
         if lost is not None:
             parts.append(f"{lost * 100:.1f}% capacity lost to throttling")
+    tk = getattr(snap.cost, "tokens", None)
+    if getattr(tk, "tokens_per_second", None) is not None:
+        t = f"{tk.tokens_per_second:.0f} tokens/s"
+        if tk.tokens_per_dollar is not None:
+            t += f" ({tk.tokens_per_dollar:,.0f} per $)"
+        parts.append(t)
     return ", ".join(parts)
 
 

@@ -15,6 +15,7 @@ import logging
 import math
 import shutil
 import tempfile
+import textwrap
 from typing import Any, Dict, List, Optional
 
 from gpucostd.cost.model import _r as _rounded, _sorted_reasons
@@ -240,7 +241,9 @@ def format_replay(result: Dict[str, Any], max_events: int = 10) -> str:
         total += (f", {_money(node['dollars'], cur)}; at this rate "
                   f"{_money(node['dollars_per_day'], cur)}/day, "
                   f"{_money(node['dollars_per_30_days'], cur)}/30 days")
-    lines.append(total)
+    # the figures people read this for: wrapped at a word boundary, never cut
+    lines.extend(textwrap.wrap(total, 100, subsequent_indent="      ", break_long_words=False,
+                               break_on_hyphens=False))
     if node.get("top_reason"):
         lines.append(f"Top reason: {node['top_reason']}")
     eff = node.get("efficiency") or {}

@@ -37,6 +37,46 @@ class _StatusCache:
             return self._doc
 
 
+def _calibration_handlers(daemon):
+    """The status socket's calibrate requests (gpucostd.calibrate; the loop runs it):
+    {"cmd": "calibrate", "action": "start", "params": {...}} -> {"calibration": progress} or
+    {"refused": why}; "status" (also: I am still here) -> progress, and "report" once it
+    ended; "abort" -> progress. {"cmd": "calibrate_last"} -> {"report": the last or null}."""
+    from gpucostd import calibrate
+
+    def h_calibrate(req):
+        action = req.get("action", "status")
+        if action == "start":
+            try:
+                cal = calibrate.start(daemon, req)
+            except calibrate.CalibrationRefused as e:
+                return {"refused": str(e)}
+            return {"calibration": cal.progress()}
+        cal = daemon.calibration
+        if cal is None or (req.get("id") and req.get("id") != cal.id):
+            raise ValueError(f"no calibration {req.get('id') or ''} in this daemon".replace(
+                "  ", " "))
+        if action == "abort":
+            cal.abort(str(req.get("reason") or "interrupted (the calibrate command got "
+                                                "SIGINT or SIGTERM)"))
+        elif action == "status":
+            cal.poll()
+        else:
+            raise ValueError(f"action {action!r}; use start, status or abort")
+        out = {"calibration": cal.progress()}
+        if not cal.active:
+            out["report"] = cal.report()
+        return out
+
+    def h_calibrate_last(req):
+        cal = daemon.calibration
+        if cal is not None and not cal.active:
+            return {"report": cal.report()}
+        return {"report": calibrate.last_report(daemon.state_dir)}
+
+    return h_calibrate, h_calibrate_last
+
+
 def run_daemon(cfg: Config, scenario: Optional[str]) -> int:
     from gpucostd.views import metrics
     from gpucostd.views import statusview
@@ -88,12 +128,16 @@ def run_daemon(cfg: Config, scenario: Optional[str]) -> int:
                             None if code is None else str(code))
         return {"events": [statusview.event_json(e) for e in events]}
 
+    h_calibrate, h_calibrate_last = _calibration_handlers(daemon)
     servers = []
     try:
         status_server = StatusServer(cfg.daemon.socket_path,
                                      {"status": h_status, "events": h_events, "cost": h_cost,
-                                      "ack": h_ack, "ping": lambda req: {}},
-                                     group=cfg.daemon.socket_group)
+                                      "ack": h_ack, "ping": lambda req: {},
+                                      "calibrate": h_calibrate,
+                                      "calibrate_last": h_calibrate_last},
+                                     group=cfg.daemon.socket_group,
+                                     root_only=("ack", "calibrate"))
         servers.append(status_server)
         if cfg.daemon.listen_address:
             servers.append(MetricsServer(cfg.daemon.listen_address, published))

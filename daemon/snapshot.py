@@ -167,6 +167,9 @@ class GpuReading:
     pcie_link_width: Optional[int] = None
     pcie_link_width_max: Optional[int] = None
     pcie_replay_count: Optional[int] = None
+    # NVML_FI_DEV_GET_GPU_RECOVERY_ACTION: what the driver says the GPU needs (0 none, 1 GPU
+    # reset, 2 node reboot, 3 drain P2P, 4 drain and reset; gpucostd.health.recovery)
+    gpu_recovery_action: Optional[int] = None
 
     def replace(self, **changes) -> "GpuReading":
         return dataclasses.replace(self, **changes)
@@ -263,3 +266,46 @@ class NodeSnapshot:
             if g.index == index:
                 return g
         return None
+
+
+# --------------------------------------------------------------------------- text from outside
+_CONTROL = None
+
+
+def printable(text: Any) -> Any:
+    """`text` with control characters (C0, DEL, C1: terminal escape sequences among them, as a
+    kernel line may carry) replaced by "?", so they never reach a terminal or a log line.
+    Anything that is not a str comes back as it is."""
+    global _CONTROL
+    if not isinstance(text, str):
+        return text
+    if _CONTROL is None:
+        import re
+        _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+    return _CONTROL.sub("?", text)
+
+
+def printable_tree(value: Any, depth: int = 0) -> Any:
+    """printable() applied to every string (keys too) of a JSON-like tree; deeper than 32
+    levels is cut off (None): a document for people is never that deep."""
+    if depth > 32:
+        return None
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, dict):
+        return {printable(k) if isinstance(k, str) else k: printable_tree(v, depth + 1)
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [printable_tree(v, depth + 1) for v in value]
+    return value
+
+
+def printable_event(event: "Event") -> "Event":
+    """The event with its message and string fields made printable (kernel text inside)."""
+    fields = event.fields
+    if fields:
+        fields = {k: printable(v) for k, v in fields.items()}
+    message = printable(event.message)
+    if message is event.message and fields == event.fields:
+        return event
+    return dataclasses.replace(event, message=message, fields=fields)

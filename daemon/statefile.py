@@ -2,11 +2,17 @@
 either the old or the new content, never a torn file.
 
 write -> fsync -> rename over the old file -> fsync the directory.
+
+And who may write them: the state and runtime directories are created with safe modes and
+refused when another user controls them (check_private_dir); a root daemon asks
+writable_by_others() about the files it trusts (the config, hook programs).
 """
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
+from typing import Optional, Tuple
 
 
 def write_atomic(path: str, text: str, mode: int = 0o640) -> None:
@@ -36,3 +42,166 @@ def write_atomic(path: str, text: str, mode: int = 0o640) -> None:
             os.close(dfd)
     except OSError:
         pass    # some filesystems cannot fsync a directory; the rename itself is done
+
+
+# --------------------------------------------------------------------------- who may write
+class UnsafePathError(OSError):
+    """A directory or file that another user could change. str() says which, why and the fix."""
+
+
+def _owner(uid: int) -> str:
+    try:
+        import pwd
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except (ImportError, KeyError):
+        return f"uid {uid}"
+
+
+def _group(gid: int) -> str:
+    try:
+        import grp
+        return f"{grp.getgrgid(gid).gr_name} (gid {gid})"
+    except (ImportError, KeyError):
+        return f"gid {gid}"
+
+
+def _check_ancestors(path: str, uid: int, what: str) -> None:
+    """Every directory above `path` (symlinks resolved) must belong to root or `uid` and be
+    writable by nobody else, unless it is sticky (/tmp): then others cannot replace our entry."""
+    current = os.path.dirname(os.path.realpath(path))
+    while True:
+        st = os.stat(current)
+        if st.st_uid not in (0, uid):
+            raise UnsafePathError(
+                f"{what} {path}: the directory {current} above it belongs to "
+                f"{_owner(st.st_uid)}, who could replace it; move {what} under a directory "
+                f"owned by root or by you")
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            raise UnsafePathError(
+                f"{what} {path}: the directory {current} above it is writable by others "
+                f"(mode {st.st_mode & 0o7777:04o}), who could replace it; fix: "
+                f"chmod go-w {current}")
+        parent = os.path.dirname(current)
+        if parent == current:
+            return
+        current = parent
+
+
+
+def check_private_dir(path: str, uid: Optional[int] = None, what: str = "directory",
+                      shared_ok: bool = False) -> None:
+    """Refuse a directory another user controls: not a symlink, a directory, owned by `uid`
+    (default: this process's), writable by nobody else; the same for the directories above
+    it. `shared_ok`: a root-owned directory that is not writable by others, or is sticky
+    (/tmp), is fine too (a socket in /run or /tmp). Raises UnsafePathError saying how to fix
+    it."""
+    uid = os.geteuid() if uid is None else uid
+    st = os.lstat(path)
+    if shared_ok and st.st_uid == 0 and stat.S_ISDIR(st.st_mode) and (
+            not st.st_mode & 0o022 or st.st_mode & stat.S_ISVTX):
+        _check_ancestors(path, uid, what)
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafePathError(
+            f"{what} {path} is a symlink (to {os.readlink(path)}); another user may have put "
+            f"it there. Fix: remove it (rm {path}) and let gpucostd create the directory, or "
+            f"point the config at the real directory ({os.path.realpath(path)})")
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafePathError(f"{what} {path} exists and is not a directory; remove it or set "
+                              f"another path in the config")
+    if st.st_uid != uid:
+        raise UnsafePathError(
+            f"{what} {path} belongs to {_owner(st.st_uid)}, not to {_owner(uid)} who runs "
+            f"gpucostd: that user could read or replace its files. Fix: if it is yours, "
+            f"chown -R {uid} {path}; otherwise remove it (rm -r {path})")
+    if st.st_mode & 0o022:
+        raise UnsafePathError(
+            f"{what} {path} is writable by its group or by everyone (mode "
+            f"{st.st_mode & 0o7777:04o}): others could replace its files. Fix: "
+            f"chmod go-w {path}")
+    _check_ancestors(path, uid, what)
+
+
+def ensure_private_dir(path: str, mode: int = 0o750, what: str = "directory",
+                       shared_ok: bool = False) -> str:
+    """Create `path` and any missing parents (each with `mode`, unlike os.makedirs, whose
+    parents get the umask's default), then check_private_dir(). Returns the path."""
+    path = os.path.abspath(path)
+    missing = []
+    current = path
+    while not os.path.lexists(current):
+        missing.append(current)
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    if missing:
+        # nothing is made inside a directory another user controls
+        _check_ancestors(os.path.join(current, "x"), os.geteuid(), what)
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, mode)
+        except FileExistsError:
+            pass        # made by someone else meanwhile: the check below decides
+    check_private_dir(path, what=what, shared_ok=shared_ok)
+    return path
+
+
+def writable_by_others(path: str, st: Optional[os.stat_result] = None
+                       ) -> Optional[Tuple[str, str]]:
+    """For a root process: whether a file (a config, a hook program) could be changed by a user
+    other than root. None, or (kind, why with the fix): kind "group" when only a non-root group
+    may write the file itself, "other" for anything worse (another owner, everyone, a directory
+    above it that others control)."""
+    st = os.stat(path) if st is None else st
+    if st.st_uid != 0:
+        return "other", f"{path} belongs to {_owner(st.st_uid)}; fix: chown root {path}"
+    if st.st_mode & 0o002:
+        return "other", (f"{path} is writable by everyone (mode {st.st_mode & 0o7777:04o}); "
+                         f"fix: chmod o-w {path}")
+    try:
+        _check_ancestors(path, 0, "file")
+    except UnsafePathError as e:
+        return "other", str(e)
+    if st.st_mode & 0o020 and st.st_gid != 0:
+        return "group", (f"{path} is writable by group {_group(st.st_gid)}; fix: "
+                         f"chmod g-w {path}")
+    return None
+
+
+# --------------------------------------------------------------------------- is it usable
+MIN_FREE_BYTES = 1 << 20      # below this the state directory counts as full
+
+
+def dir_identity(path: str) -> Optional[Tuple[int, int]]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def state_dir_problem(path: str, identity: Optional[Tuple[int, int]] = None,
+                      min_free: int = MIN_FREE_BYTES) -> Optional[Tuple[str, str]]:
+    """Why the state directory cannot take writes now, or None: (kind, message) with kind one
+    of "vanished", "replaced", "read-only", "full", "unwritable". A few cheap system calls."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "vanished", f"state directory {path} vanished (removed while running)"
+    except OSError as e:
+        return "unwritable", f"state directory {path}: {e.strerror or e}"
+    if identity is not None and (st.st_dev, st.st_ino) != identity:
+        return "replaced", f"state directory {path} was replaced by another directory"
+    try:
+        vfs = os.statvfs(path)
+    except OSError as e:
+        return "unwritable", f"state directory {path}: {e.strerror or e}"
+    if vfs.f_flag & getattr(os, "ST_RDONLY", 1):
+        return "read-only", f"state directory {path} is on a read-only filesystem"
+    free = vfs.f_bavail * vfs.f_frsize
+    if free < min_free:
+        return "full", f"state directory {path} is full ({free} bytes free)"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return "unwritable", f"state directory {path} is not writable by the daemon"
+    return None

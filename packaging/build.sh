@@ -1,9 +1,10 @@
 #!/bin/sh
 # Build the gpucostd packages from the source tree:
 #
-#     packaging/build.sh            # run as root on Debian 12 (bookworm), from any directory
+#     packaging/build.sh            # as root on Debian 12 or 13 (or Ubuntu), from any directory
 #
-# Produces dist/gpucostd_<version>_<arch>.deb and dist/gpucostd-<version>.<arch>.rpm, then runs
+# Produces dist/gpucostd_<version>_all.deb and dist/gpucostd-<version>.noarch.rpm (one of each
+# for every architecture and every Python 3.9+ of the targets), then runs
 # lintian and rpmlint on them (failing on errors). Installs its own build tools with apt-get
 # when they are missing. Work files go to build/pkg (removed and recreated on every run).
 #
@@ -20,11 +21,10 @@ cd "$ROOT"
 [ -f pyproject.toml ] && [ -d daemon ] || die "$ROOT does not look like the gpucostd source tree"
 
 # --------------------------------------------------------------------------- build tools
-# The private Python tree is built with the distribution's own interpreter, which is what the
-# package runs on: Debian 12's /usr/bin/python3 (3.11).
+# Nothing is compiled: the packages are architecture- and interpreter-independent (Debian
+# "Architecture: all", RPM "noarch"). The build host's python3 only runs pip; any 3.9+ does.
 PY=/usr/bin/python3
-NEEDED="debhelper dpkg-dev fakeroot rpm lintian rpmlint python3 python3-venv python3-dev \
-libsystemd-dev pkg-config gcc"
+NEEDED="debhelper dpkg-dev fakeroot rpm lintian rpmlint python3 python3-venv"
 missing=""
 for p in $NEEDED; do
     dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
@@ -37,14 +37,14 @@ if [ -n "$missing" ]; then
 fi
 [ -x "$PY" ] || die "$PY not found"
 PYVER=$($PY -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-[ "$PYVER" = 3.11 ] || say "warning: $PY is $PYVER; debian/control pins python3 to 3.11"
 
-VERSION=$($PY -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
-DEB_ARCH=$(dpkg --print-architecture)
-RPM_ARCH=$(rpm --eval '%{_arch}')
+VERSION=$(sed -n 's/^version = "\([^"]*\)"$/\1/p' pyproject.toml | head -1)
+[ -n "$VERSION" ] || die "no version = \"...\" line in pyproject.toml"
+PKGVERSION=$(sed -n 's/^__version__ = "\([^"]*\)"$/\1/p' daemon/__init__.py)
+[ "$VERSION" = "$PKGVERSION" ] || die "pyproject.toml says $VERSION, daemon/__init__.py $PKGVERSION"
 SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}
 export SOURCE_DATE_EPOCH
-say "gpucostd $VERSION for $DEB_ARCH / $RPM_ARCH with $PY ($PYVER)"
+say "gpucostd $VERSION (all / noarch; build host python $PYVER)"
 
 B="$ROOT/build/pkg"
 # One build at a time per tree (test runs may start it concurrently): wait for the other one.
@@ -55,37 +55,54 @@ rm -rf "$B"
 mkdir -p "$B" "$ROOT/dist"
 
 # --------------------------------------------------------------------------- private Python tree
-# A throwaway venv of the system interpreter gives a pip that may install; everything lands in
-# --target (the package's /usr/lib/gpucostd), never in the venv or the system.
+# Only pure-Python wheels (tag py3-none-any) of the pinned dependencies, resolved for the
+# oldest supported Python (3.9), go into the package's /usr/lib/gpucostd; psutil and
+# systemd-python come from the distribution (python3-psutil, python3-systemd), built there for
+# its own python3. A throwaway venv of the system interpreter gives a pip that may install;
+# everything lands in --target, never in the venv or the system.
 $PY -m venv "$B/venv"
-# --no-cache-dir: never reuse a wheel some other python 3.11 (pyenv, a venv) built and cached.
-PIP="env -u CFLAGS -u LDFLAGS -u CPPFLAGS $B/venv/bin/python -m pip --disable-pip-version-check --no-input --no-cache-dir"
+PIP="$B/venv/bin/python -m pip --disable-pip-version-check --no-input --no-cache-dir"
+PURE="--no-deps --no-compile --only-binary=:all: --implementation py --abi none --platform any
+--python-version 3.9"
 LIB="$B/common/usr/lib/gpucostd"
 mkdir -p "$LIB"
-say "installing pinned dependencies (packaging/requirements.lock) into /usr/lib/gpucostd"
-$PIP install --quiet --no-compile --no-deps --use-pep517 --target "$LIB" -r packaging/requirements.lock
+say "installing the pinned pure-Python dependencies (packaging/requirements.lock)"
+# shellcheck disable=SC2086
+$PIP install --quiet $PURE --target "$LIB" -r packaging/requirements.lock
 
-# The package itself, from a clean copy of the source tree (keeps build litter out of the tree).
-mkdir -p "$B/src"
+# The package itself, as a wheel built from a clean copy of the source tree.
+mkdir -p "$B/src" "$B/wheel"
 cp -a pyproject.toml daemon probes tuners "$B/src/"
 if [ -f README.md ]; then cp README.md "$B/src/"; else echo "gpucostd" > "$B/src/README.md"; fi
 find "$B/src" -name __pycache__ -prune -exec rm -rf {} +
-say "installing gpucostd $VERSION into /usr/lib/gpucostd"
-$PIP install --quiet --no-compile --no-deps --upgrade --target "$LIB" "$B/src"
+say "building and installing gpucostd $VERSION into /usr/lib/gpucostd"
+$PIP wheel --quiet --no-deps -w "$B/wheel" "$B/src" >/dev/null
+# shellcheck disable=SC2086
+$PIP install --quiet $PURE --upgrade --target "$LIB" "$B/wheel"/gpucostd-"$VERSION"-py3-none-any.whl
 
-# Console scripts that pip wrote (with the venv's shebang) are replaced by our launcher.
-rm -rf "$LIB/bin"
+# Console scripts that pip wrote are replaced by our launcher; nvidia-ml-py's wheel carries a
+# stray top-level example.py that is not part of pynvml.
+rm -rf "$LIB/bin" "$LIB/example.py"
 find "$LIB" -name __pycache__ -prune -exec rm -rf {} +
-find "$LIB" -name '*.so' -exec chmod 0644 {} + -exec strip --strip-unneeded {} +
 find "$LIB" -name RECORD -path '*.dist-info/*' -delete   # pip RECORDs list build paths
 # Library modules are imported, never run: drop their "#!/usr/bin/python" lines (lintian:
 # unusual-interpreter) so nothing in the tree points at an interpreter the package doesn't use.
 find "$LIB" -name '*.py' ! -perm -u+x -exec sed -i '1{/^#!/d}' {} +
-for mod in gpucostd pynvml psutil pyroute2 systemd prometheus_client; do
-    [ -e "$LIB/$mod" ] || [ -e "$LIB/$mod.py" ] || die "$mod missing from the private tree"
+# What may be in the tree, and nothing else: no compiled code, no stray top-level module.
+for entry in "$LIB"/*; do
+    name=$(basename "$entry")
+    case "$name" in
+        gpucostd|pynvml.py|pyroute2|prometheus_client|tomli|*.dist-info) ;;
+        *) die "unexpected top-level entry /usr/lib/gpucostd/$name (add it here only on purpose)" ;;
+    esac
 done
-$PY -I -B -c "import sys; sys.path.insert(0, '$LIB'); import gpucostd, pynvml, psutil, pyroute2, \
-systemd.journal, prometheus_client" || die "the private tree does not import with $PY"
+compiled=$(find "$LIB" -type f \( -name '*.so' -o -name '*.so.*' -o -name '*.pyd' -o -name '*.pyc' \) | head -3)
+[ -z "$compiled" ] || die "compiled files in the private tree: $compiled"
+for mod in gpucostd pynvml.py pyroute2 prometheus_client tomli; do
+    [ -e "$LIB/$mod" ] || die "$mod missing from the private tree"
+done
+$PY -I -B -c "import sys; sys.path.insert(0, '$LIB'); import gpucostd.cli, pynvml, pyroute2, \
+prometheus_client, tomli" || die "the private tree does not import with $PY"
 
 # Shared payload: the default config (monitoring only) and the man page.
 install -D -m 0644 packaging/gpucostd.toml "$B/common/etc/gpucostd/gpucostd.toml"
@@ -120,7 +137,7 @@ EOF
 say "building the .deb (dpkg-buildpackage)"
 (cd "$D" && dpkg-buildpackage -b -us -uc --no-check-builddeps >"$B/deb/build.log" 2>&1) \
     || { tail -40 "$B/deb/build.log" >&2; die "dpkg-buildpackage failed (log: $B/deb/build.log)"; }
-DEB="gpucostd_${VERSION}_${DEB_ARCH}.deb"
+DEB="gpucostd_${VERSION}_all.deb"
 cp "$B/deb/$DEB" "$ROOT/dist/$DEB"
 
 # --------------------------------------------------------------------------- .rpm
@@ -128,8 +145,9 @@ R="$B/rpm"
 S="$R/stage"
 mkdir -p "$S/_docs" "$R/SOURCES" "$R/SPECS"
 cp -a "$B/common/." "$S/"
-# RHEL/Fedora: python3.11 is a parallel-installable interpreter there (/usr/bin/python3.11).
-launcher /usr/bin/python3.11 "$S/usr/bin/gpucostd"
+# RHEL 9: /usr/bin/python3 is 3.9, RHEL 10: 3.12 (the interpreter python3-psutil and
+# python3-systemd are built for; the extra python3.11/3.12 streams of RHEL 9 are not used).
+launcher /usr/bin/python3 "$S/usr/bin/gpucostd"
 install -D -m 0644 systemd/gpucostd.service "$S/usr/lib/systemd/system/gpucostd.service"
 install -D -m 0644 systemd/gpucostd.sysusers "$S/usr/lib/sysusers.d/gpucostd.conf"
 install -D -m 0644 packaging/gpucostd.8 "$S/usr/share/man/man8/gpucostd.8"
@@ -149,7 +167,7 @@ fi
 say "building the .rpm (rpmbuild)"
 rpmbuild -bb --nodeps "$@" "$R/SPECS/gpucostd.spec" >"$R/build.log" 2>&1 \
     || { tail -40 "$R/build.log" >&2; die "rpmbuild failed (log: $R/build.log)"; }
-RPM="gpucostd-$VERSION.$RPM_ARCH.rpm"
+RPM="gpucostd-$VERSION.noarch.rpm"
 cp "$R/RPMS/$RPM" "$ROOT/dist/$RPM"
 
 # --------------------------------------------------------------------------- lint

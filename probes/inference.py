@@ -34,6 +34,7 @@ _CHUNK = 64 * 1024
 _NAME = r"[A-Za-z_:][A-Za-z0-9_:]*"
 _SAMPLE = re.compile(r"^(" + _NAME + r")(\{.*\})?\s+(\S+)(\s+-?\d+)?\s*$")
 _LABEL = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*,?')
+_NAME_RE = re.compile(_NAME + "$")
 _TYPE = re.compile(r"^#\s*(?:TYPE|HELP)\s+(" + _NAME + r")(?:\s+(\S+))?")
 
 # (server, generated-token series, {what: series}) in detection order. Each series is a
@@ -113,7 +114,9 @@ class Exposition:
     HELP/TYPE lines (a declared family without samples is absent, not 0)."""
 
     def __init__(self, text: str):
-        self.samples: Dict[str, List[Tuple[int, str, str]]] = {}   # name -> (line, labels, v)
+        # name -> [(line number, the sample line)]; a line is parsed in full only when its
+        # name is asked for (a vLLM page has hundreds of series, the probe wants a handful)
+        self.samples: Dict[str, List[Tuple[int, str]]] = {}
         self.declared: Dict[str, str] = {}
         bad = good = 0
         self.first_bad: Optional[Tuple[int, str]] = None
@@ -121,20 +124,24 @@ class Exposition:
             line = raw.strip()
             if not line:
                 continue
-            if line.startswith("#"):
+            if line[0] == "#":
                 m = _TYPE.match(line)
                 if m:
                     self.declared.setdefault(m.group(1), m.group(2) or "")
                 continue
-            m = _SAMPLE.match(line)
-            if not m:
+            cut = len(line)
+            for sep in ("{", " ", "\t"):
+                k = line.find(sep)
+                if 0 <= k < cut:
+                    cut = k
+            name = line[:cut]
+            if cut == len(line) or not _NAME_RE.match(name):
                 bad += 1
                 if self.first_bad is None:
                     self.first_bad = (lineno, line[:80])
                 continue
             good += 1
-            self.samples.setdefault(m.group(1), []).append((lineno, m.group(2) or "",
-                                                            m.group(3)))
+            self.samples.setdefault(name, []).append((lineno, line))
         self.garbage = bool(bad and not good and not self.declared)
 
     def has(self, name: str) -> bool:
@@ -152,7 +159,11 @@ class Exposition:
         if not rows:
             return None
         total, n = 0.0, 0
-        for lineno, labels, value in rows:
+        for lineno, line in rows:
+            m = _SAMPLE.match(line)
+            if not m:
+                raise ParseError(f"line {lineno}: {line[:60]!r} is not a sample line")
+            labels, value = m.group(2) or "", m.group(3)
             if matchers and not _matches(_labels(labels), matchers):
                 continue
             try:

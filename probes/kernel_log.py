@@ -1,16 +1,19 @@
-"""Kernel log watcher: NVRM Xid and "fallen off the bus" lines from /dev/kmsg or the journal.
+"""Kernel log watcher: NVRM Xid, "fallen off the bus" and NVSwitch SXid lines from /dev/kmsg or
+the journal.
 
-Pieces:
+Pieces (the first two live in ``kernel_parser.py`` and are re-exported here):
 - ``normalize_bus_id(text)``: any PCI address form ("PCI:0000:9b:00", "0000:03:00",
   "0000:29:00.0", NVML's "00000000:9B:00.0") -> "0000:9b:00.0", so kernel lines match NVML.
-- ``NvrmParser``: stateful, line at a time, never raises; returns ``KernelFault``s.
+- ``NvrmParser``: stateful, line at a time, never raises; returns ``KernelFault``s (GPU Xids,
+  with the MIG GPU / compute instance where the line names one) and ``SwitchFault``s (NVSwitch
+  SXids).
 - ``KernelLogWatcher``: a reader thread on /dev/kmsg (or the journal) feeding the parser; the loop
   calls ``poll()`` each cycle and ``commit()`` after it has stored what poll returned. The read
   position (kmsg: boot id + sequence number; journal: cursor) is persisted in the state dir, so a
   restart neither replays old lines as new nor misses lines written while the daemon was down.
 
-Cost per unrelated kernel line is one substring test ("NVRM" in line); those lines are dropped at
-once, so a flood of other kernel messages cannot hold an NVRM line back.
+Cost per unrelated kernel line is two substring tests ("NVRM" or "SXid" in line, ``wanted()``);
+those lines are dropped at once, so a flood of other kernel messages cannot hold an NVRM line back.
 """
 from __future__ import annotations
 
@@ -30,245 +33,16 @@ from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple, Union
 
 from gpucostd.statefile import write_atomic
+from gpucostd.probes.kernel_parser import (FALLEN_OFF_XID, MAX_LINE, DriverMismatch,  # noqa: F401
+                                           KernelFault, NvrmParser, SwitchFault,
+                                           normalize_bus_id, wanted)
 
 log = logging.getLogger("gpucostd.kernel_log")
 
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 STATE_FILE = "kernel_log.json"
 SOURCES = ("auto", "kmsg", "journal", "none")
-MAX_LINE = 16384          # longest line the parser looks at (a kmsg record is at most 8 KiB)
 KMSG_READ_SIZE = 16384    # one read(2) of /dev/kmsg returns one record, EINVAL if it is longer
-FALLEN_OFF_XID = 79
-
-# ---------------------------------------------------------------------------------------------
-# PCI bus ids
-
-_BUS_ID_RE = re.compile(
-    r"^\s*(?:PCI:)?(?:(?P<dom>[0-9a-fA-F]{1,8}):)?(?P<bus>[0-9a-fA-F]{1,2}):"
-    r"(?P<dev>[0-9a-fA-F]{1,2})(?:\.(?P<fn>[0-7]))?\s*$", re.I)
-
-
-def normalize_bus_id(text: Optional[str]) -> Optional[str]:
-    """"PCI:0000:9B:00" / "0000:03:00" / "0000:29:00.0" / "00000000:9B:00.0" -> "0000:9b:00.0".
-
-    Domain as 4 hex digits (NVML pads it to 8), lower case, function 0 when absent.
-    None when `text` is not a PCI address.
-    """
-    if not text or not isinstance(text, str):
-        return None
-    m = _BUS_ID_RE.match(text)
-    if not m:
-        return None
-    dom = int(m.group("dom") or "0", 16)
-    return "%04x:%02x:%02x.%d" % (dom, int(m.group("bus"), 16), int(m.group("dev"), 16),
-                                  int(m.group("fn") or "0"))
-
-
-# ---------------------------------------------------------------------------------------------
-# Faults and the parser
-
-
-@dataclass(frozen=True)
-class KernelFault:
-    time: float                    # wall clock, seconds since the epoch
-    pci_bus_id: str                # normalized, "0000:9b:00.0"
-    xid: int                       # 79 for the "fallen off the bus" messages without an Xid
-    message: str                   # text after the Xid (pid=/name= taken out)
-    raw: str                       # the kernel line(s) as read, joined with "\n"
-    process_name: Optional[str] = None
-    dedupe_key: str = ""           # kmsg:<boot_id>:<seq>[:<usec>] | journal cursor | fed:...
-    previous_boot: bool = False    # read from the journal of an earlier boot of this host
-
-
-_BUS = r"(?:PCI:)?[0-9a-fA-F]{1,8}:[0-9a-fA-F]{1,2}:[0-9a-fA-F]{1,2}(?:\.[0-7])?"
-_XID_RE = re.compile(r"NVRM:\s*Xid\s*\(\s*(?P<bus>" + _BUS + r")\s*\)\s*:?\s*(?P<xid>[0-9]{1,6})"
-                     r"(?![0-9])\s*,?\s*(?P<rest>.*)", re.S)
-_FELL_RE = re.compile(r"NVRM:\s*GPU\s+(?:at\s+)?(?P<bus>" + _BUS + r")\s*:?\s*(?:GPU\s+)?"
-                      r"has\s+fallen\s+off\s+the\s+bus", re.I)
-_THE_GPU_RE = re.compile(r"NVRM:\s*The\s+NVIDIA\s+GPU\s+(?P<bus>" + _BUS + r")(?P<rest>.*)", re.S)
-_PID_NAME_RE = re.compile(r"^pid=(?:'[^']*'|[^,\s]*)\s*(?:,\s*name=(?P<name>.*?)(?:,\s*|\s*$))?")
-_KMSG_DICT_RE = re.compile(r"^ [A-Za-z0-9_.-]+=")
-_FALLEN_TEXT = "fallen off the bus"
-
-
-@dataclass
-class _Pending:
-    bus: str
-    time: float
-    mono: float
-    key: str
-    raw: List[str]
-    lines_since: int = 0
-
-
-class NvrmParser:
-    """Turns kernel log lines into KernelFaults; one instance per stream (it keeps the state of
-    the multi-line "fallen off the bus" message). ``feed`` never raises.
-
-    Recognised:
-    - ``NVRM: Xid (PCI:0000:9b:00): 119, pid=..., name=..., text`` with or without ``PCI:``,
-      extra spaces, any prefix before ``NVRM:`` (dmesg ``[ts]``, ``kern  :warn  : <iso>``,
-      syslog/journal prefixes, the raw /dev/kmsg ``4,1227,123,c;`` record header);
-    - ``NVRM: GPU 0000:29:00.0: GPU has fallen off the bus.`` (and ``GPU at ... has fallen``): Xid 79;
-    - ``NVRM: The NVIDIA GPU 0000:b3:00.0`` / ``NVRM: (PCI ID: ...) installed in this system has`` /
-      ``NVRM: fallen off the bus and is not responding to commands.``: Xid 79, emitted once when
-      the third line arrives; if it does not come within `pending_lines` further NVRM lines or
-      `pending_seconds` (see ``flush``), the fault is emitted from the first line alone.
-    The same GPU falling off the bus is usually logged in two or three of these forms within a
-    second; a second form for the same bus within `dup_window` seconds is not reported again.
-    Everything else (NVSwitch SXid, "GPU at PCI:... GPU-<uuid>", driver load messages, kmsg
-    ``KEY=value`` continuation lines, junk) yields nothing.
-    """
-
-    def __init__(self, clock: Any = None, pending_lines: int = 3, pending_seconds: float = 2.0,
-                 dup_window: float = 10.0):
-        self._clock = clock
-        self._pending: Optional[_Pending] = None
-        self._pending_lines = pending_lines
-        self.pending_seconds = pending_seconds
-        self._dup_window = dup_window
-        self._last79: Dict[str, Tuple[float, str]] = {}   # bus -> (time, form)
-        self._seq = 0
-        # fed lines are not read again after a restart: a key of one parser must never match
-        # one of an earlier run (the simulator replays the same lines from its start)
-        self._run = os.urandom(4).hex()
-
-    # -- public
-
-    @property
-    def has_pending(self) -> bool:
-        return self._pending is not None
-
-    def feed(self, line: Union[str, bytes], *, time: Optional[float] = None,
-             dedupe_key: Optional[str] = None) -> List[KernelFault]:
-        """Parse one line. `time` (wall) defaults to now; `dedupe_key` defaults to
-        ``fed:<random id of this parser>:<sha1 of the line, 16 hex>:<line number in it>``."""
-        try:
-            return self._feed(line, time, dedupe_key)
-        except Exception:  # bad input must never take the watcher down
-            log.debug("unparseable kernel line ignored", exc_info=True)
-            return []
-
-    def flush(self, force: bool = False) -> List[KernelFault]:
-        """Emit a pending multi-line "fallen off the bus" whose follow-up lines never came
-        (older than `pending_seconds`, or any age with `force`)."""
-        p = self._pending
-        if p is None:
-            return []
-        if not force and self._mono() - p.mono < self.pending_seconds:
-            return []
-        self._pending = None
-        return self._emit79(p.bus, p.time, "", "\n".join(p.raw), p.key, "multi")
-
-    # -- internals
-
-    def _now(self) -> float:
-        return self._clock.time() if self._clock is not None else _time.time()
-
-    def _mono(self) -> float:
-        return self._clock.monotonic() if self._clock is not None else _time.monotonic()
-
-    def _feed(self, line: Union[str, bytes], t: Optional[float], key: Optional[str]) -> List[KernelFault]:
-        self._seq += 1
-        if isinstance(line, (bytes, bytearray)):
-            if b"NVRM" not in line:
-                return []
-            line = bytes(line[:MAX_LINE]).decode("utf-8", "replace")
-        elif not isinstance(line, str):
-            return []
-        if "NVRM" not in line:
-            return []
-        if len(line) > MAX_LINE:
-            line = line[:MAX_LINE]
-        line = line.rstrip("\r\n").replace("\x00", "")
-        if _KMSG_DICT_RE.match(line):
-            return []
-        at = line.find("NVRM:")
-        if at < 0:
-            return []
-        body = line[at:]
-        if t is None:
-            t = self._now()
-        if key is None:
-            key = "fed:%s:%s:%d" % (self._run, hashlib.sha1(line.encode("utf-8", "replace"))
-                                    .hexdigest()[:16], self._seq)
-        out: List[KernelFault] = []
-
-        # the multi-line message in progress
-        p = self._pending
-        if p is not None:
-            if _FALLEN_TEXT in body and not _THE_GPU_RE.search(body):
-                p.raw.append(line)
-                self._pending = None
-                return self._emit79(p.bus, p.time, "", "\n".join(p.raw), p.key, "multi")
-            if "not supported" in body or "requires use of" in body:
-                self._pending = None            # a driver load message, not a fault
-                return []
-            if "(PCI ID:" in body and "installed in this system" in body:
-                p.raw.append(line)              # the expected second line
-                return []
-            p.lines_since += 1
-            if p.lines_since >= self._pending_lines:
-                out.extend(self.flush(force=True))
-
-        m = _XID_RE.search(body)
-        if m:
-            bus = normalize_bus_id(m.group("bus"))
-            if bus is None:
-                return out
-            xid = int(m.group("xid"))
-            rest = m.group("rest").strip()
-            name = None
-            pm = _PID_NAME_RE.match(rest)
-            if pm:
-                name = pm.group("name")
-                if name is not None:
-                    name = name.strip() or None
-                    if name in ("<unknown>", "'<unknown>'"):
-                        name = None
-                rest = rest[pm.end():].strip() or rest
-            if xid == FALLEN_OFF_XID:
-                out.extend(self._emit79(bus, t, rest, line, key, "xid", name))
-            else:
-                out.append(KernelFault(time=t, pci_bus_id=bus, xid=xid, message=rest, raw=line,
-                                       process_name=name, dedupe_key=key))
-            return out
-
-        m = _FELL_RE.search(body)
-        if m:
-            bus = normalize_bus_id(m.group("bus"))
-            if bus is not None:
-                out.extend(self._emit79(bus, t, "GPU has fallen off the bus.", line, key, "single"))
-            return out
-
-        m = _THE_GPU_RE.search(body)
-        if m:
-            bus = normalize_bus_id(m.group("bus"))
-            rest = m.group("rest")
-            if bus is None:
-                return out
-            if _FALLEN_TEXT in rest:            # the whole message on one line (journal, joined)
-                out.extend(self._emit79(bus, t, "", line, key, "multi"))
-            elif not rest.strip():              # "The NVIDIA GPU 0000:b3:00.0" and nothing else
-                if self._pending is not None:
-                    out.extend(self.flush(force=True))
-                self._pending = _Pending(bus=bus, time=t, mono=self._mono(), key=key, raw=[line])
-            # "(PCI ID: ...)" on the first line: a driver load message ("not supported" ...)
-        return out
-
-    def _emit79(self, bus: str, t: float, message: str, raw: str, key: str, form: str,
-                name: Optional[str] = None) -> List[KernelFault]:
-        last = self._last79.get(bus)
-        if last is not None and last[1] != form and abs(t - last[0]) <= self._dup_window:
-            return []   # the same event, logged again in another form
-        if len(self._last79) > 4096:
-            self._last79.clear()
-        self._last79[bus] = (t, form)
-        return [KernelFault(time=t, pci_bus_id=bus, xid=FALLEN_OFF_XID,
-                            message=message or "GPU has fallen off the bus and is not responding "
-                                               "to commands.",
-                            raw=raw, process_name=name, dedupe_key=key)]
-
 
 # ---------------------------------------------------------------------------------------------
 # State persistence
@@ -319,6 +93,9 @@ class KernelLogWatcher:
         self.error: Optional[str] = None
         self.dropped = 0               # faults dropped because nobody polled (queue full)
         self.overwritten = 0           # kmsg EPIPE/EINVAL: records lost (ring wrapped, too long)
+        self.lines_lost = 0            # records never read: gaps in the kmsg sequence numbers
+        self.last_loss_time: Optional[float] = None     # wall time of the last gap seen
+        self._last_seq: Optional[int] = None
         self.lines_read = 0
         self._queue: Deque[KernelFault] = collections.deque()
         self._available = threading.Event()
@@ -572,12 +349,18 @@ class KernelLogWatcher:
             return False
         if seq <= self._skip_seq:
             return False
+        if self._last_seq is not None and seq > self._last_seq + 1:
+            # the kernel overwrote (or skipped, when too long) the records in between before
+            # we read them: Xid lines may be among them
+            self.lines_lost += seq - self._last_seq - 1
+            self.last_loss_time = self._clock.time() if self._clock is not None else _time.time()
+        self._last_seq = seq
         queued = False
         body = rec[semi + 1:]
-        if b"NVRM" in body:
+        if wanted(body):
             nl = body.find(b"\n")
             msg = body if nl < 0 else body[:nl]
-            if b"NVRM" in msg:
+            if wanted(msg):
                 text = msg[:MAX_LINE].decode("utf-8", "replace")
                 if "\\x" in text:
                     text = _unescape_kmsg(text)
@@ -750,7 +533,7 @@ class KernelLogWatcher:
                 msg = entry.get("MESSAGE")
                 if isinstance(msg, (bytes, bytearray)):
                     msg = bytes(msg).decode("utf-8", "replace")
-                if isinstance(msg, str) and "NVRM" in msg:
+                if isinstance(msg, str) and wanted(msg):
                     t = _journal_time(entry.get("__REALTIME_TIMESTAMP"))
                     key = str(cursor) if cursor else None
                     earlier = self._earlier_boot(entry.get("_BOOT_ID"))

@@ -157,8 +157,7 @@ def test_several_endpoints_and_the_tensor_parallel_slowest_gpu_rule():
     # over 100 s: the tensor group runs at its slowest GPU: 4000/s x 0.2/0.8 lost;
     # the data-parallel pair loses only GPU 2's half: 2000/s x 0.2/0.8
     assert rep.tokens.tokens_lost_total == pytest.approx(100 * (4000 + 2000) * 0.25, rel=0.02)
-    assert acc.eff.gpu_rates([0, 1, 2, 3]) == pytest.approx({0: 2000, 1: 2000, 2: 2000,
-                                                             3: 2000})
+    assert [g.extra["tokens_per_second"] for g in rep.gpus] == pytest.approx([2000] * 4)
 
 
 def test_floor_state_machine_needs_the_whole_window_both_ways():
@@ -275,3 +274,53 @@ def test_gpucostd_cost_shows_energy_and_idle_live_from_state_and_over_a_window(t
     text = format_cost(live)
     assert "Energy and idle capacity since accounting began" in text
     assert all(len(line) <= 100 for line in text.splitlines())
+
+
+def test_simulated_demo_shows_tokens_per_dollar_energy_and_idle_cost(daemon_factory):
+    d = daemon_factory(interval=0.5,
+                       extra_config="[cost]\ngpu_hour_usd = 2.5\nenergy_usd_per_kwh = 0.15\n"
+                                    "pue = 1.3\n").start()
+
+    def ready():
+        _rc, st = d.status_json()
+        tk = (st.get("cost") or {}).get("node", {}).get("tokens") or {}
+        up = [e.get("up") for e in tk.get("endpoints") or ()]
+        return st if tk.get("tokens_per_dollar") and up == [True, True] else None
+    st = wait_for(ready, 30, what="tokens per dollar in status --json")
+    tk = st["cost"]["node"]["tokens"]
+    assert [e["server"] for e in tk["endpoints"]] == ["vllm", "vllm"]
+    assert all(e["url"].startswith("http://127.0.0.1:") for e in tk["endpoints"])
+    # 2 x 4 GPUs x 2000 x 0.95 tokens/s, less while GPU 0 is hot
+    assert 13000 < tk["tokens_per_second"] <= 15200 * 1.01
+    text = d.cli("status").stdout
+    assert "Tokens: " in text and " per $" in text and "per million" in text and "idle " in text
+    assert "Energy: " in text
+    m = d.metrics()
+    for family in ("gpucostd_node_tokens_per_dollar", "gpucostd_gpu_energy_joules_total",
+                   "gpucostd_gpu_idle_cost_dollars_total", "gpucostd_node_tokens_per_joule",
+                   "gpucostd_inference_endpoint_up"):
+        assert family in m, family
+
+
+def test_serving_diagnosis_through_the_daemon_on_builtin_serving(daemon_factory):
+    d = daemon_factory(scenario="builtin:serving",
+                       extra_config="[efficiency]\nwindow_seconds = 1\n").start()
+
+    def found():
+        _rc, st = d.status_json()
+        codes = {f["code"] for f in st["node"]["findings"]}
+        return codes if {"serving_memory_bound", "serving_bottleneck_before_gpu"} <= codes \
+            else None
+    codes = wait_for(found, 30, what="serving findings")
+    assert "inference_unreachable" not in codes
+
+
+def test_scrape_deadline_is_at_most_half_the_interval(tmp_path):
+    from gpucostd.loop import Daemon
+    c = cfg(f'[daemon]\ninterval_seconds = 0.2\nstate_dir = "{tmp_path}"\n'
+            '[inference]\nmetrics_url = "http://127.0.0.1:9/metrics"\ntimeout_seconds = 2\n')
+    daemon = Daemon(c, clock=VirtualClock(), one_shot=True, state_dir=str(tmp_path))
+    try:
+        assert [p.timeout for p in daemon.inference] == [0.1]
+    finally:
+        daemon.shutdown(system_shutdown=True)

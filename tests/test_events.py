@@ -312,3 +312,24 @@ def test_dedupe_keys_are_bounded_by_count_too(tmp_path):
     with sqlite3.connect(str(tmp_path / "events.sqlite")) as db:
         assert db.execute("SELECT COUNT(*) FROM dedupe").fetchone()[0] <= 50
     assert EventStore(str(tmp_path)).xid_totals()[(None, 13)] == 500
+
+
+def test_database_files_are_0640_like_the_other_state_files(tmp_path):
+    """events.sqlite (and its -wal/-shm files) are not world-readable, whatever the umask; a
+    0644 file an older version created is narrowed on open."""
+    old = os.umask(0o022)
+    try:
+        s = EventStore(str(tmp_path))
+        s.append(ev(0))
+        modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()
+                 if p.name.startswith("events.sqlite")}
+        s.close()
+        assert modes["events.sqlite"] == 0o640, modes
+        assert all(m == 0o640 for m in modes.values()), modes
+        (tmp_path / "events.sqlite").chmod(0o644)          # as gpucostd 0.1.0 left it
+        s = EventStore(str(tmp_path))
+        assert [e.message for e in s.query()] == ["event 0"]
+        s.close()
+        assert (tmp_path / "events.sqlite").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)

@@ -651,12 +651,17 @@ def test_sticky_fault_of_a_gpu_that_vanished_from_nvml_keeps_the_node_crit(tmp_p
     r = step(j, clock, [gpu(0)])                   # NVML re-initialized without GPU 1
     assert r.node_health == Severity.CRIT
     assert not [e for e in r.events if e.code == "health_change" and e.subject == "node"]
-    (f,) = [f for f in r.findings if f.subject == "node"]
+    (f,) = [f for f in r.findings if f.subject == "node" and f.code != "gpu_missing"]
     assert f.code == "xid_79" and f.gpu is None and f.severity == Severity.CRIT
     assert f.message.startswith("GPU 1, not read this cycle: Xid 79")
+    # the GPU left NVML's count: it is also missing from the node's inventory
+    (m,) = [f for f in r.findings if f.code == "gpu_missing"]
+    assert gpu(1).uuid in m.message and m.severity == Severity.CRIT
     r = step(j, clock, [])                         # nothing readable at all
     assert r.node_health == Severity.CRIT
     assert [e.fields["cleared"] for e in j.ack(1)] == ["xid_79"]
+    assert step(j, clock, [gpu(0)]).node_health == Severity.CRIT     # still missing
+    assert [e.fields["cleared"] for e in j.ack("node", "gpu_missing")] == ["gpu_missing"]
     assert step(j, clock, [gpu(0)]).node_health == Severity.OK
 
 
@@ -672,7 +677,7 @@ def test_gpus_renumbered_after_one_vanished_is_not_a_reset(tmp_path, clock, boot
     assert "gpu_reset" not in {e.code for e in r.events}
     assert r.gpu_health == {0: Severity.OK, 1: Severity.OK}
     assert r.node_health == Severity.CRIT
-    (f,) = [f for f in r.findings if f.subject == "node"]
+    (f,) = [f for f in r.findings if f.subject == "node" and f.code != "gpu_missing"]
     assert f.code == "xid_79" and "formerly at index 1" in f.message
 
 

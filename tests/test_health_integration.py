@@ -15,8 +15,8 @@ What the issue demands and where it is proved here:
 About the kernel log: lines written to /dev/kmsg stay in the host's ring buffer until reboot, and
 a daemon started later with an empty state dir reads the whole buffer. So the kmsg test names
 GPUs on bus ids picked at random and unused in the buffer (a rerun never sees an old line for
-its own GPUs), and uses Xid 62 (catalog: crit, "reset GPU", NOT sticky) instead of the sticky
-Xid 79: a later fresh daemon on this host drops a non-sticky Xid finding once the line is older
+its own GPUs), and uses Xid 154 naming recovery action 0x1 (crit, "reset GPU", NOT sticky: the
+driver's recovery action is read again rather than latched) instead of a sticky Xid such as 79: a later fresh daemon on this host drops a non-sticky Xid finding once the line is older
 than 10 minutes, whereas a stray Xid 79 line would keep its node CRIT until the host reboots.
 The sticky Xid 79 path (finding, ack) is covered through the scenario's `kernel_log` timeline
 entries, which need no root and leave nothing behind.
@@ -46,9 +46,9 @@ EXIT = {"OK": 0, "WARN": 1, "CRIT": 2, "UNKNOWN": 3}
 
 
 # ------------------------------------------------------------------ helpers
-def catalog(xid):
+def catalog(xid, message=None):
     from gpucostd.health.xid import lookup
-    return lookup(xid)
+    return lookup(xid, message)
 
 
 def scenario_text(bus_ids, timeline="", uuids=None):
@@ -148,10 +148,11 @@ def unused_buses(n):
 def test_kmsg_line_reaches_status_and_events_within_a_second_and_once_after_restart(
         writable_kmsg, daemon_factory, tmp_path):
     from gpucostd.views.statusapi import StatusClientError, request
-    xid = 62
-    info = catalog(xid)
+    xid = 154
+    text = "GPU recovery action changed from 0x0 (None) to 0x1 (GPU Reset Required)"
+    info = catalog(xid, text)
     assert info.severity.name == "CRIT" and not info.sticky, \
-        "the test relies on Xid 62 being crit and not sticky in the catalog (see module doc)"
+        "the test relies on Xid 154 -> 0x1 being crit and not sticky (see module doc)"
     buses = unused_buses(4)
     bus_ids = [f"00000000:{b:02X}:00.0" for b in buses]
     scen = tmp_path / "kmsg.toml"
@@ -164,7 +165,7 @@ def test_kmsg_line_reaches_status_and_events_within_a_second_and_once_after_rest
 
     token = f"gpucostd-test-{uuidlib.uuid4().hex[:12]}"
     line = (f"NVRM: Xid (PCI:0000:{buses[3]:02x}:00): {xid}, pid='<unknown>', name=<unknown>, "
-            f"Internal micro-controller halt {token}")
+            f"{text} {token}")
     write_kmsg(line)
     t0 = time.monotonic()
     seen = {}

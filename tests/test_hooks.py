@@ -301,3 +301,64 @@ def test_leftovers_of_a_hook_are_reaped_when_the_daemon_is_their_reaper(tmp_path
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got == {"ok": True, "state": "gone"}, got
+
+
+# ------------------------------------------------------------------ stop and leftovers
+def _pipes_open():
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:"):
+                n += 1
+        except OSError:
+            pass
+    return n
+
+
+def test_a_hook_still_running_at_stop_is_killed(tmp_path):
+    pidfile = tmp_path / "hook.pid"
+    script = tmp_path / "slow.sh"
+    script.write_text(f"#!/bin/sh\necho $$ > {pidfile}\nexec sleep 60\n")
+    script.chmod(0o755)
+    runner = HookRunner(hook_config(on_critical=[str(script)], timeout=600))
+    runner.on_events([health_event()])
+    wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 10, what="hook started")
+    pid = int(pidfile.read_text())
+    runner.stop(timeout=0.5)
+
+    def gone():
+        try:
+            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return True
+        return state == "Z"
+    wait_for(gone, 10, what="the running hook killed at stop")
+
+
+def test_a_background_child_of_a_hook_leaks_no_thread_and_no_pipe(tmp_path):
+    import threading
+    pids = tmp_path / "pids"
+    script = tmp_path / "bg.py"
+    script.write_text(textwrap.dedent(f"""\
+        import subprocess, sys
+        p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                             start_new_session=True)
+        open({str(pids)!r}, "a").write(str(p.pid) + "\\n")
+        print("started", flush=True)
+        """))
+    runner = HookRunner(hook_config(on_critical=[sys.executable, str(script)]))
+    before = _pipes_open()
+    try:
+        for _ in range(3):
+            res = runner.run("on_critical", [sys.executable, str(script)], health_event(), 20)
+            assert res.ok and res.output == ["started"], res
+        wait_for(lambda: not [t for t in threading.enumerate()
+                              if t.name == "gpucostd-hook-output"], 10,
+                 what="no hook output reader left")
+        assert _pipes_open() <= before, (before, _pipes_open())
+    finally:
+        for line in pids.read_text().split() if pids.exists() else []:
+            try:
+                os.kill(int(line), 9)
+            except ProcessLookupError:
+                pass

@@ -118,7 +118,9 @@ def test_every_fixture_line_through_the_kmsg_reader(tmp_path):
 
 
 NOT_FAULTS = [
-    "nvidia-nvswitch0: SXid (PCI:0000:05:00.0): 12028, Non-fatal, Link 32 egress non-posted PRIV error",
+    # an SXid's follow-up lines (the first line of an SXid is a SwitchFault: test_kernel_forms.py)
+    "nvidia-nvswitch2: SXid (PCI:0000:07:00.0): 20034, Severity 1 Engine instance 60 Sub-engine instance 00",
+    "SXid (PCI:0000:84:00.0): 12028, Data {0x000001c0, 0x00bd5c8a}",
     "[   12.345678] NVRM: loading NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023",
     "NVRM: GPU at PCI:0000:9b:00: GPU-509665ad-b600-ac93-3616-d754b23d636d",
     "NVRM: GPU Board Serial Number: 1654922006253",

@@ -125,7 +125,8 @@ def test_every_module_has_a_role_folder():
     """Nothing new lands loose at the top of daemon/ unless it is the process or a
     foundation: a reader knows a file's job from its folder."""
     process = {"gpucostd.cli", "gpucostd.service", "gpucostd.loop", "gpucostd.replay",
-               "gpucostd.capture", "gpucostd.notify", "gpucostd.__main__"}
+               "gpucostd.capture", "gpucostd.notify", "gpucostd.calibrate",
+               "gpucostd.__main__"}
     loose = [n for n in _tree() if role_of(n) == "process" and n not in process]
     assert loose == [], f"place these in a role folder (README 'Layout'): {loose}"
 

@@ -141,9 +141,11 @@ def test_without_field_values_the_old_calls_give_the_same_readings(sim, how):
         clock_b.advance(t - clock_b.monotonic())
         for a, b in zip(gpus, old.read()):
             assert a.state == b.state == GpuState.OK and a.error is None and b.error is None
-            # memory temperature exists only as a field value: absent without them
+            # memory temperature and the recovery action exist only as field values: absent
+            # without them
             assert _equal_but_violations(a, b) == {
-                "memory_temperature_celsius": (a.memory_temperature_celsius, None)}
+                "memory_temperature_celsius": (a.memory_temperature_celsius, None),
+                "gpu_recovery_action": (a.gpu_recovery_action, None)}
             va, vb = a.violation_seconds, b.violation_seconds
             assert "thermal" in vb and "hw_thermal" not in vb and "hw_thermal" in va
             assert vb["thermal"] == pytest.approx(va["sw_thermal"] + va["hw_thermal"])

@@ -143,6 +143,22 @@ def test_replay_is_deterministic_and_fits_100_columns():
     assert a["cycles"] == 121 and a["step_seconds"] == 2.0
 
 
+def test_summary_line_wraps_and_keeps_the_30_day_figure():
+    """A long node summary (large figures, a long currency) is wrapped at 100 columns, never
+    cut: the per-day and per-30-days figures stay readable."""
+    cfg = parse('[cost]\ngpu_hour_usd = 2.5\ncurrency = "USD"\n')
+    result = run_replay("builtin:cost_overlap", cfg, duration=60, step=2.0)
+    node = result["node"]
+    node.update(capacity_lost_seconds=123456789.5, capacity_lost_fraction=0.123456,
+                dollars=123456.78, dollars_per_day=9876543.21, dollars_per_30_days=296296296.3)
+    text = format_replay(result)
+    assert all(len(line) <= 100 for line in text.splitlines())
+    assert "…" not in text
+    joined = " ".join(text.split())
+    assert "/day," in joined and "/30 days" in joined
+    assert "296,296,296" in joined or "296296296" in joined, text
+
+
 def test_bad_arguments_are_errors_in_words():
     from gpucostd.sim.scenario import ScenarioError
     with pytest.raises(ScenarioError):

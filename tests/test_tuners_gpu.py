@@ -18,7 +18,7 @@ from gpucostd.snapshot import CheckResult, GpuReading, GpuState, NodeSnapshot, S
 from gpucostd.tuners.manager import (Change, TuningManager, format_changes, format_plan,
                                      plan_exit_code, shutdown_in_progress)
 from gpucostd.views.metrics_tuning import metric_families
-from gpucostd.tuners.originals import OriginalsStore
+from gpucostd.tuners.originals import OriginalsError, OriginalsStore
 
 MODEL = "NVIDIA H100 80GB HBM3"
 
@@ -293,14 +293,19 @@ def test_unwritable_state_dir_means_nothing_is_changed(tmp_path):
     assert "cannot save originals" in changes[0].error and gw.writes == []
 
 
-def test_corrupt_originals_file_is_moved_aside(tmp_path):
+def test_corrupt_originals_file_is_kept_and_refuses_writes(tmp_path):
     state = tmp_path / "state"
     state.mkdir()
     (state / "originals.json").write_text("{not json")
     store = OriginalsStore(str(state))
-    assert len(store) == 0 and store.warnings and "moved aside" in store.warnings[0]
-    assert store.save_if_absent("persistence_mode", "gpu:0", True)
-    assert any(p.startswith("originals.json.corrupt-") for p in os.listdir(state))
+    assert len(store) == 0 and store.problem and "unreadable" in store.problem
+    with pytest.raises(OriginalsError, match="nothing was changed"):
+        store.save_if_absent("persistence_mode", "gpu:0", True)
+    assert (state / "originals.json").read_text() == "{not json"
+    assert os.listdir(state) == ["originals.json"]
+    (state / "originals.json").unlink()          # the operator decided
+    store.reload()
+    assert store.check() is None and store.save_if_absent("persistence_mode", "gpu:0", True)
 
 
 # ------------------------------------------------------------------ views and metrics

@@ -132,7 +132,8 @@ def test_check_prints_pass_warn_fail_with_fixes_and_exit_code_as_status(tmp_path
             status, name = line.split()[:2]
             names[name] = status
     assert names == {n: "PASS" for n in ("kernel", "driver", "cuda", "iommu", "persistence",
-                                         "nic")}, ok.stdout
+                                         "nic", "persistenced", "driver_match", "toolkit",
+                                         "open_ports")}, ok.stdout
 
     # a driver older than the minimum and the wrong IOMMU mode: FAIL with the fix -> exit 2
     bad = run_cli(tmp_path, "check", "--simulate",
@@ -150,7 +151,8 @@ def test_check_prints_pass_warn_fail_with_fixes_and_exit_code_as_status(tmp_path
     assert warn.returncode == 1, warn.stdout + warn.stderr
     text = words(warn.stdout)
     assert "WARN persistence persistence mode is off on GPU 0, 1" in text, text
-    assert "fix: set [tuning.gpu] persistence_mode = true" in text, text
+    assert "fix: enable nvidia-persistenced" in text, text
+    assert "or set [tuning.gpu] persistence_mode = true" in text, text
 
     js = run_cli(tmp_path, "check", "--simulate", "--json",
                  config=base + '[checks]\niommu = "passthrough"\nmin_driver = "560"\n')

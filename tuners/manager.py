@@ -63,6 +63,9 @@ class TuningManager:
         self._last_verify: Optional[float] = None
         self._settings: List[Setting] = []
         self._gpus: Tuple[Any, ...] = ()
+        # (name, subject) of settings another part holds for now (`gpucostd calibrate` steps
+        # the power limit): apply and verify neither write nor count drift on them
+        self.held: set = set()
 
     # ------------------------------------------------------------------ plumbing
     def _get_netlink(self):
@@ -86,10 +89,16 @@ class TuningManager:
     def warnings(self) -> List[str]:
         return list(self.originals.warnings)
 
+    @property
+    def originals_problem(self) -> Optional[str]:
+        """Why the saved originals cannot be used (then nothing is tuned), or None."""
+        return self.originals.check()
+
     def reconfigure(self, config) -> None:
         """A reloaded config: the next verify runs at once and applies the new desired state."""
         self.config = config
         self._last_verify = None
+        self.originals.reload()       # an operator may have fixed or removed a damaged file
 
     def close(self) -> None:
         if self._own_netlink and self._netlink is not None:
@@ -171,6 +180,8 @@ class TuningManager:
         items = self._plan_items(gpus)
         changes: List[Change] = []
         for p in items:
+            if p.key in self.held:
+                continue
             if p.error is not None:
                 changes.append(Change(p.subject, p.name, p.actual, p.desired, False, p.error))
             elif p.in_sync:
@@ -198,11 +209,13 @@ class TuningManager:
         if self._last_verify is not None and now - self._last_verify < interval:
             return list(self._settings), []
         self._last_verify = now
+        if self.originals.problem is not None:
+            self.originals.reload()   # fixed or removed by an operator since: tune again
         enforce = bool(self.config.tuning.enforce)
         items = self._plan_items(gpus)
         events: List[Event] = []
         for p in items:
-            if p.error is not None:
+            if p.error is not None or p.key in self.held:
                 continue
             if p.in_sync:
                 self._established[p.key] = p.desired
@@ -254,6 +267,10 @@ class TuningManager:
             self._gpus = tuple(sorted(gpus, key=lambda g: g.index))
         self.originals.reload()
         changes: List[Change] = []
+        problem = self.originals.check()
+        if problem is not None:
+            return [Change("node", "originals", None, None, False,
+                           f"{problem}; nothing was restored")]
         for name, subject, entry in self.originals.items():
             original = entry.get("value")
             p = self._restore_item(name, subject, entry)
@@ -280,7 +297,7 @@ class TuningManager:
             except TunerError:
                 current = None
             if current is not None and current == original:
-                self._forget(name, subject, changes)
+                self._forget(name, subject, changes, in_place=True)
                 continue
             try:
                 p.tuner.restore(p, original)
@@ -289,15 +306,24 @@ class TuningManager:
                                       f"{e}; {self.restore_hint}"))
                 continue
             changes.append(Change(subject, name, current, original, True))
-            self._forget(name, subject, changes)
+            self._forget(name, subject, changes, in_place=True)
         self._established.clear()
         self._drifted.clear()
         return changes
 
-    def _forget(self, name: str, subject: str, changes: List[Change]) -> None:
+    def _forget(self, name: str, subject: str, changes: List[Change],
+                in_place: bool = False) -> None:
+        """Remove a restored entry. When the original is back on the hardware (`in_place`) and
+        only the file cannot be written (a full or read-only state dir), that is no failed
+        restore: a warning, not a second, contradictory change next to the restored one. The
+        entry stays, and the next restore finds the value in place and removes it."""
         try:
             self.originals.remove(name, subject)
         except OriginalsError as e:
+            if in_place:
+                LOG.warning("%s: %s is back at its original, but its entry stays in %s: %s",
+                            subject, name, self.originals.path, e)
+                return
             changes.append(Change(subject, name, None, None, False, str(e)))
 
     def _restore_item(self, name: str, subject: str, entry: Dict[str, Any]

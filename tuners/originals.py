@@ -13,13 +13,18 @@ Rules (tuned's discipline):
   the middle of an apply, keeps the value from before the very first write);
 - an entry is removed once its original has been put back.
 
-A damaged file is moved aside (``originals.json.corrupt-<time>``) rather than crashing the daemon;
-``warnings`` says what happened so the caller can report it.
+A damaged file (torn by a crash, truncated, hand-edited into something else) is never moved
+aside, replaced or overwritten: the values in it may be the only record of what the GPUs had
+before gpucostd changed them. ``problem`` then says what is wrong; every write (and so every
+tuning change) is refused with that text, and restore puts nothing back, until an operator
+decides: fix the file, or move it away (docs/tuning.md, "Saved originals unreadable"). The
+store reads the file again on ``reload()``, which the manager calls while a problem stands.
 """
 from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -27,6 +32,7 @@ from gpucostd.statefile import write_atomic
 
 FILENAME = "originals.json"
 VERSION = 1
+MAX_BYTES = 4 << 20      # a few hundred bytes per GPU; anything far larger is not ours
 
 
 class OriginalsError(Exception):
@@ -39,6 +45,7 @@ class OriginalsStore:
         self.path = os.path.join(state_dir, FILENAME)
         self._clock = clock
         self.warnings: List[str] = []
+        self.problem: Optional[str] = None    # the file exists but cannot be used
         self._data: Optional[Dict[str, Dict[str, Dict[str, Any]]]] = None
 
     # ------------------------------------------------------------------ reading
@@ -46,9 +53,16 @@ class OriginalsStore:
         if self._data is not None:
             return self._data
         data: Dict[str, Dict[str, Dict[str, Any]]] = {}
+        self.problem = None
         try:
-            with open(self.path, "r", encoding="utf-8") as f:
-                raw = json.load(f)
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+            with os.fdopen(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise ValueError("not a regular file")
+                blob = f.read(MAX_BYTES + 1)
+            if len(blob) > MAX_BYTES:
+                raise ValueError(f"larger than {MAX_BYTES} bytes")
+            raw = json.loads(blob.decode("utf-8"))
             originals = raw.get("originals") if isinstance(raw, dict) else None
             if not isinstance(originals, dict):
                 raise ValueError("no 'originals' table")
@@ -59,18 +73,15 @@ class OriginalsStore:
                     if not isinstance(entry, dict) or "value" not in entry:
                         raise ValueError(f"entry {subject!r}/{name!r} has no value")
                 data[subject] = dict(settings)
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError) as e:   # json.JSONDecodeError is a ValueError
-            aside = f"{self.path}.corrupt-{int(time.time())}"
-            try:
-                os.replace(self.path, aside)
-                where = f"moved aside to {aside}"
-            except OSError:
-                where = "left in place"
-            self.warnings.append(
-                f"{self.path}: unreadable saved originals ({e}); {where}; settings changed by "
-                f"an earlier run cannot be restored automatically, check them by hand")
+        except (FileNotFoundError, NotADirectoryError):
+            pass       # nothing saved (yet); a state dir that cannot exist fails at the write
+        except (OSError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            self.problem = (f"{self.path}: saved originals unreadable ({why[:120]}); tuning "
+                            f"is refused and the file is kept until an operator fixes or "
+                            f"removes it (docs/tuning.md)")
+            if self.problem not in self.warnings:
+                self.warnings.append(self.problem)
             data = {}
         self._data = data
         return data
@@ -78,6 +89,11 @@ class OriginalsStore:
     def reload(self) -> None:
         """Forget the cached content (another process may have changed the file)."""
         self._data = None
+
+    def check(self) -> Optional[str]:
+        """Read the file (if not read yet); the problem with it, or None when it is usable."""
+        self._load()
+        return self.problem
 
     def get(self, name: str, subject: str) -> Tuple[bool, Any]:
         entry = self._load().get(subject, {}).get(name)
@@ -107,6 +123,7 @@ class OriginalsStore:
         Returns True when it saved, False when an original was already there. Raises
         OriginalsError when the file cannot be written (then nothing may be changed)."""
         data = self._load()
+        self._refuse_if_unreadable()
         if name in data.get(subject, {}):
             return False
         entry: Dict[str, Any] = {"value": value, "saved_at": self._now()}
@@ -117,8 +134,13 @@ class OriginalsStore:
         self._data = new
         return True
 
+    def _refuse_if_unreadable(self) -> None:
+        if self.problem is not None:
+            raise OriginalsError(f"{self.problem}; nothing was changed")
+
     def remove(self, name: str, subject: str) -> None:
         data = self._load()
+        self._refuse_if_unreadable()
         if name not in data.get(subject, {}):
             return
         new = {s: dict(v) for s, v in data.items()}

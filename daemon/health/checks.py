@@ -1,4 +1,5 @@
-"""Host prerequisite checks: kernel, driver, CUDA, IOMMU, persistence mode, NIC settings.
+"""Host prerequisite checks: kernel, driver, CUDA, IOMMU, persistence mode, NIC settings (and the
+deployment-guide checks of deploy_checks.py).
 
 Pure functions over data the probes and tuners already read (no I/O here). Each result has a
 status (pass | warn | fail), a message saying what was found and a fix saying what to do.
@@ -126,8 +127,8 @@ def _persistence_check(gpus: Sequence[Any]) -> CheckResult:
                            "check that the NVIDIA driver is loaded (nvidia-smi)")
     off = [g.index for g in gpus if _get(g, "persistence_mode") is False]
     unknown = [g.index for g in gpus if _get(g, "persistence_mode") is None]
-    fix = ("set [tuning.gpu] persistence_mode = true, or enable nvidia-persistenced "
-           "(systemctl enable --now nvidia-persistenced)")
+    fix = ("enable nvidia-persistenced (systemctl enable --now nvidia-persistenced; NVIDIA's "
+           "recommended way), or set [tuning.gpu] persistence_mode = true (legacy mode)")
     if off:
         return CheckResult("persistence", "warn",
                            f"persistence mode is off on GPU {_gpu_list(off)}: the driver "
@@ -169,8 +170,11 @@ def _nic_check(config: Any, settings: Sequence[Any]) -> CheckResult:
 
 
 def run_checks(config: Any, facts: Any, gpus: Iterable[Any], driver_version: Optional[str],
-               cuda_version: Optional[str], settings: Iterable[Any]) -> List[CheckResult]:
-    """All host checks, in a fixed order: kernel, driver, cuda, iommu, persistence, nic."""
+               cuda_version: Optional[str], settings: Iterable[Any], deploy: Any = None,
+               nvml_error: Optional[str] = None) -> List[CheckResult]:
+    """All host checks, in a fixed order: kernel, driver, cuda, iommu, persistence, nic, and
+    with `deploy` (probes.deploy.DeployFacts) persistenced, driver_match, toolkit, open_ports,
+    model_files (deploy_checks.py; the last three only when [checks] asks for them)."""
     checks = config.checks
     gpus = list(gpus or ())
     settings = list(settings or ())
@@ -192,6 +196,9 @@ def run_checks(config: Any, facts: Any, gpus: Iterable[Any], driver_version: Opt
     results.append(_iommu_check(checks.iommu, facts))
     results.append(_persistence_check(gpus))
     results.append(_nic_check(config, settings))
+    if deploy is not None:
+        from gpucostd.health.deploy_checks import deploy_checks
+        results.extend(deploy_checks(config, deploy, gpus, driver_version, nvml_error))
     return results
 
 

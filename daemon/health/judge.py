@@ -30,7 +30,10 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from gpucostd.health import state
+from gpucostd.health import recovery, state, switches
+from gpucostd.health.inventory import Inventory
+from gpucostd.health.texts import (MESSAGE_MAX, _expected, _fault_time, _fmt_seconds,  # noqa: F401
+                                   _mig, _short, _xid_title)
 from gpucostd.health.state import FILE_NAME as STATE_FILE, FLAG_NAMES
 from gpucostd.probes.kernel_log import normalize_bus_id as _kernel_bus_id
 from gpucostd.snapshot import (Event, Finding, GpuReading, GpuState, HW_SLOWDOWN_REASONS,
@@ -44,7 +47,6 @@ XID_FINDING_TTL_SECONDS = 600.0      # a non-sticky Xid finding lasts this long 
 CORRECTED_ECC_WINDOW_SECONDS = 3600.0
 STICKY_XIDS = frozenset({48, 79, 95, 119, 120})   # also sticky if the catalog says so
 LOST_XIDS = frozenset({79})                        # fallen off the bus: always CRIT
-MESSAGE_MAX = 300         # findings are wrapped, never cut, by the status view: keep the fix
 
 ACTION_RESET = "reset GPU"
 ACTION_RMA = "hardware inspection/RMA"
@@ -62,11 +64,6 @@ def normalize_bus_id(text: Any) -> Optional[str]:
     (the kernel log watcher's normalization, cached). None for anything that is not a PCI
     address."""
     return _bus_id(text) if isinstance(text, str) and text else None
-
-
-def _short(text: str, limit: int = MESSAGE_MAX) -> str:
-    s = " ".join(str(text).split())
-    return s if len(s) <= limit else s[: limit - 1] + "…"
 
 
 def _subject(gpu: Optional[int]) -> str:
@@ -93,27 +90,13 @@ def _reading_error(g: GpuReading) -> Optional[str]:
     return err or None
 
 
-def _xid_title(xid: Any, name: str, parens: bool = False) -> str:
-    """"Xid 13 Graphics Engine Exception" (or "Xid 13 (...)"); a name that already starts
-    with "Xid 13" (an Xid missing from the catalog) is not prefixed twice."""
-    prefix = f"Xid {xid}"
-    if not name or name == prefix:
-        return prefix
-    if name.startswith(prefix + " "):
-        return name
-    return f"{prefix} ({name})" if parens else f"{prefix} {name}"
-
-
-def _fmt_seconds(s: float) -> str:
-    return f"{s / 60:g} min" if s >= 60 and s % 60 == 0 else f"{s:g} s"
-
-
 @dataclass(frozen=True)
 class HealthReport:
     gpu_health: Dict[int, Severity]
     node_health: Severity
     findings: Tuple[Finding, ...]
     events: List[Event] = field(default_factory=list)
+    extra: Dict[str, Any] = field(default_factory=dict)    # status details (GPU inventory)
 
 
 
@@ -125,7 +108,7 @@ class _Track:
 
     __slots__ = ("uuid", "state", "slow_intervals", "slow_total", "slow_last_t", "slow_last_active",
                  "slow_seen_at", "slow_seen_names", "ecc_samples", "vol_corr", "vol_unc", "remap_pending", "remap_failure",
-                 "retired_pending", "flag_key", "flag_values")
+                 "retired_pending", "flag_key", "flag_values", "recovery")
 
     def __init__(self) -> None:
         self.uuid: Optional[str] = None
@@ -144,6 +127,7 @@ class _Track:
         self.retired_pending: Optional[bool] = None
         self.flag_key: Optional[str] = None          # key of its entry in HealthJudge._flags
         self.flag_values: Tuple[bool, ...] = (False, False, False, False)   # as saved
+        self.recovery: Optional[int] = None          # NVML recovery action, last read
 
     def flags(self) -> Tuple[bool, ...]:
         """(lost, remap_pending, remap_failure, retired_pending) as last reported."""
@@ -190,6 +174,9 @@ class HealthJudge:
         self._dirty = False
         self.boot_id = self._read_boot_id()
         self._load()
+        # the node's GPUs, kept across reboots in their own file (inventory.py)
+        self.inventory = Inventory(self.state_dir, _expected(config))
+        self._last_gpus: Tuple[GpuReading, ...] = ()
 
     # ------------------------------------------------------------------ persistence
     def _read_boot_id(self) -> Optional[str]:
@@ -204,6 +191,7 @@ class HealthJudge:
             self._dirty = True
 
     def _save(self) -> None:
+        self.inventory.save()
         if not self._dirty:
             return
         state.save(self.state_path, self.boot_id, latched=self._latched,
@@ -214,6 +202,7 @@ class HealthJudge:
     def reconfigure(self, config) -> None:
         with self._lock:
             self.config = config
+            self.inventory.expected_count = _expected(config)
 
     # ------------------------------------------------------------------ the cycle
     def judge(self, gpus: Sequence[GpuReading], kernel_faults: Iterable[Any] = (),
@@ -268,6 +257,8 @@ class HealthJudge:
             node_findings.extend(
                 Finding("node", f.code, f.severity, f.action, _short(f"{who}: {f.message}"),
                         since=f.since) for f in gone)
+        self._last_gpus = gpus
+        node_findings.extend(self.inventory.judge(gpus, now, events))
         if nvml_error:
             node_findings.append(Finding("node", "nvml_unavailable", Severity.UNKNOWN,
                                          "check the NVIDIA driver and libnvidia-ml",
@@ -283,7 +274,8 @@ class HealthJudge:
             del self._since[key]
         if self.save_on_judge:
             self._save()
-        return HealthReport(gpu_health, node, tuple(findings), events)
+        return HealthReport(gpu_health, node, tuple(findings), events,
+                            {"gpu_inventory": self.inventory.to_json()})
 
     def commit(self) -> None:
         """Save what judge()/ack() changed (when save_on_judge is False)."""
@@ -292,6 +284,15 @@ class HealthJudge:
 
     # ------------------------------------------------------------------ kernel faults
     def _fault_event(self, fault: Any, now: float) -> Optional[Event]:
+        if getattr(fault, "sxid", None) is not None:     # an NVSwitch SXid: the node's
+            ev = switches.sxid_event(fault, _fault_time(fault, now),
+                                     self._latched.setdefault("node", {}))
+            self._dirty = self._dirty or bool(ev.fields.get("sticky"))
+            return ev
+        if getattr(fault, "client_version", None) is not None:   # NVRM: API mismatch
+            self._dirty = True
+            return switches.mismatch_event(fault, _fault_time(fault, now),
+                                           self._latched.setdefault("node", {}))
         try:
             xid = int(getattr(fault, "xid"))
         except (TypeError, ValueError, AttributeError):
@@ -309,17 +310,14 @@ class HealthJudge:
         sticky = bool(getattr(info, "sticky", False)) or xid in STICKY_XIDS
         if xid in LOST_XIDS:
             severity = Severity.CRIT
-        t = getattr(fault, "time", None)
-        try:
-            t = float(t)
-            if t < 1e9:          # not a wall-clock time (e.g. seconds since boot)
-                t = now
-        except (TypeError, ValueError):
-            t = now
+        t = _fault_time(fault, now)
         bus = normalize_bus_id(getattr(fault, "pci_bus_id", None))
         gpu, uuid = self._bus_map.get(bus, (None, None)) if bus else (None, None)
         subject = _subject(gpu)
         where = f"GPU {gpu}" if gpu is not None else f"unknown GPU {bus or '(no PCI id)'}"
+        mig = _mig(fault)
+        if mig:
+            where += f" ({mig})"
         text = f"{_xid_title(xid, name, parens=True)} on {where}"
         if message:
             text += f": {message}"
@@ -330,6 +328,9 @@ class HealthJudge:
                 fields[k] = str(v)
         if bus:
             fields["pci_bus_id"] = bus
+        for k in ("gpu_instance", "compute_instance"):
+            if isinstance(getattr(fault, k, None), int):
+                fields[k] = getattr(fault, k)
         raw = getattr(fault, "raw", None)
         if raw:
             fields["raw"] = str(raw)[:2000]
@@ -346,7 +347,7 @@ class HealthJudge:
             rec = codes[code] = {"xid": xid, "since": t, "count": 0, "gpu": gpu, "uuid": uuid}
         rec.update({"last": t, "severity": severity.name, "action": action, "name": name,
                     "sticky": sticky, "bus": bus, "detail": message[:300],
-                    "process": fields.get("process_name")})
+                    "process": fields.get("process_name"), "mig": mig or None})
         rec["count"] = int(rec.get("count", 0)) + 1
         if sticky:
             self._dirty = True
@@ -355,7 +356,8 @@ class HealthJudge:
 
     def _expire_xids(self, now: float) -> None:
         for subject, codes in self._latched.items():
-            for code in [c for c, r in codes.items() if code_is_xid(c) and not r.get("sticky")
+            for code in [c for c, r in codes.items() if (code_is_xid(c) or switches.code_is_sxid(c))
+                         and not r.get("sticky")
                          and now - float(r.get("last", now)) > XID_FINDING_TTL_SECONDS]:
                 del codes[code]
 
@@ -373,6 +375,8 @@ class HealthJudge:
             if code_is_xid(code):
                 count = int(r.get("count", 1))
                 msg = _xid_title(r.get("xid"), str(r.get("name", "")))
+                if r.get("mig"):
+                    msg += f" on {r['mig']}"
                 if count > 1:
                     msg += f" (x{count})"
                 if r.get("sticky"):
@@ -404,6 +408,8 @@ class HealthJudge:
                     and vu < base["vu"]))
             if dropped:
                 why = "its volatile ECC counters dropped"
+            elif tr.recovery in recovery.RESET_VALUES and g.gpu_recovery_action == 0:
+                why = "NVML's recovery action went from reset to none"
         if g.ecc_volatile_corrected is not None:
             tr.vol_corr = g.ecc_volatile_corrected
         if g.ecc_volatile_uncorrected is not None:
@@ -532,6 +538,14 @@ class HealthJudge:
                 f"cannot read the GPU: {error or 'NVML unavailable'}")
 
         out.extend(self._latched_findings(subject, g.index, g.uuid or tr.uuid))
+        found, ev = recovery.judge_recovery(g.index, g.uuid, g.gpu_recovery_action,
+                                            tr.recovery, now)
+        if found:
+            add(*found)
+        if ev:
+            events.append(ev)
+        if g.gpu_recovery_action is not None:
+            tr.recovery = g.gpu_recovery_action
         if g.state != GpuState.OK:
             tr.slow_last_t = None        # time we did not observe
             return out
@@ -785,6 +799,16 @@ class HealthJudge:
             want = _normalize_code(code) if code else None
             now = self.clock.time()
             cleared: List[str] = []
+            if index is None and want == "gpu_missing":
+                # the operator accepts the GPUs visible now as the node's
+                dropped = self.inventory.accept(self._last_gpus, now)
+                if self.save_on_judge:
+                    self.inventory.save()
+                return [Event(now, "node", "ack", Severity.OK, "none",
+                              f"accepted {len(self._last_gpus)} GPUs as the node's"
+                              + (f"; no longer expected: {', '.join(dropped)}" if dropped
+                                 else ""), fields={"cleared": "gpu_missing",
+                                                   "dropped": ",".join(dropped)})]
             codes = self._latched.get(subject, {})
             for c in list(codes):
                 if want is None or c == want:

@@ -71,6 +71,9 @@ FIELDS: Tuple[Field, ...] = (
     Field("remapped_rows_pending", "NVML_FI_DEV_REMAPPED_PENDING", 144, "bool"),
     Field("remapped_rows_failure", "NVML_FI_DEV_REMAPPED_FAILURE", 145, "bool"),
     Field("pcie_replay_count", "NVML_FI_DEV_PCIE_REPLAY_COUNTER", 94, "int"),
+    # the driver's verdict: nvmlDeviceGpuRecoveryAction_t (0 none, 1 GPU reset, 2 node reboot,
+    # 3 drain P2P, 4 drain and reset; newer drivers 5-7); older drivers: NOT_SUPPORTED/absent
+    Field("gpu_recovery_action", "NVML_FI_DEV_GET_GPU_RECOVERY_ACTION", 230, "int"),
     # energy since the driver loaded, millijoules (Volta and later)
     Field("energy_joules", "NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION", 83, "milli"),
     # throttle-duration counters, nanoseconds (replace nvmlDeviceGetViolationStatus)

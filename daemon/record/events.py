@@ -61,6 +61,7 @@ LOG = logging.getLogger("gpucostd")
 DB_NAME = "events.sqlite"
 PRUNE_EVERY = 256            # appends between two prunes
 REOPEN_EVERY_SECONDS = 30.0  # retry opening an unusable database this often
+WAL_LIMIT_BYTES = 4 << 20    # journal_size_limit: the WAL is truncated to this at checkpoints
 MAX_PENDING = 100000         # events kept in memory while the database cannot be written
 
 _SCHEMA = """
@@ -196,7 +197,26 @@ class EventStore:
                 return False
         return False
 
+    def _private_file(self) -> None:
+        """events.sqlite is 0640 like every other state file: created so before SQLite opens
+        it (SQLite gives its -wal and -shm files the database file's mode), and narrowed when
+        an older version left it 0644."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+            os.close(fd)
+            return
+        except FileExistsError:
+            pass
+        for path in (self.path, self.path + "-wal", self.path + "-shm"):
+            try:
+                st = os.stat(path)
+                if st.st_mode & 0o137:
+                    os.chmod(path, st.st_mode & 0o640)
+            except OSError:
+                pass        # absent, or not ours to change: SQLite reports what matters
+
     def _connect(self) -> sqlite3.Connection:
+        self._private_file()
         db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None,
                              check_same_thread=False)
         try:
@@ -205,6 +225,9 @@ class EventStore:
                 LOG.warning("event database %s: WAL mode refused (%s); using %s", self.path,
                             mode, mode[0] if mode else "default")
             db.execute(f"PRAGMA synchronous={self.synchronous}")
+            # after each checkpoint the WAL is cut back to this size (it would otherwise stay
+            # as large as the largest burst of writes ever was)
+            db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
             db.execute("PRAGMA foreign_keys=OFF")
             check = db.execute("PRAGMA quick_check").fetchone()
             if not check or check[0] != "ok":
@@ -400,10 +423,12 @@ class EventStore:
             if self._db is None:
                 return 0
             try:
-                return self._prune_locked()
+                n = self._prune_locked()
             except sqlite3.Error as e:
                 self._runtime_error(e, "pruning")
                 return 0
+            self.checkpoint()
+            return n
 
     def _prune_locked(self) -> int:
         db = self._db
@@ -498,6 +523,38 @@ class EventStore:
     def pending(self) -> int:
         """Events held in memory because the database could not be written."""
         return len(self._pending)
+
+    def retry(self, reopen_now: bool = False) -> int:
+        """Write the events held in memory if the database works again (the loop calls this
+        every cycle, so they reach the disk when space returns, not at the next event).
+        `reopen_now`: try to open an unusable database now rather than at the next retry
+        time (the caller saw the directory become writable). Returns how many are held."""
+        with self._lock:
+            if reopen_now and self._db is None:
+                self._next_open = 0.0
+            if self._pending and self._usable():
+                self._flush_pending()
+                if not self._pending:
+                    self.checkpoint()
+            return len(self._pending)
+
+    def reopen(self) -> None:
+        """The state directory was removed or replaced under us: writes to the open (unlinked)
+        file would be lost, so open the database at its path again."""
+        with self._lock:
+            self._close_quietly()
+            self._open()
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database and truncate it: the WAL never keeps the space a
+        prune freed (on a small filesystem it would refill it)."""
+        with self._lock:
+            if self._db is None:
+                return
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            except sqlite3.Error as e:
+                LOG.debug("event database checkpoint: %s", e)
 
     def close(self) -> None:
         with self._lock:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import select
 import signal
 import socket
 import subprocess
@@ -34,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from gpucostd.snapshot import Event, Severity
+from gpucostd.snapshot import Event, Severity, printable
 
 LOG = logging.getLogger("gpucostd")
 
@@ -44,6 +45,8 @@ MAX_LINE_CHARS = 1000
 MAX_LINE_BYTES = 4 * MAX_LINE_CHARS   # read at most this much of one output line (UTF-8)
 MAX_ENV_CHARS = 4096
 KILL_GRACE_SECONDS = 2.0
+OUTPUT_GRACE_SECONDS = 1.0      # read a finished hook's pipe this long, then close it
+STOP_WAIT_SECONDS = 5.0         # at stop, wait this long for a running hook, then kill it
 # variables a hook must not inherit from the daemon (it would talk to systemd as the daemon)
 _DROP_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
              "LISTEN_FDNAMES")
@@ -135,6 +138,19 @@ def hook_environment(event: Event, hook: str, hostname: str,
     return env
 
 
+def _untrusted_program(program: str) -> Optional[str]:
+    """For a root daemon: why a hook program must not run (a non-root user could change it,
+    its group included), or None. A missing program is left to Popen's clear error."""
+    if os.geteuid() != 0:
+        return None
+    from gpucostd.statefile import writable_by_others
+    try:
+        problem = writable_by_others(program)
+    except OSError:
+        return None
+    return problem[1] if problem else None
+
+
 class HookRunner:
     """Runs the configured hooks for health_change events, in a background thread."""
 
@@ -152,6 +168,7 @@ class HookRunner:
         self._idle = threading.Condition(self._lock)
         self._busy = 0
         self._stopping = False
+        self._running: Optional[subprocess.Popen] = None    # the hook process running now
         self.results: List[HookResult] = []     # the last 50 runs (status, tests)
 
     def reconfigure(self, config) -> None:
@@ -220,12 +237,26 @@ class HookRunner:
         return True
 
     def stop(self, timeout: Optional[float] = None) -> None:
-        """Let queued hooks finish (up to `timeout`, default min(timeout_seconds, 10) s), then
-        stop the thread. Hooks still running are left to finish on their own."""
+        """Let queued hooks finish (up to `timeout`, default min(timeout_seconds, 5) s), then
+        stop the thread. A hook still running then is killed (SIGTERM to its process group,
+        SIGKILL two seconds later): nothing the daemon started outlives it."""
         if timeout is None:
-            timeout = min(float(self.config.hooks.timeout_seconds) + KILL_GRACE_SECONDS, 10.0)
+            timeout = min(float(self.config.hooks.timeout_seconds), STOP_WAIT_SECONDS)
         if not self.wait_idle(timeout):
-            LOG.warning("hooks: still running at shutdown; not waiting for them")
+            with self._lock:
+                proc = self._running
+            if proc is not None:
+                LOG.warning("hooks: %s still running at shutdown; killing it", proc.args[0]
+                            if isinstance(proc.args, (list, tuple)) else proc.args)
+                self._kill(proc, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=KILL_GRACE_SECONDS)
+                except subprocess.TimeoutExpired:
+                    self._kill(proc, signal.SIGKILL)
+                    try:
+                        proc.wait(timeout=2.0)
+                    except subprocess.TimeoutExpired:
+                        pass
         with self._lock:
             self._stopping = True
             thread = self._thread
@@ -243,6 +274,11 @@ class HookRunner:
         env = hook_environment(event, hook, self.hostname)
         t0 = time.monotonic()
         label = f"hook {hook} ({event.subject})"
+        refused = _untrusted_program(argv[0]) if argv else None
+        if refused:
+            res.error = (f"refused to run {argv[0]}: a user other than root can change it "
+                         f"({refused})")
+            return self._finish(res, label, t0, event)
         try:
             proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
@@ -252,9 +288,12 @@ class HookRunner:
             res.error = (f"cannot run {argv[0]}: {e.strerror or e}; fix [hooks] {hook} in the "
                          f"config (an absolute path to an executable file)")
             return self._finish(res, label, t0, event)
-        reader = threading.Thread(target=self._read_output, args=(proc, label, res),
+        done = threading.Event()
+        reader = threading.Thread(target=self._read_output, args=(proc, label, res, done),
                                   name="gpucostd-hook-output", daemon=True)
         reader.start()
+        with self._lock:
+            self._running = proc
         try:
             res.returncode = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -275,11 +314,13 @@ class HookRunner:
             self._kill(proc, signal.SIGKILL, quiet=True)
         if proc.returncode is not None:
             self._reap_group(proc.pid)
+        with self._lock:
+            self._running = None
         # A process that left the hook's group (setsid, a double fork) may still hold the pipe
-        # open: then the reader stays blocked in read. It is a daemon thread and ends when that
-        # process closes the pipe; we do not wait for it (closing the stream from here would
-        # block on the reader's buffer lock until then, and every later hook with it).
-        reader.join(timeout=2.0)
+        # open: the reader gives up on it OUTPUT_GRACE_SECONDS after the hook ended and closes
+        # its end, so no thread and no pipe is left behind.
+        done.set()
+        reader.join(timeout=OUTPUT_GRACE_SECONDS + 2.0)
         if not res.timed_out and res.returncode not in (0, None):
             res.error = f"exited with status {res.returncode}"
         return self._finish(res, label, t0, event)
@@ -311,34 +352,69 @@ class HookRunner:
                 time.sleep(0.01)
 
     @staticmethod
-    def _read_output(proc: subprocess.Popen, label: str, res: HookResult) -> None:
+    def _read_output(proc: subprocess.Popen, label: str, res: HookResult,
+                     done: Optional[threading.Event] = None) -> None:
         """Log the first MAX_OUTPUT_LINES lines (each cut to MAX_LINE_CHARS) and drain the rest.
-        Reads at most MAX_LINE_BYTES at a time: a hook that writes gigabytes without a newline
-        costs no memory."""
+        Holds at most MAX_LINE_BYTES of one line: a hook that writes gigabytes without a newline
+        costs no memory. Once the hook has ended (`done`), reads on for OUTPUT_GRACE_SECONDS at
+        most and then closes the pipe: a process the hook left behind (its own session, a
+        double fork) that still holds the pipe costs no thread and no descriptor."""
         stream = proc.stdout
         if stream is None:
             return
-        n = 0
+        fd = stream.fileno()
+        state = {"n": 0}
+
+        def emit(raw: bytes) -> None:
+            state["n"] += 1
+            n = state["n"]
+            if n <= MAX_OUTPUT_LINES:
+                line = raw.decode("utf-8", "replace").rstrip("\r")[:MAX_LINE_CHARS]
+                line = printable(line)
+                res.output.append(line)
+                LOG.info("%s: %s", label, line)
+            elif n == MAX_OUTPUT_LINES + 1:
+                LOG.info("%s: (more output not logged)", label)
+
+        buf = b""
         skipping = False        # in the rest of a line longer than MAX_LINE_BYTES
+        done_at: Optional[float] = None
         try:
             while True:
-                chunk = stream.readline(MAX_LINE_BYTES)
+                if done is not None and done.is_set():
+                    if done_at is None:
+                        done_at = time.monotonic()
+                    elif time.monotonic() - done_at > OUTPUT_GRACE_SECONDS:
+                        break
+                ready, _, _ = select.select([fd], [], [], 0.1)
+                if not ready:
+                    continue
+                chunk = os.read(fd, 1 << 16)
                 if not chunk:
                     break
-                ended = chunk.endswith(b"\n")
-                if skipping:
-                    skipping = not ended
-                    continue
-                skipping = not ended
-                n += 1
-                if n <= MAX_OUTPUT_LINES:
-                    line = chunk.decode("utf-8", "replace").rstrip("\r\n")[:MAX_LINE_CHARS]
-                    res.output.append(line)
-                    LOG.info("%s: %s", label, line)
-                elif n == MAX_OUTPUT_LINES + 1:
-                    LOG.info("%s: (more output not logged)", label)
+                buf += chunk
+                while True:
+                    nl = buf.find(b"\n")
+                    if nl < 0:
+                        if len(buf) >= MAX_LINE_BYTES:
+                            if not skipping:
+                                emit(buf[:MAX_LINE_BYTES])
+                            skipping, buf = True, b""
+                        break
+                    line, buf = buf[:nl], buf[nl + 1:]
+                    if skipping:
+                        skipping = False
+                    else:
+                        emit(line)
+            if buf and not skipping:
+                emit(buf)
         except (OSError, ValueError):
             pass
+        finally:
+            try:
+                stream.close()
+            except OSError:
+                pass
 
     def _finish(self, res: HookResult, label: str, t0: float, event: Event) -> HookResult:
         res.duration = time.monotonic() - t0

@@ -44,6 +44,19 @@ class _JournalOrStderr(logging.Handler):
             self.handleError(record)
 
 
+_SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+                    logging.CRITICAL: 2}
+
+
+class _SyslogPrefix(logging.Formatter):
+    """`<6>message`: the syslog priority of the record's level, as journald's stream reader
+    expects (not Python's level number)."""
+
+    def format(self, record):
+        priority = _SYSLOG_PRIORITY.get(record.levelno, 6 if record.levelno < 30 else 3)
+        return f"<{priority}>" + " ".join(super().format(record).splitlines())
+
+
 def setup(level: str = "info") -> None:
     LOG.handlers.clear()
     LOG.propagate = False
@@ -54,8 +67,10 @@ def setup(level: str = "info") -> None:
             handler = _JournalOrStderr()
             handler.setFormatter(logging.Formatter("%(message)s"))
         except ImportError:
+            # No systemd module (a pip install without the [systemd] extra): stderr is the
+            # journal's stream; journald reads a "<N>" syslog priority prefix on each line.
             handler = logging.StreamHandler(sys.stderr)
-            handler.setFormatter(logging.Formatter("<%(levelno)s>%(message)s"))
+            handler.setFormatter(_SyslogPrefix())
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s gpucostd %(levelname)s %(message)s",

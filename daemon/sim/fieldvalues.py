@@ -66,6 +66,7 @@ FIELD_VALUES: Dict[int, Tuple[str, str, int, Callable[[Dict[str, Any]], Any]]] =
     145: ("NVML_FI_DEV_REMAPPED_FAILURE", "remapped_rows_failure", _U,
           _b("remapped_rows_failure")),
     94: ("NVML_FI_DEV_PCIE_REPLAY_COUNTER", "pcie_replay_count", _U, _n("pcie_replay_count")),
+    230: ("NVML_FI_DEV_GET_GPU_RECOVERY_ACTION", "recovery_action", _U, _n("recovery_action")),
 }
 # The energy counter (mJ) is an exact integral with the setters' changes, read like the
 # throttle counters: field id -> (nvml.h name, scenario key that `unsupported` names).

@@ -31,7 +31,7 @@ from ctypes import (CFUNCTYPE, Structure, Union, c_char, c_double, c_int, c_int6
                     c_longlong, c_uint, c_uint32, c_ulong, c_ulonglong, c_ushort, c_void_p)
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from gpucostd.sim.corrections import SetterCorrections
+from gpucostd.sim.corrections import SetterCorrections, SimulatedCounters
 from gpucostd.sim.physics import apply_power
 from gpucostd.sim.scenario import UNSUPPORTED_GROUPS, Scenario, load_scenario
 from gpucostd.snapshot import VIOLATION_POLICIES, mask_from_reasons
@@ -320,7 +320,7 @@ def _guard(name: str, impl: Callable[..., int], counts: Dict[str, int]) -> Calla
     return call
 
 
-class SimulatedNode:
+class SimulatedNode(SimulatedCounters):
     """A simulated GPU node. ``.library`` goes to NvmlGateway(library=...)."""
 
     def __init__(self, scenario: Any, clock: Any):
@@ -340,6 +340,9 @@ class SimulatedNode:
         self._spans: Dict[int, Tuple[float, float, Dict[str, Any]]] = {}
         self._fv_cache: Dict[int, Tuple[Any, ...]] = {}
         self._kernel_t = -1.0
+        # scenario indexes NVML lists, fixed at each nvmlInit (a GPU that stops being
+        # `present` leaves the count only when NVML is initialised again, as on a real node)
+        self._visible: List[int] = list(range(scenario.node.gpu_count))
         # what setters changed beyond the scenario's exact integrals
         self._corr = SetterCorrections(scenario, lambda i: bool(self._overrides[i]),
                                        self._effective)
@@ -364,47 +367,6 @@ class SimulatedNode:
     def close(self) -> None:
         """Release calls blocked in a hang window (they return NVML_ERROR_TIMEOUT)."""
         self._closed.set()
-
-    def state(self, index: int) -> Dict[str, Any]:
-        """The simulated state of GPU `index` now, setter changes included."""
-        t = self.now()
-        st = self.scenario.gpu_state_at(index, t)
-        st.update(self._corr.physics_state(index, t))
-        if st["violation_seconds"] is not None:
-            st["violation_seconds"]["power"] = self.violation_seconds(index, "power", t)
-        st["total_energy"] = self.energy_joules(index, t)
-        return st
-
-    # ---- counters: the scenario's exact integrals plus what setters changed
-    def energy_joules(self, index: int, t: Optional[float] = None) -> float:
-        """GPU `index`'s energy counter (J) at t (default now)."""
-        t = self.now() if t is None else t
-        with self._lock:
-            corr = self._corr.advance(index, t).energy
-        return self.scenario.energy_joules_at(index, t) + corr
-
-    def violation_seconds(self, index: int, policy: str, t: Optional[float] = None) -> float:
-        t = self.now() if t is None else t
-        value = self.scenario.violation_seconds_at(index, t)[policy]
-        if policy == "power":
-            with self._lock:
-                value = max(0.0, value + self._corr.advance(index, t).power)
-        return value
-
-    def endpoint_tokens(self, endpoint: int, t: Optional[float] = None) -> float:
-        """Generated tokens of simulated endpoint `endpoint` at t (default now)."""
-        t = self.now() if t is None else t
-        with self._lock:
-            corr = self._corr.advance_endpoint(endpoint, t)
-        return max(0.0, self.scenario.endpoint_tokens_at(endpoint, t) + corr)
-
-    def endpoint_rate(self, endpoint: int, t: Optional[float] = None) -> float:
-        """Generated tokens/s of simulated endpoint `endpoint` at t, setter changes included."""
-        t = self.now() if t is None else t
-        sv = self.scenario.serving
-        ep = sv.endpoints[endpoint]
-        return sv.endpoint_rate(ep, [sv.state_rate(self._corr.physics_state(i, t))
-                                     for i in ep.gpus])
 
     # ------------------------------------------------------------------ internals
     def _effective(self, index: int, t: float, st: Dict[str, Any]) -> Dict[str, Any]:
@@ -452,7 +414,7 @@ class SimulatedNode:
         (index, t, state)."""
         self._check_init()
         count = self.scenario.node.gpu_count
-        if not handle or not 1 <= handle <= count:
+        if not handle or not 1 <= handle <= count or handle - 1 not in self._visible:
             raise _DeviceFault(NVML_ERROR_INVALID_ARGUMENT)
         index = handle - 1
         now = self.now()
@@ -486,10 +448,12 @@ class SimulatedNode:
         return index, t, st
 
     def _index_checked(self, index: int) -> int:
-        """For calls that take an index (not a handle): hang and lost apply too."""
+        """For calls that take an NVML index (not a handle): the scenario index of the GPU
+        listed there; hang and lost apply too."""
         self._check_init()
-        if not 0 <= index < self.scenario.node.gpu_count:
+        if not 0 <= index < len(self._visible):
             raise _DeviceFault(NVML_ERROR_INVALID_ARGUMENT)
+        index = self._visible[index]
         t = self._wait_hang(index, self.now())
         if self.scenario.state_ref(index, t)["lost"]:
             raise _DeviceFault(NVML_ERROR_GPU_IS_LOST)
@@ -501,8 +465,11 @@ class SimulatedNode:
     def _init(self) -> int:
         if not self.scenario.driver_loaded_at(self.now()):
             return NVML_ERROR_DRIVER_NOT_LOADED
+        t = self.now()
         with self._lock:
             self._init_count += 1
+            self._visible = [i for i in range(self.scenario.node.gpu_count)
+                             if self.scenario.state_ref(i, t).get("present", True)]
         return NVML_SUCCESS
 
     def _c_nvmlInit_v2(self) -> int:
@@ -549,7 +516,7 @@ class SimulatedNode:
 
     def _c_nvmlDeviceGetCount_v2(self, out) -> int:
         self._check_init()
-        _put_uint(out, self.scenario.node.gpu_count)
+        _put_uint(out, len(self._visible))
         return NVML_SUCCESS
 
     def _put_handle(self, out, index: int) -> int:
@@ -566,11 +533,11 @@ class SimulatedNode:
         if not text:
             return NVML_ERROR_INVALID_ARGUMENT
         wanted = ctypes.string_at(text).decode(errors="replace").upper()
-        for i, g in enumerate(self.scenario.initial):
-            have = g[key].upper()
+        for pos, i in enumerate(self._visible):
+            have = self.scenario.initial[i][key].upper()
             if have == wanted or (key == "pci_bus_id" and have.endswith(wanted)
                                   and len(wanted) >= 12):
-                return self._index_checked(i)
+                return self._index_checked(pos)
         raise _DeviceFault(NVML_ERROR_NOT_FOUND)
 
     def _c_nvmlDeviceGetHandleByUUID(self, uuid, out) -> int:
@@ -581,7 +548,7 @@ class SimulatedNode:
 
     def _c_nvmlDeviceGetIndex(self, h, out) -> int:
         index, _t, _st = self._dev(h)
-        _put_uint(out, index)
+        _put_uint(out, self._visible.index(index))
         return NVML_SUCCESS
 
     def _c_nvmlDeviceGetName(self, h, buf, length) -> int:

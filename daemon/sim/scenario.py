@@ -107,6 +107,11 @@ GPU_FIELDS: Dict[str, Field] = {
     "setters_permitted": _f("bool", True, "Setters succeed (false: NO_PERMISSION)."),
     "unsupported": _f("names", (), "Fields whose NVML calls return NOT_SUPPORTED."),
     "lost": _f("bool", False, "Every call on this GPU returns GPU_IS_LOST."),
+    "recovery_action": _f("int", 0, "NVML's GPU recovery action (field 230): 0 none, 1 GPU "
+                          "reset, 2 node reboot, 3 drain P2P, 4 drain and reset, 5-7 newer.",
+                          min=0, max=255),
+    "present": _f("bool", True, "Listed by NVML; false: left out of nvmlDeviceGetCount (the "
+                  "GPUs after it move up an index) from the next nvmlInit on, with no Xid."),
     "total_energy": _f("number", 0.0, "Energy counter at t = 0, J "
                        "(nvmlDeviceGetTotalEnergyConsumption counts up from here).", min=0),
 }
@@ -129,7 +134,7 @@ UNSUPPORTED_GROUPS: Dict[str, Tuple[str, ...]] = {
     # the clock-event duration fields (SW/HW thermal, HW power brake) of newer drivers
     "clock_event_durations": (),
 }
-_NOT_UNSUPPORTABLE = set(IDENTITY_FIELDS) | {"setters_permitted", "unsupported", "lost",
+_NOT_UNSUPPORTABLE = set(IDENTITY_FIELDS) | {"setters_permitted", "unsupported", "lost", "present",
                                             "violation_counters"}
 UNSUPPORTABLE = tuple(sorted((set(GPU_FIELDS) - _NOT_UNSUPPORTABLE) | set(UNSUPPORTED_GROUPS)))
 
@@ -617,6 +622,23 @@ def _default_bus_id(index: int) -> str:
 
 
 def parse_scenario(text: str, path: str = "<scenario>", name: Optional[str] = None) -> Scenario:
+    """Parse and validate a scenario. Raises ScenarioError and nothing else, whatever the text
+    holds (a huge number, values nested hundreds deep): a bad file is exit 2, never a
+    traceback."""
+    try:
+        return _parse_scenario(text, path, name)
+    except ScenarioError:
+        raise
+    except RecursionError:
+        raise ScenarioError("values are nested too deeply; no scenario key takes such a value",
+                            path) from None
+    except (OverflowError, ValueError, TypeError, KeyError, AttributeError, IndexError,
+            ZeroDivisionError, MemoryError) as exc:
+        raise ScenarioError(f"cannot be used ({type(exc).__name__}: {str(exc)[:120]}); "
+                            f"check the values against docs/scenarios.md", path) from None
+
+
+def _parse_scenario(text: str, path: str, name: Optional[str]) -> Scenario:
     v = _Validator(path, text)
     try:
         data = tomllib.loads(text)

@@ -1,8 +1,8 @@
 """Prometheus exposition of a snapshot, rendered once per snapshot.
 
 The families of each part come from its own module's `metric_families(snapshot)`
-(metrics_health, metrics_cost, metrics_tuning); this module adds the core per-GPU gauges and
-the info metrics, then renders the whole exposition to bytes that the HTTP server hands out
+(metrics_health, metrics_cost, metrics_tuning, metrics_calibration); this module adds the core
+per-GPU gauges and the info metrics, then renders the whole exposition to bytes that the HTTP server hands out
 until the next snapshot. A scrape never touches NVML and never waits for the loop.
 """
 from __future__ import annotations
@@ -55,6 +55,20 @@ def core_families(snap: NodeSnapshot) -> Iterable:
     up.add_metric([], 1 if snap.nvml_available else 0)
     yield up
     yield CounterMetricFamily("gpucostd_cycles", "Poll cycles completed.", value=snap.cycle)
+    extra = snap.extra or {}
+    yield CounterMetricFamily("gpucostd_kernel_log_lines_lost",
+                              "Kernel log records overwritten before they were read (a flood).",
+                              value=int(extra.get("kernel_log_lines_lost") or 0))
+    usable = GaugeMetricFamily("gpucostd_state_dir_usable",
+                               "1 if the state directory takes writes (there, writable, not "
+                               "full), 0 if not.")
+    usable.add_metric([], 0 if extra.get("state_dir_usable") is False else 1)
+    yield usable
+    pending = GaugeMetricFamily("gpucostd_events_pending",
+                                "Events held in memory because the event database cannot be "
+                                "written.")
+    pending.add_metric([], int(extra.get("events_pending") or 0))
+    yield pending
     age = GaugeMetricFamily("gpucostd_snapshot_timestamp_seconds",
                             "Wall time of the snapshot these metrics come from.")
     age.add_metric([], snap.time)
@@ -98,9 +112,9 @@ def core_families(snap: NodeSnapshot) -> Iterable:
 
 
 def _part_families(snap: NodeSnapshot) -> List:
-    from gpucostd.views import metrics_cost, metrics_health, metrics_tuning
+    from gpucostd.views import metrics_calibration, metrics_cost, metrics_health, metrics_tuning
     out = []
-    for module in (metrics_health, metrics_cost, metrics_tuning):
+    for module in (metrics_health, metrics_cost, metrics_tuning, metrics_calibration):
         try:
             out.extend(module.metric_families(snap))
         except Exception:  # noqa: BLE001 - one part's bug must not blank the whole scrape

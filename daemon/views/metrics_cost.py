@@ -127,6 +127,15 @@ def _efficiency_families(report: CostReport) -> Iterable[Any]:
         idle_usd.add_metric(lab + ["idle"], x.get("idle_dollars") or 0.0)
         idle_usd.add_metric(lab + ["underused"], x.get("underused_dollars") or 0.0)
     out += [energy, idle]
+    gpu_rate = GaugeMetricFamily("gpucostd_gpu_tokens_per_second", "The GPU's share of its "
+                                 "inference endpoint's tokens per second",
+                                 labels=["gpu", "uuid"])
+    for g in report.gpus:
+        rate = (g.extra or {}).get("tokens_per_second")
+        if rate is not None:
+            gpu_rate.add_metric([str(g.index), g.uuid or ""], rate)
+    if gpu_rate.samples:
+        out.append(gpu_rate)
     if energy_priced:
         out.append(energy_usd)
     if idle_priced:

@@ -44,6 +44,19 @@ def metric_families(snapshot: NodeSnapshot):
                                    "GPU temperature thresholds", labels=L + ["threshold"])
     memtemp = GaugeMetricFamily("gpucostd_gpu_memory_temperature_celsius",
                                 "GPU memory (HBM) temperature", labels=L)
+    sxids = CounterMetricFamily("gpucostd_node_sxid_errors",
+                                "NVSwitch SXid errors recorded, by switch (PCI bus id) and SXid",
+                                labels=["switch", "sxid"])
+    recovery = GaugeMetricFamily("gpucostd_gpu_recovery_action",
+                                 "NVML's GPU recovery action: 0 none, 1 GPU reset, 2 node reboot, "
+                                 "3 drain P2P, 4 drain and reset (nvmlDeviceGpuRecoveryAction_t)",
+                                 labels=L)
+    expected = GaugeMetricFamily("gpucostd_node_gpus_expected",
+                                 "GPUs the node should show (learned at first start or "
+                                 "[health] expected_gpu_count)")
+    missing = GaugeMetricFamily("gpucostd_gpu_missing",
+                                "1 for a known GPU that NVML no longer lists (gpu: its last "
+                                "index; its last bus id is in status)", labels=L)
     violation = CounterMetricFamily("gpucostd_gpu_violation_seconds",
                                     "Time clocks were held below target, per perf policy",
                                     labels=L + ["policy"])
@@ -82,6 +95,8 @@ def metric_families(snapshot: NodeSnapshot):
                 fam.add_metric(gl + ["max"], float(mx))
         if g.pcie_replay_count is not None:
             replay.add_metric(gl, float(g.pcie_replay_count))
+        if g.gpu_recovery_action is not None:
+            recovery.add_metric(gl, float(g.gpu_recovery_action))
         if g.temp_slowdown_celsius is not None:
             thresholds.add_metric(gl + ["slowdown"], float(g.temp_slowdown_celsius))
         if g.temp_shutdown_celsius is not None:
@@ -102,5 +117,13 @@ def metric_families(snapshot: NodeSnapshot):
         label_gpu = "" if gpu is None else str(gpu)
         xids.add_metric([label_gpu, uuids.get(gpu, "") if gpu is not None else "", str(xid)],
                         float(count))
-    return [health, node, xids, ecc, remapped, pending, failure, retired, retired_pending, lost,
+    for (switch, sxid), count in sorted(((snapshot.counters or {}).get("sxid_totals")
+                                         or {}).items()):
+        sxids.add_metric([str(switch), str(sxid)], float(count))
+    inv = (snapshot.extra or {}).get("gpu_inventory") or {}
+    if inv.get("expected"):
+        expected.add_metric([], float(inv["expected"]))
+    for m in inv.get("missing") or ():
+        missing.add_metric(["" if m.get("index") is None else str(m["index"]), m["uuid"]], 1.0)
+    return [health, node, xids, sxids, recovery, expected, missing, ecc, remapped, pending, failure, retired, retired_pending, lost,
             gen, width, replay, thresholds, memtemp, violation]

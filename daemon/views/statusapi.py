@@ -8,21 +8,27 @@ stays light.
 """
 from __future__ import annotations
 
+import errno
 import grp
 import json
 import logging
+import math
 import os
 import socket
 import socketserver
 import stat
 import struct
 import threading
+import time
 from typing import Any, Callable, Dict, Optional
 
-from gpucostd.views.statusclient import TIMEOUT, StatusClientError, request  # noqa: F401
+from gpucostd.views.statusclient import (TIMEOUT, StatusClientError,  # noqa: F401
+                                          UntrustedServer, peer_uid, request)
 
 LOG = logging.getLogger("gpucostd")
 MAX_REQUEST = 64 * 1024
+MAX_INT_DIGITS = 18         # larger numbers in a request are refused (no handler takes them)
+REQUEST_DEADLINE = 2.0      # the server's limit for one whole exchange (a request is one line)
 
 
 class NotReady(Exception):
@@ -30,42 +36,110 @@ class NotReady(Exception):
 
 
 # ------------------------------------------------------------------ server
-class _Handler(socketserver.StreamRequestHandler):
-    timeout = TIMEOUT
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"number {text[:20]}... has more than {MAX_INT_DIGITS} digits")
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number the API takes")
+
+
+def parse_request(line: bytes) -> Dict[str, Any]:
+    """One request line as a dict with a str "cmd"; ValueError (with the reason) otherwise.
+    Numbers are finite and of sane size, nesting is bounded: nothing reaches a handler that
+    would overflow or recurse."""
+    try:
+        req = json.loads(line, parse_int=_bounded_int, parse_float=_finite_float,
+                         parse_constant=_no_constant)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except ValueError as e:     # JSONDecodeError, UnicodeDecodeError and ours
+        raise ValueError(str(e).split(":")[0][:80]) from None
+    if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
+        raise ValueError('send one JSON object with "cmd"')
+    return req
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    """One request line, one reply line. The whole exchange runs under one deadline (not a
+    timeout per read, which a client trickling a byte at a time would renew for ever)."""
 
     def handle(self):
+        sock = self.request
+        deadline = time.monotonic() + self.server.request_deadline
+        buf = b""
         try:
-            line = self.rfile.readline(MAX_REQUEST + 1)
-        except (socket.timeout, OSError):
+            while b"\n" not in buf and len(buf) <= MAX_REQUEST:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise socket.timeout
+                sock.settimeout(left)
+                chunk = sock.recv(1 << 16)
+                if not chunk:
+                    break
+                buf += chunk
+        except socket.timeout:
+            self._reply({"ok": False, "error": f"request not complete within "
+                                               f"{self.server.request_deadline:g} s"})
             return
+        except OSError:
+            return
+        line = buf.split(b"\n", 1)[0]
         if len(line) > MAX_REQUEST:
             reply = {"ok": False, "error": f"request larger than {MAX_REQUEST} bytes"}
+        elif not line.strip():
+            return
         else:
             reply = self.server.dispatch(line, self._peer_uid())
+        self._reply(reply)
+
+    def _reply(self, reply: Dict[str, Any]) -> None:
         try:
-            self.wfile.write(json.dumps(reply, default=str).encode() + b"\n")
+            data = json.dumps(reply, default=str).encode() + b"\n"
+        except (ValueError, TypeError, RecursionError) as e:
+            data = json.dumps({"ok": False, "error": f"cannot encode the answer: {e}"}
+                              ).encode() + b"\n"
+        try:
+            self.request.settimeout(self.server.request_deadline)
+            self.request.sendall(data)
         except OSError:
             pass
 
     def _peer_uid(self) -> Optional[int]:
-        try:
-            creds = self.request.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                            struct.calcsize("3i"))
-            return struct.unpack("3i", creds)[1]
-        except OSError:
-            return None
+        return peer_uid(self.request)
 
 
 class StatusServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     allow_reuse_address = True
+    # hundreds of `gpucostd status` at once must all get in: the kernel queues what is not
+    # accepted yet (at most net.core.somaxconn)
+    request_queue_size = 512
+    # at most this many connections are open at once; the others wait in the listen queue
+    # (they cost the daemon no file descriptor there)
+    max_connections = 64
+    request_deadline = REQUEST_DEADLINE
 
     def __init__(self, path: str, handlers: Dict[str, Callable[[Dict[str, Any]], Dict[str, Any]]],
                  group: Optional[str] = None, root_only=("ack",)):
         self.path = path
         self.handlers = handlers
         self.root_only = set(root_only)
-        os.makedirs(os.path.dirname(path) or ".", mode=0o750, exist_ok=True)
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+        self._accept_error_logged = 0.0
+        # refused (UnsafePathError) when another user could replace the socket
+        from gpucostd.statefile import ensure_private_dir
+        ensure_private_dir(os.path.dirname(os.path.abspath(path)), 0o755, "socket directory",
+                           shared_ok=True)
         _remove_stale(path)
         old = os.umask(0o117)       # created 0660
         try:
@@ -74,6 +148,36 @@ class StatusServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             os.umask(old)
         self._set_group(group)
         self._thread: Optional[threading.Thread] = None
+
+    def get_request(self):
+        """Accept only while a connection slot is free, and back off on a descriptor shortage
+        (EMFILE and friends): the accept loop never spins a core."""
+        if not self._slots.acquire(timeout=0.2):
+            raise OSError(errno.EBUSY, "all connection slots busy")   # serve_forever polls on
+        try:
+            return super().get_request()
+        except OSError as e:
+            self._release_slot()
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                now = time.monotonic()
+                if now - self._accept_error_logged > 60:
+                    self._accept_error_logged = now
+                    LOG.error("status socket: cannot accept connections: %s (too many open "
+                              "files?); retrying every 0.1 s", e.strerror or e)
+                time.sleep(0.1)
+            raise
+
+    def shutdown_request(self, request) -> None:
+        try:
+            super().shutdown_request(request)
+        finally:
+            self._release_slot()
+
+    def _release_slot(self) -> None:
+        try:
+            self._slots.release()
+        except ValueError:
+            pass
 
     def _set_group(self, group: Optional[str]) -> None:
         if not group:
@@ -93,11 +197,10 @@ class StatusServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
     def dispatch(self, line: bytes, uid: Optional[int]) -> Dict[str, Any]:
         try:
-            req = json.loads(line)
-            if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
-                raise ValueError
-        except ValueError:
-            return {"ok": False, "error": 'malformed request: send one JSON object with "cmd"'}
+            req = parse_request(line)
+        except ValueError as e:
+            return {"ok": False, "error": f'malformed request ({e}): send one JSON object with '
+                                          f'"cmd"'}
         cmd = req["cmd"]
         handler = self.handlers.get(cmd)
         if handler is None:
@@ -109,8 +212,8 @@ class StatusServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             return dict({"ok": True}, **handler(req))
         except NotReady as e:
             return {"ok": False, "error": str(e)}
-        except (ValueError, KeyError, TypeError) as e:
-            return {"ok": False, "error": f"bad {cmd} request: {e}"}
+        except (ValueError, KeyError, TypeError, OverflowError) as e:
+            return {"ok": False, "error": f"bad {cmd} request: {str(e)[:200]}"}
         except Exception as e:  # noqa: BLE001 - a request never takes the daemon down
             LOG.exception("status API %s failed", cmd)
             return {"ok": False, "error": f"{cmd} failed inside the daemon: {e}"}

@@ -17,6 +17,33 @@ class StatusClientError(Exception):
     pass
 
 
+class UntrustedServer(StatusClientError):
+    """The socket is served by a process of another user: nothing was sent to it."""
+
+
+def peer_uid(sock) -> "int | None":
+    """The uid of the process at the other end of a connected Unix socket (SO_PEERCRED)."""
+    import struct
+    try:
+        creds = sock.getsockopt(_sock.SOL_SOCKET, _sock.SO_PEERCRED, struct.calcsize("3i"))
+        return struct.unpack("3i", creds)[1]
+    except (OSError, AttributeError):   # AttributeError: no SO_PEERCRED on this platform
+        return None
+
+
+def _check_server(sock, path: str) -> None:
+    """The daemon runs as root (the system service) or as this user (the demo): a socket that
+    any other user serves may be a fake one put there to read an `ack` or to show a false OK."""
+    import os
+    uid = peer_uid(sock)
+    if uid is None or uid in (0, os.getuid()):
+        return
+    raise UntrustedServer(
+        f"{path} is served by a process of uid {uid}, neither root nor you: not gpucostd's "
+        f"socket (another user may have put it there); nothing was sent. Check who owns "
+        f"{os.path.dirname(path) or '.'} and restart the daemon")
+
+
 def request(path: str, message: dict, timeout: float = TIMEOUT) -> dict:
     """Send one request to the daemon; raise StatusClientError with the reason in words."""
     try:
@@ -24,6 +51,7 @@ def request(path: str, message: dict, timeout: float = TIMEOUT) -> dict:
         try:
             s.settimeout(timeout)
             s.connect(path)
+            _check_server(s, path)      # before a byte is sent: `ack` must reach only gpucostd
             s.sendall(json.dumps(message).encode() + b"\n")
             chunks = []
             while True:

@@ -70,7 +70,43 @@ def _wrap(text: str, indent: str, more: str = "") -> List[str]:
                          subsequent_indent=more or indent + "  ", break_long_words=True) or [indent]
 
 
-def render_status(data: Dict[str, Any], colour: bool = False, events: int = 5) -> str:
+_CONTROLS = {c: "?" for c in list(range(0x20)) + list(range(0x7f, 0xa0))}
+
+
+def _printable(value: Any, depth: int = 0) -> Any:
+    """Every string of the document with control characters (terminal escapes) replaced by
+    "?"; deeper than 32 levels is cut off. (The daemon does the same; this side does not trust
+    the other.)"""
+    if depth > 32:
+        return None
+    if isinstance(value, str):
+        return value.translate(_CONTROLS)
+    if isinstance(value, dict):
+        return {_printable(k, depth + 1): _printable(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_printable(v, depth + 1) for v in value]
+    return value
+
+
+def render_status(data: Any, colour: bool = False, events: int = 5) -> str:
+    """Human view of status JSON; every line fits 100 columns. Never raises: a document it
+    cannot show (another version, damaged) gives a short note pointing at --json."""
+    try:
+        return _render_status(_printable(data), colour, events)
+    except Exception as e:  # noqa: BLE001 - a view of someone else's document must not crash
+        health = "UNKNOWN"
+        try:
+            if str(data["node"]["health"]) in EXIT_CODES:
+                health = str(data["node"]["health"])
+        except Exception:  # noqa: BLE001
+            pass
+        why = _printable(str(e))[:80]
+        return "\n".join(_wrap(f"node {health}: the status document from the daemon cannot be "
+                               f"shown ({type(e).__name__}: {why}); see `gpucostd status "
+                               f"--json`", "")) + "\n"
+
+
+def _render_status(data: Dict[str, Any], colour: bool = False, events: int = 5) -> str:
     """Human view of status JSON; every line fits 100 columns."""
     st = _Style(colour)
     node, daemon = data["node"], data["daemon"]
@@ -140,7 +176,8 @@ def cost_lines(cost: Optional[Dict[str, Any]], text: Optional[List[str]] = None)
     return status_lines_from_json(cost)
 
 
-def exit_code(data: Optional[Dict[str, Any]]) -> int:
-    if not data:
+def exit_code(data: Any) -> int:
+    try:
+        return EXIT_CODES.get(data["node"]["health"], 3)
+    except (KeyError, TypeError, IndexError):
         return 3
-    return EXIT_CODES.get(data["node"]["health"], 3)

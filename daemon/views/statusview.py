@@ -12,7 +12,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 from gpucostd.snapshot import (Event, Finding, GpuReading, NodeSnapshot, Severity,
-                               THROTTLE_REASONS)
+                               THROTTLE_REASONS, printable, printable_tree)
 
 # the CLI side lives in statustext.py (light: `gpucostd status` imports only that)
 from gpucostd.views.statustext import (EXIT_CODES, SCHEMA_VERSION, WIDTH,  # noqa: F401,E402
@@ -32,6 +32,12 @@ def event_json(e: Event) -> Dict[str, Any]:
             "fields": {k: v for k, v in (e.fields or {}).items() if k != "dedupe_key"}}
 
 
+def _recovery_name(value: Any) -> Any:
+    from gpucostd.health.recovery import recovery_action
+    ra = recovery_action(value)
+    return ra.name if ra is not None else None
+
+
 def _gpu_json(g: GpuReading, health: Severity, findings: List[Finding]) -> Dict[str, Any]:
     reasons = list(g.clock_event_reasons or ())
     return {
@@ -43,10 +49,24 @@ def _gpu_json(g: GpuReading, health: Severity, findings: List[Finding]) -> Dict[
         "sm_clock_mhz": g.sm_clock_mhz, "sm_clock_max_mhz": g.sm_clock_max_mhz,
         "utilization_percent": g.utilization_percent,
         "persistence_mode": g.persistence_mode,
+        "recovery_action": _recovery_name(g.gpu_recovery_action),
+        "recovery_action_value": g.gpu_recovery_action,
         "clock_event_reasons": reasons,
         "throttle_reasons": [r for r in reasons if r in THROTTLE_REASONS],
         "findings": [_finding_json(f) for f in findings],
     }
+
+
+def _node_extra(snap: NodeSnapshot) -> Dict[str, Any]:
+    """persistenced (running: true/false, null unknown), expected_gpu_count, missing_gpus[]
+    (uuid, pci_bus_id, index, name) and nvswitch_sxids[] (switch, sxid, count)."""
+    inv = (snap.extra or {}).get("gpu_inventory") or {}
+    sxids = (snap.counters or {}).get("sxid_totals") or {}
+    return {"persistenced": (snap.extra or {}).get("persistenced"),
+            "expected_gpu_count": inv.get("expected") or None,
+            "missing_gpus": list(inv.get("missing") or ()),
+            "nvswitch_sxids": [{"switch": sw, "sxid": code, "count": n}
+                               for (sw, code), n in sorted(sxids.items())]}
 
 
 def snapshot_json(snap: NodeSnapshot) -> Dict[str, Any]:
@@ -64,7 +84,7 @@ def snapshot_json(snap: NodeSnapshot) -> Dict[str, Any]:
     if cost:
         from gpucostd.cost.report import status_lines_from_json
         cost_text = status_lines_from_json(cost)
-    return {
+    return printable_tree({
         "schema": SCHEMA_VERSION,
         "host": snap.hostname,
         "time": snap.time,
@@ -76,6 +96,7 @@ def snapshot_json(snap: NodeSnapshot) -> Dict[str, Any]:
             "simulated_scenario": extra.get("simulated"),
             "kernel_log": extra.get("kernel_log"),
             "kernel_log_error": extra.get("kernel_log_error"),
+            "kernel_log_lines_lost": extra.get("kernel_log_lines_lost", 0),
         },
         "node": {
             "health": snap.node_health.name,
@@ -83,6 +104,7 @@ def snapshot_json(snap: NodeSnapshot) -> Dict[str, Any]:
             "driver_version": snap.driver_version, "cuda_version": snap.cuda_version,
             "nvml_available": snap.nvml_available, "nvml_error": snap.nvml_error,
             "findings": [_finding_json(f) for f in node_findings],
+            **_node_extra(snap),
         },
         "gpus": [_gpu_json(g, snap.gpu_health.get(g.index, Severity.UNKNOWN),
                            by_gpu.get(g.index, [])) for g in snap.gpus],
@@ -94,6 +116,6 @@ def snapshot_json(snap: NodeSnapshot) -> Dict[str, Any]:
         "cost": cost,
         "cost_text": cost_text,
         "events": [event_json(e) for e in reversed(snap.recent_events)],
-    }
+    })
 
 

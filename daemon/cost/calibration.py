@@ -1,0 +1,556 @@
+"""The maths of `gpucostd calibrate` (pure: no time, no I/O): the step plan, one step's
+measurement window with its warm-up excluded, the table's figures and the recommendation.
+
+A calibration steps the power limit of a GPU group (the GPUs of one inference endpoint) from
+the top of its range down to the bottom and holds each step for a dwell time. The first
+`warmup` seconds of a step are not measured (the clock settles within milliseconds, but the
+server's batches and the token counter need a few scrapes); the rest is the window::
+
+    tokens/s        = (tokens at the window's last sample - at its first) / window seconds
+    watts           = energy counter difference / window seconds (sum over the group's GPUs;
+                      the mean of the sampled draw where a GPU has no energy counter)
+    $/h             = sum of the GPUs' GPU-hour prices + watts / 1000 x PUE x $/kWh
+    tokens/J        = tokens/s / watts
+    tokens/$        = tokens/s x 3600 / ($/h)
+    $/M tokens      = 1e6 / tokens/$
+
+The recommendation: among the steps whose throughput is at least `min_throughput` of the best
+step's, the one with the most tokens per dollar (ties go to the lower limit); and, over all
+steps, the one with the most tokens per joule.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from gpucostd.snapshot import GpuState, Severity, THROTTLE_REASONS
+
+# Throttle reasons a calibration may cause; any other throttle reason aborts it.
+OWN_REASON = "SwPowerCap"
+FOREIGN_REASONS = tuple(r for r in THROTTLE_REASONS if r != OWN_REASON)
+
+
+def step_plan(hi: float, lo: float, steps: int) -> List[int]:
+    """Whole-watt limits from `hi` down to `lo` in `steps` evenly spaced steps (both ends
+    included; duplicates after rounding dropped). ValueError for a bad range."""
+    if not (math.isfinite(hi) and math.isfinite(lo)) or hi < lo:
+        raise ValueError(f"the range {lo:g}..{hi:g} W is empty; --from must be above --to")
+    if steps < 1:
+        raise ValueError(f"--steps {steps} must be at least 1")
+    hi_w, lo_w = int(math.floor(hi)), int(math.ceil(lo))
+    if steps == 1 or hi_w <= lo_w:
+        return [hi_w]
+    out: List[int] = []
+    for k in range(steps):
+        w = int(round(hi_w - (hi_w - lo_w) * k / (steps - 1)))
+        w = min(hi_w, max(lo_w, w))
+        if w not in out:
+            out.append(w)
+    return out
+
+
+def default_warmup(dwell: float) -> float:
+    """The warm-up excluded from a step when none is given: a quarter of the dwell, at most
+    15 s."""
+    return min(15.0, dwell / 4.0)
+
+
+@dataclass
+class Sample:
+    """One cycle's reading of a group: the endpoint's token counter (summed series) at its
+    scrape time, and per GPU the energy counter, draw, SM clock and clock-event reasons."""
+    t: float                              # monotonic seconds (the cycle)
+    tokens_t: Optional[float]             # monotonic seconds of the scrape
+    tokens: Optional[float]               # the endpoint's token counter
+    energy_joules: Optional[float]        # sum over the group (None if any GPU lacks one)
+    power_watts: Optional[float]          # sum of the sampled draw
+    sm_clock_mhz: Optional[float]         # mean over the group
+    reasons: Tuple[str, ...] = ()
+
+
+@dataclass
+class Window:
+    """The samples of one step after its warm-up."""
+    samples: List[Sample] = field(default_factory=list)
+
+    def add(self, s: Sample) -> None:
+        self.samples.append(s)
+
+    @property
+    def seconds(self) -> float:
+        if len(self.samples) < 2:
+            return 0.0
+        return self.samples[-1].t - self.samples[0].t
+
+    def tokens_per_second(self) -> Optional[float]:
+        pts = [s for s in self.samples if s.tokens is not None and s.tokens_t is not None]
+        if len(pts) < 2:
+            return None
+        dt = pts[-1].tokens_t - pts[0].tokens_t
+        dn = pts[-1].tokens - pts[0].tokens
+        if dt <= 0 or dn < 0:          # a counter reset (server restart) is no rate
+            return None
+        return dn / dt
+
+    def watts(self) -> Optional[float]:
+        ss = self.samples
+        if len(ss) >= 2 and all(s.energy_joules is not None for s in ss):
+            dt = ss[-1].t - ss[0].t
+            de = ss[-1].energy_joules - ss[0].energy_joules
+            if dt > 0 and de >= 0:
+                return de / dt
+        ws = [s.power_watts for s in ss if s.power_watts is not None]
+        return sum(ws) / len(ws) if ws else None
+
+    def energy_joules(self) -> Optional[float]:
+        w = self.watts()
+        return w * self.seconds if w is not None else None
+
+    def sm_clock_mhz(self) -> Optional[float]:
+        cs = [s.sm_clock_mhz for s in self.samples if s.sm_clock_mhz is not None]
+        return sum(cs) / len(cs) if cs else None
+
+    def reasons(self) -> Tuple[str, ...]:
+        seen: List[str] = []
+        for s in self.samples:
+            for r in s.reasons:
+                if r not in seen:
+                    seen.append(r)
+        return tuple(seen)
+
+
+def price_per_hour(gpu_hour_usd_sum: float, watts: Optional[float], energy_usd_per_kwh: float,
+                   pue: float) -> Optional[float]:
+    """$/h of a group: its GPU-hours plus the energy it draws (x PUE). None without a price."""
+    energy = (watts / 1000.0 * pue * energy_usd_per_kwh) if watts is not None else 0.0
+    total = gpu_hour_usd_sum + energy
+    return total if total > 0 else None
+
+
+def step_row(limit: int, window: Window, gpu_hour_usd_sum: float, energy_usd_per_kwh: float,
+             pue: float) -> Dict[str, Any]:
+    """One line of the table (percent of the best step is filled in by finish_rows)."""
+    tps = window.tokens_per_second()
+    w = window.watts()
+    usd_h = price_per_hour(gpu_hour_usd_sum, w, energy_usd_per_kwh, pue)
+    tpd = tps * 3600.0 / usd_h if tps is not None and usd_h else None
+    return {
+        "power_limit_watts": int(limit),
+        "power_watts": _r(w, 1),
+        "sm_clock_mhz": _r(window.sm_clock_mhz(), 0),
+        "tokens_per_second": _r(tps, 2),
+        "throughput_ratio": None,
+        "tokens_per_joule": _r(tps / w, 4) if tps is not None and w else None,
+        "dollars_per_hour": _r(usd_h, 4),
+        "tokens_per_dollar": _r(tpd, 1),
+        "dollars_per_million_tokens": _r(1e6 / tpd, 4) if tpd else None,
+        "window_seconds": _r(window.seconds, 1),
+        "energy_joules": _r(window.energy_joules(), 1),
+        "samples": len(window.samples),
+        "reasons": list(window.reasons()),
+    }
+
+
+def finish_rows(rows: List[Dict[str, Any]]) -> Optional[float]:
+    """Fill each row's throughput_ratio (tokens/s over the best step's); returns the best
+    tokens/s (None when no step has a rate)."""
+    rates = [r["tokens_per_second"] for r in rows if r.get("tokens_per_second") is not None]
+    best = max(rates) if rates else None
+    for r in rows:
+        t = r.get("tokens_per_second")
+        r["throughput_ratio"] = _r(t / best, 4) if best and t is not None else None
+    return best
+
+
+def _argmax(rows: Sequence[Dict[str, Any]], key: str) -> Optional[Dict[str, Any]]:
+    best = None
+    for r in rows:
+        v = r.get(key)
+        if v is None:
+            continue
+        if best is None or v > best[key] * (1 + 1e-9) or (
+                abs(v - best[key]) <= abs(best[key]) * 1e-9 and
+                r["power_limit_watts"] < best["power_limit_watts"]):
+            best = r
+    return best
+
+
+def recommend(rows: List[Dict[str, Any]], min_throughput: float) -> Dict[str, Any]:
+    """{"tokens_per_dollar": row or None, "tokens_per_joule": row or None, "why": text}.
+
+    tokens_per_dollar: the most tokens per dollar among steps at or above `min_throughput`
+    (0..1) of the best step's tokens/s; tokens_per_joule: the most tokens per joule of all."""
+    best = finish_rows(rows)
+    out: Dict[str, Any] = {"tokens_per_dollar": None, "tokens_per_joule": None, "why": None}
+    if best is None:
+        out["why"] = "no step measured a token rate"
+        return out
+    eligible = [r for r in rows if r.get("tokens_per_second") is not None and
+                r["tokens_per_second"] >= min_throughput * best * (1 - 1e-9)]
+    out["tokens_per_joule"] = _argmax(rows, "tokens_per_joule")
+    per_dollar = _argmax(eligible, "tokens_per_dollar")
+    out["tokens_per_dollar"] = per_dollar
+    if per_dollar is None:
+        out["why"] = ("no price: set [cost] gpu_hour_usd (and energy_usd_per_kwh) for tokens "
+                      "per dollar")
+    return out
+
+
+def _r(x: Optional[float], nd: int) -> Optional[float]:
+    if x is None or not math.isfinite(x):
+        return None
+    return round(float(x), nd)
+
+
+# ---------------------------------------------------------------------- plan
+class CalibrationRefused(Exception):
+    """The calibration cannot start; str() says why and what to do."""
+
+
+# ---------------------------------------------------------------------- parameters
+@dataclass(frozen=True)
+class Params:
+    gpus: Optional[Tuple[int, ...]] = None   # None: all
+    from_watts: Optional[float] = None
+    to_watts: Optional[float] = None
+    steps: int = 6
+    dwell_seconds: float = 60.0
+    warmup_seconds: Optional[float] = None
+    min_throughput: float = 0.95
+    abort_below: float = 0.5
+    apply: bool = False
+
+    @property
+    def warmup(self) -> float:
+        return default_warmup(self.dwell_seconds) if self.warmup_seconds is None \
+            else self.warmup_seconds
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"gpus": list(self.gpus) if self.gpus is not None else "all",
+                "from_watts": self.from_watts, "to_watts": self.to_watts, "steps": self.steps,
+                "dwell_seconds": self.dwell_seconds, "warmup_seconds": self.warmup,
+                "min_throughput": self.min_throughput, "abort_below": self.abort_below,
+                "apply": self.apply}
+
+
+def params_from(d: Dict[str, Any]) -> Params:
+    """Params from a request / the command line; ValueError says which value is wrong."""
+    def num(key, lo, hi, default, integer=False):
+        v = d.get(key, default)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{key} = {v!r} must be a number")
+        if integer and int(v) != v:
+            raise ValueError(f"{key} = {v!r} must be a whole number")
+        if not lo <= v <= hi:
+            raise ValueError(f"{key} = {v!r} is out of range; allowed {lo:g}..{hi:g}")
+        return int(v) if integer else float(v)
+
+    gpus = d.get("gpus", "all")
+    if gpus in (None, "all"):
+        gtuple = None
+    elif isinstance(gpus, str):
+        try:
+            gtuple = tuple(sorted({int(x) for x in gpus.split(",") if x.strip()}))
+        except ValueError:
+            raise ValueError(f"--gpus {gpus!r} must be 'all' or indexes like 0,1") from None
+        if not gtuple:
+            raise ValueError("--gpus is empty; give indexes like 0,1 or 'all'")
+    elif isinstance(gpus, list) and all(isinstance(x, int) and not isinstance(x, bool)
+                                        for x in gpus) and gpus:
+        gtuple = tuple(sorted(set(gpus)))
+    else:
+        raise ValueError(f"gpus = {gpus!r} must be 'all' or a list of indexes")
+    dwell = num("dwell_seconds", 2, 3600, 60.0)
+    warm = num("warmup_seconds", 0, 3600, None)
+    if warm is not None and warm >= dwell:
+        raise ValueError(f"--warmup {warm:g} must be shorter than --dwell {dwell:g}")
+    p = Params(gtuple, num("from_watts", 1, 100000, None), num("to_watts", 1, 100000, None),
+               num("steps", 1, 100, 6, integer=True), dwell, warm,
+               num("min_throughput", 0, 1, 0.95), num("abort_below", 0, 1, 0.5),
+               bool(d.get("apply", False)))
+    if p.from_watts is not None and p.to_watts is not None and p.to_watts > p.from_watts:
+        raise ValueError(f"--to {p.to_watts:g} must not be above --from {p.from_watts:g}")
+    return p
+
+
+# ---------------------------------------------------------------------- groups
+@dataclass
+class Group:
+    gpus: Tuple[int, ...]
+    url: Optional[str]                       # the endpoint whose tokens are the group's
+    uuids: Dict[int, Optional[str]] = field(default_factory=dict)
+    names: Dict[int, Optional[str]] = field(default_factory=dict)
+    steps: List[int] = field(default_factory=list)
+    lo: float = 0.0
+    hi: float = 0.0
+    start: Dict[int, float] = field(default_factory=dict)      # the limit before the first step
+    saved: Dict[int, bool] = field(default_factory=dict)       # originals saved by us
+    rows: List[Dict[str, Any]] = field(default_factory=list)
+    window: Window = field(default_factory=Window)
+    skipped: Optional[str] = None
+    price_sum: float = 0.0
+    recommendation: Dict[str, Any] = field(default_factory=dict)
+
+    def label(self) -> str:
+        return "GPU" + ("s " if len(self.gpus) > 1 else " ") + ", ".join(map(str, self.gpus))
+
+
+def _endpoint_groups(snap, readings) -> List[Tuple[Tuple[int, ...], Optional[str]]]:
+    """(gpus, url) per endpoint reading, then one GPU alone where no endpoint maps."""
+    indexes = [g.index for g in snap.gpus]
+    out: List[Tuple[Tuple[int, ...], Optional[str]]] = []
+    taken: set = set()
+    for r in readings:
+        if r is None:
+            continue
+        gpus = tuple(i for i in (r.gpus if r.gpus is not None else indexes) if i in indexes)
+        gpus = tuple(i for i in gpus if i not in taken)
+        if gpus:
+            out.append((gpus, r.url))
+            taken.update(gpus)
+    for i in indexes:
+        if i not in taken:
+            out.append(((i,), None))
+    return out
+
+
+def _foreign(reasons) -> List[str]:
+    return [r for r in (reasons or ()) if r in FOREIGN_REASONS]
+
+
+def gpu_trouble(snap, index: int) -> Optional[str]:
+    """Why GPU `index` is not fit to calibrate now (None: fit). The calibration's own
+    SwPowerCap finding does not count."""
+    g = snap.gpu(index)
+    if g is None:
+        return f"GPU {index} is not on this node"
+    if g.state != GpuState.OK:
+        return f"GPU {index} is {g.state.value}" + (f": {g.error}" if g.error else "")
+    bad = [f for f in snap.findings if (f.gpu == index or f.subject == f"gpu:{index}")
+           and f.severity not in (Severity.OK,) and f.code != "sw_power_cap"]
+    if bad:
+        f = max(bad, key=lambda f: int(f.severity))
+        return f"GPU {index} health is {f.severity.name}: {f.message}"
+    foreign = _foreign(g.clock_event_reasons)
+    if foreign:
+        return f"GPU {index} is throttled by {', '.join(foreign)} (not by its power limit)"
+    return None
+
+
+def plan(snap, params: Params, config) -> Tuple[List[Group], List[str]]:
+    """The groups to calibrate and notes on the GPUs left out. Raises CalibrationRefused."""
+    if snap is None:
+        raise CalibrationRefused("the daemon has no reading yet; try again in a second")
+    if not snap.gpus:
+        raise CalibrationRefused("no GPUs to calibrate (NVML: "
+                                 f"{snap.nvml_error or 'reports none'})")
+    readings = list((snap.extra or {}).get("inference") or ())
+    wanted = set(params.gpus) if params.gpus is not None else None
+    if wanted is not None:
+        missing = sorted(wanted - {g.index for g in snap.gpus})
+        if missing:
+            raise CalibrationRefused(f"GPU {', '.join(map(str, missing))} not on this node "
+                                     f"(GPUs: {', '.join(str(g.index) for g in snap.gpus)})")
+    busy = float(config.cost.busy_utilization_percent)
+    groups: List[Group] = []
+    notes: List[str] = []
+    for gpus, url in _endpoint_groups(snap, readings):
+        if wanted is not None and not wanted & set(gpus):
+            continue
+        if wanted is not None and not set(gpus) <= wanted:
+            raise CalibrationRefused(
+                f"GPUs {', '.join(map(str, gpus))} serve one endpoint ({url}); calibrate them "
+                f"together: --gpus {','.join(map(str, gpus))}")
+        label = ", ".join(map(str, gpus))
+        why = None
+        reading = next((r for r in readings if r is not None and r.url == url), None)
+        if url is None:
+            why = (f"no token source maps to GPU {label}: configure its inference server "
+                   f"([[inference.endpoint]] url and gpus)")
+        elif reading is None or not reading.ok:
+            why = (f"the inference endpoint of GPUs {label} does not answer "
+                   f"({getattr(reading, 'error', None) or 'no reading'})")
+        for i in gpus:
+            if why:
+                break
+            why = gpu_trouble(snap, i)
+            g = snap.gpu(i)
+            if why is None and (g.utilization_percent is None or g.utilization_percent < busy
+                                or "GpuIdle" in (g.clock_event_reasons or ())):
+                why = (f"GPU {i} is idle ({_pct(g.utilization_percent)} utilization): a "
+                       f"calibration needs steady traffic; run it under normal load")
+            if why is None and (g.power_limit_min_watts is None or
+                                g.power_limit_max_watts is None or g.power_limit_watts is None):
+                why = f"GPU {i} does not report its power limit and range"
+        if why:
+            if wanted is not None:
+                raise CalibrationRefused(why)
+            notes.append(f"skipped GPU {label}: {why}")
+            continue
+        grp = Group(tuple(gpus), url)
+        readings_g = [snap.gpu(i) for i in gpus]
+        grp.lo = max(g.power_limit_min_watts for g in readings_g)
+        grp.hi = min(g.power_limit_max_watts for g in readings_g)
+        hi = grp.hi if params.from_watts is None else params.from_watts
+        lo = grp.lo if params.to_watts is None else params.to_watts
+        for name, v in (("--from", hi), ("--to", lo)):
+            if not grp.lo <= v <= grp.hi:
+                raise CalibrationRefused(
+                    f"{name} {v:g} W is outside the power limit range of GPUs {label}; "
+                    f"allowed {grp.lo:g}..{grp.hi:g} W")
+        try:
+            grp.steps = step_plan(hi, lo, params.steps)
+        except ValueError as e:
+            raise CalibrationRefused(str(e)) from None
+        for g in readings_g:
+            grp.uuids[g.index] = g.uuid
+            grp.names[g.index] = g.name
+            grp.start[g.index] = float(g.power_limit_watts)
+            grp.price_sum += float(config.price_for_model(g.name))
+        groups.append(grp)
+    if not groups:
+        raise CalibrationRefused("nothing to calibrate: " + "; ".join(
+            n[len("skipped GPU "):] for n in notes) if notes else "nothing to calibrate")
+    return groups, notes
+
+
+def _pct(x) -> str:
+    return "unknown" if x is None else f"{x:.0f}%"
+
+
+
+
+def dropin_text(groups: Sequence[Group], recs: Dict[int, int], config, now: float) -> str:
+    """[[tuning.gpu.override]] per GPU with its recommended limit. The match is the one an
+    override in the config already uses for that GPU (so the two merge), else its UUID."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now))
+    lines = [f"# Written by `gpucostd calibrate --apply` at {stamp}: the power limits with the",
+             "# most tokens per dollar (docs/tuning.md, \"Calibration\"). Read after",
+             "# gpucostd.toml; delete this file and reload (systemctl reload gpucostd) to undo.",
+             ""]
+    for grp in groups:
+        for i in grp.gpus:
+            uuid = grp.uuids.get(i)
+            match = f"uuid:{uuid}" if uuid else f"index:{i}"
+            for o in config.gpu_overrides:
+                if o.kind in ("index", "uuid") and o.matches(i, uuid, grp.names.get(i)):
+                    match = o.match
+            lines += ["[[tuning.gpu.override]]", f'match = "{match}"   # GPU {i}'
+                      + (f" ({grp.url})" if grp.url else ""),
+                      f"power_limit_watts = {int(recs[i])}", ""]
+    return "\n".join(lines)
+
+
+def summary(report: Dict[str, Any]) -> Dict[str, Any]:
+    rec = recommended(report)
+    return {"id": report.get("id"), "state": report.get("state"),
+            "finished_at": report.get("finished_at"), "recommended": rec,
+            "applied": rec if report.get("applied") else {}, "dropin": report.get("dropin")}
+
+
+def recommended(report: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    out = {}
+    for g in report.get("groups") or ():
+        rec = ((g.get("recommendation") or {}).get("tokens_per_dollar") or {})
+        w = rec.get("power_limit_watts")
+        if w is None:
+            continue
+        for i in g.get("gpus") or ():
+            out[str(i)] = {"watts": w, "uuid": (g.get("uuids") or {}).get(str(i))}
+    return out
+
+
+# ---------------------------------------------------------------------- text
+def _f(x: Any, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _wrap(text: str, width: int) -> List[str]:
+    import textwrap
+    indent = " " * (len(text) - len(text.lstrip(" ")) + 2)
+    return textwrap.wrap(text, width, subsequent_indent=indent, break_on_hyphens=False,
+                         break_long_words=False) or [""]
+
+
+def format_report(report: Dict[str, Any], width: int = 100) -> str:
+    """The calibration's tables and recommendations for people (fits `width` columns)."""
+    lines: List[str] = []
+    state = report.get("state")
+    where = "simulated node " + str(report.get("scenario")) if report.get("scenario") else \
+        str(report.get("host") or "this node")
+    lines.extend(_wrap(f"Power-limit calibration on {where}: {state}"
+                       + (f" ({report['reason']})" if report.get("reason") else ""), width))
+    p = report.get("params") or {}
+    if p:
+        lines.append(f"  {p.get('steps')} steps, dwell {p.get('dwell_seconds'):g} s "
+                     f"(warm-up {p.get('warmup_seconds'):g} s excluded), min throughput "
+                     f"{p.get('min_throughput', 0) * 100:g}% of the best step, "
+                     f"{'applied' if report.get('applied') else 'limits restored'}")
+    cur = report.get("currency") or "USD"
+    sym = "$" if cur == "USD" else cur + " "
+    for g in report.get("groups") or ():
+        lines.append("")
+        gpus = ", ".join(str(i) for i in g["gpus"])
+        lines.append(f"GPUs {gpus}" + (f" ({g['endpoint']})" if g.get("endpoint") else "")
+                     + f": limits {g['steps_watts'][0]}..{g['steps_watts'][-1]} W, was "
+                     + "/".join(f"{w:g}" for w in g.get("start_limits_watts") or []) + " W")
+        lines.append(f"  {'LIMIT W':>7} {'DRAWN W':>8} {'MHz':>5} {'tokens/s':>10} "
+                     f"{'% best':>6} {'tok/J':>7} {'tok/' + sym.strip():>10} "
+                     f"{sym.strip() + '/M tok':>9}  NOTE")
+        rec = g.get("recommendation") or {}
+        rd = (rec.get("tokens_per_dollar") or {}).get("power_limit_watts")
+        rj = (rec.get("tokens_per_joule") or {}).get("power_limit_watts")
+        for r in g.get("rows") or ():
+            ratio = r.get("throughput_ratio")
+            note = []
+            if r["power_limit_watts"] == rd:
+                note.append("<- tokens/$")
+            if r["power_limit_watts"] == rj:
+                note.append("<- tokens/J")
+            lines.append(f"  {r['power_limit_watts']:>7} {_f(r.get('power_watts'), '.1f'):>8} "
+                         f"{_f(r.get('sm_clock_mhz'), '.0f'):>5} "
+                         f"{_f(r.get('tokens_per_second'), ',.1f'):>10} "
+                         f"{_f(None if ratio is None else ratio * 100, '.1f'):>6} "
+                         f"{_f(r.get('tokens_per_joule'), '.3f'):>7} "
+                         f"{_f(r.get('tokens_per_dollar'), ',.0f'):>10} "
+                         f"{_f(r.get('dollars_per_million_tokens'), '.3f'):>9}  "
+                         + " ".join(note))
+        d, j = rec.get("tokens_per_dollar"), rec.get("tokens_per_joule")
+        if d:
+            lines.append(f"  Recommended: {d['power_limit_watts']} W: the most tokens per "
+                         f"dollar ({_f(d.get('tokens_per_dollar'), ',.0f')}) at "
+                         f"{_f((d.get('throughput_ratio') or 0) * 100, '.1f')}% of the best "
+                         f"throughput")
+        elif rec.get("why"):
+            lines.extend(_wrap(f"  No tokens-per-dollar recommendation: {rec['why']}", width))
+        if j:
+            lines.append(f"  Most tokens per joule: {j['power_limit_watts']} W "
+                         f"({_f(j.get('tokens_per_joule'), '.3f')} tokens/J, "
+                         f"{_f((j.get('throughput_ratio') or 0) * 100, '.1f')}% of the best "
+                         f"throughput)")
+    if report.get("dropin") or report.get("dropin_text"):
+        lines.append("")
+        if report.get("dropin"):
+            lines.extend(_wrap(f"Applied: {report['dropin']} (the daemon enforces it; remove "
+                               f"the file and reload to undo)", width))
+        enforced = report.get("enforced_after_apply")
+        if enforced:
+            lines.append("  the simulated daemon then enforces: " + ", ".join(
+                f"GPU {k} {_f(v, '.0f')} W" for k, v in sorted(enforced.items())))
+    if report.get("notes"):
+        lines.append("")
+    for note in report.get("notes") or ():
+        lines.extend(_wrap(note, width))
+    for err in report.get("restore_errors") or ():
+        lines.extend(_wrap("NOT RESTORED: " + err, width))
+    return "\n".join(line if len(line) <= width else line[:width - 1] + "…"
+                     for line in lines) + "\n"
+
+
+__all__ = ["CalibrationRefused", "Params", "params_from", "Group", "plan", "gpu_trouble",
+           "dropin_text", "summary", "recommended", "step_plan", "default_warmup", "Sample", "Window", "step_row", "finish_rows",
+           "recommend", "format_report", "price_per_hour", "OWN_REASON"]
