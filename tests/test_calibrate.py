@@ -120,8 +120,13 @@ def test_recommendation_within_one_step_of_the_analytic_optimum(tmp_path, alpha,
                                              objective=objective, **kw)
             got = rec[objective]["power_limit_watts"]
             assert abs(got - truth["power_limit_watts"]) <= step_w, (objective, got, truth)
-        # the measured rows are the physics' steady state (two GPUs, tensor parallel)
+        # the measured rows are the physics' steady state (two GPUs, tensor parallel), as the
+        # scenario itself answers for its endpoint at those limits
+        k = rep["groups"].index(group)
         for row in group["rows"]:
+            limits = {i: row["power_limit_watts"] for i in group["gpus"]}
+            assert row["tokens_per_second"] == pytest.approx(
+                physics.endpoint_at_power_limits(sc, k, 100.0, limits), rel=2e-3)
             st = physics.steady_state(sc.physics, sc.serving, row["power_limit_watts"], **kw)
             assert row["tokens_per_second"] == pytest.approx(2 * st["tokens_per_second"],
                                                              rel=2e-3)
