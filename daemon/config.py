@@ -94,6 +94,9 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
         "host_root": _k("str", "/", "Root under which /sys and /proc are read (tests: fixtures)."),
         "log_level": _k("choice", "info", "Log verbosity.",
                         choices=("debug", "info", "warning", "error")),
+        "web_config_file": _k("str", "",
+                              "Prometheus exporter-toolkit web config (TLS, basic auth) for "
+                              "the HTTP server; empty: plain HTTP."),
     },
     "simulate": {
         "scenario": _k("str", "builtin:h100x8",
@@ -172,6 +175,11 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
                                     min=0),
         "window_seconds": _k("float", 600.0, "Below the floor this long: WARN and "
                              "on_inefficient.", min=1, max=86400),
+    },
+    "export": {
+        "textfile_path": _k("str", "",
+                            "Also write the exposition to this file (a *.prom path in "
+                            "node_exporter's textfile directory); empty: off."),
     },
     "inference": {
         "metrics_url": _k("str", "", "Prometheus endpoint of a local inference server "
@@ -494,6 +502,13 @@ def _check_listen(value: str, err) -> None:
                   f'e.g. "{DEFAULT_LISTEN}" (empty string disables the HTTP server)')
 
 
+def _check_textfile(value: str, err) -> None:
+    if value and (not os.path.isabs(value) or not value.endswith(".prom")):
+        raise err(f"export.textfile_path = {value!r} must be an absolute path ending in .prom "
+                  f"(node_exporter's textfile collector reads only *.prom), e.g. "
+                  f'"/var/lib/prometheus/node-exporter/gpucostd.prom"')
+
+
 def parse(text: str, path: Optional[str] = None) -> Config:
     """Parse and validate config text. Raises ConfigError with file, line, key and the fix, and
     nothing else: whatever the text holds, a reload is refused, never a crash."""
@@ -567,6 +582,7 @@ def _parse(text: str, path: Optional[str]) -> Config:
                           + ", ".join(SCHEMA[section]))
             values[section][name] = _check_value(SCHEMA[section][name], value, full, err)
     _check_listen(values["daemon"]["listen_address"], err_at("daemon", "listen_address"))
+    _check_textfile(values["export"]["textfile_path"], err_at("export", "textfile_path"))
     _check_inference(values["inference"], endpoints, err_at)
     if "socket_path" not in raw.get("daemon", {}):
         values["daemon"]["socket_path"] = default_socket_path()

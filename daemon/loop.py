@@ -282,7 +282,7 @@ class Daemon:
             if self.notifier is not None:
                 self.notifier.ready(summary_line(self._latest) if self._latest else "running")
             return False
-        fixed = ("listen_address", "socket_path", "state_dir")
+        fixed = ("listen_address", "socket_path", "state_dir", "web_config_file")
         changed = [k for k in fixed if getattr(new.daemon, k) != getattr(self.config.daemon, k)]
         if changed:
             LOG.warning("reload: %s take effect only after a restart", ", ".join(

@@ -81,11 +81,20 @@ def run_daemon(cfg: Config, scenario: Optional[str]) -> int:
     from gpucostd.views import metrics
     from gpucostd.views import statusview
     from gpucostd.views.httpserver import MetricsServer, Published
+    from gpucostd.views.textfile import TextfileWriter
     from gpucostd.loop import Daemon
     from gpucostd.notify import Notifier
     from gpucostd.views.statusapi import StatusServer
 
     logs.setup(cfg.daemon.log_level)
+    web = None            # before anything starts: a bad web config stops the start (exit 2)
+    if cfg.daemon.web_config_file:
+        from gpucostd.views.webconfig import WebConfigError, WebConfigWatcher
+        try:
+            web = WebConfigWatcher(cfg.daemon.web_config_file)
+        except WebConfigError as e:
+            LOG.error("cannot start: %s", e)
+            return 2
     notifier = Notifier()
     try:
         daemon = Daemon(cfg, simulate=scenario, notifier=notifier)
@@ -96,13 +105,15 @@ def run_daemon(cfg: Config, scenario: Optional[str]) -> int:
             return 2 if isinstance(e, ScenarioError) else 1
         raise
 
-    published = Published(daemon.clock.monotonic)
+    published = Published(daemon.clock.monotonic, renderer=metrics.render)
     published.interval = cfg.daemon.interval_seconds
     status_cache = _StatusCache()
+    textfile = TextfileWriter(published.exposition)
 
     def publish(snap):
         published.interval = daemon.config.daemon.interval_seconds
-        published.publish(metrics.render(snap), snap.monotonic)
+        published.publish_snapshot(snap, snap.monotonic)      # rendered when scraped
+        textfile.update(daemon.config.export.textfile_path, snap.monotonic)
         status_cache.set(statusview.snapshot_json(snap))
 
     daemon.add_publisher(publish)
@@ -140,7 +151,7 @@ def run_daemon(cfg: Config, scenario: Optional[str]) -> int:
                                      root_only=("ack", "calibrate"))
         servers.append(status_server)
         if cfg.daemon.listen_address:
-            servers.append(MetricsServer(cfg.daemon.listen_address, published))
+            servers.append(MetricsServer(cfg.daemon.listen_address, published, web=web))
     except OSError as e:
         for s in servers:
             s.stop()
@@ -164,8 +175,11 @@ def run_daemon(cfg: Config, scenario: Optional[str]) -> int:
     for s in servers:
         s.start()
     daemon.start()
-    LOG.info("gpucostd running: metrics on %s, status socket %s%s",
-             cfg.daemon.listen_address or "(off)", cfg.daemon.socket_path,
+    LOG.info("gpucostd running: metrics on %s%s, status socket %s%s",
+             cfg.daemon.listen_address or "(off)",
+             "" if web is None else (" (TLS)" if web.current().ssl_context else "")
+             + ("" if web is None or not web.current().users else " (basic auth)"),
+             cfg.daemon.socket_path,
              f", simulated node {scenario}" if scenario else "")
     started = time.monotonic()
     try:
@@ -173,6 +187,7 @@ def run_daemon(cfg: Config, scenario: Optional[str]) -> int:
     finally:
         for s in servers:
             s.stop()
+        textfile.remove()
         daemon.shutdown()
         LOG.info("gpucostd stopped after %.0f s", time.monotonic() - started)
     return 0

@@ -22,7 +22,8 @@ if [ "$want_tests" = 1 ]; then
     # packaging; procps: /bin/kill, the unit's ExecReload (systemd-analyze verify checks it);
     # git: the upgrade test builds the 0.1.0 package from the history.
     pkgs+=(iproute2 prometheus debootstrap systemd-container lintian rpm rpmlint debhelper
-           fakeroot dpkg-dev python3-pip systemd procps git)
+           fakeroot dpkg-dev python3-pip systemd procps git
+           prometheus-node-exporter)   # the textfile collector test
 fi
 missing=()
 for p in "${pkgs[@]}"; do
@@ -48,7 +49,7 @@ export PYTHONWARNINGS="ignore:Editable installation"
 # [systemd]: systemd-python (journal fields, kernel_log = "journal"); [test] has it too, plus
 # pytest, hypothesis and nvidia-nvml-dev (the real nvml.h, to check the simulator against).
 if [ "$want_tests" = 1 ]; then
-    .venv/bin/python -m pip install -q -e '.[test]'
+    .venv/bin/python -m pip install -q -e '.[test,auth]'     # auth: bcrypt (web config tests)
 else
     .venv/bin/python -m pip install -q -e '.[systemd]'
 fi

@@ -1,41 +1,114 @@
-"""HTTP for Prometheus: /metrics (the latest rendered exposition) and /healthz.
+"""HTTP for Prometheus: /metrics, /healthz and a landing page at /.
 
-Handlers only read what the loop published: a scrape never calls NVML and never waits for the
-loop. Bad requests get a 4xx and never reach anything else.
+What the loop hands over is a snapshot; the exposition is rendered from it only when somebody
+scrapes, at most once per snapshot (the bytes, and their gzip form, are cached until the next
+snapshot). Publishing swaps a reference under a lock held for nanoseconds and rendering runs in
+the scraping thread under its own lock, so a scrape never waits for the loop and the loop never
+waits for a scrape.
+
+The server is built to stay up against slow and many clients:
+
+- at most `max_connections` connections at once (one thread each); a connection past the cap
+  gets a short 503 and is closed at once, so it holds no thread and no descriptor;
+- every request has one overall deadline (`request_deadline` seconds from the moment the server
+  starts waiting for it until the response is written), so a client that trickles its header one
+  byte at a time is cut off however slowly it sends; the request head is capped in size too;
+- a listen backlog of 128 (socketserver's default is 5);
+- when accept() fails for lack of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM) the
+  accept loop backs off (up to a second) instead of spinning a core;
+- with a web config (webconfig.py): TLS, optional client certificates, basic auth with bcrypt
+  hashes, extra response headers; the file is re-read when it changes.
+
+Bad requests get a 4xx and never reach anything else.
 """
 from __future__ import annotations
 
+import base64
+import errno
+import gzip as gziplib
+import html
 import logging
+import select
 import socket
+import ssl
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Optional, Tuple
+import time
+from http.server import BaseHTTPRequestHandler
+from typing import Any, Callable, Dict, Optional, Tuple
+
+from gpucostd import __version__
 
 LOG = logging.getLogger("gpucostd")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
+MAX_CONNECTIONS = 64          # connections served at once (one thread each)
+REQUEST_DEADLINE = 10.0       # seconds for one request: head in, response out
+MAX_HEAD_BYTES = 256 * 1024   # request line + headers
+LISTEN_BACKLOG = 128
+KEEPALIVE_REQUESTS = 100      # requests on one connection before the server closes it
+_ACCEPT_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
 
 class Published:
-    """What the loop hands to the HTTP server: rendered bytes and the time of the last cycle."""
+    """The latest snapshot from the loop, rendered on demand and cached per snapshot."""
 
-    def __init__(self, monotonic: Callable[[], float]):
-        self._lock = threading.Lock()
-        self._metrics = b""
+    def __init__(self, monotonic: Callable[[], float],
+                 renderer: Optional[Callable[[Any], bytes]] = None):
+        self._lock = threading.Lock()          # guards the snapshot reference only
+        self._render_lock = threading.Lock()   # one render at a time, outside the loop
+        self._snap: Any = None
+        self._raw: Optional[bytes] = None      # pre-rendered bytes (publish())
+        self._seq = 0
+        self._cache: Tuple[int, Optional[bytes], Optional[bytes]] = (-1, None, None)
         self._last_cycle: Optional[float] = None
         self._monotonic = monotonic
+        self._renderer = renderer
+        self.renders = 0                       # how many times the exposition was rendered
         self.interval = 1.0
 
-    def publish(self, metrics: bytes, at: float) -> None:
+    def publish_snapshot(self, snap: Any, at: float) -> None:
+        """Called by the loop each cycle: cheap, renders nothing."""
         with self._lock:
-            self._metrics = metrics
+            self._snap, self._raw = snap, None
+            self._seq += 1
+            self._last_cycle = at
+
+    def publish(self, metrics: bytes, at: float) -> None:
+        """Publish already rendered bytes (tests, tools without a snapshot)."""
+        with self._lock:
+            self._snap, self._raw = None, metrics
+            self._seq += 1
             self._last_cycle = at
 
     def read(self) -> Tuple[bytes, Optional[float]]:
+        body = self.exposition()
+        return (body or b""), self._last_cycle
+
+    def exposition(self, gzip: bool = False) -> Optional[bytes]:
+        """The exposition of the latest snapshot (None before the first one)."""
         with self._lock:
-            return self._metrics, self._last_cycle
+            seq, snap, raw = self._seq, self._snap, self._raw
+        if snap is None and raw is None:
+            return None
+        cseq, plain, packed = self._cache
+        if cseq != seq or (gzip and packed is None):
+            with self._render_lock:
+                cseq, plain, packed = self._cache
+                if cseq != seq:
+                    if raw is not None:
+                        plain = raw
+                    else:
+                        plain = self._renderer(snap)
+                        self.renders += 1
+                    packed = None
+                if gzip and packed is None:
+                    packed = gziplib.compress(plain, compresslevel=6, mtime=0)
+                self._cache = (seq, plain, packed)
+        return packed if gzip else plain
 
     def alive(self) -> Tuple[bool, str]:
-        _, last = self.read()
+        with self._lock:
+            last = self._last_cycle
         if last is None:
             return False, "no cycle completed yet"
         age = self._monotonic() - last
@@ -44,68 +117,421 @@ class Published:
         return True, f"last cycle {age:.1f} s ago"
 
 
-def _handler_for(published: Published):
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "gpucostd"
-        sys_version = ""
-        timeout = 10
+class _Expired(Exception):
+    """The request's overall deadline passed."""
 
-        def do_GET(self):  # noqa: N802 - http.server API
-            path = self.path.split("?", 1)[0]
-            if path == "/metrics":
-                body, last = published.read()
-                if last is None:
-                    self._send(503, b"no snapshot yet\n")
-                else:
-                    self._send(200, body, CONTENT_TYPE)
-            elif path == "/healthz":
-                ok, why = published.alive()
-                self._send(200 if ok else 503, (("ok: " if ok else "stalled: ") + why + "\n")
-                           .encode())
-            elif path == "/":
-                self._send(200, b"gpucostd: see /metrics and /healthz\n")
+
+class _TooLarge(Exception):
+    """The request head is larger than MAX_HEAD_BYTES."""
+
+
+class _DeadlineReader:
+    """A file-like reader over a socket in which every read counts against one deadline."""
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+        self._buf = b""
+        self.deadline = 0.0
+        self.budget = MAX_HEAD_BYTES
+
+    def _fill(self) -> bool:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise _Expired()
+        if self.budget <= 0:
+            raise _TooLarge()
+        self._sock.settimeout(left)
+        try:
+            chunk = self._sock.recv(min(65536, self.budget))
+        except socket.timeout:
+            raise _Expired() from None
+        except ssl.SSLError:
+            return False
+        self.budget -= len(chunk)
+        self._buf += chunk
+        return bool(chunk)
+
+    def readline(self, limit: int = -1) -> bytes:
+        while True:
+            nl = self._buf.find(b"\n")
+            if nl >= 0 and (limit < 0 or nl < limit):
+                line, self._buf = self._buf[:nl + 1], self._buf[nl + 1:]
+                return line
+            if 0 <= limit <= len(self._buf):
+                line, self._buf = self._buf[:limit], self._buf[limit:]
+                return line
+            if not self._fill():
+                line, self._buf = self._buf, b""
+                return line
+
+    def read(self, n: int = -1) -> bytes:
+        while n < 0 or len(self._buf) < n:
+            if not self._fill():
+                break
+        if n < 0:
+            n = len(self._buf)
+        out, self._buf = self._buf[:n], self._buf[n:]
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+_LANDING = """<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>gpucostd</title></head>
+<body>
+<h1>gpucostd {version}</h1>
+<p>Node-level NVIDIA GPU tuning and health daemon.</p>
+<ul>
+<li><a href="/metrics">/metrics</a>: Prometheus exposition (gzip on request)</li>
+<li><a href="/healthz">/healthz</a>: 200 while the poll loop is alive, 503 otherwise</li>
+</ul>
+</body></html>
+"""
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "gpucostd/" + __version__
+    sys_version = ""
+    protocol_version = "HTTP/1.1"
+    # set per server (see MetricsServer._handler_class)
+    published: Published
+    web: Any = None
+    deadline_seconds = REQUEST_DEADLINE
+
+    def version_string(self):
+        return self.server_version
+
+    def setup(self):
+        self.connection = self.request
+        self.rfile = _DeadlineReader(self.request)
+        self.wfile = _Writer(self.request)
+
+    def handle(self):
+        self.close_connection = True
+        for n in range(KEEPALIVE_REQUESTS):
+            self.rfile.deadline = time.monotonic() + self.deadline_seconds
+            self.rfile.budget = MAX_HEAD_BYTES
+            self.wfile.reader = self.rfile
+            self.last_allowed = n + 1 >= KEEPALIVE_REQUESTS   # its response says Connection: close
+            self.server.waiting(self.request, time.monotonic())
+            try:
+                self.handle_one_request()
+            except _TooLarge:
+                self._plain_error(431, "request head too large")
+                return
+            except (_Expired, OSError):
+                return
+            if self.close_connection:
+                return
+
+    def finish(self):
+        pass
+
+    def _plain_error(self, code: int, message: str) -> None:
+        try:
+            self.request.settimeout(1.0)
+            self.request.sendall(f"HTTP/1.1 {code} {message}\r\nContent-Length: 0\r\n"
+                                 f"Connection: close\r\n\r\n".encode())
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------ requests
+    def parse_request(self):
+        ok = super().parse_request()                # reads the headers
+        self.server.waiting(self.request, None)     # the head is in: no longer a slow client
+        return ok
+
+    def do_GET(self):  # noqa: N802 - http.server API
+        if self.headers.get("Connection", "").lower() == "close":
+            self.close_connection = True
+        path = self.path.split("?", 1)[0]
+        web = self.web.current() if self.web is not None else None
+        if path == "/healthz":      # never behind auth: kubelet and systemd probes use it
+            ok, why = self.published.alive()
+            self._send(200 if ok else 503,
+                       (("ok: " if ok else "stalled: ") + why + "\n").encode(), web=web)
+            return
+        if web is not None and web.users and not self._authorized(web):
+            self._send(401, b"unauthorized\n", web=web,
+                       extra={"WWW-Authenticate": 'Basic realm="gpucostd"'})
+            return
+        if path == "/metrics":
+            gz = _wants_gzip(self.headers.get("Accept-Encoding", ""))
+            try:
+                body = self.published.exposition(gzip=gz)
+            except Exception:  # noqa: BLE001 - a render bug must not kill the connection
+                LOG.exception("rendering /metrics failed")
+                self._send(500, b"rendering the metrics failed; see the daemon log\n", web=web)
+                return
+            if body is None:
+                self._send(503, b"no snapshot yet\n", web=web)
             else:
-                self._send(404, b"not found: try /metrics or /healthz\n")
+                self._send(200, body, CONTENT_TYPE, web=web,
+                           extra={"Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
+                           if gz else {"Vary": "Accept-Encoding"})
+        elif path == "/":
+            body = _LANDING.format(version=html.escape(__version__)).encode()
+            self._send(200, body, "text/html; charset=utf-8", web=web)
+        else:
+            self._send(404, b"not found: try /metrics or /healthz\n", web=web)
 
-        def do_HEAD(self):  # noqa: N802
-            self.do_GET()
+    def do_HEAD(self):  # noqa: N802
+        self.do_GET()
 
-        def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8"):
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
+    def _authorized(self, web) -> bool:
+        value = self.headers.get("Authorization", "")
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            user, sep, password = base64.b64decode(token.strip(), validate=True) \
+                .decode("utf-8").partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return False
+        return bool(sep) and web.check_password(user, password)
 
-        def log_message(self, fmt, *args):  # access logs off; errors only at debug
-            LOG.debug("http %s: " + fmt, self.client_address[0], *args)
+    def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8",
+              web=None, extra: Optional[Dict[str, str]] = None):
+        # the response counts against the same deadline (sendall honours the timeout in total)
+        left = max(0.001, self.rfile.deadline - time.monotonic())
+        self.request.settimeout(left)
+        self.send_response(code)
+        if web is not None:
+            for name, value in web.headers.items():
+                self.send_header(name, value)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (extra or {}).items():
+            self.send_header(name, value)
+        if getattr(self, "last_allowed", False):
+            self.close_connection = True
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
-    return Handler
+    def send_error(self, code, message=None, explain=None):
+        self.close_connection = True
+        super().send_error(code, message, explain)
+
+    def log_message(self, fmt, *args):  # access logs off; errors only at debug
+        LOG.debug("http %s: " + fmt, self.client_address[0], *args)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+class _Writer:
+    """wfile: sendall under the request's deadline."""
+
+    def __init__(self, sock):
+        self._sock = sock
+        self.reader: Optional[_DeadlineReader] = None
+
+    def write(self, data: bytes) -> int:
+        if self.reader is not None:
+            left = self.reader.deadline - time.monotonic()
+            if left <= 0:
+                raise _Expired()
+            self._sock.settimeout(left)
+        self._sock.sendall(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
-class _Server6(_Server):
-    address_family = socket.AF_INET6
+def _wants_gzip(accept: str) -> bool:
+    for part in accept.split(","):
+        name, _, params = part.strip().partition(";")
+        if name.strip().lower() in ("gzip", "x-gzip"):
+            q = params.strip()
+            if q.startswith("q="):
+                try:
+                    return float(q[2:]) > 0
+                except ValueError:
+                    return False
+            return True
+    return False
+
+
+def parse_address(address: str) -> Tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 class MetricsServer:
-    def __init__(self, address: str, published: Published):
-        host, _, port = address.rpartition(":")
-        host = host.strip("[]") or "0.0.0.0"
-        cls = _Server6 if ":" in host else _Server
-        self.httpd = cls((host, int(port)), _handler_for(published))
+    """The HTTP server: one accept thread, one thread per connection up to a cap."""
+
+    def __init__(self, address: str, published: Published, web=None,
+                 max_connections: int = MAX_CONNECTIONS,
+                 request_deadline: float = REQUEST_DEADLINE):
+        host, port = parse_address(address)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(LISTEN_BACKLOG)
+        except OSError:
+            sock.close()
+            raise
+        self.socket = sock
         self.address = address
+        self.port = sock.getsockname()[1]
+        self.web = web
+        self.max_connections = max_connections
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._handler = type("Handler", (_Handler,), {
+            "published": published, "web": web, "deadline_seconds": request_deadline})
+        self.rejected = 0          # connections refused at the cap
+        self.evicted = 0           # slow connections cut off to make room
+        self._waiting: Dict[Any, float] = {}
+        self._waiting_lock = threading.Lock()
+        self.deadline = request_deadline
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="http",
-                                        kwargs={"poll_interval": 0.2}, daemon=True)
+        self._thread = threading.Thread(target=self._accept_loop, name="http", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(2.0)
+        try:
+            self.socket.close()
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------ accept loop
+    def _accept_loop(self) -> None:
+        backoff = 0.0
+        while not self._stop.is_set():
+            try:
+                ready, _, _ = select.select([self.socket], [], [], 0.2)
+            except (OSError, ValueError):
+                return
+            if not ready:
+                continue
+            try:
+                conn, peer = self.socket.accept()
+            except OSError as e:
+                if e.errno in _ACCEPT_RESOURCE_ERRORS:
+                    # out of descriptors: the pending connection stays readable, so retrying at
+                    # once would spin. Wait, doubling up to a second, then try again.
+                    backoff = min(1.0, max(0.01, backoff * 2))
+                    LOG.warning("http: accept failed (%s); retrying in %.2f s",
+                                e.strerror or e, backoff)
+                    self._stop.wait(backoff)
+                continue
+            backoff = 0.0
+            if not self._slots.acquire(blocking=False):
+                # full: cut off the connection that has waited longest for its request head (a
+                # real scraper sends its request at once, a slow client is the one waiting)
+                if not (self._evict_oldest_waiting() and self._slots.acquire(timeout=1.0)):
+                    self.rejected += 1
+                    _refuse(conn)
+                    continue
+            try:
+                threading.Thread(target=self._serve, args=(conn, peer), name="http-conn",
+                                 daemon=True).start()
+            except RuntimeError:          # cannot start a thread: treat like the cap
+                self._slots.release()
+                _refuse(conn)
+
+    def _evict_oldest_waiting(self) -> bool:
+        with self._waiting_lock:
+            if not self._waiting:
+                return False
+            conn = min(self._waiting, key=self._waiting.__getitem__)
+            del self._waiting[conn]
+        self.evicted += 1
+        try:
+            conn.shutdown(socket.SHUT_RDWR)     # its thread sees EOF and frees the slot
+        except OSError:
+            pass
+        return True
+
+    def waiting(self, conn, since: Optional[float]) -> None:
+        """A connection starts (since = monotonic time) or stops waiting for a request head."""
+        with self._waiting_lock:
+            if since is None:
+                self._waiting.pop(conn, None)
+            else:
+                self._waiting[conn] = since
+
+    def _serve(self, conn: socket.socket, peer) -> None:
+        try:
+            self.waiting(conn, time.monotonic())        # a slow TLS handshake can be evicted
+            raw, conn = conn, self._wrap(conn)
+            self.waiting(raw, None)
+            if conn is None:
+                return
+            self._handler(conn, peer, self)
+        except Exception as e:  # noqa: BLE001 - one connection must never end the server
+            LOG.debug("http %s: connection ended: %s", peer[0] if peer else "?", e)
+        finally:
+            self.waiting(conn, None)
+            try:
+                conn.close()
+            except (OSError, AttributeError):
+                pass
+            self._slots.release()
+
+    def _wrap(self, conn: socket.socket):
+        web = self.web.current() if self.web is not None else None
+        ctx = web.ssl_context if web is not None else None
+        if ctx is None:
+            return conn
+        try:
+            tls = _handshake(ctx, conn, time.monotonic() + self.deadline)
+        except (OSError, ssl.SSLError, _Expired) as e:
+            LOG.debug("http: TLS handshake failed: %s", e or "deadline passed")
+            conn.close()
+            return None
+        if not web.san_allowed(tls.getpeercert()):
+            LOG.debug("http: client certificate SAN not in client_allowed_sans")
+            tls.close()
+            return None
+        return tls
+
+
+def _handshake(ctx: ssl.SSLContext, conn: socket.socket, deadline: float) -> ssl.SSLSocket:
+    """The server side of a TLS handshake under one overall deadline (a client that trickles
+    its ClientHello is cut off like one that trickles its request head)."""
+    conn.setblocking(False)
+    tls = ctx.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+    poller = select.poll()
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            events = select.POLLIN
+        except ssl.SSLWantWriteError:
+            events = select.POLLOUT
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _Expired()
+        poller.register(tls, events)
+        ready = poller.poll(left * 1000)
+        poller.unregister(tls)
+        if not ready:
+            raise _Expired()
+    tls.setblocking(True)
+    return tls
+
+
+def _refuse(conn: socket.socket) -> None:
+    try:
+        conn.setblocking(False)
+        conn.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                  b"Retry-After: 1\r\nConnection: close\r\n\r\n")
+    except OSError:
+        pass
+    finally:
+        conn.close()

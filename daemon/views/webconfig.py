@@ -1,0 +1,556 @@
+"""`[daemon] web_config_file`: the Prometheus exporter-toolkit web config (TLS, basic auth).
+
+The file format is the one every Prometheus exporter reads with `--web.config.file`
+(github.com/prometheus/exporter-toolkit, docs/web-configuration.md), so a site's existing file
+carries over:
+
+    tls_server_config:
+      cert_file: /etc/gpucostd/tls/node.crt      # relative paths: from the file's directory
+      key_file: /etc/gpucostd/tls/node.key
+      client_auth_type: RequireAndVerifyClientCert   # default NoClientCert
+      client_ca_file: /etc/gpucostd/tls/ca.crt
+      client_allowed_sans: [prometheus.example.org]
+      min_version: TLS12                          # default TLS12; max_version default TLS13
+    http_server_config:
+      headers: {X-Content-Type-Options: nosniff}  # (block form too)
+    basic_auth_users:
+      prometheus: $2y$10$...                      # bcrypt: htpasswd -nBC 10 "" | tr -d ':\\n'
+
+What differs, and why: `cipher_suites`, `curve_preferences`, `prefer_server_cipher_suites`,
+`http2` and `rate_limit` are accepted and not applied (Go names with no OpenSSL equivalent;
+OpenSSL's defaults apply), with a warning; `RequireAnyClientCert` is refused (Python's ssl
+cannot demand a certificate without verifying it; use RequireAndVerifyClientCert). /healthz is
+served without basic auth (kubelet and systemd probes), /metrics and / need it.
+
+YAML: the file is read by a small parser of the subset these files use (block mappings and
+lists, flow lists `[a, b]` and flat flow mappings `{k: v}`, plain and quoted scalars, `|`
+literal blocks for inline PEM, comments). Anchors, tags and folded blocks are refused with the
+line number. No YAML library is needed.
+
+bcrypt: the `bcrypt` module where installed (Debian/Ubuntu: python3-bcrypt), else the C
+library's crypt(3) through Python's `crypt` module (Python <= 3.12; glibc's libxcrypt knows
+$2b$/$2y$). Where neither is there (RHEL 9 without EPEL on Python 3.13+, a bare venv), a file
+with basic_auth_users is refused at start with that fix in the message.
+
+The file (and the certificate files) are checked for changes at most once a second on a
+request and re-read when they change; a new file that does not load is refused with a logged
+error and the previous one stays in force.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import re
+import ssl
+import tempfile
+import threading
+import time
+import warnings
+from typing import Any, Dict, List, Optional, Tuple
+
+from gpucostd.config import FileError
+
+LOG = logging.getLogger("gpucostd")
+
+
+class WebConfigError(FileError):
+    """A web config file that cannot be used: str() is `path:line: message`."""
+
+
+# --------------------------------------------------------------------------- YAML subset
+def _strip_comment(line: str) -> str:
+    out, quote = [], None
+    for i, ch in enumerate(line):
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1] in " \t"):
+            break
+        out.append(ch)
+    return "".join(out).rstrip()
+
+
+def _scalar(text: str, err) -> Any:
+    t = text.strip()
+    if not t:
+        return None
+    if t[0] in "&*!>":
+        raise err(f"YAML anchors, aliases, tags and folded blocks are not supported: {t[:20]!r}")
+    if t[0] == '"':
+        if len(t) < 2 or not t.endswith('"'):
+            raise err(f"unterminated string {t[:30]!r}")
+        body = t[1:-1]
+        return re.sub(r'\\(.)', lambda m: {"n": "\n", "t": "\t"}.get(m.group(1), m.group(1)),
+                      body)
+    if t[0] == "'":
+        if len(t) < 2 or not t.endswith("'"):
+            raise err(f"unterminated string {t[:30]!r}")
+        return t[1:-1].replace("''", "'")
+    if t[0] == "[":
+        if not t.endswith("]"):
+            raise err(f"unterminated list {t[:30]!r}")
+        inner = t[1:-1].strip()
+        return [_scalar(p, err) for p in _split_flow(inner)] if inner else []
+    if t[0] == "{":
+        if not t.endswith("}"):
+            raise err(f"unterminated mapping {t[:30]!r}")
+        out = {}
+        for part in _split_flow(t[1:-1].strip()):
+            k, sep, v = part.partition(":")
+            if not sep:
+                raise err(f"expected key: value in {part!r}")
+            out[_scalar(k, err)] = _scalar(v, err)
+        return out
+    if t in ("true", "True", "TRUE"):
+        return True
+    if t in ("false", "False", "FALSE"):
+        return False
+    if t in ("null", "~"):
+        return None
+    if re.fullmatch(r"-?\d+", t):
+        return int(t)
+    return t
+
+
+def _split_flow(text: str) -> List[str]:
+    parts, cur, quote = [], [], None
+    for ch in text:
+        if quote:
+            cur.append(ch)
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+            cur.append(ch)
+        elif ch == ",":
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if "".join(cur).strip():
+        parts.append("".join(cur))
+    return parts
+
+
+def parse_yaml_documents(text: str, path: str) -> List[Any]:
+    """Several `---`-separated documents (Kubernetes manifests), each as parse_yaml."""
+    docs, cur, first = [], [], 1
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.rstrip() == "---":
+            if any(ln.strip() and not ln.lstrip().startswith("#") for ln in cur):
+                docs.append(parse_yaml("\n" * (first - 1) + "\n".join(cur), path))
+            cur, first = [], n + 1
+        else:
+            cur.append(line)
+    if any(ln.strip() and not ln.lstrip().startswith("#") for ln in cur):
+        docs.append(parse_yaml("\n" * (first - 1) + "\n".join(cur), path))
+    return docs
+
+
+def parse_yaml(text: str, path: str) -> Any:
+    """The YAML subset described in the module doc. Raises WebConfigError with the line."""
+    raw = text.splitlines()
+    lines: List[Tuple[int, int, str]] = []      # (line number, indent, content)
+    i = 0
+    blocks: Dict[int, str] = {}                 # line number of `key: |` -> literal text
+    while i < len(raw):
+        full = raw[i]
+        if "\t" in full[:len(full) - len(full.lstrip())]:
+            raise WebConfigError("tabs are not allowed for indentation in YAML", path, i + 1)
+        content = _strip_comment(full)
+        if not content.strip() or content.strip() == "---" and not lines:
+            i += 1
+            continue
+        if content.strip() in ("---", "..."):
+            raise WebConfigError("only one YAML document is allowed", path, i + 1)
+        indent = len(content) - len(content.lstrip())
+        lines.append((i + 1, indent, content.strip()))
+        m = re.search(r":\s*\|([-+]?)$", content)
+        if m:
+            body, j = [], i + 1
+            while j < len(raw) and (not raw[j].strip() or
+                                    len(raw[j]) - len(raw[j].lstrip()) > indent):
+                body.append(raw[j])
+                j += 1
+            while body and not body[-1].strip():
+                body.pop()
+            cut = min((len(b) - len(b.lstrip()) for b in body if b.strip()), default=0)
+            literal = "\n".join(b[cut:] for b in body)
+            blocks[i + 1] = literal if m.group(1) == "-" else literal + "\n"
+            i = j
+            continue
+        i += 1
+
+    pos = 0
+
+    def err_at(n):
+        return lambda msg: WebConfigError(msg, path, n)
+
+    def parse_block(indent: int) -> Any:
+        nonlocal pos
+        if pos >= len(lines):
+            return None
+        n, ind, content = lines[pos]
+        if content.startswith("- ") or content == "-":
+            out = []
+            while pos < len(lines) and lines[pos][1] == indent and \
+                    (lines[pos][2].startswith("- ") or lines[pos][2] == "-"):
+                n, _, content = lines[pos]
+                item = content[1:].strip()
+                if re.match(r"^('[^']*'|\"[^\"]*\"|[^'\"\[{][^:]*):(\s|$)", item):
+                    # a mapping in a list: its first key sits on the dash line
+                    col = indent + len(content) - len(content[1:].lstrip())
+                    lines[pos] = (n, col, item)
+                    out.append(parse_block(col))
+                    continue
+                out.append(_scalar(item, err_at(n)))
+                pos += 1
+            return out
+        out: Dict[str, Any] = {}
+        while pos < len(lines) and lines[pos][1] == indent:
+            n, _, content = lines[pos]
+            m = re.match(r"^('(?:[^']|'')*'|\"(?:[^\"\\\\]|\\\\.)*\"|[^:]+?):(?:\s+(.*))?$",
+                         content)
+            if not m:
+                raise WebConfigError(f"expected `key: value`, got {content[:40]!r}", path, n)
+            key = _scalar(m.group(1), err_at(n))
+            if key in out:
+                raise WebConfigError(f"duplicate key {key!r}", path, n)
+            value = m.group(2)
+            pos += 1
+            if n in blocks:
+                out[key] = blocks[n]
+            elif value is not None and value.strip():
+                out[key] = _scalar(value, err_at(n))
+            elif pos < len(lines) and lines[pos][1] > indent:
+                out[key] = parse_block(lines[pos][1])
+            elif pos < len(lines) and lines[pos][1] == indent and \
+                    lines[pos][2].startswith("-"):
+                out[key] = parse_block(indent)        # a list at the key's own indent
+            else:
+                out[key] = None
+        if pos < len(lines) and lines[pos][1] > indent:
+            raise WebConfigError("unexpected indentation", path, lines[pos][0])
+        return out
+
+    if not lines:
+        return {}
+    result = parse_block(lines[0][1])
+    if pos < len(lines):
+        raise WebConfigError("unexpected indentation", path, lines[pos][0])
+    return result
+
+
+# --------------------------------------------------------------------------- bcrypt
+_HASH = re.compile(r"^\$2[aby]\$(0[4-9]|[12]\d|3[01])\$[./A-Za-z0-9]{53}$")
+
+
+def _bcrypt_backend():
+    """A function (password bytes, hash bytes) -> bool, and its name; (None, why) if none."""
+    try:
+        import bcrypt  # noqa: F401 - optional dependency (pyproject: auth extra)
+
+        def check(pw: bytes, hashed: bytes) -> bool:
+            try:
+                return bcrypt.checkpw(pw, hashed)
+            except ValueError:          # bcrypt >= 5 refuses passwords over 72 bytes
+                return False
+        return check, "bcrypt"
+    except ImportError:
+        pass
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import crypt as _crypt
+        probe = "$2b$04$" + "a" * 53
+        if _crypt.crypt("x", probe) in (None, "", "*0", "*1"):
+            raise ImportError("crypt(3) without bcrypt")
+
+        def check(pw: bytes, hashed: bytes) -> bool:
+            try:
+                got = _crypt.crypt(pw.decode("utf-8"), hashed.decode("ascii"))
+            except (UnicodeDecodeError, ValueError, OSError):
+                return False
+            return got is not None and hmac.compare_digest(got.encode(), hashed)
+        return check, "crypt(3)"
+    except ImportError:
+        return None, ("basic_auth_users needs the Python bcrypt module (Debian/Ubuntu: apt "
+                      "install python3-bcrypt; RHEL: python3-bcrypt from EPEL; pip install "
+                      "bcrypt), or Python <= 3.12 with a crypt(3) that knows bcrypt")
+
+
+# --------------------------------------------------------------------------- the config
+_TLS_VERSIONS = {"TLS10": ssl.TLSVersion.TLSv1, "TLS11": ssl.TLSVersion.TLSv1_1,
+                 "TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
+_CLIENT_AUTH = ("NoClientCert", "RequestClientCert", "RequireAnyClientCert",
+                "VerifyClientCertIfGiven", "RequireAndVerifyClientCert")
+_TLS_KEYS = {"cert", "key", "client_ca", "cert_file", "key_file", "client_auth_type",
+             "client_ca_file", "client_allowed_sans", "min_version", "max_version",
+             "cipher_suites", "prefer_server_cipher_suites", "curve_preferences"}
+_NOT_APPLIED = {"cipher_suites", "prefer_server_cipher_suites", "curve_preferences"}
+_HTTP_KEYS = {"http2", "headers"}
+_TOP_KEYS = {"tls_server_config", "http_server_config", "basic_auth_users", "rate_limit"}
+_HEADERS = ("Content-Security-Policy", "X-Frame-Options", "X-Content-Type-Options",
+            "X-XSS-Protection", "Strict-Transport-Security")
+
+
+class WebConfig:
+    """One loaded web config: an SSL context (or None), users, extra headers."""
+
+    def __init__(self, ssl_context: Optional[ssl.SSLContext], users: Dict[str, bytes],
+                 headers: Dict[str, str], allowed_sans: Tuple[str, ...], files: Tuple[str, ...],
+                 checker=None):
+        self.ssl_context = ssl_context
+        self.users = users
+        self.headers = headers
+        self.allowed_sans = allowed_sans
+        self.files = files
+        self._check = checker
+        self._ok: Dict[bytes, bool] = {}            # successful checks, keyed by a digest
+        self._lock = threading.Lock()               # one bcrypt at a time: bounded CPU
+        self._dummy = next(iter(users.values()), b"")
+
+    def check_password(self, user: str, password: str) -> bool:
+        hashed = self.users.get(user)
+        pw = password.encode("utf-8")
+        key = hashlib.sha256(user.encode() + b"\0" + pw + b"\0" + (hashed or b"")).digest()
+        if hashed is not None and key in self._ok:
+            return True
+        with self._lock:
+            ok = self._check(pw, hashed if hashed is not None else self._dummy)
+        if ok and hashed is not None:
+            if len(self._ok) > 256:
+                self._ok.clear()
+            self._ok[key] = True
+            return True
+        return False
+
+    def san_allowed(self, peercert: Optional[dict]) -> bool:
+        if not self.allowed_sans:
+            return True
+        sans = {v for _, v in (peercert or {}).get("subjectAltName", ())}
+        return bool(sans & set(self.allowed_sans))
+
+
+def load(path: str) -> WebConfig:
+    """Read and check a web config file. Raises WebConfigError (what, where, the fix)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(1_000_001)
+    except (OSError, UnicodeDecodeError) as e:
+        raise WebConfigError(f"cannot read the web config: {getattr(e, 'strerror', None) or e}"
+                             f" (daemon.web_config_file)", path) from None
+    if len(text) > 1_000_000:
+        raise WebConfigError("the web config is larger than 1 MB", path)
+    doc = parse_yaml(text, path)
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise WebConfigError("the web config must be a mapping (tls_server_config, "
+                             "http_server_config, basic_auth_users)", path, 1)
+    loc = _Locator(text)
+
+    def err(key, msg):
+        return WebConfigError(msg, path, loc.find(key))
+    for key in doc:
+        if key not in _TOP_KEYS:
+            raise err(key, f"unknown key {key!r}; known: " + ", ".join(sorted(_TOP_KEYS)))
+    if doc.get("rate_limit"):
+        LOG.warning("%s: rate_limit is not applied by gpucostd (the server caps connections "
+                    "and request time instead)", path)
+    base = os.path.dirname(os.path.abspath(path))
+    files = [os.path.abspath(path)]
+    ctx, sans = _tls(doc.get("tls_server_config"), base, err, files, path)
+    headers = _headers(doc.get("http_server_config"), err)
+    users = doc.get("basic_auth_users") or {}
+    if not isinstance(users, dict):
+        raise err("basic_auth_users", "basic_auth_users must map user names to bcrypt hashes")
+    hashed: Dict[str, bytes] = {}
+    for user, h in users.items():
+        if not isinstance(h, str) or not _HASH.match(h):
+            raise err(str(user), f"basic_auth_users.{user}: not a bcrypt hash ($2y$10$... of 60 "
+                                 f"characters); make one with: htpasswd -nBC 10 \"\" | tr -d "
+                                 f"':\\n'")
+        hashed[str(user)] = h.encode("ascii")
+    checker = None
+    if hashed:
+        checker, why = _bcrypt_backend()
+        if checker is None:
+            raise err("basic_auth_users", why)
+    return WebConfig(ctx, hashed, headers, sans, tuple(files), checker)
+
+
+def _tls(tls, base, err, files, path):
+    if tls is None:
+        return None, ()
+    if not isinstance(tls, dict):
+        raise err("tls_server_config", "tls_server_config must be a mapping")
+    for key in tls:
+        if key not in _TLS_KEYS:
+            raise err(key, f"unknown key tls_server_config.{key}; known: "
+                           + ", ".join(sorted(_TLS_KEYS)))
+        if key in _NOT_APPLIED and tls[key] not in (None, [], ""):
+            LOG.warning("%s: tls_server_config.%s is not applied (OpenSSL's defaults are used)",
+                        path, key)
+
+    def file_of(key):
+        v = tls.get(key)
+        if v in (None, ""):
+            return None
+        if not isinstance(v, str):
+            raise err(key, f"tls_server_config.{key} must be a file name")
+        full = v if os.path.isabs(v) else os.path.join(base, v)
+        if not os.path.isfile(full):
+            raise err(key, f"tls_server_config.{key}: {full} does not exist")
+        files.append(full)
+        return full
+    cert, key = file_of("cert_file"), file_of("key_file")
+    tmp = []
+    try:
+        if cert is None and tls.get("cert"):
+            cert = _inline(tls["cert"], tmp)
+        if key is None and tls.get("key"):
+            key = _inline(tls["key"], tmp)
+        if cert is None or key is None:
+            raise err("tls_server_config", "tls_server_config needs cert_file and key_file "
+                                           "(or inline cert and key)")
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            ctx.load_cert_chain(cert, key)
+        except (ssl.SSLError, OSError) as e:
+            raise err("cert_file", f"cannot load the certificate and key: {e}") from None
+    finally:
+        for t in tmp:
+            os.unlink(t)
+    for k, attr, default in (("min_version", "minimum_version", "TLS12"),
+                             ("max_version", "maximum_version", "TLS13")):
+        v = tls.get(k) or default
+        if v not in _TLS_VERSIONS:
+            raise err(k, f"tls_server_config.{k} = {v!r}; one of " + ", ".join(_TLS_VERSIONS))
+        setattr(ctx, attr, _TLS_VERSIONS[v])
+    auth = tls.get("client_auth_type") or "NoClientCert"
+    if auth not in _CLIENT_AUTH:
+        raise err("client_auth_type", f"tls_server_config.client_auth_type = {auth!r}; one of "
+                                      + ", ".join(_CLIENT_AUTH))
+    if auth == "RequireAnyClientCert":
+        raise err("client_auth_type", "client_auth_type RequireAnyClientCert is not supported "
+                                      "(Python cannot require a certificate without verifying "
+                                      "it); use RequireAndVerifyClientCert with client_ca_file")
+    ca = file_of("client_ca_file")
+    if auth != "NoClientCert":
+        if ca is None and not tls.get("client_ca"):
+            if auth in ("VerifyClientCertIfGiven", "RequireAndVerifyClientCert"):
+                raise err("client_auth_type", f"client_auth_type {auth} needs client_ca_file")
+        else:
+            try:
+                if ca is not None:
+                    ctx.load_verify_locations(cafile=ca)
+                else:
+                    ctx.load_verify_locations(cadata=tls["client_ca"])
+            except (ssl.SSLError, OSError) as e:
+                raise err("client_ca_file", f"cannot load the client CA: {e}") from None
+            ctx.verify_mode = ssl.CERT_REQUIRED if auth == "RequireAndVerifyClientCert" \
+                else ssl.CERT_OPTIONAL
+    elif ca is not None:
+        raise err("client_ca_file", "client_ca_file is set but client_auth_type is NoClientCert;"
+                                    " set client_auth_type: RequireAndVerifyClientCert")
+    sans = tls.get("client_allowed_sans") or []
+    if sans and ctx.verify_mode != ssl.CERT_REQUIRED:
+        raise err("client_allowed_sans", "client_allowed_sans needs client_auth_type "
+                                         "RequireAndVerifyClientCert")
+    return ctx, tuple(str(s) for s in sans)
+
+
+def _inline(pem: str, tmp: list) -> str:
+    fd, name = tempfile.mkstemp(prefix="gpucostd-web-", suffix=".pem")
+    tmp.append(name)
+    with os.fdopen(fd, "w") as f:
+        f.write(pem)
+    return name
+
+
+def _headers(http, err) -> Dict[str, str]:
+    if http is None:
+        return {}
+    if not isinstance(http, dict):
+        raise err("http_server_config", "http_server_config must be a mapping")
+    for key in http:
+        if key not in _HTTP_KEYS:
+            raise err(key, f"unknown key http_server_config.{key}; known: headers, http2")
+    headers = http.get("headers") or {}
+    if not isinstance(headers, dict):
+        raise err("headers", "http_server_config.headers must be a mapping")
+    out = {}
+    for name, value in headers.items():
+        if name not in _HEADERS:
+            raise err(str(name), f"header {name!r} cannot be set; allowed: " + ", ".join(_HEADERS))
+        if value not in (None, ""):
+            if not isinstance(value, str) or "\n" in value or "\r" in value:
+                raise err(str(name), f"header {name}: the value must be one line of text")
+            out[name] = value
+    return out
+
+
+class _Locator:
+    def __init__(self, text: str):
+        self.lines = text.splitlines()
+
+    def find(self, key: str) -> Optional[int]:
+        pat = re.compile(r"^\s*['\"]?" + re.escape(str(key)) + r"['\"]?\s*:")
+        for n, line in enumerate(self.lines, 1):
+            if pat.match(line):
+                return n
+        return None
+
+
+# --------------------------------------------------------------------------- watching
+class WebConfigWatcher:
+    """The current web config; re-read when the file or a certificate file changes."""
+
+    def __init__(self, path: str, check_every: float = 1.0):
+        self.path = path
+        self.check_every = check_every
+        self._config = load(path)               # at start an error is fatal (raises)
+        self._stamp = self._stamps(self._config.files)
+        self._checked = time.monotonic()
+        self._lock = threading.Lock()
+        self._bad: Optional[Tuple] = None
+        self.reloads = 0
+
+    @staticmethod
+    def _stamps(files) -> Tuple:
+        out = []
+        for f in files:
+            try:
+                st = os.stat(f)
+                out.append((f, st.st_mtime_ns, st.st_size, st.st_ino))
+            except OSError:
+                out.append((f, None))
+        return tuple(out)
+
+    def current(self) -> WebConfig:
+        now = time.monotonic()
+        if now - self._checked < self.check_every:
+            return self._config
+        with self._lock:
+            if now - self._checked < self.check_every:
+                return self._config
+            self._checked = now
+            stamp = self._stamps(self._config.files)
+            if stamp == self._stamp:
+                return self._config
+            try:
+                new = load(self.path)
+            except WebConfigError as e:
+                if stamp != self._bad:
+                    LOG.error("web config change refused, the previous one stays: %s", e)
+                    self._bad = stamp
+                return self._config
+            self._config, self._stamp, self._bad = new, self._stamps(new.files), None
+            self.reloads += 1
+            LOG.info("web config %s reloaded", self.path)
+            return self._config
