@@ -646,7 +646,8 @@ class Py313Suite:
         is the one under test)."""
         from test_packaging import tomllib
         with open(REPO / "pyproject.toml", "rb") as f:
-            extra = tomllib.load(f)["project"]["optional-dependencies"]["test"]
+            extras = tomllib.load(f)["project"]["optional-dependencies"]
+        extra = extras["test"] + extras.get("auth", [])     # as dev-env.sh: .[test,auth]
         return [d for d in extra if not d.lower().startswith("systemd-python")]
 
     def start(self):
