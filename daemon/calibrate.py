@@ -307,7 +307,17 @@ class Calibration:
 
     def _apply(self, recs: Dict[int, int]) -> str:
         path = self.dropin_path or dropin_path(self.daemon.config.path)
-        text = dropin_text(self.groups, recs, self.daemon.config, self.daemon.clock.time())
+        kept: List = []
+        try:
+            from gpucostd.config import tomllib
+            with open(path, "rb") as f:
+                kept = maths.kept_overrides(tomllib.load(f), self.groups)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as e:       # TOMLDecodeError is a ValueError
+            self.notes.append(f"the earlier {path} was unreadable ({e}); replaced")
+        text = dropin_text(self.groups, recs, self.daemon.config, self.daemon.clock.time(),
+                           kept)
         write_atomic(path, text, mode=0o644)
         LOG.info("calibration: recommended limits written to %s; reloading", path)
         self.daemon.request_reload()

@@ -47,7 +47,7 @@ fi
 # is not printed. Every other build warning still shows.
 export PYTHONWARNINGS="ignore:Editable installation"
 # [systemd]: systemd-python (journal fields, kernel_log = "journal"); [test] has it too, plus
-# pytest and nvidia-nvml-dev (the real nvml.h, to check the simulator against).
+# pytest, hypothesis and nvidia-nvml-dev (the real nvml.h, to check the simulator against).
 if [ "$want_tests" = 1 ]; then
     .venv/bin/python -m pip install -q -e '.[test,auth]'     # auth: bcrypt (web config tests)
 else

@@ -120,8 +120,13 @@ def test_recommendation_within_one_step_of_the_analytic_optimum(tmp_path, alpha,
                                              objective=objective, **kw)
             got = rec[objective]["power_limit_watts"]
             assert abs(got - truth["power_limit_watts"]) <= step_w, (objective, got, truth)
-        # the measured rows are the physics' steady state (two GPUs, tensor parallel)
+        # the measured rows are the physics' steady state (two GPUs, tensor parallel), as the
+        # scenario itself answers for its endpoint at those limits
+        k = rep["groups"].index(group)
         for row in group["rows"]:
+            limits = {i: row["power_limit_watts"] for i in group["gpus"]}
+            assert row["tokens_per_second"] == pytest.approx(
+                physics.endpoint_at_power_limits(sc, k, 100.0, limits), rel=2e-3)
             st = physics.steady_state(sc.physics, sc.serving, row["power_limit_watts"], **kw)
             assert row["tokens_per_second"] == pytest.approx(2 * st["tokens_per_second"],
                                                              rel=2e-3)
@@ -345,3 +350,36 @@ def test_recovery_at_start_puts_back_the_saved_limits_of_the_same_gpus_only(tmp_
         assert "calibration_restored" in [e.code for e in d.store.query()]
     finally:
         d.shutdown(system_shutdown=True)
+
+
+def test_an_abort_before_the_first_step_writes_nothing(tmp_path):
+    writes = []
+
+    def early(daemon, cal):
+        if cal.state == "pending":
+            real = daemon.gateway.set_power_limit
+            daemon.gateway.set_power_limit = lambda i, w: (writes.append((i, w)), real(i, w))
+            cal.abort("interrupted (SIGINT to the calibrate command)")
+    rep = run_simulated(scenario_file(tmp_path), priced(), params_from({}), on_cycle=early)
+    assert rep["state"] == "aborted" and "SIGINT" in rep["reason"]
+    assert writes == [] and rep["events"] == []
+
+
+def test_apply_keeps_what_an_earlier_calibration_applied_to_other_gpus(tmp_path):
+    from gpucostd.config import tomllib
+    dropin = tmp_path / "gpucostd.d" / "calibrated.toml"
+    spec = scenario_file(tmp_path)
+    first = run_simulated(spec, priced(), params_from(
+        {"gpus": "0,1", "steps": 6, "dwell_seconds": 6, "apply": True}), dropin=str(dropin))
+    assert first["applied"] and first["enforced_after_apply"] == {"0": 500.0, "1": 500.0}
+    second = run_simulated(spec, priced(gpu_hour=100.0), params_from(
+        {"gpus": "2,3", "steps": 6, "dwell_seconds": 6, "apply": True}), dropin=str(dropin))
+    assert second["enforced_after_apply"] == {"2": 700.0, "3": 700.0}
+    entries = tomllib.loads(dropin.read_text())["tuning"]["gpu"]["override"]
+    watts = sorted(e["power_limit_watts"] for e in entries)
+    assert watts == [500, 500, 700, 700]        # GPUs 0-1 from the first, 2-3 from the second
+    third = run_simulated(spec, priced(gpu_hour=100.0), params_from(
+        {"gpus": "0,1", "steps": 6, "dwell_seconds": 6, "apply": True}), dropin=str(dropin))
+    assert third["applied"]
+    entries = tomllib.loads(dropin.read_text())["tuning"]["gpu"]["override"]
+    assert sorted(e["power_limit_watts"] for e in entries) == [700] * 4     # replaced, not added

@@ -96,8 +96,16 @@ def test_calibrate_through_the_daemon_and_apply(daemon_factory, tmp_path):
     assert json.loads(last.stdout)["id"] == rep["id"]
 
 
+IDLE_23 = ("\n[[gpu]]\nindex = 1\npower_limit = 450\n"
+           "\n[[at]]\nt = 0\ngpu = 2\nutilization = 0\n"
+           "\n[[at]]\nt = 0\ngpu = 3\nutilization = 0\n")
+
+
 def test_refused_while_idle_and_running_shows_in_metrics(daemon_factory, tmp_path):
-    d = daemon_factory(scenario="builtin:serving", extra_config=PRICES)
+    # GPUs 2-3 idle for good, GPU 1 at 450 W before the calibration
+    spec = tmp_path / "idle.toml"
+    spec.write_text(BUILTIN.read_text() + IDLE_23)
+    d = daemon_factory(scenario=str(spec), extra_config=PRICES)
     d.start()
     wait_for(lambda: _progress(d) is None and d.metrics(), 10, what="daemon up")
     r = d.cli("calibrate", "--gpus", "2,3", "--dwell", "2")
@@ -110,6 +118,10 @@ def test_refused_while_idle_and_running_shows_in_metrics(daemon_factory, tmp_pat
         assert metric_value(m, "gpucostd_calibration_running") == 1
         assert metric_value(m, "gpucostd_calibration_step_power_limit_watts", gpu="1") in (
             700, 450, 200)
+        rc, st = d.status_json()
+        assert st["calibration"]["gpus"] == [0, 1] and st["calibration"]["steps"] == 3
+        text = d.cli("status").stdout
+        assert "power-limit calibration running: step" in text
         again = d.cli("calibrate", "--gpus", "0,1")
         assert again.returncode == 5 and "already running" in again.stderr
         # SIGINT to the command: it asks the daemon to abort, which restores at once
@@ -121,7 +133,7 @@ def test_refused_while_idle_and_running_shows_in_metrics(daemon_factory, tmp_pat
             p.kill()
             p.wait()
     assert p.returncode == 6, err
-    assert "interrupted (SIGINT" in out
+    assert "interrupted (SIGINT" in " ".join(out.split())
     wait_for(lambda: _limits(d)[:2] == [700.0, 450.0], 5,  # GPU 1 was at 450 W before
              what="limits back")
 

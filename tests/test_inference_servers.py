@@ -192,3 +192,61 @@ def test_a_redirect_does_not_reset_the_deadline():
             h.close()
     assert r.tokens_total is None and "within 0.3 s" in r.error, r
     assert elapsed < 0.7, elapsed
+
+
+@pytest.fixture
+def tls_server(tmp_path, monkeypatch):
+    """An HTTPS /metrics server with a throwaway certificate the probe is told to trust."""
+    import shutil
+    import ssl
+    import subprocess
+    if not shutil.which("openssl"):
+        pytest.skip("openssl not installed (needed to make a test certificate)")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True,
+                   capture_output=True)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    state = {"trickle": False}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if state["trickle"]:
+                try:
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                    for _ in range(60):
+                        self.wfile.write(b"X")
+                        self.wfile.flush()
+                        time.sleep(0.05)
+                except OSError:
+                    pass            # the probe gave up: that is the point
+                return
+            body = fixture("sglang.prom").encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(cert), str(key))
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    yield f"https://127.0.0.1:{httpd.server_address[1]}/metrics", state
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_https_endpoint_is_read_and_held_to_the_same_deadline(tls_server):
+    url, state = tls_server
+    r = InferenceProbe(url, "auto", 2.0).read()
+    assert r.error is None and r.server == "sglang" and r.tokens_total == 7557572
+    state["trickle"] = True
+    t0 = time.monotonic()
+    r = InferenceProbe(url, "auto", 0.3).read()
+    assert time.monotonic() - t0 < 1.0
+    assert r.tokens_total is None and "within 0.3 s" in r.error

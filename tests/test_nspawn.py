@@ -592,7 +592,10 @@ def test_20_upgrade_from_0_1_0_keeps_config_events_originals_and_restarts(upbox)
     started = box.prop("ActiveEnterTimestampMonotonic")
     _log(f"0.1.0 running (MainPID {pid}) with {len(before)} events and 8 saved originals")
 
-    box.sh(f"apt-get install -y /root/{box.new}", timeout=300)
+    # the shipped default changed since 0.1.0 and the admin's copy is modified: dpkg would ask;
+    # unattended upgrades answer "keep mine" (confdef, else confold), as here
+    box.sh("apt-get install -y -o Dpkg::Options::=--force-confdef "
+           f"-o Dpkg::Options::=--force-confold /root/{box.new}", timeout=300)
     assert box.sh("dpkg-query -W -f='${Version} ${Architecture}' gpucostd").stdout == "0.2.0 all"
     # restarted by the upgrade, on the new code
     wait_for(lambda: box.prop("ActiveState") == "active", timeout=60, what="active after upgrade")
@@ -601,8 +604,11 @@ def test_20_upgrade_from_0_1_0_keeps_config_events_originals_and_restarts(upbox)
     wait_for(lambda: "GPUs" in box.prop("StatusText"), timeout=30, what="0.2.0 ready")
     status = json.loads(box.sh("gpucostd status --json", check=False).stdout)
     assert status["daemon"]["version"] == "0.2.0"
-    # the modified conffile is kept as is (no prompt: the shipped default did not change)
+    # the modified conffile is kept as is; the new default lies beside it
     assert box.sh("cat /etc/gpucostd/gpucostd.toml").stdout == box.config
+    new_default = (REPO / "packaging" / "gpucostd.toml").read_text()
+    if new_default != shipped:
+        assert box.sh("cat /etc/gpucostd/gpucostd.toml.dpkg-dist").stdout == new_default
     # every stored event is still there, unchanged; the new daemon added its own
     after = _events(box)
     assert {k: after.get(k) for k in before} == before
@@ -634,6 +640,15 @@ class Py313Suite:
         self.work = None
         self.t0 = 0.0
 
+    @staticmethod
+    def test_extra():
+        """The [test] extra of pyproject.toml, less systemd-python (Debian's python3-systemd
+        is the one under test)."""
+        from test_packaging import tomllib
+        with open(REPO / "pyproject.toml", "rb") as f:
+            extra = tomllib.load(f)["project"]["optional-dependencies"]["test"]
+        return [d for d in extra if not d.lower().startswith("systemd-python")]
+
     def start(self):
         if self.proc is not None or self.skip is not None:
             return
@@ -648,7 +663,7 @@ class Py313Suite:
                             "--disable-pip-version-check", "--only-binary=:all:",
                             "--python-version", "3.13", "-d", str(wheels),
                             "-r", str(REPO / "packaging" / "requirements.lock"),
-                            "pytest", "nvidia-nvml-dev", "setuptools>=77"],
+                            *self.test_extra(), "setuptools>=77"],
                            capture_output=True, text=True, timeout=600)
         if r.returncode != 0 and not any(wheels.glob("pytest-*.whl")):
             self.skip = ("cannot download the wheels for python3.13 from PyPI: "
@@ -673,7 +688,8 @@ class Py313Suite:
             f"python3 -m venv --system-site-packages {venv}\n"
             f"{venv}/bin/python -c 'import sys, psutil, systemd.journal as j; "
             f"print(\"PYINFO\", sys.version.split()[0], psutil.__version__, j.__file__)'\n"
-            f"{pip} -r packaging/requirements.lock pytest nvidia-nvml-dev\n{pip} -e .\n"
+            f"{pip} -r packaging/requirements.lock {' '.join(repr(x) for x in self.test_extra())}"
+            f"\n{pip} -e .\n"
             f"exec {venv}/bin/python -m pytest -q -ra -p no:cacheprovider tests "
             f"--ignore=tests/test_nspawn.py --ignore=tests/test_packaging.py\n")
         for path in [home, *home.rglob("*")]:

@@ -116,6 +116,11 @@ def test_steady_state_is_what_the_simulator_does_at_that_limit():
     assert got == pytest.approx(4 * want["tokens_per_second"])
     assert node.state(4)["power_draw"] == pytest.approx(want["power_watts"])
     assert want["capped"] and want["power_watts"] <= 500
+    # the same from the scenario's own state at that time
+    assert physics.endpoint_at_power_limits(node.scenario, 1, t0, {g: 500 for g in (4, 5, 6, 7)}) \
+        == pytest.approx(got)
+    assert physics.gpu_at_power_limit(node.scenario, 4, t0, 500)["power_watts"] == \
+        pytest.approx(want["power_watts"])
     # the analytic optimum: with a GPU-hour price and an energy price, the best limit for
     # tokens per dollar is inside the range and beats both ends
     kw = dict(utilization=95, gpu_hour_usd=2.0, energy_usd_per_kwh=0.15, pue=1.3)

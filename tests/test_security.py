@@ -159,6 +159,23 @@ def test_config_another_user_can_change_is_refused_by_a_root_daemon(daemon_facto
     assert rc == 2 and "refused" in out, out
 
 
+def test_a_dropin_another_user_can_change_is_refused_at_start_and_on_reload(daemon_factory):
+    d = daemon_factory().start()
+    dropins = d.config.parent / "gpucostd.d"
+    dropins.mkdir()
+    evil = dropins / "50-evil.toml"
+    evil.write_text('[hooks]\non_critical = ["/tmp/evil"]\n')
+    os.chown(evil, NOBODY, NOBODY)
+    d.signal(__import__("signal").SIGHUP)
+    from gpucostd.views.statusapi import request
+    rejected = wait_for(lambda: [e for e in request(d.socket, {"cmd": "events"})["events"]
+                                 if e["code"] == "config_rejected"], 15, what="config_rejected")
+    assert "50-evil.toml" in rejected[0]["message"] and "refused" in rejected[0]["message"]
+    assert d.stop() == 0
+    rc, out = run_daemon_once(d)
+    assert rc == 2 and "50-evil.toml" in out and "refused" in out, out
+
+
 def test_config_writable_by_a_group_is_a_warning_and_a_finding(daemon_factory):
     d = daemon_factory()
     os.chown(d.config, 0, NOBODY)       # gid 65534: nogroup

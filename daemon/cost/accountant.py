@@ -379,7 +379,7 @@ class CostAccountant:
         tokens = self._tokens if self.eff.endpoints or self._tokens.tokens_lost_total else None
         figures = self.eff.node_figures(node_price, self.config)
         figures["gpu_dollars_per_hour"] = node_price
-        figures["floor"] = dict(self.floor)
+        figures["floor"] = self._floor_view(now_mono)
         report = CostReport(now_wall, now_mono, self.currency, tuple(gpus_out),
                             figures["cost_dollars_per_hour"], per_hour, node_loss, node_hour,
                             node_day, tokens, tuple(self._notes), self._history,
@@ -456,8 +456,15 @@ class CostAccountant:
                 report.efficiency.update({k: fig[k] for k in (
                     "tokens_per_second", "tokens_per_dollar", "cost_per_million_tokens",
                     "tokens_per_joule")})
-                report.efficiency["floor"] = dict(self.floor)
+                report.efficiency["floor"] = self._floor_view(now_mono)
         return report
+
+    def _floor_view(self, now_mono: float) -> Dict[str, Any]:
+        """The floor's state for reports: how long below it so far (seconds), not the
+        monotonic time it started."""
+        since = self.floor.get("below_since")
+        return {"inefficient": bool(self.floor.get("inefficient")),
+                "below_seconds": None if since is None else max(0.0, now_mono - since)}
 
     # ------------------------------------------------------------------ persistence
     def _state_path(self) -> Optional[str]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from gpucostd.snapshot import GpuState, Severity, THROTTLE_REASONS
 
@@ -424,9 +424,30 @@ def _pct(x) -> str:
 
 
 
-def dropin_text(groups: Sequence[Group], recs: Dict[int, int], config, now: float) -> str:
+def kept_overrides(previous: Mapping[str, Any], groups: Sequence[Group]
+                   ) -> List[Tuple[str, int]]:
+    """(match, watts) of an earlier calibrated.toml (parsed) for GPUs this calibration did not
+    step: a calibration of GPUs 2-3 keeps what one of GPUs 0-1 applied."""
+    indexes = {str(i) for g in groups for i in g.gpus}
+    uuids = {str(u).lower() for g in groups for u in g.uuids.values() if u}
+    out: List[Tuple[str, int]] = []
+    entries = ((previous.get("tuning") or {}).get("gpu") or {}).get("override") or []
+    for e in entries if isinstance(entries, list) else ():
+        if not isinstance(e, dict) or not isinstance(e.get("match"), str) or not isinstance(
+                e.get("power_limit_watts"), int):
+            continue
+        kind, _, value = e["match"].partition(":")
+        if (kind == "index" and value in indexes) or (kind == "uuid" and value.lower() in uuids):
+            continue
+        out.append((e["match"], e["power_limit_watts"]))
+    return out
+
+
+def dropin_text(groups: Sequence[Group], recs: Dict[int, int], config, now: float,
+                kept: Sequence[Tuple[str, int]] = ()) -> str:
     """[[tuning.gpu.override]] per GPU with its recommended limit. The match is the one an
-    override in the config already uses for that GPU (so the two merge), else its UUID."""
+    override in the config already uses for that GPU (so the two merge), else its UUID.
+    `kept`: (match, watts) of earlier calibrations of other GPUs, written again."""
     stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now))
     lines = [f"# Written by `gpucostd calibrate --apply` at {stamp}: the power limits with the",
              "# most tokens per dollar (docs/tuning.md, \"Calibration\"). Read after",
@@ -442,6 +463,9 @@ def dropin_text(groups: Sequence[Group], recs: Dict[int, int], config, now: floa
             lines += ["[[tuning.gpu.override]]", f'match = "{match}"   # GPU {i}'
                       + (f" ({grp.url})" if grp.url else ""),
                       f"power_limit_watts = {int(recs[i])}", ""]
+    for match, watts in kept:
+        lines += ["[[tuning.gpu.override]]", f'match = "{match}"   # an earlier calibration',
+                  f"power_limit_watts = {int(watts)}", ""]
     return "\n".join(lines)
 
 
@@ -547,10 +571,10 @@ def format_report(report: Dict[str, Any], width: int = 100) -> str:
         lines.extend(_wrap(note, width))
     for err in report.get("restore_errors") or ():
         lines.extend(_wrap("NOT RESTORED: " + err, width))
-    return "\n".join(line if len(line) <= width else line[:width - 1] + "…"
+    return "\n".join((line if len(line) <= width else line[:width - 1] + "…").rstrip()
                      for line in lines) + "\n"
 
 
 __all__ = ["CalibrationRefused", "Params", "params_from", "Group", "plan", "gpu_trouble",
-           "dropin_text", "summary", "recommended", "step_plan", "default_warmup", "Sample", "Window", "step_row", "finish_rows",
+           "dropin_text", "kept_overrides", "summary", "recommended", "step_plan", "default_warmup", "Sample", "Window", "step_row", "finish_rows",
            "recommend", "format_report", "price_per_hour", "OWN_REASON"]

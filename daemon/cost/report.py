@@ -200,7 +200,7 @@ def _eff_json(fig: Optional[Mapping[str, Any]], gpus) -> Optional[Dict[str, Any]
             "tokens_per_joule": _r(fig.get("tokens_per_joule")),
             "idle_ratio": _r(fig.get("idle_ratio")),
             "min_tokens_per_dollar": fig.get("min_tokens_per_dollar"),
-            "below_floor_since": floor.get("below_since"),
+            "below_floor_seconds": _r(floor.get("below_seconds"), 3),
             "inefficient": bool(floor.get("inefficient")),
             **{k: _r(v) for k, v in totals.items()}}
 
@@ -590,7 +590,7 @@ def efficiency_lines(node: Mapping[str, Any], currency: str = "USD",
             floor = eff.get("min_tokens_per_dollar")
             if floor:
                 state = "BELOW" if eff.get("inefficient") else (
-                    "below" if eff.get("below_floor_since") is not None else "ok")
+                    "below" if eff.get("below_floor_seconds") is not None else "ok")
                 t += f"; floor {_big(floor)} {state}"
             if down:
                 t += f"; {len(down)} endpoint(s) down"

@@ -10,7 +10,7 @@ scenario's boundaries and setter calls, and every setter call advances the integ
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 from gpucostd.sim.physics import apply_power
 from gpucostd.snapshot import VIOLATION_REASONS
@@ -113,3 +113,50 @@ class SetterCorrections:
         for k, ep in enumerate(self.scenario.serving.endpoints if self.scenario.serving else ()):
             if index in ep.gpus:
                 self.advance_endpoint(k, t)
+
+
+class SimulatedCounters:
+    """The counters of a SimulatedNode (gpucostd.sim.nvml) as Python calls: the scenario's
+    exact integrals plus what setters changed (``self._corr``, a SetterCorrections, under
+    ``self._lock``)."""
+
+    def state(self, index: int) -> Dict[str, Any]:
+        """The simulated state of GPU `index` now, setter changes included."""
+        t = self.now()
+        st = self.scenario.gpu_state_at(index, t)
+        st.update(self._corr.physics_state(index, t))
+        if st["violation_seconds"] is not None:
+            st["violation_seconds"]["power"] = self.violation_seconds(index, "power", t)
+        st["total_energy"] = self.energy_joules(index, t)
+        return st
+
+    def energy_joules(self, index: int, t: Optional[float] = None) -> float:
+        """GPU `index`'s energy counter (J) at t (default now)."""
+        t = self.now() if t is None else t
+        with self._lock:
+            corr = self._corr.advance(index, t).energy
+        return self.scenario.energy_joules_at(index, t) + corr
+
+    def violation_seconds(self, index: int, policy: str, t: Optional[float] = None) -> float:
+        t = self.now() if t is None else t
+        value = self.scenario.violation_seconds_at(index, t)[policy]
+        if policy == "power":
+            with self._lock:
+                value = max(0.0, value + self._corr.advance(index, t).power)
+        return value
+
+    def endpoint_tokens(self, endpoint: int, t: Optional[float] = None) -> float:
+        """Generated tokens of simulated endpoint `endpoint` at t (default now)."""
+        t = self.now() if t is None else t
+        with self._lock:
+            corr = self._corr.advance_endpoint(endpoint, t)
+        return max(0.0, self.scenario.endpoint_tokens_at(endpoint, t) + corr)
+
+    def endpoint_rate(self, endpoint: int, t: Optional[float] = None) -> float:
+        """Generated tokens/s of simulated endpoint `endpoint` at t, setter changes included."""
+        t = self.now() if t is None else t
+        sv = self.scenario.serving
+        ep = sv.endpoints[endpoint]
+        return sv.endpoint_rate(ep, [sv.state_rate(self._corr.physics_state(i, t))
+                                     for i in ep.gpus])
+

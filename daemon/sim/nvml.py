@@ -31,7 +31,7 @@ from ctypes import (CFUNCTYPE, Structure, Union, c_char, c_double, c_int, c_int6
                     c_longlong, c_uint, c_uint32, c_ulong, c_ulonglong, c_ushort, c_void_p)
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from gpucostd.sim.corrections import SetterCorrections
+from gpucostd.sim.corrections import SetterCorrections, SimulatedCounters
 from gpucostd.sim.physics import apply_power
 from gpucostd.sim.scenario import UNSUPPORTED_GROUPS, Scenario, load_scenario
 from gpucostd.snapshot import VIOLATION_POLICIES, mask_from_reasons
@@ -181,8 +181,9 @@ _FV_OFF_TS = FieldValue.timestamp.offset
 _FV_OFF_VALUE = FieldValue.value.offset
 assert FieldValue.latencyUsec.offset == _FV_OFF_TS + 8 and \
     FieldValue.valueType.offset == _FV_OFF_TS + 16 and FieldValue.nvmlReturn.offset == _FV_OFF_TS + 20
-_FV_ID = struct.Struct("@I")
+_FV_KEY = struct.Struct("@II")     # fieldId, scopeId
 _FV_HEAD = struct.Struct("@qqII")
+_FV_STAMP = struct.Struct("@q")
 _FV_VALUE = {NVML_VALUE_TYPE_DOUBLE: struct.Struct("@d"),
              NVML_VALUE_TYPE_UNSIGNED_INT: struct.Struct("@I"),
              NVML_VALUE_TYPE_UNSIGNED_LONG_LONG: struct.Struct("@Q")}
@@ -319,7 +320,7 @@ def _guard(name: str, impl: Callable[..., int], counts: Dict[str, int]) -> Calla
     return call
 
 
-class SimulatedNode:
+class SimulatedNode(SimulatedCounters):
     """A simulated GPU node. ``.library`` goes to NvmlGateway(library=...)."""
 
     def __init__(self, scenario: Any, clock: Any):
@@ -337,6 +338,7 @@ class SimulatedNode:
             {} for _ in range(scenario.node.gpu_count)]
         self._unsup_cache: Dict[Tuple[str, ...], frozenset] = {}
         self._spans: Dict[int, Tuple[float, float, Dict[str, Any]]] = {}
+        self._fv_cache: Dict[int, Tuple[Any, ...]] = {}
         self._kernel_t = -1.0
         # scenario indexes NVML lists, fixed at each nvmlInit (a GPU that stops being
         # `present` leaves the count only when NVML is initialised again, as on a real node)
@@ -365,47 +367,6 @@ class SimulatedNode:
     def close(self) -> None:
         """Release calls blocked in a hang window (they return NVML_ERROR_TIMEOUT)."""
         self._closed.set()
-
-    def state(self, index: int) -> Dict[str, Any]:
-        """The simulated state of GPU `index` now, setter changes included."""
-        t = self.now()
-        st = self.scenario.gpu_state_at(index, t)
-        st.update(self._corr.physics_state(index, t))
-        if st["violation_seconds"] is not None:
-            st["violation_seconds"]["power"] = self.violation_seconds(index, "power", t)
-        st["total_energy"] = self.energy_joules(index, t)
-        return st
-
-    # ---- counters: the scenario's exact integrals plus what setters changed
-    def energy_joules(self, index: int, t: Optional[float] = None) -> float:
-        """GPU `index`'s energy counter (J) at t (default now)."""
-        t = self.now() if t is None else t
-        with self._lock:
-            corr = self._corr.advance(index, t).energy
-        return self.scenario.energy_joules_at(index, t) + corr
-
-    def violation_seconds(self, index: int, policy: str, t: Optional[float] = None) -> float:
-        t = self.now() if t is None else t
-        value = self.scenario.violation_seconds_at(index, t)[policy]
-        if policy == "power":
-            with self._lock:
-                value = max(0.0, value + self._corr.advance(index, t).power)
-        return value
-
-    def endpoint_tokens(self, endpoint: int, t: Optional[float] = None) -> float:
-        """Generated tokens of simulated endpoint `endpoint` at t (default now)."""
-        t = self.now() if t is None else t
-        with self._lock:
-            corr = self._corr.advance_endpoint(endpoint, t)
-        return max(0.0, self.scenario.endpoint_tokens_at(endpoint, t) + corr)
-
-    def endpoint_rate(self, endpoint: int, t: Optional[float] = None) -> float:
-        """Generated tokens/s of simulated endpoint `endpoint` at t, setter changes included."""
-        t = self.now() if t is None else t
-        sv = self.scenario.serving
-        ep = sv.endpoints[endpoint]
-        return sv.endpoint_rate(ep, [sv.state_rate(self._corr.physics_state(i, t))
-                                     for i in ep.gpus])
 
     # ------------------------------------------------------------------ internals
     def _effective(self, index: int, t: float, st: Dict[str, Any]) -> Dict[str, Any]:
@@ -647,14 +608,44 @@ class SimulatedNode:
         index, t, st = self._dev(h, "field_values")
         if count < 0 or (count and not values):
             return NVML_ERROR_INVALID_ARGUMENT
-        unsup = self._unsupported(st) if st["unsupported"] else frozenset()
+        if not count:
+            return NVML_SUCCESS
+        size = _FV_SIZE * count
+        view = memoryview((ctypes.c_char * size).from_address(values)).cast("B")
+        ids = tuple(_FV_KEY.unpack_from(view, k * _FV_SIZE) for k in range(count))
+        # What depends on the state alone is packed once per state dict (a scenario segment)
+        # and request; the counters and the timestamps are written on every call.
+        cached = self._fv_cache.get(index)
+        if cached is None or cached[0] is not st or cached[1] != ids:
+            template, dynamic = self._fv_template(st, ids)
+            cached = self._fv_cache[index] = (st, ids, template, dynamic)
+        view[:size] = cached[2]
         stamp = int(self.clock.time() * 1e6)
-        counters: Optional[Dict[str, float]] = None
-        buf = (ctypes.c_char * (_FV_SIZE * count)).from_address(values) if count else b""
-        view = memoryview(buf).cast("B") if count else None
         for k in range(count):
+            _FV_STAMP.pack_into(view, k * _FV_SIZE + _FV_OFF_TS, stamp)
+        dynamic = cached[3]
+        if dynamic:
+            counters = None
+            for offset, kind in dynamic:
+                if kind == "energy":
+                    value = int(round(self.energy_joules(index, t) * 1000.0))
+                else:
+                    if counters is None:   # the scenario's integrals, setter changes included
+                        counters = dict(self.scenario.violation_seconds_at(index, t))
+                        counters["power"] = self.violation_seconds(index, "power", t)
+                    value = int(round(counters[kind] * 1e9))
+                _FV_VALUE[NVML_VALUE_TYPE_UNSIGNED_LONG_LONG].pack_into(view, offset, value)
+        return NVML_SUCCESS
+
+    def _fv_template(self, st: Dict[str, Any], ids: Tuple[int, ...]):
+        """(bytes of the answer without timestamps and counters, [(value offset, counter)]);
+        ids holds the requested (fieldId, scopeId) pairs."""
+        unsup = self._unsupported(st) if st["unsupported"] else frozenset()
+        buf = bytearray(_FV_SIZE * len(ids))
+        dynamic = []
+        for k, (fid, scope) in enumerate(ids):
             base = k * _FV_SIZE
-            fid = _FV_ID.unpack_from(view, base)[0]
+            _FV_KEY.pack_into(buf, base, fid, scope)     # fieldId and scopeId as asked
             spec = FIELD_VALUES.get(fid)
             viol = VIOLATION_FIELDS.get(fid)
             vtype, code, fmt, value = 0, NVML_SUCCESS, None, 0
@@ -664,23 +655,20 @@ class SimulatedNode:
                 fmt = _FV_VALUE[vtype]
             elif viol is not None and st["violation_counters"] and not (
                     fid in CLOCK_EVENT_DURATION_FIELDS and "clock_event_durations" in unsup):
-                if counters is None:      # the scenario's integrals, setter changes included
-                    counters = dict(self.scenario.violation_seconds_at(index, t))
-                    counters["power"] = self.violation_seconds(index, "power", t)
-                vtype, fmt = NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, _FV_VALUE[3]
-                value = int(round(counters[viol[1]] * 1e9))
+                vtype = NVML_VALUE_TYPE_UNSIGNED_LONG_LONG
+                dynamic.append((base + _FV_OFF_VALUE, viol[1]))
             elif fid in ENERGY_FIELDS and ENERGY_FIELDS[fid][1] not in unsup:
-                vtype, fmt = NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, _FV_VALUE[3]
-                value = int(round(self.energy_joules(index, t) * 1000.0))
+                vtype = NVML_VALUE_TYPE_UNSIGNED_LONG_LONG
+                dynamic.append((base + _FV_OFF_VALUE, "energy"))
             elif 0 < fid < NVML_FI_MAX:
                 code = NVML_ERROR_NOT_SUPPORTED
             else:
                 code = NVML_ERROR_INVALID_ARGUMENT
-            # timestamp, latencyUsec, valueType, nvmlReturn; then the value (undefined on error)
-            _FV_HEAD.pack_into(view, base + _FV_OFF_TS, stamp, 0, vtype, code)
+            # timestamp (per call), latencyUsec, valueType, nvmlReturn; then the value
+            _FV_HEAD.pack_into(buf, base + _FV_OFF_TS, 0, 0, vtype, code)
             if fmt is not None:
-                fmt.pack_into(view, base + _FV_OFF_VALUE, value)
-        return NVML_SUCCESS
+                fmt.pack_into(buf, base + _FV_OFF_VALUE, value)
+        return bytes(buf), tuple(dynamic)
 
     def _c_nvmlDeviceGetPowerUsage(self, h, out) -> int:
         _i, _t, st = self._dev(h, "power_draw")

@@ -201,6 +201,31 @@ def best_power_limit(power: PowerModel, serving: ServingModel, lo: float, hi: fl
     return best
 
 
+def gpu_at_power_limit(scenario: Any, index: int, t: float, power_limit: float,
+                       **prices: Any) -> Dict[str, Any]:
+    """steady_state of GPU `index` of a scenario (with [physics] and [serving]) at time t, had
+    its power limit been `power_limit`: its demanded clock and utilization at t."""
+    st = scenario.state_ref(index, t)
+    return steady_state(scenario.physics, scenario.serving, power_limit,
+                        max_sm_clock=st["max_sm_clock"],
+                        demand_clock=st.get(DEMAND_CLOCK, st["sm_clock"]),
+                        utilization=st["utilization"], **prices)
+
+
+def endpoint_at_power_limits(scenario: Any, endpoint: int, t: float,
+                             limits: Mapping[int, float]) -> float:
+    """Tokens/s of simulated endpoint `endpoint` at time t with these power limits
+    ({GPU index: watts}; GPUs not named keep their limit at t)."""
+    sv = scenario.serving
+    ep = sv.endpoints[endpoint]
+    rates = []
+    for i in ep.gpus:
+        st = scenario.state_ref(i, t)
+        limit = limits.get(i, st["power_limit"])
+        rates.append(gpu_at_power_limit(scenario, i, t, limit)["tokens_per_second"])
+    return sv.endpoint_rate(ep, rates)
+
+
 # --------------------------------------------------------------------------- integrals
 class Piecewise:
     """A piecewise-constant rate over one cycle (`starts[i]` .. next start; the last piece runs

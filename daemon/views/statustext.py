@@ -119,6 +119,14 @@ def _render_status(data: Dict[str, Any], colour: bool = False, events: int = 5) 
     if not node.get("nvml_available"):
         lines.extend(_wrap(f"NVML unavailable: {node.get('nvml_error') or 'unknown reason'}",
                            "  "))
+    cal = data.get("calibration")
+    if isinstance(cal, dict):
+        limits = ", ".join(f"GPU {k} {v} W" for k, v in sorted((cal.get("limits") or {}).items()))
+        lines.extend(_wrap(f"power-limit calibration {cal.get('state')}: step {cal.get('step')}/"
+                           f"{cal.get('steps')}" + (f", {limits}" if limits else "")
+                           + (f", {cal['remaining_seconds']:.0f} s left"
+                              if cal.get("remaining_seconds") is not None else "")
+                           + " (gpucostd calibrate; enforcement of these limits held)", "  "))
     if data["gpus"]:
         lines.append(f"{'GPU':>3} {'MODEL':<15} {'HEALTH':<7} {'TEMP':>5} {'POWER/LIMIT':>11} "
                      f"{'SM MHz/MAX':>11}  {'UTIL':>4}  THROTTLE / REASON")

@@ -116,6 +116,9 @@ def snapshot_json(snap: NodeSnapshot) -> Dict[str, Any]:
         "cost": cost,
         "cost_text": cost_text,
         "events": [event_json(e) for e in reversed(snap.recent_events)],
+        # a running `gpucostd calibrate` (id, state, step, steps, limits, remaining_seconds)
+        "calibration": ((extra.get("calibration") or {}).get("progress")
+                        if isinstance(extra.get("calibration"), dict) else None),
     })
 
 
