@@ -147,3 +147,14 @@ def test_the_cordon_hook_compiles_and_its_rbac_allows_what_it_does():
     # the hook's argv in the ConfigMap's comment is the mounted path
     cm = docs("gpucostd.yaml")["ConfigMap"]["data"]["gpucostd.toml"]
     assert '"/usr/bin/python3", "/etc/gpucostd/hooks/k8s-cordon"' in cm
+
+
+def test_the_daemonset_runs_the_image_of_this_version(container):
+    import sys
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        import tomli as tomllib
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert container["image"] == f"gpucostd:{version}", \
+        "bump the image tag in packaging/kubernetes/gpucostd.yaml with the version"
