@@ -41,12 +41,22 @@ def _openssl(*args, cwd):
 def pki(tmp_path_factory):
     """A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl."""
     d = tmp_path_factory.mktemp("pki")
+    # The extensions a strict verifier asks for (Python 3.13's create_default_context sets
+    # VERIFY_X509_STRICT): a CA with a critical basicConstraints and a keyUsage, leaves with an
+    # authority key identifier. Without them every TLS request of these tests fails on 3.13.
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
-             "ca.crt", "-days", "2", "-subj", "/CN=gpucostd test CA", cwd=d)
-    for name, san in (("server", "IP:127.0.0.1,DNS:localhost"), ("client", "DNS:prometheus")):
+             "ca.crt", "-days", "2", "-subj", "/CN=gpucostd test CA",
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+             "-addext", "subjectKeyIdentifier=hash", cwd=d)
+    for name, san, usage in (("server", "IP:127.0.0.1,DNS:localhost", "serverAuth"),
+                             ("client", "DNS:prometheus", "clientAuth")):
         _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
                  f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
-        (d / f"{name}.ext").write_text(f"subjectAltName={san}\n")
+        (d / f"{name}.ext").write_text(
+            f"subjectAltName={san}\nbasicConstraints=critical,CA:FALSE\n"
+            f"keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage={usage}\n"
+            "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n")
         _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
                  "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile",
                  f"{name}.ext", cwd=d)
