@@ -132,7 +132,10 @@ def test_persistenced_warning_names_legacy_mode():
      "  tcp dport { 80, 8000-8100 } accept\n }\n}\n", 8080, False),
     ("table inet f {\n chain input {\n  type filter hook input priority 0; policy accept;\n"
      "  tcp dport 8000 drop\n }\n}\n", 8000, True),
+    # accepted from some sources, and the policy lets everyone else in too
     ("table inet f {\n chain input {\n  type filter hook input priority 0; policy accept;\n"
+     "  ip saddr 10.0.0.0/8 tcp dport 8000 accept\n }\n}\n", 8000, False),
+    ("table inet f {\n chain input {\n  type filter hook input priority 0; policy drop;\n"
      "  ip saddr 10.0.0.0/8 tcp dport 8000 accept\n }\n}\n", 8000, True),
     ("table inet f {\n chain output {\n  type filter hook output priority 0; policy drop;\n"
      " }\n}\n", 8000, False),
@@ -142,13 +145,63 @@ def test_persistenced_warning_names_legacy_mode():
      "COMMIT\n", 8080, False),
     ("*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -s 10.0.0.0/8 -p tcp --dport 8000 -j ACCEPT\n"
      "-A INPUT -p tcp --dport 8000 -j DROP\nCOMMIT\n", 8000, True),
-    ("*filter\n:INPUT ACCEPT [0:0]\n-A DOCKER-USER -p tcp --dport 8000 -j REJECT\nCOMMIT\n",
-     8000, True),
+    # a port Docker publishes is DNATed past INPUT: DOCKER-USER decides, INPUT's policy does not
+    ("*filter\n:INPUT ACCEPT [0:0]\n-A DOCKER-USER -p tcp --dport 8000 -j REJECT\nCOMMIT\n"
+     "*nat\n-A DOCKER ! -i docker0 -p tcp -m tcp --dport 8000 -j DNAT --to-destination "
+     "172.17.0.2:8000\nCOMMIT\n", 8000, True),
+    ("*filter\n:INPUT DROP [0:0]\nCOMMIT\n*nat\n-A DOCKER ! -i docker0 -p tcp -m tcp --dport "
+     "8000 -j DNAT --to-destination 172.17.0.2:8000\nCOMMIT\n", 8000, False),
+    # first match wins: an accept before a drop opens the port
+    ("*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -p tcp --dport 8000 -j ACCEPT\n"
+     "-A INPUT -p tcp --dport 8000 -j DROP\nCOMMIT\n", 8000, False),
+    # accepting everything on a network interface opens the port, whatever the policy
+    ("*filter\n:INPUT DROP [0:0]\n-A INPUT -i eth0 -j ACCEPT\nCOMMIT\n", 8000, False),
+    ("table inet f {\n chain input {\n  type filter hook input priority 0; policy drop;\n"
+     "  iifname \"eth0\" accept\n }\n}\n", 8000, False),
+    # ...but loopback, established and other protocols do not
+    ("*filter\n:INPUT DROP [0:0]\n-A INPUT -i lo -j ACCEPT\n-A INPUT -m conntrack --ctstate "
+     "RELATED,ESTABLISHED -j ACCEPT\n-A INPUT -p udp -j ACCEPT\nCOMMIT\n", 8000, True),
+    # a drop for one source address does not restrict everyone else
+    ("table inet f {\n chain input {\n  type filter hook input priority 0; policy accept;\n"
+     "  ip saddr 1.2.3.4 tcp dport 8000 drop\n }\n}\n", 8000, False),
+    # a final catch-all drop, and a drop behind a conditional RETURN that does not
+    ("table inet f {\n chain input {\n  type filter hook input priority 0; policy accept;\n"
+     "  tcp dport 22 accept\n  drop\n }\n}\n", 8000, True),
+    ("*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j chk\n-A chk -m addrtype --dst-type LOCAL -j "
+     "RETURN\n-A chk -j DROP\nCOMMIT\n", 8000, False),
+    # every nftables input base chain must pass the packet: one that refuses it is enough
+    ("table inet a {\n chain input {\n  type filter hook input priority 0; policy accept;\n"
+     " }\n}\ntable inet b {\n chain input {\n  type filter hook input priority 10; policy "
+     "drop;\n }\n}\n", 8000, True),
     ("*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n", 8000, False),
     ("", 8000, False),
 ])
 def test_firewall_rules(ruleset, port, restricted):
     assert (firewall_restricts(ruleset, port) is not None) == restricted
+
+
+FIREWALLS = Path(__file__).parent / "fixtures" / "firewall"
+
+
+def test_ufw_user_rules_are_followed_from_input():
+    # ufw keeps INPUT's policy at DROP and accepts in its ufw-user-input chain, reached through
+    # ufw-before-input; ufw-not-local's DROP only catches what its RETURNs let through
+    opened = (FIREWALLS / "ufw-allow-8000.iptables").read_text()
+    assert firewall_restricts(opened, 8000) is None
+    why = firewall_restricts(opened, 8080)
+    assert why and "policy drop" in why
+    assert firewall_restricts(opened, 22) is None
+    narrowed = (FIREWALLS / "ufw-allow-8000-from-10.iptables").read_text()
+    assert firewall_restricts(narrowed, 8000)
+
+
+def test_firewalld_zones_are_followed_to_the_final_reject():
+    rules = (FIREWALLS / "firewalld-public.nft").read_text()
+    why = firewall_restricts(rules, 8000)
+    assert why and "reject" in why and "filter_INPUT" in why
+    assert firewall_restricts(rules, 22) is None
+    allowed = rules.replace("\t\ttcp dport 22 accept\n", "\t\ttcp dport { 22, 8000 } accept\n")
+    assert allowed != rules and firewall_restricts(allowed, 8000) is None
 
 
 def test_proc_net_tcp_parsing():

@@ -3,11 +3,9 @@ facts): nvidia-persistenced, driver / kernel-module mismatch, NVIDIA Container T
 ports open to the network without a firewall rule, model weights writable by others.
 
 Each result is a CheckResult (pass | warn | fail) with the fix. ``firewall_restricts(ruleset,
-port)`` reads nftables (``nft list ruleset``) and iptables (``iptables-save``) text: the port is
-restricted when the input hook/INPUT chain drops by default and no rule accepts the port from
-anywhere, or when a rule for the port drops or rejects it, or accepts it only from given source
-addresses. Docker-published ports are DNATed before the INPUT chain; restrict them in the
-DOCKER-USER chain (its rules count too).
+port)`` walks nftables (``nft list ruleset``) and iptables (``iptables-save``) rules in order, as
+the kernel does, for a new TCP connection from the network (its docstring has the rules); what
+it cannot weigh never counts as protection, so a doubt ends as "open", never as "restricted".
 """
 from __future__ import annotations
 
@@ -33,49 +31,186 @@ def _ports(spec: str) -> Set[int]:
     return out
 
 
-def _mentions(line: str, port: int) -> bool:
-    return any(port in _ports(m.group(1)) for m in _PORTS_RE.finditer(line))
-
-
 def firewall_restricts(ruleset: str, port: int) -> Optional[str]:
-    """Why `port` is restricted by this ruleset (in words), or None when nothing restricts it."""
-    default_deny, open_rule, limited = None, False, None
-    hook = None
-    for raw in ruleset.splitlines():
+    """Why a new TCP connection from the network to `port` is refused by this ruleset (in words),
+    or None when one can get through, or when the ruleset does not say.
+
+    The rules are walked as the kernel does, first match wins: the iptables INPUT chain (for a
+    port Docker publishes, DOCKER-USER, since Docker's DNAT sends it past INPUT) and every
+    nftables base chain on the input hook (a packet must pass each of them). A rule that matches
+    only loopback, established or invalid traffic, another protocol or other ports does not
+    apply; one that accepts the port from anywhere, or on a named interface, opens it; one that
+    accepts it only from given sources narrows it; a drop or reject that applies to everyone,
+    or a chain policy of drop at the end, closes it. Jumps and gotos into user chains are
+    followed. What the reading cannot tell (a match it does not know) never counts as closing.
+    """
+    chains, policies, dnat = _parse_rulesets(ruleset)
+    reasons = []
+    for base in [c for c in policies if c[0] == "nft"] + [("ipt", "filter", "INPUT")]:
+        if base[0] == "ipt" and base not in chains and base not in policies:
+            continue
+        if base[0] == "ipt" and port in dnat:
+            base = ("ipt", "filter", "DOCKER-USER")
+        verdict, why = _walk(chains, base, port, "all", 0)
+        if verdict is None and policies.get(base) in ("drop", "reject"):
+            verdict, why = _DROP, f"{_name(base)} drops by default (policy {policies[base]})"
+        if verdict == _DROP:
+            reasons.append(why)
+    return "; ".join(reasons) if reasons else None
+
+
+_ACCEPT, _DROP, _RETURN = "accept", "drop", "return"
+_NFT_CHAIN = re.compile(r"chain\s+(\S+)\s*\{")
+_NFT_TABLE = re.compile(r"table\s+(\S+(?:\s+\S+)?)\s*\{")
+_NFT_BASE = re.compile(r"type\s+filter\s+hook\s+input\b.*?policy\s+(\w+)")
+# matches that keep a rule away from a new TCP connection arriving from the network
+_NOT_FOR_US = re.compile(
+    r'\biifname\s+"?lo"?(\s|$)|\biif\s+"?lo"?(\s|$)|(^|\s)-i\s+lo(\s|$)|\bct\s+status\b'
+    r"|\b(udp|icmp|icmpv6|sctp)\b(?!.*\btcp\b)|\bip6?\s+protocol\s+(?!tcp)"
+    r"|\bmeta\s+l4proto\s+(?!tcp)")
+_STATE = re.compile(r"\bct\s+state\s+(\{[^}]*\}|\S+)|--c?t?state\s+(\S+)")
+_SOURCED = re.compile(r"\bsaddr\b|(^|\s)!?\s*-s\s|--source\b|--src-range\b|--match-set\s+\S+\s+src")
+_KNOWN = re.compile(
+    r"^(-A\s+\S+|-p\s+tcp|-m\s+(tcp|multiport|comment|conntrack|state)|--comment\s+(\"[^\"]*\"|\S+)"
+    r"|(--dports?|dport)\s+(\{[^}]*\}|[0-9][0-9:,\- ]*)|tcp|counter(\s+packets\s+\d+\s+bytes\s+\d+)?"
+    r"|--ctstate\s+\S+|--state\s+\S+|ct\s+state\s+\S+|comment\s+\"[^\"]*\""
+    r"|log(\s+prefix\s+\"[^\"]*\")?|meta\s+l4proto\s+tcp|ip6?\s+protocol\s+tcp)\s*")
+
+
+def _name(chain) -> str:
+    kind, table, name = chain
+    return f"nftables {table} chain {name}" if kind == "nft" else f"iptables {name} chain"
+
+
+def _parse_rulesets(text: str):
+    """{chain: [rule lines]}, {base chain: policy}, {ports Docker DNATs} from nft / iptables-save
+    text. Chains are keyed (kind, table, name)."""
+    chains, policies, dnat = {}, {}, set()
+    table, chain, ipt_table = None, None, None
+    for raw in text.splitlines():
         line = raw.strip()
-        if re.match(r"chain\s+\S+\s*\{", line):
-            hook = None
-        m = re.search(r"type\s+filter\s+hook\s+(\w+)", line)
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("*"):
+            ipt_table = line[1:].strip()
+            continue
+        if line.startswith(":"):  # an iptables chain header (the filter table when unnamed)
+            parts = line[1:].split()
+            if (ipt_table or "filter") == "filter" and len(parts) > 1 and parts[1] != "-":
+                policies[("ipt", "filter", parts[0])] = parts[1].lower()
+            continue
+        if line.startswith("-A ") and len(line.split()) > 1:
+            name, in_table = line.split()[1], ipt_table or "filter"
+            if in_table == "nat" and "DNAT" in line:
+                dnat |= {p for m in _PORTS_RE.finditer(line) for p in _ports(m.group(1))}
+            chains.setdefault(("ipt", in_table, name), []).append(line)
+            continue
+        if line == "COMMIT":
+            ipt_table = None
+            continue
+        m = _NFT_TABLE.match(line)
         if m:
-            hook = m.group(1)
-            if hook == "input" and re.search(r"policy\s+drop", line):
-                default_deny = "nftables input policy drop"
+            table, chain = m.group(1), None
             continue
-        if line.startswith(":INPUT ") and line.split()[1] in ("DROP", "REJECT"):
-            default_deny = "iptables INPUT policy DROP"
+        m = _NFT_CHAIN.match(line)
+        if m and table is not None:
+            chain = ("nft", table, m.group(1))
+            chains.setdefault(chain, [])
             continue
-        ipt = line.startswith("-A ")
-        chain = line.split()[1] if ipt and len(line.split()) > 1 else None
-        if ipt and chain not in ("INPUT", "DOCKER-USER"):
+        if chain is None or line == "}":
+            chain = None if line == "}" else chain
             continue
-        if not ipt and hook not in ("input", "forward"):
+        m = _NFT_BASE.search(line)
+        if m:
+            policies[chain] = m.group(1).lower()
+        elif not line.startswith(("type ", "policy ")):
+            chains[chain].append(line)
+    return chains, policies, dnat
+
+
+def _verdict(line: str):
+    """(verdict, target chain) of one rule: accept / drop / jump / goto / return / None."""
+    m = re.search(r"-[jg]\s+(\S+)", line)
+    if m:
+        target = m.group(1)
+        if target in ("ACCEPT",):
+            return _ACCEPT, None
+        if target in ("DROP", "REJECT"):
+            return _DROP, None
+        if target == "RETURN":
+            return _RETURN, None
+        if target in ("LOG", "NFLOG", "MARK", "CONNMARK", "TRACE"):
+            return None, None
+        return ("goto" if re.search(r"-g\s", line) else "jump"), target
+    m = re.search(r"\b(accept|drop|reject|return|jump\s+(\S+)|goto\s+(\S+))\b", line)
+    if not m:
+        return None, None
+    word = m.group(1).split()[0]
+    if word in ("jump", "goto"):
+        return word, (m.group(2) or m.group(3))
+    return {"accept": _ACCEPT, "drop": _DROP, "reject": _DROP, "return": _RETURN}[word], None
+
+
+def _applies(line: str, port: int) -> Optional[str]:
+    """None when the rule cannot match a new TCP connection to `port` from the network; else
+    "all" (it matches every such connection), "sources" (only from given source addresses) or
+    "some" (under a condition this reading does not weigh, e.g. an input interface)."""
+    if _NOT_FOR_US.search(line):
+        return None
+    ports = [m.group(1) for m in _PORTS_RE.finditer(line)]
+    if ports and not any(port in _ports(p) for p in ports):
+        return None
+    for m in _STATE.finditer(line):
+        states = (m.group(1) or m.group(2) or "").lower()
+        if "new" not in re.split(r"[{},\s]+", states):
+            return None
+    if _SOURCED.search(line):
+        return "sources"
+    body = re.sub(r"\s*(-[jg]\s+\S+.*|\b(accept|drop|reject(\s+with\s+.*)?|return|jump\s+\S+"
+                  r"|goto\s+\S+))\s*$", "", line)
+    rest = body
+    while rest:
+        m = _KNOWN.match(rest)
+        if not m or not m.group(0):
+            return "some"
+        rest = rest[m.end():]
+    return "all"
+
+
+def _walk(chains, chain, port: int, ctx: str, depth: int):
+    """(verdict, why) for the first rule of `chain` that decides, or (None, "") to fall through.
+    `ctx` is the scope the walk was entered under ("all", "some", "sources"): under a narrower
+    one an accept still opens the port where it is not limited to given sources, but no drop
+    closes it for everyone. A conditional RETURN or goto narrows the rest of the chain too."""
+    if depth > 16:
+        return None, ""
+    kind, table, _ = chain
+    narrowed = False
+    for line in chains.get(chain, []):
+        scope = _applies(line, port)
+        if scope is None:
             continue
-        if not _mentions(line, port):
+        eff = "sources" if "sources" in (ctx, scope) else "some" if "some" in (ctx, scope) \
+            else "all"
+        verdict, target = _verdict(line)
+        if verdict in ("jump", "goto"):
+            got, why = _walk(chains, (kind, table, target), port, eff, depth + 1)
+            if got in (_ACCEPT, _DROP):
+                return got, why
+            if verdict == "goto":
+                if scope == "all":
+                    return None, ""
+                narrowed = True
             continue
-        verdict = ("drop" if re.search(r"\b(drop|reject)\b|-j\s+(DROP|REJECT)", line)
-                   else "accept" if re.search(r"\baccept\b|-j\s+ACCEPT", line) else None)
-        sourced = bool(re.search(r"\bsaddr\b|\s-s\s|--source\b|--src-range\b", line))
-        if verdict == "drop":
-            return f"a rule drops or rejects port {port}: {line[:120]}"
-        if verdict == "accept" and sourced:
-            limited = f"a rule accepts port {port} only from given sources: {line[:120]}"
-        elif verdict == "accept":
-            open_rule = True
-    if default_deny and not open_rule:
-        return limited or f"{default_deny}, and no rule accepts port {port} from anywhere"
-    if limited and not open_rule:
-        return limited
-    return None
+        if verdict == _RETURN:
+            if scope == "all":
+                return None, ""
+            narrowed = True
+        elif verdict == _ACCEPT and eff != "sources":
+            return _ACCEPT, ""
+        elif verdict == _DROP and eff == "all" and not narrowed:
+            return _DROP, f"{_name(chain)} refuses port {port}: {line[:120]}"
+    return None, ""
 
 
 def _hp(addr: str, port: int) -> str:
