@@ -244,6 +244,9 @@ def test_deb_is_architecture_and_interpreter_independent():
     names = {n for d in deps for n in re.findall(r"(?:^|\| )([a-z0-9][a-z0-9+.-]*)", d)}
     assert names <= {"python3", "python3-psutil", "python3-systemd", "procps", "systemd",
                      "systemd-standalone-sysusers", "systemd-sysusers"}, deps
+    # bcrypt (basic_auth_users of a web config) is wanted, not required: Debian 13's Python
+    # has no crypt module to fall back on, and apt installs Recommends by default
+    assert run("dpkg-deb", "-f", str(deb), "Recommends").stdout.split() == ["python3-bcrypt"]
     ctl = subprocess.run(f"dpkg-deb -I '{deb}' conffiles", shell=True, capture_output=True,
                          text=True).stdout
     assert "/etc/gpucostd/gpucostd.toml" in ctl
@@ -397,6 +400,9 @@ def test_rpm_requires_only_what_rhel_9_and_10_carry():
                     f"{rel} ships {name} {have['names'][name]}, below the floor in {req!r}"
     assert {"python3", "python3-psutil", "python3-systemd", "systemd"} <= seen, requires
     assert not any(r.startswith("python3.") or "python(abi)" in r for r in requires), requires
+    # python3-bcrypt is EPEL-only on RHEL: a weak dependency, never a Requires
+    assert run("rpm", "-qp", "--recommends", str(rpm)).stdout.split() == ["python3-bcrypt"]
+    assert "python3-bcrypt" not in seen
 
 
 @pytest.mark.slow
