@@ -54,6 +54,11 @@ SERVERS: Tuple[Tuple[str, str, Dict[str, Tuple[str, ...]]], ...] = (
         "waiting": ("dynamo_frontend_queued_requests",)}),
     ("tgi", "tgi_request_generated_tokens_sum", {
         "running": ("tgi_batch_current_size",), "waiting": ("tgi_queue_size",)}),
+    # trtllm-serve's MetricsCollector in newer TensorRT-LLM (tensorrt_llm/metrics/collector.py,
+    # NVIDIA/TensorRT-LLM@050f80de: a generation-token counter and vLLM-like gauges)
+    ("tensorrt-llm", "trtllm_generation_tokens_total", {
+        "running": ("trtllm_num_requests_running",), "waiting": ("trtllm_num_requests_waiting",),
+        "kv": ("trtllm_kv_cache_utilization",)}),
     ("tensorrt-llm", 'nv_llm_output_token_len_sum{response_metric_type="total_output_tokens"}', {
         "running": ('nv_trt_llm_request_metrics{request_type="active"}',),
         "waiting": ('nv_trt_llm_request_metrics{request_type="waiting"}',),
@@ -62,9 +67,18 @@ SERVERS: Tuple[Tuple[str, str, Dict[str, Tuple[str, ...]]], ...] = (
 TRTLLM_NO_COUNTER = (
     "TensorRT-LLM exposes no generated-token counter here (nv_trt_llm_v1_metrics "
     "total_generation_tokens and the inflight-batcher token figures are per-iteration gauges; "
-    "trtllm-serve has none): point [inference] at the Dynamo frontend "
+    "trtllm-serve before trtllm_generation_tokens_total has none): point [inference] at the "
+    "Dynamo frontend "
     "(dynamo_frontend_output_tokens_total) or a Triton backend with the nv_llm_output_token_len "
     "histogram, or set tokens_metric")
+# How a TensorRT-LLM exposition without a token counter is recognised: the Triton backend's
+# nv_trt_llm_*; its MetricsCollector re-exported by Dynamo as trtllm_* (trtllm: in Dynamo's first
+# release, ai-dynamo/dynamo PR #3676); trtllm-serve's /prometheus/metrics as first released, whose
+# families have no prefix at all and are told apart by their engine_type label.
+_TRTLLM_PREFIXES = ("nv_trt_llm_", "trtllm_", "trtllm:")
+_TRTLLM_BARE = ("request_success_total", "e2e_request_latency_seconds_sum",
+                "e2e_request_latency_seconds_count", "time_to_first_token_seconds_count",
+                "request_queue_time_seconds_count")
 
 
 @dataclass(frozen=True)
@@ -222,7 +236,7 @@ def read_tokens(text, metric: str = "auto") -> Tuple[float, str, int, Optional[s
             got = exp.select(series)
             if got is not None:
                 return got[0], series, got[1], server
-        if exp.names_with_prefix("nv_trt_llm_") or exp.names_with_prefix("trtllm_"):
+        if _is_tensorrt_llm(exp):
             raise ParseError(TRTLLM_NO_COUNTER)
         declared = [s for _srv, s, _e in SERVERS if parse_selector(s)[0] in exp.declared]
         if declared:
@@ -248,6 +262,13 @@ def read_tokens(text, metric: str = "auto") -> Tuple[float, str, int, Optional[s
                      f"tokens_metric to the server's generated-tokens counter")
 
 
+def _is_tensorrt_llm(exp: Exposition) -> bool:
+    if any(exp.names_with_prefix(p) for p in _TRTLLM_PREFIXES):
+        return True
+    return any('engine_type="' in line
+               for name in _TRTLLM_BARE for _n, line in exp.samples.get(name, ()))
+
+
 def _server_of(series: str) -> Optional[str]:
     name = parse_selector(series)[0]
     for server, token_series, _extra in SERVERS:
@@ -261,7 +282,11 @@ def serving_figures(text, server: Optional[str]) -> Dict[str, Optional[float]]:
     (None where the server does not say)."""
     out: Dict[str, Optional[float]] = {"running": None, "waiting": None, "kv": None,
                                        "preemptions": None}
-    extra = next((e for s, _t, e in SERVERS if s == server), None)
+    extra: Dict[str, Tuple[str, ...]] = {}
+    for name, _t, more in SERVERS:      # a server may have several entries (TensorRT-LLM has)
+        if name == server:
+            for what, selectors in more.items():
+                extra[what] = extra.get(what, ()) + selectors
     if not extra:
         return out
     exp = text if isinstance(text, Exposition) else Exposition(text)

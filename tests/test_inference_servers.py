@@ -29,8 +29,10 @@ def fixture(name):
     ("vllm_v0.prom", "vllm", "vllm:generation_tokens_total", 218152),
     ("triton_vllm_backend.prom", "vllm", "vllm:generation_tokens_total", 16),
     ("sglang.prom", "sglang", "sglang:generation_tokens_total", 7557572),
-    ("llamacpp.prom", "llama.cpp", "llamacpp:tokens_predicted_total", 3469),
+    ("llamacpp.prom", "llama.cpp", "llamacpp:tokens_predicted_total", 3469),    # ik_llama.cpp fork
+    ("llamacpp_upstream.prom", "llama.cpp", "llamacpp:tokens_predicted_total", 0),  # ggml-org b9041
     ("dynamo.prom", "dynamo", "dynamo_frontend_output_tokens_total", 300),
+    # CONSTRUCTED (no published capture of a real TGI /metrics page was found): the _sum rule
     ("tgi_constructed.prom", "tgi", "tgi_request_generated_tokens_sum", 9000),
     ("trtllm_triton_token_histogram.prom", "tensorrt-llm",
      'nv_llm_output_token_len_sum{response_metric_type="total_output_tokens"}', 1234),
@@ -48,12 +50,58 @@ def test_vllm_v1_histogram_named_total_and_created_gauges_are_not_tokens():
     assert (total, n) == (600, 1)
 
 
-@pytest.mark.parametrize("name", ["trtllm_triton.prom", "trtllm_serve_dynamo.prom"])
+@pytest.mark.parametrize("name", ["trtllm_triton.prom", "trtllm_serve_dynamo.prom",
+                                  "trtllm_serve_unprefixed.prom",
+                                  "trtllm_serve_unprefixed_v1.1.prom"])
 def test_tensorrt_llm_without_a_token_counter_says_so(name):
     with pytest.raises(ParseError) as e:
         read_tokens(fixture(name), "auto")
     assert str(e.value) == TRTLLM_NO_COUNTER
     assert "dynamo_frontend_output_tokens_total" in str(e.value)
+
+
+def test_tensorrt_llm_under_dynamos_first_trtllm_colon_prefix_says_so():
+    # Dynamo's first TensorRT-LLM release re-exported the MetricsCollector families as trtllm:...
+    # (ai-dynamo/dynamo PR #3676: "add trtllm: prefix to TRT-LLM metrics"); no capture of that
+    # release was found, so the real trtllm_ capture is renamed the way that release named it
+    text = fixture("trtllm_serve_dynamo.prom").replace("trtllm_", "trtllm:")
+    assert "trtllm:request_success_total{" in text and "trtllm_" not in text
+    with pytest.raises(ParseError) as e:
+        read_tokens(text, "auto")
+    assert str(e.value) == TRTLLM_NO_COUNTER
+
+
+def test_unprefixed_families_without_engine_type_are_not_taken_for_tensorrt_llm():
+    text = "\n".join(line.replace('engine_type="undefined",', "")
+                     for line in fixture("trtllm_serve_unprefixed.prom").splitlines())
+    with pytest.raises(ParseError) as e:
+        read_tokens(text, "auto")
+    assert "no known generated-token counter found" in str(e.value)
+
+
+def test_trtllm_serve_with_its_generation_token_counter_is_read_not_refused():
+    # Newer trtllm-serve's MetricsCollector (NVIDIA/TensorRT-LLM, tensorrt_llm/metrics/
+    # collector.py @050f80de) declares trtllm_generation_tokens_total and vLLM-like gauges. No
+    # capture of it was found: CONSTRUCTED from the Dynamo capture (real trtllm_ families) plus
+    # the three series under the names and labels that source declares
+    text = fixture("trtllm_serve_dynamo.prom") + (
+        '# TYPE trtllm_generation_tokens_total counter\n'
+        'trtllm_generation_tokens_total{engine_type="trtllm",model_name="m"} 4321.0\n'
+        'trtllm_num_requests_running{engine_type="trtllm",model_name="m"} 3.0\n'
+        'trtllm_num_requests_waiting{engine_type="trtllm",model_name="m"} 1.0\n')
+    exp = Exposition(text)
+    assert read_tokens(exp, "auto") == (4321, "trtllm_generation_tokens_total", 1, "tensorrt-llm")
+    figures = serving_figures(exp, "tensorrt-llm")
+    assert (figures["running"], figures["waiting"]) == (3, 1)
+
+
+def test_upstream_llamacpp_counter_at_zero_is_zero_not_absent():
+    # a server that has served nothing yet still prints its counters, at 0 (unlike vLLM V0,
+    # which declares families without samples): 0 tokens from one series, and its gauges
+    exp = Exposition(fixture("llamacpp_upstream.prom"))
+    assert read_tokens(exp, "auto") == (0, "llamacpp:tokens_predicted_total", 1, "llama.cpp")
+    assert serving_figures(exp, "llama.cpp") == {"running": 0, "waiting": 0, "kv": None,
+                                                 "preemptions": None}
 
 
 def test_label_selector_picks_one_series_of_a_mixed_family():
