@@ -17,7 +17,10 @@ Safety:
 - it aborts, restoring at once, when a GPU's health leaves OK, a throttle reason other than
   SwPowerCap appears, the throughput falls below ``abort_below`` of the best step, the
   endpoint stops answering, a limit changes behind its back, a write fails, the command is
-  interrupted (SIGINT/SIGTERM, or it stops asking for progress) or the daemon stops;
+  interrupted (SIGINT/SIGTERM, or it stops asking for progress), the daemon stops or its own
+  cycle raises (an internal error: ``cycle`` aborts rather than fail again every cycle);
+- each group steps through its own plan (a narrow range rounds to fewer whole watts): one that
+  ends first gets its limits back at once while the others go on;
 - it refuses to start, saying why, while a GPU is idle, unhealthy or throttled for another
   reason, or when no token source maps to the GPUs.
 """
@@ -91,6 +94,16 @@ class Calibration:
     def gpus(self) -> List[int]:
         return [i for g in self.groups for i in g.gpus]
 
+    @property
+    def n_steps(self) -> int:
+        """The steps of the longest group's plan: each group steps through its own and
+        ends (its limits back) after its last one."""
+        return max((len(g.steps) for g in self.groups), default=0)
+
+    def stepping(self) -> List[Group]:
+        """The groups still stepping (not through their plan yet)."""
+        return [g for g in self.groups if not g.done and 0 <= self.step < len(g.steps)]
+
     def poll(self) -> None:
         self.last_poll = self.daemon.clock.monotonic()
 
@@ -118,15 +131,14 @@ class Calibration:
             return self._abort(f"the calibrate command stopped asking for progress for "
                                f"{self.client_timeout:g} s (interrupted or disconnected)")
         readings = {r.url: r for r in (snap.extra or {}).get("inference") or () if r}
-        limit_of = {}
-        for grp in self.groups:
+        stepping = self.stepping()
+        for grp in stepping:
             limit = grp.steps[self.step]
             for i in grp.gpus:
                 why = gpu_trouble(snap, i)
                 if why:
                     return self._abort(why)
                 g = snap.gpu(i)
-                limit_of[i] = limit
                 if g.power_limit_watts is not None and abs(g.power_limit_watts - limit) > 0.5:
                     return self._abort(f"GPU {i}: the power limit changed to "
                                        f"{g.power_limit_watts:g} W outside the calibration "
@@ -137,7 +149,7 @@ class Calibration:
                                    f"{getattr(r, 'error', None) or 'no reading'})")
             if now < self.step_started + self.params.warmup:
                 continue
-            grp.window.add(_sample(snap, grp, r))
+            grp.window.add(maths.sample_of(snap, grp, r))
             best = self.best_tps.get(id(grp))
             w = grp.window
             if best and w.seconds >= min(5.0, self.params.dwell_seconds - self.params.warmup):
@@ -148,7 +160,7 @@ class Calibration:
                         f"the hard floor {self.params.abort_below * 100:g}% of the best step "
                         f"({best:,.0f} tokens/s)")
         if now >= self.step_started + self.params.dwell_seconds:
-            for grp in self.groups:
+            for grp in stepping:
                 row = maths.step_row(grp.steps[self.step], grp.window, grp.price_sum,
                                      self._energy_price(), self._pue())
                 grp.rows.append(row)
@@ -156,10 +168,12 @@ class Calibration:
                 if tps is not None:
                     self.best_tps[id(grp)] = max(self.best_tps.get(id(grp), 0.0), tps)
                 grp.window = maths.Window()
-            if self.step + 1 < len(self.groups[0].steps):
-                self._set_step(self.step + 1)
-            else:
-                self._finish()
+            if all(self.step + 1 >= len(g.steps) for g in stepping):
+                return self._finish()
+            for grp in stepping:
+                if self.step + 1 >= len(grp.steps):
+                    self._group_done(grp)       # through its own plan: restored now
+            self._set_step(self.step + 1)
 
     # -- internals
     def _energy_price(self) -> float:
@@ -182,8 +196,9 @@ class Calibration:
             self.finished_at = d.clock.time()
             self._save_last()
             return
-        for grp, new in zip(self.groups, fresh):
-            grp.start = dict(new.start)
+        fresh_by_gpus = {new.gpus: new for new in fresh}
+        for grp in self.groups:
+            grp.start = dict(fresh_by_gpus[grp.gpus].start)
         d.tuning.held.update((SETTING, f"gpu:{i}") for i in self.gpus)
         try:
             self._write_progress()                   # before anything is saved or written
@@ -202,14 +217,15 @@ class Calibration:
         gpus = ", ".join(map(str, self.gpus))
         self._event("calibration_started", Severity.OK, "none",
                     f"power-limit calibration started on GPU {gpus}: "
-                    f"{len(self.groups[0].steps)} steps of {self.params.dwell_seconds:g} s",
+                    f"{self.n_steps} steps of {self.params.dwell_seconds:g} s",
                     {"gpus": self.gpus, "params": self.params.to_json()})
         self._set_step(0)
 
     def _set_step(self, k: int) -> None:
         from gpucostd.tuners.base import TunerError
         self.step = k
-        for grp in self.groups:
+        stepping = self.stepping()
+        for grp in stepping:
             limit = grp.steps[k]
             for i in grp.gpus:
                 try:
@@ -217,8 +233,26 @@ class Calibration:
                 except TunerError as e:
                     return self._abort(f"cannot set the power limit: {e}")
         self.step_started = self.daemon.clock.monotonic()
-        LOG.info("calibration step %d/%d: %s", k + 1, len(self.groups[0].steps),
-                 ", ".join(f"{g.label()} {g.steps[k]} W" for g in self.groups))
+        LOG.info("calibration step %d/%d: %s", k + 1, self.n_steps,
+                 ", ".join(f"{g.label()} {g.steps[k]} W" for g in stepping))
+
+    def _group_done(self, grp: Group) -> None:
+        """A group through its plan while others go on: its limits back now, its GPUs no
+        longer held (a failed restore is tried again at the end, still held)."""
+        grp.done = True
+        errors = self._restore_group(grp)
+        if errors:
+            LOG.warning("calibration: %s measured; limits NOT restored yet (tried again at the "
+                        "end): %s", grp.label(), "; ".join(errors))
+            return
+        for i in grp.gpus:
+            self.daemon.tuning.held.discard((SETTING, f"gpu:{i}"))
+        try:
+            self._write_progress()              # a crash now restores only the others
+        except OSError as e:
+            LOG.warning("calibration: cannot update %s: %s", PROGRESS_FILE, e)
+        LOG.info("calibration: %s measured at its %d limits; limits restored", grp.label(),
+                 len(grp.steps))
 
     def _write(self, index: int, watts: float, grp: Group) -> None:
         tuner = self.daemon.tuning.power
@@ -230,37 +264,44 @@ class Calibration:
     def _restore_all(self) -> List[str]:
         """Every GPU back at its start limit; the originals we saved forgotten. Errors as
         text (the progress file stays, so the next start tries again)."""
-        from gpucostd.tuners.base import TunerError
         errors: List[str] = []
-        tuner = self.daemon.tuning.power
         for grp in self.groups:
-            for i in grp.gpus:
-                if i not in grp.start:
-                    continue
-                try:
-                    tuner.restore(_planned(tuner, i, grp, grp.start[i]), _whole(grp.start[i]))
-                except TunerError as e:
-                    errors.append(str(e))
-                    continue
-                if grp.saved.get(i):
-                    try:
-                        self.daemon.tuning.originals.remove(SETTING, f"gpu:{i}")
-                    except Exception as e:  # noqa: BLE001
-                        errors.append(str(e))
+            if not grp.restored:
+                errors.extend(self._restore_group(grp))
         if not errors:
             _remove(os.path.join(self.daemon.state_dir, PROGRESS_FILE))
         self._release()
+        return errors
+
+    def _restore_group(self, grp: Group) -> List[str]:
+        from gpucostd.tuners.base import TunerError
+        errors: List[str] = []
+        tuner = self.daemon.tuning.power
+        for i in grp.gpus:
+            if i not in grp.start:
+                continue
+            try:
+                tuner.restore(_planned(tuner, i, grp, grp.start[i]), _whole(grp.start[i]))
+            except TunerError as e:
+                errors.append(str(e))
+                continue
+            if grp.saved.get(i):
+                try:
+                    self.daemon.tuning.originals.remove(SETTING, f"gpu:{i}")
+                except Exception as e:  # noqa: BLE001
+                    errors.append(str(e))
+        grp.restored = not errors
         return errors
 
     def _release(self) -> None:
         for i in self.gpus:
             self.daemon.tuning.held.discard((SETTING, f"gpu:{i}"))
 
-    def _abort(self, reason: str) -> None:
+    def _abort(self, reason: str, restore: bool = False) -> None:
         was_running = self.state == "running"
         self.state, self.reason = "aborted", reason
         self.finished_at = self.daemon.clock.time()
-        errors = self._restore_all() if was_running else []
+        errors = self._restore_all() if was_running or restore else []
         self.restore_errors = errors
         LOG.warning("calibration aborted: %s; limits %s", reason,
                     "restored" if not errors else "NOT restored: " + "; ".join(errors))
@@ -332,11 +373,31 @@ class Calibration:
         out, self.events = self.events, []
         return out
 
+    def fail(self, error: BaseException) -> None:
+        """An unexpected error in the calibration's own cycle: abort and restore now (else the
+        loop would call it again every cycle, failing the same way forever)."""
+        reason = f"internal error in the calibration ({type(error).__name__}: {error})"
+        LOG.error("calibration: %s", reason, exc_info=error)
+        if not self.active:
+            return
+        try:
+            self._abort(reason, restore=self.state == "running" or any(
+                any(g.saved.values()) for g in self.groups))
+        except Exception as e:  # noqa: BLE001 - it ends, whatever happens
+            problem = f"{type(e).__name__}: {e}"
+            self.state, self.reason = "failed", f"{reason}; restoring failed: {problem}"
+            self.restore_errors = [problem]
+            self._event("calibration_aborted", Severity.WARN, "run `gpucostd restore` as root",
+                        f"power-limit calibration aborted: {self.reason}; limits NOT restored",
+                        {"gpus": self.gpus, "reason": self.reason})
+            self._save_last()
+        self._release()
+
     def _write_progress(self) -> None:
         data = {"version": 1, "id": self.id, "started_at": self.started_at, "pid": os.getpid(),
                 "gpus": [{"index": i, "uuid": g.uuids.get(i), "start_watts": g.start[i],
                           "saved_original": bool(g.saved.get(i))}
-                         for g in self.groups for i in g.gpus]}
+                         for g in self.groups if not g.restored for i in g.gpus]}
         write_atomic(os.path.join(self.daemon.state_dir, PROGRESS_FILE),
                      json.dumps(data, indent=2) + "\n")
 
@@ -350,13 +411,14 @@ class Calibration:
     # -- views
     def progress(self) -> Dict[str, Any]:
         out = {"id": self.id, "state": self.state, "reason": self.reason,
-               "gpus": self.gpus, "steps": len(self.groups[0].steps) if self.groups else 0,
-               "step": self.step + 1}
+               "gpus": self.gpus, "steps": self.n_steps, "step": self.step + 1}
         if self.state == "running" and self.step >= 0:
             elapsed = self.daemon.clock.monotonic() - (self.step_started or 0)
             out["step_elapsed_seconds"] = round(max(0.0, elapsed), 1)
-            out["limits"] = {str(i): g.steps[self.step] for g in self.groups for i in g.gpus}
-            n = len(self.groups[0].steps)
+            # the limits held now: a group through its plan has its own back already
+            out["limits"] = {str(i): g.steps[self.step] for g in self.stepping()
+                             for i in g.gpus}
+            n = self.n_steps
             out["remaining_seconds"] = round(max(0.0, (n - self.step) *
                                                  self.params.dwell_seconds - elapsed), 1)
         return out
@@ -370,6 +432,7 @@ class Calibration:
                 "gpus": list(g.gpus), "endpoint": g.url,
                 "uuids": {str(i): g.uuids.get(i) for i in g.gpus},
                 "range_watts": [g.lo, g.hi], "steps_watts": list(g.steps),
+                "restored": g.restored,
                 "start_limits_watts": [g.start.get(i) for i in g.gpus],
                 "gpu_hour_usd": round(g.price_sum, 6), "rows": g.rows,
                 "recommendation": {k: rec.get(k) for k in ("tokens_per_dollar",
@@ -396,23 +459,6 @@ def _planned(tuner, index: int, grp: Group, watts: float):
     return Planned(tuner, f"gpu:{index}", SETTING, _whole(watts), None, "calibrate",
                    gpu_label(index, grp.names.get(index)), target=index,
                    identity={"uuid": uuid} if uuid else {})
-
-
-def _sample(snap, grp: Group, reading) -> maths.Sample:
-    gs = [snap.gpu(i) for i in grp.gpus]
-    energy = None
-    if all(g.energy_joules is not None for g in gs):
-        energy = sum(g.energy_joules for g in gs)
-    power = sum(g.power_draw_watts for g in gs) if all(
-        g.power_draw_watts is not None for g in gs) else None
-    clocks = [g.sm_clock_mhz for g in gs if g.sm_clock_mhz is not None]
-    reasons: List[str] = []
-    for g in gs:
-        for r in g.clock_event_reasons or ():
-            if r not in reasons:
-                reasons.append(r)
-    return maths.Sample(snap.monotonic, reading.time, reading.tokens_total, energy, power,
-                        sum(clocks) / len(clocks) if clocks else None, tuple(reasons))
 
 
 def _remove(path: str) -> None:
@@ -451,7 +497,10 @@ def cycle(daemon, snap) -> List[Event]:
     cal = getattr(daemon, "calibration", None)
     if cal is None:
         return []
-    cal.on_cycle(snap)
+    try:
+        cal.on_cycle(snap)
+    except Exception as e:  # noqa: BLE001 - never left running half-way: abort, restore
+        cal.fail(e)
     return cal.take_events()
 
 
@@ -563,12 +612,14 @@ def recover_interrupted(daemon, gpus) -> List[Event]:
 # ---------------------------------------------------------------------- one-shot, simulated
 def run_simulated(scenario: str, config, params: Params, dropin: Optional[str] = None,
                   progress=None, illustrative_prices: bool = True, on_cycle=None,
-                  client_timeout: Optional[float] = None) -> Dict[str, Any]:
+                  client_timeout: Optional[float] = None, interrupted=None) -> Dict[str, Any]:
     """The whole calibration on a simulated node on a virtual clock (seconds): the daemon's
     own loop, with a private state directory. Raises CalibrationRefused / ScenarioError.
     With params.apply the drop-in is written to `dropin` (default: a temporary directory)
     and the simulated daemon reloads it; the report says what it then enforces.
-    `on_cycle(daemon, calibration)` runs before every cycle (tests inject faults with it)."""
+    `on_cycle(daemon, calibration)` runs before every cycle (tests inject faults with it).
+    `interrupted()` is asked before every cycle: a reason (SIGTERM to the command) aborts the
+    calibration, which restores at the next cycle and reports "aborted"."""
     import shutil
     import tempfile
     from gpucostd.clock import VirtualClock
@@ -606,11 +657,22 @@ def run_simulated(scenario: str, config, params: Params, dropin: Optional[str] =
         cal.dropin_path = dropin or os.path.join(tmp, "etc", "gpucostd.d", DROPIN_NAME)
         daemon.calibration = cal
         last_step = -2
+        # virtual seconds it may take: every step, the start and the end, twice over; past
+        # that something is wrong, and it ends (restoring) rather than runs forever
+        deadline = clock.monotonic() + 2 * (max(len(g.steps) for g in groups) + 2) * (
+            params.dwell_seconds + interval)
         try:
             while cal.active:
                 clock.advance(interval)
                 if on_cycle is not None:
                     on_cycle(daemon, cal)
+                why = interrupted() if interrupted is not None else None
+                if why:
+                    cal.abort(why)
+                if clock.monotonic() > deadline and cal.active:
+                    daemon._record(stop(daemon, "internal error: the calibration did not "
+                                                "end in its time (aborted, limits restored)"))
+                    break
                 daemon.step()
                 if progress is not None and cal.step != last_step and cal.active:
                     last_step = cal.step
@@ -689,12 +751,7 @@ def _progress_printer(stream):
         return None
 
     def show(p: Dict[str, Any]) -> None:
-        limits = p.get("limits") or {}
-        where = ", ".join(f"GPU {k} {v} W" for k, v in sorted(limits.items()))
-        left = p.get("remaining_seconds")
-        text = (f"calibrating: step {p.get('step')}/{p.get('steps')} {where}"
-                + (f", {left:.0f} s left" if left is not None else ""))
-        stream.write("\r" + text[:99].ljust(99))
+        stream.write("\r" + maths.progress_line(p))
         stream.flush()
     return show
 
@@ -719,13 +776,21 @@ def run_cli(args, load_config, socket_path) -> int:
         from gpucostd.sim.scenario import ScenarioError
         import signal
         show = _progress_printer(sys.stderr)
+        interrupted: List[str] = []
 
-        def on_term(signum, frame):
-            raise KeyboardInterrupt       # run_simulated restores on the way out
-        signal.signal(signal.SIGTERM, on_term)
+        def on_signal(signum, frame):
+            # seen between cycles: the calibration aborts, restores and reports (exit 6), as
+            # through the daemon; a second signal stops at once (restoring on the way out)
+            if interrupted:
+                raise KeyboardInterrupt
+            interrupted.append(signal.Signals(signum).name)
+        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             report = run_simulated(args.simulate or DEFAULT_SIM_SCENARIO, cfg, params,
-                                   dropin=args.dropin, progress=show)
+                                   dropin=args.dropin, progress=show,
+                                   interrupted=lambda: interrupted and (
+                                       f"interrupted ({interrupted[0]} to the calibrate "
+                                       f"command)"))
         except CalibrationRefused as e:
             if show:
                 sys.stderr.write("\n")
@@ -734,6 +799,9 @@ def run_cli(args, load_config, socket_path) -> int:
         except ScenarioError as e:
             print(f"gpucostd: {e}", file=sys.stderr)
             return 2
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
         if show:
             sys.stderr.write("\r" + " " * 99 + "\r")
         _out(report, args.json)

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import select
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -90,6 +94,21 @@ def test_row_prices_gpu_hours_and_energy():
     assert r["tokens_per_joule"] == pytest.approx(2.0)
 
 
+def test_fewer_than_two_steps_or_limits_are_refused_with_the_reason():
+    # --steps 1 used to calibrate at --from alone ("700..700 W", "1 steps"), --to ignored
+    for steps in (1, 0):
+        with pytest.raises(ValueError, match="at least 2 limits"):
+            params_from({"steps": steps, "to_watts": 200})
+        with pytest.raises(ValueError, match="at least 2 limits"):
+            maths.step_plan(700, 200, steps)
+    with pytest.raises(ValueError, match="--to 500 must be below --from 500"):
+        params_from({"from_watts": 500, "to_watts": 500})
+    with pytest.raises(ValueError, match="a whole watt apart"):
+        params_from({"from_watts": 500.6, "to_watts": 500.2})
+    assert params_from({"steps": 2, "from_watts": 501, "to_watts": 500}).steps == 2
+    assert maths.step_plan(700, 697, 6) == [700, 699, 698, 697]     # fewer: duplicates dropped
+
+
 def test_params_are_checked():
     with pytest.raises(ValueError, match="--warmup"):
         params_from({"dwell_seconds": 10, "warmup_seconds": 10})
@@ -165,6 +184,100 @@ def test_every_limit_is_back_and_within_range(tmp_path):
     node = watch.daemon.sim
     assert [node.state(i)["power_limit"] for i in range(4)] == [700, 450, 700, 700]
     assert rep["groups"][0]["start_limits_watts"] == [700, 450]
+
+
+# ---------------------------------------------------------------------- unequal groups
+NARROW = {"2,3": "[[gpu]]\nindex = 2\npower_limit_min = 697\n"
+                 "[[gpu]]\nindex = 3\npower_limit_min = 697\n",
+          "0,1": "[[gpu]]\nindex = 0\npower_limit_min = 697\n"}
+
+
+def _bounded(cycles=400, then=None):
+    """A run_simulated hook that fails the test after `cycles` cycles (a run of these tests
+    takes under 100: a calibration that never ends must not hang the suite)."""
+    def hook(daemon, cal):
+        hook.n += 1
+        hook.daemon, hook.cal = daemon, cal
+        if hook.n > cycles:
+            raise AssertionError(f"the calibration did not end in {cycles} cycles "
+                                 f"(state {cal.state}, step {cal.step})")
+        if then is not None:
+            then(daemon, cal)
+    hook.n = 0
+    return hook
+
+
+@pytest.mark.parametrize("narrow", ["2,3", "0,1"])
+def test_groups_with_fewer_limits_end_early_and_every_group_is_measured_fully(tmp_path, narrow):
+    # a narrow range rounds to 4 whole-watt limits, the other group has 6: each group steps
+    # through its own plan; the narrow one ends, restored, while the other goes on
+    wide = "0,1" if narrow == "2,3" else "2,3"
+    nar_gpus = [int(x) for x in narrow.split(",")]
+    wide_gpus = [int(x) for x in wide.split(",")]
+    seen = []
+
+    def watch(daemon, cal):
+        if cal.state != "running":
+            return
+        node = daemon.sim
+        progress_file = Path(daemon.state_dir) / cal_mod.PROGRESS_FILE
+        seen.append((cal.step, {i: node.state(i)["power_limit"] for i in range(4)},
+                     cal.progress()["limits"], set(daemon.tuning.held),
+                     [g["index"] for g in json.loads(progress_file.read_text())["gpus"]]))
+    hook = _bounded(then=watch)
+    rep = run_simulated(scenario_file(tmp_path, 0.3, extra=NARROW[narrow]), priced(),
+                        params_from({"steps": 6, "dwell_seconds": 12}), on_cycle=hook)
+    assert rep["state"] == "done", rep["reason"]
+    by = {",".join(map(str, g["gpus"])): g for g in rep["groups"]}
+    assert by[narrow]["steps_watts"] == [700, 699, 698, 697]
+    assert by[wide]["steps_watts"] == [700, 600, 500, 400, 300, 200]
+    for g in rep["groups"]:            # every group measured at every limit of its own plan
+        assert [r["power_limit_watts"] for r in g["rows"]] == g["steps_watts"]
+        assert all(r["tokens_per_second"] for r in g["rows"])
+        assert g["recommendation"]["tokens_per_dollar"] is not None
+    assert all(g["restored"] for g in rep["groups"])
+    assert any(narrow.replace(",", ", ") in n and "only 4 distinct" in n for n in rep["notes"])
+    # steps 5-6: the narrow group is back at 700 W, no longer held nor in the progress file
+    late = [s for s in seen if s[0] >= 4]
+    assert late and {s[0] for s in late} == {4, 5}
+    for step, limits, shown, held, in_file in late:
+        want = [700, 600, 500, 400, 300, 200][step]
+        assert [limits[i] for i in nar_gpus] == [700, 700]
+        assert [limits[i] for i in wide_gpus] == [want, want]
+        assert sorted(shown) == [str(i) for i in wide_gpus]
+        assert held == {("power_limit_watts", f"gpu:{i}") for i in wide_gpus}
+        assert in_file == wide_gpus
+    assert all(200 <= w <= 700 for s in seen for w in s[1].values())
+    assert all(s[1][i] >= 697 for s in seen for i in nar_gpus)
+    node = hook.daemon.sim
+    assert [node.state(i)["power_limit"] for i in range(4)] == [700] * 4
+    assert not hook.daemon.tuning.originals.items()
+    assert [e["code"] for e in rep["events"]] == ["calibration_started", "calibration_finished"]
+
+
+def test_a_group_with_one_limit_is_skipped_with_all_and_refused_by_name(tmp_path):
+    # GPU 3 cannot be stepped (min = max): its group's range holds one whole watt
+    spec = scenario_file(tmp_path, 0.3, extra="[[gpu]]\nindex = 3\npower_limit_min = 700\n")
+    hook = _bounded()
+    rep = run_simulated(spec, priced(), params_from({"steps": 6, "dwell_seconds": 12}),
+                        on_cycle=hook)
+    assert rep["state"] == "done", rep["reason"]
+    assert [g["gpus"] for g in rep["groups"]] == [[0, 1]]
+    assert len(rep["groups"][0]["rows"]) == 6
+    assert any("skipped GPU 2, 3" in n and "cannot be stepped" in n and "one whole-watt" in n
+               and "GPU 3 700..700 W" in n for n in rep["notes"]), rep["notes"]
+    assert [hook.daemon.sim.state(i)["power_limit"] for i in range(4)] == [700] * 4
+    with pytest.raises(CalibrationRefused, match="GPUs 2, 3 cannot be stepped"):
+        run_simulated(spec, priced(), params_from({"gpus": "2,3"}), on_cycle=_bounded())
+    # the whole node so: nothing to calibrate
+    every = scenario_file(tmp_path, 0.3, name="all.toml", extra="".join(
+        f"[[gpu]]\nindex = {i}\npower_limit_min = 700\n" for i in range(4)))
+    with pytest.raises(CalibrationRefused, match="nothing to calibrate.*cannot be stepped"):
+        run_simulated(every, priced(), params_from({}), on_cycle=_bounded())
+    # --to within a whole watt of the top: one limit left, refused (not one step at --from)
+    with pytest.raises(CalibrationRefused, match="only one whole-watt limit"):
+        run_simulated(scenario_file(tmp_path, 0.3, name="c.toml"), priced(),
+                      params_from({"to_watts": 699.5}), on_cycle=_bounded())
 
 
 # ---------------------------------------------------------------------- aborts
@@ -259,6 +372,46 @@ def test_abort_when_the_daemon_stops(tmp_path):
     assert limits == [700] * 4
 
 
+def test_an_error_inside_the_calibration_cycle_aborts_and_restores(tmp_path, monkeypatch):
+    # the loop's error guard swallows what a part of the cycle raises: a calibration that
+    # failed there every cycle used to stay "running" for ever, at a lowered limit
+    def boom(*a, **k):
+        raise RuntimeError("boom")
+
+    def inject(daemon, cal):
+        if cal.step == 2:
+            monkeypatch.setattr(maths, "step_row", boom)
+    hook = _bounded(then=inject)
+    rep = run_simulated(scenario_file(tmp_path, 0.3), priced(),
+                        params_from({"steps": 6, "dwell_seconds": 12}), on_cycle=hook)
+    assert rep["state"] == "aborted", rep["reason"]
+    assert "internal error in the calibration (RuntimeError: boom)" in rep["reason"]
+    d = hook.daemon
+    assert [d.sim.state(i)["power_limit"] for i in range(4)] == [700] * 4
+    assert rep["restore_errors"] == [] and not d.tuning.originals.items()
+    assert not d.tuning.held
+    assert not (Path(d.state_dir) / cal_mod.PROGRESS_FILE).exists()
+    assert [e["code"] for e in rep["events"]] == ["calibration_started", "calibration_aborted"]
+    assert "limits restored" in rep["events"][-1]["message"]
+    assert [len(g["rows"]) for g in rep["groups"]] == [2, 2]    # steps 1-2 kept
+
+
+def test_an_error_even_while_restoring_still_ends_the_calibration(tmp_path, monkeypatch):
+    def inject(daemon, cal):
+        if cal.step == 1:
+            def broken(*a, **k):
+                raise RuntimeError("restore broken")
+            monkeypatch.setattr(maths, "step_row", broken)
+            monkeypatch.setattr(daemon.tuning.power, "restore", broken)
+    rep = run_simulated(scenario_file(tmp_path, 0.3), priced(),
+                        params_from({"steps": 6, "dwell_seconds": 12}),
+                        on_cycle=_bounded(then=inject))
+    assert rep["state"] == "failed" and "internal error" in rep["reason"]
+    assert "restoring failed" in rep["reason"] and rep["restore_errors"]
+    assert rep["events"][-1]["code"] == "calibration_aborted"
+    assert "NOT restored" in rep["events"][-1]["message"]
+
+
 # ---------------------------------------------------------------------- refusals
 def test_refuses_idle_gpus_and_gpus_without_a_token_source(tmp_path):
     with pytest.raises(CalibrationRefused, match="idle"):
@@ -302,6 +455,52 @@ def test_simulate_command_prints_the_table_and_the_recommendation(tmp_path):
                        capture_output=True, text=True, timeout=120)
     rep = json.loads(j.stdout)
     assert rep["state"] == "done" and rep["groups"][0]["rows"][0]["power_limit_watts"] == 700
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_simulate_command_aborts_restores_and_reports(tmp_path, sig):
+    # stderr on a terminal, so the command shows its progress: the signal comes at step 3
+    master, slave = os.openpty()
+    out = tmp_path / "out.json"
+    with open(out, "w") as f:
+        p = subprocess.Popen(gpucostd_cmd() + ["calibrate", "--simulate", "--steps", "100",
+                                               "--dwell", "3600", "--json"],
+                             stdin=subprocess.DEVNULL, stdout=f, stderr=slave)
+    os.close(slave)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 60
+        while b"step 3/100" not in seen:
+            assert time.monotonic() < deadline and p.poll() is None, seen[-300:]
+            if select.select([master], [], [], 0.2)[0]:
+                try:
+                    seen += os.read(master, 4096)
+                except OSError:        # EIO: the command closed its terminal
+                    break
+        p.send_signal(sig)
+        deadline = time.monotonic() + 60
+        while p.poll() is None:        # drain the terminal while it ends
+            assert time.monotonic() < deadline, "the command did not end after the signal"
+            if select.select([master], [], [], 0.2)[0]:
+                try:
+                    seen += os.read(master, 4096)
+                except OSError:
+                    pass
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+        os.close(master)
+    assert p.returncode == cal_mod.EXIT_ABORTED, seen[-500:]
+    rep = json.loads(out.read_text())
+    name = signal.Signals(sig).name
+    assert rep["state"] == "aborted"
+    assert rep["reason"] == f"interrupted ({name} to the calibrate command)"
+    assert rep["restore_errors"] == [] and all(g["restored"] for g in rep["groups"])
+    assert all(2 <= len(g["rows"]) < 100 for g in rep["groups"])
+    ev = rep["events"][-1]
+    assert ev["code"] == "calibration_aborted" and "limits restored" in ev["message"]
+    assert b"Traceback" not in seen
 
 
 def test_command_needs_root_unless_simulated(monkeypatch, capsys):

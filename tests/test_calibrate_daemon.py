@@ -138,6 +138,46 @@ def test_refused_while_idle_and_running_shows_in_metrics(daemon_factory, tmp_pat
              what="limits back")
 
 
+NARROW_23 = ("\n[[gpu]]\nindex = 2\npower_limit_min = 699\n"
+             "\n[[gpu]]\nindex = 3\npower_limit_min = 699\n")
+
+
+def test_unequal_groups_each_step_through_their_own_plan(daemon_factory, tmp_path):
+    # GPUs 2-3 span 699..700 W: 2 whole-watt limits to the 3 of GPUs 0-1. They are measured
+    # at both, get their limits back and leave the calibration's hold; GPUs 0-1 go on
+    spec = tmp_path / "narrow.toml"
+    spec.write_text(BUILTIN.read_text() + NARROW_23)
+    d = daemon_factory(scenario=str(spec), extra_config=PRICES)
+    d.start()
+    wait_for(lambda: metric_value(d.metrics(), "gpucostd_node_tokens_per_second"), 15,
+             what="tokens/s")
+    p = _start_cli(d, "--steps", "3", "--dwell", "4", "--warmup", "1", "--json")
+    try:
+        wait_for(lambda: (_progress(d) or {}).get("step", 0) >= 3, 40, what="step 3")
+        prog = _progress(d)
+        assert prog["steps"] == 3 and sorted(prog["limits"]) == ["0", "1"], prog
+        wait_for(lambda: _limits(d) == [200.0, 200.0, 700.0, 700.0], 10,
+                 what="GPUs 0-1 at the last step, GPUs 2-3 back")
+        m = d.metrics()
+        assert metric_value(m, "gpucostd_calibration_step_power_limit_watts", gpu="0") == 200
+        assert metric_value(m, "gpucostd_calibration_step_power_limit_watts", gpu="2") is None
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0, err + d.output()
+    rep = json.loads(out)
+    assert rep["state"] == "done"
+    by = {tuple(g["gpus"]): g for g in rep["groups"]}
+    assert by[(0, 1)]["steps_watts"] == [700, 450, 200]
+    assert by[(2, 3)]["steps_watts"] == [700, 699]
+    for g in rep["groups"]:
+        assert [r["power_limit_watts"] for r in g["rows"]] == g["steps_watts"]
+    wait_for(lambda: _limits(d) == [700.0] * 4, 5, what="limits back")
+    assert not (d.state_dir / cal_mod.PROGRESS_FILE).exists()
+
+
 def test_sigterm_of_the_daemon_aborts_and_restores(daemon_factory, tmp_path):
     d = daemon_factory(scenario=_scenario(tmp_path), extra_config=PRICES)
     d.start()

@@ -32,15 +32,20 @@ OWN_REASON = "SwPowerCap"
 FOREIGN_REASONS = tuple(r for r in THROTTLE_REASONS if r != OWN_REASON)
 
 
+STEPS_TOO_FEW = ("--steps {steps} is too few: a calibration compares at least 2 limits (the "
+                 "first is --from, the last --to)")
+
+
 def step_plan(hi: float, lo: float, steps: int) -> List[int]:
     """Whole-watt limits from `hi` down to `lo` in `steps` evenly spaced steps (both ends
-    included; duplicates after rounding dropped). ValueError for a bad range."""
+    included; duplicates after rounding dropped, so a narrow range gives fewer, and a range
+    holding one whole watt gives one). ValueError for a bad range or fewer than 2 steps."""
     if not (math.isfinite(hi) and math.isfinite(lo)) or hi < lo:
         raise ValueError(f"the range {lo:g}..{hi:g} W is empty; --from must be above --to")
-    if steps < 1:
-        raise ValueError(f"--steps {steps} must be at least 1")
+    if steps < 2:
+        raise ValueError(STEPS_TOO_FEW.format(steps=steps))
     hi_w, lo_w = int(math.floor(hi)), int(math.ceil(lo))
-    if steps == 1 or hi_w <= lo_w:
+    if hi_w <= lo_w:
         return [hi_w]
     out: List[int] = []
     for k in range(steps):
@@ -268,12 +273,17 @@ def params_from(d: Dict[str, Any]) -> Params:
     warm = num("warmup_seconds", 0, 3600, None)
     if warm is not None and warm >= dwell:
         raise ValueError(f"--warmup {warm:g} must be shorter than --dwell {dwell:g}")
+    steps = d.get("steps", 6)
+    if isinstance(steps, int) and not isinstance(steps, bool) and steps < 2:
+        raise ValueError(STEPS_TOO_FEW.format(steps=steps))
     p = Params(gtuple, num("from_watts", 1, 100000, None), num("to_watts", 1, 100000, None),
-               num("steps", 1, 100, 6, integer=True), dwell, warm,
+               num("steps", 2, 100, 6, integer=True), dwell, warm,
                num("min_throughput", 0, 1, 0.95), num("abort_below", 0, 1, 0.5),
                bool(d.get("apply", False)))
-    if p.from_watts is not None and p.to_watts is not None and p.to_watts > p.from_watts:
-        raise ValueError(f"--to {p.to_watts:g} must not be above --from {p.from_watts:g}")
+    if p.from_watts is not None and p.to_watts is not None and \
+            math.ceil(p.to_watts) >= math.floor(p.from_watts):
+        raise ValueError(f"--to {p.to_watts:g} must be below --from {p.from_watts:g} (a whole "
+                         f"watt apart at least): a calibration compares at least 2 limits")
     return p
 
 
@@ -292,6 +302,8 @@ class Group:
     rows: List[Dict[str, Any]] = field(default_factory=list)
     window: Window = field(default_factory=Window)
     skipped: Optional[str] = None
+    done: bool = False                       # stepped through its whole plan (or ended)
+    restored: bool = False                   # its limits are back at `start`
     price_sum: float = 0.0
     recommendation: Dict[str, Any] = field(default_factory=dict)
 
@@ -386,15 +398,20 @@ def plan(snap, params: Params, config) -> Tuple[List[Group], List[str]]:
             if why is None and (g.power_limit_min_watts is None or
                                 g.power_limit_max_watts is None or g.power_limit_watts is None):
                 why = f"GPU {i} does not report its power limit and range"
+        grp = Group(tuple(gpus), url)
+        readings_g = [snap.gpu(i) for i in gpus]
+        if why is None:
+            grp.lo = max(g.power_limit_min_watts for g in readings_g)
+            grp.hi = min(g.power_limit_max_watts for g in readings_g)
+            if len(step_plan(max(grp.hi, grp.lo), grp.lo, 2)) < 2:
+                why = (f"the power limit of {grp.label()} cannot be stepped: the range "
+                       f"{_range(readings_g)} holds only one whole-watt limit, so there is "
+                       f"nothing to compare")
         if why:
             if wanted is not None:
                 raise CalibrationRefused(why)
             notes.append(f"skipped GPU {label}: {why}")
             continue
-        grp = Group(tuple(gpus), url)
-        readings_g = [snap.gpu(i) for i in gpus]
-        grp.lo = max(g.power_limit_min_watts for g in readings_g)
-        grp.hi = min(g.power_limit_max_watts for g in readings_g)
         hi = grp.hi if params.from_watts is None else params.from_watts
         lo = grp.lo if params.to_watts is None else params.to_watts
         for name, v in (("--from", hi), ("--to", lo)):
@@ -406,6 +423,15 @@ def plan(snap, params: Params, config) -> Tuple[List[Group], List[str]]:
             grp.steps = step_plan(hi, lo, params.steps)
         except ValueError as e:
             raise CalibrationRefused(str(e)) from None
+        if len(grp.steps) < 2:           # --from/--to one whole watt apart within this range
+            raise CalibrationRefused(
+                f"{lo:g}..{hi:g} W holds only one whole-watt limit for {grp.label()} "
+                f"({grp.steps[0]} W): a calibration compares at least 2 limits")
+        if len(grp.steps) < params.steps:
+            notes.append(f"{grp.label()}: {lo:g}..{hi:g} W holds only {len(grp.steps)} "
+                         f"distinct whole-watt limits (--steps {params.steps}): measured at "
+                         f"those, the group ends after them and gets its limits back while "
+                         f"the others go on")
         for g in readings_g:
             grp.uuids[g.index] = g.uuid
             grp.names[g.index] = g.name
@@ -418,10 +444,38 @@ def plan(snap, params: Params, config) -> Tuple[List[Group], List[str]]:
     return groups, notes
 
 
+def _range(gpus) -> str:
+    """'697..700 W' (one GPU, or GPUs alike), else each GPU's range too."""
+    spans = {(g.power_limit_min_watts, g.power_limit_max_watts) for g in gpus}
+    lo = max(g.power_limit_min_watts for g in gpus)
+    hi = min(g.power_limit_max_watts for g in gpus)
+    text = f"{lo:g}..{hi:g} W" if lo <= hi else f"(empty: {lo:g} W min, {hi:g} W max)"
+    if len(spans) > 1:
+        text += " (" + ", ".join(f"GPU {g.index} {g.power_limit_min_watts:g}.."
+                                 f"{g.power_limit_max_watts:g} W" for g in gpus) + ")"
+    return text
+
+
 def _pct(x) -> str:
     return "unknown" if x is None else f"{x:.0f}%"
 
 
+def sample_of(snap, grp: Group, reading) -> Sample:
+    """One cycle's Sample of a group (the calibration's window adds it after the warm-up)."""
+    gs = [snap.gpu(i) for i in grp.gpus]
+    energy = None
+    if all(g.energy_joules is not None for g in gs):
+        energy = sum(g.energy_joules for g in gs)
+    power = sum(g.power_draw_watts for g in gs) if all(
+        g.power_draw_watts is not None for g in gs) else None
+    clocks = [g.sm_clock_mhz for g in gs if g.sm_clock_mhz is not None]
+    reasons: List[str] = []
+    for g in gs:
+        for r in g.clock_event_reasons or ():
+            if r not in reasons:
+                reasons.append(r)
+    return Sample(snap.monotonic, reading.time, reading.tokens_total, energy, power,
+                  sum(clocks) / len(clocks) if clocks else None, tuple(reasons))
 
 
 def kept_overrides(previous: Mapping[str, Any], groups: Sequence[Group]
@@ -489,6 +543,16 @@ def recommended(report: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------- text
+def progress_line(p: Dict[str, Any]) -> str:
+    """The one progress line of a terminal (99 columns) from Calibration.progress()."""
+    limits = p.get("limits") or {}
+    where = ", ".join(f"GPU {k} {v} W" for k, v in sorted(limits.items()))
+    left = p.get("remaining_seconds")
+    text = (f"calibrating: step {p.get('step')}/{p.get('steps')} {where}"
+            + (f", {left:.0f} s left" if left is not None else ""))
+    return text[:99].ljust(99)
+
+
 def _f(x: Any, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
@@ -520,7 +584,9 @@ def format_report(report: Dict[str, Any], width: int = 100) -> str:
         lines.append("")
         gpus = ", ".join(str(i) for i in g["gpus"])
         lines.append(f"GPUs {gpus}" + (f" ({g['endpoint']})" if g.get("endpoint") else "")
-                     + f": limits {g['steps_watts'][0]}..{g['steps_watts'][-1]} W, was "
+                     + f": limits {g['steps_watts'][0]}..{g['steps_watts'][-1]} W"
+                     + (f" ({len(g['steps_watts'])} steps)" if len(g['steps_watts']) !=
+                        p.get("steps") else "") + ", was "
                      + "/".join(f"{w:g}" for w in g.get("start_limits_watts") or []) + " W")
         lines.append(f"  {'LIMIT W':>7} {'DRAWN W':>8} {'MHz':>5} {'tokens/s':>10} "
                      f"{'% best':>6} {'tok/J':>7} {'tok/' + sym.strip():>10} "
@@ -575,6 +641,6 @@ def format_report(report: Dict[str, Any], width: int = 100) -> str:
                      for line in lines) + "\n"
 
 
-__all__ = ["CalibrationRefused", "Params", "params_from", "Group", "plan", "gpu_trouble",
+__all__ = ["CalibrationRefused", "sample_of", "progress_line", "Params", "params_from", "Group", "plan", "gpu_trouble",
            "dropin_text", "kept_overrides", "summary", "recommended", "step_plan", "default_warmup", "Sample", "Window", "step_row", "finish_rows",
            "recommend", "format_report", "price_per_hour", "OWN_REASON"]
