@@ -68,6 +68,7 @@ class Daemon:
             from gpucostd.sim.nvml import SimulatedNode
             self.sim = SimulatedNode(load_scenario(simulate), self.clock)
             library = self.sim.library
+            self.config = config = self._sim_prices(config)
         self.gateway = NvmlGateway(timeout_seconds=config.daemon.nvml_timeout_seconds,
                                    retry_seconds=config.daemon.nvml_retry_seconds,
                                    library=library, clock=self.clock)
@@ -153,6 +154,17 @@ class Daemon:
                                          clock=self.clock.monotonic, fetch=fetchers.get(e.url),
                                          gpus=e.gpus, parallel=e.parallel) for e in endpoints]
 
+    def _sim_prices(self, config: Config) -> Config:
+        """`gpucostd run --simulate` with no price in the config: the scenario's illustrative
+        [prices], said in the log and (finding prices_illustrative, cost notes) in status."""
+        if self.sim is None or self.clock.virtual or self.one_shot:
+            return config
+        from gpucostd.sim.sections import with_scenario_prices
+        config, note = with_scenario_prices(config, self.sim.scenario.prices, self.simulate)
+        if note:
+            LOG.warning("simulated node: %s", note)
+        return config
+
     def _read_inference(self) -> list:
         """Every endpoint's reading; on a real clock in parallel (each under its deadline)."""
         probes = self.inference
@@ -199,8 +211,14 @@ class Daemon:
         if self.watcher is not None:
             self.watcher.start()
         from gpucostd.record.journal import startup_event
-        self._record([startup_event(__version__, self.clock.time(), config_path=self.config.path,
-                                    simulate=self.simulate)])
+        events = [startup_event(__version__, self.clock.time(), config_path=self.config.path,
+                                simulate=self.simulate)]
+        note = getattr(self.config, "price_note", None)
+        if note:        # in `gpucostd status` (recent events) and `gpucostd events`
+            events.append(Event(self.clock.time(), "node", "prices_illustrative", Severity.OK,
+                                "set [cost] gpu_hour_usd and energy_usd_per_kwh for your own "
+                                "prices", note[0].upper() + note[1:]))
+        self._record(events)
 
     def request_reload(self) -> None:
         self._reload_requested.set()
@@ -287,7 +305,7 @@ class Daemon:
         if changed:
             LOG.warning("reload: %s take effect only after a restart", ", ".join(
                 f"daemon.{k}" for k in changed))
-        self.config = new
+        self.config = new = self._sim_prices(new)
         from gpucostd.record import logs
         logs.set_level(new.daemon.log_level)
         self._guard("reconfigure cost", lambda: self.cost.reconfigure(new))
@@ -561,7 +579,13 @@ class Daemon:
             events.append(floor_event(transition, cost, self.config, now))
         if not hasattr(self, "_eff_judge"):
             self._eff_judge = EfficiencyJudge()
-        return self._eff_judge.judge(gpus, cost, readings, self.config, now)
+        out = self._eff_judge.judge(gpus, cost, readings, self.config, now)
+        note = getattr(self.config, "price_note", None)
+        if note:        # a simulated node priced at its scenario's illustrative prices
+            out.append(Finding("node", "prices_illustrative", Severity.OK, "set [cost] "
+                               "gpu_hour_usd and energy_usd_per_kwh for your own prices", note,
+                               since=self.started_at))
+        return out
 
     def _calibration_info(self):
         from gpucostd.calibrate import snapshot_info
@@ -648,7 +672,10 @@ def summary_line(snap: Optional[NodeSnapshot]) -> str:
     if getattr(tk, "tokens_per_second", None) is not None:
         t = f"{tk.tokens_per_second:.0f} tokens/s"
         if tk.tokens_per_dollar is not None:
-            t += f" ({tk.tokens_per_dollar:,.0f} per $)"
+            illustrative = any(str(n).startswith("Prices are illustrative")
+                               for n in getattr(snap.cost, "notes", ()))
+            t += f" ({tk.tokens_per_dollar:,.0f} per $" + (
+                " at illustrative prices)" if illustrative else ")")
         parts.append(t)
     return ", ".join(parts)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 
 import pytest
@@ -109,6 +110,69 @@ def test_tokens_per_dollar_includes_energy_and_tokens_per_joule():
     assert any(line.startswith("  Tokens: 3.00k/s, ") and "per million" in line and "idle 0%"
                in line for line in lines), lines
     assert all(len(line) <= 100 for line in lines)
+
+
+def test_the_floor_state_survives_a_restart_and_an_unreadable_file_starts_fresh(tmp_path, caplog,
+                                                                                monkeypatch):
+    # 1000 tokens/s on one GPU at $3.60/h: 1M tokens per dollar
+    def daemon_life(floor, seconds, start):
+        clock = VirtualClock()
+        clock._t = start
+        acc = CostAccountant(cfg(f"[cost]\ngpu_hour_usd = 3.6\n[efficiency]\n"
+                                 f"min_tokens_per_dollar = {floor}\nwindow_seconds = 10\n"),
+                             str(tmp_path), clock)
+        seen = []
+
+        def tok(t):
+            return [tokens(1000.0 * t, t)]
+
+        def gpus(t):
+            if acc.floor_transition:
+                seen.append(acc.floor_transition)
+            return [gpu(0)]
+        run(acc, clock, seconds, gpus, tok)
+        if acc.floor_transition:
+            seen.append(acc.floor_transition)
+        return acc, seen
+    path = tmp_path / "floor.json"
+    acc, seen = daemon_life(2e6, 30, 0.0)         # below the floor: drained
+    assert seen == ["inefficient"]
+    saved = json.loads(path.read_text())
+    assert saved["inefficient"] is True and saved["since"] == pytest.approx(
+        acc.clock.time() - 20, abs=2)
+    # restarted: still drained (no second on_inefficient), and once back at or above the floor
+    # for the window, "efficient" (the undrain hook) exactly once
+    acc, seen = daemon_life(2e6, 30, 1000.0)
+    assert acc.floor["inefficient"] is True and seen == []
+    acc, seen = daemon_life(1e5, 30, 2000.0)
+    assert seen == ["efficient"]
+    assert json.loads(path.read_text())["inefficient"] is False
+    acc, seen = daemon_life(1e5, 30, 3000.0)      # nothing left to undo
+    assert seen == [] and acc.floor["inefficient"] is False
+    # a state file that cannot be written: one warning, retried every cycle until it is
+    import gpucostd.cost.accountant as accmod
+
+    def full(*_a, **_k):
+        raise OSError(28, "No space left on device")
+    real = accmod.save_floor
+    monkeypatch.setattr(accmod, "save_floor", full)
+    caplog.clear()
+    acc, seen = daemon_life(2e6, 30, 4000.0)
+    assert seen == ["inefficient"] and acc._floor_saved is False
+    assert caplog.text.count("cannot save the floor's state") == 1
+    monkeypatch.setattr(accmod, "save_floor", real)
+    acc.update_tokens([tokens(1000.0 * 31, 31.0)], 4031.0)
+    assert acc._floor_saved is True and json.loads(path.read_text())["inefficient"] is True
+    # unreadable files: a clear log line, a fresh start, the old file kept aside
+    for bad in ("{not json", '{"version": 1, "inefficient": "yes"}', '[1]',
+                '{"version": 9, "inefficient": true}'):
+        path.write_text(bad)
+        caplog.clear()
+        acc = CostAccountant(cfg(), str(tmp_path), VirtualClock())
+        assert acc.floor["inefficient"] is False
+        assert "unreadable floor state" in caplog.text and "starting fresh" in caplog.text
+        assert any("unreadable floor state" in n for n in acc._notes)
+        assert (tmp_path / "floor.json.bad").read_text() == bad and not path.exists()
 
 
 def test_a_failing_endpoint_does_not_leave_its_last_tokens_per_second_as_current():
@@ -247,6 +311,48 @@ def test_the_floor_drains_through_the_real_daemon(daemon_factory, tmp_path):
     assert not (tmp_path / "drain.on_efficient.env").exists()
 
 
+COUNT_HOOK = """#!/bin/sh
+echo "$GPUCOSTD_HOOK" >> "$0.log"
+"""
+
+
+def test_a_drain_survives_a_restart_and_the_undrain_hook_runs_once(daemon_factory, tmp_path):
+    hook = tmp_path / "drain"
+    hook.write_text(COUNT_HOOK)
+    hook.chmod(hook.stat().st_mode | stat.S_IEXEC)
+    ran = tmp_path / "drain.log"
+
+    def config(floor):
+        return (f'[hooks]\non_inefficient = ["{hook}"]\non_efficient = ["{hook}"]\n'
+                "[cost]\ngpu_hour_usd = 2.5\n"
+                f"[efficiency]\nmin_tokens_per_dollar = {floor}\nwindow_seconds = 1\n")
+    state = tmp_path / "state"
+    state.mkdir(mode=0o750)
+    (state / "floor.json").write_text("{torn")     # unreadable: a clear line, a fresh start
+    d = daemon_factory(extra_config=config(1e12)).start()
+    wait_for(lambda: ran.exists() and ran.read_text() == "on_inefficient\n", 30,
+             what="the on_inefficient hook")
+    assert "unreadable floor state" in d.output() and (state / "floor.json.bad").exists()
+    saved = wait_for(lambda: json.loads((state / "floor.json").read_text()), 10,
+                     what="floor.json")
+    assert saved["inefficient"] is True and saved["since"] > 0
+    assert d.stop() == 0
+    # the node was drained (and rebooted); the daemon starts again, and the node is healthy:
+    # back above the floor for the window, the undrain hook runs, once
+    d.write_config(config(1))
+    d.start()
+    wait_for(lambda: "on_efficient" in ran.read_text(), 30, what="the on_efficient hook")
+    assert "drained this node" in d.output()
+    _rc, st = d.status_json()
+    assert any(e["code"] == "node_efficient" for e in st["events"])
+    cycle = st["daemon"]["cycle"]
+    wait_for(lambda: d.status_json()[1]["daemon"]["cycle"] >= cycle + 10, 30,
+             what="ten more cycles")
+    assert ran.read_text() == "on_inefficient\non_efficient\n"
+    assert json.loads((state / "floor.json").read_text())["inefficient"] is False
+    assert d.status_json()[1]["cost"]["node"]["efficiency"]["inefficient"] is False
+
+
 def test_gpucostd_cost_shows_energy_and_idle_live_from_state_and_over_a_window(tmp_path):
     from gpucostd.cost.accountant import breakdown, breakdown_from_state
     from gpucostd.cost.report import format_cost
@@ -300,6 +406,110 @@ def test_simulated_demo_shows_tokens_per_dollar_energy_and_idle_cost(daemon_fact
                    "gpucostd_gpu_idle_cost_dollars_total", "gpucostd_node_tokens_per_joule",
                    "gpucostd_inference_endpoint_up"):
         assert family in m, family
+    # the config's prices win over the scenario's illustrative ones
+    assert st["cost"]["node"]["efficiency"]["gpu_dollars_per_hour"] == pytest.approx(8 * 2.5)
+    assert "prices_illustrative" not in {f["code"] for f in st["node"]["findings"]}
+    assert "illustrative" not in d.output() + text
+
+
+def test_plain_simulated_demo_is_priced_at_the_scenarios_illustrative_prices(daemon_factory):
+    """A newcomer's `gpucostd run --simulate` with no price in the config: tokens per dollar,
+    $ per million tokens and idle dollars at builtin:h100x8's [prices], said to be
+    illustrative in status, the log and the cost notes; a reload keeps them."""
+    from gpucostd.sim.scenario import load_scenario
+    prices = load_scenario("builtin:h100x8").prices
+    d = daemon_factory(interval=0.5).start()
+
+    def ready():
+        _rc, st = d.status_json()
+        tk = (st.get("cost") or {}).get("node", {}).get("tokens") or {}
+        return st if tk.get("tokens_per_dollar") and tk.get("cost_per_million_tokens") else None
+    st = wait_for(ready, 30, what="tokens per dollar in status --json")
+    cost = st["cost"]
+    eff = cost["node"]["efficiency"]
+    assert cost["priced"] is True and cost["currency"] == "USD"
+    assert eff["gpu_dollars_per_hour"] == pytest.approx(8 * prices.gpu_hour_usd)
+    assert eff["energy_dollars_per_hour"] > 0 and eff["energy_dollars"] is not None
+    assert eff["idle_dollars"] is not None and eff["underused_dollars"] is not None
+    tk = cost["node"]["tokens"]
+    per_hour = eff["cost_dollars_per_hour"]
+    assert tk["tokens_per_dollar"] == pytest.approx(tk["tokens_per_second"] * 3600 / per_hour,
+                                                    rel=0.05)
+    found = {f["code"]: f for f in st["node"]["findings"]}
+    note = found["prices_illustrative"]
+    assert note["severity"] == "OK" and "illustrative" in note["message"]
+    assert "builtin:h100x8" in note["message"] and "gpu_hour_usd" in note["action"]
+    assert any("illustrative" in n for n in cost["notes"])
+    assert any(e["code"] == "prices_illustrative" and e["severity"] == "OK"
+               for e in st["events"])
+    text = d.cli("status").stdout
+    assert " per $" in text and "per million" in text and "idle capacity $" in text, text
+    assert "Prices are illustrative" in text, text          # the recent events
+    assert "  prices: illustrative, from the simulated scenario" in text, text   # the cost lines
+    assert "simulated node: prices are illustrative, not yours: $2.99 per GPU-hour" in \
+        d.output() and "from the scenario builtin:h100x8 ([prices])" in d.output()
+    m = d.metrics()
+    for family in ("gpucostd_node_tokens_per_dollar",
+                   "gpucostd_node_cost_per_million_tokens_dollars",
+                   "gpucostd_gpu_idle_cost_dollars_total",
+                   "gpucostd_gpu_energy_cost_dollars_total"):
+        assert family + " " in m or family + "{" in m, family
+    # a reload (still no price) keeps the illustrative prices and says so
+    d.signal(signal.SIGHUP)
+
+    def reloaded():
+        _rc, st = d.status_json()
+        return st if any(e["code"] == "config_reloaded" for e in st["events"]) else None
+    st = wait_for(reloaded, 30, what="the reload")
+    assert "prices_illustrative" in {f["code"] for f in st["node"]["findings"]}
+    assert st["cost"]["node"]["efficiency"]["gpu_dollars_per_hour"] == pytest.approx(
+        8 * prices.gpu_hour_usd)
+
+
+def test_the_systemd_status_line_says_when_the_prices_are_illustrative():
+    from types import SimpleNamespace as NS
+    from gpucostd.loop import summary_line
+
+    def snap(notes):
+        tk = NS(tokens_per_second=15000.0, tokens_per_dollar=2.2e6)
+        return NS(nvml_available=True, gpus=(), gpu_health={}, cost=NS(
+            node_throttle_dollars_per_hour=0.0, priced=True, tokens=tk, notes=notes))
+    assert summary_line(snap(("Prices are illustrative, from the scenario x",))).endswith(
+        "15000 tokens/s (2,200,000 per $ at illustrative prices)")
+    assert summary_line(snap(())).endswith("15000 tokens/s (2,200,000 per $)")
+
+
+def test_illustrative_prices_only_for_a_running_simulated_node_without_a_price(tmp_path):
+    from gpucostd.loop import Daemon
+    from gpucostd.sim.scenario import ScenarioError, load_scenario, parse_scenario
+    from gpucostd.sim.sections import with_scenario_prices
+    prices = load_scenario("builtin:h100x8").prices
+    assert prices.gpu_hour_usd > 0 and prices.energy_usd_per_kwh > 0 and prices.pue >= 1
+    assert load_scenario("builtin:serving").prices == prices
+    for own in ("[cost]\ngpu_hour_usd = 1.5\n", "[cost]\nenergy_usd_per_kwh = 0.2\n",
+                '[cost.model_hour_usd]\n"NVIDIA H100*" = 2.0\n'):
+        c = cfg(own)
+        assert with_scenario_prices(c, prices, "builtin:h100x8") == (c, None), own
+    c, note = with_scenario_prices(cfg('[cost]\npue = 1.1\ncurrency = "EUR"\n'), prices, "x")
+    assert c.cost.pue == 1.1 and c.cost.currency == "USD" and "PUE 1.1" in note
+    c = cfg()
+    assert with_scenario_prices(c, None, "x") == (c, None)
+    # replay and calibrate (a virtual clock) and one-shot commands keep the config's prices
+    for clock, one_shot in ((VirtualClock(), False), (VirtualClock(), True), (None, True)):
+        state = tmp_path / f"s{len(list(tmp_path.iterdir()))}"
+        dmn = Daemon(cfg(), clock=clock, simulate="builtin:h100x8", one_shot=one_shot,
+                     state_dir=str(state))
+        try:
+            assert dmn.config.cost.gpu_hour_usd == 0
+            assert getattr(dmn.config, "price_note", None) is None
+        finally:
+            dmn.shutdown(system_shutdown=True)
+    # the scenario key is checked like every other
+    for text, why in (("[prices]\ngpu_hour_usd = -1\n", "out of range"),
+                      ("[prices]\nfree = true\n", "unknown key"),
+                      ("[prices]\npue = 1.2\n", "set gpu_hour_usd or energy_usd_per_kwh")):
+        with pytest.raises(ScenarioError, match=why):
+            parse_scenario("[node]\ngpu_count = 1\n" + text, "x.toml")
 
 
 def test_serving_diagnosis_through_the_daemon_on_builtin_serving(daemon_factory):

@@ -3,9 +3,10 @@ and per node, and keeps the totals.
 
 It holds the running totals per GPU and reason, the 24-hour history by minute, the price in
 force during each interval (a reload changes it from then on), the GPU-reset rebase, the token
-window and the tokens-vs-clock fit. The only I/O is the small state file
-``state_dir/cost.json`` that carries the totals and the history across restarts. Each cycle it
-returns a CostReport (gpucostd.cost.report).
+window and the tokens-vs-clock fit. The only I/O is two small state files:
+``state_dir/cost.json`` carries the totals and the history across restarts, and
+``state_dir/floor.json`` whether the floor drained the node (so that a restarted daemon still
+runs the undrain hook). Each cycle it returns a CostReport (gpucostd.cost.report).
 """
 from __future__ import annotations
 
@@ -143,6 +144,9 @@ class CostAccountant:
         self._totals_since: Optional[float] = None
         self._no_save = False         # set when a bad state file could not be moved aside
         self._load()
+        self._floor_saved = False     # the `inefficient` floor.json holds
+        self._floor_save_error: Optional[str] = None
+        self._load_floor()
 
     # ------------------------------------------------------------------ config
     def reconfigure(self, config) -> None:
@@ -380,10 +384,13 @@ class CostAccountant:
         figures = self.eff.node_figures(node_price, self.config)
         figures["gpu_dollars_per_hour"] = node_price
         figures["floor"] = self._floor_view(now_mono)
+        notes = tuple(self._notes)
+        price_note = getattr(self.config, "price_note", None)   # illustrative (--simulate)
+        if price_note:
+            notes += (price_note[0].upper() + price_note[1:],)
         report = CostReport(now_wall, now_mono, self.currency, tuple(gpus_out),
                             figures["cost_dollars_per_hour"], per_hour, node_loss, node_hour,
-                            node_day, tokens, tuple(self._notes), self._history,
-                            self._totals_since)
+                            node_day, tokens, notes, self._history, self._totals_since)
         report.efficiency = figures
         report.efficiency_history = self.eff.history
         return report
@@ -441,10 +448,18 @@ class CostAccountant:
                 tk.measured_tokens_lost_total += max(
                     0.0, m["slope_tokens_per_second"] * mean_loss * dt)
         # the floor
+        was_inefficient = bool(self.floor.get("inefficient"))
         self.floor_transition = floor_step(
             self.floor, fig["tokens_per_dollar"],
             float(self.config.efficiency.min_tokens_per_dollar),
             float(self.config.efficiency.window_seconds), now_mono)
+        if was_inefficient and not self.floor.get("inefficient") and \
+                self.floor_transition is None:
+            LOG.warning("the tokens-per-dollar floor is off ([efficiency] min_tokens_per_dollar "
+                        "= 0): gpucostd no longer undoes its drain of this node; undrain it "
+                        "by hand if it is still drained")
+        if bool(self.floor.get("inefficient")) != self._floor_saved:
+            self._save_floor()
         if report is not None:
             report.tokens = tk
             # each endpoint's tokens go to its GPUs
@@ -465,6 +480,52 @@ class CostAccountant:
         since = self.floor.get("below_since")
         return {"inefficient": bool(self.floor.get("inefficient")),
                 "below_seconds": None if since is None else max(0.0, now_mono - since)}
+
+    # ------------------------------------------------------------------ the floor's file
+    def _load_floor(self) -> None:
+        """Whether the floor drained the node before a restart: then it is still inefficient
+        (no second on_inefficient) until back at or above the floor for the window, when the
+        node_efficient event runs the undrain hook."""
+        if not self.state_dir:
+            return
+        path = os.path.join(self.state_dir, FLOOR_FILE)
+        state, problem = load_floor(path)
+        if problem:
+            LOG.warning("%s", problem)
+            self._notes.append(problem)
+        self.floor["inefficient"] = self._floor_saved = state["inefficient"]
+        self.floor["since"] = state["since"]
+        if state["inefficient"]:
+            since = state["since"]
+            LOG.info("the tokens-per-dollar floor drained this node (node_inefficient%s) "
+                     "before a restart: on_efficient runs once it is back at or above the "
+                     "floor for [efficiency] window_seconds", "" if since is None else
+                     _time.strftime(" at %Y-%m-%d %H:%M:%S", _time.localtime(since)))
+
+    def _save_floor(self) -> None:
+        """floor.json after a change of the floor's state (retried every cycle until saved)."""
+        inefficient = bool(self.floor.get("inefficient"))
+        now = self.clock.time() if self.clock is not None else _time.time()
+        if not inefficient:
+            self.floor["since"] = None
+        elif self.floor.get("since") is None:
+            self.floor["since"] = now
+        if not self.state_dir:
+            self._floor_saved = inefficient
+            return
+        path = os.path.join(self.state_dir, FLOOR_FILE)
+        try:
+            save_floor(path, self.floor, now)
+        except OSError as e:
+            why = str(e.strerror or e)
+            if why != self._floor_save_error:        # once per distinct error
+                LOG.warning("cannot save the floor's state to %s: %s (after a restart "
+                            "gpucostd would not know it drained this node); retrying every "
+                            "cycle", path, why)
+            self._floor_save_error = why
+            return
+        self._floor_saved = inefficient
+        self._floor_save_error = None
 
     # ------------------------------------------------------------------ persistence
     def _state_path(self) -> Optional[str]:
@@ -591,3 +652,44 @@ def breakdown_from_state(config, since_seconds: Optional[float] = None,
         return cost_breakdown(data, since_seconds, now=_time.time() if now is None else now)
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
+
+
+# --------------------------------------------------------------------------- the floor's file
+FLOOR_FILE = "floor.json"       # in the state directory: whether gpucostd drained the node
+FLOOR_VERSION = 1
+
+
+def load_floor(path: str) -> Tuple[Dict[str, Any], Optional[str]]:
+    """The floor's saved state, {"inefficient": bool, "since": epoch seconds or None}, and
+    None; or, for a file that cannot be used, a fresh state and the message that says so (the
+    file is then moved aside to floor.json.bad). A missing file is a fresh state."""
+    fresh: Dict[str, Any] = {"inefficient": False, "since": None}
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            data = json.load(f)
+        if not isinstance(data, dict) or data.get("version") != FLOOR_VERSION:
+            raise ValueError("not a version 1 floor state")
+        inefficient, since = data.get("inefficient"), data.get("since")
+        if not isinstance(inefficient, bool) or not (since is None or _finite(since)):
+            raise ValueError(f"inefficient = {inefficient!r}, since = {since!r}")
+        return {"inefficient": inefficient, "since": since if inefficient else None}, None
+    except FileNotFoundError:
+        return fresh, None
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else e
+        try:
+            os.replace(path, path + ".bad")
+            kept = f"the file is kept as {path}.bad"
+        except OSError:
+            kept = "it will be overwritten"
+        return fresh, (f"{path}: unreadable floor state ({why}); starting fresh: gpucostd does "
+                       f"not know whether it drained this node (if it did, undrain it by hand); "
+                       f"{kept}")
+
+
+def save_floor(path: str, state: Mapping[str, Any], now_wall: float) -> None:
+    """Write the floor's state (atomically, fsynced). Raises OSError."""
+    write_atomic(path, json.dumps({"version": FLOOR_VERSION,
+                                   "inefficient": bool(state.get("inefficient")),
+                                   "since": state.get("since"), "saved_at": now_wall},
+                                  sort_keys=True) + "\n")

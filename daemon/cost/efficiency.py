@@ -1,6 +1,7 @@
 """Energy, idle capacity and tokens per inference endpoint: the "tokens per dollar" side of
 the cost (the throttle side is gpucostd.cost.accountant). Pure integration over readings, no
-I/O; the accountant persists ``EfficiencyBook.state()`` in cost.json.
+I/O; the accountant persists ``EfficiencyBook.state()`` in cost.json and the floor's state
+(floor_step) in floor.json.
 
 Per GPU, over each interval between two OK readings (docs/cost.md):
 

@@ -31,6 +31,8 @@ else:  # pragma: no cover - exercised on Python < 3.11
 
 from gpucostd.config import FileError
 from gpucostd.sim import physics as phys
+from gpucostd.sim.sections import (ScenarioPrices, _fmt, _indexes, _num, parse_physics,
+                                    parse_prices, parse_serving)
 from gpucostd.snapshot import CLOCK_EVENT_REASONS, REASON_BITS, VIOLATION_POLICIES, VIOLATION_REASONS
 
 BUILTIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scenarios")
@@ -249,14 +251,6 @@ _TYPE_WORDS = {"str": "a string", "pci": "a PCI bus id string like \"00000000:18
                "names": "a list of field names"}
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value + '"'
-    return repr(value)
-
-
 class _Validator:
     def __init__(self, path: str, text: str):
         self.path = path
@@ -316,22 +310,16 @@ class _Validator:
         return out
 
 
-def _indexes(count: int) -> str:
-    return f"allowed 0..{count - 1}" if count else "node.gpu_count = 0 means no GPUs"
-
-
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else str(x)
-
-
 # --------------------------------------------------------------------------- the scenario
 class Scenario:
     """A validated scenario. Build with load_scenario() or parse_scenario()."""
 
     def __init__(self, name: str, path: str, node: NodeInfo, gpus: Sequence[Dict[str, Any]],
                  timeline: Sequence[TimelineEntry], physics: Optional[phys.PowerModel] = None,
-                 serving: Optional[phys.ServingModel] = None):
+                 serving: Optional[phys.ServingModel] = None,
+                 prices: Optional[ScenarioPrices] = None):
         self.name = name
+        self.prices = prices            # None: no illustrative prices (gpucostd.sim.sections)
         self.physics = physics          # None: power_draw and sm_clock are as written
         self.serving = serving          # None: no simulated inference server
         self.path = path
@@ -645,11 +633,11 @@ def _parse_scenario(text: str, path: str, name: Optional[str]) -> Scenario:
     except tomllib.TOMLDecodeError as exc:
         m = re.search(r"line (\d+)", str(exc))
         raise ScenarioError(f"not valid TOML: {exc}", path, int(m.group(1)) if m else None)
-    allowed_top = ("node", "gpu_defaults", "gpu", "at", "physics", "serving")
+    allowed_top = ("node", "gpu_defaults", "gpu", "at", "physics", "serving", "prices")
     for key in data:
         if key not in allowed_top:
             v.fail(f"{key}: unknown top-level key; allowed: [node], [gpu_defaults], [[gpu]], "
-                   "[[at]], [physics], [serving]", key, None)
+                   "[[at]], [physics], [serving], [prices]", key, None)
     if "node" not in data:
         raise ScenarioError("missing [node] table (needs at least gpu_count)", path)
     node_d = v.table("node", "node", data["node"], NODE_FIELDS)
@@ -769,9 +757,10 @@ def _parse_scenario(text: str, path: str, name: Optional[str]) -> Scenario:
         timeline.append(TimelineEntry(t=t, gpu=gpu, changes=d, kernel_log=kernel,
                                       hang_seconds=hang, reset=reset, driver_loaded=loaded,
                                       line=line))
-    physics = _parse_physics(v, data, gpu_list, at_list)
-    serving = _parse_serving(v, data, count)
-    sc = Scenario(scen_name, path, node, gpus, timeline, physics, serving)
+    physics = parse_physics(v, data, gpu_list, at_list)
+    serving = parse_serving(v, data, count)
+    sc = Scenario(scen_name, path, node, gpus, timeline, physics, serving,
+                  parse_prices(v, data))
     for i in range(count):
         for st, start in zip(sc._seg_states[i], sc._seg_starts[i]):
             bad = _inconsistency(f"GPU {i} at t={_num(start)}", st)
@@ -787,75 +776,6 @@ def _parse_scenario(text: str, path: str, name: Optional[str]) -> Scenario:
                                 break
                 raise ScenarioError(bad[0], path, line, bad[1][0])
     return sc
-
-
-def _section(v: _Validator, where: str, data: Any, keys: Mapping[str, tuple],
-             array: bool = False, occ: int = 0, sub: Tuple[str, ...] = ()) -> Dict[str, Any]:
-    """A [physics] / [serving] / [[serving.endpoint]] table checked against `keys`
-    (physics.PHYSICS_KEYS and friends): unknown keys, types and ranges."""
-    table = where.split("[")[0]
-    if not isinstance(data, dict):
-        v.fail(f"{where} must be a table", table, None, array, occ)
-    out: Dict[str, Any] = {}
-    for key, value in data.items():
-        if key in sub:
-            continue            # a sub-table, handled by the caller
-        if key not in keys:
-            v.fail(f"{where}.{key}: unknown key; allowed keys: " + ", ".join(sorted(keys)),
-                   table, key, array, occ)
-        kind, _default, _doc, lo, hi = keys[key]
-        got, why = phys.check_value(kind, value, lo, hi)
-        if why:
-            v.fail(f"{where}.{key} = {_fmt(value)}: {why}", table, key, array, occ)
-        out[key] = got
-    return out
-
-
-def _parse_physics(v: _Validator, data: Mapping[str, Any], gpu_list: Sequence[Any],
-                   at_list: Sequence[Any]) -> Optional[phys.PowerModel]:
-    if "physics" not in data:
-        return None
-    d = _section(v, "physics", data["physics"], phys.PHYSICS_KEYS)
-    model = phys.PowerModel(**d)
-    if model.full_load_watts <= model.idle_watts:
-        v.fail(f"physics.full_load_watts = {_num(model.full_load_watts)} must be above "
-               f"idle_watts {_num(model.idle_watts)}", "physics", "full_load_watts")
-    why = ("is computed by [physics] from sm_clock, utilization and power_limit; remove it "
-           "(or remove [physics])")
-    if "power_draw" in (data.get("gpu_defaults") or {}):
-        v.fail(f"gpu_defaults.power_draw {why}", "gpu_defaults", "power_draw")
-    for table, entries in (("gpu", gpu_list), ("at", at_list)):
-        for occ, entry in enumerate(entries):
-            if isinstance(entry, dict) and "power_draw" in entry:
-                v.fail(f"{table}[{occ}].power_draw {why}", table, "power_draw", True, occ)
-    return model
-
-
-def _parse_serving(v: _Validator, data: Mapping[str, Any], count: int
-                   ) -> Optional[phys.ServingModel]:
-    if "serving" not in data:
-        return None
-    raw = data["serving"]
-    d = _section(v, "serving", raw, phys.SERVING_KEYS, sub=("endpoint",))
-    eps = raw.get("endpoint", []) if isinstance(raw, dict) else []
-    if not isinstance(eps, list):
-        v.fail("serving.endpoint must be an array of tables: [[serving.endpoint]]", "serving")
-    endpoints = []
-    owner: Dict[int, int] = {}
-    for occ, entry in enumerate(eps or [{}]):
-        e = _section(v, f"serving.endpoint[{occ}]", entry, phys.ENDPOINT_KEYS, bool(eps), occ)
-        gpus = e.pop("gpus", tuple(range(count)))
-        for g in gpus:
-            if g >= count:
-                v.fail(f"serving.endpoint[{occ}].gpus: GPU {g} out of range; "
-                       f"{_indexes(count)}", "serving.endpoint", "gpus", True, occ)
-            if g in owner:
-                v.fail(f"serving.endpoint[{occ}].gpus: GPU {g} is already served by "
-                       f"serving.endpoint[{owner[g]}]", "serving.endpoint", "gpus", True, occ)
-            owner[g] = occ
-        if gpus:
-            endpoints.append(phys.EndpointModel(index=len(endpoints), gpus=tuple(gpus), **e))
-    return phys.ServingModel(endpoints=tuple(endpoints), **d)
 
 
 def _key_line(loc: _Locator, start: Optional[int], key: str) -> Optional[int]:
