@@ -38,18 +38,18 @@ class _StatusCache:
 
 
 def _calibration_handlers(daemon):
-    """The status socket's calibrate requests (gpucostd.calibrate; the loop runs it):
+    """The status socket's calibrate requests (gpucostd.calibration_session; the loop runs it):
     {"cmd": "calibrate", "action": "start", "params": {...}} -> {"calibration": progress} or
     {"refused": why}; "status" (also: I am still here) -> progress, and "report" once it
     ended; "abort" -> progress. {"cmd": "calibrate_last"} -> {"report": the last or null}."""
-    from gpucostd import calibrate
+    from gpucostd import calibration_session as session
 
     def h_calibrate(req):
         action = req.get("action", "status")
         if action == "start":
             try:
-                cal = calibrate.start(daemon, req)
-            except calibrate.CalibrationRefused as e:
+                cal = session.start(daemon, req)
+            except session.CalibrationRefused as e:
                 return {"refused": str(e)}
             return {"calibration": cal.progress()}
         cal = daemon.calibration
@@ -72,7 +72,7 @@ def _calibration_handlers(daemon):
         cal = daemon.calibration
         if cal is not None and not cal.active:
             return {"report": cal.report()}
-        return {"report": calibrate.last_report(daemon.state_dir)}
+        return {"report": session.last_report(daemon.state_dir)}
 
     return h_calibrate, h_calibrate_last
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from gpucostd import calibrate as cal_mod
+from gpucostd import calibration_session as session
 from gpucostd.calibrate import CalibrationRefused, params_from, run_simulated
 from gpucostd.config import parse
 from gpucostd.cost import calibration as maths
@@ -220,7 +221,7 @@ def test_groups_with_fewer_limits_end_early_and_every_group_is_measured_fully(tm
         if cal.state != "running":
             return
         node = daemon.sim
-        progress_file = Path(daemon.state_dir) / cal_mod.PROGRESS_FILE
+        progress_file = Path(daemon.state_dir) / session.PROGRESS_FILE
         seen.append((cal.step, {i: node.state(i)["power_limit"] for i in range(4)},
                      cal.progress()["limits"], set(daemon.tuning.held),
                      [g["index"] for g in json.loads(progress_file.read_text())["gpus"]]))
@@ -313,7 +314,7 @@ def test_abort_conditions_from_the_node_restore_at_once(tmp_path, extra, words):
     assert rep["restore_errors"] == []
     d = box["daemon"]
     assert not d.tuning.originals.items()               # the saved originals are forgotten
-    assert not (Path(d.state_dir) / cal_mod.PROGRESS_FILE).exists()
+    assert not (Path(d.state_dir) / session.PROGRESS_FILE).exists()
     assert [e["code"] for e in rep["events"]] == ["calibration_started", "calibration_aborted"]
 
 
@@ -366,7 +367,7 @@ def test_abort_when_the_command_stops_asking(tmp_path):
 def test_abort_when_the_daemon_stops(tmp_path):
     def stop_daemon(daemon, cal):
         if cal.step == 1:
-            cal_mod.stop(daemon)
+            session.stop(daemon)
     rep, limits, _ = _abort_run(tmp_path, stop_daemon)
     assert rep["state"] == "aborted" and "daemon is stopping" in rep["reason"]
     assert limits == [700] * 4
@@ -390,7 +391,7 @@ def test_an_error_inside_the_calibration_cycle_aborts_and_restores(tmp_path, mon
     assert [d.sim.state(i)["power_limit"] for i in range(4)] == [700] * 4
     assert rep["restore_errors"] == [] and not d.tuning.originals.items()
     assert not d.tuning.held
-    assert not (Path(d.state_dir) / cal_mod.PROGRESS_FILE).exists()
+    assert not (Path(d.state_dir) / session.PROGRESS_FILE).exists()
     assert [e["code"] for e in rep["events"]] == ["calibration_started", "calibration_aborted"]
     assert "limits restored" in rep["events"][-1]["message"]
     assert [len(g["rows"]) for g in rep["groups"]] == [2, 2]    # steps 1-2 kept
@@ -522,7 +523,7 @@ def _daemon(tmp_path, progress):
     from gpucostd.loop import Daemon
     state = tmp_path / "state"
     state.mkdir(exist_ok=True)
-    (state / cal_mod.PROGRESS_FILE).write_text(json.dumps(progress))
+    (state / session.PROGRESS_FILE).write_text(json.dumps(progress))
     cfg = parse(f'[daemon]\nstate_dir = "{state}"\nkernel_log = "none"\nlisten_address = ""\n')
     return Daemon(cfg, clock=VirtualClock(), simulate="builtin:calibrate", journal=False), state
 
@@ -535,7 +536,7 @@ def test_recovery_at_start_puts_back_the_saved_limits_of_the_same_gpus_only(tmp_
         d.gateway.set_power_limit(0, 300.0)
         snap = d.step()
         assert snap.gpu(0).power_limit_watts == 300          # another node's GPU: left alone
-        assert (state / cal_mod.PROGRESS_FILE).exists()       # tried again at the next start
+        assert (state / session.PROGRESS_FILE).exists()       # tried again at the next start
         assert [e.code for e in d.store.query()][-1] == "calibration_restore_failed"
         uuid = snap.gpu(1).uuid
     finally:
@@ -545,7 +546,7 @@ def test_recovery_at_start_puts_back_the_saved_limits_of_the_same_gpus_only(tmp_
     try:
         d.step()
         assert d.step().gpu(1).power_limit_watts == 650
-        assert not (state / cal_mod.PROGRESS_FILE).exists()
+        assert not (state / session.PROGRESS_FILE).exists()
         assert "calibration_restored" in [e.code for e in d.store.query()]
     finally:
         d.shutdown(system_shutdown=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from gpucostd import calibrate as cal_mod
+from gpucostd import calibration_session as session
 from gpucostd.views.statusclient import request
 
 from conftest import gpucostd_cmd, metric_value, need_root, wait_for
@@ -175,7 +176,7 @@ def test_unequal_groups_each_step_through_their_own_plan(daemon_factory, tmp_pat
     for g in rep["groups"]:
         assert [r["power_limit_watts"] for r in g["rows"]] == g["steps_watts"]
     wait_for(lambda: _limits(d) == [700.0] * 4, 5, what="limits back")
-    assert not (d.state_dir / cal_mod.PROGRESS_FILE).exists()
+    assert not (d.state_dir / session.PROGRESS_FILE).exists()
 
 
 def test_sigterm_of_the_daemon_aborts_and_restores(daemon_factory, tmp_path):
@@ -197,7 +198,7 @@ def test_sigterm_of_the_daemon_aborts_and_restores(daemon_factory, tmp_path):
     ev = [e for e in _events(d) if e["code"] == "calibration_aborted"]
     assert ev and "daemon is stopping" in ev[0]["message"] and "limits restored" in \
         ev[0]["message"]
-    assert not (d.state_dir / cal_mod.PROGRESS_FILE).exists()
+    assert not (d.state_dir / session.PROGRESS_FILE).exists()
     originals = json.loads((d.state_dir / "originals.json").read_text())["originals"]
     assert originals == {}
 
@@ -219,7 +220,7 @@ def test_sigkill_mid_calibration_is_restored_at_the_next_start(daemon_factory, t
         if p.poll() is None:
             p.kill()
             p.wait()
-    progress = json.loads((d.state_dir / cal_mod.PROGRESS_FILE).read_text())
+    progress = json.loads((d.state_dir / session.PROGRESS_FILE).read_text())
     assert [g["start_watts"] for g in progress["gpus"]] == [700.0] * 4
     originals = json.loads((d.state_dir / "originals.json").read_text())["originals"]
     assert originals["gpu:0"]["power_limit_watts"]["value"] == 700
@@ -230,5 +231,5 @@ def test_sigkill_mid_calibration_is_restored_at_the_next_start(daemon_factory, t
     d2.start()
     wait_for(lambda: _limits(d2) == [700.0] * 4, 15, what="limits restored after SIGKILL")
     assert any(e["code"] == "calibration_restored" for e in _events(d2))
-    assert not (d.state_dir / cal_mod.PROGRESS_FILE).exists()
+    assert not (d.state_dir / session.PROGRESS_FILE).exists()
     assert json.loads((d.state_dir / "originals.json").read_text())["originals"] == {}

@@ -126,9 +126,67 @@ def test_every_module_has_a_role_folder():
     foundation: a reader knows a file's job from its folder."""
     process = {"gpucostd.cli", "gpucostd.service", "gpucostd.loop", "gpucostd.replay",
                "gpucostd.capture", "gpucostd.notify", "gpucostd.calibrate",
+               "gpucostd.calibration_session",
                "gpucostd.__main__"}
     loose = [n for n in _tree() if role_of(n) == "process" and n not in process]
     assert loose == [], f"place these in a role folder (README 'Layout'): {loose}"
+
+
+def import_cycles(sources: Dict[str, Tuple[str, bool]]) -> List[List[str]]:
+    """The groups of modules that import each other round in a circle (module-level or lazy
+    imports alike): the strongly connected components of the import graph with more than one
+    module. Package __init__ modules are left out (importing a submodule runs them)."""
+    known = set(sources)
+    graph: Dict[str, set] = {}
+    for name, (source, is_package) in sources.items():
+        out = set()
+        for _line, target in imports_of(name, source, is_package):
+            while target not in known and "." in target:
+                target = target.rsplit(".", 1)[0]
+            if target in known and target != name and not sources[target][1]:
+                out.add(target)
+        graph[name] = out
+    index: Dict[str, int] = {}
+    low: Dict[str, int] = {}
+    stack: List[str] = []
+    cycles: List[List[str]] = []
+
+    def visit(v: str) -> None:          # Tarjan; the graph is small (~100 modules)
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return cycles
+
+
+def test_no_modules_import_each_other_round_in_a_circle():
+    """Inside one role too, imports run one way: the loop never imports a command that runs it
+    (calibrate, replay, service), so the layers above the loop stay above it."""
+    assert import_cycles(_tree()) == []
+
+
+def test_a_cycle_is_seen():
+    tree = {"gpucostd.loop": ("from gpucostd import calibrate\n", False),
+            "gpucostd.calibrate": ("def f():\n    from gpucostd.loop import Daemon\n", False),
+            "gpucostd.replay": ("import gpucostd.loop\n", False)}
+    assert import_cycles(tree) == [["gpucostd.calibrate", "gpucostd.loop"]]
 
 
 @pytest.mark.parametrize("module,source,expect", [
