@@ -17,8 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = {"gpucostd": REPO / "daemon", "gpucostd.probes": REPO / "probes",
                 "gpucostd.tuners": REPO / "tuners"}
 
-FOUNDATIONS = {"gpucostd", "gpucostd.config", "gpucostd.snapshot", "gpucostd.clock",
-               "gpucostd.statefile"}
+FOUNDATIONS = {"gpucostd", "gpucostd.config", "gpucostd.config_schema", "gpucostd.snapshot",
+               "gpucostd.clock", "gpucostd.statefile"}
 # role -> roles it may import (besides its own and the foundations)
 ALLOWED: Dict[str, set] = {
     "foundations": set(),
