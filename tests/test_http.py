@@ -295,11 +295,20 @@ def test_head_request_and_a_huge_head_get_answers_not_a_hang():
             got = _read_all(s)
         assert got.startswith(b"HTTP/1.1 200") and not got.endswith(b"m 1\n")
         with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
-            s.sendall(b"GET /metrics HTTP/1.1\r\n" + b"X-A: " + b"a" * 60000 + b"\r\n")
-            for _ in range(10):
-                s.sendall(b"X-B: " + b"b" * 60000 + b"\r\n")
-            got = _read_all(s)
-        assert got.split(b"\r\n", 1)[0].split(b" ")[1] in (b"431", b"400")
+            try:
+                s.sendall(b"GET /metrics HTTP/1.1\r\n" + b"X-A: " + b"a" * 60000 + b"\r\n")
+                for _ in range(10):
+                    s.sendall(b"X-B: " + b"b" * 60000 + b"\r\n")
+                got = _read_all(s)
+            except (ConnectionResetError, BrokenPipeError):
+                # the server answered 431 and closed while we were still sending: the unread
+                # bytes make its kernel reset the connection, which can discard the answer
+                got = None
+        assert got is None or got.split(b"\r\n", 1)[0].split(b" ")[1] in (b"431", b"400")
+        # and an ordinary request after it is still served (the server did not hang on it)
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert _read_all(s).startswith(b"HTTP/1.1 200")
     finally:
         srv.stop()
 
