@@ -15,10 +15,12 @@ tests/fixtures/expositions/, names in docs/cost.md). ``tokens_metric`` may also 
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import math
 import re
 import socket
 import ssl
+import threading
 import time as _time
 import urllib.parse
 from dataclasses import dataclass
@@ -345,6 +347,59 @@ class _DeadlineSSLSocket(_DeadlineMixin, ssl.SSLSocket):
     pass
 
 
+_RESOLVED_FOR = 30.0      # seconds a name's addresses are reused before it is looked up again
+_resolved: Dict[Tuple[str, int], Tuple[float, list]] = {}
+_lookups: Dict[Tuple[str, int], "_Lookup"] = {}
+_lookups_lock = threading.Lock()
+
+
+class _Lookup(threading.Thread):
+    """One getaddrinfo in a thread of its own: a resolver that hangs (a dead DNS server) costs
+    the probe its deadline, never the cycle. One lookup per name at a time: the next cycle
+    waits on the one still running instead of starting another."""
+
+    def __init__(self, key: Tuple[str, int]):
+        super().__init__(name=f"resolve {key[0]}", daemon=True)
+        self.key, self.done = key, threading.Event()
+        self.result: Optional[list] = None
+        self.error: Optional[OSError] = None
+
+    def run(self) -> None:
+        try:
+            self.result = socket.getaddrinfo(self.key[0], self.key[1], 0, socket.SOCK_STREAM)
+        except OSError as e:
+            self.error = e
+        finally:
+            with _lookups_lock:
+                _lookups.pop(self.key, None)
+                if self.result:
+                    _resolved[self.key] = (_time.monotonic(), self.result)
+            self.done.set()
+
+
+def _resolve(host: str, port: int, end: float) -> list:
+    """getaddrinfo under the exchange's deadline. An address literal needs no lookup."""
+    try:
+        ipaddress.ip_address(host)
+        return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+    except ValueError:
+        pass
+    key = (host, port)
+    with _lookups_lock:
+        cached = _resolved.get(key)
+        if cached and _time.monotonic() - cached[0] < _RESOLVED_FOR:
+            return cached[1]
+        lookup = _lookups.get(key)
+        if lookup is None:
+            lookup = _lookups[key] = _Lookup(key)
+            lookup.start()
+    if not lookup.done.wait(max(0.0, end - _time.monotonic())):
+        raise socket.timeout(f"looking up {host} took longer than the deadline")
+    if lookup.error is not None:
+        raise lookup.error
+    return lookup.result or []
+
+
 class _Connection(http.client.HTTPConnection):
     def __init__(self, host: str, port: int, end: float, tls: bool):
         super().__init__(host, port, timeout=max(0.001, end - _time.monotonic()))
@@ -353,8 +408,7 @@ class _Connection(http.client.HTTPConnection):
 
     def connect(self) -> None:
         err: Optional[OSError] = None
-        for af, kind, proto, _name, addr in socket.getaddrinfo(self.host, self.port, 0,
-                                                               socket.SOCK_STREAM):
+        for af, kind, proto, _name, addr in _resolve(self.host, self.port, self._end):
             s = _DeadlineSocket(af, kind, proto)
             s._gpucostd_end = self._end
             try:

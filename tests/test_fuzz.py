@@ -3,8 +3,9 @@ the scenario loader, the kernel-log parser, the status socket protocol, the infe
 exposition parser and the status renderer. Every input gives a valid result or the documented
 error, never another exception.
 
-CI runs FUZZ_EXAMPLES (200) examples per target; a longer campaign:
-    GPUCOSTD_FUZZ_EXAMPLES=20000 .venv/bin/python -m pytest -q tests/test_fuzz.py
+CI runs FUZZ_EXAMPLES (200) examples per target; the longer campaign (3000 per target, the
+command README "Reliability and security" gives):
+    GPUCOSTD_FUZZ_EXAMPLES=3000 .venv/bin/python -m pytest -q tests/test_fuzz.py
 """
 from __future__ import annotations
 

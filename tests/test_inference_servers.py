@@ -242,6 +242,35 @@ def test_a_redirect_does_not_reset_the_deadline():
     assert elapsed < 0.7, elapsed
 
 
+def test_a_name_whose_lookup_hangs_costs_the_deadline_not_the_cycle(monkeypatch):
+    # a dead DNS server: getaddrinfo of a name blocks for the resolver's own timeout (5 s and
+    # more); the probe gives up at its deadline, and the next read waits on the same lookup
+    import socket as socket_mod
+    from gpucostd.probes import inference as inf
+    release = threading.Event()
+    calls = []
+    real = socket_mod.getaddrinfo
+
+    def slow(host, *a, **kw):
+        if host == "inference.example":
+            calls.append(host)
+            release.wait(10)
+            return real("127.0.0.1", *a, **kw)
+        return real(host, *a, **kw)
+
+    monkeypatch.setattr(inf.socket, "getaddrinfo", slow)
+    try:
+        for _ in range(2):
+            t0 = time.monotonic()
+            r = InferenceProbe("http://inference.example:1/metrics", "auto", 0.3).read()
+            elapsed = time.monotonic() - t0
+            assert r.tokens_total is None and "within 0.3 s" in r.error, r
+            assert elapsed < 0.7, elapsed
+        assert calls == ["inference.example"]        # one lookup in flight, not one per read
+    finally:
+        release.set()
+
+
 @pytest.fixture
 def tls_server(tmp_path, monkeypatch):
     """An HTTPS /metrics server with a throwaway certificate the probe is told to trust."""

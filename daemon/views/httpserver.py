@@ -239,8 +239,10 @@ class _Handler(BaseHTTPRequestHandler):
     # ------------------------------------------------------------ requests
     def parse_request(self):
         ok = super().parse_request()                # reads the headers
-        self.server.waiting(self.request, None)     # the head is in: no longer a slow client
-        return ok
+        if not self.server.waiting(self.request, None):     # evicted while its head came in:
+            self.close_connection = True                    # answering would be cut mid-way
+            return False
+        return ok                                   # the head is in: no longer a slow client
 
     def do_GET(self):  # noqa: N802 - http.server API
         if self.headers.get("Connection", "").lower() == "close":
@@ -449,20 +451,22 @@ class MetricsServer:
                 return False
             conn = min(self._waiting, key=self._waiting.__getitem__)
             del self._waiting[conn]
+            try:    # under the lock: its handler cannot have taken its head in and be answering
+                conn.shutdown(socket.SHUT_RDWR)     # its thread sees EOF and frees the slot
+            except OSError:
+                pass
         self.evicted += 1
-        try:
-            conn.shutdown(socket.SHUT_RDWR)     # its thread sees EOF and frees the slot
-        except OSError:
-            pass
         return True
 
-    def waiting(self, conn, since: Optional[float]) -> None:
-        """A connection starts (since = monotonic time) or stops waiting for a request head."""
+    def waiting(self, conn, since: Optional[float]) -> bool:
+        """A connection starts (since = monotonic time) or stops waiting for a request head.
+        Stopping answers whether it was still waiting: False when it was evicted meanwhile (its
+        socket is shut down; nothing may be sent on it)."""
         with self._waiting_lock:
             if since is None:
-                self._waiting.pop(conn, None)
-            else:
-                self._waiting[conn] = since
+                return self._waiting.pop(conn, None) is not None
+            self._waiting[conn] = since
+            return True
 
     def _serve(self, conn: socket.socket, peer) -> None:
         try:
