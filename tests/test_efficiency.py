@@ -445,7 +445,8 @@ def test_plain_simulated_demo_is_priced_at_the_scenarios_illustrative_prices(dae
     text = d.cli("status").stdout
     assert " per $" in text and "per million" in text and "idle capacity $" in text, text
     assert "Prices are illustrative" in text, text          # the recent events
-    assert "  prices: illustrative, from the simulated scenario" in text, text   # the cost lines
+    assert "  prices: illustrative (the scenario's); set [cost] gpu_hour_usd, " \
+        "energy_usd_per_kwh for yours\n" in text, text       # the cost lines, whole
     assert "simulated node: prices are illustrative, not yours: $2.99 per GPU-hour" in \
         d.output() and "from the scenario builtin:h100x8 ([prices])" in d.output()
     m = d.metrics()

@@ -519,8 +519,8 @@ def status_lines_from_json(data: Mapping[str, Any], currency: Optional[str] = No
             f"Cost: node {_money(node['cost_dollars_per_hour'], currency)}/h; throttling costs "
             f"{_money(node['throttle_dollars_per_hour'], currency)}/h (last 5 min)"))
         if any(str(n).startswith("Prices are illustrative") for n in data.get("notes") or ()):
-            lines.append(_clip("  prices: illustrative, from the simulated scenario; set [cost] "
-                               "gpu_hour_usd and energy_usd_per_kwh for your own"))
+            lines.append(_clip("  prices: illustrative (the scenario's); set [cost] gpu_hour_usd, "
+                               "energy_usd_per_kwh for yours"))
         lines.append(_clip(
             f"  lost to throttling: {_money(node['last_hour']['dollars'], currency)} last 1h, "
             f"{_money(node['last_24h']['dollars'], currency)} last 24h{top}"))
