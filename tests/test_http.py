@@ -38,6 +38,38 @@ def _read_all(sock, limit=1 << 20):
     return out
 
 
+def test_each_response_leaves_in_one_write(monkeypatch):
+    # head and body in two writes on a keep-alive connection wait for the client's delayed ACK
+    # (Nagle): about 40 ms per scrape, 16 connections served 370 requests/s instead of 5,000+
+    from gpucostd.views import httpserver
+    writes = []
+    real = httpserver._Writer.write
+
+    def counting(self, data):
+        writes.append(bytes(data))
+        return real(self, data)
+
+    monkeypatch.setattr(httpserver._Writer, "write", counting)
+    srv = _server()
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
+            for path in ("/metrics", "/healthz", "/metrics"):      # one keep-alive connection
+                n = len(writes)
+                s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                wait_for(lambda: len(writes) > n, 5, what=f"the response to {path}")
+                assert len(writes) == n + 1, writes[n:]
+                head, _, body = writes[-1].partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 200") and body, writes[-1][:200]
+                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length")))
+                assert len(body) == length
+                got = b""
+                while len(got) < len(writes[-1]):
+                    got += s.recv(65536)
+    finally:
+        srv.stop()
+
+
 # ---------------------------------------------------------------- render on scrape
 def test_exposition_is_rendered_only_when_scraped_and_once_per_snapshot():
     calls = []
