@@ -20,20 +20,26 @@ LOG = logging.getLogger("gpucostd")
 
 
 class _StatusCache:
-    """Status JSON rendered once per snapshot (the socket hands out the cached document)."""
+    """Status JSON rendered when asked for, at most once per snapshot (the socket hands out the
+    cached document): a daemon nobody asks spends nothing on it."""
 
-    def __init__(self):
+    def __init__(self, render):
+        self._render = render                   # snapshot -> status JSON (statusview)
         self._lock = threading.Lock()
+        self._snap: Any = None
         self._doc: Optional[Dict[str, Any]] = None
 
-    def set(self, doc: Dict[str, Any]) -> None:
+    def set(self, snap: Any) -> None:
         with self._lock:
-            self._doc = doc
+            self._snap, self._doc = snap, None
 
     def get(self) -> Dict[str, Any]:
         with self._lock:
             if self._doc is None:
-                raise NotReady("the daemon is starting; no snapshot yet, try again in a second")
+                if self._snap is None:
+                    raise NotReady("the daemon is starting; no snapshot yet, try again in a "
+                                   "second")
+                self._doc = self._render(self._snap)
             return self._doc
 
 
@@ -107,14 +113,14 @@ def run_daemon(cfg: Config, scenario: Optional[str]) -> int:
 
     published = Published(daemon.clock.monotonic, renderer=metrics.render)
     published.interval = cfg.daemon.interval_seconds
-    status_cache = _StatusCache()
+    status_cache = _StatusCache(statusview.snapshot_json)
     textfile = TextfileWriter(published.exposition)
 
     def publish(snap):
         published.interval = daemon.config.daemon.interval_seconds
         published.publish_snapshot(snap, snap.monotonic)      # rendered when scraped
         textfile.update(daemon.config.export.textfile_path, snap.monotonic)
-        status_cache.set(statusview.snapshot_json(snap))
+        status_cache.set(snap)                                # rendered when asked
 
     daemon.add_publisher(publish)
 

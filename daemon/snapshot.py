@@ -277,7 +277,7 @@ def printable(text: Any) -> Any:
     kernel line may carry) replaced by "?", so they never reach a terminal or a log line.
     Anything that is not a str comes back as it is."""
     global _CONTROL
-    if not isinstance(text, str):
+    if not isinstance(text, str) or text.isprintable():    # (fast: no control characters)
         return text
     if _CONTROL is None:
         import re

@@ -211,3 +211,20 @@ def test_status_direct_on_the_simulated_node(tmp_path):
     import json
     data = json.loads(r.stdout)
     assert len(data["gpus"]) == 8 and data["node"]["health"] == "OK"
+
+
+def test_status_json_is_built_only_when_asked_and_once_per_snapshot():
+    # an idle daemon (nobody running `gpucostd status`) spends nothing on the status document
+    from gpucostd.service import _StatusCache
+    from gpucostd.views.statusapi import NotReady
+    built = []
+    cache = _StatusCache(lambda snap: built.append(snap) or {"snap": snap})
+    with pytest.raises(NotReady):
+        cache.get()
+    for snap in ("s1", "s2"):
+        cache.set(snap)
+    assert built == []
+    assert cache.get() == {"snap": "s2"} and cache.get() == {"snap": "s2"}
+    assert built == ["s2"]
+    cache.set("s3")
+    assert cache.get() == {"snap": "s3"} and built == ["s2", "s3"]
