@@ -215,9 +215,9 @@ class Daemon:
                                 simulate=self.simulate)]
         note = getattr(self.config, "price_note", None)
         if note:        # in `gpucostd status` (recent events) and `gpucostd events`
+            from gpucostd.cost.report import PRICES_FIX
             events.append(Event(self.clock.time(), "node", "prices_illustrative", Severity.OK,
-                                "set [cost] gpu_hour_usd and energy_usd_per_kwh for your own "
-                                "prices", note[0].upper() + note[1:]))
+                                PRICES_FIX, note[0].upper() + note[1:]))
         self._record(events)
 
     def request_reload(self) -> None:
@@ -582,8 +582,8 @@ class Daemon:
         out = self._eff_judge.judge(gpus, cost, readings, self.config, now)
         note = getattr(self.config, "price_note", None)
         if note:        # a simulated node priced at its scenario's illustrative prices
-            out.append(Finding("node", "prices_illustrative", Severity.OK, "set [cost] "
-                               "gpu_hour_usd and energy_usd_per_kwh for your own prices", note,
+            from gpucostd.cost.report import PRICES_FIX
+            out.append(Finding("node", "prices_illustrative", Severity.OK, PRICES_FIX, note,
                                since=self.started_at))
         return out
 
@@ -672,10 +672,10 @@ def summary_line(snap: Optional[NodeSnapshot]) -> str:
     if getattr(tk, "tokens_per_second", None) is not None:
         t = f"{tk.tokens_per_second:.0f} tokens/s"
         if tk.tokens_per_dollar is not None:
-            illustrative = any(str(n).startswith("Prices are illustrative")
-                               for n in getattr(snap.cost, "notes", ()))
+            from gpucostd.cost.report import priced_illustratively
             t += f" ({tk.tokens_per_dollar:,.0f} per $" + (
-                " at illustrative prices)" if illustrative else ")")
+                " at illustrative prices)"
+                if priced_illustratively(getattr(snap.cost, "notes", ())) else ")")
         parts.append(t)
     return ", ".join(parts)
 

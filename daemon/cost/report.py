@@ -497,6 +497,16 @@ def _clip(line: str, width: int = 100) -> str:
 
 
 # =========================================================================== status view
+# A simulated node priced at its scenario's [prices] (gpucostd.sim.sections) carries a cost
+# note that starts so; the status lines and the systemd status line say it from that note.
+ILLUSTRATIVE_NOTE = "Prices are illustrative"
+PRICES_FIX = "set [cost] gpu_hour_usd and energy_usd_per_kwh for your own prices"
+
+
+def priced_illustratively(notes: Any) -> bool:
+    return any(str(n).startswith(ILLUSTRATIVE_NOTE) for n in notes or ())
+
+
 def status_lines(report: Union[CostReport, Mapping[str, Any]],
                  currency: Optional[str] = None) -> List[str]:
     """The cost section of `gpucostd status`: each line fits 100 columns."""
@@ -518,7 +528,7 @@ def status_lines_from_json(data: Mapping[str, Any], currency: Optional[str] = No
         lines.append(_clip(
             f"Cost: node {_money(node['cost_dollars_per_hour'], currency)}/h; throttling costs "
             f"{_money(node['throttle_dollars_per_hour'], currency)}/h (last 5 min)"))
-        if any(str(n).startswith("Prices are illustrative") for n in data.get("notes") or ()):
+        if priced_illustratively(data.get("notes")):
             lines.append(_clip("  prices: illustrative (the scenario's); set [cost] gpu_hour_usd, "
                                "energy_usd_per_kwh for yours"))
         lines.append(_clip(
