@@ -1,7 +1,7 @@
 """The configuration: one TOML file, validated at load, immutable once loaded.
 
 Every key is declared in SCHEMA (gpucostd.config_schema) with its type, default, allowed values and a one-line doc;
-README.md's configuration reference lists the same keys. Unknown keys are errors: a typo must
+docs/configuration.md lists the same keys. Unknown keys are errors: a typo must
 never silently disable enforcement.
 """
 from __future__ import annotations
@@ -378,7 +378,7 @@ def parse(text: str, path: Optional[str] = None) -> Config:
                           path) from None
     except Exception as e:  # noqa: BLE001 - any parser failure is a bad file
         raise ConfigError(f"cannot be used ({type(e).__name__}: {str(e)[:120]}); check the "
-                          f"file against the configuration reference in README.md",
+                          f"file against the configuration reference in docs/configuration.md",
                           path) from None
 
 

@@ -1,5 +1,5 @@
 """The configuration's keys: SCHEMA declares every key of gpucostd.toml with its type, default,
-allowed values and a one-line doc (data; gpucostd.config validates against it). README.md's
+allowed values and a one-line doc (data; gpucostd.config validates against it). docs/configuration.md's
 configuration reference lists the same keys, and tests/test_docs.py keeps the two in step.
 """
 from __future__ import annotations

@@ -10,7 +10,7 @@ It measures; it does not gate: the exit status is 0 whether or not a target is m
 when the command itself is used wrongly). A figure that cannot be measured here (no wrk, not
 root for /dev/kmsg) is listed as "skip" with the reason.
 
-Figures (README "Performance" has the latest table):
+Figures (docs/performance.md has the latest table):
 - daemon_cpu_percent: `gpucostd run --simulate` (8 GPUs, interval_seconds = 1, nobody
   scraping), CPU of the whole process over 60 s after a 10 s warm-up, % of one core;
   cpu_us_per_gpu_cycle is the same per GPU and cycle;

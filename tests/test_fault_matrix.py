@@ -1,6 +1,6 @@
 """The fault matrix rows not held elsewhere, through the real daemon process: NVML hanging on
 every GPU, a GPU lost mid-run, NVML absent at start then present, SIGKILL at random points during
-apply and during restore. README "Reliability and security" lists every row with its test.
+apply and during restore. docs/reliability.md lists every row with its test.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ exposition parser and the status renderer. Every input gives a valid result or t
 error, never another exception.
 
 CI runs FUZZ_EXAMPLES (200) examples per target; the longer campaign (3000 per target, the
-command README "Reliability and security" gives):
+command docs/reliability.md gives):
     GPUCOSTD_FUZZ_EXAMPLES=3000 .venv/bin/python -m pytest -q tests/test_fuzz.py
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Reads every module's imports (module level and inside functions) with ast, maps each module of
 gpucostd to its role by folder, and fails on an import the table does not allow, and on a
-hardware library imported anywhere but its one seam. The table is the one in README.md
+hardware library imported anywhere but its one seam. The table is the one in docs/layout.md
 ("Layout") and docs: keep the three in step.
 """
 from __future__ import annotations
@@ -129,7 +129,7 @@ def test_every_module_has_a_role_folder():
                "gpucostd.calibration_session",
                "gpucostd.__main__"}
     loose = [n for n in _tree() if role_of(n) == "process" and n not in process]
-    assert loose == [], f"place these in a role folder (README 'Layout'): {loose}"
+    assert loose == [], f"place these in a role folder (docs/layout.md): {loose}"
 
 
 def import_cycles(sources: Dict[str, Tuple[str, bool]]) -> List[List[str]]:

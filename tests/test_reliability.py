@@ -1,7 +1,7 @@
 """Reliability faults through the real daemon process: a reload with any bad file, corrupt saved
 originals, lost kernel-log records, a broken state dir, and the smaller hostile inputs.
 
-The README's "Reliability" section lists each fault with the test here that holds it.
+docs/reliability.md lists each fault with the test here that holds it.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ scrapers (gzip and keep-alive, like Prometheus) and 200 status-socket clients, p
 on both (trickling a request head a byte at a time, never finishing it), while the loop keeps
 its cadence within 10% and RSS stays flat.
 
-The HTTP server serves 64 connections at once (README "Reliability and security"): past that a
+The HTTP server serves 64 connections at once (docs/reliability.md): past that a
 new connection evicts the one that has waited longest for its request head (a slow client or an
 idle keep-alive connection), else it gets a 503. So each scraper does what Prometheus's HTTP
 client does: a request on a reused keep-alive connection that the server closed is sent again
