@@ -94,8 +94,8 @@ def run_simulated(scenario: str, config, params: Params, dropin: Optional[str] =
             raise
         report = cal.report()
         if cal.applied:
-            with open(cal.dropin, encoding="utf-8") as f:
-                report["dropin_text"] = f.read()
+            from gpucostd.config import read_config_bytes
+            report["dropin_text"] = read_config_bytes(cal.dropin).decode("utf-8", "replace")
             report["enforced_after_apply"] = _sim_apply(daemon, cal, interval)
             if dropin is None:
                 report["dropin"] = None

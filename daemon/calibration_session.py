@@ -351,12 +351,13 @@ class Calibration:
         path = self.dropin_path or dropin_path(self.daemon.config.path)
         kept: List = []
         try:
-            from gpucostd.config import tomllib
-            with open(path, "rb") as f:
-                kept = maths.kept_overrides(tomllib.load(f), self.groups)
+            from gpucostd.config import MAX_CONFIG_BYTES, tomllib
+            from gpucostd.statefile import read_regular
+            blob = read_regular(path, MAX_CONFIG_BYTES)[0]
+            kept = maths.kept_overrides(tomllib.loads(blob.decode("utf-8")), self.groups)
         except FileNotFoundError:
             pass
-        except (OSError, ValueError) as e:       # TOMLDecodeError is a ValueError
+        except (OSError, ValueError, RecursionError) as e:   # UnreadableFile, TOMLDecodeError
             self.notes.append(f"the earlier {path} was unreadable ({e}); replaced")
         text = dropin_text(self.groups, recs, self.daemon.config, self.daemon.clock.time(),
                            kept)
@@ -545,9 +546,9 @@ def snapshot_info(daemon) -> Optional[Dict[str, Any]]:
 
 
 def last_report(state_dir: str) -> Optional[Dict[str, Any]]:
+    from gpucostd.statefile import read_json
     try:
-        with open(os.path.join(state_dir, LAST_FILE), encoding="utf-8") as f:
-            data = json.load(f)
+        data = read_json(os.path.join(state_dir, LAST_FILE))
         return data if isinstance(data, dict) else None
     except (OSError, ValueError):
         return None
@@ -559,9 +560,9 @@ def recover_interrupted(daemon, gpus) -> List[Event]:
     originals it saved. Returns the events to record."""
     from gpucostd.tuners.base import Planned, TunerError, gpu_label
     path = os.path.join(daemon.state_dir, PROGRESS_FILE)
+    from gpucostd.statefile import read_json
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = read_json(path)
         entries = list(data["gpus"])
     except FileNotFoundError:
         return []

@@ -181,10 +181,10 @@ def _socket_path(args) -> str:
     if getattr(args, "socket", None):
         return args.socket
     from gpucostd import DEFAULT_PATH, DEFAULT_SOCKET, default_socket_path
+    from gpucostd.statefile import read_regular     # never blocks on a FIFO
     try:
-        with open(args.config or DEFAULT_PATH, "rb") as f:
-            names_socket = b"socket_path" in f.read()
-    except OSError:
+        names_socket = b"socket_path" in read_regular(args.config or DEFAULT_PATH, 1 << 20)[0]
+    except (OSError, ValueError):
         names_socket = args.config is not None     # let load() say what is wrong with it
     path = default_socket_path()
     if names_socket:

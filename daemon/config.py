@@ -10,7 +10,6 @@ import fnmatch
 import math
 import os
 import re
-import stat
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -28,6 +27,8 @@ from gpucostd.config_schema import (DEFAULT_LISTEN, DEFAULT_STATE_DIR,  # noqa: 
 # A config is a few kilobytes; anything far larger is a mistake (or an attack on memory) and is
 # refused before it is read.
 MAX_CONFIG_BYTES = 1 << 20
+MAX_DROPINS = 128               # gpucostd.d/*.toml files read
+MAX_TOTAL_BYTES = 2 << 20       # the config and its drop-ins together
 
 
 class FileError(Exception):
@@ -603,20 +604,39 @@ def load(path: Optional[str] = None, *, missing_ok: Optional[bool] = None) -> Co
         cfg = parse(text or "", path if text is not None else None)
         cfg.files = ((path, text),) if text is not None else ()
     else:
-        cfg = _parse_files([(path, text)] +
-                           [(p, _read_text(p, False, warnings)) for p in dropins])
+        cfg = _parse_files(_read_dropins(path, text, dropins, warnings))
     if _is_root():
         warnings.extend(_hook_trust(cfg))
     cfg.warnings = tuple(warnings)
     return cfg
 
 
-def _read_text(path: str, missing_ok: bool, warnings: Optional[List[str]] = None
-               ) -> Optional[str]:
+def _read_dropins(path: str, text: Optional[str], dropins: List[str],
+                  warnings: Optional[List[str]] = None) -> List[Tuple[str, Optional[str]]]:
+    """The config's text and its drop-ins', held to MAX_DROPINS files and MAX_TOTAL_BYTES in
+    all (each file is read with what is left of that budget as its cap, so 300 drop-ins of
+    1 MiB are refused after 2 MiB, not read into memory for seconds)."""
+    if len(dropins) > MAX_DROPINS:
+        raise ConfigError(f"{len(dropins)} drop-ins; at most {MAX_DROPINS} are read: merge "
+                          f"them into fewer files", dropin_dir(path))
+    files: List[Tuple[str, Optional[str]]] = [(path, text)]
+    left = MAX_TOTAL_BYTES - len((text or "").encode("utf-8"))
+    for p in dropins:
+        if left <= 0:
+            raise ConfigError(f"the config and its drop-ins hold more than {MAX_TOTAL_BYTES} "
+                              f"bytes together; {p} is not read", p)
+        t = _read_text(p, False, warnings, min(MAX_CONFIG_BYTES, left))
+        left -= len((t or "").encode("utf-8"))
+        files.append((p, t))
+    return files
+
+
+def _read_text(path: str, missing_ok: bool, warnings: Optional[List[str]] = None,
+               limit: int = MAX_CONFIG_BYTES) -> Optional[str]:
     """The text of one config file (None: missing and allowed to be). A root daemon refuses a
     file another user can change; a group-writable one adds a line to `warnings`."""
     try:
-        data, st = _read_config(path)
+        data, st = _read_config(path, limit)
     except FileNotFoundError:
         if missing_ok:
             return None
@@ -674,33 +694,19 @@ def read_config_bytes(path: str, limit: int = MAX_CONFIG_BYTES) -> bytes:
 
 
 def _read_config(path: str, limit: int = MAX_CONFIG_BYTES) -> Tuple[bytes, os.stat_result]:
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | \
-        getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(path, flags)       # O_NONBLOCK: opening a FIFO does not wait for a writer
+    """statefile.read_regular (the one loader: O_NONBLOCK, regular files only, size-capped) with
+    its refusals as ConfigErrors. FileNotFoundError passes through."""
+    from gpucostd.statefile import UnreadableFile, read_regular
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            kind = ("a directory" if stat.S_ISDIR(st.st_mode) else
-                    "a FIFO" if stat.S_ISFIFO(st.st_mode) else
-                    "a socket" if stat.S_ISSOCK(st.st_mode) else "a device")
-            raise ConfigError(f"is {kind}, not a regular file; point --config at a TOML file",
-                              path)
-        if st.st_size > limit:
-            raise ConfigError(f"is {st.st_size} bytes; a config may be at most {limit} bytes "
-                              f"(is this the right file?)", path)
-        chunks, size = [], 0
-        while size <= limit:
-            chunk = os.read(fd, min(1 << 16, limit + 1 - size))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        if size > limit:    # it grew while being read
-            raise ConfigError(f"is larger than {limit} bytes; a config may be at most {limit} "
-                              f"bytes", path)
-        return b"".join(chunks), st
-    finally:
-        os.close(fd)
+        return read_regular(path, limit)
+    except UnreadableFile as e:
+        why = str(e)
+        if "not a regular file" in why:
+            why += "; point --config at a TOML file"
+        elif "bytes" in why:
+            why += (f" (a config file may be at most {MAX_CONFIG_BYTES} bytes, with its "
+                    f"drop-ins {MAX_TOTAL_BYTES} in all: is this the right file?)")
+        raise ConfigError(why, path) from None
 
 
 # --------------------------------------------------------------------------- drop-ins
@@ -731,9 +737,8 @@ def load_files(path: Optional[str], extra: List[str]) -> Config:
     """The config at `path` with its drop-ins and then the files `extra` (a what-if: the
     simulated --apply of `gpucostd calibrate`)."""
     main = path or DEFAULT_PATH
-    files = [(main, _read_text(main, path is None))]
-    files += [(p, _read_text(p, False)) for p in dropin_files(path) + list(extra)]
-    return _parse_files(files)
+    return _parse_files(_read_dropins(main, _read_text(main, path is None),
+                                      dropin_files(path) + list(extra)))
 
 
 def _merge(base: Dict[str, Any], over: Mapping[str, Any]) -> None:

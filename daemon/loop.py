@@ -21,6 +21,8 @@ from gpucostd.snapshot import Event, Finding, GpuState, NodeSnapshot, Severity, 
 LOG = logging.getLogger("gpucostd")
 RECENT_EVENTS = 20
 LOSS_FINDING_SECONDS = 600.0
+STATE_RESET_ACTION = ("none needed: the daemon started that file fresh; the old one is kept "
+                      "beside it as .bad for a look (delete it when done)")
 ORIGINALS_ACTION = ("fix or move aside originals.json, then `systemctl reload gpucostd` "
                     "(docs/tuning.md, saved originals unreadable)")
 
@@ -357,6 +359,9 @@ class Daemon:
         if not self.one_shot:
             originals_problem = self._guard("originals", lambda: self.tuning.originals_problem)
             events.extend(self._originals_events(now, originals_problem))
+        from gpucostd.statefile import take_notices      # state files set aside (moved, kept)
+        events.extend(Event(now, "node", "state_file_reset", Severity.WARN, STATE_RESET_ACTION,
+                            msg) for msg in take_notices())
         if self._calibration_recover and gpus and not self.one_shot and not originals_problem:
             # a calibration the daemon did not end (killed): its limits back first
             from gpucostd.calibration_session import recover_interrupted

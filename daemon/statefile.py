@@ -1,7 +1,16 @@
-"""Files in the state directory: written atomically and durably, so a crash or power cut leaves
-either the old or the new content, never a torn file.
+"""Files the daemon reads and writes.
 
-write -> fsync -> rename over the old file -> fsync the directory.
+Writing: atomically and durably, so a crash or power cut leaves either the old or the new
+content, never a torn file: write -> fsync -> rename over the old file -> fsync the directory.
+
+Reading: one loader for every file the daemon reads (the config and its drop-ins, the web
+config, the state files, scenarios): read_regular() opens with O_NONBLOCK (a FIFO put in a
+file's place never blocks the open or the read), refuses anything but a regular file and
+anything over a size cap before reading it, and says why in an UnreadableFile. read_json()
+adds the parser's failures (nesting too deep, numbers too large or not finite, not UTF-8).
+A state file that cannot be used is set aside (set_aside(): renamed to `<name>.bad`, kept,
+logged) and the caller starts fresh; the loop turns each such notice into a
+`state_file_reset` event.
 
 And who may write them: the state and runtime directories are created with safe modes and
 refused when another user controls them (check_private_dir); a root daemon asks
@@ -9,10 +18,16 @@ writable_by_others() about the files it trusts (the config, hook programs).
 """
 from __future__ import annotations
 
+import json
+import logging
+import math
 import os
 import stat
 import tempfile
-from typing import Optional, Tuple
+import threading
+from typing import Any, List, Optional, Tuple
+
+LOG = logging.getLogger("gpucostd")
 
 
 def write_atomic(path: str, text: str, mode: int = 0o640) -> None:
@@ -205,3 +220,144 @@ def state_dir_problem(path: str, identity: Optional[Tuple[int, int]] = None,
     if not os.access(path, os.W_OK | os.X_OK):
         return "unwritable", f"state directory {path} is not writable by the daemon"
     return None
+
+
+# --------------------------------------------------------------------------- reading
+MAX_STATE_BYTES = 16 << 20    # a state file far larger than this is not ours
+MAX_EPOCH = 253402300799.0    # 9999-12-31T23:59:59Z: a saved time past it is corrupt
+_MAX_INT_DIGITS = 40
+
+
+class UnreadableFile(ValueError):
+    """A file that exists but cannot be used: str() says why (without the path)."""
+
+
+def _kind(mode: int) -> str:
+    return ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+            "a socket" if stat.S_ISSOCK(mode) else "a device")
+
+
+def read_regular(path: str, limit: int, follow: bool = True
+                 ) -> Tuple[bytes, os.stat_result]:
+    """The bytes of a regular file of at most `limit` bytes, and its stat. The open never
+    blocks (O_NONBLOCK: a FIFO without a writer opens at once and is then refused by type);
+    the size is checked before reading and again while reading (a file that grows). With
+    follow=False a symlink is refused. Raises FileNotFoundError when the file is absent and
+    UnreadableFile for anything else."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | \
+        getattr(os, "O_CLOEXEC", 0) | (0 if follow else getattr(os, "O_NOFOLLOW", 0))
+    try:
+        fd = os.open(path, flags)
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(path) from None
+    except OSError as e:
+        if not follow and os.path.islink(path):
+            raise UnreadableFile("is a symlink, not a regular file") from None
+        raise UnreadableFile(f"cannot open: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnreadableFile(f"is {_kind(st.st_mode)}, not a regular file")
+        if st.st_size > limit:
+            raise UnreadableFile(f"is {st.st_size} bytes; at most {limit} bytes are read")
+        chunks, size = [], 0
+        while size <= limit:
+            try:
+                chunk = os.read(fd, min(1 << 16, limit + 1 - size))
+            except OSError as e:
+                raise UnreadableFile(f"cannot read: {e.strerror or e}") from None
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:
+            raise UnreadableFile(f"grew past {limit} bytes while being read")
+        return b"".join(chunks), st
+    finally:
+        os.close(fd)
+
+
+def _json_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text)} digits")
+    return int(text)
+
+
+def _json_float(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise ValueError(f"the number {text[:20]} is out of range")
+    return v
+
+
+def _json_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number")
+
+
+def parse_json(blob: bytes) -> Any:
+    """JSON from bytes; every parser failure (not UTF-8, syntax, nesting too deep, numbers
+    out of range, NaN/Infinity) is an UnreadableFile that says which."""
+    try:
+        return json.loads(blob.decode("utf-8"), parse_int=_json_int, parse_float=_json_float,
+                          parse_constant=_json_constant)
+    except UnicodeDecodeError as e:
+        raise UnreadableFile(f"not UTF-8 text (byte {e.start})") from None
+    except RecursionError:
+        raise UnreadableFile("nested too deeply") from None
+    except ValueError as e:               # json.JSONDecodeError is a ValueError
+        raise UnreadableFile(f"not valid JSON: {str(e)[:120]}") from None
+
+
+def read_json(path: str, limit: int = MAX_STATE_BYTES, follow: bool = True) -> Any:
+    """read_regular + parse_json. Raises FileNotFoundError or UnreadableFile."""
+    return parse_json(read_regular(path, limit, follow)[0])
+
+
+def plausible_epoch(value: Any) -> bool:
+    """A saved wall-clock time: a number from 1970 to 9999 (1e300 would overflow every date
+    conversion downstream)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and
+            math.isfinite(value) and 0 <= value <= MAX_EPOCH)
+
+
+_notices: List[str] = []
+_notices_lock = threading.Lock()
+
+
+def move_aside(path: str) -> Tuple[Optional[str], str]:
+    """Rename an unusable file to `<path>.bad` (`.bad.1`, ... when an earlier one is kept: none
+    is overwritten). Returns (the new name or None, a clause saying where it is)."""
+    bad, n = path + ".bad", 0
+    while os.path.lexists(bad):
+        n += 1
+        bad = f"{path}.bad.{n}"
+    try:
+        os.replace(path, bad)
+    except OSError as e:
+        return None, f"it could not be moved aside ({e.strerror or e})"
+    return bad, f"the old file is kept as {bad}"
+
+
+def set_aside(path: str, what: str, why: Any, fresh: str) -> str:
+    """A state file that cannot be used: moved aside, logged at warning, queued as a notice
+    for a `state_file_reset` event. Returns the message: `path: unreadable <what> (<why>);
+    <fresh>; <where it is kept>`."""
+    _, kept = move_aside(path)
+    msg = f"{path}: unreadable {what} ({str(why)[:160]}); {fresh}; {kept}"
+    LOG.warning("%s", msg)
+    notice(msg)
+    return msg
+
+
+def notice(msg: str) -> None:
+    with _notices_lock:
+        _notices.append(msg)
+        del _notices[:-20]          # one-shot commands never drain them: stay bounded
+
+
+def take_notices() -> List[str]:
+    """The state files set aside since the last call (the loop makes events of them)."""
+    with _notices_lock:
+        out = list(_notices)
+        _notices.clear()
+    return out

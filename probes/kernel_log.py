@@ -32,7 +32,7 @@ import time as _time
 from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple, Union
 
-from gpucostd.statefile import write_atomic
+from gpucostd.statefile import read_json, set_aside, write_atomic
 from gpucostd.probes.kernel_parser import (FALLEN_OFF_XID, MAX_LINE, DriverMismatch,  # noqa: F401
                                            KernelFault, NvrmParser, SwitchFault,
                                            normalize_bus_id, wanted)
@@ -287,17 +287,16 @@ class KernelLogWatcher:
             return {}
         path = os.path.join(self.state_dir, STATE_FILE)
         try:
-            with open(path) as f:
-                data = json.load(f)
+            data = read_json(path)
             if isinstance(data, dict):
                 # one entry per source, each an object; anything else is dropped (read from start)
                 return {k: v for k, v in data.items() if isinstance(v, dict)}
             raise ValueError("not a JSON object")
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError) as e:
-            log.warning("%s: unreadable kernel log position (%s); reading the kernel log from "
-                        "the start of this boot", path, e)
+        except ValueError as e:                 # UnreadableFile
+            set_aside(path, "kernel log position", e,
+                      "reading the kernel log from the start of this boot")
             return {}
 
     # -- internals: kmsg

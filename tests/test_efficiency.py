@@ -3,6 +3,7 @@ floor, and the serving diagnosis -- at the accountant, the judge, and through th
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import stat
@@ -172,7 +173,9 @@ def test_the_floor_state_survives_a_restart_and_an_unreadable_file_starts_fresh(
         assert acc.floor["inefficient"] is False
         assert "unreadable floor state" in caplog.text and "starting fresh" in caplog.text
         assert any("unreadable floor state" in n for n in acc._notes)
-        assert (tmp_path / "floor.json.bad").read_text() == bad and not path.exists()
+        kept = re.search(r"the old file is kept as (\S+)$", caplog.text.strip()).group(1)
+        assert open(kept).read() == bad and not path.exists()      # no earlier one overwritten
+    assert (tmp_path / "floor.json.bad").read_text() == "{not json"
 
 
 def test_a_failing_endpoint_does_not_leave_its_last_tokens_per_second_as_current():

@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from gpucostd.statefile import write_atomic
+from gpucostd.statefile import read_json, write_atomic
 
 FILENAME = "originals.json"
 VERSION = 1
@@ -55,14 +54,7 @@ class OriginalsStore:
         data: Dict[str, Dict[str, Dict[str, Any]]] = {}
         self.problem = None
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
-            with os.fdopen(fd, "rb") as f:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    raise ValueError("not a regular file")
-                blob = f.read(MAX_BYTES + 1)
-            if len(blob) > MAX_BYTES:
-                raise ValueError(f"larger than {MAX_BYTES} bytes")
-            raw = json.loads(blob.decode("utf-8"))
+            raw = read_json(self.path, MAX_BYTES, follow=False)
             originals = raw.get("originals") if isinstance(raw, dict) else None
             if not isinstance(originals, dict):
                 raise ValueError("no 'originals' table")

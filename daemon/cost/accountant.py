@@ -26,7 +26,8 @@ from gpucostd.cost.report import (BUCKET_SECONDS, HISTORY_SECONDS, CostReport, G
                                   ReasonCost, TokenCost, WindowCost, _add_reasons,
                                   _expand_history, _finish_window, _triple, cost_breakdown)
 from gpucostd.snapshot import GpuReading, GpuState
-from gpucostd.statefile import write_atomic
+from gpucostd.statefile import (move_aside, notice, plausible_epoch, read_json, set_aside,
+                                write_atomic)
 
 LOG = logging.getLogger("gpucostd.cost")
 
@@ -490,8 +491,7 @@ class CostAccountant:
             return
         path = os.path.join(self.state_dir, FLOOR_FILE)
         state, problem = load_floor(path)
-        if problem:
-            LOG.warning("%s", problem)
+        if problem:                      # logged and noticed by set_aside
             self._notes.append(problem)
         self.floor["inefficient"] = self._floor_saved = state["inefficient"]
         self.floor["since"] = state["since"]
@@ -533,12 +533,11 @@ class CostAccountant:
 
     def _load(self) -> None:
         path = self._state_path()
-        if not path or not os.path.exists(path):
+        if not path or not os.path.lexists(path):
             return
         try:
-            with open(path, "r", encoding="utf-8") as f:
-                data = json.load(f)
-            if data.get("version") != STATE_VERSION:
+            data = read_json(path)
+            if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
                 raise ValueError(f"unknown version {data.get('version')!r}")
             for key, g in (data.get("gpus") or {}).items():
                 tr = _GpuTrack(key, int(g.get("index", 0)), g.get("uuid"), g.get("name"))
@@ -548,7 +547,7 @@ class CostAccountant:
             self._history.update(_expand_history(data.get("history")))
             tokens_lost = data.get("tokens_lost_total") or 0.0
             since = data.get("totals_since")
-            if not _finite(tokens_lost) or not (since is None or _finite(since)):
+            if not _finite(tokens_lost) or not (since is None or plausible_epoch(since)):
                 raise ValueError("tokens_lost_total or totals_since is not a number")
             self._tokens.tokens_lost_total = float(tokens_lost)
             self.eff.load(data.get("efficiency"))
@@ -558,25 +557,23 @@ class CostAccountant:
             for key, tr in sorted(self._tracks.items()):
                 if tr.uuid:
                     self._by_index.setdefault(tr.index, key)
-        except (OSError, ValueError, TypeError, AttributeError, KeyError, IndexError) as e:
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, TypeError, AttributeError, KeyError, IndexError,
+                OverflowError, RecursionError) as e:      # UnreadableFile is a ValueError
             # keep every bad file: an earlier one may hold totals someone still wants
-            bad, n = path + ".bad", 0
-            while os.path.lexists(bad):
-                n += 1
-                bad = f"{path}.bad.{n}"
-            try:
-                os.replace(path, bad)
-                kept = f"the old file is kept as {bad}"
-            except OSError as e2:
+            bad, kept = move_aside(path)
+            if bad is None:
                 # never overwrite what could not be moved aside: totals stay in memory only
                 self._no_save = True
-                kept = (f"it could not be moved aside ({e2.strerror or e2}), so the totals are "
-                        f"not saved until it is moved away and the daemon restarted")
+                kept += (", so the totals are not saved until it is moved away and the daemon "
+                         "restarted")
             self._tracks.clear()
             self._history.clear()
             self._by_index.clear()
-            msg = f"{path}: unreadable cost state ({e}); totals start from zero; {kept}"
+            msg = f"{path}: unreadable cost state ({str(e)[:160]}); totals start from zero; {kept}"
             LOG.warning(msg)
+            notice(msg)
             self._notes.append(msg)
 
     def state(self, history: bool = True) -> Dict[str, Any]:
@@ -645,12 +642,11 @@ def breakdown_from_state(config, since_seconds: Optional[float] = None,
     None when there is no readable state file."""
     path = os.path.join(config.daemon.state_dir, STATE_FILE)
     try:
-        with open(path, "r", encoding="utf-8") as f:
-            data = json.load(f)
+        data = read_json(path)
         if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
             return None
         return cost_breakdown(data, since_seconds, now=_time.time() if now is None else now)
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, OverflowError):
         return None
 
 
@@ -665,26 +661,19 @@ def load_floor(path: str) -> Tuple[Dict[str, Any], Optional[str]]:
     file is then moved aside to floor.json.bad). A missing file is a fresh state."""
     fresh: Dict[str, Any] = {"inefficient": False, "since": None}
     try:
-        with open(path, "r", encoding="utf-8") as f:
-            data = json.load(f)
+        data = read_json(path)
         if not isinstance(data, dict) or data.get("version") != FLOOR_VERSION:
             raise ValueError("not a version 1 floor state")
         inefficient, since = data.get("inefficient"), data.get("since")
-        if not isinstance(inefficient, bool) or not (since is None or _finite(since)):
-            raise ValueError(f"inefficient = {inefficient!r}, since = {since!r}")
+        if not isinstance(inefficient, bool) or not (since is None or plausible_epoch(since)):
+            raise ValueError(f"inefficient = {inefficient!r}, since = {str(since)[:40]}")
         return {"inefficient": inefficient, "since": since if inefficient else None}, None
     except FileNotFoundError:
         return fresh, None
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        why = e.strerror if isinstance(e, OSError) and e.strerror else e
-        try:
-            os.replace(path, path + ".bad")
-            kept = f"the file is kept as {path}.bad"
-        except OSError:
-            kept = "it will be overwritten"
-        return fresh, (f"{path}: unreadable floor state ({why}); starting fresh: gpucostd does "
-                       f"not know whether it drained this node (if it did, undrain it by hand); "
-                       f"{kept}")
+    except ValueError as e:                  # UnreadableFile too
+        return fresh, set_aside(path, "floor state", e, "starting fresh: gpucostd does not "
+                                "know whether it drained this node (if it did, undrain it by "
+                                "hand)")
 
 
 def save_floor(path: str, state: Mapping[str, Any], now_wall: float) -> None:

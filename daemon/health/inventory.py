@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from gpucostd.probes.kernel_parser import normalize_bus_id
 from gpucostd.snapshot import Event, Finding, GpuReading, GpuState, Severity
-from gpucostd.statefile import write_atomic
+from gpucostd.statefile import plausible_epoch, read_json, set_aside, write_atomic
 
 LOG = logging.getLogger("gpucostd")
 FILE_NAME = "gpu_inventory.json"
@@ -50,8 +50,9 @@ class Inventory:
     # ------------------------------------------------------------------ state
     def _load(self) -> None:
         try:
-            with open(self.path, "r", encoding="utf-8") as f:
-                data = json.load(f)
+            data = read_json(self.path)
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
             gpus = data.get("gpus")
             if not isinstance(gpus, list):
                 raise ValueError("no gpus list")
@@ -60,16 +61,14 @@ class Inventory:
                           "name": str(g.get("name") or "")}
                          for g in gpus if isinstance(g, dict) and isinstance(g.get("uuid"), str)]
             rep = data.get("reported") or {}
-            self.reported = {str(k): float(v) for k, v in rep.items()
-                             if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self.reported = {str(k): float(v) for k, v in rep.items() if plausible_epoch(v)}
             since = data.get("since")
-            self.since = float(since) if isinstance(since, (int, float)) else None
+            self.since = float(since) if plausible_epoch(since) else None
         except FileNotFoundError:
             return
-        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
-            LOG.warning("GPU inventory %s is unreadable (%s); learning the node's GPUs again",
-                        self.path, e)
-            self.gpus, self.reported = [], {}
+        except (ValueError, TypeError, KeyError, AttributeError) as e:   # UnreadableFile too
+            set_aside(self.path, "GPU inventory", e, "learning the node's GPUs again")
+            self.gpus, self.reported, self.since = [], {}, None
 
     def save(self) -> None:
         if not self._dirty:

@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from gpucostd.statefile import write_atomic
+from gpucostd.statefile import UnreadableFile, read_json, set_aside, write_atomic
 
 LOG = logging.getLogger("gpucostd")
 
@@ -64,15 +64,13 @@ def load(path: str, boot_id: Optional[str]) -> SavedHealth:
     """The saved state; an empty one when the file is absent or unreadable (logged)."""
     out = SavedHealth()
     try:
-        with open(path, "r", encoding="utf-8") as f:
-            data = json.load(f)
+        data = read_json(path)
         if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
+            raise UnreadableFile("not a JSON object")
     except FileNotFoundError:
         return out
-    except (OSError, ValueError) as e:
-        LOG.warning("health state %s is unreadable (%s); starting without sticky faults",
-                    path, e)
+    except UnreadableFile as e:
+        set_aside(path, "health state", e, "starting without sticky faults")
         return out
     health = data.get("health") or {}
     if isinstance(health, dict):

@@ -36,6 +36,7 @@ from gpucostd.sim.sections import (ScenarioPrices, _fmt, _indexes, _num, parse_p
 from gpucostd.snapshot import CLOCK_EVENT_REASONS, REASON_BITS, VIOLATION_POLICIES, VIOLATION_REASONS
 
 BUILTIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scenarios")
+MAX_SCENARIO_BYTES = 8 << 20     # the built-in ones are a few KiB; a timeline is not 8 MiB
 REASON_NAMES = tuple(name for _bit, name in CLOCK_EVENT_REASONS)
 PCI_BUS_ID_RE = re.compile(r"^[0-9A-Fa-f]{8}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}\.[0-7]$")
 
@@ -115,7 +116,8 @@ GPU_FIELDS: Dict[str, Field] = {
     "present": _f("bool", True, "Listed by NVML; false: left out of nvmlDeviceGetCount (the "
                   "GPUs after it move up an index) from the next nvmlInit on, with no Xid."),
     "total_energy": _f("number", 0.0, "Energy counter at t = 0, J "
-                       "(nvmlDeviceGetTotalEnergyConsumption counts up from here).", min=0),
+                       "(nvmlDeviceGetTotalEnergyConsumption counts up from here; NVML's "
+                       "counter is an unsigned 64-bit count of mJ).", min=0, max=1.8e16),
 }
 IDENTITY_FIELDS = ("name", "uuid", "pci_bus_id")
 TIMELINE_FORBIDDEN = IDENTITY_FIELDS
@@ -828,9 +830,11 @@ def load_scenario(spec: str) -> Scenario:
     else:
         path = spec
         name = None
+    from gpucostd.statefile import UnreadableFile, read_regular
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
+        raw = read_regular(path, MAX_SCENARIO_BYTES)[0]
+    except UnreadableFile as exc:
+        raise ScenarioError(f"the scenario file {exc}; give a TOML file", path)
     except OSError as exc:
         raise ScenarioError(f"cannot read scenario file: {exc.strerror or exc}; give "
                             "builtin:NAME (" + ", ".join("builtin:" + n for n in builtin_names())
