@@ -56,9 +56,9 @@ mkdir -p "$B" "$ROOT/dist"
 
 # --------------------------------------------------------------------------- private Python tree
 # Only pure-Python wheels (tag py3-none-any) of the pinned dependencies, resolved for the
-# oldest supported Python (3.9), go into the package's /usr/lib/gpucostd; psutil and
-# systemd-python come from the distribution (python3-psutil, python3-systemd), built there for
-# its own python3. A throwaway venv of the system interpreter gives a pip that may install;
+# oldest supported Python (3.9), go into the package's /usr/lib/gpucostd; psutil,
+# systemd-python and PyYAML come from the distribution (python3-psutil, python3-systemd,
+# python3-yaml / python3-pyyaml), built there for its own python3. A throwaway venv of the system interpreter gives a pip that may install;
 # everything lands in --target, never in the venv or the system.
 $PY -m venv "$B/venv"
 PIP="$B/venv/bin/python -m pip --disable-pip-version-check --no-input --no-cache-dir"

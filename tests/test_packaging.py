@@ -121,9 +121,10 @@ def _pins() -> Dict[str, str]:
     return pins
 
 
-# from the distribution, never bundled: the packages Depend/Require python3-psutil and
-# python3-systemd (compiled there for the distribution's own python3)
-DISTRO_PROVIDED = {"psutil", "systemd-python"}
+# from the distribution, never bundled: the packages Depend/Require python3-psutil,
+# python3-systemd (compiled there for the distribution's own python3) and PyYAML (python3-yaml,
+# python3-pyyaml: in every target's base archive, with libyaml's C loader)
+DISTRO_PROVIDED = {"psutil", "systemd-python", "pyyaml"}
 
 
 def test_requirements_lock_pins_every_bundled_dependency():
@@ -237,13 +238,13 @@ def test_deb_is_architecture_and_interpreter_independent():
     assert not re.search(r" \./usr/lib/gpucostd/bin/", files)
     info = run("dpkg-deb", "-f", str(deb), "Depends").stdout.strip()
     deps = [" ".join(d.split()) for d in info.split(",")]
-    assert deps[:4] == ["python3 (>= 3.9)", "python3-psutil (>= 5.8)",
-                        "python3-systemd (>= 234)", "procps"], deps
+    assert deps[:5] == ["python3 (>= 3.9)", "python3-psutil (>= 5.8)",
+                        "python3-systemd (>= 234)", "procps", "python3-yaml (>= 5.4)"], deps
     assert not any("<<" in d or "python3.1" in d for d in deps), deps   # no interpreter pin
     # only what Debian and Ubuntu carry in main (procps: /bin/kill of the unit's ExecReload)
     names = {n for d in deps for n in re.findall(r"(?:^|\| )([a-z0-9][a-z0-9+.-]*)", d)}
-    assert names <= {"python3", "python3-psutil", "python3-systemd", "procps", "systemd",
-                     "systemd-standalone-sysusers", "systemd-sysusers"}, deps
+    assert names <= {"python3", "python3-psutil", "python3-systemd", "procps", "python3-yaml",
+                     "systemd", "systemd-standalone-sysusers", "systemd-sysusers"}, deps
     # bcrypt (basic_auth_users of a web config) is wanted, not required: Debian 13's Python
     # has no crypt module to fall back on, and apt installs Recommends by default
     assert run("dpkg-deb", "-f", str(deb), "Recommends").stdout.split() == ["python3-bcrypt"]
@@ -398,7 +399,8 @@ def test_rpm_requires_only_what_rhel_9_and_10_carry():
             if floor:
                 assert _vtuple(have["names"][name]) >= _vtuple(floor), \
                     f"{rel} ships {name} {have['names'][name]}, below the floor in {req!r}"
-    assert {"python3", "python3-psutil", "python3-systemd", "systemd"} <= seen, requires
+    assert {"python3", "python3-psutil", "python3-systemd", "python3-pyyaml",
+            "systemd"} <= seen, requires
     assert not any(r.startswith("python3.") or "python(abi)" in r for r in requires), requires
     # python3-bcrypt is EPEL-only on RHEL: a weak dependency, never a Requires
     assert run("rpm", "-qp", "--recommends", str(rpm)).stdout.split() == ["python3-bcrypt"]

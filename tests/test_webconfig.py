@@ -99,7 +99,9 @@ def test_the_yaml_subset_of_real_web_config_files():
 
 
 @pytest.mark.parametrize("text, line, words", [
-    ("basic_auth_users:\n  a: &x 1\n", 2, "anchors"),
+    ("basic_auth_users:\n  a: x\n  a: y\n", 3, "duplicate key"),
+    ("a: [1, 2\n", 2, "not valid YAML"),
+    ("http_server_config:\n  headers: " + "[" * 2000 + "\n", 2, "nested too deeply"),
     ("tls_server_config:\n\tcert_file: a\n", 2, "tabs"),
     ("a: 1\n---\nb: 2\n", 2, "one YAML document"),
     ("basic_auth_users:\n  alice: secret\n", 2, "not a bcrypt hash"),

@@ -22,10 +22,13 @@ OpenSSL's defaults apply), with a warning; `RequireAnyClientCert` is refused (Py
 cannot demand a certificate without verifying it; use RequireAndVerifyClientCert). /healthz is
 served without basic auth (kubelet and systemd probes), /metrics and / need it.
 
-YAML: the file is read by a small parser of the subset these files use (block mappings and
-lists, flow lists `[a, b]` and flat flow mappings `{k: v}`, plain and quoted scalars, `|`
-literal blocks for inline PEM, comments). Anchors, tags and folded blocks are refused with the
-line number. No YAML library is needed.
+YAML: read with PyYAML's safe loader (the libyaml one where built with it), which also refuses
+a key given twice; its errors (syntax, tabs, several documents, nesting past 1000 levels,
+numbers Python cannot hold) become `path:line: what`. The file itself is read by the daemon's
+one loader (gpucostd.statefile.read_regular): a regular file of at most 256 KiB, opened without
+blocking (a FIFO is refused, never waited on). A root daemon refuses a file that a user other
+than root can change, as it does the config (a group-writable one is a warning). An empty file
+is refused: it would silently turn TLS and basic auth off (remove `web_config_file` for that).
 
 bcrypt: the `bcrypt` module where installed (Debian/Ubuntu: python3-bcrypt), else the C
 library's crypt(3) through Python's `crypt` module (Python <= 3.12; glibc's libxcrypt knows
@@ -59,190 +62,78 @@ class WebConfigError(FileError):
     """A web config file that cannot be used: str() is `path:line: message`."""
 
 
-# --------------------------------------------------------------------------- YAML subset
-def _strip_comment(line: str) -> str:
-    out, quote = [], None
-    for i, ch in enumerate(line):
-        if quote:
-            if ch == quote:
-                quote = None
-        elif ch in "'\"":
-            quote = ch
-        elif ch == "#" and (i == 0 or line[i - 1] in " \t"):
-            break
-        out.append(ch)
-    return "".join(out).rstrip()
+# --------------------------------------------------------------------------- YAML
+MAX_BYTES = 256 * 1024          # a web config with inline PEM is a few KiB
+_YAML_MISSING = ("reading the web config needs PyYAML (Debian/Ubuntu: apt install python3-yaml;"
+                 " RHEL: dnf install python3-pyyaml; pip install PyYAML)")
 
 
-def _scalar(text: str, err) -> Any:
-    t = text.strip()
-    if not t:
-        return None
-    if t[0] in "&*!>":
-        raise err(f"YAML anchors, aliases, tags and folded blocks are not supported: {t[:20]!r}")
-    if t[0] == '"':
-        if len(t) < 2 or not t.endswith('"'):
-            raise err(f"unterminated string {t[:30]!r}")
-        body = t[1:-1]
-        return re.sub(r'\\(.)', lambda m: {"n": "\n", "t": "\t"}.get(m.group(1), m.group(1)),
-                      body)
-    if t[0] == "'":
-        if len(t) < 2 or not t.endswith("'"):
-            raise err(f"unterminated string {t[:30]!r}")
-        return t[1:-1].replace("''", "'")
-    if t[0] == "[":
-        if not t.endswith("]"):
-            raise err(f"unterminated list {t[:30]!r}")
-        inner = t[1:-1].strip()
-        return [_scalar(p, err) for p in _split_flow(inner)] if inner else []
-    if t[0] == "{":
-        if not t.endswith("}"):
-            raise err(f"unterminated mapping {t[:30]!r}")
-        out = {}
-        for part in _split_flow(t[1:-1].strip()):
-            k, sep, v = part.partition(":")
-            if not sep:
-                raise err(f"expected key: value in {part!r}")
-            out[_scalar(k, err)] = _scalar(v, err)
-        return out
-    if t in ("true", "True", "TRUE"):
-        return True
-    if t in ("false", "False", "FALSE"):
-        return False
-    if t in ("null", "~"):
-        return None
-    if re.fullmatch(r"-?\d+", t):
-        return int(t)
-    return t
+def _loader():
+    """PyYAML's safe loader (the C one where built with libyaml: faster, and it refuses nesting
+    past 1000 levels itself) that also refuses a key given twice in one mapping."""
+    import yaml
+    base = getattr(yaml, "CSafeLoader", None) or yaml.SafeLoader
+
+    class Loader(base):  # type: ignore[valid-type,misc]
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                except TypeError:       # an unhashable key: SafeConstructor says so below
+                    break
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+    return yaml, Loader
 
 
-def _split_flow(text: str) -> List[str]:
-    parts, cur, quote = [], [], None
-    for ch in text:
-        if quote:
-            cur.append(ch)
-            if ch == quote:
-                quote = None
-        elif ch in "'\"":
-            quote = ch
-            cur.append(ch)
-        elif ch == ",":
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    if "".join(cur).strip():
-        parts.append("".join(cur))
-    return parts
-
-
-def parse_yaml_documents(text: str, path: str) -> List[Any]:
-    """Several `---`-separated documents (Kubernetes manifests), each as parse_yaml."""
-    docs, cur, first = [], [], 1
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.rstrip() == "---":
-            if any(ln.strip() and not ln.lstrip().startswith("#") for ln in cur):
-                docs.append(parse_yaml("\n" * (first - 1) + "\n".join(cur), path))
-            cur, first = [], n + 1
-        else:
-            cur.append(line)
-    if any(ln.strip() and not ln.lstrip().startswith("#") for ln in cur):
-        docs.append(parse_yaml("\n" * (first - 1) + "\n".join(cur), path))
-    return docs
+def _yaml_error(e: BaseException, text: str, path: str) -> WebConfigError:
+    """A PyYAML (or parser) failure as `path:line: what`, in the words of the old messages."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    line = mark.line + 1 if mark is not None else None
+    if isinstance(e, RecursionError) or "maximum nesting depth" in str(e):
+        return WebConfigError("the YAML is nested too deeply (at most 1000 levels)", path, line)
+    if isinstance(e, (ValueError, OverflowError)) and not hasattr(e, "problem"):
+        return WebConfigError(f"a value cannot be read: {str(e)[:120]}", path, line)
+    problem = str(getattr(e, "problem", None) or e).strip()
+    lines = text.splitlines()
+    if line and line <= len(lines) and "cannot start any token" in problem and \
+            "\t" in lines[line - 1][:len(lines[line - 1]) - len(lines[line - 1].lstrip())]:
+        problem = "tabs are not allowed for indentation in YAML"
+    elif "expected a single document" in str(getattr(e, "context", None)):
+        problem = "only one YAML document is allowed"
+    elif getattr(e, "context", None):
+        problem = f"{e.context}: {problem}"
+    return WebConfigError(f"not valid YAML: {problem[:160]}", path, line)
 
 
 def parse_yaml(text: str, path: str) -> Any:
-    """The YAML subset described in the module doc. Raises WebConfigError with the line."""
-    raw = text.splitlines()
-    lines: List[Tuple[int, int, str]] = []      # (line number, indent, content)
-    i = 0
-    blocks: Dict[int, str] = {}                 # line number of `key: |` -> literal text
-    while i < len(raw):
-        full = raw[i]
-        if "\t" in full[:len(full) - len(full.lstrip())]:
-            raise WebConfigError("tabs are not allowed for indentation in YAML", path, i + 1)
-        content = _strip_comment(full)
-        if not content.strip() or content.strip() == "---" and not lines:
-            i += 1
-            continue
-        if content.strip() in ("---", "..."):
-            raise WebConfigError("only one YAML document is allowed", path, i + 1)
-        indent = len(content) - len(content.lstrip())
-        lines.append((i + 1, indent, content.strip()))
-        m = re.search(r":\s*\|([-+]?)$", content)
-        if m:
-            body, j = [], i + 1
-            while j < len(raw) and (not raw[j].strip() or
-                                    len(raw[j]) - len(raw[j].lstrip()) > indent):
-                body.append(raw[j])
-                j += 1
-            while body and not body[-1].strip():
-                body.pop()
-            cut = min((len(b) - len(b.lstrip()) for b in body if b.strip()), default=0)
-            literal = "\n".join(b[cut:] for b in body)
-            blocks[i + 1] = literal if m.group(1) == "-" else literal + "\n"
-            i = j
-            continue
-        i += 1
+    """One YAML document, read with PyYAML's safe loader (no tags that build objects; aliases
+    resolve to shared values, never to copies). Raises WebConfigError with the line."""
+    try:
+        yaml, loader = _loader()
+    except ImportError:
+        raise WebConfigError(_YAML_MISSING, path) from None
+    try:
+        return yaml.load(text, Loader=loader)
+    except (yaml.YAMLError, RecursionError, ValueError, OverflowError, TypeError) as e:
+        raise _yaml_error(e, text, path) from None
 
-    pos = 0
 
-    def err_at(n):
-        return lambda msg: WebConfigError(msg, path, n)
-
-    def parse_block(indent: int) -> Any:
-        nonlocal pos
-        if pos >= len(lines):
-            return None
-        n, ind, content = lines[pos]
-        if content.startswith("- ") or content == "-":
-            out = []
-            while pos < len(lines) and lines[pos][1] == indent and \
-                    (lines[pos][2].startswith("- ") or lines[pos][2] == "-"):
-                n, _, content = lines[pos]
-                item = content[1:].strip()
-                if re.match(r"^('[^']*'|\"[^\"]*\"|[^'\"\[{][^:]*):(\s|$)", item):
-                    # a mapping in a list: its first key sits on the dash line
-                    col = indent + len(content) - len(content[1:].lstrip())
-                    lines[pos] = (n, col, item)
-                    out.append(parse_block(col))
-                    continue
-                out.append(_scalar(item, err_at(n)))
-                pos += 1
-            return out
-        out: Dict[str, Any] = {}
-        while pos < len(lines) and lines[pos][1] == indent:
-            n, _, content = lines[pos]
-            m = re.match(r"^('(?:[^']|'')*'|\"(?:[^\"\\\\]|\\\\.)*\"|[^:]+?):(?:\s+(.*))?$",
-                         content)
-            if not m:
-                raise WebConfigError(f"expected `key: value`, got {content[:40]!r}", path, n)
-            key = _scalar(m.group(1), err_at(n))
-            if key in out:
-                raise WebConfigError(f"duplicate key {key!r}", path, n)
-            value = m.group(2)
-            pos += 1
-            if n in blocks:
-                out[key] = blocks[n]
-            elif value is not None and value.strip():
-                out[key] = _scalar(value, err_at(n))
-            elif pos < len(lines) and lines[pos][1] > indent:
-                out[key] = parse_block(lines[pos][1])
-            elif pos < len(lines) and lines[pos][1] == indent and \
-                    lines[pos][2].startswith("-"):
-                out[key] = parse_block(indent)        # a list at the key's own indent
-            else:
-                out[key] = None
-        if pos < len(lines) and lines[pos][1] > indent:
-            raise WebConfigError("unexpected indentation", path, lines[pos][0])
-        return out
-
-    if not lines:
-        return {}
-    result = parse_block(lines[0][1])
-    if pos < len(lines):
-        raise WebConfigError("unexpected indentation", path, lines[pos][0])
-    return result
+def parse_yaml_documents(text: str, path: str) -> List[Any]:
+    """Several `---`-separated documents (Kubernetes manifests); empty ones are left out."""
+    try:
+        yaml, loader = _loader()
+    except ImportError:
+        raise WebConfigError(_YAML_MISSING, path) from None
+    try:
+        return [d for d in yaml.load_all(text, Loader=loader) if d is not None]
+    except (yaml.YAMLError, RecursionError, ValueError, OverflowError, TypeError) as e:
+        raise _yaml_error(e, text, path) from None
 
 
 # --------------------------------------------------------------------------- bcrypt
@@ -338,17 +229,12 @@ class WebConfig:
 
 def load(path: str) -> WebConfig:
     """Read and check a web config file. Raises WebConfigError (what, where, the fix)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read(1_000_001)
-    except (OSError, UnicodeDecodeError) as e:
-        raise WebConfigError(f"cannot read the web config: {getattr(e, 'strerror', None) or e}"
-                             f" (daemon.web_config_file)", path) from None
-    if len(text) > 1_000_000:
-        raise WebConfigError("the web config is larger than 1 MB", path)
+    text = _read(path)
     doc = parse_yaml(text, path)
     if doc is None:
-        doc = {}
+        raise WebConfigError("the web config is empty: it would turn TLS and basic auth off; "
+                             "write the settings into it, or remove [daemon] web_config_file "
+                             "to serve plain HTTP without auth", path)
     if not isinstance(doc, dict):
         raise WebConfigError("the web config must be a mapping (tls_server_config, "
                              "http_server_config, basic_auth_users)", path, 1)
@@ -382,6 +268,29 @@ def load(path: str) -> WebConfig:
         if checker is None:
             raise err("basic_auth_users", why)
     return WebConfig(ctx, hashed, headers, sans, tuple(files), checker)
+
+
+def _read(path: str) -> str:
+    """The file's text through the one loader; a root daemon refuses one others can change."""
+    from gpucostd.statefile import UnreadableFile, read_regular, writable_by_others
+    try:
+        blob, st = read_regular(path, MAX_BYTES)
+    except FileNotFoundError:
+        raise WebConfigError("no such file (daemon.web_config_file)", path) from None
+    except UnreadableFile as e:
+        raise WebConfigError(f"the web config {e} (daemon.web_config_file)", path) from None
+    if os.geteuid() == 0:
+        problem = writable_by_others(path, st)
+        if problem is not None and problem[0] != "group":
+            raise WebConfigError(f"refused: a user other than root can change this file and so "
+                                 f"turn TLS and basic auth off ({problem[1]})", path)
+        if problem is not None:
+            LOG.warning("web config %s; its members can turn TLS and basic auth off",
+                        problem[1])
+    try:
+        return blob.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise WebConfigError(f"not UTF-8 text (byte {e.start})", path) from None
 
 
 def _tls(tls, base, err, files, path):
@@ -459,6 +368,9 @@ def _tls(tls, base, err, files, path):
         raise err("client_ca_file", "client_ca_file is set but client_auth_type is NoClientCert;"
                                     " set client_auth_type: RequireAndVerifyClientCert")
     sans = tls.get("client_allowed_sans") or []
+    if not isinstance(sans, list) or not all(isinstance(s, str) for s in sans):
+        raise err("client_allowed_sans", "tls_server_config.client_allowed_sans must be a list "
+                                         "of names")
     if sans and ctx.verify_mode != ssl.CERT_REQUIRED:
         raise err("client_allowed_sans", "client_allowed_sans needs client_auth_type "
                                          "RequireAndVerifyClientCert")
@@ -545,7 +457,10 @@ class WebConfigWatcher:
                 return self._config
             try:
                 new = load(self.path)
-            except WebConfigError as e:
+            except Exception as e:  # noqa: BLE001 - WebConfigError, or a bug: keep serving
+                if not isinstance(e, WebConfigError):
+                    e = WebConfigError(f"cannot be used ({type(e).__name__}: {str(e)[:120]})",
+                                       self.path)
                 if stamp != self._bad:
                     LOG.error("web config change refused, the previous one stays: %s", e)
                     self._bad = stamp
