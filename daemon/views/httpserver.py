@@ -8,8 +8,12 @@ waits for a scrape.
 
 The server is built to stay up against slow and many clients:
 
-- at most `max_connections` connections at once (one thread each); a connection past the cap
-  gets a short 503 and is closed at once, so it holds no thread and no descriptor;
+- at most `max_connections` connections at once (one thread each); when they are all taken, the
+  one that has waited longest for its request head (or for its TLS handshake) is cut off to make
+  room; a connection past the cap that finds none to cut off gets the reserved slot if it is
+  free (one request, `/healthz` only, a 2 s deadline: probes keep answering whatever holds the
+  other slots), else a short 503 (on a TLS port: closed without a word, plaintext there would
+  only be a TLS error) and it holds no thread and no descriptor;
 - every request has one overall deadline (`request_deadline` seconds from the moment the server
   starts waiting for it until the response is written), so a client that trickles its header one
   byte at a time is cut off however slowly it sends; the request head is capped in size too;
@@ -17,7 +21,9 @@ The server is built to stay up against slow and many clients:
 - when accept() fails for lack of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM) the
   accept loop backs off (up to a second) instead of spinning a core;
 - with a web config (webconfig.py): TLS, optional client certificates, basic auth with bcrypt
-  hashes, extra response headers; the file is re-read when it changes.
+  hashes, extra response headers; the file is re-read when it changes. Password checks are a
+  bounded queue (webconfig.MAX_PENDING_CHECKS running or waiting): past it a request gets 429
+  at once, so a wrong-password flood holds no slot for long.
 
 Bad requests get a 4xx and never reach anything else.
 """
@@ -46,6 +52,7 @@ REQUEST_DEADLINE = 10.0       # seconds for one request: head in, response out
 MAX_HEAD_BYTES = 256 * 1024   # request line + headers
 LISTEN_BACKLOG = 128
 KEEPALIVE_REQUESTS = 100      # requests on one connection before the server closes it
+RESERVED_DEADLINE = 2.0       # the reserved /healthz slot: one request within this
 _ACCEPT_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
@@ -198,6 +205,7 @@ class _Handler(BaseHTTPRequestHandler):
     published: Published
     web: Any = None
     deadline_seconds = REQUEST_DEADLINE
+    health_only = False       # the reserved slot: one request, /healthz only
 
     def version_string(self):
         return self.server_version
@@ -209,11 +217,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def handle(self):
         self.close_connection = True
-        for n in range(KEEPALIVE_REQUESTS):
+        for n in range(1 if self.health_only else KEEPALIVE_REQUESTS):
             self.rfile.deadline = time.monotonic() + self.deadline_seconds
             self.rfile.budget = MAX_HEAD_BYTES
             self.wfile.reader = self.rfile
-            self.last_allowed = n + 1 >= KEEPALIVE_REQUESTS   # its response says Connection: close
+            # its response says Connection: close
+            self.last_allowed = self.health_only or n + 1 >= KEEPALIVE_REQUESTS
             self.server.waiting(self.request, time.monotonic())
             try:
                 self.handle_one_request()
@@ -254,7 +263,16 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200 if ok else 503,
                        (("ok: " if ok else "stalled: ") + why + "\n").encode(), web=web)
             return
-        if web is not None and web.users and not self._authorized(web):
+        if self.health_only:
+            self._send(503, b"busy: every connection slot is taken; only /healthz is served "
+                            b"now\n", web=web, extra={"Retry-After": "1"})
+            return
+        authorized = self._authorized(web) if web is not None and web.users else True
+        if authorized is None:      # the password-check queue is full: answer now, not later
+            self._send(429, b"too many password checks at once; retry\n", web=web,
+                       extra={"Retry-After": "1"})
+            return
+        if not authorized:
             self._send(401, b"unauthorized\n", web=web,
                        extra={"WWW-Authenticate": 'Basic realm="gpucostd"'})
             return
@@ -281,7 +299,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_HEAD(self):  # noqa: N802
         self.do_GET()
 
-    def _authorized(self, web) -> bool:
+    def _authorized(self, web) -> Optional[bool]:
+        """Whether the request's basic auth is right; None when the check queue is full."""
         value = self.headers.get("Authorization", "")
         scheme, _, token = value.partition(" ")
         if scheme.lower() != "basic":
@@ -291,7 +310,9 @@ class _Handler(BaseHTTPRequestHandler):
                 .decode("utf-8").partition(":")
         except (ValueError, UnicodeDecodeError):
             return False
-        return bool(sep) and web.check_password(user, password)
+        if not sep:
+            return False
+        return web.check_password(user, password, self.client_address[0])
 
     def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8",
               web=None, extra: Optional[Dict[str, str]] = None):
@@ -388,12 +409,17 @@ class MetricsServer:
         self.web = web
         self.max_connections = max_connections
         self._slots = threading.BoundedSemaphore(max_connections)
+        self._reserve = threading.BoundedSemaphore(1)      # for /healthz when all are taken
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._handler = type("Handler", (_Handler,), {
             "published": published, "web": web, "deadline_seconds": request_deadline})
+        self._health_handler = type("HealthHandler", (_Handler,), {
+            "published": published, "web": web, "health_only": True,
+            "deadline_seconds": min(request_deadline, RESERVED_DEADLINE)})
         self.rejected = 0          # connections refused at the cap
         self.evicted = 0           # slow connections cut off to make room
+        self.reserved = 0          # connections served on the reserved /healthz slot
         self._waiting: Dict[Any, float] = {}
         self._waiting_lock = threading.Lock()
         self.deadline = request_deadline
@@ -437,19 +463,27 @@ class MetricsServer:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
+            slot = self._slots
             if not self._slots.acquire(blocking=False):
                 # full: cut off the connection that has waited longest for its request head (a
                 # real scraper sends its request at once, a slow client is the one waiting)
                 if not (self._evict_oldest_waiting() and self._slots.acquire(timeout=1.0)):
-                    self.rejected += 1
-                    _refuse(conn)
-                    continue
+                    if not self._reserve.acquire(blocking=False):
+                        self.rejected += 1
+                        self._refuse(conn)
+                        continue
+                    slot = self._reserve        # none to cut off: /healthz may still pass
+                    self.reserved += 1
             try:
-                threading.Thread(target=self._serve, args=(conn, peer), name="http-conn",
+                threading.Thread(target=self._serve, args=(conn, peer, slot), name="http-conn",
                                  daemon=True).start()
             except RuntimeError:          # cannot start a thread: treat like the cap
-                self._slots.release()
-                _refuse(conn)
+                slot.release()
+                self._refuse(conn)
+
+    def _refuse(self, conn: socket.socket) -> None:
+        web = self.web.current() if self.web is not None else None
+        _refuse(conn, tls=web is not None and web.ssl_context is not None)
 
     def _evict_oldest_waiting(self) -> bool:
         with self._waiting_lock:
@@ -458,11 +492,21 @@ class MetricsServer:
             conn = min(self._waiting, key=self._waiting.__getitem__)
             del self._waiting[conn]
             try:    # under the lock: its handler cannot have taken its head in and be answering
-                conn.shutdown(socket.SHUT_RDWR)     # its thread sees EOF and frees the slot
+                # the socket's own shutdown, also for a TLS socket (SSLSocket.shutdown would
+                # drop its SSL object under the thread that uses it): the thread sees EOF, or
+                # its handshake fails, and frees the slot
+                socket.socket.shutdown(conn, socket.SHUT_RDWR)
             except OSError:
                 pass
         self.evicted += 1
         return True
+
+    def rekey(self, old, new) -> None:
+        """The connection `old` now lives on as `new` (wrap_socket detached the raw socket: a
+        shutdown must reach the TLS socket that owns the descriptor now)."""
+        with self._waiting_lock:
+            if old in self._waiting:
+                self._waiting[new] = self._waiting.pop(old)
 
     def waiting(self, conn, since: Optional[float]) -> bool:
         """A connection starts (since = monotonic time) or stops waiting for a request head.
@@ -474,14 +518,17 @@ class MetricsServer:
             self._waiting[conn] = since
             return True
 
-    def _serve(self, conn: socket.socket, peer) -> None:
+    def _serve(self, conn: socket.socket, peer, slot=None) -> None:
+        reserved = slot is self._reserve
         try:
-            self.waiting(conn, time.monotonic())        # a slow TLS handshake can be evicted
-            raw, conn = conn, self._wrap(conn)
-            self.waiting(raw, None)
+            if not reserved:            # a slow TLS handshake can be evicted (not the reserve's:
+                self.waiting(conn, time.monotonic())    # it has its own short deadline)
+            holder = [conn]
+            conn = self._wrap(conn, holder, RESERVED_DEADLINE if reserved else self.deadline)
+            self.waiting(holder[0], None)
             if conn is None:
                 return
-            self._handler(conn, peer, self)
+            (self._health_handler if reserved else self._handler)(conn, peer, self)
         except Exception as e:  # noqa: BLE001 - one connection must never end the server
             LOG.debug("http %s: connection ended: %s", peer[0] if peer else "?", e)
         finally:
@@ -490,18 +537,25 @@ class MetricsServer:
                 conn.close()
             except (OSError, AttributeError):
                 pass
-            self._slots.release()
+            (slot or self._slots).release()
 
-    def _wrap(self, conn: socket.socket):
+    def _wrap(self, conn: socket.socket, holder: list, deadline: float):
         web = self.web.current() if self.web is not None else None
         ctx = web.ssl_context if web is not None else None
         if ctx is None:
             return conn
+
+        def wrapped(tls):           # eviction now reaches the TLS socket
+            self.rekey(conn, tls)
+            holder[0] = tls
         try:
-            tls = _handshake(ctx, conn, time.monotonic() + self.deadline)
-        except (OSError, ssl.SSLError, _Expired) as e:
+            tls = _handshake(ctx, conn, time.monotonic() + deadline, wrapped)
+        except (OSError, ssl.SSLError, _Expired, ValueError) as e:
             LOG.debug("http: TLS handshake failed: %s", e or "deadline passed")
-            conn.close()
+            try:
+                holder[0].close()
+            except OSError:
+                pass
             return None
         if not web.san_allowed(tls.getpeercert()):
             LOG.debug("http: client certificate SAN not in client_allowed_sans")
@@ -510,11 +564,14 @@ class MetricsServer:
         return tls
 
 
-def _handshake(ctx: ssl.SSLContext, conn: socket.socket, deadline: float) -> ssl.SSLSocket:
+def _handshake(ctx: ssl.SSLContext, conn: socket.socket, deadline: float,
+               wrapped: Callable[[ssl.SSLSocket], None] = lambda tls: None) -> ssl.SSLSocket:
     """The server side of a TLS handshake under one overall deadline (a client that trickles
-    its ClientHello is cut off like one that trickles its request head)."""
+    its ClientHello is cut off like one that trickles its request head). `wrapped` is told the
+    TLS socket as soon as it exists (the raw one is detached from then on)."""
     conn.setblocking(False)
     tls = ctx.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+    wrapped(tls)
     poller = select.poll()
     while True:
         try:
@@ -536,11 +593,14 @@ def _handshake(ctx: ssl.SSLContext, conn: socket.socket, deadline: float) -> ssl
     return tls
 
 
-def _refuse(conn: socket.socket) -> None:
+def _refuse(conn: socket.socket, tls: bool = False) -> None:
+    """Close a connection past the cap: with a short plaintext 503, or on a TLS port without a
+    word (before a handshake, plaintext bytes are only a TLS error to the client)."""
     try:
         conn.setblocking(False)
-        conn.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
-                  b"Retry-After: 1\r\nConnection: close\r\n\r\n")
+        if not tls:
+            conn.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                      b"Retry-After: 1\r\nConnection: close\r\n\r\n")
     except OSError:
         pass
     finally:

@@ -175,6 +175,8 @@ def _bcrypt_backend():
 
 
 # --------------------------------------------------------------------------- the config
+MAX_PENDING_CHECKS = 4      # bcrypt checks running or queued (about 0.1 s each at cost 10)
+PER_CLIENT_CHECKS = 1       # of them from one client address
 _TLS_VERSIONS = {"TLS10": ssl.TLSVersion.TLSv1, "TLS11": ssl.TLSVersion.TLSv1_1,
                  "TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
 _CLIENT_AUTH = ("NoClientCert", "RequestClientCert", "RequireAnyClientCert",
@@ -202,23 +204,48 @@ class WebConfig:
         self.files = files
         self._check = checker
         self._ok: Dict[bytes, bool] = {}            # successful checks, keyed by a digest
+        self._bad: Dict[bytes, bool] = {}           # recent failed ones (a flood repeats them)
         self._lock = threading.Lock()               # one bcrypt at a time: bounded CPU
+        self._pending = threading.BoundedSemaphore(MAX_PENDING_CHECKS)
+        self._clients: Dict[str, int] = {}          # checks running or queued per address
+        self._clients_lock = threading.Lock()
         self._dummy = next(iter(users.values()), b"")
+        self.refused_checks = 0                     # answered 429: the queue was full
 
-    def check_password(self, user: str, password: str) -> bool:
+    def check_password(self, user: str, password: str, client: str = "") -> Optional[bool]:
+        """Whether the password is right; None when MAX_PENDING_CHECKS checks are already
+        running or waiting, or PER_CLIENT_CHECKS of them for this client address (the caller
+        answers 429 at once instead of holding a connection slot behind them: a flood from one
+        host cannot take every place in the queue). Known answers (a right password, a wrong
+        one seen lately) need no bcrypt at all."""
         hashed = self.users.get(user)
         pw = password.encode("utf-8")
         key = hashlib.sha256(user.encode() + b"\0" + pw + b"\0" + (hashed or b"")).digest()
         if hashed is not None and key in self._ok:
             return True
-        with self._lock:
-            ok = self._check(pw, hashed if hashed is not None else self._dummy)
-        if ok and hashed is not None:
-            if len(self._ok) > 256:
-                self._ok.clear()
-            self._ok[key] = True
-            return True
-        return False
+        if key in self._bad:
+            return False
+        with self._clients_lock:
+            if self._clients.get(client, 0) >= PER_CLIENT_CHECKS or \
+                    not self._pending.acquire(blocking=False):
+                self.refused_checks += 1
+                return None
+            self._clients[client] = self._clients.get(client, 0) + 1
+        try:
+            with self._lock:
+                ok = self._check(pw, hashed if hashed is not None else self._dummy)
+        finally:
+            with self._clients_lock:
+                self._pending.release()
+                left = self._clients.pop(client) - 1
+                if left:
+                    self._clients[client] = left
+        ok = bool(ok) and hashed is not None
+        cache = self._ok if ok else self._bad
+        if len(cache) >= 256:
+            cache.clear()
+        cache[key] = True
+        return ok
 
     def san_allowed(self, peercert: Optional[dict]) -> bool:
         if not self.allowed_sans:
