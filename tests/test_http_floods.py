@@ -41,7 +41,7 @@ def _tls_daemon(daemon_factory, tmp_path, pki, users=""):
     web = tmp_path / "web.yml"
     web.write_text(f"tls_server_config:\n  cert_file: {pki}/server.crt\n"
                    f"  key_file: {pki}/server.key\n" + users)
-    d = daemon_factory(extra_config=f'web_config_file = "{web}"\n')
+    d = daemon_factory(extra_config=f'web_config_file = "{web}"\n', interval=1.0)
     d.start(wait=False)
     url, ctx = f"https://127.0.0.1:{d.port}", _client_ctx(pki)
     wait_for(lambda: _get(url + "/healthz", ctx)[0] == 200, 30, what="TLS /healthz 200")
@@ -140,15 +140,15 @@ def _basic(user, password):
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
-def _flooder(port, stop, counts, lock):
-    """One keep-alive connection from 127.0.0.2 (another host) sending wrong passwords, a new
-    one each time (no cached answer helps), as fast as answers come."""
+def _flooder(port, stop, counts, lock, source):
+    """One keep-alive connection from `source` sending wrong passwords, a new one each time
+    (no cached answer helps), as fast as answers come."""
     conn = None
     while not stop.is_set():
         try:
             if conn is None:
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5,
-                                                  source_address=("127.0.0.2", 0))
+                                                  source_address=(source, 0))
             conn.request("GET", "/metrics", headers={
                 "Authorization": _basic("prometheus", uuid.uuid4().hex)})
             r = conn.getresponse()
@@ -168,19 +168,27 @@ def _flooder(port, stop, counts, lock):
         conn.close()
 
 
+@pytest.mark.parametrize("source", ["127.0.0.2", "127.0.0.1"], ids=["other-host", "same-host"])
 def test_a_wrong_password_flood_leaves_scrapes_and_healthz_answering(daemon_factory,
-                                                                     tmp_path):
-    """64 keep-alive connections sending wrong passwords against a bcrypt cost-10 hash: 30
-    right-password scrapes and 30 /healthz, each on a new connection, all answer 200 (the old
-    server: 2 and 1 of 30)."""
+                                                                     tmp_path, source):
+    """64 keep-alive connections sending wrong passwords against a bcrypt cost-10 hash, from
+    another host or from the scraper's own: 30 right-password scrapes and 30 /healthz, each on
+    a new connection, all answer 200 (the old server: 0 of 30 each here; the issue saw 2 and
+    1). From the scraper's own host nothing tells its first check from the flood's, so there
+    it has scraped once before the flood starts (its right password is then answered without
+    bcrypt); from another host the first check under the flood finds a place too."""
     bcrypt = pytest.importorskip("bcrypt")
     hashed = bcrypt.hashpw(b"right", bcrypt.gensalt(rounds=10)).decode()
     web = tmp_path / "web.yml"
     web.write_text(f"basic_auth_users:\n  prometheus: '{hashed}'\n")
-    d = daemon_factory(extra_config=f'web_config_file = "{web}"\n').start()
+    # interval 1 s: /healthz says 503 "stalled" after 3 intervals without a cycle, and the
+    # flood and the test share this machine's cores with the loop
+    d = daemon_factory(extra_config=f'web_config_file = "{web}"\n', interval=1.0).start()
+    if source == "127.0.0.1":
+        assert _get(d.url + "/metrics", None, user="prometheus", password="right")[0] == 200
     stop, lock, counts = threading.Event(), threading.Lock(), {}
-    flood = [threading.Thread(target=_flooder, args=(d.port, stop, counts, lock), daemon=True)
-             for _ in range(64)]
+    flood = [threading.Thread(target=_flooder, args=(d.port, stop, counts, lock, source),
+                              daemon=True) for _ in range(64)]
     for t in flood:
         t.start()
     try:
@@ -197,10 +205,11 @@ def test_a_wrong_password_flood_leaves_scrapes_and_healthz_answering(daemon_fact
             t.join(10)
     ok_s = [c for c, _ in scrapes].count(200)
     ok_h = [c for c, _ in health].count(200)
-    print(f"\nwrong-password flood (64 keep-alive, bcrypt cost 10): right-password scrapes "
+    print(f"\nwrong-password flood from {source} (64 keep-alive, bcrypt cost 10): "
+          f"right-password scrapes "
           f"{ok_s}/30 (slowest {max(t for _, t in scrapes):.2f} s), /healthz {ok_h}/30 "
           f"(slowest {max(t for _, t in health):.2f} s); flood answers {counts}")
-    assert ok_s == 30, scrapes
-    assert ok_h == 30, health
+    assert ok_s == 30, [s for s in scrapes if s[0] != 200]
+    assert ok_h == 30, [h for h in health if h[0] != 200]
     assert counts.get(429, 0) > 0 and counts.get(401, 0) > 0, counts
     assert d.proc.poll() is None

@@ -102,6 +102,10 @@ class SimulatedServing:
         for k in range(len(self.endpoints)):
             server = ThreadingHTTPServer((host, 0), _handler(self, k))
             server.daemon_threads = True
+            # a scrape the probe gave up on (its deadline passed) leaves a broken pipe here:
+            # a debug line, not socketserver's traceback on the daemon's stderr
+            server.handle_error = lambda request, address: log.debug(  # type: ignore
+                "simulated serving: a client went away (%s)", address)
             thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
                                       name=f"gpucostd-sim-serving-{k}", daemon=True)
             thread.start()

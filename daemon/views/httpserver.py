@@ -22,8 +22,9 @@ The server is built to stay up against slow and many clients:
   accept loop backs off (up to a second) instead of spinning a core;
 - with a web config (webconfig.py): TLS, optional client certificates, basic auth with bcrypt
   hashes, extra response headers; the file is re-read when it changes. Password checks are a
-  bounded queue (webconfig.MAX_PENDING_CHECKS running or waiting): past it a request gets 429
-  at once, so a wrong-password flood holds no slot for long.
+  bounded queue (webconfig.MAX_PENDING_CHECKS running or waiting, fewer for a connection that
+  sent a wrong password before): past it a request gets 429 at once, so a wrong-password flood
+  holds no slot for long and a connection's first request always finds a place.
 
 Bad requests get a 4xx and never reach anything else.
 """
@@ -206,6 +207,7 @@ class _Handler(BaseHTTPRequestHandler):
     web: Any = None
     deadline_seconds = REQUEST_DEADLINE
     health_only = False       # the reserved slot: one request, /healthz only
+    failed_auth = False       # a check on this connection failed or found the queue full
 
     def version_string(self):
         return self.server_version
@@ -223,7 +225,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.reader = self.rfile
             # its response says Connection: close
             self.last_allowed = self.health_only or n + 1 >= KEEPALIVE_REQUESTS
-            self.server.waiting(self.request, time.monotonic())
+            self.server.waiting(self.request, time.monotonic(), idle=n > 0)
             try:
                 self.handle_one_request()
             except _TooLarge:
@@ -312,7 +314,10 @@ class _Handler(BaseHTTPRequestHandler):
             return False
         if not sep:
             return False
-        return web.check_password(user, password, self.client_address[0])
+        ok = web.check_password(user, password, self.client_address[0],
+                                suspect=self.failed_auth)
+        self.failed_auth = self.failed_auth or ok is not True
+        return ok
 
     def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8",
               web=None, extra: Optional[Dict[str, str]] = None):
@@ -420,7 +425,7 @@ class MetricsServer:
         self.rejected = 0          # connections refused at the cap
         self.evicted = 0           # slow connections cut off to make room
         self.reserved = 0          # connections served on the reserved /healthz slot
-        self._waiting: Dict[Any, float] = {}
+        self._waiting: Dict[Any, Tuple[int, float]] = {}   # conn -> (new?, since)
         self._waiting_lock = threading.Lock()
         self.deadline = request_deadline
 
@@ -508,14 +513,16 @@ class MetricsServer:
             if old in self._waiting:
                 self._waiting[new] = self._waiting.pop(old)
 
-    def waiting(self, conn, since: Optional[float]) -> bool:
+    def waiting(self, conn, since: Optional[float], idle: bool = False) -> bool:
         """A connection starts (since = monotonic time) or stops waiting for a request head.
+        `idle`: a keep-alive connection that was answered before; those are cut off first (their
+        client expects that and reconnects), then the new connection that waited longest.
         Stopping answers whether it was still waiting: False when it was evicted meanwhile (its
         socket is shut down; nothing may be sent on it)."""
         with self._waiting_lock:
             if since is None:
                 return self._waiting.pop(conn, None) is not None
-            self._waiting[conn] = since
+            self._waiting[conn] = (0 if idle else 1, since)
             return True
 
     def _serve(self, conn: socket.socket, peer, slot=None) -> None:

@@ -176,7 +176,7 @@ def _bcrypt_backend():
 
 # --------------------------------------------------------------------------- the config
 MAX_PENDING_CHECKS = 4      # bcrypt checks running or queued (about 0.1 s each at cost 10)
-PER_CLIENT_CHECKS = 1       # of them from one client address
+PER_CLIENT_CHECKS = 2       # of them from one client address (1 of those a suspect one)
 _TLS_VERSIONS = {"TLS10": ssl.TLSVersion.TLSv1, "TLS11": ssl.TLSVersion.TLSv1_1,
                  "TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
 _CLIENT_AUTH = ("NoClientCert", "RequestClientCert", "RequireAnyClientCert",
@@ -207,17 +207,21 @@ class WebConfig:
         self._bad: Dict[bytes, bool] = {}           # recent failed ones (a flood repeats them)
         self._lock = threading.Lock()               # one bcrypt at a time: bounded CPU
         self._pending = threading.BoundedSemaphore(MAX_PENDING_CHECKS)
-        self._clients: Dict[str, int] = {}          # checks running or queued per address
+        self._clients: Dict[str, List[int]] = {}    # checks running or queued per address
         self._clients_lock = threading.Lock()
         self._dummy = next(iter(users.values()), b"")
         self.refused_checks = 0                     # answered 429: the queue was full
 
-    def check_password(self, user: str, password: str, client: str = "") -> Optional[bool]:
-        """Whether the password is right; None when MAX_PENDING_CHECKS checks are already
-        running or waiting, or PER_CLIENT_CHECKS of them for this client address (the caller
-        answers 429 at once instead of holding a connection slot behind them: a flood from one
-        host cannot take every place in the queue). Known answers (a right password, a wrong
-        one seen lately) need no bcrypt at all."""
+    def check_password(self, user: str, password: str, client: str = "",
+                       suspect: bool = False) -> Optional[bool]:
+        """Whether the password is right; None when the check queue has no place for it (the
+        caller answers 429 at once instead of holding a connection slot behind it). The queue
+        holds MAX_PENDING_CHECKS checks, running or waiting; PER_CLIENT_CHECKS of them from one
+        client address, and of those one `suspect` check (its connection failed a check
+        before or was turned away). So a flood from another host cannot take the scraper's
+        places, and a keep-alive flood from the scraper's own host leaves a place for a
+        connection's first request. Known answers (a right password, a wrong one seen lately)
+        need no bcrypt at all."""
         hashed = self.users.get(user)
         pw = password.encode("utf-8")
         key = hashlib.sha256(user.encode() + b"\0" + pw + b"\0" + (hashed or b"")).digest()
@@ -225,21 +229,25 @@ class WebConfig:
             return True
         if key in self._bad:
             return False
+        kind = 1 if suspect else 0
         with self._clients_lock:
-            if self._clients.get(client, 0) >= PER_CLIENT_CHECKS or \
+            held = self._clients.setdefault(client, [0, 0])     # [fresh, suspect] checks
+            if held[0] + held[1] >= PER_CLIENT_CHECKS or (suspect and held[1] >= 1) or \
                     not self._pending.acquire(blocking=False):
+                if held == [0, 0]:
+                    del self._clients[client]
                 self.refused_checks += 1
                 return None
-            self._clients[client] = self._clients.get(client, 0) + 1
+            held[kind] += 1
         try:
             with self._lock:
                 ok = self._check(pw, hashed if hashed is not None else self._dummy)
         finally:
             with self._clients_lock:
                 self._pending.release()
-                left = self._clients.pop(client) - 1
-                if left:
-                    self._clients[client] = left
+                held[kind] -= 1
+                if held == [0, 0]:
+                    self._clients.pop(client, None)
         ok = bool(ok) and hashed is not None
         cache = self._ok if ok else self._bad
         if len(cache) >= 256:
