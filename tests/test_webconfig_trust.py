@@ -32,9 +32,11 @@ CHANGES = {
                                    + "\n"),
     "number": lambda p: p.write_text("basic_auth_users:\n  prometheus: " + "9" * 5000 + "\n"),
     "fifo": _write_fifo,
+    "big": lambda p: os.truncate(p, 300 << 20),       # sparse: refused by its size, unread
 }
 WORDS = {"empty": "the web config is empty", "deep": "nested too deeply",
          "number": "cannot be read", "fifo": "a FIFO, not a regular file",
+         "big": "at most 262144 bytes are read",
          "nobody": "a user other than root can change this file"}
 
 
