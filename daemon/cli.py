@@ -174,6 +174,19 @@ def cmd_run(args) -> int:
     return run_daemon(cfg, _scenario(args, cfg))
 
 
+def _peek(path: str, limit: int = 1 << 20) -> bytes:
+    """The first MiB of a regular file, never blocking on a FIFO (statefile.read_regular's
+    rules, without its imports: logging and threading would cost `gpucostd status` its start)."""
+    import stat
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)
+
+
 def _socket_path(args) -> str:
     """The daemon's socket: --socket, else the config's [daemon] socket_path, else the default.
     The config is parsed (tomllib and the whole schema) only when its text names socket_path:
@@ -181,10 +194,9 @@ def _socket_path(args) -> str:
     if getattr(args, "socket", None):
         return args.socket
     from gpucostd import DEFAULT_PATH, DEFAULT_SOCKET, default_socket_path
-    from gpucostd.statefile import read_regular     # never blocks on a FIFO
     try:
-        names_socket = b"socket_path" in read_regular(args.config or DEFAULT_PATH, 1 << 20)[0]
-    except (OSError, ValueError):
+        names_socket = b"socket_path" in _peek(args.config or DEFAULT_PATH)
+    except OSError:
         names_socket = args.config is not None     # let load() say what is wrong with it
     path = default_socket_path()
     if names_socket:

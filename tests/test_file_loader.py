@@ -175,3 +175,11 @@ def test_a_scenario_that_is_a_fifo_is_refused_without_blocking(tmp_path):
     r = subprocess.run(gpucostd_cmd() + ["replay", str(fifo), "--duration", "5"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "a FIFO, not a regular file" in r.stderr, r.stderr
+
+
+def test_status_with_a_fifo_as_its_config_does_not_block(tmp_path):
+    fifo = tmp_path / "gpucostd.toml"
+    os.mkfifo(fifo)
+    r = subprocess.run(gpucostd_cmd() + ["status", "--config", str(fifo)],
+                       capture_output=True, text=True, timeout=30)   # a hang fails here
+    assert "Traceback" not in r.stderr and "a FIFO, not a regular file" in r.stderr, r.stderr
