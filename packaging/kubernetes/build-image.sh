@@ -31,9 +31,10 @@ if [ -z "$DEB" ] || [ ! -f "$DEB" ]; then
 fi
 BASE=${GPUCOSTD_IMAGE_BASE:-/var/cache/gpucostd-image/bookworm-base}
 MIRROR=${GPUCOSTD_DEBIAN_MIRROR:-http://deb.debian.org/debian}
-# what the .deb depends on, preinstalled so dpkg -i needs no network (python3-bcrypt: basic auth;
-# debootstrap resolves no virtual packages, so its python3-cffi-backend is named)
-INCLUDE=python3,python3-psutil,python3-systemd,procps,systemd-standalone-sysusers,python3-bcrypt,python3-cffi-backend,ca-certificates
+# what the .deb depends on, preinstalled so dpkg -i needs no network (python3-yaml: the web
+# config; python3-bcrypt: basic auth; debootstrap resolves no virtual packages, so its
+# python3-cffi-backend is named)
+INCLUDE=python3,python3-psutil,python3-systemd,python3-yaml,procps,systemd-standalone-sysusers,python3-bcrypt,python3-cffi-backend,ca-certificates
 if [ ! -f "$BASE/etc/debian_version" ]; then
     command -v debootstrap >/dev/null || die "debootstrap missing: apt-get install debootstrap"
     say "debootstrap bookworm minbase into $BASE (cached for later builds)"
