@@ -116,24 +116,26 @@ def test_stalled_tls_handshakes_are_evicted_and_real_clients_answer(daemon_facto
     assert d.proc.poll() is None and "Traceback" not in d.output()
 
 
-def test_a_refusal_on_the_tls_port_writes_no_plaintext():
-    """Past the cap, with nobody to cut off and the reserved slot taken: the connection is
-    closed without a byte (a plaintext 503 there is only a TLS error to the client)."""
-    from gpucostd.views import httpserver
-    a, b = socket.socketpair()
-    try:
-        httpserver._refuse(a, tls=True)
-        b.settimeout(2)
-        assert b.recv(100) == b""
-    finally:
-        b.close()
-    a, b = socket.socketpair()
-    try:
-        httpserver._refuse(a, tls=False)
-        b.settimeout(2)
-        assert b.recv(100).startswith(b"HTTP/1.1 503")
-    finally:
-        b.close()
+def test_a_refusal_on_the_tls_port_writes_no_plaintext(tmp_path, pki):
+    """Past the cap, with nobody to cut off and the reserved slot taken: on a TLS server the
+    connection is closed without a byte (a plaintext 503 there is only a TLS error to the
+    client); a plain server still says 503."""
+    from gpucostd.views.httpserver import MetricsServer, Published
+    from gpucostd.views.webconfig import WebConfigWatcher
+    web = tmp_path / "web.yml"
+    web.write_text(f"tls_server_config:\n  cert_file: {pki}/server.crt\n"
+                   f"  key_file: {pki}/server.key\n")
+    p = Published(time.monotonic, renderer=lambda s: b"m 1\n")
+    for watcher, expect in ((WebConfigWatcher(str(web)), b""), (None, b"HTTP/1.1 503")):
+        srv = MetricsServer("127.0.0.1:0", p, web=watcher)     # not started: refuse by hand
+        a, b = socket.socketpair()
+        try:
+            srv._refuse(a)
+            b.settimeout(2)
+            assert b.recv(100)[:12] == expect
+        finally:
+            b.close()
+            srv.stop()
 
 
 def _basic(user, password):
