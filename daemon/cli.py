@@ -337,8 +337,8 @@ def cmd_events(args) -> int:
 
 
 def _fit(line: str, width: int = 100) -> str:
-    """A line cut to `width` columns ends with "..." where it was cut (ASCII: ssh, watch)."""
-    return line if len(line) <= width else line[:width - 3].rstrip() + "..."
+    """A line cut to `width` columns ends with an ellipsis where it was cut (as status's)."""
+    return line if len(line) <= width else line[:width - 1] + "…"
 
 
 def cmd_cost(args) -> int:

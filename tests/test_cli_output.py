@@ -42,7 +42,7 @@ def test_events_cut_at_100_columns_end_with_an_ellipsis(tmp_path):
     lines = r.stdout.splitlines()
     assert len(lines) == 2 and all(len(line) <= 100 for line in lines), lines
     long, short = sorted(lines, key=len, reverse=True)
-    assert len(long) == 100 and long.endswith("...") and "simulating builtin:h100x8" in long
+    assert len(long) == 100 and long.endswith("…") and "simulating builtin:h100x8" in long
     assert short.endswith(" fits")
 
 
