@@ -59,6 +59,19 @@ def _scenario(args, cfg) -> Optional[str]:
     return args.simulate or cfg.simulate.scenario
 
 
+STATUS_EPILOG = """\
+the cost lines (details: docs/cost.md):
+  Tokens: tokens/s of the node's inference servers, tokens per dollar, the cost of a million
+          tokens, the share of paid GPU-time left idle (and the tokens-per-dollar floor)
+    N lost to throttling (modelled tokens): tokens the throttling took, by the cost model
+    measured N/s now (R2 x): tokens/s lost right now by a least-squares fit of tokens/s
+          against the SM clock over the last hour; R2 (0..1) is how much of the variation
+          the clock explains. Shown only with R2 >= 0.5, 30+ points and a clock that varied
+          by 3% or more; otherwise the modelled figure stands alone
+    tokens/J: tokens per joule of GPU energy
+  Energy: power now, kWh counted and their price, paid GPU-time left idle"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     import argparse
     from gpucostd import __version__
@@ -71,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(r)
     _add_simulate(r)
 
-    s = sub.add_parser("status", help="node and GPU health from the running daemon")
+    s = sub.add_parser("status", help="node and GPU health from the running daemon",
+                       epilog=STATUS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_config(s)
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("--direct", action="store_true",
@@ -217,14 +231,17 @@ def cmd_status(args) -> int:
     if args.direct or args.simulate is not None:
         data = _direct_status(args)
     else:
-        from gpucostd.views.statusclient import StatusClientError, request
+        from gpucostd.views.statusclient import DaemonRefused, StatusClientError, request
         path = _socket_path(args)
         try:
             data = request(path, {"cmd": "status"})["status"]
         except StatusClientError as e:
-            msg = (f"UNKNOWN: cannot reach the gpucostd daemon: {e}. Start it with "
-                   f"`sudo systemctl start gpucostd` (or `gpucostd run`), or use "
-                   f"`gpucostd status --direct`.")
+            if isinstance(e, DaemonRefused):      # it runs (e.g. starting): say only that
+                msg = f"UNKNOWN: {e}"
+            else:
+                msg = (f"UNKNOWN: cannot reach the gpucostd daemon: {e}. Start it with "
+                       f"`sudo systemctl start gpucostd` (or `gpucostd run`), or use "
+                       f"`gpucostd status --direct`.")
             if args.json:
                 print(json.dumps({"schema": statusview.SCHEMA_VERSION, "error": msg,
                                   "socket": path}))
@@ -327,8 +344,13 @@ def cmd_events(args) -> int:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time"]))
         xid = f" xid={e['xid']}" if e.get("xid") is not None else ""
         line = f"{stamp} {e['severity']:<7} {e['subject']:<8} {e['code']:<16}{xid} {e['message']}"
-        print(line[:100])
+        print(_fit(line))
     return 0
+
+
+def _fit(line: str, width: int = 100) -> str:
+    """A line cut to `width` columns ends with an ellipsis where it was cut (as status's)."""
+    return line if len(line) <= width else line[:width - 1] + "…"
 
 
 def cmd_cost(args) -> int:
@@ -364,7 +386,7 @@ def cmd_ack(args) -> int:
     events = reply.get("events") or []
     print(f"acknowledged {len(events)} finding(s)" if events else "nothing to acknowledge")
     for e in events:
-        print(f"  {e['subject']}: {e['message']}"[:100])
+        print(_fit(f"  {e['subject']}: {e['message']}"))
     return 0
 
 
@@ -382,19 +404,34 @@ def cmd_tuning(args) -> int:
         if rc is not None:
             return rc
     from gpucostd.config import ConfigError
+    import logging
+    # one message about NVML, ours, without the daemon's "retrying every 30 s"
+    logging.getLogger("gpucostd.nvml").setLevel(logging.ERROR)
     d = _one_shot(args, cfg)
     try:
         d.gateway.ensure_initialized()
         gpus = d.gpu_probe.read()
+        unplanned = []
         if d.gateway.error and not gpus:
-            _print_err(f"NVML unavailable: {d.gateway.error}")
+            nvml = d.gateway.error.split("; retrying every")[0]
+            _print_err(f"NVML unavailable: {nvml}")
+            unplanned = _gpu_keys(cfg) if args.command in ("plan", "apply") else []
         from gpucostd.tuners import manager
+        if unplanned:
+            print(f"cannot {args.command} the GPU settings ({', '.join(unplanned)}) without NVML: "
+                  "load the NVIDIA driver (nvidia-smi must work), then run this again")
         if args.command == "plan":
             settings = d.tuning.plan(gpus)
-            sys.stdout.write(manager.format_plan(settings))
-            if any(s.error for s in settings):
+            if settings or not unplanned:
+                sys.stdout.write(manager.format_plan(settings))
+            if any(s.error for s in settings) or unplanned:
                 return 2
             return 1 if any(not s.in_sync for s in settings) else 0
+        if args.command == "apply" and unplanned:
+            changes = d.tuning.apply(gpus)
+            if changes:
+                sys.stdout.write(manager.format_changes(changes))
+            return 2
         if args.command == "apply":
             changes = d.tuning.apply(gpus)
             sys.stdout.write(manager.format_changes(changes))
@@ -424,6 +461,15 @@ def cmd_tuning(args) -> int:
         return EXIT_CONFIG
     finally:
         d.shutdown()
+
+
+def _gpu_keys(cfg) -> List[str]:
+    """The GPU settings the config asks for ([tuning.gpu] and its overrides)."""
+    desired, _ = cfg.gpu_settings_for(-1, None, None)
+    keys = set(desired)
+    for o in cfg.gpu_overrides:
+        keys.update(k for k, v in o.settings.items() if v is not None)
+    return sorted(keys)
 
 
 def cmd_replay(args) -> int:

@@ -6,6 +6,7 @@ Wires the loop to its views (HTTP /metrics and /healthz, the status socket), to 
 from __future__ import annotations
 
 
+import errno
 import logging
 import signal
 import threading
@@ -83,6 +84,19 @@ def _calibration_handlers(daemon):
     return h_calibrate, h_calibrate_last
 
 
+def _bind_error(e: OSError, cfg: Config, bound: int) -> str:
+    """One line: which address could not be taken, the key that sets it, how to fix it."""
+    what = e.strerror or str(e)
+    if bound == 0:
+        return f"status socket {cfg.daemon.socket_path}: {what} ([daemon] socket_path)"
+    address = cfg.daemon.listen_address
+    fix = ("another process listens on it (`ss -ltnp` shows which): stop it, or set "
+           "[daemon] listen_address to a free host:port (\"\" turns the metrics server off)")
+    if e.errno != errno.EADDRINUSE:
+        fix = "set [daemon] listen_address to an address of this host (\"\" turns it off)"
+    return f"cannot listen on {address}: {what} ([daemon] listen_address); {fix}"
+
+
 def run_daemon(cfg: Config, scenario: Optional[str]) -> int:
     from gpucostd.views import metrics
     from gpucostd.views import statusview
@@ -148,22 +162,19 @@ def run_daemon(cfg: Config, scenario: Optional[str]) -> int:
     h_calibrate, h_calibrate_last = _calibration_handlers(daemon)
     servers = []
     try:
-        status_server = StatusServer(cfg.daemon.socket_path,
-                                     {"status": h_status, "events": h_events, "cost": h_cost,
-                                      "ack": h_ack, "ping": lambda req: {},
-                                      "calibrate": h_calibrate,
-                                      "calibrate_last": h_calibrate_last},
-                                     group=cfg.daemon.socket_group,
-                                     root_only=("ack", "calibrate"))
-        servers.append(status_server)
+        servers.append(StatusServer(cfg.daemon.socket_path,
+                                    {"status": h_status, "events": h_events, "cost": h_cost,
+                                     "ack": h_ack, "ping": lambda req: {},
+                                     "calibrate": h_calibrate,
+                                     "calibrate_last": h_calibrate_last},
+                                    group=cfg.daemon.socket_group,
+                                    root_only=("ack", "calibrate")))
         if cfg.daemon.listen_address:
             servers.append(MetricsServer(cfg.daemon.listen_address, published, web=web))
     except OSError as e:
-        for s in servers:
-            s.stop()
-        what = e.strerror or str(e)
-        LOG.error("cannot start: %s (socket %s, listen %s)", what, cfg.daemon.socket_path,
-                  cfg.daemon.listen_address or "off")
+        for s in servers:          # bound, never started: close, never shutdown() (it would wait)
+            s.close()
+        LOG.error("cannot start: %s", _bind_error(e, cfg, bound=len(servers)))
         daemon.shutdown(system_shutdown=True)
         return 1
 

@@ -9,11 +9,6 @@ cd "$(dirname "$0")/.."
 want_tests=0
 [ "${1:-}" = "--test" ] && want_tests=1
 
-SUDO=""
-if [ "$(id -u)" != 0 ]; then
-    command -v sudo >/dev/null && SUDO="sudo" || { echo "dev-env: need root or sudo for apt-get" >&2; exit 1; }
-fi
-
 # gcc, pkg-config, libsystemd-dev, python3-dev: systemd-python (the [systemd] extra) compiles.
 pkgs=(python3 python3-venv python3-dev gcc pkg-config libsystemd-dev)
 if [ "$want_tests" = 1 ]; then
@@ -30,10 +25,20 @@ for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
+    # Root (or sudo) only when something is missing; sudo drops the environment, so
+    # DEBIAN_FRONTEND goes on its command line.
+    APT=(env DEBIAN_FRONTEND=noninteractive apt-get)
+    if [ "$(id -u)" != 0 ]; then
+        if ! command -v sudo >/dev/null; then
+            echo "dev-env: missing apt packages: ${missing[*]}; install them as root" \
+                 "(apt-get install ${missing[*]}) or install sudo, then run this again" >&2
+            exit 1
+        fi
+        APT=(sudo "${APT[@]}")
+    fi
     echo "dev-env: installing ${missing[*]}" >&2
-    export DEBIAN_FRONTEND=noninteractive
-    $SUDO apt-get update -qq
-    $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    "${APT[@]}" update -qq
+    "${APT[@]}" install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 PY=${PYTHON:-python3}

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 
 
 def wait_for(cond, timeout=10.0, interval=0.05, what="condition"):
@@ -174,14 +173,45 @@ KMSG = "/dev/kmsg"
 DEVKMSG = Path("/proc/sys/kernel/printk_devkmsg")
 
 
+NVIDIA_DRIVER_SIGNS = ("proc/driver/nvidia", "sys/module/nvidia")
+
+
+def nvidia_driver_loaded(root: str = "/"):
+    """Why this host's kernel log must not get test lines (an NVIDIA driver is loaded), or
+    None. On a GPU node the kernel log is watched (gpud, DCGM, node-problem-detector, gpucostd
+    itself): a test Xid line would page whoever watches it, and a flood would push the real
+    lines out of the ring buffer."""
+    for sign in NVIDIA_DRIVER_SIGNS:
+        path = os.path.join(root, sign)
+        if os.path.exists(path):
+            return (f"an NVIDIA driver is loaded ({'/' + sign} exists): this test writes "
+                    "Xid-shaped lines (or a flood) into /dev/kmsg, which the kernel log's "
+                    "watchers on a GPU node would take for GPU faults; run it on a host "
+                    "without the driver (CI, a VM)")
+    return None
+
+
+def kmsg_write_refusal():
+    """Why a test may not write to /dev/kmsg here (not root, not writable, a GPU node), or
+    None."""
+    if os.geteuid() != 0:
+        return ("needs root: writes test lines to /dev/kmsg and sets "
+                "/proc/sys/kernel/printk_devkmsg (run the suite as root, e.g. in CI)")
+    driver = nvidia_driver_loaded()
+    if driver:
+        return driver
+    if not os.access(KMSG, os.R_OK | os.W_OK):
+        return f"{KMSG} is not readable and writable here (container without kmsg?)"
+    return None
+
+
 @pytest.fixture
 def writable_kmsg():
-    """/dev/kmsg writable without rate limit (printk_devkmsg=on), restored afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root: writes test lines to /dev/kmsg and sets "
-                    "/proc/sys/kernel/printk_devkmsg (run the suite as root, e.g. in CI)")
-    if not os.access(KMSG, os.R_OK | os.W_OK):
-        pytest.skip(f"{KMSG} is not readable and writable here (container without kmsg?)")
+    """/dev/kmsg writable without rate limit (printk_devkmsg=on), restored afterwards; skips
+    where kmsg_write_refusal() says why not (never on a host with an NVIDIA driver)."""
+    refusal = kmsg_write_refusal()
+    if refusal:
+        pytest.skip(refusal)
     old = None
     try:
         if DEVKMSG.exists():
@@ -197,6 +227,11 @@ def writable_kmsg():
 
 
 def write_kmsg(text):
+    """One line into the host's kernel log: only from a test that took `writable_kmsg` (or
+    checked kmsg_write_refusal()), so never on a GPU node."""
+    refusal = kmsg_write_refusal()
+    if refusal:
+        raise AssertionError(f"write_kmsg refused: {refusal}")
     fd = os.open(KMSG, os.O_WRONLY)
     try:
         os.write(fd, f"<4>{text}\n".encode())

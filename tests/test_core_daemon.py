@@ -1,6 +1,7 @@
 """The daemon as a process on the simulated 8 x H100 node: ready, /metrics, status, signals."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import gpucostd_cmd, http_get, metric_value, wait_for
+from conftest import DaemonProcess, gpucostd_cmd, http_get, metric_value, wait_for
 
 
 @pytest.fixture
@@ -86,6 +87,36 @@ def test_status_unreachable_is_unknown(tmp_path):
                        text=True, timeout=30)
     assert r.returncode == 3
     assert f"{tmp_path}/none.sock" in r.stdout and "systemctl start gpucostd" in r.stdout
+
+
+def test_a_second_daemon_on_a_taken_port_exits_at_once_with_the_address_and_key(
+        daemon, tmp_path):
+    """A port already taken (a second demo beside the first) is one clear line and exit 1,
+    never a silent hang (the error path once waited forever on a server never started)."""
+    second_dir = tmp_path / "second"
+    second_dir.mkdir()
+    second = DaemonProcess(second_dir)
+    second.base_config = second.base_config.replace(f"127.0.0.1:{second.port}",
+                                                    f"127.0.0.1:{daemon.port}")
+    second.write_config()
+    second.start(wait=False)
+    try:
+        rc = second.proc.wait(20)
+    except subprocess.TimeoutExpired:
+        second.proc.kill()
+        second.proc.wait()
+        raise AssertionError(f"the second daemon hung on a taken port:\n{second.output()}")
+    finally:
+        second._logf.close()
+    out = second.output()
+    errors = [line for line in out.splitlines() if "ERROR" in line]
+    assert rc == 1, out
+    assert len(errors) == 1, out
+    assert (f"cannot listen on 127.0.0.1:{daemon.port}: Address already in use "
+            "([daemon] listen_address)") in errors[0], out
+    assert "Traceback" not in out, out
+    assert not os.path.exists(second.socket), "the refused daemon left its status socket"
+    assert http_get(daemon.url + "/healthz")[0] == 200        # the first one is untouched
 
 
 def test_sighup_with_broken_config_keeps_running(daemon):

@@ -14,7 +14,7 @@ from gpucostd.clock import VirtualClock
 from gpucostd.probes.kernel_log import (KernelFault, KernelLogWatcher, NvrmParser,
                                         normalize_bus_id)
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared/fixtures/nvrm-lines.txt"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "kernel" / "nvrm-lines.txt"
 
 # Every fixture line, by a distinctive piece of it -> (xid, bus id) or None (no fault).
 # The multi-line "fallen off the bus" message yields its fault on its last line.
@@ -37,8 +37,6 @@ PROCESS_NAMES = {119: "nvidia-smi", 145: "ray::WorkerDict"}
 
 
 def fixture_lines():
-    if not FIXTURES.exists():
-        pytest.skip(f"fixture file {FIXTURES} is absent (it lives in ../shared beside the checkout)")
     return [line.rstrip("\n") for line in FIXTURES.read_text().splitlines() if line.strip()]
 
 
@@ -691,3 +689,41 @@ def test_without_a_boot_id_kmsg_keys_still_differ_between_boots(tmp_path):
         keys.append(f.dedupe_key)
     assert keys[0] != keys[1] and keys[1] == keys[2]
     assert keys[1].startswith("kmsg:unknown:1")
+
+
+# ------------------------------------------------------------------ never on a GPU node's kernel log
+def test_a_loaded_nvidia_driver_refuses_kmsg_writes_with_a_reason(tmp_path):
+    """The root tests that write to /dev/kmsg (Xid-shaped lines, a flood) skip on a host with an
+    NVIDIA driver: its kernel log is watched, and a test Xid would page whoever watches it."""
+    from conftest import nvidia_driver_loaded
+    assert nvidia_driver_loaded(str(tmp_path)) is None
+    (tmp_path / "sys" / "module" / "nvidia").mkdir(parents=True)
+    reason = nvidia_driver_loaded(str(tmp_path))
+    assert reason and "/sys/module/nvidia" in reason and "NVIDIA driver is loaded" in reason
+    (tmp_path / "sys" / "module" / "nvidia").rmdir()
+    (tmp_path / "proc" / "driver" / "nvidia").mkdir(parents=True)
+    assert "/proc/driver/nvidia" in nvidia_driver_loaded(str(tmp_path))
+
+
+def test_every_test_that_writes_to_kmsg_goes_through_the_guard():
+    """A test function that writes to /dev/kmsg takes the writable_kmsg fixture (or asks
+    kmsg_write_refusal() itself), so it skips where an NVIDIA driver is loaded."""
+    import ast
+    import re
+    tests = Path(__file__).resolve().parent
+    unguarded = []
+    for path in sorted(tests.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            if fn.name in ("write_kmsg", "kmsg_write_refusal", "writable_kmsg"):
+                continue
+            src = ast.get_source_segment(path.read_text(), fn) or ""
+            writes = "write_kmsg(" in src or re.search(
+                r'open\(\s*("/dev/kmsg"|KMSG)\s*,[^)]*O_(WRONLY|RDWR)', src)
+            guarded = ("writable_kmsg" in [a.arg for a in fn.args.args]
+                       or "kmsg_write_refusal()" in src)
+            if writes and not guarded:
+                unguarded.append(f"{path.name}::{fn.name}")
+    assert not unguarded, f"writes to /dev/kmsg without the GPU-node guard: {unguarded}"

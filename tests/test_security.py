@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, gpucostd_cmd, need_root, wait_for
+from conftest import REPO, free_port, gpucostd_cmd, need_root, wait_for
 
 NOBODY = 65534            # the user another process runs as
 OTHER = 65533             # the "attacker" who prepared a directory
@@ -44,6 +44,16 @@ def python_for(uid):
         except OSError:
             continue
         if r.returncode == 0 and r.stdout.strip() == want:
+            importable = subprocess.run(
+                [exe, "-c", "import site; site.addsitedir(%r); import gpucostd.cli" % site_dir],
+                capture_output=True, text=True, user=uid, cwd="/", timeout=30)
+            if importable.returncode != 0:
+                # an editable install points into the clone: under /root (0700) that user
+                # cannot read it
+                pytest.skip(f"gpucostd is not importable by uid {uid} (the clone {REPO} or "
+                            f"{site_dir} is not readable to it, e.g. a clone under /root, mode "
+                            f"0700): clone under a world-readable directory to run this test; "
+                            f"{importable.stderr.strip().splitlines()[-1:]}")
             return [exe, "-c", boot], exe
     pytest.skip(f"no Python {want} that uid {uid} may run")
 

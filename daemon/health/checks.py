@@ -9,9 +9,9 @@ Versions compare numerically per component, so "5.15" is newer than "5.4" (15 > 
 from __future__ import annotations
 
 import re
-import textwrap
 from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
+from gpucostd import wrap
 from gpucostd.snapshot import CheckResult, Severity
 
 WIDTH = 100
@@ -218,12 +218,11 @@ def format_checks(results: Iterable[CheckResult], width: int = WIDTH) -> str:
     lines: List[str] = []
     for r in results:
         head = f"{r.status.upper():<5} {r.name:<12} "
-        body = textwrap.wrap(r.message, width - len(head), break_on_hyphens=False) or [""]
+        body = wrap(r.message, width - len(head)) or [""]
         lines.append(head + body[0])
         lines.extend(" " * len(head) + b for b in body[1:])
         if r.fix and r.status != "pass":
-            fix = textwrap.wrap("fix: " + r.fix, width - len(head) - 2,
-                                break_on_hyphens=False)
+            fix = wrap("fix: " + r.fix, width - len(head) - 2)
             lines.extend(" " * (len(head) + 2) + f if i else " " * len(head) + f
                          for i, f in enumerate(fix))
     return "\n".join(lines) + ("\n" if lines else "")

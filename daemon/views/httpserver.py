@@ -437,6 +437,10 @@ class MetricsServer:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(2.0)
+        self.close()
+
+    def close(self) -> None:
+        """Close the listening socket (also for a server that was never started)."""
         try:
             self.socket.close()
         except OSError:

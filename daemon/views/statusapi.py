@@ -224,7 +224,13 @@ class StatusServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self._thread.start()
 
     def stop(self) -> None:
-        self.shutdown()
+        if self._thread is not None:      # shutdown() waits for serve_forever: only if it runs
+            self.shutdown()
+            self._thread = None
+        self.close()
+
+    def close(self) -> None:
+        """Close the socket and remove its path (also for a server that was never started)."""
         self.server_close()
         try:
             os.unlink(self.path)

@@ -17,6 +17,10 @@ class StatusClientError(Exception):
     pass
 
 
+class DaemonRefused(StatusClientError):
+    """The daemon answered and refused the request (e.g. it is starting): it runs."""
+
+
 class UntrustedServer(StatusClientError):
     """The socket is served by a process of another user: nothing was sent to it."""
 
@@ -81,5 +85,5 @@ def request(path: str, message: dict, timeout: float = TIMEOUT) -> dict:
     except ValueError:
         raise StatusClientError(f"the daemon at {path} sent a malformed answer") from None
     if not reply.get("ok"):
-        raise StatusClientError(reply.get("error") or "the daemon refused the request")
+        raise DaemonRefused(reply.get("error") or "the daemon refused the request")
     return reply

@@ -64,10 +64,11 @@ def _clip(line: str) -> str:
 
 
 def _wrap(text: str, indent: str, more: str = "") -> List[str]:
-    """Wrap a message to 100 columns (findings and fixes are never cut off)."""
-    import textwrap
-    return textwrap.wrap(text, WIDTH, initial_indent=indent,
-                         subsequent_indent=more or indent + "  ", break_long_words=True) or [indent]
+    """Wrap a message to 100 columns (findings and fixes are never cut off) at spaces, keeping
+    words and commands whole (gpucostd.wrap)."""
+    from gpucostd import wrap
+    return wrap(text, WIDTH, initial_indent=indent, subsequent_indent=more or indent + "  ") \
+        or [indent]
 
 
 _CONTROLS = {c: "?" for c in list(range(0x20)) + list(range(0x7f, 0xa0))}
