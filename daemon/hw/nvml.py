@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 from gpucostd.clock import RealClock
+from gpucostd.hw.nvml_clocks import ClockSettings
 from gpucostd.hw.nvml_fields import (CONVERT, FIELDS, IDENTITY, LEGACY, LEGACY_CONVERT, READINGS,
                                      SKIP_IF_PRESENT, STATIC_READINGS, VIOLATION_PREFIX, Field,
                                      Legacy, get_field_values)
@@ -253,7 +254,7 @@ class DeviceRead:
 
 
 # --------------------------------------------------------------------------- the gateway
-class NvmlGateway:
+class NvmlGateway(ClockSettings):
     def __init__(self, timeout_seconds: float = 2.0, retry_seconds: float = 30.0,
                  library: Any = None, clock: Any = None):
         self.timeout_seconds = float(timeout_seconds)
@@ -278,6 +279,11 @@ class NvmlGateway:
         # (a simulated hang returns NVML_ERROR_TIMEOUT at once). A real-time deadline would
         # then only make results depend on how busy the machine is, so it is stretched.
         self._virtual = bool(getattr(self.clock, "virtual", False))
+
+    @staticmethod
+    def _nvml() -> Any:
+        """pynvml, for the mixins (hw/nvml_clocks.py) that must not import it."""
+        return _pynvml
 
     def _deadline(self, timeout: Optional[float]) -> float:
         seconds = self.timeout_seconds if timeout is None else timeout
@@ -790,6 +796,7 @@ class NvmlGateway:
             for i, st in list(self._gpu_session.items()):
                 if index is None or i == index:
                     st.static = None
+        self.forget_clocks(index)
 
 
 class _GpuSession:

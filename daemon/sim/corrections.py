@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Optional
 
-from gpucostd.sim.physics import apply_power
+from gpucostd.sim.clocks import apply_setters
 from gpucostd.snapshot import VIOLATION_REASONS
 
 
@@ -60,8 +60,7 @@ class SetterCorrections:
             return base
         st = dict(base)
         st.update(eff)
-        if "power_limit" in eff and self.scenario.physics is not None:
-            apply_power(st, self.scenario.physics)
+        apply_setters(st, eff, self.scenario.physics)
         return st
 
     def advance(self, index: int, t: float) -> _Correction:

@@ -31,8 +31,8 @@ from ctypes import (CFUNCTYPE, Structure, Union, c_char, c_double, c_int, c_int6
                     c_longlong, c_uint, c_uint32, c_ulong, c_ulonglong, c_ushort, c_void_p)
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from gpucostd.sim import clocks as _clocks
 from gpucostd.sim.corrections import SetterCorrections, SimulatedCounters
-from gpucostd.sim.physics import apply_power
 from gpucostd.sim.scenario import UNSUPPORTED_GROUPS, Scenario, load_scenario
 from gpucostd.snapshot import VIOLATION_POLICIES, mask_from_reasons
 
@@ -320,7 +320,11 @@ def _guard(name: str, impl: Callable[..., int], counts: Dict[str, int]) -> Calla
     return call
 
 
-class SimulatedNode(SimulatedCounters):
+SYMBOLS.update(_clocks.SYMBOLS)
+HEADER_CONSTANTS.update(_clocks.HEADER_CONSTANTS)
+
+
+class SimulatedNode(_clocks.ClockCalls, SimulatedCounters):
     """A simulated GPU node. ``.library`` goes to NvmlGateway(library=...)."""
 
     def __init__(self, scenario: Any, clock: Any):
@@ -443,8 +447,7 @@ class SimulatedNode(SimulatedCounters):
             if eff:
                 st = dict(st)
                 st.update(eff)
-                if "power_limit" in eff and self.scenario.physics is not None:
-                    apply_power(st, self.scenario.physics)
+                _clocks.apply_setters(st, eff, self.scenario.physics)
         return index, t, st
 
     def _index_checked(self, index: int) -> int:
