@@ -431,7 +431,7 @@ def cmd_replay(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from gpucostd.calibrate import run_cli
+    from gpucostd.calibration.command import run_cli
     return run_cli(args, _load_config, _socket_path)
 
 

@@ -122,7 +122,7 @@ class Daemon:
         self._state_dir_was_bad = False
         self._state_since: Optional[float] = None
         self._originals_since: Optional[float] = None
-        self.calibration = None               # gpucostd.calibration_session.Calibration, while one runs
+        self.calibration = None     # gpucostd.calibration.session.Calibration, while one runs
         self._calibration_recover = os.path.exists(os.path.join(state_dir,
                                                                 "calibration-progress.json"))
 
@@ -259,7 +259,7 @@ class Daemon:
         if self.notifier is not None:
             self.notifier.stopping()
         if self.calibration is not None:      # a calibration's limits back, whatever comes
-            from gpucostd.calibration_session import stop
+            from gpucostd.calibration.session import stop
             with self._lock:
                 self._record(self._guard("calibration stop", lambda: stop(self), []) or [])
         if self.config.tuning.restore_on_stop and not self.one_shot:
@@ -359,7 +359,7 @@ class Daemon:
             events.extend(self._originals_events(now, originals_problem))
         if self._calibration_recover and gpus and not self.one_shot and not originals_problem:
             # a calibration the daemon did not end (killed): its limits back first
-            from gpucostd.calibration_session import recover_interrupted
+            from gpucostd.calibration.session import recover_interrupted
             self._calibration_recover = False
             events.extend(self._guard("calibration recovery",
                                       lambda: recover_interrupted(self, gpus), []) or [])
@@ -484,7 +484,7 @@ class Daemon:
         )
         self._latest = snap
         if self.calibration is not None:
-            from gpucostd.calibration_session import cycle
+            from gpucostd.calibration.session import cycle
             self._record(self._guard("calibration", lambda: cycle(self, snap), []) or [])
         for publish in self._publishers:
             self._guard("publish", lambda: publish(snap))
@@ -588,7 +588,7 @@ class Daemon:
         return out
 
     def _calibration_info(self):
-        from gpucostd.calibration_session import snapshot_info
+        from gpucostd.calibration.session import snapshot_info
         return snapshot_info(self)
 
     # ------------------------------------------------------------------ events

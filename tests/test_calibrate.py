@@ -14,17 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from gpucostd import calibrate as cal_mod
-from gpucostd import calibration_session as session
-from gpucostd.calibrate import CalibrationRefused, params_from, run_simulated
+from gpucostd.calibration import command as cal_mod
+from gpucostd.calibration import session
+from gpucostd.calibration.command import CalibrationRefused, params_from, run_simulated
 from gpucostd.config import parse
-from gpucostd.cost import calibration as maths
+from gpucostd.calibration import maths
 from gpucostd.sim import physics
 from gpucostd.sim.scenario import load_scenario
 
 from conftest import gpucostd_cmd
 
-BUILTIN = Path(cal_mod.__file__).parent / "sim" / "scenarios" / "calibrate.toml"
+BUILTIN = Path(cal_mod.__file__).parents[1] / "sim" / "scenarios" / "calibrate.toml"
 
 
 def scenario_file(tmp_path, alpha=0.3, extra="", name="cal.toml"):

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from gpucostd import calibrate as cal_mod
-from gpucostd import calibration_session as session
+from gpucostd.calibration import command as cal_mod
+from gpucostd.calibration import session
 from gpucostd.views.statusclient import request
 
 from conftest import gpucostd_cmd, metric_value, need_root, wait_for
 
 pytestmark = need_root("calibrate changes power limits and is root only")
-BUILTIN = Path(cal_mod.__file__).parent / "sim" / "scenarios" / "calibrate.toml"
+BUILTIN = Path(cal_mod.__file__).parents[1] / "sim" / "scenarios" / "calibrate.toml"
 PRICES = "[cost]\ngpu_hour_usd = 1.0\nenergy_usd_per_kwh = 0.3\npue = 1.4\n"
 
 

@@ -1,9 +1,9 @@
 """Prometheus exposition of a snapshot, rendered once per snapshot.
 
 The families of each part come from its own module's `metric_families(snapshot)`
-(metrics_health, metrics_cost, metrics_tuning, metrics_calibration); this module adds the core
-per-GPU gauges and the info metrics, then renders the whole exposition to bytes that the HTTP server hands out
-until the next snapshot. A scrape never touches NVML and never waits for the loop.
+(metrics_health, metrics_cost, metrics_tuning, calibration.metrics); this module adds the
+core per-GPU gauges and the info metrics, then renders the whole exposition to bytes that the
+HTTP server hands out until the next snapshot. A scrape never touches NVML and never waits for the loop.
 """
 from __future__ import annotations
 
@@ -112,7 +112,8 @@ def core_families(snap: NodeSnapshot) -> Iterable:
 
 
 def _part_families(snap: NodeSnapshot) -> List:
-    from gpucostd.views import metrics_calibration, metrics_cost, metrics_health, metrics_tuning
+    import gpucostd.calibration.metrics as metrics_calibration
+    from gpucostd.views import metrics_cost, metrics_health, metrics_tuning
     out = []
     for module in (metrics_health, metrics_cost, metrics_tuning, metrics_calibration):
         try:

@@ -1,7 +1,7 @@
 """`gpucostd calibrate`, the command: through the running daemon (the status socket's
-``calibrate`` requests; the daemon's loop drives the session, gpucostd.calibration_session) or
+``calibrate`` requests; the daemon's loop drives the session, gpucostd.calibration.session) or
 one-shot on a simulated node on a virtual clock (``run_simulated``: the daemon's own loop, in
-this process). The method, its safety and its records are in gpucostd.calibration_session and
+this process). The method, its safety and its records are in gpucostd.calibration.session and
 docs/tuning.md.
 """
 from __future__ import annotations
@@ -11,12 +11,12 @@ import os
 import time
 from typing import Any, Dict, List, Optional
 
-from gpucostd.calibration_session import (CLIENT_TIMEOUT, DEFAULT_SIM_SCENARIO, DROPIN_NAME,
+from gpucostd.calibration.session import (CLIENT_TIMEOUT, DEFAULT_SIM_SCENARIO, DROPIN_NAME,
                                           EXIT_ABORTED, EXIT_DONE, EXIT_REFUSED,
                                           ILLUSTRATIVE_PRICES, LOG, Calibration,
                                           last_report, stop)
-from gpucostd.cost import calibration as maths
-from gpucostd.cost.calibration import (CalibrationRefused, Params, params_from,  # noqa: F401
+from gpucostd.calibration import maths
+from gpucostd.calibration.maths import (CalibrationRefused, Params, params_from,  # noqa: F401
                                        plan)
 
 

@@ -1,11 +1,11 @@
 """The calibration session of `gpucostd calibrate`: find the power limit that gives the most
 tokens per dollar, safely. (The command itself, through the daemon or on a simulated node, is
-gpucostd.calibrate; it imports this module, never the other way round.)
+gpucostd.calibration.command; it imports this module, never the other way round.)
 
 A ``Calibration`` is a state machine the daemon's loop drives, one call per cycle
 (``on_cycle(snapshot)``): it steps the power limit of each GPU group (the GPUs of one
 inference endpoint) from the top of the range down, measures every step after its warm-up
-(gpucostd.cost.calibration has the maths) and puts every limit back at the end. It runs inside
+(gpucostd.calibration.maths has the maths) and puts every limit back at the end. It runs inside
 the daemon (the status socket's ``calibrate`` request; the loop, health and enforcement know
 it runs: the tuners hold the power limits it steps) or one-shot on a simulated node on a
 virtual clock (``run_simulated``).
@@ -33,8 +33,8 @@ import logging
 import os
 from typing import Any, Dict, List, Optional
 
-from gpucostd.cost import calibration as maths
-from gpucostd.cost.calibration import (CalibrationRefused, Group, Params,  # noqa: F401
+from gpucostd.calibration import maths
+from gpucostd.calibration.maths import (CalibrationRefused, Group, Params,  # noqa: F401
                                        dropin_text, gpu_trouble, params_from, plan, summary)
 from gpucostd.snapshot import Event, Severity
 from gpucostd.statefile import write_atomic
