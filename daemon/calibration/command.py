@@ -15,7 +15,7 @@ from gpucostd.calibration.session import (CLIENT_TIMEOUT, DEFAULT_SIM_SCENARIO, 
                                           EXIT_ABORTED, EXIT_DONE, EXIT_REFUSED,
                                           ILLUSTRATIVE_PRICES, LOG, Calibration,
                                           last_report, stop)
-from gpucostd.calibration import maths
+from gpucostd.calibration import levers, maths
 from gpucostd.calibration.maths import (CalibrationRefused, Params, params_from,  # noqa: F401
                                        plan)
 
@@ -38,13 +38,22 @@ def run_simulated(scenario: str, config, params: Params, dropin: Optional[str] =
     from gpucostd.replay import _replay_config
     from gpucostd.sim.scenario import load_scenario
 
-    load_scenario(scenario)                    # ScenarioError before anything else
+    sc = load_scenario(scenario)               # ScenarioError before anything else
     tmp = tempfile.mkdtemp(prefix="gpucostd-calibrate-")
     notes: List[str] = []
     # the scenario's simulated servers, never the configured (real) ones
     cfg = config.updated(inference={"metrics_url": ""}).with_endpoints(())
+    if illustrative_prices and getattr(sc, "prices", None) is not None:
+        # priced as `gpucostd run --simulate` prices this scenario: its [prices], unless the
+        # config sets a price (docs/scenarios.md, "[prices]")
+        from gpucostd.sim.sections import with_scenario_prices
+        cfg, pnote = with_scenario_prices(cfg, sc.prices, scenario)
+        if pnote:
+            notes.append("Prices: " + pnote[:1].upper() + pnote[1:] + ".")
     if illustrative_prices and not cfg.cost.gpu_hour_usd and not cfg.model_prices and \
-            not cfg.cost.energy_usd_per_kwh:
+            not cfg.cost.energy_usd_per_kwh and getattr(sc, "prices", None) is None:
+        # a scenario with [prices] is priced at those (as `gpucostd run --simulate` is: the
+        # simulated daemon applies them and says so); only one without falls back to these
         cfg = cfg.updated(cost=dict(ILLUSTRATIVE_PRICES))
         notes.append("Prices: illustrative ($%.2f per GPU-hour, $%.2f per kWh, PUE %.1f); set "
                      "[cost] gpu_hour_usd, energy_usd_per_kwh and pue for yours."
@@ -62,7 +71,7 @@ def run_simulated(scenario: str, config, params: Params, dropin: Optional[str] =
         daemon.step()
         clock.advance(interval)
         daemon.step()
-        groups, gnotes = plan(daemon.latest, params, daemon.config)
+        groups, gnotes = levers.plan(daemon, daemon.latest, params)
         cal = Calibration(daemon, params, groups, gnotes + notes, ident="simulated",
                           client_timeout=client_timeout)
         cal.dropin_path = dropin or os.path.join(tmp, "etc", "gpucostd.d", DROPIN_NAME)
@@ -135,7 +144,15 @@ def _sim_apply(daemon, cal: Calibration, interval: float) -> Dict[str, Any]:
     for _ in range(2):                # the cycle applies after its reading; the next reads it
         clock.advance(interval)
         snap = daemon.step()
-    return {str(i): (snap.gpu(i).power_limit_watts if snap.gpu(i) else None) for i in cal.gpus}
+    out: Dict[str, Any] = {}
+    for grp in cal.groups:
+        for i in grp.gpus:
+            g = snap.gpu(i)
+            if grp.lever == "power":
+                out[str(i)] = g.power_limit_watts if g else None
+            else:
+                out[str(i)] = levers.tuner(daemon, grp).text(levers.tuner(daemon, grp).read(i))
+    return out
 
 
 # ---------------------------------------------------------------------- the command
@@ -178,7 +195,10 @@ def run_cli(args, load_config, socket_path) -> int:
                               "to_watts": args.to_watts, "steps": args.steps,
                               "dwell_seconds": args.dwell, "warmup_seconds": args.warmup,
                               "min_throughput": args.min_throughput,
-                              "abort_below": args.abort_below, "apply": args.apply})
+                              "abort_below": args.abort_below, "apply": args.apply,
+                              "lever": getattr(args, "lever", "auto"),
+                              "from_mhz": getattr(args, "from_mhz", None),
+                              "to_mhz": getattr(args, "to_mhz", None)})
     except ValueError as e:
         print(f"gpucostd: calibrate: {e}", file=sys.stderr)
         return 2
