@@ -1,0 +1,215 @@
+"""`gpucostd calibrate --lever clocks|profile|auto`: the SM-clock sweep keeps every safety of the
+power-limit sweep (the original saved before the first write, every abort path unlocks, a
+killed daemon unlocks at its next start, refused while idle), auto picks the lever that binds,
+and --apply writes locked clocks as enforced config."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gpucostd.calibration import session
+from gpucostd.calibration.command import CalibrationRefused, params_from, run_simulated
+from gpucostd.calibration import maths
+
+from test_calibrate import _bounded, priced, scenario_file
+
+CLOCKS = {"lever": "clocks", "steps": 6, "dwell_seconds": 12}
+
+
+def _clocks(daemon):
+    return [daemon.sim.state(i)["sm_clock"] for i in range(4)]
+
+
+def _run(tmp_path, inject=None, params=None, **kw):
+    box = {}
+
+    def hook(daemon, cal):
+        box["daemon"], box["cal"] = daemon, cal
+        if inject is not None and cal.state == "running":
+            inject(daemon, cal)
+    rep = run_simulated(scenario_file(tmp_path, 0.3), priced(),
+                        params_from(params or CLOCKS), on_cycle=_bounded(then=hook), **kw)
+    return rep, box["daemon"]
+
+
+def test_clock_sweep_measures_every_step_and_unlocks_at_the_end(tmp_path):
+    seen = {}
+
+    def watch(daemon, cal):
+        seen.setdefault(cal.step, (_clocks(daemon), dict(daemon.tuning.originals.items()
+                                                         and {(n, s): e["value"] for n, s, e
+                                                              in daemon.tuning.originals.items()})))
+    rep, d = _run(tmp_path, watch)
+    assert rep["state"] == "done", rep["reason"]
+    for g in rep["groups"]:
+        assert g["lever"] == "clocks" and len(g["rows"]) == 6
+        assert g["steps"][0] == 1980 and all(s % 15 == 0 for s in g["steps"])
+        assert [r["sm_clock_mhz"] for r in g["rows"]] == g["steps"]
+        rec = g["recommendation"]["tokens_per_dollar"]
+        assert rec["lever"] == "clocks" and rec["throughput_ratio"] >= 0.95
+    # the original ("unlocked") was saved before the first step locked anything
+    clocks0, saved0 = seen[0]
+    assert saved0 == {("locked_sm_clocks_mhz", f"gpu:{i}"): "unlocked" for i in range(4)}
+    assert clocks0 == [1980] * 4 or clocks0 == [rep["groups"][0]["steps"][0]] * 4
+    assert _clocks(d) == [1980] * 4 and all(d.gateway.locked_clocks(i) is None for i in range(4))
+    assert not d.tuning.originals.items() and not d.tuning.held
+    assert not (Path(d.state_dir) / session.PROGRESS_FILE).exists()
+    assert rep["events"][0]["message"].startswith("SM-clock calibration started")
+
+
+def _unlock_behind(daemon, cal):
+    if cal.step == 2:
+        from gpucostd.hw import nvml
+        other = nvml.NvmlGateway(library=daemon.gateway.library, clock=daemon.clock)
+        assert other.ensure_initialized()
+        other.reset_locked_clocks(1)
+
+
+def _endpoint_gone(daemon, cal):
+    if cal.step >= 1:
+        def broken(k):
+            raise OSError("connection refused")
+        daemon.sim_serving.fetch = broken
+
+
+def _daemon_stops(daemon, cal):
+    if cal.step == 1:
+        session.stop(daemon)
+
+
+def _interrupted(daemon, cal):
+    if cal.step == 2:
+        cal.abort("interrupted (SIGTERM to the calibrate command)")
+
+
+@pytest.mark.parametrize("inject,words", [
+    (_unlock_behind, "outside the calibration"),
+    (_endpoint_gone, "stopped answering"),
+    (_daemon_stops, "daemon is stopping"),
+    (_interrupted, "SIGTERM"),
+])
+def test_every_abort_unlocks_at_once(tmp_path, inject, words):
+    rep, d = _run(tmp_path, inject)
+    assert rep["state"] == "aborted" and words in rep["reason"], rep["reason"]
+    assert rep["restore_errors"] == []
+    assert _clocks(d) == [1980] * 4
+    assert not d.tuning.originals.items() and not d.tuning.held
+    assert not (Path(d.state_dir) / session.PROGRESS_FILE).exists()
+
+
+def test_an_internal_error_aborts_and_unlocks(tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("boom")
+
+    def inject(daemon, cal):
+        if cal.step == 2:
+            monkeypatch.setattr(maths, "step_row", boom)
+    rep, d = _run(tmp_path, inject)
+    assert rep["state"] == "aborted" and "RuntimeError: boom" in rep["reason"]
+    assert _clocks(d) == [1980] * 4 and not d.tuning.originals.items()
+
+
+def test_sigint_unlocks_before_leaving(tmp_path):
+    box = {}
+
+    def interrupt(daemon, cal):
+        box["d"] = daemon
+        if cal.step == 2:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        run_simulated(scenario_file(tmp_path, 0.3), priced(), params_from(CLOCKS),
+                      on_cycle=interrupt)
+    assert _clocks(box["d"]) == [1980] * 4
+    assert not box["d"].tuning.originals.items()
+
+
+def test_a_killed_daemon_unlocks_at_its_next_start(tmp_path):
+    from gpucostd.clock import VirtualClock
+    from gpucostd.config import parse
+    from gpucostd.loop import Daemon
+    state = tmp_path / "state"
+    state.mkdir()
+    cfg = parse(f'[daemon]\nstate_dir = "{state}"\nkernel_log = "none"\nlisten_address = ""\n')
+    d = Daemon(cfg, clock=VirtualClock(), simulate="builtin:calibrate", journal=False)
+    try:
+        d.gateway.ensure_initialized()
+        uuid = d.gateway.get_uuid(2)
+        d.gateway.set_locked_clocks(2, 345, 1200)      # as the killed calibration left it
+        (state / session.PROGRESS_FILE).write_text(json.dumps({"version": 1, "gpus": [
+            {"index": 2, "uuid": uuid, "setting": "locked_sm_clocks_mhz", "start": "unlocked",
+             "saved_original": False}]}))
+        d._calibration_recover = True
+        d.step()
+        assert d.step().gpu(2).sm_clock_mhz == 1980
+        assert not (state / session.PROGRESS_FILE).exists()
+        assert "calibration_restored" in [e.code for e in d.store.query()]
+    finally:
+        d.shutdown(system_shutdown=True)
+
+
+def test_refused_while_idle(tmp_path):
+    with pytest.raises(CalibrationRefused, match="idle"):
+        run_simulated("builtin:serving", priced(), params_from({"gpus": "2,3",
+                                                                "lever": "clocks"}))
+
+
+def test_apply_writes_locked_clocks_as_enforced_config(tmp_path):
+    from gpucostd.config import tomllib
+    dropin = tmp_path / "gpucostd.d" / "calibrated.toml"
+    rep = run_simulated(scenario_file(tmp_path), priced(), params_from(
+        {"lever": "clocks", "gpus": "0,1", "steps": 6, "dwell_seconds": 6, "apply": True}),
+        dropin=str(dropin))
+    assert rep["applied"], rep["notes"]
+    rec = rep["groups"][0]["recommendation"]["tokens_per_dollar"]["setting"]
+    entries = tomllib.loads(dropin.read_text())["tuning"]["gpu"]["override"]
+    assert [e["locked_sm_clocks_mhz"] for e in entries] == [[345, rec]] * 2
+    assert rep["enforced_after_apply"] == {"0": f"345..{rec} MHz", "1": f"345..{rec} MHz"}
+    assert f"GPU 0 345..{rec} MHz" in maths.format_report(rep)
+
+
+def test_auto_chooses_the_power_limit_where_it_binds(tmp_path):
+    rep, d = _run(tmp_path, params={"lever": "auto", "steps": 4, "dwell_seconds": 8})
+    for g in rep["groups"]:
+        assert g["lever"] == "power"
+        assert g["lever_why"].startswith("the power limit binds: GPU")
+    assert "lever: power: the power limit binds" in maths.format_report(rep)
+
+
+def test_auto_chooses_clocks_where_the_limit_does_not_bind(tmp_path):
+    """The calibrate scenario with its GPUs at half the load: 395 W of 700, no SwPowerCap."""
+    spec = scenario_file(tmp_path, 0.3, extra="").replace("cal.toml", "cal.toml")
+    text = Path(spec).read_text().replace("utilization = 95", "utilization = 50")
+    Path(spec).write_text(text)
+    rep = run_simulated(spec, priced(), params_from({"steps": 4, "dwell_seconds": 8}),
+                        on_cycle=_bounded())
+    assert rep["state"] == "done", rep["reason"]
+    for g in rep["groups"]:
+        assert g["lever"] == "clocks"
+        assert "the power limit does not bind" in g["lever_why"] and "no SwPowerCap" in \
+            g["lever_why"]
+
+
+def test_profile_lever_on_h100_is_refused_with_the_reason(tmp_path):
+    with pytest.raises(CalibrationRefused) as e:
+        run_simulated(scenario_file(tmp_path), priced(),
+                      params_from({"lever": "profile", "gpus": "0,1"}), on_cycle=_bounded())
+    assert "GPU 0 has no workload power profiles (GPU 0 does not support workload power " \
+           "profiles (Blackwell or newer)); use --lever clocks or power" in str(e.value)
+
+
+def test_lever_and_clock_range_are_checked():
+    with pytest.raises(ValueError, match="--lever 'fast'"):
+        params_from({"lever": "fast"})
+    with pytest.raises(ValueError, match="--to-mhz 1500 must be below --from-mhz 1200"):
+        params_from({"lever": "clocks", "from_mhz": 1200, "to_mhz": 1500})
+    p = params_from({"lever": "clocks", "from_mhz": 1800, "to_mhz": 1200})
+    assert p.to_json()["lever"] == "clocks" and p.to_json()["to_mhz"] == 1200
+
+
+def test_clock_plan_takes_supported_clocks_evenly():
+    supported = list(range(1980, 344, -15))
+    assert maths.clock_plan(supported, 1980, 1185, 6) == [1980, 1815, 1665, 1500, 1350, 1185]
+    assert maths.clock_plan([1980, 1965], 1980, 1000, 6) == [1980, 1965]
+    assert maths.clock_plan([1980], 1980, 1000, 6) == [1980]
