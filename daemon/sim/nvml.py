@@ -32,7 +32,7 @@ from ctypes import (CFUNCTYPE, Structure, Union, c_char, c_double, c_int, c_int6
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from gpucostd.sim.corrections import SetterCorrections, SimulatedCounters
-from gpucostd.sim.physics import apply_power
+from gpucostd.sim.physics import PHYSICS_INPUTS, apply_power
 from gpucostd.sim.scenario import UNSUPPORTED_GROUPS, Scenario, load_scenario
 from gpucostd.snapshot import VIOLATION_POLICIES, mask_from_reasons
 
@@ -443,7 +443,7 @@ class SimulatedNode(SimulatedCounters):
             if eff:
                 st = dict(st)
                 st.update(eff)
-                if "power_limit" in eff and self.scenario.physics is not None:
+                if any(k in eff for k in PHYSICS_INPUTS) and self.scenario.physics is not None:
                     apply_power(st, self.scenario.physics)
         return index, t, st
 
