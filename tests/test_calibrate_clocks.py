@@ -142,7 +142,8 @@ def test_a_killed_daemon_unlocks_at_its_next_start(tmp_path):
              "saved_original": False}]}))
         d._calibration_recover = True
         d.step()
-        assert d.step().gpu(2).sm_clock_mhz == 1980
+        snap = d.step()
+        assert snap.gpu(2).sm_clock_mhz == snap.gpu(3).sm_clock_mhz      # as the untouched
         assert not (state / session.PROGRESS_FILE).exists()
         assert "calibration_restored" in [e.code for e in d.store.query()]
     finally:
@@ -178,11 +179,9 @@ def test_auto_chooses_the_power_limit_where_it_binds(tmp_path):
 
 
 def test_auto_chooses_clocks_where_the_limit_does_not_bind(tmp_path):
-    """The calibrate scenario with its GPUs at half the load: 395 W of 700, no SwPowerCap."""
-    spec = scenario_file(tmp_path, 0.3, extra="").replace("cal.toml", "cal.toml")
-    text = Path(spec).read_text().replace("utilization = 95", "utilization = 50")
-    Path(spec).write_text(text)
-    rep = run_simulated(spec, priced(), params_from({"steps": 4, "dwell_seconds": 8}),
+    """builtin:decode: 317 W of 700 at the max clock, no SwPowerCap."""
+    rep = run_simulated("builtin:decode", priced(), params_from({"steps": 4,
+                                                                 "dwell_seconds": 8}),
                         on_cycle=_bounded())
     assert rep["state"] == "done", rep["reason"]
     for g in rep["groups"]:
@@ -213,3 +212,64 @@ def test_clock_plan_takes_supported_clocks_evenly():
     assert maths.clock_plan(supported, 1980, 1185, 6) == [1980, 1815, 1665, 1500, 1350, 1185]
     assert maths.clock_plan([1980, 1965], 1980, 1000, 6) == [1980, 1965]
     assert maths.clock_plan([1980], 1980, 1000, 6) == [1980]
+
+
+# ---------------------------------------------------------------------- issue 21's "done when"
+def _decode_state():
+    from gpucostd.sim.scenario import load_scenario
+    sc = load_scenario("builtin:decode")
+    st = sc.state_ref(0, 0.0)
+    return sc, {"max_sm_clock": st["max_sm_clock"], "utilization": st["utilization"],
+                "decode_share": st["decode_share"]}
+
+
+def test_decode_power_sweep_changes_nothing_above_the_draw_and_says_so():
+    from gpucostd.config import parse
+    rep = run_simulated("builtin:decode", parse(""), params_from(
+        {"lever": "power", "steps": 6, "dwell_seconds": 12}), on_cycle=_bounded())
+    assert rep["state"] == "done", rep["reason"]
+    for g in rep["groups"]:
+        assert g["lever"] == "power"
+        per_gpu = g["rows"][0]["power_watts"] / len(g["gpus"])
+        above = [r for r in g["rows"] if r["power_limit_watts"] > per_gpu]
+        assert len(above) >= 3
+        for r in above:
+            assert abs(r["tokens_per_second"] / above[0]["tokens_per_second"] - 1) < 0.02
+            assert abs(r["power_watts"] / above[0]["power_watts"] - 1) < 0.02
+        assert any("The power limit does not bind" in n for n in g["notes"]), g["notes"]
+    assert "The power limit does not bind" in maths.format_report(rep)
+
+
+def test_decode_auto_sweeps_clocks_and_finds_a_fifth_more_tokens_per_joule():
+    from gpucostd.config import parse
+    from gpucostd.sim import physics
+    sc, kw = _decode_state()
+    rep = run_simulated("builtin:decode", parse(""), params_from(
+        {"steps": 6, "dwell_seconds": 12}), on_cycle=_bounded())
+    assert rep["state"] == "done", rep["reason"]
+    assert rep["prices"]["energy_usd_per_kwh"] == 0.08 and rep["prices"]["pue"] == 1.3
+    for g in rep["groups"]:
+        assert g["lever"] == "clocks", g["lever_why"]
+        rec = g["recommendation"]
+        jf = rec["tokens_per_joule_at_floor"]
+        assert jf["throughput_ratio"] >= 0.95 and rec["joule_gain"] >= 0.20, rec
+        steps = g["steps"]
+        spacing = max(a - b for a, b in zip(steps, steps[1:]))
+        grid = [c for c in range(1980, 344, -15) if steps[-1] <= c <= steps[0]]
+        best_j = physics.best_locked_clock(sc.physics, sc.serving, grid, "tokens_per_joule",
+                                           0.95, **kw)
+        assert abs(jf["setting"] - best_j["locked_sm_clock_mhz"]) <= spacing
+        prices = {"gpu_hour_usd": 2.99, "energy_usd_per_kwh": 0.08, "pue": 1.3}
+        best_d = physics.best_locked_clock(sc.physics, sc.serving, grid, "tokens_per_dollar",
+                                           0.95, **kw, **prices)
+        assert abs(rec["tokens_per_dollar"]["setting"] - best_d["locked_sm_clock_mhz"]) <= \
+            spacing
+
+
+def test_prefill_auto_chooses_the_power_limit():
+    from gpucostd.config import parse
+    rep = run_simulated("builtin:prefill", parse(""), params_from(
+        {"steps": 4, "dwell_seconds": 8}), on_cycle=_bounded())
+    assert rep["state"] == "done", rep["reason"]
+    assert rep["groups"] and all(g["lever"] == "power" for g in rep["groups"])
+    assert all(g["lever_why"].startswith("the power limit binds") for g in rep["groups"])

@@ -220,18 +220,27 @@ def _setting(row: Dict[str, Any]) -> Any:
 
 
 def recommend(rows: List[Dict[str, Any]], min_throughput: float) -> Dict[str, Any]:
-    """{"tokens_per_dollar": row or None, "tokens_per_joule": row or None, "why": text}.
+    """{"tokens_per_dollar": row or None, "tokens_per_joule": row or None,
+    "tokens_per_joule_at_floor": row or None, "joule_gain": ratio or None, "why": text}.
 
     tokens_per_dollar: the most tokens per dollar among steps at or above `min_throughput`
-    (0..1) of the best step's tokens/s; tokens_per_joule: the most tokens per joule of all."""
+    (0..1) of the best step's tokens/s; tokens_per_joule: the most tokens per joule of all;
+    tokens_per_joule_at_floor: the most tokens per joule at or above `min_throughput`, and
+    joule_gain its tokens per joule over the first step's (the setting as it was at the top)
+    minus 1."""
     best = finish_rows(rows)
-    out: Dict[str, Any] = {"tokens_per_dollar": None, "tokens_per_joule": None, "why": None}
+    out: Dict[str, Any] = {"tokens_per_dollar": None, "tokens_per_joule": None,
+                           "tokens_per_joule_at_floor": None, "joule_gain": None, "why": None}
     if best is None:
         out["why"] = "no step measured a token rate"
         return out
     eligible = [r for r in rows if r.get("tokens_per_second") is not None and
                 r["tokens_per_second"] >= min_throughput * best * (1 - 1e-9)]
     out["tokens_per_joule"] = _argmax(rows, "tokens_per_joule")
+    floor = out["tokens_per_joule_at_floor"] = _argmax(eligible, "tokens_per_joule")
+    first = rows[0].get("tokens_per_joule") if rows else None
+    if floor is not None and first:
+        out["joule_gain"] = _r(floor["tokens_per_joule"] / first - 1.0, 4)
     per_dollar = _argmax(eligible, "tokens_per_dollar")
     out["tokens_per_dollar"] = per_dollar
     if per_dollar is None:
@@ -722,8 +731,10 @@ def recommended(report: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
 # ---------------------------------------------------------------------- text
 def progress_line(p: Dict[str, Any]) -> str:
     """The one progress line of a terminal (99 columns) from Calibration.progress()."""
-    limits = p.get("limits") or {}
-    where = ", ".join(f"GPU {k} {v} W" for k, v in sorted(limits.items()))
+    held = [(k, f"{v} W") for k, v in (p.get("limits") or {}).items()]
+    held += [(k, f"{v} MHz") for k, v in (p.get("clocks") or {}).items()]
+    held += [(k, str(v)) for k, v in (p.get("profiles") or {}).items()]
+    where = ", ".join(f"GPU {k} {v}" for k, v in sorted(held, key=lambda x: int(x[0])))
     left = p.get("remaining_seconds")
     text = (f"calibrating: step {p.get('step')}/{p.get('steps')} {where}"
             + (f", {left:.0f} s left" if left is not None else ""))
@@ -812,6 +823,14 @@ def _group_lines(g: Dict[str, Any], p: Dict[str, Any], sym: str, width: int) -> 
                            f"throughput", width))
     elif rec.get("why"):
         lines.extend(_wrap(f"  No tokens-per-dollar recommendation: {rec['why']}", width))
+    jf, gain = rec.get("tokens_per_joule_at_floor"), rec.get("joule_gain")
+    if jf and gain and _setting(jf) != _setting(j or {}):
+        lines.extend(_wrap(f"  Most tokens per joule at {p.get('min_throughput', 0) * 100:g}% "
+                           f"of the best throughput or more: {_step_text(lever, _setting(jf))} "
+                           f"({_f(jf.get('tokens_per_joule'), '.3f')} tokens/J, "
+                           f"{gain * 100:+.1f}% over the first step, "
+                           f"{_f((jf.get('throughput_ratio') or 0) * 100, '.1f')}% of the best "
+                           f"throughput)", width))
     if j:
         lines.extend(_wrap(f"  Most tokens per joule: {_step_text(lever, _setting(j))} "
                            f"({_f(j.get('tokens_per_joule'), '.3f')} tokens/J, "
@@ -822,13 +841,14 @@ def _group_lines(g: Dict[str, Any], p: Dict[str, Any], sym: str, width: int) -> 
     return lines
 
 
-def binding_note(rows: Sequence[Dict[str, Any]]) -> Optional[str]:
-    """After a power sweep: whether the limit bound. Over the limits above the most any step
-    drew, tokens/s and watts changing less than NO_EFFECT means the limit did not bind there."""
+def binding_note(rows: Sequence[Dict[str, Any]], n_gpus: int = 1) -> Optional[str]:
+    """After a power sweep: whether the limit bound. Over the limits (per GPU) above the most
+    a GPU drew in any step (the group's watts / `n_gpus`), tokens/s and watts changing less
+    than NO_EFFECT means the limit did not bind there."""
     rs = [r for r in rows if r.get("tokens_per_second") and r.get("power_watts")]
     if len(rs) < 2:
         return None
-    drawn = max(r["power_watts"] for r in rs)
+    drawn = max(r["power_watts"] for r in rs) / max(1, n_gpus)
     above = [r for r in rs if _setting(r) >= drawn * (1 + NO_EFFECT)]
     if len(above) < 2:
         return None
@@ -838,7 +858,8 @@ def binding_note(rows: Sequence[Dict[str, Any]]) -> Optional[str]:
     dw = (max(watts) - min(watts)) / max(watts)
     if dt < NO_EFFECT and dw < NO_EFFECT:
         return (f"The power limit does not bind: from {_setting(above[0])} W down to "
-                f"{_setting(above[-1])} W (all above the {drawn:.0f} W drawn) tokens/s change "
+                f"{_setting(above[-1])} W (all above the {drawn:.0f} W a GPU draws) tokens/s "
+                f"change "
                 f"{dt * 100:.1f}% and watts {dw * 100:.1f}%; sweep the SM clock instead "
                 f"(--lever clocks, or --lever auto)")
     return None

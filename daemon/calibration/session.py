@@ -331,7 +331,8 @@ class Calibration:
         self.finished_at = d.clock.time()
         for grp in self.groups:
             grp.recommendation = maths.recommend(grp.rows, self.params.min_throughput)
-            note = maths.binding_note(grp.rows) if grp.lever == "power" else None
+            note = maths.binding_note(grp.rows, len(grp.gpus)) if grp.lever == "power" \
+                else None
             if note:
                 grp.notes.append(note)
         self.state = "done" if not errors else "failed"
@@ -455,8 +456,9 @@ class Calibration:
                     "start_limits_watts": [g.start.get(i) for i in g.gpus]}
                    if g.lever == "power" else {}),
                 "gpu_hour_usd": round(g.price_sum, 6), "rows": g.rows,
-                "recommendation": {k: rec.get(k) for k in ("tokens_per_dollar",
-                                                           "tokens_per_joule", "why")},
+                "recommendation": {k: rec.get(k) for k in (
+                    "tokens_per_dollar", "tokens_per_joule", "tokens_per_joule_at_floor",
+                    "joule_gain", "why")},
             })
         return {"schema": 1, "id": self.id, "state": self.state, "reason": self.reason,
                 "host": getattr(self.daemon, "hostname", None), "scenario": self.scenario,

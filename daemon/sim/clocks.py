@@ -10,10 +10,10 @@ C functions, with the argument lists of nvml.h (tests/test_nvml_header.py checks
 - ``nvmlDeviceSetGpuLockedClocks`` (min, max in MHz; a value not in the list, min > max, or a
   mix of a number and an ``nvmlClockLimitId_t`` is INVALID_ARGUMENT; ``setters_permitted =
   false`` is NO_PERMISSION) and ``nvmlDeviceResetGpuLockedClocks``. NVML has no call that reads
-  the locked range back; the physics honours it: the clock the GPU would run at is at most the
-  locked maximum (``lock_clock``), and a clock held below what the GPU would run at shows the
-  clock-event reason ApplicationsClocksSetting (0x2, "clocks are set to application-specific
-  values"), then the power cap applies as before;
+  the locked range back; the physics honours it (gpucostd.sim.physics: the clock the GPU asks
+  for is at most the locked maximum, then the power cap applies), and a clock held below what
+  the GPU would run at shows the clock-event reason ApplicationsClocksSetting (0x2, "clocks are
+  set to application-specific values": ``apply_setters``);
 - ``nvmlDeviceWorkloadPowerProfileGetProfilesInfo`` / ``GetCurrentProfiles`` /
   ``SetRequestedProfiles`` / ``ClearRequestedProfiles`` (Blackwell and later): NOT_SUPPORTED on
   every GPU whose name is not a Blackwell part (``PROFILE_GPUS``), so an H100 says so; on a
@@ -69,7 +69,7 @@ SYMBOLS: Dict[str, Tuple[Any, Tuple[Any, ...]]] = {
     "nvmlDeviceWorkloadPowerProfileClearRequestedProfiles": (c_int, (P, P)),
 }
 
-LOCKED = "locked_clocks"      # the setter key: (min, max) MHz, or None (unlocked)
+LOCKED = "locked_sm_clocks"   # the setter key (physics.LOCKED_CLOCKS): (min, max) MHz or None
 PROFILES = "power_profiles"   # the setter key: the requested profile mask (int)
 
 
@@ -81,22 +81,6 @@ def supported_graphics_clocks(max_sm_clock: int, min_sm_clock: int) -> List[int]
     if out[-1] != low and low < top:
         out.append(low)
     return out
-
-
-def lock_clock(state: Dict[str, Any], demand_key: str) -> None:
-    """Honour a locked range in a GPU state (a copy): the clock it would run at is at most the
-    locked maximum (and ApplicationsClocksSetting shows while that holds it down)."""
-    lock = state.get(LOCKED)
-    if not lock:
-        return
-    demand = state.get(demand_key, state["sm_clock"])
-    if demand > lock[1]:
-        state[demand_key] = lock[1]
-        state["sm_clock"] = min(state["sm_clock"], lock[1])
-        reasons = tuple(state.get("demand_clock_event_reasons", state["clock_event_reasons"]))
-        if LOCK_REASON not in reasons:
-            state["demand_clock_event_reasons"] = reasons + (LOCK_REASON,)
-            state["clock_event_reasons"] = tuple(state["clock_event_reasons"]) + (LOCK_REASON,)
 
 
 def _put_list(count_addr: Optional[int], out_addr: Optional[int], values: List[int]) -> int:
@@ -233,10 +217,18 @@ class ClockCalls:
 
 
 def apply_setters(state: Dict[str, Any], eff: Dict[str, Any], physics: Any) -> None:
-    """A GPU state (a copy) with setter values `eff` already in it: the physics they imply (a
-    locked clock, then the power cap)."""
-    from gpucostd.sim.physics import DEMAND_CLOCK, apply_power
-    if LOCKED in eff:
-        lock_clock(state, DEMAND_CLOCK)
-    if physics is not None and ("power_limit" in eff or eff.get(LOCKED)):
-        apply_power(state, physics)
+    """A GPU state (a copy) with setter values `eff` already in it: the physics they imply
+    (gpucostd.sim.physics: a locked range caps the clock the GPU asks for, then the power
+    cap), and ApplicationsClocksSetting while the lock holds the clock below that."""
+    from gpucostd.sim.physics import DEMAND_CLOCK, PHYSICS_INPUTS, apply_power
+    from gpucostd.snapshot import CLOCK_EVENT_REASONS
+    lock = state.get(LOCKED)
+    if physics is not None:
+        if any(k in eff for k in PHYSICS_INPUTS):
+            apply_power(state, physics)
+    elif lock:                                  # no [physics]: the clock as written, capped
+        state.setdefault(DEMAND_CLOCK, state["sm_clock"])
+        state["sm_clock"] = min(state["sm_clock"], lock[1])
+    if lock and state.get(DEMAND_CLOCK, state["sm_clock"]) > lock[1]:
+        have = set(state["clock_event_reasons"]) | {LOCK_REASON}
+        state["clock_event_reasons"] = tuple(n for _b, n in CLOCK_EVENT_REASONS if n in have)

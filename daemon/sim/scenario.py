@@ -16,6 +16,7 @@ growing across cycles) and drop to zero at every ``reset = true`` entry.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 import os
 import re
@@ -114,6 +115,9 @@ GPU_FIELDS: Dict[str, Field] = {
                           min=0, max=255),
     "present": _f("bool", True, "Listed by NVML; false: left out of nvmlDeviceGetCount (the "
                   "GPUs after it move up an index) from the next nvmlInit on, with no Xid."),
+    "decode_share": _f("number", 0.0, "Share of the busy time spent in memory-bound decode at "
+                       "the max clock, 0..1; the rest is compute-bound prefill ([physics]).",
+                       min=0, max=1),
     "total_energy": _f("number", 0.0, "Energy counter at t = 0, J "
                        "(nvmlDeviceGetTotalEnergyConsumption counts up from here).", min=0),
 }
@@ -135,9 +139,12 @@ UNSUPPORTED_GROUPS: Dict[str, Tuple[str, ...]] = {
     "field_values": (),
     # the clock-event duration fields (SW/HW thermal, HW power brake) of newer drivers
     "clock_event_durations": (),
+    # GPU Performance Monitoring (nvmlGpm*): Hopper and later; an older GPU's name (A100,
+    # L40S, ...) makes it NOT_SUPPORTED without this (gpucostd.sim.gpm)
+    "gpm": (),
 }
 _NOT_UNSUPPORTABLE = set(IDENTITY_FIELDS) | {"setters_permitted", "unsupported", "lost", "present",
-                                            "violation_counters"}
+                                            "violation_counters", "decode_share"}
 UNSUPPORTABLE = tuple(sorted((set(GPU_FIELDS) - _NOT_UNSUPPORTABLE) | set(UNSUPPORTED_GROUPS)))
 
 NODE_FIELDS: Dict[str, Field] = {
@@ -321,6 +328,8 @@ class Scenario:
         self.name = name
         self.prices = prices            # None: no illustrative prices (gpucostd.sim.sections)
         self.physics = physics          # None: power_draw and sm_clock are as written
+        if serving is not None:         # tokens follow the phases of the physics
+            serving = dataclasses.replace(serving, physics=physics or phys.DEFAULT_MODEL)
         self.serving = serving          # None: no simulated inference server
         self.path = path
         self.node = node
@@ -396,6 +405,13 @@ class Scenario:
         self._energy = [phys.Piecewise(starts, [min(st["power_draw"], st["power_limit"])
                                                 for st in states], self.repeat_every)
                         for starts, states in zip(self._seg_starts, self._seg_states)]
+        # GPM activity (physics.ACTIVITY_NAMES): exact integrals, like the energy counter
+        self._activity = []
+        for starts, states in zip(self._seg_starts, self._seg_states):
+            acts = [phys.state_activity(st, self.physics) for st in states]
+            self._activity.append([phys.Piecewise(starts, [a[name] for a in acts],
+                                                  self.repeat_every)
+                                   for name in phys.ACTIVITY_NAMES])
         self._tokens: List[phys.Piecewise] = []
         for ep in (self.serving.endpoints if self.serving else ()):
             starts = phys.merged_starts([self._seg_starts[i] for i in ep.gpus])
@@ -504,6 +520,12 @@ class Scenario:
         integral of the power it reports (power_draw, at most power_limit)."""
         self._check_index(index)
         return self.initial[index]["total_energy"] + self._energy[index].integral(t)
+
+    def activity_integrals_at(self, index: int, t: float) -> List[float]:
+        """The integrals from 0 to t (seconds x ratio) of GPU `index`'s activity readings
+        (physics.ACTIVITY_NAMES order): what GPM's counters hold; the mean between two
+        samples is their difference over the time between them."""
+        return [p.integral(t) for p in self._activity[index]]
 
     def endpoint_tokens_at(self, endpoint: int, t: float) -> float:
         """Generated tokens of simulated endpoint `endpoint` from 0 to t (exact integral)."""
