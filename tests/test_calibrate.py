@@ -452,12 +452,14 @@ def test_simulate_command_prints_the_table_and_the_recommendation(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     out = r.stdout
-    # the analytic answer on builtin:calibrate (compute-bound, at the cap) at the command's
-    # illustrative prices: the 95% floor keeps the top step; the most tokens per joule is the
-    # lowest
+    # the analytic answer on builtin:calibrate (compute-bound, at the cap) at the scenario's
+    # illustrative [prices], the demo's: the 95% floor keeps the top step; the most tokens
+    # per joule is the lowest
     sc = load_scenario("builtin:calibrate")
-    grid = [physics.steady_state(sc.physics, sc.serving, w, utilization=95, gpu_hour_usd=1.0,
-                                 energy_usd_per_kwh=0.3, pue=1.4)
+    assert (sc.prices.gpu_hour_usd, sc.prices.energy_usd_per_kwh, sc.prices.pue) == \
+        (2.99, 0.08, 1.3)
+    grid = [physics.steady_state(sc.physics, sc.serving, w, utilization=95, gpu_hour_usd=2.99,
+                                 energy_usd_per_kwh=0.08, pue=1.3)
             for w in (700, 600, 500, 400, 300, 200)]
     top = max(s["tokens_per_second"] for s in grid)
     want = int(max((s for s in grid if s["tokens_per_second"] >= 0.95 * top),
@@ -470,6 +472,8 @@ def test_simulate_command_prints_the_table_and_the_recommendation(tmp_path):
     assert all(len(line) <= 100 for line in out.splitlines())
     assert f"power_limit_watts = {want}" in dropin.read_text()
     assert r.stderr == ""           # no progress in a pipe
+    assert "$2.99 per GPU-hour, $0.08 per kWh, PUE 1.3, from the scenario builtin:calibrate" \
+        in " ".join(out.split())
     j = subprocess.run(gpucostd_cmd() + ["calibrate", "--simulate", "--steps", "2", "--json"],
                        capture_output=True, text=True, timeout=120)
     rep = json.loads(j.stdout)

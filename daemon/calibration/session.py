@@ -47,8 +47,9 @@ LAST_FILE = "calibration-last.json"
 DROPIN_NAME = "calibrated.toml"
 SETTING = "power_limit_watts"
 DEFAULT_SIM_SCENARIO = "builtin:calibrate"
-# prices of --simulate when the config sets none (said so in the report)
-ILLUSTRATIVE_PRICES = {"gpu_hour_usd": 1.0, "energy_usd_per_kwh": 0.30, "pue": 1.4}
+# prices of --simulate when neither the config nor the scenario's [prices] sets one (said so
+# in the report): the demo's (builtin:h100x8's [prices])
+ILLUSTRATIVE_PRICES = {"gpu_hour_usd": 2.99, "energy_usd_per_kwh": 0.08, "pue": 1.3}
 CLIENT_TIMEOUT = 30.0        # no progress request for this long: the command went away
 
 EXIT_DONE, EXIT_REFUSED, EXIT_ABORTED = 0, 5, 6
