@@ -273,3 +273,25 @@ def test_prefill_auto_chooses_the_power_limit():
     assert rep["state"] == "done", rep["reason"]
     assert rep["groups"] and all(g["lever"] == "power" for g in rep["groups"])
     assert all(g["lever_why"].startswith("the power limit binds") for g in rep["groups"])
+
+
+def test_metrics_show_the_locked_clock_of_the_step_and_the_recommendation(tmp_path):
+    from gpucostd.calibration.metrics import metric_families
+    seen = {}
+
+    def scrape(daemon, cal):
+        if cal.step == 1 and daemon.latest is not None and "fams" not in seen:
+            snap = daemon.latest
+            if (snap.extra.get("calibration") or {}).get("running"):
+                seen["fams"] = {f.name: f for f in metric_families(snap)}
+                seen["held"] = snap.extra["calibration"]["progress"]["clocks"]
+                seen["steps"] = cal.groups[0].steps
+    rep, d = _run(tmp_path, scrape)
+    step = seen["fams"]["gpucostd_calibration_step_sm_clock_hertz"]
+    values = {s.labels["gpu"]: s.value for s in step.samples}
+    assert values == {gpu: mhz * 1e6 for gpu, mhz in seen["held"].items()}
+    assert sorted(values) == ["0", "1", "2", "3"] and values["0"] / 1e6 in seen["steps"]
+    assert seen["fams"]["gpucostd_calibration_step_power_limit_watts"].samples == []
+    summary = maths.summary(rep)
+    rec = rep["groups"][0]["recommendation"]["tokens_per_dollar"]["setting"]
+    assert summary["recommended_clocks"]["0"]["mhz"] == rec and summary["recommended"] == {}

@@ -711,20 +711,26 @@ def dropin_text(groups: Sequence[Group], recs: Dict[int, Any], config, now: floa
 
 def summary(report: Dict[str, Any]) -> Dict[str, Any]:
     rec = recommended(report)
+    clocks = recommended(report, "locked_sm_clock_mhz", "mhz")
     return {"id": report.get("id"), "state": report.get("state"),
             "finished_at": report.get("finished_at"), "recommended": rec,
-            "applied": rec if report.get("applied") else {}, "dropin": report.get("dropin")}
+            "applied": rec if report.get("applied") else {}, "dropin": report.get("dropin"),
+            "recommended_clocks": clocks,
+            "applied_clocks": clocks if report.get("applied") else {}}
 
 
-def recommended(report: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+def recommended(report: Dict[str, Any], key: str = "power_limit_watts",
+                name: str = "watts") -> Dict[str, Dict[str, Any]]:
+    """{gpu: {name: value, "uuid": ...}} of the groups whose tokens-per-dollar step set `key`
+    (the power limit; "locked_sm_clock_mhz" for the clock lever)."""
     out = {}
     for g in report.get("groups") or ():
         rec = ((g.get("recommendation") or {}).get("tokens_per_dollar") or {})
-        w = rec.get("power_limit_watts")
+        w = rec.get(key)
         if w is None:
             continue
         for i in g.get("gpus") or ():
-            out[str(i)] = {"watts": w, "uuid": (g.get("uuids") or {}).get(str(i))}
+            out[str(i)] = {name: w, "uuid": (g.get("uuids") or {}).get(str(i))}
     return out
 
 

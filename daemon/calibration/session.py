@@ -564,8 +564,8 @@ def snapshot_info(daemon) -> Optional[Dict[str, Any]]:
         last = daemon._calibration_summary
     if last:
         last = dict(last)
-        if last["applied"] and not (last.get("dropin") and os.path.exists(last["dropin"])):
-            last["applied"] = {}
+        if not (last.get("dropin") and os.path.exists(last["dropin"])):
+            last["applied"], last["applied_clocks"] = {}, {}
         info["last"] = last
     return info
 

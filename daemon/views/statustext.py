@@ -121,8 +121,11 @@ def _render_status(data: Dict[str, Any], colour: bool = False, events: int = 5) 
                            "  "))
     cal = data.get("calibration")
     if isinstance(cal, dict):
-        limits = ", ".join(f"GPU {k} {v} W" for k, v in sorted((cal.get("limits") or {}).items()))
-        lines.extend(_wrap(f"power-limit calibration {cal.get('state')}: step {cal.get('step')}/"
+        held = [(k, f"{v} W") for k, v in (cal.get("limits") or {}).items()]
+        held += [(k, f"{v} MHz") for k, v in (cal.get("clocks") or {}).items()]
+        limits = ", ".join(f"GPU {k} {v}" for k, v in sorted(held, key=lambda x: int(x[0])))
+        what = "SM-clock" if cal.get("clocks") and not cal.get("limits") else "power-limit"
+        lines.extend(_wrap(f"{what} calibration {cal.get('state')}: step {cal.get('step')}/"
                            f"{cal.get('steps')}" + (f", {limits}" if limits else "")
                            + (f", {cal['remaining_seconds']:.0f} s left"
                               if cal.get("remaining_seconds") is not None else "")
