@@ -295,3 +295,21 @@ def test_metrics_show_the_locked_clock_of_the_step_and_the_recommendation(tmp_pa
     summary = maths.summary(rep)
     rec = rep["groups"][0]["recommendation"]["tokens_per_dollar"]["setting"]
     assert summary["recommended_clocks"]["0"]["mhz"] == rec and summary["recommended"] == {}
+
+
+def test_profile_sweep_on_a_simulated_blackwell_restores_the_profiles(tmp_path):
+    spec = scenario_file(tmp_path)
+    text = Path(spec).read_text().replace('model = "NVIDIA H100 80GB HBM3"',
+                                          'model = "NVIDIA B200"')
+    Path(spec).write_text(text)
+    box = {}
+    rep = run_simulated(spec, priced(), params_from(
+        {"lever": "profile", "gpus": "0,1", "steps": 2, "dwell_seconds": 6}),
+        on_cycle=_bounded(then=lambda d, c: box.setdefault("d", d)))
+    assert rep["state"] == "done", rep["reason"]
+    g = rep["groups"][0]
+    assert g["lever"] == "profile" and g["steps"] == list(maths.PROFILE_STEPS)
+    assert [r["power_profile"] for r in g["rows"]] == list(maths.PROFILE_STEPS)
+    d = box["d"]
+    assert [d.sim.state(i).get("power_profiles") or 0 for i in (0, 1)] == [0, 0]   # none
+    assert not d.tuning.originals.items()

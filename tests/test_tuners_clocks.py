@@ -205,8 +205,9 @@ def test_power_profile_on_h100_says_not_supported(tmp_path):
     node, gw, clock = _sim(tmp_path)
     m = manager(tmp_path, gw, clock, '[tuning.gpu]\npower_profile = "llm_inference"\n')
     s = by_key(m.plan(_sim_readings(gw, node)))[("power_profile", "gpu:0")]
-    assert s.error == (f"GPU 0 ({MODEL}): cannot read the workload power profile: not "
-                       f"supported on this GPU; set it only for the GPUs that support it "
+    assert s.error == (f"GPU 0 ({MODEL}): power_profile = 'llm_inference': workload power "
+                       f"profiles are not supported on this GPU (Blackwell and later have "
+                       f"them); set it only for the GPUs that have them "
                        f"([[tuning.gpu.override]] instead of [tuning.gpu])")
     assert all(not c.ok for c in m.apply(_sim_readings(gw, node)))
     assert originals(tmp_path) == {}

@@ -18,7 +18,8 @@ from __future__ import annotations
 from typing import Any, Dict, List, Tuple, Union
 
 from gpucostd.hw.nvml_clocks import POWER_PROFILES, clocks_text
-from gpucostd.tuners.base import GpuSettingTuner, Planned, gpu_unusable, nvml_error_text
+from gpucostd.tuners.base import (GpuSettingTuner, Planned, TunerError, gpu_unusable,
+                                  nvml_error_text)
 
 UNLOCKED = "unlocked"
 NO_PROFILE = "none"
@@ -133,7 +134,20 @@ class GpuPowerProfileTuner(GpuSettingTuner):
             p.error = (f"{p.label}: power_profile = {want!r} is not a workload power profile; "
                        f"choose one of: {', '.join(POWER_PROFILES)}")
             return [p]
-        return self.read_actual(p, gpu)
+        unusable = gpu_unusable(gpu, p.label)
+        if unusable:
+            p.error = unusable
+            return [p]
+        try:
+            p.actual = self.verify(p)
+        except TunerError as e:
+            p.error = str(e)
+            if e.kind == "not_supported":
+                p.error = (f"{p.label}: power_profile = {want!r}: workload power profiles are "
+                           f"not supported on this GPU (Blackwell and later have them); set it "
+                           f"only for the GPUs that have them ([[tuning.gpu.override]] instead "
+                           f"of [tuning.gpu])")
+        return [p]
 
     def coerce(self, value: Any) -> Any:
         return profile_value(value)
