@@ -38,6 +38,7 @@ import threading
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 from gpucostd.clock import RealClock
+from gpucostd.hw.gpm import read_activity
 from gpucostd.hw.nvml_fields import (CONVERT, IDENTITY, LEGACY, LEGACY_CONVERT, READINGS,
                                      SKIP_IF_PRESENT, STATIC_READINGS, VIOLATION_PREFIX,
                                      DeviceRead, Field, Legacy, _GpuSession, get_field_values)
@@ -503,6 +504,7 @@ class NvmlGateway:
         viol = {key: got[VIOLATION_PREFIX + key] for key, _p in VIOLATION_POLICIES
                 if got.get(VIOLATION_PREFIX + key) is not None}
         values["violation_seconds"] = viol or None
+        values["gpm_supported"], values["activity"] = self._read_gpm(nv, h, index, lane, st)
         # a counter that went backwards: the GPU was reset; read its static values again
         if st.counters and any(viol.get(k, v) < v for k, v in st.counters.items()):
             st.static = None
@@ -511,6 +513,22 @@ class NvmlGateway:
                 all(got.get(k) is not None for k in IDENTITY):
             st.static = {k: got.get(k) for k in STATIC_READINGS}
         return res
+
+    def _read_gpm(self, nv: Any, h: Any, index: int, lane: Optional[_Lane],
+                  st: "_GpuSession") -> Tuple[Optional[bool], Any]:
+        """GPM activity (gpucostd.hw.gpm): lost or hung end the read; other errors leave the
+        activity absent this cycle and start the sample pair again."""
+        if lane is not None:
+            lane.current = "nvmlGpmSampleGet"
+        try:
+            return read_activity(nv, h, st.gpm, _FIELD_ABSENT, self.clock.monotonic())
+        except (nv.NVMLError, nv.NVMLLibraryMismatchError) as exc:
+            err = _from_nvml(exc, index, "nvmlGpmSampleGet")
+            if err.kind in _FATAL:
+                raise err from None
+            log.debug("GPU %d: no GPM activity this cycle: %s", index, err)
+            st.gpm.drop(nv)
+            return st.gpm.supported, None
 
     def _read_fields(self, nv: Any, h: Any, index: int, lane: Optional[_Lane],
                      st: "_GpuSession", plan: Tuple[Field, ...], got: Dict[str, Any],
