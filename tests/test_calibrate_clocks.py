@@ -250,6 +250,9 @@ def test_decode_auto_sweeps_clocks_and_finds_a_fifth_more_tokens_per_joule():
     assert rep["prices"]["energy_usd_per_kwh"] == 0.08 and rep["prices"]["pue"] == 1.3
     for g in rep["groups"]:
         assert g["lever"] == "clocks", g["lever_why"]
+        # the table's activity is GPM SM activity (decode: about a third of the SMs at 95%
+        # GPU-Util), not GPU-Util
+        assert 0.2 < g["rows"][0]["activity"] < 0.45
         rec = g["recommendation"]
         jf = rec["tokens_per_joule_at_floor"]
         assert jf["throughput_ratio"] >= 0.95 and rec["joule_gain"] >= 0.20, rec

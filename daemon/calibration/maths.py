@@ -635,11 +635,11 @@ def sample_of(snap, grp: Group, reading) -> Sample:
 
 
 def activity_of(g) -> Optional[float]:
-    """What a GPU does, 0..1: its SM activity where GPM reports it, else GPU-Util."""
-    for name in ("sm_active", "sm_activity"):
-        v = getattr(g, name, None)
-        if v is not None:
-            return float(v)
+    """What a GPU does, 0..1: its SM activity where GPM reports it (GpuReading.activity.sm),
+    else GPU-Util."""
+    act = getattr(g, "activity", None)
+    if act is not None and getattr(act, "sm", None) is not None:
+        return float(act.sm)
     u = getattr(g, "utilization_percent", None)
     return None if u is None else float(u) / 100.0
 
