@@ -85,6 +85,7 @@ class Calibration:
         self.events: List[Event] = []
         self.scenario = daemon.simulate
         self.dropin_path: Optional[str] = None
+        self.summary: Optional[Dict[str, Any]] = None     # of report(), once it has ended
 
     # -- public
     @property
@@ -200,13 +201,14 @@ class Calibration:
         fresh_by_gpus = {new.gpus: new for new in fresh}
         for grp in self.groups:
             grp.start = dict(fresh_by_gpus[grp.gpus].start)
-        d.tuning.held.update((SETTING, f"gpu:{i}") for i in self.gpus)
+        for i in self.gpus:
+            d.tuning.hold(SETTING, i)
         try:
             self._write_progress()                   # before anything is saved or written
             for grp in self.groups:
                 for i in grp.gpus:
-                    grp.saved[i] = d.tuning.originals.save_if_absent(
-                        SETTING, f"gpu:{i}", _whole(grp.start[i]), uuid=grp.uuids.get(i))
+                    grp.saved[i] = d.tuning.save_original(
+                        SETTING, i, _whole(grp.start[i]), uuid=grp.uuids.get(i))
             self._write_progress()
         except Exception as e:  # noqa: BLE001 - OriginalsError, OSError: nothing written yet
             self.state, self.reason = "failed", f"cannot save the original limits: {e}"
@@ -247,7 +249,7 @@ class Calibration:
                         "end): %s", grp.label(), "; ".join(errors))
             return
         for i in grp.gpus:
-            self.daemon.tuning.held.discard((SETTING, f"gpu:{i}"))
+            self.daemon.tuning.release(SETTING, i)
         try:
             self._write_progress()              # a crash now restores only the others
         except OSError as e:
@@ -256,11 +258,10 @@ class Calibration:
                  len(grp.steps))
 
     def _write(self, index: int, watts: float, grp: Group) -> None:
-        tuner = self.daemon.tuning.power
         if not grp.lo - 1e-6 <= watts <= grp.hi + 1e-6:      # never outside [min, max]
             raise AssertionError(f"{watts} W outside {grp.lo}..{grp.hi}")
-        p = _planned(tuner, index, grp, watts)
-        tuner.apply(p)
+        self.daemon.tuning.set(SETTING, index, _whole(watts), grp.names.get(index),
+                               grp.uuids.get(index))
 
     def _restore_all(self) -> List[str]:
         """Every GPU back at its start limit; the originals we saved forgotten. Errors as
@@ -277,18 +278,19 @@ class Calibration:
     def _restore_group(self, grp: Group) -> List[str]:
         from gpucostd.tuners.base import TunerError
         errors: List[str] = []
-        tuner = self.daemon.tuning.power
+        tuning = self.daemon.tuning
         for i in grp.gpus:
             if i not in grp.start:
                 continue
             try:
-                tuner.restore(_planned(tuner, i, grp, grp.start[i]), _whole(grp.start[i]))
+                tuning.restore_held(SETTING, i, _whole(grp.start[i]), grp.names.get(i),
+                                    grp.uuids.get(i))
             except TunerError as e:
                 errors.append(str(e))
                 continue
             if grp.saved.get(i):
                 try:
-                    self.daemon.tuning.originals.remove(SETTING, f"gpu:{i}")
+                    tuning.forget_original(SETTING, i)
                 except Exception as e:  # noqa: BLE001
                     errors.append(str(e))
         grp.restored = not errors
@@ -296,7 +298,7 @@ class Calibration:
 
     def _release(self) -> None:
         for i in self.gpus:
-            self.daemon.tuning.held.discard((SETTING, f"gpu:{i}"))
+            self.daemon.tuning.release(SETTING, i)
 
     def _abort(self, reason: str, restore: bool = False) -> None:
         was_running = self.state == "running"
@@ -454,14 +456,6 @@ def _whole(w: float):
     return int(w) if w.is_integer() else w
 
 
-def _planned(tuner, index: int, grp: Group, watts: float):
-    from gpucostd.tuners.base import Planned, gpu_label
-    uuid = grp.uuids.get(index)
-    return Planned(tuner, f"gpu:{index}", SETTING, _whole(watts), None, "calibrate",
-                   gpu_label(index, grp.names.get(index)), target=index,
-                   identity={"uuid": uuid} if uuid else {})
-
-
 def _remove(path: str) -> None:
     try:
         os.unlink(path)
@@ -528,20 +522,34 @@ def snapshot_info(daemon) -> Optional[Dict[str, Any]]:
         info["uuids"] = {str(i): g.uuids.get(i) for g in cal.groups for i in g.gpus}
         return info
     if cal is not None:
-        if getattr(cal, "_summary", None) is None:
-            cal._summary = summary(cal.report())
-        last = cal._summary
+        if cal.summary is None:
+            cal.summary = summary(cal.report())
+        last = cal.summary
     else:
-        if not hasattr(daemon, "_calibration_summary"):
-            rep = last_report(daemon.state_dir)
-            daemon._calibration_summary = summary(rep) if rep else None
-        last = daemon._calibration_summary
+        last = daemon.calibration_last.summary()
     if last:
         last = dict(last)
         if last["applied"] and not (last.get("dropin") and os.path.exists(last["dropin"])):
             last["applied"] = {}
         info["last"] = last
     return info
+
+
+class LastCalibration:
+    """The summary of the last calibration's report (calibration-last.json), read once: the
+    daemon's home for it while no calibration has run in this process."""
+
+    def __init__(self, state_dir: str):
+        self.state_dir = state_dir
+        self._read = False
+        self._summary: Optional[Dict[str, Any]] = None
+
+    def summary(self) -> Optional[Dict[str, Any]]:
+        if not self._read:
+            rep = last_report(self.state_dir)
+            self._summary = summary(rep) if rep else None
+            self._read = True
+        return self._summary
 
 
 def last_report(state_dir: str) -> Optional[Dict[str, Any]]:
@@ -557,7 +565,7 @@ def recover_interrupted(daemon, gpus) -> List[Event]:
     """At start: a calibration that did not end (the daemon was killed) left
     calibration-progress.json; put each GPU's limit back (matched by UUID) and forget the
     originals it saved. Returns the events to record."""
-    from gpucostd.tuners.base import Planned, TunerError, gpu_label
+    from gpucostd.tuners.base import TunerError
     path = os.path.join(daemon.state_dir, PROGRESS_FILE)
     try:
         with open(path, encoding="utf-8") as f:
@@ -571,7 +579,6 @@ def recover_interrupted(daemon, gpus) -> List[Event]:
                       f"{path}: unreadable ({e}); an interrupted calibration's limits may not "
                       f"be restored")]
     by_uuid = {g.uuid: g for g in gpus if g.uuid}
-    tuner = daemon.tuning.power
     done, errors = [], []
     for e in entries:
         try:
@@ -583,17 +590,14 @@ def recover_interrupted(daemon, gpus) -> List[Event]:
         if g is None:
             errors.append(f"GPU {uuid or index} is not on this node now")
             continue
-        p = Planned(tuner, f"gpu:{g.index}", SETTING, _whole(watts), None, "calibrate",
-                    gpu_label(g.index, g.name), target=g.index,
-                    identity={"uuid": g.uuid} if g.uuid else {})
         try:
-            tuner.restore(p, _whole(watts))
+            daemon.tuning.restore_held(SETTING, g.index, _whole(watts), g.name, g.uuid)
         except TunerError as ex:
             errors.append(str(ex))
             continue
         if e.get("saved_original"):
             try:
-                daemon.tuning.originals.remove(SETTING, f"gpu:{g.index}")
+                daemon.tuning.forget_original(SETTING, g.index)
             except Exception as ex:  # noqa: BLE001
                 errors.append(str(ex))
         done.append(f"GPU {g.index} {_whole(watts)} W")
