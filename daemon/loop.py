@@ -122,7 +122,9 @@ class Daemon:
         self._state_dir_was_bad = False
         self._state_since: Optional[float] = None
         self._originals_since: Optional[float] = None
-        self.calibration = None     # gpucostd.calibration.session.Calibration, while one runs
+        from gpucostd.calibration.session import LastCalibration
+        self.calibration = None     # gpucostd.calibration.session.Calibration, the running/last
+        self.calibration_last = LastCalibration(state_dir)    # the last report, before one runs
         self._calibration_recover = os.path.exists(os.path.join(state_dir,
                                                                 "calibration-progress.json"))
 
@@ -219,6 +221,20 @@ class Daemon:
             events.append(Event(self.clock.time(), "node", "prices_illustrative", Severity.OK,
                                 PRICES_FIX, note[0].upper() + note[1:]))
         self._record(events)
+
+    def record(self, events: List[Event]) -> None:
+        """Store, journal and hand events to the hooks (a command that drives the loop)."""
+        with self._lock:
+            self._record(list(events))
+
+    def retune(self, config: Config) -> None:
+        """A config whose tuning changed, taken at once (no reload event): the tuners plan with
+        it and the next cycle applies it (`gpucostd calibrate --simulate --apply`)."""
+        with self._lock:
+            self.config = config
+            self.tuning.reconfigure(config)
+            self._applied = False
+            self._reload_requested.clear()
 
     def request_reload(self) -> None:
         self._reload_requested.set()

@@ -605,3 +605,18 @@ def test_apply_keeps_what_an_earlier_calibration_applied_to_other_gpus(tmp_path)
     assert third["applied"]
     entries = tomllib.loads(dropin.read_text())["tuning"]["gpu"]["override"]
     assert sorted(e["power_limit_watts"] for e in entries) == [700] * 4     # replaced, not added
+
+
+def test_calibration_uses_only_the_public_faces_of_the_daemon_and_the_tuners():
+    """calibration/ holds, sets and restores through TuningManager's public interface (hold,
+    release, save_original, set, restore_held, forget_original) and drives the Daemon through
+    its public methods: no tuner, originals store or private attribute reached into."""
+    import re
+    room = Path(session.__file__).parent
+    found = []
+    for path in sorted(room.glob("*.py")):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"\btuning\.(held|power|persistence|originals|_)|\bdaemon\._|"
+                         r"\bd\._", line):
+                found.append(f"{path.name}:{n}: {line.strip()}")
+    assert found == []

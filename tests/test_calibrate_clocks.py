@@ -194,8 +194,8 @@ def test_profile_lever_on_h100_is_refused_with_the_reason(tmp_path):
     with pytest.raises(CalibrationRefused) as e:
         run_simulated(scenario_file(tmp_path), priced(),
                       params_from({"lever": "profile", "gpus": "0,1"}), on_cycle=_bounded())
-    assert "GPU 0 has no workload power profiles (GPU 0 does not support workload power " \
-           "profiles (Blackwell or newer)); use --lever clocks or power" in str(e.value)
+    assert "GPU 0 has no workload power profiles: NVML says not supported (Blackwell and " \
+           "later have them); use --lever clocks or power" in str(e.value)
 
 
 def test_lever_and_clock_range_are_checked():

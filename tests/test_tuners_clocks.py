@@ -177,9 +177,9 @@ def test_a_failed_lock_keeps_nothing_and_the_daemon_restores_on_stop(tmp_path):
 
 def test_daemon_stop_restores_locked_clocks(tmp_path):
     from gpucostd.loop import Daemon
-    from gpucostd.replay import _replay_config
+    from gpucostd.replay import replay_config
     clock = VirtualClock()
-    cfg = _replay_config(config(CLOCKS), str(tmp_path / "state"))
+    cfg = replay_config(config(CLOCKS), str(tmp_path / "state"))
     d = Daemon(cfg, clock=clock, simulate="builtin:h100x8", journal=False)
     d.start()
     try:

@@ -177,6 +177,66 @@ class TuningManager:
         self._drifted.pop(p.key, None)
         return Change(p.subject, p.name, old, p.desired, True)
 
+    # ------------------------------------------------------------------ held settings
+    # A part that steps a GPU setting for a while (`gpucostd calibrate`) holds it: apply and
+    # verify neither write nor count drift on it meanwhile, and the part sets and restores it
+    # through these methods alone (never the tuners or the originals store themselves).
+    def hold(self, name: str, index: int) -> None:
+        """Hold setting `name` of GPU `index` (apply and verify leave it alone)."""
+        self.held.add((name, f"gpu:{index}"))
+
+    def release(self, name: str, index: int) -> None:
+        """Give a held setting back to apply and verify."""
+        self.held.discard((name, f"gpu:{index}"))
+
+    def is_held(self, name: str, index: int) -> bool:
+        return (name, f"gpu:{index}") in self.held
+
+    def save_original(self, name: str, index: int, value: Any,
+                      uuid: Optional[str] = None) -> bool:
+        """Save `value` as the original of GPU `index`'s setting unless one is saved already
+        (True when this call saved it). Raises OriginalsError when it cannot be saved."""
+        return self.originals.save_if_absent(name, f"gpu:{index}", value,
+                                             **({"uuid": uuid} if uuid else {}))
+
+    def forget_original(self, name: str, index: int) -> None:
+        """The saved original of a setting put back by its holder is not needed any more."""
+        self.originals.remove(name, f"gpu:{index}")
+
+    def _held_planned(self, name: str, index: int, value: Any, gpu_name: Optional[str],
+                      uuid: Optional[str]) -> Planned:
+        tuner = self._tuner_named(name)
+        return Planned(tuner, f"gpu:{index}", name, tuner.coerce(value), None, "calibrate",
+                       gpu_label(index, gpu_name), target=index,
+                       identity={"uuid": uuid} if uuid else {})
+
+    def set(self, name: str, index: int, value: Any, gpu_name: Optional[str] = None,
+            uuid: Optional[str] = None) -> Any:
+        """Write a held setting and read it back (the value read). Raises TunerError."""
+        return self._tuner_named(name).apply(
+            self._held_planned(name, index, value, gpu_name, uuid))
+
+    def restore_held(self, name: str, index: int, value: Any, gpu_name: Optional[str] = None,
+                     uuid: Optional[str] = None) -> None:
+        """Put a held setting back at `value` (its holder's saved start). Raises TunerError."""
+        p = self._held_planned(name, index, value, gpu_name, uuid)
+        self._tuner_named(name).restore(p, p.desired)
+
+    def read(self, name: str, index: int) -> Any:
+        """The value of GPU `index`'s setting `name` as its tuner reads it. Raises TunerError."""
+        tuner = self._tuner_named(name)
+        return tuner.verify(self._held_planned(name, index, None, None, None))
+
+    def text(self, name: str, value: Any) -> str:
+        """A setting's value in words ("600 W", "345..1500 MHz", "unlocked")."""
+        return self._tuner_named(name).text(value)
+
+    def _tuner_named(self, name: str):
+        for tuner in self.gpu_tuners:
+            if name in tuner.names:
+                return tuner
+        raise KeyError(f"no GPU tuner sets {name!r}")
+
     # ------------------------------------------------------------------ API
     def plan(self, gpus: Iterable[Any]) -> List[Setting]:
         """Every configured setting with its actual and desired value (nothing is written)."""

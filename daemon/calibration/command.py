@@ -35,7 +35,7 @@ def run_simulated(scenario: str, config, params: Params, dropin: Optional[str] =
     import tempfile
     from gpucostd.clock import VirtualClock
     from gpucostd.loop import Daemon
-    from gpucostd.replay import _replay_config
+    from gpucostd.replay import replay_config
     from gpucostd.sim.scenario import load_scenario
 
     sc = load_scenario(scenario)               # ScenarioError before anything else
@@ -62,7 +62,7 @@ def run_simulated(scenario: str, config, params: Params, dropin: Optional[str] =
     clock = VirtualClock()
     daemon = None
     try:
-        rconfig = _replay_config(cfg, os.path.join(tmp, "state"))
+        rconfig = replay_config(cfg, os.path.join(tmp, "state"))
         daemon = Daemon(rconfig, clock=clock, simulate=scenario, journal=False)
         daemon.start()
         # the simulated node is in steady state between steps: a dozen samples per step
@@ -90,7 +90,7 @@ def run_simulated(scenario: str, config, params: Params, dropin: Optional[str] =
                 if why:
                     cal.abort(why)
                 if clock.monotonic() > deadline and cal.active:
-                    daemon._record(stop(daemon, "internal error: the calibration did not "
+                    daemon.record(stop(daemon, "internal error: the calibration did not "
                                                 "end in its time (aborted, limits restored)"))
                     break
                 daemon.step()
@@ -99,7 +99,7 @@ def run_simulated(scenario: str, config, params: Params, dropin: Optional[str] =
                     progress(cal.progress())
         except BaseException:
             # SIGINT / SIGTERM (KeyboardInterrupt, SystemExit): restore before leaving
-            daemon._record(stop(daemon, "interrupted"))
+            daemon.record(stop(daemon, "interrupted"))
             raise
         report = cal.report()
         if cal.applied:
@@ -132,14 +132,11 @@ def _sim_apply(daemon, cal: Calibration, interval: float) -> Dict[str, Any]:
     """Load the config with the drop-in (as a reload would) and let the simulated daemon
     enforce it for one cycle; returns {gpu: limit} it then reads."""
     from gpucostd.config import load_files
-    from gpucostd.replay import _replay_config
+    from gpucostd.replay import replay_config
     base = daemon.config
     new = load_files(base.path, [cal.dropin])
-    new = _replay_config(new, daemon.state_dir)
-    daemon.config = new
-    daemon.tuning.reconfigure(new)
-    daemon._applied = False
-    daemon._reload_requested.clear()
+    new = replay_config(new, daemon.state_dir)
+    daemon.retune(new)
     clock = daemon.clock
     for _ in range(2):                # the cycle applies after its reading; the next reads it
         clock.advance(interval)
@@ -151,7 +148,8 @@ def _sim_apply(daemon, cal: Calibration, interval: float) -> Dict[str, Any]:
             if grp.lever == "power":
                 out[str(i)] = g.power_limit_watts if g else None
             else:
-                out[str(i)] = levers.tuner(daemon, grp).text(levers.tuner(daemon, grp).read(i))
+                name = levers.setting(grp)
+                out[str(i)] = levers.value_text(name, daemon.tuning.read(name, i))
     return out
 
 

@@ -2,8 +2,9 @@
 (``clocks``: each step locks the clock to [the lowest supported, the step's MHz], the original is
 "unlocked" and comes back with nvmlDeviceResetGpuLockedClocks) or the workload power profile
 (``profile``, Blackwell and later). The session (gpucostd.calibration.session) writes, checks and
-restores through these functions, always through the tuners (tuners/gpu_power.py,
-tuners/gpu_clocks.py), so the tuners' read-back and error texts hold for every lever.
+restores through the tuning manager's public interface (hold, save_original, set, read,
+restore_held, forget_original, release), so the tuners' read-back and error texts
+(tuners/gpu_power.py, tuners/gpu_clocks.py) hold for every lever.
 """
 from __future__ import annotations
 
@@ -16,11 +17,6 @@ CLOCK_SLACK_MHZ = 30        # an SM clock this far above the locked maximum: no 
 
 def setting(grp: Group) -> str:
     return LEVER_SETTINGS[grp.lever]
-
-
-def tuner(daemon, grp: Group):
-    t = daemon.tuning
-    return {"power": t.power, "clocks": t.clocks, "profile": t.profile}[grp.lever]
 
 
 def value(grp: Group, step: Any) -> Any:
@@ -67,15 +63,16 @@ def info(daemon, snap, params: Params) -> Dict[str, Any]:
         if params.lever in ("auto", "clocks"):
             try:
                 out["clocks"][i] = gw.get_supported_sm_clocks(i)
-                out["start"][("locked_sm_clocks_mhz", i)] = t.clocks.read(i)
-            except Exception as e:  # noqa: BLE001 - NvmlError: the text says why
+                out["start"][("locked_sm_clocks_mhz", i)] = t.read("locked_sm_clocks_mhz", i)
+            except Exception as e:  # noqa: BLE001 - NvmlError, TunerError: the text says why
                 out["clocks"][i] = str(e)
         if params.lever == "profile":
             try:
-                out["start"][("power_profile", i)] = t.profile.read(i)
+                out["start"][("power_profile", i)] = t.read("power_profile", i)
                 out["profiles"][i] = None
-            except Exception as e:  # noqa: BLE001
-                out["profiles"][i] = str(e)
+            except Exception as e:  # noqa: BLE001 - TunerError: the text says why
+                out["profiles"][i] = ("NVML says not supported (Blackwell and later have them)"
+                                      if getattr(e, "kind", None) == "not_supported" else str(e))
     return out
 
 
@@ -91,8 +88,18 @@ def start_values(daemon, snap, grp: Group) -> Dict[int, Any]:
         if grp.lever == "power":
             out[i] = float(snap.gpu(i).power_limit_watts)
         else:
-            out[i] = tuner(daemon, grp).read(i)
+            out[i] = daemon.tuning.read(setting(grp), i)
     return out
+
+
+def value_text(name: str, value: Any) -> str:
+    """A value of setting `name` in words, for events ("700 W", "345..1500 MHz", "unlocked")."""
+    if name == "power_limit_watts":
+        return f"{whole(value)} W"
+    if name == "locked_sm_clocks_mhz":
+        from gpucostd.tuners.gpu_clocks import clock_text
+        return clock_text(value)
+    return str(value)
 
 
 def changed_behind(grp: Group, g, step: Any) -> Optional[str]:

@@ -585,7 +585,7 @@ def _plan_other_lever(grp: Group, gs, params: Params, levers: Dict[str, Any], co
         for g in gs:
             why = (levers.get("profiles") or {}).get(g.index, "not known to NVML")
             if why:
-                return (f"GPU {g.index} has no workload power profiles ({why}); use --lever "
+                return (f"GPU {g.index} has no workload power profiles: {why}; use --lever "
                         f"clocks or power")
         grp.steps = list(PROFILE_STEPS)
     start = levers.get("start") or {}

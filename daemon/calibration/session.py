@@ -87,6 +87,7 @@ class Calibration:
         self.events: List[Event] = []
         self.scenario = daemon.simulate
         self.dropin_path: Optional[str] = None
+        self.summary: Optional[Dict[str, Any]] = None     # of report(), once it has ended
 
     # -- public
     @property
@@ -196,14 +197,15 @@ class Calibration:
             self.finished_at = d.clock.time()
             self._save_last()
             return
-        d.tuning.held.update((levers.setting(g), f"gpu:{i}") for g in self.groups
-                             for i in g.gpus)
+        for g in self.groups:
+            for i in g.gpus:
+                d.tuning.hold(levers.setting(g), i)
         try:
             self._write_progress()                   # before anything is saved or written
             for grp in self.groups:
                 for i in grp.gpus:
-                    grp.saved[i] = d.tuning.originals.save_if_absent(
-                        levers.setting(grp), f"gpu:{i}", levers.original(grp, grp.start[i]),
+                    grp.saved[i] = d.tuning.save_original(
+                        levers.setting(grp), i, levers.original(grp, grp.start[i]),
                         uuid=grp.uuids.get(i))
             self._write_progress()
         except Exception as e:  # noqa: BLE001 - OriginalsError, OSError: nothing written yet
@@ -255,7 +257,7 @@ class Calibration:
                         "end): %s", grp.label(), "; ".join(errors))
             return
         for i in grp.gpus:
-            self.daemon.tuning.held.discard((levers.setting(grp), f"gpu:{i}"))
+            self.daemon.tuning.release(levers.setting(grp), i)
         try:
             self._write_progress()              # a crash now restores only the others
         except OSError as e:
@@ -264,11 +266,10 @@ class Calibration:
                  len(grp.steps))
 
     def _write(self, index: int, watts: Any, grp: Group) -> None:
-        tuner = levers.tuner(self.daemon, grp)
         if grp.lever != "profile" and not grp.lo - 1e-6 <= watts <= grp.hi + 1e-6:
             raise AssertionError(f"{watts} outside {grp.lo}..{grp.hi}")   # never outside
-        p = _planned(tuner, index, grp, levers.value(grp, watts))
-        tuner.apply(p)
+        self.daemon.tuning.set(levers.setting(grp), index, levers.value(grp, watts),
+                               grp.names.get(index), grp.uuids.get(index))
 
     def _restore_all(self) -> List[str]:
         """Every GPU back at its start limit; the originals we saved forgotten. Errors as
@@ -285,19 +286,20 @@ class Calibration:
     def _restore_group(self, grp: Group) -> List[str]:
         from gpucostd.tuners.base import TunerError
         errors: List[str] = []
-        tuner = levers.tuner(self.daemon, grp)
+        tuning = self.daemon.tuning
         for i in grp.gpus:
             if i not in grp.start:
                 continue
             start = levers.original(grp, grp.start[i])
             try:
-                tuner.restore(_planned(tuner, i, grp, start), start)
+                tuning.restore_held(levers.setting(grp), i, start, grp.names.get(i),
+                                    grp.uuids.get(i))
             except TunerError as e:
                 errors.append(str(e))
                 continue
             if grp.saved.get(i):
                 try:
-                    self.daemon.tuning.originals.remove(levers.setting(grp), f"gpu:{i}")
+                    tuning.forget_original(levers.setting(grp), i)
                 except Exception as e:  # noqa: BLE001
                     errors.append(str(e))
         grp.restored = not errors
@@ -306,7 +308,7 @@ class Calibration:
     def _release(self) -> None:
         for g in self.groups:
             for i in g.gpus:
-                self.daemon.tuning.held.discard((levers.setting(g), f"gpu:{i}"))
+                self.daemon.tuning.release(levers.setting(g), i)
 
     def _abort(self, reason: str, restore: bool = False) -> None:
         was_running = self.state == "running"
@@ -480,14 +482,6 @@ def _whole(w: float):
     return int(w) if w.is_integer() else w
 
 
-def _planned(tuner, index: int, grp: Group, value: Any):
-    from gpucostd.tuners.base import Planned, gpu_label
-    uuid = grp.uuids.get(index)
-    return Planned(tuner, f"gpu:{index}", levers.setting(grp), value, None, "calibrate",
-                   gpu_label(index, grp.names.get(index)), target=index,
-                   identity={"uuid": uuid} if uuid else {})
-
-
 def _remove(path: str) -> None:
     try:
         os.unlink(path)
@@ -554,20 +548,34 @@ def snapshot_info(daemon) -> Optional[Dict[str, Any]]:
         info["uuids"] = {str(i): g.uuids.get(i) for g in cal.groups for i in g.gpus}
         return info
     if cal is not None:
-        if getattr(cal, "_summary", None) is None:
-            cal._summary = summary(cal.report())
-        last = cal._summary
+        if cal.summary is None:
+            cal.summary = summary(cal.report())
+        last = cal.summary
     else:
-        if not hasattr(daemon, "_calibration_summary"):
-            rep = last_report(daemon.state_dir)
-            daemon._calibration_summary = summary(rep) if rep else None
-        last = daemon._calibration_summary
+        last = daemon.calibration_last.summary()
     if last:
         last = dict(last)
         if not (last.get("dropin") and os.path.exists(last["dropin"])):
             last["applied"], last["applied_clocks"] = {}, {}
         info["last"] = last
     return info
+
+
+class LastCalibration:
+    """The summary of the last calibration's report (calibration-last.json), read once: the
+    daemon's home for it while no calibration has run in this process."""
+
+    def __init__(self, state_dir: str):
+        self.state_dir = state_dir
+        self._read = False
+        self._summary: Optional[Dict[str, Any]] = None
+
+    def summary(self) -> Optional[Dict[str, Any]]:
+        if not self._read:
+            rep = last_report(self.state_dir)
+            self._summary = summary(rep) if rep else None
+            self._read = True
+        return self._summary
 
 
 def last_report(state_dir: str) -> Optional[Dict[str, Any]]:
@@ -583,7 +591,7 @@ def recover_interrupted(daemon, gpus) -> List[Event]:
     """At start: a calibration that did not end (the daemon was killed) left
     calibration-progress.json; put each GPU's limit back (matched by UUID) and forget the
     originals it saved. Returns the events to record."""
-    from gpucostd.tuners.base import Planned, TunerError, gpu_label
+    from gpucostd.tuners.base import TunerError
     path = os.path.join(daemon.state_dir, PROGRESS_FILE)
     try:
         with open(path, encoding="utf-8") as f:
@@ -597,38 +605,32 @@ def recover_interrupted(daemon, gpus) -> List[Event]:
                       f"{path}: unreadable ({e}); an interrupted calibration's limits may not "
                       f"be restored")]
     by_uuid = {g.uuid: g for g in gpus if g.uuid}
-    tuners = {t.name: t for t in (daemon.tuning.power, daemon.tuning.clocks,
-                                  daemon.tuning.profile)}
     lever_of = {v: k for k, v in maths.LEVER_SETTINGS.items()}
     done, errors = [], []
     for e in entries:
         try:
             name = e.get("setting", SETTING)
-            tuner = tuners[name]
             index, uuid = int(e["index"]), e.get("uuid")
             watts = levers.tuner_form(lever_of[name], e["start_watts"] if name == SETTING
                                       else e["start"])
-        except (KeyError, TypeError, ValueError, AttributeError):
+        except (KeyError, TypeError, ValueError, AttributeError):   # lever_of[name] too
             errors.append(f"bad entry {e!r}")
             continue
         g = by_uuid.get(uuid) if uuid else next((x for x in gpus if x.index == index), None)
         if g is None:
             errors.append(f"GPU {uuid or index} is not on this node now")
             continue
-        p = Planned(tuner, f"gpu:{g.index}", name, watts, None, "calibrate",
-                    gpu_label(g.index, g.name), target=g.index,
-                    identity={"uuid": g.uuid} if g.uuid else {})
         try:
-            tuner.restore(p, watts)
+            daemon.tuning.restore_held(name, g.index, watts, g.name, g.uuid)
         except TunerError as ex:
             errors.append(str(ex))
             continue
         if e.get("saved_original"):
             try:
-                daemon.tuning.originals.remove(name, f"gpu:{g.index}")
+                daemon.tuning.forget_original(name, g.index)
             except Exception as ex:  # noqa: BLE001
                 errors.append(str(ex))
-        done.append(f"GPU {g.index} {tuner.text(watts) if name != SETTING else f'{watts} W'}")
+        done.append(f"GPU {g.index} {levers.value_text(name, watts)}")
     if not errors:
         _remove(path)
     now = daemon.clock.time()
