@@ -256,3 +256,16 @@ def test_override_sets_clocks_for_one_gpu(tmp_path):
     assert [(s.subject, s.desired) for s in plan] == [("gpu:3", (1005, 1410))]
     m.apply(_sim_readings(gw, node))
     assert node.state(3)["sm_clock"] == 1410 and node.state(2)["sm_clock"] == 1980
+
+
+def test_a_gpu_without_locked_clocks_says_so_and_nothing_is_written(tmp_path):
+    text = _builtin_text().replace('unsupported = [', 'unsupported = ["locked_clocks", ', 1)
+    assert '"locked_clocks"' in text
+    node, gw, clock = _sim(tmp_path, text)
+    m = manager(tmp_path, gw, clock)
+    s = by_key(m.plan(_sim_readings(gw, node)))[("locked_sm_clocks_mhz", "gpu:0")]
+    assert s.error == (f"GPU 0 ({MODEL}): cannot read the supported SM clocks: not supported "
+                       f"on this GPU; set it only for the GPUs that support it "
+                       f"([[tuning.gpu.override]] instead of [tuning.gpu])")
+    assert all(not c.ok for c in m.apply(_sim_readings(gw, node)))
+    assert originals(tmp_path) == {}

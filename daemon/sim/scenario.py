@@ -142,6 +142,9 @@ UNSUPPORTED_GROUPS: Dict[str, Tuple[str, ...]] = {
     # GPU Performance Monitoring (nvmlGpm*): Hopper and later; an older GPU's name (A100,
     # L40S, ...) makes it NOT_SUPPORTED without this (gpucostd.sim.gpm)
     "gpm": (),
+    # locked SM clocks and the supported-clocks lists (pre-Volta GPUs, some vGPUs):
+    # gpucostd.sim.clocks
+    "locked_clocks": ("supported_clocks",),
 }
 _NOT_UNSUPPORTABLE = set(IDENTITY_FIELDS) | {"setters_permitted", "unsupported", "lost", "present",
                                             "violation_counters", "decode_share"}
