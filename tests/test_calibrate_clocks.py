@@ -316,3 +316,23 @@ def test_profile_sweep_on_a_simulated_blackwell_restores_the_profiles(tmp_path):
     d = box["d"]
     assert [d.sim.state(i).get("power_profiles") or 0 for i in (0, 1)] == [0, 0]   # none
     assert not d.tuning.originals.items()
+
+
+def test_a_configured_lock_is_held_during_the_sweep_and_back_at_the_end(tmp_path):
+    from gpucostd.config import parse
+    cfg = parse("[cost]\ngpu_hour_usd = 1.0\n[tuning.gpu]\nlocked_sm_clocks_mhz = [345, 1500]\n")
+    box = {}
+
+    def watch(daemon, cal):
+        box["d"] = daemon
+        if cal.state == "running" and cal.step == 1:
+            box["held"] = sorted(daemon.tuning.held)
+    rep = run_simulated("builtin:decode", cfg, params_from(CLOCKS),
+                        on_cycle=_bounded(then=watch))
+    assert rep["state"] == "done", rep["reason"]
+    g = rep["groups"][0]
+    assert g["start"] == [[345, 1500], [345, 1500]]
+    assert box["held"] == sorted(("locked_sm_clocks_mhz", f"gpu:{i}") for i in range(4))
+    d = box["d"]
+    assert [d.sim.state(i)["sm_clock"] for i in range(4)] == [1500] * 4
+    assert not d.tuning.held
