@@ -11,7 +11,7 @@ import pytest
 
 from gpucostd.calibration import session
 from gpucostd.calibration.command import CalibrationRefused, params_from, run_simulated
-from gpucostd.calibration import maths
+from gpucostd.calibration import maths, report
 
 from test_calibrate import _bounded, priced, scenario_file
 
@@ -167,7 +167,7 @@ def test_apply_writes_locked_clocks_as_enforced_config(tmp_path):
     entries = tomllib.loads(dropin.read_text())["tuning"]["gpu"]["override"]
     assert [e["locked_sm_clocks_mhz"] for e in entries] == [[345, rec]] * 2
     assert rep["enforced_after_apply"] == {"0": f"345..{rec} MHz", "1": f"345..{rec} MHz"}
-    assert f"GPU 0 345..{rec} MHz" in maths.format_report(rep)
+    assert f"GPU 0 345..{rec} MHz" in report.format_report(rep)
 
 
 def test_auto_chooses_the_power_limit_where_it_binds(tmp_path):
@@ -175,7 +175,7 @@ def test_auto_chooses_the_power_limit_where_it_binds(tmp_path):
     for g in rep["groups"]:
         assert g["lever"] == "power"
         assert g["lever_why"].startswith("the power limit binds: GPU")
-    assert "lever: power: the power limit binds" in maths.format_report(rep)
+    assert "lever: power: the power limit binds" in report.format_report(rep)
 
 
 def test_auto_chooses_clocks_where_the_limit_does_not_bind(tmp_path):
@@ -237,7 +237,7 @@ def test_decode_power_sweep_changes_nothing_above_the_draw_and_says_so():
             assert abs(r["tokens_per_second"] / above[0]["tokens_per_second"] - 1) < 0.02
             assert abs(r["power_watts"] / above[0]["power_watts"] - 1) < 0.02
         assert any("The power limit does not bind" in n for n in g["notes"]), g["notes"]
-    assert "The power limit does not bind" in maths.format_report(rep)
+    assert "The power limit does not bind" in report.format_report(rep)
 
 
 def test_decode_auto_sweeps_clocks_and_finds_a_fifth_more_tokens_per_joule():
@@ -295,7 +295,7 @@ def test_metrics_show_the_locked_clock_of_the_step_and_the_recommendation(tmp_pa
     assert values == {gpu: mhz * 1e6 for gpu, mhz in seen["held"].items()}
     assert sorted(values) == ["0", "1", "2", "3"] and values["0"] / 1e6 in seen["steps"]
     assert seen["fams"]["gpucostd_calibration_step_power_limit_watts"].samples == []
-    summary = maths.summary(rep)
+    summary = report.summary(rep)
     rec = rep["groups"][0]["recommendation"]["tokens_per_dollar"]["setting"]
     assert summary["recommended_clocks"]["0"]["mhz"] == rec and summary["recommended"] == {}
 

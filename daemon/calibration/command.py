@@ -15,7 +15,7 @@ from gpucostd.calibration.session import (CLIENT_TIMEOUT, DEFAULT_SIM_SCENARIO, 
                                           EXIT_ABORTED, EXIT_DONE, EXIT_REFUSED,
                                           ILLUSTRATIVE_PRICES, LOG, Calibration,
                                           last_report, stop)
-from gpucostd.calibration import levers, maths
+from gpucostd.calibration import levers, report as text
 from gpucostd.calibration.maths import (CalibrationRefused, Params, params_from,  # noqa: F401
                                        plan)
 
@@ -159,7 +159,7 @@ def _out(report: Dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
-        sys.stdout.write(maths.format_report(report))
+        sys.stdout.write(text.format_report(report))
 
 
 def _exit_for(report: Dict[str, Any]) -> int:
@@ -177,7 +177,7 @@ def _progress_printer(stream):
         return None
 
     def show(p: Dict[str, Any]) -> None:
-        stream.write("\r" + maths.progress_line(p))
+        stream.write("\r" + text.progress_line(p))
         stream.flush()
     return show
 

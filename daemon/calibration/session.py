@@ -36,7 +36,8 @@ from typing import Any, Dict, List, Optional
 
 from gpucostd.calibration import levers, maths
 from gpucostd.calibration.maths import (CalibrationRefused, Group, Params,  # noqa: F401
-                                       dropin_text, gpu_trouble, params_from, plan, summary)
+                                       gpu_trouble, params_from, plan)
+from gpucostd.calibration.report import binding_note, dropin_text, kept_overrides, summary
 from gpucostd.snapshot import Event, Severity
 from gpucostd.statefile import write_atomic
 
@@ -334,7 +335,7 @@ class Calibration:
         self.finished_at = d.clock.time()
         for grp in self.groups:
             grp.recommendation = maths.recommend(grp.rows, self.params.min_throughput)
-            note = maths.binding_note(grp.rows, len(grp.gpus)) if grp.lever == "power" \
+            note = binding_note(grp.rows, len(grp.gpus)) if grp.lever == "power" \
                 else None
             if note:
                 grp.notes.append(note)
@@ -372,7 +373,7 @@ class Calibration:
         try:
             from gpucostd.config import tomllib
             with open(path, "rb") as f:
-                kept = maths.kept_overrides(tomllib.load(f), self.groups)
+                kept = kept_overrides(tomllib.load(f), self.groups)
         except FileNotFoundError:
             pass
         except (OSError, ValueError) as e:       # TOMLDecodeError is a ValueError
