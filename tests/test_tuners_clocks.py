@@ -269,3 +269,22 @@ def test_a_gpu_without_locked_clocks_says_so_and_nothing_is_written(tmp_path):
                        f"([[tuning.gpu.override]] instead of [tuning.gpu])")
     assert all(not c.ok for c in m.apply(_sim_readings(gw, node)))
     assert originals(tmp_path) == {}
+
+
+def test_simulated_profile_structs_match_pynvml():
+    """The simulator writes the workload-power-profile structs by offset: their versions and
+    sizes are pynvml's (which follow nvml.h's NVML_STRUCT_VERSION)."""
+    import ctypes
+    import pynvml
+    from gpucostd.sim import clocks
+    cur = pynvml.c_nvmlWorkloadPowerProfileCurrentProfiles_v1_t
+    req = pynvml.c_nvmlWorkloadPowerProfileRequestedProfiles_v1_t
+    info = pynvml.c_nvmlWorkloadPowerProfileProfilesInfo_v1_t
+    assert clocks._VERSION_CURRENT == pynvml.nvmlWorkloadPowerProfileCurrentProfiles_v1
+    assert clocks._VERSION_REQUESTED == pynvml.nvmlWorkloadPowerProfileRequestedProfiles_v1
+    assert clocks._VERSION_INFO == pynvml.nvmlWorkloadPowerProfileProfilesInfo_v1
+    assert ctypes.sizeof(cur) == 4 + 3 * clocks._MASK_BYTES
+    assert cur.requestedProfilesMask.offset == 4 + clocks._MASK_BYTES
+    assert req.requestedProfilesMask.offset == 4
+    assert ctypes.sizeof(pynvml.c_nvmlWorkloadPowerProfileInfo_v1_t) == clocks._INFO_BYTES
+    assert info.perfProfile.offset == 4 + clocks._MASK_BYTES

@@ -1,8 +1,12 @@
-"""The maths of `gpucostd calibrate` (pure: no time, no I/O): the step plan, one step's
-measurement window with its warm-up excluded, the table's figures and the recommendation.
+"""The maths of `gpucostd calibrate` (pure: no time, no I/O): the lever and the step plan, one
+step's measurement window with its warm-up excluded, the table's figures and the
+recommendation (its text is gpucostd.calibration.report).
 
-A calibration steps the power limit of a GPU group (the GPUs of one inference endpoint) from
-the top of its range down to the bottom and holds each step for a dwell time. The first
+A calibration steps one lever of a GPU group (the GPUs of one inference endpoint): the power
+limit, the locked SM clock or the workload power profile; with --lever auto, the power limit
+where it binds (a GPU draws BINDS_AT of it or more, or SwPowerCap is seen), else the SM clock
+(``choose_lever``). It goes from the top of the range down to the bottom and holds each step
+for a dwell time. The first
 `warmup` seconds of a step are not measured (the clock settles within milliseconds, but the
 server's batches and the token counter need a few scrapes); the rest is the window::
 
@@ -15,7 +19,8 @@ server's batches and the token counter need a few scrapes); the rest is the wind
     $/M tokens      = 1e6 / tokens/$
 
 The recommendation: among the steps whose throughput is at least `min_throughput` of the best
-step's, the one with the most tokens per dollar (ties go to the lower limit); and, over all
+step's, the one with the most tokens per dollar (ties go to the lower setting); the most
+tokens per joule at or above that floor (with its gain over the first step); and, over all
 steps, the one with the most tokens per joule.
 """
 from __future__ import annotations
