@@ -152,8 +152,9 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
                   min=1.0, max=5.0),
     },
     "efficiency": {
-        "target_utilization_percent": _k("float", 80.0, "Busy GPUs below this utilization "
-                                         "count their unused share as idle capacity.",
+        "target_utilization_percent": _k("float", 80.0, "Busy GPUs whose work (SM activity "
+                                         "where the GPU has GPM, else utilization) is below "
+                                         "this count their unused share as idle capacity.",
                                          min=0, max=100),
         "min_tokens_per_dollar": _k("float", 0.0, "Floor of node tokens per dollar; 0 is off.",
                                     min=0),

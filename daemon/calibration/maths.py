@@ -215,11 +215,11 @@ def _argmax(rows: Sequence[Dict[str, Any]], key: str) -> Optional[Dict[str, Any]
 
 def _lower(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
     """Ties go to the lower setting (watts or MHz; a profile keeps the first)."""
-    x, y = _setting(a), _setting(b)
+    x, y = setting_of(a), setting_of(b)
     return isinstance(x, (int, float)) and isinstance(y, (int, float)) and x < y
 
 
-def _setting(row: Dict[str, Any]) -> Any:
+def setting_of(row: Dict[str, Any]) -> Any:
     return row.get("setting", row.get("power_limit_watts"))
 
 

@@ -8,7 +8,7 @@ import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from gpucostd.calibration.maths import (LEVER_SETTINGS, LEVER_UNITS, NO_EFFECT, Group,
-                                        _setting)
+                                        setting_of)
 
 
 def kept_overrides(previous: Mapping[str, Any], groups: Sequence[Group]
@@ -169,17 +169,17 @@ def _group_lines(g: Dict[str, Any], p: Dict[str, Any], sym: str, width: int) -> 
                  f"{'% best':>6} {'tok/J':>7} {'tok/' + sym.strip():>10} "
                  f"{sym.strip() + '/M tok':>9}  NOTE")
     rec = g.get("recommendation") or {}
-    rd = _setting(rec.get("tokens_per_dollar") or {})
-    rj = _setting(rec.get("tokens_per_joule") or {})
+    rd = setting_of(rec.get("tokens_per_dollar") or {})
+    rj = setting_of(rec.get("tokens_per_joule") or {})
     for r in g.get("rows") or ():
         ratio = r.get("throughput_ratio")
         act = r.get("activity")
         note = []
-        if _setting(r) == rd:
+        if setting_of(r) == rd:
             note.append("<- tok/$")
-        if _setting(r) == rj:
+        if setting_of(r) == rj:
             note.append("<- tok/J")
-        lines.append(f"  {str(_setting(r))[:7]:>7} {_f(r.get('power_watts'), '.1f'):>8} "
+        lines.append(f"  {str(setting_of(r))[:7]:>7} {_f(r.get('power_watts'), '.1f'):>8} "
                      f"{_f(r.get('sm_clock_mhz'), '.0f'):>5} "
                      f"{_f(None if act is None else act * 100, '.0f'):>4} "
                      f"{_f(r.get('tokens_per_second'), ',.1f'):>10} "
@@ -190,22 +190,22 @@ def _group_lines(g: Dict[str, Any], p: Dict[str, Any], sym: str, width: int) -> 
                      + " ".join(note))
     d, j = rec.get("tokens_per_dollar"), rec.get("tokens_per_joule")
     if d:
-        lines.extend(_wrap(f"  Recommended: {_step_text(lever, _setting(d))}: the most tokens "
+        lines.extend(_wrap(f"  Recommended: {_step_text(lever, setting_of(d))}: the most tokens "
                            f"per dollar ({_f(d.get('tokens_per_dollar'), ',.0f')}) at "
                            f"{_f((d.get('throughput_ratio') or 0) * 100, '.1f')}% of the best "
                            f"throughput", width))
     elif rec.get("why"):
         lines.extend(_wrap(f"  No tokens-per-dollar recommendation: {rec['why']}", width))
     jf, gain = rec.get("tokens_per_joule_at_floor"), rec.get("joule_gain")
-    if jf and gain and _setting(jf) != _setting(j or {}):
+    if jf and gain and setting_of(jf) != setting_of(j or {}):
         lines.extend(_wrap(f"  Most tokens per joule at {p.get('min_throughput', 0) * 100:g}% "
-                           f"of the best throughput or more: {_step_text(lever, _setting(jf))} "
+                           f"of the best throughput or more: {_step_text(lever, setting_of(jf))} "
                            f"({_f(jf.get('tokens_per_joule'), '.3f')} tokens/J, "
                            f"{gain * 100:+.1f}% over the first step, "
                            f"{_f((jf.get('throughput_ratio') or 0) * 100, '.1f')}% of the best "
                            f"throughput)", width))
     if j:
-        lines.extend(_wrap(f"  Most tokens per joule: {_step_text(lever, _setting(j))} "
+        lines.extend(_wrap(f"  Most tokens per joule: {_step_text(lever, setting_of(j))} "
                            f"({_f(j.get('tokens_per_joule'), '.3f')} tokens/J, "
                            f"{_f((j.get('throughput_ratio') or 0) * 100, '.1f')}% of the best "
                            f"throughput)", width))
@@ -222,7 +222,7 @@ def binding_note(rows: Sequence[Dict[str, Any]], n_gpus: int = 1) -> Optional[st
     if len(rs) < 2:
         return None
     drawn = max(r["power_watts"] for r in rs) / max(1, n_gpus)
-    above = [r for r in rs if _setting(r) >= drawn * (1 + NO_EFFECT)]
+    above = [r for r in rs if setting_of(r) >= drawn * (1 + NO_EFFECT)]
     if len(above) < 2:
         return None
     tps = [r["tokens_per_second"] for r in above]
@@ -230,8 +230,8 @@ def binding_note(rows: Sequence[Dict[str, Any]], n_gpus: int = 1) -> Optional[st
     dt = (max(tps) - min(tps)) / max(tps)
     dw = (max(watts) - min(watts)) / max(watts)
     if dt < NO_EFFECT and dw < NO_EFFECT:
-        return (f"The power limit does not bind: from {_setting(above[0])} W down to "
-                f"{_setting(above[-1])} W (all above the {drawn:.0f} W a GPU draws) tokens/s "
+        return (f"The power limit does not bind: from {setting_of(above[0])} W down to "
+                f"{setting_of(above[-1])} W (all above the {drawn:.0f} W a GPU draws) tokens/s "
                 f"change "
                 f"{dt * 100:.1f}% and watts {dw * 100:.1f}%; sweep the SM clock instead "
                 f"(--lever clocks, or --lever auto)")
