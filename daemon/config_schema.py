@@ -46,13 +46,13 @@ GPU_TUNING_KEYS: Dict[str, Key] = {
                             optional=True, min=1, max=10000),
     "power_limit_percent": _k("float", None, "Power limit as a percentage of the GPU's default.",
                               optional=True, min=1, max=200),
-    "locked_sm_clocks_mhz": _k("clock_range", None,
-                               "Lock the SM clock to [min, max] MHz (nvidia-smi -lgc); both "
-                               "must be supported clocks of the GPU.", optional=True, min=1,
-                               max=100000),
-    "power_profile": _k("choice", None, "Workload power profile to request (Blackwell and "
-                        "later), e.g. \"llm_inference\".", optional=True,
-                        choices=tuple(POWER_PROFILES)),
+    "locked_sm_clocks_mhz": Key("clock_range", None,
+                                "Lock the SM clock to [min, max] MHz (nvidia-smi -lgc); both "
+                                "must be supported clocks of the GPU.", min=1, max=100000,
+                                optional=True),
+    "power_profile": Key("choice", None, "Workload power profile to request (Blackwell and "
+                         "later), e.g. \"llm_inference\".", choices=tuple(POWER_PROFILES),
+                         optional=True),
 }
 RING_KEYS = ("rx", "tx", "rx_mini", "rx_jumbo")
 
