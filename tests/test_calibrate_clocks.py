@@ -126,24 +126,26 @@ def test_sigint_unlocks_before_leaving(tmp_path):
 
 
 def test_a_killed_daemon_unlocks_at_its_next_start(tmp_path):
+    """The progress file a killed clock calibration left: the next start unlocks GPU 2 (by its
+    UUID) before anything else."""
     from gpucostd.clock import VirtualClock
     from gpucostd.config import parse
     from gpucostd.loop import Daemon
+    from gpucostd.sim.nvml import SimulatedNode
+    uuid = SimulatedNode("builtin:calibrate", VirtualClock()).state(2)["uuid"]
     state = tmp_path / "state"
     state.mkdir()
+    (state / session.PROGRESS_FILE).write_text(json.dumps({"version": 1, "gpus": [
+        {"index": 2, "uuid": uuid, "setting": "locked_sm_clocks_mhz", "start": "unlocked",
+         "saved_original": False}]}))
     cfg = parse(f'[daemon]\nstate_dir = "{state}"\nkernel_log = "none"\nlisten_address = ""\n')
     d = Daemon(cfg, clock=VirtualClock(), simulate="builtin:calibrate", journal=False)
     try:
         d.gateway.ensure_initialized()
-        uuid = d.gateway.get_uuid(2)
         d.gateway.set_locked_clocks(2, 345, 1200)      # as the killed calibration left it
-        (state / session.PROGRESS_FILE).write_text(json.dumps({"version": 1, "gpus": [
-            {"index": 2, "uuid": uuid, "setting": "locked_sm_clocks_mhz", "start": "unlocked",
-             "saved_original": False}]}))
-        d._calibration_recover = True
         d.step()
         snap = d.step()
-        assert snap.gpu(2).sm_clock_mhz == snap.gpu(3).sm_clock_mhz      # as the untouched
+        assert snap.gpu(2).sm_clock_mhz == snap.gpu(3).sm_clock_mhz > 1200   # as untouched
         assert not (state / session.PROGRESS_FILE).exists()
         assert "calibration_restored" in [e.code for e in d.store.query()]
     finally:
@@ -285,9 +287,11 @@ def test_metrics_show_the_locked_clock_of_the_step_and_the_recommendation(tmp_pa
     def scrape(daemon, cal):
         if cal.step == 1 and daemon.latest is not None and "fams" not in seen:
             snap = daemon.latest
-            if (snap.extra.get("calibration") or {}).get("running"):
+            info = getattr(snap, "calibration", None) or \
+                (getattr(snap, "extra", None) or {}).get("calibration") or {}
+            if info.get("running"):
                 seen["fams"] = {f.name: f for f in metric_families(snap)}
-                seen["held"] = snap.extra["calibration"]["progress"]["clocks"]
+                seen["held"] = info["progress"]["clocks"]
                 seen["steps"] = cal.groups[0].steps
     rep, d = _run(tmp_path, scrape)
     step = seen["fams"]["gpucostd_calibration_step_sm_clock_hertz"]

@@ -22,8 +22,7 @@ def config(text, interval=5):
 
 
 def manager(tmp_path, gw, clock, text=CLOCKS):
-    return TuningManager(config(text), gw, str(tmp_path / "state"), clock,
-                         host_root=str(tmp_path))
+    return TuningManager(config(text), gw, str(tmp_path / "state"), clock)
 
 
 def by_key(settings):
@@ -155,8 +154,7 @@ def test_restore_after_a_crash_resets_although_nothing_is_remembered(tmp_path):
     manager(tmp_path, gw, clock).apply(_sim_readings(gw, node))
     assert node.state(0)["sm_clock"] == 1500
     gw2 = _sim_other_process(tmp_path, node, clock)
-    m2 = TuningManager(config(""), gw2, str(tmp_path / "state"), clock,
-                       host_root=str(tmp_path))
+    m2 = TuningManager(config(""), gw2, str(tmp_path / "state"), clock)
     changes = m2.restore()
     assert changes and all(c.ok for c in changes)
     assert all(node.state(i)["sm_clock"] == 1980 for i in range(8))

@@ -47,7 +47,10 @@ def run_simulated(scenario: str, config, params: Params, dropin: Optional[str] =
         # priced as `gpucostd run --simulate` prices this scenario: its [prices], unless the
         # config sets a price (docs/scenarios.md, "[prices]")
         from gpucostd.sim.sections import with_scenario_prices
-        cfg, pnote = with_scenario_prices(cfg, sc.prices, scenario)
+        priced = with_scenario_prices(cfg, sc.prices, scenario)
+        # (config, note), or a config whose price_note says it (where Config declares one)
+        cfg, pnote = priced if isinstance(priced, tuple) else (
+            priced, priced.price_note if priced is not cfg else None)
         if pnote:
             notes.append("Prices: " + pnote[:1].upper() + pnote[1:] + ".")
     if illustrative_prices and not cfg.cost.gpu_hour_usd and not cfg.model_prices and \
