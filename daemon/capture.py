@@ -74,6 +74,8 @@ def gpu_table(g: GpuReading) -> Dict[str, Any]:
             out[key] = value
     if g.violation_seconds is None:
         out["violation_counters"] = False
+    if g.gpm_supported is False:          # no GPU Performance Monitoring (docs/scenarios.md)
+        unsupported.append("gpm")
     if unsupported:
         out["unsupported"] = unsupported
     return out

@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_calibrate(sub) -> None:
-    k = sub.add_parser("calibrate", help="find the power limit with the most tokens per dollar "
+    k = sub.add_parser("calibrate", help="find the power limit or SM clock with the most tokens "
+                       "per dollar "
                        "(root; --simulate: a simulated node on a virtual clock)")
     _add_config(k)
     k.add_argument("--simulate", nargs="?", const="", default=None, metavar="SCENARIO",
@@ -158,7 +159,15 @@ def _add_calibrate(sub) -> None:
                    help="first (highest) limit (default: the GPUs' maximum)")
     k.add_argument("--to", dest="to_watts", type=float, metavar="W",
                    help="last (lowest) limit (default: the GPUs' minimum)")
-    k.add_argument("--steps", type=int, default=6, help="limits from --from to --to (default 6)")
+    k.add_argument("--lever", choices=("auto", "power", "clocks", "profile"), default="auto",
+                   help="what to sweep: the power limit, the locked SM clock, the workload "
+                        "power profile (Blackwell), or auto (default): the power limit where "
+                        "it binds (draw near it, SwPowerCap), else the SM clock")
+    k.add_argument("--from-mhz", type=float, metavar="MHZ",
+                   help="--lever clocks: the highest clock (default: the GPUs' maximum)")
+    k.add_argument("--to-mhz", type=float, metavar="MHZ",
+                   help="--lever clocks: the lowest clock (default: 60%% of the maximum)")
+    k.add_argument("--steps", type=int, default=6, help="steps from --from to --to (default 6)")
     k.add_argument("--dwell", type=parse_duration, default=60.0, metavar="S",
                    help="hold each step this long (default 60s)")
     k.add_argument("--warmup", type=parse_duration, default=None, metavar="S",
@@ -489,7 +498,7 @@ def cmd_replay(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from gpucostd.calibrate import run_cli
+    from gpucostd.calibration.command import run_cli
     return run_cli(args, _load_config, _socket_path)
 
 

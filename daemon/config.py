@@ -324,6 +324,15 @@ def _check_value(key: Key, value: Any, name: str, err: Callable[[str], ConfigErr
             raise err(f"{name} = {value!r} is not allowed; choose one of "
                       + ", ".join(f'"{c}"' for c in key.choices))
         return value
+    if t == "clock_range":
+        if not isinstance(value, list) or len(value) != 2 or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise err(f"{name} = {value!r} must be [min, max] in MHz, e.g. [1200, 1500]")
+        if value[0] > value[1] or value[0] < (key.min or 1) or value[1] > (key.max or 100000):
+            raise err(f"{name} = {value!r}: min must not be above max, both "
+                      f"{key.min:g}..{key.max:g} MHz; the GPU's supported clocks are checked "
+                      f"by `gpucostd plan`")
+        return list(value)
     if t == "version":
         if not isinstance(value, str) or not _versionish(value):
             raise err(f'{name} = {value!r} must be a version string like "5.15"')

@@ -29,6 +29,16 @@ def _k(type_, default, doc, **kw) -> Key:
     return Key(type_, default, doc, **kw)
 
 
+# nvmlPowerProfileType_t (nvml.h), by the name `power_profile` takes
+POWER_PROFILES: Dict[str, int] = {
+    "max_p": 0, "max_q": 1, "compute": 2, "memory_bound": 3, "network": 4, "balanced": 5,
+    "llm_inference": 6, "llm_training": 7, "rbm": 8, "dcpcie": 9, "hmma_sparse": 10,
+    "hmma_dense": 11, "sync_balanced": 12, "hpc": 13, "mig": 14, "max_q_1": 15,
+    "network_bound": 16, "high_throughput_inference": 17, "medium_throughput_inference": 18,
+    "low_latency_inference": 19, "training": 20, "inference": 21, "max_q_2": 22, "max_q_3": 23,
+    "low_priority_background": 24,
+}
+
 GPU_TUNING_KEYS: Dict[str, Key] = {
     "persistence_mode": _k("bool", None, "Set persistence mode on (true) or off (false).",
                            optional=True),
@@ -36,6 +46,13 @@ GPU_TUNING_KEYS: Dict[str, Key] = {
                             optional=True, min=1, max=10000),
     "power_limit_percent": _k("float", None, "Power limit as a percentage of the GPU's default.",
                               optional=True, min=1, max=200),
+    "locked_sm_clocks_mhz": Key("clock_range", None,
+                                "Lock the SM clock to [min, max] MHz (nvidia-smi -lgc); both "
+                                "must be supported clocks of the GPU.", min=1, max=100000,
+                                optional=True),
+    "power_profile": Key("choice", None, "Workload power profile to request (Blackwell and "
+                         "later), e.g. \"llm_inference\".", choices=tuple(POWER_PROFILES),
+                         optional=True),
 }
 RING_KEYS = ("rx", "tx", "rx_mini", "rx_jumbo")
 
@@ -135,8 +152,9 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
                   min=1.0, max=5.0),
     },
     "efficiency": {
-        "target_utilization_percent": _k("float", 80.0, "Busy GPUs below this utilization "
-                                         "count their unused share as idle capacity.",
+        "target_utilization_percent": _k("float", 80.0, "Busy GPUs whose work (SM activity "
+                                         "where the GPU has GPM, else utilization) is below "
+                                         "this count their unused share as idle capacity.",
                                          min=0, max=100),
         "min_tokens_per_dollar": _k("float", 0.0, "Floor of node tokens per dollar; 0 is off.",
                                     min=0),

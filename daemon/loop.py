@@ -124,7 +124,9 @@ class Daemon:
         self._state_dir_was_bad = False
         self._state_since: Optional[float] = None
         self._originals_since: Optional[float] = None
-        self.calibration = None               # gpucostd.calibration_session.Calibration, while one runs
+        from gpucostd.calibration.session import LastCalibration
+        self.calibration = None     # gpucostd.calibration.session.Calibration, the running/last
+        self.calibration_last = LastCalibration(state_dir)    # the last report, before one runs
         self._calibration_recover = os.path.exists(os.path.join(state_dir,
                                                                 "calibration-progress.json"))
 
@@ -222,6 +224,20 @@ class Daemon:
                                 PRICES_FIX, note[0].upper() + note[1:]))
         self._record(events)
 
+    def record(self, events: List[Event]) -> None:
+        """Store, journal and hand events to the hooks (a command that drives the loop)."""
+        with self._lock:
+            self._record(list(events))
+
+    def retune(self, config: Config) -> None:
+        """A config whose tuning changed, taken at once (no reload event): the tuners plan with
+        it and the next cycle applies it (`gpucostd calibrate --simulate --apply`)."""
+        with self._lock:
+            self.config = config
+            self.tuning.reconfigure(config)
+            self._applied = False
+            self._reload_requested.clear()
+
     def request_reload(self) -> None:
         self._reload_requested.set()
         self.clock.wake()
@@ -261,7 +277,7 @@ class Daemon:
         if self.notifier is not None:
             self.notifier.stopping()
         if self.calibration is not None:      # a calibration's limits back, whatever comes
-            from gpucostd.calibration_session import stop
+            from gpucostd.calibration.session import stop
             with self._lock:
                 self._record(self._guard("calibration stop", lambda: stop(self), []) or [])
         if self.config.tuning.restore_on_stop and not self.one_shot:
@@ -364,7 +380,7 @@ class Daemon:
                             msg) for msg in take_notices())
         if self._calibration_recover and gpus and not self.one_shot and not originals_problem:
             # a calibration the daemon did not end (killed): its limits back first
-            from gpucostd.calibration_session import recover_interrupted
+            from gpucostd.calibration.session import recover_interrupted
             self._calibration_recover = False
             events.extend(self._guard("calibration recovery",
                                       lambda: recover_interrupted(self, gpus), []) or [])
@@ -489,7 +505,7 @@ class Daemon:
         )
         self._latest = snap
         if self.calibration is not None:
-            from gpucostd.calibration_session import cycle
+            from gpucostd.calibration.session import cycle
             self._record(self._guard("calibration", lambda: cycle(self, snap), []) or [])
         for publish in self._publishers:
             self._guard("publish", lambda: publish(snap))
@@ -593,7 +609,7 @@ class Daemon:
         return out
 
     def _calibration_info(self):
-        from gpucostd.calibration_session import snapshot_info
+        from gpucostd.calibration.session import snapshot_info
         return snapshot_info(self)
 
     # ------------------------------------------------------------------ events

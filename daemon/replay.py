@@ -25,7 +25,7 @@ DEFAULT_DURATION = 3600.0
 MAX_CYCLES = 50_000_000
 
 
-def _replay_config(config, state_dir: str):
+def replay_config(config, state_dir: str):
     """The user's config with a private state dir, no hooks, no kernel log, no HTTP."""
     return config.updated(
         daemon={"state_dir": state_dir, "kernel_log": "none", "listen_address": ""},
@@ -66,7 +66,7 @@ def run_replay(scenario_spec: str, config=None, duration: Optional[float] = None
     start_wall = clock.time()
     daemon = None
     try:
-        rconfig = _replay_config(config, tmp)
+        rconfig = replay_config(config, tmp)
         # simulated events stay out of the system journal
         daemon = Daemon(rconfig, clock=clock, simulate=scenario_spec, journal=False)
         daemon.start()

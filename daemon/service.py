@@ -45,11 +45,11 @@ class _StatusCache:
 
 
 def _calibration_handlers(daemon):
-    """The status socket's calibrate requests (gpucostd.calibration_session; the loop runs it):
+    """The status socket's calibrate requests (gpucostd.calibration.session; the loop runs it):
     {"cmd": "calibrate", "action": "start", "params": {...}} -> {"calibration": progress} or
     {"refused": why}; "status" (also: I am still here) -> progress, and "report" once it
     ended; "abort" -> progress. {"cmd": "calibrate_last"} -> {"report": the last or null}."""
-    from gpucostd import calibration_session as session
+    from gpucostd.calibration import session
 
     def h_calibrate(req):
         action = req.get("action", "status")

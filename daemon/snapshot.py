@@ -116,6 +116,27 @@ class GpuState(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class GpuActivity:
+    """What a GPU's units did between two GPU Performance Monitoring samples (NVML GPM,
+    nvmlGpmMetricsGet; Hopper and later), as ratios 0..1. GPU-Util says that *a* kernel ran;
+    these say how much of the GPU worked. None: NVML did not give that metric."""
+
+    sm: Optional[float] = None              # NVML_GPM_METRIC_SM_UTIL: share of SMs busy
+    sm_occupancy: Optional[float] = None    # NVML_GPM_METRIC_SM_OCCUPANCY: warps resident/max
+    tensor: Optional[float] = None          # NVML_GPM_METRIC_ANY_TENSOR_UTIL (FP8 included)
+    tensor_hmma: Optional[float] = None     # NVML_GPM_METRIC_HMMA_TENSOR_UTIL (FP16/BF16)
+    tensor_imma: Optional[float] = None     # NVML_GPM_METRIC_IMMA_TENSOR_UTIL (INT8)
+    dram: Optional[float] = None            # NVML_GPM_METRIC_DRAM_BW_UTIL: bandwidth used/max
+    fp16: Optional[float] = None            # NVML_GPM_METRIC_FP16_UTIL (non-tensor)
+    fp32: Optional[float] = None            # NVML_GPM_METRIC_FP32_UTIL (non-tensor)
+    seconds: Optional[float] = None         # the time between the two samples
+
+
+ACTIVITY_FIELDS: Tuple[str, ...] = ("sm", "sm_occupancy", "tensor", "tensor_hmma", "tensor_imma",
+                                    "dram", "fp16", "fp32")
+
+
+@dataclass(frozen=True)
 class GpuReading:
     """One GPU as read in one cycle. Every measured field is Optional: None = not supported or
     not read (never 0)."""
@@ -170,6 +191,10 @@ class GpuReading:
     # NVML_FI_DEV_GET_GPU_RECOVERY_ACTION: what the driver says the GPU needs (0 none, 1 GPU
     # reset, 2 node reboot, 3 drain P2P, 4 drain and reset; gpucostd.health.recovery)
     gpu_recovery_action: Optional[int] = None
+    # GPU Performance Monitoring: True/False whether the GPU has it (None: not asked yet);
+    # activity None where it has not (or on the first cycle, before a second sample)
+    gpm_supported: Optional[bool] = None
+    activity: Optional[GpuActivity] = None
 
     def replace(self, **changes) -> "GpuReading":
         return dataclasses.replace(self, **changes)

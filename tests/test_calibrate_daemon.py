@@ -12,19 +12,21 @@ from pathlib import Path
 
 import pytest
 
-from gpucostd import calibrate as cal_mod
-from gpucostd import calibration_session as session
+from gpucostd.calibration import command as cal_mod
+from gpucostd.calibration import session
 from gpucostd.views.statusclient import request
 
 from conftest import gpucostd_cmd, metric_value, need_root, wait_for
 
 pytestmark = need_root("calibrate changes power limits and is root only")
-BUILTIN = Path(cal_mod.__file__).parent / "sim" / "scenarios" / "calibrate.toml"
+BUILTIN = Path(cal_mod.__file__).parents[1] / "sim" / "scenarios" / "calibrate.toml"
 PRICES = "[cost]\ngpu_hour_usd = 1.0\nenergy_usd_per_kwh = 0.3\npue = 1.4\n"
 
 
-def _scenario(tmp_path, limit=None, name="cal.toml"):
+def _scenario(tmp_path, limit=None, name="cal.toml", decode_share=None):
     text = BUILTIN.read_text()
+    if decode_share is not None:    # a serving mix (docs/scenarios.md, "Physics")
+        text = text.replace("decode_share = 0.0\n", f"decode_share = {decode_share}\n", 1)
     if limit is not None:       # the driver kept a calibration step's limit across the crash
         text = text.replace("power_limit = 700\n", f"power_limit = {limit}\n", 1)
     p = tmp_path / name
@@ -56,14 +58,18 @@ def _events(d):
 
 
 def test_calibrate_through_the_daemon_and_apply(daemon_factory, tmp_path):
-    # the configured limit is enforced every 0.1 s: the calibration must not be fought
-    d = daemon_factory(scenario=_scenario(tmp_path), extra_config=PRICES + (
+    # the configured limit is enforced every 0.1 s: the calibration must not be fought. Half
+    # decode, half prefill at $0.50 per GPU-hour: 450 W keeps 95% of the tokens/s and is the
+    # cheapest per token (physics.steady_state at 700, 450 and 200 W says so)
+    prices = PRICES.replace("gpu_hour_usd = 1.0", "gpu_hour_usd = 0.5")
+    d = daemon_factory(scenario=_scenario(tmp_path, decode_share=0.5), extra_config=prices + (
         "[tuning]\nverify_interval_seconds = 0.1\n[tuning.gpu]\npower_limit_watts = 700\n"))
     d.start()
     wait_for(lambda: metric_value(d.metrics(), "gpucostd_node_tokens_per_second"), 15,
              what="tokens/s")
+    # --lever power: at this mix the GPUs draw 574 of 700 W, so auto would sweep the clock
     r = d.cli("calibrate", "--steps", "3", "--dwell", "3", "--warmup", "1", "--apply", "--json",
-              "--min-throughput", "0.9",
+              "--min-throughput", "0.9", "--lever", "power",
               timeout=90)
     assert r.returncode == 0, r.stderr + d.output()
     rep = json.loads(r.stdout)

@@ -469,14 +469,15 @@ def test_to_json_has_stable_keys():
                                  "last_hour", "last_24h", "tokens", "efficiency"}
     assert set(data["node"]["efficiency"]) >= {
         "cost_dollars_per_hour", "energy_dollars_per_hour", "tokens_per_dollar",
-        "tokens_per_joule", "idle_ratio", "energy_joules", "idle_dollars", "underused_dollars"}
+        "tokens_per_joule", "idle_ratio", "idle_basis", "energy_joules", "idle_dollars",
+        "underused_dollars"}
     g = data["gpus"][3]
     assert set(g) == {"index", "uuid", "name", "price_per_hour", "busy", "loss_ratio",
                       "effective_cost_multiplier", "active_reasons", "source",
                       "capacity_lost_seconds", "dollars", "reasons", "last_hour", "last_24h",
                       "energy_joules", "energy_dollars", "energy_source", "paid_seconds",
                       "idle_seconds", "idle_dollars", "underused_seconds", "underused_dollars",
-                      "idle_ratio"}
+                      "idle_ratio", "idle_basis"}
     assert g["reasons"]["HwThermalSlowdown"]["dollars"] == pytest.approx(0.30)
     assert data["node"]["last_hour"]["top_reason"] == "HwThermalSlowdown"
     json.dumps(rep.to_json(history=True))

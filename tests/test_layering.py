@@ -33,6 +33,10 @@ ALLOWED: Dict[str, set] = {
     "process": {"foundations", "hw", "sim", "probes", "tuners", "health", "cost", "record",
                 "views"},
 }
+# calibration/ is one room with a floor per module: its pure maths sits with cost, its metric
+# lines with the views, the command and the session the loop drives with the process
+FLOORS = {"gpucostd.calibration.maths": "cost", "gpucostd.calibration.report": "cost",
+          "gpucostd.calibration.metrics": "views"}
 # third-party modules with exactly one home
 ONLY_IN = {
     "pynvml": {"gpucostd.hw.nvml"},
@@ -46,6 +50,8 @@ ONLY_IN_ROLE = {"prometheus_client": "views"}
 def role_of(module: str) -> str:
     if module in FOUNDATIONS:
         return "foundations"
+    if module in FLOORS:
+        return FLOORS[module]
     parts = module.split(".")
     if len(parts) >= 2 and parts[1] in ("hw", "sim", "probes", "tuners", "health", "cost",
                                         "record", "views"):
@@ -78,7 +84,7 @@ def imports_of(name: str, source: str, is_package: bool) -> List[Tuple[int, str]
                 base = ".".join(pkg + ([base] if base else []))
             if node.module is None or base in FOUNDATIONS | {"gpucostd"} or \
                     base.split(".")[-1] in ("hw", "sim", "health", "cost", "record", "views",
-                                            "probes", "tuners"):
+                                            "probes", "tuners", "calibration"):
                 # "from gpucostd.health import judge": the submodules are the imports
                 out += [(node.lineno, f"{base}.{a.name}") for a in node.names]
             out.append((node.lineno, base))
@@ -125,10 +131,9 @@ def test_every_module_has_a_role_folder():
     """Nothing new lands loose at the top of daemon/ unless it is the process or a
     foundation: a reader knows a file's job from its folder."""
     process = {"gpucostd.cli", "gpucostd.service", "gpucostd.loop", "gpucostd.replay",
-               "gpucostd.capture", "gpucostd.notify", "gpucostd.calibrate",
-               "gpucostd.calibration_session",
-               "gpucostd.__main__"}
-    loose = [n for n in _tree() if role_of(n) == "process" and n not in process]
+               "gpucostd.capture", "gpucostd.notify", "gpucostd.__main__"}
+    loose = [n for n in _tree() if role_of(n) == "process" and n not in process
+             and not n.startswith("gpucostd.calibration")]
     assert loose == [], f"place these in a role folder (docs/layout.md): {loose}"
 
 

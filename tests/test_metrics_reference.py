@@ -22,7 +22,11 @@ VIEWS = REPO / "daemon" / "views"
 def declared_families():
     """{family name as scraped: type} from the metric modules' source."""
     out = {}
-    for path in sorted(VIEWS.glob("metrics*.py")):
+    # the views' metric modules and every other module with metric lines of its own (a room
+    # such as calibration/ keeps its families beside its code)
+    paths = set(VIEWS.glob("metrics*.py")) | {
+        p for p in (REPO / "daemon").rglob("*.py") if "def metric_families(" in p.read_text()}
+    for path in sorted(paths):
         src = path.read_text()
         # MetricFamily constructors and helpers called with the family name first
         for func, name in re.findall(r'(\w+)\(\s*"(gpucostd_[a-z0-9_]+)"', src):

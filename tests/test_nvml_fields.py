@@ -36,7 +36,9 @@ clock_event_reasons = ["SwPowerCap"]
 PER_CYCLE = {"nvmlDeviceGetFieldValues", "nvmlDeviceGetClockInfo",
              "nvmlDeviceGetUtilizationRates", "nvmlDeviceGetCurrentClocksEventReasons",
              "nvmlDeviceGetPersistenceMode", "nvmlDeviceGetApplicationsClock",
-             "nvmlDeviceGetCurrPcieLinkGeneration", "nvmlDeviceGetCurrPcieLinkWidth"}
+             "nvmlDeviceGetCurrPcieLinkGeneration", "nvmlDeviceGetCurrPcieLinkWidth",
+             # GPU Performance Monitoring (Hopper): one sample per cycle, metrics from two
+             "nvmlGpmSampleAlloc", "nvmlGpmSampleGet", "nvmlGpmMetricsGet", "nvmlGpmSampleFree"}
 
 
 @pytest.fixture

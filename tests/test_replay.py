@@ -222,10 +222,10 @@ def _accuracy_table() -> None:   # pragma: no cover - a report, not a test
 
 
 def test_replay_config_is_private_and_keeps_every_event(tmp_path):
-    from gpucostd.replay import _replay_config
+    from gpucostd.replay import replay_config
     cfg = parse('[hooks]\non_critical = ["/usr/local/bin/drain"]\n[cost]\ngpu_hour_usd = 2\n'
                 '[cost.model_hour_usd]\n"NVIDIA A100*" = 1\n')
-    r = _replay_config(cfg, str(tmp_path))
+    r = replay_config(cfg, str(tmp_path))
     assert r.daemon.state_dir == str(tmp_path) and r.hooks.on_critical == []
     assert r.daemon.kernel_log == "none"
     # a long replay raises many events; the store keeps them all (it prunes by the replay's

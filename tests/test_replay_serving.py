@@ -6,6 +6,7 @@ import pytest
 
 from gpucostd.config import parse
 from gpucostd.replay import format_replay, run_replay
+from gpucostd.sim import physics
 from gpucostd.sim.scenario import load_scenario
 
 pytestmark = pytest.mark.slow
@@ -15,7 +16,8 @@ CFG = f"[cost]\ngpu_hour_usd = {PRICE}\nenergy_usd_per_kwh = {KWH}\npue = {PUE}\
 
 
 def truth(sc, duration, busy=5.0, target=80.0):
-    """Exact integrals over the scenario's piecewise-constant states."""
+    """Exact integrals over the scenario's piecewise-constant states. Busy is GPU-Util; the
+    work of a busy GPU is its SM activity (the simulated H100s have GPM: docs/cost.md)."""
     n = sc.node.gpu_count
     tokens = sum(sc.endpoint_tokens_at(k, duration) for k in range(len(sc.serving.endpoints)))
     energy = sum(sc.energy_joules_at(i, duration) - sc.energy_joules_at(i, 0.0)
@@ -24,11 +26,12 @@ def truth(sc, duration, busy=5.0, target=80.0):
     for i in range(n):
         cuts = [0.0] + sc.boundaries(i, 0.0, duration) + [duration]
         for a, b in zip(cuts, cuts[1:]):
-            u = sc.state_ref(i, (a + b) / 2)["utilization"]
-            if u < busy:
+            st = sc.state_ref(i, (a + b) / 2)
+            work = 100 * physics.state_activity(st, sc.physics)["sm"]
+            if st["utilization"] < busy:
                 idle += b - a
-            elif u < target:
-                under += (b - a) * (1 - u / 100)
+            elif work < target:
+                under += (b - a) * (1 - work / 100)
     return {"tokens": tokens, "energy_joules": energy,
             "energy_dollars": energy / 3.6e6 * KWH * PUE,
             "idle_dollars": idle * PRICE / 3600, "underused_dollars": under * PRICE / 3600}

@@ -23,6 +23,7 @@ from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tu
 from gpucostd.snapshot import Event, Setting, Severity
 from gpucostd.tuners.base import (Change, Planned, TunerError, fmt_value, gpu_label,
                                   normalise_number)
+from gpucostd.tuners.gpu_clocks import GpuLockedClocksTuner, GpuPowerProfileTuner
 from gpucostd.tuners.gpu_persistence import GpuPersistenceTuner
 from gpucostd.tuners.gpu_power import GpuPowerTuner
 from gpucostd.tuners.nic_rings import NicRingsTuner
@@ -56,6 +57,8 @@ class TuningManager:
         self.originals = OriginalsStore(state_dir, clock)
         self.power = GpuPowerTuner(gateway)
         self.persistence = GpuPersistenceTuner(gateway)
+        self.clocks = GpuLockedClocksTuner(gateway)
+        self.profile = GpuPowerProfileTuner(gateway)
         self.nic = NicRingsTuner(self._get_netlink, host_probe)
         self.drift_counts: Dict[Tuple[str, str], int] = {}
         self._established: Dict[Tuple[str, str], Any] = {}   # desired value seen in sync
@@ -108,6 +111,10 @@ class TuningManager:
                 pass
             self._netlink = None
 
+    @property
+    def gpu_tuners(self) -> Tuple[Any, ...]:
+        return (self.power, self.persistence, self.clocks, self.profile)
+
     def _plan_items(self, gpus: Iterable[Any]) -> List[Planned]:
         from gpucostd.config import ConfigError
         gpus = tuple(sorted(gpus or (), key=lambda g: g.index))
@@ -122,7 +129,7 @@ class TuningManager:
                                      "tuning.gpu.override", gpu_label(g.index, g.name),
                                      error=str(e)))
                 continue
-            for tuner in (self.power, self.persistence):
+            for tuner in self.gpu_tuners:
                 try:
                     items.extend(tuner.plan(g, desired, sources))
                 except Exception as e:    # a tuner bug must not take the others down
@@ -169,6 +176,66 @@ class TuningManager:
         self._established[p.key] = p.desired
         self._drifted.pop(p.key, None)
         return Change(p.subject, p.name, old, p.desired, True)
+
+    # ------------------------------------------------------------------ held settings
+    # A part that steps a GPU setting for a while (`gpucostd calibrate`) holds it: apply and
+    # verify neither write nor count drift on it meanwhile, and the part sets and restores it
+    # through these methods alone (never the tuners or the originals store themselves).
+    def hold(self, name: str, index: int) -> None:
+        """Hold setting `name` of GPU `index` (apply and verify leave it alone)."""
+        self.held.add((name, f"gpu:{index}"))
+
+    def release(self, name: str, index: int) -> None:
+        """Give a held setting back to apply and verify."""
+        self.held.discard((name, f"gpu:{index}"))
+
+    def is_held(self, name: str, index: int) -> bool:
+        return (name, f"gpu:{index}") in self.held
+
+    def save_original(self, name: str, index: int, value: Any,
+                      uuid: Optional[str] = None) -> bool:
+        """Save `value` as the original of GPU `index`'s setting unless one is saved already
+        (True when this call saved it). Raises OriginalsError when it cannot be saved."""
+        return self.originals.save_if_absent(name, f"gpu:{index}", value,
+                                             **({"uuid": uuid} if uuid else {}))
+
+    def forget_original(self, name: str, index: int) -> None:
+        """The saved original of a setting put back by its holder is not needed any more."""
+        self.originals.remove(name, f"gpu:{index}")
+
+    def _held_planned(self, name: str, index: int, value: Any, gpu_name: Optional[str],
+                      uuid: Optional[str]) -> Planned:
+        tuner = self._tuner_named(name)
+        return Planned(tuner, f"gpu:{index}", name, tuner.coerce(value), None, "calibrate",
+                       gpu_label(index, gpu_name), target=index,
+                       identity={"uuid": uuid} if uuid else {})
+
+    def set(self, name: str, index: int, value: Any, gpu_name: Optional[str] = None,
+            uuid: Optional[str] = None) -> Any:
+        """Write a held setting and read it back (the value read). Raises TunerError."""
+        return self._tuner_named(name).apply(
+            self._held_planned(name, index, value, gpu_name, uuid))
+
+    def restore_held(self, name: str, index: int, value: Any, gpu_name: Optional[str] = None,
+                     uuid: Optional[str] = None) -> None:
+        """Put a held setting back at `value` (its holder's saved start). Raises TunerError."""
+        p = self._held_planned(name, index, value, gpu_name, uuid)
+        self._tuner_named(name).restore(p, p.desired)
+
+    def read(self, name: str, index: int) -> Any:
+        """The value of GPU `index`'s setting `name` as its tuner reads it. Raises TunerError."""
+        tuner = self._tuner_named(name)
+        return tuner.verify(self._held_planned(name, index, None, None, None))
+
+    def text(self, name: str, value: Any) -> str:
+        """A setting's value in words ("600 W", "345..1500 MHz", "unlocked")."""
+        return self._tuner_named(name).text(value)
+
+    def _tuner_named(self, name: str):
+        for tuner in self.gpu_tuners:
+            if name in tuner.names:
+                return tuner
+        raise KeyError(f"no GPU tuner sets {name!r}")
 
     # ------------------------------------------------------------------ API
     def plan(self, gpus: Iterable[Any]) -> List[Setting]:
@@ -283,7 +350,7 @@ class TuningManager:
                 changes.append(Change(subject, name, None, original, False, p.error))
                 continue
             try:
-                original = normalise_number(original)
+                original = getattr(p.tuner, "original_value", normalise_number)(original)
                 if original is None:
                     raise ValueError
             except (TypeError, ValueError):     # a hand-edited file: never crash the restore
@@ -296,7 +363,8 @@ class TuningManager:
                 current = p.tuner.verify(p)
             except TunerError:
                 current = None
-            if current is not None and current == original:
+            if current is not None and current == original and \
+                    not getattr(p.tuner, "always_restore", False):
                 self._forget(name, subject, changes, in_place=True)
                 continue
             try:
@@ -329,7 +397,7 @@ class TuningManager:
     def _restore_item(self, name: str, subject: str, entry: Dict[str, Any]
                       ) -> Optional[Planned]:
         if subject.startswith("gpu:") and subject[4:].isdigit():
-            tuner = {t.name: t for t in (self.power, self.persistence)}.get(name)
+            tuner = {t.name: t for t in self.gpu_tuners}.get(name)
             if tuner is None:
                 return None
             index, gname = int(subject[4:]), None
@@ -427,6 +495,8 @@ def shutdown_in_progress(run=None, timeout: float = 0.8) -> bool:
 def _cell(value: Any, name: str) -> str:
     if isinstance(value, str):
         return value
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        return f"{value[0]}-{value[1]}"
     return fmt_value(value, UNITS.get(name, ""))
 
 
@@ -447,10 +517,10 @@ def format_plan(settings: Sequence[Setting], width: int = WIDTH) -> str:
     """current -> desired per setting with what would happen; fits `width` columns."""
     if not settings:
         return "no settings configured ([tuning.gpu], [[tuning.gpu.override]], [tuning.nic.X])\n"
-    head = f"{'SUBJECT':<12} {'SETTING':<18} {'CURRENT':>9}    {'DESIRED':<9} {'ACTION':<7} "
+    head = f"{'SUBJECT':<12} {'SETTING':<20} {'CURRENT':>9}    {'DESIRED':<9} {'ACTION':<7} "
     lines = [(head + "SOURCE")[:width]]
     for s in settings:
-        row = (f"{s.subject[:12]:<12} {s.name[:18]:<18} {_cell(s.actual, s.name)[:9]:>9} -> "
+        row = (f"{s.subject[:12]:<12} {s.name[:20]:<20} {_cell(s.actual, s.name)[:9]:>9} -> "
                f"{_cell(s.desired, s.name)[:9]:<9} {_action(s):<7} ")
         lines.append((row + s.source)[:width].rstrip())
         if s.error:
@@ -470,7 +540,7 @@ def format_changes(changes: Sequence[Change], width: int = WIDTH) -> str:
     lines = []
     for c in changes:
         status = "ok" if c.ok else "FAILED"
-        row = (f"{status:<6} {c.subject[:12]:<12} {c.name[:18]:<18} "
+        row = (f"{status:<6} {c.subject[:12]:<12} {c.name[:20]:<20} "
                f"{_cell(c.old, c.name)[:12]} -> {_cell(c.new, c.name)[:12]}")
         lines.append(row[:width])
         if c.error:

@@ -9,8 +9,12 @@ Per GPU, over each interval between two OK readings (docs/cost.md):
   both readings have it, else the trapezoid of the power draw; energy dollars = joules / 3.6e6
   x ``[cost] energy_usd_per_kwh`` x ``pue``;
 - paid GPU-seconds = the interval; idle = not busy (below ``busy_utilization_percent`` or
-  GpuIdle); underused = busy below ``[efficiency] target_utilization_percent``, counting the
-  unused share 1 - utilization; both by the trapezoid rule, priced at the GPU-hour price.
+  GpuIdle); underused = busy with its work below ``[efficiency] target_utilization_percent``,
+  counting the unused share 1 - work; both by the trapezoid rule, priced at the GPU-hour price.
+  The work is the SM activity where the GPU has GPU Performance Monitoring (GPM: the share of
+  SMs busy), else GPU-Util (the share of time any kernel ran, which a memory-starved or badly
+  batched GPU keeps near 100%); ``idle_basis`` says which ("sm_activity", "utilization", or
+  "mixed" across GPUs).
 
 Per endpoint: tokens/s over the last 5 minutes from its counter (a restart of the counter, or
 a different counter after a reload, starts the window over and never counts the new value as
@@ -37,19 +41,38 @@ BUCKET_SECONDS = 60
 HISTORY_SECONDS = 86400
 
 
-def _unused(g: GpuReading, busy_pct: float, target_pct: float) -> Tuple[float, float]:
-    """(idle share, underused share) of one reading."""
+def work_percent(g: GpuReading) -> Tuple[Optional[float], str]:
+    """(work done in percent, its basis): the SM activity where GPM gives it, else GPU-Util."""
+    act = g.activity
+    if act is not None and _finite(act.sm):
+        return 100.0 * float(act.sm), "sm_activity"
+    if g.utilization_percent is None:
+        return None, "utilization"
+    return float(g.utilization_percent), "utilization"
+
+
+def _short(g: GpuReading, target_pct: float) -> float:
+    """The unused share of a GPM reading's work (its SM activity, a mean over the interval
+    before it) below the target, busy or not at the sample."""
+    work, _basis = work_percent(g)
+    return max(0.0, 1.0 - work / 100.0) if work is not None and work < target_pct else 0.0
+
+
+def _unused(g: GpuReading, busy_pct: float, target_pct: float) -> Tuple[float, float, str]:
+    """(idle share, underused share, basis) of one reading: idle when not busy (GPU-Util),
+    underused by the unused share of its work (SM activity where GPM exists)."""
+    work, basis = work_percent(g)
     if not is_busy(g, busy_pct):
-        return 1.0, 0.0
-    u = float(g.utilization_percent or 0.0)
+        return 1.0, 0.0, basis
+    u = float(work or 0.0)
     if u < target_pct:
-        return 0.0, max(0.0, 1.0 - u / 100.0)
-    return 0.0, 0.0
+        return 0.0, max(0.0, 1.0 - u / 100.0), basis
+    return 0.0, 0.0, basis
 
 
 class _GpuBook:
     __slots__ = ("key", "index", "t", "energy", "power", "idle", "under", "totals", "source",
-                 "power_now")
+                 "power_now", "basis")
 
     def __init__(self, key: str, index: int):
         self.key = key
@@ -62,6 +85,7 @@ class _GpuBook:
         self.totals: Dict[str, float] = {k: 0.0 for k in TOTAL_KEYS}
         self.source = "none"            # "counter" | "power" | "none"
         self.power_now: Optional[float] = None
+        self.basis: Optional[str] = None  # "sm_activity" | "utilization": what idle is priced on
 
 
 class _Endpoint:
@@ -119,7 +143,7 @@ class EfficiencyBook:
                 continue
             power = g.power_draw_watts if _finite(g.power_draw_watts) else None
             energy = g.energy_joules if _finite(g.energy_joules) else None
-            idle, under = _unused(g, busy_pct, target)
+            idle, under, b.basis = _unused(g, busy_pct, target)
             b.power_now = power
             if b.t is not None and now > b.t:
                 dt = now - b.t
@@ -137,7 +161,13 @@ class EfficiencyBook:
                 i_s = u_s = 0.0
                 if dt <= MAX_SAMPLE_GAP_SECONDS:
                     i_s = dt * (idle + b.idle) / 2.0
-                    u_s = dt * (under + b.under) / 2.0
+                    if b.basis == "sm_activity":
+                        # GPM's reading is the mean over this very interval: its unused share
+                        # counts when the interval began busy (after an idle sample the idle
+                        # share counts the interval)
+                        u_s = dt * _short(g, target) if not b.idle else 0.0
+                    else:
+                        u_s = dt * (under + b.under) / 2.0
                     tot["paid_seconds"] += dt
                     tot["idle_seconds"] += i_s
                     tot["underused_seconds"] += u_s
@@ -166,6 +196,14 @@ class EfficiencyBook:
         if paid <= 0:
             return None
         return (sum(w[2] for w in self._window) + sum(w[3] for w in self._window)) / paid
+
+    def idle_basis(self) -> Optional[str]:
+        """What the idle and underused capacity of the GPUs read now is priced on:
+        "sm_activity" (GPM), "utilization" (GPU-Util), "mixed", or None before any reading."""
+        bases = {b.basis for b in self.gpus.values() if b.basis is not None and b.t is not None}
+        if not bases:
+            return None
+        return bases.pop() if len(bases) == 1 else "mixed"
 
     def node_power(self) -> Optional[float]:
         watts = [b.power_now for b in self.gpus.values() if b.power_now is not None]
@@ -300,6 +338,7 @@ class EfficiencyBook:
                                         if rate and per_hour > 0 else None),
             "tokens_per_joule": rate / power if rate is not None and power else None,
             "idle_ratio": self.idle_share(),
+            "idle_basis": self.idle_basis(),
             "min_tokens_per_dollar": float(config.efficiency.min_tokens_per_dollar) or None,
         }
 
@@ -340,7 +379,8 @@ class EfficiencyBook:
         tot = b.totals
         return {"energy_joules": _r(tot["energy_joules"], 3),
                 "energy_dollars": _r(tot["energy_dollars"]),
-                "energy_source": b.source, "paid_seconds": _r(tot["paid_seconds"], 3),
+                "energy_source": b.source, "idle_basis": b.basis,
+                "paid_seconds": _r(tot["paid_seconds"], 3),
                 "idle_seconds": _r(tot["idle_seconds"], 3),
                 "idle_dollars": _r(tot["idle_dollars"]),
                 "underused_seconds": _r(tot["underused_seconds"], 3),

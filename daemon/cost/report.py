@@ -199,6 +199,7 @@ def _eff_json(fig: Optional[Mapping[str, Any]], gpus) -> Optional[Dict[str, Any]
             "cost_per_million_tokens": _r(fig.get("cost_per_million_tokens")),
             "tokens_per_joule": _r(fig.get("tokens_per_joule")),
             "idle_ratio": _r(fig.get("idle_ratio")),
+            "idle_basis": fig.get("idle_basis"),
             "min_tokens_per_dollar": fig.get("min_tokens_per_dollar"),
             "below_floor_seconds": _r(floor.get("below_seconds"), 3),
             "inefficient": bool(floor.get("inefficient")),
@@ -293,6 +294,7 @@ def cost_breakdown(data: Union[CostReport, Mapping[str, Any]],
         for g in gpus_src:
             key = g.get("uuid") or f"index:{g['index']}"
             names[key] = {"index": g["index"], "uuid": g.get("uuid"), "name": g.get("name"),
+                          "idle_basis": g.get("idle_basis"),
                           "reasons": {r: [v["throttled_seconds"], v["capacity_lost_seconds"],
                                           v["dollars"]] for r, v in g["reasons"].items()}}
     else:                               # the state file
@@ -333,7 +335,7 @@ def cost_breakdown(data: Union[CostReport, Mapping[str, Any]],
                    for r, v in _sorted_reasons(per_gpu.get(key, {}))}
         _add_reasons(node, reasons)
         rows.append({"index": info.get("index"), "uuid": info.get("uuid"),
-                     "name": info.get("name"),
+                     "name": info.get("name"), "idle_basis": info.get("idle_basis"),
                      "capacity_lost_seconds": _r(sum(c.capacity_lost_seconds
                                                      for c in reasons.values())),
                      "dollars": _r(sum(c.dollars for c in reasons.values())),
@@ -489,6 +491,14 @@ def _format_efficiency(data: Mapping[str, Any], currency: str) -> List[str]:
                      f"{_money(g.get('idle_dollars') or 0, currency):>12}"
                      f"{_gpu_seconds(g.get('underused_seconds') or 0):>14}"
                      f"{_money(g.get('underused_dollars') or 0, currency):>16}")
+    by_basis: Dict[str, List[str]] = {}
+    for g in rows:
+        if g.get("idle_basis") and g.get("index") is not None:
+            by_basis.setdefault(g["idle_basis"], []).append(str(g["index"]))
+    words = {"sm_activity": "SM activity (GPM)", "utilization": "GPU-Util (no GPM)"}
+    if by_basis:
+        lines.append("underused = unused share of busy GPUs' work: " + "; ".join(
+            f"{words.get(b, b)} on GPU {','.join(ix)}" for b, ix in sorted(by_basis.items())))
     return lines
 
 
@@ -581,6 +591,11 @@ def _big(x: Optional[float]) -> str:
     return f"{x:.0f}"
 
 
+# what idle and underused capacity is priced on (EfficiencyBook.idle_basis), as status says it
+_BASIS = {"sm_activity": "of SM activity", "utilization": "of GPU-Util, no GPM",
+          "mixed": "SM activity where GPM, else GPU-Util"}
+
+
 def efficiency_lines(node: Mapping[str, Any], currency: str = "USD",
                      priced: bool = True) -> List[str]:
     """Tokens per dollar (one line: tokens/s, tokens per dollar, $ per million tokens, idle %,
@@ -590,6 +605,9 @@ def efficiency_lines(node: Mapping[str, Any], currency: str = "USD",
     eff = node.get("efficiency") or {}
     idle = eff.get("idle_ratio")
     idle_txt = f"idle {idle * 100:.0f}%" if idle is not None else "idle -"
+    basis = _BASIS.get(eff.get("idle_basis") or "")
+    if basis and idle is not None:
+        idle_txt += f" ({basis})"
     if tk:
         down = [e for e in tk.get("endpoints") or () if not e.get("up")]
         if tk.get("tokens_per_second") is None:

@@ -11,6 +11,8 @@ Rules (docs/cost.md, "Serving diagnosis"), each held for ``HOLD_SECONDS`` (at mo
 - ``serving_over_provisioned`` (OK, advice): GPUs under the target with nothing waiting;
 - ``tokens_falling_not_hardware`` (OK, advice): tokens/s fell by a fifth or more while the SM
   clocks held -> not a hardware cause;
+- the GPM activity findings of gpucostd.health.activity (memory-bound at max clock, tensor
+  pipes idle while serving, a pipeline bottleneck);
 - ``tokens_per_dollar_below_floor`` (WARN): the floor's state (the event that runs
   ``[hooks] on_inefficient`` is made by ``floor_event``).
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
+from gpucostd.health.activity import activity_findings
 from gpucostd.snapshot import Event, Finding, GpuReading, GpuState, Severity
 
 HOLD_SECONDS = 30.0
@@ -55,6 +58,7 @@ class EfficiencyJudge:
         target = float(config.efficiency.target_utilization_percent)
         hold = min(self.hold_seconds, float(config.efficiency.window_seconds))
         held: Dict[Tuple[str, str], Tuple[Severity, str, str]] = {}
+        activity_findings(gpus, readings, config, held)     # GPM: gpucostd.health.activity
         for r in readings or ():
             if r is None or getattr(r, "error", None):
                 continue
@@ -62,7 +66,9 @@ class EfficiencyJudge:
             util = _mean_util(gpus, r.gpus)
             waiting = r.requests_waiting
             which = "its GPUs" if r.gpus is not None else "the GPUs"
-            if waiting and waiting >= 1 and util is not None and util < target:
+            if ("serving_pipeline_bottleneck", url) in held:
+                pass                        # the same, said from the GPM activity
+            elif waiting and waiting >= 1 and util is not None and util < target:
                 held[("serving_bottleneck_before_gpu", url)] = (
                     Severity.WARN,
                     "look before the GPU: preprocessing, tokenization, the scheduler, or the "

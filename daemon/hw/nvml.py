@@ -34,17 +34,20 @@ initialises, so one process talks to one NVML library (real or simulated) at a t
 from __future__ import annotations
 
 import logging
-import queue
 import threading
-import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 from gpucostd.clock import RealClock
-from gpucostd.hw.nvml_fields import (CONVERT, FIELDS, IDENTITY, LEGACY, LEGACY_CONVERT, READINGS,
-                                     SKIP_IF_PRESENT, STATIC_READINGS, VIOLATION_PREFIX, Field,
-                                     Legacy, get_field_values)
+from gpucostd.hw.gpm import read_activity
+from gpucostd.hw.nvml_clocks import ClockSettings
+from gpucostd.hw.nvml_fields import (CONVERT, IDENTITY, LEGACY, LEGACY_CONVERT, READINGS,
+                                     SKIP_IF_PRESENT, STATIC_READINGS, VIOLATION_PREFIX,
+                                     DeviceRead, Field, Legacy, _GpuSession, get_field_values)
 from gpucostd.hw.nvml_fields import field_value as _field_value  # noqa: F401 (tests)
+from gpucostd.hw.nvml_lanes import _Job, _Lane, _now
+from gpucostd.hw.nvml_errors import (_ERROR_TEXT, _FATAL, _FIELD_ABSENT, _GPU_IS_LOST,  # noqa: F401
+                                     _KIND_BY_CODE, _NOT_SUPPORTED, KINDS, NvmlError,
+                                     _describe, _from_nvml, _refused, _where)
 from gpucostd.snapshot import VIOLATION_POLICIES
 
 try:  # pragma: no cover - the import itself is exercised everywhere
@@ -57,203 +60,11 @@ except Exception as _exc:  # noqa: BLE001 - any import failure means "not availa
 
 log = logging.getLogger("gpucostd.nvml")
 
-KINDS = ("not_supported", "lost", "no_permission", "timeout", "unavailable",
-         "invalid_argument", "other")
-
-# NVML return codes (nvml.h)
-_NOT_SUPPORTED = 3
-_NO_PERMISSION = 4
-_INVALID_ARGUMENT = 2
-_UNINITIALIZED = 1
-_DRIVER_NOT_LOADED = 9
-_TIMEOUT = 10
-_LIBRARY_NOT_FOUND = 12
-_FUNCTION_NOT_FOUND = 13
-_GPU_IS_LOST = 15
-_RESET_REQUIRED = 16
-_LIB_RM_VERSION_MISMATCH = 18
-
-_KIND_BY_CODE = {
-    _NOT_SUPPORTED: "not_supported",
-    _FUNCTION_NOT_FOUND: "not_supported",   # an older driver lacks the symbol: reading absent
-    _GPU_IS_LOST: "lost",
-    _NO_PERMISSION: "no_permission",
-    _INVALID_ARGUMENT: "invalid_argument",
-    _TIMEOUT: "timeout",
-    _UNINITIALIZED: "unavailable",
-    _DRIVER_NOT_LOADED: "unavailable",
-    _LIBRARY_NOT_FOUND: "unavailable",
-    _LIB_RM_VERSION_MISMATCH: "unavailable",
-}
-# Kinds that end a whole device read (the other kinds only blank the one reading).
-_FATAL = ("lost", "timeout", "unavailable")
-
-# Per-field return codes that mean "this driver has no such value": NOT_SUPPORTED, and
-# INVALID_ARGUMENT / FUNCTION_NOT_FOUND for a field id newer than the driver.
-_FIELD_ABSENT = (_NOT_SUPPORTED, _INVALID_ARGUMENT, _FUNCTION_NOT_FOUND)
-_ERROR_TEXT = {_NO_PERMISSION: "Insufficient Permissions", _TIMEOUT: "Timeout",
-               _RESET_REQUIRED: "GPU requires restart", 999: "Unknown Error"}
 VIRTUAL_CLOCK_DEADLINE = 60.0
 
 
-class NvmlError(Exception):
-    """An NVML failure with its meaning. ``kind`` is one of KINDS; ``str()`` is the message
-    for the user (what, where, how to fix)."""
-
-    def __init__(self, kind: str, message: str, code: Optional[int] = None,
-                 gpu: Optional[int] = None, function: Optional[str] = None):
-        if kind not in KINDS:
-            raise ValueError(f"unknown NvmlError kind {kind!r}")
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-        self.code = code
-        self.gpu = gpu
-        self.function = function
-
-    def __str__(self) -> str:
-        return self.message
-
-    def __repr__(self) -> str:
-        return f"NvmlError({self.kind!r}, {self.message!r})"
-
-
-def _where(gpu: Optional[int]) -> str:
-    return "NVML" if gpu is None else f"GPU {gpu}"
-
-
-def _describe(code: int, kind: str, gpu: Optional[int], what: str, text: str) -> str:
-    """The user message for an NVML return code."""
-    w = _where(gpu)
-    if kind == "lost":
-        return (f"{w}: GPU is lost (NVML_ERROR_GPU_IS_LOST in {what}): it fell off the bus or "
-                "is otherwise inaccessible; drain the node, check `dmesg` for Xid 79, reset "
-                "the GPU (nvidia-smi -r) or reboot")
-    if kind == "no_permission":
-        return (f"{w}: {what} was refused (NVML_ERROR_NO_PERMISSION): it needs root (or "
-                "CAP_SYS_ADMIN) and read/write access to /dev/nvidiactl and /dev/nvidia*; run "
-                "gpucostd as root (the packaged systemd unit does)")
-    if kind == "not_supported":
-        return f"{w}: {what} is not supported on this GPU/driver"
-    if kind == "timeout":
-        return f"{w}: {what} timed out inside NVML (NVML_ERROR_TIMEOUT)"
-    if code == _LIBRARY_NOT_FOUND:
-        return ("NVML library libnvidia-ml.so.1 not found: the NVIDIA driver is not installed "
-                "(install the driver package, e.g. nvidia-driver or cuda-drivers)")
-    if code == _DRIVER_NOT_LOADED:
-        return ("NVIDIA kernel driver not loaded (NVML_ERROR_DRIVER_NOT_LOADED): load it with "
-                "`modprobe nvidia` and check `dmesg | grep NVRM`")
-    if code == _LIB_RM_VERSION_MISMATCH:
-        return ("NVML library and NVIDIA kernel driver versions differ (driver upgraded "
-                "without reboot?): reboot, or unload and reload the nvidia kernel modules")
-    if code == _UNINITIALIZED:
-        return f"{w}: NVML is not initialised ({what})"
-    if code == _RESET_REQUIRED:
-        return f"{w}: {what} failed: the GPU requires a reset (nvidia-smi -r) or a reboot"
-    return f"{w}: {what} failed: {text} (NVML error {code})"
-
-
-def _from_nvml(exc: Exception, gpu: Optional[int], what: str) -> NvmlError:
-    code = getattr(exc, "value", None)
-    if code is None:   # NVMLLibraryMismatchError and friends: the function is missing
-        return NvmlError("not_supported", f"{_where(gpu)}: {what} is not available in this "
-                         f"NVML library ({exc})", None, gpu, what)
-    kind = _KIND_BY_CODE.get(code, "other")
-    try:
-        text = str(exc)
-    except Exception:  # noqa: BLE001
-        text = f"NVML error {code}"
-    return NvmlError(kind, _describe(code, kind, gpu, what, text), code, gpu, what)
-
-
-# --------------------------------------------------------------------------- worker lanes
-class _Job:
-    __slots__ = ("fn", "done", "result", "exc", "abandoned")
-
-    def __init__(self, fn: Callable[[], Any]):
-        self.fn = fn
-        self.done = threading.Event()
-        self.result: Any = None
-        self.exc: Optional[BaseException] = None
-        self.abandoned = False
-
-
-class _Lane:
-    """One worker thread that runs the NVML calls of one GPU (or of the node), one at a
-    time."""
-
-    def __init__(self, name: str):
-        self.name = name
-        self.lock = threading.Lock()
-        self.queue: "queue.SimpleQueue[Optional[_Job]]" = queue.SimpleQueue()
-        self.pending = 0
-        self.current: Optional[str] = None      # NVML function running now (for messages)
-        self.stuck_since: Optional[float] = None
-        self.stuck_call: Optional[str] = None
-        self.thread = threading.Thread(target=self._run, name=f"gpucostd-nvml-{name}",
-                                       daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while True:
-            job = self.queue.get()
-            if job is None:
-                return
-            with self.lock:
-                skip = job.abandoned
-            if not skip:
-                try:
-                    job.result = job.fn()
-                except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                    job.exc = exc
-            with self.lock:
-                self.pending -= 1
-                job.done.set()
-                self.current = None
-                if self.pending == 0 and self.stuck_since is not None:
-                    log.info("%s: the stuck NVML call %s returned; calling it again",
-                             self.name, self.stuck_call)
-                    self.stuck_since = None
-                    self.stuck_call = None
-
-    def submit(self, fn: Callable[[], Any]) -> Optional[_Job]:
-        """Queue fn; None when the lane is stuck (the caller reports a timeout)."""
-        with self.lock:
-            if self.stuck_since is not None:
-                return None
-            job = _Job(fn)
-            self.pending += 1
-        self.queue.put(job)
-        return job
-
-    def give_up(self, job: _Job) -> bool:
-        """The caller's deadline passed: mark the lane stuck unless the job finished in the
-        meantime. Returns True if the job is abandoned."""
-        with self.lock:
-            if job.done.is_set():
-                return False
-            job.abandoned = True
-            if self.stuck_since is None:
-                self.stuck_since = _now()
-                self.stuck_call = self.current or "an NVML call"
-            return True
-
-    def stop(self) -> None:
-        self.queue.put(None)
-
-
-@dataclass
-class DeviceRead:
-    """One GPU's readings: ``values`` holds GpuReading field names (None = not supported);
-    ``errors`` holds the non-fatal errors (e.g. no_permission) of single readings."""
-
-    index: int
-    values: Dict[str, Any] = field(default_factory=dict)
-    errors: Dict[str, NvmlError] = field(default_factory=dict)
-
-
 # --------------------------------------------------------------------------- the gateway
-class NvmlGateway:
+class NvmlGateway(ClockSettings):
     def __init__(self, timeout_seconds: float = 2.0, retry_seconds: float = 30.0,
                  library: Any = None, clock: Any = None):
         self.timeout_seconds = float(timeout_seconds)
@@ -278,6 +89,11 @@ class NvmlGateway:
         # (a simulated hang returns NVML_ERROR_TIMEOUT at once). A real-time deadline would
         # then only make results depend on how busy the machine is, so it is stretched.
         self._virtual = bool(getattr(self.clock, "virtual", False))
+
+    @staticmethod
+    def _nvml() -> Any:
+        """pynvml, for the mixins (hw/nvml_clocks.py) that must not import it."""
+        return _pynvml
 
     def _deadline(self, timeout: Optional[float]) -> float:
         seconds = self.timeout_seconds if timeout is None else timeout
@@ -694,6 +510,7 @@ class NvmlGateway:
         viol = {key: got[VIOLATION_PREFIX + key] for key, _p in VIOLATION_POLICIES
                 if got.get(VIOLATION_PREFIX + key) is not None}
         values["violation_seconds"] = viol or None
+        values["gpm_supported"], values["activity"] = self._read_gpm(nv, h, index, lane, st)
         # a counter that went backwards: the GPU was reset; read its static values again
         if st.counters and any(viol.get(k, v) < v for k, v in st.counters.items()):
             st.static = None
@@ -702,6 +519,22 @@ class NvmlGateway:
                 all(got.get(k) is not None for k in IDENTITY):
             st.static = {k: got.get(k) for k in STATIC_READINGS}
         return res
+
+    def _read_gpm(self, nv: Any, h: Any, index: int, lane: Optional[_Lane],
+                  st: "_GpuSession") -> Tuple[Optional[bool], Any]:
+        """GPM activity (gpucostd.hw.gpm): lost or hung end the read; other errors leave the
+        activity absent this cycle and start the sample pair again."""
+        if lane is not None:
+            lane.current = "nvmlGpmSampleGet"
+        try:
+            return read_activity(nv, h, st.gpm, _FIELD_ABSENT, self.clock.monotonic())
+        except (nv.NVMLError, nv.NVMLLibraryMismatchError) as exc:
+            err = _from_nvml(exc, index, "nvmlGpmSampleGet")
+            if err.kind in _FATAL:
+                raise err from None
+            log.debug("GPU %d: no GPM activity this cycle: %s", index, err)
+            st.gpm.drop(nv)
+            return st.gpm.supported, None
 
     def _read_fields(self, nv: Any, h: Any, index: int, lane: Optional[_Lane],
                      st: "_GpuSession", plan: Tuple[Field, ...], got: Dict[str, Any],
@@ -790,67 +623,7 @@ class NvmlGateway:
             for i, st in list(self._gpu_session.items()):
                 if index is None or i == index:
                     st.static = None
-
-
-class _GpuSession:
-    """What one GPU's reads learned in this NVML session: which field ids and functions are
-    not supported, whether nvmlDeviceGetFieldValues works, the static readings."""
-
-    __slots__ = ("fields_ok", "bad_fields", "unsupported", "static", "plans", "counters", "ids",
-                 "rows")
-
-    def __init__(self) -> None:
-        self.fields_ok = True
-        self.bad_fields: set = set()
-        self.unsupported: set = set()
-        self.static: Optional[Dict[str, Any]] = None
-        self.plans: Dict[bool, Tuple[Field, ...]] = {}
-        self.counters: Dict[str, float] = {}
-        self.ids: Dict[Tuple[Field, ...], Tuple[int, ...]] = {}
-        self.rows: Dict[Tuple[bool, Tuple[Field, ...]], Tuple[Legacy, ...]] = {}
-
-    def legacy_rows(self, with_static: bool, plan: Tuple[Field, ...]) -> Tuple[Legacy, ...]:
-        """The old calls that may be needed beside this field plan: those of readings no
-        planned field serves (static ones only on a first read)."""
-        key = (with_static, plan)
-        rows = self.rows.get(key)
-        if rows is None:
-            served = {f.reading for f in plan}
-            rows = self.rows[key] = tuple(r for r in LEGACY if r.reading not in served
-                                          and (with_static or not r.static))
-        return rows
-
-    def plan_ids(self, plan: Tuple[Field, ...]) -> Tuple[int, ...]:
-        ids = self.ids.get(plan)
-        if ids is None:
-            ids = self.ids[plan] = tuple(f.field_id for f in plan)
-        return ids
-
-    def field_plan(self, with_static: bool) -> Tuple[Field, ...]:
-        """The fields to ask for: per reading the best alternative not known unsupported."""
-        plan = self.plans.get(with_static)
-        if plan is None:
-            chosen: Dict[str, Field] = {}
-            for f in FIELDS:
-                if f.field_id in self.bad_fields or f.reading in chosen:
-                    continue
-                if f.static and not with_static:
-                    continue
-                chosen[f.reading] = f
-            plan = self.plans[with_static] = tuple(chosen.values())
-        return plan
-
-
-def _refused(err: NvmlError, index: int, doing: str) -> NvmlError:
-    """The NO_PERMISSION error of a setter, with the privilege it needs."""
-    return NvmlError("no_permission", f"GPU {index}: {doing} was refused "
-                     "(NVML_ERROR_NO_PERMISSION): it needs root (or CAP_SYS_ADMIN); run gpucostd "
-                     "as root (the packaged systemd unit does)", err.code, index, err.function)
-
-
-def _now() -> float:
-    # deadlines are real time whatever the clock: a stuck call blocks a real thread
-    return time.monotonic()
+        self.forget_clocks(index)
 
 
 def _text(value: Any) -> Optional[str]:

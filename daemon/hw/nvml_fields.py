@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import ctypes
 import struct
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
+from gpucostd.hw.gpm import GpmSession
+from gpucostd.hw.nvml_errors import NvmlError
 from gpucostd.snapshot import VIOLATION_POLICIES, VIOLATION_REPLACED_BY, reasons_from_mask
 
 VIOLATION_PREFIX = "violation_seconds."
@@ -312,3 +315,64 @@ def get_field_values(nv: Any, handle: Any, ids: Tuple[int, ...]) -> List[Tuple[i
 
 _II = struct.Struct("@II")
 _I = struct.Struct("@I")
+
+
+# --------------------------------------------------------------------------- per GPU
+@dataclass
+class DeviceRead:
+    """One GPU's readings: ``values`` holds GpuReading field names (None = not supported);
+    ``errors`` holds the non-fatal errors (e.g. no_permission) of single readings."""
+
+    index: int
+    values: Dict[str, Any] = field(default_factory=dict)
+    errors: Dict[str, NvmlError] = field(default_factory=dict)
+
+
+class _GpuSession:
+    """What one GPU's reads learned in this NVML session: which field ids and functions are
+    not supported, whether nvmlDeviceGetFieldValues works, the static readings."""
+
+    __slots__ = ("fields_ok", "bad_fields", "unsupported", "static", "plans", "counters", "ids",
+                 "rows", "gpm")
+
+    def __init__(self) -> None:
+        self.gpm = GpmSession()              # GPU Performance Monitoring (gpucostd.hw.gpm)
+        self.fields_ok = True
+        self.bad_fields: set = set()
+        self.unsupported: set = set()
+        self.static: Optional[Dict[str, Any]] = None
+        self.plans: Dict[bool, Tuple[Field, ...]] = {}
+        self.counters: Dict[str, float] = {}
+        self.ids: Dict[Tuple[Field, ...], Tuple[int, ...]] = {}
+        self.rows: Dict[Tuple[bool, Tuple[Field, ...]], Tuple[Legacy, ...]] = {}
+
+    def legacy_rows(self, with_static: bool, plan: Tuple[Field, ...]) -> Tuple[Legacy, ...]:
+        """The old calls that may be needed beside this field plan: those of readings no
+        planned field serves (static ones only on a first read)."""
+        key = (with_static, plan)
+        rows = self.rows.get(key)
+        if rows is None:
+            served = {f.reading for f in plan}
+            rows = self.rows[key] = tuple(r for r in LEGACY if r.reading not in served
+                                          and (with_static or not r.static))
+        return rows
+
+    def plan_ids(self, plan: Tuple[Field, ...]) -> Tuple[int, ...]:
+        ids = self.ids.get(plan)
+        if ids is None:
+            ids = self.ids[plan] = tuple(f.field_id for f in plan)
+        return ids
+
+    def field_plan(self, with_static: bool) -> Tuple[Field, ...]:
+        """The fields to ask for: per reading the best alternative not known unsupported."""
+        plan = self.plans.get(with_static)
+        if plan is None:
+            chosen: Dict[str, Field] = {}
+            for f in FIELDS:
+                if f.field_id in self.bad_fields or f.reading in chosen:
+                    continue
+                if f.static and not with_static:
+                    continue
+                chosen[f.reading] = f
+            plan = self.plans[with_static] = tuple(chosen.values())
+        return plan

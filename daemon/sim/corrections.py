@@ -12,15 +12,17 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Optional
 
-from gpucostd.sim.physics import apply_power
+from gpucostd.sim.clocks import apply_setters
+from gpucostd.sim.physics import ACTIVITY_NAMES, state_activity
 from gpucostd.snapshot import VIOLATION_REASONS
 
 
 class _Correction:
-    __slots__ = ("t", "power", "energy", "tokens")
+    __slots__ = ("t", "power", "energy", "tokens", "activity")
 
     def __init__(self):
         self.t = 0.0
+        self.activity = [0.0] * len(ACTIVITY_NAMES)   # GPM activity integrals
         self.power = 0.0       # seconds of the "power" violation counter (SwPowerCap)
         self.energy = 0.0      # joules
         self.tokens = 0.0      # generated tokens (endpoints)
@@ -60,8 +62,7 @@ class SetterCorrections:
             return base
         st = dict(base)
         st.update(eff)
-        if "power_limit" in eff and self.scenario.physics is not None:
-            apply_power(st, self.scenario.physics)
+        apply_setters(st, eff, self.scenario.physics)
         return st
 
     def advance(self, index: int, t: float) -> _Correction:
@@ -83,6 +84,9 @@ class SetterCorrections:
                 continue
             c.power += (b - a) * (_power_capped(st) - _power_capped(base))
             c.energy += (b - a) * (_draw(st) - _draw(base))
+            new, old = state_activity(st, sc.physics), state_activity(base, sc.physics)
+            for j, name in enumerate(ACTIVITY_NAMES):
+                c.activity[j] += (b - a) * (new[name] - old[name])
         c.t = t
         return c
 
@@ -136,6 +140,14 @@ class SimulatedCounters:
         with self._lock:
             corr = self._corr.advance(index, t).energy
         return self.scenario.energy_joules_at(index, t) + corr
+
+    def activity_integrals(self, index: int, t: Optional[float] = None) -> List[float]:
+        """GPU `index`'s GPM activity integrals at t (Scenario.activity_integrals_at plus
+        what setters changed)."""
+        t = self.now() if t is None else t
+        with self._lock:
+            corr = list(self._corr.advance(index, t).activity)
+        return [a + c for a, c in zip(self.scenario.activity_integrals_at(index, t), corr)]
 
     def violation_seconds(self, index: int, policy: str, t: Optional[float] = None) -> float:
         t = self.now() if t is None else t

@@ -16,6 +16,7 @@ growing across cycles) and drop to zero at every ``reset = true`` entry.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 import os
 import re
@@ -31,6 +32,7 @@ else:  # pragma: no cover - exercised on Python < 3.11
 
 from gpucostd.config import FileError
 from gpucostd.sim import physics as phys
+from gpucostd.sim.scenario_time import ScenarioTimeQueries
 from gpucostd.sim.sections import (ScenarioPrices, _fmt, _indexes, _num, parse_physics,
                                     parse_prices, parse_serving)
 from gpucostd.snapshot import CLOCK_EVENT_REASONS, REASON_BITS, VIOLATION_POLICIES, VIOLATION_REASONS
@@ -115,6 +117,9 @@ GPU_FIELDS: Dict[str, Field] = {
                           min=0, max=255),
     "present": _f("bool", True, "Listed by NVML; false: left out of nvmlDeviceGetCount (the "
                   "GPUs after it move up an index) from the next nvmlInit on, with no Xid."),
+    "decode_share": _f("number", 0.0, "Share of the busy time spent in memory-bound decode at "
+                       "the max clock, 0..1; the rest is compute-bound prefill ([physics]).",
+                       min=0, max=1),
     "total_energy": _f("number", 0.0, "Energy counter at t = 0, J "
                        "(nvmlDeviceGetTotalEnergyConsumption counts up from here; NVML's "
                        "counter is an unsigned 64-bit count of mJ).", min=0, max=1.8e16),
@@ -137,9 +142,15 @@ UNSUPPORTED_GROUPS: Dict[str, Tuple[str, ...]] = {
     "field_values": (),
     # the clock-event duration fields (SW/HW thermal, HW power brake) of newer drivers
     "clock_event_durations": (),
+    # GPU Performance Monitoring (nvmlGpm*): Hopper and later; an older GPU's name (A100,
+    # L40S, ...) makes it NOT_SUPPORTED without this (gpucostd.sim.gpm)
+    "gpm": (),
+    # locked SM clocks and the supported-clocks lists (pre-Volta GPUs, some vGPUs):
+    # gpucostd.sim.clocks
+    "locked_clocks": ("supported_clocks",),
 }
 _NOT_UNSUPPORTABLE = set(IDENTITY_FIELDS) | {"setters_permitted", "unsupported", "lost", "present",
-                                            "violation_counters"}
+                                            "violation_counters", "decode_share"}
 UNSUPPORTABLE = tuple(sorted((set(GPU_FIELDS) - _NOT_UNSUPPORTABLE) | set(UNSUPPORTED_GROUPS)))
 
 NODE_FIELDS: Dict[str, Field] = {
@@ -313,7 +324,7 @@ class _Validator:
 
 
 # --------------------------------------------------------------------------- the scenario
-class Scenario:
+class Scenario(ScenarioTimeQueries):
     """A validated scenario. Build with load_scenario() or parse_scenario()."""
 
     def __init__(self, name: str, path: str, node: NodeInfo, gpus: Sequence[Dict[str, Any]],
@@ -323,6 +334,8 @@ class Scenario:
         self.name = name
         self.prices = prices            # None: no illustrative prices (gpucostd.sim.sections)
         self.physics = physics          # None: power_draw and sm_clock are as written
+        if serving is not None:         # tokens follow the phases of the physics
+            serving = dataclasses.replace(serving, physics=physics or phys.DEFAULT_MODEL)
         self.serving = serving          # None: no simulated inference server
         self.path = path
         self.node = node
@@ -398,6 +411,13 @@ class Scenario:
         self._energy = [phys.Piecewise(starts, [min(st["power_draw"], st["power_limit"])
                                                 for st in states], self.repeat_every)
                         for starts, states in zip(self._seg_starts, self._seg_states)]
+        # GPM activity (physics.ACTIVITY_NAMES): exact integrals, like the energy counter
+        self._activity = []
+        for starts, states in zip(self._seg_starts, self._seg_states):
+            acts = [phys.state_activity(st, self.physics) for st in states]
+            self._activity.append([phys.Piecewise(starts, [a[name] for a in acts],
+                                                  self.repeat_every)
+                                   for name in phys.ACTIVITY_NAMES])
         self._tokens: List[phys.Piecewise] = []
         for ep in (self.serving.endpoints if self.serving else ()):
             starts = phys.merged_starts([self._seg_starts[i] for i in ep.gpus])
@@ -409,193 +429,6 @@ class Scenario:
         self._node_starts = [0.0] + [e.t for e in node_changes]
         self._node_loaded = [self.node.driver_loaded] + [bool(e.driver_loaded)
                                                           for e in node_changes]
-
-    def _check_index(self, index: int) -> None:
-        if not 0 <= index < self.node.gpu_count:
-            raise IndexError(f"GPU index {index} out of range 0..{self.node.gpu_count - 1}")
-
-    def _cycle_pos(self, t: float) -> Tuple[int, float]:
-        if self.repeat_every:
-            k = int(t // self.repeat_every)
-            return k, t - k * self.repeat_every
-        return 0, t
-
-    def _segment(self, index: int, t: float) -> int:
-        _k, te = self._cycle_pos(t)
-        return bisect.bisect_right(self._seg_starts[index], te) - 1
-
-    def state_ref(self, index: int, t: float) -> Dict[str, Any]:
-        """The (shared, do-not-modify) state dict of GPU `index` at time t, without the
-        violation counters. For the simulator's hot path."""
-        return self._seg_states[index][self._segment(index, max(0.0, t))]
-
-    def state_span(self, index: int, t: float) -> Optional[Tuple[float, float, Dict[str, Any]]]:
-        """(from, until, state_ref) : the absolute interval around t in which GPU `index`'s
-        state dict stays the same and no hang or driver change happens, for the simulator's
-        cache; None where the GPU has hangs or the node driver changes (no caching)."""
-        if self._hangs[index] or len(self._node_starts) > 1:
-            return None
-        t = max(0.0, t)
-        k, te = self._cycle_pos(t)
-        starts = self._seg_starts[index]
-        i = bisect.bisect_right(starts, te) - 1
-        base = k * (self.repeat_every or 0.0)
-        if i + 1 < len(starts):
-            end = starts[i + 1]
-        else:
-            end = self.repeat_every if self.repeat_every else math.inf
-        return base + starts[i], base + end, self._seg_states[index][i]
-
-    def _integral(self, index: int, t: float, policy: str) -> float:
-        """Seconds in [0, t) during which `policy`'s reasons were active (no resets)."""
-        if t <= 0:
-            return 0.0
-        k, te = self._cycle_pos(t)
-        starts = self._seg_starts[index]
-        i = bisect.bisect_right(starts, te) - 1
-        part = self._seg_cum[index][i][policy] + \
-            self._seg_viol_rate[index][i][policy] * (te - starts[i])
-        if k:
-            part += k * self._cycle_total[index][policy]
-        return part
-
-    def last_reset(self, index: int, t: float) -> Optional[float]:
-        """Absolute time of the latest reset at or before t (None if none)."""
-        return self._last_occurrence(self._resets[index], t)
-
-    def last_change_time(self, index: int, key: str, t: float) -> Optional[float]:
-        """Absolute time of the latest timeline entry at or before t that set `key` on GPU
-        `index` (None if none). A repeating scenario also restores the initial state at
-        every cycle start, which counts as a change."""
-        times = self._field_changes[index].get(key)
-        if not times:
-            return None
-        last = self._last_occurrence(times, t)
-        if self.repeat_every and t >= self.repeat_every:
-            cycle_start = (t // self.repeat_every) * self.repeat_every
-            if last is None or last < cycle_start:
-                last = cycle_start
-        return last
-
-    def _last_occurrence(self, resets: List[float], t: float) -> Optional[float]:
-        if not resets:
-            return None
-        k, te = self._cycle_pos(t)
-        i = bisect.bisect_right(resets, te) - 1
-        if i >= 0:
-            return k * (self.repeat_every or 0.0) + resets[i]
-        if self.repeat_every and k > 0:
-            return (k - 1) * self.repeat_every + resets[-1]
-        return None
-
-    def violation_seconds_at(self, index: int, t: float) -> Dict[str, float]:
-        """Violation-time counter per policy (seconds) at time t, since start or last reset."""
-        self._check_index(index)
-        t = max(0.0, t)
-        base_t = self.last_reset(index, t)
-        out = {}
-        for policy, _ in VIOLATION_POLICIES:
-            v = self._integral(index, t, policy)
-            if base_t is not None:
-                v -= self._integral(index, base_t, policy)
-            out[policy] = max(0.0, v)
-        return out
-
-    def energy_joules_at(self, index: int, t: float) -> float:
-        """The energy counter of GPU `index` at time t (J): its `total_energy` plus the exact
-        integral of the power it reports (power_draw, at most power_limit)."""
-        self._check_index(index)
-        return self.initial[index]["total_energy"] + self._energy[index].integral(t)
-
-    def endpoint_tokens_at(self, endpoint: int, t: float) -> float:
-        """Generated tokens of simulated endpoint `endpoint` from 0 to t (exact integral)."""
-        return self._tokens[endpoint].integral(t)
-
-    def endpoint_rate_at(self, endpoint: int, t: float) -> float:
-        """Generated tokens/s of simulated endpoint `endpoint` at time t."""
-        return self._tokens[endpoint].rate_at(t)
-
-    def boundaries(self, index: int, t0: float, t1: float) -> List[float]:
-        """Absolute times in (t0, t1) where GPU `index`'s state may change (segment starts,
-        cycle starts): between two of them the state is constant."""
-        starts = self._seg_starts[index]
-        if not self.repeat_every:
-            return [s for s in starts if t0 < s < t1]
-        r = self.repeat_every
-        out: List[float] = []
-        k = max(0, int(t0 // r))
-        while k * r < t1:
-            out.extend(k * r + s for s in starts if t0 < k * r + s < t1)
-            k += 1
-        return out
-
-    def hang_until(self, index: int, t: float) -> Optional[float]:
-        """If GPU `index` is hung at time t, the absolute time its calls unblock."""
-        latest = None
-        for th, n in self._hangs[index]:
-            if self.repeat_every:
-                k = math.floor((t - th) / self.repeat_every)
-                if k < 0:
-                    continue
-                start = th + k * self.repeat_every
-            else:
-                start = th
-            if start <= t < start + n:
-                end = start + n
-                latest = end if latest is None else max(latest, end)
-        return latest
-
-    def driver_loaded_at(self, t: float) -> bool:
-        _k, te = self._cycle_pos(max(0.0, t))
-        i = bisect.bisect_right(self._node_starts, te) - 1
-        return self._node_loaded[i]
-
-    # ---- public ground truth
-    def gpu_state_at(self, index: int, t: float) -> Dict[str, Any]:
-        """Every field of GPU `index` at scenario time t (seconds), as a new dict, plus
-        `violation_seconds` ({policy: seconds}, or None when violation_counters is false) and
-        `hung` (True while a hang_seconds window is open)."""
-        self._check_index(index)
-        state = dict(self.state_ref(index, t))
-        state["violation_seconds"] = (self.violation_seconds_at(index, t)
-                                      if state["violation_counters"] else None)
-        state["hung"] = self.hang_until(index, t) is not None
-        return state
-
-    def change_times(self, index: int, until: Optional[float] = None) -> List[float]:
-        """Sorted times of the timeline entries for GPU `index`. Without `until`: within one
-        cycle (add k * repeat_every for later cycles). With `until`: every absolute time
-        <= until (all cycles)."""
-        self._check_index(index)
-        base = sorted({e.t for e in self.timeline if e.gpu == index})
-        if until is None:
-            return base
-        if not self.repeat_every:
-            return [t for t in base if t <= until]
-        out: List[float] = []
-        k = 0
-        while k * self.repeat_every <= until:
-            out.extend(k * self.repeat_every + t for t in base
-                       if k * self.repeat_every + t <= until)
-            k += 1
-        return out
-
-    def kernel_lines_between(self, t0: float, t1: float) -> List[Tuple[float, Optional[int], str]]:
-        """(absolute t, gpu, line) of kernel_log entries with t0 < t <= t1, in time order."""
-        if t1 <= t0 or not self._kernel:
-            return []
-        out: List[Tuple[float, Optional[int], str]] = []
-        if not self.repeat_every:
-            return [(t, g, line) for t, g, line in self._kernel if t0 < t <= t1]
-        r = self.repeat_every
-        k = max(0, int(t0 // r))
-        while k * r <= t1:
-            for t, g, line in self._kernel:
-                at = k * r + t
-                if t0 < at <= t1:
-                    out.append((at, g, line))
-            k += 1
-        return out
 
     def __repr__(self) -> str:
         return f"Scenario({self.name!r}, gpus={self.node.gpu_count})"

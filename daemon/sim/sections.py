@@ -1,5 +1,5 @@
 """The optional sections of a scenario file: ``[physics]`` (power follows clock and load),
-``[serving]`` (simulated inference servers) and ``[prices]`` (illustrative prices for
+``[serving]`` (simulated inference servers; their tokens follow the [physics] phases) and ``[prices]`` (illustrative prices for
 ``gpucostd run --simulate``), each checked key by key (docs/scenarios.md). Used by
 gpucostd.sim.scenario, whose validator (``v``: ``fail`` and ``loc``) they report through.
 """
@@ -38,6 +38,9 @@ def _section(v: Any, where: str, data: Any, keys: Mapping[str, tuple],
     for key, value in data.items():
         if key in sub:
             continue            # a sub-table, handled by the caller
+        moved = phys.MOVED_KEYS.get((table, key))
+        if moved:
+            v.fail(f"{where}.{key}: no longer a key here; {moved}", table, key, array, occ)
         if key not in keys:
             v.fail(f"{where}.{key}: unknown key; allowed keys: " + ", ".join(sorted(keys)),
                    table, key, array, occ)
@@ -58,6 +61,10 @@ def parse_physics(v: Any, data: Mapping[str, Any], gpu_list: Sequence[Any],
     if model.full_load_watts <= model.idle_watts:
         v.fail(f"physics.full_load_watts = {_num(model.full_load_watts)} must be above "
                f"idle_watts {_num(model.idle_watts)}", "physics", "full_load_watts")
+    if model.decode_watts < model.idle_watts + model.decode_memory_watts:
+        v.fail(f"physics.decode_watts = {_num(model.decode_watts)} must be at least idle_watts "
+               f"+ decode_memory_watts = {_num(model.idle_watts + model.decode_memory_watts)}",
+               "physics", "decode_watts")
     why = ("is computed by [physics] from sm_clock, utilization and power_limit; remove it "
            "(or remove [physics])")
     if "power_draw" in (data.get("gpu_defaults") or {}):

@@ -1,9 +1,9 @@
 """Prometheus exposition of a snapshot, rendered once per snapshot.
 
 The families of each part come from its own module's `metric_families(snapshot)`
-(metrics_health, metrics_cost, metrics_tuning, metrics_calibration); this module adds the core
-per-GPU gauges and the info metrics, then renders the whole exposition to bytes that the HTTP server hands out
-until the next snapshot. A scrape never touches NVML and never waits for the loop.
+(metrics_health, metrics_cost, metrics_tuning, calibration.metrics); this module adds the
+core per-GPU gauges and the info metrics, then renders the whole exposition to bytes that the
+HTTP server hands out until the next snapshot. A scrape never touches NVML and never waits for the loop.
 """
 from __future__ import annotations
 
@@ -39,7 +39,34 @@ _GPU_GAUGES = (
     ("gpucostd_gpu_utilization_ratio", "GPU utilization (0..1).", "utilization_percent", 0.01),
     ("gpucostd_gpu_persistence_mode", "Persistence mode (1 on, 0 off).", "persistence_mode", 1),
     ("gpucostd_gpu_ecc_mode", "ECC mode (1 enabled, 0 disabled).", "ecc_mode", 1),
+    # GPU Performance Monitoring (Hopper and later): work done, not GPU-Util
+    ("gpucostd_gpu_gpm_supported", "1 if the GPU has GPU Performance Monitoring (activity "
+     "readings), 0 if not.", "gpm_supported", 1),
+    ("gpucostd_gpu_sm_active_ratio", "Share of SMs busy between two GPM samples (0..1; "
+     "GPU-Util only says a kernel ran).", "activity.sm", 1),
+    ("gpucostd_gpu_sm_occupancy_ratio", "Warps resident over the maximum (0..1, GPM).",
+     "activity.sm_occupancy", 1),
+    ("gpucostd_gpu_tensor_active_ratio", "Share of time any tensor pipe was busy (0..1, GPM; "
+     "FP8 included).", "activity.tensor", 1),
+    ("gpucostd_gpu_tensor_hmma_active_ratio", "Share of time the HMMA (FP16/BF16) tensor pipe "
+     "was busy (0..1, GPM).", "activity.tensor_hmma", 1),
+    ("gpucostd_gpu_tensor_imma_active_ratio", "Share of time the IMMA (integer) tensor pipe was "
+     "busy (0..1, GPM).", "activity.tensor_imma", 1),
+    ("gpucostd_gpu_dram_active_ratio", "DRAM bandwidth used over the maximum (0..1, GPM).",
+     "activity.dram", 1),
+    ("gpucostd_gpu_fp16_active_ratio", "Share of time the non-tensor FP16 pipe was busy (0..1, "
+     "GPM).", "activity.fp16", 1),
+    ("gpucostd_gpu_fp32_active_ratio", "Share of time the non-tensor FP32 pipe was busy (0..1, "
+     "GPM).", "activity.fp32", 1),
 )
+
+
+def _value(g, attr):
+    """A GpuReading attribute, or one of its activity's ("activity.sm"); None when absent."""
+    if attr.startswith("activity."):
+        act = g.activity
+        return None if act is None else getattr(act, attr[9:])
+    return getattr(g, attr)
 
 
 def _labels(g):
@@ -94,7 +121,7 @@ def core_families(snap: NodeSnapshot) -> Iterable:
                 if supported is None or name in supported or name in active:
                     reasons.add_metric(lab + [name], 1 if name in active else 0)
         for fam, attr, scale in gauges:
-            v = getattr(g, attr)
+            v = _value(g, attr)
             if v is not None:
                 fam.add_metric(lab, float(v) * scale)
     yield info
@@ -112,7 +139,8 @@ def core_families(snap: NodeSnapshot) -> Iterable:
 
 
 def _part_families(snap: NodeSnapshot) -> List:
-    from gpucostd.views import metrics_calibration, metrics_cost, metrics_health, metrics_tuning
+    import gpucostd.calibration.metrics as metrics_calibration
+    from gpucostd.views import metrics_cost, metrics_health, metrics_tuning
     out = []
     for module in (metrics_health, metrics_cost, metrics_tuning, metrics_calibration):
         try:

@@ -122,15 +122,18 @@ def _render_status(data: Dict[str, Any], colour: bool = False, events: int = 5) 
                            "  "))
     cal = data.get("calibration")
     if isinstance(cal, dict):
-        limits = ", ".join(f"GPU {k} {v} W" for k, v in sorted((cal.get("limits") or {}).items()))
-        lines.extend(_wrap(f"power-limit calibration {cal.get('state')}: step {cal.get('step')}/"
+        held = [(k, f"{v} W") for k, v in (cal.get("limits") or {}).items()]
+        held += [(k, f"{v} MHz") for k, v in (cal.get("clocks") or {}).items()]
+        limits = ", ".join(f"GPU {k} {v}" for k, v in sorted(held, key=lambda x: int(x[0])))
+        what = "SM-clock" if cal.get("clocks") and not cal.get("limits") else "power-limit"
+        lines.extend(_wrap(f"{what} calibration {cal.get('state')}: step {cal.get('step')}/"
                            f"{cal.get('steps')}" + (f", {limits}" if limits else "")
                            + (f", {cal['remaining_seconds']:.0f} s left"
                               if cal.get("remaining_seconds") is not None else "")
                            + " (gpucostd calibrate; enforcement of these limits held)", "  "))
     if data["gpus"]:
         lines.append(f"{'GPU':>3} {'MODEL':<15} {'HEALTH':<7} {'TEMP':>5} {'POWER/LIMIT':>11} "
-                     f"{'SM MHz/MAX':>11}  {'UTIL':>4}  THROTTLE / REASON")
+                     f"{'SM MHz/MAX':>11}  {'UTIL':>4} {'SM/TC/MEM':>10}  THROTTLE / REASON")
     for g in data["gpus"]:
         power = f"{_fmt(g['power_draw_watts'])}/{_fmt(g['power_limit_watts'], unit='W')}"
         clock = f"{_fmt(g['sm_clock_mhz'])}/{_fmt(g['sm_clock_max_mhz'])}"
@@ -142,11 +145,14 @@ def _render_status(data: Dict[str, Any], colour: bool = False, events: int = 5) 
         lines.append(_clip(
             f"{g['index']:>3} {(g.get('model') or '?')[:15]:<15} {st.sev(health)}{pad} "
             f"{_fmt(g['temperature_celsius'], unit='C'):>5} {power:>11} {clock:>11}  "
-            f"{_fmt(g['utilization_percent'], unit='%'):>4}  {reasons}"))
+            f"{_fmt(g['utilization_percent'], unit='%'):>4} {_activity(g):>10}  {reasons}"))
         for f in g.get("findings") or []:
             if f["severity"] != "OK":
                 lines.extend(_wrap(f"{f['severity']}: {f['message']} (since "
                                    f"{_ago(f.get('since'), now)}) -> {f['action']}", "      "))
+    if any(g.get("activity") for g in data["gpus"]):
+        lines.append(_clip("  UTIL: time any kernel ran (GPU-Util); SM/TC/MEM: % of SMs, tensor "
+                           "pipes, DRAM bandwidth busy (GPM)"))
     node_findings = [f for f in node.get("findings") or [] if f["severity"] != "OK"]
     if node_findings:
         lines.append("Node:")
@@ -172,6 +178,16 @@ def _render_status(data: Dict[str, Any], colour: bool = False, events: int = 5) 
             stamp = time.strftime("%m-%d %H:%M:%S", time.localtime(e["time"]))
             lines.append(_clip(f"  {stamp} {e['severity']:<4} {e['subject']:<7} {e['message']}"))
     return "\n".join(lines) + "\n"
+
+
+def _activity(g: Dict[str, Any]) -> str:
+    """The SM/TC/MEM column: SM, tensor and DRAM activity in percent (GPM); "n/a" where the
+    GPU has no GPM (UTIL is then all there is), "-" before the first pair of samples."""
+    act = g.get("activity")
+    if not act:
+        return "n/a" if g.get("gpm_supported") is False else "-"
+    return "/".join(_fmt(None if act.get(k) is None else 100 * act[k])
+                    for k in ("sm", "tensor", "dram")) + "%"
 
 
 def cost_lines(cost: Optional[Dict[str, Any]], text: Optional[List[str]] = None) -> List[str]:

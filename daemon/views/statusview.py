@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
-from gpucostd.snapshot import (Event, Finding, GpuReading, NodeSnapshot, Severity,
+from gpucostd.snapshot import (ACTIVITY_FIELDS, Event, Finding, GpuReading, NodeSnapshot, Severity,
                                THROTTLE_REASONS, printable, printable_tree)
 
 # the CLI side lives in statustext.py (light: `gpucostd status` imports only that)
@@ -48,6 +48,11 @@ def _gpu_json(g: GpuReading, health: Severity, findings: List[Finding]) -> Dict[
         "power_draw_watts": g.power_draw_watts, "power_limit_watts": g.power_limit_watts,
         "sm_clock_mhz": g.sm_clock_mhz, "sm_clock_max_mhz": g.sm_clock_max_mhz,
         "utilization_percent": g.utilization_percent,
+        # GPU Performance Monitoring: ratios 0..1 of the last cycle, null where not supported
+        # (gpm_supported false) or not yet read (the first cycle)
+        "gpm_supported": g.gpm_supported,
+        "activity": (None if g.activity is None else
+                     {k: getattr(g.activity, k) for k in ACTIVITY_FIELDS + ("seconds",)}),
         "persistence_mode": g.persistence_mode,
         "recovery_action": _recovery_name(g.gpu_recovery_action),
         "recovery_action_value": g.gpu_recovery_action,

@@ -1,11 +1,11 @@
 """The calibration session of `gpucostd calibrate`: find the power limit that gives the most
 tokens per dollar, safely. (The command itself, through the daemon or on a simulated node, is
-gpucostd.calibrate; it imports this module, never the other way round.)
+gpucostd.calibration.command; it imports this module, never the other way round.)
 
 A ``Calibration`` is a state machine the daemon's loop drives, one call per cycle
 (``on_cycle(snapshot)``): it steps the power limit of each GPU group (the GPUs of one
 inference endpoint) from the top of the range down, measures every step after its warm-up
-(gpucostd.cost.calibration has the maths) and puts every limit back at the end. It runs inside
+(gpucostd.calibration.maths has the maths) and puts every limit back at the end. It runs inside
 the daemon (the status socket's ``calibrate`` request; the loop, health and enforcement know
 it runs: the tuners hold the power limits it steps) or one-shot on a simulated node on a
 virtual clock (``run_simulated``).
@@ -31,11 +31,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import replace
 from typing import Any, Dict, List, Optional
 
-from gpucostd.cost import calibration as maths
-from gpucostd.cost.calibration import (CalibrationRefused, Group, Params,  # noqa: F401
-                                       dropin_text, gpu_trouble, params_from, plan, summary)
+from gpucostd.calibration import levers, maths
+from gpucostd.calibration.maths import (CalibrationRefused, Group, Params,  # noqa: F401
+                                       gpu_trouble, params_from, plan)
+from gpucostd.calibration.report import binding_note, dropin_text, kept_overrides, summary
 from gpucostd.snapshot import Event, Severity
 from gpucostd.statefile import write_atomic
 
@@ -46,8 +48,9 @@ LAST_FILE = "calibration-last.json"
 DROPIN_NAME = "calibrated.toml"
 SETTING = "power_limit_watts"
 DEFAULT_SIM_SCENARIO = "builtin:calibrate"
-# prices of --simulate when the config sets none (said so in the report)
-ILLUSTRATIVE_PRICES = {"gpu_hour_usd": 1.0, "energy_usd_per_kwh": 0.30, "pue": 1.4}
+# prices of --simulate when neither the config nor the scenario's [prices] sets one (said so
+# in the report): the demo's (builtin:h100x8's [prices])
+ILLUSTRATIVE_PRICES = {"gpu_hour_usd": 2.99, "energy_usd_per_kwh": 0.08, "pue": 1.3}
 CLIENT_TIMEOUT = 30.0        # no progress request for this long: the command went away
 
 EXIT_DONE, EXIT_REFUSED, EXIT_ABORTED = 0, 5, 6
@@ -85,6 +88,7 @@ class Calibration:
         self.events: List[Event] = []
         self.scenario = daemon.simulate
         self.dropin_path: Optional[str] = None
+        self.summary: Optional[Dict[str, Any]] = None     # of report(), once it has ended
 
     # -- public
     @property
@@ -139,11 +143,9 @@ class Calibration:
                 why = gpu_trouble(snap, i)
                 if why:
                     return self._abort(why)
-                g = snap.gpu(i)
-                if g.power_limit_watts is not None and abs(g.power_limit_watts - limit) > 0.5:
-                    return self._abort(f"GPU {i}: the power limit changed to "
-                                       f"{g.power_limit_watts:g} W outside the calibration "
-                                       f"(it set {limit} W)")
+                why = levers.changed_behind(grp, snap.gpu(i), limit)
+                if why:
+                    return self._abort(why)
             r = readings.get(grp.url)
             if r is None or not r.ok:
                 return self._abort(f"the inference endpoint {grp.url} stopped answering ("
@@ -157,13 +159,14 @@ class Calibration:
                 tps = w.tokens_per_second()
                 if tps is not None and tps < self.params.abort_below * best:
                     return self._abort(
-                        f"{grp.label()}: throughput {tps:,.0f} tokens/s at {limit} W is below "
+                        f"{grp.label()}: throughput {tps:,.0f} tokens/s at "
+                        f"{levers.step_words(grp, limit)} is below "
                         f"the hard floor {self.params.abort_below * 100:g}% of the best step "
                         f"({best:,.0f} tokens/s)")
         if now >= self.step_started + self.params.dwell_seconds:
             for grp in stepping:
                 row = maths.step_row(grp.steps[self.step], grp.window, grp.price_sum,
-                                     self._energy_price(), self._pue())
+                                     self._energy_price(), self._pue(), grp.lever)
                 grp.rows.append(row)
                 tps = row.get("tokens_per_second")
                 if tps is not None:
@@ -187,26 +190,24 @@ class Calibration:
         d = self.daemon
         try:
             # the groups were planned on the snapshot the request saw: check again now
-            fresh, _ = plan(snap, Params(tuple(self.gpus), self.params.from_watts,
-                                         self.params.to_watts, self.params.steps,
-                                         self.params.dwell_seconds, self.params.warmup_seconds,
-                                         self.params.min_throughput, self.params.abort_below,
-                                         self.params.apply), d.config)
+            levers.plan(d, snap, replace(self.params, gpus=tuple(self.gpus)))
+            for grp in self.groups:
+                grp.start = levers.start_values(d, snap, grp)
         except CalibrationRefused as e:
             self.state, self.reason = "refused", str(e)
             self.finished_at = d.clock.time()
             self._save_last()
             return
-        fresh_by_gpus = {new.gpus: new for new in fresh}
-        for grp in self.groups:
-            grp.start = dict(fresh_by_gpus[grp.gpus].start)
-        d.tuning.held.update((SETTING, f"gpu:{i}") for i in self.gpus)
+        for g in self.groups:
+            for i in g.gpus:
+                d.tuning.hold(levers.setting(g), i)
         try:
             self._write_progress()                   # before anything is saved or written
             for grp in self.groups:
                 for i in grp.gpus:
-                    grp.saved[i] = d.tuning.originals.save_if_absent(
-                        SETTING, f"gpu:{i}", _whole(grp.start[i]), uuid=grp.uuids.get(i))
+                    grp.saved[i] = d.tuning.save_original(
+                        levers.setting(grp), i, levers.original(grp, grp.start[i]),
+                        uuid=grp.uuids.get(i))
             self._write_progress()
         except Exception as e:  # noqa: BLE001 - OriginalsError, OSError: nothing written yet
             self.state, self.reason = "failed", f"cannot save the original limits: {e}"
@@ -217,10 +218,19 @@ class Calibration:
         self.state = "running"
         gpus = ", ".join(map(str, self.gpus))
         self._event("calibration_started", Severity.OK, "none",
-                    f"power-limit calibration started on GPU {gpus}: "
+                    f"{self.kind()} started on GPU {gpus}: "
                     f"{self.n_steps} steps of {self.params.dwell_seconds:g} s",
                     {"gpus": self.gpus, "params": self.params.to_json()})
         self._set_step(0)
+
+    def kind(self) -> str:
+        """"power-limit calibration", "SM-clock calibration" or both."""
+        words = {"power": "power-limit", "clocks": "SM-clock", "profile": "power-profile"}
+        used = []
+        for g in self.groups:
+            if words.get(g.lever, g.lever) not in used:
+                used.append(words.get(g.lever, g.lever))
+        return " and ".join(used or ["power-limit"]) + " calibration"
 
     def _set_step(self, k: int) -> None:
         from gpucostd.tuners.base import TunerError
@@ -232,10 +242,11 @@ class Calibration:
                 try:
                     self._write(i, limit, grp)
                 except TunerError as e:
-                    return self._abort(f"cannot set the power limit: {e}")
+                    return self._abort(f"cannot set the {levers.setting(grp)} step: {e}")
         self.step_started = self.daemon.clock.monotonic()
         LOG.info("calibration step %d/%d: %s", k + 1, self.n_steps,
-                 ", ".join(f"{g.label()} {g.steps[k]} W" for g in stepping))
+                 ", ".join(f"{g.label()} {levers.step_words(g, g.steps[k])}"
+                           for g in stepping))
 
     def _group_done(self, grp: Group) -> None:
         """A group through its plan while others go on: its limits back now, its GPUs no
@@ -247,20 +258,19 @@ class Calibration:
                         "end): %s", grp.label(), "; ".join(errors))
             return
         for i in grp.gpus:
-            self.daemon.tuning.held.discard((SETTING, f"gpu:{i}"))
+            self.daemon.tuning.release(levers.setting(grp), i)
         try:
             self._write_progress()              # a crash now restores only the others
         except OSError as e:
             LOG.warning("calibration: cannot update %s: %s", PROGRESS_FILE, e)
-        LOG.info("calibration: %s measured at its %d limits; limits restored", grp.label(),
+        LOG.info("calibration: %s measured at its %d steps; restored", grp.label(),
                  len(grp.steps))
 
-    def _write(self, index: int, watts: float, grp: Group) -> None:
-        tuner = self.daemon.tuning.power
-        if not grp.lo - 1e-6 <= watts <= grp.hi + 1e-6:      # never outside [min, max]
-            raise AssertionError(f"{watts} W outside {grp.lo}..{grp.hi}")
-        p = _planned(tuner, index, grp, watts)
-        tuner.apply(p)
+    def _write(self, index: int, watts: Any, grp: Group) -> None:
+        if grp.lever != "profile" and not grp.lo - 1e-6 <= watts <= grp.hi + 1e-6:
+            raise AssertionError(f"{watts} outside {grp.lo}..{grp.hi}")   # never outside
+        self.daemon.tuning.set(levers.setting(grp), index, levers.value(grp, watts),
+                               grp.names.get(index), grp.uuids.get(index))
 
     def _restore_all(self) -> List[str]:
         """Every GPU back at its start limit; the originals we saved forgotten. Errors as
@@ -277,26 +287,29 @@ class Calibration:
     def _restore_group(self, grp: Group) -> List[str]:
         from gpucostd.tuners.base import TunerError
         errors: List[str] = []
-        tuner = self.daemon.tuning.power
+        tuning = self.daemon.tuning
         for i in grp.gpus:
             if i not in grp.start:
                 continue
+            start = levers.original(grp, grp.start[i])
             try:
-                tuner.restore(_planned(tuner, i, grp, grp.start[i]), _whole(grp.start[i]))
+                tuning.restore_held(levers.setting(grp), i, start, grp.names.get(i),
+                                    grp.uuids.get(i))
             except TunerError as e:
                 errors.append(str(e))
                 continue
             if grp.saved.get(i):
                 try:
-                    self.daemon.tuning.originals.remove(SETTING, f"gpu:{i}")
+                    tuning.forget_original(levers.setting(grp), i)
                 except Exception as e:  # noqa: BLE001
                     errors.append(str(e))
         grp.restored = not errors
         return errors
 
     def _release(self) -> None:
-        for i in self.gpus:
-            self.daemon.tuning.held.discard((SETTING, f"gpu:{i}"))
+        for g in self.groups:
+            for i in g.gpus:
+                self.daemon.tuning.release(levers.setting(g), i)
 
     def _abort(self, reason: str, restore: bool = False) -> None:
         was_running = self.state == "running"
@@ -310,7 +323,7 @@ class Calibration:
             maths.finish_rows(grp.rows)
         self._event("calibration_aborted", Severity.WARN,
                     "none" if not errors else "run `gpucostd restore` as root",
-                    f"power-limit calibration aborted: {reason}; limits "
+                    f"{self.kind()} aborted: {reason}; limits "
                     + ("restored" if not errors else "NOT restored: " + "; ".join(errors)),
                     {"gpus": self.gpus, "reason": reason})
         self._save_last()
@@ -322,11 +335,17 @@ class Calibration:
         self.finished_at = d.clock.time()
         for grp in self.groups:
             grp.recommendation = maths.recommend(grp.rows, self.params.min_throughput)
+            note = binding_note(grp.rows, len(grp.gpus)) if grp.lever == "power" \
+                else None
+            if note:
+                grp.notes.append(note)
         self.state = "done" if not errors else "failed"
         if errors:
             self.reason = "limits not restored: " + "; ".join(errors)
-        recs = {i: (g.recommendation.get("tokens_per_dollar") or {}).get("power_limit_watts")
+        recs = {i: (g.recommendation.get("tokens_per_dollar") or {}).get("setting")
                 for g in self.groups for i in g.gpus}
+        words = {i: levers.step_words(g, recs[i]) for g in self.groups for i in g.gpus
+                 if recs[i] is not None}
         if self.params.apply and not errors:
             if any(v is None for v in recs.values()):
                 self.notes.append("not applied: a group has no tokens-per-dollar "
@@ -338,12 +357,13 @@ class Calibration:
                 except OSError as e:
                     self.notes.append(f"not applied: cannot write the drop-in: "
                                       f"{e.strerror or e}")
-        text = ", ".join(f"GPU {i} {w} W" for i, w in recs.items() if w is not None)
+        text = ", ".join(f"GPU {i} {w}" for i, w in words.items())
         self._event("calibration_finished", Severity.OK if not errors else Severity.WARN,
                     "none" if not errors else "run `gpucostd restore` as root",
-                    f"power-limit calibration finished: recommended {text or 'nothing'}"
+                    f"{self.kind()} finished: recommended {text or 'nothing'}"
                     + (f"; applied ({self.dropin})" if self.applied else "; limits restored"),
                     {"gpus": self.gpus, "recommended": {str(k): v for k, v in recs.items()},
+                     "levers": {str(i): g.lever for g in self.groups for i in g.gpus},
                      "applied": self.applied})
         self._save_last()
 
@@ -354,7 +374,7 @@ class Calibration:
             from gpucostd.config import MAX_CONFIG_BYTES, tomllib
             from gpucostd.statefile import read_regular
             blob = read_regular(path, MAX_CONFIG_BYTES)[0]
-            kept = maths.kept_overrides(tomllib.loads(blob.decode("utf-8")), self.groups)
+            kept = kept_overrides(tomllib.loads(blob.decode("utf-8")), self.groups)
         except FileNotFoundError:
             pass
         except (OSError, ValueError, RecursionError) as e:   # UnreadableFile, TOMLDecodeError
@@ -390,15 +410,17 @@ class Calibration:
             self.state, self.reason = "failed", f"{reason}; restoring failed: {problem}"
             self.restore_errors = [problem]
             self._event("calibration_aborted", Severity.WARN, "run `gpucostd restore` as root",
-                        f"power-limit calibration aborted: {self.reason}; limits NOT restored",
+                        f"{self.kind()} aborted: {self.reason}; limits NOT restored",
                         {"gpus": self.gpus, "reason": self.reason})
             self._save_last()
         self._release()
 
     def _write_progress(self) -> None:
         data = {"version": 1, "id": self.id, "started_at": self.started_at, "pid": os.getpid(),
-                "gpus": [{"index": i, "uuid": g.uuids.get(i), "start_watts": g.start[i],
-                          "saved_original": bool(g.saved.get(i))}
+                "gpus": [dict({"index": i, "uuid": g.uuids.get(i),
+                               "saved_original": bool(g.saved.get(i))},
+                              **({"start_watts": g.start[i]} if g.lever == "power" else
+                                 {"setting": levers.setting(g), "start": _json(g.start[i])}))
                          for g in self.groups if not g.restored for i in g.gpus]}
         write_atomic(os.path.join(self.daemon.state_dir, PROGRESS_FILE),
                      json.dumps(data, indent=2) + "\n")
@@ -418,8 +440,7 @@ class Calibration:
             elapsed = self.daemon.clock.monotonic() - (self.step_started or 0)
             out["step_elapsed_seconds"] = round(max(0.0, elapsed), 1)
             # the limits held now: a group through its plan has its own back already
-            out["limits"] = {str(i): g.steps[self.step] for g in self.stepping()
-                             for i in g.gpus}
+            out.update(levers.progress(self.stepping(), self.step))
             n = self.n_steps
             out["remaining_seconds"] = round(max(0.0, (n - self.step) *
                                                  self.params.dwell_seconds - elapsed), 1)
@@ -433,12 +454,16 @@ class Calibration:
             groups.append({
                 "gpus": list(g.gpus), "endpoint": g.url,
                 "uuids": {str(i): g.uuids.get(i) for i in g.gpus},
-                "range_watts": [g.lo, g.hi], "steps_watts": list(g.steps),
+                "lever": g.lever, "lever_why": g.lever_why, "notes": list(g.notes),
+                "steps": list(g.steps), "start": [_json(g.start.get(i)) for i in g.gpus],
                 "restored": g.restored,
-                "start_limits_watts": [g.start.get(i) for i in g.gpus],
+                **({"range_watts": [g.lo, g.hi], "steps_watts": list(g.steps),
+                    "start_limits_watts": [g.start.get(i) for i in g.gpus]}
+                   if g.lever == "power" else {}),
                 "gpu_hour_usd": round(g.price_sum, 6), "rows": g.rows,
-                "recommendation": {k: rec.get(k) for k in ("tokens_per_dollar",
-                                                           "tokens_per_joule", "why")},
+                "recommendation": {k: rec.get(k) for k in (
+                    "tokens_per_dollar", "tokens_per_joule", "tokens_per_joule_at_floor",
+                    "joule_gain", "why")},
             })
         return {"schema": 1, "id": self.id, "state": self.state, "reason": self.reason,
                 "host": getattr(self.daemon, "hostname", None), "scenario": self.scenario,
@@ -450,17 +475,13 @@ class Calibration:
                 "restore_errors": self.restore_errors, "notes": self.notes}
 
 
+def _json(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
 def _whole(w: float):
     w = round(float(w), 3)
     return int(w) if w.is_integer() else w
-
-
-def _planned(tuner, index: int, grp: Group, watts: float):
-    from gpucostd.tuners.base import Planned, gpu_label
-    uuid = grp.uuids.get(index)
-    return Planned(tuner, f"gpu:{index}", SETTING, _whole(watts), None, "calibrate",
-                   gpu_label(index, grp.names.get(index)), target=index,
-                   identity={"uuid": uuid} if uuid else {})
 
 
 def _remove(path: str) -> None:
@@ -486,7 +507,7 @@ def start(daemon, request: Dict[str, Any]) -> "Calibration":
     if current is not None and current.active:
         raise CalibrationRefused(f"a calibration is already running on GPU "
                                  f"{', '.join(map(str, current.gpus))} (id {current.id})")
-    groups, notes = plan(daemon.latest, params, daemon.config)
+    groups, notes = levers.plan(daemon, daemon.latest, params)
     cal = Calibration(daemon, params, groups, notes,
                       ident=f"{int(daemon.clock.time())}-{os.getpid()}")
     daemon.calibration = cal
@@ -529,20 +550,34 @@ def snapshot_info(daemon) -> Optional[Dict[str, Any]]:
         info["uuids"] = {str(i): g.uuids.get(i) for g in cal.groups for i in g.gpus}
         return info
     if cal is not None:
-        if getattr(cal, "_summary", None) is None:
-            cal._summary = summary(cal.report())
-        last = cal._summary
+        if cal.summary is None:
+            cal.summary = summary(cal.report())
+        last = cal.summary
     else:
-        if not hasattr(daemon, "_calibration_summary"):
-            rep = last_report(daemon.state_dir)
-            daemon._calibration_summary = summary(rep) if rep else None
-        last = daemon._calibration_summary
+        last = daemon.calibration_last.summary()
     if last:
         last = dict(last)
-        if last["applied"] and not (last.get("dropin") and os.path.exists(last["dropin"])):
-            last["applied"] = {}
+        if not (last.get("dropin") and os.path.exists(last["dropin"])):
+            last["applied"], last["applied_clocks"] = {}, {}
         info["last"] = last
     return info
+
+
+class LastCalibration:
+    """The summary of the last calibration's report (calibration-last.json), read once: the
+    daemon's home for it while no calibration has run in this process."""
+
+    def __init__(self, state_dir: str):
+        self.state_dir = state_dir
+        self._read = False
+        self._summary: Optional[Dict[str, Any]] = None
+
+    def summary(self) -> Optional[Dict[str, Any]]:
+        if not self._read:
+            rep = last_report(self.state_dir)
+            self._summary = summary(rep) if rep else None
+            self._read = True
+        return self._summary
 
 
 def last_report(state_dir: str) -> Optional[Dict[str, Any]]:
@@ -558,7 +593,7 @@ def recover_interrupted(daemon, gpus) -> List[Event]:
     """At start: a calibration that did not end (the daemon was killed) left
     calibration-progress.json; put each GPU's limit back (matched by UUID) and forget the
     originals it saved. Returns the events to record."""
-    from gpucostd.tuners.base import Planned, TunerError, gpu_label
+    from gpucostd.tuners.base import TunerError
     path = os.path.join(daemon.state_dir, PROGRESS_FILE)
     from gpucostd.statefile import read_json
     try:
@@ -572,32 +607,32 @@ def recover_interrupted(daemon, gpus) -> List[Event]:
                       f"{path}: unreadable ({e}); an interrupted calibration's limits may not "
                       f"be restored")]
     by_uuid = {g.uuid: g for g in gpus if g.uuid}
-    tuner = daemon.tuning.power
+    lever_of = {v: k for k, v in maths.LEVER_SETTINGS.items()}
     done, errors = [], []
     for e in entries:
         try:
-            index, uuid, watts = int(e["index"]), e.get("uuid"), float(e["start_watts"])
-        except (KeyError, TypeError, ValueError):
+            name = e.get("setting", SETTING)
+            index, uuid = int(e["index"]), e.get("uuid")
+            watts = levers.tuner_form(lever_of[name], e["start_watts"] if name == SETTING
+                                      else e["start"])
+        except (KeyError, TypeError, ValueError, AttributeError):   # lever_of[name] too
             errors.append(f"bad entry {e!r}")
             continue
         g = by_uuid.get(uuid) if uuid else next((x for x in gpus if x.index == index), None)
         if g is None:
             errors.append(f"GPU {uuid or index} is not on this node now")
             continue
-        p = Planned(tuner, f"gpu:{g.index}", SETTING, _whole(watts), None, "calibrate",
-                    gpu_label(g.index, g.name), target=g.index,
-                    identity={"uuid": g.uuid} if g.uuid else {})
         try:
-            tuner.restore(p, _whole(watts))
+            daemon.tuning.restore_held(name, g.index, watts, g.name, g.uuid)
         except TunerError as ex:
             errors.append(str(ex))
             continue
         if e.get("saved_original"):
             try:
-                daemon.tuning.originals.remove(SETTING, f"gpu:{g.index}")
+                daemon.tuning.forget_original(name, g.index)
             except Exception as ex:  # noqa: BLE001
                 errors.append(str(ex))
-        done.append(f"GPU {g.index} {_whole(watts)} W")
+        done.append(f"GPU {g.index} {levers.value_text(name, watts)}")
     if not errors:
         _remove(path)
     now = daemon.clock.time()
@@ -608,6 +643,6 @@ def recover_interrupted(daemon, gpus) -> List[Event]:
                       + "; ".join(errors) + (f" (restored {', '.join(done)})" if done else ""))]
     return [Event(now, "node", "calibration_restored", Severity.WARN, "none",
                   "a calibration was interrupted (the daemon stopped without ending it); "
-                  f"power limits restored: {', '.join(done) or 'none'}")]
+                  f"settings restored: {', '.join(done) or 'none'}")]
 
 

@@ -1,8 +1,12 @@
-"""The maths of `gpucostd calibrate` (pure: no time, no I/O): the step plan, one step's
-measurement window with its warm-up excluded, the table's figures and the recommendation.
+"""The maths of `gpucostd calibrate` (pure: no time, no I/O): the lever and the step plan, one
+step's measurement window with its warm-up excluded, the table's figures and the
+recommendation (its text is gpucostd.calibration.report).
 
-A calibration steps the power limit of a GPU group (the GPUs of one inference endpoint) from
-the top of its range down to the bottom and holds each step for a dwell time. The first
+A calibration steps one lever of a GPU group (the GPUs of one inference endpoint): the power
+limit, the locked SM clock or the workload power profile; with --lever auto, the power limit
+where it binds (a GPU draws BINDS_AT of it or more, or SwPowerCap is seen), else the SM clock
+(``choose_lever``). It goes from the top of the range down to the bottom and holds each step
+for a dwell time. The first
 `warmup` seconds of a step are not measured (the clock settles within milliseconds, but the
 server's batches and the token counter need a few scrapes); the rest is the window::
 
@@ -15,15 +19,15 @@ server's batches and the token counter need a few scrapes); the rest is the wind
     $/M tokens      = 1e6 / tokens/$
 
 The recommendation: among the steps whose throughput is at least `min_throughput` of the best
-step's, the one with the most tokens per dollar (ties go to the lower limit); and, over all
+step's, the one with the most tokens per dollar (ties go to the lower setting); the most
+tokens per joule at or above that floor (with its gain over the first step); and, over all
 steps, the one with the most tokens per joule.
 """
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from gpucostd.snapshot import GpuState, Severity, THROTTLE_REASONS
 
@@ -31,6 +35,22 @@ from gpucostd.snapshot import GpuState, Severity, THROTTLE_REASONS
 OWN_REASON = "SwPowerCap"
 FOREIGN_REASONS = tuple(r for r in THROTTLE_REASONS if r != OWN_REASON)
 
+
+# The levers a calibration sweeps, the key of a row's setting, its unit, and the config key
+# --apply writes (docs/tuning.md, "Levers").
+LEVERS = ("auto", "power", "clocks", "profile")
+LEVER_KEYS = {"power": "power_limit_watts", "clocks": "locked_sm_clock_mhz",
+              "profile": "power_profile"}
+LEVER_UNITS = {"power": "W", "clocks": "MHz", "profile": ""}
+LEVER_SETTINGS = {"power": "power_limit_watts", "clocks": "locked_sm_clocks_mhz",
+                  "profile": "power_profile"}
+# The power limit binds when a GPU draws this share of it or more, or SwPowerCap is seen.
+BINDS_AT = 0.95
+# A sweep whose tokens/s and watts change less than this over the limits above the draw: the
+# limit does not bind there.
+NO_EFFECT = 0.02
+# Profiles a profile sweep compares (each alone), after "none" (no profile requested).
+PROFILE_STEPS = ("none", "max_p", "llm_inference", "memory_bound", "balanced", "max_q")
 
 STEPS_TOO_FEW = ("--steps {steps} is too few: a calibration compares at least 2 limits (the "
                  "first is --from, the last --to)")
@@ -73,6 +93,7 @@ class Sample:
     power_watts: Optional[float]          # sum of the sampled draw
     sm_clock_mhz: Optional[float]         # mean over the group
     reasons: Tuple[str, ...] = ()
+    activity: Optional[float] = None      # mean SM activity (GPM) or GPU-Util, 0..1
 
 
 @dataclass
@@ -117,6 +138,10 @@ class Window:
         cs = [s.sm_clock_mhz for s in self.samples if s.sm_clock_mhz is not None]
         return sum(cs) / len(cs) if cs else None
 
+    def activity(self) -> Optional[float]:
+        xs = [s.activity for s in self.samples if s.activity is not None]
+        return sum(xs) / len(xs) if xs else None
+
     def reasons(self) -> Tuple[str, ...]:
         seen: List[str] = []
         for s in self.samples:
@@ -134,15 +159,21 @@ def price_per_hour(gpu_hour_usd_sum: float, watts: Optional[float], energy_usd_p
     return total if total > 0 else None
 
 
-def step_row(limit: int, window: Window, gpu_hour_usd_sum: float, energy_usd_per_kwh: float,
-             pue: float) -> Dict[str, Any]:
-    """One line of the table (percent of the best step is filled in by finish_rows)."""
+def step_row(limit: Any, window: Window, gpu_hour_usd_sum: float, energy_usd_per_kwh: float,
+             pue: float, lever: str = "power") -> Dict[str, Any]:
+    """One line of the table (percent of the best step is filled in by finish_rows). `limit`
+    is the step's setting: watts (lever "power"), the locked maximum SM clock in MHz
+    ("clocks") or a workload power profile ("profile"); the row holds it under the lever's
+    key and as "setting"."""
     tps = window.tokens_per_second()
     w = window.watts()
     usd_h = price_per_hour(gpu_hour_usd_sum, w, energy_usd_per_kwh, pue)
     tpd = tps * 3600.0 / usd_h if tps is not None and usd_h else None
+    key = LEVER_KEYS[lever]
     return {
-        "power_limit_watts": int(limit),
+        key: limit if lever == "profile" else int(limit),
+        "lever": lever, "setting": limit if lever == "profile" else int(limit),
+        "activity": _r(window.activity(), 3),
         "power_watts": _r(w, 1),
         "sm_clock_mhz": _r(window.sm_clock_mhz(), 0),
         "tokens_per_second": _r(tps, 2),
@@ -177,24 +208,43 @@ def _argmax(rows: Sequence[Dict[str, Any]], key: str) -> Optional[Dict[str, Any]
             continue
         if best is None or v > best[key] * (1 + 1e-9) or (
                 abs(v - best[key]) <= abs(best[key]) * 1e-9 and
-                r["power_limit_watts"] < best["power_limit_watts"]):
+                _lower(r, best)):
             best = r
     return best
 
 
+def _lower(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
+    """Ties go to the lower setting (watts or MHz; a profile keeps the first)."""
+    x, y = setting_of(a), setting_of(b)
+    return isinstance(x, (int, float)) and isinstance(y, (int, float)) and x < y
+
+
+def setting_of(row: Dict[str, Any]) -> Any:
+    return row.get("setting", row.get("power_limit_watts"))
+
+
 def recommend(rows: List[Dict[str, Any]], min_throughput: float) -> Dict[str, Any]:
-    """{"tokens_per_dollar": row or None, "tokens_per_joule": row or None, "why": text}.
+    """{"tokens_per_dollar": row or None, "tokens_per_joule": row or None,
+    "tokens_per_joule_at_floor": row or None, "joule_gain": ratio or None, "why": text}.
 
     tokens_per_dollar: the most tokens per dollar among steps at or above `min_throughput`
-    (0..1) of the best step's tokens/s; tokens_per_joule: the most tokens per joule of all."""
+    (0..1) of the best step's tokens/s; tokens_per_joule: the most tokens per joule of all;
+    tokens_per_joule_at_floor: the most tokens per joule at or above `min_throughput`, and
+    joule_gain its tokens per joule over the first step's (the setting as it was at the top)
+    minus 1."""
     best = finish_rows(rows)
-    out: Dict[str, Any] = {"tokens_per_dollar": None, "tokens_per_joule": None, "why": None}
+    out: Dict[str, Any] = {"tokens_per_dollar": None, "tokens_per_joule": None,
+                           "tokens_per_joule_at_floor": None, "joule_gain": None, "why": None}
     if best is None:
         out["why"] = "no step measured a token rate"
         return out
     eligible = [r for r in rows if r.get("tokens_per_second") is not None and
                 r["tokens_per_second"] >= min_throughput * best * (1 - 1e-9)]
     out["tokens_per_joule"] = _argmax(rows, "tokens_per_joule")
+    floor = out["tokens_per_joule_at_floor"] = _argmax(eligible, "tokens_per_joule")
+    first = rows[0].get("tokens_per_joule") if rows else None
+    if floor is not None and first:
+        out["joule_gain"] = _r(floor["tokens_per_joule"] / first - 1.0, 4)
     per_dollar = _argmax(eligible, "tokens_per_dollar")
     out["tokens_per_dollar"] = per_dollar
     if per_dollar is None:
@@ -226,6 +276,9 @@ class Params:
     min_throughput: float = 0.95
     abort_below: float = 0.5
     apply: bool = False
+    lever: str = "auto"
+    from_mhz: Optional[float] = None
+    to_mhz: Optional[float] = None
 
     @property
     def warmup(self) -> float:
@@ -237,7 +290,8 @@ class Params:
                 "from_watts": self.from_watts, "to_watts": self.to_watts, "steps": self.steps,
                 "dwell_seconds": self.dwell_seconds, "warmup_seconds": self.warmup,
                 "min_throughput": self.min_throughput, "abort_below": self.abort_below,
-                "apply": self.apply}
+                "apply": self.apply, "lever": self.lever, "from_mhz": self.from_mhz,
+                "to_mhz": self.to_mhz}
 
 
 def params_from(d: Dict[str, Any]) -> Params:
@@ -276,10 +330,17 @@ def params_from(d: Dict[str, Any]) -> Params:
     steps = d.get("steps", 6)
     if isinstance(steps, int) and not isinstance(steps, bool) and steps < 2:
         raise ValueError(STEPS_TOO_FEW.format(steps=steps))
+    lever = d.get("lever") or "auto"
+    if lever not in LEVERS:
+        raise ValueError(f"--lever {lever!r}: choose one of {', '.join(LEVERS)}")
     p = Params(gtuple, num("from_watts", 1, 100000, None), num("to_watts", 1, 100000, None),
                num("steps", 2, 100, 6, integer=True), dwell, warm,
                num("min_throughput", 0, 1, 0.95), num("abort_below", 0, 1, 0.5),
-               bool(d.get("apply", False)))
+               bool(d.get("apply", False)), lever, num("from_mhz", 1, 100000, None),
+               num("to_mhz", 1, 100000, None))
+    if p.from_mhz is not None and p.to_mhz is not None and p.to_mhz >= p.from_mhz:
+        raise ValueError(f"--to-mhz {p.to_mhz:g} must be below --from-mhz {p.from_mhz:g}: a "
+                         f"calibration compares at least 2 clocks")
     if p.from_watts is not None and p.to_watts is not None and \
             math.ceil(p.to_watts) >= math.floor(p.from_watts):
         raise ValueError(f"--to {p.to_watts:g} must be below --from {p.from_watts:g} (a whole "
@@ -306,6 +367,10 @@ class Group:
     restored: bool = False                   # its limits are back at `start`
     price_sum: float = 0.0
     recommendation: Dict[str, Any] = field(default_factory=dict)
+    lever: str = "power"                     # what its steps set (power, clocks, profile)
+    lever_why: Optional[str] = None          # why (with --lever auto: what was measured)
+    clock_floor: int = 0                     # the lowest supported clock: a lock's minimum
+    notes: List[str] = field(default_factory=list)
 
     def label(self) -> str:
         return "GPU" + ("s " if len(self.gpus) > 1 else " ") + ", ".join(map(str, self.gpus))
@@ -353,8 +418,12 @@ def gpu_trouble(snap, index: int) -> Optional[str]:
     return None
 
 
-def plan(snap, params: Params, config) -> Tuple[List[Group], List[str]]:
-    """The groups to calibrate and notes on the GPUs left out. Raises CalibrationRefused."""
+def plan(snap, params: Params, config, levers: Optional[Dict[str, Any]] = None
+         ) -> Tuple[List[Group], List[str]]:
+    """The groups to calibrate and notes on the GPUs left out. Raises CalibrationRefused.
+    `levers` holds what the clock and profile levers need from NVML (LeverInfo, filled by
+    gpucostd.calibration.levers): {"clocks": {gpu: [MHz, ...] or why not}, "start": {(setting,
+    gpu): value}, "profiles": {gpu: None or why not}}."""
     if snap is None:
         raise CalibrationRefused("the daemon has no reading yet; try again in a second")
     if not snap.gpus:
@@ -398,8 +467,15 @@ def plan(snap, params: Params, config) -> Tuple[List[Group], List[str]]:
             if why is None and (g.power_limit_min_watts is None or
                                 g.power_limit_max_watts is None or g.power_limit_watts is None):
                 why = f"GPU {i} does not report its power limit and range"
-        grp = Group(tuple(gpus), url)
+        grp = Group(tuple(gpus), url, lever=params.lever)
         readings_g = [snap.gpu(i) for i in gpus]
+        if why is None and grp.lever == "auto":
+            grp.lever, grp.lever_why = choose_lever(snap, gpus)
+        if why is None and grp.lever in ("clocks", "profile"):
+            why = _plan_other_lever(grp, readings_g, params, levers or {}, config, notes)
+            if why is None:
+                groups.append(grp)
+                continue
         if why is None:
             grp.lo = max(g.power_limit_min_watts for g in readings_g)
             grp.hi = min(g.power_limit_max_watts for g in readings_g)
@@ -444,6 +520,89 @@ def plan(snap, params: Params, config) -> Tuple[List[Group], List[str]]:
     return groups, notes
 
 
+def choose_lever(snap, gpus) -> Tuple[str, str]:
+    """--lever auto: the power limit when it binds (a GPU draws BINDS_AT of its limit or more,
+    or SwPowerCap is seen), else locked SM clocks. (lever, what was measured)."""
+    seen = []
+    for i in gpus:
+        g = snap.gpu(i)
+        draw, limit = g.power_draw_watts, g.power_limit_watts
+        if "SwPowerCap" in (g.clock_event_reasons or ()):
+            return "power", f"the power limit binds: GPU {i} is capped by it (SwPowerCap)"
+        if draw is not None and limit and draw >= BINDS_AT * limit:
+            return "power", (f"the power limit binds: GPU {i} draws {draw:.0f} W of its "
+                             f"{limit:.0f} W limit")
+        seen.append(f"GPU {i} draws {'?' if draw is None else format(draw, '.0f')} of "
+                    f"{'?' if limit is None else format(limit, '.0f')} W")
+    return "clocks", ("the power limit does not bind (" + ", ".join(seen) + "; no SwPowerCap): "
+                      "the SM clock is the lever")
+
+
+def clock_plan(supported: Sequence[int], hi: float, lo: float, steps: int) -> List[int]:
+    """Supported clocks from `hi` down to `lo` in `steps` about evenly spaced steps (each the
+    supported clock nearest its target; duplicates dropped)."""
+    cand = sorted((int(c) for c in supported if lo <= c <= hi), reverse=True)
+    if len(cand) < 2:
+        return cand
+    top, low = cand[0], cand[-1]
+    out: List[int] = []
+    for k in range(steps):
+        target = top - (top - low) * k / (steps - 1)
+        c = min(cand, key=lambda c: (abs(c - target), -c))
+        if c not in out:
+            out.append(c)
+    return out
+
+
+DEFAULT_LOWEST_CLOCK = 0.6    # a clock sweep goes down to 60% of the highest clock by default
+
+
+def _plan_other_lever(grp: Group, gs, params: Params, levers: Dict[str, Any], config,
+                      notes: List[str]) -> Optional[str]:
+    """Steps and start values of a clock or profile sweep; why it cannot run, or None."""
+    label = grp.label()
+    setting = LEVER_SETTINGS[grp.lever]
+    if grp.lever == "clocks":
+        lists = []
+        for g in gs:
+            got = (levers.get("clocks") or {}).get(g.index)
+            if not isinstance(got, (list, tuple)) or not got:
+                return (f"GPU {g.index} cannot lock its SM clock: "
+                        f"{got or 'its supported clocks are unknown'}")
+            lists.append(set(got))
+        common = sorted(set.intersection(*lists))
+        if len(common) < 2:
+            return f"{label}: the GPUs have fewer than 2 supported SM clocks in common"
+        top = common[-1]
+        hi = top if params.from_mhz is None else params.from_mhz
+        lo = (params.to_mhz if params.to_mhz is not None
+              else min(common, key=lambda c: abs(c - DEFAULT_LOWEST_CLOCK * top)))
+        for name, v in (("--from-mhz", hi), ("--to-mhz", lo)):
+            if not common[0] <= v <= top:
+                raise CalibrationRefused(f"{name} {v:g} MHz is outside the supported SM clocks "
+                                         f"of {label}: {common[0]}..{top} MHz")
+        grp.steps = clock_plan(common, hi, lo, params.steps)
+        if len(grp.steps) < 2:
+            raise CalibrationRefused(f"{lo:g}..{hi:g} MHz holds fewer than 2 supported SM "
+                                     f"clocks of {label}")
+        grp.lo, grp.hi, grp.clock_floor = float(lo), float(hi), common[0]
+    else:
+        for g in gs:
+            why = (levers.get("profiles") or {}).get(g.index, "not known to NVML")
+            if why:
+                return (f"GPU {g.index} has no workload power profiles: {why}; use --lever "
+                        f"clocks or power")
+        grp.steps = list(PROFILE_STEPS)
+    start = levers.get("start") or {}
+    for g in gs:
+        grp.uuids[g.index] = g.uuid
+        grp.names[g.index] = g.name
+        grp.start[g.index] = start.get((setting, g.index),
+                                       "unlocked" if grp.lever == "clocks" else "none")
+        grp.price_sum += float(config.price_for_model(g.name))
+    return None
+
+
 def _range(gpus) -> str:
     """'697..700 W' (one GPU, or GPUs alike), else each GPU's range too."""
     spans = {(g.power_limit_min_watts, g.power_limit_max_watts) for g in gpus}
@@ -469,178 +628,28 @@ def sample_of(snap, grp: Group, reading) -> Sample:
     power = sum(g.power_draw_watts for g in gs) if all(
         g.power_draw_watts is not None for g in gs) else None
     clocks = [g.sm_clock_mhz for g in gs if g.sm_clock_mhz is not None]
+    acts = [a for a in (activity_of(g) for g in gs) if a is not None]
     reasons: List[str] = []
     for g in gs:
         for r in g.clock_event_reasons or ():
             if r not in reasons:
                 reasons.append(r)
     return Sample(snap.monotonic, reading.time, reading.tokens_total, energy, power,
-                  sum(clocks) / len(clocks) if clocks else None, tuple(reasons))
+                  sum(clocks) / len(clocks) if clocks else None, tuple(reasons),
+                  sum(acts) / len(acts) if acts else None)
 
 
-def kept_overrides(previous: Mapping[str, Any], groups: Sequence[Group]
-                   ) -> List[Tuple[str, int]]:
-    """(match, watts) of an earlier calibrated.toml (parsed) for GPUs this calibration did not
-    step: a calibration of GPUs 2-3 keeps what one of GPUs 0-1 applied."""
-    indexes = {str(i) for g in groups for i in g.gpus}
-    uuids = {str(u).lower() for g in groups for u in g.uuids.values() if u}
-    out: List[Tuple[str, int]] = []
-    entries = ((previous.get("tuning") or {}).get("gpu") or {}).get("override") or []
-    for e in entries if isinstance(entries, list) else ():
-        if not isinstance(e, dict) or not isinstance(e.get("match"), str) or not isinstance(
-                e.get("power_limit_watts"), int):
-            continue
-        kind, _, value = e["match"].partition(":")
-        if (kind == "index" and value in indexes) or (kind == "uuid" and value.lower() in uuids):
-            continue
-        out.append((e["match"], e["power_limit_watts"]))
-    return out
+def activity_of(g) -> Optional[float]:
+    """What a GPU does, 0..1: its SM activity where GPM reports it (GpuReading.activity.sm),
+    else GPU-Util."""
+    act = getattr(g, "activity", None)
+    if act is not None and getattr(act, "sm", None) is not None:
+        return float(act.sm)
+    u = getattr(g, "utilization_percent", None)
+    return None if u is None else float(u) / 100.0
 
 
-def dropin_text(groups: Sequence[Group], recs: Dict[int, int], config, now: float,
-                kept: Sequence[Tuple[str, int]] = ()) -> str:
-    """[[tuning.gpu.override]] per GPU with its recommended limit. The match is the one an
-    override in the config already uses for that GPU (so the two merge), else its UUID.
-    `kept`: (match, watts) of earlier calibrations of other GPUs, written again."""
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now))
-    lines = [f"# Written by `gpucostd calibrate --apply` at {stamp}: the power limits with the",
-             "# most tokens per dollar (docs/tuning.md, \"Calibration\"). Read after",
-             "# gpucostd.toml; delete this file and reload (systemctl reload gpucostd) to undo.",
-             ""]
-    for grp in groups:
-        for i in grp.gpus:
-            uuid = grp.uuids.get(i)
-            match = f"uuid:{uuid}" if uuid else f"index:{i}"
-            for o in config.gpu_overrides:
-                if o.kind in ("index", "uuid") and o.matches(i, uuid, grp.names.get(i)):
-                    match = o.match
-            lines += ["[[tuning.gpu.override]]", f'match = "{match}"   # GPU {i}'
-                      + (f" ({grp.url})" if grp.url else ""),
-                      f"power_limit_watts = {int(recs[i])}", ""]
-    for match, watts in kept:
-        lines += ["[[tuning.gpu.override]]", f'match = "{match}"   # an earlier calibration',
-                  f"power_limit_watts = {int(watts)}", ""]
-    return "\n".join(lines)
-
-
-def summary(report: Dict[str, Any]) -> Dict[str, Any]:
-    rec = recommended(report)
-    return {"id": report.get("id"), "state": report.get("state"),
-            "finished_at": report.get("finished_at"), "recommended": rec,
-            "applied": rec if report.get("applied") else {}, "dropin": report.get("dropin")}
-
-
-def recommended(report: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
-    out = {}
-    for g in report.get("groups") or ():
-        rec = ((g.get("recommendation") or {}).get("tokens_per_dollar") or {})
-        w = rec.get("power_limit_watts")
-        if w is None:
-            continue
-        for i in g.get("gpus") or ():
-            out[str(i)] = {"watts": w, "uuid": (g.get("uuids") or {}).get(str(i))}
-    return out
-
-
-# ---------------------------------------------------------------------- text
-def progress_line(p: Dict[str, Any]) -> str:
-    """The one progress line of a terminal (99 columns) from Calibration.progress()."""
-    limits = p.get("limits") or {}
-    where = ", ".join(f"GPU {k} {v} W" for k, v in sorted(limits.items()))
-    left = p.get("remaining_seconds")
-    text = (f"calibrating: step {p.get('step')}/{p.get('steps')} {where}"
-            + (f", {left:.0f} s left" if left is not None else ""))
-    return text[:99].ljust(99)
-
-
-def _f(x: Any, fmt: str) -> str:
-    return "-" if x is None else format(x, fmt)
-
-
-def _wrap(text: str, width: int) -> List[str]:
-    import textwrap
-    indent = " " * (len(text) - len(text.lstrip(" ")) + 2)
-    return textwrap.wrap(text, width, subsequent_indent=indent, break_on_hyphens=False,
-                         break_long_words=False) or [""]
-
-
-def format_report(report: Dict[str, Any], width: int = 100) -> str:
-    """The calibration's tables and recommendations for people (fits `width` columns)."""
-    lines: List[str] = []
-    state = report.get("state")
-    where = "simulated node " + str(report.get("scenario")) if report.get("scenario") else \
-        str(report.get("host") or "this node")
-    lines.extend(_wrap(f"Power-limit calibration on {where}: {state}"
-                       + (f" ({report['reason']})" if report.get("reason") else ""), width))
-    p = report.get("params") or {}
-    if p:
-        lines.append(f"  {p.get('steps')} steps, dwell {p.get('dwell_seconds'):g} s "
-                     f"(warm-up {p.get('warmup_seconds'):g} s excluded), min throughput "
-                     f"{p.get('min_throughput', 0) * 100:g}% of the best step, "
-                     f"{'applied' if report.get('applied') else 'limits restored'}")
-    cur = report.get("currency") or "USD"
-    sym = "$" if cur == "USD" else cur + " "
-    for g in report.get("groups") or ():
-        lines.append("")
-        gpus = ", ".join(str(i) for i in g["gpus"])
-        lines.append(f"GPUs {gpus}" + (f" ({g['endpoint']})" if g.get("endpoint") else "")
-                     + f": limits {g['steps_watts'][0]}..{g['steps_watts'][-1]} W"
-                     + (f" ({len(g['steps_watts'])} steps)" if len(g['steps_watts']) !=
-                        p.get("steps") else "") + ", was "
-                     + "/".join(f"{w:g}" for w in g.get("start_limits_watts") or []) + " W")
-        lines.append(f"  {'LIMIT W':>7} {'DRAWN W':>8} {'MHz':>5} {'tokens/s':>10} "
-                     f"{'% best':>6} {'tok/J':>7} {'tok/' + sym.strip():>10} "
-                     f"{sym.strip() + '/M tok':>9}  NOTE")
-        rec = g.get("recommendation") or {}
-        rd = (rec.get("tokens_per_dollar") or {}).get("power_limit_watts")
-        rj = (rec.get("tokens_per_joule") or {}).get("power_limit_watts")
-        for r in g.get("rows") or ():
-            ratio = r.get("throughput_ratio")
-            note = []
-            if r["power_limit_watts"] == rd:
-                note.append("<- tokens/$")
-            if r["power_limit_watts"] == rj:
-                note.append("<- tokens/J")
-            lines.append(f"  {r['power_limit_watts']:>7} {_f(r.get('power_watts'), '.1f'):>8} "
-                         f"{_f(r.get('sm_clock_mhz'), '.0f'):>5} "
-                         f"{_f(r.get('tokens_per_second'), ',.1f'):>10} "
-                         f"{_f(None if ratio is None else ratio * 100, '.1f'):>6} "
-                         f"{_f(r.get('tokens_per_joule'), '.3f'):>7} "
-                         f"{_f(r.get('tokens_per_dollar'), ',.0f'):>10} "
-                         f"{_f(r.get('dollars_per_million_tokens'), '.3f'):>9}  "
-                         + " ".join(note))
-        d, j = rec.get("tokens_per_dollar"), rec.get("tokens_per_joule")
-        if d:
-            lines.append(f"  Recommended: {d['power_limit_watts']} W: the most tokens per "
-                         f"dollar ({_f(d.get('tokens_per_dollar'), ',.0f')}) at "
-                         f"{_f((d.get('throughput_ratio') or 0) * 100, '.1f')}% of the best "
-                         f"throughput")
-        elif rec.get("why"):
-            lines.extend(_wrap(f"  No tokens-per-dollar recommendation: {rec['why']}", width))
-        if j:
-            lines.append(f"  Most tokens per joule: {j['power_limit_watts']} W "
-                         f"({_f(j.get('tokens_per_joule'), '.3f')} tokens/J, "
-                         f"{_f((j.get('throughput_ratio') or 0) * 100, '.1f')}% of the best "
-                         f"throughput)")
-    if report.get("dropin") or report.get("dropin_text"):
-        lines.append("")
-        if report.get("dropin"):
-            lines.extend(_wrap(f"Applied: {report['dropin']} (the daemon enforces it; remove "
-                               f"the file and reload to undo)", width))
-        enforced = report.get("enforced_after_apply")
-        if enforced:
-            lines.append("  the simulated daemon then enforces: " + ", ".join(
-                f"GPU {k} {_f(v, '.0f')} W" for k, v in sorted(enforced.items())))
-    if report.get("notes"):
-        lines.append("")
-    for note in report.get("notes") or ():
-        lines.extend(_wrap(note, width))
-    for err in report.get("restore_errors") or ():
-        lines.extend(_wrap("NOT RESTORED: " + err, width))
-    return "\n".join((line if len(line) <= width else line[:width - 1] + "…").rstrip()
-                     for line in lines) + "\n"
-
-
-__all__ = ["CalibrationRefused", "sample_of", "progress_line", "Params", "params_from", "Group", "plan", "gpu_trouble",
-           "dropin_text", "kept_overrides", "summary", "recommended", "step_plan", "default_warmup", "Sample", "Window", "step_row", "finish_rows",
-           "recommend", "format_report", "price_per_hour", "OWN_REASON"]
+__all__ = ["CalibrationRefused", "sample_of", "Params", "params_from", "Group", "plan",
+           "gpu_trouble", "step_plan", "default_warmup", "Sample", "Window", "step_row",
+           "finish_rows", "recommend", "price_per_hour", "OWN_REASON", "choose_lever",
+           "clock_plan", "activity_of"]

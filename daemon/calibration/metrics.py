@@ -12,7 +12,7 @@ def metric_families(snapshot) -> list:
         return []
     uuids = {str(g.index): g.uuid or "" for g in snapshot.gpus or ()}
     running = GaugeMetricFamily("gpucostd_calibration_running",
-                                "1 while a power-limit calibration runs, else 0.")
+                                "1 while a calibration (power limit or SM clock) runs, else 0.")
     running.add_metric([], 1.0 if info.get("running") else 0.0)
     fams = [running]
     step = GaugeMetricFamily("gpucostd_calibration_step_power_limit_watts",
@@ -32,6 +32,22 @@ def metric_families(snapshot) -> list:
         for gpu, v in sorted((last.get(key) or {}).items()):
             fam.add_metric([gpu, v.get("uuid") or uuids.get(gpu, "")], float(v["watts"]))
     fams += [rec, applied]
+    clock = GaugeMetricFamily("gpucostd_calibration_step_sm_clock_hertz",
+                              "Highest SM clock the running calibration locks the GPU to now.",
+                              labels=["gpu", "uuid"])
+    for gpu, mhz in sorted(((info.get("progress") or {}).get("clocks") or {}).items()):
+        clock.add_metric([gpu, uuids.get(gpu, "")], float(mhz) * 1e6)
+    crec = GaugeMetricFamily("gpucostd_gpu_sm_clock_recommended_hertz",
+                             "Highest locked SM clock with the most tokens per dollar in the "
+                             "last calibration.", labels=["gpu", "uuid"])
+    capplied = GaugeMetricFamily("gpucostd_gpu_sm_clock_applied_hertz",
+                                 "Highest locked SM clock written by `gpucostd calibrate "
+                                 "--apply` (while its drop-in is in place).",
+                                 labels=["gpu", "uuid"])
+    for fam, key in ((crec, "recommended_clocks"), (capplied, "applied_clocks")):
+        for gpu, v in sorted((last.get(key) or {}).items()):
+            fam.add_metric([gpu, v.get("uuid") or uuids.get(gpu, "")], float(v["mhz"]) * 1e6)
+    fams += [clock, crec, capplied]
     if last.get("finished_at") is not None:
         when = GaugeMetricFamily("gpucostd_calibration_last_timestamp_seconds",
                                  "Wall time the last calibration ended.")

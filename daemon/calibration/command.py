@@ -1,7 +1,7 @@
 """`gpucostd calibrate`, the command: through the running daemon (the status socket's
-``calibrate`` requests; the daemon's loop drives the session, gpucostd.calibration_session) or
+``calibrate`` requests; the daemon's loop drives the session, gpucostd.calibration.session) or
 one-shot on a simulated node on a virtual clock (``run_simulated``: the daemon's own loop, in
-this process). The method, its safety and its records are in gpucostd.calibration_session and
+this process). The method, its safety and its records are in gpucostd.calibration.session and
 docs/tuning.md.
 """
 from __future__ import annotations
@@ -11,12 +11,12 @@ import os
 import time
 from typing import Any, Dict, List, Optional
 
-from gpucostd.calibration_session import (CLIENT_TIMEOUT, DEFAULT_SIM_SCENARIO, DROPIN_NAME,
+from gpucostd.calibration.session import (CLIENT_TIMEOUT, DEFAULT_SIM_SCENARIO, DROPIN_NAME,
                                           EXIT_ABORTED, EXIT_DONE, EXIT_REFUSED,
                                           ILLUSTRATIVE_PRICES, LOG, Calibration,
                                           last_report, stop)
-from gpucostd.cost import calibration as maths
-from gpucostd.cost.calibration import (CalibrationRefused, Params, params_from,  # noqa: F401
+from gpucostd.calibration import levers, report as text
+from gpucostd.calibration.maths import (CalibrationRefused, Params, params_from,  # noqa: F401
                                        plan)
 
 
@@ -35,16 +35,28 @@ def run_simulated(scenario: str, config, params: Params, dropin: Optional[str] =
     import tempfile
     from gpucostd.clock import VirtualClock
     from gpucostd.loop import Daemon
-    from gpucostd.replay import _replay_config
+    from gpucostd.replay import replay_config
     from gpucostd.sim.scenario import load_scenario
 
-    load_scenario(scenario)                    # ScenarioError before anything else
+    sc = load_scenario(scenario)               # ScenarioError before anything else
     tmp = tempfile.mkdtemp(prefix="gpucostd-calibrate-")
     notes: List[str] = []
     # the scenario's simulated servers, never the configured (real) ones
     cfg = config.updated(inference={"metrics_url": ""}).with_endpoints(())
+    if illustrative_prices and getattr(sc, "prices", None) is not None:
+        # priced as `gpucostd run --simulate` prices this scenario: its [prices], unless the
+        # config sets a price (docs/scenarios.md, "[prices]")
+        from gpucostd.sim.sections import with_scenario_prices
+        priced = with_scenario_prices(cfg, sc.prices, scenario)
+        # (config, note), or a config whose price_note says it (where Config declares one)
+        cfg, pnote = priced if isinstance(priced, tuple) else (
+            priced, priced.price_note if priced is not cfg else None)
+        if pnote:
+            notes.append("Prices: " + pnote[:1].upper() + pnote[1:] + ".")
     if illustrative_prices and not cfg.cost.gpu_hour_usd and not cfg.model_prices and \
-            not cfg.cost.energy_usd_per_kwh:
+            not cfg.cost.energy_usd_per_kwh and getattr(sc, "prices", None) is None:
+        # a scenario with [prices] is priced at those (as `gpucostd run --simulate` is: the
+        # simulated daemon applies them and says so); only one without falls back to these
         cfg = cfg.updated(cost=dict(ILLUSTRATIVE_PRICES))
         notes.append("Prices: illustrative ($%.2f per GPU-hour, $%.2f per kWh, PUE %.1f); set "
                      "[cost] gpu_hour_usd, energy_usd_per_kwh and pue for yours."
@@ -53,7 +65,7 @@ def run_simulated(scenario: str, config, params: Params, dropin: Optional[str] =
     clock = VirtualClock()
     daemon = None
     try:
-        rconfig = _replay_config(cfg, os.path.join(tmp, "state"))
+        rconfig = replay_config(cfg, os.path.join(tmp, "state"))
         daemon = Daemon(rconfig, clock=clock, simulate=scenario, journal=False)
         daemon.start()
         # the simulated node is in steady state between steps: a dozen samples per step
@@ -62,7 +74,7 @@ def run_simulated(scenario: str, config, params: Params, dropin: Optional[str] =
         daemon.step()
         clock.advance(interval)
         daemon.step()
-        groups, gnotes = plan(daemon.latest, params, daemon.config)
+        groups, gnotes = levers.plan(daemon, daemon.latest, params)
         cal = Calibration(daemon, params, groups, gnotes + notes, ident="simulated",
                           client_timeout=client_timeout)
         cal.dropin_path = dropin or os.path.join(tmp, "etc", "gpucostd.d", DROPIN_NAME)
@@ -81,7 +93,7 @@ def run_simulated(scenario: str, config, params: Params, dropin: Optional[str] =
                 if why:
                     cal.abort(why)
                 if clock.monotonic() > deadline and cal.active:
-                    daemon._record(stop(daemon, "internal error: the calibration did not "
+                    daemon.record(stop(daemon, "internal error: the calibration did not "
                                                 "end in its time (aborted, limits restored)"))
                     break
                 daemon.step()
@@ -90,7 +102,7 @@ def run_simulated(scenario: str, config, params: Params, dropin: Optional[str] =
                     progress(cal.progress())
         except BaseException:
             # SIGINT / SIGTERM (KeyboardInterrupt, SystemExit): restore before leaving
-            daemon._record(stop(daemon, "interrupted"))
+            daemon.record(stop(daemon, "interrupted"))
             raise
         report = cal.report()
         if cal.applied:
@@ -123,19 +135,25 @@ def _sim_apply(daemon, cal: Calibration, interval: float) -> Dict[str, Any]:
     """Load the config with the drop-in (as a reload would) and let the simulated daemon
     enforce it for one cycle; returns {gpu: limit} it then reads."""
     from gpucostd.config import load_files
-    from gpucostd.replay import _replay_config
+    from gpucostd.replay import replay_config
     base = daemon.config
     new = load_files(base.path, [cal.dropin])
-    new = _replay_config(new, daemon.state_dir)
-    daemon.config = new
-    daemon.tuning.reconfigure(new)
-    daemon._applied = False
-    daemon._reload_requested.clear()
+    new = replay_config(new, daemon.state_dir)
+    daemon.retune(new)
     clock = daemon.clock
     for _ in range(2):                # the cycle applies after its reading; the next reads it
         clock.advance(interval)
         snap = daemon.step()
-    return {str(i): (snap.gpu(i).power_limit_watts if snap.gpu(i) else None) for i in cal.gpus}
+    out: Dict[str, Any] = {}
+    for grp in cal.groups:
+        for i in grp.gpus:
+            g = snap.gpu(i)
+            if grp.lever == "power":
+                out[str(i)] = g.power_limit_watts if g else None
+            else:
+                name = levers.setting(grp)
+                out[str(i)] = levers.value_text(name, daemon.tuning.read(name, i))
+    return out
 
 
 # ---------------------------------------------------------------------- the command
@@ -144,7 +162,7 @@ def _out(report: Dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
-        sys.stdout.write(maths.format_report(report))
+        sys.stdout.write(text.format_report(report))
 
 
 def _exit_for(report: Dict[str, Any]) -> int:
@@ -162,7 +180,7 @@ def _progress_printer(stream):
         return None
 
     def show(p: Dict[str, Any]) -> None:
-        stream.write("\r" + maths.progress_line(p))
+        stream.write("\r" + text.progress_line(p))
         stream.flush()
     return show
 
@@ -178,7 +196,10 @@ def run_cli(args, load_config, socket_path) -> int:
                               "to_watts": args.to_watts, "steps": args.steps,
                               "dwell_seconds": args.dwell, "warmup_seconds": args.warmup,
                               "min_throughput": args.min_throughput,
-                              "abort_below": args.abort_below, "apply": args.apply})
+                              "abort_below": args.abort_below, "apply": args.apply,
+                              "lever": getattr(args, "lever", "auto"),
+                              "from_mhz": getattr(args, "from_mhz", None),
+                              "to_mhz": getattr(args, "to_mhz", None)})
     except ValueError as e:
         print(f"gpucostd: calibrate: {e}", file=sys.stderr)
         return 2
