@@ -356,7 +356,8 @@ def best_locked_clock(power: PowerModel, serving: ServingModel, clocks: Sequence
     """The locked SM clock among `clocks` (MHz) that maximizes `objective` of
     steady_state(locked_clock=..., **kw) among the clocks giving at least `min_throughput`
     (0..1) of the best tokens/s of those clocks; ties go to the lower clock. Returns that
-    steady_state."""
+    steady_state. Pass the power limit in force as ``power_limit=`` (steady_state's default
+    is none: a compute-bound GPU locked near the max clock would then draw above its cap)."""
     states = [steady_state(power, serving, locked_clock=c, **kw) for c in sorted(clocks)]
     return _best(states, objective, min_throughput, "those clocks")
 
