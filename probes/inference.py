@@ -45,7 +45,12 @@ SERVERS: Tuple[Tuple[str, str, Dict[str, Tuple[str, ...]]], ...] = (
     ("vllm", "vllm:generation_tokens_total", {
         "running": ("vllm:num_requests_running",), "waiting": ("vllm:num_requests_waiting",),
         "kv": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
-        "preemptions": ("vllm:num_preemptions_total",)}),
+        "preemptions": ("vllm:num_preemptions_total",),
+        # histograms: time requests spent waiting, and running (queue vs inference time)
+        "queue_seconds": ("vllm:request_queue_time_seconds_sum",),
+        "queue_requests": ("vllm:request_queue_time_seconds_count",),
+        "inference_seconds": ("vllm:request_inference_time_seconds_sum",),
+        "inference_requests": ("vllm:request_inference_time_seconds_count",)}),
     ("sglang", "sglang:generation_tokens_total", {
         "running": ("sglang:num_running_reqs",), "waiting": ("sglang:num_queue_reqs",),
         "kv": ("sglang:token_usage",)}),
@@ -96,6 +101,12 @@ class InferenceReading:
     requests_waiting: Optional[float] = None
     kv_cache_usage: Optional[float] = None      # 0..1
     preemptions_total: Optional[float] = None
+    # request queue and inference time histograms' sums (s) and counts (requests), where the
+    # server has them: their deltas give mean queue time vs inference time
+    queue_seconds_total: Optional[float] = None
+    queue_requests_total: Optional[float] = None
+    inference_seconds_total: Optional[float] = None
+    inference_requests_total: Optional[float] = None
     gpus: Optional[Tuple[int, ...]] = None      # the GPUs its tokens go to (None: all)
     parallel: str = "tensor"
 
@@ -279,11 +290,16 @@ def _server_of(series: str) -> Optional[str]:
     return None
 
 
+TIMING_FIGURES = ("queue_seconds", "queue_requests", "inference_seconds", "inference_requests")
+
+
 def serving_figures(text, server: Optional[str]) -> Dict[str, Optional[float]]:
-    """Requests running/waiting, KV-cache usage (0..1) and preemptions of a known server
-    (None where the server does not say)."""
+    """Requests running/waiting, KV-cache usage (0..1), preemptions and the queue/inference
+    time histograms' sums and counts (TIMING_FIGURES) of a known server (None where the
+    server does not say)."""
     out: Dict[str, Optional[float]] = {"running": None, "waiting": None, "kv": None,
                                        "preemptions": None}
+    out.update({k: None for k in TIMING_FIGURES})
     extra: Dict[str, Tuple[str, ...]] = {}
     for name, _t, more in SERVERS:      # a server may have several entries (TensorRT-LLM has)
         if name == server:
@@ -463,7 +479,11 @@ class InferenceProbe:
                                 requests_running=figures["running"],
                                 requests_waiting=figures["waiting"],
                                 kv_cache_usage=figures["kv"],
-                                preemptions_total=figures["preemptions"], **base)
+                                preemptions_total=figures["preemptions"],
+                                queue_seconds_total=figures["queue_seconds"],
+                                queue_requests_total=figures["queue_requests"],
+                                inference_seconds_total=figures["inference_seconds"],
+                                inference_requests_total=figures["inference_requests"], **base)
 
     def _fetch(self) -> str:
         if not re.match(r"^https?://", self.url):

@@ -152,3 +152,43 @@ def test_the_demo_shows_gpm_activity_per_gpu_and_prices_idle_from_it(daemon_fact
                                                                                    abs=1e-3)
     assert metric_value(m, "gpucostd_gpu_gpm_supported", gpu="0") == 1
     assert metric_value(m, "gpucostd_gpu_utilization_ratio", gpu="5") == pytest.approx(0.95)
+
+
+def test_queue_time_against_inference_time_names_the_pipeline_bottleneck():
+    """The server's histograms (vLLM: request_queue_time_seconds, request_inference_time_
+    seconds): requests that wait longer than they run while the GPUs do little."""
+    starved = GpuActivity(sm=0.08, tensor=0.02, dram=0.10)
+    gpus = [gpu(0, activity=starved), gpu(1, activity=starved)]
+    judge_ = EfficiencyJudge(hold_seconds=0)
+
+    def reading(queue_s, inference_s, n):
+        return [InferenceReading(1000.0, 0.0, "vllm:generation_tokens_total", 1, None, url=URL,
+                                 gpus=(0, 1), server="vllm", requests_waiting=0.0,
+                                 queue_seconds_total=queue_s, queue_requests_total=n,
+                                 inference_seconds_total=inference_s,
+                                 inference_requests_total=n)]
+    first = judge_.judge(gpus, None, reading(100.0, 50.0, 40.0), cfg(), 0.0)
+    assert "serving_pipeline_bottleneck" not in {f.code for f in first}   # no delta yet
+    got = {f.code: f for f in judge_.judge(gpus, None, reading(124.0, 58.0, 50.0), cfg(), 1.0)}
+    msg = got["serving_pipeline_bottleneck"].message
+    assert "2.40 s in the queue for 0.80 s of inference each" in msg, msg
+    # requests that run longer than they wait, nothing waiting: no finding
+    calm = EfficiencyJudge(hold_seconds=0)
+    calm.judge(gpus, None, reading(0.0, 0.0, 0.0), cfg(), 0.0)
+    assert "serving_pipeline_bottleneck" not in {
+        f.code for f in calm.judge(gpus, None, reading(1.0, 80.0, 10.0), cfg(), 1.0)}
+
+
+def test_the_simulated_vllm_serves_queue_and_inference_time_histograms():
+    from gpucostd.probes.inference import Exposition, serving_figures
+    from gpucostd.sim.nvml import SimulatedNode
+    from gpucostd.sim.serving import SimulatedServing
+    clock = VirtualClock()
+    node = SimulatedNode("builtin:serving", clock)
+    clock.advance(120.0)
+    fig = serving_figures(Exposition(SimulatedServing(node).fetch(1)), "vllm")
+    ep = node.scenario.serving.endpoints[1]
+    assert fig["queue_requests"] == fig["inference_requests"] > 0
+    assert fig["queue_seconds"] == pytest.approx(fig["queue_requests"] * ep.queue_time_seconds)
+    assert fig["inference_seconds"] == pytest.approx(
+        fig["inference_requests"] * ep.inference_time_seconds)

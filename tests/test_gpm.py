@@ -215,3 +215,18 @@ def test_a_lost_gpu_ends_the_read_as_before():
     assert g.state.value == "lost" and g.activity is None
     clock.advance(10.0)
     assert probe.read()[4].activity.sm == pytest.approx(0.3135)
+
+
+def test_an_nvidia_ml_py_without_gpm_reads_everything_else(monkeypatch):
+    """An older nvidia-ml-py (no nvmlGpm* wrappers): no activity, the rest of the read as
+    before, no error."""
+    monkeypatch.delattr(pynvml, "c_nvmlGpmMetricsGet_t")
+    node, gw, clock = node_and_gateway()
+    probe = GpuProbe(gw)
+    for _ in range(2):
+        g = probe.read()[1]
+        assert g.state.value == "ok" and g.error is None and g.power_draw_watts is not None
+        assert g.gpm_supported is False and g.activity is None
+        clock.advance(5.0)
+    assert "nvmlGpmSampleGet" not in node.calls
+

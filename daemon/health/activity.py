@@ -9,7 +9,8 @@ serving diagnosis (gpucostd.health.efficiency) holds them like its own before re
 - ``tensor_pipes_idle_while_serving`` (WARN): a serving GPU's SMs work but its tensor pipes
   are idle: the model runs without tensor cores (FP32 kernels, a build without them, or no
   FP16/BF16/FP8 weights);
-- ``serving_pipeline_bottleneck`` (WARN): requests wait while the GPUs' SMs and DRAM are both
+- ``serving_pipeline_bottleneck`` (WARN): requests wait (in the queue now, or longer in the
+  queue than in inference, by the server's histograms) while the GPUs' SMs and DRAM are both
   mostly idle (whatever GPU-Util says): the requests are held back before the GPU.
 
 Each names its figures (SM, tensor, DRAM activity, clock, GPU-Util, requests waiting).
@@ -53,9 +54,13 @@ def _names(gs: Sequence[GpuReading]) -> str:
 
 
 def activity_findings(gpus: Sequence[GpuReading], readings: Sequence[Any], config: Any,
-                      held: Held) -> None:
+                      held: Held, timing: Optional[Dict[str, Tuple[Optional[float],
+                                                                  Optional[float]]]] = None
+                      ) -> None:
     """Add the activity findings of this cycle to `held` ({(code, subject): (severity,
-    action, message)}), one per serving endpoint (subject: its URL)."""
+    action, message)}), one per serving endpoint (subject: its URL). `timing`: {url: (mean
+    queue time, mean inference time)} of the requests finished since the last cycle, where the
+    server has the histograms (EfficiencyJudge keeps their totals)."""
     busy_pct = float(config.cost.busy_utilization_percent)
     for r in readings or ():
         if r is None or getattr(r, "error", None):
@@ -98,13 +103,19 @@ def activity_findings(gpus: Sequence[GpuReading], readings: Sequence[Any], confi
                 f"{_pct(_mean([g.activity.fp32 for g in idle_tc]))})")
         waiting = getattr(r, "requests_waiting", None)
         kv = getattr(r, "kv_cache_usage", None)
-        if waiting is not None and waiting >= 1 and sm is not None and sm < STARVED_SM \
+        queue, run = (timing or {}).get(url, (None, None))
+        queued = waiting is not None and waiting >= 1
+        slow_queue = queue is not None and run is not None and queue >= run > 0
+        if (queued or slow_queue) and sm is not None and sm < STARVED_SM \
                 and (dram is None or dram < STARVED_DRAM) and (kv is None or kv < 0.95):
+            why = f"{waiting:.0f} requests waiting" if queued else "requests wait"
+            if queue is not None and run is not None:
+                why += f" ({queue:.2f} s in the queue for {run:.2f} s of inference each)"
             held[("serving_pipeline_bottleneck", url)] = (
                 Severity.WARN,
                 "look before the GPU: the request queue waits while the GPU does little "
                 "(preprocessing, tokenization, the scheduler, the server's batch limits), "
                 "compare the requests' queue time with their inference time",
-                f"{url}: {waiting:.0f} requests waiting while {_names(gs)} do little: SMs "
+                f"{url}: {why} while {_names(gs)} do little: SMs "
                 f"{_pct(sm)}, DRAM {_pct(dram)}, tensor {_pct(tensor)} busy (GPU-Util "
                 f"{util:.0f}%): a pipeline bottleneck")

@@ -52,13 +52,15 @@ class EfficiencyJudge:
         self._since: Dict[Tuple[str, str], float] = {}
         self._preempt: Dict[str, float] = {}
         self._rates: Deque[Tuple[float, float, float]] = deque()   # (time, tokens/s, clock)
+        self._totals: Dict[str, Tuple[Optional[float], ...]] = {}  # url -> timing totals
 
     def judge(self, gpus: Sequence[GpuReading], cost: Any, readings: Sequence[Any], config: Any,
               now: float) -> List[Finding]:
         target = float(config.efficiency.target_utilization_percent)
         hold = min(self.hold_seconds, float(config.efficiency.window_seconds))
         held: Dict[Tuple[str, str], Tuple[Severity, str, str]] = {}
-        activity_findings(gpus, readings, config, held)     # GPM: gpucostd.health.activity
+        activity_findings(gpus, readings, config, held,     # GPM: gpucostd.health.activity
+                          self._timing(readings))
         for r in readings or ():
             if r is None or getattr(r, "error", None):
                 continue
@@ -115,6 +117,29 @@ class EfficiencyJudge:
                 out.append(Finding("node", key[0], sev, action, message, since=since))
         for key in [k for k in self._since if k not in held]:
             del self._since[key]
+        return out
+
+    def _timing(self, readings: Sequence[Any]) -> Dict[str, Tuple[Optional[float],
+                                                                  Optional[float]]]:
+        """{url: (mean queue time, mean inference time)} of the requests the server finished
+        since the last cycle, from its histograms' sums and counts (None where it has none,
+        or none finished)."""
+        out: Dict[str, Tuple[Optional[float], Optional[float]]] = {}
+        for r in readings or ():
+            if r is None or getattr(r, "error", None):
+                continue
+            now = tuple(getattr(r, k, None) for k in (
+                "queue_seconds_total", "queue_requests_total", "inference_seconds_total",
+                "inference_requests_total"))
+            last = self._totals.get(r.url)
+            self._totals[r.url] = now
+            if last is None:
+                continue
+            means = []
+            for (s1, n1), (s0, n0) in ((now[0:2], last[0:2]), (now[2:4], last[2:4])):
+                ok = None not in (s1, n1, s0, n0) and n1 > n0 and s1 >= s0
+                means.append((s1 - s0) / (n1 - n0) if ok else None)
+            out[r.url] = (means[0], means[1])
         return out
 
     def _falling(self, gpus, cost, now: float, held) -> None:

@@ -26,6 +26,11 @@ GPM_METRIC_IDS: Tuple[Tuple[str, int, str], ...] = (
 )
 
 
+_NEEDS = ("nvmlGpmQueryDeviceSupport", "nvmlGpmSampleAlloc", "nvmlGpmSampleGet",
+          "nvmlGpmSampleFree", "nvmlGpmMetricsGet", "c_nvmlGpmMetricsGet_t",
+          "NVML_GPM_METRICS_GET_VERSION")
+
+
 class GpmSession:
     """One GPU's GPM state in one NVML session: supported or not, the previous sample."""
 
@@ -53,6 +58,9 @@ def read_activity(nv: Any, h: Any, gs: GpmSession, absent: Tuple[int, ...], now:
     "no GPM here" (NOT_SUPPORTED, FUNCTION_NOT_FOUND, ...). Raises pynvml's NVMLError for
     anything else (the gateway maps it: lost and timeout end the device read)."""
     if gs.supported is None:
+        if not all(hasattr(nv, name) for name in _NEEDS):
+            gs.supported = False              # an nvidia-ml-py older than GPM
+            return False, None
         try:
             gs.supported = bool(nv.nvmlGpmQueryDeviceSupport(h).isSupportedDevice)
         except nv.NVMLError as exc:

@@ -258,6 +258,7 @@ class EndpointModel:
     kv_cache_usage: float = 0.45          # 0..1
     preemptions_per_second: float = 0.0
     queue_time_seconds: float = 0.05      # mean time a request waits before it runs
+    inference_time_seconds: float = 8.0   # mean time a request runs (prefill + decode)
     model_name: str = "meta-llama/Llama-3.1-70B-Instruct"
 
 
@@ -356,7 +357,8 @@ def best_locked_clock(power: PowerModel, serving: ServingModel, clocks: Sequence
     """The locked SM clock among `clocks` (MHz) that maximizes `objective` of
     steady_state(locked_clock=..., **kw) among the clocks giving at least `min_throughput`
     (0..1) of the best tokens/s of those clocks; ties go to the lower clock. Returns that
-    steady_state."""
+    steady_state. Pass the power limit in force as ``power_limit=`` (steady_state's default
+    is none: a compute-bound GPU locked near the max clock would then draw above its cap)."""
     states = [steady_state(power, serving, locked_clock=c, **kw) for c in sorted(clocks)]
     return _best(states, objective, min_throughput, "those clocks")
 
@@ -509,6 +511,8 @@ ENDPOINT_KEYS: Dict[str, Tuple[str, Any, str, Optional[float], Optional[float]]]
     "preemptions_per_second": ("number", 0.0, "Rate of vllm:num_preemptions_total.", 0, 1e9),
     "queue_time_seconds": ("number", 0.05, "Each request's vllm:request_queue_time_seconds.", 0,
                            1e6),
+    "inference_time_seconds": ("number", 8.0, "Each request's "
+                               "vllm:request_inference_time_seconds.", 0, 1e6),
     "model_name": ("str", "meta-llama/Llama-3.1-70B-Instruct", "The model_name label.", None,
                    None),
 }

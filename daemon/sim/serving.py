@@ -10,6 +10,7 @@ capture, tests/fixtures/expositions/vllm_v1.prom)::
     vllm:num_preemptions_total      preemptions_per_second x t
     vllm:request_queue_time_seconds histogram: one request per tokens_per_request tokens, each
                                     waiting queue_time_seconds
+    vllm:request_inference_time_seconds  the same requests, each running inference_time_seconds
 
 ``start()`` serves each endpoint over HTTP on 127.0.0.1 with a free port (the daemon's
 ``--simulate``); ``fetch(k)`` returns the same text in-process (replay on a virtual clock,
@@ -78,19 +79,23 @@ class SimulatedServing:
         counter("vllm:prompt_tokens", "Number of prefill tokens processed.",
                 math.floor(tokens * self.model.prompt_tokens_per_generated))
         counter("vllm:generation_tokens", "Number of generation tokens processed.", tokens)
-        name = "vllm:request_queue_time_seconds"
-        help_ = "Histogram of time spent in WAITING phase for request."
-        out.append(f"# HELP {name} {help_}")
-        out.append(f"# TYPE {name} histogram")
-        for le in QUEUE_BUCKETS:
-            n = requests if ep.queue_time_seconds <= le else 0
-            out.append(f'{name}_bucket{{engine="0",le="{le}",model_name="{ep.model_name}"}} '
-                       f"{_num(n)}")
-        out.append(f'{name}_bucket{{engine="0",le="+Inf",model_name="{ep.model_name}"}} '
-                   f"{_num(requests)}")
-        out.append(f"{name}_count{{{labels}}} {_num(requests)}")
-        out.append(f"{name}_sum{{{labels}}} {_num(requests * ep.queue_time_seconds)}")
-        fam(name.replace("_seconds", "_seconds_created"), "gauge", help_, float(created))
+        for name, help_, each in (
+                ("vllm:request_queue_time_seconds",
+                 "Histogram of time spent in WAITING phase for request.", ep.queue_time_seconds),
+                ("vllm:request_inference_time_seconds",
+                 "Histogram of time spent in RUNNING phase for request.",
+                 ep.inference_time_seconds)):
+            out.append(f"# HELP {name} {help_}")
+            out.append(f"# TYPE {name} histogram")
+            for le in QUEUE_BUCKETS:
+                n = requests if each <= le else 0
+                out.append(f'{name}_bucket{{engine="0",le="{le}",model_name="{ep.model_name}"}} '
+                           f"{_num(n)}")
+            out.append(f'{name}_bucket{{engine="0",le="+Inf",model_name="{ep.model_name}"}} '
+                       f"{_num(requests)}")
+            out.append(f"{name}_count{{{labels}}} {_num(requests)}")
+            out.append(f"{name}_sum{{{labels}}} {_num(requests * each)}")
+            fam(name.replace("_seconds", "_seconds_created"), "gauge", help_, float(created))
         return "\n".join(out) + "\n"
 
     def fetch(self, k: int) -> str:
