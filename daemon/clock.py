@@ -55,3 +55,28 @@ class VirtualClock:
 
     def wake(self) -> None:
         pass
+
+
+# An early cycle (a wake-up) starts at least this many seconds after the last cycle ended.
+EARLY_GAP = 1.0
+
+
+def wait_for_cycle(clock, regular_at: float, early_at: float, stopped: threading.Event,
+                   notifier=None) -> None:
+    """Sleep until the regular cycle is due (monotonic `regular_at`) or, once woken, until
+    `early_at` if that is sooner; return at once when `stopped` is set. With a systemd watchdog
+    (notifier.watchdog_seconds) it is fed at least every half of WatchdogSec meanwhile, so a long
+    interval never lets systemd kill a healthy daemon."""
+    feed = getattr(notifier, "watchdog_seconds", None)
+    feed = 0.5 * feed if feed else None
+    woken = False
+    while not stopped.is_set():
+        now = clock.monotonic()
+        until = min(regular_at, early_at) if woken else regular_at
+        if now >= until:
+            return
+        wait = until - now if feed is None else min(until - now, feed)
+        if clock.sleep(wait):
+            woken = True
+        elif feed is not None and wait == feed:
+            notifier.watchdog()

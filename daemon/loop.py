@@ -233,10 +233,18 @@ class Daemon:
         return self._stop.is_set()
 
     def run(self) -> None:
-        """Loop until stop(). The first complete snapshot sends READY=1."""
+        """Loop until stop(). The first complete snapshot sends READY=1.
+
+        The schedule (docs/reliability.md, "The cycle schedule"): regular cycles keep their
+        times (start + k x interval); a wake-up (a kernel-log fault, SIGHUP, calibration) runs
+        one early cycle for all the wakes that came in, never sooner than EARLY_GAP seconds (or
+        the last cycle's own length, if longer) after the last cycle ended, and never moves the
+        regular schedule. The watchdog is fed after every cycle and while the loop waits."""
+        from gpucostd.clock import EARLY_GAP, wait_for_cycle
         interval = self.config.daemon.interval_seconds
         next_at = self.clock.monotonic()
         while not self._stop.is_set():
+            began = self.clock.monotonic()
             if self._reload_requested.is_set():
                 self._reload_requested.clear()
                 self.reload()
@@ -248,11 +256,13 @@ class Daemon:
                 else:
                     self.notifier.status(summary_line(snap))
                 self.notifier.watchdog()
-            next_at += interval
             now = self.clock.monotonic()
-            if next_at < now:          # a slow cycle: do not try to catch up in a burst
-                next_at = now
-            self.clock.sleep(next_at - now)
+            if now >= next_at:         # the regular cycle (an early one that ran into it counts)
+                next_at += interval
+                if next_at < now:      # a slow cycle: do not try to catch up in a burst
+                    next_at = now
+            wait_for_cycle(self.clock, next_at, now + max(EARLY_GAP, now - began),
+                           self._stop, self.notifier)
 
     def shutdown(self, system_shutdown: Optional[bool] = None) -> None:
         """Restore tuned settings (unless the system is shutting down), flush, close."""
