@@ -309,9 +309,15 @@ def _check_value(key: Key, value: Any, name: str, err: Callable[[str], ConfigErr
             raise err(f"{name} = {value!r} must be {want}")
         if isinstance(value, float) and not math.isfinite(value):
             raise err(f"{name} = {value!r} must be a finite number")
-        if (key.min is not None and value < key.min) or (key.max is not None and value > key.max):
-            lo = "" if key.min is None else f"{key.min:g}"
-            hi = "" if key.max is None else f"{key.max:g}"
+        # every number key has both bounds (tests/test_reliability_round3.py); an integer with
+        # none is still held to 64 bits, so no value can overflow SQLite or C later
+        lo_b = key.min if key.min is not None else (-2 ** 63 if t == "int" else None)
+        hi_b = key.max if key.max is not None else (2 ** 63 - 1 if t == "int" else None)
+        if (lo_b is not None and value < lo_b) or (hi_b is not None and value > hi_b):
+            def shown(x):
+                return f"{x:g}" if t == "float" or abs(x) >= 1e15 else str(int(x))
+            lo = "" if lo_b is None else shown(lo_b)
+            hi = "" if hi_b is None else shown(hi_b)
             raise err(f"{name} = {value!r} is out of range; allowed {lo}..{hi}")
         return float(value) if t == "float" else value
     if t == "str":

@@ -124,3 +124,41 @@ def test_watchdog_is_fed_within_half_watchdogsec_when_the_interval_is_longer(tmp
     finally:
         d.stop()
         listener.close()
+
+
+# ------------------------------------------------------------------ 6. out-of-range integers
+def events_of(daemon, code):
+    return [e for e in ask(daemon, cmd="events", limit=1000)["events"] if e["code"] == code]
+
+
+def test_every_number_key_of_the_schema_has_both_bounds():
+    from gpucostd.config_schema import GPU_TUNING_KEYS, SCHEMA
+    keys = [(f"{s}.{k}", key) for s, ks in SCHEMA.items() for k, key in ks.items()]
+    keys += [(f"tuning.gpu.{k}", key) for k, key in GPU_TUNING_KEYS.items()]
+    unbounded = [n for n, key in keys if key.type in ("int", "float")
+                 and (key.min is None or key.max is None)]
+    assert not unbounded, unbounded
+
+
+def test_a_64_bit_overflowing_max_count_is_refused_by_config_check_and_reload(daemon_factory):
+    import subprocess
+    from conftest import gpucostd_cmd
+    d = daemon_factory()
+    d.write_config("[events]\nmax_count = 9223372036854775808\n")
+    r = subprocess.run(gpucostd_cmd() + ["config", "check", str(d.config)], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 2, r
+    assert "events.max_count" in r.stderr and "allowed 100..100000000" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    r = d.cli("events")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r
+    d.write_config("")
+    d.start()
+    d.write_config("[events]\nmax_count = 9223372036854775808\n")
+    d.signal(signal.SIGHUP)
+    rejected = wait_for(lambda: events_of(d, "config_rejected"), 15, what="config_rejected")
+    assert "allowed 100..100000000" in rejected[0]["message"], rejected
+    assert d.stop() == 0
+    d.start(wait=False)     # a start with the file: exit 2 with the same line, no traceback
+    assert d.proc.wait(30) == 2
+    assert "allowed 100..100000000" in d.output() and "Traceback" not in d.output()
