@@ -291,6 +291,8 @@ def cmd_events(args) -> int:
     reply, err = _ask_daemon(args, {"cmd": "events", "since": since, "limit": args.limit})
     if reply is not None:
         events = reply["events"]
+        if reply.get("note"):
+            _print_err(f"note: {reply['note']}")
     else:
         # No daemon: read the store directly (history survives the daemon).
         from gpucostd.record.events import EventStore

@@ -162,3 +162,69 @@ def test_a_64_bit_overflowing_max_count_is_refused_by_config_check_and_reload(da
     d.start(wait=False)     # a start with the file: exit 2 with the same line, no traceback
     assert d.proc.wait(30) == 2
     assert "allowed 100..100000000" in d.output() and "Traceback" not in d.output()
+
+
+# ------------------------------------------------------------------ 4. large events requests
+def rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def store_events(state_dir, n):
+    """n events in the daemon's event database, written straight into SQLite (fast)."""
+    import json
+    import sqlite3
+    from gpucostd.record.events import EventStore
+    EventStore(str(state_dir)).close()           # the schema
+    now = time.time()
+    db = sqlite3.connect(os.path.join(str(state_dir), "events.sqlite"))
+    fields = json.dumps({"line": "NVRM: Xid (PCI:0000:18:00): 13, " + "x" * 300})
+    db.executemany(
+        "INSERT INTO events(time, subject, code, severity, action, message, gpu, uuid, xid, "
+        "fields) VALUES (?, 'gpu0', 'xid', 1, 'none', ?, 0, 'GPU-0', 13, ?)",
+        ((now - 3600 + i * 0.01, f"stored event {i} " + "m" * 200, fields) for i in range(n)))
+    db.commit()
+    db.close()
+
+
+def test_four_concurrent_requests_for_100000_events_keep_the_loop_and_memory_bounded(
+        daemon_factory):
+    d = daemon_factory(interval=0.5)
+    d.state_dir.mkdir(mode=0o750)
+    store_events(d.state_dir, 100_000)
+    d.start()
+    wait_for(lambda: cycles(d) >= 5, 15, what="5 cycles")
+    rss0 = rss_mib(d.proc.pid)
+    replies, errors = [], []
+
+    def big():
+        try:
+            replies.append(ask(d, cmd="events", limit=100_000))
+        except Exception as e:  # noqa: BLE001 - counted below
+            errors.append(e)
+    for _ in range(3):                          # 3 rounds of 4 at once
+        c0, t0 = cycles(d), time.monotonic()
+        threads = [threading.Thread(target=big) for _ in range(4)]
+        for t in threads:
+            t.start()
+        health = []
+        while any(t.is_alive() for t in threads):
+            health.append(http_get(d.url + "/healthz", timeout=3)[0])
+            time.sleep(0.1)
+        for t in threads:
+            t.join()
+        elapsed = time.monotonic() - t0
+        assert set(health) <= {200}, health
+        assert cycles(d) - c0 >= max(1, int(elapsed / 0.5 / 2)), "the loop stalled"
+    assert not errors, errors
+    assert len(replies) == 12
+    for r in replies:
+        assert len(r["events"]) == 5000 and r["more"] is True, (len(r["events"]), r.get("note"))
+        assert any(e["message"].startswith("stored event 99999 ") for e in r["events"])
+    grown = rss_mib(d.proc.pid) - rss0
+    assert grown < 60, f"RSS grew {grown:.0f} MiB"
+    r = d.cli("events", "--limit", "100000")
+    assert r.returncode == 0 and "at most 5000 events per request" in r.stderr, r.stderr
