@@ -422,7 +422,7 @@ def cmd_replay(args) -> int:
     cfg = _load_config(args.config)
     try:
         result = run_replay(args.scenario, cfg, duration=args.duration, step=args.step)
-    except ScenarioError as e:
+    except (ScenarioError, ValueError) as e:     # ValueError: --duration or --step
         _print_err(str(e))
         return EXIT_CONFIG
     if args.json:

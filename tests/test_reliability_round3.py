@@ -228,3 +228,33 @@ def test_four_concurrent_requests_for_100000_events_keep_the_loop_and_memory_bou
     assert grown < 60, f"RSS grew {grown:.0f} MiB"
     r = d.cli("events", "--limit", "100000")
     assert r.returncode == 0 and "at most 5000 events per request" in r.stderr, r.stderr
+
+
+# ------------------------------------------------------------------ 11. smaller hostile inputs
+def test_replay_with_an_absurd_duration_and_step_is_a_clear_error_exit_2():
+    import subprocess
+    from conftest import gpucostd_cmd
+    for duration in ("1" + "0" * 44, "1" + "0" * 300):
+        r = subprocess.run(gpucostd_cmd() + ["replay", "builtin:h100x8", "--duration", duration,
+                                             "--step", "1e-6"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2, r
+        assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+        assert "use a larger --step" in r.stderr and "at most 50000000 cycles" in r.stderr
+
+
+def test_calibrate_with_params_not_an_object_on_the_socket_is_a_clear_error(daemon_factory):
+    d = daemon_factory().start()
+    from gpucostd.views.statusapi import request
+    from gpucostd.views.statusclient import StatusClientError
+    for params in ([1], "x", 5):
+        try:
+            request(d.socket, {"cmd": "calibrate", "action": "start", "params": params})
+        except StatusClientError as e:
+            error = str(e)
+        else:
+            error = "accepted"
+        # a non-root test run is refused before the params are read: the same clear line
+        assert "must be an object" in error or "needs root" in error, error
+    assert d.proc.poll() is None
+    assert "Traceback" not in d.output() and "AttributeError" not in d.output(), d.output()
