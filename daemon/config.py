@@ -657,19 +657,18 @@ def _root_trust(path: str, st) -> List[str]:
 
 def _hook_trust(cfg: "Config") -> List[str]:
     """Hook programs a non-root user can change: said at load; the runner refuses to run them."""
-    from gpucostd.statefile import writable_by_others
+    from gpucostd.statefile import untrusted_hook
     out = []
-    for hook in ("on_critical", "on_recovered"):
+    for hook in ("on_critical", "on_recovered", "on_inefficient", "on_efficient"):
         argv = cfg.hooks[hook]
         if not argv:
             continue
-        try:
-            problem = writable_by_others(argv[0])
-        except OSError as e:
-            out.append(f"hooks.{hook}: cannot check {argv[0]}: {e.strerror or e}")
+        if not os.path.exists(argv[0]):
+            out.append(f"hooks.{hook}: {argv[0]} does not exist; the hook fails until it does")
             continue
+        problem = untrusted_hook(argv)
         if problem is not None:
-            out.append(f"hooks.{hook}: {problem[1]}; a root daemon will not run it")
+            out.append(f"hooks.{hook}: {problem}; a root daemon will not run it")
     return out
 
 

@@ -258,3 +258,39 @@ def test_calibrate_with_params_not_an_object_on_the_socket_is_a_clear_error(daem
         assert "must be an object" in error or "needs root" in error, error
     assert d.proc.poll() is None
     assert "Traceback" not in d.output() and "AttributeError" not in d.output(), d.output()
+
+
+# ------------------------------------------------------------------ 2. hook trust
+NOBODY = 65534
+
+
+def test_a_script_run_by_an_interpreter_is_held_to_the_same_trust_as_a_program(
+        daemon_factory, tmp_path):
+    import subprocess
+    from conftest import REPO, gpucostd_cmd
+    if os.geteuid() != 0:
+        import pytest
+        pytest.skip("needs root: the daemon's hook trust applies to a root daemon")
+    marker = tmp_path / "ran"
+    script = tmp_path / "drain.sh"
+    script.write_text(f"touch {marker}\n")
+    os.chmod(script, 0o644)
+    os.chown(script, NOBODY, NOBODY)                 # a script nobody may rewrite
+    d = daemon_factory(scenario=str(REPO / "tests" / "scenarios" / "faults.toml"))
+    d.write_config(f'[hooks]\non_critical = ["/bin/sh", "{script}"]\n'
+                   f'on_inefficient = ["/usr/bin/env", "python3", "{script}"]\n')
+    r = subprocess.run(gpucostd_cmd() + ["config", "check", str(d.config)],
+                       capture_output=True, text=True, timeout=30)
+    for hook in ("on_critical", "on_inefficient"):
+        assert f"warning: hooks.{hook}: {script} belongs to" in r.stderr, r.stderr
+    d.start()
+    wait_for(lambda: f"hook on_critical (node) failed: refused to run /bin/sh {script}"
+             in d.output(), 20, what="the hook refused")
+    findings = ask(d, cmd="status")["status"]["node"]["findings"]
+    assert [f for f in findings if f["code"] == "config_insecure"], findings
+    assert not marker.exists()
+    d.stop()
+    os.chown(script, 0, 0)                         # the same hook, trusted: it runs
+    (d.state_dir / "health.json").unlink(missing_ok=True)
+    d.start()
+    wait_for(marker.exists, 20, what="the trusted hook to run")
