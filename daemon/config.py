@@ -469,9 +469,30 @@ def _check_metric(text: Any, name: str, err) -> str:
     return text
 
 
+def owner_uid(text: str) -> Optional[int]:
+    """[inference] expect_owner as a uid: a user name or a number; None when empty.
+    Raises ValueError for a user this host does not know."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    if text.isdigit() and len(text) <= 10:
+        return int(text)
+    import pwd
+    try:
+        return pwd.getpwnam(text).pw_uid
+    except KeyError:
+        raise ValueError(f"no user {text!r} on this host") from None
+
+
 def _check_inference(inf: Dict[str, Any], endpoints: List[InferenceEndpoint], err_at) -> None:
     _check_metric(inf["tokens_metric"], "inference.tokens_metric",
                   err_at("inference", "tokens_metric"))
+    try:
+        owner_uid(inf["expect_owner"])
+    except ValueError as e:
+        raise err_at("inference", "expect_owner")(
+            f"inference.expect_owner = {inf['expect_owner']!r}: {e}; give the user name or "
+            f"uid the inference server runs as, e.g. \"vllm\"") from None
     if inf["metrics_url"]:
         _check_url(inf["metrics_url"], "inference.metrics_url", err_at("inference", "metrics_url"))
         if endpoints:

@@ -157,5 +157,8 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
                             "server, or name{label=\"value\"}."),
         "timeout_seconds": _k("float", 0.5, "Deadline of one whole scrape (connect, headers, "
                               "body); at most half the interval.", min=0.01, max=5),
+        "expect_owner": _k("str", "", "For loopback URLs: the user (name or uid) that must own "
+                           "the listening socket; another owner's server is not read. Empty: "
+                           "not checked."),
     },
 }

@@ -150,9 +150,15 @@ class Daemon:
         # one deadline per scrape, at most half the interval (the watchdog and the cycle wait)
         timeout = min(float(self.config.inference.timeout_seconds),
                       0.5 * float(self.config.daemon.interval_seconds))
+        from gpucostd.config import owner_uid
+        owner = owner_uid(self.config.inference.expect_owner)
         self.inference = [InferenceProbe(e.url, e.tokens_metric, timeout,
                                          clock=self.clock.monotonic, fetch=fetchers.get(e.url),
-                                         gpus=e.gpus, parallel=e.parallel) for e in endpoints]
+                                         gpus=e.gpus, parallel=e.parallel, expect_owner=owner,
+                                         gpu_count=self._gpu_count) for e in endpoints]
+
+    def _gpu_count(self) -> int:
+        return len(self._latest.gpus) if self._latest is not None else 0
 
     def _sim_prices(self, config: Config) -> Config:
         """`gpucostd run --simulate` with no price in the config: the scenario's illustrative

@@ -294,3 +294,104 @@ def test_a_script_run_by_an_interpreter_is_held_to_the_same_trust_as_a_program(
     (d.state_dir / "health.json").unlink(missing_ok=True)
     d.start()
     wait_for(marker.exists, 20, what="the trusted hook to run")
+
+
+# ------------------------------------------------------------------ 3. inference plausibility
+class FakeServer:
+    """A vLLM-like /metrics on loopback whose token counter the test sets (self.value)."""
+
+    def __init__(self, value="0", size=0):
+        import http.server
+        outer = self
+        self.value = value
+        self.padding = b""
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                body = (f"# TYPE vllm:generation_tokens_total counter\n"
+                        f"vllm:generation_tokens_total {outer.value}\n").encode() + outer.padding
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *a):
+                pass
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/metrics"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def inference_finding(d):
+    findings = ask(d, cmd="status")["status"]["node"]["findings"]
+    return [f for f in findings if f["code"] == "inference_unreachable"]
+
+
+def tokens_total(d):
+    return metric_value(d.metrics(), "gpucostd_node_tokens_total")
+
+
+def test_absurd_token_counts_are_refused_said_and_never_saved_or_frozen(daemon_factory):
+    import json
+    srv = FakeServer("1000")
+    try:
+        d = daemon_factory(interval=0.2, extra_config=(
+            f'[cost]\ngpu_hour_usd = 2.0\n[inference]\nmetrics_url = "{srv.url}"\n'))
+        d.start()
+        for v in range(2000, 6000, 1000):            # an honest server
+            srv.value = str(v)
+            wait_for(lambda: (tokens_total(d) or 0) >= v - 1000, 10, what=f"tokens {v}")
+        srv.value = "1.7e308"                          # a poser serving an absurd counter
+        found = wait_for(lambda: inference_finding(d), 10, what="the implausible reading said")
+        assert srv.url in found[0]["message"] and "plausible" in found[0]["message"], found
+        text = d.metrics()
+        assert metric_value(text, "gpucostd_inference_endpoint_up", endpoint="0") == 0
+        tpd = metric_value(text, "gpucostd_node_tokens_per_dollar")
+        assert tpd is None or tpd < 1e12, tpd
+        assert tokens_total(d) < 1e18
+        srv.value = "0"                                 # then a jump no GPU can make
+        srv.value = str(10 ** 15)
+        wait_for(lambda: "grew by" in (inference_finding(d) or [{}])[0].get("message", ""), 10,
+                 what="the implausible jump said")
+        assert tokens_total(d) < 1e7
+        assert d.stop() == 0
+        cost = json.loads((d.state_dir / "cost.json").read_text())
+        assert cost["efficiency"]["tokens_total"] < 1e7, cost["efficiency"]["tokens_total"]
+        # a total saved absurd by an older version does not freeze the total after a restart
+        cost["efficiency"]["tokens_total"] = 1.7e308
+        (d.state_dir / "cost.json").write_text(json.dumps(cost))
+        srv.value = "7000"
+        d.start()
+        wait_for(lambda: metric_value(d.metrics(), "gpucostd_inference_endpoint_up",
+                                      endpoint="0") == 1, 10, what="the endpoint read")
+        first = tokens_total(d)
+        assert first < 1e18
+        srv.value = "9000"
+        wait_for(lambda: tokens_total(d) >= first + 2000, 10, what="the total to grow again")
+        assert "beyond any plausible count" in d.output()
+    finally:
+        srv.close()
+
+
+def test_expect_owner_refuses_a_loopback_server_run_by_another_user(daemon_factory):
+    srv = FakeServer("1000")                  # served by this test's user
+    try:
+        me = os.getuid()
+        other = 65534 if me != 65534 else 0
+        d = daemon_factory(interval=0.2, extra_config=(
+            f'[inference]\nmetrics_url = "{srv.url}"\nexpect_owner = "{other}"\n'))
+        d.start()
+        found = wait_for(lambda: inference_finding(d), 10, what="the owner refused")
+        assert f"belongs to uid {me}" in found[0]["message"], found
+        assert f"not uid {other}" in found[0]["message"], found
+        d.stop()
+        d.write_config(f'[inference]\nmetrics_url = "{srv.url}"\nexpect_owner = "{me}"\n')
+        d.start()
+        wait_for(lambda: metric_value(d.metrics(), "gpucostd_inference_endpoint_up",
+                                      endpoint="0") == 1, 10, what="the right owner read")
+    finally:
+        srv.close()
