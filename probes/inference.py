@@ -28,7 +28,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from gpucostd.config import parse_selector
 
-MAX_BYTES = 8 * 1024 * 1024      # a /metrics page larger than this is refused
+# A /metrics page larger than this is refused (said, not parsed): real serving expositions are
+# tens of kB (tests/fixtures/expositions/); parsing an 8 MiB one every cycle cost 42% of a core.
+MAX_BYTES = 1024 * 1024
 # Plausibility (docs/cost.md, "Plausible token counts"). The fastest published serving figures
 # are tens of thousands of generated tokens per second per GPU; a bound 30x above them only
 # catches garbage or a fake server, never a fast real one. A counter above MAX_TOKEN_COUNT (about
@@ -596,6 +598,12 @@ class InferenceProbe:
         an error, not a smaller count) and finished before the deadline."""
         chunks = []
         size = 0
+        announced = getattr(resp, "length", None)
+        if isinstance(announced, int) and announced > MAX_BYTES:     # said before a byte
+            raise _ProbeError(f"{self.url} announces {announced} bytes, more than "
+                              f"{MAX_BYTES // (1024 * 1024)} MiB (not read; serving servers' "
+                              f"/metrics are tens of kB): is this the inference server's "
+                              f"/metrics endpoint?")
         read1 = getattr(resp, "read1", None) or resp.read
         while True:
             if _time.monotonic() > end:
@@ -606,8 +614,9 @@ class InferenceProbe:
             size += len(chunk)
             if size > MAX_BYTES:
                 raise _ProbeError(f"{self.url} returned more than "
-                                  f"{MAX_BYTES // (1024 * 1024)} MiB; is this a Prometheus "
-                                  f"/metrics endpoint?")
+                                  f"{MAX_BYTES // (1024 * 1024)} MiB (not read further; "
+                                  f"serving servers' /metrics are tens of kB): is this the "
+                                  f"inference server's /metrics endpoint?")
             chunks.append(chunk)
         missing = getattr(resp, "length", None)
         if isinstance(missing, int) and missing > 0:

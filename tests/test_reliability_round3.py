@@ -395,3 +395,34 @@ def test_expect_owner_refuses_a_loopback_server_run_by_another_user(daemon_facto
                                       endpoint="0") == 1, 10, what="the right owner read")
     finally:
         srv.close()
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_an_8_mib_inference_exposition_is_refused_unparsed(daemon_factory):
+    srv = FakeServer("1000")
+    line = b'vllm:request_success_total{model_name="m",finished_reason="%d"} 1\n'
+    lines, size, i = [], 0, 0
+    while size < 8 * 1024 * 1024 - 4096:         # just under the old 8 MiB cap
+        lines.append(line % i)
+        size += len(lines[-1])
+        i += 1
+    srv.padding = b"".join(lines[:-1])
+    try:
+        d = daemon_factory(interval=1.0, extra_config=(
+            f'[inference]\nmetrics_url = "{srv.url}"\n'))
+        d.start()
+        found = wait_for(lambda: inference_finding(d), 10, what="the oversized page said")
+        assert "more than 1 MiB" in found[0]["message"], found
+        rss0, cpu0, t0 = rss_mib(d.proc.pid), cpu_seconds(d.proc.pid), time.monotonic()
+        c0 = cycles(d)
+        wait_for(lambda: cycles(d) >= c0 + 10, 30, what="10 cycles")
+        share = (cpu_seconds(d.proc.pid) - cpu0) / (time.monotonic() - t0)
+        assert share < 0.10, f"{share:.0%} of a core"      # 22% before the cap, 2% after
+        assert rss_mib(d.proc.pid) - rss0 < 20
+    finally:
+        srv.close()
