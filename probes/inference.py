@@ -600,10 +600,9 @@ class InferenceProbe:
         size = 0
         announced = getattr(resp, "length", None)
         if isinstance(announced, int) and announced > MAX_BYTES:     # said before a byte
-            raise _ProbeError(f"{self.url} announces {announced} bytes, more than "
-                              f"{MAX_BYTES // (1024 * 1024)} MiB (not read; serving servers' "
-                              f"/metrics are tens of kB): is this the inference server's "
-                              f"/metrics endpoint?")
+            raise _ProbeError(f"{self.url} returned more than {_size(MAX_BYTES)} ({announced} "
+                              f"bytes announced; not read: serving servers' /metrics are tens "
+                              f"of kB): is this the inference server's /metrics endpoint?")
         read1 = getattr(resp, "read1", None) or resp.read
         while True:
             if _time.monotonic() > end:
@@ -614,7 +613,7 @@ class InferenceProbe:
             size += len(chunk)
             if size > MAX_BYTES:
                 raise _ProbeError(f"{self.url} returned more than "
-                                  f"{MAX_BYTES // (1024 * 1024)} MiB (not read further; "
+                                  f"{_size(MAX_BYTES)} (not read further; "
                                   f"serving servers' /metrics are tens of kB): is this the "
                                   f"inference server's /metrics endpoint?")
             chunks.append(chunk)
@@ -623,6 +622,10 @@ class InferenceProbe:
             raise _ProbeError(f"{self.url} closed the connection {missing} bytes before the end "
                               f"of its answer (Content-Length); is the server restarting?")
         return b"".join(chunks)
+
+
+def _size(n: int) -> str:
+    return f"{n // (1024 * 1024)} MiB" if n % (1024 * 1024) == 0 else f"{n} bytes"
 
 
 def listening_owners(port: int, root: str = "/proc/net") -> set:
