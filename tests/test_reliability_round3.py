@@ -426,3 +426,27 @@ def test_an_8_mib_inference_exposition_is_refused_unparsed(daemon_factory):
         assert rss_mib(d.proc.pid) - rss0 < 20
     finally:
         srv.close()
+
+
+# ------------------------------------------------------------------ 11. textfile dir swapped
+def test_a_textfile_directory_swapped_for_a_symlink_is_never_written_or_deleted_through(
+        daemon_factory, tmp_path):
+    parent = tmp_path / "prometheus"            # Debian: /var/lib/prometheus, owned by prometheus
+    collector = parent / "node-exporter"
+    collector.mkdir(parents=True)
+    elsewhere = tmp_path / "etc"                 # stands for /etc
+    elsewhere.mkdir()
+    decoy = elsewhere / "gpucostd.prom"
+    decoy.write_text("not gpucostd's\n")
+    path = collector / "gpucostd.prom"
+    d = daemon_factory(extra_config=f'[export]\ntextfile_path = "{path}"\n').start()
+    wait_for(path.exists, 10, what="the textfile")
+    # the owner of the parent swaps the directory for a symlink
+    collector.rename(parent / "node-exporter.old")
+    collector.symlink_to(elsewhere)
+    wait_for(lambda: "is a symbolic link or not a directory" in d.output(), 15,
+             what="the refusal said")
+    assert decoy.read_text() == "not gpucostd's\n"
+    assert d.stop() == 0
+    assert decoy.read_text() == "not gpucostd's\n"            # not deleted at stop either
+    assert sorted(os.listdir(elsewhere)) == ["gpucostd.prom"]  # no temporary file left there
