@@ -450,3 +450,39 @@ def test_a_textfile_directory_swapped_for_a_symlink_is_never_written_or_deleted_
     assert d.stop() == 0
     assert decoy.read_text() == "not gpucostd's\n"            # not deleted at stop either
     assert sorted(os.listdir(elsewhere)) == ["gpucostd.prom"]  # no temporary file left there
+
+
+# ------------------------------------------------------------------ 11. silent status clients
+def test_200_silent_reconnecting_clients_do_not_make_gpucostd_status_fail(daemon_factory):
+    d = daemon_factory().start()
+    stop = threading.Event()
+
+    def silent():
+        while not stop.is_set():
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(5)
+            try:
+                s.connect(d.socket)
+                s.recv(1)                 # says nothing; waits until the daemon lets go
+            except OSError:
+                pass
+            finally:
+                s.close()
+    threads = [threading.Thread(target=silent, daemon=True) for _ in range(200)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)                   # let them fill the slots and the listen queue
+        codes = []
+        for _ in range(10):
+            t0 = time.monotonic()
+            r = d.cli("status", timeout=30)
+            codes.append((r.returncode, round(time.monotonic() - t0, 1), r.stderr.strip()[-80:]))
+        assert all(c in (0, 1, 2) for c, _, _ in codes), codes
+        # the CLI waits 5 s for an answer: well within it, however many silent clients queue
+        assert max(t for _, t, _ in codes) < 3.0, codes
+        assert d.proc.poll() is None
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
