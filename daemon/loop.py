@@ -47,6 +47,7 @@ class Daemon:
         self.simulate = simulate
         self.hostname = socket.gethostname()
         self.started_at = self.clock.time()
+        self.started_mono = self.clock.monotonic()     # uptime: a clock step must not move it
         self.cycle = 0
         self._stop = threading.Event()
         self._lock = threading.Lock()      # step() vs ack() from the status API thread
@@ -475,7 +476,7 @@ class Daemon:
             node_health = worst([node_health, Severity.UNKNOWN])
         snap = NodeSnapshot(
             time=now, monotonic=mono, cycle=self.cycle, hostname=self.hostname,
-            started_at=self.started_at,
+            started_at=self.started_at, started_monotonic=self.started_mono,
             nvml_available=bool(self.gateway.available), nvml_error=self.gateway.error,
             driver_version=self.gateway.driver_version, cuda_version=self.gateway.cuda_version,
             gpus=gpus, gpu_health=gpu_health, node_health=node_health,

@@ -55,24 +55,26 @@ class NotifyListener:
         self.sock.close()
 
 
-class NotifiedDaemon(DaemonProcess):
-    """The daemon as systemd runs it: with $NOTIFY_SOCKET (and WATCHDOG_USEC when given)."""
+class EnvDaemon(DaemonProcess):
+    """The daemon with extra environment: systemd's $NOTIFY_SOCKET (and WATCHDOG_USEC), or the
+    tests' wall-clock offset file."""
 
-    def __init__(self, tmp, notify_socket, watchdog_usec=None, **kw):
+    def __init__(self, tmp, notify_socket=None, watchdog_usec=None, env=None, **kw):
         super().__init__(tmp, **kw)
         self.notify_socket = notify_socket
         self.watchdog_usec = watchdog_usec
+        self.env = env or {}
 
     def start(self, wait=True):
         import subprocess
         from conftest import gpucostd_cmd
-        env = dict(os.environ, PYTHONUNBUFFERED="1", NOTIFY_SOCKET=self.notify_socket)
-        env.pop("JOURNAL_STREAM", None)
-        env.pop("WATCHDOG_PID", None)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
+        for name in ("JOURNAL_STREAM", "WATCHDOG_PID", "NOTIFY_SOCKET", "WATCHDOG_USEC"):
+            env.pop(name, None)
+        if self.notify_socket:
+            env["NOTIFY_SOCKET"] = self.notify_socket
         if self.watchdog_usec:
             env["WATCHDOG_USEC"] = str(self.watchdog_usec)
-        else:
-            env.pop("WATCHDOG_USEC", None)
         self._logf = open(self.log, "ab")
         self.proc = subprocess.Popen(
             gpucostd_cmd() + ["run", "--config", str(self.config), "--simulate", self.scenario],
@@ -85,7 +87,7 @@ class NotifiedDaemon(DaemonProcess):
 # ------------------------------------------------------------------ 1. a burst of wake-ups
 def test_forty_sighups_in_two_seconds_leave_cycles_healthz_and_watchdog_on_schedule(tmp_path):
     listener = NotifyListener(tmp_path / "notify.sock")
-    d = NotifiedDaemon(tmp_path, listener.path, interval=1.0)
+    d = EnvDaemon(tmp_path, listener.path, interval=1.0)
     try:
         d.start()
         wait_for(lambda: len(listener.pings) >= 2, 15, what="two watchdog pings")
@@ -113,7 +115,7 @@ def test_forty_sighups_in_two_seconds_leave_cycles_healthz_and_watchdog_on_sched
 def test_watchdog_is_fed_within_half_watchdogsec_when_the_interval_is_longer(tmp_path):
     listener = NotifyListener(tmp_path / "notify.sock")
     # interval 30 s, WatchdogSec=4 s: without feeding while it waits, systemd would kill it
-    d = NotifiedDaemon(tmp_path, listener.path, watchdog_usec=4_000_000, interval=30.0)
+    d = EnvDaemon(tmp_path, listener.path, watchdog_usec=4_000_000, interval=30.0)
     try:
         d.start()
         start = time.monotonic()
@@ -486,3 +488,44 @@ def test_200_silent_reconnecting_clients_do_not_make_gpucostd_status_fail(daemon
         stop.set()
         for t in threads:
             t.join(10)
+
+
+
+# ------------------------------------------------------------------ 5. wall-clock steps
+def status_doc(d):
+    return ask(d, cmd="status")["status"]
+
+
+def test_a_wall_clock_step_keeps_history_uptime_and_the_last_hour_consistent(tmp_path):
+    """The daemon's wall clock is stepped through GPUCOSTD_TEST_WALL_OFFSET_FILE (never the
+    host's): an hour back, then 40 days forward and a restart."""
+    offset = tmp_path / "wall-offset"
+    offset.write_text("0")
+    d = EnvDaemon(tmp_path, env={"GPUCOSTD_TEST_WALL_OFFSET_FILE": str(offset)}, interval=0.2)
+    try:
+        d.start()
+        wait_for(lambda: (status_doc(d)["cost"]["node"]["last_hour"]["dollars"] or 0) > 0, 30,
+                 what="some throttling dollars in the last hour")
+        first_events = ask(d, cmd="events", limit=1000)["events"]
+        assert first_events
+        offset.write_text("-3600")                    # the clock set back one hour
+        c = cycles(d)
+        wait_for(lambda: cycles(d) >= c + 10, 15, what="10 cycles on the stepped clock")
+        doc = status_doc(d)
+        assert 0 <= doc["daemon"]["uptime_seconds"] < 600, doc["daemon"]
+        hour = doc["cost"]["node"]["last_hour"]["dollars"]
+        since_1h = ask(d, cmd="cost", since_seconds=3600)["cost"]["node"]["dollars"]
+        assert hour > 0 and since_1h > 0, (hour, since_1h)
+        assert abs(hour - since_1h) <= 0.25 * max(hour, since_1h), (hour, since_1h)
+        offset.write_text(str(40 * 86400 - 3600))    # then 40 days forward from the start
+        c = cycles(d)
+        wait_for(lambda: cycles(d) >= c + 10, 15, what="10 cycles on the stepped clock")
+        assert d.stop() == 0
+        d.start()                                      # a restart after the jump
+        events = ask(d, cmd="events", limit=100_000)["events"]
+        kept = {(e["time"], e["code"]) for e in events}
+        assert {(e["time"], e["code"]) for e in first_events} <= kept, "history was erased"
+        day = ask(d, cmd="cost", since_seconds=86400)["cost"]["node"]["dollars"]
+        assert day >= since_1h * 0.9, (day, since_1h)  # the 24 h cost history is kept too
+    finally:
+        d.stop()

@@ -398,6 +398,19 @@ def _six(v: Any, where: str) -> List[float]:
     return [float(x) for x in v]
 
 
+def rebase_history(step: float, *histories: Dict[int, Any]) -> int:
+    """The wall clock was stepped by `step` seconds: move every minute bucket with it, so the
+    history stays in the clock's new frame (kept, and the last hour is still the last hour).
+    Returns the minutes moved."""
+    minutes = int(round(step / BUCKET_SECONDS))
+    if minutes:
+        for history in histories:
+            moved = {b + minutes: per for b, per in history.items()}
+            history.clear()
+            history.update(moved)
+    return minutes
+
+
 def history_totals(history: Mapping[Any, Mapping[str, Sequence[float]]],
                    first_bucket: Optional[int] = None) -> Dict[str, Dict[str, float]]:
     """GPU key -> HISTORY_KEYS sums over the buckets from `first_bucket` on (all when None)."""

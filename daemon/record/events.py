@@ -151,6 +151,7 @@ class EventStore:
             raise ValueError(f"synchronous={synchronous!r}: use NORMAL, FULL or EXTRA")
         self.synchronous = synchronous.upper()
         self._time: Callable[[], float] = clock.time if clock is not None else time.time
+        self._clock = clock
         self._prune_every = max(1, int(prune_every))
         self._lock = threading.RLock()
         self._db: Optional[sqlite3.Connection] = None
@@ -430,12 +431,45 @@ class EventStore:
             self.checkpoint()
             return n
 
+    def _age_offset(self, db: sqlite3.Connection) -> float:
+        """Seconds by which the wall clock was stepped since the events were kept (meta
+        "clock": a clock.stamp() and the offset so far). Age is measured in the clock frame the
+        kept events were stored in: a clock set 40 days forward (then a restart) deletes
+        nothing that was not already old; the offset is dropped once no event older than the
+        step is left. 0 on a virtual clock (replay) and across a reboot (a step then looks
+        like time passing)."""
+        from gpucostd.clock import RealClock, stamp, step_since
+        clock = self._clock or RealClock()
+        if getattr(clock, "virtual", False):
+            return 0.0
+        row = db.execute("SELECT value FROM meta WHERE key = 'clock'").fetchone()
+        try:
+            saved = json.loads(row[0]) if row else {}
+            offset, since = float(saved.get("offset", 0.0)), saved.get("step_at")
+        except (ValueError, TypeError, AttributeError):
+            saved, offset, since = {}, 0.0, None
+        step = step_since(saved, clock)
+        now = clock.time()
+        if step:
+            offset, since = offset + step, now
+            LOG.warning("event store: the wall clock was stepped by %+.0f s; events are aged "
+                        "by the time that passed, not by the jump", step)
+        elif offset and since is not None:
+            oldest = db.execute("SELECT MIN(time) FROM events").fetchone()[0]
+            if oldest is None or oldest >= float(since) - 1.0:
+                offset, since = 0.0, None          # nothing from before the step is left
+        if not (offset == offset and abs(offset) < 1e12):     # NaN or absurd: start again
+            offset, since = 0.0, None
+        db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('clock', ?)",
+                   (json.dumps(dict(stamp(clock), offset=offset, step_at=since)),))
+        return offset
+
     def _prune_locked(self) -> int:
         db = self._db
         assert db is not None
         self._since_prune = 0
-        cutoff = self._time() - self.max_age_days * 86400.0
         with _transaction(db):
+            cutoff = self._time() - self._age_offset(db) - self.max_age_days * 86400.0
             n = db.execute("DELETE FROM events WHERE time < ?", (cutoff,)).rowcount
             row = db.execute("SELECT id FROM events ORDER BY id DESC LIMIT 1 OFFSET ?",
                              (self.max_count,)).fetchone()
