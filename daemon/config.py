@@ -611,7 +611,8 @@ def _parse_nics(value, nics, err_at):
                                      + ", ".join(RING_KEYS))
             if v != "max" and (isinstance(v, bool) or not isinstance(v, int) or not
                                0 < v <= 1 << 20):
-                raise err_at(sec, k)(f'{sec}.{k} = {v!r} must be a positive integer or "max"')
+                raise err_at(sec, k)(f'{sec}.{k} = {v!r} must be an integer 1..{1 << 20} or '
+                                     f'"max"')
             out[k] = v
         nics[ifname] = out
 
