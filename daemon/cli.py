@@ -329,6 +329,8 @@ def cmd_events(args) -> int:
     reply, err = _ask_daemon(args, {"cmd": "events", "since": since, "limit": args.limit})
     if reply is not None:
         events = reply["events"]
+        if reply.get("note"):
+            _print_err(f"note: {reply['note']}")
     else:
         # No daemon: read the store directly (history survives the daemon).
         from gpucostd.record.events import EventStore
@@ -487,7 +489,7 @@ def cmd_replay(args) -> int:
     cfg = _load_config(args.config)
     try:
         result = run_replay(args.scenario, cfg, duration=args.duration, step=args.step)
-    except ScenarioError as e:
+    except (ScenarioError, ValueError) as e:     # ValueError: --duration or --step
         _print_err(str(e))
         return EXIT_CONFIG
     if args.json:

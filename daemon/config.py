@@ -310,9 +310,15 @@ def _check_value(key: Key, value: Any, name: str, err: Callable[[str], ConfigErr
             raise err(f"{name} = {value!r} must be {want}")
         if isinstance(value, float) and not math.isfinite(value):
             raise err(f"{name} = {value!r} must be a finite number")
-        if (key.min is not None and value < key.min) or (key.max is not None and value > key.max):
-            lo = "" if key.min is None else f"{key.min:g}"
-            hi = "" if key.max is None else f"{key.max:g}"
+        # every number key has both bounds (tests/test_reliability_round3.py); an integer with
+        # none is still held to 64 bits, so no value can overflow SQLite or C later
+        lo_b = key.min if key.min is not None else (-2 ** 63 if t == "int" else None)
+        hi_b = key.max if key.max is not None else (2 ** 63 - 1 if t == "int" else None)
+        if (lo_b is not None and value < lo_b) or (hi_b is not None and value > hi_b):
+            def shown(x):
+                return f"{x:g}" if t == "float" or abs(x) >= 1e15 else str(int(x))
+            lo = "" if lo_b is None else shown(lo_b)
+            hi = "" if hi_b is None else shown(hi_b)
             raise err(f"{name} = {value!r} is out of range; allowed {lo}..{hi}")
         return float(value) if t == "float" else value
     if t == "str":
@@ -473,9 +479,30 @@ def _check_metric(text: Any, name: str, err) -> str:
     return text
 
 
+def owner_uid(text: str) -> Optional[int]:
+    """[inference] expect_owner as a uid: a user name or a number; None when empty.
+    Raises ValueError for a user this host does not know."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    if text.isdigit() and len(text) <= 10:
+        return int(text)
+    import pwd
+    try:
+        return pwd.getpwnam(text).pw_uid
+    except KeyError:
+        raise ValueError(f"no user {text!r} on this host") from None
+
+
 def _check_inference(inf: Dict[str, Any], endpoints: List[InferenceEndpoint], err_at) -> None:
     _check_metric(inf["tokens_metric"], "inference.tokens_metric",
                   err_at("inference", "tokens_metric"))
+    try:
+        owner_uid(inf["expect_owner"])
+    except ValueError as e:
+        raise err_at("inference", "expect_owner")(
+            f"inference.expect_owner = {inf['expect_owner']!r}: {e}; give the user name or "
+            f"uid the inference server runs as, e.g. \"vllm\"") from None
     if inf["metrics_url"]:
         _check_url(inf["metrics_url"], "inference.metrics_url", err_at("inference", "metrics_url"))
         if endpoints:
@@ -594,7 +621,8 @@ def _parse_nics(value, nics, err_at):
                                      + ", ".join(RING_KEYS))
             if v != "max" and (isinstance(v, bool) or not isinstance(v, int) or not
                                0 < v <= 1 << 20):
-                raise err_at(sec, k)(f'{sec}.{k} = {v!r} must be a positive integer or "max"')
+                raise err_at(sec, k)(f'{sec}.{k} = {v!r} must be an integer 1..{1 << 20} or '
+                                     f'"max"')
             out[k] = v
         nics[ifname] = out
 
@@ -680,19 +708,18 @@ def _root_trust(path: str, st) -> List[str]:
 
 def _hook_trust(cfg: "Config") -> List[str]:
     """Hook programs a non-root user can change: said at load; the runner refuses to run them."""
-    from gpucostd.statefile import writable_by_others
+    from gpucostd.statefile import untrusted_hook
     out = []
-    for hook in ("on_critical", "on_recovered"):
+    for hook in ("on_critical", "on_recovered", "on_inefficient", "on_efficient"):
         argv = cfg.hooks[hook]
         if not argv:
             continue
-        try:
-            problem = writable_by_others(argv[0])
-        except OSError as e:
-            out.append(f"hooks.{hook}: cannot check {argv[0]}: {e.strerror or e}")
+        if not os.path.exists(argv[0]):
+            out.append(f"hooks.{hook}: {argv[0]} does not exist; the hook fails until it does")
             continue
+        problem = untrusted_hook(argv)
         if problem is not None:
-            out.append(f"hooks.{hook}: {problem[1]}; a root daemon will not run it")
+            out.append(f"hooks.{hook}: {problem}; a root daemon will not run it")
     return out
 
 

@@ -99,7 +99,7 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
                                          "temperature.", min=0, max=100),
         "corrected_ecc_per_hour": _k("float", 1000.0,
                                      "WARN when corrected ECC errors exceed this rate per hour.",
-                                     min=0),
+                                     min=0, max=1e9),
         "pcie_busy_utilization_percent": _k("float", 20.0,
                                             "PCIe link checks apply above this utilization.",
                                             min=0, max=100),
@@ -108,8 +108,10 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
                                  min=0, max=64),
     },
     "events": {
-        "max_age_days": _k("float", 30.0, "Drop stored events older than this.", min=0.01),
-        "max_count": _k("int", 100000, "Keep at most this many stored events.", min=100),
+        "max_age_days": _k("float", 30.0, "Drop stored events older than this.", min=0.01,
+                            max=36500),
+        "max_count": _k("int", 100000, "Keep at most this many stored events.", min=100,
+                         max=100_000_000),
     },
     "hooks": {
         "on_critical": _k("argv", [], "argv run when a GPU or the node enters CRIT."),
@@ -157,7 +159,7 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
                                          "this count their unused share as idle capacity.",
                                          min=0, max=100),
         "min_tokens_per_dollar": _k("float", 0.0, "Floor of node tokens per dollar; 0 is off.",
-                                    min=0),
+                                    min=0, max=1e12),
         "window_seconds": _k("float", 600.0, "Below the floor this long: WARN and "
                              "on_inefficient.", min=1, max=86400),
     },
@@ -173,5 +175,8 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
                             "server, or name{label=\"value\"}."),
         "timeout_seconds": _k("float", 0.5, "Deadline of one whole scrape (connect, headers, "
                               "body); at most half the interval.", min=0.01, max=5),
+        "expect_owner": _k("str", "", "For loopback URLs: the user (name or uid) that must own "
+                           "the listening socket; another owner's server is not read. Empty: "
+                           "not checked."),
     },
 }

@@ -49,6 +49,7 @@ class Daemon:
         self.simulate = simulate
         self.hostname = socket.gethostname()
         self.started_at = self.clock.time()
+        self.started_mono = self.clock.monotonic()     # uptime: a clock step must not move it
         self.cycle = 0
         self._stop = threading.Event()
         self._lock = threading.Lock()      # step() vs ack() from the status API thread
@@ -154,9 +155,15 @@ class Daemon:
         # one deadline per scrape, at most half the interval (the watchdog and the cycle wait)
         timeout = min(float(self.config.inference.timeout_seconds),
                       0.5 * float(self.config.daemon.interval_seconds))
+        from gpucostd.config import owner_uid
+        owner = owner_uid(self.config.inference.expect_owner)
         self.inference = [InferenceProbe(e.url, e.tokens_metric, timeout,
                                          clock=self.clock.monotonic, fetch=fetchers.get(e.url),
-                                         gpus=e.gpus, parallel=e.parallel) for e in endpoints]
+                                         gpus=e.gpus, parallel=e.parallel, expect_owner=owner,
+                                         gpu_count=self._gpu_count) for e in endpoints]
+
+    def _gpu_count(self) -> int:
+        return len(self._latest.gpus) if self._latest is not None else 0
 
     def _sim_prices(self, config: Config) -> Config:
         """`gpucostd run --simulate` with no price in the config: the scenario's illustrative
@@ -251,10 +258,18 @@ class Daemon:
         return self._stop.is_set()
 
     def run(self) -> None:
-        """Loop until stop(). The first complete snapshot sends READY=1."""
+        """Loop until stop(). The first complete snapshot sends READY=1.
+
+        The schedule (docs/reliability.md, "The cycle schedule"): regular cycles keep their
+        times (start + k x interval); a wake-up (a kernel-log fault, SIGHUP, calibration) runs
+        one early cycle for all the wakes that came in, never sooner than EARLY_GAP seconds (or
+        the last cycle's own length, if longer) after the last cycle ended, and never moves the
+        regular schedule. The watchdog is fed after every cycle and while the loop waits."""
+        from gpucostd.clock import EARLY_GAP, wait_for_cycle
         interval = self.config.daemon.interval_seconds
         next_at = self.clock.monotonic()
         while not self._stop.is_set():
+            began = self.clock.monotonic()
             if self._reload_requested.is_set():
                 self._reload_requested.clear()
                 self.reload()
@@ -266,11 +281,13 @@ class Daemon:
                 else:
                     self.notifier.status(summary_line(snap))
                 self.notifier.watchdog()
-            next_at += interval
             now = self.clock.monotonic()
-            if next_at < now:          # a slow cycle: do not try to catch up in a burst
-                next_at = now
-            self.clock.sleep(next_at - now)
+            if now >= next_at:         # the regular cycle (an early one that ran into it counts)
+                next_at += interval
+                if next_at < now:      # a slow cycle: do not try to catch up in a burst
+                    next_at = now
+            wait_for_cycle(self.clock, next_at, now + max(EARLY_GAP, now - began),
+                           self._stop, self.notifier)
 
     def shutdown(self, system_shutdown: Optional[bool] = None) -> None:
         """Restore tuned settings (unless the system is shutting down), flush, close."""
@@ -480,7 +497,7 @@ class Daemon:
             node_health = worst([node_health, Severity.UNKNOWN])
         snap = NodeSnapshot(
             time=now, monotonic=mono, cycle=self.cycle, hostname=self.hostname,
-            started_at=self.started_at,
+            started_at=self.started_at, started_monotonic=self.started_mono,
             nvml_available=bool(self.gateway.available), nvml_error=self.gateway.error,
             driver_version=self.gateway.driver_version, cuda_version=self.gateway.cuda_version,
             gpus=gpus, gpu_health=gpu_health, node_health=node_health,

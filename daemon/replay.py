@@ -56,10 +56,12 @@ def run_replay(scenario_spec: str, config=None, duration: Optional[float] = None
         duration = scenario.duration or DEFAULT_DURATION
     if not (math.isfinite(duration) and duration >= 0):
         raise ValueError(f"--duration {duration!r} must be a non-negative number of seconds")
-    cycles = int(math.floor(duration / step + 1e-9)) + 1
-    if cycles > MAX_CYCLES:
-        raise ValueError(f"--duration {duration:g} with --step {step:g} is {cycles} cycles; "
-                         f"use a larger --step (at most {MAX_CYCLES} cycles)")
+    ratio = duration / step                       # inf for 1e300 / 1e-6: no int() of it
+    if not ratio < MAX_CYCLES:
+        raise ValueError(f"--duration {duration:g} with --step {step:g} is {ratio + 1:.3g} "
+                         f"cycles; use a larger --step or a shorter --duration (at most "
+                         f"{MAX_CYCLES} cycles)")
+    cycles = int(math.floor(ratio + 1e-9)) + 1
 
     tmp = tempfile.mkdtemp(prefix="gpucostd-replay-")
     clock = VirtualClock()

@@ -18,6 +18,11 @@ from gpucostd.config import Config
 from gpucostd.views.statusapi import NotReady
 
 LOG = logging.getLogger("gpucostd")
+# An events request answers at most this many (the newest), and one such answer is built at a
+# time (the others wait up to EVENTS_WAIT_SECONDS): a member of the socket's group asking for
+# 100,000 events four times at once must not stall the loop or grow the daemon by 100s of MiB.
+EVENTS_PER_REPLY = 5000
+EVENTS_WAIT_SECONDS = 1.5
 
 
 class _StatusCache:
@@ -141,12 +146,25 @@ def run_daemon(cfg: Config, scenario: Optional[str]) -> int:
     def h_status(req):
         return {"status": status_cache.get()}
 
+    events_gate = threading.BoundedSemaphore(1)     # one large answer in memory at a time
+
     def h_events(req):
         since = req.get("since")
-        limit = max(1, min(int(req.get("limit") or 200), 100_000))
-        events = daemon.store.query(since=float(since) if since is not None else None,
-                                    limit=limit)
-        return {"events": [statusview.event_json(e) for e in events]}
+        asked = max(1, min(int(req.get("limit") or 200), 100_000))
+        limit = min(asked, EVENTS_PER_REPLY)
+        if not events_gate.acquire(timeout=EVENTS_WAIT_SECONDS):
+            raise NotReady("busy answering other events requests; ask again in a moment")
+        try:
+            events = daemon.store.query(since=float(since) if since is not None else None,
+                                        limit=limit)
+            reply: Dict[str, Any] = {"events": [statusview.event_json(e) for e in events]}
+        finally:
+            events_gate.release()
+        if asked > limit and len(events) == limit:
+            reply["more"] = True
+            reply["note"] = (f"at most {EVENTS_PER_REPLY} events per request: these are the "
+                             f"newest; narrow the window (since) for older ones")
+        return reply
 
     def h_cost(req):
         from gpucostd.cost.accountant import breakdown

@@ -285,6 +285,7 @@ class NodeSnapshot:
     cost: Optional[Any] = None                   # gpucostd.cost.report.CostReport
     counters: Mapping[str, Any] = field(default_factory=dict)  # monotone totals for /metrics
     extra: Mapping[str, Any] = field(default_factory=dict)
+    started_monotonic: Optional[float] = None    # daemon start (monotonic): uptime
 
     def gpu(self, index: int) -> Optional[GpuReading]:
         for g in self.gpus:

@@ -22,10 +22,11 @@ import json
 import logging
 import math
 import os
+import re
 import stat
 import tempfile
 import threading
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 LOG = logging.getLogger("gpucostd")
 
@@ -361,3 +362,40 @@ def take_notices() -> List[str]:
         out = list(_notices)
         _notices.clear()
     return out
+# --------------------------------------------------------------------------- hook programs
+# A hook's argv[0] is always checked; when it is an interpreter, so is every later argument that
+# names an existing file (the script it will run): ["/bin/sh", "/home/x/drain.sh"] is as
+# untrusted as ["/home/x/drain.sh"]. Hooks run with cwd "/", so a relative name is under "/".
+_INTERPRETER = re.compile(r"(?:[a-z]*sh|busybox|env|python[0-9.]*|pypy[0-9.]*|perl[0-9.]*|"
+                          r"ruby[0-9.]*|node(?:js)?|lua[0-9.]*|luajit|php[0-9.]*|[gmn]?awk|"
+                          r"tclsh[0-9.]*|wish[0-9.]*|Rscript|pwsh|expect|guile[0-9.]*|"
+                          r"osascript|java|deno|bun)")
+
+
+def hook_files(argv: Sequence[str]) -> List[str]:
+    """The files a hook's argv runs: its program and, for an interpreter, its scripts."""
+    if not argv:
+        return []
+    out = [argv[0]]
+    if _INTERPRETER.fullmatch(os.path.basename(argv[0])):
+        for arg in argv[1:]:
+            if not arg or arg.startswith("-"):
+                continue
+            path = arg if os.path.isabs(arg) else os.path.join("/", arg)
+            if os.path.isfile(path):
+                out.append(path)
+    return out
+
+
+def untrusted_hook(argv: Sequence[str]) -> Optional[str]:
+    """For a root process: why a hook must not run (a user other than root, its group included,
+    could change its program or, for an interpreter, a script it runs), or None. A missing
+    program is left to the runner's clear error."""
+    for path in hook_files(argv):
+        try:
+            problem = writable_by_others(path)
+        except OSError:
+            continue
+        if problem is not None:
+            return problem[1]
+    return None

@@ -28,7 +28,15 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from gpucostd.config import parse_selector
 
-MAX_BYTES = 8 * 1024 * 1024      # a /metrics page larger than this is refused
+# A /metrics page larger than this is refused (said, not parsed): real serving expositions are
+# tens of kB (tests/fixtures/expositions/); parsing an 8 MiB one every cycle cost 42% of a core.
+MAX_BYTES = 1024 * 1024
+# Plausibility (docs/cost.md, "Plausible token counts"). The fastest published serving figures
+# are tens of thousands of generated tokens per second per GPU; a bound 30x above them only
+# catches garbage or a fake server, never a fast real one. A counter above MAX_TOKEN_COUNT (about
+# 30,000 GPU-years at that bound; a node's counter stays far below) is refused.
+MAX_TOKENS_PER_GPU_SECOND = 1_000_000.0
+MAX_TOKEN_COUNT = 1e18           # the same bound as gpucostd.cost.efficiency.MAX_TOKEN_COUNT
 MAX_REDIRECTS = 3
 _CHUNK = 64 * 1024
 
@@ -204,6 +212,9 @@ class Exposition:
                 continue
             total += v
             n += 1
+        if counter and n and not total <= MAX_TOKEN_COUNT:
+            raise ParseError(f"{name} sums to {total:.3g}, beyond any plausible token count "
+                             f"(at most {MAX_TOKEN_COUNT:.0e}); not counted")
         return (total, n) if n else None
 
 
@@ -454,8 +465,15 @@ class InferenceProbe:
     def __init__(self, url: str, metric: str = "auto", timeout: float = 0.5,
                  clock: Optional[Callable[[], float]] = None, opener=None,
                  fetch: Optional[Callable[[], str]] = None,
-                 gpus: Optional[Sequence[int]] = None, parallel: str = "tensor"):
+                 gpus: Optional[Sequence[int]] = None, parallel: str = "tensor",
+                 gpu_count: Optional[Callable[[], int]] = None,
+                 expect_owner: Optional[int] = None):
+        """`gpu_count`: the node's GPUs (the bound of an endpoint that names none);
+        `expect_owner`: for a loopback URL, the uid that must own the listening socket."""
         self.url = url
+        self._gpu_count = gpu_count
+        self.expect_owner = expect_owner
+        self._last: Optional[Tuple[float, float, str]] = None    # (time, total, series)
         self.metric = metric or "auto"
         self.timeout = float(timeout)
         self._now = clock or _time.monotonic
@@ -467,14 +485,18 @@ class InferenceProbe:
         now = self._now()
         base = dict(url=self.url, gpus=self.gpus, parallel=self.parallel)
         try:
+            if self._fetch_fn is None and self.expect_owner is not None:
+                self._check_owner()
             text = self._fetch_fn() if self._fetch_fn is not None else self._fetch()
             exp = Exposition(text)
             total, name, n, server = read_tokens(exp, self.metric)
             figures = serving_figures(exp, server)
+            self._check_rate(total, name, now)
         except _ProbeError as e:
             return InferenceReading(None, now, self.metric, 0, str(e), **base)
         except ParseError as e:
             return InferenceReading(None, now, self.metric, 0, f"{self.url}: {e}", **base)
+        self._last = (now, total, name)
         return InferenceReading(total, now, name, n, None, server=server,
                                 requests_running=figures["running"],
                                 requests_waiting=figures["waiting"],
@@ -484,6 +506,52 @@ class InferenceProbe:
                                 queue_requests_total=figures["queue_requests"],
                                 inference_seconds_total=figures["inference_seconds"],
                                 inference_requests_total=figures["inference_requests"], **base)
+
+    def _check_rate(self, total: float, series: str, now: float) -> None:
+        """The tokens since the last good reading (all of them after a counter reset) may not
+        exceed MAX_TOKENS_PER_GPU_SECOND x the endpoint's GPUs x the seconds between (+1 s)."""
+        if self._last is None or self._last[2] != series:
+            return
+        t0, last, _ = self._last
+        made = total - last if total >= last else total
+        gpus = len(self.gpus) if self.gpus else (self._gpu_count() if self._gpu_count else 1)
+        gpus = max(1, int(gpus or 1))
+        seconds = max(0.0, now - t0) + 1.0
+        bound = MAX_TOKENS_PER_GPU_SECOND * gpus * seconds
+        if made > bound:
+            raise ParseError(f"{series} grew by {made:.3g} tokens in {seconds - 1:.1f} s from "
+                             f"{gpus} GPU(s), more than the plausible "
+                             f"{MAX_TOKENS_PER_GPU_SECOND:.0e} per GPU per second; not counted "
+                             f"(is this really the inference server?)")
+
+    def _check_owner(self) -> None:
+        """[inference] expect_owner: on a loopback URL the listening socket must belong to
+        that uid, else a local user could pose as the server (its tokens run the floor's drain
+        hook). The owner is the uid column of /proc/net/tcp and tcp6."""
+        parts = urllib.parse.urlsplit(self.url)
+        host = (parts.hostname or "").lower()
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            return
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        owners = listening_owners(port)
+        if not owners:
+            return          # nothing listens: the connection is refused, said as such
+        if owners != {self.expect_owner}:
+            import pwd
+            names = []
+            for uid in sorted(owners):
+                try:
+                    names.append(f"uid {uid} ({pwd.getpwuid(uid).pw_name})")
+                except KeyError:
+                    names.append(f"uid {uid}")
+            raise _ProbeError(f"{self.url}: the socket listening on port {port} belongs to "
+                              f"{', '.join(names)}, not uid {self.expect_owner} "
+                              f"([inference] expect_owner); not read: another user may pose as "
+                              f"the inference server")
 
     def _fetch(self) -> str:
         if not re.match(r"^https?://", self.url):
@@ -550,6 +618,11 @@ class InferenceProbe:
         an error, not a smaller count) and finished before the deadline."""
         chunks = []
         size = 0
+        announced = getattr(resp, "length", None)
+        if isinstance(announced, int) and announced > MAX_BYTES:     # said before a byte
+            raise _ProbeError(f"{self.url} returned more than {_size(MAX_BYTES)} ({announced} "
+                              f"bytes announced; not read: serving servers' /metrics are tens "
+                              f"of kB): is this the inference server's /metrics endpoint?")
         read1 = getattr(resp, "read1", None) or resp.read
         while True:
             if _time.monotonic() > end:
@@ -560,14 +633,40 @@ class InferenceProbe:
             size += len(chunk)
             if size > MAX_BYTES:
                 raise _ProbeError(f"{self.url} returned more than "
-                                  f"{MAX_BYTES // (1024 * 1024)} MiB; is this a Prometheus "
-                                  f"/metrics endpoint?")
+                                  f"{_size(MAX_BYTES)} (not read further; "
+                                  f"serving servers' /metrics are tens of kB): is this the "
+                                  f"inference server's /metrics endpoint?")
             chunks.append(chunk)
         missing = getattr(resp, "length", None)
         if isinstance(missing, int) and missing > 0:
             raise _ProbeError(f"{self.url} closed the connection {missing} bytes before the end "
                               f"of its answer (Content-Length); is the server restarting?")
         return b"".join(chunks)
+
+
+def _size(n: int) -> str:
+    return f"{n // (1024 * 1024)} MiB" if n % (1024 * 1024) == 0 else f"{n} bytes"
+
+
+def listening_owners(port: int, root: str = "/proc/net") -> set:
+    """The uids owning TCP sockets in LISTEN on `port` (any local address), from
+    /proc/net/tcp and tcp6 (columns: sl local rem st ... uid)."""
+    out = set()
+    want = f":{port:04X}"
+    for name in ("tcp", "tcp6"):
+        try:
+            with open(f"{root}/{name}", "r", encoding="ascii", errors="replace") as f:
+                next(f, None)
+                for line in f:
+                    cols = line.split()
+                    if len(cols) > 7 and cols[3] == "0A" and cols[1].endswith(want):
+                        try:
+                            out.add(int(cols[7]))
+                        except ValueError:
+                            pass
+        except OSError:
+            continue
+    return out
 
 
 __all__ = ["InferenceProbe", "InferenceReading", "parse_metric", "read_tokens", "ParseError",

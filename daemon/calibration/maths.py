@@ -296,6 +296,9 @@ class Params:
 
 def params_from(d: Dict[str, Any]) -> Params:
     """Params from a request / the command line; ValueError says which value is wrong."""
+    if not isinstance(d, dict):     # {"params": [1]} on the socket
+        raise ValueError(f"params = {str(d)[:60]} must be an object such as "
+                         f'{{"gpus": [0], "steps": 4}}')
     def num(key, lo, hi, default, integer=False):
         v = d.get(key, default)
         if v is None:

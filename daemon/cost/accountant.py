@@ -17,14 +17,16 @@ import time as _time
 from collections import deque
 from typing import Any, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from gpucostd.cost.efficiency import EfficiencyBook, floor_step
+from gpucostd.clock import RealClock, StepWatch, stamp, step_since
+from gpucostd.cost.efficiency import EfficiencyBook, floor_step, rebase_history
 from gpucostd.cost.model import (MAX_LOSS_FOR_MULTIPLIER, _COUNTER_GROUPS, _Sample, _counters,
                                  _finite, _sorted_reasons, active_throttle_reasons,
                                  cost_multiplier, fit_tokens_vs_clock, integrate, is_busy,
                                  loss_ratio, reference_clock)
 from gpucostd.cost.report import (BUCKET_SECONDS, HISTORY_SECONDS, CostReport, GpuCost,
                                   ReasonCost, TokenCost, WindowCost, _add_reasons,
-                                  _expand_history, _finish_window, _triple, cost_breakdown)
+                                  _expand_history, _finish_window, _triple, cost_breakdown,
+                                  breakdown)  # noqa: F401 - its home was here
 from gpucostd.snapshot import GpuReading, GpuState
 from gpucostd.statefile import (move_aside, notice, plausible_epoch, read_json, set_aside,
                                 write_atomic)
@@ -38,7 +40,6 @@ TOKEN_WINDOW_SECONDS = 300.0   # window of tokens per second
 SAVE_EVERY_SECONDS = 5.0       # real seconds between state-file writes
 HISTORY_SAVE_EVERY_SECONDS = 60.0   # real seconds between re-serializations of the history
 FIT_EVERY_SECONDS = 15.0       # the tokens-vs-clock fit is recomputed this often
-
 
 
 class _GpuTrack:
@@ -144,7 +145,10 @@ class CostAccountant:
         self._window_cache: Optional[Tuple[int, Dict[str, Any]]] = None
         self._totals_since: Optional[float] = None
         self._no_save = False         # set when a bad state file could not be moved aside
+        self._saved: Dict[str, Any] = {}      # the file's stamp (clock.stamp) once loaded
+        self._steps = StepWatch(clock or RealClock())
         self._load()
+        self._rebase(step_since(self._saved, clock or RealClock()))   # stepped while stopped
         self._floor_saved = False     # the `inefficient` floor.json holds
         self._floor_save_error: Optional[str] = None
         self._load_floor()
@@ -185,7 +189,14 @@ class CostAccountant:
                 return float(mx)
         return reference_clock(g)
 
+    def _rebase(self, step: float) -> None:   # a wall-clock step: the history moves with it
+        if step and rebase_history(step, self._history, self.eff.history):
+            self._totals_since = self._totals_since + step if self._totals_since else None
+            self._window_cache, self._dirty = None, True
+            LOG.warning("wall clock stepped by %+.0f s: the cost history moves with it", step)
+
     def update(self, gpus: Sequence[GpuReading], now_mono: float, inference=None) -> CostReport:
+        self._rebase(self._steps.check())
         now_wall = self.clock.time() if self.clock is not None else _time.time()
         busy_pct = float(self.config.cost.busy_utilization_percent)
         node_dollars = 0.0
@@ -539,6 +550,7 @@ class CostAccountant:
             data = read_json(path)
             if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
                 raise ValueError(f"unknown version {data.get('version')!r}")
+            self._saved = data
             for key, g in (data.get("gpus") or {}).items():
                 tr = _GpuTrack(key, int(g.get("index", 0)), g.get("uuid"), g.get("name"))
                 for r, v in (g.get("reasons") or {}).items():
@@ -579,7 +591,7 @@ class CostAccountant:
     def state(self, history: bool = True) -> Dict[str, Any]:
         out = {
             "version": STATE_VERSION,
-            "saved_at": self.clock.time() if self.clock is not None else _time.time(),
+            **stamp(self.clock or RealClock()),
             "totals_since": self._totals_since,
             "currency": self.currency,
             "gpus": {k: {"index": t.index, "uuid": t.uuid, "name": t.name,
@@ -624,16 +636,6 @@ class CostAccountant:
         except OSError as e:
             LOG.warning("cannot save cost totals to %s: %s (check that the directory is "
                         "writable by the daemon); retrying later", path, e.strerror or e)
-
-
-def breakdown(accountant: "CostAccountant", since_seconds: Optional[float] = None
-              ) -> Dict[str, Any]:
-    """cost_breakdown of a running accountant (the status socket's "cost" request)."""
-    report = accountant._last_report
-    if report is not None:
-        return cost_breakdown(report, since_seconds)
-    now = accountant.clock.time() if accountant.clock is not None else _time.time()
-    return cost_breakdown(accountant.state(), since_seconds, now=now)
 
 
 def breakdown_from_state(config, since_seconds: Optional[float] = None,

@@ -32,6 +32,10 @@ from gpucostd.cost.model import MAX_SAMPLE_GAP_SECONDS, _finite, _r, is_busy
 from gpucostd.snapshot import GpuReading, GpuState
 
 WINDOW_SECONDS = 300.0            # window of tokens/s, idle share and energy $/h
+# A saved token total above this is not believed (the probe refuses such counters:
+# gpucostd.probes.inference.MAX_TOKEN_COUNT, docs/cost.md "Plausible token counts"): it starts
+# from zero again, else a saved 1.7e308 would swallow every later delta for ever.
+MAX_TOKEN_COUNT = 1e18
 MAX_WATTS = 5000.0                # an energy-counter delta above this x dt is not believed
 TOTAL_KEYS = ("energy_joules", "energy_dollars", "paid_seconds", "idle_seconds",
               "idle_dollars", "underused_seconds", "underused_dollars", "tokens")
@@ -328,6 +332,8 @@ class EfficiencyBook:
         per_hour = gpu_dollars_per_hour + energy_h
         rate = self.node_rate()
         tpd = rate * 3600.0 / per_hour if rate is not None and per_hour > 0 else None
+        if tpd is not None and not math.isfinite(tpd):
+            tpd = None
         return {
             "tokens_per_second": rate,
             "cost_dollars_per_hour": per_hour,
@@ -360,6 +366,12 @@ class EfficiencyBook:
         if not _finite(tokens):
             raise ValueError("efficiency tokens_total is not a number")
         self.tokens_total = float(tokens)
+        if not 0.0 <= self.tokens_total <= MAX_TOKEN_COUNT:
+            import logging
+            logging.getLogger("gpucostd").warning(
+                "cost state: the saved tokens_total %.3g is beyond any plausible count (at most "
+                "%.0e); the token total starts from zero", self.tokens_total, MAX_TOKEN_COUNT)
+            self.tokens_total = 0.0
         for key, g in (data.get("gpus") or {}).items():
             b = _GpuBook(str(key), int(g.get("index", 0)))
             for t in TOTAL_KEYS:
@@ -424,6 +436,19 @@ def _six(v: Any, where: str) -> List[float]:
     if not isinstance(v, list) or len(v) != 6 or not all(_finite(x) for x in v):
         raise ValueError(f"{where}: {str(v)[:60]} is not six non-negative numbers")
     return [float(x) for x in v]
+
+
+def rebase_history(step: float, *histories: Dict[int, Any]) -> int:
+    """The wall clock was stepped by `step` seconds: move every minute bucket with it, so the
+    history stays in the clock's new frame (kept, and the last hour is still the last hour).
+    Returns the minutes moved."""
+    minutes = int(round(step / BUCKET_SECONDS))
+    if minutes:
+        for history in histories:
+            moved = {b + minutes: per for b, per in history.items()}
+            history.clear()
+            history.update(moved)
+    return minutes
 
 
 def history_totals(history: Mapping[Any, Mapping[str, Sequence[float]]],

@@ -5,6 +5,7 @@ window), the status lines and the replay summary's rounding. Pure: no state, no 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
@@ -272,6 +273,15 @@ def _history_json(history: Mapping[int, Any]) -> Dict[str, Any]:
             "buckets": {str(b): {k: {r: list(v) for r, v in list(per_reason.items())}
                                  for k, per_reason in list(per_gpu.items())}
                         for b, per_gpu in sorted(list(history.items()))}}
+
+
+def breakdown(accountant: Any, since_seconds: Optional[float] = None) -> Dict[str, Any]:
+    """cost_breakdown of a running CostAccountant (the status socket's "cost" request)."""
+    report = accountant._last_report
+    if report is not None:
+        return cost_breakdown(report, since_seconds)
+    now = accountant.clock.time() if accountant.clock is not None else time.time()
+    return cost_breakdown(accountant.state(), since_seconds, now=now)
 
 
 def cost_breakdown(data: Union[CostReport, Mapping[str, Any]],

@@ -25,8 +25,9 @@ open and then every ``PRUNE_EVERY`` appends. Xid totals (for the
 counter go backwards. Dedupe keys (kernel lines already recorded) are kept for ``max_age_days``,
 the newest ``max_count`` of them.
 
-Thread safety: one connection, used under one lock (the status API thread reads while the loop
-writes).
+Thread safety: the writer's connection under one lock (the loop appends, prunes); queries read
+through a second connection under their own lock (WAL lets a reader and the writer run at once),
+so a status API thread reading 5,000 events never holds up the loop's appends.
 """
 from __future__ import annotations
 
@@ -151,9 +152,16 @@ class EventStore:
             raise ValueError(f"synchronous={synchronous!r}: use NORMAL, FULL or EXTRA")
         self.synchronous = synchronous.upper()
         self._time: Callable[[], float] = clock.time if clock is not None else time.time
+        self._clock = clock
         self._prune_every = max(1, int(prune_every))
         self._lock = threading.RLock()
         self._db: Optional[sqlite3.Connection] = None
+        # queries read through a second connection under their own lock (WAL: a reader and the
+        # writer do not block each other), so a large `events` request never holds up the loop
+        self._read_lock = threading.Lock()
+        self._reader: Optional[sqlite3.Connection] = None
+        self._generation = 0          # bumped at every open: the reader follows the writer
+        self._reader_generation = -1
         self._pending: List[Tuple[Event, Optional[str]]] = []   # not yet written (errors)
         self._pending_keys: Dict[str, Event] = {}
         self._mem_ids = 0            # negative ids for events held only in memory
@@ -179,6 +187,7 @@ class EventStore:
         for attempt in (1, 2):
             try:
                 self._db = self._connect()
+                self._generation += 1
                 self.error = None
                 self._prune_locked()
                 return True
@@ -430,12 +439,45 @@ class EventStore:
             self.checkpoint()
             return n
 
+    def _age_offset(self, db: sqlite3.Connection) -> float:
+        """Seconds by which the wall clock was stepped since the events were kept (meta
+        "clock": a clock.stamp() and the offset so far). Age is measured in the clock frame the
+        kept events were stored in: a clock set 40 days forward (then a restart) deletes
+        nothing that was not already old; the offset is dropped once no event older than the
+        step is left. 0 on a virtual clock (replay) and across a reboot (a step then looks
+        like time passing)."""
+        from gpucostd.clock import RealClock, stamp, step_since
+        clock = self._clock or RealClock()
+        if getattr(clock, "virtual", False):
+            return 0.0
+        row = db.execute("SELECT value FROM meta WHERE key = 'clock'").fetchone()
+        try:
+            saved = json.loads(row[0]) if row else {}
+            offset, since = float(saved.get("offset", 0.0)), saved.get("step_at")
+        except (ValueError, TypeError, AttributeError):
+            saved, offset, since = {}, 0.0, None
+        step = step_since(saved, clock)
+        now = clock.time()
+        if step:
+            offset, since = offset + step, now
+            LOG.warning("event store: the wall clock was stepped by %+.0f s; events are aged "
+                        "by the time that passed, not by the jump", step)
+        elif offset and since is not None:
+            oldest = db.execute("SELECT MIN(time) FROM events").fetchone()[0]
+            if oldest is None or oldest >= float(since) - 1.0:
+                offset, since = 0.0, None          # nothing from before the step is left
+        if not (offset == offset and abs(offset) < 1e12):     # NaN or absurd: start again
+            offset, since = 0.0, None
+        db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('clock', ?)",
+                   (json.dumps(dict(stamp(clock), offset=offset, step_at=since)),))
+        return offset
+
     def _prune_locked(self) -> int:
         db = self._db
         assert db is not None
         self._since_prune = 0
-        cutoff = self._time() - self.max_age_days * 86400.0
         with _transaction(db):
+            cutoff = self._time() - self._age_offset(db) - self.max_age_days * 86400.0
             n = db.execute("DELETE FROM events WHERE time < ?", (cutoff,)).rowcount
             row = db.execute("SELECT id FROM events ORDER BY id DESC LIMIT 1 OFFSET ?",
                              (self.max_count,)).fetchone()
@@ -474,19 +516,34 @@ class EventStore:
         with self._lock:
             if self._pending and self._usable():
                 self._flush_pending()
-            rows: List[Event] = []
-            if self._db is not None:
-                try:
-                    rows = [_row_to_event(r) for r in self._db.execute(sql, args).fetchall()]
-                except sqlite3.Error as e:
-                    self._runtime_error(e, "reading events")
+            generation = self._generation if self._db is not None else None
             kept = [e for e, _ in self._pending
                     if (since is None or e.time >= since) and (until is None or e.time <= until)
                     and (subject is None or e.subject == subject)]
+        rows: List[Event] = []
+        if generation is not None:
+            try:
+                rows = [_row_to_event(r) for r in self._read(sql, args, generation)]
+            except sqlite3.Error as e:
+                with self._lock:
+                    self._runtime_error(e, "reading events")
         out = sorted(rows + kept, key=lambda e: (e.time, e.id if e.id and e.id > 0 else 1 << 62))
         if limit is not None:
             out = out[-int(limit):] if int(limit) > 0 else []
         return out
+
+    def _read(self, sql: str, args: Sequence[Any], generation: int) -> List[Any]:
+        with self._read_lock:
+            if self._reader is None or self._reader_generation != generation:
+                if self._reader is not None:
+                    self._reader.close()
+                self._reader = None
+                from urllib.parse import quote      # mode=rw: never creates a missing file
+                self._reader = sqlite3.connect(f"file:{quote(self.path)}?mode=rw", uri=True,
+                                               timeout=5.0, isolation_level=None,
+                                               check_same_thread=False)
+                self._reader_generation = generation
+            return self._reader.execute(sql, args).fetchall()
 
     def recent(self, n: int) -> List[Event]:
         """The newest `n` events, newest last."""
@@ -564,6 +621,13 @@ class EventStore:
                 LOG.error("event database %s unusable at exit: %d events were not stored",
                           self.path, len(self._pending))
             self._close_quietly()
+        with self._read_lock:
+            if self._reader is not None:
+                try:
+                    self._reader.close()
+                except sqlite3.Error:
+                    pass
+                self._reader = None
 
     def __enter__(self) -> "EventStore":
         return self

@@ -138,17 +138,14 @@ def hook_environment(event: Event, hook: str, hostname: str,
     return env
 
 
-def _untrusted_program(program: str) -> Optional[str]:
-    """For a root daemon: why a hook program must not run (a non-root user could change it,
-    its group included), or None. A missing program is left to Popen's clear error."""
+def _untrusted(argv: Sequence[str]) -> Optional[str]:
+    """For a root daemon: why a hook must not run (a non-root user could change its program or,
+    for an interpreter such as /bin/sh, the script it runs; its group included), or None. A
+    missing program is left to Popen's clear error."""
     if os.geteuid() != 0:
         return None
-    from gpucostd.statefile import writable_by_others
-    try:
-        problem = writable_by_others(program)
-    except OSError:
-        return None
-    return problem[1] if problem else None
+    from gpucostd.statefile import untrusted_hook
+    return untrusted_hook(argv)
 
 
 class HookRunner:
@@ -274,10 +271,10 @@ class HookRunner:
         env = hook_environment(event, hook, self.hostname)
         t0 = time.monotonic()
         label = f"hook {hook} ({event.subject})"
-        refused = _untrusted_program(argv[0]) if argv else None
+        refused = _untrusted(argv)
         if refused:
-            res.error = (f"refused to run {argv[0]}: a user other than root can change it "
-                         f"({refused})")
+            res.error = (f"refused to run {' '.join(argv)[:200]}: a user other than root can "
+                         f"change what it runs ({refused})")
             return self._finish(res, label, t0, event)
         try:
             proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL,

@@ -29,6 +29,9 @@ LOG = logging.getLogger("gpucostd")
 MAX_REQUEST = 64 * 1024
 MAX_INT_DIGITS = 18         # larger numbers in a request are refused (no handler takes them)
 REQUEST_DEADLINE = 2.0      # the server's limit for one whole exchange (a request is one line)
+# With every slot taken, the connection that has waited longest for its request line (at least
+# this long) is cut off to make room: a client sends its line as soon as it connects.
+EVICT_AFTER = 0.25
 
 
 class NotReady(Exception):
@@ -69,6 +72,10 @@ def parse_request(line: bytes) -> Dict[str, Any]:
     return req
 
 
+class _Evicted(Exception):
+    """This connection was cut off to make room (it had not sent its request)."""
+
+
 class _Handler(socketserver.BaseRequestHandler):
     """One request line, one reply line. The whole exchange runs under one deadline (not a
     timeout per read, which a client trickling a byte at a time would renew for ever)."""
@@ -77,6 +84,19 @@ class _Handler(socketserver.BaseRequestHandler):
         sock = self.request
         deadline = time.monotonic() + self.server.request_deadline
         buf = b""
+        waiting = self.server.waiting
+        with self.server.waiting_lock:
+            waiting[sock] = time.monotonic()
+        try:
+            try:
+                self._read_request(sock, deadline, buf)
+            finally:
+                with self.server.waiting_lock:
+                    waiting.pop(sock, None)
+        except _Evicted:
+            return
+
+    def _read_request(self, sock, deadline: float, buf: bytes) -> None:
         try:
             while b"\n" not in buf and len(buf) <= MAX_REQUEST:
                 left = deadline - time.monotonic()
@@ -93,6 +113,10 @@ class _Handler(socketserver.BaseRequestHandler):
             return
         except OSError:
             return
+        with self.server.waiting_lock:
+            evicted = self.server.waiting.pop(sock, None) is None
+        if evicted:                     # cut off to make room: it said nothing in time
+            raise _Evicted
         line = buf.split(b"\n", 1)[0]
         if len(line) > MAX_REQUEST:
             reply = {"ok": False, "error": f"request larger than {MAX_REQUEST} bytes"}
@@ -135,6 +159,9 @@ class StatusServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self.handlers = handlers
         self.root_only = set(root_only)
         self._slots = threading.BoundedSemaphore(self.max_connections)
+        # connections still waiting for their request line: socket -> when accepted
+        self.waiting: Dict[Any, float] = {}
+        self.waiting_lock = threading.Lock()
         self._accept_error_logged = 0.0
         # refused (UnsafePathError) when another user could replace the socket
         from gpucostd.statefile import ensure_private_dir
@@ -152,8 +179,12 @@ class StatusServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     def get_request(self):
         """Accept only while a connection slot is free, and back off on a descriptor shortage
         (EMFILE and friends): the accept loop never spins a core."""
-        if not self._slots.acquire(timeout=0.2):
-            raise OSError(errno.EBUSY, "all connection slots busy")   # serve_forever polls on
+        if not self._slots.acquire(blocking=False):
+            # full: cut off the connection that has waited longest without sending its request
+            # (silent clients must not queue a `gpucostd status` past its timeout)
+            self._evict_silent()
+            if not self._slots.acquire(timeout=0.2):
+                raise OSError(errno.EBUSY, "all connection slots busy")   # polled again
         try:
             return super().get_request()
         except OSError as e:
@@ -166,6 +197,20 @@ class StatusServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
                               "files?); retrying every 0.1 s", e.strerror or e)
                 time.sleep(0.1)
             raise
+
+    def _evict_silent(self) -> None:
+        now = time.monotonic()
+        with self.waiting_lock:
+            if not self.waiting:
+                return
+            sock, since = min(self.waiting.items(), key=lambda kv: kv[1])
+            if now - since < EVICT_AFTER:
+                return
+            del self.waiting[sock]
+        try:
+            sock.shutdown(socket.SHUT_RDWR)     # its recv() returns at once; the slot frees
+        except OSError:
+            pass
 
     def shutdown_request(self, request) -> None:
         try:

@@ -96,7 +96,8 @@ def snapshot_json(snap: NodeSnapshot) -> Dict[str, Any]:
         "daemon": {
             "version": extra.get("version"), "pid": extra.get("pid"),
             "started_at": snap.started_at,
-            "uptime_seconds": round(snap.time - snap.started_at, 1),
+            "uptime_seconds": round(snap.monotonic - snap.started_monotonic, 1)
+            if snap.started_monotonic is not None else round(snap.time - snap.started_at, 1),
             "cycle": snap.cycle, "config_path": extra.get("config_path"),
             "simulated_scenario": extra.get("simulated"),
             "kernel_log": extra.get("kernel_log"),
