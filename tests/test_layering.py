@@ -234,3 +234,14 @@ def test_no_private_name_is_imported_across_modules():
     needs it public (and the module's tests may still reach in)."""
     assert private_imports(_tree()) == []
     assert private_imports({"gpucostd.x": ("from gpucostd.cost.model import _r\n", False)})
+
+
+def test_every_package_folder_is_installed():
+    """A new room (calibration/, parts/) is a package the wheel, .deb and .rpm must carry:
+    pyproject.toml lists it."""
+    import re
+    text = (REPO / "pyproject.toml").read_text()
+    listed = set(re.findall(r'"(gpucostd[\w.]*)"', text.split("packages = [", 1)[1].split("]")[0]))
+    found = {"gpucostd." + ".".join(p.parent.relative_to(REPO / "daemon").parts)
+             for p in (REPO / "daemon").rglob("__init__.py")} - {"gpucostd."}
+    assert found - listed == set()

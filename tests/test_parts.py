@@ -134,3 +134,13 @@ def test_the_config_is_immutable_and_a_simulated_price_is_a_new_config(tmp_path)
     assert priced is not cfg and priced.price_note == "illustrative"
     assert priced.cost.gpu_hour_usd == 2.0 and cfg.cost.gpu_hour_usd == 0
     assert cfg.price_note is None and priced.updated(daemon={}).price_note == "illustrative"
+
+
+def test_a_node_rule_that_raises_is_one_finding_and_the_cycle_goes_on(daemon):
+    def broken_rule(inputs):
+        raise KeyError("nothing")
+    daemon.node_judge.add_rule(broken_rule)
+    snap = daemon.step()
+    assert [f.message for f in snap.findings if f.code == "part_failed"] == [
+        "node rule broken_rule failed: KeyError: 'nothing'"]
+    assert len(snap.gpus) == 8 and snap.node_health == Severity.WARN

@@ -16,12 +16,14 @@ while no GPU is read and NVML is not available.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from gpucostd.config import PRICES_FIX
 from gpucostd.snapshot import Event, Finding, Severity, worst
 
+LOG = logging.getLogger("gpucostd")
 LOSS_FINDING_SECONDS = 600.0
 PART_ACTION = "report a bug with the daemon's log (the part's error is logged once)"
 ORIGINALS_ACTION = ("fix or move aside originals.json, then `systemctl reload gpucostd` "
@@ -63,6 +65,7 @@ class NodeJudge:
     def __init__(self, rules: Sequence[Rule] = ()):
         from gpucostd.health.efficiency import EfficiencyJudge
         self._down_since: Dict[str, float] = {}
+        self._failed: Dict[str, str] = {}          # rule -> its last error (logged once)
         self._efficiency = EfficiencyJudge()
         self.rules: List[Rule] = [self.inference_unreachable, self.efficiency,
                                   self.kernel_log_lines_lost, self.state_dir_unusable,
@@ -76,9 +79,20 @@ class NodeJudge:
         report = inputs.data("health")          # gpucostd.health.judge.HealthReport
         gpus = inputs.data("gpu", ())
         findings: List[Finding] = list(report.findings) if report is not None else []
+        failed: Dict[str, str] = {}
         for rule in self.rules:
-            findings.extend(rule(inputs) or ())
+            name = getattr(rule, "__name__", "rule")
+            try:
+                findings.extend(rule(inputs) or ())
+            except Exception as e:  # noqa: BLE001 - a rule's bug is one finding, not a crash
+                failed[name] = f"{type(e).__name__}: {e}"
+                if self._failed.get(name) != failed[name]:
+                    LOG.exception("node rule %s failed (the daemon goes on)", name)
+        self._failed = failed
         findings.extend(self.part_failed(inputs))
+        findings.extend(Finding("node", "part_failed", Severity.WARN, PART_ACTION,
+                                f"node rule {name} failed: {msg}"[:200], since=inputs.now)
+                        for name, msg in failed.items())
         gpu_health = dict(report.gpu_health) if report is not None else {
             g.index: Severity.UNKNOWN for g in gpus}
         node_health = report.node_health if report is not None else Severity.UNKNOWN
