@@ -105,7 +105,7 @@ _TOML_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n"
                  "\f": "\\f", "\r": "\\r"}
 
 
-def _toml_value(v: Any) -> str:
+def toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
@@ -114,12 +114,12 @@ def _toml_value(v: Any) -> str:
         return '"' + "".join(_TOML_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if ord(c) < 0x20 or
                                                       ord(c) == 0x7f else c) for c in v) + '"'
     if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     raise TypeError(type(v))
 
 
-def _toml_key(k: str) -> str:
-    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _toml_value(k)
+def toml_key(k: str) -> str:
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else toml_value(k)
 
 
 def dump_toml(data: Mapping[str, Any], prefix: str = "",
@@ -138,11 +138,11 @@ def dump_toml(data: Mapping[str, Any], prefix: str = "",
         lines.append(f"[{prefix}]")
     for k, v in scalars.items():
         raw = f"{_raw}.{k}" if _raw else k
-        lines.append(f"{_toml_key(k)} = {_toml_value(v)}{note(raw)}")
+        lines.append(f"{toml_key(k)} = {toml_value(v)}{note(raw)}")
     if lines:
         lines.append("")
     for k, v in data.items():
-        name = f"{prefix}.{_toml_key(k)}" if prefix else _toml_key(k)
+        name = f"{prefix}.{toml_key(k)}" if prefix else toml_key(k)
         raw = f"{_raw}.{k}" if _raw else k
         if isinstance(v, dict):
             lines.append(dump_toml(v, name, comment, raw))
@@ -150,7 +150,7 @@ def dump_toml(data: Mapping[str, Any], prefix: str = "",
             for i, item in enumerate(v):
                 ident = item.get("match", i)
                 lines.append(f"[[{name}]]")
-                lines.extend(f"{_toml_key(a)} = {_toml_value(b)}{note(f'{raw}[{ident}].{a}')}"
+                lines.extend(f"{toml_key(a)} = {toml_value(b)}{note(f'{raw}[{ident}].{a}')}"
                              for a, b in item.items())
                 lines.append("")
     return "\n".join(line for line in lines if line is not None).rstrip("\n") + "\n"
