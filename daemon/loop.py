@@ -106,6 +106,7 @@ class Daemon:
     def _build_parts(self, sim_parser) -> List[Part]:
         """The cycle's parts, in the order they run (a part reads the data of those before)."""
         from gpucostd.parts.cost import CostPart
+        from gpucostd.parts.deploy import DeployPart
         from gpucostd.parts.gpu import GpuPart
         from gpucostd.parts.health import HealthPart
         from gpucostd.parts.host import HostPart
@@ -124,7 +125,8 @@ class Daemon:
             parts += [StateDirPart(self.state_dir, self.store, self.tuning.reload_originals),
                       TuningPart(self.tuning, cfg.tuning, cfg.gpu_tuning, cfg.gpu_overrides,
                                  cfg.nic_tuning, recover)]
-        parts += [HostPart(self.host_probe, self.deploy_probe, self.gateway, cfg),
+        parts += [DeployPart(self.deploy_probe, cfg.checks, cfg.tuning),
+                  HostPart(self.host_probe, self.gateway, cfg),
                   HealthPart(self.judge),
                   InferencePart(self.inference, parallel=not self.clock.virtual),
                   CostPart(self.cost, self.inference)]
