@@ -10,7 +10,7 @@ DEFAULT_PATH = "/etc/gpucostd/gpucostd.toml"
 DEFAULT_SOCKET = "/run/gpucostd/gpucostd.sock"
 
 
-def _is_root() -> bool:
+def is_root() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0
 
 
@@ -19,7 +19,7 @@ def user_runtime_dir() -> str:
 
 
 def default_socket_path() -> str:
-    if _is_root():
+    if is_root():
         return DEFAULT_SOCKET
     return os.path.join(user_runtime_dir(), "gpucostd", "gpucostd.sock")
 

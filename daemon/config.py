@@ -19,11 +19,16 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python < 3.11
     import tomli as tomllib
 
-from gpucostd import (DEFAULT_PATH, DEFAULT_SOCKET, _is_root,  # noqa: E402,F401 (re-exported)
+from gpucostd import (DEFAULT_PATH, DEFAULT_SOCKET, is_root,  # noqa: E402,F401 (re-exported)
                       default_socket_path, user_runtime_dir)
 
 from gpucostd.config_schema import (DEFAULT_LISTEN, DEFAULT_STATE_DIR,  # noqa: F401 (re-exported)
-                                    GPU_TUNING_KEYS, RING_KEYS, SCHEMA, Key, _k)
+                                    GPU_TUNING_KEYS, RING_KEYS, SCHEMA, Key, make_key)
+from gpucostd.config_inference import (ENDPOINT_KEYS, PARALLEL,  # noqa: F401 (re-exported)
+                                       InferenceEndpoint, check_inference, check_metric,
+                                       owner_uid, parse_endpoints, parse_selector)
+from gpucostd.config_toml import (Locator, dump_toml, key_sources,  # noqa: F401 (re-exported)
+                                  merge, source_map)
 # A config is a few kilobytes; anything far larger is a mistake (or an attack on memory) and is
 # refused before it is read.
 MAX_CONFIG_BYTES = 1 << 20
@@ -47,43 +52,6 @@ class ConfigError(FileError):
     """A config that cannot be used. str() is the full message for the user."""
 
 
-ENDPOINT_KEYS = ("url", "gpus", "tokens_metric", "parallel")
-PARALLEL = ("tensor", "data")
-_SEL_NAME = r"[A-Za-z_:][A-Za-z0-9_:]*"
-_SEL_RE = re.compile(r"^\s*(" + _SEL_NAME + r")\s*(?:\{(.*)\})?\s*$")
-_SEL_LABEL = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_]*)\s*(=|!=)\s*"((?:[^"\\]|\\.)*)"\s*(,|$)')
-
-
-def parse_selector(text: str) -> Tuple[str, Tuple[Tuple[str, str, str], ...]]:
-    """'name{label="value",other!="x"}' -> (name, ((label, op, value), ...)). "auto" ->
-    ("auto", ()). ValueError with the accepted form."""
-    m = _SEL_RE.match(text or "")
-    form = ('use a metric name, optionally with label matchers: '
-            'name{label="value",other!="x"}, or "auto"')
-    if not m:
-        raise ValueError(f"{text!r} is not a metric selector; {form}")
-    name, body = m.group(1), m.group(2)
-    labels: List[Tuple[str, str, str]] = []
-    pos = 0
-    body = (body or "").strip()
-    while pos < len(body):
-        lm = _SEL_LABEL.match(body, pos)
-        if not lm or lm.end() == pos:
-            raise ValueError(f"{text!r}: bad label matcher at {body[pos:pos + 20]!r}; {form}")
-        value = re.sub(r"\\(.)", r"\1", lm.group(3))
-        labels.append((lm.group(1), lm.group(2), value))
-        pos = lm.end()
-    return name, tuple(labels)
-
-
-@dataclass(frozen=True)
-class InferenceEndpoint:
-    """One inference server's /metrics: its tokens go to `gpus` (None: all GPUs)."""
-    url: str
-    gpus: Optional[Tuple[int, ...]]
-    tokens_metric: str
-    parallel: str = "tensor"
-    line: Optional[int] = None
 # Tables whose keys are free (names chosen by the user) or that hold lists of tables.
 DYNAMIC = {
     "tuning.gpu": "GPU settings for all GPUs: " + ", ".join(GPU_TUNING_KEYS),
@@ -141,27 +109,42 @@ class GpuOverride:
 _SPECIFICITY = {"index": 3, "uuid": 3, "model": 1}
 
 
+# what a status line or finding says to do about illustrative prices
+PRICES_FIX = "set [cost] gpu_hour_usd and energy_usd_per_kwh for your own prices"
+
+
 class Config:
     """Validated, immutable configuration. Sections are attributes: ``cfg.daemon.interval_seconds``.
+    Nothing changes one once it is made: a reload, replay's private settings or a simulated
+    node's prices make a new one (``updated``, ``with_endpoints``).
     """
 
     def __init__(self, values: Dict[str, Dict[str, Any]], path: Optional[str],
                  overrides: Tuple[GpuOverride, ...], nics: Mapping[str, Mapping[str, Any]],
                  model_prices: Tuple[Tuple[str, float], ...], raw_text: str = "",
-                 endpoints: Tuple[InferenceEndpoint, ...] = ()):
-        self.path = path
-        self._endpoints = tuple(endpoints)
-        self._values = values
+                 endpoints: Tuple[InferenceEndpoint, ...] = (), *,
+                 warnings: Sequence[str] = (), files: Sequence[Tuple[str, str]] = (),
+                 price_note: Optional[str] = None):
+        init = object.__setattr__
+        init(self, "path", path)
+        init(self, "_endpoints", tuple(endpoints))
+        init(self, "_values", values)
         for section, data in values.items():
-            object.__setattr__(self, section, _View(data))
-        self.gpu_tuning = _View(values["tuning"]["gpu"])
-        self.gpu_overrides = overrides
-        self.nic_tuning = _View({k: _View(v) for k, v in nics.items()})
-        self.model_prices = model_prices
-        self.raw_text = raw_text
+            init(self, section, _View(data))
+        init(self, "gpu_tuning", _View(values["tuning"]["gpu"]))
+        init(self, "gpu_overrides", overrides)
+        init(self, "nic_tuning", _View({k: _View(v) for k, v in nics.items()}))
+        init(self, "model_prices", model_prices)
+        init(self, "raw_text", raw_text)
         # trust problems a root daemon reports as findings (see load()); () when none
-        self.warnings: Tuple[str, ...] = ()
-        self.files: Tuple[Tuple[str, str], ...] = ()    # (path, text) read, in order (load)
+        init(self, "warnings", tuple(warnings))
+        init(self, "files", tuple(files))          # (path, text) read, in order (load)
+        # a simulated node priced at its scenario's illustrative prices says so (None: the
+        # prices are the config's own)
+        init(self, "price_note", price_note)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"config is immutable (make a new one: updated()); {name}")
 
     # -- GPU tuning resolution
     def gpu_settings_for(self, index: int, uuid: Optional[str], model: Optional[str]
@@ -206,9 +189,7 @@ class Config:
 
     def with_endpoints(self, endpoints) -> "Config":
         """A copy whose inference endpoints are `endpoints` (the simulated servers)."""
-        c = self.updated()
-        c._endpoints = tuple(endpoints)
-        return c
+        return self._copy(endpoints=tuple(endpoints))
 
     def price_for_model(self, model: Optional[str]) -> float:
         for glob, price in self.model_prices:
@@ -222,12 +203,20 @@ class Config:
         values = {s: dict(v) for s, v in self._values.items()}
         for section, changes in sections.items():
             values[section].update(changes)
-        cfg = Config(values, self.path, self.gpu_overrides,
-                     {n: dict(v) for n, v in self.nic_tuning.items()}, self.model_prices,
-                     self.raw_text, self._endpoints)
-        cfg.warnings = self.warnings
-        cfg.files = self.files
-        return cfg
+        return self._copy(values=values)
+
+    def priced(self, cost: Mapping[str, Any], note: str) -> "Config":
+        """A copy priced at illustrative [cost] values, with the note that says so."""
+        return self.updated(cost=cost)._copy(price_note=note)
+
+    def _copy(self, **change: Any) -> "Config":
+        args = dict(values=self._values, endpoints=self._endpoints, warnings=self.warnings,
+                    files=self.files, price_note=self.price_note)
+        args.update(change)
+        values = args.pop("values")
+        return Config(values, self.path, self.gpu_overrides,
+                      {n: dict(v) for n, v in self.nic_tuning.items()}, self.model_prices,
+                      self.raw_text, **args)
 
     def as_dict(self) -> Dict[str, Any]:
         out = {s: dict(v) for s, v in self._values.items()}
@@ -261,36 +250,10 @@ class Config:
 
 # --------------------------------------------------------------------------- loading
 def default_state_dir() -> str:
-    if _is_root():
+    if is_root():
         return DEFAULT_STATE_DIR
     base = os.environ.get("XDG_STATE_HOME")
     return os.path.join(base, "gpucostd") if base else f"/tmp/gpucostd-{os.getuid()}/state"
-
-
-class _Locator:
-    """Finds the line of `key` in `[section]` of the raw text (tomllib gives no positions)."""
-
-    HEADER = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
-
-    def __init__(self, text: str):
-        self.lines = text.splitlines()
-
-    def find(self, section: str, key: Optional[str] = None, nth: int = 0) -> Optional[int]:
-        """Line of `key` in the nth `[section]` (or of the header itself when key is None)."""
-        current, seen = "", -1
-        for i, line in enumerate(self.lines, 1):
-            m = self.HEADER.match(line)
-            if m:
-                current = m.group(1).replace('"', "").replace(" ", "")
-                if current == section:
-                    seen += 1
-                    if key is None and seen == nth:
-                        return i
-                continue
-            if key is not None and current == section and seen == nth and re.match(
-                    rf'^\s*"?{re.escape(key)}"?\s*=', line):
-                return i
-        return None
 
 
 def _versionish(text: str) -> bool:
@@ -404,7 +367,7 @@ def _parse(text: str, path: Optional[str]) -> Config:
     except tomllib.TOMLDecodeError as e:
         m = re.search(r"line (\d+)", str(e))
         raise ConfigError(f"not valid TOML: {e}", path, int(m.group(1)) if m else None) from None
-    loc = _Locator(text)
+    loc = Locator(text)
 
     def err_at(section, key=None, nth=0):
         def make(msg):
@@ -436,13 +399,13 @@ def _parse(text: str, path: Optional[str]) -> Config:
                 _parse_nics(value, nics, err_at)
                 continue
             if section == "inference" and name == "endpoint":
-                _parse_endpoints(value, endpoints, err_at, loc)
+                parse_endpoints(value, endpoints, err_at, loc)
                 continue
             if section == "cost" and name == "model_hour_usd":
                 if not isinstance(value, dict):
                     raise err("cost.model_hour_usd must be a table of model glob = price")
                 for glob, price in value.items():
-                    _check_value(_k("float", 0, "", min=0, max=1e6), price,
+                    _check_value(make_key("float", 0, "", min=0, max=1e6), price,
                                  f"cost.model_hour_usd.{glob!r}", err_at("cost.model_hour_usd",
                                                                            glob))
                     prices.append((glob, float(price)))
@@ -455,103 +418,12 @@ def _parse(text: str, path: Optional[str]) -> Config:
             values[section][name] = _check_value(SCHEMA[section][name], value, full, err)
     _check_listen(values["daemon"]["listen_address"], err_at("daemon", "listen_address"))
     _check_textfile(values["export"]["textfile_path"], err_at("export", "textfile_path"))
-    _check_inference(values["inference"], endpoints, err_at)
+    check_inference(values["inference"], endpoints, err_at)
     if "socket_path" not in raw.get("daemon", {}):
         values["daemon"]["socket_path"] = default_socket_path()
     if "state_dir" not in raw.get("daemon", {}):
         values["daemon"]["state_dir"] = default_state_dir()
     return Config(values, path, tuple(overrides), nics, tuple(prices), text, tuple(endpoints))
-
-
-def _check_url(url: Any, name: str, err) -> None:
-    if not isinstance(url, str) or not re.match(r"^https?://[^/\s]+", url):
-        raise err(f"{name} = {url!r} must be an http:// or https:// URL, e.g. "
-                  f'"http://127.0.0.1:8000/metrics"')
-
-
-def _check_metric(text: Any, name: str, err) -> str:
-    if not isinstance(text, str):
-        raise err(f"{name} = {text!r} must be a string")
-    try:
-        parse_selector(text)
-    except ValueError as e:
-        raise err(f"{name}: {e}") from None
-    return text
-
-
-def owner_uid(text: str) -> Optional[int]:
-    """[inference] expect_owner as a uid: a user name or a number; None when empty.
-    Raises ValueError for a user this host does not know."""
-    text = (text or "").strip()
-    if not text:
-        return None
-    if text.isdigit() and len(text) <= 10:
-        return int(text)
-    import pwd
-    try:
-        return pwd.getpwnam(text).pw_uid
-    except KeyError:
-        raise ValueError(f"no user {text!r} on this host") from None
-
-
-def _check_inference(inf: Dict[str, Any], endpoints: List[InferenceEndpoint], err_at) -> None:
-    _check_metric(inf["tokens_metric"], "inference.tokens_metric",
-                  err_at("inference", "tokens_metric"))
-    try:
-        owner_uid(inf["expect_owner"])
-    except ValueError as e:
-        raise err_at("inference", "expect_owner")(
-            f"inference.expect_owner = {inf['expect_owner']!r}: {e}; give the user name or "
-            f"uid the inference server runs as, e.g. \"vllm\"") from None
-    if inf["metrics_url"]:
-        _check_url(inf["metrics_url"], "inference.metrics_url", err_at("inference", "metrics_url"))
-        if endpoints:
-            raise err_at("inference", "metrics_url")(
-                "set [inference] metrics_url (one server for all GPUs) or [[inference.endpoint]] "
-                "entries, not both")
-    # the inherited default metric
-    for i, e in enumerate(endpoints):
-        if e.tokens_metric == "":
-            endpoints[i] = InferenceEndpoint(e.url, e.gpus, inf["tokens_metric"], e.parallel,
-                                             e.line)
-
-
-def _parse_endpoints(value, endpoints: List[InferenceEndpoint], err_at, loc) -> None:
-    sec = "inference.endpoint"
-    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-        raise err_at("inference", "endpoint")(
-            "inference.endpoint must be an array of tables [[inference.endpoint]]")
-    owner: Dict[int, int] = {}
-    for i, ep in enumerate(value):
-        def e(k=None, i=i):
-            return err_at(sec, k, i)
-        for k in ep:
-            if k not in ENDPOINT_KEYS:
-                raise e(k)(f"unknown key {sec}.{k}; keys of [[{sec}]]: " + ", ".join(ENDPOINT_KEYS))
-        if "url" not in ep:
-            raise e()(f"[[{sec}]] #{i + 1} needs url = \"http://HOST:PORT/metrics\"")
-        _check_url(ep["url"], f"{sec}.url", e("url"))
-        gpus = ep.get("gpus")
-        if gpus is not None:
-            if not isinstance(gpus, list) or not gpus or not all(
-                    isinstance(g, int) and not isinstance(g, bool) and 0 <= g < 1024
-                    for g in gpus):
-                raise e("gpus")(f"{sec}.gpus = {gpus!r} must be a non-empty list of GPU "
-                                f"indexes, e.g. [0, 1]")
-            for g in gpus:
-                if g in owner:
-                    raise e("gpus")(f"{sec}.gpus: GPU {g} is already in [[{sec}]] #{owner[g] + 1}"
-                                    f"; each GPU's tokens come from one endpoint")
-                owner[g] = i
-            gpus = tuple(gpus)
-        metric = _check_metric(ep.get("tokens_metric", ""), f"{sec}.tokens_metric",
-                               e("tokens_metric")) if "tokens_metric" in ep else ""
-        parallel = ep.get("parallel", "tensor")
-        if parallel not in PARALLEL:
-            raise e("parallel")(f'{sec}.parallel = {parallel!r}: choose "tensor" (one group: '
-                                f'the slowest GPU sets its pace) or "data"')
-        endpoints.append(InferenceEndpoint(ep["url"], gpus, metric, parallel,
-                                           loc.find(sec, None, i)))
 
 
 def _parse_gpu_settings(table: Mapping[str, Any], prefix: str, err_for, allow_match=False
@@ -639,13 +511,12 @@ def load(path: Optional[str] = None, *, missing_ok: Optional[bool] = None) -> Co
     dropins = dropin_files(path)
     if not dropins:
         cfg = parse(text or "", path if text is not None else None)
-        cfg.files = ((path, text),) if text is not None else ()
+        cfg = cfg._copy(files=((path, text),) if text is not None else ())
     else:
         cfg = _parse_files(_read_dropins(path, text, dropins, warnings))
-    if _is_root():
+    if is_root():
         warnings.extend(_hook_trust(cfg))
-    cfg.warnings = tuple(warnings)
-    return cfg
+    return cfg._copy(warnings=tuple(warnings))
 
 
 def _read_dropins(path: str, text: Optional[str], dropins: List[str],
@@ -680,7 +551,7 @@ def _read_text(path: str, missing_ok: bool, warnings: Optional[List[str]] = None
         raise ConfigError("no such file; create it or pass --config FILE", path) from None
     except OSError as e:
         raise ConfigError(f"cannot read: {e.strerror or e}", path) from None
-    if _is_root():
+    if is_root():
         found = _root_trust(path, st)
         if warnings is not None:
             warnings.extend(found)
@@ -751,10 +622,6 @@ def _read_config(path: str, limit: int = MAX_CONFIG_BYTES) -> Tuple[bytes, os.st
 # same match merge (a later power_limit_watts replaces an earlier power_limit_percent and vice
 # versa); a later [[inference.endpoint]] list replaces the earlier one.
 DROPIN_DIR = "gpucostd.d"
-_ALTERNATIVES = {"power_limit_watts": "power_limit_percent",
-                 "power_limit_percent": "power_limit_watts"}
-
-
 def dropin_dir(path: Optional[str]) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(path or DEFAULT_PATH)), DROPIN_DIR)
 
@@ -777,70 +644,12 @@ def load_files(path: Optional[str], extra: List[str]) -> Config:
                                       dropin_files(path) + list(extra)))
 
 
-def _merge(base: Dict[str, Any], over: Mapping[str, Any]) -> None:
-    for k, v in over.items():
-        if k == "override" and isinstance(v, list) and isinstance(base.get(k), list):
-            for item in v:
-                same = next((b for b in base[k] if isinstance(b, dict) and isinstance(item, dict)
-                             and b.get("match") == item.get("match")), None)
-                if same is None:
-                    base[k].append(dict(item))
-                else:
-                    _merge(same, item)
-        elif isinstance(v, dict) and isinstance(base.get(k), dict):
-            _merge(base[k], v)
-        else:
-            if k in _ALTERNATIVES:
-                base.pop(_ALTERNATIVES[k], None)
-            base[k] = v
-
-
-def _sources(raw: Mapping[str, Any], path: str, loc: "_Locator",
-             out: Dict[str, str]) -> None:
-    """Where each key of one file is: dotted key -> "path:line"."""
-    def where(section, key, nth=0):
-        line = loc.find(section, key, nth)
-        return f"{path}:{line}" if line else path
-
-    def walk(table, prefix):
-        for k, v in table.items():
-            name = f"{prefix}.{k}" if prefix else k
-            if isinstance(v, dict):
-                walk(v, name)
-            elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
-                for i, item in enumerate(v):
-                    ident = item.get("match", i)
-                    for a in item:
-                        out[f"{name}[{ident}].{a}"] = where(name, a, i)
-            else:
-                if k in _ALTERNATIVES:
-                    out.pop(f"{prefix}.{_ALTERNATIVES[k]}", None)
-                out[name] = where(prefix, k)
-    walk(raw, "")
-
-
-def source_map(files: Sequence[Tuple[str, str]]) -> Dict[str, str]:
-    """dotted key ("cost.gpu_hour_usd", "tuning.gpu.override[index:0].power_limit_watts") ->
-    "path:line" of the file that set it last (what `config show` prints beside each value)."""
-    sources: Dict[str, str] = {}
-    for p, text in files:
-        try:
-            raw = tomllib.loads(text)
-        except tomllib.TOMLDecodeError:
-            continue
-        if "endpoint" in raw.get("inference", {}):
-            for k in [k for k in sources if k.startswith("inference.endpoint[")]:
-                del sources[k]
-        _sources(raw, p, _Locator(text), sources)
-    return sources
-
-
 def _parse_files(files: List[Tuple[str, Optional[str]]]) -> Config:
     merged: Dict[str, Any] = {}
     read = [(p, t) for p, t in files if t is not None]
     for p, text in read:
         parse(text, p)                        # each file alone first: errors name its line
-        _merge(merged, tomllib.loads(text))
+        merge(merged, tomllib.loads(text))
     names = [p for p, _t in read]
     try:
         cfg = parse(dump_toml(merged) if merged else "",
@@ -848,61 +657,6 @@ def _parse_files(files: List[Tuple[str, Optional[str]]]) -> Config:
     except ConfigError as e:
         raise ConfigError(f"{e.bare} (in the merged config of {', '.join(names)})",
                           names[-1] if names else None) from None
-    cfg.files = tuple(read)
-    return cfg
+    return cfg._copy(files=tuple(read))
 
 
-# --------------------------------------------------------------------------- TOML output
-_TOML_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n",
-                 "\f": "\\f", "\r": "\\r"}
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return '"' + "".join(_TOML_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if ord(c) < 0x20 or
-                                                      ord(c) == 0x7f else c) for c in v) + '"'
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(type(v))
-
-
-def _toml_key(k: str) -> str:
-    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _toml_value(k)
-
-
-def dump_toml(data: Mapping[str, Any], prefix: str = "",
-              comment: Optional[Callable[[str], Optional[str]]] = None, _raw: str = "") -> str:
-    """Minimal TOML writer for plain tables, arrays of tables and scalar/list values.
-    `comment(dotted_key)`, when given, returns the comment to print after a value (dotted keys
-    as in source_map)."""
-    def note(raw_key: str) -> str:
-        c = comment(raw_key) if comment is not None else None
-        return f"  # {c}" if c else ""
-
-    lines: List[str] = []
-    scalars = {k: v for k, v in data.items() if not isinstance(v, dict) and not (
-        isinstance(v, list) and v and all(isinstance(x, dict) for x in v))}
-    if prefix and (scalars or not data):
-        lines.append(f"[{prefix}]")
-    for k, v in scalars.items():
-        raw = f"{_raw}.{k}" if _raw else k
-        lines.append(f"{_toml_key(k)} = {_toml_value(v)}{note(raw)}")
-    if lines:
-        lines.append("")
-    for k, v in data.items():
-        name = f"{prefix}.{_toml_key(k)}" if prefix else _toml_key(k)
-        raw = f"{_raw}.{k}" if _raw else k
-        if isinstance(v, dict):
-            lines.append(dump_toml(v, name, comment, raw))
-        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
-            for i, item in enumerate(v):
-                ident = item.get("match", i)
-                lines.append(f"[[{name}]]")
-                lines.extend(f"{_toml_key(a)} = {_toml_value(b)}{note(f'{raw}[{ident}].{a}')}"
-                             for a, b in item.items())
-                lines.append("")
-    return "\n".join(line for line in lines if line is not None).rstrip("\n") + "\n"

@@ -180,3 +180,7 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
                            "not checked."),
     },
 }
+
+
+# the names other modules import (the module itself keeps its short private ones)
+make_key = _k

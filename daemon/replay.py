@@ -18,7 +18,7 @@ import tempfile
 import textwrap
 from typing import Any, Dict, List, Optional
 
-from gpucostd.cost.model import _r as _rounded, _sorted_reasons
+from gpucostd.cost.model import rounded as _rounded, sorted_reasons as _sorted_reasons
 
 LOG = logging.getLogger("gpucostd")
 DEFAULT_DURATION = 3600.0

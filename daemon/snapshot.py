@@ -263,6 +263,40 @@ class CheckResult:
 
 
 @dataclass(frozen=True)
+class DaemonInfo:
+    """The process behind a snapshot (status's "daemon" block)."""
+
+    version: str = ""
+    pid: int = 0
+    config_path: Optional[str] = None
+    simulated: Optional[str] = None       # the scenario of `run --simulate`
+
+
+@dataclass(frozen=True)
+class KernelLogStatus:
+    """The kernel-log part: the source read, why it cannot be read, records lost to a flood."""
+
+    source: str = "none"
+    error: Optional[str] = None
+    lines_lost: int = 0
+    last_loss_time: Optional[float] = None     # wall time of the last loss
+
+
+@dataclass(frozen=True)
+class StateDirStatus:
+    """The state-directory part: why it cannot take writes (None: usable), since when, and the
+    events held in memory meanwhile."""
+
+    problem: Optional[str] = None
+    since: Optional[float] = None
+    events_pending: int = 0
+
+    @property
+    def usable(self) -> bool:
+        return self.problem is None
+
+
+@dataclass(frozen=True)
 class NodeSnapshot:
     """Everything known about the node after one poll cycle. Immutable; views render from it."""
 
@@ -284,8 +318,24 @@ class NodeSnapshot:
     checks: Tuple[CheckResult, ...] = ()
     cost: Optional[Any] = None                   # gpucostd.cost.report.CostReport
     counters: Mapping[str, Any] = field(default_factory=dict)  # monotone totals for /metrics
-    extra: Mapping[str, Any] = field(default_factory=dict)
     started_monotonic: Optional[float] = None    # daemon start (monotonic): uptime
+    daemon: DaemonInfo = DaemonInfo()
+    kernel_log: KernelLogStatus = KernelLogStatus()
+    state_dir: StateDirStatus = StateDirStatus()
+    host: Optional[Any] = None                   # gpucostd.probes.host.HostFacts
+    persistenced: Optional[bool] = None          # nvidia-persistenced running (None: unknown)
+    nic_rings: Mapping[str, Any] = field(default_factory=dict)   # {ifname: {current, max}}
+    inference: Tuple[Any, ...] = ()              # gpucostd.probes.inference readings
+    gpu_inventory: Optional[Mapping[str, Any]] = None   # {expected, missing}
+    calibration: Optional[Mapping[str, Any]] = None     # gpucostd.calibration.session
+    parts: Tuple[Any, ...] = ()                  # gpucostd.part.PartResult, in run order
+
+    def part(self, name: str) -> Optional[Any]:
+        """The named part's result in this cycle (its .data, .ok, .seconds), or None."""
+        for r in self.parts:
+            if r.name == name:
+                return r
+        return None
 
     def gpu(self, index: int) -> Optional[GpuReading]:
         for g in self.gpus:

@@ -493,11 +493,14 @@ def test_illustrative_prices_only_for_a_running_simulated_node_without_a_price(t
     for own in ("[cost]\ngpu_hour_usd = 1.5\n", "[cost]\nenergy_usd_per_kwh = 0.2\n",
                 '[cost.model_hour_usd]\n"NVIDIA H100*" = 2.0\n'):
         c = cfg(own)
-        assert with_scenario_prices(c, prices, "builtin:h100x8") == (c, None), own
-    c, note = with_scenario_prices(cfg('[cost]\npue = 1.1\ncurrency = "EUR"\n'), prices, "x")
+        got = with_scenario_prices(c, prices, "builtin:h100x8")
+        assert (got, got.price_note) == (c, None), own
+    c = with_scenario_prices(cfg('[cost]\npue = 1.1\ncurrency = "EUR"\n'), prices, "x")
+    note = c.price_note
     assert c.cost.pue == 1.1 and c.cost.currency == "USD" and "PUE 1.1" in note
     c = cfg()
-    assert with_scenario_prices(c, None, "x") == (c, None)
+    got = with_scenario_prices(c, None, "x")
+    assert (got, got.price_note) == (c, None)
     # replay and calibrate (a virtual clock) and one-shot commands keep the config's prices
     for clock, one_shot in ((VirtualClock(), False), (VirtualClock(), True), (None, True)):
         state = tmp_path / f"s{len(list(tmp_path.iterdir()))}"

@@ -20,6 +20,7 @@ hypothesis = pytest.importorskip("hypothesis", reason="pip install hypothesis (t
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 from gpucostd import config as config_mod  # noqa: E402
+from gpucostd import config_toml  # noqa: E402
 from gpucostd.probes.inference import ParseError, parse_metric  # noqa: E402
 from gpucostd.probes.kernel_log import KernelFault, NvrmParser  # noqa: E402
 from gpucostd.sim import scenario as scenario_mod  # noqa: E402
@@ -47,7 +48,7 @@ VALUES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=
 
 
 def toml_key(k: str) -> str:
-    return config_mod._toml_key(k)
+    return config_toml.toml_key(k)
 
 
 def toml_value(v) -> str:
@@ -63,7 +64,7 @@ def toml_value(v) -> str:
     if isinstance(v, int):
         return str(v)
     if isinstance(v, str):
-        return config_mod._toml_value(v)
+        return config_toml.toml_value(v)
     if isinstance(v, list):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
     if isinstance(v, dict):

@@ -18,7 +18,8 @@ PACKAGE_DIRS = {"gpucostd": REPO / "daemon", "gpucostd.probes": REPO / "probes",
                 "gpucostd.tuners": REPO / "tuners"}
 
 FOUNDATIONS = {"gpucostd", "gpucostd.config", "gpucostd.config_schema", "gpucostd.snapshot",
-               "gpucostd.clock", "gpucostd.statefile"}
+               "gpucostd.clock", "gpucostd.statefile", "gpucostd.part",
+               "gpucostd.config_toml", "gpucostd.config_inference"}
 # role -> roles it may import (besides its own and the foundations)
 ALLOWED: Dict[str, set] = {
     "foundations": set(),
@@ -30,8 +31,11 @@ ALLOWED: Dict[str, set] = {
     "record": set(),
     "tuners": {"hw", "probes"},
     "views": {"health", "cost", "record"},
+    # the parts of a cycle (daemon/parts/): they drive the probes, tuners, judges and cost;
+    # the loop runs them and they never import the loop or a view
+    "parts": {"hw", "sim", "probes", "tuners", "health", "cost", "record"},
     "process": {"foundations", "hw", "sim", "probes", "tuners", "health", "cost", "record",
-                "views"},
+                "views", "parts"},
 }
 # calibration/ is one room with a floor per module: its pure maths sits with cost, its metric
 # lines with the views, the command and the session the loop drives with the process
@@ -54,7 +58,7 @@ def role_of(module: str) -> str:
         return FLOORS[module]
     parts = module.split(".")
     if len(parts) >= 2 and parts[1] in ("hw", "sim", "probes", "tuners", "health", "cost",
-                                        "record", "views"):
+                                        "record", "views", "parts"):
         return parts[1]
     return "process"          # cli, service, loop, replay, capture, notify, __main__
 
@@ -84,7 +88,7 @@ def imports_of(name: str, source: str, is_package: bool) -> List[Tuple[int, str]
                 base = ".".join(pkg + ([base] if base else []))
             if node.module is None or base in FOUNDATIONS | {"gpucostd"} or \
                     base.split(".")[-1] in ("hw", "sim", "health", "cost", "record", "views",
-                                            "probes", "tuners", "calibration"):
+                                            "probes", "tuners", "calibration", "parts"):
                 # "from gpucostd.health import judge": the submodules are the imports
                 out += [(node.lineno, f"{base}.{a.name}") for a in node.names]
             out.append((node.lineno, base))
@@ -211,3 +215,48 @@ def test_the_check_catches_an_import_that_runs_up(module, source, expect):
     tree[module] = (source, False)
     found = violations(tree)
     assert any(expect in v for v in found), found
+
+
+def private_imports(sources: Dict[str, Tuple[str, bool]]) -> List[str]:
+    """Every `from gpucostd... import _name`: a module's private name used by another."""
+    bad = []
+    for name, (source, is_package) in sorted(sources.items()):
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(
+                    ".")[0] == "gpucostd"):
+                bad += [f"{name}:{node.lineno} imports {a.name} from {node.module}"
+                        for a in node.names
+                        if a.name.startswith("_") and not a.name.startswith("__")]
+    return bad
+
+
+def test_no_private_name_is_imported_across_modules():
+    """A name with a leading underscore is its module's own: another module that needs it
+    needs it public (and the module's tests may still reach in)."""
+    assert private_imports(_tree()) == []
+    assert private_imports({"gpucostd.x": ("from gpucostd.cost.model import _r\n", False)})
+
+
+def test_every_package_folder_is_installed():
+    """A new room (calibration/, parts/) is a package the wheel, .deb and .rpm must carry:
+    pyproject.toml lists it."""
+    import re
+    text = (REPO / "pyproject.toml").read_text()
+    listed = set(re.findall(r'"(gpucostd[\w.]*)"', text.split("packages = [", 1)[1].split("]")[0]))
+    found = {"gpucostd." + ".".join(p.parent.relative_to(REPO / "daemon").parts)
+             for p in (REPO / "daemon").rglob("__init__.py")} - {"gpucostd."}
+    assert found - listed == set()
+
+
+# modules still over the limit, each owned by work in flight (issue 21: the simulator and the
+# NVML gateway): remove a name once its module is split
+OVER_700_FOR_NOW = {"gpucostd.sim.scenario", "gpucostd.sim.nvml", "gpucostd.hw.nvml"}
+
+
+def test_no_module_over_700_lines_and_a_thin_loop():
+    """A reader takes a module in at one sitting; the loop runs the parts and judges nothing
+    (issue 20: under 400 lines)."""
+    sizes = {name: len(path.read_text(encoding="utf-8").splitlines())
+             for name, path in modules()}
+    assert {n: k for n, k in sizes.items() if k > 700 and n not in OVER_700_FOR_NOW} == {}
+    assert sizes["gpucostd.loop"] < 400

@@ -87,8 +87,7 @@ GPU_CFG = "[tuning.gpu]\npower_limit_watts = 600\npersistence_mode = true\n"
 
 def manager(tmp_path, gw, text=GPU_CFG, **kw):
     clock = kw.pop("clock", None) or VirtualClock()
-    return TuningManager(config(text, **kw), gw, str(tmp_path / "state"), clock,
-                         host_root=str(tmp_path)), clock
+    return TuningManager(config(text, **kw), gw, str(tmp_path / "state"), clock), clock
 
 
 def by_key(items):
@@ -286,8 +285,7 @@ def test_unwritable_state_dir_means_nothing_is_changed(tmp_path):
     gw = FakeGateway()
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    m = TuningManager(config(GPU_CFG), gw, str(blocker / "state"), VirtualClock(),
-                      host_root=str(tmp_path))
+    m = TuningManager(config(GPU_CFG), gw, str(blocker / "state"), VirtualClock())
     changes = m.apply(readings(gw))
     assert changes and not any(c.ok for c in changes)
     assert "cannot save originals" in changes[0].error and gw.writes == []
@@ -333,9 +331,9 @@ def test_metric_families(tmp_path):
                         checks=(CheckResult("iommu", "pass", "ok"),
                                 CheckResult("kernel", "fail", "old")),
                         counters={"drift": {("power_limit_watts", "gpu:0"): 2}},
-                        extra={"nic_rings": {"eth0": {"current": {"rx": 256, "tx": 256},
-                                                      "max": {"rx": 4096, "tx": 4096}}},
-                               "host": {"iommu_enabled": True}})
+                        nic_rings={"eth0": {"current": {"rx": 256, "tx": 256},
+                                            "max": {"rx": 4096, "tx": 4096}}},
+                        host={"iommu_enabled": True})
 
     text = exposition(metric_families(snap))
     assert 'gpucostd_setting_desired{setting="power_limit_watts",subject="gpu:0"} 600.0' in text
@@ -406,8 +404,7 @@ def test_sim_plan_apply_verify_restore(tmp_path):
     node, gw, clock = _sim(tmp_path)
     text = ("[tuning.gpu]\npower_limit_watts = 550\npersistence_mode = false\n"
             '[[tuning.gpu.override]]\nmatch = "index:2"\npower_limit_watts = 900\n')
-    m = TuningManager(config(text), gw, str(tmp_path / "state"), clock,
-                      host_root=str(tmp_path))
+    m = TuningManager(config(text), gw, str(tmp_path / "state"), clock)
     gpus = _sim_readings(gw, node)
     plan = by_key(m.plan(gpus))
     assert plan[("power_limit_watts", "gpu:0")].actual == 700
@@ -432,8 +429,7 @@ def test_sim_plan_apply_verify_restore(tmp_path):
 
 def test_sim_denied_setters(tmp_path):
     node, gw, clock = _sim(tmp_path, _builtin_text(setters_permitted="false"))
-    m = TuningManager(config(GPU_CFG), gw, str(tmp_path / "state"), clock,
-                      host_root=str(tmp_path))
+    m = TuningManager(config(GPU_CFG), gw, str(tmp_path / "state"), clock)
     changes = m.apply(_sim_readings(gw, node))
     assert changes and not any(c.ok for c in changes)
     assert all("permission denied" in c.error and "root" in c.error for c in changes)
@@ -443,8 +439,7 @@ def test_sim_denied_setters(tmp_path):
 def test_sim_drift_at_10s_is_reapplied_within_one_interval(tmp_path):
     text = _builtin_text() + "\n[[at]]\nt = 10\ngpu = 0\npower_limit = 450\n"
     node, gw, clock = _sim(tmp_path, text)
-    m = TuningManager(config(GPU_CFG, interval=5), gw, str(tmp_path / "state"), clock,
-                      host_root=str(tmp_path))
+    m = TuningManager(config(GPU_CFG, interval=5), gw, str(tmp_path / "state"), clock)
     m.apply(_sim_readings(gw, node))
     drift_at = None
     for _ in range(40):                          # 20 s of a 0.5 s loop
@@ -522,7 +517,7 @@ device, state, mode = sys.argv[2], sys.argv[3], sys.argv[4]
 gw = FileGateway(device, int(sys.argv[5]) if len(sys.argv) > 5 else None)
 gpus = [GpuReading(i, uuid=f"GPU-{i:04d}", name=MODEL, power_limit_min_watts=200.0,
                    power_limit_max_watts=700.0) for i in range(4)]
-m = TuningManager(parse(GPU_CFG), gw, state, RealClock(), host_root=state)
+m = TuningManager(parse(GPU_CFG), gw, state, RealClock())
 changes = m.apply(gpus) if mode == "apply" else m.restore(gpus)
 assert all(c.ok for c in changes), changes
 print(len(changes))
@@ -596,7 +591,7 @@ def test_sim_restore_without_readings_asks_nvml_which_gpu_is_which(tmp_path):
     store = OriginalsStore(str(state))
     store.save_if_absent("power_limit_watts", "gpu:0", 450, uuid=uuid1)   # saved as index 0
     store.save_if_absent("power_limit_watts", "gpu:5", 300, uuid="GPU-not-here")
-    m = TuningManager(config(""), gw, str(state), clock, host_root=str(tmp_path))
+    m = TuningManager(config(""), gw, str(state), clock)
     changes = {c.subject: c for c in m.restore()}
     assert changes["gpu:0"].ok, changes["gpu:0"].error
     assert node.state(1)["power_limit"] == 450 and node.state(0)["power_limit"] == 700

@@ -63,8 +63,9 @@ class FakeNetlink:
 def make(tmp_path, text, netlink, host_root=None, gateway=None, interval=5):
     cfg = parse(f"[tuning]\nverify_interval_seconds = {interval}\n" + text)
     clock = VirtualClock()
+    from gpucostd.probes.host import HostProbe
     m = TuningManager(cfg, gateway, str(tmp_path / "state"), clock, netlink=netlink,
-                      host_root=str(host_root or tmp_path))
+                      nic_driver=HostProbe(str(host_root or tmp_path)).nic_driver)
     return m, clock
 
 

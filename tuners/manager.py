@@ -18,7 +18,7 @@ import logging
 import shutil
 import subprocess
 import textwrap
-from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 from gpucostd.snapshot import Event, Setting, Severity
 from gpucostd.tuners.base import (Change, Planned, TunerError, fmt_value, gpu_label,
@@ -40,7 +40,8 @@ __all__ = ["TuningManager", "Change", "shutdown_in_progress", "format_plan", "fo
 
 class TuningManager:
     def __init__(self, config, gateway, state_dir: str, clock, netlink=None,
-                 host_root: str = "/", restore_hint: Optional[str] = None, host_probe=None):
+                 nic_driver: Optional[Callable[[str], Optional[str]]] = None,
+                 restore_hint: Optional[str] = None):
         self.config = config
         self.gateway = gateway
         self.state_dir = state_dir
@@ -48,18 +49,14 @@ class TuningManager:
         self.restore_hint = restore_hint or DEFAULT_RESTORE_HINT
         self._netlink = netlink
         self._own_netlink = netlink is None
-        if host_probe is None and hasattr(host_root, "nic_driver"):
-            host_probe, host_root = host_root, "/"      # the contract's positional host_probe
-        if host_probe is None:
-            from gpucostd.probes.host import HostProbe
-            host_probe = HostProbe(host_root)
-        self.host_probe = host_probe
         self.originals = OriginalsStore(state_dir, clock)
         self.power = GpuPowerTuner(gateway)
         self.persistence = GpuPersistenceTuner(gateway)
         self.clocks = GpuLockedClocksTuner(gateway)
         self.profile = GpuPowerProfileTuner(gateway)
-        self.nic = NicRingsTuner(self._get_netlink, host_probe)
+        # the host's facts come from the loop's host probe: a NIC's driver, for the message
+        # of a driver that cannot set its rings
+        self.nic = NicRingsTuner(self._get_netlink, nic_driver)
         self.drift_counts: Dict[Tuple[str, str], int] = {}
         self._established: Dict[Tuple[str, str], Any] = {}   # desired value seen in sync
         self._drifted: Dict[Tuple[str, str], Any] = {}       # drift counted, not resolved
@@ -102,6 +99,10 @@ class TuningManager:
         self.config = config
         self._last_verify = None
         self.originals.reload()       # an operator may have fixed or removed a damaged file
+
+    def reload_originals(self) -> None:
+        """Read the saved originals again (the state directory was made again)."""
+        self.originals.reload()
 
     def close(self) -> None:
         if self._own_netlink and self._netlink is not None:

@@ -24,18 +24,19 @@ class NicRingsTuner:
     names = tuple(setting_name(q) for q in QUEUES)
     kind = "nic"
 
-    def __init__(self, netlink: Callable[[], Any], host_probe: Any = None):
+    def __init__(self, netlink: Callable[[], Any],
+                 nic_driver: Optional[Callable[[str], Optional[str]]] = None):
         self._netlink = netlink           # returns a daemon.netlink.Netlink (lazily made)
-        self.host_probe = host_probe
+        self.nic_driver = nic_driver      # ifname -> its driver (the host's facts), or None
         self.rings: Dict[str, Dict[str, Dict[str, int]]] = {}   # ifname -> current/max
 
     # ------------------------------------------------------------------ errors
     def _error(self, exc: BaseException, ifname: str) -> TunerError:
         kind = getattr(exc, "kind", "other")
-        if kind == "not_supported" and not getattr(exc, "driver", None) and self.host_probe:
+        if kind == "not_supported" and not getattr(exc, "driver", None) and self.nic_driver:
             driver = None
             try:
-                driver = self.host_probe.nic_driver(ifname)
+                driver = self.nic_driver(ifname)
             except Exception:
                 pass
             if driver:

@@ -432,7 +432,7 @@ def plan(snap, params: Params, config, levers: Optional[Dict[str, Any]] = None
     if not snap.gpus:
         raise CalibrationRefused("no GPUs to calibrate (NVML: "
                                  f"{snap.nvml_error or 'reports none'})")
-    readings = list((snap.extra or {}).get("inference") or ())
+    readings = list(snap.inference or ())
     wanted = set(params.gpus) if params.gpus is not None else None
     if wanted is not None:
         missing = sorted(wanted - {g.index for g in snap.gpus})

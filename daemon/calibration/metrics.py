@@ -1,4 +1,4 @@
-"""Prometheus families of `gpucostd calibrate` (from snapshot.extra["calibration"]): whether one
+"""Prometheus families of `gpucostd calibrate` (from snapshot.calibration): whether one
 runs and the limit of its current step, and the last calibration's recommended limits and those
 its --apply put in force."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 def metric_families(snapshot) -> list:
     from prometheus_client.core import GaugeMetricFamily
 
-    info = (snapshot.extra or {}).get("calibration")
+    info = snapshot.calibration
     if not isinstance(info, dict):
         return []
     uuids = {str(g.index): g.uuid or "" for g in snapshot.gpus or ()}

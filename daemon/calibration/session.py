@@ -135,7 +135,7 @@ class Calibration:
         if self.client_timeout is not None and now - self.last_poll > self.client_timeout:
             return self._abort(f"the calibrate command stopped asking for progress for "
                                f"{self.client_timeout:g} s (interrupted or disconnected)")
-        readings = {r.url: r for r in (snap.extra or {}).get("inference") or () if r}
+        readings = {r.url: r for r in snap.inference or () if r}
         stepping = self.stepping()
         for grp in stepping:
             limit = grp.steps[self.step]
@@ -540,7 +540,7 @@ def stop(daemon, reason: str = "the daemon is stopping") -> List[Event]:
 
 
 def snapshot_info(daemon) -> Optional[Dict[str, Any]]:
-    """snapshot.extra["calibration"]: the running one's progress (with its uuids), and the
+    """snapshot.calibration: the running one's progress (with its uuids), and the
     last report's recommended limits per GPU and those --apply wrote while its drop-in is
     still there (for /metrics)."""
     cal = getattr(daemon, "calibration", None)

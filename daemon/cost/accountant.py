@@ -19,14 +19,16 @@ from typing import Any, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from gpucostd.clock import RealClock, StepWatch, stamp, step_since
 from gpucostd.cost.efficiency import EfficiencyBook, floor_step, rebase_history
-from gpucostd.cost.model import (MAX_LOSS_FOR_MULTIPLIER, _COUNTER_GROUPS, _Sample, _counters,
-                                 _finite, _sorted_reasons, active_throttle_reasons,
-                                 cost_multiplier, fit_tokens_vs_clock, integrate, is_busy,
-                                 loss_ratio, reference_clock)
-from gpucostd.cost.report import (BUCKET_SECONDS, HISTORY_SECONDS, CostReport, GpuCost,
-                                  ReasonCost, TokenCost, WindowCost, _add_reasons,
-                                  _expand_history, _finish_window, _triple, cost_breakdown,
-                                  breakdown)  # noqa: F401 - its home was here
+from gpucostd.cost.model import (MAX_LOSS_FOR_MULTIPLIER, COUNTER_GROUPS as _COUNTER_GROUPS,
+                                 GpuSample as _Sample, counter_values as _counters,
+                                 is_finite as _finite, sorted_reasons as _sorted_reasons,
+                                 active_throttle_reasons, cost_multiplier, fit_tokens_vs_clock,
+                                 integrate, is_busy, loss_ratio, reference_clock)
+from gpucostd.cost.report import (BUCKET_SECONDS, HISTORY_SECONDS, CostReport, GpuCost, ReasonCost,
+                                  TokenCost, WindowCost, add_reasons as _add_reasons,
+                                  expand_history as _expand_history,
+                                  finish_window as _finish_window, triple as _triple,
+                                  cost_breakdown, breakdown)  # noqa: F401 - breakdown's home was here
 from gpucostd.snapshot import GpuReading, GpuState
 from gpucostd.statefile import (move_aside, notice, plausible_epoch, read_json, set_aside,
                                 write_atomic)
@@ -397,7 +399,7 @@ class CostAccountant:
         figures["gpu_dollars_per_hour"] = node_price
         figures["floor"] = self._floor_view(now_mono)
         notes = tuple(self._notes)
-        price_note = getattr(self.config, "price_note", None)   # illustrative (--simulate)
+        price_note = self.config.price_note   # illustrative (--simulate)
         if price_note:
             notes += (price_note[0].upper() + price_note[1:],)
         report = CostReport(now_wall, now_mono, self.currency, tuple(gpus_out),

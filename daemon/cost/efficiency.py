@@ -28,7 +28,8 @@ import math
 from collections import deque
 from typing import Any, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from gpucostd.cost.model import MAX_SAMPLE_GAP_SECONDS, _finite, _r, is_busy
+from gpucostd.cost.model import (MAX_SAMPLE_GAP_SECONDS, is_finite as _finite, rounded as _r,
+                                 is_busy)
 from gpucostd.snapshot import GpuReading, GpuState
 
 WINDOW_SECONDS = 300.0            # window of tokens/s, idle share and energy $/h

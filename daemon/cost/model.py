@@ -253,3 +253,12 @@ def fit_tokens_vs_clock(points: Sequence[Tuple[float, float, float]], loss_now: 
     return {"usable": r2 >= 0.5, "why": None if r2 >= 0.5 else f"poor fit (R^2 {r2:.2f})",
             "points": n, "slope_tokens_per_second": _r(b), "intercept": _r(a),
             "r2": _r(r2, 4), "tokens_lost_per_second": _r(lost_per_second)}
+
+
+# the names other modules import (the module itself keeps its short private ones)
+COUNTER_GROUPS = _COUNTER_GROUPS
+is_finite = _finite
+counter_values = _counters
+rounded = _r
+sorted_reasons = _sorted_reasons
+GpuSample = _Sample

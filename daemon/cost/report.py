@@ -9,7 +9,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
-from gpucostd.cost.model import _finite, _r, _sorted_reasons
+from gpucostd.config import PRICES_FIX  # noqa: F401 (one text, kept with the config)
+from gpucostd.cost.model import (is_finite as _finite, rounded as _r,
+                                 sorted_reasons as _sorted_reasons)
 
 BUCKET_SECONDS = 60            # history granularity
 HISTORY_SECONDS = 86400        # history kept (24 h)
@@ -520,7 +522,6 @@ def _clip(line: str, width: int = 100) -> str:
 # A simulated node priced at its scenario's [prices] (gpucostd.sim.sections) carries a cost
 # note that starts so; the status lines and the systemd status line say it from that note.
 ILLUSTRATIVE_NOTE = "Prices are illustrative"
-PRICES_FIX = "set [cost] gpu_hour_usd and energy_usd_per_kwh for your own prices"
 
 
 def priced_illustratively(notes: Any) -> bool:
@@ -659,3 +660,10 @@ def efficiency_lines(node: Mapping[str, Any], currency: str = "USD",
             e += f"; idle capacity {_gpu_seconds(unused)}"
         lines.append(_clip(e))
     return lines
+
+
+# the names other modules import (the module itself keeps its short private ones)
+add_reasons = _add_reasons
+finish_window = _finish_window
+triple = _triple
+expand_history = _expand_history

@@ -44,3 +44,12 @@ def _mig(fault: Any) -> str:
     parts = [f"MIG GPU instance {gi}" if isinstance(gi, int) else "",
              f"compute instance {ci}" if isinstance(ci, int) else ""]
     return ", ".join(p for p in parts if p)
+
+
+# the names other modules import (the module itself keeps its short private ones)
+shortened = _short
+xid_title = _xid_title
+fmt_seconds = _fmt_seconds
+expected_gpus = _expected
+fault_time = _fault_time
+mig_text = _mig

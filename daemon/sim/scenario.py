@@ -33,8 +33,8 @@ else:  # pragma: no cover - exercised on Python < 3.11
 from gpucostd.config import FileError
 from gpucostd.sim import physics as phys
 from gpucostd.sim.scenario_time import ScenarioTimeQueries
-from gpucostd.sim.sections import (ScenarioPrices, _fmt, _indexes, _num, parse_physics,
-                                    parse_prices, parse_serving)
+from gpucostd.sim.sections import (ScenarioPrices, fmt_value as _fmt, index_list as _indexes,
+                                   num_text as _num, parse_physics, parse_prices, parse_serving)
 from gpucostd.snapshot import CLOCK_EVENT_REASONS, REASON_BITS, VIOLATION_POLICIES, VIOLATION_REASONS
 
 BUILTIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scenarios")

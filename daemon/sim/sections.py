@@ -132,21 +132,24 @@ def parse_prices(v: Any, data: Mapping[str, Any]) -> Optional[ScenarioPrices]:
     return prices
 
 
-def with_scenario_prices(config: Any, prices: Optional[ScenarioPrices], label: str
-                         ) -> Tuple[Any, Optional[str]]:
-    """(config, note): a config that sets no price ([cost] gpu_hour_usd, energy_usd_per_kwh
-    and [cost.model_hour_usd] all unset) priced at the scenario's illustrative `prices`,
-    with the note that says so; a config with any price of its own, or a scenario without
-    [prices], unchanged (note None). The config's pue stays when it sets one."""
+def with_scenario_prices(config: Any, prices: Optional[ScenarioPrices], label: str) -> Any:
+    """A config that sets no price ([cost] gpu_hour_usd, energy_usd_per_kwh and
+    [cost.model_hour_usd] all unset) priced at the scenario's illustrative `prices`, a new
+    Config whose price_note says so; a config with any price of its own, or a scenario
+    without [prices], unchanged. The config's pue stays when it sets one."""
     cost = config.cost
     if prices is None or cost.gpu_hour_usd or cost.energy_usd_per_kwh or config.model_prices:
-        return config, None
+        return config
     pue = float(cost.pue) if float(cost.pue) != 1.0 else prices.pue
     note = (f"prices are illustrative, not yours: ${prices.gpu_hour_usd:.2f} per GPU-hour, "
             f"${prices.energy_usd_per_kwh:g} per kWh, PUE {pue:g}, from the scenario {label} "
             "([prices]); set [cost] gpu_hour_usd and energy_usd_per_kwh in the config for "
             "your own")
-    cfg = config.updated(cost={"gpu_hour_usd": prices.gpu_hour_usd, "currency": "USD",
-                               "energy_usd_per_kwh": prices.energy_usd_per_kwh, "pue": pue})
-    cfg.price_note = note        # read by the cost accountant and the loop (status, logs)
-    return cfg, note
+    return config.priced({"gpu_hour_usd": prices.gpu_hour_usd, "currency": "USD",
+                          "energy_usd_per_kwh": prices.energy_usd_per_kwh, "pue": pue}, note)
+
+
+# the names other modules import (the module itself keeps its short private ones)
+fmt_value = _fmt
+index_list = _indexes
+num_text = _num

@@ -73,6 +73,21 @@ def _labels(g):
     return [str(g.index), g.uuid or ""]
 
 
+def part_families(snap: NodeSnapshot) -> Iterable:
+    """Each part of the cycle (gpucostd.part): did its last run succeed, how long it took."""
+    ok = GaugeMetricFamily("gpucostd_part_last_success",
+                           "1 if the part's last run in the cycle succeeded, 0 if it raised "
+                           "(see the part_failed finding).", labels=["part"])
+    took = GaugeMetricFamily("gpucostd_part_duration_seconds",
+                             "How long the part's last run in the cycle took.",
+                             labels=["part"])
+    for r in snap.parts:
+        ok.add_metric([r.name], 1 if r.ok else 0)
+        took.add_metric([r.name], float(r.seconds))
+    yield ok
+    yield took
+
+
 def core_families(snap: NodeSnapshot) -> Iterable:
     build = GaugeMetricFamily("gpucostd_build_info", "gpucostd build information.",
                               labels=["version", "python"])
@@ -82,20 +97,20 @@ def core_families(snap: NodeSnapshot) -> Iterable:
     up.add_metric([], 1 if snap.nvml_available else 0)
     yield up
     yield CounterMetricFamily("gpucostd_cycles", "Poll cycles completed.", value=snap.cycle)
-    extra = snap.extra or {}
     yield CounterMetricFamily("gpucostd_kernel_log_lines_lost",
                               "Kernel log records overwritten before they were read (a flood).",
-                              value=int(extra.get("kernel_log_lines_lost") or 0))
+                              value=int(snap.kernel_log.lines_lost or 0))
     usable = GaugeMetricFamily("gpucostd_state_dir_usable",
                                "1 if the state directory takes writes (there, writable, not "
                                "full), 0 if not.")
-    usable.add_metric([], 0 if extra.get("state_dir_usable") is False else 1)
+    usable.add_metric([], 1 if snap.state_dir.usable else 0)
     yield usable
     pending = GaugeMetricFamily("gpucostd_events_pending",
                                 "Events held in memory because the event database cannot be "
                                 "written.")
-    pending.add_metric([], int(extra.get("events_pending") or 0))
+    pending.add_metric([], int(snap.state_dir.events_pending or 0))
     yield pending
+    yield from part_families(snap)
     age = GaugeMetricFamily("gpucostd_snapshot_timestamp_seconds",
                             "Wall time of the snapshot these metrics come from.")
     age.add_metric([], snap.time)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from gpucostd.cost.model import _sorted_reasons
+from gpucostd.cost.model import sorted_reasons as _sorted_reasons
 from gpucostd.cost.report import CostReport
 
 

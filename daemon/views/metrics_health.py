@@ -120,7 +120,7 @@ def metric_families(snapshot: NodeSnapshot):
     for (switch, sxid), count in sorted(((snapshot.counters or {}).get("sxid_totals")
                                          or {}).items()):
         sxids.add_metric([str(switch), str(sxid)], float(count))
-    inv = (snapshot.extra or {}).get("gpu_inventory") or {}
+    inv = snapshot.gpu_inventory or {}
     if inv.get("expected"):
         expected.add_metric([], float(inv["expected"]))
     for m in inv.get("missing") or ():

@@ -43,13 +43,13 @@ def metric_families(snapshot) -> list:
     rings = GaugeMetricFamily("gpucostd_nic_ring_entries",
                               "NIC ring buffer size in descriptors (current and maximum).",
                               labels=["interface", "queue", "kind"])
-    for ifname, info in sorted(((snapshot.extra or {}).get("nic_rings") or {}).items()):
+    for ifname, info in sorted((snapshot.nic_rings or {}).items()):
         for kind in ("current", "max"):
             for queue, n in sorted((info.get(kind) or {}).items()):
                 if n is not None:
                     rings.add_metric([ifname, queue, kind], float(n))
     fams = [desired, actual, in_sync, drift, rings]
-    host = (snapshot.extra or {}).get("host")
+    host = snapshot.host
     enabled = host.get("iommu_enabled") if isinstance(host, dict) else \
         getattr(host, "iommu_enabled", None)
     if enabled is not None:

@@ -65,9 +65,9 @@ def _gpu_json(g: GpuReading, health: Severity, findings: List[Finding]) -> Dict[
 def _node_extra(snap: NodeSnapshot) -> Dict[str, Any]:
     """persistenced (running: true/false, null unknown), expected_gpu_count, missing_gpus[]
     (uuid, pci_bus_id, index, name) and nvswitch_sxids[] (switch, sxid, count)."""
-    inv = (snap.extra or {}).get("gpu_inventory") or {}
+    inv = snap.gpu_inventory or {}
     sxids = (snap.counters or {}).get("sxid_totals") or {}
-    return {"persistenced": (snap.extra or {}).get("persistenced"),
+    return {"persistenced": snap.persistenced,
             "expected_gpu_count": inv.get("expected") or None,
             "missing_gpus": list(inv.get("missing") or ()),
             "nvswitch_sxids": [{"switch": sw, "sxid": code, "count": n}
@@ -82,7 +82,7 @@ def snapshot_json(snap: NodeSnapshot) -> Dict[str, Any]:
             by_gpu.setdefault(f.gpu, []).append(f)
         else:
             node_findings.append(f)
-    extra = snap.extra or {}
+    d, kl = snap.daemon, snap.kernel_log
     cost = snap.cost.to_json() if snap.cost is not None and hasattr(snap.cost, "to_json") \
         else None
     cost_text = None
@@ -94,15 +94,14 @@ def snapshot_json(snap: NodeSnapshot) -> Dict[str, Any]:
         "host": snap.hostname,
         "time": snap.time,
         "daemon": {
-            "version": extra.get("version"), "pid": extra.get("pid"),
+            "version": d.version or None, "pid": d.pid or None,
             "started_at": snap.started_at,
             "uptime_seconds": round(snap.monotonic - snap.started_monotonic, 1)
             if snap.started_monotonic is not None else round(snap.time - snap.started_at, 1),
-            "cycle": snap.cycle, "config_path": extra.get("config_path"),
-            "simulated_scenario": extra.get("simulated"),
-            "kernel_log": extra.get("kernel_log"),
-            "kernel_log_error": extra.get("kernel_log_error"),
-            "kernel_log_lines_lost": extra.get("kernel_log_lines_lost", 0),
+            "cycle": snap.cycle, "config_path": d.config_path,
+            "simulated_scenario": d.simulated,
+            "kernel_log": kl.source, "kernel_log_error": kl.error,
+            "kernel_log_lines_lost": kl.lines_lost,
         },
         "node": {
             "health": snap.node_health.name,
@@ -123,8 +122,8 @@ def snapshot_json(snap: NodeSnapshot) -> Dict[str, Any]:
         "cost_text": cost_text,
         "events": [event_json(e) for e in reversed(snap.recent_events)],
         # a running `gpucostd calibrate` (id, state, step, steps, limits, remaining_seconds)
-        "calibration": ((extra.get("calibration") or {}).get("progress")
-                        if isinstance(extra.get("calibration"), dict) else None),
+        "calibration": ((snap.calibration or {}).get("progress")
+                        if isinstance(snap.calibration, dict) else None),
     })
 
 
