@@ -1,11 +1,7 @@
-"""The daemon loop: run the cycle's parts, hand their results to the node judge, record,
-publish: one immutable snapshot per cycle. It judges nothing itself.
-
-The parts (gpucostd.part; one file each in daemon/parts/) are built here once, in order; each
-runs timed and guarded, so one part's unexpected failure costs that part alone (a part_failed
-finding, gpucostd_part_last_success 0) and the cycle goes on: the daemon never dies of a bad
-reading, a bad kernel line or a bad endpoint. Nothing but this loop calls a probe or a tuner
-(the CLI's one-shot commands build a Daemon and call step() once).
+"""The daemon loop: run the cycle's parts (gpucostd.part; one file each in daemon/parts/), hand
+their results to the node judge, record, publish one immutable snapshot per cycle; it judges
+nothing itself. Each part runs timed and guarded: a failure costs that part alone (a part_failed
+finding, gpucostd_part_last_success 0). One-shot commands build a Daemon and call step() once.
 """
 from __future__ import annotations
 
@@ -23,7 +19,6 @@ from gpucostd.config import PRICES_FIX, Config
 from gpucostd.part import Cycle, Part, PartResult
 from gpucostd.snapshot import (DaemonInfo, Event, KernelLogStatus, NodeSnapshot, Severity,
                                StateDirStatus)
-
 from gpucostd.views.statusline import summary_line
 
 LOG = logging.getLogger("gpucostd")
@@ -143,10 +138,7 @@ class Daemon:
         from gpucostd.parts.inference import endpoint_probes
         self.inference[:], self.sim_serving = endpoint_probes(
             self.config, self.sim, self.sim_serving, self.clock, self.one_shot,
-            gpu_count=self._gpu_count)
-
-    def _gpu_count(self) -> int:
-        return len(self._latest.gpus) if self._latest is not None else 0
+            gpu_count=lambda: len(self._latest.gpus) if self._latest is not None else 0)
 
     def _sim_prices(self, config: Config) -> Config:
         """`gpucostd run --simulate` with no price in the config: the scenario's illustrative
@@ -233,13 +225,9 @@ class Daemon:
         return self._stop.is_set()
 
     def run(self) -> None:
-        """Loop until stop(). The first complete snapshot sends READY=1.
-
-        The schedule (docs/reliability.md, "The cycle schedule"): regular cycles keep their
-        times (start + k x interval); a wake-up (a kernel-log fault, SIGHUP, calibration) runs
-        one early cycle for all the wakes that came in, never sooner than EARLY_GAP seconds (or
-        the last cycle's own length, if longer) after the last cycle ended, and never moves the
-        regular schedule. The watchdog is fed after every cycle and while the loop waits."""
+        """Loop until stop(); the first complete snapshot sends READY=1. Regular cycles keep
+        their times; wake-ups share one early cycle that never moves them; the watchdog is fed
+        while the loop waits (docs/reliability.md, "The cycle schedule")."""
         from gpucostd.clock import EARLY_GAP, wait_for_cycle
         interval = self.config.daemon.interval_seconds
         next_at = self.clock.monotonic()
@@ -251,10 +239,8 @@ class Daemon:
                 interval = self.config.daemon.interval_seconds
             snap = self.step()
             if self.notifier is not None:
-                if snap.cycle == 1:
-                    self.notifier.ready(summary_line(snap))
-                else:
-                    self.notifier.status(summary_line(snap))
+                (self.notifier.ready if snap.cycle == 1 else self.notifier.status)(
+                    summary_line(snap))
                 self.notifier.watchdog()
             now = self.clock.monotonic()
             if now >= next_at:         # the regular cycle (an early one that ran into it counts)

@@ -42,12 +42,15 @@ from gpucostd.hw.gpm import read_activity
 from gpucostd.hw.nvml_clocks import ClockSettings
 from gpucostd.hw.nvml_fields import (CONVERT, IDENTITY, LEGACY, LEGACY_CONVERT, READINGS,
                                      SKIP_IF_PRESENT, STATIC_READINGS, VIOLATION_PREFIX,
-                                     DeviceRead, Field, Legacy, _GpuSession, get_field_values)
+                                     DeviceRead, Field, Legacy, get_field_values)
+from gpucostd.hw.nvml_fields import GpuSession as _GpuSession
 from gpucostd.hw.nvml_fields import field_value as _field_value  # noqa: F401 (tests)
-from gpucostd.hw.nvml_lanes import _Job, _Lane, _now
-from gpucostd.hw.nvml_errors import (_ERROR_TEXT, _FATAL, _FIELD_ABSENT, _GPU_IS_LOST,  # noqa: F401
-                                     _KIND_BY_CODE, _NOT_SUPPORTED, KINDS, NvmlError,
-                                     _describe, _from_nvml, _refused, _where)
+from gpucostd.hw.nvml_lanes import Job as _Job, Lane as _Lane, now as _now
+from gpucostd.hw.nvml_errors import KINDS, NvmlError  # noqa: F401
+from gpucostd.hw.nvml_errors import (  # noqa: F401 - the old local names
+    ERROR_TEXT as _ERROR_TEXT, FATAL as _FATAL, FIELD_ABSENT as _FIELD_ABSENT,
+    GPU_IS_LOST as _GPU_IS_LOST, KIND_BY_CODE as _KIND_BY_CODE, NOT_SUPPORTED as _NOT_SUPPORTED,
+    describe as _describe, from_nvml as _from_nvml, refused as _refused, where as _where)
 from gpucostd.snapshot import VIOLATION_POLICIES
 
 try:  # pragma: no cover - the import itself is exercised everywhere

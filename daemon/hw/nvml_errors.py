@@ -118,3 +118,16 @@ def _refused(err: NvmlError, index: int, doing: str) -> NvmlError:
     return NvmlError("no_permission", f"GPU {index}: {doing} was refused "
                      "(NVML_ERROR_NO_PERMISSION): it needs root (or CAP_SYS_ADMIN); run gpucostd "
                      "as root (the packaged systemd unit does)", err.code, index, err.function)
+
+# public names for the modules split from this one's user (they import them under their
+# old local names)
+ERROR_TEXT = _ERROR_TEXT
+FATAL = _FATAL
+FIELD_ABSENT = _FIELD_ABSENT
+GPU_IS_LOST = _GPU_IS_LOST
+KIND_BY_CODE = _KIND_BY_CODE
+NOT_SUPPORTED = _NOT_SUPPORTED
+describe = _describe
+from_nvml = _from_nvml
+refused = _refused
+where = _where

@@ -376,3 +376,7 @@ class _GpuSession:
                 chosen[f.reading] = f
             plan = self.plans[with_static] = tuple(chosen.values())
         return plan
+
+# public names for the modules split from this one's user (they import them under their
+# old local names)
+GpuSession = _GpuSession

@@ -90,3 +90,9 @@ class _Lane:
 
     def stop(self) -> None:
         self.queue.put(None)
+
+# public names for the modules split from this one's user (they import them under their
+# old local names)
+Job = _Job
+Lane = _Lane
+now = _now

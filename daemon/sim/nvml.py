@@ -50,7 +50,10 @@ from gpucostd.sim.nvml_abi import (  # noqa: F401 - the names callers import fro
     NVML_TEMPERATURE_THRESHOLD_SHUTDOWN, NVML_TEMPERATURE_THRESHOLD_SLOWDOWN,
     NVML_VALUE_TYPE_DOUBLE, NVML_VALUE_TYPE_UNSIGNED_INT, NVML_VALUE_TYPE_UNSIGNED_LONG_LONG,
     NVML_VOLATILE_ECC, P, PciInfo, SYMBOLS, U, Utilization, VIOLATION_FIELDS, Value,
-    ViolationTime, _FV_HEAD, _FV_KEY, _FV_OFF_TS, _FV_OFF_VALUE, _FV_SIZE, _FV_STAMP, _FV_VALUE)
+    ViolationTime)
+from gpucostd.sim.nvml_abi import (  # noqa: F401 - the old local names
+    FV_HEAD as _FV_HEAD, FV_KEY as _FV_KEY, FV_OFF_TS as _FV_OFF_TS, FV_OFF_VALUE as _FV_OFF_VALUE,
+    FV_SIZE as _FV_SIZE, FV_STAMP as _FV_STAMP, FV_VALUE as _FV_VALUE)
 
 log = logging.getLogger("gpucostd.simnvml")
 

@@ -221,3 +221,13 @@ SYMBOLS: Dict[str, Tuple[Any, Tuple[Any, ...]]] = {
 
 SYMBOLS.update(GPM_SYMBOLS)
 HEADER_CONSTANTS.update(GPM_CONSTANTS)
+
+# public names for the modules split from this one's user (they import them under their
+# old local names)
+FV_HEAD = _FV_HEAD
+FV_KEY = _FV_KEY
+FV_OFF_TS = _FV_OFF_TS
+FV_OFF_VALUE = _FV_OFF_VALUE
+FV_SIZE = _FV_SIZE
+FV_STAMP = _FV_STAMP
+FV_VALUE = _FV_VALUE
