@@ -399,8 +399,10 @@ def test_simulated_demo_shows_tokens_per_dollar_energy_and_idle_cost(daemon_fact
     tk = st["cost"]["node"]["tokens"]
     assert [e["server"] for e in tk["endpoints"]] == ["vllm", "vllm"]
     assert all(e["url"].startswith("http://127.0.0.1:") for e in tk["endpoints"])
-    # 2 x 4 GPUs x 2000 x 0.95 tokens/s, less while GPU 0 is hot
-    assert 13000 < tk["tokens_per_second"] <= 15200 * 1.01
+    # 2 x 4 GPUs x 2000 x 0.95 tokens/s, less while GPU 0 is hot; the rate is the rise between
+    # two scrapes over the daemon's own stamps, 0.5 s apart: on a loaded machine a stamp can
+    # trail its counter by tens of ms (seen: +1.2%), so the ceiling allows 5%
+    assert 13000 < tk["tokens_per_second"] <= 15200 * 1.05
     text = d.cli("status").stdout
     assert "Tokens: " in text and " per $" in text and "per million" in text and "idle " in text
     assert "Energy: " in text
