@@ -25,6 +25,7 @@ from gpucostd import (DEFAULT_PATH, DEFAULT_SOCKET, _is_root,  # noqa: E402,F401
 
 from gpucostd.config_schema import (DEFAULT_LISTEN, DEFAULT_STATE_DIR,  # noqa: F401 (re-exported)
                                     GPU_TUNING_KEYS, RING_KEYS, SCHEMA, Key, _k)
+from gpucostd.tomllines import TomlLines
 # A config is a few kilobytes; anything far larger is a mistake (or an attack on memory) and is
 # refused before it is read.
 MAX_CONFIG_BYTES = 1 << 20
@@ -266,32 +267,6 @@ def default_state_dir() -> str:
     return os.path.join(base, "gpucostd") if base else f"/tmp/gpucostd-{os.getuid()}/state"
 
 
-class _Locator:
-    """Finds the line of `key` in `[section]` of the raw text (tomllib gives no positions)."""
-
-    HEADER = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
-
-    def __init__(self, text: str):
-        self.lines = text.splitlines()
-
-    def find(self, section: str, key: Optional[str] = None, nth: int = 0) -> Optional[int]:
-        """Line of `key` in the nth `[section]` (or of the header itself when key is None)."""
-        current, seen = "", -1
-        for i, line in enumerate(self.lines, 1):
-            m = self.HEADER.match(line)
-            if m:
-                current = m.group(1).replace('"', "").replace(" ", "")
-                if current == section:
-                    seen += 1
-                    if key is None and seen == nth:
-                        return i
-                continue
-            if key is not None and current == section and seen == nth and re.match(
-                    rf'^\s*"?{re.escape(key)}"?\s*=', line):
-                return i
-        return None
-
-
 def _versionish(text: str) -> bool:
     return bool(re.fullmatch(r"\d+(\.\d+){0,3}", text))
 
@@ -388,11 +363,11 @@ def _parse(text: str, path: Optional[str]) -> Config:
     except tomllib.TOMLDecodeError as e:
         m = re.search(r"line (\d+)", str(e))
         raise ConfigError(f"not valid TOML: {e}", path, int(m.group(1)) if m else None) from None
-    loc = _Locator(text)
+    loc = TomlLines(text)
 
     def err_at(section, key=None, nth=0):
         def make(msg):
-            return ConfigError(msg, path, loc.find(section, key, nth) or loc.find(section),
+            return ConfigError(msg, path, loc.line(section, key, nth) or loc.line(section),
                                f"{section}.{key}" if key else section)
         return make
 
@@ -514,7 +489,7 @@ def _parse_endpoints(value, endpoints: List[InferenceEndpoint], err_at, loc) -> 
             raise e("parallel")(f'{sec}.parallel = {parallel!r}: choose "tensor" (one group: '
                                 f'the slowest GPU sets its pace) or "data"')
         endpoints.append(InferenceEndpoint(ep["url"], gpus, metric, parallel,
-                                           loc.find(sec, None, i)))
+                                           loc.line(sec, None, i)))
 
 
 def _parse_gpu_settings(table: Mapping[str, Any], prefix: str, err_for, allow_match=False
@@ -565,7 +540,7 @@ def _parse_gpu_tuning(value, values, overrides, err_at, loc):
                     fnmatch.fnmatchcase(val, prev.value) or fnmatch.fnmatchcase(prev.value, val)):
                 raise e("match")(f"overrides {prev.match!r} and {match!r} overlap; make the "
                                  f"model globs disjoint")
-        overrides.append(GpuOverride(match, kind, val, settings, loc.find(sec, None, i)))
+        overrides.append(GpuOverride(match, kind, val, settings, loc.line(sec, None, i)))
 
 
 def _parse_nics(value, nics, err_at):
@@ -667,13 +642,9 @@ def _hook_trust(cfg: "Config") -> List[str]:
     return out
 
 
-def read_config_bytes(path: str, limit: int = MAX_CONFIG_BYTES) -> bytes:
-    """The bytes of a config file, refusing before reading anything that is not a regular file
-    (a FIFO would block the loop, a device never ends) or is larger than `limit`."""
-    return _read_config(path, limit)[0]
-
-
 def _read_config(path: str, limit: int = MAX_CONFIG_BYTES) -> Tuple[bytes, os.stat_result]:
+    """The bytes of a config file and its stat, refusing before reading anything that is not a
+    regular file (a FIFO would block the loop, a device never ends) or is larger than `limit`."""
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | \
         getattr(os, "O_CLOEXEC", 0)
     fd = os.open(path, flags)       # O_NONBLOCK: opening a FIFO does not wait for a writer
@@ -754,11 +725,11 @@ def _merge(base: Dict[str, Any], over: Mapping[str, Any]) -> None:
             base[k] = v
 
 
-def _sources(raw: Mapping[str, Any], path: str, loc: "_Locator",
+def _sources(raw: Mapping[str, Any], path: str, loc: TomlLines,
              out: Dict[str, str]) -> None:
     """Where each key of one file is: dotted key -> "path:line"."""
     def where(section, key, nth=0):
-        line = loc.find(section, key, nth)
+        line = loc.line(section, key, nth)
         return f"{path}:{line}" if line else path
 
     def walk(table, prefix):
@@ -790,7 +761,7 @@ def source_map(files: Sequence[Tuple[str, str]]) -> Dict[str, str]:
         if "endpoint" in raw.get("inference", {}):
             for k in [k for k in sources if k.startswith("inference.endpoint[")]:
                 del sources[k]
-        _sources(raw, p, _Locator(text), sources)
+        _sources(raw, p, TomlLines(text), sources)
     return sources
 
 

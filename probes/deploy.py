@@ -26,6 +26,8 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from gpucostd.probes.hostroot import HostRoot
+
 BIN_DIRS = ("usr/bin", "usr/local/bin", "usr/sbin", "bin", "sbin")
 RUNTIMES = ("docker", "containerd", "podman", "crio")
 TOOLKIT = ("nvidia-ctk", "nvidia-container-cli", "nvidia-container-runtime",
@@ -91,23 +93,13 @@ def parse_proc_net_tcp(text: str, v6: bool) -> List[Tuple[str, int]]:
     return out
 
 
-class DeployProbe:
+class DeployProbe(HostRoot):
     def __init__(self, root: str = "/", run: Optional[Runner] = None):
-        self.root = root or "/"
+        super().__init__(root)
         # the firewall commands see the real host: under another root (fixture trees) they are
         # run only when the caller gives a runner
         self._run = run if run is not None else (_run if os.path.realpath(self.root) == "/"
                                                  else None)
-
-    def path(self, rel: str) -> str:
-        return os.path.join(self.root, rel.lstrip("/"))
-
-    def _text(self, rel: str) -> Optional[str]:
-        try:
-            with open(self.path(rel), "r", encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except OSError:
-            return None
 
     def read(self, model_dirs: Sequence[str] = ()) -> DeployFacts:
         errors: List[str] = []
@@ -128,20 +120,20 @@ class DeployProbe:
             errors.append(f"cannot list {self.path('proc')}: {e.strerror or e}")
             return None, None
         for p in sorted(pids, key=int):
-            comm = self._text(f"proc/{p}/comm")
+            comm = self.text(f"proc/{p}/comm")
             if comm is not None and comm.strip() == "nvidia-persistenced":
                 return True, int(p)
         for d in PERSISTENCED_DIRS:
             if os.path.exists(self.path(f"{d}/socket")):
-                pid = (self._text(f"{d}/nvidia-persistenced.pid") or "").strip()
+                pid = (self.text(f"{d}/nvidia-persistenced.pid") or "").strip()
                 return True, int(pid) if pid.isdigit() else None
         return False, None
 
     def _module_version(self) -> Optional[str]:
-        v = self._text("sys/module/nvidia/version")
+        v = self.text("sys/module/nvidia/version")
         if v and v.strip():
             return v.strip()
-        text = self._text("proc/driver/nvidia/version") or ""
+        text = self.text("proc/driver/nvidia/version") or ""
         for line in text.splitlines():
             if line.startswith("NVRM version:"):
                 for word in line.split():
@@ -162,7 +154,7 @@ class DeployProbe:
         out: List[Tuple[str, int]] = []
         read_any = False
         for name, v6 in (("proc/net/tcp", False), ("proc/net/tcp6", True)):
-            text = self._text(name)
+            text = self.text(name)
             if text is None:
                 continue
             read_any = True

@@ -18,7 +18,7 @@ PACKAGE_DIRS = {"gpucostd": REPO / "daemon", "gpucostd.probes": REPO / "probes",
                 "gpucostd.tuners": REPO / "tuners"}
 
 FOUNDATIONS = {"gpucostd", "gpucostd.config", "gpucostd.config_schema", "gpucostd.snapshot",
-               "gpucostd.clock", "gpucostd.statefile"}
+               "gpucostd.clock", "gpucostd.statefile", "gpucostd.tomllines"}
 # role -> roles it may import (besides its own and the foundations)
 ALLOWED: Dict[str, set] = {
     "foundations": set(),

@@ -180,14 +180,12 @@ def test_hung_gpu_times_out_fast_others_keep_answering_then_it_recovers(sim):
     assert time.monotonic() - t0 < 0.25
     assert gpus[1].state == GpuState.UNRESPONSIVE and "has not returned" in gpus[1].error
     assert gpus[0].temperature_celsius == 45
-    assert gw.unresponsive(1) and gw.unresponsive(0) is None
     with pytest.raises(NvmlError) as info:
         gw.set_power_limit(1, 500)
     assert info.value.kind == "timeout"
     assert sum(node.calls.values()) > calls_before       # GPUs 0 and 2 were read
     # the stuck call returns at t = 1.5 s; the GPU then answers again
     wait_for(lambda: probe.read()[1].state == GpuState.OK, 10, what="GPU 1 recovered")
-    assert gw.unresponsive(1) is None
 
 
 def test_hang_on_a_virtual_clock_is_unresponsive_without_waiting(sim):
