@@ -34,6 +34,51 @@ def wait_for(cond, timeout=10.0, interval=0.05, what="condition"):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
 
 
+@pytest.fixture
+def sim_nvml():
+    """The simulated NVML below the real pynvml (skipped without nvidia-ml-py).
+
+    sim_nvml(scenario="builtin:h100x8", clock=None, gateway=True, **gateway_kw)
+    -> (node, gateway, clock). `scenario` is a builtin name or a scenario's TOML text; clock
+    defaults to a new VirtualClock. With gateway=False no NvmlGateway is made (None in its
+    place): the library is installed as pynvml's loaded one and nvmlInit called, for tests of
+    the simulator at the library boundary. Afterwards the nodes are closed (hung calls
+    return), the gateways shut down and pynvml's own library restored."""
+    pynvml = pytest.importorskip("pynvml", reason="nvidia-ml-py (pynvml) is not installed")
+    from gpucostd.clock import VirtualClock
+    from gpucostd.hw.nvml import NvmlGateway
+    from gpucostd.sim.nvml import SimulatedNode
+    from gpucostd.sim.scenario import parse_scenario
+
+    saved = pynvml.nvmlLib
+    nodes, gateways = [], []
+
+    def make(scenario="builtin:h100x8", clock=None, gateway=True, **gateway_kw):
+        clock = clock or VirtualClock()
+        if isinstance(scenario, str) and not scenario.startswith("builtin:"):
+            scenario = parse_scenario(scenario, "test.toml")
+        node = SimulatedNode(scenario, clock)
+        nodes.append(node)
+        if not gateway:
+            with pynvml.libLoadLock:
+                pynvml.nvmlLib = node.library
+                pynvml._nvmlGetFunctionPointer_cache.clear()
+            pynvml.nvmlInit()
+            return node, None, clock
+        gw = NvmlGateway(library=node.library, clock=clock, **gateway_kw)
+        gateways.append(gw)
+        return node, gw, clock
+
+    yield make
+    for node in nodes:
+        node.close()
+    for gw in gateways:
+        gw.shutdown()
+    with pynvml.libLoadLock:
+        pynvml.nvmlLib = saved
+        pynvml._nvmlGetFunctionPointer_cache.clear()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,8 +14,6 @@ pynvml = pytest.importorskip("pynvml", reason="nvidia-ml-py (pynvml) is not inst
 from gpucostd.clock import RealClock, VirtualClock  # noqa: E402
 from gpucostd.hw.nvml import NvmlError, NvmlGateway  # noqa: E402
 from gpucostd.probes.gpu import GpuProbe  # noqa: E402
-from gpucostd.sim.scenario import parse_scenario  # noqa: E402
-from gpucostd.sim.nvml import SimulatedNode  # noqa: E402
 from gpucostd.snapshot import GpuReading, GpuState  # noqa: E402
 
 from conftest import wait_for  # noqa: E402
@@ -30,26 +28,9 @@ cuda_version = "12.4"
 
 
 @pytest.fixture
-def sim():
+def sim(sim_nvml):
     """sim(scenario_text_or_spec, clock=None, **gateway_kw) -> (node, gateway, clock)."""
-    saved = pynvml.nvmlLib
-    made = []
-
-    def _make(scenario="builtin:h100x8", clock=None, **kw):
-        clock = clock or VirtualClock()
-        if not scenario.startswith("builtin:"):
-            scenario = parse_scenario(scenario, "test.toml")
-        node = SimulatedNode(scenario, clock)
-        gw = NvmlGateway(library=node.library, clock=clock, **kw)
-        made.append(gw)
-        return node, gw, clock
-
-    yield _make
-    for gw in made:
-        gw.shutdown()
-    with pynvml.libLoadLock:
-        pynvml.nvmlLib = saved
-        pynvml._nvmlGetFunctionPointer_cache.clear()
+    return sim_nvml
 
 
 def test_probe_reads_every_field_as_the_scenario_says(sim):
