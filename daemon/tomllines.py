@@ -6,7 +6,10 @@ in a dotted name do not count) and `key =` lines inside them."""
 from __future__ import annotations
 
 import re
-from typing import List, Optional, Tuple
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # annotations only: `gpucostd status` reads socket_path here without typing
+    from typing import List, Optional, Tuple
 
 _HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
 
@@ -49,3 +52,39 @@ class TomlLines:
             if pat.match(self.lines[no - 1]):
                 return no
         return None
+
+
+_BARE_STRING = re.compile(r'''^\s*("[^"\\\n]*"|'[^'\n]*')\s*(#.*)?$''')
+
+
+def simple_string(text: str, table: str, key: str) -> Tuple[bool, Optional[str]]:
+    """The value of `key` in `[table]` when the text sets it in the plain form
+    `key = "value"` (or `table.key = ...` at the top level), without parsing the rest of the
+    file: (True, value), or (True, None) when the text does not set the key. (False, None):
+    the text sets or may set it in a form this scanner does not read (an escape, an inline
+    table, a multi-line string, a value that is not a string); parse the file instead."""
+    if key not in text:
+        return True, None
+    current, value = "", None
+    key_pat = re.compile(r"^\s*([\"']?)(?:(" + re.escape(table) + r")\1\s*\.\s*)?([\"']?)" +
+                         re.escape(key) + r"\3\s*=(.*)$")
+    for raw in text.splitlines():
+        m = _HEADER.match(raw)
+        if m:
+            current = _norm(m.group(2)) if m.group(1) == "[" else None
+            continue
+        if key not in raw:
+            continue
+        k = key_pat.match(raw)
+        here = k is not None and ((k.group(2) is None and current == table) or
+                                  (k.group(2) is not None and current == ""))
+        if not here:
+            if current in ("", table) and re.match(r"^\s*[\"']?" + re.escape(table) +
+                                                   r"[\"']?\s*=", raw):
+                return False, None          # table = { key = ... }: an inline table
+            continue
+        v = _BARE_STRING.match(k.group(4))
+        if v is None:
+            return False, None
+        value = v.group(1)[1:-1]
+    return True, value
