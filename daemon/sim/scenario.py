@@ -151,6 +151,8 @@ NODE_FIELDS: Dict[str, Field] = {
     "repeat_every": _f("number", None, "Cycle period: the timeline replays every N seconds.",
                        min=0.001),
     "driver_loaded": _f("bool", True, "false: nvmlInit fails with DRIVER_NOT_LOADED."),
+    "set_seconds": _f("number", None, "Real seconds every setter call takes (a test knob: a "
+                      "kill can then land inside an apply).", min=0.001, max=10),
 }
 TIMELINE_EXTRA: Dict[str, Field] = {
     "t": _f("number", None, "Seconds from scenario start (within one cycle when repeating).",
@@ -173,6 +175,7 @@ class NodeInfo:
     duration: Optional[float] = None
     repeat_every: Optional[float] = None
     driver_loaded: bool = True
+    set_seconds: Optional[float] = None
 
     # aliases some callers may prefer
     @property
