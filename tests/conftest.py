@@ -18,6 +18,26 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
+# pytest-xdist runs the suite on several workers (pyproject.toml: addopts). Tests that share
+# host state run in one group each, on one worker, one after another: the package build and
+# the containers that install it (one build per session, shared through test_packaging), the
+# kernel's /dev/kmsg (lines one test writes would reach another's daemon; printk_devkmsg),
+# the network namespaces and veth pairs.
+XDIST_GROUPS = {"test_packaging.py": "packages", "test_nspawn.py": "packages",
+                "test_image.py": "packages", "test_kmsg_root.py": "kmsg",
+                "test_tuners_nic.py": "netns"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        group = XDIST_GROUPS.get(os.path.basename(str(item.fspath)))
+        if group is None and "writable_kmsg" in getattr(item, "fixturenames", ()):
+            group = "kmsg"
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
 def wait_for(cond, timeout=10.0, interval=0.05, what="condition"):
     """Poll cond() until it returns a truthy value or the deadline passes."""
     deadline = time.monotonic() + timeout
