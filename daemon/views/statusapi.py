@@ -219,9 +219,35 @@ class StatusServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             return {"ok": False, "error": f"{cmd} failed inside the daemon: {e}"}
 
     def start(self) -> None:
+        # no poll interval: the accept loop sleeps in select until a connection comes (an
+        # idle daemon wakes for nothing); shutdown() wakes it with a connection of its own
         self._thread = threading.Thread(target=self.serve_forever, name="status-api",
-                                         kwargs={"poll_interval": 0.2}, daemon=True)
+                                         kwargs={"poll_interval": None}, daemon=True)
         self._thread.start()
+
+    def shutdown(self) -> None:
+        """Stop serve_forever: ask it to stop, then connect (an empty request, answered with
+        nothing) until it has noticed."""
+        done = threading.Event()
+
+        def wake() -> None:
+            while True:
+                try:
+                    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                        s.settimeout(0.5)
+                        s.connect(self.path)
+                except OSError:
+                    pass
+                if done.wait(0.05):
+                    return
+
+        waker = threading.Thread(target=wake, name="status-api-stop", daemon=True)
+        waker.start()
+        try:
+            super().shutdown()
+        finally:
+            done.set()
+            waker.join(1.0)
 
     def stop(self) -> None:
         self.shutdown()
