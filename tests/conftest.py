@@ -19,21 +19,32 @@ SHARED = REPO.parent / "shared"
 
 
 # pytest-xdist runs the suite on several workers (pyproject.toml: addopts). Tests that share
-# host state run in one group each, on one worker, one after another: the package build and
-# the containers that install it (one build per session, shared through test_packaging), the
-# kernel's /dev/kmsg (lines one test writes would reach another's daemon; printk_devkmsg),
-# the network namespaces and veth pairs.
-XDIST_GROUPS = {"test_packaging.py": "packages", "test_nspawn.py": "packages",
-                "test_image.py": "packages", "test_kmsg_root.py": "kmsg",
-                "test_tuners_nic.py": "netns"}
+# state run in one group each, on one worker, one after another: the kernel's /dev/kmsg (lines
+# one test writes would reach another's daemon; printk_devkmsg), the network namespaces and
+# veth pairs, each booted container with the tests that use it (test_nspawn's module fixture
+# per Debian release), the upgrade proof, the Python 3.13 run, the package tests and the
+# image. The packages are built once per run whichever worker asks first (test_packaging:
+# built_packages, under a lock); the root filesystem caches are made under a lock too.
+XDIST_GROUPS = {"test_packaging.py": "packaging", "test_image.py": "image",
+                "test_kmsg_root.py": "kmsg", "test_tuners_nic.py": "netns"}
+
+
+def xdist_group_of(item) -> "str | None":
+    name = os.path.basename(str(item.fspath))
+    if name == "test_nspawn.py":
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if "box" in params:
+            return f"nspawn-{params['box']}"
+        return "nspawn-" + item.name.split("_")[1]          # test_20_..., test_30_...
+    if "writable_kmsg" in getattr(item, "fixturenames", ()):
+        return "kmsg"
+    return XDIST_GROUPS.get(name)
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        group = XDIST_GROUPS.get(os.path.basename(str(item.fspath)))
-        if group is None and "writable_kmsg" in getattr(item, "fixturenames", ()):
-            group = "kmsg"
+        group = xdist_group_of(item)
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
 

@@ -36,6 +36,7 @@ module takes (a loaded machine is not a broken package); the log lines say where
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -109,6 +110,16 @@ def ensure_rootfs(suite: str, packages: str = BASE_PACKAGES, name: str = "",
     label = f"debootstrap {suite} minbase + {packages}" + (f"; user {user}" if user else "")
     if _stamped(target, label):
         return target
+    CACHE.mkdir(parents=True, exist_ok=True)
+    # pytest-xdist workers (and other runs) share the cache: one builds, the others wait
+    with open(CACHE / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _stamped(target, label):
+            return target
+        return _make_rootfs(suite, packages, user, target, label)
+
+
+def _make_rootfs(suite: str, packages: str, user: str, target: Path, label: str) -> Path:
     base = ensure_rootfs(suite) if packages != BASE_PACKAGES else None
     t0 = time.monotonic()
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -733,6 +744,8 @@ PY313 = Py313Suite()
 
 
 def _start_py313_if_selected(request):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return      # pytest-xdist: test_30 runs on a worker of its own and starts it there
     if any(item.name.startswith("test_30_") for item in request.session.items):
         PY313.start()
 
