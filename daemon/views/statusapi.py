@@ -220,34 +220,22 @@ class StatusServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
     def start(self) -> None:
         # no poll interval: the accept loop sleeps in select until a connection comes (an
-        # idle daemon wakes for nothing); shutdown() wakes it with a connection of its own
+        # idle daemon wakes for nothing); shutdown() wakes it by shutting the socket down
         self._thread = threading.Thread(target=self.serve_forever, name="status-api",
                                          kwargs={"poll_interval": None}, daemon=True)
         self._thread.start()
 
     def shutdown(self) -> None:
-        """Stop serve_forever: ask it to stop, then connect (an empty request, answered with
-        nothing) until it has noticed."""
-        done = threading.Event()
-
-        def wake() -> None:
-            while True:
-                try:
-                    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                        s.settimeout(0.5)
-                        s.connect(self.path)
-                except OSError:
-                    pass
-                if done.wait(0.05):
-                    return
-
-        waker = threading.Thread(target=wake, name="status-api-stop", daemon=True)
-        waker.start()
+        """Stop serve_forever: ask it to stop (socketserver's shutdown, which waits for it),
+        and shut the listening socket down, which wakes its select (accept then fails and the
+        loop sees the request). No connection is made, so no handler outlives the stop."""
+        asking = threading.Thread(target=super().shutdown, name="status-api-stop", daemon=True)
+        asking.start()
         try:
-            super().shutdown()
-        finally:
-            done.set()
-            waker.join(1.0)
+            self.socket.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        asking.join()
 
     def stop(self) -> None:
         self.shutdown()
