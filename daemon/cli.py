@@ -210,19 +210,50 @@ def _peek(path: str, limit: int = 1 << 20) -> bytes:
         os.close(fd)
 
 
+def _named_socket(config: "Optional[str]") -> "tuple[bool, Optional[str]]":
+    """[daemon] socket_path as the config file and its drop-ins (gpucostd.d/*.toml, a later
+    one wins) set it, read by a line scanner (tomllines.simple_string) instead of the
+    validated config: (True, path or None when none sets it), or (False, None) when a file
+    cannot be read that way (a missing or unreadable explicit file, an escape, an inline
+    table): then the caller loads the validated config."""
+    from gpucostd import DEFAULT_PATH
+    from gpucostd.tomllines import simple_string
+    main = config or DEFAULT_PATH
+    files = [main]
+    d = os.path.join(os.path.dirname(os.path.abspath(main)), "gpucostd.d")
+    try:
+        files += [os.path.join(d, n) for n in sorted(os.listdir(d))
+                  if n.endswith(".toml") and not n.startswith(".")]
+    except OSError:
+        pass
+    path = None
+    for i, name in enumerate(files):
+        try:
+            text = _peek(name).decode("utf-8")     # never blocks on a FIFO
+        except FileNotFoundError:
+            if i == 0 and config is None:
+                continue                          # the default file may be missing
+            return False, None
+        except (OSError, UnicodeDecodeError):
+            return False, None
+        sure, value = simple_string(text, "daemon", "socket_path")
+        if not sure:
+            return False, None
+        path = value if value is not None else path
+    return True, path
+
+
 def _socket_path(args) -> str:
     """The daemon's socket: --socket, else the config's [daemon] socket_path, else the default.
-    The config is parsed (tomllib and the whole schema) only when its text names socket_path:
-    `gpucostd status` must start in about the time of the interpreter."""
+    The socket path is read by a line scanner; the config is parsed (tomllib and the whole
+    schema) only when that cannot read it: `gpucostd status` must start in about the time of
+    the interpreter."""
     if getattr(args, "socket", None):
         return args.socket
-    from gpucostd import DEFAULT_PATH, DEFAULT_SOCKET, default_socket_path
-    try:
-        names_socket = b"socket_path" in _peek(args.config or DEFAULT_PATH)
-    except OSError:
-        names_socket = args.config is not None     # let load() say what is wrong with it
-    path = default_socket_path()
-    if names_socket:
+    from gpucostd import DEFAULT_SOCKET, default_socket_path
+    sure, named = _named_socket(args.config)
+    path = named or default_socket_path()
+    if not sure:
         from gpucostd.config import ConfigError, load
         try:
             path = load(args.config).daemon.socket_path

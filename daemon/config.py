@@ -371,7 +371,7 @@ def _parse(text: str, path: Optional[str]) -> Config:
 
     def err_at(section, key=None, nth=0):
         def make(msg):
-            return ConfigError(msg, path, loc.find(section, key, nth) or loc.find(section),
+            return ConfigError(msg, path, loc.line(section, key, nth) or loc.line(section),
                                f"{section}.{key}" if key else section)
         return make
 
@@ -474,7 +474,7 @@ def _parse_gpu_tuning(value, values, overrides, err_at, loc):
                     fnmatch.fnmatchcase(val, prev.value) or fnmatch.fnmatchcase(prev.value, val)):
                 raise e("match")(f"overrides {prev.match!r} and {match!r} overlap; make the "
                                  f"model globs disjoint")
-        overrides.append(GpuOverride(match, kind, val, settings, loc.find(sec, None, i)))
+        overrides.append(GpuOverride(match, kind, val, settings, loc.line(sec, None, i)))
 
 
 def _parse_nics(value, nics, err_at):
@@ -592,12 +592,6 @@ def _hook_trust(cfg: "Config") -> List[str]:
         if problem is not None:
             out.append(f"hooks.{hook}: {problem}; a root daemon will not run it")
     return out
-
-
-def read_config_bytes(path: str, limit: int = MAX_CONFIG_BYTES) -> bytes:
-    """The bytes of a config file, refusing before reading anything that is not a regular file
-    (a FIFO would block the loop, a device never ends) or is larger than `limit`."""
-    return _read_config(path, limit)[0]
 
 
 def _read_config(path: str, limit: int = MAX_CONFIG_BYTES) -> Tuple[bytes, os.stat_result]:

@@ -6,6 +6,8 @@ import re
 import sys
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
+from gpucostd.tomllines import TomlLines
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python < 3.11
@@ -16,31 +18,13 @@ ALTERNATIVES = {"power_limit_watts": "power_limit_percent",
                 "power_limit_percent": "power_limit_watts"}
 
 
-class Locator:
-    """Finds the line of `key` in `[section]` of the raw text (tomllib gives no positions)."""
-
-    HEADER = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
-
-    def __init__(self, text: str):
-        self.lines = text.splitlines()
+class Locator(TomlLines):
+    """Finds the line of `key` in `[section]` of the raw text (tomllib gives no positions): the
+    one line finder, gpucostd.tomllines, under the config's name for it."""
 
     def find(self, section: str, key: Optional[str] = None, nth: int = 0) -> Optional[int]:
         """Line of `key` in the nth `[section]` (or of the header itself when key is None)."""
-        current, seen = "", -1
-        for i, line in enumerate(self.lines, 1):
-            m = self.HEADER.match(line)
-            if m:
-                current = m.group(1).replace('"', "").replace(" ", "")
-                if current == section:
-                    seen += 1
-                    if key is None and seen == nth:
-                        return i
-                continue
-            if key is not None and current == section and seen == nth and re.match(
-                    rf'^\s*"?{re.escape(key)}"?\s*=', line):
-                return i
-        return None
-
+        return self.line(section, key, nth)
 
 
 def merge(base: Dict[str, Any], over: Mapping[str, Any]) -> None:

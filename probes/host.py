@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
+from gpucostd.probes.hostroot import HostRoot
+
 
 @dataclass(frozen=True)
 class NicInfo:
@@ -82,45 +84,25 @@ _ON = ("on", "1", "y", "yes", "force", "force_enable")
 _OFF = ("off", "0", "n", "no")
 
 
-class HostProbe:
-    def __init__(self, root: str = "/"):
-        self.root = root or "/"
-
-    def path(self, *parts: str) -> str:
-        return os.path.join(self.root, *[p.lstrip("/") for p in parts])
-
-    def _read(self, rel: str, errors: List[str]) -> Optional[str]:
-        p = self.path(rel)
-        try:
-            with open(p, "r", encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except OSError as e:
-            errors.append(f"cannot read {p}: {e.strerror or e}")
-            return None
-
-    def _listdir(self, rel: str) -> Optional[List[str]]:
-        try:
-            return sorted(n for n in os.listdir(self.path(rel)) if not n.startswith("."))
-        except OSError:
-            return None
+class HostProbe(HostRoot):
 
     # ------------------------------------------------------------------ facts
     def facts(self) -> HostFacts:
         errors: List[str] = []
-        release = self._read("proc/sys/kernel/osrelease", errors)
+        release = self.text("proc/sys/kernel/osrelease", errors)
         release = release.strip() if release else None
-        cmdline = self._read("proc/cmdline", errors)
+        cmdline = self.text("proc/cmdline", errors)
         cmdline = cmdline.strip() if cmdline is not None else None
         params = parse_cmdline(cmdline or "")
         vendor = self.cpu_vendor(errors)
-        units = tuple(self._listdir("sys/class/iommu") or ())
-        group_names = self._listdir("sys/kernel/iommu_groups")
+        units = tuple(self.listdir("sys/class/iommu") or ())
+        group_names = self.listdir("sys/kernel/iommu_groups")
         if group_names is not None:
             group_names = [g for g in group_names if g.isdigit()]
         groups = None if group_names is None else len(group_names)
         types = []
         for g in group_names or ():
-            t = self._read(f"sys/kernel/iommu_groups/{g}/type", [])
+            t = self.text(f"sys/kernel/iommu_groups/{g}/type", [])
             if t:
                 types.append(t.strip())
         enabled, mode, source = judge_iommu(params, vendor, groups, units, types)
@@ -130,7 +112,7 @@ class HostProbe:
                          nics=self.nics(), errors=tuple(errors), root=self.root)
 
     def cpu_vendor(self, errors: Optional[List[str]] = None) -> Optional[str]:
-        text = self._read("proc/cpuinfo", errors if errors is not None else [])
+        text = self.text("proc/cpuinfo", errors if errors is not None else [])
         if text is None:
             return None
         m = re.search(r"^vendor_id\s*:\s*(\S+)", text, re.M)
@@ -149,7 +131,7 @@ class HostProbe:
 
     def nics(self) -> Tuple[NicInfo, ...]:
         out = []
-        for name in self._listdir("sys/class/net") or ():
+        for name in self.listdir("sys/class/net") or ():
             if name == "lo":
                 continue
             dev = self.path(f"sys/class/net/{name}/device")

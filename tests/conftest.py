@@ -17,6 +17,76 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+# pytest-xdist runs the suite on several workers (pyproject.toml: addopts). Tests that share
+# state run in one group each, on one worker, one after another: the kernel's /dev/kmsg (lines
+# one test writes would reach another's daemon; printk_devkmsg), the network namespaces and
+# veth pairs, each booted container with the tests that use it (test_nspawn's module fixture
+# per Debian release), the upgrade proof, the Python 3.13 run, the package tests and the
+# image. The packages are built once per run by whichever worker asks first (test_packaging:
+# built_packages, under a lock); the root filesystem caches are made under a lock too.
+#
+# The groups are this file's own scheduler (pytest_xdist_make_scheduler below): xdist's
+# loadgroup marks a group by appending "@group" to the node id, which pytest 9 no longer lets
+# it change, so its groups silently split.
+XDIST_GROUPS = {"test_packaging.py": "packaging", "test_image.py": "image",
+                "test_kmsg_root.py": "kmsg", "test_tuners_nic.py": "netns"}
+# tests elsewhere that use the writable_kmsg fixture (collection fails on one not listed)
+KMSG_TESTS = {
+    ("test_health_integration.py",
+     "test_kmsg_line_reaches_status_and_events_within_a_second_and_once_after_restart"),
+    ("test_health_integration.py",
+     "test_simulated_node_ignores_the_hosts_kernel_log_unless_the_config_names_it"),
+    ("test_health_nvidia_integration.py",
+     "test_xid_154_makes_the_recovery_action_be_read_at_once"),
+    ("test_reliability.py",
+     "test_kernel_log_flood_loss_is_a_metric_a_status_field_and_a_finding"),
+}
+# the long groups start first (mostly waiting on containers: they overlap the rest), the
+# package tests and the image last (the containers' groups have built the packages by then)
+FIRST = ("nspawn-30", "nspawn-bookworm", "nspawn-trixie", "nspawn-20")
+LAST = ("packaging", "image")
+
+
+def xdist_group_of(nodeid: str) -> "str | None":
+    path, _, rest = nodeid.partition("::")
+    name = path.rsplit("/", 1)[-1]
+    if name == "test_nspawn.py":
+        if rest.endswith("]"):
+            return "nspawn-" + rest[rest.rindex("[") + 1:-1]      # [bookworm], [trixie]
+        return "nspawn-" + rest.split("_")[1]                       # test_20_..., test_30_...
+    if (name, rest.split("[")[0]) in KMSG_TESTS:
+        return "kmsg"
+    return XDIST_GROUPS.get(name)
+
+
+def pytest_itemcollected(item):
+    if "writable_kmsg" in getattr(item, "fixturenames", ()) and \
+            xdist_group_of(item.nodeid) != "kmsg":
+        raise pytest.UsageError(f"{item.nodeid} uses writable_kmsg: add it to KMSG_TESTS in "
+                                f"tests/conftest.py (its tests run one at a time)")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        group = xdist_group_of(item.nodeid)
+        if group in FIRST:
+            return FIRST.index(group)
+        return len(FIRST) + (1 + LAST.index(group) if group in LAST else 0)
+    items.sort(key=rank)            # stable: the order inside a rank stays
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        """Each group one unit of work on one worker; every other test a unit of its own."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_group_of(nodeid) or nodeid
+
+    return GroupScheduling(config, log)
+
+
 def wait_for(cond, timeout=10.0, interval=0.05, what="condition"):
     """Poll cond() until it returns a truthy value or the deadline passes."""
     deadline = time.monotonic() + timeout
@@ -31,6 +101,51 @@ def wait_for(cond, timeout=10.0, interval=0.05, what="condition"):
                 return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+
+
+@pytest.fixture
+def sim_nvml():
+    """The simulated NVML below the real pynvml (skipped without nvidia-ml-py).
+
+    sim_nvml(scenario="builtin:h100x8", clock=None, gateway=True, **gateway_kw)
+    -> (node, gateway, clock). `scenario` is a builtin name or a scenario's TOML text; clock
+    defaults to a new VirtualClock. With gateway=False no NvmlGateway is made (None in its
+    place): the library is installed as pynvml's loaded one and nvmlInit called, for tests of
+    the simulator at the library boundary. Afterwards the nodes are closed (hung calls
+    return), the gateways shut down and pynvml's own library restored."""
+    pynvml = pytest.importorskip("pynvml", reason="nvidia-ml-py (pynvml) is not installed")
+    from gpucostd.clock import VirtualClock
+    from gpucostd.hw.nvml import NvmlGateway
+    from gpucostd.sim.nvml import SimulatedNode
+    from gpucostd.sim.scenario import parse_scenario
+
+    saved = pynvml.nvmlLib
+    nodes, gateways = [], []
+
+    def make(scenario="builtin:h100x8", clock=None, gateway=True, **gateway_kw):
+        clock = clock or VirtualClock()
+        if isinstance(scenario, str) and not scenario.startswith("builtin:"):
+            scenario = parse_scenario(scenario, "test.toml")
+        node = SimulatedNode(scenario, clock)
+        nodes.append(node)
+        if not gateway:
+            with pynvml.libLoadLock:
+                pynvml.nvmlLib = node.library
+                pynvml._nvmlGetFunctionPointer_cache.clear()
+            pynvml.nvmlInit()
+            return node, None, clock
+        gw = NvmlGateway(library=node.library, clock=clock, **gateway_kw)
+        gateways.append(gw)
+        return node, gw, clock
+
+    yield make
+    for node in nodes:
+        node.close()
+    for gw in gateways:
+        gw.shutdown()
+    with pynvml.libLoadLock:
+        pynvml.nvmlLib = saved
+        pynvml._nvmlGetFunctionPointer_cache.clear()
 
 
 def free_port() -> int:

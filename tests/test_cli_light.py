@@ -52,6 +52,49 @@ def test_a_config_without_socket_path_is_not_parsed(daemon_factory, tmp_path):
     assert r.returncode in (0, 1) and '"schema": 1' in r.stdout
 
 
+def test_a_config_naming_the_socket_finds_it_without_the_validated_config(daemon_factory,
+                                                                         tmp_path):
+    d = daemon_factory().start()
+    cfg = tmp_path / "named.toml"
+    cfg.write_text(f'# the status socket\n[daemon]\nsocket_path = "{d.socket}"  # here\n'
+                   '[cost]\ngpu_hour_usd = 2.0\n')
+    base = _modules("pass")
+    extra = _modules("from gpucostd import cli; rc = cli.main(['status', '--config', "
+                     f"{str(cfg)!r}, '--json']); print(); assert rc in (0, 1), rc") - base
+    assert _heavy(extra) == [], _heavy(extra)
+
+
+def test_socket_path_as_the_validated_config_reads_it(tmp_path):
+    """The light reader agrees with the validated config on every form it reads, a drop-in
+    wins over the main file, and a form it does not read goes to the validated config."""
+    from gpucostd import config
+    main = tmp_path / "gpucostd.toml"
+    dropins = tmp_path / "gpucostd.d"
+    forms = {
+        '[daemon]\nsocket_path = "/run/a.sock"\n': "/run/a.sock",
+        "[daemon]\ninterval_seconds = 2\nsocket_path = '/run/b.sock' # literal\n": "/run/b.sock",
+        'daemon.socket_path = "/run/c.sock"\n[cost]\ngpu_hour_usd = 1.0\n': "/run/c.sock",
+        '[ "daemon" ]\n"socket_path" = "/run/d.sock"\n': "/run/d.sock",
+        '[daemon]\nsocket_path = "/run/e\\u0041.sock"\n': "/run/eA.sock",      # an escape
+        'daemon = { socket_path = "/run/f.sock" }\n': "/run/f.sock",         # inline table
+        '[daemon]\n# socket_path = "/run/x.sock"\n[cost]\n': None,          # a comment
+    }
+    for text, want in forms.items():
+        main.write_text(text)
+        args = cli._quick_status_args(["status", "--config", str(main)])
+        expected = config.load(str(main)).daemon.socket_path
+        assert expected == (want or config.default_socket_path()), text
+        assert cli._socket_path(args) == expected, text
+    main.write_text('[daemon]\nsocket_path = "/run/main.sock"\n')
+    dropins.mkdir()
+    (dropins / "10-sock.toml").write_text('[daemon]\nsocket_path = "/run/dropin.sock"\n')
+    (dropins / "20-other.toml").write_text('[cost]\ngpu_hour_usd = 3.0\n')
+    args = cli._quick_status_args(["status", "--config", str(main)])
+    assert cli._socket_path(args) == config.load(str(main)).daemon.socket_path \
+        == "/run/dropin.sock"
+    assert cli._named_socket(str(main)) == (True, "/run/dropin.sock")   # no validated config
+
+
 @pytest.mark.parametrize("argv", [
     ["status"], ["status", "--json"], ["status", "--socket", "/x.sock"],
     ["status", "--socket=/x.sock", "--events=2", "--json"],

@@ -54,10 +54,13 @@ def test_status_ok_then_gpu0_warn_while_throttled(daemon):
     assert [g["index"] for g in data["gpus"]] == list(range(8))
     assert all(g["pci_bus_id"] and g["uuid"].startswith("GPU-") for g in data["gpus"])
 
-    # the builtin throttles GPU 0 (HwThermalSlowdown at 1410 MHz) from t = 20 s
+    # the builtin throttles GPU 0 (HwThermalSlowdown at 1410 MHz) from t = 20 s. Wait for
+    # that very condition: exit code 1 alone is any WARN on the node
     def throttled():
         c, d = daemon.status_json()
-        return (c, d) if c == 1 else None
+        g0 = d["gpus"][0]
+        return (c, d) if c == 1 and g0["health"] == "WARN" and \
+            "HwThermalSlowdown" in g0["throttle_reasons"] else None
     code, data = wait_for(throttled, timeout=40, interval=0.5, what="GPU 0 WARN")
     g0 = data["gpus"][0]
     assert g0["health"] == "WARN" and "HwThermalSlowdown" in g0["throttle_reasons"]

@@ -212,10 +212,44 @@ def test_proc_net_tcp_parsing():
     assert parse_proc_net_tcp("header\n garbage line\n 0: zz:zz 0:0 0A\n", False) == []
 
 
+def fake_process(root, pid, argv, cmdline_shown=True):
+    """A process in a fixture proc tree as the kernel shows it: stat and comm with the name cut
+    to 15 characters, the full command line in cmdline (empty when not shown, as for a
+    process whose memory is gone); proc/stat for the boot time."""
+    proc = root / "proc"
+    (proc / str(pid)).mkdir(parents=True)
+    if not (proc / "stat").exists():
+        (proc / "stat").write_text("cpu  100 0 100 10000 0 0 0 0 0 0\nbtime 1733500000\n")
+    comm = os.path.basename(argv[0])[:15]
+    fields = [str(pid), f"({comm})", "S", "1"] + ["0"] * 48
+    fields[21] = "1500"
+    (proc / str(pid) / "stat").write_text(" ".join(fields) + "\n")
+    (proc / str(pid) / "comm").write_text(comm + "\n")
+    (proc / str(pid) / "cmdline").write_text("\0".join(argv) + "\0" if cmdline_shown else "")
+
+
+def test_persistenced_found_by_its_full_name_or_the_kernels_15_characters(tmp_path):
+    """The kernel keeps 15 characters of a process name ("nvidia-persiste"): psutil reads the
+    full one from the command line, and the cut one counts when that is not shown."""
+    fake_process(tmp_path, 1, ["/sbin/init"])
+    fake_process(tmp_path, 300, ["/usr/bin/nvidia-persistenced-helper"])   # not the daemon
+    probe = DeployProbe(str(tmp_path), run=lambda a: (1, ""))
+    assert probe.read().persistenced is False
+    fake_process(tmp_path, 812, ["/usr/bin/nvidia-persistenced", "--user", "nvidia-persistenced"])
+    assert (probe.read().persistenced, probe.read().persistenced_pid) == (True, 812)
+    other = tmp_path / "hidden"
+    fake_process(other, 1, ["/sbin/init"])
+    fake_process(other, 90, ["/usr/bin/nvidia-persistenced"], cmdline_shown=False)
+    f = DeployProbe(str(other), run=lambda a: (1, "")).read()
+    assert (f.persistenced, f.persistenced_pid) == (True, 90)
+    # no proc at all: cannot tell, and says why
+    f = DeployProbe(str(tmp_path / "empty"), run=lambda a: (1, "")).read()
+    assert f.persistenced is None and any("cannot list" in e for e in f.errors)
+
+
 def test_persistenced_seen_by_its_socket_when_proc_hides_it(tmp_path):
     # the unit's ProtectProc=invisible hides the nvidia-persistenced user's processes
-    (tmp_path / "proc" / "1").mkdir(parents=True)
-    (tmp_path / "proc" / "1" / "comm").write_text("systemd\n")
+    fake_process(tmp_path, 1, ["/sbin/init"])
     run_dir = tmp_path / "run" / "nvidia-persistenced"
     run_dir.mkdir(parents=True)
     assert DeployProbe(str(tmp_path), run=lambda a: (1, "")).read().persistenced is False

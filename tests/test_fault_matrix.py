@@ -1,12 +1,11 @@
 """The fault matrix rows not held elsewhere, through the real daemon process: NVML hanging on
-every GPU, a GPU lost mid-run, NVML absent at start then present, SIGKILL at random points during
-apply and during restore. docs/reliability.md lists every row with its test.
+every GPU, a GPU lost mid-run, NVML absent at start then present, SIGKILL inside an apply and
+inside a restore (slow simulated setters and the originals file as the barrier). docs/reliability.md lists every row with its test.
 """
 from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import time
 
@@ -90,31 +89,57 @@ def originals_on_disk(state):
     return data
 
 
-def test_sigkill_at_random_points_during_apply_and_restore_never_loses_an_original(
-        daemon_factory, tmp_path):
-    rnd = random.Random(16)
+def saved_count(state):
+    """How many originals the file holds now (0 before it exists)."""
+    return len(originals_on_disk(state))
+
+
+def kill_when(d, state, count, what):
+    """SIGKILL the daemon as soon as originals.json holds `count` entries. Each setter takes
+    SET_SECONDS, so the daemon is then inside the write that follows (apply) or the next
+    restore write: the barrier that puts the kill mid-apply or mid-restore."""
+    wait_for(lambda: saved_count(state) == count, 30, interval=0.01, what=what)
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait(10)
+    d._logf.close()
+
+
+SET_SECONDS = 0.5
+
+
+def test_sigkill_during_apply_and_during_restore_never_loses_an_original(daemon_factory,
+                                                                         tmp_path):
+    """Kills that land inside an apply (after 1, 2 or 3 of 4 originals are saved, the next
+    GPU's write under way) and inside a restore (1, 2 or 3 of 4 written back): the file is never
+    torn, holds only true originals (700 W, never the tuned 450 W: the simulated GPUs start at
+    700 W again in each process, and a start that finds them in sync with the saved 700 W keeps
+    it), and the GPUs left in it are restored by the next stop."""
+    scenario = tmp_path / "slow_setters.toml"
+    scenario.write_text(open(DRIFT).read().replace(
+        "[node]\n", f"[node]\nset_seconds = {SET_SECONDS}\n", 1))
     state = tmp_path / "state"
     cfg = "[tuning.gpu]\npower_limit_watts = 450\n"
-    for round_ in range(6):
-        d = daemon_factory(scenario=DRIFT, extra_config=cfg, state_dir=state)
+    for k in (1, 2, 3):
+        # during the apply: k originals saved, the write of GPU k - 1 under way
+        d = daemon_factory(scenario=str(scenario), extra_config=cfg, state_dir=state)
         d.start(wait=False)
-        time.sleep(rnd.uniform(0.3, 2.0))          # somewhere in start-up or the first apply
-        d.proc.send_signal(signal.SIGKILL)
-        d.proc.wait(10)
-        d._logf.close()
-        originals_on_disk(state)
-        # and during the restore at stop (the simulated GPUs start at 700 W again: a start
-        # that finds them in sync keeps the saved 700 W, the tuned 450 W is never saved)
-        d = daemon_factory(scenario=DRIFT, extra_config=cfg, state_dir=state).start()
-        wait_for(lambda: originals_on_disk(state) and len(originals_on_disk(state)) == 4, 10,
-                 what="originals saved")
+        kill_when(d, state, k, f"{k} originals saved (the apply under way)")
+        assert saved_count(state) == k, "the kill did not land inside the apply"
+        # during the restore at stop
+        d = daemon_factory(scenario=str(scenario), extra_config=cfg, state_dir=state).start()
+
+        def applied():
+            sets = status(d)["settings"]
+            return len(sets) == 4 and all(s["in_sync"] for s in sets)
+        wait_for(applied, 30, what="the apply done")
+        assert saved_count(state) == 4
         d.proc.send_signal(signal.SIGTERM)
-        time.sleep(rnd.uniform(0.0, 0.3))
-        d.proc.send_signal(signal.SIGKILL)
-        d.proc.wait(10)
-        d._logf.close()
+        kill_when(d, state, 4 - k, f"{k} originals written back (the restore under way)")
         left = originals_on_disk(state)
-        assert set(left) <= {f"gpu:{i}" for i in range(4)}, (round_, left)
-    d = daemon_factory(scenario=DRIFT, extra_config=cfg, state_dir=state).start()
-    assert d.stop() == 0
-    assert originals_on_disk(state) == {}
+        assert len(left) == 4 - k, "the kill did not land inside the restore"
+        assert set(left) <= {f"gpu:{i}" for i in range(4)}, (k, left)
+        # the next start and stop restore what was left (the next round starts empty)
+        d = daemon_factory(scenario=str(scenario), extra_config=cfg, state_dir=state).start()
+        wait_for(applied, 30, what="the apply done")
+        assert d.stop() == 0
+        assert originals_on_disk(state) == {}

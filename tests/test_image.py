@@ -41,8 +41,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.root,
 
 @pytest.fixture(scope="module")
 def layout():
-    r = subprocess.run([str(K8S / "build-image.sh")], cwd=str(REPO), capture_output=True,
-                       text=True, timeout=1500)
+    from test_packaging import build_lock, built_packages
+    built_packages()        # this tree's .deb, built once per run (other workers share it)
+    with build_lock():      # no packaging/build.sh rewrites dist/ while the image reads it
+        r = subprocess.run([str(K8S / "build-image.sh")], cwd=str(REPO), capture_output=True,
+                           text=True, timeout=1500)
     assert r.returncode == 0, f"build-image.sh failed:\n{r.stdout}\n{r.stderr[-4000:]}"
     return LAYOUT
 

@@ -19,7 +19,7 @@ PACKAGE_DIRS = {"gpucostd": REPO / "daemon", "gpucostd.probes": REPO / "probes",
 
 FOUNDATIONS = {"gpucostd", "gpucostd.config", "gpucostd.config_schema", "gpucostd.snapshot",
                "gpucostd.clock", "gpucostd.statefile", "gpucostd.part",
-               "gpucostd.config_toml", "gpucostd.config_inference"}
+               "gpucostd.config_toml", "gpucostd.config_inference", "gpucostd.tomllines"}
 # role -> roles it may import (besides its own and the foundations)
 ALLOWED: Dict[str, set] = {
     "foundations": set(),

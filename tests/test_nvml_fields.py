@@ -13,12 +13,10 @@ import pytest
 
 pynvml = pytest.importorskip("pynvml", reason="nvidia-ml-py (pynvml) is not installed")
 
-from gpucostd.clock import VirtualClock  # noqa: E402
-from gpucostd.hw.nvml import NvmlGateway  # noqa: E402
 from gpucostd.hw.nvml_fields import FIELDS  # noqa: E402
 from gpucostd.probes.gpu import GpuProbe  # noqa: E402
-from gpucostd.sim.nvml import FieldValue, SimulatedNode  # noqa: E402
-from gpucostd.sim.scenario import BUILTIN_DIR, parse_scenario  # noqa: E402
+from gpucostd.sim.nvml import FieldValue  # noqa: E402
+from gpucostd.sim.scenario import BUILTIN_DIR  # noqa: E402
 from gpucostd.snapshot import GpuState  # noqa: E402
 
 BASE = """\
@@ -42,26 +40,13 @@ PER_CYCLE = {"nvmlDeviceGetFieldValues", "nvmlDeviceGetClockInfo",
 
 
 @pytest.fixture
-def sim():
-    saved = pynvml.nvmlLib
-    made = []
-
+def sim(sim_nvml):
+    """sim(scenario, **gateway_kw) -> (node, initialized gateway, clock, GpuProbe)."""
     def _make(scenario="builtin:h100x8", **kw):
-        clock = VirtualClock()
-        if not scenario.startswith("builtin:"):
-            scenario = parse_scenario(scenario, "test.toml")
-        node = SimulatedNode(scenario, clock)
-        gw = NvmlGateway(library=node.library, clock=clock, **kw)
-        made.append(gw)
+        node, gw, clock = sim_nvml(scenario, **kw)
         assert gw.ensure_initialized(), gw.error
         return node, gw, clock, GpuProbe(gw)
-
-    yield _make
-    for gw in made:
-        gw.shutdown()
-    with pynvml.libLoadLock:
-        pynvml.nvmlLib = saved
-        pynvml._nvmlGetFunctionPointer_cache.clear()
+    return _make
 
 
 def intercept(node, returns=None):

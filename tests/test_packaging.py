@@ -3,11 +3,15 @@
 rpmlint without errors)."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Dict, Optional
@@ -45,6 +49,21 @@ def build_skip_reason() -> Optional[str]:
 
 _BUILT: Dict[str, Path] = {}
 _BUILD_FAILED: list = []
+# pytest-xdist workers of one run share this id: the first worker that needs the packages
+# builds them, the others (test_nspawn's containers, test_image) wait on the lock and reuse them
+_RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+
+
+@contextlib.contextmanager
+def build_lock():
+    """One packaging/build.sh at a time on this tree (it recreates build/pkg and dist/)."""
+    tag = hashlib.sha256(str(REPO).encode()).hexdigest()[:12]
+    with open(os.path.join(tempfile.gettempdir(), f"gpucostd-build-{tag}.lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def built_packages() -> Dict[str, Path]:
@@ -59,22 +78,30 @@ def built_packages() -> Dict[str, Path]:
     reason = build_skip_reason()
     if reason:
         pytest.skip(reason)
-    env = dict(os.environ, GPUCOSTD_SKIP_LINT="1")   # lint is asserted by its own tests
-    t0 = time.monotonic()
-    r = subprocess.run([str(PACKAGING / "build.sh")], cwd=str(REPO), env=env,
-                       capture_output=True, text=True, timeout=900)
     version = _version()
     # one package of each kind for every architecture and Python: Architecture all, noarch
     deb = DIST / f"gpucostd_{version}_all.deb"
     rpm = DIST / f"gpucostd-{version}.noarch.rpm"
-    problem = None
-    if r.returncode != 0:
-        problem = f"packaging/build.sh failed:\n{r.stdout}\n{r.stderr}"
-    elif not deb.is_file() or not rpm.is_file():
-        problem = f"{deb.name} or {rpm.name} not built:\n{r.stderr}"
-    if problem:
-        _BUILD_FAILED.append(problem)
-        pytest.fail(problem)
+    stamp = DIST / ".built-by-run"
+    with build_lock():
+        if _RUN_ID and deb.is_file() and rpm.is_file() and stamp.is_file() and \
+                stamp.read_text() == _RUN_ID:
+            _BUILT.update(deb=deb, rpm=rpm)       # another worker of this run built them
+            return _BUILT
+        env = dict(os.environ, GPUCOSTD_SKIP_LINT="1")   # lint is asserted by its own tests
+        t0 = time.monotonic()
+        r = subprocess.run([str(PACKAGING / "build.sh")], cwd=str(REPO), env=env,
+                           capture_output=True, text=True, timeout=900)
+        problem = None
+        if r.returncode != 0:
+            problem = f"packaging/build.sh failed:\n{r.stdout}\n{r.stderr}"
+        elif not deb.is_file() or not rpm.is_file():
+            problem = f"{deb.name} or {rpm.name} not built:\n{r.stderr}"
+        if problem:
+            _BUILD_FAILED.append(problem)
+            pytest.fail(problem)
+        if _RUN_ID:
+            stamp.write_text(_RUN_ID)
     _BUILT.update(deb=deb, rpm=rpm)
     print(f"packaging/build.sh took {time.monotonic() - t0:.0f} s")
     return _BUILT

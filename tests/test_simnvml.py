@@ -27,29 +27,13 @@ cuda_version = "12.4"
 
 
 @pytest.fixture
-def install():
-    """Install a simulated library as pynvml's loaded library; restore afterwards."""
-    saved = pynvml.nvmlLib
-    nodes = []
-
+def install(sim_nvml):
+    """Install a simulated library as pynvml's loaded library (restored afterwards):
+    install(scenario, clock=None) -> (node, clock)."""
     def _install(scenario, clock=None):
-        clock = clock or VirtualClock()
-        if isinstance(scenario, str) and not scenario.startswith("builtin:"):
-            scenario = parse_scenario(scenario, "test.toml")
-        node = SimulatedNode(scenario, clock)
-        nodes.append(node)
-        with pynvml.libLoadLock:
-            pynvml.nvmlLib = node.library
-            pynvml._nvmlGetFunctionPointer_cache.clear()
-        pynvml.nvmlInit()
+        node, _, clock = sim_nvml(scenario, clock, gateway=False)
         return node, clock
-
-    yield _install
-    for node in nodes:
-        node.close()
-    with pynvml.libLoadLock:
-        pynvml.nvmlLib = saved
-        pynvml._nvmlGetFunctionPointer_cache.clear()
+    return _install
 
 
 def test_library_attributes_are_c_function_pointers(install):

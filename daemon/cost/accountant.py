@@ -38,7 +38,6 @@ LOG = logging.getLogger("gpucostd.cost")
 STATE_FILE = "cost.json"
 STATE_VERSION = 1
 RATE_WINDOW_SECONDS = 300.0    # window of the node's throttle $/h and loss fraction
-TOKEN_WINDOW_SECONDS = 300.0   # window of tokens per second
 SAVE_EVERY_SECONDS = 5.0       # real seconds between state-file writes
 HISTORY_SAVE_EVERY_SECONDS = 60.0   # real seconds between re-serializations of the history
 FIT_EVERY_SECONDS = 15.0       # the tokens-vs-clock fit is recomputed this often
@@ -131,7 +130,6 @@ class CostAccountant:
         self._history: Dict[int, Dict[str, Dict[str, List[float]]]] = {}
         self._rate: Deque[Tuple[float, float, float]] = deque()   # (mono, dollars, capacity)
         self._tokens = TokenCost()
-        self._token_samples: Deque[Tuple[float, float]] = deque()   # (mono, tokens_total)
         self._token_clock: Deque[Tuple[float, float, float]] = deque()  # (mono, tok/s, clock)
         self._last_token_mono: Optional[float] = None
         self.eff = EfficiencyBook()          # energy, idle capacity, endpoint tokens

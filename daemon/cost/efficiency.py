@@ -39,7 +39,7 @@ WINDOW_SECONDS = 300.0            # window of tokens/s, idle share and energy $/
 MAX_TOKEN_COUNT = 1e18
 MAX_WATTS = 5000.0                # an energy-counter delta above this x dt is not believed
 TOTAL_KEYS = ("energy_joules", "energy_dollars", "paid_seconds", "idle_seconds",
-              "idle_dollars", "underused_seconds", "underused_dollars", "tokens")
+              "idle_dollars", "underused_seconds", "underused_dollars")
 HISTORY_KEYS = ("energy_joules", "energy_dollars", "idle_seconds", "idle_dollars",
                 "underused_seconds", "underused_dollars")
 BUCKET_SECONDS = 60

@@ -403,23 +403,6 @@ def _efficiency_rows(data: Mapping[str, Any], gpus_src: Any, since: Optional[flo
     return totals
 
 
-def parse_since(text: str) -> float:
-    """'90s', '15m', '6h', '1d', '3600' -> seconds. ValueError with the accepted forms."""
-    t = text.strip().lower()
-    mult = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    try:
-        if t and t[-1] in mult:
-            v = float(t[:-1]) * mult[t[-1]]
-        else:
-            v = float(t)
-    except ValueError:
-        raise ValueError(f"--since {text!r}: use a number of seconds or N s/m/h/d, e.g. 24h") \
-            from None
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"--since {text!r} must be positive, e.g. 24h")
-    return v
-
-
 def _since_words(s: Optional[float]) -> str:
     if s is None:
         return "since accounting began"

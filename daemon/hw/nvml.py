@@ -317,13 +317,6 @@ class NvmlGateway(ClockSettings):
             lane.stop()
 
     # ---------------------------------------------------------------- per GPU
-    def unresponsive(self, index: int) -> Optional[str]:
-        """Why GPU `index` is unresponsive (a call of it is stuck), or None."""
-        lane = self._lanes.get(index)
-        if lane is None or lane.stuck_since is None:
-            return None
-        return str(self._stuck_error(index, lane))
-
     def _require(self, index: int) -> None:
         if not self.available:
             raise NvmlError("unavailable", self.error or "NVML not available", None, index)

@@ -359,9 +359,6 @@ class EventStore:
                 self._runtime_error(e, "looking up a dedupe key")
                 return False
 
-    def append_many(self, events: Sequence[Event]) -> List[Optional[Event]]:
-        return [self.append(e) for e in events]
-
     def _insert(self, event: Event, key: Optional[str]) -> Optional[Event]:
         db = self._db
         assert db is not None

@@ -245,15 +245,7 @@ class HookRunner:
             if proc is not None:
                 LOG.warning("hooks: %s still running at shutdown; killing it", proc.args[0]
                             if isinstance(proc.args, (list, tuple)) else proc.args)
-                self._kill(proc, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=KILL_GRACE_SECONDS)
-                except subprocess.TimeoutExpired:
-                    self._kill(proc, signal.SIGKILL)
-                    try:
-                        proc.wait(timeout=2.0)
-                    except subprocess.TimeoutExpired:
-                        pass
+                self._terminate(proc, then_wait=2.0)
         with self._lock:
             self._stopping = True
             thread = self._thread
@@ -261,6 +253,19 @@ class HookRunner:
             try:
                 self._queue.put_nowait(None)
             except queue.Full:
+                pass
+
+    def _terminate(self, proc: subprocess.Popen, then_wait: float) -> None:
+        """SIGTERM to the hook's process group, SIGKILL KILL_GRACE_SECONDS later if it is still
+        there, then wait up to `then_wait` s for it to be gone."""
+        self._kill(proc, signal.SIGTERM)
+        try:
+            proc.wait(timeout=KILL_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            self._kill(proc, signal.SIGKILL)
+            try:
+                proc.wait(timeout=then_wait)
+            except subprocess.TimeoutExpired:
                 pass
 
     # ------------------------------------------------------------------ one run
@@ -295,15 +300,7 @@ class HookRunner:
             res.returncode = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             res.timed_out = True
-            self._kill(proc, signal.SIGTERM)
-            try:
-                proc.wait(timeout=KILL_GRACE_SECONDS)
-            except subprocess.TimeoutExpired:
-                self._kill(proc, signal.SIGKILL)
-                try:
-                    proc.wait(timeout=5.0)
-                except subprocess.TimeoutExpired:
-                    pass
+            self._terminate(proc, then_wait=5.0)
             res.returncode = proc.returncode
             res.error = f"killed after {timeout:g} s ([hooks] timeout_seconds)"
         else:

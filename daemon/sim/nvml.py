@@ -509,6 +509,8 @@ class SimulatedNode(_clocks.ClockCalls, SimulatedCounters, GpmCalls):
         return NVML_SUCCESS
 
     def _set(self, index: int, t: float, key: str, value: Any) -> None:
+        if self.scenario.node.set_seconds:      # in real time; close() cuts it short
+            self._closed.wait(self.scenario.node.set_seconds)
         with self._lock:
             # integrate the old state up to the set before the new value applies
             self._corr.advance_all(index, t)

@@ -31,6 +31,7 @@ else:  # pragma: no cover - exercised on Python < 3.11
     import tomli as tomllib
 
 from gpucostd.config import FileError
+from gpucostd.tomllines import TomlLines
 from gpucostd.sim import physics as phys
 from gpucostd.sim.scenario_time import ScenarioTimeQueries
 from gpucostd.sim.sections import (ScenarioPrices, fmt_value as _fmt, index_list as _indexes,
@@ -163,6 +164,8 @@ NODE_FIELDS: Dict[str, Field] = {
     "repeat_every": _f("number", None, "Cycle period: the timeline replays every N seconds.",
                        min=0.001),
     "driver_loaded": _f("bool", True, "false: nvmlInit fails with DRIVER_NOT_LOADED."),
+    "set_seconds": _f("number", None, "Real seconds every setter call takes (a test knob: a "
+                      "kill can then land inside an apply).", min=0.001, max=10),
 }
 TIMELINE_EXTRA: Dict[str, Field] = {
     "t": _f("number", None, "Seconds from scenario start (within one cycle when repeating).",
@@ -185,6 +188,7 @@ class NodeInfo:
     duration: Optional[float] = None
     repeat_every: Optional[float] = None
     driver_loaded: bool = True
+    set_seconds: Optional[float] = None
 
     # aliases some callers may prefer
     @property
@@ -206,40 +210,6 @@ class TimelineEntry:
     reset: bool = False
     driver_loaded: Optional[bool] = None
     line: Optional[int] = None
-
-
-# --------------------------------------------------------------------------- line locator
-class _Locator:
-    """Finds the line of a key in the raw TOML text (tomllib keeps no positions)."""
-
-    _HEADER = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\-\"' ]+?)\s*\]\]?\s*(#.*)?$")
-
-    def __init__(self, text: str):
-        self.tables: Dict[Tuple[str, bool], List[Tuple[int, int]]] = {}
-        lines = text.splitlines()
-        self.lines = lines
-        starts: List[Tuple[str, bool, int]] = [("", False, 0)]
-        for no, raw in enumerate(lines):
-            m = self._HEADER.match(raw)
-            if m:
-                starts.append((m.group(2).strip(), m.group(1) == "[[", no + 1))
-        for i, (name, arr, start) in enumerate(starts):
-            end = starts[i + 1][2] - 1 if i + 1 < len(starts) else len(lines)
-            self.tables.setdefault((name, arr), []).append((start, end))
-
-    def line(self, table: str, key: Optional[str] = None, array: bool = False,
-             occurrence: int = 0) -> Optional[int]:
-        spans = self.tables.get((table, array))
-        if not spans or occurrence >= len(spans):
-            return None
-        start, end = spans[occurrence]
-        if key is None:
-            return start or None
-        pat = re.compile(r"^\s*(\"?)" + re.escape(key) + r"\1\s*=")
-        for no in range(start, end):
-            if no < len(self.lines) and pat.match(self.lines[no]):
-                return no + 1
-        return start or None
 
 
 # --------------------------------------------------------------------------- validation
@@ -267,11 +237,12 @@ _TYPE_WORDS = {"str": "a string", "pci": "a PCI bus id string like \"00000000:18
 class _Validator:
     def __init__(self, path: str, text: str):
         self.path = path
-        self.loc = _Locator(text)
+        self.loc = TomlLines(text)
 
     def fail(self, message: str, table: str, key: Optional[str] = None, array: bool = False,
              occurrence: int = 0):
-        line = self.loc.line(table, key, array, occurrence)
+        line = self.loc.line(table, key, occurrence, array) or \
+            self.loc.line(table, None, occurrence, array)
         raise ScenarioError(message, self.path, line, key)
 
     def value(self, where: str, table: str, key: str, field: Field, value: Any,
@@ -533,10 +504,11 @@ def _parse_scenario(text: str, path: str, name: Optional[str]) -> Scenario:
         occ = gpu_occ.get(index)
         for key in keys:
             if occ is not None and key in gpu_list[occ]:
-                return v.loc.line("gpu", key, True, occ)
+                return v.loc.line("gpu", key, occ, True) or v.loc.line("gpu", None, occ, True)
             if key in (data.get("gpu_defaults") or {}):
-                return v.loc.line("gpu_defaults", key)
-        return None if occ is None else v.loc.line("gpu", None, True, occ)
+                return v.loc.line("gpu_defaults", key, 0, False) or \
+                    v.loc.line("gpu_defaults", None, 0, False)
+        return None if occ is None else v.loc.line("gpu", None, occ, True)
 
     for key in ("uuid", "pci_bus_id"):
         seen: Dict[str, int] = {}
@@ -570,7 +542,7 @@ def _parse_scenario(text: str, path: str, name: Optional[str]) -> Scenario:
             v.fail(f"{where}.total_energy: the energy counter only counts up; set its start in "
                    "[gpu_defaults] or [[gpu]]", "at", "total_energy", True, occ)
         d = v.table(where, "at", entry, at_fields, True, occ)
-        line = v.loc.line("at", None, True, occ)
+        line = v.loc.line("at", None, occ, True)
         if "t" not in d:
             v.fail(f"{where}.t is required (seconds from start)", "at", None, True, occ)
         t = d.pop("t")
@@ -613,11 +585,11 @@ def _parse_scenario(text: str, path: str, name: Optional[str]) -> Scenario:
     return sc
 
 
-def _key_line(loc: _Locator, start: Optional[int], key: str) -> Optional[int]:
+def _key_line(loc: TomlLines, start: Optional[int], key: str) -> Optional[int]:
     """The line of `key` in the [[at]] entry whose header is at line `start`."""
-    for occ, (first, _end) in enumerate(loc.tables.get(("at", True), [])):
+    for occ, (first, _end) in enumerate(loc.tables("at", True)):
         if first == start:
-            return loc.line("at", key, True, occ)
+            return loc.line("at", key, occ, True) or start
     return start
 
 

@@ -435,6 +435,10 @@ class MetricsServer:
 
     def stop(self) -> None:
         self._stop.set()
+        try:                      # wakes the accept loop's select at once
+            self.socket.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         if self._thread is not None:
             self._thread.join(2.0)
         self.close()
@@ -451,7 +455,9 @@ class MetricsServer:
         backoff = 0.0
         while not self._stop.is_set():
             try:
-                ready, _, _ = select.select([self.socket], [], [], 0.2)
+                # an idle daemon wakes here every 5 s, not 5 times a second: stop() shuts
+                # the socket down, which wakes the select at once
+                ready, _, _ = select.select([self.socket], [], [], 5.0)
             except (OSError, ValueError):
                 return
             if not ready:

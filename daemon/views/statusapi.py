@@ -264,9 +264,23 @@ class StatusServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             return {"ok": False, "error": f"{cmd} failed inside the daemon: {e}"}
 
     def start(self) -> None:
+        # no poll interval: the accept loop sleeps in select until a connection comes (an
+        # idle daemon wakes for nothing); shutdown() wakes it by shutting the socket down
         self._thread = threading.Thread(target=self.serve_forever, name="status-api",
-                                         kwargs={"poll_interval": 0.2}, daemon=True)
+                                         kwargs={"poll_interval": None}, daemon=True)
         self._thread.start()
+
+    def shutdown(self) -> None:
+        """Stop serve_forever: ask it to stop (socketserver's shutdown, which waits for it),
+        and shut the listening socket down, which wakes its select (accept then fails and the
+        loop sees the request). No connection is made, so no handler outlives the stop."""
+        asking = threading.Thread(target=super().shutdown, name="status-api-stop", daemon=True)
+        asking.start()
+        try:
+            self.socket.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        asking.join()
 
     def stop(self) -> None:
         if self._thread is not None:      # shutdown() waits for serve_forever: only if it runs
