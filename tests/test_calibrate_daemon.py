@@ -62,7 +62,9 @@ def test_calibrate_through_the_daemon_and_apply(daemon_factory, tmp_path):
     # decode, half prefill at $0.50 per GPU-hour: 450 W keeps 95% of the tokens/s and is the
     # cheapest per token (physics.steady_state at 700, 450 and 200 W says so)
     prices = PRICES.replace("gpu_hour_usd = 1.0", "gpu_hour_usd = 0.5")
-    d = daemon_factory(scenario=_scenario(tmp_path, decode_share=0.5), extra_config=prices + (
+    # interval 0.5 s: the endpoint's deadline is half of it, and 0.1 s is missed on a loaded host
+    d = daemon_factory(scenario=_scenario(tmp_path, decode_share=0.5), interval=0.5,
+                       extra_config=prices + (
         "[tuning]\nverify_interval_seconds = 0.1\n[tuning.gpu]\npower_limit_watts = 700\n"))
     d.start()
     wait_for(lambda: metric_value(d.metrics(), "gpucostd_node_tokens_per_second"), 15,
@@ -112,7 +114,7 @@ def test_refused_while_idle_and_running_shows_in_metrics(daemon_factory, tmp_pat
     # GPUs 2-3 idle for good, GPU 1 at 450 W before the calibration
     spec = tmp_path / "idle.toml"
     spec.write_text(BUILTIN.read_text() + IDLE_23)
-    d = daemon_factory(scenario=str(spec), extra_config=PRICES)
+    d = daemon_factory(scenario=str(spec), extra_config=PRICES, interval=0.5)
     d.start()
     wait_for(lambda: _progress(d) is None and d.metrics(), 10, what="daemon up")
     r = d.cli("calibrate", "--gpus", "2,3", "--dwell", "2")
@@ -154,7 +156,7 @@ def test_unequal_groups_each_step_through_their_own_plan(daemon_factory, tmp_pat
     # at both, get their limits back and leave the calibration's hold; GPUs 0-1 go on
     spec = tmp_path / "narrow.toml"
     spec.write_text(BUILTIN.read_text() + NARROW_23)
-    d = daemon_factory(scenario=str(spec), extra_config=PRICES)
+    d = daemon_factory(scenario=str(spec), extra_config=PRICES, interval=0.5)
     d.start()
     wait_for(lambda: metric_value(d.metrics(), "gpucostd_node_tokens_per_second"), 15,
              what="tokens/s")

@@ -58,9 +58,10 @@ CACHE = Path(os.environ.get("GPUCOSTD_TEST_CACHE", "/var/cache/gpucostd-test"))
 MIRROR = os.environ.get("GPUCOSTD_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 SUITES = {"bookworm": "12", "trixie": "13"}
 BASE_PACKAGES = "systemd,systemd-sysv,dbus"
-# the unit tests under python3.13: Debian's interpreter, venv, psutil and systemd; procps for
+# the unit tests under python3.13: Debian's interpreter, venv, psutil, systemd and yaml; procps for
 # /bin/kill (test_systemd_unit verifies the unit's ExecReload)
-PYTEST_PACKAGES = BASE_PACKAGES + ",python3-venv,python3-psutil,python3-systemd,procps"
+PYTEST_PACKAGES = BASE_PACKAGES + \
+    ",python3-venv,python3-psutil,python3-systemd,python3-yaml,procps"
 UPGRADE_FROM = "8a41120"      # the last commit of version 0.1.0 (before the 0.2.0 layout)
 CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 

@@ -106,8 +106,10 @@ def run_simulated(scenario: str, config, params: Params, dropin: Optional[str] =
             raise
         report = cal.report()
         if cal.applied:
-            from gpucostd.config import read_config_bytes
-            report["dropin_text"] = read_config_bytes(cal.dropin).decode("utf-8", "replace")
+            from gpucostd.config import MAX_CONFIG_BYTES
+            from gpucostd.statefile import read_regular
+            report["dropin_text"] = read_regular(cal.dropin, MAX_CONFIG_BYTES)[0].decode(
+                "utf-8", "replace")
             report["enforced_after_apply"] = _sim_apply(daemon, cal, interval)
             if dropin is None:
                 report["dropin"] = None
