@@ -2,7 +2,8 @@
 
 An SXid line (``nvidia-nvswitch3: SXid (PCI:0000:05:00.0): 12028, Non-fatal, Link 32 ...``)
 concerns a switch of the NVLink fabric, not one GPU, so it is judged for the node. The driver's
-own word decides the severity: "Fatal" is CRIT, "Non-fatal" WARN, except the codes NVIDIA's
+own word decides the severity: "Fatal" is CRIT, "Non-fatal" WARN (the SOE's reports, 26002-26008,
+carry no word and are CRIT: see SOE), except the codes NVIDIA's
 Fabric Manager user guide lists as corrected single-bit ECC errors "with no impact" (OK, shown
 and counted). Codes the guide calls always fatal to the whole fabric ask for a reboot. A fatal
 SXid is sticky (until the host reboots or ``gpucostd ack node sxid_N``); a non-fatal one lasts
@@ -25,6 +26,15 @@ NO_IMPACT = frozenset({11012, 11021, 11022, 11023, 12021, 12023, 15008, 15011, 1
 # Fabric Manager guide, "always fatal" table: the whole fabric is affected
 ALWAYS_FATAL = frozenset({12020, 22003, 22011} | set(range(23001, 23018)))
 
+# The switch's SOE (its management falcon) failing: complete reports the driver prints with no
+# Fatal/Non-fatal word (NVIDIA open-gpu-kernel-modules, src/common/nvswitch: NVSWITCH_ERR_HW_SOE_*
+# printed by soe_ls10.c, soe_lr10.c). Without its SOE the switch cannot be managed (thermal,
+# link training, error reporting): judged fatal and sticky, the switch wants a reset.
+SOE = {26002: "SOE init failed", 26004: "SOE reset timeout", 26006: "SOE halted",
+       26007: "SOE external bus error (EXTERR)", 26008: "SOE watchdog fired"}
+ACTION_SOE = ("reset the NVSwitch (reboot the node, or reset all NVSwitches and GPUs and restart "
+              "Fabric Manager); report it to NVIDIA with nvidia-bug-report.sh if it recurs")
+
 ACTION_REBOOT = "reboot (or reset all NVSwitches and GPUs, then restart Fabric Manager)"
 ACTION_FATAL = ("reset the GPUs and NVSwitches of the affected NVLink partition (restart the "
                 "VM that owns them); reboot if it recurs")
@@ -35,6 +45,8 @@ def judge_sxid(sxid: int, fatal: bool) -> Tuple[Severity, str, bool]:
     """(severity, action, sticky) of one SXid line."""
     if sxid in ALWAYS_FATAL:
         return Severity.CRIT, ACTION_REBOOT, True
+    if sxid in SOE:
+        return Severity.CRIT, ACTION_SOE, True
     if fatal:
         return Severity.CRIT, ACTION_FATAL, True
     if sxid in NO_IMPACT:
@@ -50,7 +62,7 @@ def sxid_event(fault: Any, t: float, latched: Dict[str, Dict[str, Any]]) -> Even
     bus = str(getattr(fault, "pci_bus_id", "") or "")
     switch: Optional[int] = getattr(fault, "switch", None)
     who = f"NVSwitch {switch} ({bus})" if switch is not None else f"NVSwitch {bus}"
-    word = "Fatal" if fatal else "Non-fatal"
+    word = SOE.get(sxid) or ("Fatal" if fatal else "Non-fatal")
     message = str(getattr(fault, "message", "") or "")
     text = f"SXid {sxid} ({word}) on {who}" + (f": {message}" if message else "")
     fields: Dict[str, Any] = {"sxid": sxid, "fatal": fatal, "pci_bus_id": bus, "sticky": sticky}
