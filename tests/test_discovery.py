@@ -1,0 +1,296 @@
+"""Discovery on a real node (issue 22, item 2): the processes of known inference servers and
+their listening ports (psutil), each new port's /metrics asked once, the server recognised and
+read with no inference config; new servers picked up at the refresh interval, vanished ones
+dropped with an event; a port whose owner is not a known server never gets a request."""
+from __future__ import annotations
+
+import http.server
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import http_get, metric_value, wait_for
+from gpucostd.part import Cycle
+from gpucostd.parts.discovery import DiscoveryPart
+from gpucostd.probes.discovery import (Process, candidates, known_server, psutil_processes)
+from gpucostd.probes.inference import InferenceProbe
+
+FIX = Path(__file__).resolve().parent / "fixtures" / "expositions"
+PORTS = range(19800, 19900)          # this branch's port range (tests that bind a fixed port)
+
+
+@pytest.mark.parametrize("name, cmdline, server", [
+    ("vllm", ["/usr/bin/python3", "/usr/local/bin/vllm", "serve", "Qwen/Qwen3-8B"], "vllm"),
+    ("python3", ["python3", "-m", "vllm.entrypoints.openai.api_server", "--model", "m"], "vllm"),
+    ("python3", ["python3", "-m", "sglang.launch_server", "--model-path", "m"], "sglang"),
+    ("trtllm-serve", ["/usr/local/bin/trtllm-serve", "m", "--port", "8000"], "tensorrt-llm"),
+    ("tritonserver", ["tritonserver", "--model-repository=/models"], "triton"),
+    ("text-generation", ["text-generation-launcher", "--model-id", "m"], "tgi"),
+    ("text-generation", ["text-generation-router", "--port", "80"], "tgi"),
+    ("llama-server", ["./llama-server", "-m", "m.gguf", "--metrics"], "llama.cpp"),
+    ("python", ["python", "-c", "import xllamacpp; ..."], "llama.cpp"),
+    ("python3", ["python3", "-m", "dynamo.frontend", "--http-port", "8000"], "dynamo"),
+    ("python3", ["python3", "-m", "nim_llm.entrypoints"], "nim"),
+    ("bash", ["/opt/nim/start_server.sh"], "nim"),
+])
+def test_known_servers_by_process_name_and_command_line(name, cmdline, server):
+    assert known_server(name, cmdline) == server
+
+
+@pytest.mark.parametrize("name, cmdline", [
+    ("python3", ["python3", "-m", "http.server", "8000"]),
+    ("bash", ["bash", "-c", "sleep 100"]),
+    ("nginx", ["nginx: worker process"]),
+    ("python3", ["python3", "/srv/vllm_dashboard.py"]),
+])
+def test_other_processes_are_not_servers(name, cmdline):
+    assert known_server(name, cmdline) is None
+
+
+def test_candidates_are_loopback_or_all_addresses_one_url_per_port():
+    procs = [Process(10, "llama-server", ("llama-server",),
+                     (("0.0.0.0", 8080), ("::", 8080), ("10.1.2.3", 9000), ("127.0.0.1", 8081))),
+             Process(11, "python3", ("python3", "-m", "http.server"), (("0.0.0.0", 8000),)),
+             Process(12, "tritonserver", ("tritonserver",), (("::1", 8002), ("::", 8001)))]
+    got = [(c.server, c.pid, c.port, c.url) for c in candidates(procs)]
+    assert got == [("llama.cpp", 10, 8080, "http://127.0.0.1:8080/metrics"),
+                   ("llama.cpp", 10, 8081, "http://127.0.0.1:8081/metrics"),
+                   ("triton", 12, 8001, "http://[::1]:8001/metrics"),
+                   ("triton", 12, 8002, "http://[::1]:8002/metrics")]
+
+
+class Page:
+    """A /metrics page on loopback that counts the requests it gets."""
+
+    def __init__(self, text: str):
+        self.text, self.requests = text, 0
+        page = self
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                page.requests += 1
+                data = page.text.encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *a):
+                pass
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def pages():
+    made = []
+
+    def make(name):
+        p = Page((FIX / name).read_text())
+        made.append(p)
+        return p
+    yield make
+    for p in made:
+        p.close()
+
+
+def _part(procs, probes, configured=(), interval=60.0):
+    def make_probe(url):
+        p = InferenceProbe(url, "auto", 2.0)
+        p.discovered = True
+        return p
+    return DiscoveryPart(probes, lambda: list(configured), make_probe, interval,
+                         lister=lambda: list(procs))
+
+
+def _run(part, t):
+    c = Cycle(1, 1000.0 + t, t)
+    return part.run(c), c.events
+
+
+def test_discovery_reads_known_servers_and_drops_vanished_ones(pages):
+    llama, vllm, other = pages("llamacpp.prom"), pages("vllm_v1.prom"), pages("vllm_v1.prom")
+    procs = [Process(100, "llama-server", ("llama-server", "-m", "x.gguf"),
+                     (("127.0.0.1", llama.port),)),
+             Process(101, "python3", ("python3", "-m", "http.server"),       # not a server
+                     (("0.0.0.0", other.port),))]
+    probes = []
+    part = _part(procs, probes, interval=30.0)
+    status, events = _run(part, 0.0)
+    assert [(e.url, e.server, e.pid) for e in status.endpoints] == [
+        (f"http://127.0.0.1:{llama.port}/metrics", "llama.cpp", 100)]
+    assert [p.url for p in probes] == [status.endpoints[0].url]
+    assert [(e.code, e.severity.name) for e in events] == [("inference_discovered", "OK")]
+    assert "llama-server (pid 100)" in events[0].message
+    assert probes[0].read().server == "llama.cpp"
+    # a new server is picked up at the refresh interval, not every cycle
+    procs.append(Process(102, "vllm", ("vllm", "serve", "m"), (("0.0.0.0", vllm.port),)))
+    status, events = _run(part, 10.0)
+    assert len(status.endpoints) == 1 and events == [] and vllm.requests == 0
+    status, events = _run(part, 30.0)
+    assert [e.server for e in status.endpoints] == ["llama.cpp", "vllm"] and vllm.requests == 1
+    assert [e.code for e in events] == ["inference_discovered"]
+    # asked once: a known server keeps its probe, not a second discovery request per scan
+    _run(part, 60.0)
+    assert (llama.requests, vllm.requests) == (2, 1)       # llama: discovery + the read above
+    # gone: dropped with an event, its probe out of the list
+    del procs[0]
+    status, events = _run(part, 90.0)
+    assert [e.server for e in status.endpoints] == ["vllm"]
+    assert [(e.code, e.severity.name) for e in events] == [("inference_vanished", "WARN")]
+    assert [p.url for p in probes] == [f"http://127.0.0.1:{vllm.port}/metrics"]
+    # the port of a process that is no known server never got a request
+    assert other.requests == 0
+
+
+def test_configured_endpoints_stay_first_and_are_not_doubled(pages):
+    llama = pages("llamacpp.prom")
+    url = f"http://127.0.0.1:{llama.port}/metrics"
+    configured = InferenceProbe(url, "auto", 1.0)
+    probes = [configured]
+    part = _part([Process(5, "llama-server", ("llama-server",), (("0.0.0.0", llama.port),))],
+                 probes, configured=[url])
+    status, events = _run(part, 0.0)
+    assert status.endpoints == () and events == [] and probes == [configured]
+    assert llama.requests == 0
+
+
+def test_a_reload_that_rebuilds_the_list_gets_the_discovered_probes_back(pages):
+    llama = pages("llamacpp.prom")
+    probes = []
+    part = _part([Process(5, "llama-server", ("llama-server",), (("0.0.0.0", llama.port),))],
+                 probes)
+    _run(part, 0.0)
+    found = probes[0]
+    probes[:] = [InferenceProbe("http://127.0.0.1:1/metrics")]       # what a reload does
+    _run(part, 1.0)
+    assert [p.url for p in probes] == ["http://127.0.0.1:1/metrics", found.url]
+    assert probes[1] is found and llama.requests == 1
+
+
+def test_a_port_without_a_token_counter_is_asked_once_and_said(pages):
+    grpc_like = Page("garbage that is no exposition\n")
+    try:
+        probes = []
+        part = _part([Process(7, "tritonserver", ("tritonserver",),
+                              (("0.0.0.0", grpc_like.port),))], probes, interval=5.0)
+        status, _ = _run(part, 0.0)
+        _run(part, 5.0)
+        assert status.endpoints == () and probes == [] and grpc_like.requests == 1
+        (url, how, why), = status.skipped
+        assert "tritonserver (pid 7)" in how and "no known generated-token counter" in why
+    finally:
+        grpc_like.close()
+
+
+def test_a_failing_process_list_keeps_what_was_found(pages):
+    llama = pages("llamacpp.prom")
+    state = {"fail": False}
+
+    def lister():
+        if state["fail"]:
+            raise PermissionError("/proc is not readable")
+        return [Process(5, "llama-server", ("llama-server",), (("0.0.0.0", llama.port),))]
+    probes = []
+    part = DiscoveryPart(probes, lambda: [], lambda u: _probe(u), 5.0, lister=lister)
+    _run(part, 0.0)
+    state["fail"] = True
+    status, events = _run(part, 5.0)
+    assert len(status.endpoints) == 1 and events == []
+    assert "cannot list processes" in status.error and "/proc is not readable" in status.error
+
+
+def _probe(url):
+    p = InferenceProbe(url, "auto", 2.0)
+    p.discovered = True
+    return p
+
+
+# ------------------------------------------------------------------ a real process, psutil
+SERVE = r"""
+import http.server, sys
+text = open(sys.argv[2]).read().encode()
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.send_header("Content-Length", str(len(text)))
+        self.end_headers(); self.wfile.write(text)
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def _free_port_in_range():
+    import socket
+    for port in PORTS:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    pytest.skip("no free port in 19800-19899")
+
+
+@pytest.fixture
+def fake_llama_server(tmp_path):
+    """A process the kernel calls llama-server (python run through a link of that name)
+    serving a real llama.cpp exposition on a port of this branch's range."""
+    exe = tmp_path / "llama-server"
+    os.symlink(sys.executable, exe)
+    script = tmp_path / "serve.py"
+    script.write_text(SERVE)
+    port = _free_port_in_range()
+    proc = subprocess.Popen([str(exe), str(script), str(port), str(FIX / "llamacpp.prom")])
+    try:
+        wait_for(lambda: http_get(f"http://127.0.0.1:{port}/metrics", 1)[0] == 200, 10,
+                 what="the fake llama-server")
+        yield proc, port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_psutil_finds_a_real_server_process_and_its_port(fake_llama_server):
+    proc, port = fake_llama_server
+    mine = [p for p in psutil_processes() if p.pid == proc.pid]
+    assert mine and mine[0].name == "llama-server"
+    assert ("127.0.0.1", port) in mine[0].listening
+    assert (f"http://127.0.0.1:{port}/metrics", "llama.cpp") in [
+        (c.url, c.server) for c in candidates(mine)]
+
+
+def test_the_daemon_reads_a_discovered_server_and_drops_it_when_it_stops(
+        daemon_factory, fake_llama_server):
+    proc, port = fake_llama_server
+    url = f"http://127.0.0.1:{port}/metrics"
+    d = daemon_factory(interval=0.5, extra_config=(
+        '\n[inference]\ndiscover = "on"\ndiscover_interval_seconds = 5\n')).start()
+
+    def discovered():
+        _rc, data = d.status_json()
+        disc = data.get("inference_discovery") or {}
+        return [e for e in disc.get("endpoints") or [] if e["url"] == url]
+    (ep,) = wait_for(discovered, 20, what="the llama-server discovered")
+    assert ep["server"] == "llama.cpp" and ep["pid"] == proc.pid
+    assert f"llama-server (pid {proc.pid})" in ep["how"]
+    text = d.metrics()
+    assert metric_value(text, "gpucostd_inference_discovered", url=url, server="llama.cpp") == 1
+    assert metric_value(text, "gpucostd_inference_endpoint_info", server="llama.cpp",
+                        url=url) == 1
+    out = d.cli("status").stdout
+    assert f"llama.cpp at {url}" in out
+    proc.terminate()
+    proc.wait(10)
+    wait_for(lambda: not discovered(), 20, what="the stopped server dropped")
+    _rc, data = d.status_json()
+    assert any(e["code"] == "inference_vanished" and url in e["message"]
+               for e in data["events"]), data["events"]
