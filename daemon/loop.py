@@ -106,6 +106,7 @@ class Daemon:
     def _build_parts(self, sim_parser) -> List[Part]:
         """The cycle's parts, in the order they run (a part reads the data of those before)."""
         from gpucostd.parts.cost import CostPart
+        from gpucostd.parts.deploy import DeployPart
         from gpucostd.parts.gpu import GpuPart
         from gpucostd.parts.health import HealthPart
         from gpucostd.parts.host import HostPart
@@ -126,7 +127,8 @@ class Daemon:
                                  cfg.nic_tuning, recover)]
         from gpucostd.parts.discovery import discovery_part
         discovery = discovery_part(self)      # None: off, or not a real node
-        parts += [HostPart(self.host_probe, self.deploy_probe, self.gateway, cfg),
+        parts += [DeployPart(self.deploy_probe, cfg.checks, cfg.tuning),
+                  HostPart(self.host_probe, self.gateway, cfg),
                   HealthPart(self.judge)] + ([discovery] if discovery else []) + [
                   InferencePart(self.inference, parallel=not self.clock.virtual),
                   CostPart(self.cost, self.inference)]

@@ -80,7 +80,7 @@ def test_a_new_part_runs_is_judged_and_measured_without_an_edit_to_the_loop(daem
 def test_every_part_of_the_cycle_is_a_metric(daemon):
     snap = daemon.step()
     names = [r.name for r in snap.parts]
-    assert names == ["gpu", "kernel_log", "state_dir", "tuning", "host", "health",
+    assert names == ["gpu", "kernel_log", "state_dir", "tuning", "deploy", "host", "health",
                      "inference", "cost"]
     assert all(r.ok and r.seconds >= 0 for r in snap.parts)
     text = scrape(snap)

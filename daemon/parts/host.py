@@ -1,5 +1,5 @@
-"""Part "host": the host's facts (kernel, IOMMU, NICs: sysfs/procfs), the deployment guide's
-facts (nvidia-persistenced, the model directories) and the host checks made from them, read
+"""Part "host": the host's facts (kernel, IOMMU, NICs: sysfs/procfs) and the host checks made
+from them and from the deploy part's facts (nvidia-persistenced, the model directories), read
 again every tuning verify interval (they change rarely)."""
 from __future__ import annotations
 
@@ -21,14 +21,12 @@ class HostData:
 class HostPart(Part):
     name = "host"
 
-    def __init__(self, host_probe, deploy_probe, gateway, config):
+    def __init__(self, host_probe, gateway, config):
         self.host_probe = host_probe
-        self.deploy_probe = deploy_probe
         self.gateway = gateway
         self.reconfigure(config)
         self._last: Optional[float] = None
         self._facts = None
-        self._deploy = None
         self._checks: Tuple[CheckResult, ...] = ()
 
     def reconfigure(self, config) -> None:
@@ -40,10 +38,10 @@ class HostPart(Part):
         if self._last is None or cycle.monotonic - self._last >= self.interval:
             self._last = cycle.monotonic
             self._facts = self.host_probe.facts()
-            self._deploy = self.deploy_probe.read(self.config.checks.model_dirs)
             settings = getattr(cycle.data("tuning"), "settings", ())
             gw = self.gateway
             self._checks = tuple(run_checks(self.config, self._facts, cycle.data("gpu", ()),
                                             gw.driver_version, gw.cuda_version, settings,
-                                            self._deploy, gw.error) or ())
-        return HostData(self._facts, getattr(self._deploy, "persistenced", None), self._checks)
+                                            cycle.data("deploy"), gw.error) or ())
+        return HostData(self._facts, getattr(cycle.data("deploy"), "persistenced", None),
+                        self._checks)
