@@ -26,7 +26,7 @@ KNOWN: Tuple[Tuple[str, Tuple[str, ...], Optional[str]], ...] = (
     ("triton", ("tritonserver",), r"(?:^|[\s/])tritonserver(?:\s|$)"),
     ("tgi", ("text-generation-launcher", "text-generation-router", "text-generation-server"),
      r"(?:^|[\s/])text-generation-(?:launcher|router)(?:\s|$)"),
-    ("llama.cpp", ("llama-server",), r"(?:^|[\s/])llama-server(?:\s|$)|\bxllamacpp\b"),
+    ("llama.cpp", ("llama-server",), r"(?:^|[\s/])llama-server(?:\s|$)|\bxllamacpp"),
     ("dynamo", ("dynamo-run",), r"\bdynamo\.(?:frontend|vllm|sglang|trtllm)\b|(?:^|[\s/])dynamo-run\b"),
     ("nim", ("nim_llm", "nim-llm"), r"\bnim_llm\b|(?:^|[\s/])nim-llm\b|/opt/nim/start[_-]server"),
 )

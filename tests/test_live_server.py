@@ -38,7 +38,8 @@ from conftest import http_get, metric_value, wait_for
 REQUESTS = 10
 MAX_TOKENS = 32
 GPU_HOUR_USD = 2.0
-GPUS = 8                       # builtin:h100x8
+SCENARIO = str(Path(__file__).resolve().parent / "scenarios" / "live_server.toml")
+GPUS = 1                       # (its one GPU; no simulated server)
 POLL = 0.05
 PORTS = range(19800, 19900)
 TOLERANCE = 0.05
@@ -133,7 +134,7 @@ def _free_port():
 def llama(tmp_path):
     """(start, url): start() runs the server and waits for its /metrics."""
     py = live_python()
-    script = tmp_path / "serve_llama.py"
+    script = tmp_path / "xllamacpp_server.py"      # (its command line names xllamacpp)
     script.write_text(SERVE)
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -172,11 +173,23 @@ def complete(url, prompt):
         return json.loads(r.read())["usage"]["completion_tokens"]
 
 
-def test_the_daemon_reads_a_live_llama_cpp_server_exactly(daemon_factory, llama):
+@pytest.mark.parametrize("how", ["metrics_url", "discovery"])
+def test_the_daemon_reads_a_live_llama_cpp_server_exactly(daemon_factory, llama, how):
     start, url = llama
-    d = daemon_factory(interval=0.5, extra_config=(
-        f'\n[inference]\nmetrics_url = "{url}/metrics"\n'
+    inference = (f'metrics_url = "{url}/metrics"\n' if how == "metrics_url" else
+                 'discover = "on"\ndiscover_interval_seconds = 5\n')
+    d = daemon_factory(interval=0.5, scenario=SCENARIO, extra_config=(
+        f'\n[inference]\n{inference}'
         f'\n[cost]\ngpu_hour_usd = {GPU_HOUR_USD}\nenergy_usd_per_kwh = 0.0\n')).start()
+    if how == "discovery":
+        # found by its process (command line) and listening socket, asked once, then read
+        # like a configured endpoint; the window opens at the first reading of its counter
+        start()
+        t0 = wait_for(lambda: metric_value(d.metrics(), "gpucostd_inference_discovered",
+                                           url=f"{url}/metrics", server="llama.cpp") == 1
+                      and time.monotonic(), 30, POLL, what="the live server discovered")
+        _check(d, url, t0, how)
+        return
     wait_for(lambda: metric_value(d.metrics(), "gpucostd_inference_endpoint_up",
                                   endpoint="0") == 0, 20, what="the daemon reading the endpoint")
     # the server starts after the daemon: the daemon's first reading of its counter (0) opens
@@ -185,6 +198,10 @@ def test_the_daemon_reads_a_live_llama_cpp_server_exactly(daemon_factory, llama)
     t0 = wait_for(lambda: metric_value(d.metrics(), "gpucostd_inference_endpoint_up",
                                        endpoint="0") == 1 and time.monotonic(), 20, POLL,
                   what="the daemon's first reading of the live server")
+    _check(d, url, t0, how)
+
+
+def _check(d, url, t0, how):
     tokens = [complete(url, f"Write one sentence about the number {i}.") for i in
               range(REQUESTS)]
     sent = sum(tokens)
@@ -203,7 +220,7 @@ def test_the_daemon_reads_a_live_llama_cpp_server_exactly(daemon_factory, llama)
     per_hour = metric_value(text, "gpucostd_node_cost_dollars_per_hour")
     tpd = metric_value(text, "gpucostd_node_tokens_per_dollar")
     per_million = metric_value(text, "gpucostd_node_cost_per_million_tokens_dollars")
-    print(f"live llama.cpp: {REQUESTS} requests, {sent} tokens (responses: {tokens}); "
+    print(f"live llama.cpp ({how}): {REQUESTS} requests, {sent} tokens (responses: {tokens}); "
           f"gpucostd {tps:.2f} tokens/s, counted {counted:.2f} over {t1 - t0:.2f} s; "
           f"{tpd:.1f} tokens/$ at ${per_hour:g}/h, ${per_million:.2f} per million; requests "
           f"took {t_sent - t0:.1f} s")
