@@ -40,6 +40,7 @@ class Process:
     name: str
     cmdline: Tuple[str, ...]
     listening: Tuple[Tuple[str, int], ...] = ()      # (address, port) in LISTEN state
+    error: Optional[str] = None     # why its sockets could not be read (then none are listed)
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,16 @@ def _local_url(address: str, port: int) -> Optional[str]:
     return None
 
 
+def unreadable(processes: Iterable[Process]) -> List[str]:
+    """A line per known server whose sockets could not be read."""
+    out = []
+    for p in sorted(processes, key=lambda p: p.pid):
+        if p.error and known_server(p.name, p.cmdline):
+            out.append(f"{known_server(p.name, p.cmdline)} process {p.name} (pid {p.pid}): "
+                       f"{p.error}")
+    return out
+
+
 def candidates(processes: Iterable[Process]) -> List[Candidate]:
     """Every listening port of a known server, on loopback or all addresses, in (pid, port)
     order; one URL once (a server listening on 0.0.0.0 and :: is one endpoint)."""
@@ -126,6 +137,12 @@ def psutil_processes(procfs: Optional[str] = None) -> List[Process]:
             try:
                 conns = (proc.net_connections(kind="tcp") if hasattr(proc, "net_connections")
                          else proc.connections(kind="tcp"))
+            except psutil.AccessDenied:
+                out.append(Process(proc.pid, name, cmdline, (), (
+                    "its sockets cannot be read (it runs as another user; reading them needs "
+                    "CAP_SYS_PTRACE, which the shipped unit does not give): set [inference] "
+                    "metrics_url or [[inference.endpoint]] for it")))
+                continue
             except (psutil.Error, OSError, ValueError):
                 continue
             listening = tuple((c.laddr.ip, c.laddr.port) for c in conns
@@ -139,5 +156,6 @@ def psutil_processes(procfs: Optional[str] = None) -> List[Process]:
 
 Lister = Callable[[], Iterable[Process]]
 
-__all__ = ["KNOWN", "Process", "Candidate", "known_server", "candidates", "psutil_processes",
+__all__ = ["KNOWN", "Process", "Candidate", "known_server", "candidates", "unreadable",
+           "psutil_processes",
            "Lister"]

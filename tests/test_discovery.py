@@ -209,6 +209,16 @@ def test_a_failing_process_list_keeps_what_was_found(pages):
     assert "cannot list processes" in status.error and "/proc is not readable" in status.error
 
 
+def test_a_server_whose_sockets_cannot_be_read_is_named_with_the_way_out():
+    procs = [Process(9, "vllm", ("vllm", "serve", "m"), (), "its sockets cannot be read (...)"),
+             Process(10, "bash", ("bash",), (), "its sockets cannot be read (...)")]
+    probes = []
+    part = DiscoveryPart(probes, lambda: [], _probe, 5.0, lister=lambda: procs)
+    status, events = _run(part, 0.0)
+    assert status.endpoints == () and events == [] and probes == []
+    assert status.notes == ("vllm process vllm (pid 9): its sockets cannot be read (...)",)
+
+
 def _probe(url):
     p = InferenceProbe(url, "auto", 2.0)
     p.discovered = True

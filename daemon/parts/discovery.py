@@ -46,6 +46,7 @@ class DiscoveryStatus:
     interval_seconds: float = 0.0
     error: Optional[str] = None              # the last scan's failure, in words
     reason: str = ""                         # why it is off
+    notes: Tuple[str, ...] = ()              # known servers it could not look into
 
 
 @dataclass
@@ -71,6 +72,7 @@ class DiscoveryPart(Part):
         self._next = None
         self._last_scan: Optional[float] = None
         self._error: Optional[str] = None
+        self._notes: Tuple[str, ...] = ()
 
     def reconfigure(self, config) -> None:
         self.interval = float(config.inference.discover_interval_seconds)
@@ -92,14 +94,17 @@ class DiscoveryPart(Part):
         return DiscoveryStatus(True, tuple(f.endpoint for f in self._found.values()),
                                tuple((u, how, why) for u, (_k, how, why)
                                      in self._skipped.items()),
-                               self._last_scan, self.interval, self._error)
+                               self._last_scan, self.interval, self._error,
+                               notes=self._notes)
 
     # ------------------------------------------------------------------ internals
     def _scan(self, cycle: Cycle) -> None:
-        from gpucostd.probes.discovery import candidates, psutil_processes
+        from gpucostd.probes.discovery import candidates, psutil_processes, unreadable
         self._last_scan = cycle.now
         try:
-            found = candidates((self.lister or psutil_processes)())
+            listed = list((self.lister or psutil_processes)())
+            found = candidates(listed)
+            self._notes = tuple(unreadable(listed))
         except Exception as e:  # noqa: BLE001 - a failed scan keeps what was found
             self._error = (f"cannot list processes: {type(e).__name__}: {e}; discovery keeps "
                            f"the endpoints it had")

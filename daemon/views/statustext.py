@@ -186,6 +186,8 @@ def discovery_lines(disc: Any) -> List[str]:
     for sk in disc.get("skipped") or []:
         lines.extend(_wrap(f"not read: {sk.get('url')} ({sk.get('how')}): {sk.get('why')}",
                            "  "))
+    for note in disc.get("notes") or []:
+        lines.extend(_wrap(f"not seen: {note}", "  "))
     return lines
 
 

@@ -133,6 +133,7 @@ def discovery_json(snap: NodeSnapshot) -> Optional[Dict[str, Any]]:
             "endpoints": [{"url": e.url, "server": e.server, "how": e.how, "pid": e.pid,
                            "process": e.process, "address": e.address, "port": e.port,
                            "since": e.since} for e in status.endpoints],
-            "skipped": [{"url": u, "how": how, "why": why} for u, how, why in status.skipped]}
+            "skipped": [{"url": u, "how": how, "why": why} for u, how, why in status.skipped],
+            "notes": list(status.notes)}
 
 
