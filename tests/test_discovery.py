@@ -304,3 +304,41 @@ def test_the_daemon_reads_a_discovered_server_and_drops_it_when_it_stops(
     _rc, data = d.status_json()
     assert any(e["code"] == "inference_vanished" and url in e["message"]
                for e in data["events"]), data["events"]
+
+
+@pytest.mark.parametrize("mode, simulated, one_shot, virtual, runs", [
+    ("auto", False, False, False, True),       # a real node: on by default
+    ("auto", True, False, False, False),       # --simulate: only when asked
+    ("on", True, False, False, True),
+    ("off", False, False, False, False),
+    ("auto", False, True, False, False),       # one-shot commands
+    ("on", False, False, True, False),         # replay's virtual clock
+])
+def test_discovery_runs_on_a_real_node_unless_told_otherwise(mode, simulated, one_shot,
+                                                             virtual, runs):
+    from types import SimpleNamespace
+
+    from gpucostd.config import parse
+    from gpucostd.parts.discovery import discovery_part
+    daemon = SimpleNamespace(
+        config=parse(f'[inference]\ndiscover = "{mode}"\n'), one_shot=one_shot,
+        clock=SimpleNamespace(virtual=virtual, monotonic=lambda: 0.0),
+        sim=object() if simulated else None, inference=[])
+    part = discovery_part(daemon)
+    assert (part is not None) == runs
+    if runs:
+        assert part.probes is daemon.inference and part.interval == 60.0
+
+
+def test_many_new_ports_are_asked_a_few_per_cycle(pages):
+    from gpucostd.parts.discovery import MAX_ASKS_PER_SCAN
+    servers = [pages("llamacpp.prom") for _ in range(MAX_ASKS_PER_SCAN + 2)]
+    procs = [Process(50 + i, "llama-server", ("llama-server",), (("127.0.0.1", p.port),))
+             for i, p in enumerate(servers)]
+    probes = []
+    part = _part(procs, probes, interval=60.0)
+    status, _ = _run(part, 0.0)
+    assert len(status.endpoints) == MAX_ASKS_PER_SCAN
+    status, events = _run(part, 1.0)          # the rest at once, not after the interval
+    assert len(status.endpoints) == len(servers) and len(events) == 2
+    assert all(p.requests == 1 for p in servers)

@@ -18,6 +18,9 @@ from gpucostd.part import Cycle, Part
 from gpucostd.snapshot import Event, Severity
 
 MODES = ("auto", "on", "off")
+# new ports asked per scan: each ask has the scrape deadline (at most half the interval), so a
+# node with many new ports spreads them over scans instead of holding one cycle up
+MAX_ASKS_PER_SCAN = 4
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,7 @@ class DiscoveryPart(Part):
         self._error = None
         configured = set(self.configured_urls())
         now_urls = set()
+        asks = 0
         for c in found:
             if c.url in configured:
                 continue
@@ -123,6 +127,10 @@ class DiscoveryPart(Part):
             skipped = self._skipped.get(c.url)
             if skipped is not None and skipped[0] == key:
                 continue                      # asked once already: not a token counter
+            if asks >= MAX_ASKS_PER_SCAN:
+                self._next = cycle.monotonic        # the rest on the next cycle
+                continue
+            asks += 1
             probe = self.make_probe(c.url)
             reading = probe.read()
             if not getattr(reading, "ok", False):
