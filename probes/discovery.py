@@ -72,19 +72,20 @@ def known_server(name: str, cmdline: Sequence[str]) -> Optional[str]:
 
 
 def _local_url(address: str, port: int) -> Optional[str]:
-    """The URL of a socket bound to loopback or all addresses; None for a specific outside
-    address (discovery reads local servers only)."""
+    """The URL of a socket bound to loopback or all addresses (asked on loopback); None for a
+    specific outside address (discovery reads local servers only)."""
     try:
         ip = ipaddress.ip_address(address.split("%")[0])
     except ValueError:
         return None
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.version == 4:
+        if ip.is_unspecified:
+            return f"http://127.0.0.1:{port}/metrics"
+        return f"http://{ip}:{port}/metrics" if ip.is_loopback else None
     if ip.is_unspecified or ip.is_loopback:
-        if ip.version == 6 and not (ip.is_unspecified or ip == ipaddress.ip_address("::1")):
-            return None
-        host = "127.0.0.1" if ip.version == 4 else "[::1]"
-        return f"http://{host}:{port}/metrics"
-    if ip.version == 6 and ip.ipv4_mapped is not None and (ip.ipv4_mapped.is_loopback):
-        return f"http://127.0.0.1:{port}/metrics"
+        return f"http://[::1]:{port}/metrics"
     return None
 
 
