@@ -27,7 +27,8 @@ KNOWN: Tuple[Tuple[str, Tuple[str, ...], Optional[str]], ...] = (
     ("tgi", ("text-generation-launcher", "text-generation-router", "text-generation-server"),
      r"(?:^|[\s/])text-generation-(?:launcher|router)(?:\s|$)"),
     ("llama.cpp", ("llama-server",), r"(?:^|[\s/])llama-server(?:\s|$)|\bxllamacpp"),
-    ("dynamo", ("dynamo-run",), r"\bdynamo\.(?:frontend|vllm|sglang|trtllm)\b|(?:^|[\s/])dynamo-run\b"),
+    ("dynamo", ("dynamo-run",),
+     r"\bdynamo\.(?:frontend|vllm|sglang|trtllm)\b|(?:^|[\s/])dynamo-run\b"),
     ("nim", ("nim_llm", "nim-llm"), r"\bnim_llm\b|(?:^|[\s/])nim-llm\b|/opt/nim/start[_-]server"),
 )
 _PATTERNS = [(s, names, re.compile(p) if p else None) for s, names, p in KNOWN]

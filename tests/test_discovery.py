@@ -56,8 +56,8 @@ def test_candidates_are_loopback_or_all_addresses_one_url_per_port():
                      (("0.0.0.0", 8080), ("::", 8080), ("10.1.2.3", 9000), ("127.0.0.1", 8081))),
              Process(11, "python3", ("python3", "-m", "http.server"), (("0.0.0.0", 8000),)),
              Process(12, "tritonserver", ("tritonserver",), (("::1", 8002), ("::", 8001))),
-             Process(13, "vllm", ("vllm", "serve"), (("127.0.0.53", 8003), ("::ffff:127.0.0.1", 8004),
-                                                     ("fe80::1", 8005)))]
+             Process(13, "vllm", ("vllm", "serve"),
+                     (("127.0.0.53", 8003), ("::ffff:127.0.0.1", 8004), ("fe80::1", 8005)))]
     got = [(c.server, c.pid, c.port, c.url) for c in candidates(procs)]
     assert got == [("llama.cpp", 10, 8080, "http://127.0.0.1:8080/metrics"),
                    ("llama.cpp", 10, 8081, "http://127.0.0.1:8081/metrics"),
