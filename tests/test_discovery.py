@@ -346,3 +346,21 @@ def test_many_new_ports_are_asked_a_few_per_cycle(pages):
     status, events = _run(part, 1.0)          # the rest at once, not after the interval
     assert len(status.endpoints) == len(servers) and len(events) == 2
     assert all(p.requests == 1 for p in servers)
+
+
+def test_status_text_says_what_was_discovered_and_how():
+    from gpucostd.views.statustext import discovery_lines
+    assert discovery_lines(None) == [] and discovery_lines({"enabled": False}) == []
+    assert discovery_lines("garbage") == []
+    lines = discovery_lines({
+        "enabled": True, "error": None,
+        "endpoints": [{"server": "vllm", "url": "http://127.0.0.1:8000/metrics",
+                       "how": "process vllm (pid 7) listening on 0.0.0.0:8000"}],
+        "skipped": [{"url": "http://127.0.0.1:8001/metrics", "how": "process tritonserver "
+                     "(pid 8) listening on 0.0.0.0:8001", "why": "not Prometheus text"}],
+        "notes": ["sglang process python3 (pid 9): its sockets cannot be read"]})
+    text = "\n".join(lines)
+    assert lines[0] == "Discovered inference servers: 1"
+    assert "vllm at http://127.0.0.1:8000/metrics: process vllm (pid 7)" in text
+    assert "not read: http://127.0.0.1:8001/metrics" in text and "not Prometheus text" in text
+    assert "not seen: sglang process python3 (pid 9)" in text
