@@ -18,7 +18,7 @@ import tempfile
 import textwrap
 from typing import Any, Dict, List, Optional
 
-from gpucostd.cost.model import rounded as _rounded, sorted_reasons
+from gpucostd.cost.model import rounded as _rounded, sorted_reasons as _sorted_reasons
 
 LOG = logging.getLogger("gpucostd")
 DEFAULT_DURATION = 3600.0
@@ -100,7 +100,7 @@ def _result(spec, scenario, config, daemon, report, events, duration, step, cycl
     if report is not None:
         for g in report.gpus:
             reasons = {}
-            for r, c in sorted_reasons(g.reasons):
+            for r, c in _sorted_reasons(g.reasons):
                 reasons[r] = {"throttled_seconds": _rounded(c.throttled_seconds),
                               "capacity_lost_seconds": _rounded(c.capacity_lost_seconds),
                               "dollars": _rounded(c.dollars)}

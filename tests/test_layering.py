@@ -245,3 +245,17 @@ def test_every_package_folder_is_installed():
     found = {"gpucostd." + ".".join(p.parent.relative_to(REPO / "daemon").parts)
              for p in (REPO / "daemon").rglob("__init__.py")} - {"gpucostd."}
     assert found - listed == set()
+
+
+# modules still over the limit, each owned by work in flight (issue 21: the simulator and the
+# NVML gateway): remove a name once its module is split
+OVER_700_FOR_NOW = {"gpucostd.sim.scenario", "gpucostd.sim.nvml", "gpucostd.hw.nvml"}
+
+
+def test_no_module_over_700_lines_and_a_thin_loop():
+    """A reader takes a module in at one sitting; the loop runs the parts and judges nothing
+    (issue 20: under 400 lines)."""
+    sizes = {name: len(path.read_text(encoding="utf-8").splitlines())
+             for name, path in modules()}
+    assert {n: k for n, k in sizes.items() if k > 700 and n not in OVER_700_FOR_NOW} == {}
+    assert sizes["gpucostd.loop"] < 400

@@ -18,13 +18,16 @@ from collections import deque
 from typing import Any, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from gpucostd.cost.efficiency import EfficiencyBook, floor_step
-from gpucostd.cost.model import (MAX_LOSS_FOR_MULTIPLIER, COUNTER_GROUPS, GpuSample, counter_values,
-                                 is_finite, sorted_reasons, active_throttle_reasons,
-                                 cost_multiplier, fit_tokens_vs_clock, integrate, is_busy,
-                                 loss_ratio, reference_clock)
-from gpucostd.cost.report import (BUCKET_SECONDS, HISTORY_SECONDS, CostReport, GpuCost,
-                                  ReasonCost, TokenCost, WindowCost, add_reasons,
-                                  expand_history, finish_window, triple, cost_breakdown)
+from gpucostd.cost.model import (MAX_LOSS_FOR_MULTIPLIER, COUNTER_GROUPS as _COUNTER_GROUPS,
+                                 GpuSample as _Sample, counter_values as _counters,
+                                 is_finite as _finite, sorted_reasons as _sorted_reasons,
+                                 active_throttle_reasons, cost_multiplier, fit_tokens_vs_clock,
+                                 integrate, is_busy, loss_ratio, reference_clock)
+from gpucostd.cost.report import (BUCKET_SECONDS, HISTORY_SECONDS, CostReport, GpuCost, ReasonCost,
+                                  TokenCost, WindowCost, add_reasons as _add_reasons,
+                                  expand_history as _expand_history,
+                                  finish_window as _finish_window, triple as _triple,
+                                  cost_breakdown)
 from gpucostd.snapshot import GpuReading, GpuState
 from gpucostd.statefile import write_atomic
 
@@ -50,7 +53,7 @@ class _GpuTrack:
         self.index = index
         self.uuid = uuid
         self.name = name
-        self.prev: Optional[GpuSample] = None
+        self.prev: Optional[_Sample] = None
         self.totals: Dict[str, List[float]] = {}   # reason -> [throttled, capacity, dollars]
         self.carry: Dict[str, float] = {}
         self.last_depth = 0.0
@@ -164,7 +167,7 @@ class CostAccountant:
             price = float(self.config.price_for_model(name))
         except Exception:   # noqa: BLE001 - a bad price never breaks accounting
             return 0.0
-        return price if is_finite(price) else 0.0
+        return price if _finite(price) else 0.0
 
     @property
     def currency(self) -> str:
@@ -222,8 +225,8 @@ class CostAccountant:
             busy = is_busy(g, busy_pct)
             loss = loss_ratio(g, busy_pct, self._reference(g, tr))
             tr.loss_now = loss
-            counters = counter_values(g.violation_seconds)
-            s1 = GpuSample(now_mono, loss or 0.0, busy, frozenset(reasons), counters)
+            counters = _counters(g.violation_seconds)
+            s1 = _Sample(now_mono, loss or 0.0, busy, frozenset(reasons), counters)
             s0 = tr.prev
             tr.prev = s1
             if s0 is not None and now_mono > s0.t:
@@ -263,7 +266,7 @@ class CostAccountant:
                     self._dirty = True
             if s1.reasons and s1.loss > 0:
                 tr.last_depth = s1.loss
-            for key_g, group in COUNTER_GROUPS:
+            for key_g, group in _COUNTER_GROUPS:
                 for r in group:
                     if r in s1.reasons:
                         tr.last_group_reason[key_g] = r
@@ -343,7 +346,7 @@ class CostAccountant:
                 c.throttled_seconds += v[0]
                 c.capacity_lost_seconds += v[1]
                 c.dollars += v[2]
-        return finish_window(w)
+        return _finish_window(w)
 
     def _report(self, present, now_wall: float, now_mono: float, bucket: int) -> CostReport:
         busy_pct = float(self.config.cost.busy_utilization_percent)
@@ -360,18 +363,18 @@ class CostAccountant:
             busy = is_busy(g, busy_pct) if g.state == GpuState.OK else None
             hour = self._window_for(tr.key, windows["hour"], current, 3600.0)
             day = self._window_for(tr.key, windows["day"], current, float(HISTORY_SECONDS))
-            add_reasons(node_hour.by_reason, hour.by_reason)
-            add_reasons(node_day.by_reason, day.by_reason)
+            _add_reasons(node_hour.by_reason, hour.by_reason)
+            _add_reasons(node_day.by_reason, day.by_reason)
             gpus_out.append(GpuCost(
                 index=g.index, uuid=g.uuid or tr.uuid, name=g.name or tr.name,
                 price_per_hour=price,
                 busy=busy, loss_ratio=loss, effective_cost_multiplier=cost_multiplier(loss),
                 active_reasons=active_throttle_reasons(g) if g.state == GpuState.OK else (),
                 source=tr.source,
-                reasons={r: ReasonCost(*v) for r, v in sorted_reasons(tr.totals)},
+                reasons={r: ReasonCost(*v) for r, v in _sorted_reasons(tr.totals)},
                 last_hour=hour, last_24h=day, extra=extra))
-        finish_window(node_hour)
-        finish_window(node_day)
+        _finish_window(node_hour)
+        _finish_window(node_day)
         # node rates over the last 5 minutes (or since start when younger)
         span = RATE_WINDOW_SECONDS
         if self._rate:
@@ -543,12 +546,12 @@ class CostAccountant:
             for key, g in (data.get("gpus") or {}).items():
                 tr = _GpuTrack(key, int(g.get("index", 0)), g.get("uuid"), g.get("name"))
                 for r, v in (g.get("reasons") or {}).items():
-                    tr.totals[str(r)] = triple(v, f"GPU {key} {r}")
+                    tr.totals[str(r)] = _triple(v, f"GPU {key} {r}")
                 self._tracks[key] = tr
-            self._history.update(expand_history(data.get("history")))
+            self._history.update(_expand_history(data.get("history")))
             tokens_lost = data.get("tokens_lost_total") or 0.0
             since = data.get("totals_since")
-            if not is_finite(tokens_lost) or not (since is None or is_finite(since)):
+            if not _finite(tokens_lost) or not (since is None or _finite(since)):
                 raise ValueError("tokens_lost_total or totals_since is not a number")
             self._tokens.tokens_lost_total = float(tokens_lost)
             self.eff.load(data.get("efficiency"))
@@ -586,7 +589,7 @@ class CostAccountant:
             "totals_since": self._totals_since,
             "currency": self.currency,
             "gpus": {k: {"index": t.index, "uuid": t.uuid, "name": t.name,
-                         "reasons": {r: v for r, v in sorted_reasons(t.totals)}}
+                         "reasons": {r: v for r, v in _sorted_reasons(t.totals)}}
                      for k, t in sorted(self._tracks.items())},
             "tokens_lost_total": self._tokens.tokens_lost_total,
             "efficiency": self.eff.state(),
@@ -670,7 +673,7 @@ def load_floor(path: str) -> Tuple[Dict[str, Any], Optional[str]]:
         if not isinstance(data, dict) or data.get("version") != FLOOR_VERSION:
             raise ValueError("not a version 1 floor state")
         inefficient, since = data.get("inefficient"), data.get("since")
-        if not isinstance(inefficient, bool) or not (since is None or is_finite(since)):
+        if not isinstance(inefficient, bool) or not (since is None or _finite(since)):
             raise ValueError(f"inefficient = {inefficient!r}, since = {since!r}")
         return {"inefficient": inefficient, "since": since if inefficient else None}, None
     except FileNotFoundError:

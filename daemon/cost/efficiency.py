@@ -24,7 +24,8 @@ import math
 from collections import deque
 from typing import Any, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from gpucostd.cost.model import MAX_SAMPLE_GAP_SECONDS, is_finite, rounded, is_busy
+from gpucostd.cost.model import (MAX_SAMPLE_GAP_SECONDS, is_finite as _finite, rounded as _r,
+                                 is_busy)
 from gpucostd.snapshot import GpuReading, GpuState
 
 WINDOW_SECONDS = 300.0            # window of tokens/s, idle share and energy $/h
@@ -117,8 +118,8 @@ class EfficiencyBook:
                 b.power_now = None
                 b.t = None          # an unreadable interval is not integrated
                 continue
-            power = g.power_draw_watts if is_finite(g.power_draw_watts) else None
-            energy = g.energy_joules if is_finite(g.energy_joules) else None
+            power = g.power_draw_watts if _finite(g.power_draw_watts) else None
+            energy = g.energy_joules if _finite(g.energy_joules) else None
             idle, under = _unused(g, busy_pct, target)
             b.power_now = power
             if b.t is not None and now > b.t:
@@ -187,7 +188,7 @@ class EfficiencyBook:
             ep.gpus = getattr(r, "gpus", None)
             ep.parallel = getattr(r, "parallel", "tensor")
             total = getattr(r, "tokens_total", None)
-            if getattr(r, "error", None) or not is_finite(total):
+            if getattr(r, "error", None) or not _finite(total):
                 # down: no tokens/s now (the last one is not current); the window is kept, so
                 # tokens made meanwhile count once it answers with the same counter again
                 ep.up, ep.rate = False, None
@@ -271,7 +272,7 @@ class EfficiencyBook:
             r = ep.reading
             out.append({"url": ep.url, "server": ep.server, "up": ep.up, "error": ep.error,
                         "gpus": list(ep.gpus) if ep.gpus is not None else None,
-                        "parallel": ep.parallel, "tokens_per_second": rounded(ep.rate),
+                        "parallel": ep.parallel, "tokens_per_second": _r(ep.rate),
                         "requests_running": getattr(r, "requests_running", None),
                         "requests_waiting": getattr(r, "requests_waiting", None),
                         "kv_cache_usage": getattr(r, "kv_cache_usage", None),
@@ -318,14 +319,14 @@ class EfficiencyBook:
         if not isinstance(data, dict):
             raise ValueError("efficiency totals are not a table")
         tokens = data.get("tokens_total", 0.0)
-        if not is_finite(tokens):
+        if not _finite(tokens):
             raise ValueError("efficiency tokens_total is not a number")
         self.tokens_total = float(tokens)
         for key, g in (data.get("gpus") or {}).items():
             b = _GpuBook(str(key), int(g.get("index", 0)))
             for t in TOTAL_KEYS:
                 v = g.get(t, 0.0)
-                if not is_finite(v):
+                if not _finite(v):
                     raise ValueError(f"efficiency {key} {t} = {v!r} is not a number")
                 b.totals[t] = float(v)
             self.gpus[str(key)] = b
@@ -338,14 +339,14 @@ class EfficiencyBook:
         if b is None:
             return None
         tot = b.totals
-        return {"energy_joules": rounded(tot["energy_joules"], 3),
-                "energy_dollars": rounded(tot["energy_dollars"]),
-                "energy_source": b.source, "paid_seconds": rounded(tot["paid_seconds"], 3),
-                "idle_seconds": rounded(tot["idle_seconds"], 3),
-                "idle_dollars": rounded(tot["idle_dollars"]),
-                "underused_seconds": rounded(tot["underused_seconds"], 3),
-                "underused_dollars": rounded(tot["underused_dollars"]),
-                "idle_ratio": (rounded((tot["idle_seconds"] + tot["underused_seconds"])
+        return {"energy_joules": _r(tot["energy_joules"], 3),
+                "energy_dollars": _r(tot["energy_dollars"]),
+                "energy_source": b.source, "paid_seconds": _r(tot["paid_seconds"], 3),
+                "idle_seconds": _r(tot["idle_seconds"], 3),
+                "idle_dollars": _r(tot["idle_dollars"]),
+                "underused_seconds": _r(tot["underused_seconds"], 3),
+                "underused_dollars": _r(tot["underused_dollars"]),
+                "idle_ratio": (_r((tot["idle_seconds"] + tot["underused_seconds"])
                                   / tot["paid_seconds"]) if tot["paid_seconds"] > 0 else None)}
 
 
@@ -381,7 +382,7 @@ def floor_step(state: Dict[str, Any], tokens_per_dollar: Optional[float], floor:
 
 
 def _six(v: Any, where: str) -> List[float]:
-    if not isinstance(v, list) or len(v) != 6 or not all(is_finite(x) for x in v):
+    if not isinstance(v, list) or len(v) != 6 or not all(_finite(x) for x in v):
         raise ValueError(f"{where}: {str(v)[:60]} is not six non-negative numbers")
     return [float(x) for x in v]
 

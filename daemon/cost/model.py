@@ -26,17 +26,17 @@ MAX_LOSS_FOR_MULTIPLIER = 0.99
 
 # reason order for stable output
 _REASON_ORDER = {r: i for i, r in enumerate(THROTTLE_REASONS)}
-COUNTER_GROUPS: Tuple[Tuple[str, Tuple[str, ...]], ...] = tuple(
+_COUNTER_GROUPS: Tuple[Tuple[str, Tuple[str, ...]], ...] = tuple(
     (k, v) for k, v in VIOLATION_REASONS.items() if v)
 
 
 # =========================================================================== small helpers
-def is_finite(x: Any) -> bool:
+def _finite(x: Any) -> bool:
     """A usable non-negative number (not NaN, an infinity, a negative value or a string)."""
     return isinstance(x, (int, float)) and 0.0 <= x < math.inf
 
 
-def counter_values(v: Optional[Mapping[str, Any]]) -> Optional[Dict[str, float]]:
+def _counters(v: Optional[Mapping[str, Any]]) -> Optional[Dict[str, float]]:
     """Violation counters with unusable values dropped (that counter falls back to sampling
     for the interval instead of poisoning the totals)."""
     if not v:
@@ -50,7 +50,7 @@ def counter_values(v: Optional[Mapping[str, Any]]) -> Optional[Dict[str, float]]
     return out or None
 
 
-def rounded(x: Optional[float], nd: int = 6) -> Optional[float]:
+def _r(x: Optional[float], nd: int = 6) -> Optional[float]:
     if x is None:
         return None
     if isinstance(x, float) and not math.isfinite(x):
@@ -58,7 +58,7 @@ def rounded(x: Optional[float], nd: int = 6) -> Optional[float]:
     return round(float(x), nd)
 
 
-def sorted_reasons(d: Mapping[str, Any]):
+def _sorted_reasons(d: Mapping[str, Any]):
     return sorted(d.items(), key=lambda kv: (_REASON_ORDER.get(kv[0], 99), kv[0]))
 
 
@@ -108,7 +108,7 @@ def cost_multiplier(loss: Optional[float]) -> Optional[float]:
 
 
 # =========================================================================== integration
-class GpuSample:
+class _Sample:
     __slots__ = ("t", "loss", "busy", "reasons", "counters")
 
     def __init__(self, t: float, loss: float, busy: bool, reasons: frozenset,
@@ -120,7 +120,7 @@ class GpuSample:
         self.counters = counters
 
 
-def integrate(dt: float, s0: GpuSample, s1: GpuSample, carry: Dict[str, float],
+def integrate(dt: float, s0: _Sample, s1: _Sample, carry: Dict[str, float],
               last_depth: float, last_group_reason: Dict[str, str]
               ) -> Tuple[Dict[str, List[float]], float, str]:
     """Capacity lost and throttled time per reason over one interval between two samples.
@@ -141,7 +141,7 @@ def integrate(dt: float, s0: GpuSample, s1: GpuSample, carry: Dict[str, float],
     used_counters = False
     c0, c1 = s0.counters, s1.counters
     if c0 and c1:
-        for key, group in COUNTER_GROUPS:
+        for key, group in _COUNTER_GROUPS:
             v0, v1 = c0.get(key), c1.get(key)
             if v0 is None or v1 is None:
                 continue
@@ -251,5 +251,14 @@ def fit_tokens_vs_clock(points: Sequence[Tuple[float, float, float]], loss_now: 
     rel = 1.0 - loss_now
     lost_per_second = max(0.0, (a + b) - (a + b * rel))
     return {"usable": r2 >= 0.5, "why": None if r2 >= 0.5 else f"poor fit (R^2 {r2:.2f})",
-            "points": n, "slope_tokens_per_second": rounded(b), "intercept": rounded(a),
-            "r2": rounded(r2, 4), "tokens_lost_per_second": rounded(lost_per_second)}
+            "points": n, "slope_tokens_per_second": _r(b), "intercept": _r(a),
+            "r2": _r(r2, 4), "tokens_lost_per_second": _r(lost_per_second)}
+
+
+# the names other modules import (the module itself keeps its short private ones)
+COUNTER_GROUPS = _COUNTER_GROUPS
+is_finite = _finite
+counter_values = _counters
+rounded = _r
+sorted_reasons = _sorted_reasons
+GpuSample = _Sample

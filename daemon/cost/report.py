@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 from gpucostd.config import PRICES_FIX  # noqa: F401 (one text, kept with the config)
-from gpucostd.cost.model import is_finite, rounded, sorted_reasons
+from gpucostd.cost.model import (is_finite as _finite, rounded as _r,
+                                 sorted_reasons as _sorted_reasons)
 
 BUCKET_SECONDS = 60            # history granularity
 HISTORY_SECONDS = 86400        # history kept (24 h)
@@ -25,9 +26,9 @@ class ReasonCost:
     dollars: float = 0.0
 
     def to_json(self) -> Dict[str, float]:
-        return {"throttled_seconds": rounded(self.throttled_seconds),
-                "capacity_lost_seconds": rounded(self.capacity_lost_seconds),
-                "dollars": rounded(self.dollars)}
+        return {"throttled_seconds": _r(self.throttled_seconds),
+                "capacity_lost_seconds": _r(self.capacity_lost_seconds),
+                "dollars": _r(self.dollars)}
 
 
 @dataclass
@@ -40,9 +41,9 @@ class WindowCost:
     by_reason: Dict[str, ReasonCost] = field(default_factory=dict)
 
     def to_json(self) -> Dict[str, Any]:
-        return {"seconds": self.seconds, "capacity_lost_seconds": rounded(self.capacity_lost_seconds),
-                "dollars": rounded(self.dollars), "top_reason": self.top_reason,
-                "reasons": {r: c.to_json() for r, c in sorted_reasons(self.by_reason)}}
+        return {"seconds": self.seconds, "capacity_lost_seconds": _r(self.capacity_lost_seconds),
+                "dollars": _r(self.dollars), "top_reason": self.top_reason,
+                "reasons": {r: c.to_json() for r, c in _sorted_reasons(self.by_reason)}}
 
 
 @dataclass
@@ -73,12 +74,12 @@ class GpuCost:
         return {
             "index": self.index, "uuid": self.uuid, "name": self.name,
             "price_per_hour": self.price_per_hour, "busy": self.busy,
-            "loss_ratio": rounded(self.loss_ratio), "effective_cost_multiplier":
-                rounded(self.effective_cost_multiplier),
+            "loss_ratio": _r(self.loss_ratio), "effective_cost_multiplier":
+                _r(self.effective_cost_multiplier),
             "active_reasons": list(self.active_reasons), "source": self.source,
-            "capacity_lost_seconds": rounded(self.capacity_lost_seconds),
-            "dollars": rounded(self.dollars),
-            "reasons": {r: c.to_json() for r, c in sorted_reasons(self.reasons)},
+            "capacity_lost_seconds": _r(self.capacity_lost_seconds),
+            "dollars": _r(self.dollars),
+            "reasons": {r: c.to_json() for r, c in _sorted_reasons(self.reasons)},
             "last_hour": self.last_hour.to_json(), "last_24h": self.last_24h.to_json(),
             **self.extra,
         }
@@ -97,14 +98,14 @@ class TokenCost:
     endpoints: List[Dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> Dict[str, Any]:
-        return {"tokens_per_second": rounded(self.tokens_per_second),
-                "tokens_per_joule": rounded(self.tokens_per_joule),
+        return {"tokens_per_second": _r(self.tokens_per_second),
+                "tokens_per_joule": _r(self.tokens_per_joule),
                 "endpoints": [dict(e) for e in self.endpoints],
-                "tokens_per_dollar": rounded(self.tokens_per_dollar),
-                "cost_per_million_tokens": rounded(self.cost_per_million_tokens),
-                "tokens_lost_total": rounded(self.tokens_lost_total),
+                "tokens_per_dollar": _r(self.tokens_per_dollar),
+                "cost_per_million_tokens": _r(self.cost_per_million_tokens),
+                "tokens_lost_total": _r(self.tokens_lost_total),
                 "tokens_total": self.tokens_total, "measured": self.measured,
-                "measured_tokens_lost_total": rounded(self.measured_tokens_lost_total)}
+                "measured_tokens_lost_total": _r(self.measured_tokens_lost_total)}
 
 
 class CostReport:
@@ -150,7 +151,7 @@ class CostReport:
         (for `gpucostd cost --since`)."""
         node_reasons: Dict[str, ReasonCost] = {}
         for g in self.gpus:
-            add_reasons(node_reasons, g.reasons)
+            _add_reasons(node_reasons, g.reasons)
         out: Dict[str, Any] = {
             "schema": 1,
             "time": self.time,
@@ -158,12 +159,12 @@ class CostReport:
             "priced": self.priced,
             "totals_since": self.totals_since,
             "node": {
-                "cost_dollars_per_hour": rounded(self.node_dollars_per_hour),
-                "throttle_dollars_per_hour": rounded(self.node_throttle_dollars_per_hour),
-                "loss_ratio": rounded(self.node_loss_ratio),
-                "capacity_lost_seconds": rounded(self.capacity_lost_seconds),
-                "dollars": rounded(self.dollars),
-                "reasons": {r: c.to_json() for r, c in sorted_reasons(node_reasons)},
+                "cost_dollars_per_hour": _r(self.node_dollars_per_hour),
+                "throttle_dollars_per_hour": _r(self.node_throttle_dollars_per_hour),
+                "loss_ratio": _r(self.node_loss_ratio),
+                "capacity_lost_seconds": _r(self.capacity_lost_seconds),
+                "dollars": _r(self.dollars),
+                "reasons": {r: c.to_json() for r, c in _sorted_reasons(node_reasons)},
                 "last_hour": self.last_hour.to_json(),
                 "last_24h": self.last_24h.to_json(),
                 "tokens": self.tokens.to_json() if self.tokens is not None else None,
@@ -191,22 +192,22 @@ def _eff_json(fig: Optional[Mapping[str, Any]], gpus) -> Optional[Dict[str, Any]
         for k in totals:
             totals[k] += g.extra.get(k) or 0.0
     floor = dict(fig.get("floor") or {})
-    return {"cost_dollars_per_hour": rounded(fig.get("cost_dollars_per_hour")),
-            "gpu_dollars_per_hour": rounded(fig.get("gpu_dollars_per_hour")),
-            "energy_dollars_per_hour": rounded(fig.get("energy_dollars_per_hour")),
-            "power_watts": rounded(fig.get("power_watts"), 3),
-            "tokens_per_second": rounded(fig.get("tokens_per_second")),
-            "tokens_per_dollar": rounded(fig.get("tokens_per_dollar")),
-            "cost_per_million_tokens": rounded(fig.get("cost_per_million_tokens")),
-            "tokens_per_joule": rounded(fig.get("tokens_per_joule")),
-            "idle_ratio": rounded(fig.get("idle_ratio")),
+    return {"cost_dollars_per_hour": _r(fig.get("cost_dollars_per_hour")),
+            "gpu_dollars_per_hour": _r(fig.get("gpu_dollars_per_hour")),
+            "energy_dollars_per_hour": _r(fig.get("energy_dollars_per_hour")),
+            "power_watts": _r(fig.get("power_watts"), 3),
+            "tokens_per_second": _r(fig.get("tokens_per_second")),
+            "tokens_per_dollar": _r(fig.get("tokens_per_dollar")),
+            "cost_per_million_tokens": _r(fig.get("cost_per_million_tokens")),
+            "tokens_per_joule": _r(fig.get("tokens_per_joule")),
+            "idle_ratio": _r(fig.get("idle_ratio")),
             "min_tokens_per_dollar": fig.get("min_tokens_per_dollar"),
-            "below_floor_seconds": rounded(floor.get("below_seconds"), 3),
+            "below_floor_seconds": _r(floor.get("below_seconds"), 3),
             "inefficient": bool(floor.get("inefficient")),
-            **{k: rounded(v) for k, v in totals.items()}}
+            **{k: _r(v) for k, v in totals.items()}}
 
 
-def add_reasons(into: Dict[str, ReasonCost], src: Mapping[str, ReasonCost]) -> None:
+def _add_reasons(into: Dict[str, ReasonCost], src: Mapping[str, ReasonCost]) -> None:
     for r, c in src.items():
         t = into.get(r)
         if t is None:
@@ -216,7 +217,7 @@ def add_reasons(into: Dict[str, ReasonCost], src: Mapping[str, ReasonCost]) -> N
         t.dollars += c.dollars
 
 
-def finish_window(w: WindowCost) -> WindowCost:
+def _finish_window(w: WindowCost) -> WindowCost:
     """Fill a window's totals and top reason from its per-reason costs."""
     w.capacity_lost_seconds = sum(c.capacity_lost_seconds for c in w.by_reason.values())
     w.dollars = sum(c.dollars for c in w.by_reason.values())
@@ -226,7 +227,7 @@ def finish_window(w: WindowCost) -> WindowCost:
 
 def _top_reason(by_reason: Mapping[str, ReasonCost]) -> Optional[str]:
     best, key = None, (0.0, 0.0)
-    for r, c in sorted_reasons(by_reason):
+    for r, c in _sorted_reasons(by_reason):
         k = (c.dollars, c.capacity_lost_seconds)
         if k > key:
             best, key = r, k
@@ -234,15 +235,15 @@ def _top_reason(by_reason: Mapping[str, ReasonCost]) -> Optional[str]:
 
 
 # =========================================================================== history views
-def triple(v: Any, where: str) -> List[float]:
+def _triple(v: Any, where: str) -> List[float]:
     """[throttled_s, capacity_s, dollars] from a state file; ValueError unless it is three
     finite non-negative numbers."""
-    if not isinstance(v, (list, tuple)) or len(v) != 3 or not all(is_finite(x) for x in v):
+    if not isinstance(v, (list, tuple)) or len(v) != 3 or not all(_finite(x) for x in v):
         raise ValueError(f"{where}: {str(v)[:60]} is not three non-negative numbers")
     return [float(x) for x in v]
 
 
-def expand_history(data: Any) -> Dict[int, Dict[str, Dict[str, List[float]]]]:
+def _expand_history(data: Any) -> Dict[int, Dict[str, Dict[str, List[float]]]]:
     """Either history form (compact rows, or {"buckets": nested}, or nested) -> nested.
     ValueError (or TypeError, KeyError, IndexError) when it is malformed."""
     out: Dict[int, Dict[str, Dict[str, List[float]]]] = {}
@@ -254,12 +255,12 @@ def expand_history(data: Any) -> Dict[int, Dict[str, Dict[str, List[float]]]]:
             if not (0 <= ki < len(keys) and 0 <= ri < len(reasons)):
                 raise ValueError(f"history row {[b, ki, ri]}: no such GPU or reason")
             out.setdefault(int(b), {}).setdefault(str(keys[ki]), {})[str(reasons[ri])] = \
-                triple(v, f"history minute {b}")
+                _triple(v, f"history minute {b}")
         return out
     if isinstance(data, dict) and "buckets" in data:
         data = data["buckets"]
     for b, per_gpu in data.items():
-        out[int(b)] = {str(k): {str(r): triple(v, f"history minute {b} {k} {r}")
+        out[int(b)] = {str(k): {str(r): _triple(v, f"history minute {b} {k} {r}")
                                 for r, v in pr.items()}
                        for k, pr in per_gpu.items()}
     return out
@@ -304,7 +305,7 @@ def cost_breakdown(data: Union[CostReport, Mapping[str, Any]],
     if since_seconds is None:
         per_gpu = {k: v["reasons"] for k, v in names.items()}
     else:
-        history = expand_history(data.get("history"))
+        history = _expand_history(data.get("history"))
         since_seconds = float(since_seconds)
         if not (since_seconds > 0 and math.isfinite(since_seconds)):
             raise ValueError(f"since_seconds {since_seconds!r} must be a positive number of "
@@ -331,28 +332,28 @@ def cost_breakdown(data: Union[CostReport, Mapping[str, Any]],
         info = names.get(key, {"index": None, "uuid": None if key.startswith("index:") else key,
                                "name": None})
         reasons = {r: ReasonCost(*[float(x) for x in v][:3])
-                   for r, v in sorted_reasons(per_gpu.get(key, {}))}
-        add_reasons(node, reasons)
+                   for r, v in _sorted_reasons(per_gpu.get(key, {}))}
+        _add_reasons(node, reasons)
         rows.append({"index": info.get("index"), "uuid": info.get("uuid"),
                      "name": info.get("name"),
-                     "capacity_lost_seconds": rounded(sum(c.capacity_lost_seconds
+                     "capacity_lost_seconds": _r(sum(c.capacity_lost_seconds
                                                      for c in reasons.values())),
-                     "dollars": rounded(sum(c.dollars for c in reasons.values())),
+                     "dollars": _r(sum(c.dollars for c in reasons.values())),
                      "top_reason": _top_reason(reasons),
                      "reasons": {r: c.to_json() for r, c in reasons.items()},
-                     **{k: rounded(v) for k, v in eff_rows.get(key, {}).items() if k != "index"}})
+                     **{k: _r(v) for k, v in eff_rows.get(key, {}).items() if k != "index"}})
         if info.get("index") is None and key in eff_rows and rows[-1]["index"] is None:
             rows[-1]["index"] = eff_rows[key].get("index")
-    eff_node = {k: rounded(sum((eff_rows.get(key) or {}).get(k) or 0.0 for key in eff_rows))
+    eff_node = {k: _r(sum((eff_rows.get(key) or {}).get(k) or 0.0 for key in eff_rows))
                 for k in EFF_KEYS} if eff_rows else {}
     return {"since_seconds": since_seconds, "truncated_to_seconds":
             HISTORY_SECONDS if truncated else None, "currency": currency,
             "time": now, "gpus": rows,
-            "node": {"capacity_lost_seconds": rounded(sum(c.capacity_lost_seconds
+            "node": {"capacity_lost_seconds": _r(sum(c.capacity_lost_seconds
                                                      for c in node.values())),
-                     "dollars": rounded(sum(c.dollars for c in node.values())),
+                     "dollars": _r(sum(c.dollars for c in node.values())),
                      "top_reason": _top_reason(node),
-                     "reasons": {r: c.to_json() for r, c in sorted_reasons(node)},
+                     "reasons": {r: c.to_json() for r, c in _sorted_reasons(node)},
                      **eff_node}}
 
 
@@ -631,3 +632,10 @@ def efficiency_lines(node: Mapping[str, Any], currency: str = "USD",
             e += f"; idle capacity {_gpu_seconds(unused)}"
         lines.append(_clip(e))
     return lines
+
+
+# the names other modules import (the module itself keeps its short private ones)
+add_reasons = _add_reasons
+finish_window = _finish_window
+triple = _triple
+expand_history = _expand_history

@@ -35,8 +35,9 @@ from gpucostd.health.gpu_rules import (ACTION_RESET, ACTION_RMA,  # noqa: F401 (
                                        CORRECTED_ECC_WINDOW_SECONDS, SLOWDOWN_HOLD_SECONDS,
                                        GpuRules)
 from gpucostd.health.inventory import Inventory
-from gpucostd.health.texts import (MESSAGE_MAX, expected_gpus, fault_time, fmt_seconds,  # noqa: F401
-                                   mig_text, shortened, xid_title)
+from gpucostd.health.texts import (MESSAGE_MAX, expected_gpus as _expected,  # noqa: F401
+                                   fault_time as _fault_time, fmt_seconds as _fmt_seconds,
+                                   mig_text as _mig, shortened as _short, xid_title as _xid_title)
 from gpucostd.health.state import FILE_NAME as STATE_FILE, FLAG_NAMES
 from gpucostd.probes.kernel_log import normalize_bus_id as _kernel_bus_id
 from gpucostd.snapshot import (Event, Finding, GpuReading, GpuState, HW_SLOWDOWN_REASONS,
@@ -174,7 +175,7 @@ class HealthJudge(GpuRules):
         self.boot_id = self._read_boot_id()
         self._load()
         # the node's GPUs, kept across reboots in their own file (inventory.py)
-        self.inventory = Inventory(self.state_dir, expected_gpus(config))
+        self.inventory = Inventory(self.state_dir, _expected(config))
         self._last_gpus: Tuple[GpuReading, ...] = ()
 
     # ------------------------------------------------------------------ persistence
@@ -201,7 +202,7 @@ class HealthJudge(GpuRules):
     def reconfigure(self, config) -> None:
         with self._lock:
             self.config = config
-            self.inventory.expected_count = expected_gpus(config)
+            self.inventory.expected_count = _expected(config)
 
     # ------------------------------------------------------------------ the cycle
     def judge(self, gpus: Sequence[GpuReading], kernel_faults: Iterable[Any] = (),
@@ -254,14 +255,14 @@ class HealthJudge(GpuRules):
                 gone = self._latched_findings(subject, None, None)
                 who = f"GPU {subject[4:]}, not read this cycle"
             node_findings.extend(
-                Finding("node", f.code, f.severity, f.action, shortened(f"{who}: {f.message}"),
+                Finding("node", f.code, f.severity, f.action, _short(f"{who}: {f.message}"),
                         since=f.since) for f in gone)
         self._last_gpus = gpus
         node_findings.extend(self.inventory.judge(gpus, now, events))
         if nvml_error:
             node_findings.append(Finding("node", "nvml_unavailable", Severity.UNKNOWN,
                                          "check the NVIDIA driver and libnvidia-ml",
-                                         shortened(f"NVML unavailable: {nvml_error}"),
+                                         _short(f"NVML unavailable: {nvml_error}"),
                                          since=self._since_of("node", "nvml_unavailable", now)))
         findings.extend(node_findings)
         node = worst(list(gpu_health.values()) + [f.severity for f in node_findings])
@@ -284,13 +285,13 @@ class HealthJudge(GpuRules):
     # ------------------------------------------------------------------ kernel faults
     def _fault_event(self, fault: Any, now: float) -> Optional[Event]:
         if getattr(fault, "sxid", None) is not None:     # an NVSwitch SXid: the node's
-            ev = switches.sxid_event(fault, fault_time(fault, now),
+            ev = switches.sxid_event(fault, _fault_time(fault, now),
                                      self._latched.setdefault("node", {}))
             self._dirty = self._dirty or bool(ev.fields.get("sticky"))
             return ev
         if getattr(fault, "client_version", None) is not None:   # NVRM: API mismatch
             self._dirty = True
-            return switches.mismatch_event(fault, fault_time(fault, now),
+            return switches.mismatch_event(fault, _fault_time(fault, now),
                                            self._latched.setdefault("node", {}))
         try:
             xid = int(getattr(fault, "xid"))
@@ -309,15 +310,15 @@ class HealthJudge(GpuRules):
         sticky = bool(getattr(info, "sticky", False)) or xid in STICKY_XIDS
         if xid in LOST_XIDS:
             severity = Severity.CRIT
-        t = fault_time(fault, now)
+        t = _fault_time(fault, now)
         bus = normalize_bus_id(getattr(fault, "pci_bus_id", None))
         gpu, uuid = self._bus_map.get(bus, (None, None)) if bus else (None, None)
         subject = _subject(gpu)
         where = f"GPU {gpu}" if gpu is not None else f"unknown GPU {bus or '(no PCI id)'}"
-        mig = mig_text(fault)
+        mig = _mig(fault)
         if mig:
             where += f" ({mig})"
-        text = f"{xid_title(xid, name, parens=True)} on {where}"
+        text = f"{_xid_title(xid, name, parens=True)} on {where}"
         if message:
             text += f": {message}"
         fields: Dict[str, Any] = {"xid_name": name, "sticky": sticky}
@@ -337,7 +338,7 @@ class HealthJudge(GpuRules):
             # read from the journal of an earlier boot: history, cleared by that reboot
             fields["previous_boot"] = True
             return Event(t, subject, "xid", severity, action,
-                         shortened(text + " (before the last reboot)", 300), gpu=gpu, uuid=uuid,
+                         _short(text + " (before the last reboot)", 300), gpu=gpu, uuid=uuid,
                          xid=xid, fields=fields)
         code = f"xid_{xid}"
         codes = self._latched.setdefault(subject, {})
@@ -350,7 +351,7 @@ class HealthJudge(GpuRules):
         rec["count"] = int(rec.get("count", 0)) + 1
         if sticky:
             self._dirty = True
-        return Event(t, subject, "xid", severity, action, shortened(text, 300), gpu=gpu, uuid=uuid,
+        return Event(t, subject, "xid", severity, action, _short(text, 300), gpu=gpu, uuid=uuid,
                      xid=xid, fields=fields)
 
     def _expire_xids(self, now: float) -> None:
@@ -373,7 +374,7 @@ class HealthJudge(GpuRules):
                 continue
             if code_is_xid(code):
                 count = int(r.get("count", 1))
-                msg = xid_title(r.get("xid"), str(r.get("name", "")))
+                msg = _xid_title(r.get("xid"), str(r.get("name", "")))
                 if r.get("mig"):
                     msg += f" on {r['mig']}"
                 if count > 1:
@@ -383,7 +384,7 @@ class HealthJudge(GpuRules):
             else:
                 msg = str(r.get("message", code))
             out.append(Finding(subject, code, _sev(r.get("severity")), str(r.get("action", "")),
-                               shortened(msg), since=r.get("since"), gpu=gpu))
+                               _short(msg), since=r.get("since"), gpu=gpu))
         return out
 
     # ------------------------------------------------------------------ GPU resets
@@ -511,7 +512,7 @@ class HealthJudge(GpuRules):
         out: List[Finding] = []
 
         def add(code: str, sev: Severity, action: str, msg: str, since: Optional[float] = None):
-            out.append(Finding(subject, code, sev, action, shortened(msg),
+            out.append(Finding(subject, code, sev, action, _short(msg),
                                since=since if since is not None else
                                self._since_of(subject, code, now), gpu=g.index))
 
@@ -526,7 +527,7 @@ class HealthJudge(GpuRules):
                 f"GPU lost (fallen off the bus){': ' + error if error else ''}")
             if prev_state != GpuState.LOST:
                 events.append(Event(now, subject, "gpu_lost", Severity.CRIT, ACTION_REBOOT,
-                                    shortened(f"GPU {g.index} is lost: "
+                                    _short(f"GPU {g.index} is lost: "
                                            f"{error or 'NVML reports GPU_IS_LOST'}", 300),
                                     gpu=g.index, uuid=g.uuid or tr.uuid))
         elif g.state == GpuState.UNRESPONSIVE:
@@ -605,7 +606,7 @@ class HealthJudge(GpuRules):
                 for k in ("detail", "process"):
                     if rec.get(k):
                         fields[k] = rec[k]
-        events.append(Event(now, subject, "health_change", sev, action, shortened(msg, 300),
+        events.append(Event(now, subject, "health_change", sev, action, _short(msg, 300),
                             gpu=gpu, uuid=uuid, fields=fields))
 
     # ------------------------------------------------------------------ ack

@@ -31,8 +31,8 @@ else:  # pragma: no cover - exercised on Python < 3.11
 
 from gpucostd.config import FileError
 from gpucostd.sim import physics as phys
-from gpucostd.sim.sections import (ScenarioPrices, fmt_value, index_list, num_text, parse_physics,
-                                    parse_prices, parse_serving)
+from gpucostd.sim.sections import (ScenarioPrices, fmt_value as _fmt, index_list as _indexes,
+                                   num_text as _num, parse_physics, parse_prices, parse_serving)
 from gpucostd.snapshot import CLOCK_EVENT_REASONS, REASON_BITS, VIOLATION_POLICIES, VIOLATION_REASONS
 
 BUILTIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scenarios")
@@ -266,7 +266,7 @@ class _Validator:
         raw = value
 
         def bad(why: str):
-            self.fail(f"{where}.{key} = {fmt_value(raw)}: {why}", table, key, array, occurrence)
+            self.fail(f"{where}.{key} = {_fmt(raw)}: {why}", table, key, array, occurrence)
 
         if not _type_ok(field, value):
             bad(f"wrong type; expected {_TYPE_WORDS[field.type]}")
@@ -277,8 +277,8 @@ class _Validator:
         if field.type in ("int", "number", "percent"):
             lo, hi = field.min, field.max
             if (lo is not None and value < lo) or (hi is not None and value > hi):
-                rng = (f"{num_text(lo) if lo is not None else '-inf'}.."
-                       f"{num_text(hi) if hi is not None else 'inf'}")
+                rng = (f"{_num(lo) if lo is not None else '-inf'}.."
+                       f"{_num(hi) if hi is not None else 'inf'}")
                 bad(f"out of range; allowed {rng}")
         if field.type == "pci" and not PCI_BUS_ID_RE.match(value):
             bad('not a PCI bus id; expected "DDDDDDDD:BB:DD.F", e.g. "00000000:18:00.0"')
@@ -646,7 +646,7 @@ def _parse_scenario(text: str, path: str, name: Optional[str]) -> Scenario:
     merged = {k: f.default for k, f in NODE_FIELDS.items()}
     merged.update(node_d)
     if not re.match(r"^\d+\.\d+$", merged["cuda_version"]):
-        v.fail(f'node.cuda_version = {fmt_value(merged["cuda_version"])}: expected "MAJOR.MINOR", '
+        v.fail(f'node.cuda_version = {_fmt(merged["cuda_version"])}: expected "MAJOR.MINOR", '
                'e.g. "12.4"', "node", "cuda_version")
     node = NodeInfo(**merged)
     count = node.gpu_count
@@ -679,7 +679,7 @@ def _parse_scenario(text: str, path: str, name: Optional[str]) -> Scenario:
         idx = d.pop("index")
         if idx >= count:
             v.fail(f"gpu[{occ}].index = {idx}: out of range; node.gpu_count is {count}, "
-                   f"{index_list(count)}", "gpu", "index", True, occ)
+                   f"{_indexes(count)}", "gpu", "index", True, occ)
         if idx in seen_index:
             v.fail(f"gpu[{occ}].index = {idx}: duplicate [[gpu]] for this index", "gpu",
                    "index", True, occ)
@@ -740,8 +740,8 @@ def _parse_scenario(text: str, path: str, name: Optional[str]) -> Scenario:
             v.fail(f"{where}.t is required (seconds from start)", "at", None, True, occ)
         t = d.pop("t")
         if node.repeat_every and t >= node.repeat_every:
-            v.fail(f"{where}.t = {num_text(t)}: out of range; with node.repeat_every = "
-                   f"{num_text(node.repeat_every)} allowed 0..<{num_text(node.repeat_every)}",
+            v.fail(f"{where}.t = {_num(t)}: out of range; with node.repeat_every = "
+                   f"{_num(node.repeat_every)} allowed 0..<{_num(node.repeat_every)}",
                    "at", "t", True, occ)
         gpu = d.pop("gpu", None)
         kernel = d.pop("kernel_log", None)
@@ -749,7 +749,7 @@ def _parse_scenario(text: str, path: str, name: Optional[str]) -> Scenario:
         reset = bool(d.pop("reset", False))
         loaded = d.pop("driver_loaded", None)
         if gpu is not None and gpu >= count:
-            v.fail(f"{where}.gpu = {gpu}: out of range; {index_list(count)}", "at", "gpu",
+            v.fail(f"{where}.gpu = {gpu}: out of range; {_indexes(count)}", "at", "gpu",
                    True, occ)
         if gpu is None and (d or hang or reset):
             v.fail(f"{where}: GPU fields, hang_seconds and reset need `gpu = INDEX`", "at",
@@ -763,7 +763,7 @@ def _parse_scenario(text: str, path: str, name: Optional[str]) -> Scenario:
                   parse_prices(v, data))
     for i in range(count):
         for st, start in zip(sc._seg_states[i], sc._seg_starts[i]):
-            bad = _inconsistency(f"GPU {i} at t={num_text(start)}", st)
+            bad = _inconsistency(f"GPU {i} at t={_num(start)}", st)
             if bad:
                 # the [[at]] entry that made this state (the last one at that time)
                 line = None
@@ -792,13 +792,13 @@ def _inconsistency(where: str, g: Mapping[str, Any]
     fault first, then the keys it clashes with (for pointing at a line)."""
     lo, hi = g["power_limit_min"], g["power_limit_max"]
     if lo > hi:
-        return (f"{where}: power_limit_min {num_text(lo)} W is above power_limit_max {num_text(hi)} W",
+        return (f"{where}: power_limit_min {_num(lo)} W is above power_limit_max {_num(hi)} W",
                 ("power_limit_min", "power_limit_max"))
     for key in ("power_limit", "power_limit_default"):
         if not lo <= g[key] <= hi:
             bound = "power_limit_max" if g[key] > hi else "power_limit_min"
-            return (f"{where}: {key} = {num_text(g[key])} W is outside power_limit_min.."
-                    f"power_limit_max; allowed {num_text(lo)}..{num_text(hi)}", (key, bound))
+            return (f"{where}: {key} = {_num(g[key])} W is outside power_limit_min.."
+                    f"power_limit_max; allowed {_num(lo)}..{_num(hi)}", (key, bound))
     for name in g["clock_event_reasons"]:
         if name not in g["supported_clock_event_reasons"]:
             return (f"{where}: clock_event_reasons has {name!r}, which is not in "

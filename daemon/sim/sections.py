@@ -11,7 +11,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 from gpucostd.sim import physics as phys
 
 
-def fmt_value(value: Any) -> str:
+def _fmt(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
@@ -19,11 +19,11 @@ def fmt_value(value: Any) -> str:
     return repr(value)
 
 
-def index_list(count: int) -> str:
+def _indexes(count: int) -> str:
     return f"allowed 0..{count - 1}" if count else "node.gpu_count = 0 means no GPUs"
 
 
-def num_text(x: float) -> str:
+def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
 
@@ -44,7 +44,7 @@ def _section(v: Any, where: str, data: Any, keys: Mapping[str, tuple],
         kind, _default, _doc, lo, hi = keys[key]
         got, why = phys.check_value(kind, value, lo, hi)
         if why:
-            v.fail(f"{where}.{key} = {fmt_value(value)}: {why}", table, key, array, occ)
+            v.fail(f"{where}.{key} = {_fmt(value)}: {why}", table, key, array, occ)
         out[key] = got
     return out
 
@@ -56,8 +56,8 @@ def parse_physics(v: Any, data: Mapping[str, Any], gpu_list: Sequence[Any],
     d = _section(v, "physics", data["physics"], phys.PHYSICS_KEYS)
     model = phys.PowerModel(**d)
     if model.full_load_watts <= model.idle_watts:
-        v.fail(f"physics.full_load_watts = {num_text(model.full_load_watts)} must be above "
-               f"idle_watts {num_text(model.idle_watts)}", "physics", "full_load_watts")
+        v.fail(f"physics.full_load_watts = {_num(model.full_load_watts)} must be above "
+               f"idle_watts {_num(model.idle_watts)}", "physics", "full_load_watts")
     why = ("is computed by [physics] from sm_clock, utilization and power_limit; remove it "
            "(or remove [physics])")
     if "power_draw" in (data.get("gpu_defaults") or {}):
@@ -86,7 +86,7 @@ def parse_serving(v: Any, data: Mapping[str, Any], count: int
         for g in gpus:
             if g >= count:
                 v.fail(f"serving.endpoint[{occ}].gpus: GPU {g} out of range; "
-                       f"{index_list(count)}", "serving.endpoint", "gpus", True, occ)
+                       f"{_indexes(count)}", "serving.endpoint", "gpus", True, occ)
             if g in owner:
                 v.fail(f"serving.endpoint[{occ}].gpus: GPU {g} is already served by "
                        f"serving.endpoint[{owner[g]}]", "serving.endpoint", "gpus", True, occ)
@@ -140,3 +140,9 @@ def with_scenario_prices(config: Any, prices: Optional[ScenarioPrices], label: s
             "your own")
     return config.priced({"gpu_hour_usd": prices.gpu_hour_usd, "currency": "USD",
                           "energy_usd_per_kwh": prices.energy_usd_per_kwh, "pue": pue}, note)
+
+
+# the names other modules import (the module itself keeps its short private ones)
+fmt_value = _fmt
+index_list = _indexes
+num_text = _num

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from gpucostd.cost.model import sorted_reasons
+from gpucostd.cost.model import sorted_reasons as _sorted_reasons
 from gpucostd.cost.report import CostReport
 
 
@@ -44,7 +44,7 @@ def metric_families(snapshot) -> Iterable[Any]:
             loss.add_metric(lab, g.loss_ratio)
             mult.add_metric(lab, g.effective_cost_multiplier)
         priced = g.price_per_hour > 0 or g.dollars > 0
-        for r, c in sorted_reasons(g.reasons):
+        for r, c in _sorted_reasons(g.reasons):
             cap.add_metric(lab + [r], c.capacity_lost_seconds)
             thr.add_metric(lab + [r], c.throttled_seconds)
             if priced:
