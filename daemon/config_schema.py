@@ -155,10 +155,10 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
                             "server, or name{label=\"value\"}."),
         "timeout_seconds": _k("float", 0.5, "Deadline of one whole scrape (connect, headers, "
                               "body); at most half the interval.", min=0.01, max=5),
-        "discover": make_key("choice", "auto", "Find running inference servers (known process, "
+        "discover": _k("choice", "auto", "Find running inference servers (known process, "
                        "listening port, /metrics): auto on a real node, on also with --simulate, "
                        "off.", choices=("auto", "on", "off")),
-        "discover_interval_seconds": make_key("float", 60.0, "How often discovery looks for new "
+        "discover_interval_seconds": _k("float", 60.0, "How often discovery looks for new "
                                         "and vanished servers.", min=5, max=3600),
     },
 }
