@@ -282,12 +282,17 @@ def test_psutil_finds_a_real_server_process_and_its_port(fake_llama_server):
         (c.url, c.server) for c in candidates(mine)]
 
 
+@pytest.mark.parametrize("node", ["real", "simulated"])
 def test_the_daemon_reads_a_discovered_server_and_drops_it_when_it_stops(
-        daemon_factory, fake_llama_server):
+        daemon_factory, fake_llama_server, node):
+    # a real node (no --simulate; NVML may be absent) discovers by default, with no inference
+    # config at all; a simulated one when asked
     proc, port = fake_llama_server
     url = f"http://127.0.0.1:{port}/metrics"
-    d = daemon_factory(interval=0.5, extra_config=(
-        '\n[inference]\ndiscover = "on"\ndiscover_interval_seconds = 5\n')).start()
+    d = daemon_factory(interval=0.5, scenario=None if node == "real" else "builtin:h100x8",
+                       extra_config=(
+        '\n[inference]\ndiscover_interval_seconds = 5\n' + (
+            'discover = "on"\n' if node == "simulated" else ''))).start()
 
     def discovered():
         _rc, data = d.status_json()
