@@ -181,19 +181,52 @@ def test_a_reload_that_rebuilds_the_list_gets_the_discovered_probes_back(pages):
     assert probes[1] is found and llama.requests == 1
 
 
-def test_a_port_without_a_token_counter_is_asked_once_and_said(pages):
+def test_a_port_without_a_token_counter_is_asked_once_per_look_and_said(pages):
     grpc_like = Page("garbage that is no exposition\n")
     try:
         probes = []
         part = _part([Process(7, "tritonserver", ("tritonserver",),
                               (("0.0.0.0", grpc_like.port),))], probes, interval=5.0)
         status, _ = _run(part, 0.0)
-        _run(part, 5.0)
+        _run(part, 1.0)
+        _run(part, 2.0)
         assert status.endpoints == () and probes == [] and grpc_like.requests == 1
+        # the next look asks again (a server still loading has its counter by then)
+        _run(part, 5.0)
+        assert grpc_like.requests == 2
         (url, how, why), = status.skipped
         assert "tritonserver (pid 7)" in how and "no known generated-token counter" in why
     finally:
         grpc_like.close()
+
+
+def test_a_server_that_gets_its_counter_later_is_taken_at_the_next_look(pages):
+    page = Page("# HELP vllm:generation_tokens_total Number of generation tokens processed.\n"
+                "# TYPE vllm:generation_tokens_total counter\n")     # V0 before a request
+    try:
+        probes = []
+        part = _part([Process(7, "vllm", ("vllm", "serve", "m"), (("0.0.0.0", page.port),))],
+                     probes, interval=5.0)
+        status, _ = _run(part, 0.0)
+        assert status.endpoints == () and "declared but has no samples" in status.skipped[0][2]
+        page.text = (FIX / "vllm_v1.prom").read_text()
+        status, events = _run(part, 5.0)
+        assert [e.server for e in status.endpoints] == ["vllm"] and status.skipped == ()
+        assert [e.code for e in events] == ["inference_discovered"]
+    finally:
+        page.close()
+
+
+def test_a_restarted_server_on_the_same_port_keeps_its_endpoint(pages):
+    llama = pages("llamacpp.prom")
+    procs = [Process(5, "llama-server", ("llama-server",), (("0.0.0.0", llama.port),))]
+    probes = []
+    part = _part(procs, probes, interval=5.0)
+    _run(part, 0.0)
+    procs[0] = Process(6, "llama-server", ("llama-server",), (("0.0.0.0", llama.port),))
+    status, events = _run(part, 5.0)
+    assert [(e.pid, e.server) for e in status.endpoints] == [(6, "llama.cpp")]
+    assert events == [] and len(probes) == 1 and llama.requests == 1
 
 
 def test_a_failing_process_list_keeps_what_was_found(pages):

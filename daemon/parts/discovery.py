@@ -5,7 +5,8 @@ Every ``discover_interval_seconds`` (and on the first cycle) it lists the proces
 servers and their listening ports (gpucostd.probes.discovery, psutil), asks each new port's
 /metrics once, and keeps the ports whose exposition names a server and its token counter:
 their probes join the inference part's list (the same list object), after the configured
-endpoints. A server gone from the list is dropped with an event; a new one is added with one.
+endpoints. A port not taken (no token counter yet, a gRPC port) is asked again at the next
+look, never more often. A server gone from the list is dropped with an event; a new one is added with one.
 Only the ports of known server processes are ever asked; a configured URL is never doubled.
 Runs before "inference"; its data (``DiscoveryStatus``) is what status and /metrics show.
 """
@@ -56,7 +57,7 @@ class DiscoveryStatus:
 class _Found:
     endpoint: DiscoveredEndpoint
     probe: object
-    key: Tuple[int, int] = field(default=(0, 0))    # (pid, port): a new owner is asked again
+    key: Tuple[int, int] = field(default=(0, 0))    # (pid, port) that owns it now
 
 
 class DiscoveryPart(Part):
@@ -122,11 +123,14 @@ class DiscoveryPart(Part):
             now_urls.add(c.url)
             key = (c.pid, c.port)
             had = self._found.get(c.url)
-            if had is not None and had.key == key:
+            if had is not None:
+                if had.key != key:            # the same URL, now another process's: its probe
+                    #                           reads it every cycle; only who owns it changes
+                    had.endpoint = DiscoveredEndpoint(
+                        c.url, had.endpoint.server, c.process, c.pid, c.address, c.port,
+                        had.endpoint.since)
+                    had.key = key
                 continue
-            skipped = self._skipped.get(c.url)
-            if skipped is not None and skipped[0] == key:
-                continue                      # asked once already: not a token counter
             if asks >= MAX_ASKS_PER_SCAN:
                 self._next = cycle.monotonic        # the rest on the next cycle
                 continue
@@ -140,9 +144,6 @@ class DiscoveryPart(Part):
             self._skipped.pop(c.url, None)
             ep = DiscoveredEndpoint(c.url, str(reading.server or c.server), c.process, c.pid,
                                     c.address, c.port, cycle.now)
-            if had is not None:               # same URL, another process: replace quietly
-                self._found[c.url] = _Found(ep, probe, key)
-                continue
             self._found[c.url] = _Found(ep, probe, key)
             cycle.events.append(Event(
                 cycle.now, "node", "inference_discovered", Severity.OK, "none",
