@@ -120,8 +120,14 @@ _SXID_RE = re.compile(r"(?:nvidia-nvswitch(?P<sw>[0-9]{1,3})\s*:\s*)?SXid\s*\(\s
 # the SOE, the switch's management falcon, failing. Codes and texts from NVIDIA's
 # open-gpu-kernel-modules, src/common/nvswitch (NVSWITCH_ERR_HW_SOE_* in ctrl_dev_nvswitch.h:
 # 26002 SOE init failed, 26004 SOE reset timeout, 26006 SOE HALTED, 26007 SOE EXTERR, 26008 SOE
-# Watchdog error; printed by soe_ls10.c / soe_lr10.c). Judged fatal (gpucostd.health.switches).
-SXID_WITHOUT_WORD = frozenset({26002, 26004, 26006, 26007, 26008})
+# Watchdog error; printed by soe_ls10.c / soe_lr10.c) and a few more (below). Judged by
+# gpucostd.health.switches.WITHOUT_WORD.
+# code -> fatal (the switch's SOE or its PCIe link gone: True; its cable controller: False)
+SXID_WITHOUT_WORD: Dict[int, bool] = {
+    26002: True, 26004: True, 26006: True, 26007: True, 26008: True,
+    10007: True,                 # "IO failure" (a register read of 0xBADF....)
+    27002: False, 27005: False,  # "Failed to init CCI(0)", "Module N access error"
+}
 _SXID_BARE_RE = re.compile(r"(?:nvidia-nvswitch(?P<sw>[0-9]{1,3})\s*:\s*)?SXid\s*\(\s*(?P<bus>"
                            + _BUS + r")\s*\)\s*:?\s*(?P<code>[0-9]{1,6})\s*,\s*(?P<rest>.*)",
                            re.S | re.I)
@@ -337,7 +343,7 @@ class NvrmParser:
             m = _SXID_BARE_RE.search(line)
             if m is None or int(m.group("code")) not in SXID_WITHOUT_WORD:
                 return []
-            fatal = True
+            fatal = SXID_WITHOUT_WORD[int(m.group("code"))]
         bus = normalize_bus_id(m.group("bus"))
         if bus is None:
             return []

@@ -79,6 +79,23 @@ def test_soe_sxids_without_a_severity_word_are_sticky_crit_faults(tmp_path, cloc
     assert {f"sxid_{c}" for c in SOE_LINES} <= set(node(step(j, clock, [gpu(0)])))
 
 
+def test_other_complete_reports_without_a_word_io_failure_and_cable_controller(
+        tmp_path, clock, boot):
+    # soe/io paths (IO failure: a register read of 0xBADF....) and cci_ls10.c of the same source
+    found = faults(clock, "nvidia-nvswitch1: SXid (PCI:0005:00:00.0): 10007, IO failure",
+                   "nvidia-nvswitch1: SXid (PCI:0005:00:00.0): 27002, Failed to init CCI(0)",
+                   "nvidia-nvswitch1: SXid (PCI:0005:00:00.0): 27005, Module 3 access error")
+    assert [(f.sxid, f.fatal) for f in found] == [(10007, True), (27002, False), (27005, False)]
+    j = make(tmp_path, clock, boot)
+    step(j, clock, [gpu(0)])
+    f = node(step(j, clock, [gpu(0)], found))
+    assert f["sxid_10007"].severity == Severity.CRIT and "sticky" in f["sxid_10007"].message
+    assert "IO failure" in f["sxid_10007"].message
+    assert f["sxid_27005"].severity == Severity.WARN
+    assert f["sxid_27005"].action.startswith("check and reseat the OSFP modules")
+    assert "OSFP module access error" in f["sxid_27005"].message
+
+
 def test_sxid_follow_up_lines_without_a_word_stay_uncounted(clock):
     # the second and third lines of one report (other codes) carry no word: not counted again
     assert faults(clock, "nvidia-nvswitch3: SXid (PCI:0000:05:00.0): 12028, Severity 0 Engine "
