@@ -178,6 +178,11 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
         "expect_owner": _k("str", "", "For loopback URLs: the user (name or uid) that must own "
                            "the listening socket; another owner's server is not read. Empty: "
                            "not checked."),
+        "discover": _k("choice", "auto", "Find running inference servers (known process, "
+                       "listening port, /metrics): auto on a real node, on also with --simulate, "
+                       "off.", choices=("auto", "on", "off")),
+        "discover_interval_seconds": _k("float", 60.0, "How often discovery looks for new "
+                                        "and vanished servers.", min=5, max=3600),
     },
 }
 

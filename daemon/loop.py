@@ -121,9 +121,11 @@ class Daemon:
             parts += [StateDirPart(self.state_dir, self.store, self.tuning.reload_originals),
                       TuningPart(self.tuning, cfg.tuning, cfg.gpu_tuning, cfg.gpu_overrides,
                                  cfg.nic_tuning, recover)]
+        from gpucostd.parts.discovery import discovery_part
+        discovery = discovery_part(self)      # None: off, or not a real node
         parts += [DeployPart(self.deploy_probe, cfg.checks, cfg.tuning),
                   HostPart(self.host_probe, self.gateway, cfg),
-                  HealthPart(self.judge),
+                  HealthPart(self.judge)] + ([discovery] if discovery else []) + [
                   InferencePart(self.inference, parallel=not self.clock.virtual),
                   CostPart(self.cost, self.inference)]
         return parts

@@ -115,6 +115,22 @@ _KMSG_DICT_RE = re.compile(r"^ [A-Za-z0-9_.-]+=")
 _SXID_RE = re.compile(r"(?:nvidia-nvswitch(?P<sw>[0-9]{1,3})\s*:\s*)?SXid\s*\(\s*(?P<bus>" + _BUS
                       + r")\s*\)\s*:?\s*(?P<code>[0-9]{1,6})\s*,\s*(?P<word>Fatal|Non-?fatal)\b"
                       r"\s*,?\s*(?P<rest>.*)", re.S | re.I)
+# NVSwitch reports the driver prints as one complete line with no Fatal/Non-fatal word
+# (NVSWITCH_PRINT_SXID called directly, not through the error-report path that adds the word):
+# the SOE, the switch's management falcon, failing. Codes and texts from NVIDIA's
+# open-gpu-kernel-modules, src/common/nvswitch (NVSWITCH_ERR_HW_SOE_* in ctrl_dev_nvswitch.h:
+# 26002 SOE init failed, 26004 SOE reset timeout, 26006 SOE HALTED, 26007 SOE EXTERR, 26008 SOE
+# Watchdog error; printed by soe_ls10.c / soe_lr10.c) and a few more (below). Judged by
+# gpucostd.health.switches.WITHOUT_WORD.
+# code -> fatal (the switch's SOE or its PCIe link gone: True; its cable controller: False)
+SXID_WITHOUT_WORD: Dict[int, bool] = {
+    26002: True, 26004: True, 26006: True, 26007: True, 26008: True,
+    10007: True,                 # "IO failure" (a register read of 0xBADF....)
+    27002: False, 27005: False,  # "Failed to init CCI(0)", "Module N access error"
+}
+_SXID_BARE_RE = re.compile(r"(?:nvidia-nvswitch(?P<sw>[0-9]{1,3})\s*:\s*)?SXid\s*\(\s*(?P<bus>"
+                           + _BUS + r")\s*\)\s*:?\s*(?P<code>[0-9]{1,6})\s*,\s*(?P<rest>.*)",
+                           re.S | re.I)
 _LINK_RE = re.compile(r"\bLink\s+(-?[0-9]{1,4})\b")
 # "NVRM: API mismatch: the client has the version X, but / NVRM: this kernel module has the
 # version Y." (older drivers), or "NVRM: API mismatch: the client 'name' (pid N) / NVRM: has the
@@ -320,15 +336,21 @@ class NvrmParser:
     @staticmethod
     def _sxid(line: str, t: float, key: str) -> List[Any]:
         m = _SXID_RE.search(line)
+        fatal = m is not None and m.group("word").lower() == "fatal"
         if m is None:
-            return []
+            # a complete report without a severity word (the SOE's), judged as fatal; other
+            # lines without the word are follow-ups of a report already counted
+            m = _SXID_BARE_RE.search(line)
+            if m is None or int(m.group("code")) not in SXID_WITHOUT_WORD:
+                return []
+            fatal = SXID_WITHOUT_WORD[int(m.group("code"))]
         bus = normalize_bus_id(m.group("bus"))
         if bus is None:
             return []
         rest = m.group("rest").strip()
         link = _LINK_RE.search(rest)
         return [SwitchFault(time=t, pci_bus_id=bus, sxid=int(m.group("code")),
-                            fatal=m.group("word").lower() == "fatal", message=rest,
+                            fatal=fatal, message=rest,
                             raw=line, switch=int(m.group("sw")) if m.group("sw") else None,
                             link=int(link.group(1)) if link else None, dedupe_key=key)]
 

@@ -29,7 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 # loadgroup marks a group by appending "@group" to the node id, which pytest 9 no longer lets
 # it change, so its groups silently split.
 XDIST_GROUPS = {"test_packaging.py": "packaging", "test_image.py": "image",
-                "test_kmsg_root.py": "kmsg", "test_tuners_nic.py": "netns"}
+                "test_kmsg_root.py": "kmsg", "test_tuners_nic.py": "netns",
+                "test_live_server.py": "live_server"}     # one llama.cpp venv and server
 # tests elsewhere that use the writable_kmsg fixture (collection fails on one not listed)
 KMSG_TESTS = {
     ("test_health_integration.py",
@@ -43,7 +44,7 @@ KMSG_TESTS = {
 }
 # the long groups start first (mostly waiting on containers: they overlap the rest), the
 # package tests and the image last (the containers' groups have built the packages by then)
-FIRST = ("nspawn-30", "nspawn-bookworm", "nspawn-trixie", "nspawn-20")
+FIRST = ("nspawn-30", "nspawn-bookworm", "nspawn-trixie", "nspawn-20", "live_server")
 LAST = ("packaging", "image")
 
 

@@ -51,6 +51,59 @@ def test_sxid_fatal_is_sticky_crit_and_non_fatal_warn_expires(tmp_path, clock, b
     assert set(node(step(j2, clock, [gpu(0)]))) == {"sxid_23001"}
 
 
+# The SOE's reports as the driver prints them (NVSWITCH_PRINT_SXID with no severity word; open-gpu-
+# kernel-modules src/common/nvswitch/kernel/ls10/soe_ls10.c): complete reports, judged fatal.
+SOE_LINES = {
+    26006: "nvidia-nvswitch2: SXid (PCI:0004:00:00.0): 26006, SOE HALTED",
+    26007: "nvidia-nvswitch1: SXid (PCI:0004:00:00.0): 26007, SOE EXTERR",
+    26008: "nvidia-nvswitch0: SXid (PCI:0004:00:00.0): 26008, SOE Watchdog error",
+}
+
+
+def test_soe_sxids_without_a_severity_word_are_sticky_crit_faults(tmp_path, clock, boot):
+    found = faults(clock, *SOE_LINES.values())
+    assert [(f.sxid, f.fatal, f.pci_bus_id) for f in found] == [
+        (c, True, "0004:00:00.0") for c in SOE_LINES]
+    assert found[2].message == "SOE Watchdog error" and found[2].switch == 0
+    j = make(tmp_path, clock, boot)
+    step(j, clock, [gpu(0)])
+    r = step(j, clock, [gpu(0)], found)
+    f = node(r)
+    for code in SOE_LINES:
+        got = f[f"sxid_{code}"]
+        assert got.severity == Severity.CRIT and "sticky" in got.message
+        assert got.action.startswith("reset the NVSwitch")
+    assert "SOE watchdog fired" in f["sxid_26008"].message
+    assert r.node_health == Severity.CRIT and r.gpu_health[0] == Severity.OK
+    clock.advance(XID_FINDING_TTL_SECONDS + 1)
+    assert {f"sxid_{c}" for c in SOE_LINES} <= set(node(step(j, clock, [gpu(0)])))
+
+
+def test_other_complete_reports_without_a_word_io_failure_and_cable_controller(
+        tmp_path, clock, boot):
+    # soe/io paths (IO failure: a register read of 0xBADF....) and cci_ls10.c of the same source
+    found = faults(clock, "nvidia-nvswitch1: SXid (PCI:0005:00:00.0): 10007, IO failure",
+                   "nvidia-nvswitch1: SXid (PCI:0005:00:00.0): 27002, Failed to init CCI(0)",
+                   "nvidia-nvswitch1: SXid (PCI:0005:00:00.0): 27005, Module 3 access error")
+    assert [(f.sxid, f.fatal) for f in found] == [(10007, True), (27002, False), (27005, False)]
+    j = make(tmp_path, clock, boot)
+    step(j, clock, [gpu(0)])
+    f = node(step(j, clock, [gpu(0)], found))
+    assert f["sxid_10007"].severity == Severity.CRIT and "sticky" in f["sxid_10007"].message
+    assert "IO failure" in f["sxid_10007"].message
+    assert f["sxid_27005"].severity == Severity.WARN
+    assert f["sxid_27005"].action.startswith("check and reseat the OSFP modules")
+    assert "OSFP module access error" in f["sxid_27005"].message
+
+
+def test_sxid_follow_up_lines_without_a_word_stay_uncounted(clock):
+    # the second and third lines of one report (other codes) carry no word: not counted again
+    assert faults(clock, "nvidia-nvswitch3: SXid (PCI:0000:05:00.0): 12028, Severity 0 Engine "
+                         "instance 32 Sub-engine instance 00",
+                  "nvidia-nvswitch3: SXid (PCI:0000:05:00.0): 12028, Data {0x00000000, "
+                  "0x00000000}") == []
+
+
 def test_api_mismatch_is_a_node_crit_once(tmp_path, clock, boot):
     j = make(tmp_path, clock, boot)
     lines = ("NVRM: API mismatch: the client has the version 535.171.04, but",

@@ -36,6 +36,10 @@ def fixture(name):
     ("tgi_constructed.prom", "tgi", "tgi_request_generated_tokens_sum", 9000),
     ("trtllm_triton_token_histogram.prom", "tensorrt-llm",
      'nv_llm_output_token_len_sum{response_metric_type="total_output_tokens"}', 1234),
+    # CONSTRUCTED from the published names (no capture found): NIM's unprefixed vLLM families,
+    # Ray Serve LLM's ray_vllm:* (a known counter under a wrapper's prefix), two replicas summed
+    ("nim_constructed.prom", "nim", "generation_tokens_total", 81920),
+    ("ray_serve_vllm_constructed.prom", "ray/vllm", "ray_vllm:generation_tokens_total", 6144),
 ])
 def test_auto_detects_each_server_and_uses_its_counter(name, server, series, tokens):
     total, used, _n, found = read_tokens(fixture(name), "auto")
@@ -334,3 +338,27 @@ def test_https_endpoint_is_read_and_held_to_the_same_deadline(tls_server):
     r = InferenceProbe(url, "auto", 0.3).read()
     assert time.monotonic() - t0 < 1.0
     assert r.tokens_total is None and "within 0.3 s" in r.error
+
+
+def test_nim_and_ray_serve_llm_serving_figures_come_from_their_own_series():
+    nim = fixture("nim_constructed.prom")
+    assert serving_figures(nim, read_tokens(nim)[3]) == {
+        "running": 3.0, "waiting": 1.0, "kv": 0.25, "preemptions": None}
+    ray = fixture("ray_serve_vllm_constructed.prom")
+    assert serving_figures(ray, read_tokens(ray)[3]) == {
+        "running": 3.0, "waiting": 0.0, "kv": 0.375, "preemptions": None}
+
+
+@pytest.mark.parametrize("text, server, series", [
+    ("ray_sglang:generation_tokens_total 5\n", "ray/sglang", "ray_sglang:generation_tokens_total"),
+    ("myproxy_vllm:generation_tokens_total{a=\"1\"} 7\n", "myproxy/vllm",
+     "myproxy_vllm:generation_tokens_total"),
+])
+def test_any_wrapper_prefix_on_a_known_counter_is_read(text, server, series):
+    total, used, _n, found = read_tokens(text)
+    assert (found, used) == (server, series) and total > 0
+
+
+def test_a_prefix_that_is_not_a_wrapper_word_is_not_taken():
+    with pytest.raises(ParseError, match="no known generated-token counter"):
+        read_tokens("my:vllm:generation_tokens_total 5\nx_y_vllm_generation_tokens 3\n")

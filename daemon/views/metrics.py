@@ -86,6 +86,30 @@ def part_families(snap: NodeSnapshot) -> Iterable:
         took.add_metric([r.name], float(r.seconds))
     yield ok
     yield took
+    yield from discovery_families(snap)
+
+
+def discovery_families(snap: NodeSnapshot) -> Iterable:
+    """The inference endpoints discovery found (part "discovery"; absent when it does not run)."""
+    status = next((r.data for r in snap.parts if r.name == "discovery" and r.ok), None)
+    if status is None:
+        return
+    found = GaugeMetricFamily(
+        "gpucostd_inference_discovered",
+        "Inference endpoints found by discovery (value 1): url, the server its exposition "
+        "names, the process and port it was found by.",
+        labels=["url", "server", "process", "pid", "address", "port"])
+    for ep in status.endpoints:
+        found.add_metric([ep.url, ep.server, ep.process, str(ep.pid), ep.address,
+                          str(ep.port)], 1)
+    yield found
+    skipped = GaugeMetricFamily(
+        "gpucostd_inference_discovery_skipped",
+        "Ports of known inference server processes that were asked once and not read (no "
+        "token counter; see status).", labels=["url"])
+    for url, _how, _why in status.skipped:
+        skipped.add_metric([url], 1)
+    yield skipped
 
 
 def core_families(snap: NodeSnapshot) -> Iterable:

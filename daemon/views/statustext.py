@@ -171,6 +171,7 @@ def _render_status(data: Dict[str, Any], colour: bool = False, events: int = 5) 
             fix = f" -> {c['fix']}" if c.get("fix") else ""
             lines.extend(_wrap(f"{c['status'].upper()} {c['name']}: {c['message']}{fix}", "  "))
     lines.extend(_clip(line) for line in cost_lines(data.get("cost"), data.get("cost_text")))
+    lines.extend(discovery_lines(data.get("inference_discovery")))
     evs = (data.get("events") or [])[:events]
     if evs:
         lines.append("Recent events:")
@@ -188,6 +189,23 @@ def _activity(g: Dict[str, Any]) -> str:
         return "n/a" if g.get("gpm_supported") is False else "-"
     return "/".join(_fmt(None if act.get(k) is None else 100 * act[k])
                     for k in ("sm", "tensor", "dram")) + "%"
+
+
+def discovery_lines(disc: Any) -> List[str]:
+    """The inference servers discovery found, and how (status JSON "inference_discovery")."""
+    if not isinstance(disc, dict) or not disc.get("enabled"):
+        return []
+    found = disc.get("endpoints") or []
+    lines = [f"Discovered inference servers: {len(found)}"
+             + (f" ({disc['error']})" if disc.get("error") else "")]
+    for e in found:
+        lines.extend(_wrap(f"{e.get('server')} at {e.get('url')}: {e.get('how')}", "  "))
+    for sk in disc.get("skipped") or []:
+        lines.extend(_wrap(f"not read: {sk.get('url')} ({sk.get('how')}): {sk.get('why')}",
+                           "  "))
+    for note in disc.get("notes") or []:
+        lines.extend(_wrap(f"not seen: {note}", "  "))
+    return lines
 
 
 def cost_lines(cost: Optional[Dict[str, Any]], text: Optional[List[str]] = None) -> List[str]:

@@ -124,6 +124,22 @@ def snapshot_json(snap: NodeSnapshot) -> Dict[str, Any]:
         # a running `gpucostd calibrate` (id, state, step, steps, limits, remaining_seconds)
         "calibration": ((snap.calibration or {}).get("progress")
                         if isinstance(snap.calibration, dict) else None),
+        "inference_discovery": discovery_json(snap),
     })
+
+
+def discovery_json(snap: NodeSnapshot) -> Optional[Dict[str, Any]]:
+    """What discovery found and how (part "discovery"); None where it does not run (a
+    simulated node, [inference] discover = "off")."""
+    status = next((r.data for r in snap.parts if r.name == "discovery" and r.ok), None)
+    if status is None:
+        return None
+    return {"enabled": status.enabled, "interval_seconds": status.interval_seconds,
+            "last_scan": status.last_scan, "error": status.error, "reason": status.reason or None,
+            "endpoints": [{"url": e.url, "server": e.server, "how": e.how, "pid": e.pid,
+                           "process": e.process, "address": e.address, "port": e.port,
+                           "since": e.since} for e in status.endpoints],
+            "skipped": [{"url": u, "how": how, "why": why} for u, how, why in status.skipped],
+            "notes": list(status.notes)}
 
 
