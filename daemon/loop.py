@@ -98,7 +98,6 @@ class Daemon:
         self.deploy_probe = DeployProbe(config.daemon.host_root)
         self.parts: List[Part] = self._build_parts(sim_parser)
 
-    # ------------------------------------------------------------------ the parts
     def _build_parts(self, sim_parser) -> List[Part]:
         """The cycle's parts, in the order they run (a part reads the data of those before)."""
         from gpucostd.parts.cost import CostPart
@@ -389,7 +388,6 @@ class Daemon:
             calibration=self._guard("calibration info", lambda: snapshot_info(self)),
             parts=tuple(cycle.results.values()))
 
-    # ------------------------------------------------------------------ events
     def ack(self, gpu: Optional[int], code: Optional[str]) -> List[Event]:
         with self._lock:
             events = self.judge.ack(gpu, code)

@@ -362,8 +362,7 @@ def serving_figures(text, server: Optional[str]) -> Dict[str, Optional[float]]:
 def parse_metric(text: str, metric: str) -> Tuple[float, str, int]:
     """Sum of `metric` (a name or selector, or "auto") over its label sets: (sum, series used,
     label sets). Falls back to `metric`_sum and the name with/without `_total`."""
-    total, name, n, _server = read_tokens(text, metric)
-    return total, name, n
+    return read_tokens(text, metric)[:3]
 
 
 # --------------------------------------------------------------------------- HTTP
