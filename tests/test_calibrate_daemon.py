@@ -188,7 +188,7 @@ def test_unequal_groups_each_step_through_their_own_plan(daemon_factory, tmp_pat
 
 
 def test_sigterm_of_the_daemon_aborts_and_restores(daemon_factory, tmp_path):
-    d = daemon_factory(scenario=_scenario(tmp_path), extra_config=PRICES)
+    d = daemon_factory(scenario=_scenario(tmp_path), extra_config=PRICES, interval=0.5)
     d.start()
     wait_for(lambda: metric_value(d.metrics(), "gpucostd_node_tokens_per_second"), 15,
              what="tokens/s")
@@ -212,7 +212,7 @@ def test_sigterm_of_the_daemon_aborts_and_restores(daemon_factory, tmp_path):
 
 
 def test_sigkill_mid_calibration_is_restored_at_the_next_start(daemon_factory, tmp_path):
-    d = daemon_factory(scenario=_scenario(tmp_path), extra_config=PRICES)
+    d = daemon_factory(scenario=_scenario(tmp_path), extra_config=PRICES, interval=0.5)
     d.start()
     wait_for(lambda: metric_value(d.metrics(), "gpucostd_node_tokens_per_second"), 15,
              what="tokens/s")

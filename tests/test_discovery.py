@@ -20,7 +20,6 @@ from gpucostd.probes.discovery import (Process, candidates, known_server, psutil
 from gpucostd.probes.inference import InferenceProbe
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "expositions"
-PORTS = range(19800, 19900)          # this branch's port range (tests that bind a fixed port)
 
 
 @pytest.mark.parametrize("name, cmdline, server", [
@@ -276,15 +275,10 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 
 
 def _free_port_in_range():
-    import socket
-    for port in PORTS:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    pytest.skip("no free port in 19800-19899")
+    """A port the kernel hands out (a fixed range would be shared by tests that run at
+    once on xdist's workers)."""
+    from conftest import free_port
+    return free_port()
 
 
 @pytest.fixture
@@ -298,8 +292,10 @@ def fake_llama_server(tmp_path):
     port = _free_port_in_range()
     proc = subprocess.Popen([str(exe), str(script), str(port), str(FIX / "llamacpp.prom")])
     try:
-        wait_for(lambda: http_get(f"http://127.0.0.1:{port}/metrics", 1)[0] == 200, 10,
+        wait_for(lambda: proc.poll() is None and
+                 http_get(f"http://127.0.0.1:{port}/metrics", 1)[0] == 200, 10,
                  what="the fake llama-server")
+        assert proc.poll() is None, "the fake llama-server exited (its port was taken?)"
         yield proc, port
     finally:
         proc.terminate()

@@ -151,12 +151,13 @@ def test_a_gpu_leaving_the_count_without_an_xid_through_the_daemon(daemon_factor
 
 
 def test_nvml_recovery_action_through_the_daemon(daemon_factory, tmp_path):
-    # GPU 1's driver asks for a reset at t=1 (with the Xid 154 line it prints), a reset at t=3
-    # brings the action back to none; GPU 3's older driver has no such field
+    # GPU 1's driver asks for a reset at t=1 (with the Xid 154 line it prints), a reset at t=8
+    # brings the action back to none (a window a loaded host's daemon start cannot miss);
+    # GPU 3's older driver has no such field
     x154 = ("NVRM: Xid (PCI:0000:2a:00): 154, GPU recovery action changed from 0x0 (None) to "
             "0x1 (GPU Reset Required)")
     timeline = (f'[[at]]\nt = 1\ngpu = 1\nrecovery_action = 1\nkernel_log = {json.dumps(x154)}\n\n'
-                '[[at]]\nt = 3\ngpu = 1\nrecovery_action = 0\n\n')
+                '[[at]]\nt = 8\ngpu = 1\nrecovery_action = 0\n\n')
     scen = tmp_path / "recovery.toml"
     scen.write_text(node(timeline, gpu_extra={3: 'unsupported = ["retired_pages", '
                                                  '"recovery_action"]\n'}))

@@ -41,7 +41,6 @@ GPU_HOUR_USD = 2.0
 SCENARIO = str(Path(__file__).resolve().parent / "scenarios" / "live_server.toml")
 GPUS = 1                       # (its one GPU; no simulated server)
 POLL = 0.05
-PORTS = range(19800, 19900)
 TOLERANCE = 0.05
 
 SERVE = r"""
@@ -134,14 +133,10 @@ def _live_python() -> Path:
 
 
 def _free_port():
-    for port in PORTS:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    pytest.skip("no free port in 19800-19899")
+    """A port the kernel hands out (a fixed range would be shared by tests that run at
+    once on xdist's workers)."""
+    from conftest import free_port
+    return free_port()
 
 
 @pytest.fixture

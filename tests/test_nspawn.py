@@ -195,9 +195,17 @@ class Container:
                     return int(pid)
             return None
         self.leader = wait_for(leader, timeout=30, what="the container's init (systemd)")
-        state = wait_for(lambda: self.sh("systemctl is-system-running --wait", timeout=timeout,
-                                         check=False).stdout.strip() or None,
-                         timeout=timeout, what="container boot")
+        seen = []
+
+        def booted():
+            # "offline" while the container's manager cannot be reached yet (seen on a loaded
+            # host with several containers booting at once): ask again until the deadline
+            seen.append(self.sh("systemctl is-system-running --wait", timeout=timeout,
+                                check=False).stdout.strip())
+            return seen[-1] if seen[-1] not in ("", "offline", "initializing", "starting") \
+                else None
+        state = wait_for(booted, timeout=timeout, interval=0.5,
+                         what="container boot (systemctl is-system-running)")
         assert state in ("running", "degraded"), state
         if state == "degraded":
             _log("boot degraded: " + self.sh("systemctl --failed --no-legend").stdout)

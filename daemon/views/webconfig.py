@@ -96,7 +96,8 @@ def _yaml_error(e: BaseException, text: str, path: str) -> WebConfigError:
     mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
     line = mark.line + 1 if mark is not None else None
     if isinstance(e, RecursionError) or "maximum nesting depth" in str(e):
-        return WebConfigError("the YAML is nested too deeply (at most 1000 levels)", path, line)
+        return WebConfigError(f"the YAML is nested too deeply (at most {MAX_DEPTH} levels)",
+                              path, line)
     if isinstance(e, (ValueError, OverflowError)) and not hasattr(e, "problem"):
         return WebConfigError(f"a value cannot be read: {str(e)[:120]}", path, line)
     problem = str(getattr(e, "problem", None) or e).strip()
@@ -111,6 +112,26 @@ def _yaml_error(e: BaseException, text: str, path: str) -> WebConfigError:
     return WebConfigError(f"not valid YAML: {problem[:160]}", path, line)
 
 
+MAX_DEPTH = 100       # an exporter-toolkit web config is 4 levels deep
+
+
+def _check_depth(doc: Any, path: str) -> Any:
+    """Refuse a document nested deeper than MAX_DEPTH. Python 3.13 with a libyaml that sets no
+    limit of its own constructs a 2000-deep list without a RecursionError, so the depth is
+    measured here (iteratively; an alias seen before is not walked again)."""
+    seen, stack = set(), [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise WebConfigError(f"the YAML is nested too deeply (at most {MAX_DEPTH} levels)",
+                                 path)
+        if isinstance(node, (dict, list)) and id(node) not in seen:
+            seen.add(id(node))
+            items = node.values() if isinstance(node, dict) else node
+            stack.extend((v, depth + 1) for v in items)
+    return doc
+
+
 def parse_yaml(text: str, path: str) -> Any:
     """One YAML document, read with PyYAML's safe loader (no tags that build objects; aliases
     resolve to shared values, never to copies). Raises WebConfigError with the line."""
@@ -119,7 +140,7 @@ def parse_yaml(text: str, path: str) -> Any:
     except ImportError:
         raise WebConfigError(_YAML_MISSING, path) from None
     try:
-        return yaml.load(text, Loader=loader)
+        return _check_depth(yaml.load(text, Loader=loader), path)
     except (yaml.YAMLError, RecursionError, ValueError, OverflowError, TypeError) as e:
         raise _yaml_error(e, text, path) from None
 
@@ -131,7 +152,8 @@ def parse_yaml_documents(text: str, path: str) -> List[Any]:
     except ImportError:
         raise WebConfigError(_YAML_MISSING, path) from None
     try:
-        return [d for d in yaml.load_all(text, Loader=loader) if d is not None]
+        return [_check_depth(d, path) for d in yaml.load_all(text, Loader=loader)
+                if d is not None]
     except (yaml.YAMLError, RecursionError, ValueError, OverflowError, TypeError) as e:
         raise _yaml_error(e, text, path) from None
 
