@@ -132,9 +132,32 @@ def _check_depth(doc: Any, path: str) -> Any:
     return doc
 
 
+def _check_flow_depth(text: str, path: str) -> None:
+    """Refuse flow collections (`[`, `{`) opened more than MAX_DEPTH deep, before PyYAML sees
+    them: one libyaml stops at 1000 levels, another (Debian 13's) reads on and reports only a
+    syntax error at the end. Quoted strings and comments are skipped."""
+    depth, quote = 0, ""
+    for no, line in enumerate(text.splitlines(), 1):
+        for ch in line:
+            if quote:
+                quote = "" if ch == quote else quote
+            elif ch in "'\"":
+                quote = ch
+            elif ch == "#":
+                break
+            elif ch in "[{":
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise WebConfigError(f"the YAML is nested too deeply (at most {MAX_DEPTH} "
+                                         f"levels)", path, no)
+            elif ch in "]}":
+                depth = max(0, depth - 1)
+
+
 def parse_yaml(text: str, path: str) -> Any:
     """One YAML document, read with PyYAML's safe loader (no tags that build objects; aliases
     resolve to shared values, never to copies). Raises WebConfigError with the line."""
+    _check_flow_depth(text, path)
     try:
         yaml, loader = _loader()
     except ImportError:
@@ -147,6 +170,7 @@ def parse_yaml(text: str, path: str) -> Any:
 
 def parse_yaml_documents(text: str, path: str) -> List[Any]:
     """Several `---`-separated documents (Kubernetes manifests); empty ones are left out."""
+    _check_flow_depth(text, path)
     try:
         yaml, loader = _loader()
     except ImportError:
