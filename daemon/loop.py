@@ -231,9 +231,10 @@ class Daemon:
         while the loop waits (docs/reliability.md, "The cycle schedule")."""
         from gpucostd.clock import EARLY_GAP, wait_for_cycle
         interval = self.config.daemon.interval_seconds
-        next_at = self.clock.monotonic()
+        next_at, last_early = self.clock.monotonic(), float("-inf")
         while not self._stop.is_set():
             began = self.clock.monotonic()
+            last_early = began if began < next_at else last_early    # woken before its time
             if self._reload_requested.is_set():
                 self._reload_requested.clear()
                 self.reload()
@@ -245,10 +246,8 @@ class Daemon:
                 self.notifier.watchdog()
             now = self.clock.monotonic()
             if now >= next_at:         # the regular cycle (an early one that ran into it counts)
-                next_at += interval
-                if next_at < now:      # a slow cycle: do not try to catch up in a burst
-                    next_at = now
-            wait_for_cycle(self.clock, next_at, now + max(EARLY_GAP, now - began),
+                next_at = max(next_at + interval, now)    # a slow cycle: no catch-up burst
+            wait_for_cycle(self.clock, next_at, max(now + (now - began), last_early + EARLY_GAP),
                            self._stop, self.notifier)
 
     def shutdown(self, system_shutdown: Optional[bool] = None) -> None:
