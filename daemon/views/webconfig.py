@@ -154,32 +154,29 @@ def _check_flow_depth(text: str, path: str) -> None:
                 depth = max(0, depth - 1)
 
 
-def parse_yaml(text: str, path: str) -> Any:
-    """One YAML document, read with PyYAML's safe loader (no tags that build objects; aliases
-    resolve to shared values, never to copies). Raises WebConfigError with the line."""
+def _load(text: str, path: str, many: bool) -> List[Any]:
+    """The document(s) of `text`, each depth-checked; every failure a WebConfigError."""
     _check_flow_depth(text, path)
     try:
         yaml, loader = _loader()
     except ImportError:
         raise WebConfigError(_YAML_MISSING, path) from None
     try:
-        return _check_depth(yaml.load(text, Loader=loader), path)
+        docs = yaml.load_all(text, Loader=loader) if many else [yaml.load(text, Loader=loader)]
+        return [_check_depth(d, path) for d in docs]
     except (yaml.YAMLError, RecursionError, ValueError, OverflowError, TypeError) as e:
         raise _yaml_error(e, text, path) from None
+
+
+def parse_yaml(text: str, path: str) -> Any:
+    """One YAML document, read with PyYAML's safe loader (no tags that build objects; aliases
+    resolve to shared values, never to copies). Raises WebConfigError with the line."""
+    return _load(text, path, many=False)[0]
 
 
 def parse_yaml_documents(text: str, path: str) -> List[Any]:
     """Several `---`-separated documents (Kubernetes manifests); empty ones are left out."""
-    _check_flow_depth(text, path)
-    try:
-        yaml, loader = _loader()
-    except ImportError:
-        raise WebConfigError(_YAML_MISSING, path) from None
-    try:
-        return [_check_depth(d, path) for d in yaml.load_all(text, Loader=loader)
-                if d is not None]
-    except (yaml.YAMLError, RecursionError, ValueError, OverflowError, TypeError) as e:
-        raise _yaml_error(e, text, path) from None
+    return [d for d in _load(text, path, many=True) if d is not None]
 
 
 # --------------------------------------------------------------------------- bcrypt
