@@ -167,6 +167,15 @@ def _out(report: Dict[str, Any], as_json: bool) -> None:
         sys.stdout.write(text.format_report(report))
 
 
+def _finish(report, as_json: bool, show) -> int:
+    """Clear the progress line (when one was shown), print the report, the exit code."""
+    import sys
+    if show:
+        sys.stderr.write("\r" + " " * 99 + "\r")
+    _out(report, as_json)
+    return _exit_for(report)
+
+
 def _exit_for(report: Dict[str, Any]) -> int:
     state = report.get("state")
     if state == "done":
@@ -236,10 +245,7 @@ def run_cli(args, load_config, socket_path) -> int:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
-        if show:
-            sys.stderr.write("\r" + " " * 99 + "\r")
-        _out(report, args.json)
-        return _exit_for(report)
+        return _finish(report, args.json, show)
     if os.geteuid() != 0:
         print("gpucostd: calibrate changes GPU power limits and needs root: run it with sudo "
               "(or try it on a simulated node: gpucostd calibrate --simulate)", file=sys.stderr)
@@ -304,10 +310,7 @@ def _cli_daemon(args, params: Params, socket_path) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    if show:
-        sys.stderr.write("\r" + " " * 99 + "\r")
-    _out(report, args.json)
-    return _exit_for(report)
+    return _finish(report, args.json, show)
 
 
 def _cli_last(args, load_config, socket_path) -> int:
