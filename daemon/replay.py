@@ -46,10 +46,6 @@ def run_replay(scenario_spec: str, config=None, duration: Optional[float] = None
     from gpucostd.config import parse
     from gpucostd.loop import Daemon
     from gpucostd.sim.scenario import load_scenario
-    from gpucostd.statefile import take_notices
-    # state files another daemon in this process set aside are not the replay's to report (its
-    # own state directory is new): without this, two replays in one process could differ
-    take_notices()
 
     scenario = load_scenario(scenario_spec)       # ScenarioError with file/line/key
     if config is None:

@@ -321,7 +321,7 @@ def plausible_epoch(value: Any) -> bool:
             math.isfinite(value) and 0 <= value <= MAX_EPOCH)
 
 
-_notices: List[str] = []
+_notices: List[Tuple[str, str]] = []      # (path of the file, message)
 _notices_lock = threading.Lock()
 
 
@@ -346,21 +346,26 @@ def set_aside(path: str, what: str, why: Any, fresh: str) -> str:
     _, kept = move_aside(path)
     msg = f"{path}: unreadable {what} ({str(why)[:160]}); {fresh}; {kept}"
     LOG.warning("%s", msg)
-    notice(msg)
+    notice(path, msg)
     return msg
 
 
-def notice(msg: str) -> None:
+def notice(path: str, msg: str) -> None:
+    """Queue `msg` about the state file `path` for the next `take_notices(dir)`."""
     with _notices_lock:
-        _notices.append(msg)
+        _notices.append((path, msg))
         del _notices[:-20]          # one-shot commands never drain them: stay bounded
 
 
-def take_notices() -> List[str]:
-    """The state files set aside since the last call (the loop makes events of them)."""
+def take_notices(state_dir: str) -> List[str]:
+    """The files under `state_dir` set aside since the last call (the loop makes events of
+    them). Notices about other directories stay queued for their own daemon: a process
+    that runs several (tests, replay beside a daemon) keeps each one's to itself."""
+    prefix = os.path.join(os.path.abspath(state_dir), "")
     with _notices_lock:
-        out = list(_notices)
-        _notices.clear()
+        out = [m for p, m in _notices if os.path.abspath(p).startswith(prefix)]
+        _notices[:] = [(p, m) for p, m in _notices
+                       if not os.path.abspath(p).startswith(prefix)]
     return out
 # --------------------------------------------------------------------------- hook programs
 # A hook's argv[0] is always checked; when it is an interpreter, so is every later argument that

@@ -149,10 +149,34 @@ def sim_nvml():
         pynvml._nvmlGetFunctionPointer_cache.clear()
 
 
+_PORTS = {"next": None}
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port no other test worker will be handed.
+
+    Port 0 would give one from the kernel's ephemeral range, which every
+    outgoing connection on the host also draws from: a port probed free here
+    could be a client's source port (or another worker's pick) by the time
+    the daemon binds it. So each xdist worker walks its own block of 400
+    ports below the ephemeral range (from 20000) and hands out one that binds.
+    """
+    if _PORTS["next"] is None:
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+        index = int(worker[2:]) if worker[2:].isdigit() else 0
+        _PORTS["base"] = 20000 + 400 * (index % 30)
+        _PORTS["next"] = 0
+    for _ in range(400):
+        port = _PORTS["base"] + _PORTS["next"]
+        _PORTS["next"] = (_PORTS["next"] + 1) % 400
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free loopback port in this worker's block")
 
 
 def http_get(url, timeout=2.0):

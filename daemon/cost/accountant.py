@@ -585,7 +585,7 @@ class CostAccountant:
             self._by_index.clear()
             msg = f"{path}: unreadable cost state ({str(e)[:160]}); totals start from zero; {kept}"
             LOG.warning(msg)
-            notice(msg)
+            notice(path, msg)
             self._notes.append(msg)
 
     def state(self, history: bool = True) -> Dict[str, Any]:

@@ -32,7 +32,7 @@ class StateDirPart(Part):
         now, events = cycle.now, cycle.events
         # state files set aside since the last cycle (moved, kept, started fresh)
         events.extend(Event(now, "node", "state_file_reset", Severity.WARN, STATE_RESET_ACTION,
-                            msg) for msg in take_notices())
+                            msg) for msg in take_notices(self.state_dir))
         problem = state_dir_problem(self.state_dir, self._identity)
         if problem is not None and problem[0] in ("vanished", "replaced"):
             try:
