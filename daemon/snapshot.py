@@ -137,6 +137,39 @@ ACTIVITY_FIELDS: Tuple[str, ...] = ("sm", "sm_occupancy", "tensor", "tensor_hmma
 
 
 @dataclass(frozen=True)
+class MigInstance:
+    """One MIG compute instance as read in one cycle (NVML: nvmlDeviceGetMigDeviceHandleByIndex,
+    nvmlGpuInstanceGetInfo, nvmlComputeInstanceGetInfo). Power, clocks and temperatures are the
+    parent GPU's, shared by all its instances: they are not repeated here.
+
+    The contract between the MIG readers (simulator, NVML gateway) and the parts that judge and
+    price instances: health, cost, status and metrics key an instance by `key`."""
+
+    gpu_index: int                          # the parent GPU's index
+    gi_id: int                              # GPU instance id (nvmlGpuInstanceInfo_t.id)
+    ci_id: int                              # compute instance id (nvmlComputeInstanceInfo_t.id)
+    profile: str                            # "1g.10gb", "3g.40gb", "7g.80gb", "1g.18gb" ...
+    slices: int                             # compute slices of the profile (the "1" of 1g)
+    gpu_slices: int = 7                     # compute slices on the parent (7 on A100/H100/H200)
+    uuid: Optional[str] = None              # "MIG-<uuid>"
+    memory_used_bytes: Optional[int] = None
+    memory_total_bytes: Optional[int] = None
+    # per-instance GPU Performance Monitoring (nvmlGpmMigSampleGet, Hopper and later); None
+    # where the GPU has no GPM or before the second sample
+    activity: Optional[GpuActivity] = None
+
+    @property
+    def key(self) -> str:
+        """'0/1/0': GPU index / GPU instance / compute instance (the id in views and state)."""
+        return f"{self.gpu_index}/{self.gi_id}/{self.ci_id}"
+
+    @property
+    def share(self) -> float:
+        """The instance's share of its GPU: compute slices over the GPU's (1g of 7 = 1/7)."""
+        return self.slices / self.gpu_slices if self.gpu_slices > 0 else 0.0
+
+
+@dataclass(frozen=True)
 class GpuReading:
     """One GPU as read in one cycle. Every measured field is Optional: None = not supported or
     not read (never 0)."""
@@ -195,6 +228,11 @@ class GpuReading:
     # activity None where it has not (or on the first cycle, before a second sample)
     gpm_supported: Optional[bool] = None
     activity: Optional[GpuActivity] = None
+    # MIG: mode now and after the next GPU reset (None: not supported or not read), and the
+    # instances when MIG is on (empty when it is off)
+    mig_mode: Optional[bool] = None
+    mig_mode_pending: Optional[bool] = None
+    mig: Tuple[MigInstance, ...] = ()
 
     def replace(self, **changes) -> "GpuReading":
         return dataclasses.replace(self, **changes)

@@ -31,11 +31,14 @@ ALLOWED: Dict[str, set] = {
     "record": set(),
     "tuners": {"hw", "probes"},
     "views": {"health", "cost", "record"},
+    # drain back ends (daemon/drain/): they talk to the fleet's engine (Slurm, Kubernetes) and
+    # judge nothing; the drain part drives them
+    "drain": set(),
     # the parts of a cycle (daemon/parts/): they drive the probes, tuners, judges and cost;
     # the loop runs them and they never import the loop or a view
-    "parts": {"hw", "sim", "probes", "tuners", "health", "cost", "record"},
+    "parts": {"hw", "sim", "probes", "tuners", "health", "cost", "record", "drain"},
     "process": {"foundations", "hw", "sim", "probes", "tuners", "health", "cost", "record",
-                "views", "parts"},
+                "views", "parts", "drain"},
 }
 # calibration/ is one room with a floor per module: its pure maths sits with cost, its metric
 # lines with the views, the command and the session the loop drives with the process
@@ -58,7 +61,7 @@ def role_of(module: str) -> str:
         return FLOORS[module]
     parts = module.split(".")
     if len(parts) >= 2 and parts[1] in ("hw", "sim", "probes", "tuners", "health", "cost",
-                                        "record", "views", "parts"):
+                                        "record", "views", "parts", "drain"):
         return parts[1]
     return "process"          # cli, service, loop, replay, capture, notify, __main__
 
