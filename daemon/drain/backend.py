@@ -16,7 +16,7 @@ Ownership, as Slurm NHC and NVIDIA NVSentinel keep it:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 REASON_PREFIX = "gpucostd:"
 
@@ -46,6 +46,17 @@ class FleetDrains:
     nodes: int                   # nodes the engine knows in the fleet (or partition)
 
 
+@dataclass(frozen=True)
+class Condition:
+    """A node condition to publish where the engine has them (Kubernetes: `GpucostdHealthy`,
+    `GpucostdEfficient` in the node's status). Engines without conditions ignore them."""
+
+    type: str                    # "GpucostdHealthy" | "GpucostdEfficient"
+    ok: bool                     # status "True" when ok
+    reason: str                  # CamelCase, such as "XidCritical" or "BelowFloor"
+    message: str
+
+
 class DrainBackend:
     """One engine. Subclasses implement every method; none keeps state that the engine does
     not hold, so a restarted daemon sees what the last one did."""
@@ -71,9 +82,14 @@ class DrainBackend:
         Engines without it raise DrainError saying so."""
         raise DrainError(f"the {self.name} back end cannot ask for a reboot")
 
+    def report(self, conditions: Sequence[Condition], timeout: float) -> None:
+        """Publish the node's conditions; a no-op where the engine has none."""
+        return None
+
     def describe(self) -> Tuple[str, Optional[str]]:
         """(engine, node name) for status and events."""
         return self.name, None
 
 
-__all__ = ["REASON_PREFIX", "DrainError", "NodeDrainState", "FleetDrains", "DrainBackend"]
+__all__ = ["REASON_PREFIX", "DrainError", "NodeDrainState", "FleetDrains", "Condition",
+           "DrainBackend"]
