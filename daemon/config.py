@@ -130,7 +130,11 @@ class Config:
         init(self, "_endpoints", tuple(endpoints))
         init(self, "_values", values)
         for section, data in values.items():
-            init(self, section, _View(data))
+            if "." in section:          # a subtable ([drain.slurm]): an attribute of its parent
+                continue
+            subs = {s.split(".", 1)[1]: _View(d) for s, d in values.items()
+                    if s.startswith(section + ".")}
+            init(self, section, _View(dict(data, **subs)))
         init(self, "gpu_tuning", _View(values["tuning"]["gpu"]))
         init(self, "gpu_overrides", overrides)
         init(self, "nic_tuning", _View({k: _View(v) for k, v in nics.items()}))
@@ -219,7 +223,11 @@ class Config:
                       self.raw_text, **args)
 
     def as_dict(self) -> Dict[str, Any]:
-        out = {s: dict(v) for s, v in self._values.items()}
+        out = {s: dict(v) for s, v in self._values.items() if "." not in s}
+        for s, v in self._values.items():
+            if "." in s:                # [drain.slurm] is written under [drain]
+                parent, _dot, sub = s.partition(".")
+                out[parent][sub] = dict(v)
         tuning = dict(out["tuning"])
         gpu = {k: v for k, v in tuning.pop("gpu").items() if v is not None}
         if self.gpu_overrides:
@@ -384,7 +392,7 @@ def _parse(text: str, path: Optional[str]) -> Config:
     endpoints: List[InferenceEndpoint] = []
 
     for section, table in raw.items():
-        if section not in SCHEMA:
+        if section not in SCHEMA or "." in section:
             raise err_at(section)(f"unknown section [{section}]; known sections: "
                                  + ", ".join(f"[{s}]" for s in SCHEMA))
         if not isinstance(table, dict):
@@ -410,6 +418,9 @@ def _parse(text: str, path: Optional[str]) -> Config:
                                                                            glob))
                     prices.append((glob, float(price)))
                 continue
+            if f"{section}.{name}" in SCHEMA:      # a subtable: [drain.slurm]
+                _parse_subtable(section, name, value, values, err_at)
+                continue
             if name not in SCHEMA[section]:
                 close = [k for k in SCHEMA[section] if k.split("_")[0] == name.split("_")[0]]
                 hint = f" (did you mean {close[0]}?)" if close else ""
@@ -424,6 +435,18 @@ def _parse(text: str, path: Optional[str]) -> Config:
     if "state_dir" not in raw.get("daemon", {}):
         values["daemon"]["state_dir"] = default_state_dir()
     return Config(values, path, tuple(overrides), nics, tuple(prices), text, tuple(endpoints))
+
+
+def _parse_subtable(section: str, name: str, value: Any, values: Dict[str, Dict[str, Any]],
+                    err_at) -> None:
+    sub = f"{section}.{name}"
+    if not isinstance(value, dict):
+        raise err_at(section, name)(f"{sub} must be a table [{sub}]")
+    for k, v in value.items():
+        if k not in SCHEMA[sub]:
+            raise err_at(sub, k)(f"unknown key {sub}.{k}; keys of [{sub}]: "
+                                 + ", ".join(SCHEMA[sub]))
+        values[sub][k] = _check_value(SCHEMA[sub][k], v, f"{sub}.{k}", err_at(sub, k))
 
 
 def _parse_gpu_settings(table: Mapping[str, Any], prefix: str, err_for, allow_match=False

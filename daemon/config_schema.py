@@ -184,6 +184,57 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
         "discover_interval_seconds": _k("float", 60.0, "How often discovery looks for new "
                                         "and vanished servers.", min=5, max=3600),
     },
+    "drain": {
+        "backend": _k("choice", "none", "The fleet engine that drains this node: none, slurm "
+                      "(scontrol/sinfo) or kubernetes (taint, cordon, node conditions).",
+                      choices=("none", "slurm", "kubernetes")),
+        "dry_run": _k("bool", False, "Log and record what a drain or undrain would do; change "
+                      "nothing in the engine."),
+        "node_name": _k("str", "", "This node's name in the engine; empty: the short "
+                        "hostname."),
+        "on_critical": _k("bool", True, "Drain while the node's health is CRIT; undrain "
+                          "(gpucostd's own drain only) when it recovers."),
+        "on_inefficient": _k("bool", False, "Drain while the tokens-per-dollar floor holds "
+                             "(node_inefficient); undrain on node_efficient."),
+        "timeout_seconds": _k("float", 10.0, "Deadline of one engine call (a hung scontrol or "
+                              "API request is killed).", min=0.5, max=600),
+        "brake_share": _k("float", 0.5, "Refuse a health drain when gpucostd's drains in the "
+                          "fleet within brake_window_seconds would pass this share of its "
+                          "nodes.", min=0.0, max=1.0),
+        "brake_window_seconds": _k("float", 300.0, "Window of the fleet brake.", min=1,
+                                   max=604800),
+        "inefficient_brake_share": _k("float", 0.1, "The fleet brake's share for a drain by "
+                                      "the tokens-per-dollar floor.", min=0.0, max=1.0),
+        "reboot": _k("bool", False, "Slurm: a CRIT whose action is a reboot or GPU reset asks "
+                     "`scontrol reboot ASAP nextstate=RESUME` instead of a drain."),
+    },
+    "drain.slurm": {
+        "scontrol": _k("str", "scontrol", "The scontrol program (a name on PATH or an absolute "
+                       "path)."),
+        "sinfo": _k("str", "sinfo", "The sinfo program (a name on PATH or an absolute path)."),
+        "conf": _k("str", "", "slurm.conf for scontrol and sinfo (SLURM_CONF); empty: "
+                   "Slurm's default."),
+        "opt_out_feature": _k("str", "gpucostd_no_drain", "A node feature (slurm.conf "
+                              "Features=) that keeps gpucostd from draining the node."),
+    },
+    "drain.kubernetes": {
+        "api_url": _k("str", "", "The API server; empty: in-cluster, https://"
+                      "$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT."),
+        "token_file": _k("str", "/var/run/secrets/kubernetes.io/serviceaccount/token",
+                         "The service account's bearer token."),
+        "ca_file": _k("str", "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt",
+                      "The CA bundle that signs the API server's certificate."),
+        "taint_key": _k("str", "gpucostd.io/unhealthy", "The taint gpucostd puts on a node "
+                        "it drains."),
+        "taint_effect": _k("choice", "NoSchedule", "The taint's effect.",
+                           choices=("NoSchedule", "PreferNoSchedule", "NoExecute")),
+        "opt_out_label": _k("str", "gpucostd.io/drain-opt-out", "A node label that keeps "
+                            "gpucostd from draining the node."),
+        "evict": _k("bool", False, "Also evict the node's pods (Eviction API) after "
+                    "cordoning."),
+        "eviction_grace_seconds": _k("int", 30, "Grace period of each eviction.", min=0,
+                                     max=86400),
+    },
 }
 
 

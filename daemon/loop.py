@@ -127,6 +127,9 @@ class Daemon:
                   HealthPart(self.judge)] + ([discovery] if discovery else []) + [
                   InferencePart(self.inference, parallel=not self.clock.virtual),
                   CostPart(self.cost, self.inference)]
+        if not self.one_shot:     # a one-shot command never drains the node
+            from gpucostd.parts.drain import DrainPart
+            parts.append(DrainPart(cfg, self.state_dir, self.clock))
         return parts
 
     def add_part(self, part: Part, before: Optional[str] = None) -> None:

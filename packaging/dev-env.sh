@@ -18,7 +18,8 @@ if [ "$want_tests" = 1 ]; then
     # git: the upgrade test builds the 0.1.0 package from the history.
     pkgs+=(iproute2 prometheus debootstrap systemd-container lintian rpm rpmlint debhelper
            fakeroot dpkg-dev python3-pip systemd procps git
-           prometheus-node-exporter)   # the textfile collector test
+           prometheus-node-exporter   # the textfile collector test
+           slurm-wlm munge)            # the drain back end against a real slurmctld + slurmd
 fi
 missing=()
 for p in "${pkgs[@]}"; do

@@ -81,7 +81,7 @@ def test_every_part_of_the_cycle_is_a_metric(daemon):
     snap = daemon.step()
     names = [r.name for r in snap.parts]
     assert names == ["gpu", "kernel_log", "state_dir", "tuning", "deploy", "host", "health",
-                     "inference", "cost"]
+                     "inference", "cost", "drain"]
     assert all(r.ok and r.seconds >= 0 for r in snap.parts)
     text = scrape(snap)
     for name in names:

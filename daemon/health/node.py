@@ -10,7 +10,8 @@ Rules, each a method over a ``NodeInputs`` (a new part's rule is a function give
   floor's transition is an event that runs the hooks);
 - ``kernel_log_lines_lost`` (WARN, for LOSS_FINDING_SECONDS after the last loss);
 - ``state_dir_unusable`` (WARN), ``config_insecure`` (WARN), ``originals_unreadable`` (WARN);
-- ``prices_illustrative`` (OK): a simulated node priced at its scenario's illustrative prices.
+- ``prices_illustrative`` (OK): a simulated node priced at its scenario's illustrative prices;
+- ``drain_refused``, ``drain_failing``, ``drain_stuck``: the drain part's (gpucostd.health.drain).
 The node's health is the worst of the GPU judge's node health and the node findings; UNKNOWN
 while no GPU is read and NVML is not available.
 """
@@ -63,6 +64,7 @@ class NodeJudge:
     serving diagnosis' windows)."""
 
     def __init__(self, rules: Sequence[Rule] = ()):
+        from gpucostd.health.drain import drain_findings
         from gpucostd.health.efficiency import EfficiencyJudge
         self._down_since: Dict[str, float] = {}
         self._failed: Dict[str, str] = {}          # rule -> its last error (logged once)
@@ -70,7 +72,7 @@ class NodeJudge:
         self.rules: List[Rule] = [self.inference_unreachable, self.efficiency,
                                   self.kernel_log_lines_lost, self.state_dir_unusable,
                                   self.config_insecure, self.originals_unreadable,
-                                  self.prices_illustrative] + list(rules)
+                                  self.prices_illustrative, drain_findings] + list(rules)
 
     def add_rule(self, rule: Rule) -> None:
         self.rules.append(rule)
