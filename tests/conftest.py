@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 # it change, so its groups silently split.
 XDIST_GROUPS = {"test_packaging.py": "packaging", "test_image.py": "image",
                 "test_kmsg_root.py": "kmsg", "test_tuners_nic.py": "netns",
-                "test_live_server.py": "live_server"}     # one llama.cpp venv and server
+                "test_live_server.py": "live_server",     # one llama.cpp venv and server
+                "test_drain_slurm.py": "slurm"}           # one slurmctld, slurmd and munged
 # tests elsewhere that use the writable_kmsg fixture (collection fails on one not listed)
 KMSG_TESTS = {
     ("test_health_integration.py",

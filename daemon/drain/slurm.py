@@ -76,7 +76,6 @@ class SlurmBackend(DrainBackend):
         self.conf = settings.conf
         self.opt_out = settings.opt_out_feature
         self.node = node_name
-        self.clock = clock
 
     # ------------------------------------------------------------------ commands
     def _env(self) -> Dict[str, str]:
@@ -115,9 +114,6 @@ class SlurmBackend(DrainBackend):
             raise DrainError(f"`{' '.join(argv[:3])} ...` failed: {err}; "
                              f"{_fix(err, os.path.basename(program))}")
         return out
-
-    def _now(self) -> float:
-        return self.clock.time() if self.clock is not None else time.time()
 
     # ------------------------------------------------------------------ the contract
     def state(self, timeout: float) -> NodeDrainState:
@@ -168,7 +164,9 @@ class SlurmBackend(DrainBackend):
 
     def fleet(self, window_seconds: float, timeout: float) -> FleetDrains:
         out = self._run([self.sinfo, "-h", "-N", "-O", FLEET_FORMAT], timeout)
-        return fleet_from(out, self._now(), window_seconds)
+        # sinfo's reason times are the controller's wall clock: compared with this host's
+        # real one (never a virtual clock's)
+        return fleet_from(out, time.time(), window_seconds)
 
     def describe(self) -> Tuple[str, Optional[str]]:
         return self.name, self.node

@@ -122,6 +122,7 @@ class DrainPart(Part):
     def __init__(self, config, state_dir: str, clock, backend_factory: Callable = make_backend):
         self.clock = clock
         self.state_dir = state_dir
+        self.resync_seconds = RESYNC_SECONDS   # read the engine again this often, unchanged
         self._factory = backend_factory
         self._lock = threading.Lock()
         self._jobs: "queue.Queue[Optional[Tuple[Any, Any, Want]]]" = queue.Queue()
@@ -179,7 +180,7 @@ class DrainPart(Part):
         mono = cycle.monotonic
         with self._lock:
             busy = self._busy_since is not None
-        if not busy and (want != self._last_want or mono - self._last_sync >= RESYNC_SECONDS):
+        if not busy and (want != self._last_want or mono - self._last_sync >= self.resync_seconds):
             self._last_want, self._last_sync = want, mono
             self._submit(want)
         with self._lock:

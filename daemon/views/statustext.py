@@ -172,6 +172,7 @@ def _render_status(data: Dict[str, Any], colour: bool = False, events: int = 5) 
             lines.extend(_wrap(f"{c['status'].upper()} {c['name']}: {c['message']}{fix}", "  "))
     lines.extend(_clip(line) for line in cost_lines(data.get("cost"), data.get("cost_text")))
     lines.extend(discovery_lines(data.get("inference_discovery")))
+    lines.extend(drain_lines(data.get("drain"), now))
     evs = (data.get("events") or [])[:events]
     if evs:
         lines.append("Recent events:")
@@ -206,6 +207,22 @@ def discovery_lines(disc: Any) -> List[str]:
     for note in disc.get("notes") or []:
         lines.extend(_wrap(f"not seen: {note}", "  "))
     return lines
+
+
+def drain_lines(drain: Any, now: float) -> List[str]:
+    """One line for the drain back end (status JSON "drain"): its state and last action."""
+    if not isinstance(drain, dict) or drain.get("backend") in (None, "none"):
+        return []
+    state = {"free": "not drained", "ours": "drained by gpucostd",
+             "others": "drained by someone else"}.get(drain.get("state"), "state unknown")
+    line = (f"Drain ({drain['backend']}{' node ' + drain['node'] if drain.get('node') else ''}"
+            f"{', dry run' if drain.get('dry_run') else ''}): {state}")
+    if drain.get("reason"):
+        line += f" ({drain['reason']})"
+    if drain.get("last_action"):
+        line += (f"; last {drain['last_action']} {drain.get('last_result')} "
+                 f"{_ago(drain.get('last_time'), now)} ago")
+    return _wrap(line, "", "  ")
 
 
 def cost_lines(cost: Optional[Dict[str, Any]], text: Optional[List[str]] = None) -> List[str]:

@@ -125,7 +125,22 @@ def snapshot_json(snap: NodeSnapshot) -> Dict[str, Any]:
         "calibration": ((snap.calibration or {}).get("progress")
                         if isinstance(snap.calibration, dict) else None),
         "inference_discovery": discovery_json(snap),
+        "drain": drain_json(snap),
     })
+
+
+def drain_json(snap: NodeSnapshot) -> Optional[Dict[str, Any]]:
+    """The drain back end, the node's drain state in the engine and the last action (part
+    "drain"); None where the part does not run (one-shot commands)."""
+    result = snap.part("drain")
+    d = result.data if result is not None and result.ok else None
+    if d is None:
+        return None
+    return {"backend": d.backend, "node": d.node, "dry_run": d.dry_run, "state": d.state,
+            "reason": d.reason or None, "wants": d.want, "refused": d.refused or None,
+            "refused_message": d.refused_message or None, "failing": d.failing or None,
+            "last_action": d.last_action, "last_result": d.last_result,
+            "last_time": d.last_time, "last_message": d.last_message or None}
 
 
 def discovery_json(snap: NodeSnapshot) -> Optional[Dict[str, Any]]:
