@@ -102,6 +102,7 @@ class Daemon:
         """The cycle's parts, in the order they run (a part reads the data of those before)."""
         from gpucostd.parts.cost import CostPart
         from gpucostd.parts.deploy import DeployPart
+        from gpucostd.parts.drain import drain_parts
         from gpucostd.parts.gpu import GpuPart
         from gpucostd.parts.health import HealthPart
         from gpucostd.parts.host import HostPart
@@ -126,10 +127,7 @@ class Daemon:
                   HostPart(self.host_probe, self.gateway, cfg),
                   HealthPart(self.judge)] + ([discovery] if discovery else []) + [
                   InferencePart(self.inference, parallel=not self.clock.virtual),
-                  CostPart(self.cost, self.inference)]
-        if not self.one_shot:     # a one-shot command never drains the node
-            from gpucostd.parts.drain import DrainPart
-            parts.append(DrainPart(cfg, self.state_dir, self.clock))
+                  CostPart(self.cost, self.inference)] + drain_parts(self)
         return parts
 
     def add_part(self, part: Part, before: Optional[str] = None) -> None:

@@ -26,10 +26,12 @@ MAX_CYCLES = 50_000_000
 
 
 def replay_config(config, state_dir: str):
-    """The user's config with a private state dir, no hooks, no kernel log, no HTTP."""
+    """The user's config with a private state dir, no hooks, no drains, no kernel log, no
+    HTTP."""
     return config.updated(
         daemon={"state_dir": state_dir, "kernel_log": "none", "listen_address": ""},
         hooks={"on_critical": [], "on_recovered": [], "on_inefficient": [], "on_efficient": []},
+        drain={"backend": "none"},
         events={"max_count": max(int(config.events.max_count), 10_000_000)})
 
 

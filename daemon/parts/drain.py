@@ -90,6 +90,11 @@ def make_backend(config, clock):
     return None
 
 
+def drain_parts(daemon) -> List[Part]:
+    """The loop's drain part: none for a one-shot command (it never drains the node)."""
+    return [] if daemon.one_shot else [DrainPart(daemon.config, daemon.state_dir, daemon.clock)]
+
+
 def want_from(cycle: Cycle, cfg) -> Want:
     """The drain this cycle asks for, from the GPU judge's node health and the floor."""
     report = cycle.data("health")
@@ -412,5 +417,5 @@ def _replace(data: DrainData, **changes: Any) -> DrainData:
     return replace(data, **changes)
 
 
-__all__ = ["DrainPart", "DrainData", "Want", "make_backend", "node_name", "want_from",
-           "cause_of"]
+__all__ = ["DrainPart", "DrainData", "Want", "drain_parts", "make_backend", "node_name",
+           "want_from", "cause_of"]
