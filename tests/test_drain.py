@@ -287,3 +287,96 @@ def test_slurm_states_from_real_sinfo_lines(state, reason, want):
     assert (st.drained, st.ours, st.blocked) == want and st.opted_out
     assert cause_of("gpucostd: critical: gpu:0 gpu_lost") == "critical"
     assert cause_of("bad DIMM") is None
+
+
+class _Cycle:
+    def __init__(self, **data):
+        self._data = data
+
+    def data(self, name, default=None):
+        return self._data.get(name, default)
+
+
+def test_a_node_whose_health_cannot_be_told_is_neither_drained_nor_undrained(node):
+    from gpucostd.health.judge import HealthReport
+    from gpucostd.parts.drain import Want, want_from
+    cfg = config.parse("").drain
+    unknown = HealthReport({}, Severity.UNKNOWN, ())
+    assert want_from(_Cycle(health=unknown), cfg) == Want(hold=True)
+    assert want_from(_Cycle(), cfg) == Want(hold=True)          # the health part failed
+    engine = Engine()
+    engine.reason = "gpucostd: critical: gpu:0 gpu_lost"
+    n = node(engine)
+    n.part._reconcile(engine, n.part.cfg, Want(hold=True))
+    assert engine.reason.startswith("gpucostd:") and "undrain" not in engine.calls
+
+
+def test_a_reboot_is_asked_once_then_a_crit_that_outlives_it_drains(node):
+    from gpucostd.parts.drain import Want
+
+    class Rebooting(Engine):
+        name = "slurm"
+
+        def request_reboot(self, reason, timeout):
+            self._call("reboot")
+            self.reason = reason
+
+    engine = Rebooting()
+    n = node(engine, extra="reboot = true\n")
+    want = Want("critical", "gpu:0 xid_79", reboot=True)
+    n.part._reconcile(engine, n.part.cfg, want)
+    assert engine.calls[-1] == "state" and "reboot" in engine.calls
+    engine.reason = ""                       # the node came back from its reboot, still CRIT
+    again = DrainPart(n.daemon.config, n.daemon.state_dir, n.daemon.clock,
+                      backend_factory=lambda c, k: engine)   # a new daemon after the boot
+    again._reconcile(engine, again.cfg, want)
+    assert engine.calls.count("reboot") == 1 and engine.calls.count("drain") == 1
+
+
+def test_a_back_end_that_cannot_start_is_a_finding_and_is_tried_again(node, tmp_path):
+    engine = Engine()
+    tries = []
+
+    def factory(cfg, clock):
+        tries.append(1)
+        if len(tries) == 1:
+            raise DrainError("no service-account token yet")
+        return engine
+    cfg = config.parse(f'[daemon]\nstate_dir = "{tmp_path}/s"\nkernel_log = "none"\n'
+                       f'[drain]\nbackend = "kubernetes"\n')
+    d = Daemon(cfg, clock=VirtualClock(), simulate=SCENARIO, journal=False)
+    d.parts = [p for p in d.parts if p.name != "drain"]
+    part = DrainPart(cfg, d.state_dir, d.clock, backend_factory=factory)
+    d.add_part(part)
+    try:
+        snap = d.step()
+        f = [f for f in snap.findings if f.code == "drain_failing"]
+        assert f and "cannot start: no service-account token yet" in f[0].message
+        d.clock.advance(31)
+        d.step()
+        assert part.wait_idle(10)
+        d.clock.advance(1)
+        snap = d.step()
+        assert not [f for f in snap.findings if f.code == "drain_failing"]
+        assert len(tries) == 2 and engine.calls[0] == "state"
+    finally:
+        part.close()
+        d.shutdown(system_shutdown=True)
+
+
+def test_a_reload_turns_the_drain_on(tmp_path):
+    base = f'[daemon]\nstate_dir = "{tmp_path}/s"\nkernel_log = "none"\n'
+    d = Daemon(config.parse(base), clock=VirtualClock(), simulate=SCENARIO, journal=False)
+    try:
+        part = next(p for p in d.parts if p.name == "drain")
+        assert d.step().part("drain").data.backend == "none"
+        part.reconfigure(config.parse(base + '[drain]\nbackend = "slurm"\nnode_name = "n9"\n'
+                                      '[drain.slurm]\nsinfo = "/nonexistent/sinfo"\n'))
+        assert part.backend is not None and part.backend.describe() == ("slurm", "n9")
+        d.step()
+        assert part.wait_idle(10)
+        snap = d.step()
+        f = [f for f in snap.findings if f.code == "drain_failing"]
+        assert f and "/nonexistent/sinfo not found" in f[0].message
+    finally:
+        d.shutdown(system_shutdown=True)

@@ -32,6 +32,7 @@ from gpucostd.snapshot import Event, Severity
 LOG = logging.getLogger("gpucostd")
 STATE_FILE = "drain.json"
 RESYNC_SECONDS = 30.0         # read the engine again this often while nothing changes
+REBOOT_GUARD_SECONDS = 3600.0     # a CRIT within this long of our reboot request drains
 CRITICAL, INEFFICIENT = "critical", "inefficient"
 
 
@@ -42,6 +43,7 @@ class Want:
     cause: Optional[str] = None        # "critical" | "inefficient" | None
     why: str = ""                      # the finding, in words (goes into the reason)
     reboot: bool = False               # the CRIT's recommended action is a reboot or reset
+    hold: bool = False                 # cannot tell (health UNKNOWN, a part failed): no change
 
     @property
     def reason(self) -> str:
@@ -98,7 +100,9 @@ def drain_parts(daemon) -> List[Part]:
 def want_from(cycle: Cycle, cfg) -> Want:
     """The drain this cycle asks for, from the GPU judge's node health and the floor."""
     report = cycle.data("health")
-    if cfg.on_critical and report is not None and report.node_health == Severity.CRIT:
+    if cfg.on_critical and (report is None or report.node_health == Severity.UNKNOWN):
+        return Want(hold=True)         # never undrain a node whose health cannot be told
+    if cfg.on_critical and report.node_health == Severity.CRIT:
         crit = [f for f in report.findings if f.severity == Severity.CRIT]
         why = "; ".join(f"{f.subject} {f.code}" for f in crit[:3]) or "node health CRIT"
         reboot = any(("reboot" in (f.action or "").lower() or "reset" in
@@ -106,6 +110,8 @@ def want_from(cycle: Cycle, cfg) -> Want:
         return Want(CRITICAL, why, reboot)
     if cfg.on_inefficient:
         report = getattr(cycle.data("cost"), "report", None)
+        if report is None:
+            return Want(hold=True)
         floor = ((getattr(report, "efficiency", None) or {}).get("floor") or {})
         if floor.get("inefficient"):
             return Want(INEFFICIENT, "tokens per dollar below [efficiency] "
@@ -140,33 +146,42 @@ class DrainPart(Part):
         self._actions: Dict[Tuple[str, str], int] = {}
         self._said: Optional[Tuple[str, ...]] = None     # the last refusal/failure told
         self._seen_ours: Optional[str] = None     # cause of our drain this process last saw
+        self._file: Dict[str, Any] = {}          # drain.json
         self._manual = self._load_manual()
         self._configure(config)
 
     # ------------------------------------------------------------------ config
     def _configure(self, config) -> None:
-        self.cfg = config.drain
+        self.cfg, self._config = config.drain, config
         self._settings = config.as_dict()["drain"]
         self.backend = None
-        try:
-            self.backend = self._factory(config, self.clock)
-        except ImportError as e:
-            self._fail_now(f"the {self.cfg.backend} back end is not installed ({e})")
-        except (DrainError, OSError, ValueError) as e:
-            self._fail_now(f"the {self.cfg.backend} back end cannot start: {e}")
-        engine, node = self.backend.describe() if self.backend is not None else (
-            self.cfg.backend, None)
-        with self._lock:
-            self._data = DrainData(backend=engine, node=node, dry_run=self.cfg.dry_run,
-                                   failing=self._data.failing if self.backend is None and
-                                   self.cfg.backend != "none" else "",
-                                   actions=dict(self._actions))
         self._last_want = None             # reconcile at once with the new settings
-
-    def _fail_now(self, message: str) -> None:
         with self._lock:
-            self._data = DrainData(backend=self.cfg.backend, failing=message,
-                                   failing_since=self.clock.time())
+            self._data = DrainData(backend=self.cfg.backend, dry_run=self.cfg.dry_run,
+                                   actions=dict(self._actions))
+        self._build()
+
+    def _build(self) -> None:
+        """The back end from the settings; one that cannot start (h8's module missing, no
+        service-account token yet) is a drain_failing finding, tried again every resync."""
+        failed = None
+        try:
+            self.backend = self._factory(self._config, self.clock)
+        except ImportError as e:
+            failed = f"the {self.cfg.backend} back end is not installed ({e})"
+        except (DrainError, OSError, ValueError) as e:
+            failed = f"the {self.cfg.backend} back end cannot start: {e}"
+        if failed is not None:
+            self._last_sync = self.clock.monotonic()      # the next try: one resync later
+        with self._lock:
+            if failed is not None:
+                self._data = _replace(self._data, failing=failed,
+                                      failing_since=self._data.failing_since or
+                                      self.clock.time())
+            elif self.backend is not None:
+                engine, node = self.backend.describe()
+                self._data = _replace(self._data, backend=engine, node=node, failing="",
+                                      failing_since=None)
 
     def reconfigure(self, config) -> None:
         """A reload: a new back end only when [drain] changed (the next cycle reconciles)."""
@@ -178,11 +193,15 @@ class DrainPart(Part):
         with self._lock:
             cycle.events.extend(self._events)
             self._events = []
+        mono = cycle.monotonic
+        if self.backend is None and self.cfg.backend != "none" and \
+                mono - self._last_sync >= self.resync_seconds:
+            self._last_sync = mono
+            self._build()
         if self.backend is None:
             with self._lock:
                 return self._data
         want = want_from(cycle, self.cfg)
-        mono = cycle.monotonic
         with self._lock:
             busy = self._busy_since is not None
         if not busy and (want != self._last_want or mono - self._last_sync >= self.resync_seconds):
@@ -243,6 +262,9 @@ class DrainPart(Part):
         t = cfg.timeout_seconds
         st = backend.state(t)
         self._saw(st)
+        if want.hold or (st.opted_out and st.ours):     # cannot tell; or the operator's
+            self._settled()                             # opt-out: no change at all
+            return
         if self._manual is not None and want.cause != self._manual:
             self._set_manual(None)          # recovered (or another cause): the mark is spent
         if want.cause is None:
@@ -280,8 +302,8 @@ class DrainPart(Part):
                                 f"of {fleet.nodes} nodes in the last "
                                 f"{cfg.brake_window_seconds:g} s; one more would pass the "
                                 f"share {share:g}", Severity.WARN)
-        self._act(backend, cfg, "reboot" if want.reboot and cfg.reboot and
-                  backend.name == "slurm" else "drain", want, st)
+        reboot = want.reboot and cfg.reboot and backend.name == "slurm" and not self._rebooted()
+        self._act(backend, cfg, "reboot" if reboot else "drain", want, st)
 
     @staticmethod
     def _opt_out_name(cfg) -> str:
@@ -316,6 +338,8 @@ class DrainPart(Part):
                        f"gpucostd's drain {st.reason!r} is over", action, "ok", key=None)
         else:
             self._seen_ours = want.cause
+            if action == "reboot":
+                self._save(reboot_time=self.clock.time())
             self._emit("drained", Severity.WARN, "see the finding that caused it",
                        f"{backend.name}: {'reboot requested' if action == 'reboot' else 'drained'}"
                        f" with reason {reason!r}", action, "ok", key=None)
@@ -381,23 +405,33 @@ class DrainPart(Part):
         try:
             data = read_json(self._path())
         except FileNotFoundError:
-            return None
+            data = {}
         except (UnreadableFile, OSError, ValueError) as e:
             LOG.warning("drain: %s cannot be read (%s); a manual undrain is no longer "
                         "remembered", self._path(), e)
-            return None
-        cause = data.get("manual_undrain") if isinstance(data, dict) else None
+            data = {}
+        self._file = data if isinstance(data, dict) else {}
+        cause = self._file.get("manual_undrain")
         return cause if cause in (CRITICAL, INEFFICIENT) else None
 
+    def _rebooted(self) -> bool:
+        """A reboot was asked within REBOOT_GUARD_SECONDS: a CRIT that outlived it drains
+        instead (no reboot loop)."""
+        at = self._file.get("reboot_time")
+        return isinstance(at, (int, float)) and 0 <= self.clock.time() - at < \
+            REBOOT_GUARD_SECONDS
+
     def _set_manual(self, cause: Optional[str]) -> None:
-        if cause == self._manual:
-            return
-        self._manual = cause
+        if cause != self._manual:
+            self._manual = cause
+            self._save(manual_undrain=cause)
+
+    def _save(self, **changes: Any) -> None:
         import json
         from gpucostd.statefile import write_atomic
+        self._file = dict(self._file, **changes)
         try:
-            write_atomic(self._path(), json.dumps({"manual_undrain": cause,
-                                                   "time": self.clock.time()}) + "\n")
+            write_atomic(self._path(), json.dumps(self._file, sort_keys=True) + "\n")
         except OSError as e:
             LOG.warning("drain: cannot save %s (%s); kept in memory", self._path(), e)
 
