@@ -65,6 +65,10 @@ class Engine(DrainBackend):
         self._call("fleet")
         return FleetDrains(self.fleet_recent, self.fleet_recent, self.fleet_nodes)
 
+    def report(self, conditions, timeout):
+        self._call("report")
+        self.conditions = {c.type: c for c in conditions}
+
     def describe(self):
         return self.name, "node1"
 
@@ -118,10 +122,15 @@ def test_crit_drains_once_with_the_prefix_and_recovery_undrains(node):
         snap = n.step()
     assert n.engine.reason == "gpucostd: critical: gpu:0 gpu_lost"
     assert n.engine.calls.count("drain") == 1
+    healthy = n.engine.conditions["GpucostdHealthy"]
+    assert (healthy.ok, healthy.reason) == (False, "CriticalFault")
+    assert healthy.message.startswith("gpu:0 gpu_lost: ")
+    assert "GpucostdEfficient" not in n.engine.conditions     # no floor set
     assert snap.part("drain").data.state == "ours"
     for _ in range(10):
         snap = n.step()
     assert n.engine.reason == "" and n.engine.calls.count("undrain") == 1
+    assert n.engine.conditions["GpucostdHealthy"].ok
     assert n.codes() == ["drain_requested", "drained", "undrained"]
     text = snap.part("drain").data
     assert text.actions == {("drain", "requested"): 1, ("drain", "ok"): 1, ("undrain", "ok"): 1}
@@ -186,6 +195,7 @@ def test_dry_run_records_and_changes_nothing(node):
     for _ in range(14):
         n.step()
     assert n.engine.reason == "" and "drain" not in n.engine.calls
+    assert "report" not in n.engine.calls
     assert n.codes() == ["drain_dry_run"]
 
 
@@ -380,3 +390,25 @@ def test_a_reload_turns_the_drain_on(tmp_path):
         assert f and "/nonexistent/sinfo not found" in f[0].message
     finally:
         d.shutdown(system_shutdown=True)
+
+
+def test_the_floor_drains_with_its_own_smaller_brake(node):
+    from types import SimpleNamespace
+    from gpucostd.health.judge import HealthReport
+    from gpucostd.parts.drain import Want, conditions_from, want_from
+    ok = HealthReport({0: Severity.OK}, Severity.OK, ())
+    cost = SimpleNamespace(report=SimpleNamespace(efficiency={"floor": {"inefficient": True}}))
+    cycle = _Cycle(health=ok, cost=cost)
+    assert want_from(cycle, config.parse("").drain) == Want()          # off by default
+    cfg = config.parse("[drain]\non_inefficient = true\n").drain
+    want = want_from(cycle, cfg)
+    assert want.cause == "inefficient" and want.reason.startswith("gpucostd: inefficient: ")
+    assert [(c.type, c.ok, c.reason) for c in conditions_from(cycle, True)] == [
+        ("GpucostdHealthy", True, "Healthy"), ("GpucostdEfficient", False, "BelowFloor")]
+    engine = Engine()
+    engine.fleet_recent, engine.fleet_nodes = 1, 10       # 2 of 10 would pass 0.1
+    n = node(engine, extra="on_inefficient = true\n")
+    n.part._reconcile(engine, n.part.cfg, want)
+    assert "drain" not in engine.calls and n.part._data.refused == "brake"
+    n.part._reconcile(engine, n.part.cfg, Want("critical", "gpu:0 xid_79"))   # 2/10 <= 0.5
+    assert engine.reason == "gpucostd: critical: gpu:0 xid_79"

@@ -22,10 +22,10 @@ import os
 import queue
 import socket
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-from gpucostd.drain.backend import REASON_PREFIX, DrainError, NodeDrainState
+from gpucostd.drain.backend import REASON_PREFIX, Condition, DrainError, NodeDrainState
 from gpucostd.part import Cycle, Part
 from gpucostd.snapshot import Event, Severity
 
@@ -44,6 +44,7 @@ class Want:
     why: str = ""                      # the finding, in words (goes into the reason)
     reboot: bool = False               # the CRIT's recommended action is a reboot or reset
     hold: bool = False                 # cannot tell (health UNKNOWN, a part failed): no change
+    conditions: Tuple[Condition, ...] = ()     # to publish where the engine has them
 
     @property
     def reason(self) -> str:
@@ -117,6 +118,29 @@ def want_from(cycle: Cycle, cfg) -> Want:
             return Want(INEFFICIENT, "tokens per dollar below [efficiency] "
                         "min_tokens_per_dollar")
     return Want()
+
+
+def conditions_from(cycle: Cycle, floor_on: bool) -> Tuple[Condition, ...]:
+    """The node's conditions (Kubernetes: GpucostdHealthy, GpucostdEfficient in its status):
+    healthy unless the GPU judge says CRIT; efficient unless the floor holds (only while a
+    floor is set). None while the health cannot be told."""
+    report = cycle.data("health")
+    if report is None or report.node_health == Severity.UNKNOWN:
+        return ()
+    crit = [f for f in report.findings if f.severity == Severity.CRIT]
+    out = [Condition("GpucostdHealthy", True, "Healthy", f"node health "
+                     f"{report.node_health.name}") if report.node_health != Severity.CRIT else
+           Condition("GpucostdHealthy", False, "CriticalFault", "; ".join(
+               f"{f.subject} {f.code}: {f.message}" for f in crit[:3])[:300] or "node CRIT")]
+    cost = getattr(cycle.data("cost"), "report", None)
+    if floor_on and cost is not None:
+        floor = ((getattr(cost, "efficiency", None) or {}).get("floor") or {})
+        out.append(Condition("GpucostdEfficient", False, "BelowFloor", "tokens per dollar "
+                             "below [efficiency] min_tokens_per_dollar for window_seconds")
+                   if floor.get("inefficient") else
+                   Condition("GpucostdEfficient", True, "AtOrAboveFloor",
+                             "tokens per dollar at or above the floor"))
+    return tuple(out)
 
 
 def cause_of(reason: str) -> Optional[str]:
@@ -202,6 +226,9 @@ class DrainPart(Part):
             with self._lock:
                 return self._data
         want = want_from(cycle, self.cfg)
+        floor_on = getattr(getattr(self._config, "efficiency", None), "min_tokens_per_dollar",
+                           0) > 0
+        want = replace(want, conditions=conditions_from(cycle, floor_on))
         with self._lock:
             busy = self._busy_since is not None
         if not busy and (want != self._last_want or mono - self._last_sync >= self.resync_seconds):
@@ -259,6 +286,11 @@ class DrainPart(Part):
                     self._busy_since = None
 
     def _reconcile(self, backend, cfg, want: Want) -> None:
+        self._reconcile_drain(backend, cfg, want)
+        if want.conditions and not cfg.dry_run:     # a dry run changes nothing, these neither
+            backend.report(want.conditions, cfg.timeout_seconds)
+
+    def _reconcile_drain(self, backend, cfg, want: Want) -> None:
         t = cfg.timeout_seconds
         st = backend.state(t)
         self._saw(st)
@@ -447,9 +479,8 @@ _REFUSE_ACTION = {
 
 
 def _replace(data: DrainData, **changes: Any) -> DrainData:
-    from dataclasses import replace
     return replace(data, **changes)
 
 
 __all__ = ["DrainPart", "DrainData", "Want", "drain_parts", "make_backend", "node_name",
-           "want_from", "cause_of"]
+           "want_from", "conditions_from", "cause_of"]
