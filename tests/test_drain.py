@@ -124,7 +124,7 @@ def test_crit_drains_once_with_the_prefix_and_recovery_undrains(node):
     assert n.engine.calls.count("drain") == 1
     healthy = n.engine.conditions["GpucostdHealthy"]
     assert (healthy.ok, healthy.reason) == (False, "CriticalFault")
-    assert healthy.message.startswith("gpu:0 gpu_lost: ")
+    assert healthy.message.startswith("gpu:0 gpu_lost (")
     assert "GpucostdEfficient" not in n.engine.conditions     # no floor set
     assert snap.part("drain").data.state == "ours"
     for _ in range(10):

@@ -131,7 +131,7 @@ def conditions_from(cycle: Cycle, floor_on: bool) -> Tuple[Condition, ...]:
     out = [Condition("GpucostdHealthy", True, "Healthy", f"node health "
                      f"{report.node_health.name}") if report.node_health != Severity.CRIT else
            Condition("GpucostdHealthy", False, "CriticalFault", "; ".join(
-               f"{f.subject} {f.code}: {f.message}" for f in crit[:3])[:300] or "node CRIT")]
+               f"{f.subject} {f.code} ({f.action})" for f in crit[:3])[:300] or "node CRIT")]
     cost = getattr(cycle.data("cost"), "report", None)
     if floor_on and cost is not None:
         floor = ((getattr(cost, "efficiency", None) or {}).get("floor") or {})
@@ -211,6 +211,7 @@ class DrainPart(Part):
         """A reload: a new back end only when [drain] changed (the next cycle reconciles)."""
         if config.as_dict()["drain"] != self._settings:
             self._configure(config)
+        self._config = config             # (the floor's settings: the conditions)
 
     # ------------------------------------------------------------------ the cycle
     def run(self, cycle: Cycle) -> DrainData:
