@@ -126,6 +126,13 @@ def test_crit_drains_once_with_the_prefix_and_recovery_undrains(node):
     assert (healthy.ok, healthy.reason) == (False, "CriticalFault")
     assert healthy.message.startswith("gpu:0 gpu_lost (")
     assert "GpucostdEfficient" not in n.engine.conditions     # no floor set
+    from gpucostd.views import metrics, statusview
+    n.step()
+    snap = n.step()
+    text = statusview.render_status(statusview.snapshot_json(snap))
+    assert "Drain (memory node node1): drained by gpucostd (gpucostd: critical: gpu:0 " \
+           "gpu_lost); last drain ok" in text
+    assert 'gpucostd_drain_state{state="ours"} 1.0' in metrics.render(snap).decode()
     assert snap.part("drain").data.state == "ours"
     for _ in range(10):
         snap = n.step()
