@@ -532,3 +532,42 @@ def test_an_api_server_that_never_answers_is_a_timeout_error(settings, clock):
         b = KubernetesBackend(settings=settings, node_name="minikube", clock=clock)
         with pytest.raises(DrainError, match="no answer from the Kubernetes API server"):
             b.state(0.5)
+
+
+def _rbac(request):
+    """(verb, resource) as the API server's RBAC authorizer sees a request."""
+    path = urllib.parse.urlsplit(request.path).path.strip("/").split("/")
+    if path[:3] == ["api", "v1", "pods"]:
+        return "list", "pods"
+    if path[-1] == "eviction":
+        return "create", "pods/eviction"
+    if path[:3] == ["api", "v1", "nodes"]:
+        if len(path) == 3:
+            return "list", "nodes"
+        sub = "/status" if path[4:] == ["status"] else ""
+        return {"GET": "get", "PATCH": "patch"}[request.method], "nodes" + sub
+    raise AssertionError(request.path)
+
+
+def _granted(name):
+    from gpucostd.views.webconfig import parse_yaml_documents
+    path = REPO / "packaging" / "kubernetes" / name
+    (role,) = [d for d in parse_yaml_documents(path.read_text(), name)
+               if d["kind"] == "ClusterRole"]
+    return {(v, r) for rule in role["rules"] for r in rule["resources"] for v in rule["verbs"]
+            if rule["apiGroups"] == [""]}
+
+
+def test_the_cluster_roles_grant_exactly_the_requests_the_back_end_makes(api, backend,
+                                                                         settings):
+    backend.state(5)
+    backend.fleet(300, 5)
+    backend.report([Condition("GpucostdHealthy", True, "Healthy", "ok")], 5)
+    backend.drain(REASON, 5)
+    backend.undrain(5)
+    assert {_rbac(r) for r in api.requests} == _granted("gpucostd.yaml")
+    api.requests.clear()
+    settings.evict = True
+    backend.drain(REASON, 5)
+    assert {_rbac(r) for r in api.requests} - _granted("gpucostd.yaml") == \
+        _granted("drain-evict.yaml")

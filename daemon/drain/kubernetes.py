@@ -206,10 +206,12 @@ class _Api:
                               f"missing, expired or not this cluster's; check the DaemonSet's "
                               f"serviceAccountName and token mount")
         if status == 403:
+            role = ("gpucostd-evict of packaging/kubernetes/drain-evict.yaml"
+                    if resource.startswith("pods") else
+                    "gpucostd-drain of packaging/kubernetes/gpucostd.yaml")
             return DrainError(f"forbidden (403) to {verb} {target}: gpucostd's service account "
                               f"lacks the RBAC verb \"{verb}\" on \"{resource}\"; apply the "
-                              f"ClusterRole gpucostd-drain of packaging/kubernetes/gpucostd.yaml "
-                              f"(API server: {message or 'no message'})")
+                              f"ClusterRole {role} (API server: {message or 'no message'})")
         reason = str(doc.get("reason", "")) if isinstance(doc, dict) else ""
         return DrainError(f"{verb} {target}: the Kubernetes API server answered HTTP {status}"
                           f"{' ' + reason if reason else ''}: {message or 'no message'}")
