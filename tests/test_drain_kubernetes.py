@@ -229,7 +229,8 @@ def api(cert):
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(str(cert[0]), str(cert[1]))
     server.socket = ctx.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
     thread.start()
     fake.url = f"https://127.0.0.1:{server.server_address[1]}"
     try:
@@ -571,3 +572,18 @@ def test_the_cluster_roles_grant_exactly_the_requests_the_back_end_makes(api, ba
     backend.drain(REASON, 5)
     assert {_rbac(r) for r in api.requests} - _granted("gpucostd.yaml") == \
         _granted("drain-evict.yaml")
+
+
+def test_a_conflict_is_read_again_and_a_server_error_is_said_in_words(api, backend, settings):
+    api.forced.append(("PATCH", "/api/v1/nodes/minikube", 409, STATUS["conflict_node"]))
+    backend.drain(REASON, 5)
+    assert len(api.of("PATCH")) == 2 and backend.state(5).ours is True
+    api.forced.append(("GET", "/api/v1/nodes/minikube", 500, {
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": "etcdserver: request timed out", "reason": "InternalError", "code": 500}))
+    with pytest.raises(DrainError, match="HTTP 500 InternalError: etcdserver: request timed out"):
+        backend.undrain(5)
+    with open(settings.token_file, "w") as f:
+        f.write("\u00e9t\u00e9\n")
+    with pytest.raises(DrainError, match="does not hold a bearer token"):
+        backend.state(5)

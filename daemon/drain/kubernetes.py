@@ -134,6 +134,9 @@ class _Api:
         token = blob.decode("utf-8", "replace").strip()
         if not token:
             raise DrainError(f"[drain.kubernetes] token_file {path} is empty")
+        if not all(33 <= ord(ch) < 127 for ch in token):
+            raise DrainError(f"[drain.kubernetes] token_file {path} does not hold a bearer "
+                             f"token (one line of printable ASCII): is it the right file?")
         return token            # read on every call: bound tokens are rotated by the kubelet
 
     def _context(self) -> ssl.SSLContext:
