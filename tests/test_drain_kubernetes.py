@@ -486,12 +486,18 @@ def test_conditions_go_in_a_status_patch_and_keep_their_transition_time(api, bac
         {"type": "GpucostdEfficient", "status": "True", "reason": "AboveFloor",
          "message": "412 tokens/s per $/h", "lastHeartbeatTime": t0,
          "lastTransitionTime": t0}]}}
-    clock.t += 60
+    clock.t += 30
+    backend.report(conds, 5)                 # unchanged, heartbeat 30 s old: read, no write
+    assert len(api.of("PATCH")) == 1
+    clock.t += 31
     t1 = _rfc3339(clock.t)
     backend.report([conds[0], Condition("GpucostdEfficient", False, "BelowFloor", "90")], 5)
     healthy, efficient = api.of("PATCH")[1].body["status"]["conditions"]
     assert (healthy["lastHeartbeatTime"], healthy["lastTransitionTime"]) == (t1, t0)
     assert (efficient["lastHeartbeatTime"], efficient["lastTransitionTime"]) == (t1, t1)
+    clock.t += 61                            # unchanged, but the heartbeat is due
+    backend.report([conds[0], Condition("GpucostdEfficient", False, "BelowFloor", "90")], 5)
+    assert len(api.of("PATCH")) == 3
     kinds = [c["type"] for c in api.nodes["minikube"]["status"]["conditions"]]
     assert kinds[:4] == ["MemoryPressure", "DiskPressure", "PIDPressure", "Ready"]   # kept
 

@@ -51,6 +51,7 @@ IN_CLUSTER_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 MAX_BODY = 64 << 20                        # a node list of a large fleet fits
 MAX_REASON = 1024
 ATTEMPTS = 2                               # a write that lost a race is decided once more
+HEARTBEAT_SECONDS = 60.0                   # an unchanged condition is written again after this
 
 
 class EvictionRefused(DrainError):
@@ -497,7 +498,9 @@ class KubernetesBackend(DrainBackend):
 
     def report(self, conditions: Sequence[Condition], timeout: float) -> None:
         """Set the node's conditions (GpucostdHealthy, GpucostdEfficient) in its status, as
-        node-problem-detector does: lastTransitionTime moves only when the status changes."""
+        node-problem-detector does: lastTransitionTime moves only when the status changes.
+        Conditions unchanged since a heartbeat under HEARTBEAT_SECONDS old (as the API server
+        holds them) are not written again: one read, no write."""
         if not conditions:
             return
         call = _Call(self._api, timeout)
@@ -507,6 +510,8 @@ class KubernetesBackend(DrainBackend):
         now = rfc3339(self._now())
         current = {c.get("type"): c for c in (node.get("status") or {}).get("conditions", [])
                    if isinstance(c, dict)}
+        if all(self._fresh(current.get(c.type), c) for c in conditions):
+            return              # unchanged, and the API's heartbeat is recent: no write
         out = []
         for c in conditions:
             status = "True" if c.ok else "False"
@@ -524,6 +529,13 @@ class KubernetesBackend(DrainBackend):
             raise DrainError(f"cannot report conditions: {self._gone()}")
         if status != 200:
             raise call.api.failure(status, doc, "patch", "nodes/status", self.node_name)
+
+    def _fresh(self, old: Optional[Dict[str, Any]], new: Condition) -> bool:
+        if not old or (old.get("status"), old.get("reason"), old.get("message")) != \
+                ("True" if new.ok else "False", new.reason, new.message[:MAX_REASON]):
+            return False
+        beat = parse_rfc3339(old.get("lastHeartbeatTime"))
+        return beat is not None and 0 <= self._now() - beat < HEARTBEAT_SECONDS
 
     def describe(self) -> Tuple[str, Optional[str]]:
         return self.name, self.node_name
