@@ -1,6 +1,6 @@
 """packaging/kubernetes/: the manifests against what the daemon needs (config path and validity,
 port, probe path, writable paths, capabilities), the PrometheusRule against the rules file,
-the PodMonitor against the pod, the cordon hook."""
+the PodMonitor against the pod, the drain back end's RBAC bindings."""
 from __future__ import annotations
 
 import re
@@ -132,21 +132,18 @@ def test_the_prometheusrule_carries_exactly_the_rules_file():
         "prometheusrule.yaml is out of date: regenerate it (see its header)"
 
 
-def test_the_cordon_hook_compiles_and_its_rbac_allows_what_it_does():
-    objs = parse_yaml_documents((K8S / "cordon-hook.yaml").read_text(), "cordon-hook.yaml")
-    kinds = {o["kind"]: o for o in objs}
-    script = kinds["ConfigMap"]["data"]["k8s-cordon"]
-    compile(script, "k8s-cordon", "exec")
-    assert script.startswith("#!/usr/bin/python3\n")
-    (rule,) = kinds["ClusterRole"]["rules"]
-    assert rule["resources"] == ["nodes"] and set(rule["verbs"]) == {"get", "patch"}
-    assert 'call("PATCH"' in script and 'call("GET")' in script
-    subject = kinds["ClusterRoleBinding"]["subjects"][0]
-    ds = docs("gpucostd.yaml")["DaemonSet"]["spec"]["template"]["spec"]
-    assert subject["name"] == ds["serviceAccountName"]
-    # the hook's argv in the ConfigMap's comment is the mounted path
-    cm = docs("gpucostd.yaml")["ConfigMap"]["data"]["gpucostd.toml"]
-    assert '"/usr/bin/python3", "/etc/gpucostd/hooks/k8s-cordon"' in cm
+def test_the_drain_rbac_is_bound_to_the_daemonsets_service_account(objs, pod):
+    """The verbs themselves are checked against the back end's own requests in
+    tests/test_drain_kubernetes.py; here: the bindings reach the pod's service account."""
+    evict = docs("drain-evict.yaml")
+    for doc in (objs, evict):
+        binding = doc["ClusterRoleBinding"]
+        assert binding["roleRef"]["name"] == doc["ClusterRole"]["metadata"]["name"]
+        (subject,) = binding["subjects"]
+        assert (subject["kind"], subject["name"], subject["namespace"]) == \
+            ("ServiceAccount", pod["serviceAccountName"], objs["ServiceAccount"]["metadata"][
+                "namespace"])
+    assert not (K8S / "cordon-hook.yaml").exists()       # the drain back end replaced it
 
 
 def test_the_daemonset_runs_the_image_of_this_version(container):
