@@ -261,13 +261,16 @@ def test_replay_and_one_shot_commands_never_drain(tmp_path):
     one.shutdown(system_shutdown=True)
 
 
-def test_the_kubernetes_back_end_is_built_from_its_settings():
-    pytest.importorskip("gpucostd.drain.kubernetes",
-                        reason="gpucostd.drain.kubernetes comes with h8's branch")
+def test_the_kubernetes_back_end_is_built_from_its_settings(monkeypatch):
     cfg = config.parse('[drain]\nbackend = "kubernetes"\nnode_name = "gpu-node-7"\n')
     backend = make_backend(cfg, VirtualClock())
     assert type(backend).__name__ == "KubernetesBackend"
-    assert backend.describe()[1] == "gpu-node-7"
+    assert backend.describe()[1] == "gpu-node-7" and backend.read_only is False
+    # in a pod, the node's name comes from the DaemonSet's KUBE_NODE_NAME, not the host name
+    monkeypatch.setenv("KUBE_NODE_NAME", "gpu-node-8")
+    cfg = config.parse('[drain]\nbackend = "kubernetes"\ndry_run = true\n')
+    backend = make_backend(cfg, VirtualClock())
+    assert backend.describe()[1] == "gpu-node-8" and backend.read_only is True
 
 
 # sinfo -h -N -O NodeList:0|,StateComplete:0|,Timestamp:0|,Reason:0 on slurm-wlm 22.05.8

@@ -374,6 +374,18 @@ def test_a_manual_uncordon_is_honoured_and_leaves_no_marks_behind(api, backend):
     assert not any(k.startswith("gpucostd.io/") for k in node["metadata"]["labels"])
 
 
+def test_a_dry_run_reports_a_manual_uncordon_and_writes_nothing(api, settings, clock, backend):
+    backend.drain(REASON, 5)
+    api.operator("minikube", lambda n: n["spec"].pop("unschedulable"))    # kubectl uncordon
+    patches = len(api.of("PATCH"))
+    dry = KubernetesBackend(settings=settings, node_name="minikube", clock=clock,
+                            read_only=True)
+    st = dry.state(5)
+    assert (st.drained, st.ours) == (False, False) and "dry_run" in st.reason
+    assert len(api.of("PATCH")) == patches            # the leftover marks stay
+    assert "gpucostd.io/cordoned-by" in api.nodes["minikube"]["metadata"]["annotations"]
+
+
 def test_a_change_between_read_and_write_is_not_overwritten(api, backend):
     api.after_get = _operator_cordon          # the operator cordons right after our read
     backend.drain(REASON, 5)

@@ -227,8 +227,10 @@ class KubernetesBackend(DrainBackend):
 
     name = "kubernetes"
 
-    def __init__(self, settings: Any, node_name: str, clock: Any = None):
+    def __init__(self, settings: Any, node_name: str, clock: Any = None,
+                 read_only: bool = False):
         self.settings = settings
+        self.read_only = read_only       # [drain] dry_run: state() leaves leftover marks alone
         self.node_name = str(node_name)
         self.clock = clock
         self._api = _Api(settings)
@@ -269,7 +271,8 @@ class KubernetesBackend(DrainBackend):
         """The node now. After a manual uncordon of a node gpucostd cordoned (its marks still
         there, `spec.unschedulable` false) the operator's decision is honoured at once: this
         read removes gpucostd's leftover taint, label and annotations (NVSentinel #1872: marks
-        left behind block scheduling and mislead) and reports the node as not gpucostd's."""
+        left behind block scheduling and mislead) and reports the node as not gpucostd's. A
+        read-only back end ([drain] dry_run) only reports them."""
         call = _Call(self._api, timeout)
         node = self._get_node(call)
         if node is None:
@@ -283,6 +286,10 @@ class KubernetesBackend(DrainBackend):
         if ours and not cordoned:
             why = _annotations(node).get(REASON, "")
             note = f"uncordoned by hand after gpucostd cordoned it ({why})"
+            if self.read_only:
+                return NodeDrainState(drained=False, ours=False, opted_out=opted,
+                                      blocked=blocked, reason=f"{note}; gpucostd's leftover "
+                                      f"marks stay while [drain] dry_run is on")
             try:
                 self._remove_marks(call, node, uncordon=False)
             except DrainError as e:

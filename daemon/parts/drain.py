@@ -80,16 +80,18 @@ def node_name(configured: str) -> str:
 
 
 def make_backend(config, clock):
-    """The configured back end (None for "none"). The Kubernetes one is h8's module, imported
-    only when it is configured."""
+    """The configured back end (None for "none"), imported only when it is configured."""
     cfg = config.drain
     if cfg.backend == "slurm":
         from gpucostd.drain.slurm import SlurmBackend
         return SlurmBackend(cfg.slurm, node_name(cfg.node_name), clock)
     if cfg.backend == "kubernetes":
         from gpucostd.drain.kubernetes import KubernetesBackend
-        return KubernetesBackend(settings=cfg.kubernetes, node_name=node_name(cfg.node_name),
-                                 clock=clock)
+        # the DaemonSet gives the pod its node's name (KUBE_NODE_NAME from spec.nodeName): the
+        # host name inside a pod need not be the node's
+        name = cfg.node_name or os.environ.get("KUBE_NODE_NAME", "").strip()
+        return KubernetesBackend(settings=cfg.kubernetes, node_name=node_name(name),
+                                 clock=clock, read_only=cfg.dry_run)
     return None
 
 
