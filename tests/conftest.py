@@ -160,12 +160,17 @@ def free_port() -> int:
     outgoing connection on the host also draws from: a port probed free here
     could be a client's source port (or another worker's pick) by the time
     the daemon binds it. So each xdist worker walks its own block of 400
-    ports below the ephemeral range (from 20000) and hands out one that binds.
+    ports below the ephemeral range (20000-31999; the run's id picks the first
+    block) and hands out one that binds.
     """
     if _PORTS["next"] is None:
         worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
         index = int(worker[2:]) if worker[2:].isdigit() else 0
-        _PORTS["base"] = 20000 + 400 * (index % 30)
+        # a second run beside this one (the Debian 13 container's, sharing the network)
+        # starts its workers at another block
+        run = os.environ.get("PYTEST_XDIST_TESTRUNUID", "") or str(os.getpid())
+        offset = sum(run.encode()) % 30
+        _PORTS["base"] = 20000 + 400 * ((offset + index) % 30)
         _PORTS["next"] = 0
     for _ in range(400):
         port = _PORTS["base"] + _PORTS["next"]
