@@ -188,7 +188,7 @@ class DrainPart(Part):
         self._build()
 
     def _build(self) -> None:
-        """The back end from the settings; one that cannot start (h8's module missing, no
+        """The back end from the settings; one that cannot start (its module missing, no
         service-account token yet) is a drain_failing finding, tried again every resync."""
         failed = None
         try:
