@@ -41,9 +41,9 @@ def fixture(name):
     # Ray Serve LLM on Ray's OpenTelemetry backend (Ray 2.60.0's own metrics page, captured here;
     # vLLM's counters driven as its Ray wrapper does): ray_vllm_*, two replicas summed
     ("ray_serve_vllm_otel.prom", "ray/vllm", "ray_vllm_generation_tokens_total", 292 + 188),
-    # CONSTRUCTED from Ray's Serve LLM dashboards (no capture found): Ray before OpenTelemetry,
-    # ray_vllm:* (a known counter under a wrapper's prefix, the ":" kept)
-    ("ray_serve_vllm_constructed.prom", "ray/vllm", "ray_vllm:generation_tokens_total", 6144),
+    # ... and before it, on OpenCensus (Ray 2.47.1's page, captured the same way): ray_vllm:*,
+    # the ":" kept, a deprecated gauge ray_vllm:generation_tokens beside the counter
+    ("ray_serve_vllm_opencensus.prom", "ray/vllm", "ray_vllm:generation_tokens_total", 480),
 ])
 def test_auto_detects_each_server_and_uses_its_counter(name, server, series, tokens):
     total, used, _n, found = read_tokens(fixture(name), "auto")
@@ -354,17 +354,23 @@ def test_nim_and_ray_serve_llm_serving_figures_come_from_their_own_series():
     assert serving_figures(nim, read_tokens(nim)[3]) == {
         "running": 1.0, "waiting": 0.0, "kv": pytest.approx(0.0002848191398461977),
         "preemptions": None, **NO_TIMING}
-    ray = fixture("ray_serve_vllm_constructed.prom")
-    assert serving_figures(ray, read_tokens(ray)[3]) == {
-        "running": 3.0, "waiting": 0.0, "kv": 0.375, "preemptions": None, **NO_TIMING}
-    # Ray on OpenTelemetry: the gauges are ray_vllm_* too, one series per replica; the KV
-    # usage is the replicas' mean ((0.625 + 0.25) / 2), running and waiting their sums
-    ray = fixture("ray_serve_vllm_otel.prom")
-    samples = [line for line in ray.splitlines() if not line.startswith("#")]
-    assert not any(line.startswith("ray_vllm:") for line in samples)
-    assert 'otel_scope_name="' in ray
-    assert serving_figures(ray, read_tokens(ray)[3]) == {
-        "running": 4.0, "waiting": 1.0, "kv": 0.4375, "preemptions": None, **NO_TIMING}
+    # Ray Serve LLM, both spellings: the gauges carry the same prefix, one series per replica;
+    # the KV usage is the replicas' mean ((0.625 + 0.25) / 2), running and waiting their sums
+    for name, colon in (("ray_serve_vllm_otel.prom", False), ("ray_serve_vllm_opencensus.prom",
+                                                              True)):
+        ray = fixture(name)
+        samples = [line for line in ray.splitlines() if not line.startswith("#")]
+        assert any(line.startswith("ray_vllm:") for line in samples) == colon
+        assert serving_figures(ray, read_tokens(ray)[3]) == {
+            "running": 4.0, "waiting": 1.0, "kv": 0.4375, "preemptions": None, **NO_TIMING}
+
+
+def test_ray_opencensus_deprecated_gauge_is_not_counted_twice():
+    # Ray on OpenCensus prints each counter twice: ray_vllm:generation_tokens_total and a
+    # DEPRECATED gauge ray_vllm:generation_tokens with the same values; only the counter counts
+    exp = Exposition(fixture("ray_serve_vllm_opencensus.prom"))
+    assert exp.select("ray_vllm:generation_tokens")[0] == 480
+    assert read_tokens(exp, "auto") == (480, "ray_vllm:generation_tokens_total", 2, "ray/vllm")
 
 
 def test_nim_page_is_not_taken_for_tensorrt_llm_or_vllm():
@@ -397,6 +403,7 @@ def test_a_prefix_that_is_not_a_wrapper_word_is_not_taken():
 @pytest.mark.parametrize("name, path, server, tokens, running", [
     ("nim.prom", "/v1/metrics", "nim", 174, 1),                  # NIM serves it under /v1
     ("ray_serve_vllm_otel.prom", "/metrics", "ray/vllm", 480, 4),  # Ray's metrics agent
+    ("ray_serve_vllm_opencensus.prom", "/metrics", "ray/vllm", 480, 4),
 ])
 def test_probe_reads_nim_and_ray_serve_llm_pages_in_auto_mode(name, path, server, tokens,
                                                               running):
