@@ -268,9 +268,9 @@ def read_tokens(text, metric: str = "auto") -> Tuple[float, str, int, Optional[s
             got = exp.select(series)
             if got is not None:
                 return got[0], series, got[1], server
-        wrapped = wrapped_counter(exp, SERVERS)
-        if wrapped is not None:
-            return wrapped
+        under_prefix = wrapped_counter(exp, SERVERS)
+        if under_prefix is not None:
+            return under_prefix
         if _is_tensorrt_llm(exp):
             raise ParseError(TRTLLM_NO_COUNTER)
         declared = [s for _srv, s, _e in SERVERS if parse_selector(s)[0] in exp.declared]
