@@ -32,6 +32,9 @@ KNOWN: Tuple[Tuple[str, Tuple[str, ...], Optional[str]], ...] = (
     ("nim", ("nim_llm", "nim-llm"), r"\bnim_llm\b|(?:^|[\s/])nim-llm\b|/opt/nim/start[_-]server"),
 )
 _PATTERNS = [(s, names, re.compile(p) if p else None) for s, names, p in KNOWN]
+# Where a server serves its exposition when not at /metrics: NIM for LLMs at /v1/metrics since
+# 1.0 (NIM docs, "Observability"; Datadog's and Splunk's NIM checks scrape it there)
+METRICS_PATH = {"nim": "/v1/metrics"}
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ def known_server(name: str, cmdline: Sequence[str]) -> Optional[str]:
     return None
 
 
-def _local_url(address: str, port: int) -> Optional[str]:
+def _local_url(address: str, port: int, path: str = "/metrics") -> Optional[str]:
     """The URL of a socket bound to loopback or all addresses (asked on loopback); None for a
     specific outside address (discovery reads local servers only)."""
     try:
@@ -83,10 +86,10 @@ def _local_url(address: str, port: int) -> Optional[str]:
         ip = ip.ipv4_mapped
     if ip.version == 4:
         if ip.is_unspecified:
-            return f"http://127.0.0.1:{port}/metrics"
-        return f"http://{ip}:{port}/metrics" if ip.is_loopback else None
+            return f"http://127.0.0.1:{port}{path}"
+        return f"http://{ip}:{port}{path}" if ip.is_loopback else None
     if ip.is_unspecified or ip.is_loopback:
-        return f"http://[::1]:{port}/metrics"
+        return f"http://[::1]:{port}{path}"
     return None
 
 
@@ -110,7 +113,7 @@ def candidates(processes: Iterable[Process]) -> List[Candidate]:
         if server is None:
             continue
         for address, port in sorted(set(p.listening), key=lambda a: (a[1], a[0])):
-            url = _local_url(address, port)
+            url = _local_url(address, port, METRICS_PATH.get(server, "/metrics"))
             if url is None or port in seen:
                 continue
             seen.add(port)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from gpucostd.config import parse_selector
+from gpucostd.probes.inference_wrappers import wrapped, wrapped_counter
 
 # A /metrics page larger than this is refused (said, not parsed): real serving expositions are
 # tens of kB (tests/fixtures/expositions/); parsing an 8 MiB one every cycle cost 42% of a core.
@@ -84,10 +85,8 @@ SERVERS: Tuple[Tuple[str, str, Dict[str, Tuple[str, ...]]], ...] = (
         "running": ("num_requests_running",), "waiting": ("num_requests_waiting",),
         "kv": ("gpu_cache_usage_perc", "kv_cache_usage_perc")}),
 )
-# A known server's counter under a wrapper's prefix: Ray Serve LLM re-exports vLLM's metrics
-# through Ray's metrics agent as ray_vllm:* (Ray's Serve LLM dashboards). The server is named
-# "<prefix>/<server>" ("ray/vllm"); its other series carry the same prefix.
-_WRAP_PREFIX = re.compile(r"^[A-Za-z][A-Za-z0-9]*_$")
+# A known server's counter under a wrapper's prefix (Ray Serve LLM's ray_vllm:* or ray_vllm_*)
+# is read as "<prefix>/<server>" ("ray/vllm"): gpucostd.probes.inference_wrappers.
 TRTLLM_NO_COUNTER = (
     "TensorRT-LLM exposes no generated-token counter here (nv_trt_llm_v1_metrics "
     "total_generation_tokens and the inflight-batcher token figures are per-iteration gauges; "
@@ -269,9 +268,9 @@ def read_tokens(text, metric: str = "auto") -> Tuple[float, str, int, Optional[s
             got = exp.select(series)
             if got is not None:
                 return got[0], series, got[1], server
-        wrapped = _wrapped_counter(exp)
-        if wrapped is not None:
-            return wrapped
+        under_prefix = wrapped_counter(exp, SERVERS)
+        if under_prefix is not None:
+            return under_prefix
         if _is_tensorrt_llm(exp):
             raise ParseError(TRTLLM_NO_COUNTER)
         declared = [s for _srv, s, _e in SERVERS if parse_selector(s)[0] in exp.declared]
@@ -296,20 +295,6 @@ def read_tokens(text, metric: str = "auto") -> Tuple[float, str, int, Optional[s
     raise ParseError(f"metric {name} not found (looked for "
                      f"{', '.join(parse_selector(w)[0] for w in wanted)}); set [inference] "
                      f"tokens_metric to the server's generated-tokens counter")
-
-
-def _wrapped_counter(exp: Exposition) -> Optional[Tuple[float, str, int, str]]:
-    """A known server's token counter under a wrapper's prefix (``ray_vllm:...``)."""
-    for server, series, _extra in SERVERS:
-        name = parse_selector(series)[0]
-        rest = series.strip()[len(name):]
-        for have in sorted(exp.samples):
-            prefix = have[: -len(name)]
-            if have.endswith(name) and prefix and _WRAP_PREFIX.match(prefix):
-                got = exp.select(have + rest)
-                if got is not None:
-                    return got[0], have + rest, got[1], f"{prefix[:-1]}/{server}"
-    return None
 
 
 def _is_tensorrt_llm(exp: Exposition) -> bool:
@@ -343,7 +328,7 @@ def serving_figures(text, server: Optional[str]) -> Dict[str, Optional[float]]:
         if name == base:
             for what, selectors in more.items():
                 extra[what] = extra.get(what, ()) + tuple(
-                    (prefix + "_" + sel) if prefix else sel for sel in selectors)
+                    w for sel in selectors for w in wrapped(prefix, sel))
     if not extra:
         return out
     exp = text if isinstance(text, Exposition) else Exposition(text)

@@ -66,6 +66,13 @@ def test_candidates_are_loopback_or_all_addresses_one_url_per_port():
                    ("vllm", 13, 8004, "http://127.0.0.1:8004/metrics")]
 
 
+def test_nim_is_asked_at_its_v1_metrics_path():
+    # NIM for LLMs serves its exposition at /v1/metrics (tests/fixtures/expositions/nim.prom)
+    procs = [Process(20, "python3", ("python3", "-m", "nim_llm.entrypoints"),
+                     (("0.0.0.0", 8000),))]
+    assert [c.url for c in candidates(procs)] == ["http://127.0.0.1:8000/v1/metrics"]
+
+
 class Page:
     """A /metrics page on loopback that counts the requests it gets."""
 

@@ -36,10 +36,14 @@ def fixture(name):
     ("tgi_constructed.prom", "tgi", "tgi_request_generated_tokens_sum", 9000),
     ("trtllm_triton_token_histogram.prom", "tensorrt-llm",
      'nv_llm_output_token_len_sum{response_metric_type="total_output_tokens"}', 1234),
-    # CONSTRUCTED from the published names (no capture found): NIM's unprefixed vLLM families,
-    # Ray Serve LLM's ray_vllm:* (a known counter under a wrapper's prefix), two replicas summed
-    ("nim_constructed.prom", "nim", "generation_tokens_total", 81920),
-    ("ray_serve_vllm_constructed.prom", "ray/vllm", "ray_vllm:generation_tokens_total", 6144),
+    # NVIDIA NIM for LLMs 1.0.0 (real page, Datadog's NIM check fixture): vLLM's families bare
+    ("nim.prom", "nim", "generation_tokens_total", 174),
+    # Ray Serve LLM on Ray's OpenTelemetry backend (Ray 2.60.0's own metrics page, captured here;
+    # vLLM's counters driven as its Ray wrapper does): ray_vllm_*, two replicas summed
+    ("ray_serve_vllm_otel.prom", "ray/vllm", "ray_vllm_generation_tokens_total", 292 + 188),
+    # ... and before it, on OpenCensus (Ray 2.47.1's page, captured the same way): ray_vllm:*,
+    # the ":" kept, a deprecated gauge ray_vllm:generation_tokens beside the counter
+    ("ray_serve_vllm_opencensus.prom", "ray/vllm", "ray_vllm:generation_tokens_total", 480),
 ])
 def test_auto_detects_each_server_and_uses_its_counter(name, server, series, tokens):
     total, used, _n, found = read_tokens(fixture(name), "auto")
@@ -340,22 +344,48 @@ def test_https_endpoint_is_read_and_held_to_the_same_deadline(tls_server):
     assert r.tokens_total is None and "within 0.3 s" in r.error
 
 
-# the constructed NIM and Ray expositions carry no queue/inference time histograms
+# the NIM and Ray expositions carry no queue/inference time histograms gpucostd reads
 NO_TIMING = {"queue_seconds": None, "queue_requests": None, "inference_seconds": None,
              "inference_requests": None}
 
 
 def test_nim_and_ray_serve_llm_serving_figures_come_from_their_own_series():
-    nim = fixture("nim_constructed.prom")
+    nim = fixture("nim.prom")
     assert serving_figures(nim, read_tokens(nim)[3]) == {
-        "running": 3.0, "waiting": 1.0, "kv": 0.25, "preemptions": None, **NO_TIMING}
-    ray = fixture("ray_serve_vllm_constructed.prom")
-    assert serving_figures(ray, read_tokens(ray)[3]) == {
-        "running": 3.0, "waiting": 0.0, "kv": 0.375, "preemptions": None, **NO_TIMING}
+        "running": 1.0, "waiting": 0.0, "kv": pytest.approx(0.0002848191398461977),
+        "preemptions": None, **NO_TIMING}
+    # Ray Serve LLM, both spellings: the gauges carry the same prefix, one series per replica;
+    # the KV usage is the replicas' mean ((0.625 + 0.25) / 2), running and waiting their sums
+    for name, colon in (("ray_serve_vllm_otel.prom", False), ("ray_serve_vllm_opencensus.prom",
+                                                              True)):
+        ray = fixture(name)
+        samples = [line for line in ray.splitlines() if not line.startswith("#")]
+        assert any(line.startswith("ray_vllm:") for line in samples) == colon
+        assert serving_figures(ray, read_tokens(ray)[3]) == {
+            "running": 4.0, "waiting": 1.0, "kv": 0.4375, "preemptions": None, **NO_TIMING}
+
+
+def test_ray_opencensus_deprecated_gauge_is_not_counted_twice():
+    # Ray on OpenCensus prints each counter twice: ray_vllm:generation_tokens_total and a
+    # DEPRECATED gauge ray_vllm:generation_tokens with the same values; only the counter counts
+    exp = Exposition(fixture("ray_serve_vllm_opencensus.prom"))
+    assert exp.select("ray_vllm:generation_tokens")[0] == 480
+    assert read_tokens(exp, "auto") == (480, "ray_vllm:generation_tokens_total", 2, "ray/vllm")
+
+
+def test_nim_page_is_not_taken_for_tensorrt_llm_or_vllm():
+    # NIM's bare request_success_total / e2e histograms carry no engine_type label (the
+    # trtllm-serve tell) and no vllm: prefix: it is NIM, by its bare generation counter
+    exp = Exposition(fixture("nim.prom"))
+    assert exp.has("request_success_total") and not exp.has("vllm:generation_tokens_total")
+    assert read_tokens(exp, "auto") == (174, "generation_tokens_total", 1, "nim")
 
 
 @pytest.mark.parametrize("text, server, series", [
     ("ray_sglang:generation_tokens_total 5\n", "ray/sglang", "ray_sglang:generation_tokens_total"),
+    ("ray_sglang_generation_tokens_total 5\n", "ray/sglang", "ray_sglang_generation_tokens_total"),
+    ("ray_llamacpp_tokens_predicted_total 5\n", "ray/llama.cpp",
+     "ray_llamacpp_tokens_predicted_total"),
     ("myproxy_vllm:generation_tokens_total{a=\"1\"} 7\n", "myproxy/vllm",
      "myproxy_vllm:generation_tokens_total"),
 ])
@@ -366,4 +396,40 @@ def test_any_wrapper_prefix_on_a_known_counter_is_read(text, server, series):
 
 def test_a_prefix_that_is_not_a_wrapper_word_is_not_taken():
     with pytest.raises(ParseError, match="no known generated-token counter"):
-        read_tokens("my:vllm:generation_tokens_total 5\nx_y_vllm_generation_tokens 3\n")
+        read_tokens("my:vllm:generation_tokens_total 5\nx_y_vllm_generation_tokens 3\n"
+                    "x_y_vllm_generation_tokens_total 4\n")
+
+
+@pytest.mark.parametrize("name, path, server, tokens, running", [
+    ("nim.prom", "/v1/metrics", "nim", 174, 1),                  # NIM serves it under /v1
+    ("ray_serve_vllm_otel.prom", "/metrics", "ray/vllm", 480, 4),  # Ray's metrics agent
+    ("ray_serve_vllm_opencensus.prom", "/metrics", "ray/vllm", 480, 4),
+])
+def test_probe_reads_nim_and_ray_serve_llm_pages_in_auto_mode(name, path, server, tokens,
+                                                              running):
+    body = fixture(name).encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            ok = self.path == path
+            self.send_response(200 if ok else 404)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body) if ok else 0))
+            self.end_headers()
+            if ok:
+                self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        r = InferenceProbe(f"http://127.0.0.1:{httpd.server_address[1]}{path}", "auto",
+                           2.0).read()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert r.error is None and (r.server, r.tokens_total) == (server, tokens)
+    assert r.requests_running == running

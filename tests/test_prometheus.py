@@ -1,7 +1,8 @@
 """Every PromQL expression of the rules and the Grafana dashboard, run by a real Prometheus
 (Debian's `prometheus`, on loopback with a temporary data dir and a 1 s scrape interval) that
 scrapes simulated daemons: one plain (tests/scenarios/fleet.toml, with a price and a fake
-inference server), one over TLS with basic auth, and one with a wrong password (up == 0)."""
+inference server, its target labelled served_model as the fleet-relative floor's model peers
+expect), one over TLS with basic auth, and one with a wrong password (up == 0)."""
 from __future__ import annotations
 
 import json
@@ -112,7 +113,7 @@ global: {{scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}}
 rule_files: ["{RULES}"]
 scrape_configs:
   - job_name: gpucostd
-    static_configs: [{{targets: ["127.0.0.1:{plain.port}"]}}]
+    static_configs: [{{targets: ["127.0.0.1:{plain.port}"], labels: {{served_model: m}}}}]
   - job_name: gpucostd-tls
     scheme: https
     tls_config: {{ca_file: "{tmp / 'tls.crt'}"}}

@@ -33,7 +33,8 @@ def test_every_cause_an_operator_acts_on_has_an_alert():
                    "GpucostdGpuRecoveryAction", "GpucostdGpuMissing", "GpucostdNodeCritical",
                    "GpucostdNvswitchSxid",
                    "GpucostdHwSlowdownSustained", "GpucostdThrottleCostHigh",
-                   "GpucostdBelowTokensPerDollarFloor", "GpucostdIdleCostHigh",
+                   "GpucostdBelowTokensPerDollarFloor", "GpucostdTokensPerDollarBelowPeers",
+                   "GpucostdIdleCostHigh",
                    "GpucostdIdleCapacityHigh", "GpucostdInferenceEndpointDown", "GpucostdSettingDrift",
                    "GpucostdHostCheckFailing", "GpucostdNvmlDown", "GpucostdDown",
                    "GpucostdAbsent", "GpucostdLoopStalled"):
