@@ -32,6 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from gpucostd.sim import clocks as _clocks
 from gpucostd.sim.corrections import SetterCorrections, SimulatedCounters
 from gpucostd.sim.gpm import GpmCalls
+from gpucostd.sim.mig import MIG_CONSTANTS, MIG_SYMBOLS, MigCalls
 from gpucostd.sim.scenario import UNSUPPORTED_GROUPS, Scenario, load_scenario
 from gpucostd.snapshot import VIOLATION_POLICIES, mask_from_reasons
 
@@ -134,9 +135,11 @@ def _guard(name: str, impl: Callable[..., int], counts: Dict[str, int]) -> Calla
 
 SYMBOLS.update(_clocks.SYMBOLS)
 HEADER_CONSTANTS.update(_clocks.HEADER_CONSTANTS)
+SYMBOLS.update(MIG_SYMBOLS)
+HEADER_CONSTANTS.update(MIG_CONSTANTS)
 
 
-class SimulatedNode(_clocks.ClockCalls, SimulatedCounters, GpmCalls):
+class SimulatedNode(_clocks.ClockCalls, SimulatedCounters, GpmCalls, MigCalls):
     """A simulated GPU node. ``.library`` goes to NvmlGateway(library=...)."""
 
     def __init__(self, scenario: Any, clock: Any):
@@ -372,6 +375,8 @@ class SimulatedNode(_clocks.ClockCalls, SimulatedCounters, GpmCalls):
         return NVML_SUCCESS
 
     def _c_nvmlDeviceGetUUID(self, h, buf, length) -> int:
+        if self._is_mig_handle(h):              # "MIG-..." (gpucostd.sim.mig)
+            return self.mig_uuid(h, buf, length)
         _i, _t, st = self._dev(h)
         _put_str(buf, length, st["uuid"])
         return NVML_SUCCESS
