@@ -59,8 +59,8 @@ DYNAMIC = {
                            "\"model:GLOB\" plus GPU settings",
     "tuning.nic": "[tuning.nic.IFNAME] rx/tx/rx_mini/rx_jumbo = N or \"max\"",
     "cost.model_hour_usd": "model-name glob = price of one GPU-hour",
-    "inference.endpoint": "[[inference.endpoint]] url = \"http://...\", gpus = [0, 1], "
-                          "tokens_metric, parallel = \"tensor\"|\"data\"",
+    "inference.endpoint": "[[inference.endpoint]] url = \"http://...\", gpus = [0, 1] or "
+                          "instances = [\"0/1/0\"], tokens_metric, parallel = \"tensor\"|\"data\"",
 }
 
 
@@ -233,6 +233,7 @@ class Config:
         if self._endpoints:
             out["inference"] = dict(out["inference"], endpoint=[
                 dict({"url": e.url}, **({"gpus": list(e.gpus)} if e.gpus is not None else {}),
+                     **({"instances": list(e.instances)} if e.instances is not None else {}),
                      tokens_metric=e.tokens_metric, parallel=e.parallel)
                 for e in self._endpoints])
         return out
