@@ -324,6 +324,38 @@ def parse_mig(v: Any, data: Mapping[str, Any], gpus: List[Dict[str, Any]],
     return tuple(tuple(s) for s in out)
 
 
+def _spec(mig: Tuple[Tuple[MigSpec, ...], ...], key: str) -> Optional[MigSpec]:
+    g, gi, ci = (int(x) for x in key.split("/"))
+    return next((s for s in (mig[g] if g < len(mig) else ()) if (s.gi_id, s.ci_id) == (gi, ci)),
+                None)
+
+
+def check_serving_instances(v: Any, serving: Any, mig: Tuple[Tuple[MigSpec, ...], ...]) -> None:
+    """Every instance a [[serving.endpoint]] names is a [[mig]] instance."""
+    for occ, ep in enumerate(serving.endpoints if serving is not None else ()):
+        for key in ep.instances or ():
+            if _spec(mig, key) is None:
+                have = ", ".join(s.key for specs in mig for s in specs) or "none"
+                v.fail(f"serving.endpoint[{occ}].instances: {key} is not a [[mig]] instance; "
+                       f"the scenario has: {have}", "serving.endpoint", "instances", True, occ)
+
+
+def instance_endpoint_rate(serving: Any, ep: Any, mig: Tuple[Tuple[MigSpec, ...], ...],
+                           state_of: Any) -> float:
+    """Tokens/s of an endpoint on MIG instances: each instance generates its share of its
+    GPU's rate (slices / 7) at its own utilization and the GPU's clock (the physics' phases)."""
+    total = 0.0
+    for key in ep.instances:
+        spec = _spec(mig, key)
+        if spec is None:
+            continue
+        st = dict(state_of(spec.gpu))
+        if spec.utilization is not None:
+            st["utilization"] = spec.utilization
+        total += serving.state_rate(st) * spec.profile.slices / GPU_SLICES
+    return total
+
+
 # ----------------------------------------------------------------------- the NVML side
 _SUCCESS, _INVALID_ARGUMENT, _NOT_SUPPORTED, _NO_PERMISSION, _NOT_FOUND = 0, 2, 3, 4, 6
 _VERSION_MISMATCH = 25

@@ -33,7 +33,8 @@ else:  # pragma: no cover - exercised on Python < 3.11
 from gpucostd.config import FileError
 from gpucostd.tomllines import TomlLines
 from gpucostd.sim import physics as phys
-from gpucostd.sim.mig import MigSpec, parse_mig
+from gpucostd.sim.mig import (MigSpec, check_serving_instances, instance_endpoint_rate,
+                              parse_mig)
 from gpucostd.sim.scenario_time import ScenarioTimeQueries
 from gpucostd.sim.sections import (ScenarioPrices, fmt_value as _fmt, index_list as _indexes,
                                    num_text as _num, parse_physics, parse_prices, parse_serving)
@@ -312,8 +313,10 @@ class Scenario(ScenarioTimeQueries):
     def __init__(self, name: str, path: str, node: NodeInfo, gpus: Sequence[Dict[str, Any]],
                  timeline: Sequence[TimelineEntry], physics: Optional[phys.PowerModel] = None,
                  serving: Optional[phys.ServingModel] = None,
-                 prices: Optional[ScenarioPrices] = None):
+                 prices: Optional[ScenarioPrices] = None,
+                 mig: Tuple[Tuple[MigSpec, ...], ...] = ()):
         self.name = name
+        self.mig = mig
         self.prices = prices            # None: no illustrative prices (gpucostd.sim.sections)
         self.physics = physics          # None: power_draw and sm_clock are as written
         if serving is not None:         # tokens follow the phases of the physics
@@ -403,9 +406,12 @@ class Scenario(ScenarioTimeQueries):
         self._tokens: List[phys.Piecewise] = []
         for ep in (self.serving.endpoints if self.serving else ()):
             starts = phys.merged_starts([self._seg_starts[i] for i in ep.gpus])
-            rates = [self.serving.endpoint_rate(ep, [self.serving.state_rate(
-                self._seg_states[i][bisect.bisect_right(self._seg_starts[i], t) - 1])
-                for i in ep.gpus]) for t in starts]
+            def state(i: int, t: float) -> Dict[str, Any]:
+                return self._seg_states[i][bisect.bisect_right(self._seg_starts[i], t) - 1]
+            rates = [instance_endpoint_rate(self.serving, ep, self.mig, lambda i: state(i, t))
+                     if ep.instances else self.serving.endpoint_rate(
+                         ep, [self.serving.state_rate(state(i, t)) for i in ep.gpus])
+                     for t in starts]
             self._tokens.append(phys.Piecewise(starts, rates, self.repeat_every))
         node_changes = [e for e in self.timeline if e.driver_loaded is not None]
         self._node_starts = [0.0] + [e.t for e in node_changes]
@@ -578,9 +584,9 @@ def _parse_scenario(text: str, path: str, name: Optional[str]) -> Scenario:
     physics = parse_physics(v, data, gpu_list, at_list)
     serving = parse_serving(v, data, count)
     mig = parse_mig(v, data, gpus, scen_name)      # before Scenario: it may set mig_mode
+    check_serving_instances(v, serving, mig)
     sc = Scenario(scen_name, path, node, gpus, timeline, physics, serving,
-                  parse_prices(v, data))
-    sc.mig = mig
+                  parse_prices(v, data), mig)
     for i in range(count):
         for st, start in zip(sc._seg_states[i], sc._seg_starts[i]):
             bad = _inconsistency(f"GPU {i} at t={_num(start)}", st)
