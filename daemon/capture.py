@@ -76,8 +76,36 @@ def gpu_table(g: GpuReading) -> Dict[str, Any]:
         out["violation_counters"] = False
     if g.gpm_supported is False:          # no GPU Performance Monitoring (docs/scenarios.md)
         unsupported.append("gpm")
+    if g.mig_mode is None:                # no MIG (or not read)
+        unsupported.append("mig")
+    else:
+        out["mig_mode"] = g.mig_mode
+        if g.mig_mode_pending is not None and g.mig_mode_pending != g.mig_mode:
+            out["mig_mode_pending"] = g.mig_mode_pending
     if unsupported:
         out["unsupported"] = unsupported
+    return out
+
+
+def mig_tables(g: GpuReading) -> List[Dict[str, Any]]:
+    """The GPU's MIG instances as [[mig]] tables (docs/scenarios.md): profile, GPU instance id,
+    UUID and memory used, so the node's slicing replays in the simulator."""
+    out: List[Dict[str, Any]] = []
+    for m in g.mig:
+        if not m.profile or m.profile == "?":
+            continue                      # its attributes did not answer: no profile to replay
+        t: Dict[str, Any] = {"gpu": g.index, "profile": m.profile, "gi_id": m.gi_id}
+        if m.uuid:
+            t["uuid"] = m.uuid
+        if m.memory_used_bytes is not None:
+            t["memory_used_mib"] = round(m.memory_used_bytes / (1 << 20), 1)
+        if m.activity is not None and m.activity.sm is not None and g.activity is not None \
+                and g.activity.sm and g.utilization_percent is not None:
+            # the instance busy as its SMs were, relative to the GPU's (the physics maps
+            # utilization to SM activity the same way for both)
+            t["utilization"] = round(min(100.0, g.utilization_percent * m.activity.sm
+                                         / g.activity.sm), 1)
+        out.append(t)
     return out
 
 
@@ -104,4 +132,8 @@ def scenario_text(gpus: Sequence[GpuReading], driver: Optional[str], cuda: Optio
             k: v for k, v in (("index", g.index), ("pci_bus_id", g.pci_bus_id),
                               ("uuid", g.uuid), ("name", g.name), ("lost", True)) if v}
         tables.append(t)
-    return head + "\n" + dump_toml({"node": node, "gpu": tables})
+    data: Dict[str, Any] = {"node": node, "gpu": tables}
+    mig = [t for g in gpus if g.state == GpuState.OK for t in mig_tables(g)]
+    if mig:
+        data["mig"] = mig
+    return head + "\n" + dump_toml(data)

@@ -230,7 +230,8 @@ def parse_mig(v: Any, data: Mapping[str, Any], gpus: List[Dict[str, Any]],
         where = f"mig[{occ}]"
 
         def bad(msg: str, key: Optional[str] = None):
-            v.fail(f"{where}{'.' + key if key else ''}: {msg}", "mig", key, True, occ)
+            sep = " " if msg.startswith("=") else ": "
+            v.fail(f"{where}{'.' + key if key else ''}{sep}{msg}", "mig", key, True, occ)
 
         if not isinstance(entry, dict):
             bad("must be a table")
@@ -285,6 +286,12 @@ def parse_mig(v: Any, data: Mapping[str, Any], gpus: List[Dict[str, Any]],
                 memory_used_mib=float(used), until=until, uuid=uuid or "")))
     # GPU instance ids: the ones set first, then the rest as nvidia-smi gives them on an empty
     # GPU, the largest profiles first (a 4g takes GI 1, then a 3g GI 2)
+    seen: Dict[Tuple[int, str], int] = {}
+    for gpu, occ, _gi, spec in pending:
+        n = seen[(gpu, spec.profile.name)] = seen.get((gpu, spec.profile.name), 0) + 1
+        if n > spec.profile.max_count:
+            v.fail(f"mig[{occ}]: GPU {gpu} would have {n} x {spec.profile.name}; at most "
+                   f"{spec.profile.max_count} fit on one GPU", "mig", "profile", True, occ)
     pending.sort(key=lambda p: (p[2] is None, -p[3].profile.slices))
     for gpu, occ, gi, spec in pending:
         taken = [s.gi_id for s in out[gpu]]
@@ -306,11 +313,6 @@ def parse_mig(v: Any, data: Mapping[str, Any], gpus: List[Dict[str, Any]],
             continue
         slices = sum(s.profile.slices for s in specs)
         eighths = sum(s.profile.eighths for s in specs)
-        for p in {s.profile for s in specs}:
-            n = sum(1 for s in specs if s.profile == p)
-            if n > p.max_count:
-                v.fail(f"mig: GPU {gpu} has {n} x {p.name}; at most {p.max_count} fit",
-                       "mig", None, True, 0)
         if slices > GPU_SLICES or eighths > 8:
             v.fail(f"mig: GPU {gpu}'s instances take {slices} of {GPU_SLICES} compute slices "
                    f"and {eighths} of 8 memory slices; they do not fit on one GPU", "mig",
