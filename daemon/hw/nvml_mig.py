@@ -113,7 +113,7 @@ def read_mig(nv: Any, h: Any, index: int, ms: MigSession, absent: Tuple[int, ...
             m = nv.nvmlDeviceGetMigDeviceHandleByIndex(h, k)
         except nv.NVMLError as exc:
             if getattr(exc, "value", None) in (_NOT_FOUND,) + tuple(absent):
-                continue                        # no MIG device at this index
+                break                           # MIG devices are numbered 0..n-1: no more
             raise
         gi = int(nv.nvmlDeviceGetGpuInstanceId(m))
         ci = int(nv.nvmlDeviceGetComputeInstanceId(m))

@@ -27,6 +27,8 @@ from ctypes import Structure, c_char, c_int, c_uint, c_ulonglong, c_void_p
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from gpucostd.sim.nvml_abi import DeviceFault
+
 NVML_DEVICE_MIG_DISABLE = 0
 NVML_DEVICE_MIG_ENABLE = 1
 NVML_DEVICE_NAME_V2_BUFFER_SIZE = 96
@@ -365,8 +367,7 @@ _VERSION_MISMATCH = 25
 
 def _put(addr: Optional[int], ctype: Any, value: Any) -> None:
     if not addr:
-        from gpucostd.sim.nvml import _DeviceFault
-        raise _DeviceFault(_INVALID_ARGUMENT)
+        raise DeviceFault(_INVALID_ARGUMENT)
     ctype.from_address(addr).value = value
 
 
@@ -381,7 +382,7 @@ class MigCalls:
 
     def _mig_gpu(self, h) -> Tuple[int, float, Dict[str, Any], Tuple[MigProfile, ...], int]:
         """A GPU handle with MIG: (index, t, state, profiles, memory MiB); raises the node's
-        _DeviceFault NOT_SUPPORTED where the GPU has none."""
+        DeviceFault NOT_SUPPORTED where the GPU has none."""
         index, t, st = self._dev(h, "mig")
         table = profiles_for(st["name"])
         if table is None:
@@ -389,8 +390,7 @@ class MigCalls:
         return index, t, st, table[0], table[1]
 
     def _fault(self, code: int) -> Exception:
-        from gpucostd.sim.nvml import _DeviceFault
-        return _DeviceFault(code)
+        return DeviceFault(code)
 
     def _alive(self, index: int, t: float, st: Dict[str, Any]) -> List[MigSpec]:
         if not st.get("mig_mode"):
@@ -478,8 +478,12 @@ class MigCalls:
 
     def mig_uuid(self, h, buf, length) -> int:
         """nvmlDeviceGetUUID on a MIG handle (gpucostd.sim.nvml hands it here)."""
-        from gpucostd.sim.nvml import _put_str
-        _put_str(buf, length, self._mig(h)[3].uuid)
+        data = self._mig(h)[3].uuid.encode() + b"\0"
+        if not buf:
+            return _INVALID_ARGUMENT
+        if len(data) > length:
+            return 7                        # NVML_ERROR_INSUFFICIENT_SIZE
+        ctypes.memmove(buf, data, len(data))
         return _SUCCESS
 
     def _c_nvmlDeviceGetMemoryInfo(self, h, out) -> int:

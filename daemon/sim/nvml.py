@@ -37,7 +37,7 @@ from gpucostd.sim.scenario import UNSUPPORTED_GROUPS, Scenario, load_scenario
 from gpucostd.snapshot import VIOLATION_POLICIES, mask_from_reasons
 
 from gpucostd.sim.nvml_abi import (  # noqa: F401 - the names callers import from here
-    CLOCK_EVENT_DURATION_FIELDS, ENERGY_FIELDS, ERROR_STRINGS, FIELD_VALUES, FieldValue,
+    CLOCK_EVENT_DURATION_FIELDS, DeviceFault, ENERGY_FIELDS, ERROR_STRINGS, FIELD_VALUES, FieldValue,
     H100_PCI_DEVICE_ID, H100_PCI_SUBSYSTEM_ID, HEADER_CONSTANTS, I, NVML_AGGREGATE_ECC,
     NVML_CLOCK_GRAPHICS, NVML_CLOCK_MEM, NVML_CLOCK_SM, NVML_CLOCK_VIDEO,
     NVML_DEVICE_PCI_BUS_ID_BUFFER_SIZE, NVML_DEVICE_PCI_BUS_ID_BUFFER_V2_SIZE,
@@ -59,10 +59,7 @@ from gpucostd.sim.nvml_abi import (  # noqa: F401 - the old local names
 log = logging.getLogger("gpucostd.simnvml")
 
 
-class _DeviceFault(Exception):
-    def __init__(self, code: int):
-        super().__init__(code)
-        self.code = code
+_DeviceFault = DeviceFault       # the old local name
 
 
 def _put_uint(addr: Optional[int], value: Any) -> None:
