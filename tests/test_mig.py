@@ -256,11 +256,16 @@ def test_capture_of_a_profile_the_simulator_has_no_table_for_still_replays():
 # ------------------------------------------------------------------ the daemon
 def test_run_simulate_builtin_mig_shows_every_instance_in_status_and_metrics(daemon_factory):
     from conftest import wait_for
-    d = daemon_factory(scenario=MIG_SCENARIO).start()
+    # a loaded CI host must not turn a slow simulated read into an unresponsive GPU
+    d = daemon_factory(scenario=MIG_SCENARIO, extra_config="nvml_timeout_seconds = 20\n")
+    d.start()
     # activity needs two GPM samples, so the second cycle's scrape at the earliest
-    wait_for(lambda: metric_value(d.metrics(), "gpucostd_mig_sm_active_ratio", gpu="0",
-                                  gpu_instance="13") is not None, 60, interval=0.2,
-             what="MIG activity")
+    try:
+        wait_for(lambda: metric_value(d.metrics(), "gpucostd_mig_sm_active_ratio", gpu="0",
+                                      gpu_instance="13") is not None, 60, interval=0.2,
+                 what="MIG activity")
+    except AssertionError as err:
+        raise AssertionError(f"{err}\n{d.cli('status').stdout}\n{d.output()[-3000:]}") from None
     text = d.metrics()
     assert len(re.findall(r"^gpucostd_mig_instance_info\{", text, re.M)) == 9
     assert metric_value(text, "gpucostd_mig_sm_active_ratio", gpu="0", gpu_instance="13") == 0

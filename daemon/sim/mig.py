@@ -171,7 +171,8 @@ def profiles_for(model: str) -> Optional[Tuple[Tuple[MigProfile, ...], int]]:
     return None
 
 
-PROFILE_RE = re.compile(r"^(?:\d+c\.)?(\d)g\.(\d+)gb(?:\+me)?$")
+# one compute instance spanning its GPU instance: no "1c.3g.40gb" forms
+PROFILE_RE = re.compile(r"^([1-7])g\.([1-9]\d{0,3})gb(?:\+me)?$")
 
 
 # ----------------------------------------------------------------------- the scenario side
@@ -274,6 +275,9 @@ def parse_mig(v: Any, data: Mapping[str, Any], gpus: List[Dict[str, Any]],
         until = entry.get("until")
         if until is not None and until <= 0:
             bad(f"= {until}: must be above 0", "until")
+        gi_set = entry.get("gi_id")
+        if gi_set is not None and not 0 <= gi_set <= 31:
+            bad(f"= {gi_set}: out of range; allowed 0..31", "gi_id")
         uuid = entry.get("uuid")
         if uuid is not None and not uuid.startswith("MIG-"):
             bad(f"= {uuid!r}: a MIG UUID starts with \"MIG-\"", "uuid")
