@@ -246,7 +246,6 @@ def test_capture_records_the_slicing_and_it_replays(sim_nvml):
 def test_capture_of_a_profile_the_simulator_has_no_table_for_still_replays():
     """A captured node's profile named in NVIDIA's form that the model's table lacks (an H100
     NVL's 1g.12gb) replays with its slices and memory from its name."""
-    from gpucostd.sim.nvml import SimulatedNode  # noqa: F401 - the loader is what counts
     sc = parse_scenario('[node]\ngpu_count = 1\n[[mig]]\ngpu = 0\nprofile = "1g.12gb"\n'
                         'gi_id = 9\nmemory_used_mib = 11000\n', "cap.toml")
     (spec,) = sc.mig[0]

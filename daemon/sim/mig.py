@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import math
 import re
 import uuid as uuidlib
 from ctypes import Structure, c_char, c_int, c_uint, c_ulonglong, c_void_p
@@ -273,8 +274,8 @@ def parse_mig(v: Any, data: Mapping[str, Any], gpus: List[Dict[str, Any]],
         if util is not None and not 0 <= util <= 100:
             bad(f"= {util}: out of range; allowed 0..100", "utilization")
         until = entry.get("until")
-        if until is not None and until <= 0:
-            bad(f"= {until}: must be above 0", "until")
+        if until is not None and not (until > 0 and math.isfinite(until)):
+            bad(f"= {until}: must be a number of seconds above 0", "until")
         gi_set = entry.get("gi_id")
         if gi_set is not None and not 0 <= gi_set <= 31:
             bad(f"= {gi_set}: out of range; allowed 0..31", "gi_id")
@@ -314,6 +315,13 @@ def parse_mig(v: Any, data: Mapping[str, Any], gpus: List[Dict[str, Any]],
                    "gi_id", True, occ)
         out[gpu].append(dataclasses.replace(spec, gi_id=gi, uuid=spec.uuid or "MIG-" + str(
             uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"gpucostd-sim:{scenario_name}:{gpu}:{gi}"))))
+    uuids: Dict[str, str] = {}
+    for specs in out:
+        for spec in specs:
+            if spec.uuid in uuids:
+                v.fail(f"mig: instances {uuids[spec.uuid]} and {spec.key} have the same uuid "
+                       f"{spec.uuid}; every MIG instance needs its own", "mig", "uuid", True, 0)
+            uuids[spec.uuid] = spec.key
     for gpu, specs in enumerate(out):
         if not specs:
             continue
