@@ -275,3 +275,31 @@ def test_run_simulate_builtin_mig_shows_every_instance_in_status_and_metrics(dae
     out = d.cli("status").stdout
     assert all(len(line) <= 100 for line in out.splitlines())
     assert re.search(r"^  mig 1/2/0 +3g\.40gb +3/7 ", out, re.M), out
+
+
+def test_a_simulated_server_per_instance_generates_its_share_of_the_gpu():
+    """builtin:h100x8_mig: a 1g.10gb instance's server makes 1/7 of its GPU's 2000 tokens/s at
+    95% busy, the idle one none; --simulate points [[inference.endpoint]] instances at them."""
+    from gpucostd.sim.scenario import load_scenario
+    from gpucostd.sim.serving import endpoint_specs
+    sc = load_scenario(MIG_SCENARIO)
+    eps = sc.serving.endpoints
+    rate = {ep.instances[0]: sc.endpoint_rate_at(k, 1.0) for k, ep in enumerate(eps)
+            if ep.instances}
+    assert rate["0/7/0"] == pytest.approx(2000 / 7 * 0.95)
+    assert rate["0/13/0"] == 0.0
+    assert rate["1/1/0"] == pytest.approx(2000 * 4 / 7 * 0.95)
+
+    class Serving:
+        endpoints = eps
+    specs = endpoint_specs(Serving(), [f"http://127.0.0.1:{9000 + k}/metrics"
+                                       for k in range(len(eps))])
+    assert specs[0] == {"url": "http://127.0.0.1:9000/metrics", "instances": ["0/7/0"]}
+    assert specs[-1]["gpus"] == [6, 7]
+
+
+def test_a_gpu_in_mig_mode_without_instances_says_so():
+    from gpucostd.views.statustext import mig_lines
+    assert mig_lines({"mig_mode": True, "mig_instances": []}) == ["    MIG on, no instances"]
+    assert mig_lines({"mig_mode": False, "mig_instances": []}) == []
+    assert mig_lines({}) == []
