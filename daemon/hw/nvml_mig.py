@@ -113,7 +113,8 @@ def read_mig(nv: Any, h: Any, index: int, ms: MigSession, absent: Tuple[int, ...
             m = nv.nvmlDeviceGetMigDeviceHandleByIndex(h, k)
         except nv.NVMLError as exc:
             if getattr(exc, "value", None) in (_NOT_FOUND,) + tuple(absent):
-                break                           # MIG devices are numbered 0..n-1: no more
+                continue                        # none at this index (indexes may have gaps,
+                                                # as NVIDIA's device plugin allows for)
             raise
         gi = int(nv.nvmlDeviceGetGpuInstanceId(m))
         ci = int(nv.nvmlDeviceGetComputeInstanceId(m))
