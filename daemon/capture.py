@@ -99,14 +99,33 @@ def mig_tables(g: GpuReading) -> List[Dict[str, Any]]:
             t["uuid"] = m.uuid
         if m.memory_used_bytes is not None:
             t["memory_used_mib"] = round(m.memory_used_bytes / (1 << 20), 1)
-        if m.activity is not None and m.activity.sm is not None and g.activity is not None \
-                and g.activity.sm and g.utilization_percent is not None:
-            # the instance busy as its SMs were, relative to the GPU's (the physics maps
-            # utilization to SM activity the same way for both)
-            t["utilization"] = round(min(100.0, g.utilization_percent * m.activity.sm
-                                         / g.activity.sm), 1)
+        busy = _busy_percent(m.activity, g)
+        if busy is not None:
+            t["utilization"] = busy
         out.append(t)
     return out
+
+
+def _busy_percent(act: Any, g: GpuReading) -> Optional[float]:
+    """The `utilization` that makes the simulator's instance read the SM activity it read here
+    (GPM; NVML has no GPU-Util on a MIG GPU): the default physics at the GPU's clock, where SM
+    activity grows in proportion to the time busy. None without a reading."""
+    if act is None or act.sm is None or not g.sm_clock_mhz:
+        return None
+    from gpucostd.sim.physics import DEFAULT_MODEL
+    full = DEFAULT_MODEL.activity(g.sm_clock_mhz, g.sm_clock_max_mhz or g.sm_clock_mhz,
+                                  100.0)["sm"]
+    return round(min(100.0, 100.0 * act.sm / full), 2) if full > 0 else None
+
+
+def _mig_parent_busy(g: GpuReading, tables: List[Dict[str, Any]]) -> Optional[float]:
+    """A MIG GPU's own `utilization` for the simulator's physics (its power, its GPM): what its
+    instances add up to, slice by slice."""
+    shares = {m.gi_id: m.share for m in g.mig}
+    if not tables or any("utilization" not in t for t in tables):
+        return None
+    return round(min(100.0, sum(shares.get(t["gi_id"], 0.0) * t["utilization"]
+                                for t in tables)), 2)
 
 
 def scenario_text(gpus: Sequence[GpuReading], driver: Optional[str], cuda: Optional[str],
@@ -131,6 +150,10 @@ def scenario_text(gpus: Sequence[GpuReading], driver: Optional[str], cuda: Optio
         t = gpu_table(g) if g.state == GpuState.OK else {
             k: v for k, v in (("index", g.index), ("pci_bus_id", g.pci_bus_id),
                               ("uuid", g.uuid), ("name", g.name), ("lost", True)) if v}
+        if g.state == GpuState.OK and g.mig and g.utilization_percent is None:
+            busy = _mig_parent_busy(g, mig_tables(g))
+            if busy is not None:      # NVML answers NOT_SUPPORTED; the physics needs it
+                t["utilization"] = busy
         tables.append(t)
     data: Dict[str, Any] = {"node": node, "gpu": tables}
     mig = [t for g in gpus if g.state == GpuState.OK for t in mig_tables(g)]

@@ -565,6 +565,8 @@ class SimulatedNode(_clocks.ClockCalls, SimulatedCounters, GpmCalls, MigCalls):
 
     def _c_nvmlDeviceGetUtilizationRates(self, h, out) -> int:
         _i, _t, st = self._dev(h, "utilization")
+        if st.get("mig_mode"):      # "not currently supported" on MIG-enabled GPUs (NVML)
+            return NVML_ERROR_NOT_SUPPORTED
         if not out:
             return NVML_ERROR_INVALID_ARGUMENT
         u = Utilization.from_address(out)
