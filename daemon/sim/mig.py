@@ -357,13 +357,14 @@ def check_serving_instances(v: Any, serving: Any, mig: Tuple[Tuple[MigSpec, ...]
 
 
 def instance_endpoint_rate(serving: Any, ep: Any, mig: Tuple[Tuple[MigSpec, ...], ...],
-                           state_of: Any) -> float:
-    """Tokens/s of an endpoint on MIG instances: each instance generates its share of its
-    GPU's rate (slices / 7) at its own utilization and the GPU's clock (the physics' phases)."""
+                           state_of: Any, t: float) -> float:
+    """Tokens/s at time t (within a cycle) of an endpoint on MIG instances: each instance
+    generates its share of its GPU's rate (slices / 7) at its own utilization and the GPU's
+    clock (the physics' phases); a destroyed one (`until`) none."""
     total = 0.0
     for key in ep.instances:
         spec = _spec(mig, key)
-        if spec is None:
+        if spec is None or not spec.alive(t, None):
             continue
         st = dict(state_of(spec.gpu))
         if spec.utilization is not None:

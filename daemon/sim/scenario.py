@@ -405,10 +405,14 @@ class Scenario(ScenarioTimeQueries):
                                    for name in phys.ACTIVITY_NAMES])
         self._tokens: List[phys.Piecewise] = []
         for ep in (self.serving.endpoints if self.serving else ()):
-            starts = phys.merged_starts([self._seg_starts[i] for i in ep.gpus])
+            starts = phys.merged_starts([self._seg_starts[i] for i in ep.gpus]
+                                        + [[s.until] for g in self.mig for s in g
+                                           if s.until is not None and s.key in
+                                           (ep.instances or ())])
+
             def state(i: int, t: float) -> Dict[str, Any]:
                 return self._seg_states[i][bisect.bisect_right(self._seg_starts[i], t) - 1]
-            rates = [instance_endpoint_rate(self.serving, ep, self.mig, lambda i: state(i, t))
+            rates = [instance_endpoint_rate(self.serving, ep, self.mig, lambda i: state(i, t), t)
                      if ep.instances else self.serving.endpoint_rate(
                          ep, [self.serving.state_rate(state(i, t)) for i in ep.gpus])
                      for t in starts]
