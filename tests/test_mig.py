@@ -128,7 +128,13 @@ def test_the_gateway_reads_every_instance_of_the_builtin_mig_scenario(sim_nvml):
     assert g0.mig[0].memory_used_bytes == 9100 << 20
     assert g0.mig[0].memory_total_bytes == 10112 << 20
     busy, idle = g0.mig[0], g0.mig[6]
-    assert busy.activity.sm > 0.2 and idle.activity.sm == 0.0
+    # ground truth: the physics of GPU 0's state at the instance's own 95% busy
+    from gpucostd.sim.physics import state_activity
+    truth = state_activity(dict(node.scenario.gpu_state_at(0, 3.0), utilization=95),
+                           node.scenario.physics)
+    assert busy.activity.sm == pytest.approx(truth["sm"], rel=1e-6)
+    assert busy.activity.dram == pytest.approx(truth["dram"], rel=1e-6)
+    assert idle.activity.sm == 0.0
     assert [(m.key, m.profile, m.slices) for m in g1.mig] == [("1/1/0", "4g.40gb", 4),
                                                             ("1/2/0", "3g.40gb", 3)]
     assert (g2.mig_mode, g2.mig) == (False, ())
