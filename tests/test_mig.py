@@ -312,3 +312,19 @@ def test_a_gpu_in_mig_mode_without_instances_says_so():
     assert mig_lines({"mig_mode": True, "mig_instances": []}) == ["    MIG on, no instances"]
     assert mig_lines({"mig_mode": False, "mig_instances": []}) == []
     assert mig_lines({}) == []
+
+
+def test_the_capture_command_records_each_instances_work(tmp_path):
+    """`gpucostd capture` reads twice on a MIG GPU with GPM, so each instance's work (and its
+    GPU's, which NVML does not give on a MIG GPU) is in the scenario it writes."""
+    from gpucostd.cli import main
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[daemon]\nstate_dir = "{tmp_path}/state"\nkernel_log = "none"\n'
+                   f'socket_path = "{tmp_path}/s.sock"\n')
+    out = tmp_path / "captured.toml"
+    assert main(["capture", "--config", str(cfg), "--simulate", MIG_SCENARIO,
+                 "--out", str(out)]) == 0
+    sc = parse_scenario(out.read_text(), str(out))
+    busy = {s.key: s.utilization for g in sc.mig for s in g}
+    assert len(busy) == 9 and busy["0/13/0"] == 0 and busy["0/7/0"] > 0
+    assert sc.initial[0]["utilization"] == pytest.approx(6 / 7 * busy["0/7/0"], abs=0.02)
