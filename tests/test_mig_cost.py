@@ -3,14 +3,19 @@ health, its share of the GPU-hour, tokens per dollar per instance-endpoint, cali
 GPU. In-process, from GpuReadings that carry MigInstance tuples."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from gpucostd import config as cfgmod
 from gpucostd.clock import VirtualClock
 from gpucostd.config import ConfigError
+from gpucostd.cost.accountant import CostAccountant
+from gpucostd.cost.report import status_lines
+from gpucostd.probes.inference import InferenceReading
 from gpucostd.health.judge import HealthJudge
 from gpucostd.probes.kernel_log import NvrmParser
-from gpucostd.snapshot import GpuReading, GpuState, MigInstance, Severity
+from gpucostd.snapshot import GpuActivity, GpuReading, GpuState, MigInstance, Severity
 
 H100 = "NVIDIA H100 80GB HBM3"
 GB = 1 << 30
@@ -161,3 +166,144 @@ def test_instances_that_disappear_or_appear_between_cycles_are_events(judge):
     assert not [e for e in rep.events if e.code.startswith("mig_instance")]
     rep = step(judge, [mig_gpu(0, layout)])
     assert not [e for e in rep.events if e.code.startswith("mig_instance")]
+
+
+# --------------------------------------------------------------------------- cost
+def run(acc, clock, seconds, make_gpus, make_tokens=None, step=1.0):
+    rep = None
+    t0 = clock.monotonic()
+    for i in range(int(round(seconds / step)) + 1):
+        t = clock._t = t0 + i * step
+        rep = acc.update(make_gpus(t), t)
+        if make_tokens is not None:
+            rep = acc.update_tokens(make_tokens(t), t)
+    return rep
+
+
+def tokens(total, t, url, instances=None, gpus=None):
+    return InferenceReading(total, t, "vllm:generation_tokens_total", 1, None, url=url,
+                            gpus=gpus, server="vllm", instances=instances)
+
+
+def busy(sm):
+    return GpuActivity(sm=sm, seconds=1.0)
+
+
+def by_key(rep):
+    return {d["key"]: d for d in rep.to_json()["mig"]}
+
+
+def test_an_idle_1g_slice_costs_exactly_a_seventh_of_its_gpus_idle_cost():
+    clock = VirtualClock()
+    acc = CostAccountant(cfg("[cost]\ngpu_hour_usd = 7.0\n"), None, clock)
+    # GPU 0: 7 x 1g.10gb, idle (GPU-Util 0, no per-instance GPM); GPU 1: whole and idle
+    rep = run(acc, clock, 600, lambda t: [mig_gpu(0, seven(0), utilization_percent=0.0),
+                                          mig_gpu(1, utilization_percent=0.0)])
+    g0, g1 = [g.to_json() for g in rep.gpus]
+    assert g0["idle_dollars"] == pytest.approx(7.0 * 600 / 3600) == g1["idle_dollars"]
+    slices = by_key(rep)
+    assert len(slices) == 7
+    for d in slices.values():
+        assert d["price_per_hour"] == pytest.approx(1.0) and d["price_basis"] == "share"
+        assert d["idle_dollars"] == pytest.approx(g0["idle_dollars"] / 7, abs=1e-6)
+        assert d["idle_seconds"] == pytest.approx(600) and d["idle_now"] is True
+    # exactly, before the JSON's rounding
+    gpu_idle = acc.eff.gpus["GPU-0"].totals["idle_dollars"]
+    for b in acc.eff.mig.instances.values():
+        assert b.totals["idle_dollars"] == pytest.approx(gpu_idle / 7, rel=1e-12)
+    # per-instance GPM: one slice idle, six at work; the idle one still costs 1/7 of the
+    # GPU's idle cost, the GPU's idle capacity is that slice, and the GPU's GPU-Util (which
+    # says a kernel ran somewhere) does not hide it
+    layout = (inst(0, 7, activity=busy(0.0)),) + seven(0, activity=busy(0.9))[1:]
+    rep = run(acc, clock, 600, lambda t: [mig_gpu(0, layout, utilization_percent=100.0),
+                                          mig_gpu(1, utilization_percent=0.0)])
+    g0 = rep.to_json()["gpus"][0]
+    d = by_key(rep)
+    assert d["0/7/0"]["idle_basis"] == "instance_activity" and d["0/7/0"]["idle_now"]
+    usd = functools.partial(pytest.approx, abs=2e-6)          # the JSON's rounding
+    assert d["0/7/0"]["idle_dollars"] == usd(2 * 600 / 3600)        # 1/7 of 7 $/h, twice
+    assert d["0/8/0"]["idle_dollars"] == usd(1.0 * 600 / 3600)      # no more idle
+    assert g0["idle_dollars"] == usd(7.0 * 600 / 3600 + 1.0 * 600 / 3600)
+
+
+def test_slices_in_no_instance_are_the_gpus_idle_capacity_and_a_profile_price_overrides():
+    clock = VirtualClock()
+    acc = CostAccountant(cfg('[cost]\ngpu_hour_usd = 7.0\n[cost.mig_profile_hour_usd]\n'
+                             '"4g.*" = 3.5\n'), None, clock)
+    layout = (inst(0, 1, 0, "3g.40gb", activity=busy(0.95)),
+              inst(0, 2, 0, "4g.40gb", activity=busy(0.95)))
+    rep = run(acc, clock, 100, lambda t: [mig_gpu(0, layout)])
+    d = by_key(rep)
+    assert d["0/1/0"]["price_per_hour"] == pytest.approx(3.0) and d["0/1/0"]["share"] == \
+        pytest.approx(3 / 7)
+    assert (d["0/2/0"]["price_per_hour"], d["0/2/0"]["price_basis"]) == (3.5, "profile")
+    assert d["0/1/0"]["idle_dollars"] == 0 == d["0/2/0"]["underused_dollars"]
+    assert rep.to_json()["gpus"][0]["idle_dollars"] == 0
+    # a 2g slice deleted: its slices are idle capacity of the GPU, no instance's
+    rep = run(acc, clock, 100, lambda t: [mig_gpu(0, layout[:1])])
+    assert set(by_key(rep)) == {"0/1/0"}
+    assert rep.to_json()["gpus"][0]["idle_dollars"] == pytest.approx(7.0 * 4 / 7 * 100 / 3600)
+
+
+def test_energy_is_shared_by_instance_activity_else_by_share_and_said_to_be_an_estimate():
+    clock = VirtualClock()
+    acc = CostAccountant(cfg("[cost]\nenergy_usd_per_kwh = 0.1\n"), None, clock)
+    layout = (inst(0, 1, 0, "3g.40gb", activity=busy(0.8)),
+              inst(0, 2, 0, "4g.40gb", activity=busy(0.3)))
+    rep = run(acc, clock, 3600, lambda t: [mig_gpu(0, layout, power_draw_watts=360.0)])
+    d = by_key(rep)
+    w3, w4 = 3 / 7 * 0.8, 4 / 7 * 0.3
+    assert d["0/1/0"]["energy_basis"] == "activity"
+    assert d["0/1/0"]["energy_joules"] == pytest.approx(360 * 3600 * w3 / (w3 + w4))
+    assert d["0/2/0"]["power_watts_estimate"] == pytest.approx(360 * w4 / (w3 + w4))
+    assert d["0/1/0"]["energy_joules"] + d["0/2/0"]["energy_joules"] == pytest.approx(
+        rep.to_json()["gpus"][0]["energy_joules"])
+    # no per-instance activity: by share
+    acc = CostAccountant(cfg(), None, clock)
+    rep = run(acc, clock, 100, lambda t: [mig_gpu(0, (inst(0, 1, 0, "3g.40gb"),),
+                                                  power_draw_watts=700.0)])
+    d = by_key(rep)["0/1/0"]
+    assert d["energy_basis"] == "share" and d["power_watts_estimate"] == pytest.approx(300.0)
+
+
+def test_an_instance_endpoint_is_priced_at_its_instances_not_the_whole_board():
+    clock = VirtualClock()
+    acc = CostAccountant(cfg("[cost]\ngpu_hour_usd = 7.0\nenergy_usd_per_kwh = 0.0\n"), None,
+                         clock)
+    layout = seven(0, activity=busy(0.9))
+
+    def eps(t):
+        return [tokens(700.0 * t, t, "http://a/metrics", ("0/7/0",), (0,)),
+                tokens(1400.0 * t, t, "http://b/metrics", ("0/8/0", "0/9/0"), (0,)),
+                tokens(5000.0 * t, t, "http://c/metrics", None, (1,))]
+    rep = run(acc, clock, 120, lambda t: [mig_gpu(0, layout), mig_gpu(1)], eps)
+    a, b, c = rep.tokens.endpoints
+    assert a["instances"] == ["0/7/0"] and a["cost_dollars_per_hour"] == pytest.approx(1.0)
+    assert a["tokens_per_dollar"] == pytest.approx(700 * 3600 / 1.0)
+    assert b["cost_dollars_per_hour"] == pytest.approx(2.0)
+    assert b["tokens_per_dollar"] == pytest.approx(1400 * 3600 / 2.0)
+    assert "instances" not in c            # a whole-GPU endpoint: the node's figures
+    d = by_key(rep)
+    assert d["0/7/0"]["endpoint"] == "http://a/metrics"
+    assert d["0/7/0"]["tokens_per_second"] == pytest.approx(700)
+    assert d["0/7/0"]["tokens_per_dollar"] == pytest.approx(700 * 3600)
+    assert d["0/8/0"]["tokens_per_second"] == pytest.approx(700)    # split by share
+    assert d["0/10/0"]["endpoint"] is None and d["0/10/0"]["tokens_per_dollar"] is None
+    # the GPU's tokens are the sum of its instance endpoints'
+    assert rep.gpus[0].extra["tokens_per_second"] == pytest.approx(2100)
+    lines = status_lines(rep)
+    assert any(line.startswith("  MIG 0/7/0 1g.10gb: $1.00/h (1/7 of the GPU); 700 tok/s")
+               for line in lines), lines
+    assert all(len(line) <= 100 for line in lines)
+
+
+def test_instance_totals_survive_a_restart_and_a_bad_saved_table_starts_fresh(tmp_path):
+    clock = VirtualClock()
+    state = str(tmp_path)
+    acc = CostAccountant(cfg("[cost]\ngpu_hour_usd = 7.0\n"), state, clock,
+                         save_every_seconds=0.0)
+    run(acc, clock, 60, lambda t: [mig_gpu(0, seven(0), utilization_percent=0.0)])
+    acc.flush()
+    acc = CostAccountant(cfg("[cost]\ngpu_hour_usd = 7.0\n"), state, clock)
+    rep = run(acc, clock, 60, lambda t: [mig_gpu(0, seven(0), utilization_percent=0.0)])
+    assert by_key(rep)["0/7/0"]["idle_dollars"] == pytest.approx(120 / 3600, rel=0.02)
