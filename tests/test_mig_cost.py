@@ -4,8 +4,13 @@ GPU. In-process, from GpuReadings that carry MigInstance tuples."""
 from __future__ import annotations
 
 import functools
+import shutil
+import subprocess
+from types import SimpleNamespace
 
 import pytest
+
+from conftest import exposition, metric_value
 
 from gpucostd import config as cfgmod
 from gpucostd.clock import VirtualClock
@@ -307,3 +312,43 @@ def test_instance_totals_survive_a_restart_and_a_bad_saved_table_starts_fresh(tm
     acc = CostAccountant(cfg("[cost]\ngpu_hour_usd = 7.0\n"), state, clock)
     rep = run(acc, clock, 60, lambda t: [mig_gpu(0, seven(0), utilization_percent=0.0)])
     assert by_key(rep)["0/7/0"]["idle_dollars"] == pytest.approx(120 / 3600, rel=0.02)
+
+
+# --------------------------------------------------------------------------- metrics
+def test_every_instance_has_its_cost_and_tokens_per_dollar_in_the_scrape():
+    from gpucostd.views import metrics_cost
+    from gpucostd.views.metrics_mig_cost import SERIES_PER_INSTANCE
+    clock = VirtualClock()
+    acc = CostAccountant(cfg("[cost]\ngpu_hour_usd = 7.0\nenergy_usd_per_kwh = 0.0\n"), None,
+                         clock)
+    layout = (inst(0, 7, activity=busy(0.0)),) + seven(0, activity=busy(0.9))[1:]
+    eps = [(f"http://127.0.0.1:{14300 + i}/metrics", m.key) for i, m in enumerate(layout)
+           if m.gi_id != 7]
+
+    def readings(t):
+        return [tokens(700.0 * t, t, url, (key,), (0,)) for url, key in eps]
+    rep = run(acc, clock, 60, lambda t: [mig_gpu(0, layout), mig_gpu(1)], readings)
+    text = exposition(metrics_cost.metric_families(SimpleNamespace(cost=rep)))
+    lab = dict(gpu="0", uuid="GPU-0", compute_instance="0", profile="1g.10gb")
+    for m in layout:
+        assert metric_value(text, "gpucostd_gpu_instance_cost_dollars_per_hour",
+                            gpu_instance=str(m.gi_id), **lab) == pytest.approx(1.0)
+    assert metric_value(text, "gpucostd_gpu_instance_idle_cost_dollars_total", gpu_instance="7",
+                        kind="idle", **lab) == pytest.approx(60 / 3600, abs=1e-6)
+    assert metric_value(text, "gpucostd_gpu_instance_tokens_per_dollar", gpu_instance="8",
+                        **lab) == pytest.approx(700 * 3600)
+    assert metric_value(text, "gpucostd_gpu_instance_tokens_per_dollar", gpu_instance="7",
+                        **lab) is None                                   # no endpoint on it
+    assert metric_value(text, "gpucostd_inference_endpoint_tokens_per_dollar",
+                        endpoint="0") == pytest.approx(700 * 3600)
+    inst_series = [ln for ln in text.splitlines() if ln.startswith("gpucostd_gpu_instance_")]
+    assert len(inst_series) <= SERIES_PER_INSTANCE * len(layout)
+    if shutil.which("promtool"):
+        r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
+                           text=True, timeout=30)
+        assert r.returncode == 0 and not r.stdout.strip() and not r.stderr.strip(), r
+    # no MIG on the node: no instance family at all
+    acc = CostAccountant(cfg("[cost]\ngpu_hour_usd = 7.0\n"), None, clock)
+    rep = run(acc, clock, 5, lambda t: [mig_gpu(0), mig_gpu(1)])
+    assert "gpucostd_gpu_instance_" not in exposition(
+        metrics_cost.metric_families(SimpleNamespace(cost=rep)))

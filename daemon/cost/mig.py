@@ -176,7 +176,7 @@ class MigBook:
             per_hour = b.price + energy_h
             url, rate = served.get(key, (None, None))
             out.append({
-                "key": key, "gpu": m.gpu_index, "gpu_instance": m.gi_id,
+                "key": key, "gpu": m.gpu_index, "gpu_uuid": b.gpu_uuid, "gpu_instance": m.gi_id,
                 "compute_instance": m.ci_id, "profile": m.profile, "uuid": m.uuid,
                 "share": _r(m.share), "price_per_hour": _r(b.price),
                 "price_basis": b.price_basis,
