@@ -352,3 +352,46 @@ def test_every_instance_has_its_cost_and_tokens_per_dollar_in_the_scrape():
     rep = run(acc, clock, 5, lambda t: [mig_gpu(0), mig_gpu(1)])
     assert "gpucostd_gpu_instance_" not in exposition(
         metrics_cost.metric_families(SimpleNamespace(cost=rep)))
+
+
+# --------------------------------------------------------------------------- calibrate
+def test_calibrate_on_a_mig_gpu_sums_the_throughput_of_every_instance_endpoint():
+    from gpucostd.calibration import maths
+    from gpucostd.snapshot import NodeSnapshot
+    power = dict(power_limit_watts=700.0, power_limit_min_watts=200.0,
+                 power_limit_max_watts=700.0, energy_joules=0.0)
+    layout = seven(0, activity=busy(0.6))
+    # MIG hides GPU-Util on the sliced GPU: its instances' activity says it is busy
+    gpus = (mig_gpu(0, layout, utilization_percent=None, **power),
+            mig_gpu(1, utilization_percent=90.0, **power))
+    urls = [f"http://127.0.0.1:{14310 + i}/metrics" for i in range(7)]
+
+    def readings(t, rates=(100, 200, 300, 400, 500, 600, 700)):
+        return tuple([tokens(r * t, t, u, (m.key,), (0,)) for r, u, m in zip(rates, urls, layout)]
+                     + [tokens(5000 * t, t, "http://127.0.0.1:14320/metrics", None, (1,))])
+
+    def snap(t, rs):
+        return NodeSnapshot(t, t, 1, "node", 0.0, True, None, "580", "13.0", gpus, inference=rs)
+    groups, notes = maths.plan(snap(10.0, readings(10.0)), maths.Params(lever="power"), cfg())
+    assert notes == []
+    mig, whole = groups
+    assert (mig.gpus, mig.url, mig.urls) == ((0,), urls[0], tuple(urls))
+    assert (whole.gpus, whole.urls) == ((1,), ("http://127.0.0.1:14320/metrics",))
+    assert maths.activity_of(gpus[0]) == pytest.approx(0.6)
+    w = maths.Window()
+    for t in (10.0, 20.0, 30.0):
+        by_url = {r.url: r for r in readings(t)}
+        r = maths.group_reading(mig.url, mig.urls, by_url)
+        w.add(maths.sample_of(snap(t, readings(t)), mig, r))
+    assert w.tokens_per_second() == pytest.approx(2800.0)       # 100 + 200 + ... + 700
+    # one instance's server stops answering: the group has no reading, and says which
+    by_url = {r.url: r for r in readings(40.0)}
+    by_url[urls[3]] = InferenceReading(None, 40.0, "", 0, "connection refused", url=urls[3])
+    from gpucostd.calibration.mig import down_url
+    assert not maths.group_reading(mig.url, mig.urls, by_url).ok
+    assert down_url(mig.url, mig.urls, by_url) == urls[3]
+    # a GPU whose instances all idle is idle to calibrate
+    idle = (mig_gpu(0, seven(0, activity=busy(0.0)), utilization_percent=None, **power),)
+    gpus = idle
+    with pytest.raises(maths.CalibrationRefused, match="GPU 0 is idle"):
+        maths.plan(snap(10.0, readings(10.0)[:7]), maths.Params(lever="power"), cfg())
