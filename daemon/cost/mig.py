@@ -283,9 +283,9 @@ def status_lines(instances: Sequence[Mapping[str, Any]], money, big) -> List[str
 
 
 def _fraction(share: float) -> str:
-    for den in (7, 8, 4, 3, 2):
+    for den in (7, 2, 3, 4, 8):
         num = share * den
-        if abs(num - round(num)) < 1e-6:
+        if abs(num - round(num)) < 1e-4:        # (the JSON keeps 6 decimals)
             return f"{int(round(num))}/{den}"
     return f"{share * 100:.0f}%"
 
