@@ -312,6 +312,17 @@ def test_instance_totals_survive_a_restart_and_a_bad_saved_table_starts_fresh(tm
     acc = CostAccountant(cfg("[cost]\ngpu_hour_usd = 7.0\n"), state, clock)
     rep = run(acc, clock, 60, lambda t: [mig_gpu(0, seven(0), utilization_percent=0.0)])
     assert by_key(rep)["0/7/0"]["idle_dollars"] == pytest.approx(120 / 3600, rel=0.02)
+    # a hand-edited table that is not totals: the file is set aside, the totals start from 0
+    import json
+    path = tmp_path / "cost.json"
+    data = json.loads(path.read_text())
+    data["efficiency"]["mig"]["0/7/0"]["idle_dollars"] = "lots"
+    path.write_text(json.dumps(data))
+    acc = CostAccountant(cfg("[cost]\ngpu_hour_usd = 7.0\n"), state, clock)
+    assert acc.eff.mig.instances == {} and acc.eff.gpus == {}
+    assert list(tmp_path.glob("cost.json.bad*"))
+    rep = run(acc, clock, 60, lambda t: [mig_gpu(0, seven(0), utilization_percent=0.0)])
+    assert by_key(rep)["0/7/0"]["idle_dollars"] == pytest.approx(60 / 3600, rel=0.02)
     from gpucostd.cost.mig import _fraction
     assert [_fraction(x) for x in (round(1 / 7, 6), round(4 / 7, 6), 0.5, 0.3)] == [
         "1/7", "4/7", "1/2", "30%"]

@@ -585,6 +585,7 @@ class CostAccountant:
             self._tracks.clear()
             self._history.clear()
             self._by_index.clear()
+            self.eff = EfficiencyBook()       # (its totals, MIG instances' too, may be half read)
             msg = f"{path}: unreadable cost state ({str(e)[:160]}); totals start from zero; {kept}"
             LOG.warning(msg)
             notice(path, msg)
