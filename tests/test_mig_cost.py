@@ -250,6 +250,19 @@ def test_slices_in_no_instance_are_the_gpus_idle_capacity_and_a_profile_price_ov
     assert rep.to_json()["gpus"][0]["idle_dollars"] == pytest.approx(7.0 * 4 / 7 * 100 / 3600)
 
 
+def test_a_mig_gpu_without_gpu_util_is_busy_by_its_instances_so_its_throttling_is_priced():
+    clock = VirtualClock()
+    acc = CostAccountant(cfg("[cost]\ngpu_hour_usd = 7.0\n"), None, clock)
+    capped = dict(utilization_percent=None, sm_clock_mhz=1584.0,
+                  clock_event_reasons=("SwPowerCap",))                  # 20% below 1980 MHz
+    rep = run(acc, clock, 100, lambda t: [mig_gpu(0, seven(0, activity=busy(0.5)), **capped),
+                                          mig_gpu(1, seven(1, activity=busy(0.0)), **capped)])
+    g0, g1 = rep.gpus
+    assert (g0.busy, g1.busy) == (True, False)
+    assert g0.loss_ratio == pytest.approx(0.2) and g1.loss_ratio == 0
+    assert g0.capacity_lost_seconds == pytest.approx(20.0)
+
+
 def test_energy_is_shared_by_instance_activity_else_by_share_and_said_to_be_an_estimate():
     clock = VirtualClock()
     acc = CostAccountant(cfg("[cost]\nenergy_usd_per_kwh = 0.1\n"), None, clock)

@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from gpucostd.cost.model import is_busy
+
 
 @dataclass(frozen=True)
 class SummedReading:
@@ -110,14 +112,9 @@ def gpu_activity(g) -> Optional[float]:
 
 
 def gpu_busy(g, busy_percent: float) -> bool:
-    """Busy enough to calibrate: GPU-Util at or above the threshold, or on a MIG GPU without
-    it, any instance's SM activity; never while GpuIdle."""
-    if "GpuIdle" in (g.clock_event_reasons or ()):
-        return False
-    if g.utilization_percent is not None:
-        return g.utilization_percent >= busy_percent
-    return any(m.activity is not None and m.activity.sm is not None and
-               100.0 * float(m.activity.sm) >= busy_percent for m in getattr(g, "mig", ()) or ())
+    """Busy enough to calibrate: the cost model's busy (GPU-Util at or above the threshold, or
+    on a MIG GPU without it, an instance's SM activity; never while GpuIdle)."""
+    return is_busy(g, busy_percent)
 
 
 __all__ = ["endpoint_groups", "group_reading", "down_url", "gpu_activity", "gpu_busy",
