@@ -75,6 +75,17 @@ def test_a_gpu_is_either_whole_or_sliced_across_endpoints_and_an_instance_has_on
     cfg(two.format(a='instances = ["0/1/0"]\ngpus = [1]', b='instances = ["0/2/0"]'))
 
 
+def test_a_profile_price_is_a_table_of_globs_checked_like_the_model_prices():
+    c = cfg('[cost.mig_profile_hour_usd]\n"1g.*" = 0.45\n"7g.80gb" = 3.0\n')
+    assert (c.price_for_mig("1g.10gb"), c.price_for_mig("7g.80gb"), c.price_for_mig("3g.40gb")) \
+        == (0.45, 3.0, None)
+    assert cfg(c.to_toml()).mig_prices == c.mig_prices
+    with pytest.raises(ConfigError, match=r":2: .*cost.mig_profile_hour_usd.'1g.\*'"):
+        cfgmod.parse('[cost.mig_profile_hour_usd]\n"1g.*" = -1\n', "/etc/gpucostd/gpucostd.toml")
+    with pytest.raises(ConfigError, match="table of MIG profile glob = price"):
+        cfg('[cost]\nmig_profile_hour_usd = 1\n')
+
+
 # --------------------------------------------------------------------------- readings
 def inst(gpu, gi, ci=0, profile="1g.10gb", **kw):
     slices = int(profile.split("g.", 1)[0])
