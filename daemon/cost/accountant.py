@@ -475,7 +475,7 @@ class CostAccountant:
             self._save_floor()
         if report is not None:
             report.tokens = tk
-            report.mig = self.eff.mig_json()      # its endpoints' tokens per instance
+            report.mig = self.eff.mig_json(report.mig)   # its endpoints' tokens per instance
             # each endpoint's tokens go to its GPUs
             shares = self.eff.gpu_rates([g.index for g in report.gpus])
             for g in report.gpus:

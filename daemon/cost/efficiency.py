@@ -346,10 +346,15 @@ class EfficiencyBook:
         return {"instances": list(ep.instances), "cost_dollars_per_hour": _r(per_hour),
                 "tokens_per_dollar": _r(tpd) if tpd is None or math.isfinite(tpd) else None}
 
-    def mig_json(self) -> List[Dict[str, Any]]:
-        """Every MIG instance's cost and tokens (gpucostd.cost.mig.MigBook.to_json)."""
+    def mig_json(self, entries: Optional[List[Dict[str, Any]]] = None
+                 ) -> List[Dict[str, Any]]:
+        """Every MIG instance's cost and tokens (gpucostd.cost.mig.MigBook.to_json); with
+        `entries` (this cycle's, made before the endpoints were read), their tokens only."""
         if not self.mig.instances or self._config is None:
             return []
+        if entries is not None:
+            self.mig.add_tokens(entries, list(self.endpoints.values()), self._config)
+            return entries
         return self.mig.to_json(list(self.endpoints.values()), self._config)
 
     # ------------------------------------------------------------------ node figures

@@ -154,12 +154,36 @@ class MigBook:
         b = self.instances.get(key)
         if b is None:
             return None
-        return b.price + _energy_per_hour(b.power, config)
+        return b.price + (b.power or 0.0) * _usd_per_watt_hour(config)
 
     # ------------------------------------------------------------------ views
     def to_json(self, endpoints: Sequence[Any], config: Any) -> List[Dict[str, Any]]:
-        """One entry per instance, in key order, with its endpoint's tokens where one serves on
-        it (an endpoint's tokens/s split over its instances by their shares)."""
+        """One entry per instance, in key order, with its endpoint's tokens (add_tokens)."""
+        out = []
+        usd_w = _usd_per_watt_hour(config)
+        for key in sorted(self.instances, key=_key_order):
+            b = self.instances[key]
+            m, tot = b.m, b.totals
+            energy_h = (b.power or 0.0) * usd_w
+            out.append({
+                "key": key, "gpu": m.gpu_index, "gpu_uuid": b.gpu_uuid, "gpu_instance": m.gi_id,
+                "compute_instance": m.ci_id, "profile": m.profile, "uuid": m.uuid,
+                "share": _r(m.share), "price_per_hour": _r(b.price),
+                "price_basis": b.price_basis,
+                "energy_dollars_per_hour": _r(energy_h),
+                "cost_dollars_per_hour": _r(b.price + energy_h),
+                "power_watts_estimate": _r(b.power, 3), "energy_basis": b.energy_basis,
+                "idle_now": None if b.idle is None else b.idle >= 1.0,
+                "idle_basis": b.basis,
+                **{k: _r(v, 3 if k.endswith(("seconds", "joules")) else 6)
+                   for k, v in tot.items()}})
+        self.add_tokens(out, endpoints, config)
+        return out
+
+    def add_tokens(self, entries: List[Dict[str, Any]], endpoints: Sequence[Any],
+                   config: Any) -> None:
+        """Fill each entry's endpoint, tokens/s (its endpoint's, split over the endpoint's
+        instances by their shares) and tokens per dollar at the instance's price, in place."""
         served: Dict[str, Tuple[str, Optional[float]]] = {}
         for ep in endpoints:
             keys = [k for k in (ep.instances or ()) if k in self.instances]
@@ -168,29 +192,15 @@ class MigBook:
                 rate = (ep.rate * self.instances[k].m.share / shares
                         if ep.up and ep.rate is not None and shares > 0 else None)
                 served[k] = (ep.url, rate)
-        out = []
-        for key in sorted(self.instances, key=_key_order):
-            b = self.instances[key]
-            m, tot = b.m, b.totals
-            energy_h = _energy_per_hour(b.power, config)
-            per_hour = b.price + energy_h
-            url, rate = served.get(key, (None, None))
-            out.append({
-                "key": key, "gpu": m.gpu_index, "gpu_uuid": b.gpu_uuid, "gpu_instance": m.gi_id,
-                "compute_instance": m.ci_id, "profile": m.profile, "uuid": m.uuid,
-                "share": _r(m.share), "price_per_hour": _r(b.price),
-                "price_basis": b.price_basis,
-                "energy_dollars_per_hour": _r(energy_h), "cost_dollars_per_hour": _r(per_hour),
-                "power_watts_estimate": _r(b.power, 3), "energy_basis": b.energy_basis,
-                "idle_now": None if b.idle is None else b.idle >= 1.0,
-                "idle_basis": b.basis,
-                **{k: _r(v, 3 if k.endswith(("seconds", "joules")) else 6)
-                   for k, v in tot.items()},
-                "endpoint": url, "tokens_per_second": _r(rate),
-                "tokens_per_dollar": _r(_tpd(rate, per_hour)),
-                "cost_per_million_tokens": _r(per_hour / (rate * 3600.0) * 1e6
-                                              if rate and per_hour > 0 else None)})
-        return out
+        usd_w = _usd_per_watt_hour(config)
+        for d in entries:
+            b = self.instances.get(d["key"])
+            url, rate = served.get(d["key"], (None, None))
+            per_hour = b.price + (b.power or 0.0) * usd_w if b is not None else 0.0
+            d.update({"endpoint": url, "tokens_per_second": _r(rate),
+                      "tokens_per_dollar": _r(_tpd(rate, per_hour)),
+                      "cost_per_million_tokens": _r(per_hour / (rate * 3600.0) * 1e6
+                                                    if rate and per_hour > 0 else None)})
 
     # ------------------------------------------------------------------ persistence
     def state(self) -> Dict[str, Any]:
@@ -231,11 +241,10 @@ def _profile_price(config: Any, profile: str) -> Optional[float]:
     return float(price) if price is not None and is_finite(price) else None
 
 
-def _energy_per_hour(power: Optional[float], config: Any) -> float:
-    if power is None:
-        return 0.0
+def _usd_per_watt_hour(config: Any) -> float:
+    """Money per watt drawn for an hour (x PUE)."""
     cost = config.cost
-    return power / 1000.0 * float(cost.pue) * float(cost.energy_usd_per_kwh)
+    return float(cost.pue) * float(cost.energy_usd_per_kwh) / 1000.0
 
 
 def _tpd(rate: Optional[float], per_hour: float) -> Optional[float]:
