@@ -30,6 +30,7 @@ from gpucostd.snapshot import GpuReading, MigInstance
 TOTAL_KEYS = ("paid_seconds", "idle_seconds", "idle_dollars", "underused_seconds",
               "underused_dollars", "energy_joules", "energy_dollars")
 MAX_STATUS_LINES = 16        # instance lines in `gpucostd status`; the rest in --json
+_DIGITS = {k: 3 if k.endswith(("seconds", "joules")) else 6 for k in TOTAL_KEYS}
 
 
 def _work(m: MigInstance) -> Optional[float]:
@@ -175,8 +176,7 @@ class MigBook:
                 "power_watts_estimate": _r(b.power, 3), "energy_basis": b.energy_basis,
                 "idle_now": None if b.idle is None else b.idle >= 1.0,
                 "idle_basis": b.basis,
-                **{k: _r(v, 3 if k.endswith(("seconds", "joules")) else 6)
-                   for k, v in tot.items()}})
+                **{k: round(v, _DIGITS[k]) for k, v in tot.items()}})     # finite floats
         self.add_tokens(out, endpoints, config)
         return out
 
