@@ -76,9 +76,56 @@ def gpu_table(g: GpuReading) -> Dict[str, Any]:
         out["violation_counters"] = False
     if g.gpm_supported is False:          # no GPU Performance Monitoring (docs/scenarios.md)
         unsupported.append("gpm")
+    if g.mig_mode is None:                # no MIG (or not read)
+        unsupported.append("mig")
+    else:
+        out["mig_mode"] = g.mig_mode
+        if g.mig_mode_pending is not None and g.mig_mode_pending != g.mig_mode:
+            out["mig_mode_pending"] = g.mig_mode_pending
     if unsupported:
         out["unsupported"] = unsupported
     return out
+
+
+def mig_tables(g: GpuReading) -> List[Dict[str, Any]]:
+    """The GPU's MIG instances as [[mig]] tables (docs/scenarios.md): profile, GPU instance id,
+    UUID and memory used, so the node's slicing replays in the simulator."""
+    out: List[Dict[str, Any]] = []
+    for m in g.mig:
+        if not m.profile or m.profile == "?":
+            continue                      # its attributes did not answer: no profile to replay
+        t: Dict[str, Any] = {"gpu": g.index, "profile": m.profile, "gi_id": m.gi_id}
+        if m.uuid:
+            t["uuid"] = m.uuid
+        if m.memory_used_bytes is not None:
+            t["memory_used_mib"] = round(m.memory_used_bytes / (1 << 20), 1)
+        busy = _busy_percent(m.activity, g)
+        if busy is not None:
+            t["utilization"] = busy
+        out.append(t)
+    return out
+
+
+def _busy_percent(act: Any, g: GpuReading) -> Optional[float]:
+    """The `utilization` that makes the simulator's instance read the SM activity it read here
+    (GPM; NVML has no GPU-Util on a MIG GPU): the default physics at the GPU's clock, where SM
+    activity grows in proportion to the time busy. None without a reading."""
+    if act is None or act.sm is None or not g.sm_clock_mhz:
+        return None
+    from gpucostd.sim.physics import DEFAULT_MODEL
+    full = DEFAULT_MODEL.activity(g.sm_clock_mhz, g.sm_clock_max_mhz or g.sm_clock_mhz,
+                                  100.0)["sm"]
+    return round(min(100.0, 100.0 * act.sm / full), 2) if full > 0 else None
+
+
+def _mig_parent_busy(g: GpuReading, tables: List[Dict[str, Any]]) -> Optional[float]:
+    """A MIG GPU's own `utilization` for the simulator's physics (its power, its GPM): what its
+    instances add up to, slice by slice."""
+    shares = {m.gi_id: m.share for m in g.mig}
+    if not tables or any("utilization" not in t for t in tables):
+        return None
+    return round(min(100.0, sum(shares.get(t["gi_id"], 0.0) * t["utilization"]
+                                for t in tables)), 2)
 
 
 def scenario_text(gpus: Sequence[GpuReading], driver: Optional[str], cuda: Optional[str],
@@ -103,5 +150,13 @@ def scenario_text(gpus: Sequence[GpuReading], driver: Optional[str], cuda: Optio
         t = gpu_table(g) if g.state == GpuState.OK else {
             k: v for k, v in (("index", g.index), ("pci_bus_id", g.pci_bus_id),
                               ("uuid", g.uuid), ("name", g.name), ("lost", True)) if v}
+        if g.state == GpuState.OK and g.mig and g.utilization_percent is None:
+            busy = _mig_parent_busy(g, mig_tables(g))
+            if busy is not None:      # NVML answers NOT_SUPPORTED; the physics needs it
+                t["utilization"] = busy
         tables.append(t)
-    return head + "\n" + dump_toml({"node": node, "gpu": tables})
+    data: Dict[str, Any] = {"node": node, "gpu": tables}
+    mig = [t for g in gpus if g.state == GpuState.OK for t in mig_tables(g)]
+    if mig:
+        data["mig"] = mig
+    return head + "\n" + dump_toml(data)

@@ -546,6 +546,10 @@ def cmd_capture(args) -> int:
         if not gpus:
             _print_err(f"no GPUs to capture: {d.gateway.error or 'NVML reports none'}")
             return 3
+        if any(g.mig and g.gpm_supported for g in gpus):
+            # each MIG instance's work is GPM between two samples (nvml.h: > 100 ms apart)
+            d.clock.sleep(0.5)
+            gpus = d.gpu_probe.read()
         text = scenario_text(gpus, d.gateway.driver_version, d.gateway.cuda_version,
                              socket.gethostname())
     finally:

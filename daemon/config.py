@@ -59,8 +59,9 @@ DYNAMIC = {
                            "\"model:GLOB\" plus GPU settings",
     "tuning.nic": "[tuning.nic.IFNAME] rx/tx/rx_mini/rx_jumbo = N or \"max\"",
     "cost.model_hour_usd": "model-name glob = price of one GPU-hour",
-    "inference.endpoint": "[[inference.endpoint]] url = \"http://...\", gpus = [0, 1], "
-                          "tokens_metric, parallel = \"tensor\"|\"data\"",
+    "cost.mig_profile_hour_usd": "MIG profile glob = price of one instance-hour",
+    "inference.endpoint": "[[inference.endpoint]] url = \"http://...\", gpus = [0, 1] or "
+                          "instances = [\"0/1/0\"], tokens_metric, parallel = \"tensor\"|\"data\"",
 }
 
 
@@ -124,7 +125,7 @@ class Config:
                  model_prices: Tuple[Tuple[str, float], ...], raw_text: str = "",
                  endpoints: Tuple[InferenceEndpoint, ...] = (), *,
                  warnings: Sequence[str] = (), files: Sequence[Tuple[str, str]] = (),
-                 price_note: Optional[str] = None):
+                 price_note: Optional[str] = None, mig_prices: Tuple[Tuple[str, float], ...] = ()):
         init = object.__setattr__
         init(self, "path", path)
         init(self, "_endpoints", tuple(endpoints))
@@ -139,6 +140,7 @@ class Config:
         init(self, "gpu_overrides", overrides)
         init(self, "nic_tuning", _View({k: _View(v) for k, v in nics.items()}))
         init(self, "model_prices", model_prices)
+        init(self, "mig_prices", tuple(mig_prices))   # (profile glob, $ per instance-hour)
         init(self, "raw_text", raw_text)
         # trust problems a root daemon reports as findings (see load()); () when none
         init(self, "warnings", tuple(warnings))
@@ -201,6 +203,14 @@ class Config:
                 return price
         return self.cost.gpu_hour_usd
 
+    def price_for_mig(self, profile: Optional[str]) -> Optional[float]:
+        """[cost.mig_profile_hour_usd]: the price of one hour of a MIG instance of `profile`;
+        None: priced at its share of its GPU's hour (docs/cost.md, "MIG instances")."""
+        for glob, price in self.mig_prices:
+            if profile is not None and fnmatch.fnmatchcase(profile, glob):
+                return price
+        return None
+
     def updated(self, **sections: Mapping[str, Any]) -> "Config":
         """A copy with some keys of some sections replaced (for replay's private settings;
         callers pass values that are valid)."""
@@ -215,7 +225,7 @@ class Config:
 
     def _copy(self, **change: Any) -> "Config":
         args = dict(values=self._values, endpoints=self._endpoints, warnings=self.warnings,
-                    files=self.files, price_note=self.price_note)
+                    files=self.files, price_note=self.price_note, mig_prices=self.mig_prices)
         args.update(change)
         values = args.pop("values")
         return Config(values, self.path, self.gpu_overrides,
@@ -237,10 +247,13 @@ class Config:
         tuning["gpu"] = gpu
         tuning["nic"] = {n: dict(v) for n, v in self.nic_tuning.items()}
         out["tuning"] = tuning
-        out["cost"] = dict(out["cost"], model_hour_usd=dict(self.model_prices))
+        out["cost"] = dict(out["cost"], model_hour_usd=dict(self.model_prices),
+                           **({"mig_profile_hour_usd": dict(self.mig_prices)}
+                              if self.mig_prices else {}))
         if self._endpoints:
             out["inference"] = dict(out["inference"], endpoint=[
                 dict({"url": e.url}, **({"gpus": list(e.gpus)} if e.gpus is not None else {}),
+                     **({"instances": list(e.instances)} if e.instances is not None else {}),
                      tokens_metric=e.tokens_metric, parallel=e.parallel)
                 for e in self._endpoints])
         return out
@@ -389,6 +402,7 @@ def _parse(text: str, path: Optional[str]) -> Config:
     overrides: List[GpuOverride] = []
     nics: Dict[str, Dict[str, Any]] = {}
     prices: List[Tuple[str, float]] = []
+    mig_prices: List[Tuple[str, float]] = []
     endpoints: List[InferenceEndpoint] = []
 
     for section, table in raw.items():
@@ -409,14 +423,14 @@ def _parse(text: str, path: Optional[str]) -> Config:
             if section == "inference" and name == "endpoint":
                 parse_endpoints(value, endpoints, err_at, loc)
                 continue
-            if section == "cost" and name == "model_hour_usd":
+            if section == "cost" and name in ("model_hour_usd", "mig_profile_hour_usd"):
+                what = "model" if name == "model_hour_usd" else "MIG profile"
                 if not isinstance(value, dict):
-                    raise err("cost.model_hour_usd must be a table of model glob = price")
+                    raise err(f"cost.{name} must be a table of {what} glob = price")
                 for glob, price in value.items():
                     _check_value(make_key("float", 0, "", min=0, max=1e6), price,
-                                 f"cost.model_hour_usd.{glob!r}", err_at("cost.model_hour_usd",
-                                                                           glob))
-                    prices.append((glob, float(price)))
+                                 f"cost.{name}.{glob!r}", err_at(f"cost.{name}", glob))
+                    (prices if what == "model" else mig_prices).append((glob, float(price)))
                 continue
             if f"{section}.{name}" in SCHEMA:      # a subtable: [drain.slurm]
                 _parse_subtable(section, name, value, values, err_at)
@@ -434,7 +448,8 @@ def _parse(text: str, path: Optional[str]) -> Config:
         values["daemon"]["socket_path"] = default_socket_path()
     if "state_dir" not in raw.get("daemon", {}):
         values["daemon"]["state_dir"] = default_state_dir()
-    return Config(values, path, tuple(overrides), nics, tuple(prices), text, tuple(endpoints))
+    return Config(values, path, tuple(overrides), nics, tuple(prices), text, tuple(endpoints),
+                  mig_prices=tuple(mig_prices))
 
 
 def _parse_subtable(section: str, name: str, value: Any, values: Dict[str, Dict[str, Any]],

@@ -5,7 +5,10 @@ import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
-ENDPOINT_KEYS = ("url", "gpus", "tokens_metric", "parallel")
+ENDPOINT_KEYS = ("url", "gpus", "instances", "tokens_metric", "parallel")
+# a MIG instance as an endpoint names it: GPU index / GPU instance id / compute instance id, the
+# key of gpucostd.snapshot.MigInstance
+_INSTANCE_RE = re.compile(r"^(\d{1,4})/(\d{1,4})/(\d{1,4})$")
 PARALLEL = ("tensor", "data")
 _SEL_NAME = r"[A-Za-z_:][A-Za-z0-9_:]*"
 _SEL_RE = re.compile(r"^\s*(" + _SEL_NAME + r")\s*(?:\{(.*)\})?\s*$")
@@ -36,12 +39,40 @@ def parse_selector(text: str) -> Tuple[str, Tuple[Tuple[str, str, str], ...]]:
 
 @dataclass(frozen=True)
 class InferenceEndpoint:
-    """One inference server's /metrics: its tokens go to `gpus` (None: all GPUs)."""
+    """One inference server's /metrics: its tokens go to `gpus` (None: all GPUs), or, with
+    `instances`, to those MIG instances ("gpu/gi/ci" keys) and through them to their GPUs."""
     url: str
     gpus: Optional[Tuple[int, ...]]
     tokens_metric: str
     parallel: str = "tensor"
     line: Optional[int] = None
+    instances: Optional[Tuple[str, ...]] = None
+
+    @property
+    def serving_gpus(self) -> Optional[Tuple[int, ...]]:
+        """The GPUs its tokens go to: `gpus`, and the parent GPUs of its `instances` (in
+        order, once each); None (all GPUs) only when it names neither."""
+        if self.instances is None:
+            return self.gpus
+        out: List[int] = list(self.gpus or ())
+        for key in self.instances:
+            g = instance_gpu(key)
+            if g not in out:
+                out.append(g)
+        return tuple(out)
+
+
+def instance_gpu(key: str) -> int:
+    """The parent GPU index of an instance key "gpu/gi/ci"."""
+    return int(key.split("/", 1)[0])
+
+
+def parse_instance(text: Any) -> Optional[str]:
+    """An instance key in its canonical form ("0/1/0"), or None when `text` is not one."""
+    m = _INSTANCE_RE.match(text) if isinstance(text, str) else None
+    if not m:
+        return None
+    return "/".join(str(int(x)) for x in m.groups())
 
 
 def check_url(url: Any, name: str, err) -> None:
@@ -94,7 +125,7 @@ def check_inference(inf: Dict[str, Any], endpoints: List[InferenceEndpoint], err
     for i, e in enumerate(endpoints):
         if e.tokens_metric == "":
             endpoints[i] = InferenceEndpoint(e.url, e.gpus, inf["tokens_metric"], e.parallel,
-                                             e.line)
+                                             e.line, e.instances)
 
 
 def parse_endpoints(value, endpoints: List[InferenceEndpoint], err_at, loc) -> None:
@@ -102,7 +133,9 @@ def parse_endpoints(value, endpoints: List[InferenceEndpoint], err_at, loc) -> N
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
         raise err_at("inference", "endpoint")(
             "inference.endpoint must be an array of tables [[inference.endpoint]]")
-    owner: Dict[int, int] = {}
+    owner: Dict[int, int] = {}          # GPU given whole in gpus -> its endpoint
+    sliced: Dict[int, int] = {}         # GPU with an instance in instances -> the first such
+    inst_owner: Dict[str, int] = {}     # instance key -> its endpoint
     for i, ep in enumerate(value):
         def e(k=None, i=i):
             return err_at(sec, k, i)
@@ -123,8 +156,15 @@ def parse_endpoints(value, endpoints: List[InferenceEndpoint], err_at, loc) -> N
                 if g in owner:
                     raise e("gpus")(f"{sec}.gpus: GPU {g} is already in [[{sec}]] #{owner[g] + 1}"
                                     f"; each GPU's tokens come from one endpoint")
+                if g in sliced:
+                    raise e("gpus")(
+                        f"{sec}.gpus: GPU {g} is sliced by MIG: [[{sec}]] #{sliced[g] + 1} "
+                        f"serves on its instance(s); name the instances this endpoint serves "
+                        f"on in instances = [\"{g}/GI/CI\"] instead of the whole GPU")
                 owner[g] = i
             gpus = tuple(gpus)
+        instances = _parse_instances(ep, sec, e, gpus, owner, sliced, inst_owner, i) \
+            if "instances" in ep else None
         metric = check_metric(ep.get("tokens_metric", ""), f"{sec}.tokens_metric",
                                e("tokens_metric")) if "tokens_metric" in ep else ""
         parallel = ep.get("parallel", "tensor")
@@ -132,4 +172,43 @@ def parse_endpoints(value, endpoints: List[InferenceEndpoint], err_at, loc) -> N
             raise e("parallel")(f'{sec}.parallel = {parallel!r}: choose "tensor" (one group: '
                                 f'the slowest GPU sets its pace) or "data"')
         endpoints.append(InferenceEndpoint(ep["url"], gpus, metric, parallel,
-                                           loc.find(sec, None, i)))
+                                           loc.find(sec, None, i), instances))
+
+
+def _parse_instances(ep, sec, e, gpus, owner, sliced, inst_owner, i) -> Tuple[str, ...]:
+    """[[inference.endpoint]] instances = ["0/1/0", ...]: the MIG instances it serves on."""
+    value = ep["instances"]
+    form = (f'{sec}.instances = {value!r} must be a non-empty list of MIG instances as '
+            f'"GPU/GI/CI" (GPU index, GPU instance id, compute instance id, as `gpucostd '
+            f'status` lists them), e.g. ["0/1/0", "0/2/0"]')
+    if not isinstance(value, list) or not value:
+        raise e("instances")(form)
+    out: List[str] = []
+    for text in value:
+        key = parse_instance(text)
+        if key is None:
+            raise e("instances")(f"{sec}.instances: {text!r} is not an instance; " + form)
+        g = instance_gpu(key)
+        if g >= 1024:
+            raise e("instances")(f"{sec}.instances: {text!r}: GPU index {g} is out of range "
+                                 f"(0..1023)")
+        if key in out:
+            raise e("instances")(f"{sec}.instances: {key} is named twice; name each "
+                                 f"instance (GPU/GI/CI) once")
+        if key in inst_owner:
+            raise e("instances")(f"{sec}.instances: {key} is already in [[{sec}]] "
+                                 f"#{inst_owner[key] + 1}; each instance's tokens come from one "
+                                 f"endpoint")
+        if gpus is not None and g in gpus:
+            raise e("instances")(
+                f"{sec}: GPU {g} is named twice, whole in gpus and sliced in instances "
+                f"({key}); a MIG GPU serves on its instances: drop {g} from gpus")
+        if g in owner:
+            raise e("instances")(
+                f"{sec}.instances: {key} is on GPU {g}, which [[{sec}]] #{owner[g] + 1} serves "
+                f"on whole (gpus); a GPU is either whole or sliced: name its instances there "
+                f"too, or drop it from that endpoint's gpus")
+        out.append(key)
+        inst_owner[key] = i
+        sliced.setdefault(g, i)
+    return tuple(out)

@@ -125,6 +125,7 @@ class InferenceReading:
     inference_requests_total: Optional[float] = None
     gpus: Optional[Tuple[int, ...]] = None      # the GPUs its tokens go to (None: all)
     parallel: str = "tensor"
+    instances: Optional[Tuple[str, ...]] = None  # MIG "gpu/gi/ci" it serves on (gpus: theirs)
 
     @property
     def ok(self) -> bool:
@@ -472,14 +473,14 @@ class InferenceProbe:
     """InferenceProbe(url, metric, timeout).read() -> InferenceReading (never raises).
 
     `fetch`: a callable returning the exposition text instead of an HTTP GET (the simulated
-    servers in replay); `gpus`/`parallel` are carried into the reading for the accountant."""
+    servers in replay); `gpus`, `parallel`, `instances` go into the reading for the accountant."""
 
     def __init__(self, url: str, metric: str = "auto", timeout: float = 0.5,
                  clock: Optional[Callable[[], float]] = None, opener=None,
                  fetch: Optional[Callable[[], str]] = None,
                  gpus: Optional[Sequence[int]] = None, parallel: str = "tensor",
-                 gpu_count: Optional[Callable[[], int]] = None,
-                 expect_owner: Optional[int] = None):
+                 gpu_count: Optional[Callable[[], int]] = None, expect_owner: Optional[int] = None,
+                 instances: Optional[Sequence[str]] = None):
         """`gpu_count`: the node's GPUs (the bound of an endpoint that names none);
         `expect_owner`: for a loopback URL, the uid that must own the listening socket."""
         self.url = url
@@ -491,11 +492,11 @@ class InferenceProbe:
         self._now = clock or _time.monotonic
         self._fetch_fn = fetch
         self.gpus = tuple(gpus) if gpus is not None else None
-        self.parallel = parallel
+        self.parallel, self.instances = parallel, (tuple(instances) if instances else None)
 
     def read(self) -> InferenceReading:
         now = self._now()
-        base = dict(url=self.url, gpus=self.gpus, parallel=self.parallel)
+        base = dict(url=self.url, gpus=self.gpus, parallel=self.parallel, instances=self.instances)
         try:
             if self._fetch_fn is None and self.expect_owner is not None:
                 self._check_owner()
@@ -511,8 +512,7 @@ class InferenceProbe:
         self._last = (now, total, name)
         return InferenceReading(total, now, name, n, None, server=server,
                                 requests_running=figures["running"],
-                                requests_waiting=figures["waiting"],
-                                kv_cache_usage=figures["kv"],
+                                requests_waiting=figures["waiting"], kv_cache_usage=figures["kv"],
                                 preemptions_total=figures["preemptions"],
                                 queue_seconds_total=figures["queue_seconds"],
                                 queue_requests_total=figures["queue_requests"],

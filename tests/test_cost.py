@@ -465,7 +465,8 @@ def test_to_json_has_stable_keys():
     _acc, rep = _hour_of_throttling()
     data = rep.to_json()
     assert set(data) == {"schema", "time", "currency", "priced", "totals_since", "node", "gpus",
-                         "notes"}
+                         "mig", "notes"}
+    assert data["mig"] == []                    # no MIG instance (tests/test_mig_cost.py)
     assert set(data["node"]) == {"cost_dollars_per_hour", "throttle_dollars_per_hour",
                                  "loss_ratio", "capacity_lost_seconds", "dollars", "reasons",
                                  "last_hour", "last_24h", "tokens", "efficiency"}

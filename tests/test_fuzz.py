@@ -24,6 +24,7 @@ from gpucostd import config_toml  # noqa: E402
 from gpucostd.probes.inference import ParseError, parse_metric  # noqa: E402
 from gpucostd.probes.kernel_log import KernelFault, NvrmParser  # noqa: E402
 from gpucostd.sim import scenario as scenario_mod  # noqa: E402
+from gpucostd.sim.mig import MIG_KEYS  # noqa: E402
 from gpucostd.views import statusview  # noqa: E402
 from gpucostd.views.statusapi import StatusServer  # noqa: E402
 
@@ -81,7 +82,7 @@ def tables(names_and_keys):
             if not draw(st.booleans()):
                 continue
             header = draw(st.sampled_from([f"[{table}]", f"[[{table}]]"]) if table.endswith(
-                ("override", "gpu", "at")) else st.just(f"[{table}]"))
+                ("override", "gpu", "at", "mig")) else st.just(f"[{table}]"))
             out.append(header)
             chosen = draw(st.lists(st.sampled_from(list(keys) + ["bogus", "x.y"]),
                                    max_size=6, unique=True))
@@ -124,7 +125,8 @@ def _nan_equal(a, b):
 # ------------------------------------------------------------------ the scenario loader
 SCENARIO_TABLES = [("node", scenario_mod.NODE_FIELDS), ("gpu_defaults", scenario_mod.GPU_FIELDS),
                    ("gpu", list(scenario_mod.GPU_FIELDS) + ["index"]),
-                   ("at", list(scenario_mod.TIMELINE_EXTRA) + list(scenario_mod.GPU_FIELDS))]
+                   ("at", list(scenario_mod.TIMELINE_EXTRA) + list(scenario_mod.GPU_FIELDS)),
+                   ("mig", list(MIG_KEYS))]
 
 
 @FUZZ

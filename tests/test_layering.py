@@ -43,7 +43,7 @@ ALLOWED: Dict[str, set] = {
 # calibration/ is one room with a floor per module: its pure maths sits with cost, its metric
 # lines with the views, the command and the session the loop drives with the process
 FLOORS = {"gpucostd.calibration.maths": "cost", "gpucostd.calibration.report": "cost",
-          "gpucostd.calibration.metrics": "views"}
+          "gpucostd.calibration.mig": "cost", "gpucostd.calibration.metrics": "views"}
 # third-party modules with exactly one home
 ONLY_IN = {
     "pynvml": {"gpucostd.hw.nvml"},

@@ -36,7 +36,9 @@ PER_CYCLE = {"nvmlDeviceGetFieldValues", "nvmlDeviceGetClockInfo",
              "nvmlDeviceGetPersistenceMode", "nvmlDeviceGetApplicationsClock",
              "nvmlDeviceGetCurrPcieLinkGeneration", "nvmlDeviceGetCurrPcieLinkWidth",
              # GPU Performance Monitoring (Hopper): one sample per cycle, metrics from two
-             "nvmlGpmSampleAlloc", "nvmlGpmSampleGet", "nvmlGpmMetricsGet", "nvmlGpmSampleFree"}
+             "nvmlGpmSampleAlloc", "nvmlGpmSampleGet", "nvmlGpmMetricsGet", "nvmlGpmSampleFree",
+             # MIG mode can change between cycles (after a reset): one call per GPU and cycle
+             "nvmlDeviceGetMigMode"}
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from gpucostd.calibration.mig import endpoint_groups, gpu_activity, gpu_busy, group_reading
 from gpucostd.snapshot import GpuState, Severity, THROTTLE_REASONS
 
 # Throttle reasons a calibration may cause; any other throttle reason aborts it.
@@ -374,28 +375,10 @@ class Group:
     lever_why: Optional[str] = None          # why (with --lever auto: what was measured)
     clock_floor: int = 0                     # the lowest supported clock: a lock's minimum
     notes: List[str] = field(default_factory=list)
+    urls: Tuple[str, ...] = ()               # every endpoint whose tokens are summed (MIG)
 
     def label(self) -> str:
         return "GPU" + ("s " if len(self.gpus) > 1 else " ") + ", ".join(map(str, self.gpus))
-
-
-def _endpoint_groups(snap, readings) -> List[Tuple[Tuple[int, ...], Optional[str]]]:
-    """(gpus, url) per endpoint reading, then one GPU alone where no endpoint maps."""
-    indexes = [g.index for g in snap.gpus]
-    out: List[Tuple[Tuple[int, ...], Optional[str]]] = []
-    taken: set = set()
-    for r in readings:
-        if r is None:
-            continue
-        gpus = tuple(i for i in (r.gpus if r.gpus is not None else indexes) if i in indexes)
-        gpus = tuple(i for i in gpus if i not in taken)
-        if gpus:
-            out.append((gpus, r.url))
-            taken.update(gpus)
-    for i in indexes:
-        if i not in taken:
-            out.append(((i,), None))
-    return out
 
 
 def _foreign(reasons) -> List[str]:
@@ -442,7 +425,8 @@ def plan(snap, params: Params, config, levers: Optional[Dict[str, Any]] = None
     busy = float(config.cost.busy_utilization_percent)
     groups: List[Group] = []
     notes: List[str] = []
-    for gpus, url in _endpoint_groups(snap, readings):
+    by_url = {r.url: r for r in readings if r is not None}
+    for gpus, url, urls in endpoint_groups(snap, readings):   # MIG: calibration/mig.py
         if wanted is not None and not wanted & set(gpus):
             continue
         if wanted is not None and not set(gpus) <= wanted:
@@ -451,26 +435,26 @@ def plan(snap, params: Params, config, levers: Optional[Dict[str, Any]] = None
                 f"together: --gpus {','.join(map(str, gpus))}")
         label = ", ".join(map(str, gpus))
         why = None
-        reading = next((r for r in readings if r is not None and r.url == url), None)
+        reading = group_reading(url, urls, by_url)
         if url is None:
             why = (f"no token source maps to GPU {label}: configure its inference server "
                    f"([[inference.endpoint]] url and gpus)")
         elif reading is None or not reading.ok:
-            why = (f"the inference endpoint of GPUs {label} does not answer "
+            why = (f"the inference endpoint {getattr(reading, 'url', '') or ''} of GPUs {label} "
+                   f"does not answer "
                    f"({getattr(reading, 'error', None) or 'no reading'})")
         for i in gpus:
             if why:
                 break
             why = gpu_trouble(snap, i)
             g = snap.gpu(i)
-            if why is None and (g.utilization_percent is None or g.utilization_percent < busy
-                                or "GpuIdle" in (g.clock_event_reasons or ())):
+            if why is None and not gpu_busy(g, busy):
                 why = (f"GPU {i} is idle ({_pct(g.utilization_percent)} utilization): a "
                        f"calibration needs steady traffic; run it under normal load")
             if why is None and (g.power_limit_min_watts is None or
                                 g.power_limit_max_watts is None or g.power_limit_watts is None):
                 why = f"GPU {i} does not report its power limit and range"
-        grp = Group(tuple(gpus), url, lever=params.lever)
+        grp = Group(tuple(gpus), url, lever=params.lever, urls=urls)
         readings_g = [snap.gpu(i) for i in gpus]
         if why is None and grp.lever == "auto":
             grp.lever, grp.lever_why = choose_lever(snap, gpus)
@@ -644,12 +628,8 @@ def sample_of(snap, grp: Group, reading) -> Sample:
 
 def activity_of(g) -> Optional[float]:
     """What a GPU does, 0..1: its SM activity where GPM reports it (GpuReading.activity.sm),
-    else GPU-Util."""
-    act = getattr(g, "activity", None)
-    if act is not None and getattr(act, "sm", None) is not None:
-        return float(act.sm)
-    u = getattr(g, "utilization_percent", None)
-    return None if u is None else float(u) / 100.0
+    on a MIG GPU its instances', else GPU-Util."""
+    return gpu_activity(g)
 
 
 __all__ = ["CalibrationRefused", "sample_of", "Params", "params_from", "Group", "plan",

@@ -68,7 +68,8 @@ def dropin_text(groups: Sequence[Group], recs: Dict[int, Any], config, now: floa
                 if o.kind in ("index", "uuid") and o.matches(i, uuid, grp.names.get(i)):
                     match = o.match
             lines += ["[[tuning.gpu.override]]", f'match = "{match}"   # GPU {i}'
-                      + (f" ({grp.url})" if grp.url else ""),
+                      + (f" ({grp.url}" + (f" and {len(grp.urls) - 1} more: MIG" if
+                                            len(grp.urls) > 1 else "") + ")" if grp.url else ""),
                       setting_line(*lever_setting(grp, recs[i])), ""]
     for match, settings in kept:
         lines += ["[[tuning.gpu.override]]", f'match = "{match}"   # an earlier calibration']

@@ -35,6 +35,7 @@ from dataclasses import replace
 from typing import Any, Dict, List, Optional
 
 from gpucostd.calibration import levers, maths
+from gpucostd.calibration.mig import down_url, group_reading
 from gpucostd.calibration.maths import (CalibrationRefused, Group, Params,  # noqa: F401
                                        gpu_trouble, params_from, plan)
 from gpucostd.calibration.report import binding_note, dropin_text, kept_overrides, summary
@@ -146,9 +147,10 @@ class Calibration:
                 why = levers.changed_behind(grp, snap.gpu(i), limit)
                 if why:
                     return self._abort(why)
-            r = readings.get(grp.url)
+            r = group_reading(grp.url, grp.urls, readings)       # MIG: every instance's
             if r is None or not r.ok:
-                return self._abort(f"the inference endpoint {grp.url} stopped answering ("
+                where = down_url(grp.url, grp.urls, readings)
+                return self._abort(f"the inference endpoint {where} stopped answering ("
                                    f"{getattr(r, 'error', None) or 'no reading'})")
             if now < self.step_started + self.params.warmup:
                 continue
@@ -452,7 +454,7 @@ class Calibration:
         for g in self.groups:
             rec = g.recommendation
             groups.append({
-                "gpus": list(g.gpus), "endpoint": g.url,
+                "gpus": list(g.gpus), "endpoint": g.url, "endpoints": list(g.urls),
                 "uuids": {str(i): g.uuids.get(i) for i in g.gpus},
                 "lever": g.lever, "lever_why": g.lever_why, "notes": list(g.notes),
                 "steps": list(g.steps), "start": [_json(g.start.get(i)) for i in g.gpus],

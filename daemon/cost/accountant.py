@@ -405,6 +405,7 @@ class CostAccountant:
                             node_day, tokens, notes, self._history, self._totals_since)
         report.efficiency = figures
         report.efficiency_history = self.eff.history
+        report.mig = self.eff.mig_json()
         return report
 
     # ------------------------------------------------------------------ tokens
@@ -474,6 +475,7 @@ class CostAccountant:
             self._save_floor()
         if report is not None:
             report.tokens = tk
+            report.mig = self.eff.mig_json(report.mig)   # its endpoints' tokens per instance
             # each endpoint's tokens go to its GPUs
             shares = self.eff.gpu_rates([g.index for g in report.gpus])
             for g in report.gpus:
@@ -583,6 +585,7 @@ class CostAccountant:
             self._tracks.clear()
             self._history.clear()
             self._by_index.clear()
+            self.eff = EfficiencyBook()       # (its totals, MIG instances' too, may be half read)
             msg = f"{path}: unreadable cost state ({str(e)[:160]}); totals start from zero; {kept}"
             LOG.warning(msg)
             notice(path, msg)

@@ -28,6 +28,7 @@ import math
 from collections import deque
 from typing import Any, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from gpucostd.cost.mig import MigBook, gpu_unused
 from gpucostd.cost.model import (MAX_SAMPLE_GAP_SECONDS, is_finite as _finite, rounded as _r,
                                  is_busy)
 from gpucostd.snapshot import GpuReading, GpuState
@@ -65,7 +66,10 @@ def _short(g: GpuReading, target_pct: float) -> float:
 
 def _unused(g: GpuReading, busy_pct: float, target_pct: float) -> Tuple[float, float, str]:
     """(idle share, underused share, basis) of one reading: idle when not busy (GPU-Util),
-    underused by the unused share of its work (SM activity where GPM exists)."""
+    underused by the unused share of its work (SM activity where GPM exists). A MIG GPU: its
+    instances' shares weighted by their slices (gpucostd.cost.mig)."""
+    if g.mig:
+        return gpu_unused(g, busy_pct, target_pct)
     work, basis = work_percent(g)
     if not is_busy(g, busy_pct):
         return 1.0, 0.0, basis
@@ -95,7 +99,7 @@ class _GpuBook:
 
 class _Endpoint:
     __slots__ = ("url", "counter", "samples", "rate", "up", "error", "gpus", "parallel",
-                 "server", "reading", "last_total", "instant")
+                 "server", "reading", "last_total", "instant", "instances")
 
     def __init__(self, url: str):
         self.url = url
@@ -110,6 +114,7 @@ class _Endpoint:
         self.reading: Any = None
         self.last_total: Optional[float] = None
         self.instant: Optional[float] = None     # tokens/s over the latest interval
+        self.instances: Optional[Tuple[str, ...]] = None   # the MIG instances it serves on
 
 
 class EfficiencyBook:
@@ -125,6 +130,8 @@ class EfficiencyBook:
         # minute bucket -> GPU key -> HISTORY_KEYS values (24 h, for `gpucostd cost --since`)
         self.history: Dict[int, Dict[str, List[float]]] = {}
         self.last_cycle: Dict[str, Any] = {}
+        self.mig = MigBook()             # each MIG instance's share (gpucostd.cost.mig)
+        self._config: Any = None
 
     # ------------------------------------------------------------------ GPUs
     def update(self, present: Sequence[Tuple[GpuReading, str, float]], now: float,
@@ -137,6 +144,7 @@ class EfficiencyBook:
         target = float(config.efficiency.target_utilization_percent)
         usd_j = float(cost.energy_usd_per_kwh) * float(cost.pue) / 3.6e6
         d_paid = d_idle = d_under = d_usd = 0.0
+        self._config = config
         for g, key, price in present:
             b = self.gpus.get(key)
             if b is None:
@@ -145,11 +153,13 @@ class EfficiencyBook:
             if g.state != GpuState.OK:
                 b.power_now = None
                 b.t = None          # an unreadable interval is not integrated
+                self.mig.forget_gpu(g.index)
                 continue
             power = g.power_draw_watts if _finite(g.power_draw_watts) else None
             energy = g.energy_joules if _finite(g.energy_joules) else None
             idle, under, b.basis = _unused(g, busy_pct, target)
             b.power_now = power
+            joules = None
             if b.t is not None and now > b.t:
                 dt = now - b.t
                 joules = None
@@ -187,6 +197,7 @@ class EfficiencyBook:
                     for n, v in enumerate((j, j * usd_j, i_s, i_s * price / 3600.0, u_s,
                                            u_s * price / 3600.0)):
                         h[n] += v
+            self.mig.update_gpu(g, price, now, joules, power, config)
             b.t, b.energy, b.power, b.idle, b.under = now, energy, power, idle, under
         if bucket is not None:
             for old in [k for k in self.history if k < bucket - HISTORY_SECONDS // BUCKET_SECONDS]:
@@ -228,6 +239,7 @@ class EfficiencyBook:
                 ep = self.endpoints[url] = _Endpoint(url)
             ep.reading = r
             ep.gpus = getattr(r, "gpus", None)
+            ep.instances = getattr(r, "instances", None)
             ep.parallel = getattr(r, "parallel", "tensor")
             total = getattr(r, "tokens_total", None)
             if getattr(r, "error", None) or not _finite(total):
@@ -315,11 +327,35 @@ class EfficiencyBook:
             out.append({"url": ep.url, "server": ep.server, "up": ep.up, "error": ep.error,
                         "gpus": list(ep.gpus) if ep.gpus is not None else None,
                         "parallel": ep.parallel, "tokens_per_second": _r(ep.rate),
+                        **self._instance_cost(ep),
                         "requests_running": getattr(r, "requests_running", None),
                         "requests_waiting": getattr(r, "requests_waiting", None),
                         "kv_cache_usage": getattr(r, "kv_cache_usage", None),
                         "preemptions_total": getattr(r, "preemptions_total", None)})
         return out
+
+    def _instance_cost(self, ep: _Endpoint) -> Dict[str, Any]:
+        """An endpoint on MIG instances: its instances, priced at their shares of their GPUs'
+        hours (plus their estimated energy), and its tokens per dollar at that price."""
+        if ep.instances is None:
+            return {}
+        costs = [self.mig.cost_per_hour(k, self._config) for k in ep.instances]
+        per_hour = sum(c for c in costs if c is not None) if self._config is not None and \
+            any(c is not None for c in costs) else None
+        tpd = ep.rate * 3600.0 / per_hour if ep.up and ep.rate is not None and per_hour else None
+        return {"instances": list(ep.instances), "cost_dollars_per_hour": _r(per_hour),
+                "tokens_per_dollar": _r(tpd) if tpd is None or math.isfinite(tpd) else None}
+
+    def mig_json(self, entries: Optional[List[Dict[str, Any]]] = None
+                 ) -> List[Dict[str, Any]]:
+        """Every MIG instance's cost and tokens (gpucostd.cost.mig.MigBook.to_json); with
+        `entries` (this cycle's, made before the endpoints were read), their tokens only."""
+        if not self.mig.instances or self._config is None:
+            return []
+        if entries is not None:
+            self.mig.add_tokens(entries, list(self.endpoints.values()), self._config)
+            return entries
+        return self.mig.to_json(list(self.endpoints.values()), self._config)
 
     # ------------------------------------------------------------------ node figures
     def node_figures(self, gpu_dollars_per_hour: float, config: Any) -> Dict[str, Any]:
@@ -354,6 +390,7 @@ class EfficiencyBook:
         return {"gpus": {k: {"index": b.index, **{t: round(v, 6) for t, v in b.totals.items()}}
                          for k, b in sorted(self.gpus.items())},
                 "tokens_total": round(self.tokens_total, 3),
+                **({"mig": self.mig.state()} if self.mig.instances else {}),
                 "history": {str(b): {k: [round(x, 6) for x in v] for k, v in per.items()}
                             for b, per in sorted(list(self.history.items()))}}
 
@@ -381,6 +418,7 @@ class EfficiencyBook:
                     raise ValueError(f"efficiency {key} {t} = {v!r} is not a number")
                 b.totals[t] = float(v)
             self.gpus[str(key)] = b
+        self.mig.load(data.get("mig"))
         for bucket, per in (data.get("history") or {}).items():
             self.history[int(bucket)] = {str(k): _six(v, f"efficiency history {bucket} {k}")
                                          for k, v in per.items()}

@@ -3,7 +3,8 @@
 The model and its assumptions are documented in docs/cost.md; in one breath:
 
 - reference clock = application SM clock when one is set, else the max SM clock;
-- busy = utilization >= ``[cost] busy_utilization_percent`` and GpuIdle not active;
+- busy = utilization >= ``[cost] busy_utilization_percent`` and GpuIdle not active (a MIG GPU
+  without GPU-Util: an instance's GPM SM activity at or above it);
 - loss ratio = 1 - sm_clock / reference while busy and at least one THROTTLE_REASONS reason is
   active, else 0;
 - capacity lost = integral of the loss ratio over time, split equally among the active reasons;
@@ -73,12 +74,15 @@ def reference_clock(g: GpuReading) -> Optional[float]:
 
 def is_busy(g: GpuReading, busy_percent: float) -> bool:
     """Busy = utilization at or above the threshold and GpuIdle not active. Unknown
-    utilization counts as not busy (we do not claim a loss we cannot show)."""
+    utilization counts as not busy (we do not claim a loss we cannot show), except on a MIG
+    GPU (where NVML hides GPU-Util): busy while an instance's own SM activity (GPM) is at or
+    above the threshold."""
     reasons = g.clock_event_reasons or ()
     if "GpuIdle" in reasons:
         return False
     if g.utilization_percent is None:
-        return False
+        return any(m.activity is not None and _finite(m.activity.sm) and
+                   100.0 * m.activity.sm >= busy_percent for m in g.mig)
     return g.utilization_percent >= busy_percent
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 from gpucostd.config import PRICES_FIX  # noqa: F401 (one text, kept with the config)
+from gpucostd.cost.mig import status_lines as mig_status_lines
 from gpucostd.cost.model import (is_finite as _finite, rounded as _r,
                                  sorted_reasons as _sorted_reasons)
 
@@ -134,6 +135,7 @@ class CostReport:
         self.totals_since = totals_since
         self.efficiency: Optional[Dict[str, Any]] = None   # EfficiencyBook.node_figures
         self.efficiency_history: Optional[Mapping[int, Any]] = None
+        self.mig: List[Dict[str, Any]] = []     # MIG instances (gpucostd.cost.mig.MigBook)
 
     @property
     def priced(self) -> bool:
@@ -172,6 +174,7 @@ class CostReport:
                 "efficiency": _eff_json(self.efficiency, self.gpus),
             },
             "gpus": [g.to_json() for g in self.gpus],
+            "mig": list(self.mig),
             "notes": list(self.notes) + [LATENCY_NOTE[0].upper() + LATENCY_NOTE[1:]],
         }
         if history and self._history is not None:
@@ -490,7 +493,8 @@ def _format_efficiency(data: Mapping[str, Any], currency: str) -> List[str]:
     for g in rows:
         if g.get("idle_basis") and g.get("index") is not None:
             by_basis.setdefault(g["idle_basis"], []).append(str(g["index"]))
-    words = {"sm_activity": "SM activity (GPM)", "utilization": "GPU-Util (no GPM)"}
+    words = {"sm_activity": "SM activity (GPM)", "utilization": "GPU-Util (no GPM)",
+             "mig_instances": "its MIG instances' work"}
     if by_basis:
         lines.append("underused = unused share of busy GPUs' work: " + "; ".join(
             f"{words.get(b, b)} on GPU {','.join(ix)}" for b, ix in sorted(by_basis.items())))
@@ -571,6 +575,7 @@ def status_lines_from_json(data: Mapping[str, Any], currency: Optional[str] = No
     if quiet and len(quiet) < len(data.get("gpus") or []):
         lines.append(_clip(f"  GPUs {','.join(quiet)}: no throttling cost in 24h"))
     lines.extend(efficiency_lines(node, currency, priced))
+    lines.extend(mig_status_lines(data.get("mig") or (), lambda x: _money(x, currency), _big))
     lines.append(_clip("  Note: an under-loaded GPU pays for throttling in latency rather than "
                        "throughput."))
     return lines
@@ -587,7 +592,7 @@ def _big(x: Optional[float]) -> str:
 
 # what idle and underused capacity is priced on (EfficiencyBook.idle_basis), as status says it
 _BASIS = {"sm_activity": "of SM activity", "utilization": "of GPU-Util, no GPM",
-          "mixed": "SM activity where GPM, else GPU-Util"}
+          "mixed": "SM activity where GPM, else GPU-Util", "mig_instances": "of MIG instances"}
 
 
 def efficiency_lines(node: Mapping[str, Any], currency: str = "USD",

@@ -35,6 +35,7 @@ from gpucostd.health.gpu_rules import (ACTION_RESET, ACTION_RMA,  # noqa: F401 (
                                        CORRECTED_ECC_WINDOW_SECONDS, SLOWDOWN_HOLD_SECONDS,
                                        GpuRules)
 from gpucostd.health.inventory import Inventory
+from gpucostd.health.mig import MigWatch
 from gpucostd.health.texts import (MESSAGE_MAX, expected_gpus as _expected,  # noqa: F401
                                    fault_time as _fault_time, fmt_seconds as _fmt_seconds,
                                    mig_text as _mig, shortened as _short, xid_title as _xid_title)
@@ -177,6 +178,7 @@ class HealthJudge(GpuRules):
         # the node's GPUs, kept across reboots in their own file (inventory.py)
         self.inventory = Inventory(self.state_dir, _expected(config))
         self._last_gpus: Tuple[GpuReading, ...] = ()
+        self.mig = MigWatch()              # the MIG layouts: instances named, come and gone
 
     # ------------------------------------------------------------------ persistence
     def _read_boot_id(self) -> Optional[str]:
@@ -225,6 +227,7 @@ class HealthJudge(GpuRules):
 
         for g in gpus:           # resets first: they clear latched faults
             self._detect_reset(g, now, events)
+        self.mig.observe(gpus, now, events)
 
         for fault in faults:
             ev = self._fault_event(fault, now)
@@ -268,6 +271,7 @@ class HealthJudge(GpuRules):
         node = worst(list(gpu_health.values()) + [f.severity for f in node_findings])
         node_cause = [f for f in findings if f.severity == node] or node_findings
         self._health_change("node", node, node_cause, now, events, None, None)
+        self.mig.judge_instances(findings, self._latched)
 
         live = {(f.subject, f.code) for f in findings}
         for key in [k for k in self._since if k not in live]:
@@ -275,7 +279,8 @@ class HealthJudge(GpuRules):
         if self.save_on_judge:
             self._save()
         return HealthReport(gpu_health, node, tuple(findings), events,
-                            {"gpu_inventory": self.inventory.to_json()})
+                            {"gpu_inventory": self.inventory.to_json(), "mig_health": {
+                                k: v.name for k, v in self.mig.instance_health.items()}})
 
     def commit(self) -> None:
         """Save what judge()/ack() changed (when save_on_judge is False)."""
@@ -315,7 +320,8 @@ class HealthJudge(GpuRules):
         gpu, uuid = self._bus_map.get(bus, (None, None)) if bus else (None, None)
         subject = _subject(gpu)
         where = f"GPU {gpu}" if gpu is not None else f"unknown GPU {bus or '(no PCI id)'}"
-        mig = _mig(fault)
+        mig, mig_fields = self.mig.describe(gpu, fault)
+        mig = mig or _mig(fault)
         if mig:
             where += f" ({mig})"
         text = f"{_xid_title(xid, name, parens=True)} on {where}"
@@ -331,6 +337,7 @@ class HealthJudge(GpuRules):
         for k in ("gpu_instance", "compute_instance"):
             if isinstance(getattr(fault, k, None), int):
                 fields[k] = getattr(fault, k)
+        fields.update(mig_fields)
         raw = getattr(fault, "raw", None)
         if raw:
             fields["raw"] = str(raw)[:2000]
@@ -349,6 +356,12 @@ class HealthJudge(GpuRules):
                     "sticky": sticky, "bus": bus, "detail": message[:300],
                     "process": fields.get("process_name"), "mig": mig or None})
         rec["count"] = int(rec.get("count", 0)) + 1
+        if mig_fields:
+            keys = rec.get("instances")
+            keys = rec["instances"] = ([k for k in keys if isinstance(k, str)]
+                                       if isinstance(keys, list) else [])
+            if mig_fields["mig_instance"] not in keys:
+                keys.append(mig_fields["mig_instance"])
         if sticky:
             self._dirty = True
         return Event(t, subject, "xid", severity, action, _short(text, 300), gpu=gpu, uuid=uuid,
@@ -375,7 +388,9 @@ class HealthJudge(GpuRules):
             if code_is_xid(code):
                 count = int(r.get("count", 1))
                 msg = _xid_title(r.get("xid"), str(r.get("name", "")))
-                if r.get("mig"):
+                if isinstance(r.get("instances"), list) and len(r["instances"]) > 1:
+                    msg += " on MIG instances " + ", ".join(r["instances"])
+                elif r.get("mig"):
                     msg += f" on {r['mig']}"
                 if count > 1:
                     msg += f" (x{count})"
@@ -550,6 +565,9 @@ class HealthJudge(GpuRules):
             tr.slow_last_t = None        # time we did not observe
             return out
 
+        found = self.mig.mode_finding(g)
+        if found:
+            add(*found)
         self._rule_slowdown(g, tr, cfg, mono, add)
         reasons = g.clock_event_reasons or ()
         if "SwPowerCap" in reasons:

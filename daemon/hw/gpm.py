@@ -82,17 +82,23 @@ def read_activity(nv: Any, h: Any, gs: GpmSession, absent: Tuple[int, ...], now:
     if old is None:
         return True, None
     try:
-        mg = nv.c_nvmlGpmMetricsGet_t()
-        mg.version = nv.NVML_GPM_METRICS_GET_VERSION
-        mg.numMetrics = len(GPM_METRIC_IDS)
-        mg.sample1, mg.sample2 = old, new
-        for k, (_name, mid, _c) in enumerate(GPM_METRIC_IDS):
-            mg.metrics[k].metricId = mid
-        nv.nvmlGpmMetricsGet(mg)
+        return True, metrics_between(nv, old, new, span)
     finally:
         nv.nvmlGpmSampleFree(old)
+
+
+def metrics_between(nv: Any, old: Any, new: Any, span: float) -> GpuActivity:
+    """The activity between two GPM samples (of a GPU, or of one MIG GPU instance:
+    nvmlGpmMigSampleGet); the caller frees the samples. Raises pynvml's NVMLError."""
+    mg = nv.c_nvmlGpmMetricsGet_t()
+    mg.version = nv.NVML_GPM_METRICS_GET_VERSION
+    mg.numMetrics = len(GPM_METRIC_IDS)
+    mg.sample1, mg.sample2 = old, new
+    for k, (_name, mid, _c) in enumerate(GPM_METRIC_IDS):
+        mg.metrics[k].metricId = mid
+    nv.nvmlGpmMetricsGet(mg)
     values = {}
     for k, (name, _mid, _c) in enumerate(GPM_METRIC_IDS):
         m = mg.metrics[k]
         values[name] = (min(1.0, max(0.0, m.value / 100.0)) if m.nvmlReturn == 0 else None)
-    return True, GpuActivity(seconds=span, **values)
+    return GpuActivity(seconds=span, **values)

@@ -40,6 +40,7 @@ from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 from gpucostd.clock import RealClock
 from gpucostd.hw.gpm import read_activity
 from gpucostd.hw.nvml_clocks import ClockSettings
+from gpucostd.hw.nvml_mig import read_mig
 from gpucostd.hw.nvml_fields import (CONVERT, IDENTITY, LEGACY, LEGACY_CONVERT, READINGS,
                                      SKIP_IF_PRESENT, STATIC_READINGS, VIOLATION_PREFIX,
                                      DeviceRead, Field, Legacy, get_field_values)
@@ -507,6 +508,8 @@ class NvmlGateway(ClockSettings):
                 if got.get(VIOLATION_PREFIX + key) is not None}
         values["violation_seconds"] = viol or None
         values["gpm_supported"], values["activity"] = self._read_gpm(nv, h, index, lane, st)
+        values["mig_mode"], values["mig_mode_pending"], values["mig"] = self._read_mig(
+            nv, h, index, lane, st, values["gpm_supported"], errors)
         # a counter that went backwards: the GPU was reset; read its static values again
         if st.counters and any(viol.get(k, v) < v for k, v in st.counters.items()):
             st.static = None
@@ -531,6 +534,28 @@ class NvmlGateway(ClockSettings):
             log.debug("GPU %d: no GPM activity this cycle: %s", index, err)
             st.gpm.drop(nv)
             return st.gpm.supported, None
+
+    def _read_mig(self, nv: Any, h: Any, index: int, lane: Optional[_Lane],
+                  st: "_GpuSession", gpm: Optional[bool], errors: Dict[str, NvmlError]
+                  ) -> Tuple[Optional[bool], Optional[bool], Tuple[Any, ...]]:
+        """MIG mode and instances (gpucostd.hw.nvml_mig): lost or hung end the read; another
+        error of the GPU leaves MIG absent this cycle, one of an instance that reading."""
+        if lane is not None:
+            lane.current = "nvmlDeviceGetMigMode"
+        try:
+            mode, pending, instances, failed = read_mig(
+                nv, h, index, st.mig, _FIELD_ABSENT, self.clock.monotonic(), gpm)
+        except (nv.NVMLError, nv.NVMLLibraryMismatchError) as exc:
+            err = _from_nvml(exc, index, "MIG read")
+            if err.kind in _FATAL:
+                raise err from None
+            log.debug("GPU %d: no MIG reading this cycle: %s", index, err)
+            st.mig.drop(nv)
+            return None, None, ()
+        for key, exc in failed.items():
+            if isinstance(exc, nv.NVMLError):
+                errors["mig " + key] = _from_nvml(exc, index, f"MIG device {key}")
+        return mode, pending, instances
 
     def _read_fields(self, nv: Any, h: Any, index: int, lane: Optional[_Lane],
                      st: "_GpuSession", plan: Tuple[Field, ...], got: Dict[str, Any],

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from gpucostd.hw.gpm import GpmSession
+from gpucostd.hw.nvml_mig import MigSession
 from gpucostd.hw.nvml_errors import NvmlError
 from gpucostd.snapshot import VIOLATION_POLICIES, VIOLATION_REPLACED_BY, reasons_from_mask
 
@@ -333,10 +334,11 @@ class _GpuSession:
     not supported, whether nvmlDeviceGetFieldValues works, the static readings."""
 
     __slots__ = ("fields_ok", "bad_fields", "unsupported", "static", "plans", "counters", "ids",
-                 "rows", "gpm")
+                 "rows", "gpm", "mig")
 
     def __init__(self) -> None:
         self.gpm = GpmSession()              # GPU Performance Monitoring (gpucostd.hw.gpm)
+        self.mig = MigSession()              # Multi-Instance GPU (gpucostd.hw.nvml_mig)
         self.fields_ok = True
         self.bad_fields: set = set()
         self.unsupported: set = set()

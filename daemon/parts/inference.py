@@ -60,14 +60,16 @@ def endpoint_probes(config, sim=None, serving=None, clock=None, one_shot: bool =
             url = serving.urls[k] if serving.urls else f"sim://endpoint/{k}/metrics"
             if not serving.urls:
                 fetchers[url] = (lambda k=k: serving.fetch(k))
-            endpoints.append(InferenceEndpoint(url, tuple(ep.gpus), "auto", ep.parallel))
+            endpoints.append(InferenceEndpoint(url, tuple(ep.gpus), "auto", ep.parallel,
+                                               instances=getattr(ep, "instances", None)))
     # one deadline per scrape, at most half the interval (the watchdog and the cycle wait)
     timeout = min(float(config.inference.timeout_seconds),
                   0.5 * float(config.daemon.interval_seconds))
     from gpucostd.config import owner_uid
     owner = owner_uid(config.inference.expect_owner)
     probes = [InferenceProbe(e.url, e.tokens_metric, timeout, clock=clock.monotonic,
-                             fetch=fetchers.get(e.url), gpus=e.gpus, parallel=e.parallel,
-                             expect_owner=owner, gpu_count=gpu_count)
+                             fetch=fetchers.get(e.url), gpus=e.serving_gpus,
+                             parallel=e.parallel, expect_owner=owner, gpu_count=gpu_count,
+                             instances=e.instances)
               for e in endpoints]
     return probes, serving

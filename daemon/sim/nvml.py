@@ -32,11 +32,12 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from gpucostd.sim import clocks as _clocks
 from gpucostd.sim.corrections import SetterCorrections, SimulatedCounters
 from gpucostd.sim.gpm import GpmCalls
+from gpucostd.sim.mig import MIG_CONSTANTS, MIG_SYMBOLS, MigCalls
 from gpucostd.sim.scenario import UNSUPPORTED_GROUPS, Scenario, load_scenario
 from gpucostd.snapshot import VIOLATION_POLICIES, mask_from_reasons
 
 from gpucostd.sim.nvml_abi import (  # noqa: F401 - the names callers import from here
-    CLOCK_EVENT_DURATION_FIELDS, ENERGY_FIELDS, ERROR_STRINGS, FIELD_VALUES, FieldValue,
+    CLOCK_EVENT_DURATION_FIELDS, DeviceFault, ENERGY_FIELDS, ERROR_STRINGS, FIELD_VALUES, FieldValue,
     H100_PCI_DEVICE_ID, H100_PCI_SUBSYSTEM_ID, HEADER_CONSTANTS, I, NVML_AGGREGATE_ECC,
     NVML_CLOCK_GRAPHICS, NVML_CLOCK_MEM, NVML_CLOCK_SM, NVML_CLOCK_VIDEO,
     NVML_DEVICE_PCI_BUS_ID_BUFFER_SIZE, NVML_DEVICE_PCI_BUS_ID_BUFFER_V2_SIZE,
@@ -58,10 +59,7 @@ from gpucostd.sim.nvml_abi import (  # noqa: F401 - the old local names
 log = logging.getLogger("gpucostd.simnvml")
 
 
-class _DeviceFault(Exception):
-    def __init__(self, code: int):
-        super().__init__(code)
-        self.code = code
+_DeviceFault = DeviceFault       # the old local name
 
 
 def _put_uint(addr: Optional[int], value: Any) -> None:
@@ -134,9 +132,11 @@ def _guard(name: str, impl: Callable[..., int], counts: Dict[str, int]) -> Calla
 
 SYMBOLS.update(_clocks.SYMBOLS)
 HEADER_CONSTANTS.update(_clocks.HEADER_CONSTANTS)
+SYMBOLS.update(MIG_SYMBOLS)
+HEADER_CONSTANTS.update(MIG_CONSTANTS)
 
 
-class SimulatedNode(_clocks.ClockCalls, SimulatedCounters, GpmCalls):
+class SimulatedNode(_clocks.ClockCalls, SimulatedCounters, GpmCalls, MigCalls):
     """A simulated GPU node. ``.library`` goes to NvmlGateway(library=...)."""
 
     def __init__(self, scenario: Any, clock: Any):
@@ -372,6 +372,8 @@ class SimulatedNode(_clocks.ClockCalls, SimulatedCounters, GpmCalls):
         return NVML_SUCCESS
 
     def _c_nvmlDeviceGetUUID(self, h, buf, length) -> int:
+        if self._is_mig_handle(h):              # "MIG-..." (gpucostd.sim.mig)
+            return self.mig_uuid(h, buf, length)
         _i, _t, st = self._dev(h)
         _put_str(buf, length, st["uuid"])
         return NVML_SUCCESS
@@ -563,6 +565,8 @@ class SimulatedNode(_clocks.ClockCalls, SimulatedCounters, GpmCalls):
 
     def _c_nvmlDeviceGetUtilizationRates(self, h, out) -> int:
         _i, _t, st = self._dev(h, "utilization")
+        if st.get("mig_mode"):      # "not currently supported" on MIG-enabled GPUs (NVML)
+            return NVML_ERROR_NOT_SUPPORTED
         if not out:
             return NVML_ERROR_INVALID_ARGUMENT
         u = Utilization.from_address(out)

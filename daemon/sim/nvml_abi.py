@@ -12,6 +12,14 @@ from typing import Any, Dict, Tuple
 
 from gpucostd.sim.gpm import GPM_CONSTANTS, GPM_SYMBOLS
 
+class DeviceFault(Exception):
+    """Raised inside a simulated C function: the call returns `code` (an NVML return code)."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
 # ----------------------------------------------------------------------- nvml.h constants
 NVML_SUCCESS = 0
 NVML_ERROR_UNINITIALIZED = 1

@@ -54,6 +54,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -260,6 +261,8 @@ class EndpointModel:
     queue_time_seconds: float = 0.05      # mean time a request waits before it runs
     inference_time_seconds: float = 8.0   # mean time a request runs (prefill + decode)
     model_name: str = "meta-llama/Llama-3.1-70B-Instruct"
+    # MIG instances ("GPU/GI/CI", [[mig]]) it runs on; gpus are then their parent GPUs
+    instances: Optional[Tuple[str, ...]] = None
 
 
 @dataclass(frozen=True)
@@ -503,6 +506,8 @@ SERVING_KEYS: Dict[str, Tuple[str, Any, str, Optional[float], Optional[float]]] 
 }
 ENDPOINT_KEYS: Dict[str, Tuple[str, Any, str, Optional[float], Optional[float]]] = {
     "gpus": ("int_list", None, "GPU indexes this server runs on (default: all).", 0, 63),
+    "instances": ("instance_list", None, "MIG instances \"GPU/GI/CI\" this server runs on "
+                  "([[mig]]; instead of gpus).", None, None),
     "parallel": ("choice", "tensor", "\"tensor\" (one group: n x slowest GPU) or \"data\" "
                  "(sum of GPUs).", None, None),
     "requests_running": ("number", 32.0, "vllm:num_requests_running.", 0, 1e9),
@@ -534,6 +539,13 @@ def check_value(kind: str, value: Any, lo: Optional[float], hi: Optional[float]
         if value in PARALLEL_CHOICES:
             return value, None
         return None, "allowed: " + ", ".join(f'"{c}"' for c in PARALLEL_CHOICES)
+    if kind == "instance_list":
+        if not isinstance(value, list) or not value or not all(
+                isinstance(x, str) and re.match(r"^\d{1,3}/\d{1,3}/\d{1,3}$", x) for x in value):
+            return None, 'wrong type; expected a non-empty list of MIG instances, "GPU/GI/CI"'
+        if len(set(value)) != len(value):
+            return None, "an instance is listed twice"
+        return tuple(value), None
     if kind == "int_list":
         if not isinstance(value, list) or not value or not all(
                 isinstance(x, int) and not isinstance(x, bool) for x in value):

@@ -33,6 +33,8 @@ else:  # pragma: no cover - exercised on Python < 3.11
 from gpucostd.config import FileError
 from gpucostd.tomllines import TomlLines
 from gpucostd.sim import physics as phys
+from gpucostd.sim.mig import (MigSpec, check_serving_instances, instance_endpoint_rate,
+                              parse_mig)
 from gpucostd.sim.scenario_time import ScenarioTimeQueries
 from gpucostd.sim.sections import (ScenarioPrices, fmt_value as _fmt, index_list as _indexes,
                                    num_text as _num, parse_physics, parse_prices, parse_serving)
@@ -121,6 +123,10 @@ GPU_FIELDS: Dict[str, Field] = {
     "decode_share": _f("number", 0.0, "Share of the busy time spent in memory-bound decode at "
                        "the max clock, 0..1; the rest is compute-bound prefill ([physics]).",
                        min=0, max=1),
+    "mig_mode": _f("bool", False, "MIG mode now (nvmlDeviceGetMigMode current; a GPU with "
+                   "[[mig]] instances: true unless set)."),
+    "mig_mode_pending": _f("bool", None, "MIG mode after the next GPU reset (default: "
+                           "mig_mode)."),
     "total_energy": _f("number", 0.0, "Energy counter at t = 0, J "
                        "(nvmlDeviceGetTotalEnergyConsumption counts up from here; NVML's "
                        "counter is an unsigned 64-bit count of mJ).", min=0, max=1.8e16),
@@ -149,9 +155,12 @@ UNSUPPORTED_GROUPS: Dict[str, Tuple[str, ...]] = {
     # locked SM clocks and the supported-clocks lists (pre-Volta GPUs, some vGPUs):
     # gpucostd.sim.clocks
     "locked_clocks": ("supported_clocks",),
+    # Multi-Instance GPU: every MIG call (gpucostd.sim.mig)
+    "mig": (),
 }
 _NOT_UNSUPPORTABLE = set(IDENTITY_FIELDS) | {"setters_permitted", "unsupported", "lost", "present",
-                                            "violation_counters", "decode_share"}
+                                            "violation_counters", "decode_share", "mig_mode",
+                                            "mig_mode_pending"}
 UNSUPPORTABLE = tuple(sorted((set(GPU_FIELDS) - _NOT_UNSUPPORTABLE) | set(UNSUPPORTED_GROUPS)))
 
 NODE_FIELDS: Dict[str, Field] = {
@@ -298,11 +307,16 @@ class _Validator:
 class Scenario(ScenarioTimeQueries):
     """A validated scenario. Build with load_scenario() or parse_scenario()."""
 
+    # per GPU, its MIG instances ([[mig]], gpucostd.sim.mig); () on a GPU without
+    mig: Tuple[Tuple[MigSpec, ...], ...] = ()
+
     def __init__(self, name: str, path: str, node: NodeInfo, gpus: Sequence[Dict[str, Any]],
                  timeline: Sequence[TimelineEntry], physics: Optional[phys.PowerModel] = None,
                  serving: Optional[phys.ServingModel] = None,
-                 prices: Optional[ScenarioPrices] = None):
+                 prices: Optional[ScenarioPrices] = None,
+                 mig: Tuple[Tuple[MigSpec, ...], ...] = ()):
         self.name = name
+        self.mig = mig
         self.prices = prices            # None: no illustrative prices (gpucostd.sim.sections)
         self.physics = physics          # None: power_draw and sm_clock are as written
         if serving is not None:         # tokens follow the phases of the physics
@@ -391,10 +405,17 @@ class Scenario(ScenarioTimeQueries):
                                    for name in phys.ACTIVITY_NAMES])
         self._tokens: List[phys.Piecewise] = []
         for ep in (self.serving.endpoints if self.serving else ()):
-            starts = phys.merged_starts([self._seg_starts[i] for i in ep.gpus])
-            rates = [self.serving.endpoint_rate(ep, [self.serving.state_rate(
-                self._seg_states[i][bisect.bisect_right(self._seg_starts[i], t) - 1])
-                for i in ep.gpus]) for t in starts]
+            starts = phys.merged_starts([self._seg_starts[i] for i in ep.gpus]
+                                        + [[s.until] for g in self.mig for s in g
+                                           if s.until is not None and s.key in
+                                           (ep.instances or ())])
+
+            def state(i: int, t: float) -> Dict[str, Any]:
+                return self._seg_states[i][bisect.bisect_right(self._seg_starts[i], t) - 1]
+            rates = [instance_endpoint_rate(self.serving, ep, self.mig, lambda i: state(i, t), t)
+                     if ep.instances else self.serving.endpoint_rate(
+                         ep, [self.serving.state_rate(state(i, t)) for i in ep.gpus])
+                     for t in starts]
             self._tokens.append(phys.Piecewise(starts, rates, self.repeat_every))
         node_changes = [e for e in self.timeline if e.driver_loaded is not None]
         self._node_starts = [0.0] + [e.t for e in node_changes]
@@ -439,11 +460,11 @@ def _parse_scenario(text: str, path: str, name: Optional[str]) -> Scenario:
     except tomllib.TOMLDecodeError as exc:
         m = re.search(r"line (\d+)", str(exc))
         raise ScenarioError(f"not valid TOML: {exc}", path, int(m.group(1)) if m else None)
-    allowed_top = ("node", "gpu_defaults", "gpu", "at", "physics", "serving", "prices")
+    allowed_top = ("node", "gpu_defaults", "gpu", "at", "physics", "serving", "prices", "mig")
     for key in data:
         if key not in allowed_top:
             v.fail(f"{key}: unknown top-level key; allowed: [node], [gpu_defaults], [[gpu]], "
-                   "[[at]], [physics], [serving], [prices]", key, None)
+                   "[[at]], [physics], [serving], [prices], [[mig]]", key, None)
     if "node" not in data:
         raise ScenarioError("missing [node] table (needs at least gpu_count)", path)
     node_d = v.table("node", "node", data["node"], NODE_FIELDS)
@@ -566,8 +587,10 @@ def _parse_scenario(text: str, path: str, name: Optional[str]) -> Scenario:
                                       line=line))
     physics = parse_physics(v, data, gpu_list, at_list)
     serving = parse_serving(v, data, count)
+    mig = parse_mig(v, data, gpus, scen_name)      # before Scenario: it may set mig_mode
+    check_serving_instances(v, serving, mig)
     sc = Scenario(scen_name, path, node, gpus, timeline, physics, serving,
-                  parse_prices(v, data))
+                  parse_prices(v, data), mig)
     for i in range(count):
         for st, start in zip(sc._seg_states[i], sc._seg_starts[i]):
             bad = _inconsistency(f"GPU {i} at t={_num(start)}", st)

@@ -89,12 +89,29 @@ def parse_serving(v: Any, data: Mapping[str, Any], count: int
     owner: Dict[int, int] = {}
     for occ, entry in enumerate(eps or [{}]):
         e = _section(v, f"serving.endpoint[{occ}]", entry, phys.ENDPOINT_KEYS, bool(eps), occ)
+        if "instances" in e and "gpus" in e:
+            v.fail(f"serving.endpoint[{occ}]: set gpus or instances (MIG), not both",
+                   "serving.endpoint", "instances", True, occ)
+        if "instances" in e:            # their GPUs; checked against [[mig]] by the scenario
+            gpus = tuple(dict.fromkeys(int(k.split("/")[0]) for k in e["instances"]))
+            for g in gpus:
+                if g >= count or owner.get(g, -1) >= 0:
+                    v.fail(f"serving.endpoint[{occ}].instances: GPU {g} is out of range or "
+                           f"served whole by another endpoint", "serving.endpoint",
+                           "instances", True, occ)
+                owner[g] = -1 - occ
+            endpoints.append(phys.EndpointModel(index=len(endpoints), gpus=gpus, **e))
+            continue
         gpus = e.pop("gpus", tuple(range(count)))
         for g in gpus:
             if g >= count:
                 v.fail(f"serving.endpoint[{occ}].gpus: GPU {g} out of range; "
                        f"{_indexes(count)}", "serving.endpoint", "gpus", True, occ)
             if g in owner:
+                if owner[g] < 0:
+                    v.fail(f"serving.endpoint[{occ}].gpus: GPU {g} is sliced by MIG for "
+                           f"serving.endpoint[{-1 - owner[g]}]; name instances instead",
+                           "serving.endpoint", "gpus", True, occ)
                 v.fail(f"serving.endpoint[{occ}].gpus: GPU {g} is already served by "
                        f"serving.endpoint[{owner[g]}]", "serving.endpoint", "gpus", True, occ)
             owner[g] = occ

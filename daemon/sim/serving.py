@@ -153,8 +153,10 @@ def _handler(serving: SimulatedServing, k: int):
 
 
 def endpoint_specs(serving: Optional[SimulatedServing], urls: List[str]) -> List[dict]:
-    """[inference] endpoint entries for the simulated servers: url, gpus, parallel."""
+    """[inference] endpoint entries for the simulated servers: url, gpus, parallel (or url and
+    instances, for a server on MIG instances)."""
     if serving is None:
         return []
-    return [{"url": url, "gpus": list(ep.gpus), "parallel": ep.parallel}
+    return [{"url": url, "instances": list(ep.instances)} if ep.instances else
+            {"url": url, "gpus": list(ep.gpus), "parallel": ep.parallel}
             for url, ep in zip(urls, serving.endpoints)]

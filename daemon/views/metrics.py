@@ -179,10 +179,11 @@ def core_families(snap: NodeSnapshot) -> Iterable:
 
 def _part_families(snap: NodeSnapshot) -> List:
     import gpucostd.calibration.metrics as metrics_calibration
-    from gpucostd.views import metrics_cost, metrics_drain, metrics_health, metrics_tuning
+    from gpucostd.views import (metrics_cost, metrics_drain, metrics_health, metrics_mig,
+                                metrics_tuning)
     out = []
     for module in (metrics_health, metrics_cost, metrics_tuning, metrics_calibration,
-                   metrics_drain):
+                   metrics_drain, metrics_mig):
         try:
             out.extend(module.metric_families(snap))
         except Exception:  # noqa: BLE001 - one part's bug must not blank the whole scrape

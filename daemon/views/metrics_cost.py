@@ -6,6 +6,7 @@ from typing import Any, Iterable
 
 from gpucostd.cost.model import sorted_reasons as _sorted_reasons
 from gpucostd.cost.report import CostReport
+from gpucostd.views.metrics_mig_cost import mig_cost_families
 
 
 def metric_families(snapshot) -> Iterable[Any]:
@@ -88,6 +89,7 @@ def metric_families(snapshot) -> Iterable[Any]:
         m.add_metric([], tk.tokens_lost_total)
         out.append(m)
     out.extend(_efficiency_families(report))
+    out.extend(mig_cost_families(report))
     return out
 
 

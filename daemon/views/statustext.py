@@ -146,6 +146,7 @@ def _render_status(data: Dict[str, Any], colour: bool = False, events: int = 5) 
             f"{g['index']:>3} {(g.get('model') or '?')[:15]:<15} {st.sev(health)}{pad} "
             f"{_fmt(g['temperature_celsius'], unit='C'):>5} {power:>11} {clock:>11}  "
             f"{_fmt(g['utilization_percent'], unit='%'):>4} {_activity(g):>10}  {reasons}"))
+        lines.extend(mig_lines(g))
         for f in g.get("findings") or []:
             if f["severity"] != "OK":
                 lines.extend(_wrap(f"{f['severity']}: {f['message']} (since "
@@ -153,6 +154,9 @@ def _render_status(data: Dict[str, Any], colour: bool = False, events: int = 5) 
     if any(g.get("activity") for g in data["gpus"]):
         lines.append(_clip("  UTIL: time any kernel ran (GPU-Util); SM/TC/MEM: % of SMs, tensor "
                            "pipes, DRAM bandwidth busy (GPM)"))
+    if any(g.get("mig_instances") for g in data["gpus"]):
+        lines.append(_clip("  MIG instance GPU/GI/CI: power, clocks and temperature are its GPU's, "
+                           "shared by all its instances"))
     node_findings = [f for f in node.get("findings") or [] if f["severity"] != "OK"]
     if node_findings:
         lines.append("Node:")
@@ -190,6 +194,25 @@ def _activity(g: Dict[str, Any]) -> str:
         return "n/a" if g.get("gpm_supported") is False else "-"
     return "/".join(_fmt(None if act.get(k) is None else 100 * act[k])
                     for k in ("sm", "tensor", "dram")) + "%"
+
+
+def mig_lines(g: Dict[str, Any]) -> List[str]:
+    """One line per MIG instance under its GPU: key, profile, share of the GPU, memory, SM/TC/MEM
+    activity (GPM), MIG UUID; a GPU in MIG mode without instances says so."""
+    insts = g.get("mig_instances") or []
+    if not insts:
+        return ["    MIG on, no instances"] if g.get("mig_mode") else []
+    out = []
+    for m in insts:
+        used, total = m.get("memory_used_bytes"), m.get("memory_total_bytes")
+        mem = (f"{_fmt(None if used is None else used / 2 ** 30, '{:.1f}')}/"
+               f"{_fmt(None if total is None else total / 2 ** 30, '{:.1f}')} GiB")
+        act = _activity({"activity": m.get("activity"),
+                         "gpm_supported": g.get("gpm_supported")})
+        share = f"{m.get('slices')}/{m.get('gpu_slices')}"
+        out.append(_clip(f"  mig {m.get('key') or '?':<8} {(m.get('profile') or '?')[:11]:<11} "
+                         f"{share:>3} {mem:>13} {act:>10}  {m.get('uuid') or ''}"))
+    return out
 
 
 def discovery_lines(disc: Any) -> List[str]:

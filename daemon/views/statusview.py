@@ -11,8 +11,8 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
-from gpucostd.snapshot import (ACTIVITY_FIELDS, Event, Finding, GpuReading, NodeSnapshot, Severity,
-                               THROTTLE_REASONS, printable, printable_tree)
+from gpucostd.snapshot import (ACTIVITY_FIELDS, Event, Finding, GpuReading, MigInstance,
+                               NodeSnapshot, Severity, THROTTLE_REASONS, printable, printable_tree)
 
 # the CLI side lives in statustext.py (light: `gpucostd status` imports only that)
 from gpucostd.views.statustext import (EXIT_CODES, SCHEMA_VERSION, WIDTH,  # noqa: F401,E402
@@ -54,12 +54,26 @@ def _gpu_json(g: GpuReading, health: Severity, findings: List[Finding]) -> Dict[
         "activity": (None if g.activity is None else
                      {k: getattr(g.activity, k) for k in ACTIVITY_FIELDS + ("seconds",)}),
         "persistence_mode": g.persistence_mode,
+        # MIG: mode now and after the next reset (null: no MIG), one entry per instance
+        "mig_mode": g.mig_mode, "mig_mode_pending": g.mig_mode_pending,
+        "mig_instances": [mig_json(m) for m in g.mig],
         "recovery_action": _recovery_name(g.gpu_recovery_action),
         "recovery_action_value": g.gpu_recovery_action,
         "clock_event_reasons": reasons,
         "throttle_reasons": [r for r in reasons if r in THROTTLE_REASONS],
         "findings": [_finding_json(f) for f in findings],
     }
+
+
+def mig_json(m: MigInstance) -> Dict[str, Any]:
+    """One MIG instance in status JSON: identity, memory, GPM activity (ratios 0..1, null where
+    not read). Power, clocks and temperatures are its GPU's, shared."""
+    return {"key": m.key, "gpu_instance": m.gi_id, "compute_instance": m.ci_id,
+            "profile": m.profile, "slices": m.slices, "gpu_slices": m.gpu_slices,
+            "share": m.share, "uuid": m.uuid, "memory_used_bytes": m.memory_used_bytes,
+            "memory_total_bytes": m.memory_total_bytes,
+            "activity": (None if m.activity is None else
+                         {k: getattr(m.activity, k) for k in ACTIVITY_FIELDS + ("seconds",)})}
 
 
 def _node_extra(snap: NodeSnapshot) -> Dict[str, Any]:
