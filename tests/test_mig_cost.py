@@ -182,6 +182,10 @@ def test_instances_that_disappear_or_appear_between_cycles_are_events(judge):
     assert not [e for e in rep.events if e.code.startswith("mig_instance")]
     rep = step(judge, [mig_gpu(0, layout)])
     assert not [e for e in rep.events if e.code.startswith("mig_instance")]
+    # a cycle whose MIG mode and layout were not read (mig_mode None) is no layout either
+    rep = step(judge, [mig_gpu(0, (), mig_mode=None, mig_mode_pending=None)])
+    rep = step(judge, [mig_gpu(0, layout)])
+    assert not [e for e in rep.events if e.code.startswith("mig_instance")]
 
 
 # --------------------------------------------------------------------------- cost
@@ -255,6 +259,9 @@ def test_slices_in_no_instance_are_the_gpus_idle_capacity_and_a_profile_price_ov
     assert (d["0/2/0"]["price_per_hour"], d["0/2/0"]["price_basis"]) == (3.5, "profile")
     assert d["0/1/0"]["idle_dollars"] == 0 == d["0/2/0"]["underused_dollars"]
     assert rep.to_json()["gpus"][0]["idle_dollars"] == 0
+    # a cycle without the layout read keeps the instances' books
+    run(acc, clock, 1, lambda t: [mig_gpu(0, (), mig_mode=None, mig_mode_pending=None)])
+    assert set(acc.eff.mig.instances) == {"0/1/0", "0/2/0"}
     # a 2g slice deleted: its slices are idle capacity of the GPU, no instance's
     rep = run(acc, clock, 100, lambda t: [mig_gpu(0, layout[:1])])
     assert set(by_key(rep)) == {"0/1/0"}
