@@ -286,11 +286,11 @@ def test_energy_is_shared_by_instance_activity_else_by_share_and_said_to_be_an_e
     acc = CostAccountant(cfg("[cost]\nenergy_usd_per_kwh = 0.1\n"), None, clock)
     layout = (inst(0, 1, 0, "3g.40gb", activity=busy(0.8)),
               inst(0, 2, 0, "4g.40gb", activity=busy(0.3)))
-    rep = run(acc, clock, 3600, lambda t: [mig_gpu(0, layout, power_draw_watts=360.0)])
+    rep = run(acc, clock, 600, lambda t: [mig_gpu(0, layout, power_draw_watts=360.0)])
     d = by_key(rep)
     w3, w4 = 3 / 7 * 0.8, 4 / 7 * 0.3
     assert d["0/1/0"]["energy_basis"] == "activity"
-    assert d["0/1/0"]["energy_joules"] == pytest.approx(360 * 3600 * w3 / (w3 + w4))
+    assert d["0/1/0"]["energy_joules"] == pytest.approx(360 * 600 * w3 / (w3 + w4))
     assert d["0/2/0"]["power_watts_estimate"] == pytest.approx(360 * w4 / (w3 + w4))
     assert d["0/1/0"]["energy_joules"] + d["0/2/0"]["energy_joules"] == pytest.approx(
         rep.to_json()["gpus"][0]["energy_joules"])
