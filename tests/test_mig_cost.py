@@ -182,6 +182,10 @@ def test_instances_that_disappear_or_appear_between_cycles_are_events(judge):
     assert not [e for e in rep.events if e.code.startswith("mig_instance")]
     rep = step(judge, [mig_gpu(0, layout)])
     assert not [e for e in rep.events if e.code.startswith("mig_instance")]
+    # a cycle whose MIG mode and layout were not read (mig_mode None) is no layout either
+    rep = step(judge, [mig_gpu(0, (), mig_mode=None, mig_mode_pending=None)])
+    rep = step(judge, [mig_gpu(0, layout)])
+    assert not [e for e in rep.events if e.code.startswith("mig_instance")]
 
 
 # --------------------------------------------------------------------------- cost
@@ -255,6 +259,9 @@ def test_slices_in_no_instance_are_the_gpus_idle_capacity_and_a_profile_price_ov
     assert (d["0/2/0"]["price_per_hour"], d["0/2/0"]["price_basis"]) == (3.5, "profile")
     assert d["0/1/0"]["idle_dollars"] == 0 == d["0/2/0"]["underused_dollars"]
     assert rep.to_json()["gpus"][0]["idle_dollars"] == 0
+    # a cycle without the layout read keeps the instances' books
+    run(acc, clock, 1, lambda t: [mig_gpu(0, (), mig_mode=None, mig_mode_pending=None)])
+    assert set(acc.eff.mig.instances) == {"0/1/0", "0/2/0"}
     # a 2g slice deleted: its slices are idle capacity of the GPU, no instance's
     rep = run(acc, clock, 100, lambda t: [mig_gpu(0, layout[:1])])
     assert set(by_key(rep)) == {"0/1/0"}
@@ -279,11 +286,11 @@ def test_energy_is_shared_by_instance_activity_else_by_share_and_said_to_be_an_e
     acc = CostAccountant(cfg("[cost]\nenergy_usd_per_kwh = 0.1\n"), None, clock)
     layout = (inst(0, 1, 0, "3g.40gb", activity=busy(0.8)),
               inst(0, 2, 0, "4g.40gb", activity=busy(0.3)))
-    rep = run(acc, clock, 3600, lambda t: [mig_gpu(0, layout, power_draw_watts=360.0)])
+    rep = run(acc, clock, 600, lambda t: [mig_gpu(0, layout, power_draw_watts=360.0)])
     d = by_key(rep)
     w3, w4 = 3 / 7 * 0.8, 4 / 7 * 0.3
     assert d["0/1/0"]["energy_basis"] == "activity"
-    assert d["0/1/0"]["energy_joules"] == pytest.approx(360 * 3600 * w3 / (w3 + w4))
+    assert d["0/1/0"]["energy_joules"] == pytest.approx(360 * 600 * w3 / (w3 + w4))
     assert d["0/2/0"]["power_watts_estimate"] == pytest.approx(360 * w4 / (w3 + w4))
     assert d["0/1/0"]["energy_joules"] + d["0/2/0"]["energy_joules"] == pytest.approx(
         rep.to_json()["gpus"][0]["energy_joules"])

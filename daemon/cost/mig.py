@@ -112,9 +112,10 @@ class MigBook:
         target = float(config.efficiency.target_utilization_percent)
         usd_j = float(cost.energy_usd_per_kwh) * float(cost.pue) / 3.6e6
         present = {m.key for m in g.mig}
-        for key in [k for k, b in self.instances.items()
-                    if b.m.gpu_index == g.index and k not in present]:
-            del self.instances[key]                   # gone from the layout
+        if g.mig or g.mig_mode is not None:           # (a layout not read: nothing is gone)
+            for key in [k for k, b in self.instances.items()
+                        if b.m.gpu_index == g.index and k not in present]:
+                del self.instances[key]               # gone from the layout
         weights, ebasis = energy_weights(g)
         for m in g.mig:
             b = self.instances.get(m.key)

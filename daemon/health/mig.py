@@ -44,9 +44,9 @@ class MigWatch:
     def observe(self, gpus: Sequence[GpuReading], now: float, events: List[Event]) -> None:
         """This cycle's layouts: one event per instance that appeared or disappeared on a GPU
         read OK in both cycles (the first sight of a GPU, a lost or unreadable GPU, and a GPU
-        read without its instances say nothing about its layout)."""
+        whose MIG mode was not read say nothing about its layout)."""
         for g in gpus:
-            if g.state != GpuState.OK:
+            if g.state != GpuState.OK or (g.mig_mode is None and not g.mig):
                 continue
             now_layout = {m.key: m for m in (g.mig or ())}
             for m in now_layout.values():
