@@ -440,3 +440,21 @@ def test_calibrate_on_a_mig_gpu_sums_the_throughput_of_every_instance_endpoint()
     gpus = idle
     with pytest.raises(maths.CalibrationRefused, match="GPU 0 is idle"):
         maths.plan(snap(10.0, readings(10.0)[:7]), maths.Params(lever="power"), cfg())
+
+
+def test_simulated_calibration_of_a_sliced_gpu_measures_its_instances_not_the_whole_board():
+    """With a power limit set, each simulated instance-endpoint still generates its share of
+    its GPU (the setters' physics once gave every instance the whole GPU's rate: GPU 0's seven
+    1g slices then summed to 7x the board)."""
+    from gpucostd.calibration.command import params_from, run_simulated
+    from gpucostd.sim.scenario import load_scenario
+    rep = run_simulated("builtin:h100x8_mig", cfg("[cost]\ngpu_hour_usd = 3.5\n"),
+                        params_from({"gpus": "0", "lever": "power", "steps": 2,
+                                     "dwell_seconds": 6}))
+    assert rep["state"] == "done", rep
+    first = rep["groups"][0]["rows"][0]          # the GPUs' maximum: the scenario's own rate
+    sc = load_scenario("builtin:h100x8_mig")
+    own = sum(sc.endpoint_rate_at(k, 60.0) for k, ep in enumerate(sc.serving.endpoints)
+              if ep.instances and all(i.startswith("0/") for i in ep.instances))
+    assert own > 0
+    assert first["tokens_per_second"] == pytest.approx(own, rel=0.05)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Optional
 
 from gpucostd.sim.clocks import apply_setters
+from gpucostd.sim.mig import instance_endpoint_rate
 from gpucostd.sim.physics import ACTIVITY_NAMES, state_activity
 from gpucostd.snapshot import VIOLATION_REASONS
 
@@ -105,11 +106,19 @@ class SetterCorrections:
         points: List[float] = [c.t] + sorted(cuts) + [t]
         for a, b in zip(points, points[1:]):
             mid = (a + b) / 2.0
-            rate = sv.endpoint_rate(ep, [sv.state_rate(self.physics_state(i, mid))
-                                         for i in ep.gpus])
+            rate = self.rate(ep, mid)
             c.tokens += (b - a) * (rate - self.scenario.endpoint_rate_at(endpoint, mid))
         c.t = t
         return c.tokens
+
+    def rate(self, ep: Any, t: float) -> float:
+        """Endpoint `ep`'s tokens/s at t with the setters' physics: its GPUs' rates, or, on
+        MIG instances, each instance's share of its GPU's."""
+        sv = self.scenario.serving
+        if getattr(ep, "instances", None):
+            return instance_endpoint_rate(sv, ep, self.scenario.mig,
+                                          lambda i: self.physics_state(i, t), t)
+        return sv.endpoint_rate(ep, [sv.state_rate(self.physics_state(i, t)) for i in ep.gpus])
 
     def advance_all(self, index: int, t: float) -> None:
         """Before a setter on GPU `index` at t: integrate the old value up to t."""
@@ -167,8 +176,5 @@ class SimulatedCounters:
     def endpoint_rate(self, endpoint: int, t: Optional[float] = None) -> float:
         """Generated tokens/s of simulated endpoint `endpoint` at t, setter changes included."""
         t = self.now() if t is None else t
-        sv = self.scenario.serving
-        ep = sv.endpoints[endpoint]
-        return sv.endpoint_rate(ep, [sv.state_rate(self._corr.physics_state(i, t))
-                                     for i in ep.gpus])
+        return self._corr.rate(self.scenario.serving.endpoints[endpoint], t)
 
