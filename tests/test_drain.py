@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -212,6 +213,12 @@ def test_the_cycle_never_waits_on_a_hung_engine(node):
     n = node(engine)
     for _ in range(3):
         snap = n.step(wait=False)        # returns while the engine call is held
+    assert snap.part("drain").data.busy_since is not None
+    deadline = time.monotonic() + 10     # the worker thread enters the call on its own time
+    while engine.calls != ["state"] and time.monotonic() < deadline:
+        threading.Event().wait(0.01)
+    for _ in range(3):
+        snap = n.step(wait=False)        # still held: no second call queued behind it
     assert engine.calls == ["state"] and snap.part("drain").data.busy_since is not None
     engine.gate.set()
     assert n.part.wait_idle(10)
