@@ -392,3 +392,13 @@ def exposition(families) -> str:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector())
     return generate_latest(registry).decode()
+
+
+def builtin_throttled_from(t: float) -> str:
+    """builtin:h100x8's TOML with GPU 0's HW thermal slowdown (1410 MHz) from `t` instead of
+    20 s, for process tests that wait for it in real time; the same GPUs (UUIDs, bus ids), so a
+    daemon on the builtin afterwards is the same node."""
+    from gpucostd.sim.scenario import BUILTIN_DIR
+    text = (Path(BUILTIN_DIR) / "h100x8.toml").read_text()
+    assert text.count("\nt = 20\n") == 1, "builtin:h100x8 changed: update builtin_throttled_from"
+    return text.replace("\nt = 20\n", f"\nt = {t:g}\n")

@@ -6,11 +6,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import DaemonProcess, gpucostd_cmd, http_get, metric_value, wait_for
+from conftest import (DaemonProcess, builtin_throttled_from, gpucostd_cmd, http_get,
+                      metric_value, wait_for)
 
 
 @pytest.fixture
@@ -57,18 +57,9 @@ def test_status_ok_on_a_healthy_node(daemon):
     assert all(g["pci_bus_id"] and g["uuid"].startswith("GPU-") for g in data["gpus"])
 
 
-def _builtin_throttled_from(t: float) -> str:
-    """builtin:h100x8 with GPU 0's HW thermal slowdown (1410 MHz) starting at `t` instead of
-    20 s (the test waits for it in real time)."""
-    from gpucostd.sim.scenario import BUILTIN_DIR
-    text = (Path(BUILTIN_DIR) / "h100x8.toml").read_text()
-    assert text.count("\nt = 20\n") == 1, "builtin:h100x8 changed: update this test"
-    return text.replace("\nt = 20\n", f"\nt = {t:g}\n")
-
-
 def test_gpu0_turns_warn_while_throttled(daemon_factory, tmp_path):
     scenario = tmp_path / "throttle-soon.toml"
-    scenario.write_text(_builtin_throttled_from(1.0))
+    scenario.write_text(builtin_throttled_from(1.0))
     daemon = daemon_factory(scenario=str(scenario)).start()
 
     # GPU 0 throttles (HwThermalSlowdown at 1410 MHz) from t = 1 s. Wait for that very
