@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,12 @@ REPO = Path(__file__).resolve().parents[1]
 # it change, so its groups silently split.
 XDIST_GROUPS = {"test_packaging.py": "packaging", "test_image.py": "image",
                 "test_kmsg_root.py": "kmsg", "test_tuners_nic.py": "netns",
-                "test_live_server.py": "live_server"}     # one llama.cpp venv and server
+                "test_live_server.py": "live_server",     # one llama.cpp venv and server
+                # a module-scoped fixture that starts processes, shared by the module's tests
+                # only when they run on one worker (as units of their own, each worker that
+                # ran one started its own): Prometheus and two daemons, a daemon's scrape
+                "test_prometheus.py": "prometheus", "test_docs.py": "docs",
+                "test_metrics_reference.py": "metrics_reference"}
 # tests elsewhere that use the writable_kmsg fixture (collection fails on one not listed)
 KMSG_TESTS = {
     ("test_health_integration.py",
@@ -160,10 +166,15 @@ def free_port() -> int:
     could be a client's source port (or another worker's pick) by the time
     the daemon binds it. So each xdist worker walks its own block of 400
     ports below the ephemeral range (from 20000) and hands out one that binds.
+    The blocks of one run start at an offset drawn from the run's id (the pid
+    without xdist), so two runs on one machine (people's, not CI's) seldom
+    walk the same block.
     """
     if _PORTS["next"] is None:
         worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
         index = int(worker[2:]) if worker[2:].isdigit() else 0
+        run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
+        index += zlib.crc32(run.encode())
         _PORTS["base"] = 20000 + 400 * (index % 30)
         _PORTS["next"] = 0
     for _ in range(400):
