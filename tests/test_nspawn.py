@@ -701,8 +701,9 @@ PY313_TESTS = (
     # with file and line; the scenario files; the Xid catalog as TOML data
     "test_core_config.py", "test_config_dropins.py", "test_scenario.py", "test_xid_catalog.py",
     # YAML (Debian's python3-yaml: the web config's nesting difference was found here), ssl
-    # (trixie's OpenSSL 3.5), basic auth without the crypt module (removed in 3.13)
-    "test_webconfig.py",
+    # (trixie's OpenSSL 3.5), basic auth without the crypt module (removed in 3.13); the
+    # Kubernetes manifests read by the same YAML loader
+    "test_webconfig.py", "test_kubernetes.py",
     # http.server / socketserver parsing of bad requests and the status socket's JSON
     "test_core_bad_input.py", "test_http.py",
     # ctypes: pynvml's marshalling over the simulated library, its structs and field values
