@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,12 @@ REPO = Path(__file__).resolve().parents[1]
 XDIST_GROUPS = {"test_packaging.py": "packaging", "test_image.py": "image",
                 "test_kmsg_root.py": "kmsg", "test_tuners_nic.py": "netns",
                 "test_live_server.py": "live_server",     # one llama.cpp venv and server
-                "test_drain_slurm.py": "slurm"}           # one slurmctld, slurmd and munged
+                "test_drain_slurm.py": "slurm",           # one slurmctld, slurmd and munged
+                # a module-scoped fixture that starts processes, shared by the module's tests
+                # only when they run on one worker (as units of their own, each worker that
+                # ran one started its own): Prometheus and two daemons, a daemon's scrape
+                "test_prometheus.py": "prometheus", "test_docs.py": "docs",
+                "test_metrics_reference.py": "metrics_reference"}
 # tests elsewhere that use the writable_kmsg fixture (collection fails on one not listed)
 KMSG_TESTS = {
     ("test_health_integration.py",
@@ -160,17 +166,17 @@ def free_port() -> int:
     outgoing connection on the host also draws from: a port probed free here
     could be a client's source port (or another worker's pick) by the time
     the daemon binds it. So each xdist worker walks its own block of 400
-    ports below the ephemeral range (20000-31999; the run's id picks the first
-    block) and hands out one that binds.
+    ports below the ephemeral range (from 20000) and hands out one that binds.
+    The blocks of one run start at an offset drawn from the run's id (the pid
+    without xdist), so two runs on one machine (the Debian 13 container's beside the host's) seldom
+    walk the same block.
     """
     if _PORTS["next"] is None:
         worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
         index = int(worker[2:]) if worker[2:].isdigit() else 0
-        # a second run beside this one (the Debian 13 container's, sharing the network)
-        # starts its workers at another block
-        run = os.environ.get("PYTEST_XDIST_TESTRUNUID", "") or str(os.getpid())
-        offset = sum(run.encode()) % 30
-        _PORTS["base"] = 20000 + 400 * ((offset + index) % 30)
+        run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
+        index += zlib.crc32(run.encode())
+        _PORTS["base"] = 20000 + 400 * (index % 30)
         _PORTS["next"] = 0
     for _ in range(400):
         port = _PORTS["base"] + _PORTS["next"]
@@ -398,3 +404,13 @@ def exposition(families) -> str:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector())
     return generate_latest(registry).decode()
+
+
+def builtin_throttled_from(t: float) -> str:
+    """builtin:h100x8's TOML with GPU 0's HW thermal slowdown (1410 MHz) from `t` instead of
+    20 s, for process tests that wait for it in real time; the same GPUs (UUIDs, bus ids), so a
+    daemon on the builtin afterwards is the same node."""
+    from gpucostd.sim.scenario import BUILTIN_DIR
+    text = (Path(BUILTIN_DIR) / "h100x8.toml").read_text()
+    assert text.count("\nt = 20\n") == 1, "builtin:h100x8 changed: update builtin_throttled_from"
+    return text.replace("\nt = 20\n", f"\nt = {t:g}\n")

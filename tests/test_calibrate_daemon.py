@@ -192,7 +192,8 @@ def test_sigterm_of_the_daemon_aborts_and_restores(daemon_factory, tmp_path):
     d.start()
     wait_for(lambda: metric_value(d.metrics(), "gpucostd_node_tokens_per_second"), 15,
              what="tokens/s")
-    p = _start_cli(d, "--steps", "4", "--dwell", "5", "--warmup", "1")
+    # 4 steps of 3 s: step 2 is reached after 3 s and the calibration still runs 6 s more
+    p = _start_cli(d, "--steps", "4", "--dwell", "3", "--warmup", "1")
     try:
         wait_for(lambda: (_progress(d) or {}).get("step", 0) >= 2, 30, what="step 2")
         wait_for(lambda: _limits(d) != [700.0] * 4, 10, what="a step below 700 W")
@@ -216,7 +217,8 @@ def test_sigkill_mid_calibration_is_restored_at_the_next_start(daemon_factory, t
     d.start()
     wait_for(lambda: metric_value(d.metrics(), "gpucostd_node_tokens_per_second"), 15,
              what="tokens/s")
-    p = _start_cli(d, "--steps", "4", "--dwell", "5", "--warmup", "1")
+    # 4 steps of 3 s: step 2 is reached after 3 s and the calibration still runs 6 s more
+    p = _start_cli(d, "--steps", "4", "--dwell", "3", "--warmup", "1")
     try:
         wait_for(lambda: (_progress(d) or {}).get("step", 0) >= 2, 30, what="step 2")
         step_limit = wait_for(lambda: _limits(d)[0] < 700 and _limits(d)[0], 10,

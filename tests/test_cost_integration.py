@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, gpucostd_cmd, metric_value, wait_for
+from conftest import builtin_throttled_from, free_port, gpucostd_cmd, metric_value, wait_for
 
 PRICE = 4.0
 COST_CFG = f"[cost]\ngpu_hour_usd = {PRICE}\n"
@@ -38,11 +38,14 @@ def ground_truth(scenario: str, duration: float, gpu: int, price: float):
     return throttled, lost, price / 3600.0 * lost
 
 
+REPLAY_SECONDS = 240        # two of the builtin's 120 s cycles: two throttle episodes
+
+
 def test_replay_is_deterministic_and_prices_gpu0_thermal_slowdown(tmp_path):
     cfg = tmp_path / "replay.toml"
     cfg.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n' + COST_CFG)
     base = gpucostd_cmd() + ["replay", "builtin:h100x8", "--config", str(cfg),
-                             "--duration", "600"]
+                             "--duration", str(REPLAY_SECONDS)]
     # the three runs are independent processes: run them side by side
     procs = [subprocess.Popen(base + ["--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(2)]
@@ -57,11 +60,11 @@ def test_replay_is_deterministic_and_prices_gpu0_thermal_slowdown(tmp_path):
     assert first == second, "two replays of the same scenario and config differ"
 
     result = json.loads(first)
-    assert result["duration_seconds"] == 600 and result["gpu_hour_usd"] == PRICE
+    assert result["duration_seconds"] == REPLAY_SECONDS and result["gpu_hour_usd"] == PRICE
     gpus = {g["index"]: g for g in result["gpus"]}
     assert sorted(gpus) == list(range(8))
-    throttled, lost, dollars = ground_truth("builtin:h100x8", 600, 0, PRICE)
-    assert throttled == 300.0 and dollars > 0             # 5 cycles x [20, 80)
+    throttled, lost, dollars = ground_truth("builtin:h100x8", REPLAY_SECONDS, 0, PRICE)
+    assert throttled == 120.0 and dollars > 0             # 2 cycles x [20, 80)
     hw = gpus[0]["reasons"]["HwThermalSlowdown"]
     assert hw["throttled_seconds"] == pytest.approx(throttled, rel=0.01)
     assert hw["capacity_lost_seconds"] == pytest.approx(lost, rel=0.01)
@@ -86,15 +89,18 @@ def test_replay_is_deterministic_and_prices_gpu0_thermal_slowdown(tmp_path):
 # ------------------------------------------------------------------ the daemon
 def test_daemon_prices_gpu0_throttle_and_totals_survive_a_restart(daemon_factory, tmp_path):
     state = tmp_path / "state"
-    d = daemon_factory(extra_config=COST_CFG, state_dir=state).start()   # builtin:h100x8
+    # builtin:h100x8 with GPU 0's throttle from t = 1 s (not 20 s: no wait in real time)
+    soon = tmp_path / "throttle-soon.toml"
+    soon.write_text(builtin_throttled_from(1.0))
+    d = daemon_factory(extra_config=COST_CFG, state_dir=state, scenario=str(soon)).start()
 
     def gpu0_cost():
         text = d.metrics()
         v = metric_value(text, "gpucostd_gpu_throttle_cost_dollars_total", gpu="0",
                          reason="HwThermalSlowdown")
         return v is not None and v > 0 and text
-    # the throttle starts at scenario t = 20 s
-    text = wait_for(gpu0_cost, 40, interval=0.2, what="GPU 0 HwThermalSlowdown cost > 0")
+    # the throttle starts at scenario t = 1 s
+    text = wait_for(gpu0_cost, 20, interval=0.2, what="GPU 0 HwThermalSlowdown cost > 0")
     assert metric_value(text, "gpucostd_node_cost_dollars_per_hour") == 8 * PRICE
     assert metric_value(text, "gpucostd_gpu_throughput_loss_ratio", gpu="0") == pytest.approx(
         1 - 1410 / 1980, abs=1e-3)
@@ -126,9 +132,9 @@ def test_daemon_prices_gpu0_throttle_and_totals_survive_a_restart(daemon_factory
     # cost --json rounds dollars to 6 decimals
     assert persisted >= before * 0.999 - 1e-6, (before, persisted)
 
-    again = daemon_factory(extra_config=COST_CFG, state_dir=state).start()
-    # the simulated node starts again at t = 0 (GPU 0 not throttled until t = 20): the value
-    # now is the persisted total -- not reset to 0, not counted twice
+    again = daemon_factory(extra_config=COST_CFG, state_dir=state).start()   # builtin:h100x8
+    # the same node (same GPUs) starts again on the builtin, GPU 0 not throttled until t = 20:
+    # the value now is the persisted total -- not reset to 0, not counted twice
     after = wait_for(lambda: metric_value(again.metrics(),
                                           "gpucostd_gpu_throttle_cost_dollars_total", gpu="0",
                                           reason="HwThermalSlowdown"),
@@ -189,8 +195,11 @@ def inference_findings(d):
 
 
 def test_inference_tokens_per_second_and_per_dollar(daemon_factory, token_server):
-    d = daemon_factory(extra_config=COST_CFG + f'[inference]\nmetrics_url = "{token_server.url}"\n'
-                       ).start()
+    # interval 1 s: the scrape's deadline is half the interval, and the endpoint is this
+    # process's own server, which a crowded machine can keep from answering within the 0.1 s
+    # of the default 0.2 s interval (a finding then says so, and that is not what this tests)
+    d = daemon_factory(interval=1.0, extra_config=COST_CFG +
+                       f'[inference]\nmetrics_url = "{token_server.url}"\n').start()
 
     def tokens():
         text = d.metrics()

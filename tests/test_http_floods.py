@@ -7,15 +7,15 @@ docs/reliability.md lists each fault with the test here that holds it.
 """
 from __future__ import annotations
 
-import base64
-import http.client
+import json
 import select
 import shutil
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
-import uuid
 
 import pytest
 
@@ -138,24 +138,32 @@ def test_a_refusal_on_the_tls_port_writes_no_plaintext(tmp_path, pki):
             srv.stop()
 
 
-def _basic(user, password):
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+# The flood runs in a process of its own, as an attacker would: 64 threads answering as fast
+# as they can, in this process, would make the test's own scrapes wait for its interpreter lock
+# (its thread switches), so a slow scrape there said as much about the test as the daemon.
+# argv: port, source address, connections. It prints RUNNING once 200 answers came, then
+# floods until a line arrives on stdin, then prints what it counted (JSON) and exits.
+FLOOD = r"""
+import base64, http.client, json, sys, threading, uuid
+port, source, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+stop, lock, counts = threading.Event(), threading.Lock(), {}
+running = threading.Event()
 
 
-def _flooder(port, stop, counts, lock, source):
-    """One keep-alive connection from `source` sending wrong passwords, a new one each time
-    (no cached answer helps), as fast as answers come."""
+def flooder():
+    # one keep-alive connection sending wrong passwords, a new one each time (no cached answer
+    # helps), as fast as answers come
     conn = None
     while not stop.is_set():
         try:
             if conn is None:
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5,
                                                   source_address=(source, 0))
-            conn.request("GET", "/metrics", headers={
-                "Authorization": _basic("prometheus", uuid.uuid4().hex)})
+            token = base64.b64encode(f"prometheus:{uuid.uuid4().hex}".encode()).decode()
+            conn.request("GET", "/metrics", headers={"Authorization": "Basic " + token})
             r = conn.getresponse()
             r.read()
-            key = r.status
+            key = str(r.status)
             if r.getheader("Connection", "").lower() == "close":
                 conn.close()
                 conn = None
@@ -166,8 +174,48 @@ def _flooder(port, stop, counts, lock, source):
             conn = None
         with lock:
             counts[key] = counts.get(key, 0) + 1
+            if sum(counts.values()) >= 200 and not running.is_set():
+                running.set()
+                print("RUNNING", flush=True)
     if conn is not None:
         conn.close()
+
+
+threads = [threading.Thread(target=flooder, daemon=True) for _ in range(n)]
+for t in threads:
+    t.start()
+sys.stdin.readline()
+stop.set()
+for t in threads:
+    t.join(10)
+with lock:
+    print(json.dumps(counts), flush=True)
+"""
+
+
+class Flood:
+    """FLOOD in a child process; `stop()` returns its counts ({429: n, 401: n, ...})."""
+
+    def __init__(self, port, source, connections=64):
+        self.proc = subprocess.Popen([sys.executable, "-c", FLOOD, str(port), source,
+                                      str(connections)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def wait_running(self, timeout=30):
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        assert line.strip() == "RUNNING", f"the flood did not start: {line!r} " \
+            f"{self.proc.stderr.read() if self.proc.poll() is not None else ''}"
+
+    def stop(self):
+        try:
+            out, err = self.proc.communicate("stop\n", timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+        assert self.proc.returncode == 0, err
+        counts = json.loads(out.strip().splitlines()[-1])
+        return {int(k) if k.isdigit() else k: v for k, v in counts.items()}
 
 
 @pytest.mark.parametrize("source", ["127.0.0.2", "127.0.0.1"], ids=["other-host", "same-host"])
@@ -188,13 +236,9 @@ def test_a_wrong_password_flood_leaves_scrapes_and_healthz_answering(daemon_fact
     d = daemon_factory(extra_config=f'web_config_file = "{web}"\n', interval=1.0).start()
     if source == "127.0.0.1":
         assert _get(d.url + "/metrics", None, user="prometheus", password="right")[0] == 200
-    stop, lock, counts = threading.Event(), threading.Lock(), {}
-    flood = [threading.Thread(target=_flooder, args=(d.port, stop, counts, lock, source),
-                              daemon=True) for _ in range(64)]
-    for t in flood:
-        t.start()
+    flood = Flood(d.port, source)
     try:
-        wait_for(lambda: sum(counts.values()) >= 200, 30, what="the flood running")
+        flood.wait_running(30)
         scrapes, health = [], []
         for _ in range(30):
             scrapes.append(_timed_get(d.url + "/metrics", None, user="prometheus",
@@ -202,9 +246,7 @@ def test_a_wrong_password_flood_leaves_scrapes_and_healthz_answering(daemon_fact
             health.append(_timed_get(d.url + "/healthz", None))
             time.sleep(0.1)           # spread over the flood, as a scrape interval would
     finally:
-        stop.set()
-        for t in flood:
-            t.join(10)
+        counts = flood.stop()
     ok_s = [c for c, _ in scrapes].count(200)
     ok_h = [c for c, _ in health].count(200)
     print(f"\nwrong-password flood from {source} (64 keep-alive, bcrypt cost 10): "

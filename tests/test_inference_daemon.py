@@ -22,9 +22,22 @@ from conftest import http_get, metric_value, wait_for
 
 INTERVAL = 1.0
 CYCLES = 8                 # cycles timed for the cadence
-CADENCE_TOLERANCE = 0.10
-STOP_SECONDS = 3.0         # SIGTERM to exit; the unit allows TimeoutStopSec=30
-LATE = 0.35                # how long after its deadline the daemon may close (a busy machine)
+CADENCE_TOLERANCE = 0.10  # judged on the daemon's own cycle times, not on when we polled
+# The bounds below are set by the failures they tell apart, not by how fast this machine is
+# today (a loaded machine delays the daemon's close and this process's notice of it alike):
+# - a scrape's deadline is judged on the median of its scrapes, within MEDIAN_SLACK of the one
+#   it must be: the wrong ones (timeout_seconds uncapped, half the interval when timeout_seconds
+#   is smaller) sit at least 0.3 s away;
+# - no scrape may outlive its deadline by more than LATE: a fresh deadline per read never ends
+#   at all (the trickle sends a byte every 50 ms), a fresh one per hop is the hop count;
+# - SIGTERM to exit under STOP_SECONDS (docs/reliability.md says under a second; the unit
+#   allows TimeoutStopSec=30): a stop that waited for an uncapped read could take up to
+#   timeout_seconds (5 s). Kept as it was: no miss of it seen under load.
+MEDIAN_SLACK = 0.15
+LATE = 1.0
+STOP_SECONDS = 3.0
+HEALTHZ_MEDIAN = 0.25      # /healthz latency, median of every poll (a /healthz that waited
+                           # for the loop's hostile read would take its 0.5 s deadline)
 
 
 class HostileEndpoint:
@@ -145,27 +158,39 @@ def hostile():
         h.close()
 
 
-def _cycles(d):
+def _cycle_and_time(d):
+    """(cycles_total, wall time of that cycle's snapshot) from one scrape: the daemon's own
+    clock, so the cadence does not depend on when this process got to poll."""
     code, body = http_get(d.url + "/metrics", timeout=2)
     assert code == 200, body
-    return metric_value(body, "gpucostd_cycles_total")
+    return (metric_value(body, "gpucostd_cycles_total"),
+            metric_value(body, "gpucostd_snapshot_timestamp_seconds"))
 
 
-def _healthz_fast(d):
+def _cycles(d):
+    return _cycle_and_time(d)[0]
+
+
+def _healthz(d, took):
+    """/healthz answers 200 (the loop never stalls); its latency goes to `took`."""
     t0 = time.monotonic()
     code, body = http_get(d.url + "/healthz", timeout=2)
-    took = time.monotonic() - t0
-    assert code == 200 and took < 1.0, (code, body, took)
+    took.append(time.monotonic() - t0)
+    assert code == 200, (code, body)
 
 
-def _next_cycle(d, after, timeout):
-    """(cycle, monotonic time) when the counter is first seen above `after`; /healthz is
-    checked on every poll meanwhile."""
+def _next_cycle(d, after, timeout, healthz):
+    """(cycle, its snapshot's wall time) when the counter is first seen above `after`;
+    /healthz is asked on every poll meanwhile (latencies to `healthz`)."""
     def seen():
-        _healthz_fast(d)
-        c = _cycles(d)
-        return (c, time.monotonic()) if c > after else None
+        _healthz(d, healthz)
+        c, at = _cycle_and_time(d)
+        return (c, at) if c > after else None
     return wait_for(seen, timeout, interval=0.02, what=f"cycle > {after}")
+
+
+def _median(xs):
+    return sorted(xs)[len(xs) // 2]
 
 
 def _failing_finding(d, url):
@@ -196,22 +221,27 @@ def test_a_hostile_inference_endpoint_never_stalls_the_daemon(daemon_factory, ho
     assert f"did not answer within {cap:g} s" in finding["message"], finding
     assert metric_value(d.metrics(), "gpucostd_inference_endpoint_up", endpoint="0") == 0
 
-    # the cadence: CYCLES cycles take CYCLES intervals (timed between two counter edges)
-    c0, t0 = _next_cycle(d, _cycles(d), 5 * INTERVAL)
-    c1, t1 = _next_cycle(d, c0 + CYCLES - 1, CYCLES * INTERVAL * (1 + CADENCE_TOLERANCE) + 2)
+    # the cadence: CYCLES cycles take CYCLES intervals (the daemon's own snapshot times)
+    healthz = []
+    c0, t0 = _next_cycle(d, _cycles(d), 5 * INTERVAL, healthz)
+    c1, t1 = _next_cycle(d, c0 + CYCLES - 1, CYCLES * INTERVAL * (1 + CADENCE_TOLERANCE) + 5,
+                         healthz)
     cadence = (c1 - c0) * INTERVAL / (t1 - t0)
     scrapes = h.scrapes()
     spans = sorted(e - a for a, e, _n in scrapes.values())
     print(f"{mode}: {c1 - c0:.0f} cycles in {t1 - t0:.2f} s (cadence {cadence:.3f}); "
           f"{len(spans)} scrapes, {spans[0]:.3f}..{spans[-1]:.3f} s each, hops "
-          f"{sorted({n for _a, _e, n in scrapes.values()})}")
+          f"{sorted({n for _a, _e, n in scrapes.values()})}; /healthz median "
+          f"{_median(healthz):.3f} s of {len(healthz)}")
     assert abs(cadence - 1) <= CADENCE_TOLERANCE, (c1 - c0, t1 - t0)
+    assert _median(healthz) < HEALTHZ_MEDIAN, sorted(healthz)
     # every scrape (all its hops) ends at the one deadline, not a fresh one per read or hop
     assert len(spans) >= CYCLES - 1, scrapes
     assert spans[-1] <= cap + LATE, spans
-    # and the deadline is the capped one, not less (the median: on a loaded machine a scrape
-    # can be accepted late, when the client has already spent part of its deadline connecting)
-    assert spans[len(spans) // 2] >= cap - 0.1, spans
+    # and the deadline is the capped one, neither less nor more (the median: on a loaded
+    # machine a scrape can be accepted late, when the client has already spent part of its
+    # deadline connecting, or closed late)
+    assert abs(_median(spans) - cap) <= MEDIAN_SLACK, spans
     if mode == "redirect-loop":
         assert max(n for _a, _e, n in scrapes.values()) == 2, scrapes
 
@@ -242,9 +272,9 @@ def test_inference_deadline_is_timeout_seconds_capped_at_half_the_interval(
         spans = sorted(e - a for a, e, _n in h.scrapes().values())
         print(f"{h.mode}: interval {interval:g}, timeout_seconds {timeout_seconds:g}: "
               f"scrapes {spans[0]:.3f}..{spans[-1]:.3f} s")
-        assert used - 0.1 <= spans[len(spans) // 2] and spans[-1] <= used + LATE, spans
+        assert abs(_median(spans) - used) <= MEDIAN_SLACK and spans[-1] <= used + LATE, spans
     body = d.metrics()
     assert metric_value(body, "gpucostd_inference_endpoint_up", endpoint="0") == 0
     assert metric_value(body, "gpucostd_inference_endpoint_up", endpoint="1") == 0
     before = _cycles(d)
-    _next_cycle(d, before + 2, 4 * interval + 5)
+    _next_cycle(d, before + 2, 4 * interval + 5, [])

@@ -88,13 +88,16 @@ def worst_case_series(scrape: str):
 
 @pytest.fixture(scope="module")
 def throttled_scrape(tmp_path_factory):
-    from conftest import DaemonProcess, wait_for
-    d = DaemonProcess(tmp_path_factory.mktemp("ref"),
+    from conftest import DaemonProcess, builtin_throttled_from, wait_for
+    tmp = tmp_path_factory.mktemp("ref")
+    # the builtin with GPU 0's throttle from t = 1 s (not 20 s): the by-reason cost families
+    # appear then
+    (tmp / "throttle-soon.toml").write_text(builtin_throttled_from(1.0))
+    d = DaemonProcess(tmp, scenario=str(tmp / "throttle-soon.toml"),
                       extra_config="[tuning.gpu]\npower_limit_watts = 600\n"
                                    "[cost]\ngpu_hour_usd = 2.0\n")
     d.start()
     try:
-        # the builtin throttles GPU 0 from t = 20 s: the by-reason cost families appear then
         wait_for(lambda: "gpucostd_gpu_throttle_cost_dollars_total{" in d.metrics(), 60,
                  interval=0.5, what="GPU 0 throttled and priced")
         yield d.metrics()

@@ -13,7 +13,8 @@ import socket
 import threading
 import time
 
-from conftest import DaemonProcess, http_get, metric_value, wait_for
+from conftest import (DaemonProcess, builtin_throttled_from, http_get, metric_value,
+                      wait_for)
 
 
 def ask(daemon, **message):
@@ -504,7 +505,10 @@ def test_a_wall_clock_step_keeps_history_uptime_and_the_last_hour_consistent(tmp
     host's): an hour back, then 40 days forward and a restart."""
     offset = tmp_path / "wall-offset"
     offset.write_text("0")
-    d = EnvDaemon(tmp_path, env={"GPUCOSTD_TEST_WALL_OFFSET_FILE": str(offset)}, interval=0.2)
+    soon = tmp_path / "throttle-soon.toml"         # GPU 0 throttled from t = 1 s, not 20 s
+    soon.write_text(builtin_throttled_from(1.0))
+    d = EnvDaemon(tmp_path, env={"GPUCOSTD_TEST_WALL_OFFSET_FILE": str(offset)}, interval=0.2,
+                  scenario=str(soon))
     try:
         d.start()
         wait_for(lambda: (status_doc(d)["cost"]["node"]["last_hour"]["dollars"] or 0) > 0, 30,
