@@ -111,6 +111,7 @@ class KernelLogWatcher:
         self._read_pos: Optional[Dict[str, Any]] = None     # last record read
         self._safe_pos: Optional[Dict[str, Any]] = None     # read and fully handed to the queue
         self._polled_pos: Optional[Dict[str, Any]] = None   # returned by poll()
+        self._inflight: List[KernelFault] = []    # returned by poll(), not yet committed
         self._state: Dict[str, Any] = {}
         self._started = False
 
@@ -202,6 +203,19 @@ class KernelLogWatcher:
             self._available.set()
         if pos is not None:
             self._polled_pos = pos
+        self._inflight = out
+        return out
+
+    def pending(self) -> List[KernelFault]:
+        """Faults read from the log that the loop has not yet judged and stored: those it
+        polled this cycle (until commit) and those still queued. Any thread (the status
+        socket shows them at once, before the cycle that judges them)."""
+        out = list(self._inflight)
+        for _ in range(3):          # the reader thread may append while this copies
+            try:
+                return out + list(self._queue)
+            except RuntimeError:
+                continue
         return out
 
     def wait(self, timeout: float) -> bool:
@@ -210,6 +224,7 @@ class KernelLogWatcher:
 
     def commit(self) -> None:
         """Persist the read position of everything poll() has returned so far."""
+        self._inflight = []              # stored now: the snapshot shows them
         pos = self._polled_pos
         if pos is None or self.state_dir is None:
             return

@@ -45,7 +45,7 @@ from gpucostd.hw.nvml_fields import (CONVERT, IDENTITY, LEGACY, LEGACY_CONVERT, 
                                      DeviceRead, Field, Legacy, get_field_values)
 from gpucostd.hw.nvml_fields import GpuSession as _GpuSession
 from gpucostd.hw.nvml_fields import field_value as _field_value  # noqa: F401 (tests)
-from gpucostd.hw.nvml_lanes import Job as _Job, Lane as _Lane, now as _now
+from gpucostd.hw.nvml_lanes import Batch, Job as _Job, Lane as _Lane, now as _now
 from gpucostd.hw.nvml_errors import KINDS, NvmlError  # noqa: F401
 from gpucostd.hw.nvml_errors import (  # noqa: F401 - the old local names
     ERROR_TEXT as _ERROR_TEXT, FATAL as _FATAL, FIELD_ABSENT as _FIELD_ABSENT,
@@ -64,6 +64,10 @@ except Exception as _exc:  # noqa: BLE001 - any import failure means "not availa
 log = logging.getLogger("gpucostd.nvml")
 
 VIRTUAL_CLOCK_DEADLINE = 60.0
+# A batch of device reads (one thread for every GPU) not done after this long (or a quarter
+# of the deadline) hands the reads it has not started to their GPUs' own threads.
+SCATTER_SECONDS = 0.1
+_SETTERS = ("nvmlDeviceSet", "nvmlDeviceReset", "nvmlDeviceWorkloadPowerProfileSet")
 
 
 # --------------------------------------------------------------------------- the gateway
@@ -112,6 +116,16 @@ class NvmlGateway(ClockSettings):
                 name = "node" if key == "node" else f"gpu{key}"
                 lane = self._lanes[key] = _Lane(name)
             return lane
+
+    def _batch_lane(self) -> Optional[_Lane]:
+        """The thread that reads a cycle's GPUs one after another; None while it is still in
+        an earlier batch (a GPU call there hangs): then each GPU's own thread reads it."""
+        with self._lock:
+            lane = self._lanes.get("batch")
+            if lane is None:
+                lane = self._lanes["batch"] = _Lane("batch")
+        with lane.lock:
+            return None if lane.pending else lane
 
     def _stuck_error(self, key: Any, lane: _Lane) -> NvmlError:
         gpu = None if key == "node" else key
@@ -339,6 +353,8 @@ class NvmlGateway(ClockSettings):
              timeout: Optional[float] = None) -> Any:
         """Run ``fn(handle)`` (pynvml calls) on GPU `index`'s worker under the deadline."""
         self._require(index)
+        if what.startswith(_SETTERS):     # what it sets may be a slow reading: read it next
+            self.forget_slow(index)
 
         def job():
             h = self._handle(index)
@@ -442,12 +458,25 @@ class NvmlGateway(ClockSettings):
             return {i: NvmlError("unavailable", error or "NVML not available", None, i)
                     for i in indices}
         deadline = self._deadline(timeout)
-        jobs = {}
+        jobs: Dict[int, Tuple[Optional[_Lane], Optional[_Job]]] = {}
+        batch = self._batch_lane() if len(indices) > 1 and not self._virtual else None
+        claimed = []
         for i in indices:
             if not 0 <= i < count:
                 jobs[i] = (None, None)
                 continue
-            jobs[i] = self._submit(i, lambda i=i: self._read_device(i))
+            fn = (lambda i=i: self._read_device(i))
+            job = self._lane(i).claim(fn) if batch is not None else None
+            if job is None:
+                jobs[i] = self._submit(i, fn)
+            else:
+                jobs[i] = (self._lanes[i], job)
+                claimed.append(jobs[i])
+        if claimed:              # one thread reads them while none is slow (nvml_lanes.Batch)
+            run = Batch(claimed)
+            done = batch.submit(run.run)
+            if done is None or not done.done.wait(min(SCATTER_SECONDS, self.timeout_seconds / 4)):
+                run.scatter()
         out: Dict[int, Any] = {}
         unavailable = None
         for i, (lane, job) in jobs.items():
@@ -491,12 +520,15 @@ class NvmlGateway(ClockSettings):
             plan = st.field_plan(first)
             if plan:
                 self._read_fields(nv, h, index, lane, st, plan, got, field_errors)
-        rows = st.legacy_rows(first, plan if st.fields_ok else ())
+        now = self.clock.monotonic()
+        slow_due = first or now >= st.slow_at       # SLOW_READINGS (nvml_fields)
+        rows = st.legacy_rows(first, plan if st.fields_ok else (), slow_due)
         missing = [f.reading for f in plan if f.reading not in got]
         if missing:          # fields that did not answer this cycle: their old calls too
             rows = rows + tuple(r for r in LEGACY if r.reading in missing
                                 and (first or not r.static))
         self._read_legacy(nv, h, index, lane, st, rows, got, errors)
+        st.keep_slow(slow_due, now, got, errors)
         for reading, err in field_errors.items():
             if reading not in got and reading not in errors:
                 errors[reading] = err
@@ -506,10 +538,10 @@ class NvmlGateway(ClockSettings):
         viol = {key: got[VIOLATION_PREFIX + key] for key, _p in VIOLATION_POLICIES
                 if got.get(VIOLATION_PREFIX + key) is not None}
         values["violation_seconds"] = viol or None
-        values["gpm_supported"], values["activity"] = self._read_gpm(nv, h, index, lane, st)
+        values["gpm_supported"], values["activity"] = self._read_gpm(nv, h, index, lane, st, now)
         # a counter that went backwards: the GPU was reset; read its static values again
         if st.counters and any(viol.get(k, v) < v for k, v in st.counters.items()):
-            st.static = None
+            st.static, st.slow_at = None, float("-inf")
         st.counters = viol
         if first and not (STATIC_READINGS & set(errors)) and \
                 all(got.get(k) is not None for k in IDENTITY):
@@ -517,13 +549,13 @@ class NvmlGateway(ClockSettings):
         return res
 
     def _read_gpm(self, nv: Any, h: Any, index: int, lane: Optional[_Lane],
-                  st: "_GpuSession") -> Tuple[Optional[bool], Any]:
+                  st: "_GpuSession", now: float) -> Tuple[Optional[bool], Any]:
         """GPM activity (gpucostd.hw.gpm): lost or hung end the read; other errors leave the
         activity absent this cycle and start the sample pair again."""
         if lane is not None:
             lane.current = "nvmlGpmSampleGet"
         try:
-            return read_activity(nv, h, st.gpm, _FIELD_ABSENT, self.clock.monotonic())
+            return read_activity(nv, h, st.gpm, _FIELD_ABSENT, now)
         except (nv.NVMLError, nv.NVMLLibraryMismatchError) as exc:
             err = _from_nvml(exc, index, "nvmlGpmSampleGet")
             if err.kind in _FATAL:
@@ -619,7 +651,14 @@ class NvmlGateway(ClockSettings):
             for i, st in list(self._gpu_session.items()):
                 if index is None or i == index:
                     st.static = None
+                    st.slow_at = float("-inf")
         self.forget_clocks(index)
+
+    def forget_slow(self, index: int) -> None:
+        """Read GPU `index`'s SLOW_READINGS (persistence mode, application clock) next time."""
+        st = self._gpu_session.get(index)
+        if st is not None:
+            st.slow_at = float("-inf")
 
 
 def _text(value: Any) -> Optional[str]:
