@@ -123,7 +123,8 @@ class Daemon:
         from gpucostd.parts.discovery import discovery_part
         discovery = discovery_part(self)      # None: off, or not a real node
         parts += [DeployPart(self.deploy_probe, cfg.checks, cfg.tuning),
-                  HostPart(self.host_probe, self.gateway, cfg),
+                  HostPart(self.host_probe, self.gateway, cfg.checks, cfg.nic_tuning,
+                           cfg.tuning.verify_interval_seconds),
                   HealthPart(self.judge)] + ([discovery] if discovery else []) + [
                   InferencePart(self.inference, parallel=not self.clock.virtual),
                   CostPart(self.cost, self.inference)]
