@@ -11,7 +11,10 @@ off the bus can block NVML for tens of seconds -- delays nobody else:
 - when the stuck call returns, the GPU recovers by itself.
 
 A device read (``read_devices``) is one job per GPU: all of that GPU's NVML calls for one cycle
-run back to back on its worker, under one deadline, and the GPUs are read in parallel. What a
+run back to back, under one deadline. While no GPU is slow the jobs run one after another on one
+thread (a hand-off per cycle, not per GPU: gpucostd.hw.nvml_lanes.Batch), each claimed on its
+GPU's lane so the stuck and recovery rules are the same; jobs not started after SCATTER_SECONDS
+go to their GPUs' own threads, so a hung GPU still delays nobody for its deadline. What a
 read asks is two data tables in ``nvml_fields.py``: one ``nvmlDeviceGetFieldValues`` per GPU for
 every value NVML has a field id for (each value's own return code honoured: NOT_SUPPORTED ->
 absent, never 0), then the old one-value calls for the rest and for every field the driver does
@@ -445,7 +448,8 @@ class NvmlGateway(ClockSettings):
     # ---------------------------------------------------------------- device reads
     def read_devices(self, indices: Optional[Iterable[int]] = None,
                      timeout: Optional[float] = None) -> Dict[int, Any]:
-        """Read every field of the given GPUs (default all) in parallel, one job per GPU under
+        """Read every field of the given GPUs (default all), one job per GPU (on one thread
+        while none is slow, module docstring) under
         one deadline. Returns {index: DeviceRead or NvmlError} (lost/timeout/unavailable and
         other whole-device failures are NvmlError values, never raised)."""
         with self._lock:
