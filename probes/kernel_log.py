@@ -112,6 +112,7 @@ class KernelLogWatcher:
         self._safe_pos: Optional[Dict[str, Any]] = None     # read and fully handed to the queue
         self._polled_pos: Optional[Dict[str, Any]] = None   # returned by poll()
         self._inflight: List[KernelFault] = []    # returned by poll(), not yet committed
+        self._wake: Optional[Tuple[int, int]] = None   # pipe: stop() wakes the kmsg reader
         self._state: Dict[str, Any] = {}
         self._started = False
 
@@ -155,6 +156,12 @@ class KernelLogWatcher:
 
     def stop(self, timeout: float = 1.0) -> None:
         self._stop.set()
+        wake = self._wake
+        if wake is not None:              # the kmsg reader sleeps in poll() until this byte
+            try:
+                os.write(wake[1], b"x")
+            except OSError:
+                pass
         t = self._thread
         if t is not None:
             t.join(timeout)
@@ -165,6 +172,12 @@ class KernelLogWatcher:
         self._close_source()
 
     def _close_source(self) -> None:
+        wake, self._wake = self._wake, None
+        for end in wake or ():
+            try:
+                os.close(end)
+            except OSError:
+                pass
         fd, self._fd = self._fd, None
         if fd is not None:
             try:
@@ -412,9 +425,18 @@ class KernelLogWatcher:
         assert fd is not None
         poller = select.poll()
         poller.register(fd, select.POLLIN)
+        wake = None
+        if self._records:            # /dev/kmsg: sleep until a record comes or stop() writes
+            try:
+                wake = self._wake = os.pipe()
+                poller.register(wake[0], select.POLLIN)
+            except OSError:
+                wake = None          # no pipe: look for stop() every 0.2 s
         buf = b""
         while not self._stop.is_set():
-            if not poller.poll(200):
+            # a multi-line fault waits at most 0.2 s for its follow-up lines (_idle)
+            ready = poller.poll(200 if wake is None or self._parser.has_pending else None)
+            if not ready or (wake is not None and all(f == wake[0] for f, _ev in ready)):
                 queued = False
             elif self._records:
                 queued = self._read_records(fd)
