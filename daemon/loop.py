@@ -121,10 +121,10 @@ class Daemon:
                       TuningPart(self.tuning, cfg.tuning, cfg.gpu_tuning, cfg.gpu_overrides,
                                  cfg.nic_tuning, recover)]
         from gpucostd.parts.discovery import discovery_part
-        discovery = discovery_part(self)      # None: off, or not a real node
+        discovery = discovery_part(cfg.inference, cfg.daemon.interval_seconds, self.inference,
+                                   self.clock, self.sim is not None, self.one_shot)   # or None
         parts += [DeployPart(self.deploy_probe, cfg.checks, cfg.tuning),
-                  HostPart(self.host_probe, self.gateway, cfg.checks, cfg.nic_tuning,
-                           cfg.tuning.verify_interval_seconds),
+                  HostPart(self.host_probe, self.gateway, cfg.checks, cfg.nic_tuning, cfg.tuning),
                   HealthPart(self.judge)] + ([discovery] if discovery else []) + [
                   InferencePart(self.inference, parallel=not self.clock.virtual),
                   CostPart(self.cost, self.inference)]

@@ -28,21 +28,20 @@ class ChecksConfig(NamedTuple):
 class HostPart(Part):
     name = "host"
 
-    def __init__(self, host_probe, gateway, checks_section, nic_tuning,
-                 verify_interval_seconds: float):
+    def __init__(self, host_probe, gateway, checks_section, nic_tuning, tuning_section):
         self.host_probe = host_probe
         self.gateway = gateway
-        self._sections(checks_section, nic_tuning, verify_interval_seconds)
+        self._sections(checks_section, nic_tuning, tuning_section)
         self._facts = None
         self._checks: Tuple[CheckResult, ...] = ()
 
-    def _sections(self, checks_section, nic_tuning, verify_interval_seconds: float) -> None:
+    def _sections(self, checks_section, nic_tuning, tuning_section) -> None:
         self.config = ChecksConfig(checks_section, nic_tuning)
-        self.interval = verify_interval_seconds
+        self.interval = tuning_section.verify_interval_seconds
         self._last: Optional[float] = None
 
     def reconfigure(self, config) -> None:
-        self._sections(config.checks, config.nic_tuning, config.tuning.verify_interval_seconds)
+        self._sections(config.checks, config.nic_tuning, config.tuning)
 
     def run(self, cycle: Cycle) -> HostData:
         if self._last is None or cycle.monotonic - self._last >= self.interval:
