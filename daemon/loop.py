@@ -60,8 +60,7 @@ class Daemon:
         self._part_errors: Dict[str, str] = {}     # steps outside the parts that failed
         self._logged: Dict[str, str] = {}          # the failure last logged, per part/step
         self.state_dir = state_dir = state_dir or config.daemon.state_dir
-        # refused (UnsafePathError, an OSError) when another user could read or replace the
-        # events and the saved originals
+        # refused (UnsafePathError) when another user could read or replace events, originals
         ensure_private_dir(state_dir, 0o750, "state directory")
 
         self.sim = None
@@ -102,6 +101,7 @@ class Daemon:
         """The cycle's parts, in the order they run (a part reads the data of those before)."""
         from gpucostd.parts.cost import CostPart
         from gpucostd.parts.deploy import DeployPart
+        from gpucostd.parts.discovery import discovery_part
         from gpucostd.parts.drain import drain_parts
         from gpucostd.parts.gpu import GpuPart
         from gpucostd.parts.health import HealthPart
@@ -121,10 +121,10 @@ class Daemon:
             parts += [StateDirPart(self.state_dir, self.store, self.tuning.reload_originals),
                       TuningPart(self.tuning, cfg.tuning, cfg.gpu_tuning, cfg.gpu_overrides,
                                  cfg.nic_tuning, recover)]
-        from gpucostd.parts.discovery import discovery_part
-        discovery = discovery_part(self)      # None: off, or not a real node
+        discovery = discovery_part(cfg.inference, cfg.daemon.interval_seconds, self.inference,
+                                   self.clock, self.sim is not None, self.one_shot)   # or None
         parts += [DeployPart(self.deploy_probe, cfg.checks, cfg.tuning),
-                  HostPart(self.host_probe, self.gateway, cfg),
+                  HostPart(self.host_probe, self.gateway, cfg.checks, cfg.nic_tuning, cfg.tuning),
                   HealthPart(self.judge)] + ([discovery] if discovery else []) + [
                   InferencePart(self.inference, parallel=not self.clock.virtual),
                   CostPart(self.cost, self.inference)] + drain_parts(self)

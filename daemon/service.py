@@ -144,7 +144,10 @@ def run_daemon(cfg: Config, scenario: Optional[str]) -> int:
     daemon.add_publisher(publish)
 
     def h_status(req):
-        return {"status": status_cache.get()}
+        doc = status_cache.get()
+        if daemon.watcher is not None:        # read, not yet judged: shown at once
+            doc = statusview.with_pending_faults(doc, daemon.watcher.pending())
+        return {"status": doc}
 
     events_gate = threading.BoundedSemaphore(1)     # one large answer in memory at a time
 

@@ -111,6 +111,8 @@ class KernelLogWatcher:
         self._read_pos: Optional[Dict[str, Any]] = None     # last record read
         self._safe_pos: Optional[Dict[str, Any]] = None     # read and fully handed to the queue
         self._polled_pos: Optional[Dict[str, Any]] = None   # returned by poll()
+        self._inflight: List[KernelFault] = []    # returned by poll(), not yet committed
+        self._wake: Optional[Tuple[int, int]] = None   # pipe: stop() wakes the kmsg reader
         self._state: Dict[str, Any] = {}
         self._started = False
 
@@ -154,6 +156,12 @@ class KernelLogWatcher:
 
     def stop(self, timeout: float = 1.0) -> None:
         self._stop.set()
+        wake = self._wake
+        if wake is not None:              # the kmsg reader sleeps in poll() until this byte
+            try:
+                os.write(wake[1], b"x")
+            except OSError:
+                pass
         t = self._thread
         if t is not None:
             t.join(timeout)
@@ -164,6 +172,12 @@ class KernelLogWatcher:
         self._close_source()
 
     def _close_source(self) -> None:
+        wake, self._wake = self._wake, None
+        for end in wake or ():
+            try:
+                os.close(end)
+            except OSError:
+                pass
         fd, self._fd = self._fd, None
         if fd is not None:
             try:
@@ -202,6 +216,19 @@ class KernelLogWatcher:
             self._available.set()
         if pos is not None:
             self._polled_pos = pos
+        self._inflight = out
+        return out
+
+    def pending(self) -> List[KernelFault]:
+        """Faults read from the log that the loop has not yet judged and stored: those it
+        polled this cycle (until commit) and those still queued. Any thread (the status
+        socket shows them at once, before the cycle that judges them)."""
+        out = list(self._inflight)
+        for _ in range(3):          # the reader thread may append while this copies
+            try:
+                return out + list(self._queue)
+            except RuntimeError:
+                continue
         return out
 
     def wait(self, timeout: float) -> bool:
@@ -210,6 +237,7 @@ class KernelLogWatcher:
 
     def commit(self) -> None:
         """Persist the read position of everything poll() has returned so far."""
+        self._inflight = []              # stored now: the snapshot shows them
         pos = self._polled_pos
         if pos is None or self.state_dir is None:
             return
@@ -397,9 +425,18 @@ class KernelLogWatcher:
         assert fd is not None
         poller = select.poll()
         poller.register(fd, select.POLLIN)
+        wake = None
+        if self._records:            # /dev/kmsg: sleep until a record comes or stop() writes
+            try:
+                wake = self._wake = os.pipe()
+                poller.register(wake[0], select.POLLIN)
+            except OSError:
+                wake = None          # no pipe: look for stop() every 0.2 s
         buf = b""
         while not self._stop.is_set():
-            if not poller.poll(200):
+            # a multi-line fault waits at most 0.2 s for its follow-up lines (_idle)
+            ready = poller.poll(200 if wake is None or self._parser.has_pending else None)
+            if not ready or (wake is not None and all(f == wake[0] for f, _ev in ready)):
                 queued = False
             elif self._records:
                 queued = self._read_records(fd)

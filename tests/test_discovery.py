@@ -365,14 +365,17 @@ def test_discovery_runs_on_a_real_node_unless_told_otherwise(mode, simulated, on
 
     from gpucostd.config import parse
     from gpucostd.parts.discovery import discovery_part
-    daemon = SimpleNamespace(
-        config=parse(f'[inference]\ndiscover = "{mode}"\n'), one_shot=one_shot,
-        clock=SimpleNamespace(virtual=virtual, monotonic=lambda: 0.0),
-        sim=object() if simulated else None, inference=[])
-    part = discovery_part(daemon)
+    cfg = parse(f'[inference]\ndiscover = "{mode}"\n')
+    probes = []
+    part = discovery_part(cfg.inference, cfg.daemon.interval_seconds, probes,
+                          SimpleNamespace(virtual=virtual, monotonic=lambda: 0.0), simulated,
+                          one_shot)
     assert (part is not None) == runs
     if runs:
-        assert part.probes is daemon.inference and part.interval == 60.0
+        assert part.probes is probes and part.interval == 60.0
+        assert part.probe_timeout == min(cfg.inference.timeout_seconds,
+                                         0.5 * cfg.daemon.interval_seconds)
+        assert part.make_probe("http://127.0.0.1:1/metrics").discovered is True
 
 
 def test_many_new_ports_are_asked_a_few_per_cycle(pages):

@@ -190,7 +190,11 @@ def test_the_gateway_reads_activity_from_one_sample_per_cycle():
     probe.read()
     assert node.calls["nvmlGpmSampleGet"] == calls + 8      # one sample per GPU per cycle
     assert node.calls["nvmlGpmQueryDeviceSupport"] == 8     # asked once per session
-    assert node.calls["nvmlGpmSampleFree"] == node.calls["nvmlGpmSampleAlloc"] - 8
+    # two sample buffers per GPU, allocated once per session and filled in turn: no alloc
+    # or free per cycle
+    clock.advance(10.0)
+    assert probe.read()[2].activity.sm == pytest.approx(0.3135)
+    assert node.calls["nvmlGpmSampleAlloc"] == 16 and "nvmlGpmSampleFree" not in node.calls
 
 
 def test_without_gpm_the_activity_is_absent_never_zero():

@@ -291,6 +291,33 @@ def test_restart_neither_replays_nor_misses(tmp_path):
     w.stop()
 
 
+def test_faults_read_but_not_yet_stored_are_pending_until_commit(tmp_path):
+    """What the status socket shows before the cycle that judges a fault: pending() holds it
+    from the moment the reader queued it until the loop stored it (commit)."""
+    from conftest import wait_for
+    from gpucostd.views.statusview import with_pending_faults
+    k = FakeKmsg(tmp_path)
+    w = k.watcher()
+    try:
+        assert w.pending() == []
+        k.write(xid_line(7, xid=43, bus="0000:9b:00"))
+        wait_for(lambda: len(w.pending()) == 1, 10, what="the fault pending")
+        (f,) = w.poll()
+        assert w.pending() == [f]          # polled, not stored yet: still shown
+        doc = {"gpus": [{"index": 3, "pci_bus_id": "00000000:9B:00.0"}],
+               "events": [{"id": 1, "message": "older"}]}
+        shown = with_pending_faults(doc, w.pending())
+        first = shown["events"][0]
+        assert first["fields"]["pending"] is True and first["xid"] == 43
+        assert first["subject"] == "gpu:3" and "fault number 7" in first["message"]
+        assert first["severity"] == "UNKNOWN" and shown["events"][1]["message"] == "older"
+        assert len(doc["events"]) == 1             # the cached document is not changed
+        w.commit()
+        assert w.pending() == [] and with_pending_faults(doc, []) is doc
+    finally:
+        w.stop()
+
+
 def test_crash_between_poll_and_commit_returns_the_same_fault_with_the_same_key(tmp_path):
     k = FakeKmsg(tmp_path)
     k.write(xid_line(1))

@@ -13,7 +13,7 @@ import pytest
 
 pynvml = pytest.importorskip("pynvml", reason="nvidia-ml-py (pynvml) is not installed")
 
-from gpucostd.hw.nvml_fields import FIELDS  # noqa: E402
+from gpucostd.hw.nvml_fields import FIELDS, SLOW_SECONDS  # noqa: E402
 from gpucostd.probes.gpu import GpuProbe  # noqa: E402
 from gpucostd.sim.nvml import FieldValue  # noqa: E402
 from gpucostd.sim.scenario import BUILTIN_DIR  # noqa: E402
@@ -33,12 +33,13 @@ clock_event_reasons = ["SwPowerCap"]
 # every cycle after the first, with field values: these and nothing else
 PER_CYCLE = {"nvmlDeviceGetFieldValues", "nvmlDeviceGetClockInfo",
              "nvmlDeviceGetUtilizationRates", "nvmlDeviceGetCurrentClocksEventReasons",
-             "nvmlDeviceGetPersistenceMode", "nvmlDeviceGetApplicationsClock",
              "nvmlDeviceGetCurrPcieLinkGeneration", "nvmlDeviceGetCurrPcieLinkWidth",
              # GPU Performance Monitoring (Hopper): one sample per cycle, metrics from two
-             "nvmlGpmSampleAlloc", "nvmlGpmSampleGet", "nvmlGpmMetricsGet", "nvmlGpmSampleFree",
+             "nvmlGpmSampleGet", "nvmlGpmMetricsGet",
              # MIG mode can change between cycles (after a reset): one call per GPU and cycle
              "nvmlDeviceGetMigMode"}
+# what only someone's setting changes: every SLOW_SECONDS (and after a setter)
+SLOW = {"nvmlDeviceGetPersistenceMode", "nvmlDeviceGetApplicationsClock"}
 
 
 @pytest.fixture
@@ -87,9 +88,14 @@ def test_one_field_values_call_per_gpu_per_cycle_and_no_deprecated_call(sim):
     node, gw, clock, probe = sim()
     first = calls_of(node, probe.read)
     assert first["nvmlDeviceGetFieldValues"] == 8
-    clock.advance(30)
+    clock.advance(1)
+    probe.read()                # the second GPM sample buffer is allocated here, once
+    clock.advance(1)
     steady = calls_of(node, probe.read)
     assert set(steady) == PER_CYCLE and set(steady.values()) == {8}, steady
+    clock.advance(SLOW_SECONDS - 2)         # t = 30: SLOW_SECONDS after the first read
+    slow = calls_of(node, probe.read)
+    assert set(slow) == PER_CYCLE | SLOW and set(slow.values()) == {8}, slow
     assert "nvmlDeviceGetViolationStatus" not in first     # deprecated in NVML 13
     g0 = probe.read()[0]
     assert g0.clock_event_reasons == ("HwThermalSlowdown",)
@@ -97,6 +103,23 @@ def test_one_field_values_call_per_gpu_per_cycle_and_no_deprecated_call(sim):
     assert set(g0.violation_seconds) == {"power", "sw_thermal", "hw_thermal", "hw_power_brake",
                                          "sync_boost", "board_limit", "low_utilization",
                                          "reliability", "total_base_clocks"}
+
+
+def test_slow_readings_are_kept_between_reads_and_read_again_after_a_setter(sim):
+    """Persistence mode and the application clock are read every SLOW_SECONDS; a cycle
+    between shows the last value, and a setter of this daemon makes the next read ask."""
+    node, gw, clock, probe = sim()
+    probe.read()
+    clock.advance(1)
+    gpus = probe.read()
+    assert [g.persistence_mode for g in gpus] == [True] * 8
+    assert gpus[3].app_sm_clock_mhz == 1980
+    gw.set_persistence_mode(3, False)
+    clock.advance(1)
+    calls = calls_of(node, probe.read)
+    assert calls["nvmlDeviceGetPersistenceMode"] == 1            # GPU 3 only
+    gpus = probe.read()
+    assert gpus[3].persistence_mode is False and gpus[2].persistence_mode is True
 
 
 def _equal_but_violations(a, b):

@@ -144,3 +144,23 @@ def test_a_node_rule_that_raises_is_one_finding_and_the_cycle_goes_on(daemon):
     assert [f.message for f in snap.findings if f.code == "part_failed"] == [
         "node rule broken_rule failed: KeyError: 'nothing'"]
     assert len(snap.gpus) == 8 and snap.node_health == Severity.WARN
+
+
+def test_deployment_facts_are_read_at_start_after_a_reload_and_at_most_every_5_minutes():
+    """They change only by an operator's hand and one read walks every process and TCP socket
+    (docs/performance.md): not every tuning verify interval."""
+    from gpucostd.parts.deploy import DEPLOY_SECONDS, DeployPart
+    reads = []
+
+    class Probe:
+        def read(self, dirs):
+            reads.append(dirs)
+            return len(reads)
+
+    cfg = config.parse('[tuning]\nverify_interval_seconds = 30\n[checks]\nmodel_dirs = ["/m"]\n')
+    part = DeployPart(Probe(), cfg.checks, cfg.tuning)
+    seen = [part.run(Cycle(n, 0.0, t)) for n, t in enumerate((0.0, 30.0, 299.0))]
+    assert seen == [1, 1, 1] and DEPLOY_SECONDS == 300
+    assert part.run(Cycle(4, 0.0, 300.0)) == 2
+    part.reconfigure(cfg)                       # SIGHUP: look again at once
+    assert part.run(Cycle(5, 0.0, 301.0)) == 3 and reads[-1] == ("/m",)

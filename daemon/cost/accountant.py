@@ -23,7 +23,7 @@ from gpucostd.cost.model import (MAX_LOSS_FOR_MULTIPLIER, COUNTER_GROUPS as _COU
                                  GpuSample as _Sample, counter_values as _counters,
                                  is_finite as _finite, sorted_reasons as _sorted_reasons,
                                  active_throttle_reasons, cost_multiplier, fit_tokens_vs_clock,
-                                 integrate, is_busy, loss_ratio, reference_clock)
+                                 SlidingSums, integrate, is_busy, loss_ratio, reference_clock)
 from gpucostd.cost.report import (BUCKET_SECONDS, HISTORY_SECONDS, CostReport, GpuCost, ReasonCost,
                                   TokenCost, WindowCost, add_reasons as _add_reasons,
                                   expand_history as _expand_history,
@@ -128,7 +128,7 @@ class CostAccountant:
         self._by_index: Dict[int, str] = {}
         self._cycle_ok: List[_GpuTrack] = []   # tracks with an OK reading in the latest cycle
         self._history: Dict[int, Dict[str, Dict[str, List[float]]]] = {}
-        self._rate: Deque[Tuple[float, float, float]] = deque()   # (mono, dollars, capacity)
+        self._rate = SlidingSums(2)       # (mono, dollars, capacity) over the rate window
         self._tokens = TokenCost()
         self._token_clock: Deque[Tuple[float, float, float]] = deque()  # (mono, tok/s, clock)
         self._last_token_mono: Optional[float] = None
@@ -285,9 +285,8 @@ class CostAccountant:
                         self.config, now_wall)
         if self._totals_since is None and present:
             self._totals_since = now_wall
-        self._rate.append((now_mono, node_dollars, node_capacity))
-        while self._rate and self._rate[0][0] < now_mono - RATE_WINDOW_SECONDS:
-            self._rate.popleft()
+        self._rate.add(now_mono, node_dollars, node_capacity)
+        self._rate.expire(now_mono - RATE_WINDOW_SECONDS)
         report = self._report(present, now_wall, now_mono, bucket)
         self._last_report = report
         if inference is not None:
@@ -387,9 +386,8 @@ class CostAccountant:
         # node rates over the last 5 minutes (or since start when younger)
         span = RATE_WINDOW_SECONDS
         if self._rate:
-            span = min(RATE_WINDOW_SECONDS, max(0.0, now_mono - self._rate[0][0]))
-        usd = sum(x[1] for x in self._rate)
-        cap = sum(x[2] for x in self._rate)
+            span = min(RATE_WINDOW_SECONDS, max(0.0, now_mono - self._rate.first_time()))
+        usd, cap = (max(0.0, x) for x in self._rate.sums)
         per_hour = usd * 3600.0 / span if span > 0 else 0.0
         node_loss = (cap / (span * len(present))) if span > 0 and present else None
         tokens = self._tokens if self.eff.endpoints or self._tokens.tokens_lost_total else None

@@ -29,8 +29,8 @@ from collections import deque
 from typing import Any, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from gpucostd.cost.mig import MigBook, gpu_unused
-from gpucostd.cost.model import (MAX_SAMPLE_GAP_SECONDS, is_finite as _finite, rounded as _r,
-                                 is_busy)
+from gpucostd.cost.model import (MAX_SAMPLE_GAP_SECONDS, SlidingSums, is_finite as _finite,
+                                 rounded as _r, is_busy)
 from gpucostd.snapshot import GpuReading, GpuState
 
 WINDOW_SECONDS = 300.0            # window of tokens/s, idle share and energy $/h
@@ -124,8 +124,7 @@ class EfficiencyBook:
     def __init__(self):
         self.gpus: Dict[str, _GpuBook] = {}
         self.endpoints: Dict[str, _Endpoint] = {}
-        self._window: Deque[Tuple[float, float, float, float, float]] = deque()
-        # (mono, paid_s, idle_s, underused_s, energy_$)
+        self._window = SlidingSums(4)    # (mono, paid_s, idle_s, underused_s, energy_$)
         self.tokens_total = 0.0          # tokens counted from the endpoints' deltas
         # minute bucket -> GPU key -> HISTORY_KEYS values (24 h, for `gpucostd cost --since`)
         self.history: Dict[int, Dict[str, List[float]]] = {}
@@ -202,16 +201,15 @@ class EfficiencyBook:
         if bucket is not None:
             for old in [k for k in self.history if k < bucket - HISTORY_SECONDS // BUCKET_SECONDS]:
                 del self.history[old]
-        self._window.append((now, d_paid, d_idle, d_under, d_usd))
-        while self._window and self._window[0][0] < now - WINDOW_SECONDS:
-            self._window.popleft()
+        self._window.add(now, d_paid, d_idle, d_under, d_usd)
+        self._window.expire(now - WINDOW_SECONDS)
 
     def idle_share(self) -> Optional[float]:
         """Unused share of paid GPU-time (idle + underused) over the window."""
-        paid = sum(w[1] for w in self._window)
-        if paid <= 0:
+        paid, idle, under, _usd = self._window.sums
+        if paid <= 1e-9:                # none (a running sum may keep a rounding residue)
             return None
-        return (sum(w[2] for w in self._window) + sum(w[3] for w in self._window)) / paid
+        return max(0.0, idle + under) / paid
 
     def idle_basis(self) -> Optional[str]:
         """What the idle and underused capacity of the GPUs read now is priced on:

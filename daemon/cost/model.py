@@ -17,6 +17,7 @@ The model and its assumptions are documented in docs/cost.md; in one breath:
 from __future__ import annotations
 
 import math
+from collections import deque
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from gpucostd.snapshot import (GpuReading, GpuState, THROTTLE_REASONS, VIOLATION_REASONS,
@@ -230,6 +231,46 @@ def integrate(dt: float, s0: _Sample, s1: _Sample, carry: Dict[str, float],
 
 
 # =========================================================================== tokens fit
+class SlidingSums:
+    """Samples ``(t, v1, v2, ...)`` in a time window with the sums of their values kept as they
+    come and go (a cycle reads the window's totals without summing its 300 samples); recounted
+    from the samples every RECOUNT additions, so rounding never piles up."""
+
+    RECOUNT = 1000
+
+    def __init__(self, width: int):
+        self.rows: "deque[Tuple[float, ...]]" = deque()
+        self.sums = [0.0] * width
+        self._adds = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def first_time(self) -> float:
+        return self.rows[0][0]
+
+    def add(self, t: float, *values: float) -> None:
+        self.rows.append((t,) + values)
+        self._adds += 1
+        if self._adds >= self.RECOUNT:
+            self._adds = 0
+            self.sums = [math.fsum(r[k + 1] for r in self.rows) for k in range(len(self.sums))]
+            return
+        sums = self.sums
+        for k, v in enumerate(values):
+            sums[k] += v
+
+    def expire(self, before: float) -> None:
+        """Drop the samples older than `before`."""
+        rows, sums = self.rows, self.sums
+        while rows and rows[0][0] < before:
+            old = rows.popleft()
+            for k in range(len(sums)):
+                sums[k] -= old[k + 1]
+        if not rows:
+            self.sums = [0.0] * len(sums)
+
+
 def fit_tokens_vs_clock(points: Sequence[Tuple[float, float, float]], loss_now: float,
                         min_points: int = 30, min_spread: float = 0.03
                         ) -> Dict[str, Any]:

@@ -4,7 +4,9 @@ passes its pynvml module in.
 
 One GPM sample per GPU per cycle: the metrics of a cycle come from the previous cycle's sample
 and this one (nvmlGpmMetricsGet over the two), so the first cycle after a start or a re-init
-has none. A GPU without GPM (before Hopper; nvmlGpmQueryDeviceSupport says so, or the driver
+has none. Two sample buffers per GPU are allocated once per session and taken in turn (the
+older one is filled again), and the nvmlGpmMetricsGet_t request is built once: two NVML calls
+per GPU per cycle (sample, metrics), not four. A GPU without GPM (before Hopper; nvmlGpmQueryDeviceSupport says so, or the driver
 lacks the calls) is asked once per NVML session and reads None, never 0.
 """
 from __future__ import annotations
@@ -34,21 +36,24 @@ _NEEDS = ("nvmlGpmQueryDeviceSupport", "nvmlGpmSampleAlloc", "nvmlGpmSampleGet",
 class GpmSession:
     """One GPU's GPM state in one NVML session: supported or not, the previous sample."""
 
-    __slots__ = ("supported", "sample", "at")
+    __slots__ = ("supported", "sample", "spare", "at", "request")
 
     def __init__(self) -> None:
         self.supported: Optional[bool] = None
-        self.sample: Any = None
+        self.sample: Any = None       # the previous cycle's sample
+        self.spare: Any = None        # the other buffer, filled next
         self.at = 0.0
+        self.request: Any = None      # the prepared nvmlGpmMetricsGet_t
 
     def drop(self, nv: Any) -> None:
-        """Free the held sample (errors ignored: the session may be gone)."""
-        sample, self.sample = self.sample, None
-        if sample is not None:
-            try:
-                nv.nvmlGpmSampleFree(sample)
-            except Exception:  # noqa: BLE001 - freeing is best effort
-                pass
+        """Free the held samples (errors ignored: the session may be gone)."""
+        for sample in (self.sample, self.spare):
+            if sample is not None:
+                try:
+                    nv.nvmlGpmSampleFree(sample)
+                except Exception:  # noqa: BLE001 - freeing is best effort
+                    pass
+        self.sample = self.spare = None
 
 
 def read_activity(nv: Any, h: Any, gs: GpmSession, absent: Tuple[int, ...], now: float
@@ -71,7 +76,9 @@ def read_activity(nv: Any, h: Any, gs: GpmSession, absent: Tuple[int, ...], now:
             gs.supported = False              # an nvidia-ml-py or driver without GPM
     if not gs.supported:
         return False, None
-    new = nv.nvmlGpmSampleAlloc()
+    new, gs.spare = gs.spare, None
+    if new is None:
+        new = nv.nvmlGpmSampleAlloc()
     try:
         nv.nvmlGpmSampleGet(h, new)
     except Exception:
@@ -81,21 +88,34 @@ def read_activity(nv: Any, h: Any, gs: GpmSession, absent: Tuple[int, ...], now:
     span, gs.at = now - gs.at, now
     if old is None:
         return True, None
+    if gs.request is None:
+        gs.request = metrics_request(nv)
     try:
-        return True, metrics_between(nv, old, new, span)
-    finally:
+        activity = metrics_between(nv, old, new, span, gs.request)
+    except Exception:
         nv.nvmlGpmSampleFree(old)
+        raise
+    gs.spare = old                  # filled again next cycle
+    return True, activity
 
 
-def metrics_between(nv: Any, old: Any, new: Any, span: float) -> GpuActivity:
-    """The activity between two GPM samples (of a GPU, or of one MIG GPU instance:
-    nvmlGpmMigSampleGet); the caller frees the samples. Raises pynvml's NVMLError."""
+def metrics_request(nv: Any) -> Any:
+    """A prepared nvmlGpmMetricsGet_t asking for GPM_METRIC_IDS (reused cycle after cycle)."""
     mg = nv.c_nvmlGpmMetricsGet_t()
     mg.version = nv.NVML_GPM_METRICS_GET_VERSION
     mg.numMetrics = len(GPM_METRIC_IDS)
-    mg.sample1, mg.sample2 = old, new
     for k, (_name, mid, _c) in enumerate(GPM_METRIC_IDS):
         mg.metrics[k].metricId = mid
+    return mg
+
+
+def metrics_between(nv: Any, old: Any, new: Any, span: float, mg: Any = None) -> GpuActivity:
+    """The activity between two GPM samples (of a GPU, or of one MIG GPU instance:
+    nvmlGpmMigSampleGet), into the prepared request `mg` (a new one when None); the caller
+    frees the samples. Raises pynvml's NVMLError."""
+    if mg is None:
+        mg = metrics_request(nv)
+    mg.sample1, mg.sample2 = old, new
     nv.nvmlGpmMetricsGet(mg)
     values = {}
     for k, (name, _mid, _c) in enumerate(GPM_METRIC_IDS):

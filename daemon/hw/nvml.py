@@ -11,7 +11,10 @@ off the bus can block NVML for tens of seconds -- delays nobody else:
 - when the stuck call returns, the GPU recovers by itself.
 
 A device read (``read_devices``) is one job per GPU: all of that GPU's NVML calls for one cycle
-run back to back on its worker, under one deadline, and the GPUs are read in parallel. What a
+run back to back, under one deadline. While no GPU is slow the jobs run one after another on one
+thread (a hand-off per cycle, not per GPU: gpucostd.hw.nvml_lanes.Batch), each claimed on its
+GPU's lane so the stuck and recovery rules are the same; jobs not started after SCATTER_SECONDS
+go to their GPUs' own threads, so a hung GPU still delays nobody for its deadline. What a
 read asks is two data tables in ``nvml_fields.py``: one ``nvmlDeviceGetFieldValues`` per GPU for
 every value NVML has a field id for (each value's own return code honoured: NOT_SUPPORTED ->
 absent, never 0), then the old one-value calls for the rest and for every field the driver does
@@ -43,10 +46,10 @@ from gpucostd.hw.nvml_clocks import ClockSettings
 from gpucostd.hw.nvml_mig import read_mig
 from gpucostd.hw.nvml_fields import (CONVERT, IDENTITY, LEGACY, LEGACY_CONVERT, READINGS,
                                      SKIP_IF_PRESENT, STATIC_READINGS, VIOLATION_PREFIX,
-                                     DeviceRead, Field, Legacy, get_field_values)
+                                     DeviceRead, Field, Legacy, as_text, get_field_values)
 from gpucostd.hw.nvml_fields import GpuSession as _GpuSession
 from gpucostd.hw.nvml_fields import field_value as _field_value  # noqa: F401 (tests)
-from gpucostd.hw.nvml_lanes import Job as _Job, Lane as _Lane, now as _now
+from gpucostd.hw.nvml_lanes import Batch, Job as _Job, Lane as _Lane, now as _now
 from gpucostd.hw.nvml_errors import KINDS, NvmlError  # noqa: F401
 from gpucostd.hw.nvml_errors import (  # noqa: F401 - the old local names
     ERROR_TEXT as _ERROR_TEXT, FATAL as _FATAL, FIELD_ABSENT as _FIELD_ABSENT,
@@ -65,6 +68,10 @@ except Exception as _exc:  # noqa: BLE001 - any import failure means "not availa
 log = logging.getLogger("gpucostd.nvml")
 
 VIRTUAL_CLOCK_DEADLINE = 60.0
+# A batch of device reads (one thread for every GPU) not done after this long (or a quarter
+# of the deadline) hands the reads it has not started to their GPUs' own threads.
+SCATTER_SECONDS = 0.1
+_SETTERS = ("nvmlDeviceSet", "nvmlDeviceReset", "nvmlDeviceWorkloadPowerProfileSet")
 
 
 # --------------------------------------------------------------------------- the gateway
@@ -113,6 +120,16 @@ class NvmlGateway(ClockSettings):
                 name = "node" if key == "node" else f"gpu{key}"
                 lane = self._lanes[key] = _Lane(name)
             return lane
+
+    def _batch_lane(self) -> Optional[_Lane]:
+        """The thread that reads a cycle's GPUs one after another; None while it is still in
+        an earlier batch (a GPU call there hangs): then each GPU's own thread reads it."""
+        with self._lock:
+            lane = self._lanes.get("batch")
+            if lane is None:
+                lane = self._lanes["batch"] = _Lane("batch")
+        with lane.lock:
+            return None if lane.pending else lane
 
     def _stuck_error(self, key: Any, lane: _Lane) -> NvmlError:
         gpu = None if key == "node" else key
@@ -218,7 +235,7 @@ class NvmlGateway(ClockSettings):
         self._session = True
         count = self._nv("node", "nvmlDeviceGetCount", nv.nvmlDeviceGetCount)
         driver = self._nv("node", "nvmlSystemGetDriverVersion", nv.nvmlSystemGetDriverVersion)
-        info: Dict[str, Any] = {"count": int(count), "driver": _text(driver)}
+        info: Dict[str, Any] = {"count": int(count), "driver": as_text(driver)}
         try:
             cuda = self._nv("node", "nvmlSystemGetCudaDriverVersion",
                             nv.nvmlSystemGetCudaDriverVersion)
@@ -226,7 +243,7 @@ class NvmlGateway(ClockSettings):
         except NvmlError:
             info["cuda"] = None
         try:
-            info["nvml"] = _text(self._nv("node", "nvmlSystemGetNVMLVersion",
+            info["nvml"] = as_text(self._nv("node", "nvmlSystemGetNVMLVersion",
                                           nv.nvmlSystemGetNVMLVersion))
         except NvmlError:
             info["nvml"] = None
@@ -340,6 +357,8 @@ class NvmlGateway(ClockSettings):
              timeout: Optional[float] = None) -> Any:
         """Run ``fn(handle)`` (pynvml calls) on GPU `index`'s worker under the deadline."""
         self._require(index)
+        if what.startswith(_SETTERS):     # what it sets may be a slow reading: read it next
+            self.forget_slow(index)
 
         def job():
             h = self._handle(index)
@@ -379,7 +398,7 @@ class NvmlGateway(ClockSettings):
 
     def get_uuid(self, index: int) -> Optional[str]:
         """The GPU's UUID ("GPU-..."): which GPU an index means now."""
-        return _text(self.call(index, "nvmlDeviceGetUUID", _pynvml.nvmlDeviceGetUUID))
+        return as_text(self.call(index, "nvmlDeviceGetUUID", _pynvml.nvmlDeviceGetUUID))
 
     def get_persistence_mode(self, index: int) -> bool:
         return self.call(index, "nvmlDeviceGetPersistenceMode",
@@ -430,7 +449,8 @@ class NvmlGateway(ClockSettings):
     # ---------------------------------------------------------------- device reads
     def read_devices(self, indices: Optional[Iterable[int]] = None,
                      timeout: Optional[float] = None) -> Dict[int, Any]:
-        """Read every field of the given GPUs (default all) in parallel, one job per GPU under
+        """Read every field of the given GPUs (default all), one job per GPU (on one thread
+        while none is slow, module docstring) under
         one deadline. Returns {index: DeviceRead or NvmlError} (lost/timeout/unavailable and
         other whole-device failures are NvmlError values, never raised)."""
         with self._lock:
@@ -443,12 +463,25 @@ class NvmlGateway(ClockSettings):
             return {i: NvmlError("unavailable", error or "NVML not available", None, i)
                     for i in indices}
         deadline = self._deadline(timeout)
-        jobs = {}
+        jobs: Dict[int, Tuple[Optional[_Lane], Optional[_Job]]] = {}
+        batch = self._batch_lane() if len(indices) > 1 and not self._virtual else None
+        claimed = []
         for i in indices:
             if not 0 <= i < count:
                 jobs[i] = (None, None)
                 continue
-            jobs[i] = self._submit(i, lambda i=i: self._read_device(i))
+            fn = (lambda i=i: self._read_device(i))
+            job = self._lane(i).claim(fn) if batch is not None else None
+            if job is None:
+                jobs[i] = self._submit(i, fn)
+            else:
+                jobs[i] = (self._lanes[i], job)
+                claimed.append(jobs[i])
+        if claimed:              # one thread reads them while none is slow (nvml_lanes.Batch)
+            run = Batch(claimed)
+            done = batch.submit(run.run)
+            if done is None or not done.done.wait(min(SCATTER_SECONDS, self.timeout_seconds / 4)):
+                run.scatter()
         out: Dict[int, Any] = {}
         unavailable = None
         for i, (lane, job) in jobs.items():
@@ -492,12 +525,15 @@ class NvmlGateway(ClockSettings):
             plan = st.field_plan(first)
             if plan:
                 self._read_fields(nv, h, index, lane, st, plan, got, field_errors)
-        rows = st.legacy_rows(first, plan if st.fields_ok else ())
+        now = self.clock.monotonic()
+        slow_due = first or now >= st.slow_at       # SLOW_READINGS (nvml_fields)
+        rows = st.legacy_rows(first, plan if st.fields_ok else (), slow_due)
         missing = [f.reading for f in plan if f.reading not in got]
         if missing:          # fields that did not answer this cycle: their old calls too
             rows = rows + tuple(r for r in LEGACY if r.reading in missing
                                 and (first or not r.static))
         self._read_legacy(nv, h, index, lane, st, rows, got, errors)
+        st.keep_slow(slow_due, now, got, errors)
         for reading, err in field_errors.items():
             if reading not in got and reading not in errors:
                 errors[reading] = err
@@ -507,12 +543,12 @@ class NvmlGateway(ClockSettings):
         viol = {key: got[VIOLATION_PREFIX + key] for key, _p in VIOLATION_POLICIES
                 if got.get(VIOLATION_PREFIX + key) is not None}
         values["violation_seconds"] = viol or None
-        values["gpm_supported"], values["activity"] = self._read_gpm(nv, h, index, lane, st)
+        values["gpm_supported"], values["activity"] = self._read_gpm(nv, h, index, lane, st, now)
         values["mig_mode"], values["mig_mode_pending"], values["mig"] = self._read_mig(
-            nv, h, index, lane, st, values["gpm_supported"], errors)
+            nv, h, index, lane, st, values["gpm_supported"], errors, now)
         # a counter that went backwards: the GPU was reset; read its static values again
         if st.counters and any(viol.get(k, v) < v for k, v in st.counters.items()):
-            st.static = None
+            st.static, st.slow_at = None, float("-inf")
         st.counters = viol
         if first and not (STATIC_READINGS & set(errors)) and \
                 all(got.get(k) is not None for k in IDENTITY):
@@ -520,13 +556,13 @@ class NvmlGateway(ClockSettings):
         return res
 
     def _read_gpm(self, nv: Any, h: Any, index: int, lane: Optional[_Lane],
-                  st: "_GpuSession") -> Tuple[Optional[bool], Any]:
+                  st: "_GpuSession", now: float) -> Tuple[Optional[bool], Any]:
         """GPM activity (gpucostd.hw.gpm): lost or hung end the read; other errors leave the
         activity absent this cycle and start the sample pair again."""
         if lane is not None:
             lane.current = "nvmlGpmSampleGet"
         try:
-            return read_activity(nv, h, st.gpm, _FIELD_ABSENT, self.clock.monotonic())
+            return read_activity(nv, h, st.gpm, _FIELD_ABSENT, now)
         except (nv.NVMLError, nv.NVMLLibraryMismatchError) as exc:
             err = _from_nvml(exc, index, "nvmlGpmSampleGet")
             if err.kind in _FATAL:
@@ -536,15 +572,15 @@ class NvmlGateway(ClockSettings):
             return st.gpm.supported, None
 
     def _read_mig(self, nv: Any, h: Any, index: int, lane: Optional[_Lane],
-                  st: "_GpuSession", gpm: Optional[bool], errors: Dict[str, NvmlError]
-                  ) -> Tuple[Optional[bool], Optional[bool], Tuple[Any, ...]]:
+                  st: "_GpuSession", gpm: Optional[bool], errors: Dict[str, NvmlError],
+                  now: float) -> Tuple[Optional[bool], Optional[bool], Tuple[Any, ...]]:
         """MIG mode and instances (gpucostd.hw.nvml_mig): lost or hung end the read; another
         error of the GPU leaves MIG absent this cycle, one of an instance that reading."""
         if lane is not None:
             lane.current = "nvmlDeviceGetMigMode"
         try:
             mode, pending, instances, failed = read_mig(
-                nv, h, index, st.mig, _FIELD_ABSENT, self.clock.monotonic(), gpm)
+                nv, h, index, st.mig, _FIELD_ABSENT, now, gpm)
         except (nv.NVMLError, nv.NVMLLibraryMismatchError) as exc:
             err = _from_nvml(exc, index, "MIG read")
             if err.kind in _FATAL:
@@ -644,20 +680,11 @@ class NvmlGateway(ClockSettings):
             for i, st in list(self._gpu_session.items()):
                 if index is None or i == index:
                     st.static = None
+                    st.slow_at = float("-inf")
         self.forget_clocks(index)
 
-
-def _text(value: Any) -> Optional[str]:
-    if value is None:
-        return None
-    if isinstance(value, bytes):
-        return value.decode(errors="replace")
-    return str(value)
-
-
-def _f(value: Any) -> Optional[float]:
-    return None if value is None else float(value)
-
-
-def _mw(value: Any) -> Optional[float]:
-    return None if value is None else value / 1000.0
+    def forget_slow(self, index: int) -> None:
+        """Read GPU `index`'s SLOW_READINGS (persistence mode, application clock) next time."""
+        st = self._gpu_session.get(index)
+        if st is not None:
+            st.slow_at = float("-inf")

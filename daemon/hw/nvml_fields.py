@@ -101,7 +101,8 @@ FIELDS: Tuple[Field, ...] = (
 
 
 # ------------------------------------------------------------------ the old calls
-def _text(value: Any) -> Optional[str]:
+def as_text(value: Any) -> Optional[str]:
+    """NVML's char buffers (bytes in older pynvml) as text; None stays None."""
     if value is None:
         return None
     if isinstance(value, bytes):
@@ -110,7 +111,7 @@ def _text(value: Any) -> Optional[str]:
 
 
 def _pci(v: Any) -> Optional[str]:
-    return _text(v.busId)
+    return as_text(v.busId)
 
 
 def _violation(v: Any) -> float:
@@ -119,7 +120,7 @@ def _violation(v: Any) -> float:
 
 LEGACY_CONVERT: Dict[str, Callable[[Any], Any]] = dict(CONVERT)
 LEGACY_CONVERT.update({
-    "text": _text,
+    "text": as_text,
     "pci": _pci,
     "first_milli": lambda v: v[0] / 1000.0,
     "second_milli": lambda v: v[1] / 1000.0,
@@ -217,6 +218,12 @@ READINGS: Tuple[str, ...] = tuple(dict.fromkeys(
 STATIC_READINGS = frozenset([r.reading for r in LEGACY if r.static]
                             + [f.reading for f in FIELDS if f.static])
 IDENTITY = ("uuid", "name", "pci_bus_id")
+# Readings that change only when someone sets them (nvidia-smi -pm, -ac; our own tuners): read
+# every SLOW_SECONDS, at once after a setter of this daemon ran on the GPU (the gateway's
+# ``call`` for an nvmlDeviceSet*/Reset* function) and after a GPU reset; between, the last value.
+# Not the PCIe link: an idle GPU lowers its link generation, and the link rule judges a busy one.
+SLOW_READINGS = frozenset({"persistence_mode", "app_sm_clock_mhz"})
+SLOW_SECONDS = 30.0
 
 # nvmlValueType_t -> member of the nvmlValue_t union (nvml.h)
 VALUE_MEMBERS = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")
@@ -334,7 +341,7 @@ class _GpuSession:
     not supported, whether nvmlDeviceGetFieldValues works, the static readings."""
 
     __slots__ = ("fields_ok", "bad_fields", "unsupported", "static", "plans", "counters", "ids",
-                 "rows", "gpm", "mig")
+                 "rows", "gpm", "mig", "slow", "slow_errors", "slow_at")
 
     def __init__(self) -> None:
         self.gpm = GpmSession()              # GPU Performance Monitoring (gpucostd.hw.gpm)
@@ -346,18 +353,37 @@ class _GpuSession:
         self.plans: Dict[bool, Tuple[Field, ...]] = {}
         self.counters: Dict[str, float] = {}
         self.ids: Dict[Tuple[Field, ...], Tuple[int, ...]] = {}
-        self.rows: Dict[Tuple[bool, Tuple[Field, ...]], Tuple[Legacy, ...]] = {}
+        self.rows: Dict[Tuple[bool, Tuple[Field, ...], bool], Tuple[Legacy, ...]] = {}
+        self.slow: Dict[str, Any] = {}                 # SLOW_READINGS: the last values
+        self.slow_errors: Dict[str, NvmlError] = {}
+        self.slow_at = float("-inf")                   # when they are read again (monotonic)
 
-    def legacy_rows(self, with_static: bool, plan: Tuple[Field, ...]) -> Tuple[Legacy, ...]:
+    def legacy_rows(self, with_static: bool, plan: Tuple[Field, ...],
+                    with_slow: bool = True) -> Tuple[Legacy, ...]:
         """The old calls that may be needed beside this field plan: those of readings no
-        planned field serves (static ones only on a first read)."""
-        key = (with_static, plan)
+        planned field serves (static ones only on a first read, SLOW_READINGS when due)."""
+        key = (with_static, plan, with_slow)
         rows = self.rows.get(key)
         if rows is None:
             served = {f.reading for f in plan}
-            rows = self.rows[key] = tuple(r for r in LEGACY if r.reading not in served
-                                          and (with_static or not r.static))
+            rows = self.rows[key] = tuple(
+                r for r in LEGACY if r.reading not in served and (with_static or not r.static)
+                and (with_slow or r.reading not in SLOW_READINGS))
         return rows
+
+    def keep_slow(self, due: bool, now: float, got: Dict[str, Any],
+                  errors: Dict[str, NvmlError]) -> None:
+        """After a read: remember SLOW_READINGS when they were read (due), else fill them in."""
+        if due:
+            self.slow = {k: got[k] for k in SLOW_READINGS if k in got}
+            self.slow_errors = {k: errors[k] for k in SLOW_READINGS if k in errors}
+            self.slow_at = now + SLOW_SECONDS
+            return
+        for k, v in self.slow.items():
+            got.setdefault(k, v)
+        for k, e in self.slow_errors.items():
+            if k not in got:
+                errors.setdefault(k, e)
 
     def plan_ids(self, plan: Tuple[Field, ...]) -> Tuple[int, ...]:
         ids = self.ids.get(plan)

@@ -81,9 +81,11 @@ class DiscoveryPart(Part):
     def reconfigure(self, config) -> None:
         self.interval = float(config.inference.discover_interval_seconds)
         self.off = config.inference.discover == "off"
+        self.probe_timeout = probe_timeout(config.inference, config.daemon.interval_seconds)
         self._next = None                     # look again on the next cycle
 
     off = False
+    probe_timeout = 2.0                       # seconds: a discovered endpoint's deadline
 
     def run(self, cycle: Cycle) -> DiscoveryStatus:
         if self.off:
@@ -170,29 +172,34 @@ class DiscoveryPart(Part):
             self.probes[:] = configured + mine
 
 
-def discovery_part(daemon) -> Optional[DiscoveryPart]:
-    """The part for this daemon, or None: [inference] discover "off", or "auto" on a simulated
-    node, a virtual clock (replay) or a one-shot command."""
-    cfg = daemon.config
-    mode = cfg.inference.discover
-    if mode == "off" or daemon.one_shot or daemon.clock.virtual:
+def probe_timeout(inference, interval_seconds: float) -> float:
+    """A discovered endpoint's scrape deadline: [inference] timeout_seconds, at most half the
+    loop's interval."""
+    return min(float(inference.timeout_seconds), 0.5 * float(interval_seconds))
+
+
+def discovery_part(inference, interval_seconds: float, probes: List, clock, simulated: bool,
+                   one_shot: bool) -> Optional[DiscoveryPart]:
+    """The part for a daemon, handed its [inference] section, the loop's interval, the
+    inference part's probe list (shared), the clock; or None: discover "off", or "auto" on a
+    simulated node, a virtual clock (replay) or a one-shot command."""
+    mode = inference.discover
+    if mode == "off" or one_shot or clock.virtual:
         return None
-    if mode == "auto" and daemon.sim is not None:
+    if mode == "auto" and simulated:
         return None
     from gpucostd.probes.inference import InferenceProbe
 
     def make_probe(url: str):
-        timeout = min(float(daemon.config.inference.timeout_seconds),
-                      0.5 * float(daemon.config.daemon.interval_seconds))
-        probe = InferenceProbe(url, "auto", timeout, clock=daemon.clock.monotonic)
+        probe = InferenceProbe(url, "auto", part.probe_timeout, clock=clock.monotonic)
         probe.discovered = True
         return probe
 
     def configured() -> List[str]:
-        return [p.url for p in daemon.inference if not getattr(p, "discovered", False)]
-    return DiscoveryPart(daemon.inference, configured, make_probe,
-                         cfg.inference.discover_interval_seconds,
-                         lister=getattr(daemon, "discovery_lister", None))
+        return [p.url for p in probes if not getattr(p, "discovered", False)]
+    part = DiscoveryPart(probes, configured, make_probe, inference.discover_interval_seconds)
+    part.probe_timeout = probe_timeout(inference, interval_seconds)
+    return part
 
 
 __all__ = ["DiscoveryPart", "DiscoveryStatus", "DiscoveredEndpoint", "discovery_part", "MODES"]

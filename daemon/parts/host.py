@@ -4,7 +4,7 @@ again every tuning verify interval (they change rarely)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, Mapping, NamedTuple, Optional, Tuple
 
 from gpucostd.health.checks import run_checks
 from gpucostd.part import Cycle, Part
@@ -18,21 +18,30 @@ class HostData:
     checks: Tuple[CheckResult, ...] = ()
 
 
+class ChecksConfig(NamedTuple):
+    """The config sections the host checks read (gpucostd.health.checks.run_checks): [checks]
+    and the NIC settings wanted ([tuning.nic.*])."""
+    checks: Any
+    nic_tuning: Mapping[str, Any]
+
+
 class HostPart(Part):
     name = "host"
 
-    def __init__(self, host_probe, gateway, config):
+    def __init__(self, host_probe, gateway, checks_section, nic_tuning, tuning_section):
         self.host_probe = host_probe
         self.gateway = gateway
-        self.reconfigure(config)
-        self._last: Optional[float] = None
+        self._sections(checks_section, nic_tuning, tuning_section)
         self._facts = None
         self._checks: Tuple[CheckResult, ...] = ()
 
+    def _sections(self, checks_section, nic_tuning, tuning_section) -> None:
+        self.config = ChecksConfig(checks_section, nic_tuning)
+        self.interval = tuning_section.verify_interval_seconds
+        self._last: Optional[float] = None
+
     def reconfigure(self, config) -> None:
-        self.config = config          # run_checks reads [checks], [tuning] and the desired state
-        self.interval = config.tuning.verify_interval_seconds
-        self._last = None
+        self._sections(config.checks, config.nic_tuning, config.tuning)
 
     def run(self, cycle: Cycle) -> HostData:
         if self._last is None or cycle.monotonic - self._last >= self.interval:

@@ -32,6 +32,37 @@ def event_json(e: Event) -> Dict[str, Any]:
             "fields": {k: v for k, v in (e.fields or {}).items() if k != "dedupe_key"}}
 
 
+def with_pending_faults(doc: Dict[str, Any], faults: List[Any]) -> Dict[str, Any]:
+    """The status document with the kernel faults read but not yet judged put first among its
+    events (a copy; `doc` is the cached one). Such an event says what the log said, with
+    ``"pending": true``: its severity, the GPU's health and the exit code come from the cycle
+    that judges it, at most a second later in a burst (docs/performance.md)."""
+    if not faults:
+        return doc
+    by_bus = {str(g.get("pci_bus_id") or "").lower()[-7:]: g.get("index")
+              for g in doc.get("gpus") or () if g.get("pci_bus_id")}
+    pending = []
+    for f in reversed(faults):          # newest first, as the events are
+        bus = str(getattr(f, "pci_bus_id", "") or "")
+        gpu = by_bus.get(bus.lower()[-7:]) if bus else None
+        xid = getattr(f, "xid", None)
+        sxid = getattr(f, "sxid", None)
+        what = (f"Xid {xid}" if xid is not None else f"SXid {sxid}" if sxid is not None
+                else "NVRM fault")
+        where = f"GPU {gpu}" if gpu is not None else (bus or "the node")
+        text = str(getattr(f, "message", "") or "")
+        fields = {"pending": True, "pci_bus_id": bus or None,
+                  "raw": str(getattr(f, "raw", "") or "")[:2000]}
+        pending.append({"id": None, "time": getattr(f, "time", None),
+                        "subject": f"gpu:{gpu}" if gpu is not None else "node",
+                        "code": "xid" if xid is not None else "kernel_fault",
+                        "severity": Severity.UNKNOWN.name, "action": "none yet",
+                        "message": printable(f"{what} on {where}: {text} (read from the kernel "
+                                             "log; judged at the next cycle)"[:300]),
+                        "gpu": gpu, "uuid": None, "xid": xid, "fields": fields})
+    return dict(doc, events=pending + list(doc.get("events") or ()))
+
+
 def _recovery_name(value: Any) -> Any:
     from gpucostd.health.recovery import recovery_action
     ra = recovery_action(value)
