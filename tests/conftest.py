@@ -182,7 +182,8 @@ def free_port() -> int:
         port = _PORTS["base"] + _PORTS["next"]
         _PORTS["next"] = (_PORTS["next"] + 1) % 400
         with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # no SO_REUSEADDR: a port an earlier test's connections still hold in TIME_WAIT
+            # is skipped, so a caller that binds without it gets the port too
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
