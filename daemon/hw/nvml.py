@@ -555,39 +555,40 @@ class NvmlGateway(ClockSettings):
             st.static = {k: got.get(k) for k in STATIC_READINGS}
         return res
 
-    def _read_gpm(self, nv: Any, h: Any, index: int, lane: Optional[_Lane],
-                  st: "_GpuSession", now: float) -> Tuple[Optional[bool], Any]:
-        """GPM activity (gpucostd.hw.gpm): lost or hung end the read; other errors leave the
-        activity absent this cycle and start the sample pair again."""
+    def _optional(self, nv: Any, index: int, lane: Optional[_Lane], call: str, what: str,
+                  session: Any, read: Callable[[], Any], absent: Callable[[], Any]) -> Any:
+        """An optional reading (GPM, MIG): lost or hung end the device read; another error
+        leaves it absent this cycle (`absent()`) and drops what `session` holds."""
         if lane is not None:
-            lane.current = "nvmlGpmSampleGet"
+            lane.current = call
         try:
-            return read_activity(nv, h, st.gpm, _FIELD_ABSENT, now)
+            return read()
         except (nv.NVMLError, nv.NVMLLibraryMismatchError) as exc:
-            err = _from_nvml(exc, index, "nvmlGpmSampleGet")
+            err = _from_nvml(exc, index, call)
             if err.kind in _FATAL:
                 raise err from None
-            log.debug("GPU %d: no GPM activity this cycle: %s", index, err)
-            st.gpm.drop(nv)
-            return st.gpm.supported, None
+            log.debug("GPU %d: no %s this cycle: %s", index, what, err)
+            session.drop(nv)
+            return absent()
+
+    def _read_gpm(self, nv: Any, h: Any, index: int, lane: Optional[_Lane],
+                  st: "_GpuSession", now: float) -> Tuple[Optional[bool], Any]:
+        """GPM activity (gpucostd.hw.gpm); on an error the sample pair starts again."""
+        return self._optional(nv, index, lane, "nvmlGpmSampleGet", "GPM activity", st.gpm,
+                              lambda: read_activity(nv, h, st.gpm, _FIELD_ABSENT, now),
+                              lambda: (st.gpm.supported, None))
 
     def _read_mig(self, nv: Any, h: Any, index: int, lane: Optional[_Lane],
                   st: "_GpuSession", gpm: Optional[bool], errors: Dict[str, NvmlError],
                   now: float) -> Tuple[Optional[bool], Optional[bool], Tuple[Any, ...]]:
-        """MIG mode and instances (gpucostd.hw.nvml_mig): lost or hung end the read; another
-        error of the GPU leaves MIG absent this cycle, one of an instance that reading."""
-        if lane is not None:
-            lane.current = "nvmlDeviceGetMigMode"
-        try:
-            mode, pending, instances, failed = read_mig(
-                nv, h, index, st.mig, _FIELD_ABSENT, now, gpm)
-        except (nv.NVMLError, nv.NVMLLibraryMismatchError) as exc:
-            err = _from_nvml(exc, index, "MIG read")
-            if err.kind in _FATAL:
-                raise err from None
-            log.debug("GPU %d: no MIG reading this cycle: %s", index, err)
-            st.mig.drop(nv)
+        """MIG mode and instances (gpucostd.hw.nvml_mig); an error of one instance leaves out
+        that instance's reading (in `errors`)."""
+        got = self._optional(nv, index, lane, "nvmlDeviceGetMigMode", "MIG reading", st.mig,
+                             lambda: read_mig(nv, h, index, st.mig, _FIELD_ABSENT, now, gpm),
+                             lambda: None)
+        if got is None:
             return None, None, ()
+        mode, pending, instances, failed = got
         for key, exc in failed.items():
             if isinstance(exc, nv.NVMLError):
                 errors["mig " + key] = _from_nvml(exc, index, f"MIG device {key}")
