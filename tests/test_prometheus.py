@@ -97,13 +97,21 @@ def fleet(tmp_path_factory):
     vllm = ThreadingHTTPServer(("127.0.0.1", 0), _FakeVllm)
     threading.Thread(target=vllm.serve_forever, daemon=True).start()
     (tmp / "plain").mkdir()
+    # a Slurm whose sinfo reports this node idle: the drain part runs (a dry run), so the
+    # drain alerts' series exist on the fleet node
+    sinfo = tmp / "sinfo"
+    sinfo.write_text("#!/bin/sh\necho 'fleetnode|idle|Unknown|none'\n")
+    sinfo.chmod(0o755)
     plain = DaemonProcess(tmp / "plain",
                           scenario=str(REPO / "tests" / "scenarios" / "fleet.toml"),
                           kernel_log="auto", interval=0.5,
                           extra_config="[tuning.gpu]\npower_limit_watts = 650\n[cost]\n"
                                        "gpu_hour_usd = 2.0\n[efficiency]\n"
                                        "min_tokens_per_dollar = 1.0\n[inference]\nmetrics_url = "
-                                       f'"http://127.0.0.1:{vllm.server_address[1]}/metrics"\n')
+                                       f'"http://127.0.0.1:{vllm.server_address[1]}/metrics"\n'
+                                       '[drain]\nbackend = "slurm"\ndry_run = true\n'
+                                       'node_name = "fleetnode"\n[drain.slurm]\n'
+                                       f'sinfo = "{sinfo}"\nscontrol = "/bin/false"\n')
     (tmp / "tls").mkdir()
     tls = DaemonProcess(tmp / "tls", interval=0.5,
                         extra_config=f'web_config_file = "{tmp / "web.yml"}"\n')

@@ -37,7 +37,8 @@ def test_every_cause_an_operator_acts_on_has_an_alert():
                    "GpucostdIdleCostHigh",
                    "GpucostdIdleCapacityHigh", "GpucostdInferenceEndpointDown", "GpucostdSettingDrift",
                    "GpucostdHostCheckFailing", "GpucostdNvmlDown", "GpucostdDown",
-                   "GpucostdAbsent", "GpucostdLoopStalled"):
+                   "GpucostdAbsent", "GpucostdLoopStalled", "GpucostdDrainFailing",
+                   "GpucostdDrainBraked"):
         assert needed in names
 
 

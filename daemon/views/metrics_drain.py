@@ -5,6 +5,7 @@ from __future__ import annotations
 from gpucostd.snapshot import NodeSnapshot
 
 STATES = ("free", "ours", "others", "unknown")
+REFUSED_KINDS = ("brake", "blocked", "opt_out", "operator", "manual_undrain")
 
 
 def metric_families(snapshot: NodeSnapshot):
@@ -30,8 +31,9 @@ def metric_families(snapshot: NodeSnapshot):
     refused = GaugeMetricFamily("gpucostd_drain_refused", "1 while a drain the node's health "
                                 "asks for is refused, by kind: brake, opt_out, operator, "
                                 "manual_undrain, blocked.", labels=["kind"])
-    if data.refused and data.want:
-        refused.add_metric([data.refused], 1)
+    now_refused = data.refused if data.refused and data.want else None
+    for kind in REFUSED_KINDS:                  # every kind, 0 or 1 (absent is not "no")
+        refused.add_metric([kind], 1 if kind == now_refused else 0)
     actions = CounterMetricFamily("gpucostd_drain_actions", "Drain actions by action (drain, "
                                   "undrain, reboot) and result (requested, ok, failed, "
                                   "refused, dry_run).", labels=["action", "result"])
