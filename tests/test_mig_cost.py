@@ -458,3 +458,6 @@ def test_simulated_calibration_of_a_sliced_gpu_measures_its_instances_not_the_wh
               if ep.instances and all(i.startswith("0/") for i in ep.instances))
     assert own > 0
     assert first["tokens_per_second"] == pytest.approx(own, rel=0.05)
+    # the report names the group's first endpoint and how many more (one per instance)
+    from gpucostd.calibration.report import format_report
+    assert "(sim://endpoint/0/metrics and 6 more: MIG)" in format_report(rep)

@@ -158,7 +158,9 @@ def _group_lines(g: Dict[str, Any], p: Dict[str, Any], sym: str, width: int) -> 
     what = {"power": "power limits", "clocks": "locked SM clocks", "profile": "profiles"}[lever]
     span = (f"{steps[0]}..{steps[-1]}{(' ' + unit) if unit else ''}" if steps and lever != "profile"
             else ", ".join(map(str, steps)))
-    lines.extend(_wrap(f"GPUs {gpus}" + (f" ({g['endpoint']})" if g.get("endpoint") else "")
+    more = len(g.get("endpoints") or ()) - 1        # a MIG GPU: one endpoint per instance
+    lines.extend(_wrap(f"GPUs {gpus}" + (f" ({g['endpoint']}" + (
+        f" and {more} more: MIG" if more > 0 else "") + ")" if g.get("endpoint") else "")
                        + f": {what} {span}"
                        + (f" ({len(steps)} steps)" if len(steps) != p.get("steps") and
                           lever != "profile" else "")
