@@ -754,3 +754,17 @@ def test_every_test_that_writes_to_kmsg_goes_through_the_guard():
             if writes and not guarded:
                 unguarded.append(f"{path.name}::{fn.name}")
     assert not unguarded, f"writes to /dev/kmsg without the GPU-node guard: {unguarded}"
+
+
+def test_a_pending_fault_shows_no_terminal_escape_from_its_kernel_text():
+    """A fault shown before its cycle carries the kernel's own text: the control characters
+    anyone who can write to the log could put there are replaced, as in stored events."""
+    import json
+    from types import SimpleNamespace
+    from gpucostd.views.statusview import with_pending_faults
+    evil = "NVRM: Xid (PCI:0000:9b:00): 13, pid=1, name=\x1b]0;owned\x07\x9b2J evil"
+    fault = SimpleNamespace(pci_bus_id="0000:9b:00\x1b[2J", xid=13, sxid=None, time=1.0,
+                            message=evil, raw=evil)
+    shown = with_pending_faults({"gpus": [], "events": []}, [fault])
+    text = json.dumps(shown, ensure_ascii=False)
+    assert "evil" in text and not any(c in text for c in "\x1b\x07\x9b"), text

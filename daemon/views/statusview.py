@@ -51,8 +51,10 @@ def with_pending_faults(doc: Dict[str, Any], faults: List[Any]) -> Dict[str, Any
                 else "NVRM fault")
         where = f"GPU {gpu}" if gpu is not None else (bus or "the node")
         text = str(getattr(f, "message", "") or "")
-        fields = {"pending": True, "pci_bus_id": bus or None,
-                  "raw": str(getattr(f, "raw", "") or "")[:2000]}
+        # kernel text is data from anyone who can write to the log: printable only, as the
+        # stored events are (no terminal escapes into an on-call's terminal)
+        fields = {"pending": True, "pci_bus_id": printable(bus) or None,
+                  "raw": printable(str(getattr(f, "raw", "") or "")[:2000])}
         pending.append({"id": None, "time": getattr(f, "time", None),
                         "subject": f"gpu:{gpu}" if gpu is not None else "node",
                         "code": "xid" if xid is not None else "kernel_fault",
