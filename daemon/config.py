@@ -48,6 +48,14 @@ class FileError(Exception):
         super().__init__(where + message)
 
 
+def _glob_price(table: Tuple[Tuple[str, float], ...], name: Optional[str]) -> Optional[float]:
+    """The price of the first (glob, price) of `table` that `name` matches; None: none does."""
+    for glob, price in table:
+        if name is not None and fnmatch.fnmatchcase(name, glob):
+            return price
+    return None
+
+
 class ConfigError(FileError):
     """A config that cannot be used. str() is the full message for the user."""
 
@@ -198,18 +206,13 @@ class Config:
         return self._copy(endpoints=tuple(endpoints))
 
     def price_for_model(self, model: Optional[str]) -> float:
-        for glob, price in self.model_prices:
-            if model is not None and fnmatch.fnmatchcase(model, glob):
-                return price
-        return self.cost.gpu_hour_usd
+        price = _glob_price(self.model_prices, model)
+        return self.cost.gpu_hour_usd if price is None else price
 
     def price_for_mig(self, profile: Optional[str]) -> Optional[float]:
         """[cost.mig_profile_hour_usd]: the price of one hour of a MIG instance of `profile`;
         None: priced at its share of its GPU's hour (docs/cost.md, "MIG instances")."""
-        for glob, price in self.mig_prices:
-            if profile is not None and fnmatch.fnmatchcase(profile, glob):
-                return price
-        return None
+        return _glob_price(self.mig_prices, profile)
 
     def updated(self, **sections: Mapping[str, Any]) -> "Config":
         """A copy with some keys of some sections replaced (for replay's private settings;

@@ -271,8 +271,8 @@ class Daemon:
                 changes = self._guard("restore", lambda: self.tuning.restore(gpus), []) or []
                 self.recorder.record(change_events(self.clock.time(), changes, "setting_restored",
                                            gpus))
-        if self.watcher is not None:
-            self._guard("kernel log stop", self.watcher.stop)
+        for part in [p for p in self.parts if hasattr(p, "close")]:   # their threads: kmsg, drain
+            self._guard(f"{part.name} close", part.close)
         if self.sim_serving is not None:
             self._guard("simulated serving stop", self.sim_serving.stop)
         self._guard("cost flush", self.cost.flush)

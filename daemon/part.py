@@ -7,9 +7,10 @@ holds a list of parts and runs it in order, each one timed and guarded, so a par
 costs that part alone: it shows as ``gpucostd_part_last_success{part="..."} 0`` and as one
 ``part_failed`` finding naming it (gpucostd.health.node), and the cycle goes on.
 
-Two optional hooks, both called by the loop when a part has them:
+Three optional hooks, called by the loop when a part has them:
 ``after_record()`` once the cycle's events are stored (the kernel-log position, the judge's
-"already reported" state are saved only then), and ``reconfigure(config)`` after a reload.
+"already reported" state are saved only then), ``reconfigure(config)`` after a reload, and
+``close()`` when the daemon stops (a part's own threads: the kmsg reader, the drain worker).
 
 Adding a concern is a new part (its file in daemon/parts/), its judge rule (a function given to
 gpucostd.health.node.NodeJudge) and its view lines; the loop's body does not change.

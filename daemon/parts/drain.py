@@ -22,6 +22,7 @@ import os
 import queue
 import socket
 import threading
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
@@ -260,7 +261,6 @@ class DrainPart(Part):
 
     def wait_idle(self, timeout: float) -> bool:
         """True once no reconcile is in flight (tests and one-shot commands)."""
-        import time
         end = time.monotonic() + timeout
         while True:
             with self._lock:
@@ -268,7 +268,7 @@ class DrainPart(Part):
                     return True
             if time.monotonic() >= end:
                 return False
-            threading.Event().wait(0.01)
+            time.sleep(0.01)
 
     # ------------------------------------------------------------------ the worker
     def _worker(self) -> None:

@@ -29,6 +29,11 @@ class KernelLogPart(Part):
         self.seen = seen                # dedupe key -> already stored (the event store)
         self._lost_logged = 0
 
+    def close(self) -> None:
+        """The daemon stops: the reader thread ends."""
+        if self.watcher is not None:
+            self.watcher.stop()
+
     def run(self, cycle: Cycle) -> KernelLogData:
         faults = []
         if self.sim is not None:
